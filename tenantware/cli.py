@@ -1,0 +1,128 @@
+"""The ``tenantware`` command line: ``serve`` the gateway, ``hash-key``/``new-key`` for config."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from tenantware.config import ConfigError, load_config
+from tenantware.keys import KeyHasher, generate_key
+from tenantware.types import ASGIApp, Scope
+
+__all__ = ["build_app", "main"]
+
+_ENV_CONFIG = "TENANTWARE_CONFIG"
+_ENV_DEMO_URL = "TENANTWARE_DEMO_URL"
+
+
+def build_app() -> ASGIApp:
+    """App factory used by ``tenantware serve`` (also in every worker process)."""
+    from tenantware.gateway import Gateway
+
+    demo_url = os.environ.get(_ENV_DEMO_URL)
+    if demo_url:
+        from tenantware.demo import DEMO_UPSTREAM_PATH, demo_config
+        from tenantware.testing.upstream import FakeUpstream
+
+        fake = FakeUpstream()
+        prefix = DEMO_UPSTREAM_PATH + "/"
+
+        def route_demo(scope: Scope) -> ASGIApp | None:
+            return fake if scope.get("path", "").startswith(prefix) else None
+
+        config = demo_config(f"{demo_url}{DEMO_UPSTREAM_PATH}/v1")
+        return Gateway(config).asgi_app(extra=route_demo)
+    path = os.environ[_ENV_CONFIG]
+    return Gateway(load_config(path), config_path=path).asgi_app()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    if args.demo:
+        from tenantware.demo import DEMO_KEYS
+
+        shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        url = f"http://{shown_host}:{args.port}"
+        os.environ[_ENV_DEMO_URL] = url
+        print(f"tenantware demo gateway on {url}/v1", flush=True)
+        for tenant, key in DEMO_KEYS.items():
+            print(f"  tenant {tenant:<6} key: {key}", flush=True)
+        print(
+            f"  try: curl {url}/v1/chat/completions -H 'Authorization: Bearer {DEMO_KEYS['acme']}' "
+            "-H 'content-type: application/json' "
+            '-d \'{"model":"gpt-4.1","messages":[{"role":"user","content":"hi"}]}\'',
+            flush=True,
+        )
+    elif args.config:
+        try:
+            load_config(args.config)
+        except ConfigError as exc:
+            print(f"tenantware: {exc}", file=sys.stderr)
+            return 2
+        os.environ[_ENV_CONFIG] = os.path.abspath(args.config)
+    else:
+        print("tenantware serve: give --config FILE or --demo", file=sys.stderr)
+        return 2
+    uvicorn.run(
+        "tenantware.cli:build_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        loop="auto",
+        http="auto",
+        log_level=args.log_level,
+        access_log=False,
+    )
+    return 0
+
+
+def _hash_key(args: argparse.Namespace) -> int:
+    secret = os.environ.get(args.secret_env) if args.secret_env else None
+    print(KeyHasher(secret.encode() if secret else None).hash(args.key))
+    return 0
+
+
+def _new_key(args: argparse.Namespace) -> int:
+    key = generate_key(args.prefix)
+    secret = os.environ.get(args.secret_env) if args.secret_env else None
+    print(f"key:  {key}")
+    print(f"hash: {KeyHasher(secret.encode() if secret else None).hash(key)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tenantware", description="Multi-tenant AI API gateway.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", help="configuration file (.toml, .yaml, .json)")
+    serve.add_argument(
+        "--demo", action="store_true", help="demo tenants and a built-in fake upstream"
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--log-level", default="warning")
+    serve.set_defaults(func=_serve)
+
+    hash_key = commands.add_parser("hash-key", help="print the stored hash of an API key")
+    hash_key.add_argument("key")
+    hash_key.add_argument("--secret-env", help="HMAC secret variable (gateway.key_secret_env)")
+    hash_key.set_defaults(func=_hash_key)
+
+    new_key = commands.add_parser("new-key", help="make a random API key and its hash")
+    new_key.add_argument("--prefix", default="tw")
+    new_key.add_argument("--secret-env", help="HMAC secret variable (gateway.key_secret_env)")
+    new_key.set_defaults(func=_new_key)
+
+    args = parser.parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,321 @@
+"""Typed configuration: every setting is a frozen msgspec Struct, validated once at load.
+
+The file format (TOML, YAML or JSON) is picked by extension. Errors name the file and the
+field path (``$.tenants[0].limits.requests_per_minute``) so an operator can fix them at once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct, field
+
+__all__ = [
+    "DEFAULT_MODELS",
+    "DEFAULT_TIERS",
+    "ApiKey",
+    "ConfigError",
+    "GatewayConfig",
+    "GatewaySettings",
+    "Limits",
+    "ModelSpec",
+    "Tenant",
+    "Tier",
+    "Upstream",
+    "load_config",
+    "parse_config",
+]
+
+NonNegInt = Annotated[int, Meta(ge=0)]
+PositiveInt = Annotated[int, Meta(ge=1)]
+PositiveFloat = Annotated[float, Meta(gt=0)]
+Weight = Annotated[float, Meta(gt=0, le=1_000_000)]
+#: Money is written as a decimal string or number ("2.50"); it is never held as a float.
+Usd = Decimal
+Priority = Literal["critical", "normal", "bulk"]
+FailurePolicy = Literal["open", "closed", "local"]
+
+
+class ConfigError(ValueError):
+    """A configuration file or value that cannot be used; the message says where and why."""
+
+
+def _check_money(obj: Struct) -> None:
+    # msgspec cannot bound Decimals with Meta, so amounts are checked here.
+    for name in obj.__struct_fields__:
+        value = getattr(obj, name)
+        if isinstance(value, Decimal) and (not value.is_finite() or value < 0):
+            raise msgspec.ValidationError(f"`{name}` must be a non-negative amount, got {value}")
+
+
+class Limits(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Per-tenant limits. ``None`` means "not limited" (or "inherit" when merged over a tier)."""
+
+    requests_per_second: PositiveInt | None = None
+    requests_per_minute: PositiveInt | None = None
+    requests_per_hour: PositiveInt | None = None
+    requests_per_day: PositiveInt | None = None
+    tokens_per_second: PositiveInt | None = None
+    tokens_per_minute: PositiveInt | None = None
+    tokens_per_hour: PositiveInt | None = None
+    tokens_per_day: PositiveInt | None = None
+    concurrent_requests: PositiveInt | None = None
+    daily_budget_usd: Usd | None = None
+    monthly_budget_usd: Usd | None = None
+    #: How far above its steady rate a tenant may burst (GCRA burst = rate x this).
+    burst_multiplier: Annotated[float, Meta(ge=1, le=100)] | None = None
+
+    def __post_init__(self) -> None:
+        _check_money(self)
+
+    def merged_over(self, base: Limits) -> Limits:
+        """These limits with every unset field taken from ``base`` (tier defaults)."""
+        changes = {
+            name: getattr(base, name)
+            for name in self.__struct_fields__
+            if getattr(self, name) is None and getattr(base, name) is not None
+        }
+        return msgspec.structs.replace(self, **changes) if changes else self
+
+
+class Tier(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Defaults shared by every tenant of a tier; a tenant overrides any of them."""
+
+    weight: Weight = 0.15
+    max_priority: Priority = "normal"
+    limits: Limits = field(default_factory=Limits)
+    #: Longest time a request of this tier may wait in the fair queue.
+    max_queue_wait_s: PositiveFloat = 300.0
+
+
+class ApiKey(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One API key of a tenant, stored only as a hash (``sha256:<hex>`` or ``hmac:<hex>``)."""
+
+    id: Annotated[str, Meta(min_length=1, max_length=64)]
+    hash: Annotated[str, Meta(pattern=r"^(sha256|hmac-sha256):[0-9a-f]{64}$")]
+    revoked: bool = False
+
+
+class Tenant(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A customer of the gateway: who it is, what it may use and how much."""
+
+    id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    name: str = ""
+    tier: str = "free"
+    weight: Weight | None = None
+    max_priority: Priority | None = None
+    #: Canonical model names (or "*"); empty means every model of the catalogue.
+    allowed_models: list[str] = field(default_factory=list)
+    limits: Limits = field(default_factory=Limits)
+    cost_center: str = ""
+    #: Custom domains: when set, this tenant's keys work only on these hosts.
+    domains: list[str] = field(default_factory=list)
+    keys: list[ApiKey] = field(default_factory=list)
+    disabled: bool = False
+
+
+class ModelSpec(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A model of the catalogue and its price in USD per million tokens."""
+
+    input_per_mtok: Usd = Decimal(0)
+    output_per_mtok: Usd = Decimal(0)
+    cached_input_per_mtok: Usd | None = None
+    fee_per_request: Usd = Decimal(0)
+    #: Name the upstream knows the model by, when it differs from the catalogue name.
+    upstream_name: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_money(self)
+        for name in ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok"):
+            value = getattr(self, name)
+            if value is not None and (value * 1000) % 1:
+                raise msgspec.ValidationError(
+                    f"`{name}` = {value}: prices per million tokens have at most 3 decimals "
+                    "(tenantware bills in whole nano-dollars per token)"
+                )
+
+
+class Upstream(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """An upstream provider (or relay) and the models it serves."""
+
+    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    base_url: Annotated[str, Meta(pattern=r"^https?://")]
+    #: The key is read from this environment variable; it is never written in a config file.
+    api_key_env: str | None = None
+    timeout_s: PositiveFloat = 600.0
+    connect_timeout_s: PositiveFloat = 5.0
+    models: list[str] = field(default_factory=list)
+    weight: Weight = 1.0
+    #: Extra headers sent upstream (e.g. an organisation id); not for secrets.
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def api_key(self) -> str | None:
+        """The upstream key from the environment, or ``None`` when not configured."""
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+class GatewaySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Process-wide settings."""
+
+    #: Paths under these prefixes are API routes: they need a tenant key.
+    api_prefixes: list[str] = field(default_factory=lambda: ["/v1/"])
+    max_body_bytes: PositiveInt = 4 * 1024 * 1024
+    #: When set, key hashes are HMAC-SHA256 with the secret read from this variable.
+    key_secret_env: str | None = None
+    #: Output tokens assumed when a request sets no ``max_tokens``.
+    default_max_tokens: PositiveInt = 1024
+    redis_url: str | None = None
+    redis_timeout_s: PositiveFloat = 0.05
+    #: How many gateway replicas share the limits (for the ``local`` failure policy).
+    replicas: PositiveInt = 1
+    on_store_failure: FailurePolicy = "open"
+    ledger_url: str | None = None
+    trust_request_id: bool = True
+
+
+class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The whole configuration of one gateway."""
+
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    tiers: dict[str, Tier] = field(default_factory=dict)
+    tenants: list[Tenant] = field(default_factory=list)
+    upstreams: list[Upstream] = field(default_factory=list)
+    #: Catalogue entries merged over the defaults (same name: replaced).
+    models: dict[str, ModelSpec] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
+    include_default_models: bool = True
+
+    def __post_init__(self) -> None:
+        tiers = self.all_tiers()
+        seen_tenants: set[str] = set()
+        seen_keys: set[str] = set()
+        for tenant in self.tenants:
+            if tenant.id in seen_tenants:
+                raise msgspec.ValidationError(f"duplicate tenant id {tenant.id!r}")
+            seen_tenants.add(tenant.id)
+            if tenant.tier not in tiers:
+                raise msgspec.ValidationError(
+                    f"tenant {tenant.id!r} has unknown tier {tenant.tier!r}"
+                )
+            for key in tenant.keys:
+                if key.hash in seen_keys:
+                    raise msgspec.ValidationError(f"key {key.id!r} of {tenant.id!r} is reused")
+                seen_keys.add(key.hash)
+        catalogue = self.catalogue()
+        for alias, target in self.aliases.items():
+            if target not in catalogue:
+                raise msgspec.ValidationError(f"alias {alias!r} points at unknown model {target!r}")
+        names = set()
+        for upstream in self.upstreams:
+            if upstream.name in names:
+                raise msgspec.ValidationError(f"duplicate upstream {upstream.name!r}")
+            names.add(upstream.name)
+
+    def all_tiers(self) -> dict[str, Tier]:
+        """Built-in tiers overridden and extended by the configured ones."""
+        return {**DEFAULT_TIERS, **self.tiers}
+
+    def catalogue(self) -> dict[str, ModelSpec]:
+        """The model catalogue: defaults (unless disabled) overridden by configured models."""
+        base = dict(DEFAULT_MODELS) if self.include_default_models else {}
+        base.update(self.models)
+        return base
+
+
+def _usd(value: str) -> Decimal:
+    return Decimal(value)
+
+
+#: The mission's four models with their list prices (USD per million tokens).
+DEFAULT_MODELS: dict[str, ModelSpec] = {
+    "gpt-4.1": ModelSpec(
+        input_per_mtok=_usd("2.00"),
+        output_per_mtok=_usd("8.00"),
+        cached_input_per_mtok=_usd("0.50"),
+    ),
+    "claude-sonnet-4.5": ModelSpec(
+        input_per_mtok=_usd("3.00"),
+        output_per_mtok=_usd("15.00"),
+        cached_input_per_mtok=_usd("0.30"),
+    ),
+    "gemini-2.5-flash": ModelSpec(
+        input_per_mtok=_usd("0.30"),
+        output_per_mtok=_usd("2.50"),
+        cached_input_per_mtok=_usd("0.075"),
+    ),
+    "deepseek-v3.2": ModelSpec(
+        input_per_mtok=_usd("0.28"),
+        output_per_mtok=_usd("0.42"),
+        cached_input_per_mtok=_usd("0.028"),
+    ),
+}
+
+#: Built-in tiers: fair-share weights 0.5 / 0.35 / 0.15 and burst allowances 3x / 2x / 1x.
+DEFAULT_TIERS: dict[str, Tier] = {
+    "enterprise": Tier(
+        weight=0.5,
+        max_priority="critical",
+        limits=Limits(requests_per_minute=6000, tokens_per_minute=2_000_000, burst_multiplier=3.0),
+    ),
+    "pro": Tier(
+        weight=0.35,
+        max_priority="normal",
+        limits=Limits(requests_per_minute=600, tokens_per_minute=400_000, burst_multiplier=2.0),
+    ),
+    "free": Tier(
+        weight=0.15,
+        max_priority="bulk",
+        limits=Limits(requests_per_minute=60, tokens_per_minute=40_000, burst_multiplier=1.0),
+    ),
+}
+
+_DECODERS: dict[str, Callable[[bytes | str], Any]] = {
+    ".toml": msgspec.toml.decode,
+    ".yaml": msgspec.yaml.decode,
+    ".yml": msgspec.yaml.decode,
+    ".json": msgspec.json.decode,
+}
+
+
+def _dec_hook(tp: type, obj: Any) -> Any:
+    # TOML and YAML give floats for prices; go through str so 0.3 stays 0.3 exactly.
+    if tp is Decimal and isinstance(obj, float | int):
+        return Decimal(str(obj))
+    raise NotImplementedError
+
+
+def parse_config(
+    data: bytes | str | dict[str, Any], *, fmt: str = ".toml", source: str = "<config>"
+) -> GatewayConfig:
+    """Parse configuration text (or an already-decoded mapping) into a ``GatewayConfig``."""
+    try:
+        if isinstance(data, dict):
+            return msgspec.convert(data, GatewayConfig, dec_hook=_dec_hook)
+        decode = _DECODERS.get(fmt)
+        if decode is None:
+            raise ConfigError(
+                f"{source}: unsupported config format {fmt!r} (use .toml, .yaml or .json)"
+            )
+        raw = decode(data)
+        return msgspec.convert(raw, GatewayConfig, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except (msgspec.DecodeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{source}: cannot parse: {exc}") from None
+
+
+def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
+    """Load and validate a configuration file (``.toml``, ``.yaml``/``.yml`` or ``.json``)."""
+    file = Path(path)
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read: {exc.strerror}") from None
+    return parse_config(data, fmt=file.suffix.lower(), source=str(file))

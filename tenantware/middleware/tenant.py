@@ -1,0 +1,255 @@
+"""Who is calling? Resolves the tenant from its API key, reads and decodes the body once.
+
+Outermost layer: it creates the request context every other layer reads, echoes the request
+id, and rejects unknown keys (401), oversized bodies (413), malformed JSON (400), unknown
+models (404) and models the tenant may not use (403) before any policy layer runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Final
+
+import msgspec
+import structlog
+
+from tenantware.context import SCOPE_KEY, Outcome, RequestContext, RequestView
+from tenantware.errors import GatewayError
+from tenantware.estimate import PromptEstimator, estimate_prompt_tokens
+from tenantware.registry import KeyEntry
+from tenantware.state import LiveConfig, Snapshot
+from tenantware.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["TenantMiddleware"]
+
+_VALID_REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+_decode_view = msgspec.json.Decoder(RequestView).decode
+_BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
+
+_INVALID_KEY = GatewayError(
+    401,
+    "Incorrect API key provided.",
+    type="invalid_request_error",
+    code="invalid_api_key",
+    outcome=Outcome.REJECTED_AUTH,
+)
+_MISSING_KEY = GatewayError(
+    401,
+    "You didn't provide an API key. Pass it as 'Authorization: Bearer <key>'.",
+    type="invalid_request_error",
+    code="invalid_api_key",
+    outcome=Outcome.REJECTED_AUTH,
+)
+
+
+def _new_request_id() -> str:
+    return "req_" + os.urandom(12).hex()
+
+
+def _bad_request(
+    message: str, *, param: str | None = None, code: str | None = None
+) -> GatewayError:
+    return GatewayError(
+        400,
+        message,
+        type="invalid_request_error",
+        param=param,
+        code=code,
+        outcome=Outcome.REJECTED_REQUEST,
+    )
+
+
+def _param_of(error: msgspec.ValidationError) -> str | None:
+    # msgspec ends its messages with "- at `$.field...`".
+    text = str(error)
+    marker = "- at `$."
+    at = text.rfind(marker)
+    return text[at + len(marker) : -1].split(".")[0].split("[")[0] if at >= 0 else None
+
+
+class TenantMiddleware:
+    """Pure ASGI: ``TenantMiddleware(app, live=LiveConfig(config))``."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        live: LiveConfig,
+        estimator: PromptEstimator = estimate_prompt_tokens,
+    ) -> None:
+        self.app = app
+        self.live = live
+        self.estimator = estimator
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        snapshot = self.live.current
+        token = host = incoming_id = content_type = None
+        content_length = -1
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                if value[:7].lower() == b"bearer ":
+                    token = value[7:].strip()
+            elif name == b"x-api-key" or name == b"api-key":
+                token = token or value.strip()
+            elif name == b"host":
+                host = value
+            elif name == b"x-request-id":
+                incoming_id = value
+            elif name == b"content-type":
+                content_type = value
+            elif name == b"content-length" and value.isdigit():
+                content_length = int(value)
+
+        if incoming_id is not None and _VALID_REQUEST_ID.fullmatch(incoming_id):
+            request_id = incoming_id.decode()
+        else:
+            request_id = _new_request_id()
+        ctx = RequestContext(request_id)
+        scope[SCOPE_KEY] = ctx
+        id_header = (b"x-request-id", request_id.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                ctx.response_started = True
+                ctx.status = message["status"]
+                message["headers"] = [*message.get("headers", ()), id_header]
+            await send(message)
+
+        if not scope["path"].startswith(snapshot.api_prefixes):
+            await self.app(scope, receive, send_with_id)
+            return
+        ctx.api_route = True
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            try:
+                entry = self._authenticate(snapshot, token, host)
+                ctx.tenant = entry.tenant
+                ctx.key_id = entry.key_id
+                with structlog.contextvars.bound_contextvars(tenant_id=entry.tenant.id):
+                    if scope["method"] in _BODY_METHODS and _is_json(content_type):
+                        receive = await self._read_body(snapshot, ctx, receive, content_length)
+                    await self.app(scope, receive, send_with_id)
+            except _ClientGoneError:
+                return
+            except GatewayError as error:
+                if ctx.response_started:
+                    raise
+                await error.send(send_with_id, ctx)
+
+    def _authenticate(
+        self, snapshot: Snapshot, token: bytes | None, host: bytes | None
+    ) -> KeyEntry:
+        if not token:
+            raise _MISSING_KEY
+        entry = snapshot.registry.by_key_hash(snapshot.hasher.hash(token))
+        if entry is None:
+            raise _INVALID_KEY
+        if snapshot.domain_owner or entry.tenant.domains:
+            domain = (host or b"").split(b":", 1)[0].decode("latin-1").lower()
+            owner = snapshot.domain_owner.get(domain)
+            if owner is not None and owner != entry.tenant.id:
+                raise _INVALID_KEY
+            if entry.tenant.domains and domain not in entry.tenant.domains:
+                raise _INVALID_KEY
+        return entry
+
+    async def _read_body(
+        self, snapshot: Snapshot, ctx: RequestContext, receive: Receive, content_length: int
+    ) -> Receive:
+        limit = snapshot.max_body_bytes
+        if content_length > limit:
+            raise _too_large(limit)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                # The client left before sending its body: nothing to answer.
+                ctx.outcome = Outcome.CLIENT_DISCONNECTED
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        ctx.body = body
+        if body:
+            self._decode(snapshot, ctx, body)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay
+
+    def _decode(self, snapshot: Snapshot, ctx: RequestContext, body: bytes) -> None:
+        try:
+            view = _decode_view(body)
+        except msgspec.ValidationError as exc:
+            raise _bad_request(f"Invalid request body: {exc}", param=_param_of(exc)) from None
+        except msgspec.DecodeError:
+            raise _bad_request(
+                "We could not parse the JSON body of your request. The body must be valid JSON."
+            ) from None
+        ctx.view = view
+        ctx.estimated_prompt_tokens = self.estimator(body, view)
+        if view.model is None:
+            return
+        tenant = ctx.tenant
+        assert tenant is not None
+        catalogue = snapshot.catalogue
+        model = catalogue.resolve(view.model)
+        if model is None:
+            if not catalogue.models:
+                ctx.model = view.model
+                return
+            raise GatewayError(
+                404,
+                f"The model `{view.model}` does not exist or you do not have access to it.",
+                type="invalid_request_error",
+                param="model",
+                code="model_not_found",
+                outcome=Outcome.REJECTED_REQUEST,
+            )
+        if not tenant.may_use(model):
+            raise GatewayError(
+                403,
+                f"This API key is not allowed to use the model `{view.model}`.",
+                type="invalid_request_error",
+                param="model",
+                code="model_not_allowed",
+                outcome=Outcome.REJECTED_REQUEST,
+            )
+        ctx.model = model
+
+
+class _ClientGoneError(GatewayError):
+    """Raised when the client disconnects before its body arrived; nothing is sent."""
+
+
+_ClientGone = _ClientGoneError(499, "client disconnected", outcome=Outcome.CLIENT_DISCONNECTED)
+
+
+def _too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        413,
+        f"Request body too large: the limit is {limit} bytes.",
+        type="invalid_request_error",
+        code="request_too_large",
+        outcome=Outcome.REJECTED_REQUEST,
+    )
+
+
+def _is_json(content_type: bytes | None) -> bool:
+    # The OpenAI SDKs always send JSON; a missing content type is treated as JSON too.
+    return content_type is None or b"json" in content_type

@@ -1,0 +1,96 @@
+"""Tenant registry: from a presented key's hash to the tenant and its effective settings.
+
+Tier defaults are merged into each tenant once, when the registry is built, so the request
+path does one dict lookup and reads ready values.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import msgspec
+
+from tenantware.config import GatewayConfig, Limits, Priority
+
+__all__ = ["KeyEntry", "MemoryTenantRegistry", "TenantRegistry", "TenantView"]
+
+
+class TenantView(msgspec.Struct, frozen=True, kw_only=True):
+    """A tenant with its tier defaults applied: what every layer reads."""
+
+    id: str
+    name: str
+    tier: str
+    weight: float
+    max_priority: Priority
+    #: Canonical model names the tenant may use; ``None`` means all of them.
+    allowed_models: frozenset[str] | None
+    limits: Limits
+    cost_center: str
+    domains: frozenset[str]
+    max_queue_wait_s: float
+
+    def may_use(self, model: str) -> bool:
+        return self.allowed_models is None or model in self.allowed_models
+
+
+class KeyEntry(msgspec.Struct, frozen=True):
+    """What a valid key resolves to; ``key_id`` names the key in logs and the ledger."""
+
+    tenant: TenantView
+    key_id: str
+
+
+class TenantRegistry(Protocol):
+    """Where tenants and key hashes are looked up (memory now; Redis for the admin API)."""
+
+    def by_key_hash(self, key_hash: str) -> KeyEntry | None: ...
+
+    def by_id(self, tenant_id: str) -> TenantView | None: ...
+
+    def tenants(self) -> list[TenantView]: ...
+
+
+class MemoryTenantRegistry:
+    """An immutable registry built from a configuration; replaced whole on reload."""
+
+    __slots__ = ("_by_hash", "_by_id")
+
+    def __init__(self, config: GatewayConfig) -> None:
+        tiers = config.all_tiers()
+        self._by_id: dict[str, TenantView] = {}
+        self._by_hash: dict[str, KeyEntry] = {}
+        for tenant in config.tenants:
+            if tenant.disabled:
+                continue
+            tier = tiers[tenant.tier]
+            allowed = (
+                None
+                if not tenant.allowed_models or "*" in tenant.allowed_models
+                else frozenset(tenant.allowed_models)
+            )
+            view = TenantView(
+                id=tenant.id,
+                name=tenant.name or tenant.id,
+                tier=tenant.tier,
+                weight=tenant.weight if tenant.weight is not None else tier.weight,
+                max_priority=tenant.max_priority or tier.max_priority,
+                allowed_models=allowed,
+                limits=tenant.limits.merged_over(tier.limits),
+                cost_center=tenant.cost_center or tenant.id,
+                domains=frozenset(d.lower() for d in tenant.domains),
+                max_queue_wait_s=tier.max_queue_wait_s,
+            )
+            self._by_id[tenant.id] = view
+            for key in tenant.keys:
+                if not key.revoked:
+                    self._by_hash[key.hash] = KeyEntry(view, key.id)
+
+    def by_key_hash(self, key_hash: str) -> KeyEntry | None:
+        return self._by_hash.get(key_hash)
+
+    def by_id(self, tenant_id: str) -> TenantView | None:
+        return self._by_id.get(tenant_id)
+
+    def tenants(self) -> list[TenantView]:
+        return list(self._by_id.values())

@@ -1,0 +1,77 @@
+"""Serve any ASGI app on a loopback port from a background thread, for tests and benchmarks.
+
+In-process transports buffer whole responses and never drop a connection, so streaming,
+disconnect and real-SDK tests need a real socket. Running uvicorn in a thread keeps the app in
+the test's process, so the test can still inspect and reconfigure it while it serves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+
+from tenantware.types import ASGIApp
+
+__all__ = ["serve_in_thread"]
+
+
+@contextlib.contextmanager
+def serve_in_thread(
+    app: ASGIApp,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    startup_timeout_s: float = 10.0,
+    **uvicorn_options: Any,
+) -> Iterator[str]:
+    """Run ``app`` with uvicorn in a daemon thread; yield its base URL, e.g. ``http://127.0.0.1:41234``.
+
+    ``port=0`` lets the kernel pick a free port. ``uvicorn_options`` go to ``uvicorn.Config``
+    and override the defaults here (asyncio loop, lifespan off, warnings only, no access log).
+    On exit the server stops accepting, closes idle connections and the thread is joined.
+    """
+    options: dict[str, Any] = {
+        "loop": "asyncio",
+        "lifespan": "off",
+        "log_level": "warning",
+        "access_log": False,
+        # A stream still open at exit must not hold the test run hostage.
+        "timeout_graceful_shutdown": 5,
+    }
+    options.update(uvicorn_options)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **options))
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{host}:{port}", daemon=True)
+    thread.start()
+    try:
+        bound_port = _wait_until_listening(server, thread, startup_timeout_s)
+        shown_host = f"[{host}]" if ":" in host else host
+        yield f"http://{shown_host}:{bound_port}"
+    finally:
+        server.should_exit = True
+        thread.join(startup_timeout_s + 10.0)
+
+
+def _wait_until_listening(server: uvicorn.Server, thread: threading.Thread, timeout: float) -> int:
+    """Return the bound port once a TCP connect succeeds; raise if the thread dies or stalls.
+
+    A bare connect (no HTTP request) proves readiness for any app without touching its routes.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.started:
+            sockets = [sock for srv in server.servers for sock in (srv.sockets or ())]
+            host, port = sockets[0].getsockname()[:2]
+            with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1.0):
+                return int(port)
+        if not thread.is_alive():
+            raise RuntimeError("uvicorn exited during startup (see its log above)")
+        if time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"uvicorn did not start within {timeout} s")
+        time.sleep(0.005)

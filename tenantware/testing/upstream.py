@@ -1,0 +1,719 @@
+"""A fake OpenAI-compatible upstream for tests, benchmarks and users' own test suites.
+
+It is a plain ASGI app (no router, stream events pre-encoded per request, msgspec for JSON) so
+that a benchmark measures the gateway and not its upstream. Every knob lives on a mutable
+:class:`FakeUpstreamConfig` that a test may change between requests, and :attr:`FakeUpstream.stats`
+counts exactly what was produced, so billing tests can compare the gateway's ledger with it.
+
+Tokens are predictable on purpose: every output token is the text ``"tok "`` (one stream chunk
+each) and prompt tokens come from :func:`count_prompt_tokens`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import math
+import random
+import secrets
+import struct
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Annotated, Any, Literal
+
+import anyio
+import msgspec
+
+from tenantware.types import Message, Receive, Scope, Send
+
+__all__ = [
+    "DEFAULT_MODELS",
+    "EMBEDDING_DIMENSIONS",
+    "TOKEN_TEXT",
+    "FakeUpstream",
+    "FakeUpstreamConfig",
+    "InjectedStreamError",
+    "RecordedRequest",
+    "RequestRecord",
+    "UpstreamStats",
+    "count_prompt_tokens",
+    "main",
+]
+
+#: Models listed by ``GET /v1/models`` unless the config says otherwise.
+DEFAULT_MODELS = ("gpt-4.1", "claude-sonnet-4.5", "gemini-2.5-flash", "deepseek-v3.2")
+#: The text of one output token (and of one streamed content chunk).
+TOKEN_TEXT = "tok "
+#: Length of the embedding vectors when the request does not ask for ``dimensions``.
+EMBEDDING_DIMENSIONS = 8
+
+Outcome = Literal["pending", "completed", "error", "client_disconnected", "stream_failed"]
+
+
+class FakeUpstreamConfig(msgspec.Struct, kw_only=True):
+    """How the fake upstream behaves; mutable, read afresh by every request.
+
+    The ``Meta`` limits are checked by ``msgspec.convert``, not on assignment.
+    """
+
+    #: Seconds to wait before the response starts (every ``/v1`` route, errors included).
+    latency_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    #: Output tokens per completion when ``completion_tokens`` is None.
+    stream_chunks: Annotated[int, msgspec.Meta(ge=0)] = 5
+    #: Seconds before each streamed content chunk and before the finish chunk.
+    chunk_delay_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    #: Output tokens per completion before ``max_tokens`` caps it; None means ``stream_chunks``.
+    completion_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    #: Probability that a request gets ``failure_status`` (drawn from ``FakeUpstream.rng``).
+    failure_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    failure_status: int = 500
+    #: Statuses the next well-formed, authorised requests answer with, first one first;
+    #: a 200 in the queue lets that request through.
+    fail_next: list[int] = []
+    #: Sent as ``retry-after`` on injected 429s; None sends no header.
+    retry_after_s: float | None = None
+    #: Streams break off (no finish, usage or ``[DONE]``) after this many content chunks.
+    fail_stream_after: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    #: When set, requests must carry ``Authorization: Bearer <require_api_key>``.
+    require_api_key: str | None = None
+    models: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_MODELS))
+    #: Keep a :class:`RequestRecord` per ``x-request-id``; off for long benchmark runs.
+    record_requests: bool = True
+
+
+class InjectedStreamError(RuntimeError):
+    """Raised by the app to break a stream on purpose (``fail_stream_after``).
+
+    A server then drops the connection mid-body; an in-process transport re-raises it.
+    """
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What the fake produced for one request; token counts are what was actually sent."""
+
+    path: str
+    model: str = ""
+    stream: bool = False
+    #: 0 while no response has started (or if the client left before one did).
+    status: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    has_authorization: bool = False
+    outcome: Outcome = "pending"
+
+
+@dataclass(slots=True)
+class UpstreamStats:
+    """Totals over every request but ``/healthz``: ``requests`` on arrival, the rest on settling."""
+
+    requests: int = 0
+    #: Requests not settled yet; wait for 0 before asserting after a client disconnect.
+    in_flight: int = 0
+    by_status: Counter[int] = field(default_factory=Counter)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    #: Keyed by the incoming ``x-request-id``; a record is added when its request arrives.
+    by_request_id: dict[str, RequestRecord] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class RecordedRequest:
+    """The last request as received; the authorization value is replaced by ``[redacted]``."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return msgspec.json.decode(self.body)
+
+
+def count_prompt_tokens(body: Mapping[str, Any]) -> int:
+    """The prompt tokens the fake bills for a request body, so tests can predict usage.
+
+    Chat: ``ceil(characters of all message text / 4) + 3`` per message. Completions and
+    embeddings: ``ceil(characters / 4)`` of the ``prompt`` / ``input`` strings, plus one per
+    token id when given as token arrays.
+    """
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        return _messages_tokens(messages)
+    for key in ("prompt", "input"):
+        if key in body:
+            return _text_tokens(body[key])
+    return 0
+
+
+def _messages_tokens(messages: Sequence[Any]) -> int:
+    chars = 0
+    for message in messages:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            for part in content:
+                text = part.get("text") if isinstance(part, Mapping) else None
+                if isinstance(text, str):
+                    chars += len(text)
+    return math.ceil(chars / 4) + 3 * len(messages)
+
+
+def _text_tokens(value: Any) -> int:
+    if isinstance(value, str):
+        return math.ceil(len(value) / 4)
+    chars = token_ids = 0
+    if isinstance(value, list):
+        for item in value:
+            if isinstance(item, str):
+                chars += len(item)
+            elif isinstance(item, int):
+                token_ids += 1
+            elif isinstance(item, list):
+                token_ids += len(item)
+    return math.ceil(chars / 4) + token_ids
+
+
+# --------------------------------------------------------------------------------------------
+# Request bodies: decoded straight into typed views, unknown fields ignored.
+
+
+class _StreamOptions(msgspec.Struct):
+    include_usage: bool | None = None
+
+
+class _ChatBody(msgspec.Struct):
+    model: str
+    messages: list[dict[str, Any]]
+    stream: bool | None = None
+    stream_options: _StreamOptions | None = None
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+
+class _CompletionBody(msgspec.Struct):
+    model: str
+    prompt: str | list[Any] = ""
+    stream: bool | None = None
+    stream_options: _StreamOptions | None = None
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+
+class _EmbeddingBody(msgspec.Struct):
+    model: str
+    input: str | list[Any]
+    dimensions: Annotated[int, msgspec.Meta(ge=1, le=8192)] | None = None
+    encoding_format: Literal["float", "base64"] | None = None
+
+
+_Body = _ChatBody | _CompletionBody | _EmbeddingBody
+
+_DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
+    "chat": msgspec.json.Decoder(_ChatBody),
+    "completions": msgspec.json.Decoder(_CompletionBody),
+    "embeddings": msgspec.json.Decoder(_EmbeddingBody),
+}
+# path suffix -> (method, route kind)
+_ROUTES = {
+    "/v1/chat/completions": ("POST", "chat"),
+    "/v1/completions": ("POST", "completions"),
+    "/v1/embeddings": ("POST", "embeddings"),
+    "/v1/models": ("GET", "models"),
+}
+
+_encode = msgspec.json.Encoder().encode
+_JSON_TYPE = (b"content-type", b"application/json")
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+]
+_HEALTH_BODY = b'{"status":"ok"}'
+_DONE = b"data: [DONE]\n\n"
+_TOKEN_JSON = _encode(TOKEN_TEXT)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0},
+    }
+
+
+def _error_body(
+    message: str, type_: str, param: str | None = None, code: str | None = None
+) -> bytes:
+    return _encode({"error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+def _injected_error(status: int) -> bytes:
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    message = f"Injected fault from the fake upstream: HTTP {status} {phrase}."
+    if status == 429:
+        return _error_body(message, "requests", code="rate_limit_exceeded")
+    return _error_body(message, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def _validation_param(message: str) -> str | None:
+    """``"... - at `$.max_tokens`"`` -> ``"max_tokens"``, as OpenAI names the bad field."""
+    _, found, where = message.rpartition(" - at `$.")
+    return where.rstrip("`") if found else None
+
+
+def _embedding(item: str | list[Any], dimensions: int) -> list[float]:
+    """A unit vector derived from the input alone, so equal inputs embed equally."""
+    data = item.encode() if isinstance(item, str) else _encode(item)
+    values = [(byte - 127.5) / 127.5 for byte in hashlib.shake_256(data).digest(dimensions)]
+    norm = math.sqrt(sum(v * v for v in values))
+    return [v / norm for v in values]
+
+
+async def _send_json(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [_JSON_TYPE, (b"content-length", str(len(body)).encode()), *headers],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _body_part(body: bytes) -> Message:
+    """A fresh message per send: a server or middleware may keep or alter what it is given."""
+    return {"type": "http.response.body", "body": body, "more_body": True}
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole request body, or None if the client left first."""
+    message = await receive()
+    chunks: list[bytes] = []
+    while True:
+        if message["type"] == "http.disconnect":
+            return None
+        if not message.get("more_body", False):
+            body: bytes = message.get("body", b"")
+            return b"".join([*chunks, body]) if chunks else body
+        chunks.append(message.get("body", b""))
+        message = await receive()
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+@dataclass(slots=True)
+class _StreamPlan:
+    """Every SSE event of one stream, encoded before the first one is sent."""
+
+    opening: bytes
+    content: bytes
+    finish: bytes
+    usage: bytes
+
+
+_CHAT_OPENING = (
+    b'{"index":0,"delta":{"role":"assistant","content":"","refusal":null},'
+    b'"logprobs":null,"finish_reason":null}'
+)
+_CHAT_CONTENT = (
+    b'{"index":0,"delta":{"content":' + _TOKEN_JSON + b'},"logprobs":null,"finish_reason":null}'
+)
+_COMPLETION_CONTENT = (
+    b'{"text":' + _TOKEN_JSON + b',"index":0,"logprobs":null,"finish_reason":null}'
+)
+
+
+def _chunk_head(completion_id: str, object_: str, created: int, model: str) -> bytes:
+    """The bytes every chunk of one stream starts with, up to its ``choices`` array."""
+    return b'data: {"id":"%s","object":"%s","created":%d,"model":%s,"choices":[' % (
+        completion_id.encode(),
+        object_.encode(),
+        created,
+        _encode(model),
+    )
+
+
+def _include_usage(request: _ChatBody | _CompletionBody) -> bool:
+    return bool(request.stream_options and request.stream_options.include_usage)
+
+
+def _stream_plan(
+    head: bytes, opening: bytes, content: bytes, finish: bytes, usage: dict[str, Any] | None
+) -> _StreamPlan:
+    """With a usage chunk, every earlier chunk carries ``"usage": null``, as OpenAI sends it."""
+    tail = b'],"usage":null}\n\n' if usage is not None else b"]}\n\n"
+    return _StreamPlan(
+        opening=head + opening + tail if opening else b"",
+        content=head + content + tail,
+        finish=head + finish + tail,
+        usage=b'%s],"usage":%s}\n\n' % (head, _encode(usage)) if usage is not None else b"",
+    )
+
+
+@dataclass(slots=True)
+class _Exchange:
+    """One request in flight: where its answer goes and where it is accounted for."""
+
+    send: Send
+    receive: Receive
+    stats: UpstreamStats
+    record: RequestRecord
+    echo: list[tuple[bytes, bytes]]
+
+    def settle(self, outcome: Outcome) -> None:
+        """Close the record and add it to the totals; only the first call counts."""
+        record, stats = self.record, self.stats
+        if record.outcome != "pending":
+            return
+        record.outcome = outcome
+        stats.in_flight -= 1
+        stats.by_status[record.status] += 1
+        stats.prompt_tokens += record.prompt_tokens
+        stats.completion_tokens += record.completion_tokens
+
+    async def respond(self, status: int, body: bytes, *headers: tuple[bytes, bytes]) -> None:
+        """Send a whole JSON response, settled first so a client holding it sees it counted."""
+        self.record.status = status
+        self.settle("completed" if status < 400 else "error")
+        await _send_json(self.send, status, body, [*headers, *self.echo])
+
+
+class FakeUpstream:
+    """The fake upstream ASGI app.
+
+    Routes, also under any prefix ending in ``/v1`` so that it can be mounted:
+    ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/embeddings`` and
+    ``GET /v1/models``; plus ``GET /healthz`` (under any prefix too), which is never counted.
+    A request is checked in this order: route and method, API key (401), body (400), injected
+    fault (``fail_next`` first, then ``failure_rate``); so rejected requests never consume
+    ``fail_next``.
+    """
+
+    def __init__(self, config: FakeUpstreamConfig | None = None, *, seed: int | None = 0) -> None:
+        self.config = config if config is not None else FakeUpstreamConfig()
+        #: Draws the ``failure_rate`` faults; ``rng.seed(n)`` gives another fixed pattern.
+        self.rng = random.Random(seed)
+        self.stats = UpstreamStats()
+        self.last_request: RecordedRequest | None = None
+
+    def reset(self) -> None:
+        """Forget counters and the last request; requests in flight settle into the old stats."""
+        self.stats = UpstreamStats()
+        self.last_request = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await _lifespan(receive, send)
+            return
+        path: str = scope["path"]
+        start = path.rfind("/v1/")
+        if start < 0 and (path == "/healthz" or path.endswith("/healthz")):
+            await _send_json(send, 200, _HEALTH_BODY, [])
+            return
+        route = _ROUTES.get(path[start:]) if start >= 0 else None
+
+        authorization: bytes | None = None
+        request_id: bytes | None = None
+        headers: dict[str, str] = {}
+        for raw_name, raw_value in scope["headers"]:
+            name = raw_name.decode("latin-1").lower()
+            if name == "authorization":
+                authorization = raw_value
+                value = "[redacted]"
+            else:
+                value = raw_value.decode("latin-1")
+                if name == "x-request-id" and request_id is None:
+                    request_id = raw_value
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+
+        stats = self.stats  # a reset() mid-request must not unbalance the new counters
+        stats.requests += 1
+        stats.in_flight += 1
+        record = RequestRecord(path=path, has_authorization=authorization is not None)
+        if request_id is not None and self.config.record_requests:
+            stats.by_request_id[request_id.decode("latin-1")] = record
+        echo = [(b"x-request-id", request_id)] if request_id is not None else []
+        exchange = _Exchange(send, receive, stats, record, echo)
+        body: bytes | None = None
+        try:
+            body = await _read_body(receive)
+            if body is not None:
+                self.last_request = RecordedRequest(scope["method"], path, headers, body)
+                await self._answer(exchange, scope["method"], route, authorization, body)
+        finally:
+            exchange.settle("client_disconnected" if record.status or body is None else "error")
+
+    async def _answer(
+        self,
+        exchange: _Exchange,
+        method: str,
+        route: tuple[str, str] | None,
+        authorization: bytes | None,
+        body: bytes,
+    ) -> None:
+        config = self.config
+        if config.latency_s > 0:
+            await anyio.sleep(config.latency_s)
+        path = exchange.record.path
+        if route is None:
+            error = _error_body(f"Invalid URL ({method} {path})", "invalid_request_error")
+            return await exchange.respond(404, error)
+        expected_method, kind = route
+        if method != expected_method:
+            error = _error_body(f"Method not allowed ({method} {path})", "invalid_request_error")
+            return await exchange.respond(405, error, (b"allow", expected_method.encode()))
+        key = config.require_api_key
+        if key is not None and authorization != b"Bearer " + key.encode():
+            message = "Incorrect API key provided."
+            if authorization is None:
+                message = "You didn't provide an API key."
+            error = _error_body(message, "invalid_request_error", code="invalid_api_key")
+            return await exchange.respond(401, error)
+
+        request: _Body | None = None
+        if kind != "models":
+            try:
+                request = _DECODERS[kind].decode(body)
+            except msgspec.ValidationError as exc:
+                message = str(exc)
+                error = _error_body(message, "invalid_request_error", _validation_param(message))
+                return await exchange.respond(400, error)
+            except msgspec.DecodeError:
+                message = "We could not parse the JSON body of your request."
+                return await exchange.respond(400, _error_body(message, "invalid_request_error"))
+            assert request is not None
+            exchange.record.model = request.model
+            exchange.record.stream = not isinstance(request, _EmbeddingBody) and bool(
+                request.stream
+            )
+
+        status = self._injected_status()
+        if status is not None:
+            retry_after = config.retry_after_s
+            if status == 429 and retry_after is not None:
+                header = (b"retry-after", f"{retry_after:g}".encode())
+                return await exchange.respond(status, _injected_error(status), header)
+            return await exchange.respond(status, _injected_error(status))
+
+        if isinstance(request, _ChatBody):
+            await self._chat(request, exchange)
+        elif isinstance(request, _CompletionBody):
+            await self._completion(request, exchange)
+        elif isinstance(request, _EmbeddingBody):
+            await self._embeddings(request, exchange)
+        else:
+            await self._models(exchange)
+
+    def _injected_status(self) -> int | None:
+        config = self.config
+        if config.fail_next:
+            status = config.fail_next.pop(0)
+            return None if status == 200 else status
+        if config.failure_rate > 0 and self.rng.random() < config.failure_rate:
+            return config.failure_status
+        return None
+
+    def _output_tokens(self, cap: int | None) -> tuple[int, str]:
+        """Tokens to produce and the finish reason: ``length`` only when the cap cut it."""
+        wanted = self.config.completion_tokens
+        if wanted is None:
+            wanted = self.config.stream_chunks
+        if cap is not None and cap < wanted:
+            return cap, "length"
+        return wanted, "stop"
+
+    async def _chat(self, request: _ChatBody, exchange: _Exchange) -> None:
+        cap = request.max_completion_tokens
+        if cap is None:
+            cap = request.max_tokens
+        tokens, finish = self._output_tokens(cap)
+        record = exchange.record
+        record.prompt_tokens = _messages_tokens(request.messages)
+        completion_id, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
+        usage = _usage(record.prompt_tokens, tokens)
+        if request.stream:
+            plan = _stream_plan(
+                _chunk_head(completion_id, "chat.completion.chunk", created, request.model),
+                _CHAT_OPENING,
+                _CHAT_CONTENT,
+                b'{"index":0,"delta":{},"logprobs":null,"finish_reason":"%s"}' % finish.encode(),
+                usage if _include_usage(request) else None,
+            )
+            return await self._stream(plan, tokens, exchange)
+        record.completion_tokens = tokens
+        message = {"role": "assistant", "content": TOKEN_TEXT * tokens, "refusal": None}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+        body = {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": request.model,
+            "choices": [choice],
+            "usage": usage,
+        }
+        await exchange.respond(200, _encode(body))
+
+    async def _completion(self, request: _CompletionBody, exchange: _Exchange) -> None:
+        tokens, finish = self._output_tokens(request.max_tokens)
+        record = exchange.record
+        record.prompt_tokens = _text_tokens(request.prompt)
+        completion_id, created = "cmpl-" + secrets.token_hex(12), int(time.time())
+        usage = _usage(record.prompt_tokens, tokens)
+        if request.stream:
+            plan = _stream_plan(
+                _chunk_head(completion_id, "text_completion", created, request.model),
+                b"",
+                _COMPLETION_CONTENT,
+                b'{"text":"","index":0,"logprobs":null,"finish_reason":"%s"}' % finish.encode(),
+                usage if _include_usage(request) else None,
+            )
+            return await self._stream(plan, tokens, exchange)
+        record.completion_tokens = tokens
+        text = TOKEN_TEXT * tokens
+        choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+        body = {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": created,
+            "model": request.model,
+            "choices": [choice],
+            "usage": usage,
+        }
+        await exchange.respond(200, _encode(body))
+
+    async def _stream(self, plan: _StreamPlan, tokens: int, exchange: _Exchange) -> None:
+        """Send ``plan``; stop producing once the client is gone, counting only sent chunks.
+
+        A watcher task turns ``http.disconnect`` into cancellation, because uvicorn's ``send``
+        stays silent after a disconnect; other servers make ``send`` raise ``OSError``.
+        """
+        delay = self.config.chunk_delay_s
+        break_after = self.config.fail_stream_after
+        send, record = exchange.send, exchange.record
+        record.status = 200
+        headers = _SSE_HEADERS + exchange.echo
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        broke = False
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(_cancel_on_disconnect, exchange.receive, tasks.cancel_scope)
+            try:
+                if plan.opening:
+                    await send(_body_part(plan.opening))
+                for _ in range(tokens if break_after is None else min(tokens, break_after)):
+                    if delay > 0:
+                        await anyio.sleep(delay)
+                    await send(_body_part(plan.content))
+                    record.completion_tokens += 1
+                if break_after is None:
+                    if delay > 0:
+                        await anyio.sleep(delay)
+                    exchange.settle("completed")  # before [DONE] leaves, as in respond()
+                    last = plan.finish + plan.usage + _DONE
+                    await send({"type": "http.response.body", "body": last})
+                else:
+                    broke = True
+            except OSError:
+                pass
+            tasks.cancel_scope.cancel()
+        if broke:
+            exchange.settle("stream_failed")
+            raise InjectedStreamError(f"stream broken after {record.completion_tokens} chunks")
+        exchange.settle("client_disconnected")  # a no-op when it completed
+
+    async def _embeddings(self, request: _EmbeddingBody, exchange: _Exchange) -> None:
+        value = request.input
+        items: list[Any]
+        if isinstance(value, str) or (value and all(isinstance(v, int) for v in value)):
+            items = [value]  # one text, or one array of token ids
+        else:
+            items = value
+        if not items:
+            error = _error_body("'input' must not be empty.", "invalid_request_error", "input")
+            return await exchange.respond(400, error)
+        exchange.record.prompt_tokens = prompt_tokens = _text_tokens(value)
+        dimensions = request.dimensions or EMBEDDING_DIMENSIONS
+        data: list[dict[str, Any]] = []
+        for index, item in enumerate(items):
+            vector = _embedding(item, dimensions)
+            embedding: list[float] | str = vector
+            if request.encoding_format == "base64":
+                packed = struct.pack(f"<{dimensions}f", *vector)
+                embedding = base64.b64encode(packed).decode("ascii")
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
+        body = {"object": "list", "data": data, "model": request.model, "usage": usage}
+        await exchange.respond(200, _encode(body))
+
+    async def _models(self, exchange: _Exchange) -> None:
+        listed = [
+            {"id": model, "object": "model", "created": 1_700_000_000, "owned_by": "tenantware"}
+            for model in self.config.models
+        ]
+        await exchange.respond(200, _encode({"object": "list", "data": listed}))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m tenantware.testing.upstream``: serve the fake alone, for benchmarks."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9000)
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--chunks", type=int, default=5, help="output tokens per completion")
+    parser.add_argument("--chunk-delay-ms", type=float, default=0.0)
+    parser.add_argument("--api-key", default=None, help="require this bearer key")
+    parser.add_argument(
+        "--record", action="store_true", help="keep a record per x-request-id (grows memory)"
+    )
+    args = parser.parse_args(argv)
+    config = msgspec.convert(
+        {
+            "latency_s": args.latency_ms / 1000,
+            "stream_chunks": args.chunks,
+            "chunk_delay_s": args.chunk_delay_ms / 1000,
+            "require_api_key": args.api_key,
+            "record_requests": args.record,
+        },
+        FakeUpstreamConfig,
+    )
+    import uvicorn
+
+    uvicorn.run(
+        FakeUpstream(config),
+        host=args.host,
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="off",
+        log_level="warning",
+        access_log=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Shared fixtures: real Redis and PostgreSQL, isolated per test by key prefix and schema."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+import redis
+from psycopg import sql
+
+from tenantware.testing.servers import (
+    ServiceUnavailable,
+    postgres_url_for_tests,
+    redis_url_for_tests,
+)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Run async tests on asyncio only; the servers under test are asyncio-based."""
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """One Redis for the whole session; skip (with the reason) only if none can be had."""
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(redis_url_for_tests())
+        except ServiceUnavailable as exc:
+            pytest.skip(f"Redis unavailable: {exc.reason}")
+        yield url
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix unique to this test; its keys are deleted afterwards so tests never collide."""
+    prefix = f"twtest:{uuid.uuid4().hex[:12]}:"
+    yield prefix
+    with redis.Redis.from_url(redis_url) as client:
+        batch: list[bytes] = []
+        for key in client.scan_iter(match=f"{prefix}*", count=500):
+            batch.append(key)
+            if len(batch) >= 500:
+                client.delete(*batch)
+                batch.clear()
+        if batch:
+            client.delete(*batch)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """One PostgreSQL for the whole session; skip (with the reason) only if none can be had."""
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(postgres_url_for_tests())
+        except ServiceUnavailable as exc:
+            pytest.skip(f"PostgreSQL unavailable: {exc.reason}")
+        yield url
+
+
+@pytest.fixture
+def postgres_schema(postgres_url: str) -> Iterator[str]:
+    """A schema unique to this test, dropped with everything in it afterwards."""
+    schema = f"twtest_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    yield schema
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))

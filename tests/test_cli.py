@@ -1,0 +1,79 @@
+"""The command line: key hashing and ``serve --demo`` answering real requests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tenantware import KeyHasher
+from tenantware.cli import main
+from tenantware.demo import DEMO_KEYS
+from tenantware.testing.servers import find_free_port
+
+
+def test_hash_key_prints_the_stored_form(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["hash-key", "sk-abc"]) == 0
+    assert capsys.readouterr().out.strip() == KeyHasher().hash("sk-abc")
+
+
+def test_new_key_prints_a_key_and_its_hash(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["new-key", "--prefix", "sk"]) == 0
+    lines = dict(line.split(":", 1) for line in capsys.readouterr().out.strip().splitlines())
+    key = lines["key"].strip()
+    assert key.startswith("sk-")
+    assert lines["hash"].strip() == KeyHasher().hash(key)
+
+
+def test_serve_rejects_a_bad_config_file(
+    tmp_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = os.path.join(str(tmp_path), "bad.toml")
+    with open(path, "w") as handle:
+        handle.write("[[tenants]]\nid = 3\n")
+    assert main(["serve", "--config", path]) == 2
+    assert "$.tenants[0].id" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_serve_demo_answers_completions_with_the_demo_key() -> None:
+    port = find_free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tenantware.cli", "serve", "--demo", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(base + "/healthz", timeout=0.5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, "gateway exited"
+            assert time.monotonic() < deadline, "gateway did not become healthy"
+            time.sleep(0.1)
+        headers = {"authorization": f"Bearer {DEMO_KEYS['acme']}"}
+        body = {"model": "gpt-4.1", "messages": [{"role": "user", "content": "hi"}]}
+        response = httpx.post(base + "/v1/chat/completions", json=body, headers=headers, timeout=5)
+        assert response.status_code == 200
+        assert response.json()["choices"][0]["message"]["content"]
+        denied = httpx.post(
+            base + "/v1/chat/completions",
+            json=body,
+            headers={"authorization": f"Bearer {DEMO_KEYS['hobby']}"},
+            timeout=5,
+        )
+        assert denied.status_code == 403
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=10)
+    assert f"{base}/v1" in output
+    assert DEMO_KEYS["acme"] in output

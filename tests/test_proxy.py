@@ -1,0 +1,291 @@
+"""The bundled proxy: relaying JSON and SSE, errors, disconnects, and the official SDK."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import openai
+import pytest
+
+from tenantware import Gateway, get_context
+from tenantware.context import Outcome
+from tenantware.testing.serve import serve_in_thread
+from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig, count_prompt_tokens
+from tenantware.types import Message, Scope
+from tests.support import CHAT, KEYS, client_for, in_process_gateway, make_config
+
+pytestmark = pytest.mark.anyio
+
+
+def _events(text: str) -> list[str]:
+    return [line[6:] for line in text.split("\n") if line.startswith("data: ")]
+
+
+async def test_json_completion_is_relayed_with_usage_in_context() -> None:
+    gateway, fake = in_process_gateway()
+    seen: dict[str, Any] = {}
+    app = gateway.wrap(_capturing(gateway, seen))
+    async with client_for(app, KEYS["acme"]) as client:
+        response = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 3})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["usage"]["completion_tokens"] == 3
+    ctx = seen["ctx"]
+    assert ctx.usage.input_tokens == count_prompt_tokens(CHAT)
+    assert ctx.usage.output_tokens == 3
+    assert ctx.outcome == Outcome.OK
+    assert ctx.upstream == "fake"
+    assert fake.last_request is not None
+    assert fake.last_request.headers["x-request-id"] == response.headers["x-request-id"]
+
+
+def _capturing(gateway: Gateway, seen: dict[str, Any]) -> Any:
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        seen["ctx"] = get_context(scope)
+        await gateway.proxy(scope, receive, send)
+
+    return app
+
+
+async def test_original_body_is_forwarded_unchanged_unless_the_model_is_an_alias() -> None:
+    gateway, fake = in_process_gateway()
+    raw = b'{"model":"gpt-4.1","messages":[{"role":"user","content":"hi"}],"temperature":0.5}'
+    async with client_for(gateway.asgi_app(), KEYS["acme"]) as client:
+        await client.post("/v1/chat/completions", content=raw)
+        assert fake.last_request is not None
+        assert fake.last_request.body == raw
+        await client.post(
+            "/v1/chat/completions", json={**CHAT, "model": "gpt4", "temperature": 0.5}
+        )
+    assert fake.last_request is not None
+    sent = fake.last_request.json()
+    assert sent["model"] == "gpt-4.1"
+    assert sent["temperature"] == 0.5
+
+
+async def test_stream_usage_chunk_is_hidden_unless_the_client_asked() -> None:
+    gateway, fake = in_process_gateway(FakeUpstream(FakeUpstreamConfig(stream_chunks=4)))
+    seen: dict[str, Any] = {}
+    app = gateway.wrap(_capturing(gateway, seen))
+    async with client_for(app, KEYS["acme"]) as client:
+        plain = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+        assert fake.last_request is not None
+        assert fake.last_request.json()["stream_options"] == {"include_usage": True}
+        hidden_ctx = seen["ctx"]
+        asked = await client.post(
+            "/v1/chat/completions",
+            json={**CHAT, "stream": True, "stream_options": {"include_usage": True}},
+        )
+    plain_events = _events(plain.text)
+    assert plain_events[-1] == "[DONE]"
+    assert all('"usage":{' not in e.replace(" ", "") for e in plain_events)
+    assert hidden_ctx.usage.output_tokens == 4
+    assert not hidden_ctx.usage.estimated
+    asked_events = [json.loads(e) for e in _events(asked.text)[:-1]]
+    assert asked_events[-1]["usage"]["completion_tokens"] == 4
+    assert asked_events[-1]["choices"] == []
+
+
+async def test_models_lists_only_the_tenants_models() -> None:
+    gateway, _ = in_process_gateway()
+    async with client_for(gateway.asgi_app(), KEYS["hobby"]) as client:
+        response = await client.get("/v1/models")
+    assert [m["id"] for m in response.json()["data"]] == ["gemini-2.5-flash"]
+
+
+async def test_request_errors_are_openai_shaped() -> None:
+    gateway, _ = in_process_gateway()
+    async with client_for(gateway.asgi_app(), KEYS["acme"]) as client:
+        no_messages = await client.post("/v1/chat/completions", json={"model": "gpt-4.1"})
+        no_model = await client.post("/v1/chat/completions", json={"messages": CHAT["messages"]})
+        empty = await client.post("/v1/chat/completions", content=b"")
+        unknown_route = await client.post("/v1/nothing-here", json=CHAT)
+    assert no_messages.status_code == 400
+    assert no_messages.json()["error"]["param"] == "messages"
+    assert no_model.status_code == 400
+    assert no_model.json()["error"]["param"] == "model"
+    assert empty.status_code == 400
+    assert unknown_route.status_code == 404
+
+
+async def test_upstream_error_status_and_body_are_relayed() -> None:
+    fake = FakeUpstream(FakeUpstreamConfig(fail_next=[503, 429], retry_after_s=2))
+    gateway, _ = in_process_gateway(fake)
+    async with client_for(gateway.asgi_app(), KEYS["acme"]) as client:
+        unavailable = await client.post("/v1/chat/completions", json=CHAT)
+        limited = await client.post("/v1/chat/completions", json=CHAT)
+    assert unavailable.status_code == 503
+    assert "error" in unavailable.json()
+    assert limited.status_code == 429
+    assert limited.headers["retry-after"] == "2"
+
+
+async def test_unreachable_upstream_is_502_and_slow_upstream_is_504() -> None:
+    from tenantware.testing.servers import find_free_port
+
+    dead = Gateway(make_config(f"http://127.0.0.1:{find_free_port()}/v1"))
+    try:
+        async with client_for(dead.asgi_app(), KEYS["acme"]) as client:
+            response = await client.post("/v1/chat/completions", json=CHAT)
+    finally:
+        await dead.proxy.aclose()
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_unreachable"
+
+    fake = FakeUpstream(FakeUpstreamConfig(latency_s=2))
+    with serve_in_thread(fake) as url:
+        slow = make_config(
+            upstreams=[
+                {"name": "slow", "base_url": url + "/v1", "models": ["gpt-4.1"], "timeout_s": 0.2}
+            ]
+        )
+        gateway = Gateway(slow)
+        try:
+            async with client_for(gateway.asgi_app(), KEYS["acme"]) as client:
+                response = await client.post("/v1/chat/completions", json=CHAT)
+        finally:
+            await gateway.proxy.aclose()
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "upstream_timeout"
+
+
+@pytest.fixture
+def served_fake() -> Iterator[tuple[FakeUpstream, str]]:
+    fake = FakeUpstream(FakeUpstreamConfig(stream_chunks=50, chunk_delay_s=0.01))
+    with serve_in_thread(fake) as url:
+        yield fake, url
+
+
+async def test_client_disconnect_mid_stream_closes_the_upstream(
+    served_fake: tuple[FakeUpstream, str],
+) -> None:
+    fake, url = served_fake
+    gateway = Gateway(make_config(url + "/v1"))
+    seen: dict[str, Any] = {}
+    app = gateway.wrap(_capturing(gateway, seen))
+    body = json.dumps({**CHAT, "stream": True}).encode()
+    disconnect = anyio.Event()
+    received: list[bytes] = []
+    request_sent = False
+
+    async def receive() -> Message:
+        nonlocal request_sent
+        if not request_sent:
+            request_sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await disconnect.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            received.append(message["body"])
+            if len(received) == 3:
+                disconnect.set()
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "headers": [
+            (b"authorization", f"Bearer {KEYS['acme']}".encode()),
+            (b"content-type", b"application/json"),
+        ],
+        "query_string": b"",
+    }
+    try:
+        with anyio.fail_after(5):
+            await app(scope, receive, send)
+            while fake.stats.in_flight:
+                await anyio.sleep(0.01)
+    finally:
+        await gateway.proxy.aclose()
+    ctx = seen["ctx"]
+    assert ctx.outcome == Outcome.CLIENT_DISCONNECTED
+    record = next(iter(fake.stats.by_request_id.values()))
+    assert record.outcome == "client_disconnected"
+    assert record.completion_tokens < 50
+    assert ctx.usage.estimated
+    assert ctx.usage.output_tokens >= 2
+
+
+async def test_upstream_failing_mid_stream_ends_the_stream_cleanly(
+    served_fake: tuple[FakeUpstream, str],
+) -> None:
+    fake, url = served_fake
+    fake.config.fail_stream_after = 3
+    fake.config.chunk_delay_s = 0
+    gateway = Gateway(make_config(url + "/v1"))
+    try:
+        async with client_for(gateway.asgi_app(), KEYS["acme"]) as client:
+            response = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    finally:
+        await gateway.proxy.aclose()
+    events = _events(response.text)
+    assert response.status_code == 200
+    assert json.loads(events[-1])["error"]["code"] == "upstream_error"
+    contents = [json.loads(e)["choices"][0]["delta"].get("content") for e in events[:-1]]
+    assert contents.count("tok ") == 3
+
+
+def test_official_sdk_completion_stream_models_and_auth_error() -> None:
+    fake = FakeUpstream(FakeUpstreamConfig(stream_chunks=6))
+    with serve_in_thread(fake) as upstream_url:
+        gateway = Gateway(make_config(upstream_url + "/v1"))
+        with serve_in_thread(gateway.asgi_app(), lifespan="on") as gateway_url:
+            client = openai.OpenAI(
+                base_url=gateway_url + "/v1", api_key=KEYS["acme"], max_retries=0
+            )
+            completion = client.chat.completions.create(
+                model="gpt-4.1", messages=[{"role": "user", "content": "Say hi"}]
+            )
+            assert completion.choices[0].message.content
+            assert completion.usage is not None
+            assert completion.usage.completion_tokens == 6
+
+            pieces = [
+                chunk.choices[0].delta.content or ""
+                for chunk in client.chat.completions.create(
+                    model="gpt-4.1", messages=[{"role": "user", "content": "Say hi"}], stream=True
+                )
+                if chunk.choices
+            ]
+            assert "".join(pieces) == "tok " * 6
+
+            models = [m.id for m in client.models.list()]
+            assert "gpt-4.1" in models
+
+            bad = openai.OpenAI(base_url=gateway_url + "/v1", api_key="sk-wrong", max_retries=0)
+            with pytest.raises(openai.AuthenticationError):
+                bad.chat.completions.create(
+                    model="gpt-4.1", messages=[{"role": "user", "content": "x"}]
+                )
+            with pytest.raises(openai.NotFoundError):
+                client.chat.completions.create(
+                    model="nope", messages=[{"role": "user", "content": "x"}]
+                )
+
+
+async def test_healthz_needs_no_key() -> None:
+    gateway, _ = in_process_gateway()
+    async with client_for(gateway.asgi_app()) as client:
+        response = await client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+async def test_embeddings_and_legacy_completions_are_relayed() -> None:
+    gateway, fake = in_process_gateway()
+    async with client_for(gateway.asgi_app(), KEYS["acme"]) as client:
+        embedding = await client.post("/v1/embeddings", json={"model": "gpt-4.1", "input": "hello"})
+        missing = await client.post("/v1/embeddings", json={"model": "gpt-4.1"})
+        legacy = await client.post("/v1/completions", json={"model": "gpt-4.1", "prompt": "Once"})
+    assert embedding.status_code == 200
+    assert embedding.json()["data"][0]["embedding"]
+    assert missing.status_code == 400
+    assert missing.json()["error"]["param"] == "input"
+    assert legacy.status_code == 200
+    assert legacy.json()["usage"]["completion_tokens"] > 0
+    assert fake.stats.requests == 2
