@@ -18,12 +18,16 @@ from msgspec import Meta, Struct, field
 __all__ = [
     "DEFAULT_MODELS",
     "DEFAULT_TIERS",
+    "AdmissionSettings",
     "ApiKey",
+    "BreakerSettings",
     "ConfigError",
     "GatewayConfig",
     "GatewaySettings",
     "Limits",
+    "MeteringSettings",
     "ModelSpec",
+    "QuotaSettings",
     "Tenant",
     "Tier",
     "Upstream",
@@ -159,6 +163,42 @@ class Upstream(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
 
+class QuotaSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Settings of the quota layer (``[quota]``); see the quota middleware."""
+
+    enabled: bool = True
+
+
+# -- end of quota settings ------------------------------------------------------------------
+
+
+class AdmissionSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Settings of the fair-share admission layer (``[admission]``)."""
+
+    enabled: bool = True
+
+
+# -- end of admission settings --------------------------------------------------------------
+
+
+class BreakerSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Settings of circuit breaking, retries and fallbacks (``[breaker]``)."""
+
+    enabled: bool = True
+
+
+# -- end of breaker settings ----------------------------------------------------------------
+
+
+class MeteringSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Settings of metering, the ledger, metrics and logs (``[metering]``)."""
+
+    enabled: bool = True
+
+
+# -- end of metering settings ---------------------------------------------------------------
+
+
 class GatewaySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Process-wide settings."""
 
@@ -169,7 +209,10 @@ class GatewaySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     key_secret_env: str | None = None
     #: Output tokens assumed when a request sets no ``max_tokens``.
     default_max_tokens: PositiveInt = 1024
+    #: Shared state for many replicas (``redis://`` or ``redis+cluster://``); memory if unset.
     redis_url: str | None = None
+    #: Prefix of every Redis key (lets several gateways or tests share one Redis).
+    redis_prefix: str = ""
     redis_timeout_s: PositiveFloat = 0.05
     #: How many gateway replicas share the limits (for the ``local`` failure policy).
     replicas: PositiveInt = 1
@@ -189,6 +232,10 @@ class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     models: dict[str, ModelSpec] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
     include_default_models: bool = True
+    quota: QuotaSettings = field(default_factory=QuotaSettings)
+    admission: AdmissionSettings = field(default_factory=AdmissionSettings)
+    breaker: BreakerSettings = field(default_factory=BreakerSettings)
+    metering: MeteringSettings = field(default_factory=MeteringSettings)
 
     def __post_init__(self) -> None:
         tiers = self.all_tiers()

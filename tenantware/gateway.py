@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import anyio
 from starlette.middleware import Middleware
 
+from tenantware.backends.redis_support import RedisClient, connect_redis
 from tenantware.config import GatewayConfig
 from tenantware.estimate import PromptEstimator, estimate_prompt_tokens
 from tenantware.middleware.tenant import TenantMiddleware
@@ -46,6 +47,21 @@ class Gateway:
         self.config_path = config_path
         self.estimator = estimator
         self.proxy = ProxyApp(live=self.live, client=upstream_client)
+        #: Async context managers entered for the gateway's lifetime (writers, pools).
+        self._services: list[Callable[[], AbstractAsyncContextManager[Any]]] = []
+        self._redis: RedisClient | None = None
+
+    def add_service(self, service: Callable[[], AbstractAsyncContextManager[Any]]) -> None:
+        """Run ``service()`` for the gateway's lifetime (entered in order, exited reversed)."""
+        self._services.append(service)
+
+    @property
+    def redis(self) -> RedisClient | None:
+        """The shared Redis client when ``gateway.redis_url`` is set (one pool per process)."""
+        settings = self.config.gateway
+        if self._redis is None and settings.redis_url:
+            self._redis = connect_redis(settings.redis_url, timeout_s=settings.redis_timeout_s)
+        return self._redis
 
     @property
     def config(self) -> GatewayConfig:
@@ -56,7 +72,12 @@ class Gateway:
 
         FastAPI's ``add_middleware`` puts each call outermost, so add these in reverse there.
         """
-        return [Middleware(TenantMiddleware, live=self.live, estimator=self.estimator)]
+        stack = [Middleware(TenantMiddleware, live=self.live, estimator=self.estimator)]
+        # -- metering layer -------------------------------------------------------------
+        # -- quota layer ----------------------------------------------------------------
+        # -- admission layer ------------------------------------------------------------
+        # -- breaker layer --------------------------------------------------------------
+        return stack
 
     def wrap(self, app: ASGIApp) -> ASGIApp:
         """``app`` wrapped in the whole stack (the same order as ``middleware()``)."""
@@ -67,7 +88,9 @@ class Gateway:
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """Background work for the gateway's lifetime (config watch); closes clients after."""
-        async with anyio.create_task_group() as group:
+        async with AsyncExitStack() as stack, anyio.create_task_group() as group:
+            for service in self._services:
+                await stack.enter_async_context(service())
             if self.config_path is not None:
                 group.start_soon(watch_config, self.live, self.config_path)
             try:
@@ -75,7 +98,14 @@ class Gateway:
             finally:
                 group.cancel_scope.cancel()
                 with anyio.CancelScope(shield=True):
-                    await self.proxy.aclose()
+                    await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the upstream pool and the Redis client."""
+        await self.proxy.aclose()
+        redis, self._redis = self._redis, None
+        if redis is not None:
+            await redis.aclose()
 
     def lifespan(self, app: Any) -> AbstractAsyncContextManager[None]:
         """A Starlette/FastAPI ``lifespan=`` callable."""
