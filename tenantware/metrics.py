@@ -1,0 +1,98 @@
+"""Prometheus metrics of every layer, defined once in one registry that ``/metrics`` exposes.
+
+Labels are bounded: tenant ids and models come from the configuration (unknown models are
+rejected before any metric is touched), reasons and outcomes are fixed vocabularies.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = [
+    "BREAKER_STATE",
+    "COST_NANOUSD",
+    "QUEUE_DEPTH",
+    "QUEUE_WAIT_SECONDS",
+    "REGISTRY",
+    "REJECTIONS",
+    "REQUESTS",
+    "REQUEST_SECONDS",
+    "SEATS_IN_USE",
+    "STORE_FAILURES",
+    "TOKENS",
+    "TTFT_SECONDS",
+]
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+REQUESTS = Counter(
+    "tenantware_requests",
+    "Requests by tenant, model served and outcome.",
+    ["tenant", "model", "outcome"],
+    registry=REGISTRY,
+)
+TOKENS = Counter(
+    "tenantware_tokens",
+    "Tokens by tenant, model and kind (input, output, cached).",
+    ["tenant", "model", "kind"],
+    registry=REGISTRY,
+)
+COST_NANOUSD = Counter(
+    "tenantware_cost_nanousd",
+    "Cost charged in nano-dollars (1e-9 USD) by tenant and model.",
+    ["tenant", "model"],
+    registry=REGISTRY,
+)
+REQUEST_SECONDS = Histogram(
+    "tenantware_request_seconds",
+    "Total request latency through the gateway.",
+    ["tenant", "model"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+TTFT_SECONDS = Histogram(
+    "tenantware_time_to_first_token_seconds",
+    "Time to the first streamed byte.",
+    ["tenant", "model"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+REJECTIONS = Counter(
+    "tenantware_rejections",
+    "Requests rejected by a policy layer, by tenant and reason.",
+    ["tenant", "reason"],
+    registry=REGISTRY,
+)
+QUEUE_DEPTH = Gauge(
+    "tenantware_queue_depth",
+    "Requests waiting in the fair queue, by tenant.",
+    ["tenant"],
+    registry=REGISTRY,
+)
+QUEUE_WAIT_SECONDS = Histogram(
+    "tenantware_queue_wait_seconds",
+    "Time spent waiting for admission, by tenant.",
+    ["tenant"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+SEATS_IN_USE = Gauge(
+    "tenantware_seats_in_use",
+    "Upstream seats held, by tenant.",
+    ["tenant"],
+    registry=REGISTRY,
+)
+BREAKER_STATE = Gauge(
+    "tenantware_breaker_state",
+    "Circuit state per upstream deployment: 0 closed, 1 half-open, 2 open.",
+    ["upstream", "model"],
+    registry=REGISTRY,
+)
+STORE_FAILURES = Counter(
+    "tenantware_store_failures",
+    "Shared-store (Redis) calls that failed, by layer and the failure policy applied.",
+    ["layer", "policy"],
+    registry=REGISTRY,
+)
