@@ -24,9 +24,9 @@ def build_app() -> ASGIApp:
     demo_url = os.environ.get(_ENV_DEMO_URL)
     if demo_url:
         from tenantware.demo import DEMO_UPSTREAM_PATH, demo_config
-        from tenantware.testing.upstream import FakeUpstream
+        from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig
 
-        fake = FakeUpstream()
+        fake = FakeUpstream(FakeUpstreamConfig(record_requests=False))
         prefix = DEMO_UPSTREAM_PATH + "/"
 
         def route_demo(scope: Scope) -> ASGIApp | None:

@@ -30,7 +30,7 @@ def serve_in_thread(
     startup_timeout_s: float = 10.0,
     **uvicorn_options: Any,
 ) -> Iterator[str]:
-    """Run ``app`` with uvicorn in a daemon thread; yield its base URL, e.g. ``http://127.0.0.1:41234``.
+    """Run ``app`` with uvicorn in a daemon thread; yield its base URL (``http://host:port``).
 
     ``port=0`` lets the kernel pick a free port. ``uvicorn_options`` go to ``uvicorn.Config``
     and override the defaults here (asyncio loop, lifespan off, warnings only, no access log).
@@ -54,7 +54,7 @@ def serve_in_thread(
         yield f"http://{shown_host}:{bound_port}"
     finally:
         server.should_exit = True
-        thread.join(startup_timeout_s + 10.0)
+        thread.join((options["timeout_graceful_shutdown"] or 0) + 5.0)
 
 
 def _wait_until_listening(server: uvicorn.Server, thread: threading.Thread, timeout: float) -> int:

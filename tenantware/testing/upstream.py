@@ -26,6 +26,7 @@ from http import HTTPStatus
 from typing import Annotated, Any, Literal
 
 import anyio
+import anyio.lowlevel
 import msgspec
 
 from tenantware.types import Message, Receive, Scope, Send
@@ -37,6 +38,7 @@ __all__ = [
     "FakeUpstream",
     "FakeUpstreamConfig",
     "InjectedStreamError",
+    "RecordOutcome",
     "RecordedRequest",
     "RequestRecord",
     "UpstreamStats",
@@ -51,7 +53,8 @@ TOKEN_TEXT = "tok "
 #: Length of the embedding vectors when the request does not ask for ``dimensions``.
 EMBEDDING_DIMENSIONS = 8
 
-Outcome = Literal["pending", "completed", "error", "client_disconnected", "stream_failed"]
+#: How a request ended: ``error`` is any non-2xx answer, ``stream_failed`` is ``fail_stream_after``.
+RecordOutcome = Literal["pending", "completed", "error", "client_disconnected", "stream_failed"]
 
 
 class FakeUpstreamConfig(msgspec.Struct, kw_only=True):
@@ -64,7 +67,8 @@ class FakeUpstreamConfig(msgspec.Struct, kw_only=True):
     latency_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     #: Output tokens per completion when ``completion_tokens`` is None.
     stream_chunks: Annotated[int, msgspec.Meta(ge=0)] = 5
-    #: Seconds before each streamed content chunk and before the finish chunk.
+    #: Seconds before each streamed content chunk and before the finish chunk; when > 0 a
+    #: client disconnect stops the stream at once (unpaced streams are written in one go).
     chunk_delay_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     #: Output tokens per completion before ``max_tokens`` caps it; None means ``stream_chunks``.
     completion_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
@@ -104,7 +108,7 @@ class RequestRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     has_authorization: bool = False
-    outcome: Outcome = "pending"
+    outcome: RecordOutcome = "pending"
 
 
 @dataclass(slots=True)
@@ -312,7 +316,7 @@ async def _read_body(receive: Receive) -> bytes | None:
 
 async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
     while (await receive())["type"] != "http.disconnect":
-        pass
+        await anyio.lowlevel.checkpoint()  # never starve the stream on a receive that won't block
     scope.cancel()
 
 
@@ -385,7 +389,7 @@ class _Exchange:
     record: RequestRecord
     echo: list[tuple[bytes, bytes]]
 
-    def settle(self, outcome: Outcome) -> None:
+    def settle(self, outcome: RecordOutcome) -> None:
         """Close the record and add it to the totals; only the first call counts."""
         record, stats = self.record, self.stats
         if record.outcome != "pending":
@@ -610,41 +614,50 @@ class FakeUpstream:
     async def _stream(self, plan: _StreamPlan, tokens: int, exchange: _Exchange) -> None:
         """Send ``plan``; stop producing once the client is gone, counting only sent chunks.
 
-        A watcher task turns ``http.disconnect`` into cancellation, because uvicorn's ``send``
-        stays silent after a disconnect; other servers make ``send`` raise ``OSError``.
+        uvicorn's ``send`` stays silent after a disconnect, so when chunks are paced a watcher
+        task turns ``http.disconnect`` into cancellation. Unpaced streams are written in one go
+        and skip the watcher (a task group costs more than the whole stream); there only a
+        ``send`` raising ``OSError`` can stop them early.
         """
+        exchange.record.status = 200
+        headers = _SSE_HEADERS + exchange.echo
+        await exchange.send({"type": "http.response.start", "status": 200, "headers": headers})
+        broke = False
+        if self.config.chunk_delay_s > 0:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(_cancel_on_disconnect, exchange.receive, tasks.cancel_scope)
+                broke = await self._emit(plan, tokens, exchange)
+                tasks.cancel_scope.cancel()
+        else:
+            broke = await self._emit(plan, tokens, exchange)
+        if broke:
+            exchange.settle("stream_failed")
+            count = exchange.record.completion_tokens
+            raise InjectedStreamError(f"fake upstream broke the stream after {count} chunks")
+        exchange.settle("client_disconnected")  # a no-op when it completed
+
+    async def _emit(self, plan: _StreamPlan, tokens: int, exchange: _Exchange) -> bool:
+        """Send the events of ``plan``; True when ``fail_stream_after`` says to break off."""
         delay = self.config.chunk_delay_s
         break_after = self.config.fail_stream_after
         send, record = exchange.send, exchange.record
-        record.status = 200
-        headers = _SSE_HEADERS + exchange.echo
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        broke = False
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(_cancel_on_disconnect, exchange.receive, tasks.cancel_scope)
-            try:
-                if plan.opening:
-                    await send(_body_part(plan.opening))
-                for _ in range(tokens if break_after is None else min(tokens, break_after)):
-                    if delay > 0:
-                        await anyio.sleep(delay)
-                    await send(_body_part(plan.content))
-                    record.completion_tokens += 1
-                if break_after is None:
-                    if delay > 0:
-                        await anyio.sleep(delay)
-                    exchange.settle("completed")  # before [DONE] leaves, as in respond()
-                    last = plan.finish + plan.usage + _DONE
-                    await send({"type": "http.response.body", "body": last})
-                else:
-                    broke = True
-            except OSError:
-                pass
-            tasks.cancel_scope.cancel()
-        if broke:
-            exchange.settle("stream_failed")
-            raise InjectedStreamError(f"stream broken after {record.completion_tokens} chunks")
-        exchange.settle("client_disconnected")  # a no-op when it completed
+        try:
+            if plan.opening:
+                await send(_body_part(plan.opening))
+            for _ in range(tokens if break_after is None else min(tokens, break_after)):
+                if delay > 0:
+                    await anyio.sleep(delay)
+                await send(_body_part(plan.content))
+                record.completion_tokens += 1
+            if break_after is not None:
+                return True
+            if delay > 0:
+                await anyio.sleep(delay)
+            exchange.settle("completed")  # before [DONE] leaves, as in respond()
+            await send({"type": "http.response.body", "body": plan.finish + plan.usage + _DONE})
+        except OSError:
+            pass
+        return False
 
     async def _embeddings(self, request: _EmbeddingBody, exchange: _Exchange) -> None:
         value = request.input
