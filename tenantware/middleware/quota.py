@@ -41,6 +41,7 @@ __all__ = ["QuotaMiddleware", "format_reset"]
 log = structlog.get_logger("tenantware.quota")
 
 _BUDGET_KINDS: Final = frozenset({KIND_SPEND, KIND_MONTHLY_SPEND})
+_MAX_PLANS: Final = 100_000
 Headers = list[tuple[bytes, bytes]]
 
 
@@ -59,26 +60,34 @@ def format_reset(us: int) -> str:
     return f"{hours}h{minutes}m{secs}s" if hours else f"{minutes}m{secs}s"
 
 
-def _headers(plan: Plan, decision: Decision, granted: bool) -> Headers:
+def _headers(plan: Plan, decision: Decision) -> Headers:
     """``x-ratelimit-*`` for the binding (least remaining) requests and tokens limits."""
-    if not decision.remaining:
+    remaining = decision.remaining
+    if not remaining:
         return []
     out: Headers = []
-    for kind, suffix in ((KIND_REQUESTS, b"requests"), (KIND_TOKENS, b"tokens")):
-        best = -1
-        for i, limit in enumerate(plan.limits):
-            if limit.kind == kind and (
-                best < 0 or decision.remaining[i] < decision.remaining[best]
-            ):
+    for suffix, indexes in plan.header_groups:
+        best = indexes[0]
+        for i in indexes[1:]:
+            if remaining[i] < remaining[best]:
                 best = i
-        if best < 0:
-            continue
-        limit = plan.limits[best]
-        remaining = min(limit.limit, decision.remaining[best])
-        out.append((b"x-ratelimit-limit-" + suffix, str(limit.limit).encode()))
-        out.append((b"x-ratelimit-remaining-" + suffix, str(remaining).encode()))
-        out.append((b"x-ratelimit-reset-" + suffix, format_reset(decision.reset_us[best]).encode()))
+        limit = plan.limits[best].limit
+        left = remaining[best] if remaining[best] < limit else limit
+        names = _HEADER_NAMES[suffix]
+        out.append((names[0], str(limit).encode()))
+        out.append((names[1], str(left).encode()))
+        out.append((names[2], format_reset(decision.reset_us[best]).encode()))
     return out
+
+
+_HEADER_NAMES: Final = {
+    suffix: (
+        b"x-ratelimit-limit-" + suffix,
+        b"x-ratelimit-remaining-" + suffix,
+        b"x-ratelimit-reset-" + suffix,
+    )
+    for suffix in (b"requests", b"tokens")
+}
 
 
 def _ticket() -> str:
@@ -104,6 +113,8 @@ class _Plans:
         key = (tenant.id, model)
         plans = self._plans.get(key)
         if plans is None:
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()  # models may be free-form when the catalogue is empty
             plans = build_plan(snapshot.config, tenant.id, tenant.limits, model, self.prefix)
             self._plans[key] = plans
         return plans
@@ -163,7 +174,7 @@ class QuotaMiddleware:
                 continue
             decision = await self.store.reserve(plan, tokens, cost, ticket)
             if plan is tenant_plan:
-                headers = _headers(plan, decision, decision.allowed)
+                headers = _headers(plan, decision)
             if not decision.allowed:
                 with anyio.CancelScope(shield=True):
                     for granted in held:
@@ -220,6 +231,8 @@ class QuotaMiddleware:
         cancel: bool = False,
     ) -> None:
         decision = granted.decision
+        if not (tokens_delta or cost_delta or cancel or granted.plan.holds_slots):
+            return  # nothing to correct: spare the store a round trip
         if decision.source == "store":
             await self.store.settle(
                 granted.plan, decision.now_us, ticket, tokens_delta, cost_delta, cancel=cancel

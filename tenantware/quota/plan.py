@@ -12,7 +12,7 @@ import math
 from typing import Final
 
 from tenantware.backends.redis_support import tenant_key
-from tenantware.config import FailurePolicy, GatewayConfig, Limits
+from tenantware.config import FailurePolicy, GatewayConfig, LimitKind, Limits
 from tenantware.pricing import usd_to_nanousd
 
 __all__ = [
@@ -92,7 +92,7 @@ class Limit:
 class Plan:
     """The limits of one scope (one hash tag), with what a store outage should do to them."""
 
-    __slots__ = ("args", "closed", "keys", "limits", "local")
+    __slots__ = ("args", "closed", "header_groups", "holds_slots", "keys", "limits", "local")
 
     def __init__(self, limits: list[Limit], *, replicas: int = 1, fallback: bool = True) -> None:
         self.limits = tuple(limits)
@@ -107,6 +107,14 @@ class Plan:
         local = [limit.scaled(replicas) for limit in limits if limit.policy == "local"]
         #: What a local in-memory limiter keeps during an outage (``None``: nothing).
         self.local = Plan(local, fallback=False) if fallback and local else None
+        #: A settle must run even when usage matched the estimate (a slot to give back).
+        self.holds_slots = any(limit.kind == KIND_CONCURRENCY for limit in limits)
+        #: ``(header suffix, indexes of its limits)`` for the ``x-ratelimit-*`` headers.
+        self.header_groups = tuple(
+            (suffix, idx)
+            for suffix, kind in ((b"requests", KIND_REQUESTS), (b"tokens", KIND_TOKENS))
+            if (idx := tuple(i for i, limit in enumerate(limits) if limit.kind == kind))
+        )
 
     def __repr__(self) -> str:
         return f"Plan({list(self.limits)!r})"
@@ -137,8 +145,8 @@ def _limits_of(
     def key(name: str) -> str:
         return tenant_key(prefix, tag, *parts, name)
 
-    def policy(group: str) -> FailurePolicy:
-        return policies.get(group, default)  # type: ignore[call-overload, no-any-return]
+    def policy(group: LimitKind) -> FailurePolicy:
+        return policies.get(group, default)
 
     out: list[Limit] = []
     burst = limits.burst_multiplier or 1.0
