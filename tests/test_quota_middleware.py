@@ -321,3 +321,18 @@ def test_memory_store_is_the_default_without_redis() -> None:
     gateway = Gateway(make_config())
     assert isinstance(gateway.quota_store, MemoryQuotaStore)
     assert gateway.quota_store is gateway.quota_store
+
+
+def test_the_readme_quota_example_is_a_valid_config() -> None:
+    import re
+    from pathlib import Path
+
+    from tenantware import parse_config
+
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    section = text[text.index("## Quotas") :]
+    match = re.search(r"```toml\n(.*?)```", section, re.S)
+    assert match is not None
+    config = parse_config(match[1])
+    assert config.quota.on_store_failure == {"requests": "local", "budget": "closed"}
+    assert config.quota.tenant_model_limits["acme"]["gpt-4.1"].tokens_per_minute == 300_000

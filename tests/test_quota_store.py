@@ -241,6 +241,28 @@ async def test_redis_time_is_used_when_no_clock_is_injected(
         await client.aclose()
 
 
+async def test_redis_keys_expire_and_scripts_survive_a_script_flush(
+    redis_url: str, redis_prefix: str
+) -> None:
+    store, client = make_store("redis", None, redis_url=redis_url, prefix=redis_prefix)
+    assert client is not None
+    plan = plan_for(
+        redis_prefix, requests_per_second=5, tokens_per_minute=100, concurrent_requests=2,
+        daily_budget_usd=Decimal("1"), monthly_budget_usd=Decimal("2"),
+    )  # fmt: skip
+    try:
+        decision = await store.reserve(plan, 10, 10, "t")
+        assert decision.allowed
+        for key in plan.keys:
+            assert await client.pttl(key) > 0, key
+        await client.script_flush()  # as after a restart: EVALSHA answers NOSCRIPT
+        await store.settle(plan, decision.now_us, "t", -5, -5)
+        assert (await store.reserve(plan, 10, 10, "u")).allowed
+        assert await store.usage(plan) == [2, 15, 1, 15, 15]
+    finally:
+        await client.aclose()
+
+
 def test_month_index_matches_the_calendar() -> None:
     rng = random.Random(7)
     for _ in range(2_000):
