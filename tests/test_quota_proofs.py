@@ -187,8 +187,10 @@ async def test_redis_outage_is_answered_within_the_timeout_under_each_policy(
         config, "acme", Limits(requests_per_minute=10, daily_budget_usd=Decimal("5")), None, ""
     )
     hobby, _ = build_plan(config, "hobby", Limits(concurrent_requests=10), None, "")
+    open_plan, _ = build_plan(config, "x", Limits(daily_budget_usd=Decimal("0")), None, "")
     assert acme is not None
     assert hobby is not None
+    assert open_plan is not None
 
     def local_failures() -> float:
         labels = {"layer": "quota", "policy": "local"}
@@ -200,13 +202,22 @@ async def test_redis_outage_is_answered_within_the_timeout_under_each_policy(
 
         for outage in ("stop", "pause"):
             getattr(server, outage)()
+            slowest = 0.0
+            local = []
+            for i in range(8):
+                started = time.monotonic()
+                local.append(await store.reserve(acme, 0, 10, f"l{i}"))
+                slowest = max(slowest, time.monotonic() - started)
             started = time.monotonic()
-            local = [await store.reserve(acme, 0, 10, f"l{i}") for i in range(8)]
             closed = await store.reserve(hobby, 0, 0, "c")
-            elapsed = time.monotonic() - started
-            # One timed-out call at most; then the store is left alone (generous margin).
-            assert elapsed < 1.0, outage
+            opened = await store.reserve(open_plan, 0, 10, "o")
+            slowest = max(slowest, (time.monotonic() - started) / 2)
+            # Each answer within the 50 ms timeout (a generous margin for a loaded machine);
+            # after the first failure the store is left alone.
+            assert slowest < 0.5, outage
             assert {d.source for d in local} == {"local"}
+            assert opened.source == "open"
+            assert opened.allowed
             # requests: local limiter at 10 / 2 replicas per minute, budget open.
             assert sum(d.allowed for d in local) <= 5
             assert closed.source == "closed"

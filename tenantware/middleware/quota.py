@@ -169,19 +169,26 @@ class QuotaMiddleware:
         ticket = _ticket()
         held: list[_Held] = []
         headers: Headers = []
-        for plan in (tenant_plan, global_plan):
-            if plan is None:
-                continue
-            decision = await self.store.reserve(plan, tokens, cost, ticket)
-            if plan is tenant_plan:
-                headers = _headers(plan, decision)
-            if not decision.allowed:
+        plans = [plan for plan in (tenant_plan, global_plan) if plan is not None]
+        refused: tuple[Plan, Decision] | None = None
+        try:
+            for plan in plans:
+                decision = await self.store.reserve(plan, tokens, cost, ticket)
+                if plan is tenant_plan:
+                    headers = _headers(plan, decision)
+                if not decision.allowed:
+                    refused = (plan, decision)
+                    break
+                held.append(_Held(plan, decision))
+        finally:
+            if held and len(held) < len(plans):
+                # Refused by a later scope, or cancelled midway: give back what was granted.
                 with anyio.CancelScope(shield=True):
                     for granted in held:
                         await self._settle_one(granted, ticket, -tokens, -cost, cancel=True)
-                await self._reject(send, ctx, tenant, plan, decision, tokens, headers)
-                return
-            held.append(_Held(plan, decision))
+        if refused is not None:
+            await self._reject(send, ctx, tenant, refused[0], refused[1], tokens, headers)
+            return
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start" and headers:
