@@ -336,3 +336,78 @@ def test_the_readme_quota_example_is_a_valid_config() -> None:
     config = parse_config(match[1])
     assert config.quota.on_store_failure == {"requests": "local", "budget": "closed"}
     assert config.quota.tenant_model_limits["acme"]["gpt-4.1"].tokens_per_minute == 300_000
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_after_a_drain_of_mixed_outcomes_charged_equals_actual(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    gateway_settings: dict[str, Any] = {}
+    if backend == "redis":
+        gateway_settings = {
+            "redis_url": request.getfixturevalue("redis_url"),
+            "redis_prefix": request.getfixturevalue("redis_prefix"),
+            "redis_timeout_s": 5.0,
+            "on_store_failure": "closed",
+        }
+    fake = FakeUpstream(FakeUpstreamConfig(failure_rate=0.3, latency_s=0.01), seed=11)
+    gateway, _ = in_process_gateway(
+        fake,
+        quota_config(
+            acme={
+                "tokens_per_minute": 10_000_000,
+                "daily_budget_usd": "100",
+                "monthly_budget_usd": "1000",
+                "concurrent_requests": 100,
+            },
+            gateway=gateway_settings,
+        ),
+    )
+    seen: list[RequestContext] = []
+    app = gateway.wrap(capturing(gateway, seen))
+    statuses: list[int] = []
+    try:
+        async with client_for(app, KEYS["acme"]) as client:
+
+            async def one(i: int) -> None:
+                body = {
+                    **CHAT,
+                    "max_tokens": 5 + i % 13,
+                    "model": ["gpt-4.1", "deepseek-v3.2"][i % 2],
+                }
+                response = await client.post("/v1/chat/completions", json=body)
+                statuses.append(response.status_code)
+
+            async with anyio.create_task_group() as group:
+                for i in range(40):
+                    group.start_soon(one, i)
+        assert 200 in statuses
+        assert 500 in statuses
+        tokens = cost = 0
+        for ctx in seen:
+            assert ctx.cost_nanousd is not None
+            cost += ctx.cost_nanousd
+            if ctx.outcome == Outcome.OK:
+                assert ctx.usage is not None
+                tokens += ctx.usage.input_tokens + ctx.usage.output_tokens
+            else:
+                assert ctx.cost_nanousd == 0
+        usage = await gateway.quota_store.usage(tenant_plan(gateway))
+        assert usage == [tokens, 0, cost, cost]
+    finally:
+        await gateway.aclose()
+
+
+async def test_a_custom_prompt_estimator_sizes_the_reservation() -> None:
+    config = quota_config(acme={"tokens_per_minute": 4_000})
+    fake = FakeUpstream()
+    gateway, _ = in_process_gateway(fake, config)
+    gateway = Gateway(
+        config,
+        upstream_client=gateway.proxy.client,
+        estimator=lambda body, view: 5_000,
+    )
+    async with client_for(gateway.asgi_app(), KEYS["acme"]) as client:
+        response = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 10})
+    assert response.status_code == 429
+    assert "requested 5010" in response.json()["error"]["message"]

@@ -10,6 +10,7 @@ from decimal import Decimal
 
 import anyio
 import pytest
+import structlog
 
 from tenantware import Gateway, metrics
 from tenantware.backends.redis_support import connect_redis
@@ -197,6 +198,8 @@ async def test_redis_outage_is_answered_within_the_timeout_under_each_policy(
         return metrics.REGISTRY.get_sample_value("tenantware_store_failures_total", labels) or 0.0
 
     before = local_failures()
+    logs = contextlib.ExitStack()
+    captured = logs.enter_context(structlog.testing.capture_logs())
     try:
         assert (await store.reserve(acme, 0, 10, "a")).source == "store"
 
@@ -242,6 +245,12 @@ async def test_redis_outage_is_answered_within_the_timeout_under_each_policy(
         assert response.status_code == 503
         assert response.json()["error"]["code"] == "quota_unavailable"
         assert response.headers["x-should-retry"] == "true"
+        events = [entry for entry in captured if entry.get("log_level") == "warning"]
+        # stop, pause, stop: one warning per outage, naming the policies in force.
+        assert len(events) == 3
+        assert "requests=local" in events[0]["policies"]
+        assert any(entry["event"] == "quota store available again" for entry in captured)
     finally:
+        logs.close()
         server.start()
         await gateway.aclose()

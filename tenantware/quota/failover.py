@@ -27,6 +27,11 @@ log = structlog.get_logger("tenantware.quota")
 _FAILURES = (RedisError, OSError, TimeoutError)
 
 
+def _policy(plan: Plan) -> str:
+    """The policy a plan falls back to as a whole: closed beats local beats open."""
+    return "closed" if plan.closed else "local" if plan.local is not None else "open"
+
+
 class FailoverQuotaStore:
     """Wraps a shared store (Redis) with a timeout and the per-limit failure policies."""
 
@@ -44,6 +49,7 @@ class FailoverQuotaStore:
         self.retry_after_s = retry_after_s
         self.fallback = fallback or MemoryQuotaStore(prefix=primary.prefix)
         self._down_until = 0.0
+        self._down = False
         self._counters = {
             policy: metrics.STORE_FAILURES.labels("quota", policy)
             for policy in ("open", "closed", "local")
@@ -54,14 +60,17 @@ class FailoverQuotaStore:
         """``False`` while the store is considered down (after a failure, for a while)."""
         return time.monotonic() >= self._down_until
 
-    def _failed(self, exc: BaseException | None, what: str) -> None:
-        was_up = self.available
+    def _failed(self, exc: BaseException, what: str, plan: Plan) -> None:
+        was_up = not self._down
         self._down_until = time.monotonic() + self.retry_after_s
-        if was_up:
+        self._down = True
+        if was_up:  # once per outage, not once per request
             log.warning(
-                "quota store unavailable",
+                "quota store unavailable; failure policies in force",
                 call=what,
-                error=type(exc).__name__ if exc else "timeout",
+                error=type(exc).__name__,
+                policy=_policy(plan),
+                policies=sorted({limit.group + "=" + limit.policy for limit in plan.limits}),
                 retry_in_s=self.retry_after_s,
             )
 
@@ -69,21 +78,25 @@ class FailoverQuotaStore:
         if self.available:
             try:
                 with anyio.fail_after(self.timeout_s):
-                    return await self.primary.reserve(plan, tokens, cost, ticket)
+                    decision = await self.primary.reserve(plan, tokens, cost, ticket)
             except _FAILURES as exc:
-                self._failed(exc, "reserve")
+                self._failed(exc, "reserve", plan)
+            else:
+                if self._down:
+                    self._down = False
+                    log.info("quota store available again")
+                return decision
         return self._degraded(plan, tokens, cost, ticket)
 
     def _degraded(self, plan: Plan, tokens: int, cost: int, ticket: str) -> Decision:
-        if plan.closed:
-            self._counters["closed"].inc()
+        policy = _policy(plan)
+        self._counters[policy].inc()
+        if policy == "closed":
             return Decision(False, -1, 1_000_000, 0, [], [], source="closed")
         if plan.local is not None:
-            self._counters["local"].inc()
             decision = self.fallback.reserve_now(plan.local, tokens, cost, ticket)
             decision.source = "local"
             return decision
-        self._counters["open"].inc()
         return Decision(True, -1, 0, 0, [], [], source="open")
 
     async def settle(
@@ -103,10 +116,8 @@ class FailoverQuotaStore:
                 )
         except _FAILURES as exc:
             # The reservation stays charged (the safe side); its slot frees with its lease.
-            self._failed(exc, "settle")
-            self._counters[
-                "closed" if plan.closed else "local" if plan.local is not None else "open"
-            ].inc()
+            self._failed(exc, "settle", plan)
+            self._counters[_policy(plan)].inc()
 
     def settle_local(
         self, plan: Plan, now_us: int, ticket: str, tokens_delta: int, cost_delta: int
