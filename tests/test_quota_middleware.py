@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import anyio
+import httpx
 import openai
 import pytest
 
@@ -182,17 +183,22 @@ async def test_an_app_that_raises_is_refunded_and_frees_its_slot() -> None:
 async def test_concurrent_requests_over_the_limit_are_refused() -> None:
     fake = FakeUpstream(FakeUpstreamConfig(latency_s=0.3))
     gateway, _ = in_process_gateway(fake, quota_config(acme={"concurrent_requests": 2}))
-    statuses: list[int] = []
+    responses: list[httpx.Response] = []
     async with client_for(gateway.asgi_app(), KEYS["acme"]) as client:
 
         async def one() -> None:
-            statuses.append((await client.post("/v1/chat/completions", json=CHAT)).status_code)
+            responses.append(await client.post("/v1/chat/completions", json=CHAT))
 
         async with anyio.create_task_group() as group:
             for _ in range(5):
                 group.start_soon(one)
-        assert sorted(statuses) == [200, 200, 429, 429, 429]
-        # All slots came back: two more go through.
+        assert sorted(r.status_code for r in responses) == [200, 200, 429, 429, 429]
+        refused = next(r for r in responses if r.status_code == 429)
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert refused.json()["error"]["type"] == "requests"
+        assert "concurrent requests" in refused.json()["error"]["message"]
+        assert refused.headers["retry-after"] == "1"
+        # All slots came back: one more goes through.
         assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
 
 

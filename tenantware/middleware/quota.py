@@ -25,7 +25,6 @@ from tenantware.pricing import cost_nanousd
 from tenantware.quota.failover import FailoverQuotaStore
 from tenantware.quota.plan import (
     KIND_MONTHLY_SPEND,
-    KIND_REQUESTS,
     KIND_SPEND,
     KIND_TOKENS,
     Plan,
@@ -305,7 +304,7 @@ class QuotaMiddleware:
             send,
             429,
             message,
-            type="requests" if limit.kind == KIND_REQUESTS else "tokens",
+            type="tokens" if limit.kind == KIND_TOKENS else "requests",
             code="rate_limit_exceeded",
             ctx=ctx,
             outcome=Outcome.REJECTED_QUOTA,
