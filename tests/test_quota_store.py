@@ -270,3 +270,20 @@ def test_month_index_matches_the_calendar() -> None:
         day = dt.datetime.fromtimestamp(stamp, dt.UTC)
         assert month_index(stamp * 1_000_000) == (day.year * 12 + day.month - 1)
     assert month_index(int(NOON * 1_000_000)) == 2026 * 12 + 10
+
+
+async def test_redis_gcra_on_real_time_waits_exactly_the_retry_after(
+    redis_url: str, redis_prefix: str
+) -> None:
+    store, client = make_store("redis", None, redis_url=redis_url, prefix=redis_prefix)
+    assert client is not None
+    try:
+        plan = plan_for(redis_prefix, requests_per_second=4)  # burst 4, then one per 250 ms
+        assert sum([(await store.reserve(plan, 0, 0, "t")).allowed for _ in range(4)]) == 4
+        refused = await store.reserve(plan, 0, 0, "t")
+        assert not refused.allowed
+        assert 0 < refused.retry_after_us <= 250_000
+        await anyio.sleep(refused.retry_after_us / 1_000_000 + 0.002)
+        assert (await store.reserve(plan, 0, 0, "t")).allowed
+    finally:
+        await client.aclose()
