@@ -4,7 +4,7 @@ from tenantware.quota.failover import FailoverQuotaStore
 from tenantware.quota.memory import MemoryQuotaStore
 from tenantware.quota.plan import Limit, Plan, build_plan
 from tenantware.quota.redis import RedisQuotaStore
-from tenantware.quota.store import Decision, QuotaStore, StoreUnavailable
+from tenantware.quota.store import Decision, QuotaStore
 
 __all__ = [
     "Decision",
@@ -14,6 +14,5 @@ __all__ = [
     "Plan",
     "QuotaStore",
     "RedisQuotaStore",
-    "StoreUnavailable",
     "build_plan",
 ]

@@ -11,11 +11,7 @@ from typing import Protocol
 
 from tenantware.quota.plan import Plan
 
-__all__ = ["Decision", "QuotaStore", "StoreUnavailable"]
-
-
-class StoreUnavailable(Exception):
-    """The shared store did not answer in time or failed; the failure policy decides."""
+__all__ = ["Decision", "QuotaStore"]
 
 
 class Decision:
