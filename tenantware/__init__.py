@@ -17,9 +17,11 @@ from tenantware.context import Outcome, RequestContext, RequestView, Usage, cont
 from tenantware.errors import GatewayError
 from tenantware.gateway import Gateway
 from tenantware.keys import KeyHasher, generate_key
+from tenantware.middleware.quota import QuotaMiddleware
 from tenantware.middleware.tenant import TenantMiddleware
 from tenantware.proxy.app import ProxyApp
 from tenantware.proxy.upstream import AiohttpUpstreamClient, HttpxUpstreamClient, UpstreamClient
+from tenantware.quota import MemoryQuotaStore, QuotaStore, RedisQuotaStore
 from tenantware.registry import TenantView
 from tenantware.state import LiveConfig
 
@@ -37,9 +39,13 @@ __all__ = [
     "KeyHasher",
     "Limits",
     "LiveConfig",
+    "MemoryQuotaStore",
     "ModelSpec",
     "Outcome",
     "ProxyApp",
+    "QuotaMiddleware",
+    "QuotaStore",
+    "RedisQuotaStore",
     "RequestContext",
     "RequestView",
     "Tenant",

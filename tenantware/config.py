@@ -163,10 +163,26 @@ class Upstream(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
 
+LimitKind = Literal["requests", "tokens", "concurrency", "budget"]
+
+
 class QuotaSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Settings of the quota layer (``[quota]``); see the quota middleware."""
 
     enabled: bool = True
+    #: Limits every tenant gets per model, on top of its own (``[quota.model_limits."gpt-4.1"]``).
+    model_limits: dict[str, Limits] = field(default_factory=dict)
+    #: Per tenant per model overrides: ``[quota.tenant_model_limits.acme."gpt-4.1"]``.
+    tenant_model_limits: dict[str, dict[str, Limits]] = field(default_factory=dict)
+    #: Aggregate limits over all tenants (the upstream account's own limits).
+    global_limits: Limits = field(default_factory=Limits)
+    #: Failure policy per kind of limit when the store is unreachable; unset kinds use
+    #: ``gateway.on_store_failure``.
+    on_store_failure: dict[LimitKind, FailurePolicy] = field(default_factory=dict)
+    #: A concurrency slot whose request never settles (a crashed replica) frees itself after.
+    lease_s: PositiveFloat = 900.0
+    #: After a store failure, the policy answers without trying the store for this long.
+    retry_store_after_s: Annotated[float, Meta(ge=0)] = 1.0
 
 
 # -- end of quota settings ------------------------------------------------------------------

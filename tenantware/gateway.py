@@ -17,9 +17,11 @@ from starlette.middleware import Middleware
 from tenantware.backends.redis_support import RedisClient, connect_redis
 from tenantware.config import GatewayConfig
 from tenantware.estimate import PromptEstimator, estimate_prompt_tokens
+from tenantware.middleware.quota import QuotaMiddleware
 from tenantware.middleware.tenant import TenantMiddleware
 from tenantware.proxy.app import ProxyApp
 from tenantware.proxy.upstream import UpstreamClient
+from tenantware.quota import FailoverQuotaStore, MemoryQuotaStore, QuotaStore, RedisQuotaStore
 from tenantware.reload import watch_config
 from tenantware.state import LiveConfig
 from tenantware.types import ASGIApp, Receive, Scope, Send
@@ -50,6 +52,7 @@ class Gateway:
         #: Async context managers entered for the gateway's lifetime (writers, pools).
         self._services: list[Callable[[], AbstractAsyncContextManager[Any]]] = []
         self._redis: RedisClient | None = None
+        self._quota_store: QuotaStore | None = None
 
     def add_service(self, service: Callable[[], AbstractAsyncContextManager[Any]]) -> None:
         """Run ``service()`` for the gateway's lifetime (entered in order, exited reversed)."""
@@ -64,6 +67,22 @@ class Gateway:
         return self._redis
 
     @property
+    def quota_store(self) -> QuotaStore:
+        """Redis (with the failure policies) when ``gateway.redis_url`` is set, else memory."""
+        if self._quota_store is None:
+            settings = self.config.gateway
+            redis = self.redis
+            if redis is None:
+                self._quota_store = MemoryQuotaStore(prefix=settings.redis_prefix)
+            else:
+                self._quota_store = FailoverQuotaStore(
+                    RedisQuotaStore(redis, prefix=settings.redis_prefix),
+                    timeout_s=settings.redis_timeout_s,
+                    retry_after_s=self.config.quota.retry_store_after_s,
+                )
+        return self._quota_store
+
+    @property
     def config(self) -> GatewayConfig:
         return self.live.current.config
 
@@ -75,6 +94,7 @@ class Gateway:
         stack = [Middleware(TenantMiddleware, live=self.live, estimator=self.estimator)]
         # -- metering layer -------------------------------------------------------------
         # -- quota layer ----------------------------------------------------------------
+        stack.append(Middleware(QuotaMiddleware, live=self.live, store=self.quota_store))
         # -- admission layer ------------------------------------------------------------
         # -- breaker layer --------------------------------------------------------------
         return stack

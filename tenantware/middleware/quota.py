@@ -1,0 +1,314 @@
+"""May this request go now? Reserve every limit before the app runs, settle after it ends.
+
+Before the inner app runs, the request reserves its estimated tokens (prompt estimate plus
+``max_tokens``, or ``gateway.default_max_tokens``) and their cost, atomically over all of the
+tenant's limits (and its per-model limits), then over the global limits. When the app returns,
+raises or the client leaves, the reservation settles to the actual usage: the difference is
+refunded or charged, a request that produced no output and did not succeed is refunded
+whole, and the concurrency slot is always given back. Every response carries the
+``x-ratelimit-*`` headers the OpenAI SDKs read.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Final
+
+import anyio
+import structlog
+
+from tenantware import metrics
+from tenantware.context import Outcome, RequestContext, context_of
+from tenantware.errors import send_error
+from tenantware.pricing import cost_nanousd
+from tenantware.quota.failover import FailoverQuotaStore
+from tenantware.quota.plan import (
+    KIND_MONTHLY_SPEND,
+    KIND_SPEND,
+    KIND_TOKENS,
+    Plan,
+    build_plan,
+)
+from tenantware.quota.store import Decision, QuotaStore
+from tenantware.registry import TenantView
+from tenantware.state import LiveConfig, Snapshot
+from tenantware.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["QuotaMiddleware", "format_reset"]
+
+log = structlog.get_logger("tenantware.quota")
+
+_BUDGET_KINDS: Final = frozenset({KIND_SPEND, KIND_MONTHLY_SPEND})
+_MAX_PLANS: Final = 100_000
+Headers = list[tuple[bytes, bytes]]
+
+
+def format_reset(us: int) -> str:
+    """A duration as OpenAI writes ``x-ratelimit-reset-*``: ``20ms``, ``1.5s``, ``6m0s``."""
+    if us <= 0:
+        return "0s"
+    if us < 1_000_000:
+        return f"{math.ceil(us / 1000)}ms"
+    seconds = math.ceil(us / 1000) / 1000
+    if seconds < 60:
+        return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
+    whole = math.ceil(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes}m{secs}s" if hours else f"{minutes}m{secs}s"
+
+
+def _headers(plan: Plan, decision: Decision) -> Headers:
+    """``x-ratelimit-*`` for the binding (least remaining) requests and tokens limits."""
+    remaining = decision.remaining
+    if not remaining:
+        return []
+    out: Headers = []
+    for suffix, indexes in plan.header_groups:
+        best = indexes[0]
+        for i in indexes[1:]:
+            if remaining[i] < remaining[best]:
+                best = i
+        limit = plan.limits[best].limit
+        left = remaining[best] if remaining[best] < limit else limit
+        names = _HEADER_NAMES[suffix]
+        out.append((names[0], str(limit).encode()))
+        out.append((names[1], str(left).encode()))
+        out.append((names[2], format_reset(decision.reset_us[best]).encode()))
+    return out
+
+
+_HEADER_NAMES: Final = {
+    suffix: (
+        b"x-ratelimit-limit-" + suffix,
+        b"x-ratelimit-remaining-" + suffix,
+        b"x-ratelimit-reset-" + suffix,
+    )
+    for suffix in (b"requests", b"tokens")
+}
+
+
+def _ticket() -> str:
+    return os.urandom(8).hex()
+
+
+class _Plans:
+    """Plans per (tenant, model), rebuilt when the configuration version changes."""
+
+    __slots__ = ("_plans", "_version", "prefix")
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._version = -1
+        self._plans: dict[tuple[str, str | None], tuple[Plan | None, Plan | None]] = {}
+
+    def get(
+        self, snapshot: Snapshot, tenant: TenantView, model: str | None
+    ) -> tuple[Plan | None, Plan | None]:
+        if snapshot.version != self._version:
+            self._plans = {}
+            self._version = snapshot.version
+        key = (tenant.id, model)
+        plans = self._plans.get(key)
+        if plans is None:
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()  # models may be free-form when the catalogue is empty
+            plans = build_plan(snapshot.config, tenant.id, tenant.limits, model, self.prefix)
+            self._plans[key] = plans
+        return plans
+
+
+class _Held:
+    """One granted reservation of one scope, to settle later."""
+
+    __slots__ = ("decision", "plan")
+
+    def __init__(self, plan: Plan, decision: Decision) -> None:
+        self.plan = plan
+        self.decision = decision
+
+
+class QuotaMiddleware:
+    """Pure ASGI: ``QuotaMiddleware(app, live=live, store=MemoryQuotaStore())``."""
+
+    def __init__(self, app: ASGIApp, *, live: LiveConfig, store: QuotaStore) -> None:
+        self.app = app
+        self.live = live
+        self.store = store
+        self._plans = _Plans(store.prefix)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ctx = context_of(scope)
+        snapshot = self.live.current
+        tenant = ctx.tenant if ctx is not None else None
+        if ctx is None or tenant is None or not snapshot.config.quota.enabled:
+            await self.app(scope, receive, send)
+            return
+        tenant_plan, global_plan = self._plans.get(snapshot, tenant, ctx.model)
+        if tenant_plan is None and global_plan is None:
+            await self.app(scope, receive, send)
+            return
+
+        view = ctx.view
+        tokens = 0
+        if view is not None:
+            cap = view.output_cap
+            output = (cap if cap is not None else snapshot.config.gateway.default_max_tokens) * (
+                view.n or 1
+            )
+            tokens = ctx.estimated_prompt_tokens + output
+            price = snapshot.catalogue.price(ctx.model) if ctx.model else None
+            cost = cost_nanousd(price, ctx.estimated_prompt_tokens, output) if price else 0
+        else:
+            cost = 0
+        ticket = _ticket()
+        held: list[_Held] = []
+        headers: Headers = []
+        plans = [plan for plan in (tenant_plan, global_plan) if plan is not None]
+        refused: tuple[Plan, Decision] | None = None
+        try:
+            for plan in plans:
+                decision = await self.store.reserve(plan, tokens, cost, ticket)
+                if plan is tenant_plan:
+                    headers = _headers(plan, decision)
+                if not decision.allowed:
+                    refused = (plan, decision)
+                    break
+                held.append(_Held(plan, decision))
+        finally:
+            if held and len(held) < len(plans):
+                # Refused by a later scope, or cancelled midway: give back what was granted.
+                with anyio.CancelScope(shield=True):
+                    for granted in held:
+                        await self._settle_one(granted, ticket, -tokens, -cost, cancel=True)
+        if refused is not None:
+            await self._reject(send, ctx, tenant, refused[0], refused[1], tokens, headers)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start" and headers:
+                message["headers"] = [*message.get("headers", ()), *headers]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._settle(ctx, snapshot, held, ticket, tokens, cost)
+
+    async def _settle(
+        self,
+        ctx: RequestContext,
+        snapshot: Snapshot,
+        held: list[_Held],
+        ticket: str,
+        tokens: int,
+        cost: int,
+    ) -> None:
+        """Charge the actual usage: refund (or add) the difference to every scope."""
+        usage = ctx.usage
+        if usage is None or (usage.output_tokens == 0 and ctx.outcome != Outcome.OK):
+            # Nothing was produced (failed, cancelled, client gone first): refunded whole.
+            actual_tokens = actual_cost = 0
+        else:
+            actual_tokens = usage.input_tokens + usage.output_tokens
+            model = ctx.model_served or ctx.model
+            price = snapshot.catalogue.price(model) if model else None
+            actual_cost = (
+                cost_nanousd(price, usage.input_tokens, usage.output_tokens, usage.cached_tokens)
+                if price is not None
+                else 0
+            )
+        ctx.cost_nanousd = actual_cost
+        for granted in held:
+            await self._settle_one(granted, ticket, actual_tokens - tokens, actual_cost - cost)
+
+    async def _settle_one(
+        self,
+        granted: _Held,
+        ticket: str,
+        tokens_delta: int,
+        cost_delta: int,
+        *,
+        cancel: bool = False,
+    ) -> None:
+        decision = granted.decision
+        if not (tokens_delta or cost_delta or cancel or granted.plan.holds_slots):
+            return  # nothing to correct: spare the store a round trip
+        if decision.source == "store":
+            await self.store.settle(
+                granted.plan, decision.now_us, ticket, tokens_delta, cost_delta, cancel=cancel
+            )
+        elif decision.source == "local" and isinstance(self.store, FailoverQuotaStore):
+            self.store.settle_local(granted.plan, decision.now_us, ticket, tokens_delta, cost_delta)
+
+    async def _reject(
+        self,
+        send: Send,
+        ctx: RequestContext,
+        tenant: TenantView,
+        plan: Plan,
+        decision: Decision,
+        tokens: int,
+        headers: Headers,
+    ) -> None:
+        if decision.source == "closed":
+            metrics.REJECTIONS.labels(tenant.id, "store_unavailable").inc()
+            await send_error(
+                send,
+                503,
+                "Quota checks are temporarily unavailable; please retry shortly.",
+                type="server_error",
+                code="quota_unavailable",
+                ctx=ctx,
+                outcome=Outcome.REJECTED_QUOTA,
+                retry_after=decision.retry_after_us / 1_000_000,
+                should_retry=True,
+                headers=headers,
+            )
+            return
+        limit = plan.limits[decision.failed]
+        metrics.REJECTIONS.labels(tenant.id, limit.group).inc()
+        scope_name = "" if plan.limits[0].key.find("{*}") < 0 else "the gateway's shared "
+        if limit.kind in _BUDGET_KINDS:
+            await send_error(
+                send,
+                429,
+                f"You exceeded your current quota: {scope_name}{limit.name} is used up. "
+                "Please check your plan and billing details.",
+                type="insufficient_quota",
+                code="insufficient_quota",
+                ctx=ctx,
+                outcome=Outcome.REJECTED_BUDGET,
+                should_retry=False,
+                headers=headers,
+            )
+            return
+        retry_s = decision.retry_after_us / 1_000_000
+        never = limit.kind == KIND_TOKENS and tokens > limit.p2
+        if never:
+            message = (
+                f"Request too large for {scope_name}{limit.name}: limit {limit.limit}, "
+                f"requested {tokens}. Reduce max_tokens or the prompt."
+            )
+        else:
+            message = (
+                f"Rate limit reached for {scope_name}{limit.name}: limit {limit.limit}. "
+                f"Please try again in {format_reset(decision.retry_after_us)}."
+            )
+        await send_error(
+            send,
+            429,
+            message,
+            type="tokens" if limit.kind == KIND_TOKENS else "requests",
+            code="rate_limit_exceeded",
+            ctx=ctx,
+            outcome=Outcome.REJECTED_QUOTA,
+            retry_after=None if never else retry_s,
+            should_retry=False if never else None,
+            headers=headers,
+        )

@@ -1,0 +1,177 @@
+"""The in-memory quota store: one process, the same arithmetic as the Redis scripts.
+
+Each ``reserve``/``settle`` runs without an ``await`` in between its checks and its writes,
+so on one event loop it is as atomic as a Lua script. The clock is injectable (tests drive
+it); it returns Unix seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from tenantware.quota.plan import (
+    KIND_CONCURRENCY,
+    KIND_MONTHLY_SPEND,
+    KIND_REQUESTS,
+    KIND_TOKENS,
+    Plan,
+    month_index,
+)
+from tenantware.quota.store import Decision
+
+__all__ = ["MemoryQuotaStore"]
+
+_RETRY_CONCURRENCY_US = 1_000_000
+
+
+class MemoryQuotaStore:
+    """``MemoryQuotaStore(clock=time.time)``: the embedded default."""
+
+    def __init__(self, *, prefix: str = "", clock: Callable[[], float] = time.time) -> None:
+        self.prefix = prefix
+        self.clock = clock
+        #: GCRA theoretical arrival time per key (microseconds).
+        self._tat: dict[str, int] = {}
+        #: Window counters per key: ``[window id, value]``.
+        self._windows: dict[str, list[int]] = {}
+        #: Concurrency leases per key: ticket -> expiry (microseconds).
+        self._leases: dict[str, dict[str, int]] = {}
+
+    def _now(self) -> int:
+        return int(self.clock() * 1_000_000)
+
+    async def reserve(self, plan: Plan, tokens: int, cost: int, ticket: str) -> Decision:
+        return self.reserve_now(plan, tokens, cost, ticket)
+
+    def reserve_now(self, plan: Plan, tokens: int, cost: int, ticket: str) -> Decision:
+        """``reserve`` without the coroutine (the local fallback limiter calls it)."""
+        now = self._now()
+        limits = plan.limits
+        remaining = [0] * len(limits)
+        reset = [0] * len(limits)
+        staged: list[int] = [0] * len(limits)
+        failed = -1
+        budget_failed = -1
+        retry = 0
+        for i, limit in enumerate(limits):
+            kind = limit.kind
+            if kind == KIND_REQUESTS:
+                tat = max(self._tat.get(limit.key, now), now)
+                new = tat + limit.p1
+                if new - now > limit.p2:
+                    failed = i if failed < 0 else failed
+                    retry = max(retry, new - limit.p2 - now)
+                    reset[i] = tat - now
+                else:
+                    remaining[i] = (limit.p2 - (new - now)) // limit.p1
+                    reset[i] = new - now
+                    staged[i] = new
+            elif kind == KIND_CONCURRENCY:
+                leases = self._leases.get(limit.key)
+                held = 0
+                if leases:
+                    for held_ticket in [t for t, exp in leases.items() if exp <= now]:
+                        del leases[held_ticket]
+                    held = len(leases)
+                if held >= limit.p2:
+                    failed = i if failed < 0 else failed
+                    retry = max(retry, _RETRY_CONCURRENCY_US)
+                else:
+                    remaining[i] = limit.p2 - held - 1
+            else:
+                if kind == KIND_MONTHLY_SPEND:
+                    window = month_index(now)
+                else:
+                    window = now // limit.p1
+                    reset[i] = (window + 1) * limit.p1 - now
+                amount = tokens if kind == KIND_TOKENS else cost
+                state = self._windows.get(limit.key)
+                used = state[1] if state is not None and state[0] == window else 0
+                if used + amount > limit.p2:
+                    remaining[i] = max(0, limit.p2 - used)
+                    if kind == KIND_TOKENS:
+                        failed = i if failed < 0 else failed
+                        retry = max(retry, reset[i])
+                    elif budget_failed < 0:
+                        budget_failed = i
+                else:
+                    remaining[i] = limit.p2 - used - amount
+                    staged[i] = window
+        if budget_failed >= 0:
+            return Decision(False, budget_failed, 0, now, remaining, reset)
+        if failed >= 0:
+            return Decision(False, failed, retry, now, remaining, reset)
+        for i, limit in enumerate(limits):
+            kind = limit.kind
+            if kind == KIND_REQUESTS:
+                self._tat[limit.key] = staged[i]
+            elif kind == KIND_CONCURRENCY:
+                self._leases.setdefault(limit.key, {})[ticket] = now + limit.p1
+            else:
+                amount = tokens if kind == KIND_TOKENS else cost
+                state = self._windows.get(limit.key)
+                if state is not None and state[0] == staged[i]:
+                    state[1] += amount
+                else:
+                    self._windows[limit.key] = [staged[i], amount]
+        return Decision(True, -1, 0, now, remaining, reset)
+
+    async def settle(
+        self,
+        plan: Plan,
+        now_us: int,
+        ticket: str,
+        tokens_delta: int,
+        cost_delta: int,
+        *,
+        cancel: bool = False,
+    ) -> None:
+        self.settle_now(plan, now_us, ticket, tokens_delta, cost_delta, cancel=cancel)
+
+    def settle_now(
+        self,
+        plan: Plan,
+        now_us: int,
+        ticket: str,
+        tokens_delta: int,
+        cost_delta: int,
+        *,
+        cancel: bool = False,
+    ) -> None:
+        """``settle`` without the coroutine."""
+        for limit in plan.limits:
+            kind = limit.kind
+            if kind == KIND_REQUESTS:
+                if cancel and limit.key in self._tat:
+                    self._tat[limit.key] -= limit.p1
+            elif kind == KIND_CONCURRENCY:
+                leases = self._leases.get(limit.key)
+                if leases is not None:
+                    leases.pop(ticket, None)
+            else:
+                delta = tokens_delta if kind == KIND_TOKENS else cost_delta
+                if not delta:
+                    continue
+                window = month_index(now_us) if kind == KIND_MONTHLY_SPEND else now_us // limit.p1
+                state = self._windows.get(limit.key)
+                # A window that has already rolled over is not corrected: nobody reads it.
+                if state is not None and state[0] == window:
+                    state[1] += delta
+
+    async def usage(self, plan: Plan) -> list[int]:
+        now = self._now()
+        out: list[int] = []
+        for limit in plan.limits:
+            kind = limit.kind
+            if kind == KIND_REQUESTS:
+                debt = max(0, self._tat.get(limit.key, now) - now)
+                out.append(-(-debt // limit.p1))
+            elif kind == KIND_CONCURRENCY:
+                leases = self._leases.get(limit.key, {})
+                out.append(sum(1 for exp in leases.values() if exp > now))
+            else:
+                window = month_index(now) if kind == KIND_MONTHLY_SPEND else now // limit.p1
+                state = self._windows.get(limit.key)
+                out.append(state[1] if state is not None and state[0] == window else 0)
+        return out

@@ -1,0 +1,231 @@
+"""Limits compiled once into the flat plan a store evaluates in one atomic step.
+
+A tenant's ``Limits`` (tier defaults merged), its per-model limits and the global limits become
+``Plan``s: lists of ``Limit``s with their store keys and integer parameters (microseconds,
+tokens, nano-dollars). Plans are built once per configuration version and tenant/model, so a
+request only looks one up. Every key of a plan shares one hash tag (one Redis Cluster slot).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Final
+
+from tenantware.backends.redis_support import tenant_key
+from tenantware.config import FailurePolicy, GatewayConfig, LimitKind, Limits
+from tenantware.pricing import usd_to_nanousd
+
+__all__ = [
+    "DAY_US",
+    "GLOBAL_TAG",
+    "KIND_CONCURRENCY",
+    "KIND_MONTHLY_SPEND",
+    "KIND_REQUESTS",
+    "KIND_SPEND",
+    "KIND_TOKENS",
+    "Limit",
+    "Plan",
+    "build_plan",
+    "month_index",
+]
+
+SECOND_US: Final = 1_000_000
+DAY_US: Final = 86_400 * SECOND_US
+#: Hash tag of the aggregate limits; tenant ids cannot contain ``*``.
+GLOBAL_TAG: Final = "*"
+
+#: GCRA request rate: p1 = emission interval, p2 = tolerance (burst x interval).
+KIND_REQUESTS: Final = "r"
+#: Tokens per fixed window: p1 = window, p2 = limit.
+KIND_TOKENS: Final = "t"
+#: Spend per fixed window (days): p1 = window, p2 = limit in nano-USD.
+KIND_SPEND: Final = "c"
+#: Spend per calendar month (UTC): p2 = limit in nano-USD.
+KIND_MONTHLY_SPEND: Final = "m"
+#: Concurrent requests: p1 = lease, p2 = limit.
+KIND_CONCURRENCY: Final = "n"
+
+_GROUP = {
+    KIND_REQUESTS: "requests",
+    KIND_TOKENS: "tokens",
+    KIND_SPEND: "budget",
+    KIND_MONTHLY_SPEND: "budget",
+    KIND_CONCURRENCY: "concurrency",
+}
+_WINDOWS = (("second", 1), ("minute", 60), ("hour", 3600), ("day", 86_400))
+_SHORT = {"second": "s", "minute": "m", "hour": "h", "day": "d"}
+
+
+class Limit:
+    """One limit of a plan; ``name`` is what error messages call it."""
+
+    __slots__ = ("group", "key", "kind", "limit", "name", "p1", "p2", "policy")
+
+    def __init__(
+        self, kind: str, key: str, name: str, limit: int, p1: int, p2: int, policy: FailurePolicy
+    ) -> None:
+        self.kind = kind
+        self.key = key
+        self.name = name
+        self.limit = limit
+        self.p1 = p1
+        self.p2 = p2
+        self.policy = policy
+        self.group = _GROUP[kind]
+
+    def scaled(self, replicas: int) -> Limit:
+        """This limit divided among ``replicas`` (the local fallback's share)."""
+        if replicas == 1:
+            return self
+        share = max(1, self.limit // replicas)
+        if self.kind == KIND_REQUESTS:
+            burst = max(1, (self.p2 // self.p1) // replicas)
+            interval = self.p1 * replicas
+            return Limit(self.kind, self.key, self.name, share, interval, burst * interval, "local")
+        p2 = share
+        return Limit(self.kind, self.key, self.name, share, self.p1, p2, "local")
+
+    def __repr__(self) -> str:
+        return f"Limit({self.kind!r}, {self.key!r}, limit={self.limit})"
+
+
+class Plan:
+    """The limits of one scope (one hash tag), with what a store outage should do to them."""
+
+    __slots__ = ("args", "closed", "header_groups", "holds_slots", "keys", "limits", "local")
+
+    def __init__(self, limits: list[Limit], *, replicas: int = 1, fallback: bool = True) -> None:
+        self.limits = tuple(limits)
+        self.keys = tuple(limit.key for limit in limits)
+        args: list[str | int] = []
+        for limit in limits:
+            args.extend((limit.kind, limit.p1, limit.p2))
+        #: ``kind, p1, p2`` per limit, as the Lua scripts read them.
+        self.args = tuple(args)
+        #: A store outage rejects the request (some limit's policy is ``closed``).
+        self.closed = any(limit.policy == "closed" for limit in limits)
+        local = [limit.scaled(replicas) for limit in limits if limit.policy == "local"]
+        #: What a local in-memory limiter keeps during an outage (``None``: nothing).
+        self.local = Plan(local, fallback=False) if fallback and local else None
+        #: A settle must run even when usage matched the estimate (a slot to give back).
+        self.holds_slots = any(limit.kind == KIND_CONCURRENCY for limit in limits)
+        #: ``(header suffix, indexes of its limits)`` for the ``x-ratelimit-*`` headers.
+        self.header_groups = tuple(
+            (suffix, idx)
+            for suffix, kind in ((b"requests", KIND_REQUESTS), (b"tokens", KIND_TOKENS))
+            if (idx := tuple(i for i, limit in enumerate(limits) if limit.kind == kind))
+        )
+
+    def __repr__(self) -> str:
+        return f"Plan({list(self.limits)!r})"
+
+
+def month_index(now_us: int) -> int:
+    """Months since 1970-01 (UTC) of a time in microseconds; same arithmetic as the Lua."""
+    z = now_us // DAY_US + 719_468
+    era = z // 146_097
+    doe = z - era * 146_097
+    yoe = (doe - doe // 1460 + doe // 36_524 - doe // 146_096) // 365
+    year = yoe + era * 400
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    month = mp + 3 if mp < 10 else mp - 9
+    if month <= 2:
+        year += 1
+    return year * 12 + month - 1
+
+
+def _limits_of(
+    limits: Limits, tag: str, prefix: str, parts: tuple[str, ...], config: GatewayConfig
+) -> list[Limit]:
+    quota = config.quota
+    default = config.gateway.on_store_failure
+    policies = quota.on_store_failure
+
+    def key(name: str) -> str:
+        return tenant_key(prefix, tag, *parts, name)
+
+    def policy(group: LimitKind) -> FailurePolicy:
+        return policies.get(group, default)
+
+    out: list[Limit] = []
+    burst = limits.burst_multiplier or 1.0
+    for window, seconds in _WINDOWS:
+        count: int | None = getattr(limits, f"requests_per_{window}")
+        if count is not None:
+            interval = math.ceil(seconds * SECOND_US / count)
+            allowance = max(1, math.floor(count * burst))
+            out.append(
+                Limit(
+                    KIND_REQUESTS,
+                    key(f"rp{_SHORT[window]}"),
+                    f"requests per {window}",
+                    count,
+                    interval,
+                    allowance * interval,
+                    policy("requests"),
+                )
+            )
+    for window, seconds in _WINDOWS:
+        count = getattr(limits, f"tokens_per_{window}")
+        if count is not None:
+            out.append(
+                Limit(
+                    KIND_TOKENS,
+                    key(f"tp{_SHORT[window]}"),
+                    f"tokens per {window}",
+                    count,
+                    seconds * SECOND_US,
+                    count,
+                    policy("tokens"),
+                )
+            )
+    if limits.concurrent_requests is not None:
+        lease = math.ceil(quota.lease_s * SECOND_US)
+        n = limits.concurrent_requests
+        out.append(
+            Limit(
+                KIND_CONCURRENCY,
+                key("conc"),
+                "concurrent requests",
+                n,
+                lease,
+                n,
+                policy("concurrency"),
+            )
+        )
+    if limits.daily_budget_usd is not None:
+        cap = usd_to_nanousd(limits.daily_budget_usd)
+        out.append(
+            Limit(KIND_SPEND, key("usd:d"), "daily budget", cap, DAY_US, cap, policy("budget"))
+        )
+    if limits.monthly_budget_usd is not None:
+        cap = usd_to_nanousd(limits.monthly_budget_usd)
+        out.append(
+            Limit(KIND_MONTHLY_SPEND, key("usd:m"), "monthly budget", cap, 0, cap, policy("budget"))
+        )
+    return out
+
+
+def build_plan(
+    config: GatewayConfig, tenant_id: str, limits: Limits, model: str | None, prefix: str
+) -> tuple[Plan | None, Plan | None]:
+    """``(tenant plan, global plan)`` for a request; ``None`` where nothing is limited.
+
+    The tenant plan holds the tenant's own limits and its per-model limits (same hash tag, so
+    one atomic decision); the global plan is its own scope (another slot on a cluster).
+    """
+    quota = config.quota
+    replicas = config.gateway.replicas
+    found = _limits_of(limits, tenant_id, prefix, (), config)
+    if model is not None:
+        per_model = quota.model_limits.get(model)
+        override = quota.tenant_model_limits.get(tenant_id, {}).get(model)
+        if override is not None:
+            per_model = override.merged_over(per_model) if per_model is not None else override
+        if per_model is not None:
+            found += _limits_of(per_model, tenant_id, prefix, ("model", model), config)
+    tenant_plan = Plan(found, replicas=replicas) if found else None
+    global_limits = _limits_of(quota.global_limits, GLOBAL_TAG, prefix, (), config)
+    global_plan = Plan(global_limits, replicas=replicas) if global_limits else None
+    return tenant_plan, global_plan

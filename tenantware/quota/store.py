@@ -1,0 +1,82 @@
+"""The quota store protocol: reserve all limits of a plan at once, settle later.
+
+A store answers one ``reserve`` with a ``Decision`` (all limits granted, or none changed) and
+applies one ``settle`` (the difference between reserved and actual, the concurrency slot
+back). Time is the store's own (Redis ``TIME``), so replicas with skewed clocks agree.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from tenantware.quota.plan import Plan
+
+__all__ = ["Decision", "QuotaStore"]
+
+
+class Decision:
+    """The answer to one reservation.
+
+    ``failed`` is the index of the limit that refused (a budget first, when one did),
+    ``retry_after_us`` how long until every refusing rate limit would grant (exact), and
+    ``remaining``/``reset_us`` per limit feed the ``x-ratelimit-*`` headers. ``now_us`` is the
+    store's time of the reservation: settling uses it to find the window that was charged.
+    """
+
+    __slots__ = ("allowed", "failed", "now_us", "remaining", "reset_us", "retry_after_us", "source")
+
+    def __init__(
+        self,
+        allowed: bool,
+        failed: int,
+        retry_after_us: int,
+        now_us: int,
+        remaining: list[int],
+        reset_us: list[int],
+        source: str = "store",
+    ) -> None:
+        self.allowed = allowed
+        self.failed = failed
+        self.retry_after_us = retry_after_us
+        self.now_us = now_us
+        self.remaining = remaining
+        self.reset_us = reset_us
+        #: ``store``, ``local`` (the fallback limiter decided) or ``open`` (nothing checked).
+        self.source = source
+
+    def __repr__(self) -> str:
+        return (
+            f"Decision(allowed={self.allowed}, failed={self.failed}, "
+            f"retry_after_us={self.retry_after_us}, source={self.source!r})"
+        )
+
+
+class QuotaStore(Protocol):
+    """Where quota state lives: ``MemoryQuotaStore`` (one process) or ``RedisQuotaStore``."""
+
+    #: Prefix of every key (lets several gateways or tests share one Redis).
+    prefix: str
+
+    async def reserve(self, plan: Plan, tokens: int, cost: int, ticket: str) -> Decision:
+        """Grant every limit of ``plan`` for one request of ``tokens`` and ``cost``, or none."""
+        ...
+
+    async def settle(
+        self,
+        plan: Plan,
+        now_us: int,
+        ticket: str,
+        tokens_delta: int,
+        cost_delta: int,
+        *,
+        cancel: bool = False,
+    ) -> None:
+        """Correct the reservation made at ``now_us`` by the deltas and free its slot.
+
+        ``cancel`` also gives back the request itself (used when another scope refused).
+        """
+        ...
+
+    async def usage(self, plan: Plan) -> list[int]:
+        """Per limit, what is used now: requests' worth of GCRA debt, tokens, nano-USD, slots."""
+        ...
