@@ -6,6 +6,7 @@ breaker): each later layer relies on what the earlier ones put in the request co
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -15,8 +16,12 @@ import anyio
 from starlette.middleware import Middleware
 
 from tenantware.backends.redis_support import RedisClient, connect_redis
+from tenantware.breaker.board import BreakerBoard
+from tenantware.breaker.redis_store import RedisBreakerStore
+from tenantware.breaker.store import BreakerStore
 from tenantware.config import GatewayConfig
 from tenantware.estimate import PromptEstimator, estimate_prompt_tokens
+from tenantware.middleware.breaker import BreakerMiddleware
 from tenantware.middleware.tenant import TenantMiddleware
 from tenantware.proxy.app import ProxyApp
 from tenantware.proxy.upstream import UpstreamClient
@@ -43,13 +48,15 @@ class Gateway:
         upstream_client: UpstreamClient | None = None,
         estimator: PromptEstimator = estimate_prompt_tokens,
     ) -> None:
+        self._redis: RedisClient | None = None
         self.live = LiveConfig(config)
         self.config_path = config_path
         self.estimator = estimator
-        self.proxy = ProxyApp(live=self.live, client=upstream_client)
+        #: Every circuit of this gateway, shared by ``BreakerMiddleware`` and the proxy.
+        self.board = BreakerBoard(config.breaker, self._breaker_store(config))
+        self.proxy = ProxyApp(live=self.live, client=upstream_client, board=self.board)
         #: Async context managers entered for the gateway's lifetime (writers, pools).
         self._services: list[Callable[[], AbstractAsyncContextManager[Any]]] = []
-        self._redis: RedisClient | None = None
 
     def add_service(self, service: Callable[[], AbstractAsyncContextManager[Any]]) -> None:
         """Run ``service()`` for the gateway's lifetime (entered in order, exited reversed)."""
@@ -62,6 +69,20 @@ class Gateway:
         if self._redis is None and settings.redis_url:
             self._redis = connect_redis(settings.redis_url, timeout_s=settings.redis_timeout_s)
         return self._redis
+
+    def _breaker_store(self, config: GatewayConfig) -> BreakerStore | None:
+        """Circuits in Redis when ``gateway.redis_url`` is set, else in this process."""
+        settings = config.gateway
+        self._redis = None
+        if not settings.redis_url:
+            return None
+        redis = connect_redis(settings.redis_url, timeout_s=settings.redis_timeout_s)
+        self._redis = redis
+        return RedisBreakerStore(
+            redis,
+            prefix=settings.redis_prefix,
+            sync_interval_s=config.breaker.sync_interval_s,
+        )
 
     @property
     def config(self) -> GatewayConfig:
@@ -77,6 +98,8 @@ class Gateway:
         # -- quota layer ----------------------------------------------------------------
         # -- admission layer ------------------------------------------------------------
         # -- breaker layer --------------------------------------------------------------
+        if self.board.enabled:
+            stack.append(Middleware(BreakerMiddleware, live=self.live, board=self.board))
         return stack
 
     def wrap(self, app: ASGIApp) -> ASGIApp:
@@ -103,6 +126,8 @@ class Gateway:
     async def aclose(self) -> None:
         """Close the upstream pool and the Redis client."""
         await self.proxy.aclose()
+        with contextlib.suppress(Exception):
+            await self.board.aclose()
         redis, self._redis = self._redis, None
         if redis is not None:
             await redis.aclose()

@@ -1,0 +1,116 @@
+"""Is the upstream healthy, and is this tenant's client? Rejects early when either is not.
+
+For any inner app: a tenant whose own requests keep failing (4xx other than 429, e.g. a client
+looping on a bad request) gets 429 ``tenant_circuit_open`` until its circuit lets a probe
+through; a model whose every deployment, and every fallback the tenant may use, is open or
+cooling gets 503 ``circuit_open`` with ``retry-after`` = time until the next probe. The
+bundled proxy records each upstream call itself (it retries and falls back); for any other
+app the response status is recorded against ``app/<model>``.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import anyio
+
+from tenantware.breaker.board import APP_DEPLOYMENT, BreakerBoard, circuit_open_error
+from tenantware.breaker.circuit import FAILURE, LIMITED, PASS, PROBE, RELEASE, SUCCESS
+from tenantware.context import Outcome, RequestContext, context_of
+from tenantware.errors import GatewayError
+from tenantware.proxy.app import RECORDED
+from tenantware.state import LiveConfig
+from tenantware.types import ASGIApp, Receive, Scope, Send
+
+__all__ = ["BreakerMiddleware"]
+
+_RETRY_CODE: Final = "tenant_circuit_open"
+
+
+class BreakerMiddleware:
+    """Pure ASGI: ``BreakerMiddleware(app, live=..., board=gateway.board)``."""
+
+    def __init__(self, app: ASGIApp, *, live: LiveConfig, board: BreakerBoard) -> None:
+        self.app = app
+        self.live = live
+        self.board = board
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ctx = context_of(scope) if scope["type"] == "http" else None
+        board = self.board
+        if ctx is None or ctx.tenant is None or not board.enabled:
+            await self.app(scope, receive, send)
+            return
+        snapshot = self.live.current
+        tenant_key = board.tenant_key(ctx.tenant.id)
+        tenant_policy = board.tenant_policy
+        model = ctx.model
+        chain = board.chain(snapshot, model, ctx.tenant) if model is not None else ()
+        if board.remote:
+            await board.store.refresh((tenant_key,), tenant_policy)
+            if chain:
+                await board.refresh_chain(snapshot, chain)
+        tenant_probe = False
+        wait = board.gate(tenant_key)
+        if wait != PASS:
+            if wait == PROBE and await board.take_probe(tenant_key, tenant_policy):
+                tenant_probe = True
+            else:
+                await _tenant_open(wait if wait > 0 else 1.0).send(send, ctx)
+                return
+        if chain:
+            wait = board.chain_wait(snapshot, chain)
+            if wait > 0:
+                if tenant_probe:
+                    await board.release(tenant_key, tenant_policy)
+                assert model is not None
+                await circuit_open_error(model, wait).send(send, ctx)
+                return
+        status = 0
+        try:
+            await self.app(scope, receive, send)
+            status = ctx.status
+        finally:
+            if not status:
+                status = 500
+            with anyio.CancelScope(shield=True):
+                await self._settle(ctx, status, tenant_probe)
+
+    async def _settle(self, ctx: RequestContext, status: int, probe: bool) -> None:
+        board = self.board
+        tenant_outcome = FAILURE if 400 <= status < 500 and status != 429 else SUCCESS
+        if status >= 500 or status == 429:
+            # Upstream trouble or a limit: says nothing about the tenant's client.
+            tenant_outcome = RELEASE
+        if tenant_outcome != RELEASE or probe:
+            await board.record(
+                board.tenant_key(ctx.tenant_id or ""),
+                tenant_outcome,
+                probe=probe,
+                policy=board.tenant_policy,
+            )
+        if ctx.model is None or ctx.extra.get(RECORDED):
+            return
+        deployment = ctx.upstream or APP_DEPLOYMENT
+        key = f"{deployment}/{ctx.model_served or ctx.model}"
+        if status >= 500:
+            outcome = FAILURE
+        elif status == 429:
+            outcome = LIMITED
+        else:
+            outcome = SUCCESS
+        await board.record(key, outcome, cool_s=board.settings.default_cooldown_s)
+
+
+def _tenant_open(wait: float) -> GatewayError:
+    return GatewayError(
+        429,
+        "Too many of this API key's recent requests failed (for example the same invalid "
+        f"request sent in a loop); its requests are paused for {max(1, round(wait))} s. "
+        "Fix the request before retrying.",
+        type="requests",
+        code=_RETRY_CODE,
+        outcome=Outcome.REJECTED_REQUEST,
+        retry_after=wait,
+        should_retry=False,
+    )
