@@ -99,8 +99,8 @@ class RedisBreakerStore:
         self._listener: TransitionListener = self.local._listener
 
     def set_listener(self, listener: TransitionListener) -> None:
+        # The local circuits only stand in during an outage; their changes are not news.
         self._listener = listener
-        self.local.set_listener(listener)
 
     # -- reads from the local copy -----------------------------------------------------------
 
