@@ -377,22 +377,32 @@ async def test_a_tenant_failing_repeatedly_is_paused_alone() -> None:
 
 
 async def test_breaker_protects_any_inner_app_from_its_status() -> None:
-    gateway, _ = gateway_for(Hosts(), [], {"deployment": deployment(consecutive_failures=2)})
+    gateway, clock = gateway_for(Hosts(), [], {"deployment": deployment(consecutive_failures=2)})
     calls = 0
+    status = 500
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         nonlocal calls
         calls += 1
-        await send({"type": "http.response.start", "status": 500, "headers": []})
+        await send({"type": "http.response.start", "status": status, "headers": []})
         await send({"type": "http.response.body", "body": b"boom"})
 
     async with client_for(gateway.wrap(app), KEYS["acme"]) as client:
         statuses = [
             (await client.post("/v1/chat/completions", json=CHAT)).status_code for _ in range(4)
         ]
-    assert statuses == [500, 500, 503, 503]
-    assert calls == 2
-    assert gateway.board.state("app/gpt-4.1") == OPEN
+        assert statuses == [500, 500, 503, 503]
+        assert calls == 2
+        assert gateway.board.state("app/gpt-4.1") == OPEN
+        clock.now += 30.0
+        status = 200
+        statuses = [
+            (await client.post("/v1/chat/completions", json=CHAT)).status_code for _ in range(3)
+        ]
+    # Two probes (the configured number) reach the app, succeed and close the circuit.
+    assert statuses == [200, 200, 200]
+    assert calls == 5
+    assert gateway.board.state("app/gpt-4.1") == CLOSED
 
 
 _OTHER_PROCESS = textwrap.dedent(

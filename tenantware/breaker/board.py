@@ -198,8 +198,8 @@ def circuit_open_error(model: str, wait_s: float) -> GatewayError:
     wait = max(wait_s, 0.001) if math.isfinite(wait_s) else 1.0
     return GatewayError(
         503,
-        f"The model `{model}` is temporarily unavailable: its upstreams are failing and the "
-        f"circuit breaker is open. Retry in {math.ceil(wait)} s.",
+        f"The model `{model}` is temporarily unavailable: its upstreams are failing or "
+        f"rate-limited and the circuit breaker is open. Retry in {math.ceil(wait)} s.",
         type="server_error",
         code="circuit_open",
         outcome=Outcome.BREAKER_OPEN,

@@ -5,7 +5,8 @@ looping on a bad request) gets 429 ``tenant_circuit_open`` until its circuit let
 through; a model whose every deployment, and every fallback the tenant may use, is open or
 cooling gets 503 ``circuit_open`` with ``retry-after`` = time until the next probe. The
 bundled proxy records each upstream call itself (it retries and falls back); for any other
-app the response status is recorded against ``app/<model>``.
+app (models no configured upstream serves) the response status is recorded against
+``app/<model>``, and this layer takes that circuit's half-open probes.
 """
 
 from __future__ import annotations
@@ -14,8 +15,16 @@ from typing import Final
 
 import anyio
 
-from tenantware.breaker.board import APP_DEPLOYMENT, BreakerBoard, circuit_open_error
-from tenantware.breaker.circuit import FAILURE, LIMITED, PASS, PROBE, RELEASE, SUCCESS
+from tenantware.breaker.board import BreakerBoard, circuit_open_error
+from tenantware.breaker.circuit import (
+    FAILURE,
+    LIMITED,
+    PASS,
+    PROBE,
+    PROBE_BUSY_WAIT_S,
+    RELEASE,
+    SUCCESS,
+)
 from tenantware.context import Outcome, RequestContext, context_of
 from tenantware.errors import GatewayError
 from tenantware.proxy.app import RECORDED
@@ -45,12 +54,22 @@ class BreakerMiddleware:
         tenant_key = board.tenant_key(ctx.tenant.id)
         tenant_policy = board.tenant_policy
         model = ctx.model
-        chain = board.chain(snapshot, model, ctx.tenant) if model is not None else ()
+        chain: tuple[str, ...] = ()
+        #: The inner app's own circuit when no configured upstream serves the model.
+        app_key: str | None = None
+        if model is not None:
+            first = board.deployments(snapshot, model)[0]
+            if first.upstream is None:
+                app_key = first.key
+            else:
+                chain = board.chain(snapshot, model, ctx.tenant)
         if board.remote:
             await board.store.refresh((tenant_key,), tenant_policy)
-            if chain:
+            if app_key is not None:
+                await board.store.refresh((app_key,), board.deployment_policy)
+            elif chain:
                 await board.refresh_chain(snapshot, chain)
-        tenant_probe = False
+        tenant_probe = app_probe = False
         wait = board.gate(tenant_key)
         if wait != PASS:
             if wait == PROBE and await board.take_probe(tenant_key, tenant_policy):
@@ -58,48 +77,69 @@ class BreakerMiddleware:
             else:
                 await _tenant_open(wait if wait > 0 else 1.0).send(send, ctx)
                 return
-        if chain:
+        if app_key is not None:
+            wait = board.gate(app_key)
+            if wait == PROBE and await board.take_probe(app_key):
+                app_probe = True
+            elif wait != PASS:
+                wait = wait if wait > 0 else PROBE_BUSY_WAIT_S
+        elif chain:
+            # The proxy takes probes itself; here it is enough that one deployment may go.
             wait = board.chain_wait(snapshot, chain)
-            if wait > 0:
-                if tenant_probe:
-                    await board.release(tenant_key, tenant_policy)
-                assert model is not None
-                await circuit_open_error(model, wait).send(send, ctx)
-                return
+        if wait > 0:
+            if tenant_probe:
+                await board.release(tenant_key, tenant_policy)
+            assert model is not None
+            await circuit_open_error(model, wait).send(send, ctx)
+            return
         status = 0
         try:
             await self.app(scope, receive, send)
             status = ctx.status
+        except BaseException:
+            status = 500
+            raise
         finally:
-            if not status:
-                status = 500
             with anyio.CancelScope(shield=True):
-                await self._settle(ctx, status, tenant_probe)
+                await self._settle(ctx, status, tenant_probe, app_key, app_probe)
 
-    async def _settle(self, ctx: RequestContext, status: int, probe: bool) -> None:
+    async def _settle(
+        self,
+        ctx: RequestContext,
+        status: int,
+        tenant_probe: bool,
+        app_key: str | None,
+        app_probe: bool,
+    ) -> None:
         board = self.board
-        tenant_outcome = FAILURE if 400 <= status < 500 and status != 429 else SUCCESS
-        if status >= 500 or status == 429:
-            # Upstream trouble or a limit: says nothing about the tenant's client.
+        if 400 <= status < 500 and status != 429:
+            tenant_outcome = FAILURE
+        elif status and status < 400:
+            tenant_outcome = SUCCESS
+        else:
+            # Upstream trouble, a limit or no answer: says nothing about the tenant's client.
             tenant_outcome = RELEASE
-        if tenant_outcome != RELEASE or probe:
+        if tenant_outcome != RELEASE or tenant_probe:
             await board.record(
                 board.tenant_key(ctx.tenant_id or ""),
                 tenant_outcome,
-                probe=probe,
+                probe=tenant_probe,
                 policy=board.tenant_policy,
             )
-        if ctx.model is None or ctx.extra.get(RECORDED):
+        if app_key is None or ctx.extra.get(RECORDED):
             return
-        deployment = ctx.upstream or APP_DEPLOYMENT
-        key = f"{deployment}/{ctx.model_served or ctx.model}"
         if status >= 500:
             outcome = FAILURE
         elif status == 429:
             outcome = LIMITED
-        else:
+        elif status:
             outcome = SUCCESS
-        await board.record(key, outcome, cool_s=board.settings.default_cooldown_s)
+        else:
+            outcome = RELEASE  # the client left before any answer
+        if outcome != RELEASE or app_probe:
+            await board.record(
+                app_key, outcome, probe=app_probe, cool_s=board.settings.default_cooldown_s
+            )
 
 
 def _tenant_open(wait: float) -> GatewayError:
