@@ -8,6 +8,7 @@ choice), and it logs and exports every state change.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from typing import Final
@@ -55,7 +56,7 @@ class Deployment:
 class _Table:
     """Deployments and fallback chains of one config version, built once."""
 
-    __slots__ = ("chains", "deployments", "version")
+    __slots__ = ("chains", "cumulative", "deployments", "version")
 
     def __init__(self, snapshot: Snapshot, settings: BreakerSettings) -> None:
         self.version = snapshot.version
@@ -73,6 +74,11 @@ class _Table:
                 if canonical not in names and canonical in self.deployments:
                     names.append(canonical)
             self.chains[primary] = tuple(names)
+        #: Per model: running sums of the deployments' weights (weighted choice by bisect).
+        self.cumulative: dict[str, list[float]] = {
+            model: list(itertools.accumulate(d.weight for d in found))
+            for model, found in self.deployments.items()
+        }
 
 
 class BreakerBoard:
@@ -87,8 +93,12 @@ class BreakerBoard:
     ) -> None:
         self.settings = settings
         self.enabled = settings.enabled
-        self.store: BreakerStore = store if store is not None else MemoryBreakerStore(clock=clock)
+        if store is None:
+            store = MemoryBreakerStore(clock=clock)
+        self.store: BreakerStore = store
         self.remote = self.store.remote
+        # The memory store records without a coroutine of its own.
+        self._record_now = store.record_now if isinstance(store, MemoryBreakerStore) else None
         self.deployment_policy = CircuitPolicy(settings.deployment)
         self.tenant_policy = CircuitPolicy(settings.tenant)
         #: Calls in flight per deployment key, in this process.
@@ -164,10 +174,16 @@ class BreakerBoard:
         cool_s: float = 0.0,
         policy: CircuitPolicy | None = None,
     ) -> None:
-        if self.enabled:
-            await self.store.record(
+        if not self.enabled:
+            return
+        if self._record_now is not None:
+            self._record_now(
                 key, policy or self.deployment_policy, outcome, probe=probe, cool_s=cool_s
             )
+            return
+        await self.store.record(
+            key, policy or self.deployment_policy, outcome, probe=probe, cool_s=cool_s
+        )
 
     async def release(self, key: str, policy: CircuitPolicy | None = None) -> None:
         """Give back a probe slot that was taken but not used."""

@@ -176,40 +176,47 @@ class Circuit:
         if self.state != CLOSED or outcome >= LIMITED:
             # Answers to calls admitted before the circuit opened say nothing new.
             return
-        slot = self._slot(now)
+        policy = self.policy
+        bucket = int(now // policy.bucket_s)
+        if bucket != self.last_bucket:
+            self._advance(bucket)
+        slot = self.slots[bucket % BUCKETS]
         slot[0] += 1
         self.calls += 1
         if outcome == FAILURE:
             slot[1] += 1
             self.fails += 1
             self.consecutive += 1
+            if self.consecutive >= policy.consecutive:
+                self._open(now)
+                return
         else:
             self.consecutive = 0
             if outcome == SLOW:
                 slot[2] += 1
                 self.slows += 1
-        if self.policy.trips(self.calls, self.fails, self.slows, self.consecutive):
+        if self.calls >= policy.minimum_calls and policy.trips(
+            self.calls, self.fails, self.slows, self.consecutive
+        ):
             self._open(now)
 
     def remaining(self, now: float) -> float:
         """Seconds until the open period ends (0 when not open)."""
         return max(0.0, self.open_until - now) if self.state == OPEN else 0.0
 
-    def _slot(self, now: float) -> list[int]:
-        bucket = int(now // self.policy.bucket_s)
+    def _advance(self, bucket: int) -> None:
+        """Move the window to ``bucket``, emptying the buckets that slid out."""
         last = self.last_bucket
-        if bucket != last:
-            if bucket - last >= BUCKETS or bucket < last:
-                self._clear_window()
-            else:
-                for index in range(last + 1, bucket + 1):
-                    old = self.slots[index % BUCKETS]
-                    self.calls -= old[0]
-                    self.fails -= old[1]
-                    self.slows -= old[2]
-                    old[0] = old[1] = old[2] = 0
-            self.last_bucket = bucket
-        return self.slots[bucket % BUCKETS]
+        if bucket - last >= BUCKETS or bucket < last:
+            self._clear_window()
+        else:
+            for index in range(last + 1, bucket + 1):
+                old = self.slots[index % BUCKETS]
+                self.calls -= old[0]
+                self.fails -= old[1]
+                self.slows -= old[2]
+                old[0] = old[1] = old[2] = 0
+        self.last_bucket = bucket
 
     def _clear_window(self) -> None:
         for slot in self.slots:

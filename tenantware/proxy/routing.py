@@ -9,6 +9,7 @@ already tried come last, after every untried one of the whole chain.
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 
@@ -44,10 +45,16 @@ class Router:
     ) -> Pick:
         board = self.board
         gate = board.gate
-        if tried is None and len(chain) == 1:
+        if tried is None:
+            # Usual case: every deployment of the requested model is ready.
             deployments = board.deployments(snapshot, chain[0])
-            if len(deployments) == 1 and gate(deployments[0].key) == PASS:
-                return Pick(deployments[0], False, 0.0)
+            for deployment in deployments:
+                if gate(deployment.key) != PASS:
+                    break
+            else:
+                if len(deployments) == 1:
+                    return Pick(deployments[0], False, 0.0)
+                return Pick(self._choose_all(snapshot, chain[0], deployments), False, 0.0)
         best_wait = math.inf
         retry: list[Deployment] = []
         for model in chain:
@@ -68,6 +75,14 @@ class Router:
         if retry:
             return Pick(self._choose(retry), False, 0.0)
         return Pick(None, False, best_wait)
+
+    def _choose_all(
+        self, snapshot: Snapshot, model: str, deployments: tuple[Deployment, ...]
+    ) -> Deployment:
+        if self.least_busy:
+            return self._choose(list(deployments))
+        cumulative = self.board.table(snapshot).cumulative[model]
+        return deployments[bisect.bisect(cumulative, self.rng.random() * cumulative[-1])]
 
     def _choose(self, ready: list[Deployment]) -> Deployment:
         if len(ready) == 1:
