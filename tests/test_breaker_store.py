@@ -253,3 +253,28 @@ async def test_redis_outage_falls_back_to_local_circuits(redis_prefix: str) -> N
         assert store.gate(KEY) == pytest.approx(30.0, abs=0.01)
     finally:
         await client.aclose()
+
+
+async def test_probes_lost_for_a_whole_open_period_are_granted_afresh(
+    made: tuple[BreakerStore, Clock],
+) -> None:
+    store, clock = made
+    p = policy()
+    await record_all(store, p, [FAILURE] * 5)
+    clock.now += 30.0
+    assert await store.take_probe(KEY, p)
+    assert await store.take_probe(KEY, p)
+    # Both probes' process died: no answer ever comes.
+    clock.now += 29.0
+    if isinstance(store, RedisBreakerStore):
+        await store.refresh([KEY], p)
+    assert not await store.take_probe(KEY, p)
+    clock.now += 1.0
+    if isinstance(store, RedisBreakerStore):
+        await store.refresh([KEY], p)
+    assert store.gate(KEY) == PROBE
+    assert await store.take_probe(KEY, p)
+    await store.record(KEY, p, SUCCESS, probe=True)
+    assert await store.take_probe(KEY, p)
+    await store.record(KEY, p, SUCCESS, probe=True)
+    assert store.state(KEY) == CLOSED

@@ -108,6 +108,7 @@ class Circuit:
         "consecutive",
         "cool_until",
         "fails",
+        "half_open_at",
         "last_bucket",
         "open_until",
         "policy",
@@ -128,6 +129,7 @@ class Circuit:
         self.closed_at = 0.0
         self.probes_left = 0
         self.probe_ok = 0
+        self.half_open_at = 0.0
         self.cool_until = 0.0
         self.last_bucket = 0
         #: Per bucket: [calls, failures, slow calls]; plus running totals.
@@ -144,16 +146,23 @@ class Circuit:
             return max(cool, self.open_until - now)
         if cool > 0:
             return cool
-        if state == HALF_OPEN and self.probes_left <= 0:
+        if state == HALF_OPEN and self.probes_left <= 0 and not self._probes_lost(now):
             return PROBE_BUSY_WAIT_S
         return PROBE
 
+    def _probes_lost(self, now: float) -> bool:
+        # Probes unanswered for a whole open period (their process died): probe afresh.
+        return now - self.half_open_at >= self.policy.wait_for(self.trips)
+
     def take_probe(self, now: float) -> bool:
         """Take one probe slot (OPEN past its wait turns HALF_OPEN first)."""
-        if self.state == OPEN and now >= self.open_until:
+        if (self.state == OPEN and now >= self.open_until) or (
+            self.state == HALF_OPEN and self.probes_left <= 0 and self._probes_lost(now)
+        ):
             self.state = HALF_OPEN
             self.probes_left = self.policy.probes
             self.probe_ok = 0
+            self.half_open_at = now
         if self.state == HALF_OPEN and self.probes_left > 0 and now >= self.cool_until:
             self.probes_left -= 1
             return True

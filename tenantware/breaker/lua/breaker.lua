@@ -37,6 +37,12 @@ local function get(f) return h[f] or 0 end
 local st = get('st')
 local old = st
 
+local function wait_for(trips)
+  local wait = wait_ms * 2 ^ math.min(trips - 1, 30)
+  if wait > max_wait_ms then wait = max_wait_ms end
+  return wait
+end
+
 local function clear_window()
   for i = 0, n - 1 do
     h['c' .. i] = 0
@@ -52,10 +58,8 @@ local function open()
   if st == 0 and now - get('ca') > max_wait_ms then h.tr = 0 end
   local trips = get('tr') + 1
   h.tr = trips
-  local wait = wait_ms * 2 ^ math.min(trips - 1, 30)
-  if wait > max_wait_ms then wait = max_wait_ms end
   st = 2
-  h.ou = now + wait
+  h.ou = now + wait_for(trips)
   h.cf = 0
   h.pl = 0
   clear_window()
@@ -68,6 +72,12 @@ local function close()
   clear_window()
 end
 
+-- Probes unanswered for a whole open period (their process died): probe afresh.
+if st == 1 and get('pl') <= 0 and now - get('ho') >= wait_for(get('tr')) then
+  h.pl = probes
+  h.po = 0
+  h.ho = now
+end
 if cool_ms > 0 and now + cool_ms > get('cu') then h.cu = now + cool_ms end
 local granted = 0
 if mode == 4 then
@@ -75,6 +85,7 @@ if mode == 4 then
     st = 1
     h.pl = probes
     h.po = 0
+    h.ho = now
   end
   if st == 1 and get('pl') > 0 and now >= get('cu') then
     h.pl = get('pl') - 1
