@@ -1,6 +1,6 @@
 """Is the upstream healthy, and is this tenant's client? Rejects early when either is not.
 
-For any inner app: a tenant whose own requests keep failing (4xx other than 429, e.g. a client
+For any inner app: a tenant whose own requests keep failing (4xx but 401/403/429, e.g. a client
 looping on a bad request) gets 429 ``tenant_circuit_open`` until its circuit lets a probe
 through; a model whose every deployment, and every fallback the tenant may use, is open or
 cooling gets 503 ``circuit_open`` with ``retry-after`` = time until the next probe. The
@@ -34,6 +34,9 @@ from tenantware.types import ASGIApp, Receive, Scope, Send
 __all__ = ["BreakerMiddleware"]
 
 _RETRY_CODE: Final = "tenant_circuit_open"
+#: 4xx answers that do not count against a tenant: a limit (429), and an upstream refusing
+#: the gateway's own credentials (401/403), which is an operator's problem.
+_NOT_THE_CLIENTS_FAULT: Final = frozenset({401, 403, 429})
 
 
 class BreakerMiddleware:
@@ -112,7 +115,7 @@ class BreakerMiddleware:
         app_probe: bool,
     ) -> None:
         board = self.board
-        if 400 <= status < 500 and status != 429:
+        if 400 <= status < 500 and status not in _NOT_THE_CLIENTS_FAULT:
             tenant_outcome = FAILURE
         elif status and status < 400:
             tenant_outcome = SUCCESS
@@ -150,7 +153,7 @@ def _tenant_open(wait: float) -> GatewayError:
         "Fix the request before retrying.",
         type="requests",
         code=_RETRY_CODE,
-        outcome=Outcome.REJECTED_REQUEST,
+        outcome=Outcome.BREAKER_OPEN,
         retry_after=wait,
         should_retry=False,
     )
