@@ -1,5 +1,6 @@
 """tenantware: make any ASGI app a multi-tenant AI API gateway."""
 
+from tenantware.breaker import BreakerBoard, MemoryBreakerStore, RedisBreakerStore
 from tenantware.config import (
     ApiKey,
     ConfigError,
@@ -17,6 +18,7 @@ from tenantware.context import Outcome, RequestContext, RequestView, Usage, cont
 from tenantware.errors import GatewayError
 from tenantware.gateway import Gateway
 from tenantware.keys import KeyHasher, generate_key
+from tenantware.middleware.breaker import BreakerMiddleware
 from tenantware.middleware.tenant import TenantMiddleware
 from tenantware.proxy.app import ProxyApp
 from tenantware.proxy.upstream import AiohttpUpstreamClient, HttpxUpstreamClient, UpstreamClient
@@ -28,6 +30,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AiohttpUpstreamClient",
     "ApiKey",
+    "BreakerBoard",
+    "BreakerMiddleware",
     "ConfigError",
     "Gateway",
     "GatewayConfig",
@@ -37,9 +41,11 @@ __all__ = [
     "KeyHasher",
     "Limits",
     "LiveConfig",
+    "MemoryBreakerStore",
     "ModelSpec",
     "Outcome",
     "ProxyApp",
+    "RedisBreakerStore",
     "RequestContext",
     "RequestView",
     "Tenant",

@@ -18,7 +18,6 @@ from starlette.middleware import Middleware
 from tenantware.backends.redis_support import RedisClient, connect_redis
 from tenantware.breaker.board import BreakerBoard
 from tenantware.breaker.redis_store import RedisBreakerStore
-from tenantware.breaker.store import BreakerStore
 from tenantware.config import GatewayConfig
 from tenantware.estimate import PromptEstimator, estimate_prompt_tokens
 from tenantware.middleware.breaker import BreakerMiddleware
@@ -53,7 +52,17 @@ class Gateway:
         self.config_path = config_path
         self.estimator = estimator
         #: Every circuit of this gateway, shared by ``BreakerMiddleware`` and the proxy.
-        self.board = BreakerBoard(config.breaker, self._breaker_store(config))
+        redis = self.redis
+        store = (
+            RedisBreakerStore(
+                redis,
+                prefix=config.gateway.redis_prefix,
+                sync_interval_s=config.breaker.sync_interval_s,
+            )
+            if redis is not None
+            else None
+        )
+        self.board = BreakerBoard(config.breaker, store)
         self.proxy = ProxyApp(live=self.live, client=upstream_client, board=self.board)
         #: Async context managers entered for the gateway's lifetime (writers, pools).
         self._services: list[Callable[[], AbstractAsyncContextManager[Any]]] = []
@@ -69,20 +78,6 @@ class Gateway:
         if self._redis is None and settings.redis_url:
             self._redis = connect_redis(settings.redis_url, timeout_s=settings.redis_timeout_s)
         return self._redis
-
-    def _breaker_store(self, config: GatewayConfig) -> BreakerStore | None:
-        """Circuits in Redis when ``gateway.redis_url`` is set, else in this process."""
-        settings = config.gateway
-        self._redis = None
-        if not settings.redis_url:
-            return None
-        redis = connect_redis(settings.redis_url, timeout_s=settings.redis_timeout_s)
-        self._redis = redis
-        return RedisBreakerStore(
-            redis,
-            prefix=settings.redis_prefix,
-            sync_interval_s=config.breaker.sync_interval_s,
-        )
 
     @property
     def config(self) -> GatewayConfig:

@@ -17,6 +17,7 @@ import pytest
 
 from tenantware import Gateway, HttpxUpstreamClient, KeyHasher, get_context, parse_config
 from tenantware.breaker import CLOSED, OPEN, MemoryBreakerStore
+from tenantware.metrics import BREAKER_STATE, REGISTRY
 from tenantware.testing.serve import serve_in_thread
 from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig
 from tenantware.types import Receive, Scope, Send
@@ -51,22 +52,30 @@ def upstream(name: str, *models: str, **extra: Any) -> dict[str, Any]:
 
 
 def gateway_for(
-    hosts: Hosts, upstreams: list[dict[str, Any]], breaker: dict[str, Any], **extra: Any
+    hosts: Hosts,
+    upstreams: list[dict[str, Any]],
+    breaker: dict[str, Any],
+    *,
+    redis: tuple[str, str] | None = None,
+    **extra: Any,
 ) -> tuple[Gateway, Clock]:
-    config = parse_config(
-        {
-            "tenants": extra.pop("tenants", tenant_entries()),
-            "upstreams": upstreams,
-            "breaker": breaker,
-            **extra,
-        }
-    )
+    """A gateway over in-process upstreams; with ``redis`` (url, prefix) circuits live there
+    (real time), else in memory on a clock the test moves."""
+    data = {
+        "tenants": extra.pop("tenants", tenant_entries()),
+        "upstreams": upstreams,
+        "breaker": breaker,
+        **extra,
+    }
+    if redis is not None:
+        data["gateway"] = {"redis_url": redis[0], "redis_prefix": redis[1]}
     client = HttpxUpstreamClient(transport=httpx.ASGITransport(app=hosts))
-    gateway = Gateway(config, upstream_client=client)
+    gateway = Gateway(parse_config(data), upstream_client=client)
     clock = Clock()
     store = gateway.board.store
-    assert isinstance(store, MemoryBreakerStore)
-    store.clock = clock
+    if redis is None:
+        assert isinstance(store, MemoryBreakerStore)
+        store.clock = clock
     return gateway, clock
 
 
@@ -80,13 +89,24 @@ def deployment(settings: dict[str, Any] | None = None, **more: Any) -> dict[str,
     }
 
 
-async def test_five_consecutive_5xx_open_and_an_interleaved_success_keeps_closed() -> None:
+@pytest.fixture(params=["memory", "redis"])
+def store_kind(request: pytest.FixtureRequest) -> tuple[str, str] | None:
+    if request.param == "memory":
+        return None
+    return request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
+
+
+async def test_five_consecutive_5xx_open_and_an_interleaved_success_keeps_closed(
+    store_kind: tuple[str, str] | None,
+) -> None:
     fake = FakeUpstream()
     gateway, _ = gateway_for(
         Hosts(primary=fake),
         [upstream("primary", "gpt-4.1")],
         {"max_attempts": 1, "deployment": deployment()},
+        redis=store_kind,
     )
+    BREAKER_STATE.labels("primary", "gpt-4.1").set(CLOSED)
     key = "primary/gpt-4.1"
     async with client_for(gateway.asgi_app(), KEYS["acme"]) as client:
         fake.config.fail_next = [500] * 4 + [200] + [500] * 4
@@ -98,8 +118,13 @@ async def test_five_consecutive_5xx_open_and_an_interleaved_success_keeps_closed
         fake.config.fail_next = [500]
         assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 500
         assert gateway.board.state(key) == OPEN
+        gauge = REGISTRY.get_sample_value(
+            "tenantware_breaker_state", {"upstream": "primary", "model": "gpt-4.1"}
+        )
+        assert gauge == OPEN
         before = fake.stats.requests
         rejected = await client.post("/v1/chat/completions", json=CHAT)
+    await gateway.aclose()
     assert fake.stats.requests == before
     assert rejected.status_code == 503
     assert rejected.json()["error"]["code"] == "circuit_open"
@@ -466,3 +491,29 @@ async def test_two_gateway_processes_sharing_redis_see_the_same_open_circuit(
     assert response.json()["error"]["code"] == "circuit_open"
     assert 1 <= int(response.headers["retry-after"]) <= 30
     assert fake.stats.requests == 0
+
+
+async def test_reloaded_fallbacks_and_thresholds_apply_to_the_next_request() -> None:
+    primary, backup = FakeUpstream(), FakeUpstream()
+    upstreams = [upstream("primary", "gpt-4.1"), upstream("backup", "gemini-2.5-flash")]
+    gateway, _ = gateway_for(
+        Hosts(primary=primary, backup=backup),
+        upstreams,
+        {"max_attempts": 2, "deployment": deployment(consecutive_failures=1)},
+    )
+    primary.config.fail_next = [500, 500]
+    async with client_for(gateway.asgi_app(), KEYS["acme"]) as client:
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 500
+        gateway.live.replace(
+            parse_config(
+                {
+                    "tenants": tenant_entries(),
+                    "upstreams": upstreams,
+                    "breaker": {"max_attempts": 2, "fallbacks": {"gpt-4.1": ["gemini-2.5-flash"]}},
+                }
+            )
+        )
+        response = await client.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 200
+    assert response.headers[SERVED] == "gemini-2.5-flash"
+    assert gateway.board.deployment_policy.consecutive == 5

@@ -58,7 +58,8 @@ class _Table:
 
     __slots__ = ("chains", "cumulative", "deployments", "version")
 
-    def __init__(self, snapshot: Snapshot, settings: BreakerSettings) -> None:
+    def __init__(self, snapshot: Snapshot) -> None:
+        settings = snapshot.config.breaker
         self.version = snapshot.version
         self.deployments: dict[str, tuple[Deployment, ...]] = {
             model: tuple(Deployment(model, upstream) for upstream in upstreams)
@@ -91,16 +92,13 @@ class BreakerBoard:
         *,
         clock: Clock = time.monotonic,
     ) -> None:
-        self.settings = settings
-        self.enabled = settings.enabled
+        self._apply(settings)
         if store is None:
             store = MemoryBreakerStore(clock=clock)
         self.store: BreakerStore = store
         self.remote = self.store.remote
         # The memory store records without a coroutine of its own.
         self._record_now = store.record_now if isinstance(store, MemoryBreakerStore) else None
-        self.deployment_policy = CircuitPolicy(settings.deployment)
-        self.tenant_policy = CircuitPolicy(settings.tenant)
         #: Calls in flight per deployment key, in this process.
         self.inflight: dict[str, int] = {}
         self._table: _Table | None = None
@@ -110,10 +108,21 @@ class BreakerBoard:
 
     # -- deployments and chains --------------------------------------------------------------
 
+    def _apply(self, settings: BreakerSettings) -> None:
+        self.settings = settings
+        #: Off: every gate passes and nothing is recorded (turning it on needs a restart,
+        #: since the middleware is only mounted when it is on at start).
+        self.enabled = settings.enabled
+        self.deployment_policy = CircuitPolicy(settings.deployment)
+        self.tenant_policy = CircuitPolicy(settings.tenant)
+
     def table(self, snapshot: Snapshot) -> _Table:
+        """Deployments and chains of this config version; a reload also brings new settings."""
         table = self._table
         if table is None or table.version != snapshot.version:
-            table = self._table = _Table(snapshot, self.settings)
+            if snapshot.config.breaker != self.settings:
+                self._apply(snapshot.config.breaker)
+            table = self._table = _Table(snapshot)
         return table
 
     def deployments(self, snapshot: Snapshot, model: str) -> tuple[Deployment, ...]:

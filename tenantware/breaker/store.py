@@ -123,6 +123,8 @@ class MemoryBreakerStore:
         circuit = self._circuits.get(key)
         if circuit is None:
             circuit = self._circuits[key] = Circuit(policy)
+        elif circuit.policy is not policy:
+            circuit.policy = policy  # reloaded settings
         old = circuit.state
         now = self.clock()
         circuit.record(now, outcome, probe=probe, cool_s=cool_s)

@@ -38,7 +38,10 @@ class Router:
     def __init__(self, board: BreakerBoard, *, rng: random.Random | None = None) -> None:
         self.board = board
         self.rng = rng or random.Random()
-        self.least_busy = board.settings.strategy == "least_busy"
+
+    @property
+    def least_busy(self) -> bool:
+        return self.board.settings.strategy == "least_busy"
 
     async def pick(
         self, snapshot: Snapshot, chain: tuple[str, ...], tried: set[str] | None
