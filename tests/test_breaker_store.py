@@ -249,8 +249,22 @@ async def test_redis_outage_falls_back_to_local_circuits(redis_prefix: str) -> N
     client = connect_redis(f"redis://127.0.0.1:{find_free_port()}", timeout_s=0.2)
     try:
         store = RedisBreakerStore(client, prefix=redis_prefix, clock=clock)
+        calls = 0
+        script = store._script
+
+        async def counting(**kwargs: object) -> object:
+            nonlocal calls
+            calls += 1
+            return await script(**kwargs)
+
+        store._script = counting
         await record_all(store, p, [FAILURE] * 5)
         assert store.gate(KEY) == pytest.approx(30.0, abs=0.01)
+        # One failed call to Redis; then local decisions until the sync interval has passed.
+        assert calls == 1
+        clock.now += 0.6
+        await store.refresh([KEY], p)
+        assert calls == 2
     finally:
         await client.aclose()
 

@@ -171,6 +171,9 @@ class RedisBreakerStore:
     async def _call(
         self, key: str, policy: CircuitPolicy, mode: int, fail: int, cool_ms: int
     ) -> list[int] | None:
+        if self._failing_until and self._now() < self._failing_until:
+            # Redis failed a moment ago: decide locally, try it again after the interval.
+            return None
         pending = self._pending.pop(key, None)
         ok, slow = pending if pending is not None else (0, 0)
         fixed = self._fixed_clock
