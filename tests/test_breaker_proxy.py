@@ -333,6 +333,12 @@ async def test_stream_failing_midway_is_not_retried_and_ends_well_formed() -> No
     events = [line[6:] for line in response.text.split("\n") if line.startswith("data: ")]
     assert json.loads(events[-1])["error"]["code"] == "upstream_error"
     assert all(json.loads(e) for e in events)
+    # The broken stream still counts against the deployment that served it.
+    store = gateway.board.store
+    assert isinstance(store, MemoryBreakerStore)
+    policy = gateway.board.deployment_policy
+    failures = {key: store.circuit(key, policy).consecutive for key in ("a/gpt-4.1", "b/gpt-4.1")}
+    assert sorted(failures.values()) == [0, 1]
 
 
 async def test_latency_of_errors_is_bounded_once_the_circuit_is_open() -> None:
@@ -517,3 +523,14 @@ async def test_reloaded_fallbacks_and_thresholds_apply_to_the_next_request() -> 
     assert response.status_code == 200
     assert response.headers[SERVED] == "gemini-2.5-flash"
     assert gateway.board.deployment_policy.consecutive == 5
+
+
+async def test_a_complete_stream_is_a_success_not_a_client_disconnect() -> None:
+    fake = FakeUpstream(FakeUpstreamConfig(stream_chunks=3))
+    gateway, _ = gateway_for(Hosts(primary=fake), [upstream("primary", "gpt-4.1")], {})
+    seen: list[Any] = []
+    async with client_for(_capture(gateway, seen), KEYS["acme"]) as client:
+        response = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert response.status_code == 200
+    assert response.headers[SERVED] == "gpt-4.1"
+    assert seen[-1].outcome == "ok"

@@ -434,10 +434,11 @@ class ProxyApp:
     ) -> None:
         tap = StreamTap(hide_usage=hide_usage)
         disconnected = False
+        finished = False
         failed: UpstreamUnavailable | None = None
 
         async def relay(cancel: anyio.CancelScope) -> None:
-            nonlocal failed
+            nonlocal failed, finished
             headers = [*_SSE_HEADERS, self._served_header(ctx.model_served or "")]
             await send(
                 {"type": "http.response.start", "status": response.status, "headers": headers}
@@ -461,6 +462,9 @@ class ProxyApp:
                         "more_body": True,
                     }
                 )
+            # Servers answer receive() with a disconnect once the body is complete: that
+            # is not the client leaving.
+            finished = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             cancel.cancel()
 
@@ -469,7 +473,7 @@ class ProxyApp:
             while True:
                 message: Message = await receive()
                 if message["type"] == "http.disconnect":
-                    disconnected = True
+                    disconnected = not finished
                     cancel.cancel()
                     return
 
