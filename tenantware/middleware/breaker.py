@@ -103,7 +103,11 @@ class BreakerMiddleware:
             status = 500
             raise
         finally:
-            with anyio.CancelScope(shield=True):
+            if board.remote:
+                with anyio.CancelScope(shield=True):
+                    await self._settle(ctx, status, tenant_probe, app_key, app_probe)
+            else:
+                # The memory store never yields, so a cancellation cannot cut this short.
                 await self._settle(ctx, status, tenant_probe, app_key, app_probe)
 
     async def _settle(

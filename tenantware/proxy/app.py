@@ -359,7 +359,10 @@ class ProxyApp:
         finally:
             inflight[key] -= 1
             if outcome != RELEASE or probe:
-                with anyio.CancelScope(shield=True):
+                if board.remote:
+                    with anyio.CancelScope(shield=True):
+                        await board.record(key, outcome, probe=probe, cool_s=cool_s)
+                else:  # the memory store never yields: nothing to shield
                     await board.record(key, outcome, probe=probe, cool_s=cool_s)
 
     def _cooldown(self, response: UpstreamResponse) -> float:
