@@ -1,5 +1,6 @@
 """tenantware: make any ASGI app a multi-tenant AI API gateway."""
 
+from tenantware.breaker import BreakerBoard, MemoryBreakerStore, RedisBreakerStore
 from tenantware.config import (
     ApiKey,
     ConfigError,
@@ -17,6 +18,7 @@ from tenantware.context import Outcome, RequestContext, RequestView, Usage, cont
 from tenantware.errors import GatewayError
 from tenantware.gateway import Gateway
 from tenantware.keys import KeyHasher, generate_key
+from tenantware.middleware.breaker import BreakerMiddleware
 from tenantware.middleware.quota import QuotaMiddleware
 from tenantware.middleware.tenant import TenantMiddleware
 from tenantware.proxy.app import ProxyApp
@@ -30,6 +32,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AiohttpUpstreamClient",
     "ApiKey",
+    "BreakerBoard",
+    "BreakerMiddleware",
     "ConfigError",
     "Gateway",
     "GatewayConfig",
@@ -39,12 +43,14 @@ __all__ = [
     "KeyHasher",
     "Limits",
     "LiveConfig",
+    "MemoryBreakerStore",
     "MemoryQuotaStore",
     "ModelSpec",
     "Outcome",
     "ProxyApp",
     "QuotaMiddleware",
     "QuotaStore",
+    "RedisBreakerStore",
     "RedisQuotaStore",
     "RequestContext",
     "RequestView",

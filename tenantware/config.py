@@ -21,6 +21,7 @@ __all__ = [
     "AdmissionSettings",
     "ApiKey",
     "BreakerSettings",
+    "CircuitSettings",
     "ConfigError",
     "GatewayConfig",
     "GatewaySettings",
@@ -197,10 +198,72 @@ class AdmissionSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields
 # -- end of admission settings --------------------------------------------------------------
 
 
+Percent = Annotated[float, Meta(gt=0, le=100)]
+
+
+class CircuitSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """When one circuit opens and how it recovers (defaults: Envoy outlier detection and
+    resilience4j; see the README's "Circuit breaking" section)."""
+
+    #: Consecutive failures that open the circuit (Envoy ``consecutive_5xx``: 5).
+    consecutive_failures: PositiveInt = 5
+    #: Failure rate over the window that opens it (resilience4j ``failureRateThreshold``).
+    failure_rate_percent: Percent = 50.0
+    #: Slow-call rate over the window that opens it (resilience4j: 100, i.e. all calls slow).
+    slow_call_rate_percent: Percent = 100.0
+    #: A call whose response headers take longer than this is slow (resilience4j: 60 s).
+    slow_call_s: PositiveFloat = 60.0
+    #: Length of the sliding window the rates are computed over (Envoy ``interval``: 10 s).
+    window_s: PositiveFloat = 10.0
+    #: Calls in the window before the rates are judged (resilience4j ``minimumNumberOfCalls``).
+    minimum_calls: PositiveInt = 20
+    #: First open period; doubles with each re-opening (Envoy ``base_ejection_time``: 30 s).
+    open_wait_s: PositiveFloat = 30.0
+    #: Cap of the open period (Envoy ``max_ejection_time``: 300 s).
+    max_open_wait_s: PositiveFloat = 300.0
+    #: Probe requests let through when half-open; all must succeed to close.
+    half_open_probes: PositiveInt = 3
+
+
+def _tenant_circuit() -> CircuitSettings:
+    # A tenant is paused only when it keeps failing: a looping client bug, not one bad request.
+    return CircuitSettings(
+        consecutive_failures=20,
+        failure_rate_percent=90.0,
+        minimum_calls=50,
+        window_s=60.0,
+        open_wait_s=10.0,
+        max_open_wait_s=300.0,
+        half_open_probes=1,
+    )
+
+
 class BreakerSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Settings of circuit breaking, retries and fallbacks (``[breaker]``)."""
 
     enabled: bool = True
+    #: Circuit of each upstream deployment (upstream + model).
+    deployment: CircuitSettings = field(default_factory=CircuitSettings)
+    #: Circuit of each tenant: its own 4xx (not 429) answers count as failures.
+    tenant: CircuitSettings = field(default_factory=_tenant_circuit)
+    #: Cool-down of a deployment that answered 429 without ``retry-after``.
+    default_cooldown_s: PositiveFloat = 1.0
+    #: Longest cool-down honoured from an upstream ``retry-after``.
+    max_cooldown_s: PositiveFloat = 60.0
+    #: Upstream calls per request at most (first try included).
+    max_attempts: PositiveInt = 3
+    #: Full-jitter backoff: sleep uniform(0, min(max, base * 2**retry)) before re-trying a
+    #: deployment this request already tried (moving to another one does not wait).
+    retry_base_s: PositiveFloat = 0.1
+    retry_max_backoff_s: PositiveFloat = 2.0
+    #: No retry starts (and no backoff sleeps) past this time after the first attempt.
+    retry_deadline_s: PositiveFloat = 20.0
+    #: How one deployment of a model is chosen among those that are not open or cooling.
+    strategy: Literal["weighted", "least_busy"] = "weighted"
+    #: Fallback chains: model -> models tried in order when every deployment of it is out.
+    fallbacks: dict[str, list[str]] = field(default_factory=dict)
+    #: With Redis: how stale the local copy of a circuit may be before it is re-read.
+    sync_interval_s: PositiveFloat = 0.5
 
 
 # -- end of breaker settings ----------------------------------------------------------------
@@ -273,6 +336,10 @@ class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
         for alias, target in self.aliases.items():
             if target not in catalogue:
                 raise msgspec.ValidationError(f"alias {alias!r} points at unknown model {target!r}")
+        for model, chain in self.breaker.fallbacks.items():
+            for name in (model, *chain):
+                if name not in catalogue and self.aliases.get(name) not in catalogue:
+                    raise msgspec.ValidationError(f"breaker.fallbacks: unknown model {name!r}")
         names = set()
         for upstream in self.upstreams:
             if upstream.name in names:

@@ -6,6 +6,7 @@ breaker): each later layer relies on what the earlier ones put in the request co
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -15,8 +16,11 @@ import anyio
 from starlette.middleware import Middleware
 
 from tenantware.backends.redis_support import RedisClient, connect_redis
+from tenantware.breaker.board import BreakerBoard
+from tenantware.breaker.redis_store import RedisBreakerStore
 from tenantware.config import GatewayConfig
 from tenantware.estimate import PromptEstimator, estimate_prompt_tokens
+from tenantware.middleware.breaker import BreakerMiddleware
 from tenantware.middleware.quota import QuotaMiddleware
 from tenantware.middleware.tenant import TenantMiddleware
 from tenantware.proxy.app import ProxyApp
@@ -45,13 +49,25 @@ class Gateway:
         upstream_client: UpstreamClient | None = None,
         estimator: PromptEstimator = estimate_prompt_tokens,
     ) -> None:
+        self._redis: RedisClient | None = None
         self.live = LiveConfig(config)
         self.config_path = config_path
         self.estimator = estimator
-        self.proxy = ProxyApp(live=self.live, client=upstream_client)
+        #: Every circuit of this gateway, shared by ``BreakerMiddleware`` and the proxy.
+        redis = self.redis
+        store = (
+            RedisBreakerStore(
+                redis,
+                prefix=config.gateway.redis_prefix,
+                sync_interval_s=config.breaker.sync_interval_s,
+            )
+            if redis is not None
+            else None
+        )
+        self.board = BreakerBoard(config.breaker, store)
+        self.proxy = ProxyApp(live=self.live, client=upstream_client, board=self.board)
         #: Async context managers entered for the gateway's lifetime (writers, pools).
         self._services: list[Callable[[], AbstractAsyncContextManager[Any]]] = []
-        self._redis: RedisClient | None = None
         self._quota_store: QuotaStore | None = None
 
     def add_service(self, service: Callable[[], AbstractAsyncContextManager[Any]]) -> None:
@@ -97,6 +113,8 @@ class Gateway:
         stack.append(Middleware(QuotaMiddleware, live=self.live, store=self.quota_store))
         # -- admission layer ------------------------------------------------------------
         # -- breaker layer --------------------------------------------------------------
+        if self.board.enabled:
+            stack.append(Middleware(BreakerMiddleware, live=self.live, board=self.board))
         return stack
 
     def wrap(self, app: ASGIApp) -> ASGIApp:
@@ -123,6 +141,8 @@ class Gateway:
     async def aclose(self) -> None:
         """Close the upstream pool and the Redis client."""
         await self.proxy.aclose()
+        with contextlib.suppress(Exception):
+            await self.board.aclose()
         redis, self._redis = self._redis, None
         if redis is not None:
             await redis.aclose()

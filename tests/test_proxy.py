@@ -113,7 +113,8 @@ async def test_request_errors_are_openai_shaped() -> None:
 
 async def test_upstream_error_status_and_body_are_relayed() -> None:
     fake = FakeUpstream(FakeUpstreamConfig(fail_next=[503, 429], retry_after_s=2))
-    gateway, _ = in_process_gateway(fake)
+    # Without retries, so that each injected error reaches the client as it is.
+    gateway, _ = in_process_gateway(fake, make_config(breaker={"max_attempts": 1}))
     async with client_for(gateway.asgi_app(), KEYS["acme"]) as client:
         unavailable = await client.post("/v1/chat/completions", json=CHAT)
         limited = await client.post("/v1/chat/completions", json=CHAT)

@@ -150,7 +150,7 @@ async def test_settle_charges_exactly_the_actual_tokens_and_cost() -> None:
 
 
 async def test_a_failed_upstream_request_is_refunded_whole() -> None:
-    fake = FakeUpstream(FakeUpstreamConfig(fail_next=[500]))
+    fake = FakeUpstream(FakeUpstreamConfig(failure_rate=1.0))
     gateway, _ = in_process_gateway(
         fake,
         quota_config(
@@ -367,6 +367,7 @@ async def test_after_a_drain_of_mixed_outcomes_charged_equals_actual(
                 "concurrent_requests": 100,
             },
             gateway=gateway_settings,
+            breaker={"max_attempts": 1},  # each upstream failure reaches the client
         ),
     )
     seen: list[RequestContext] = []

@@ -15,9 +15,12 @@ import anyio
 import msgspec
 import structlog
 
+from tenantware.breaker.board import BreakerBoard, Deployment, circuit_open_error
+from tenantware.breaker.circuit import FAILURE, LIMITED, RELEASE, SLOW, SUCCESS
 from tenantware.config import Upstream
 from tenantware.context import Outcome, RequestContext, Usage, get_context
 from tenantware.errors import GatewayError, send_error
+from tenantware.proxy.routing import Router
 from tenantware.proxy.upstream import (
     AiohttpUpstreamClient,
     UpstreamClient,
@@ -29,7 +32,12 @@ from tenantware.state import LiveConfig, Snapshot
 from tenantware.types import Message, Receive, Scope, Send
 from tenantware.usage import StreamTap, parse_json_usage
 
-__all__ = ["ProxyApp"]
+__all__ = ["MODEL_SERVED_HEADER", "RECORDED", "ProxyApp"]
+
+#: Response header naming the model that answered (differs from the request after a fallback).
+MODEL_SERVED_HEADER: Final = b"x-tenantware-model"
+#: ``ctx.extra`` flag: the proxy recorded this request's outcome on its deployment's circuit.
+RECORDED: Final = "breaker.recorded"
 
 log = structlog.get_logger("tenantware.proxy")
 
@@ -80,9 +88,19 @@ def _model_required() -> GatewayError:
 class ProxyApp:
     """``ProxyApp(live=..., client=AiohttpUpstreamClient())``: mount it under the API prefix."""
 
-    def __init__(self, *, live: LiveConfig, client: UpstreamClient | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        live: LiveConfig,
+        client: UpstreamClient | None = None,
+        board: BreakerBoard | None = None,
+    ) -> None:
         self.live = live
         self.client: UpstreamClient = client or AiohttpUpstreamClient()
+        #: Circuits, shared with ``BreakerMiddleware`` when the gateway builds both.
+        self.board = board or BreakerBoard(live.current.config.breaker)
+        self.router = Router(self.board)
+        self._served_headers: dict[str, tuple[bytes, bytes]] = {}
         self._targets: dict[str, _Target] = {}
         self._targets_version = -1
         self._routes = {
@@ -176,12 +194,25 @@ class ProxyApp:
 
     # -- forwarding -----------------------------------------------------------------------
 
-    def _target(self, snapshot: Snapshot, model: str) -> _Target:
+    def _target(self, snapshot: Snapshot, upstream: Upstream) -> _Target:
         if self._targets_version != snapshot.version:
             self._targets = {u.name: _Target(u) for u in snapshot.config.upstreams}
             self._targets_version = snapshot.version
-        upstreams = snapshot.routes.get(model)
-        if not upstreams:
+        return self._targets[upstream.name]
+
+    async def _forward(self, ctx: RequestContext, receive: Receive, send: Send, path: str) -> None:
+        """Try deployments (and fallback models) until one answers or retries run out.
+
+        A call is re-tried elsewhere (or, after a full-jitter backoff, on a deployment already
+        tried) only when nothing was sent to the client yet: connection errors, timeouts, 5xx
+        and 429. Other answers, and every stream once it started, go to the client as they are.
+        """
+        assert ctx.model is not None
+        snapshot = self.live.current
+        board = self.board
+        router = self.router
+        model = ctx.model
+        if not snapshot.routes.get(model):
             raise GatewayError(
                 503,
                 f"No upstream is configured for the model `{model}`.",
@@ -189,65 +220,182 @@ class ProxyApp:
                 code="model_unavailable",
                 outcome=Outcome.UPSTREAM_ERROR,
             )
-        return self._targets[upstreams[0].name]
+        chain = board.chain(snapshot, model, ctx.tenant)
+        if board.remote:
+            await board.refresh_chain(snapshot, chain)
+        ctx.extra[RECORDED] = True
+        settings = board.settings
+        started = time.perf_counter()
+        deadline = started + settings.retry_deadline_s
+        tried: set[str] | None = None
+        last: _Failed | None = None
+        attempts = 0
+        while True:
+            pick = await router.pick(snapshot, chain, tried)
+            deployment = pick.deployment
+            if deployment is None:
+                wait = max(pick.wait_s, 0.01)
+                if (
+                    last is None
+                    or attempts >= settings.max_attempts
+                    or time.perf_counter() + wait >= deadline
+                ):
+                    break
+                # Only cooling (429) or open deployments left: wait for the first to return.
+                await anyio.sleep(wait)
+                continue
+            if tried is not None and deployment.key in tried:
+                delay = router.backoff(attempts - 1)
+                if time.perf_counter() + delay >= deadline:
+                    if pick.probe:
+                        await board.release(deployment.key)
+                    break
+                await anyio.sleep(delay)
+            attempts += 1
+            last = await self._attempt(
+                ctx, receive, send, path, snapshot, deployment, pick.probe, started
+            )
+            if last is None:
+                return
+            if tried is None:
+                tried = set()
+            tried.add(deployment.key)
+            if attempts >= settings.max_attempts or time.perf_counter() >= deadline:
+                break
+        if last is None:
+            raise circuit_open_error(model, pick.wait_s)
+        if last.error is not None:
+            raise _unavailable(last.error, last.target)
+        ctx.usage = Usage()
+        await self._send_whole(ctx, send, last.status, last.headers, last.data, last.served)
 
-    async def _forward(self, ctx: RequestContext, receive: Receive, send: Send, path: str) -> None:
+    async def _attempt(
+        self,
+        ctx: RequestContext,
+        receive: Receive,
+        send: Send,
+        path: str,
+        snapshot: Snapshot,
+        deployment: Deployment,
+        probe: bool,
+        started: float,
+    ) -> _Failed | None:
+        """One upstream call; ``None`` when the answer went to the client."""
         view = ctx.view
         assert view is not None
-        assert ctx.model is not None
-        snapshot = self.live.current
-        target = self._target(snapshot, ctx.model)
-        spec = snapshot.catalogue.models.get(ctx.model)
-        upstream_model = (spec.upstream_name if spec and spec.upstream_name else None) or ctx.model
+        assert deployment.upstream is not None
+        board = self.board
+        key = deployment.key
+        target = self._target(snapshot, deployment.upstream)
+        served = deployment.model
+        spec = snapshot.catalogue.models.get(served)
+        upstream_model = (spec.upstream_name if spec and spec.upstream_name else None) or served
         streaming = view.stream
         wants_usage = bool(view.stream_options and view.stream_options.include_usage)
         body = ctx.body
         if upstream_model != view.model or (streaming and not wants_usage):
             body = _rewrite(body, upstream_model, add_stream_usage=streaming and not wants_usage)
-        headers = target.headers
-        headers = {**headers, "x-request-id": ctx.request_id}
+        headers = {**target.headers, "x-request-id": ctx.request_id}
         ctx.upstream = target.upstream.name
-        ctx.model_served = ctx.model
-        started = time.perf_counter()
+        ctx.model_served = served
+        inflight = board.inflight
+        inflight[key] = inflight.get(key, 0) + 1
+        outcome = RELEASE
+        cool_s = 0.0
         try:
-            response = await self.client.request(
-                "POST",
-                target.base_url + path,
-                headers=headers,
-                body=body,
-                timeout_s=target.upstream.timeout_s,
-                connect_timeout_s=target.upstream.connect_timeout_s,
-            )
-        except UpstreamUnavailable as exc:
-            raise _unavailable(exc, target) from None
-        try:
-            if response.status >= 400 or not streaming:
-                await self._relay_whole(ctx, response, send, started)
-            else:
+            called = time.perf_counter()
+            try:
+                response = await self.client.request(
+                    "POST",
+                    target.base_url + path,
+                    headers=headers,
+                    body=body,
+                    timeout_s=target.upstream.timeout_s,
+                    connect_timeout_s=target.upstream.connect_timeout_s,
+                )
+            except UpstreamUnavailable as exc:
+                outcome = FAILURE
+                return _Failed(error=exc, target=target)
+            try:
+                status = response.status
+                if status == 429 or status >= 500:
+                    outcome = FAILURE
+                    if status == 429:
+                        outcome = LIMITED
+                        cool_s = self._cooldown(response)
+                    try:
+                        data = await response.read()
+                    except UpstreamUnavailable as exc:
+                        return _Failed(error=exc, target=target)
+                    ctx.upstream_latency_s = time.perf_counter() - started
+                    return _Failed(
+                        status=status, headers=response.headers, data=data, served=served
+                    )
+                slow = time.perf_counter() - called > board.deployment_policy.slow_call_s
+                if status >= 400 or not streaming:
+                    outcome = SLOW if slow else SUCCESS
+                    try:
+                        data = await response.read()
+                    except UpstreamUnavailable as exc:
+                        outcome = FAILURE
+                        return _Failed(error=exc, target=target)
+                    ctx.upstream_latency_s = time.perf_counter() - started
+                    if status < 400:
+                        usage, _model = parse_json_usage(data)
+                        ctx.usage = usage
+                    else:
+                        ctx.usage = Usage()
+                    await self._send_whole(ctx, send, status, response.headers, data, served)
+                    return None
                 await self._relay_stream(
                     ctx, response, receive, send, started, hide_usage=not wants_usage
                 )
+                broke = ctx.outcome == Outcome.UPSTREAM_ERROR
+                outcome = FAILURE if broke else SLOW if slow else SUCCESS
+                return None
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await response.aclose()
         finally:
-            with anyio.CancelScope(shield=True):
-                await response.aclose()
+            inflight[key] -= 1
+            if outcome != RELEASE or probe:
+                if board.remote:
+                    with anyio.CancelScope(shield=True):
+                        await board.record(key, outcome, probe=probe, cool_s=cool_s)
+                else:  # the memory store never yields: nothing to shield
+                    await board.record(key, outcome, probe=probe, cool_s=cool_s)
 
-    async def _relay_whole(
-        self, ctx: RequestContext, response: UpstreamResponse, send: Send, started: float
-    ) -> None:
+    def _cooldown(self, response: UpstreamResponse) -> float:
+        """How long a 429 cools its deployment: the upstream's ``retry-after`` (capped)."""
+        settings = self.board.settings
+        seconds: float | None = None
+        raw_ms = response.header("retry-after-ms")
+        raw = response.header("retry-after")
         try:
-            data = await response.read()
-        except UpstreamUnavailable as exc:
-            raise _unavailable(exc, None) from None
-        ctx.upstream_latency_s = time.perf_counter() - started
-        status = response.status
+            if raw_ms is not None:
+                seconds = float(raw_ms) / 1000
+            elif raw is not None:
+                seconds = float(raw)
+        except ValueError:
+            seconds = None
+        if seconds is None or not seconds > 0:
+            return settings.default_cooldown_s
+        return min(seconds, settings.max_cooldown_s)
+
+    async def _send_whole(
+        self,
+        ctx: RequestContext,
+        send: Send,
+        status: int,
+        upstream_headers: list[tuple[bytes, bytes]],
+        data: bytes,
+        served: str,
+    ) -> None:
+        """Relay a whole upstream answer; a non-JSON error becomes an OpenAI-shaped one."""
         if status < 400:
-            usage, _model = parse_json_usage(data)
-            ctx.usage = usage
             ctx.outcome = Outcome.OK
         else:
             ctx.outcome = Outcome.UPSTREAM_ERROR
-            # An upstream error produced no tokens; its body is relayed as the client's answer.
-            ctx.usage = Usage()
             if not data.startswith(b"{"):
                 await send_error(
                     send,
@@ -257,15 +405,25 @@ class ProxyApp:
                     code="upstream_error",
                     ctx=ctx,
                     outcome=Outcome.UPSTREAM_ERROR,
-                    headers=[h for h in response.headers if h[0] != b"content-type"],
+                    headers=[
+                        *(h for h in upstream_headers if h[0] != b"content-type"),
+                        self._served_header(served),
+                    ],
                 )
                 return
-        headers = [h for h in response.headers if h[0] != b"content-type"]
+        headers = [h for h in upstream_headers if h[0] != b"content-type"]
         headers.append(_JSON_CT)
         headers.append((b"content-length", str(len(data)).encode()))
+        headers.append(self._served_header(served))
         ctx.status = status
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": data})
+
+    def _served_header(self, model: str) -> tuple[bytes, bytes]:
+        header = self._served_headers.get(model)
+        if header is None:
+            header = self._served_headers[model] = (MODEL_SERVED_HEADER, model.encode())
+        return header
 
     async def _relay_stream(
         self,
@@ -279,12 +437,14 @@ class ProxyApp:
     ) -> None:
         tap = StreamTap(hide_usage=hide_usage)
         disconnected = False
+        finished = False
         failed: UpstreamUnavailable | None = None
 
         async def relay(cancel: anyio.CancelScope) -> None:
-            nonlocal failed
+            nonlocal failed, finished
+            headers = [*_SSE_HEADERS, self._served_header(ctx.model_served or "")]
             await send(
-                {"type": "http.response.start", "status": response.status, "headers": _SSE_HEADERS}
+                {"type": "http.response.start", "status": response.status, "headers": headers}
             )
             try:
                 async for chunk in response.chunks():
@@ -305,6 +465,9 @@ class ProxyApp:
                         "more_body": True,
                     }
                 )
+            # Servers answer receive() with a disconnect once the body is complete: that
+            # is not the client leaving.
+            finished = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             cancel.cancel()
 
@@ -313,7 +476,7 @@ class ProxyApp:
             while True:
                 message: Message = await receive()
                 if message["type"] == "http.disconnect":
-                    disconnected = True
+                    disconnected = not finished
                     cancel.cancel()
                     return
 
@@ -355,6 +518,29 @@ def _rewrite(body: bytes, model: str, *, add_stream_usage: bool) -> bytes:
             "include_usage": True,
         }
     return _encode(data)
+
+
+class _Failed:
+    """A call that may be re-tried: the error, or the (small) error answer read whole."""
+
+    __slots__ = ("data", "error", "headers", "served", "status", "target")
+
+    def __init__(
+        self,
+        *,
+        error: UpstreamUnavailable | None = None,
+        target: _Target | None = None,
+        status: int = 0,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        data: bytes = b"",
+        served: str = "",
+    ) -> None:
+        self.error = error
+        self.target = target
+        self.status = status
+        self.headers = headers or []
+        self.data = data
+        self.served = served
 
 
 def _unavailable(exc: UpstreamUnavailable, target: _Target | None) -> GatewayError:

@@ -1,0 +1,251 @@
+"""Circuits shared by every gateway process through Redis, without a round trip per request.
+
+Each circuit is one hash changed only by ``lua/breaker.lua`` (one script per decision, time
+from Redis ``TIME``). The request path reads a local copy of each circuit:
+
+- successes are counted locally and sent with the next script call, so a healthy deployment
+  costs no Redis call at all between syncs;
+- failures, 429 cool-downs, probe grants and probe answers go to Redis at once (one call),
+  and the script's answer refreshes the local copy;
+- a copy older than ``sync_interval_s`` is re-read (and pending successes flushed) by
+  ``refresh`` before the next decision.
+
+The trade-off: another process learns of an open circuit within ``sync_interval_s`` (or on
+its own next failure, which is immediate), and the shared rate window lags the successes of
+each process by at most that long. When Redis fails, decisions fall back to circuits kept in
+process (every outcome is also recorded there), so a Redis outage costs protection sharing,
+never traffic.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from importlib import resources
+from typing import Any
+
+import structlog
+from redis.exceptions import RedisError
+
+from tenantware.backends.redis_support import RedisClient, tenant_key
+from tenantware.breaker.circuit import (
+    BUCKETS,
+    CLOSED,
+    FAILURE,
+    HALF_OPEN,
+    LIMITED,
+    OPEN,
+    PASS,
+    PROBE,
+    PROBE_BUSY_WAIT_S,
+    RELEASE,
+    SLOW,
+    SUCCESS,
+    CircuitPolicy,
+)
+from tenantware.breaker.store import Clock, MemoryBreakerStore, TransitionListener
+from tenantware.metrics import STORE_FAILURES
+
+__all__ = ["RedisBreakerStore"]
+
+log = structlog.get_logger("tenantware.breaker")
+
+_SCRIPT = resources.files("tenantware.breaker").joinpath("lua/breaker.lua").read_text()
+_TAKE = 4
+_PROBE_MODE = {SUCCESS: 1, SLOW: 1, FAILURE: 2, LIMITED: 3, RELEASE: 3}
+
+
+class _Copy:
+    """The local copy of one circuit; deadlines are in this process's clock."""
+
+    __slots__ = ("cool_until", "fetched", "open_until", "probes_left", "state")
+
+    def __init__(self) -> None:
+        self.state = CLOSED
+        self.open_until = 0.0
+        self.cool_until = 0.0
+        self.probes_left = 0
+        self.fetched = -1e18
+
+
+class RedisBreakerStore:
+    """``RedisBreakerStore(redis, prefix=...)``; ``clock`` (seconds) replaces Redis ``TIME``
+    in tests that need to move time by hand."""
+
+    remote = True
+
+    def __init__(
+        self,
+        redis: RedisClient,
+        *,
+        prefix: str = "",
+        sync_interval_s: float = 0.5,
+        clock: Clock | None = None,
+    ) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.sync_interval_s = sync_interval_s
+        self._fixed_clock = clock
+        self._now: Clock = clock or time.monotonic
+        self.local = MemoryBreakerStore(clock=self._now)
+        self._script: Any = redis.register_script(_SCRIPT)
+        self._copies: dict[str, _Copy] = {}
+        #: Per key: [successes, slow successes] not yet sent.
+        self._pending: dict[str, list[int]] = {}
+        self._redis_keys: dict[str, str] = {}
+        self._policy_args: dict[CircuitPolicy, list[str]] = {}
+        self._policies: dict[str, CircuitPolicy] = {}
+        self._failing_until = 0.0
+        self._listener: TransitionListener = self.local._listener
+
+    def set_listener(self, listener: TransitionListener) -> None:
+        # The local circuits only stand in during an outage; their changes are not news.
+        self._listener = listener
+
+    # -- reads from the local copy -----------------------------------------------------------
+
+    def gate(self, key: str) -> float:
+        copy = self._copies.get(key)
+        if copy is None or (copy.state == CLOSED and copy.cool_until == 0.0):
+            if self._failing_until and self._now() < self._failing_until:
+                return self.local.gate(key)
+            return PASS
+        now = self._now()
+        if self._failing_until and now < self._failing_until:
+            return self.local.gate(key)
+        cool = copy.cool_until - now if copy.cool_until > now else 0.0
+        if copy.state == CLOSED:
+            return cool if cool > 0 else PASS
+        if copy.state == OPEN and now < copy.open_until:
+            return max(cool, copy.open_until - now)
+        if cool > 0:
+            return cool
+        if copy.state == HALF_OPEN and copy.probes_left <= 0:
+            return PROBE_BUSY_WAIT_S
+        return PROBE
+
+    def state(self, key: str) -> int:
+        copy = self._copies.get(key)
+        return copy.state if copy is not None else CLOSED
+
+    # -- calls to Redis ----------------------------------------------------------------------
+
+    async def refresh(self, keys: Iterable[str], policy: CircuitPolicy) -> None:
+        now = self._now()
+        for key in keys:
+            copy = self._copies.get(key)
+            if copy is None or now - copy.fetched >= self.sync_interval_s:
+                await self._call(key, policy, 0, 0, 0)
+
+    async def take_probe(self, key: str, policy: CircuitPolicy) -> bool:
+        result = await self._call(key, policy, _TAKE, 0, 0)
+        if result is None:
+            return self.local.take_probe_now(key, policy)
+        return bool(result[5])
+
+    async def record(
+        self,
+        key: str,
+        policy: CircuitPolicy,
+        outcome: int,
+        *,
+        probe: bool = False,
+        cool_s: float = 0.0,
+    ) -> None:
+        self.local.record_now(key, policy, outcome, probe=probe, cool_s=cool_s)
+        if not probe:
+            if outcome in (SUCCESS, SLOW):
+                pending = self._pending.get(key)
+                if pending is None:
+                    pending = self._pending[key] = [0, 0]
+                    self._policies[key] = policy
+                pending[outcome] += 1
+                return
+            if outcome == RELEASE:
+                return
+        mode = _PROBE_MODE[outcome] if probe else 0
+        fail = 1 if outcome == FAILURE and not probe else 0
+        cool_ms = int(cool_s * 1000) if outcome == LIMITED else 0
+        await self._call(key, policy, mode, fail, cool_ms)
+
+    async def _call(
+        self, key: str, policy: CircuitPolicy, mode: int, fail: int, cool_ms: int
+    ) -> list[int] | None:
+        if self._failing_until and self._now() < self._failing_until:
+            # Redis failed a moment ago: decide locally, try it again after the interval.
+            return None
+        pending = self._pending.pop(key, None)
+        ok, slow = pending if pending is not None else (0, 0)
+        fixed = self._fixed_clock
+        args = [
+            str(int(fixed() * 1000)) if fixed is not None else "",
+            ok,
+            slow,
+            fail,
+            fail,
+            mode,
+            cool_ms,
+            *self._args(policy),
+        ]
+        try:
+            raw = await self._script(keys=[self._redis_key(key)], args=args)
+        except (RedisError, OSError, TimeoutError) as exc:
+            if not self._failing_until:
+                log.warning("breaker store unavailable, using local circuits", error=repr(exc))
+            self._failing_until = self._now() + self.sync_interval_s
+            STORE_FAILURES.labels("breaker", "local").inc()
+            return None
+        self._failing_until = 0.0
+        result = [int(value) for value in raw]
+        old, new, open_ms, cool_left_ms, probes_left, _granted = result
+        now = self._now()
+        copy = self._copies.get(key)
+        if copy is None:
+            copy = self._copies[key] = _Copy()
+        seen = copy.state if copy.fetched > -1e18 else old
+        copy.state = new
+        copy.open_until = now + open_ms / 1000 if open_ms else 0.0
+        copy.cool_until = now + cool_left_ms / 1000 if cool_left_ms else 0.0
+        copy.probes_left = probes_left
+        copy.fetched = now
+        if new != seen:
+            self._listener(key, seen, new, open_ms / 1000)
+        return result
+
+    def _redis_key(self, key: str) -> str:
+        name = self._redis_keys.get(key)
+        if name is None:
+            if key.startswith("tenant:"):
+                name = tenant_key(self.prefix, key[7:], "breaker")
+            else:
+                name = f"{self.prefix}tw:{{breaker:{key}}}"
+            self._redis_keys[key] = name
+        return name
+
+    def _args(self, policy: CircuitPolicy) -> list[str]:
+        args = self._policy_args.get(policy)
+        if args is None:
+            ttl_ms = int((max(policy.window_s, policy.max_wait_s) * 2 + 60) * 1000)
+            args = [
+                str(policy.consecutive),
+                repr(policy.rate_percent),
+                repr(policy.slow_rate_percent),
+                str(policy.minimum_calls),
+                str(max(1, int(policy.bucket_s * 1000))),
+                str(BUCKETS),
+                str(int(policy.wait_s * 1000)),
+                str(int(policy.max_wait_s * 1000)),
+                str(policy.probes),
+                str(ttl_ms),
+            ]
+            self._policy_args[policy] = args
+        return args
+
+    async def flush(self) -> None:
+        """Send every pending success now (tests; shutdown)."""
+        for key in list(self._pending):
+            await self._call(key, self._policies[key], 0, 0, 0)
+
+    async def aclose(self) -> None:
+        """Hand the successes counted here to Redis before the process goes."""
+        await self.flush()
