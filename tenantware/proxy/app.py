@@ -279,6 +279,7 @@ class ProxyApp:
     ) -> None:
         tap = StreamTap(hide_usage=hide_usage)
         disconnected = False
+        completed = False
         failed: UpstreamUnavailable | None = None
 
         async def relay(cancel: anyio.CancelScope) -> None:
@@ -305,6 +306,10 @@ class ProxyApp:
                         "more_body": True,
                     }
                 )
+            nonlocal completed
+            # A disconnect reported after the last byte is the normal end, not a client gone
+            # mid-stream (in-process transports report it at once).
+            completed = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             cancel.cancel()
 
@@ -313,8 +318,9 @@ class ProxyApp:
             while True:
                 message: Message = await receive()
                 if message["type"] == "http.disconnect":
-                    disconnected = True
-                    cancel.cancel()
+                    if not completed:
+                        disconnected = True
+                        cancel.cancel()
                     return
 
         try:
