@@ -78,16 +78,13 @@ class PostgresLedger:
         self._schema = schema
         self._table = sql.Identifier(schema, table)
         self._versions = sql.Identifier(schema, "tenantware_schema")
-        self._pool = ConnectionPool(
-            url,
-            min_size=min_size,
-            max_size=max_size,
-            open=False,
-            timeout=timeout_s,
-            reconnect_timeout=0,
-            kwargs={"connect_timeout": max(1, int(timeout_s)), "autocommit": True},
-        )
-        self._opened = False
+        self._pool_options: dict[str, Any] = {
+            "min_size": min_size,
+            "max_size": max_size,
+            "timeout": timeout_s,
+            "kwargs": {"connect_timeout": max(1, int(timeout_s)), "autocommit": True},
+        }
+        self._pool: ConnectionPool | None = None
         self._migrated = False
         columns = sql.SQL(", ").join(sql.Identifier(name) for name in COLUMNS)
         arrays = sql.SQL(", ").join(
@@ -102,14 +99,16 @@ class PostgresLedger:
         await anyio.to_thread.run_sync(self._ensure)
 
     def _ensure(self) -> None:
-        if not self._opened:
+        if self._pool is None:
+            # Opened without waiting: an unreachable server must not block the start.
+            self._pool = ConnectionPool(self.url, open=False, **self._pool_options)
             self._pool.open(wait=False)
-            self._opened = True
         if not self._migrated:
             self._run(self._migrate)
             self._migrated = True
 
     def _run(self, work: Any, *args: Any) -> Any:
+        assert self._pool is not None
         try:
             with self._pool.connection(timeout=self.timeout_s) as conn:
                 return work(conn, *args)
@@ -168,6 +167,6 @@ class PostgresLedger:
         return [UsageRecord(**dict(zip(COLUMNS, row, strict=True))) for row in rows]
 
     async def aclose(self) -> None:
-        if self._opened:
-            await anyio.to_thread.run_sync(self._pool.close)
-            self._opened = False
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await anyio.to_thread.run_sync(pool.close)

@@ -77,7 +77,7 @@ class SqliteLedger:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._conn: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     async def open(self) -> None:
         await anyio.to_thread.run_sync(self._open)

@@ -1,0 +1,233 @@
+"""The ledger suite, run against every backend (memory, SQLite, PostgreSQL), and the writer:
+batching, flush on shutdown, spilling while PostgreSQL is down and replaying without duplicates."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+from tenantware import Gateway, HttpxUpstreamClient
+from tenantware.ledger import (
+    Ledger,
+    LedgerUnavailable,
+    LedgerWriter,
+    MemoryLedger,
+    SpillFile,
+    SqliteLedger,
+    UsageRecord,
+    open_ledger,
+)
+from tenantware.ledger.postgres import PostgresLedger
+from tenantware.testing.servers import (
+    PostgresServer,
+    ServiceUnavailable,
+    find_free_port,
+    throwaway_postgres,
+)
+from tenantware.testing.upstream import FakeUpstream
+from tests.metering_support import wait_for
+from tests.support import CHAT, KEYS, client_for, make_config
+
+pytestmark = pytest.mark.anyio
+
+
+def make_records(n: int, *, tenant: str = "acme", start: float = 1_000.0) -> list[UsageRecord]:
+    return [
+        UsageRecord(
+            record_id=f"{tenant}-{start}-{i}",
+            request_id=f"req-{i}",
+            ts=start + i,
+            tenant=tenant,
+            cost_center="cc",
+            key_id="k1",
+            model_requested="gpt-4.1",
+            model_served="gpt-4.1",
+            upstream="fake",
+            status=200,
+            outcome="ok",
+            input_tokens=10 + i,
+            output_tokens=i,
+            cached_tokens=i % 3,
+            reasoning_tokens=0,
+            cost_nanousd=1_000_000_007 * (i + 1),
+            charged_nanousd=1_000_000_007 * (i + 1),
+            queue_wait_s=0.25,
+            upstream_latency_s=None if i % 2 else 0.5,
+            latency_s=0.75,
+            ttft_s=0.125 if i % 2 else None,
+            stream=bool(i % 2),
+            estimated=i % 5 == 0,
+        )
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+async def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Ledger]:
+    backend: Ledger
+    if request.param == "memory":
+        backend = MemoryLedger()
+    elif request.param == "sqlite":
+        backend = SqliteLedger(tmp_path / "ledger.db")
+    else:
+        url = request.getfixturevalue("postgres_url")
+        schema = request.getfixturevalue("postgres_schema")
+        backend = PostgresLedger(url, schema=schema)
+    await backend.open()
+    yield backend
+    await backend.aclose()
+
+
+async def test_records_round_trip_exactly(ledger: Ledger) -> None:
+    records = make_records(7)
+    await ledger.write(records)
+    assert await ledger.query() == records
+
+
+async def test_writes_are_idempotent_on_record_id(ledger: Ledger) -> None:
+    records = make_records(5)
+    await ledger.write(records)
+    await ledger.write(records[2:])
+    await ledger.write([*records, *make_records(2, start=5_000.0)])
+    stored = await ledger.query()
+    assert len(stored) == 7
+    assert len({r.record_id for r in stored}) == 7
+
+
+async def test_query_filters_by_tenant_and_time(ledger: Ledger) -> None:
+    await ledger.write(make_records(10) + make_records(10, tenant="hobby"))
+    acme = await ledger.query(tenant="acme", since=1_003.0, until=1_006.0)
+    assert [r.ts for r in acme] == [1_003.0, 1_004.0, 1_005.0]
+    assert {r.tenant for r in acme} == {"acme"}
+    assert len(await ledger.query(since=1_008.0)) == 4
+
+
+async def test_schema_creation_is_repeatable(ledger: Ledger) -> None:
+    await ledger.write(make_records(3))
+    await ledger.open()
+    await ledger.open()
+    assert len(await ledger.query()) == 3
+
+
+async def test_writer_batches_and_flushes_everything_on_exit(ledger: Ledger) -> None:
+    writer = LedgerWriter(ledger, flush_interval_s=0.05, batch_size=400)
+    records = make_records(1_500)
+    async with writer.running():
+        for record in records[:700]:
+            writer.submit(record)
+        await wait_for(lambda: writer.stats.written == 700)
+        for record in records[700:]:
+            writer.submit(record)
+    assert writer.stats.written == 1_500
+    assert writer.pending == 0
+    await ledger.open()  # running() closed it; reopen to read back
+    assert len(await ledger.query()) == 1_500
+
+
+async def test_sqlite_records_survive_a_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "usage.db"
+    first = open_ledger(f"sqlite:///{path}")
+    await first.open()
+    await first.write(make_records(4))
+    await first.aclose()
+    second = SqliteLedger(path)
+    assert len(await second.query()) == 4
+    await second.aclose()
+
+
+def test_ledger_urls() -> None:
+    assert isinstance(open_ledger("memory://"), MemoryLedger)
+    sqlite = open_ledger("sqlite:////tmp/x/usage.db")
+    assert isinstance(sqlite, SqliteLedger)
+    assert sqlite.path == Path("/tmp/x/usage.db")
+    pg = open_ledger("postgresql://u@127.0.0.1:5432/db?schema=billing&sslmode=disable")
+    assert isinstance(pg, PostgresLedger)
+    assert pg.url == "postgresql://u@127.0.0.1:5432/db?sslmode=disable"
+    with pytest.raises(ValueError, match="unsupported"):
+        open_ledger("mysql://x")
+
+
+def test_spill_file_skips_a_torn_last_line(tmp_path: Path) -> None:
+    spill = SpillFile(tmp_path / "spill.jsonl")
+    spill.append(make_records(3))
+    with spill.path.open("ab") as file:
+        file.write(b'{"record_id":"torn')
+    assert [r.record_id for r in spill.read()] == [r.record_id for r in make_records(3)]
+
+
+# -- PostgreSQL outage ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PostgresServer]:
+    try:
+        with throwaway_postgres() as server:
+            yield server
+    except ServiceUnavailable as exc:
+        pytest.skip(f"no throwaway PostgreSQL: {exc.reason}")
+
+
+@pytest.mark.slow
+async def test_postgres_outage_buffers_spills_and_replays_without_loss_or_duplicates(
+    private_postgres: PostgresServer, tmp_path: Path
+) -> None:
+    ledger = PostgresLedger(private_postgres.url, timeout_s=1.0)
+    spill = SpillFile(tmp_path / "spill.jsonl")
+    writer = LedgerWriter(
+        ledger,
+        flush_interval_s=0.05,
+        batch_size=100,
+        max_buffered=50,
+        spill=spill,
+        retry_backoff_s=0.2,
+    )
+    before, during, after = (
+        make_records(100),
+        make_records(300, start=2e6),
+        make_records(50, start=3e6),
+    )
+    async with writer.running():
+        for record in before:
+            writer.submit(record)
+        await wait_for(lambda: writer.stats.written == 100)
+        await anyio.to_thread.run_sync(private_postgres.stop)
+        for record in during:
+            writer.submit(record)
+        await wait_for(lambda: writer.stats.spilled >= 250, timeout=20)
+        assert writer.stats.failures > 0
+        with pytest.raises(LedgerUnavailable):
+            await ledger.query()
+        await anyio.to_thread.run_sync(private_postgres.start)
+        # A crash between a replay and the truncation replays records already stored:
+        spill.append(before[:30])
+        for record in after:
+            writer.submit(record)
+        await wait_for(lambda: writer.pending == 0 and not spill.has_records(), timeout=20)
+        stored = await ledger.query()
+    assert len(stored) == 450
+    assert {r.record_id for r in stored} == {r.record_id for r in before + during + after}
+
+
+async def test_request_path_never_waits_on_an_unreachable_ledger(tmp_path: Path) -> None:
+    dead = f"postgresql://postgres@127.0.0.1:{find_free_port()}/none"
+    spill_path = tmp_path / "spill.jsonl"
+    config = make_config(
+        metering={"ledger_url": dead, "spill_path": str(spill_path), "request_log": False}
+    )
+    fake = FakeUpstream()
+    client = HttpxUpstreamClient(transport=httpx.ASGITransport(app=fake))
+    gateway = Gateway(config, upstream_client=client, ledger=PostgresLedger(dead, timeout_s=2.0))
+    async with gateway.running(), client_for(gateway.asgi_app(), KEYS["acme"]) as http:
+        started = time.perf_counter()
+        for _ in range(20):
+            response = await http.post("/v1/chat/completions", json=CHAT)
+            assert response.status_code == 200
+        elapsed = time.perf_counter() - started
+    # The ledger's 2 s connect timeout is never on a request's path; shutdown spills all.
+    assert elapsed < 2.0
+    assert len(SpillFile(spill_path).read()) == 20
