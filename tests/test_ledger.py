@@ -221,13 +221,58 @@ async def test_request_path_never_waits_on_an_unreachable_ledger(tmp_path: Path)
     )
     fake = FakeUpstream()
     client = HttpxUpstreamClient(transport=httpx.ASGITransport(app=fake))
-    gateway = Gateway(config, upstream_client=client, ledger=PostgresLedger(dead, timeout_s=2.0))
+    gateway = Gateway(config, upstream_client=client, ledger=PostgresLedger(dead, timeout_s=1.0))
     async with gateway.running(), client_for(gateway.asgi_app(), KEYS["acme"]) as http:
         started = time.perf_counter()
         for _ in range(20):
             response = await http.post("/v1/chat/completions", json=CHAT)
             assert response.status_code == 200
         elapsed = time.perf_counter() - started
-    # The ledger's 2 s connect timeout is never on a request's path; shutdown spills all.
-    assert elapsed < 2.0
+    # Waiting on the ledger's 1 s connect timeout would take >= 20 s; shutdown spills all.
+    assert elapsed < 5.0
     assert len(SpillFile(spill_path).read()) == 20
+
+
+async def test_records_are_published_to_a_redis_stream(redis_url: str, redis_prefix: str) -> None:
+    import redis.asyncio as aioredis
+
+    from tenantware.ledger import RedisStreamPublisher, decode_record
+
+    client = aioredis.Redis.from_url(redis_url)
+    stream = redis_prefix + "usage"
+    writer = LedgerWriter(
+        MemoryLedger(), flush_interval_s=0.05, publisher=RedisStreamPublisher(client, stream)
+    )
+    records = make_records(25)
+    try:
+        async with writer.running():
+            for record in records:
+                writer.submit(record)
+        entries = await client.xrange(stream)
+    finally:
+        await client.aclose()
+    assert [decode_record(fields[b"record"]) for _, fields in entries] == records
+    assert {fields[b"tenant"] for _, fields in entries} == {b"acme"}
+
+
+async def test_gateway_publishes_to_the_configured_stream(
+    redis_url: str, redis_prefix: str
+) -> None:
+    import redis.asyncio as aioredis
+
+    config = make_config(
+        gateway={"redis_url": redis_url, "redis_prefix": redis_prefix},
+        metering={"ledger_url": "memory://", "redis_stream": "usage", "request_log": False},
+    )
+    fake = FakeUpstream()
+    client = HttpxUpstreamClient(transport=httpx.ASGITransport(app=fake))
+    gateway = Gateway(config, upstream_client=client)
+    async with gateway.running(), client_for(gateway.asgi_app(), KEYS["acme"]) as http:
+        response = await http.post("/v1/chat/completions", json=CHAT)
+    reader = aioredis.Redis.from_url(redis_url)
+    try:
+        entries = await reader.xrange(redis_prefix + "usage")
+    finally:
+        await reader.aclose()
+    assert len(entries) == 1
+    assert response.headers["x-request-id"].encode() in entries[0][1][b"record"]

@@ -6,7 +6,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from tenantware.ledger.base import Ledger, LedgerUnavailable, MemoryLedger
-from tenantware.ledger.record import COLUMNS, UsageRecord
+from tenantware.ledger.record import COLUMNS, UsageRecord, decode_record, encode_record
 from tenantware.ledger.spill import SpillFile
 from tenantware.ledger.sqlite import SqliteLedger
 from tenantware.ledger.stream import RedisStreamPublisher
@@ -24,7 +24,9 @@ __all__ = [
     "SqliteLedger",
     "UsageRecord",
     "WriterStats",
+    "decode_record",
     "default_spill_path",
+    "encode_record",
     "open_ledger",
 ]
 
