@@ -6,6 +6,7 @@ from tenantware.config import (
     GatewayConfig,
     GatewaySettings,
     Limits,
+    MeteringSettings,
     ModelSpec,
     Tenant,
     Tier,
@@ -17,6 +18,8 @@ from tenantware.context import Outcome, RequestContext, RequestView, Usage, cont
 from tenantware.errors import GatewayError
 from tenantware.gateway import Gateway
 from tenantware.keys import KeyHasher, generate_key
+from tenantware.ledger import Ledger, LedgerWriter, MemoryLedger, SqliteLedger, UsageRecord
+from tenantware.middleware.metering import MeteringMiddleware
 from tenantware.middleware.tenant import TenantMiddleware
 from tenantware.proxy.app import ProxyApp
 from tenantware.proxy.upstream import AiohttpUpstreamClient, HttpxUpstreamClient, UpstreamClient
@@ -35,13 +38,19 @@ __all__ = [
     "GatewaySettings",
     "HttpxUpstreamClient",
     "KeyHasher",
+    "Ledger",
+    "LedgerWriter",
     "Limits",
     "LiveConfig",
+    "MemoryLedger",
+    "MeteringMiddleware",
+    "MeteringSettings",
     "ModelSpec",
     "Outcome",
     "ProxyApp",
     "RequestContext",
     "RequestView",
+    "SqliteLedger",
     "Tenant",
     "TenantMiddleware",
     "TenantView",
@@ -49,6 +58,7 @@ __all__ = [
     "Upstream",
     "UpstreamClient",
     "Usage",
+    "UsageRecord",
     "context_of",
     "generate_key",
     "get_context",

@@ -171,6 +171,30 @@ async def test_apps_other_than_the_proxy_are_tapped(app: Any, expected: tuple[in
     assert record.cost_nanousd == cost_nanousd(price, *expected)
 
 
+async def test_a_tapped_stream_without_usage_is_estimated_from_what_was_relayed() -> None:
+    async def cut_app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+        chunk = b'data: {"model":"gpt-4.1","choices":[{"delta":{"content":"tok "}}]}\n\n'
+        for _ in range(5):
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    gateway = Gateway(make_config())
+    async with client_for(gateway.wrap(cut_app), KEYS["acme"]) as client:
+        await client.post("/v1/anything", json=CHAT)
+    (record,) = await records_of(gateway)
+    assert record.estimated
+    assert record.output_tokens == 5
+    assert record.input_tokens > 0
+    assert record.ttft_s is not None
+
+
 # -- billing rules ------------------------------------------------------------------------
 
 
@@ -365,3 +389,31 @@ async def test_metrics_count_requests_and_need_the_admin_key() -> None:
     assert after == before + 1
     tokens = sample("tenantware_tokens_total", tenant="acme", model="gpt-4.1", kind="output")
     assert tokens == tokens_before + 2
+
+
+def test_metering_settings_are_validated() -> None:
+    from tenantware import ConfigError, parse_config
+
+    ok = parse_config(
+        {"metering": {"markup_percent": {"acme": 12.5}, "currency": "EUR", "currency_per_usd": 0.9}}
+    )
+    assert ok.metering.markup_percent == {"acme": Decimal("12.5")}
+    assert ok.metering.currency_per_usd == Decimal("0.9")
+    for bad in (
+        {"markup_percent": {"acme": "-150"}},
+        {"currency": "euro"},
+        {"currency_per_usd": "-1"},
+        {"flush_interval_s": 0},
+        {"admin_key_hash": "plain-text-key"},
+    ):
+        with pytest.raises(ConfigError):
+            parse_config({"metering": bad})
+
+
+async def test_metering_can_be_disabled() -> None:
+    config = make_config(metering={"enabled": False})
+    gateway, _ = in_process_gateway(config=config)
+    assert gateway.writer is None
+    assert [m.cls.__name__ for m in gateway.middleware()] == ["TenantMiddleware"]
+    async with client_for(gateway.asgi_app(), KEYS["acme"]) as client:
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200

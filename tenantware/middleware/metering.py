@@ -20,7 +20,7 @@ import time
 from typing import Final
 
 from tenantware.billing import apply_markup, billable_usage, request_cost
-from tenantware.context import Outcome, RequestContext, context_of
+from tenantware.context import Outcome, RequestContext, Usage, context_of
 from tenantware.errors import GatewayError
 from tenantware.ledger.record import UsageRecord
 from tenantware.ledger.writer import LedgerWriter
@@ -121,6 +121,13 @@ class MeteringMiddleware:
                 if tap_kind == _TAP_SSE:
                     assert sse_tap is not None
                     ctx.usage = sse_tap.usage
+                    if ctx.usage is None and sse_tap.content_chars:
+                        # No usage chunk (a cut stream): count what was relayed.
+                        ctx.usage = Usage(
+                            input_tokens=ctx.estimated_prompt_tokens,
+                            output_tokens=sse_tap.estimated_output_tokens(),
+                            estimated=True,
+                        )
                     ctx.model_served = ctx.model_served or sse_tap.model
                 else:
                     ctx.usage, served = parse_json_usage(b"".join(json_parts))
