@@ -125,7 +125,10 @@ class LedgerWriter:
             await self._flush()
 
     async def _flush(self) -> None:
-        self._take_fresh()
+        taken = self._take_fresh()
+        if taken and self.observers:
+            # Metrics and log lines for a big batch take milliseconds: not on the event loop.
+            await anyio.to_thread.run_sync(self._observe, taken)
         if not self._healthy and anyio.current_time() < self._retry_at:
             await self._spill_overflow()
             return
@@ -148,17 +151,20 @@ class LedgerWriter:
             if self._unwritten and self.spill is not None:
                 await self._spill(self._unwritten)
 
-    def _take_fresh(self) -> None:
+    def _take_fresh(self) -> list[UsageRecord]:
         fresh = self._fresh
         if not fresh:
-            return
+            return []
         taken = [fresh.popleft() for _ in range(len(fresh))]
+        self._unwritten.extend(taken)
+        return taken
+
+    def _observe(self, records: list[UsageRecord]) -> None:
         for observer in self.observers:
             try:
-                observer(taken)
+                observer(records)
             except Exception:
                 log.exception("usage observer failed")
-        self._unwritten.extend(taken)
 
     async def _write(self, batch: list[UsageRecord]) -> bool:
         try:
