@@ -44,7 +44,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     if args.demo:
-        from tenantware.demo import DEMO_KEYS
+        from tenantware.demo import DEMO_ADMIN_KEY, DEMO_KEYS
 
         shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         url = f"http://{shown_host}:{args.port}"
@@ -52,6 +52,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"tenantware demo gateway on {url}/v1", flush=True)
         for tenant, key in DEMO_KEYS.items():
             print(f"  tenant {tenant:<6} key: {key}", flush=True)
+        print(f"  admin key: {DEMO_ADMIN_KEY} (GET /admin/usage, /metrics)", flush=True)
         print(
             f"  try: curl {url}/v1/chat/completions -H 'Authorization: Bearer {DEMO_KEYS['acme']}' "
             "-H 'content-type: application/json' "
