@@ -240,7 +240,11 @@ async def test_sigkill_under_load_loses_at_most_the_last_flush_interval(tmp_path
     lost = [(t, rid) for t, rid in completed if rid not in stored]
     # Flush interval 0.1 s; 0.2 s more for a flush in progress on a loaded 2-core machine.
     recent = [rid for t, rid in completed if t > -0.3]
-    print(f"completed {len(completed)}, lost {len(lost)}, completed in last 0.3 s {len(recent)}")
+    oldest = min((t for t, _ in lost), default=0.0)
+    print(
+        f"completed {len(completed)}, lost {len(lost)} (oldest {oldest:.3f} s),"
+        f" completed in the last 0.3 s {len(recent)}"
+    )
     assert len(completed) > 50
     assert len(lost) <= len(recent)
     assert all(t > -0.3 for t, _ in lost)

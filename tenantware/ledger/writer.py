@@ -115,9 +115,17 @@ class LedgerWriter:
                 await self.ledger.aclose()
 
     async def _loop(self) -> None:
+        # Fixed cadence (not "sleep after each flush"), so a record waits at most one
+        # interval for the flush that writes it, however long the writes take.
+        interval = self.flush_interval_s
+        tick = anyio.current_time()
         while True:
-            await anyio.sleep(self.flush_interval_s)
+            tick += interval
+            await anyio.sleep_until(tick)
             await self.flush()
+            now = anyio.current_time()
+            if now > tick + interval:
+                tick = now  # fell behind (ledger slow or down): do not burst to catch up
 
     async def flush(self) -> None:
         """Hand fresh records to observers, write what the ledger takes, spill overflow."""
