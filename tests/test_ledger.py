@@ -276,3 +276,23 @@ async def test_gateway_publishes_to_the_configured_stream(
         await reader.aclose()
     assert len(entries) == 1
     assert response.headers["x-request-id"].encode() in entries[0][1][b"record"]
+
+
+async def test_an_unwritable_spill_file_keeps_records_in_memory(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    dead = f"postgresql://postgres@127.0.0.1:{find_free_port()}/none"
+    writer = LedgerWriter(
+        PostgresLedger(dead, timeout_s=0.5),
+        flush_interval_s=0.02,
+        max_buffered=5,
+        spill=SpillFile(blocker / "spill.jsonl"),
+        retry_backoff_s=60,
+    )
+    async with writer.running():
+        for record in make_records(20):
+            writer.submit(record)
+        await wait_for(lambda: writer.stats.failures > 0 and writer.pending == 20)
+        await anyio.sleep(0.1)  # several flush ticks: the loop survives the spill errors
+        assert writer.pending == 20
+    assert writer.stats.spilled == 0

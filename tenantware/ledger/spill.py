@@ -52,7 +52,7 @@ class SpillFile:
     def has_records(self) -> bool:
         try:
             return self.path.stat().st_size > 0
-        except FileNotFoundError:
+        except OSError:
             return False
 
     def clear(self) -> None:

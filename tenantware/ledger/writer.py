@@ -122,7 +122,10 @@ class LedgerWriter:
         while True:
             tick += interval
             await anyio.sleep_until(tick)
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:  # never let one bad flush stop metering: records stay queued
+                log.exception("usage ledger flush failed")
             now = anyio.current_time()
             if now > tick + interval:
                 tick = now  # fell behind (ledger slow or down): do not burst to catch up
@@ -217,6 +220,10 @@ class LedgerWriter:
     async def _spill(self, records: list[UsageRecord]) -> None:
         assert self.spill is not None
         batch = list(records)
-        await anyio.to_thread.run_sync(self.spill.append, batch)
+        try:
+            await anyio.to_thread.run_sync(self.spill.append, batch)
+        except OSError as exc:  # disk full, read-only: keep them in memory, try again later
+            log.error("usage spill file not writable", path=str(self.spill.path), error=repr(exc))
+            return
         self.stats.spilled += len(batch)
         del records[: len(batch)]
