@@ -296,3 +296,21 @@ async def test_an_unwritable_spill_file_keeps_records_in_memory(tmp_path: Path) 
         await anyio.sleep(0.1)  # several flush ticks: the loop survives the spill errors
         assert writer.pending == 20
     assert writer.stats.spilled == 0
+
+
+async def test_replicas_share_one_postgres_ledger(postgres_url: str, postgres_schema: str) -> None:
+    """Several gateway processes start together (migrations under an advisory lock) and
+    write to one ledger; a record written by two of them is stored once."""
+    ledgers = [PostgresLedger(postgres_url, schema=postgres_schema) for _ in range(3)]
+    shared = make_records(10, tenant="shared")
+    async with anyio.create_task_group() as group:
+        for ledger in ledgers:
+            group.start_soon(ledger.open)
+    async with anyio.create_task_group() as group:
+        for n, ledger in enumerate(ledgers):
+            group.start_soon(ledger.write, make_records(50, tenant=f"r{n}") + shared)
+    stored = await ledgers[0].query()
+    for ledger in ledgers:
+        await ledger.aclose()
+    assert len(stored) == 160
+    assert sum(1 for r in stored if r.tenant == "shared") == 10
