@@ -47,13 +47,16 @@ async def test_json_usage_becomes_one_complete_record() -> None:
         response = await client.post(
             "/v1/chat/completions", json={**CHAT, "max_tokens": 3}, headers={"x-cost-center": "r&d"}
         )
-        plain = await client.post("/v1/chat/completions", json=CHAT)
+        plain = await client.post(
+            "/v1/chat/completions", json=CHAT, headers={"x-cost-center": "=cmd|' /C calc'!A0"}
+        )
         records = await records_of(gateway)
     assert response.status_code == plain.status_code == 200
     first, second = sorted(records, key=lambda r: r.ts)
     assert first.request_id == response.headers["x-request-id"]
     assert (first.tenant, first.key_id, first.cost_center) == ("acme", "acme-1", "r&d")
-    assert second.cost_center == "acme"  # the tenant's default (its id when not configured)
+    # An unusable header falls back to the tenant's default (its id when not configured).
+    assert second.cost_center == "acme"
     assert (first.model_requested, first.model_served, first.upstream) == (
         "gpt-4.1",
         "gpt-4.1",

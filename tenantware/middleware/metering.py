@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import time
 from typing import Final
 
@@ -34,7 +35,8 @@ _NO_TAP: Final = 0
 _TAP_JSON: Final = 1
 _TAP_SSE: Final = 2
 _MAX_TAPPED_JSON: Final = 8 * 1024 * 1024
-_MAX_COST_CENTER: Final = 64
+#: A cost center from a header: short and plain (it ends up in CSV exports and logs).
+_COST_CENTER: Final = re.compile(rb"[A-Za-z0-9 _.:/&+-]{1,64}")
 
 
 class _Ids:
@@ -148,7 +150,8 @@ class MeteringMiddleware:
         header = settings.cost_center_header.lower().encode()
         for name, value in scope["headers"]:
             if name == header:
-                cost_center = value[:_MAX_COST_CENTER].decode("latin-1")
+                if _COST_CENTER.fullmatch(value):
+                    cost_center = value.decode("ascii")
                 break
         first_byte = ctx.first_byte_at
         return UsageRecord(
