@@ -42,7 +42,7 @@ class _BadQuery(ValueError):
 class AdminApp:
     """``AdminApp(live=live, ledger=ledger)``: an ASGI app for the paths above."""
 
-    def __init__(self, *, live: LiveConfig, ledger: Ledger) -> None:
+    def __init__(self, *, live: LiveConfig, ledger: Ledger | None) -> None:
         self.live = live
         self.ledger = ledger
 
@@ -59,6 +59,9 @@ class AdminApp:
                 await _unauthorized(send)
                 return
             await _respond(send, 200, CONTENT_TYPE_LATEST.encode(), generate_latest(REGISTRY))
+            return
+        if self.ledger is None:  # metering disabled: only /metrics
+            await _error(send, 404, f"Unknown request URL: GET {path}.", "unknown_url")
             return
         try:
             query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
@@ -99,6 +102,7 @@ class AdminApp:
         return False
 
     async def _usage(self, send: Send, query: dict[str, str], *, tenant: str | None) -> None:
+        assert self.ledger is not None
         settings = self.live.current.config.metering
         try:
             since = parse_time(query.get("since", "30d"))

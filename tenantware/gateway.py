@@ -184,23 +184,19 @@ class Gateway:
         """
         wrapped = self.wrap(self.proxy)
         gateway = self
-        admin: ASGIApp | None = None
-        tenant_usage: ASGIApp | None = None
-        if self.ledger is not None:
-            admin = AdminApp(live=self.live, ledger=self.ledger)
-            tenant_usage = TenantMiddleware(admin, live=self.live, estimator=self.estimator)
+        admin = AdminApp(live=self.live, ledger=self.ledger)
+        tenant_usage = TenantMiddleware(admin, live=self.live, estimator=self.estimator)
 
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] == "lifespan":
                 await _run_lifespan(gateway, receive, send)
                 return
-            if admin is not None and scope["type"] == "http":
+            if scope["type"] == "http":
                 path = scope["path"]
                 if path.startswith(ADMIN_PREFIX) or path == "/metrics":
                     await admin(scope, receive, send)
                     return
                 if path in TENANT_USAGE_PATHS:
-                    assert tenant_usage is not None
                     await tenant_usage(scope, receive, send)
                     return
             if extra is not None:

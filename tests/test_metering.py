@@ -420,3 +420,6 @@ async def test_metering_can_be_disabled() -> None:
     assert [m.cls.__name__ for m in gateway.middleware()] == ["TenantMiddleware"]
     async with client_for(gateway.asgi_app(), KEYS["acme"]) as client:
         assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        assert (await client.get("/v1/usage")).status_code == 404
+        metrics = await client.get("/metrics")  # other layers' metrics are still served
+        assert metrics.status_code == 401  # (behind the admin key, none configured here)
