@@ -7,6 +7,7 @@ from tenantware.config import (
     GatewayConfig,
     GatewaySettings,
     Limits,
+    MeteringSettings,
     ModelSpec,
     Tenant,
     Tier,
@@ -18,7 +19,9 @@ from tenantware.context import Outcome, RequestContext, RequestView, Usage, cont
 from tenantware.errors import GatewayError
 from tenantware.gateway import Gateway
 from tenantware.keys import KeyHasher, generate_key
+from tenantware.ledger import Ledger, LedgerWriter, MemoryLedger, SqliteLedger, UsageRecord
 from tenantware.middleware.breaker import BreakerMiddleware
+from tenantware.middleware.metering import MeteringMiddleware
 from tenantware.middleware.quota import QuotaMiddleware
 from tenantware.middleware.tenant import TenantMiddleware
 from tenantware.proxy.app import ProxyApp
@@ -41,10 +44,15 @@ __all__ = [
     "GatewaySettings",
     "HttpxUpstreamClient",
     "KeyHasher",
+    "Ledger",
+    "LedgerWriter",
     "Limits",
     "LiveConfig",
     "MemoryBreakerStore",
+    "MemoryLedger",
     "MemoryQuotaStore",
+    "MeteringMiddleware",
+    "MeteringSettings",
     "ModelSpec",
     "Outcome",
     "ProxyApp",
@@ -54,6 +62,7 @@ __all__ = [
     "RedisQuotaStore",
     "RequestContext",
     "RequestView",
+    "SqliteLedger",
     "Tenant",
     "TenantMiddleware",
     "TenantView",
@@ -61,6 +70,7 @@ __all__ = [
     "Upstream",
     "UpstreamClient",
     "Usage",
+    "UsageRecord",
     "context_of",
     "generate_key",
     "get_context",

@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from decimal import Decimal
+from typing import Any
 
 from tenantware.config import ConfigError, load_config
 from tenantware.keys import KeyHasher, generate_key
@@ -42,7 +44,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     if args.demo:
-        from tenantware.demo import DEMO_KEYS
+        from tenantware.demo import DEMO_ADMIN_KEY, DEMO_KEYS
 
         shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         url = f"http://{shown_host}:{args.port}"
@@ -50,6 +52,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"tenantware demo gateway on {url}/v1", flush=True)
         for tenant, key in DEMO_KEYS.items():
             print(f"  tenant {tenant:<6} key: {key}", flush=True)
+        print(f"  admin key: {DEMO_ADMIN_KEY} (GET /admin/usage, /metrics)", flush=True)
         print(
             f"  try: curl {url}/v1/chat/completions -H 'Authorization: Bearer {DEMO_KEYS['acme']}' "
             "-H 'content-type: application/json' "
@@ -94,6 +97,66 @@ def _new_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _usage(args: argparse.Namespace) -> int:
+    import anyio
+    import msgspec
+
+    from tenantware.ledger import DEFAULT_LEDGER_URL, open_ledger
+    from tenantware.reports import parse_time, records_csv, report_csv, summarize
+
+    settings = None
+    url = args.ledger
+    if args.config:
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            print(f"tenantware: {exc}", file=sys.stderr)
+            return 2
+        settings = config.metering
+        url = url or settings.ledger_url or config.gateway.ledger_url
+    try:
+        since = parse_time(args.since)
+        until = parse_time(args.until) if args.until else None
+        ledger = open_ledger(url or DEFAULT_LEDGER_URL)
+    except ValueError as exc:
+        print(f"tenantware usage: {exc}", file=sys.stderr)
+        return 2
+
+    async def fetch() -> list[object]:
+        try:
+            return list(await ledger.query(tenant=args.tenant, since=since, until=until))
+        finally:
+            await ledger.aclose()
+
+    records: list[Any] = anyio.run(fetch)
+    if args.format == "records":
+        sys.stdout.write(records_csv(records))
+        return 0
+    rows = summarize(
+        records,
+        period=args.period,
+        currency=settings.currency if settings else "USD",
+        currency_per_usd=settings.currency_per_usd if settings else Decimal(1),
+    )
+    if args.format == "json":
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(rows)).decode() + "\n")
+    elif args.format == "csv":
+        sys.stdout.write(report_csv(rows))
+    else:
+        header = f"{'tenant':<16} {'period':<21} {'requests':>8} {'errors':>6} {'tokens in':>10} "
+        header += f"{'tokens out':>10} {'p50 s':>7} {'p99 s':>7} {'charged':>14}"
+        print(header)
+        for row in rows:
+            p50 = f"{row.latency_p50_s:.3f}" if row.latency_p50_s is not None else "-"
+            p99 = f"{row.latency_p99_s:.3f}" if row.latency_p99_s is not None else "-"
+            print(
+                f"{row.tenant:<16} {row.period:<21} {row.requests:>8} {row.errors:>6} "
+                f"{row.input_tokens:>10} {row.output_tokens:>10} {p50:>7} {p99:>7} "
+                f"{row.charged + ' ' + row.currency:>14}"
+            )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tenantware", description="Multi-tenant AI API gateway.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +181,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     new_key.add_argument("--prefix", default="tw")
     new_key.add_argument("--secret-env", help="HMAC secret variable (gateway.key_secret_env)")
     new_key.set_defaults(func=_new_key)
+
+    usage = commands.add_parser("usage", help="usage report from the ledger")
+    usage.add_argument("--config", help="configuration file (its ledger and currency)")
+    usage.add_argument("--ledger", help="ledger URL (overrides the configuration)")
+    usage.add_argument("--tenant", help="one tenant (default: every tenant)")
+    usage.add_argument("--since", default="30d", help="2026-11-01, 2026-11-01T12:00Z, 24h, 7d")
+    usage.add_argument("--until", help="end (exclusive), same forms as --since")
+    usage.add_argument("--period", choices=["hour", "day", "month"], default="day")
+    usage.add_argument("--format", choices=["table", "json", "csv", "records"], default="table")
+    usage.set_defaults(func=_usage)
 
     args = parser.parse_args(argv)
     result: int = args.func(args)

@@ -273,6 +273,45 @@ class MeteringSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Settings of metering, the ledger, metrics and logs (``[metering]``)."""
 
     enabled: bool = True
+    #: Where usage records go: ``sqlite:///path.db`` (default), ``postgresql://...`` or
+    #: ``memory://`` (tests). Replaces ``gateway.ledger_url``, which is still read when this
+    #: is unset.
+    ledger_url: str | None = None
+    #: How often the writer flushes; a hard kill loses at most about this much.
+    flush_interval_s: Annotated[float, Meta(gt=0, le=60)] = 0.1
+    #: Records per ledger write.
+    batch_size: Annotated[int, Meta(ge=1, le=100_000)] = 1000
+    #: Records kept in memory while the ledger is unreachable before they spill to a file.
+    max_buffered: Annotated[int, Meta(ge=1)] = 50_000
+    #: Spill file (JSON lines) for records the ledger could not take; next to the SQLite
+    #: file, or ``tenantware-ledger.spill.jsonl`` in the working directory, when unset.
+    spill_path: str | None = None
+    #: When set, every record is also published to this Redis Stream (``gateway.redis_url``).
+    redis_stream: str | None = None
+    redis_stream_maxlen: PositiveInt = 1_000_000
+    #: Hash (like an API key's) of the admin key for ``/admin/*`` and ``/metrics``.
+    admin_key_hash: Annotated[str, Meta(pattern=r"^(sha256|hmac-sha256):[0-9a-f]{64}$")] | None = (
+        None
+    )
+    #: ``/metrics`` requires the admin key (it shows every tenant's usage).
+    metrics_require_admin: bool = True
+    #: Per-tenant markup (positive) or discount (negative) in percent over list price.
+    markup_percent: dict[str, Decimal] = field(default_factory=dict)
+    #: Currency reports show charges in, and its units per USD.
+    currency: Annotated[str, Meta(pattern=r"^[A-Z]{3}$")] = "USD"
+    currency_per_usd: Usd = Decimal(1)
+    #: Header a client may set to book a request to another cost center.
+    cost_center_header: str = "x-cost-center"
+    #: One structlog ``request`` event per request (written by the ledger writer).
+    request_log: bool = True
+
+    def __post_init__(self) -> None:
+        _check_money(self)
+        for tenant, percent in self.markup_percent.items():
+            if not percent.is_finite() or not -100 <= percent <= 10_000:
+                raise msgspec.ValidationError(
+                    f"`markup_percent.{tenant}` must be between -100 and 10000, got {percent}"
+                )
 
 
 # -- end of metering settings ---------------------------------------------------------------

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from tenantware.config import ApiKey, GatewayConfig, Tenant, Upstream
+from tenantware.config import ApiKey, GatewayConfig, MeteringSettings, Tenant, Upstream
 from tenantware.keys import KeyHasher
 
-__all__ = ["DEMO_KEYS", "DEMO_UPSTREAM_PATH", "demo_config"]
+__all__ = ["DEMO_ADMIN_KEY", "DEMO_KEYS", "DEMO_UPSTREAM_PATH", "demo_config"]
 
 #: Mount point of the fake upstream inside the demo gateway.
 DEMO_UPSTREAM_PATH = "/_demo_upstream"
 #: Demo tenants and their keys; printed at start so a newcomer can use them at once.
 DEMO_KEYS = {"acme": "sk-demo-acme", "hobby": "sk-demo-hobby"}
+#: Reads every tenant's usage (``/admin/usage``) and ``/metrics``.
+DEMO_ADMIN_KEY = "sk-demo-admin"
 
 
 def demo_config(upstream_url: str) -> GatewayConfig:
@@ -41,4 +43,5 @@ def demo_config(upstream_url: str) -> GatewayConfig:
             )
         ],
         aliases={"gpt4": "gpt-4.1", "sonnet": "claude-sonnet-4.5"},
+        metering=MeteringSettings(admin_key_hash=hasher.hash(DEMO_ADMIN_KEY)),
     )

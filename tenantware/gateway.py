@@ -15,12 +15,24 @@ from typing import Any
 import anyio
 from starlette.middleware import Middleware
 
+from tenantware.admin import ADMIN_PREFIX, TENANT_USAGE_PATHS, AdminApp
 from tenantware.backends.redis_support import RedisClient, connect_redis
 from tenantware.breaker.board import BreakerBoard
 from tenantware.breaker.redis_store import RedisBreakerStore
 from tenantware.config import GatewayConfig
 from tenantware.estimate import PromptEstimator, estimate_prompt_tokens
+from tenantware.ledger import (
+    DEFAULT_LEDGER_URL,
+    Ledger,
+    LedgerWriter,
+    MemoryLedger,
+    RedisStreamPublisher,
+    SpillFile,
+    default_spill_path,
+    open_ledger,
+)
 from tenantware.middleware.breaker import BreakerMiddleware
+from tenantware.middleware.metering import MeteringMiddleware
 from tenantware.middleware.quota import QuotaMiddleware
 from tenantware.middleware.tenant import TenantMiddleware
 from tenantware.proxy.app import ProxyApp
@@ -28,6 +40,7 @@ from tenantware.proxy.upstream import UpstreamClient
 from tenantware.quota import FailoverQuotaStore, MemoryQuotaStore, QuotaStore, RedisQuotaStore
 from tenantware.reload import watch_config
 from tenantware.state import LiveConfig
+from tenantware.telemetry import log_records, metrics_observer
 from tenantware.types import ASGIApp, Receive, Scope, Send
 
 __all__ = ["Gateway"]
@@ -48,6 +61,7 @@ class Gateway:
         config_path: str | os.PathLike[str] | None = None,
         upstream_client: UpstreamClient | None = None,
         estimator: PromptEstimator = estimate_prompt_tokens,
+        ledger: Ledger | None = None,
     ) -> None:
         self._redis: RedisClient | None = None
         self.live = LiveConfig(config)
@@ -69,6 +83,52 @@ class Gateway:
         #: Async context managers entered for the gateway's lifetime (writers, pools).
         self._services: list[Callable[[], AbstractAsyncContextManager[Any]]] = []
         self._quota_store: QuotaStore | None = None
+        self.ledger: Ledger | None = None
+        self.writer: LedgerWriter | None = None
+        if config.metering.enabled:
+            self._setup_metering(ledger)
+
+    def _setup_metering(self, ledger: Ledger | None) -> None:
+        """The ledger (nothing is opened yet), its writer and the writer's lifetime service."""
+        config = self.config
+        settings = config.metering
+        if ledger is None:
+            ledger = open_ledger(
+                settings.ledger_url or config.gateway.ledger_url or DEFAULT_LEDGER_URL
+            )
+        spill = None
+        if not isinstance(ledger, MemoryLedger):
+            spill = SpillFile(settings.spill_path or default_spill_path(ledger))
+        live = self.live
+
+        def request_log(records: Any) -> None:
+            if live.current.config.metering.request_log:
+                log_records(records)
+
+        self.ledger = ledger
+        self.writer = LedgerWriter(
+            ledger,
+            flush_interval_s=settings.flush_interval_s,
+            batch_size=settings.batch_size,
+            max_buffered=settings.max_buffered,
+            spill=spill,
+            observers=[metrics_observer(live), request_log],
+        )
+        self.add_service(self._metering_service)
+
+    @asynccontextmanager
+    async def _metering_service(self) -> AsyncIterator[None]:
+        writer = self.writer
+        assert writer is not None
+        settings = self.config.metering
+        redis = self.redis
+        if settings.redis_stream and redis is not None:
+            stream = self.config.gateway.redis_prefix + settings.redis_stream
+            writer.publisher = RedisStreamPublisher(
+                redis, stream, maxlen=settings.redis_stream_maxlen
+            )
+        async with writer.running():
+            yield
 
     def add_service(self, service: Callable[[], AbstractAsyncContextManager[Any]]) -> None:
         """Run ``service()`` for the gateway's lifetime (entered in order, exited reversed)."""
@@ -109,6 +169,8 @@ class Gateway:
         """
         stack = [Middleware(TenantMiddleware, live=self.live, estimator=self.estimator)]
         # -- metering layer -------------------------------------------------------------
+        if self.writer is not None:
+            stack.append(Middleware(MeteringMiddleware, live=self.live, writer=self.writer))
         # -- quota layer ----------------------------------------------------------------
         stack.append(Middleware(QuotaMiddleware, live=self.live, store=self.quota_store))
         # -- admission layer ------------------------------------------------------------
@@ -126,13 +188,16 @@ class Gateway:
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """Background work for the gateway's lifetime (config watch); closes clients after."""
-        async with AsyncExitStack() as stack, anyio.create_task_group() as group:
-            for service in self._services:
-                await stack.enter_async_context(service())
-            if self.config_path is not None:
-                group.start_soon(watch_config, self.live, self.config_path)
+        # The services are entered inside the task group and left before it, so a service
+        # may run its own task group (cancel scopes must nest).
+        async with anyio.create_task_group() as group:
             try:
-                yield
+                async with AsyncExitStack() as stack:
+                    for service in self._services:
+                        await stack.enter_async_context(service())
+                    if self.config_path is not None:
+                        group.start_soon(watch_config, self.live, self.config_path)
+                    yield
             finally:
                 group.cancel_scope.cancel()
                 with anyio.CancelScope(shield=True):
@@ -159,11 +224,21 @@ class Gateway:
         """
         wrapped = self.wrap(self.proxy)
         gateway = self
+        admin = AdminApp(live=self.live, ledger=self.ledger)
+        tenant_usage = TenantMiddleware(admin, live=self.live, estimator=self.estimator)
 
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] == "lifespan":
                 await _run_lifespan(gateway, receive, send)
                 return
+            if scope["type"] == "http":
+                path = scope["path"]
+                if path.startswith(ADMIN_PREFIX) or path == "/metrics":
+                    await admin(scope, receive, send)
+                    return
+                if path in TENANT_USAGE_PATHS:
+                    await tenant_usage(scope, receive, send)
+                    return
             if extra is not None:
                 other = extra(scope)
                 if other is not None:

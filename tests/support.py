@@ -45,6 +45,8 @@ def make_config(upstream_url: str = "http://upstream.test/v1", **overrides: Any)
             }
         ],
         "aliases": {"gpt4": "gpt-4.1"},
+        # Tests keep usage records in memory unless they choose a ledger.
+        "metering": {"ledger_url": "memory://", "request_log": False},
     }
     data.update(overrides)
     return parse_config(data)

@@ -465,8 +465,8 @@ class ProxyApp:
                         "more_body": True,
                     }
                 )
-            # Servers answer receive() with a disconnect once the body is complete: that
-            # is not the client leaving.
+            # A disconnect reported after the last byte is the normal end, not a client gone
+            # mid-stream (servers and in-process transports report it once the body is done).
             finished = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             cancel.cancel()
@@ -476,8 +476,9 @@ class ProxyApp:
             while True:
                 message: Message = await receive()
                 if message["type"] == "http.disconnect":
-                    disconnected = not finished
-                    cancel.cancel()
+                    if not finished:
+                        disconnected = True
+                        cancel.cancel()
                     return
 
         try:

@@ -1,0 +1,157 @@
+"""Usage endpoints: ``/admin/...`` for operators, ``/v1/usage`` for a tenant's own key,
+``/metrics`` for Prometheus.
+
+- ``GET /admin/usage?tenant=&since=&until=&period=&format=`` needs the admin key
+  (``metering.admin_key_hash``); without ``tenant`` it covers every tenant.
+- ``GET /v1/usage?since=&until=&period=&format=`` is served behind ``TenantMiddleware``: the
+  tenant comes from the key, never from the query; naming another tenant is refused (403).
+- ``format`` is ``json`` (report rows), ``csv`` (the same rows) or ``records`` (every record
+  as CSV, for chargeback). ``since`` defaults to 30 days ago.
+- ``GET /metrics`` is the Prometheus exposition; it shows every tenant, so it needs the admin
+  key unless ``metering.metrics_require_admin`` is false.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Final
+from urllib.parse import parse_qsl
+
+import msgspec
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from tenantware.context import context_of
+from tenantware.errors import send_error
+from tenantware.ledger.base import Ledger
+from tenantware.metrics import REGISTRY
+from tenantware.reports import PERIODS, Period, parse_time, records_csv, report_csv, summarize
+from tenantware.state import LiveConfig
+from tenantware.types import Receive, Scope, Send
+
+__all__ = ["ADMIN_PREFIX", "TENANT_USAGE_PATHS", "AdminApp"]
+
+ADMIN_PREFIX: Final = "/admin/"
+TENANT_USAGE_PATHS: Final = frozenset({"/v1/usage"})
+_encode = msgspec.json.Encoder().encode
+
+
+class _BadQuery(ValueError):
+    pass
+
+
+class AdminApp:
+    """``AdminApp(live=live, ledger=ledger)``: an ASGI app for the paths above."""
+
+    def __init__(self, *, live: LiveConfig, ledger: Ledger | None) -> None:
+        self.live = live
+        self.ledger = ledger
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        path: str = scope["path"]
+        if scope["method"] not in ("GET", "HEAD"):
+            await _error(send, 405, "Only GET is supported here.", "method_not_allowed")
+            return
+        if path == "/metrics":
+            settings = self.live.current.config.metering
+            if settings.metrics_require_admin and not self._is_admin(scope):
+                await _unauthorized(send)
+                return
+            await _respond(send, 200, CONTENT_TYPE_LATEST.encode(), generate_latest(REGISTRY))
+            return
+        if self.ledger is None:  # metering disabled: only /metrics
+            await _error(send, 404, f"Unknown request URL: GET {path}.", "unknown_url")
+            return
+        try:
+            query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+        except UnicodeDecodeError:
+            query = {}
+        if path in TENANT_USAGE_PATHS:
+            ctx = context_of(scope)
+            if ctx is None or ctx.tenant is None:
+                await _unauthorized(send)
+                return
+            asked = query.get("tenant")
+            if asked is not None and asked != ctx.tenant.id:
+                await _error(
+                    send, 403, "This API key may only read its own usage.", "permission_denied"
+                )
+                return
+            await self._usage(send, query, tenant=ctx.tenant.id)
+            return
+        if path == ADMIN_PREFIX + "usage":
+            if not self._is_admin(scope):
+                await _unauthorized(send)
+                return
+            await self._usage(send, query, tenant=query.get("tenant") or None)
+            return
+        await _error(send, 404, f"Unknown request URL: GET {path}.", "unknown_url")
+
+    def _is_admin(self, scope: Scope) -> bool:
+        snapshot = self.live.current
+        expected = snapshot.config.metering.admin_key_hash
+        if not expected:
+            return False
+        for name, value in scope["headers"]:
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                token = value[7:].strip()
+                return bool(token) and hmac.compare_digest(
+                    snapshot.hasher.hash(token).encode(), expected.encode()
+                )
+        return False
+
+    async def _usage(self, send: Send, query: dict[str, str], *, tenant: str | None) -> None:
+        assert self.ledger is not None
+        settings = self.live.current.config.metering
+        try:
+            since = parse_time(query.get("since", "30d"))
+            until = parse_time(query["until"]) if query.get("until") else None
+            period = query.get("period", "day")
+            if period not in PERIODS:
+                raise _BadQuery(f"period must be one of {', '.join(PERIODS)}")
+            fmt = query.get("format", "json")
+            if fmt not in ("json", "csv", "records"):
+                raise _BadQuery("format must be json, csv or records")
+        except ValueError as exc:
+            await _error(send, 400, str(exc), "invalid_query")
+            return
+        records = await self.ledger.query(tenant=tenant, since=since, until=until)
+        if fmt == "records":
+            await _respond(send, 200, b"text/csv; charset=utf-8", records_csv(records).encode())
+            return
+        selected: Period = period  # type: ignore[assignment]
+        rows = summarize(
+            records,
+            period=selected,
+            currency=settings.currency,
+            currency_per_usd=settings.currency_per_usd,
+        )
+        if fmt == "csv":
+            await _respond(send, 200, b"text/csv; charset=utf-8", report_csv(rows).encode())
+            return
+        body = _encode({"object": "usage_report", "period": period, "data": rows})
+        await _respond(send, 200, b"application/json", body)
+
+
+async def _respond(send: Send, status: int, content_type: bytes, body: bytes) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type),
+                (b"content-length", str(len(body)).encode()),
+                (b"cache-control", b"no-store"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _error(send: Send, status: int, message: str, code: str) -> None:
+    await send_error(send, status, message, type="invalid_request_error", code=code)
+
+
+async def _unauthorized(send: Send) -> None:
+    await _error(send, 401, "A valid admin API key is required.", "invalid_api_key")

@@ -1,0 +1,71 @@
+"""The ledger protocol: durable, idempotent storage of usage records.
+
+Every implementation is written by one background writer in batches (never on the request
+path) and must accept the same record twice without storing it twice (``record_id``), so a
+batch whose acknowledgement was lost can simply be written again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from tenantware.ledger.record import UsageRecord
+
+__all__ = ["Ledger", "LedgerUnavailable", "MemoryLedger"]
+
+
+class LedgerUnavailable(RuntimeError):
+    """The ledger could not take a write now (database down, timeout); retry later."""
+
+
+@runtime_checkable
+class Ledger(Protocol):
+    """Where usage records live."""
+
+    async def open(self) -> None:
+        """Create or migrate the schema; may raise ``LedgerUnavailable``."""
+
+    async def write(self, records: Sequence[UsageRecord]) -> None:
+        """Store ``records`` atomically; records already stored are skipped (idempotent)."""
+
+    async def query(
+        self, *, tenant: str | None = None, since: float = 0.0, until: float | None = None
+    ) -> list[UsageRecord]:
+        """Records of ``tenant`` (every tenant when ``None``) with ``since <= ts < until``."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+
+
+class MemoryLedger:
+    """In-process ledger for tests and benchmarks: nothing survives the process."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, UsageRecord] = {}
+        self.writes = 0
+
+    async def open(self) -> None:
+        return None
+
+    async def write(self, records: Sequence[UsageRecord]) -> None:
+        self.writes += 1
+        for record in records:
+            self.records.setdefault(record.record_id, record)
+
+    async def query(
+        self, *, tenant: str | None = None, since: float = 0.0, until: float | None = None
+    ) -> list[UsageRecord]:
+        end = float("inf") if until is None else until
+        return sorted(
+            (
+                r
+                for r in self.records.values()
+                if (tenant is None or r.tenant == tenant) and since <= r.ts < end
+            ),
+            key=lambda r: r.ts,
+        )
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,172 @@
+"""The shared ledger for many gateway processes and hosts: PostgreSQL through psycopg 3.
+
+Batches go in as one ``INSERT ... SELECT FROM unnest(...)`` (one round trip per batch, one
+array per column) with ``ON CONFLICT (record_id) DO NOTHING``, so a batch retried after a lost
+acknowledgement or replayed from the spill file is never stored twice. The blocking driver runs
+in worker threads, which keeps this backend-neutral (asyncio or trio) like the SQLite one.
+The schema is created and migrated here, under an advisory lock so replicas may start together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Final
+
+import anyio.to_thread
+import psycopg
+from psycopg import sql
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from tenantware.ledger.base import LedgerUnavailable
+from tenantware.ledger.record import COLUMNS, UsageRecord
+
+__all__ = ["PostgresLedger"]
+
+_LOCK_ID: Final = 0x7477_6C65_6467  # "twledg": serialises migrations across replicas
+
+_TYPES: Final = {
+    "ts": "double precision",
+    "status": "integer",
+    "input_tokens": "bigint",
+    "output_tokens": "bigint",
+    "cached_tokens": "bigint",
+    "reasoning_tokens": "bigint",
+    "cost_nanousd": "bigint",
+    "charged_nanousd": "bigint",
+    "queue_wait_s": "double precision",
+    "upstream_latency_s": "double precision",
+    "latency_s": "double precision",
+    "ttft_s": "double precision",
+    "stream": "boolean",
+    "estimated": "boolean",
+}
+_NULLABLE: Final = frozenset({"upstream_latency_s", "ttft_s"})
+
+#: Each migration is a list of statements; ``{t}`` is the qualified table name.
+_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        "CREATE TABLE IF NOT EXISTS {t} ("
+        + ", ".join(
+            f"{name} {_TYPES.get(name, 'text')}"
+            + ("" if name in _NULLABLE else " NOT NULL")
+            + (" PRIMARY KEY" if name == "record_id" else "")
+            for name in COLUMNS
+        )
+        + ")",
+        "CREATE INDEX IF NOT EXISTS usage_records_tenant_ts ON {t} (tenant, ts)",
+        "CREATE INDEX IF NOT EXISTS usage_records_ts ON {t} (ts)",
+        "CREATE INDEX IF NOT EXISTS usage_records_request_id ON {t} (request_id)",
+    ),
+)
+
+
+class PostgresLedger:
+    """``PostgresLedger("postgresql://...", schema="public")``."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str = "public",
+        table: str = "usage_records",
+        min_size: int = 1,
+        max_size: int = 4,
+        timeout_s: float = 5.0,
+    ) -> None:
+        self.url = url
+        self.timeout_s = timeout_s
+        self._schema = schema
+        self._table = sql.Identifier(schema, table)
+        self._versions = sql.Identifier(schema, "tenantware_schema")
+        self._pool_options: dict[str, Any] = {
+            "min_size": min_size,
+            "max_size": max_size,
+            "timeout": timeout_s,
+            "kwargs": {"connect_timeout": max(1, int(timeout_s)), "autocommit": True},
+        }
+        self._pool: ConnectionPool | None = None
+        self._migrated = False
+        columns = sql.SQL(", ").join(sql.Identifier(name) for name in COLUMNS)
+        arrays = sql.SQL(", ").join(
+            sql.SQL("%s::{}[]").format(sql.SQL(_TYPES.get(name, "text"))) for name in COLUMNS
+        )
+        self._insert = sql.SQL(
+            "INSERT INTO {t} ({c}) SELECT * FROM unnest({a}) ON CONFLICT (record_id) DO NOTHING"
+        ).format(t=self._table, c=columns, a=arrays)
+        self._select = sql.SQL("SELECT {c} FROM {t}").format(c=columns, t=self._table)
+
+    async def open(self) -> None:
+        await anyio.to_thread.run_sync(self._ensure)
+
+    def _ensure(self) -> None:
+        if self._pool is None:
+            # Opened without waiting: an unreachable server must not block the start.
+            self._pool = ConnectionPool(self.url, open=False, **self._pool_options)
+            self._pool.open(wait=False)
+        if not self._migrated:
+            self._run(self._migrate)
+            self._migrated = True
+
+    def _run(self, work: Any, *args: Any) -> Any:
+        assert self._pool is not None
+        try:
+            with self._pool.connection(timeout=self.timeout_s) as conn:
+                return work(conn, *args)
+        except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
+            raise LedgerUnavailable(f"postgresql: {exc}") from exc
+
+    def _migrate(self, conn: psycopg.Connection[Any]) -> None:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
+            conn.execute(
+                sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self._schema))
+            )
+            conn.execute(
+                sql.SQL("CREATE TABLE IF NOT EXISTS {} (version integer NOT NULL)").format(
+                    self._versions
+                )
+            )
+            row = conn.execute(sql.SQL("SELECT max(version) FROM {}").format(self._versions))
+            found = row.fetchone()
+            version = int(found[0]) if found and found[0] is not None else 0
+            for number in range(version, len(_MIGRATIONS)):
+                for statement in _MIGRATIONS[number]:
+                    conn.execute(sql.SQL(statement).format(t=self._table))
+                conn.execute(
+                    sql.SQL("INSERT INTO {} (version) VALUES (%s)").format(self._versions),
+                    (number + 1,),
+                )
+
+    async def write(self, records: Sequence[UsageRecord]) -> None:
+        if not records:
+            return
+        arrays = [[getattr(r, name) for r in records] for name in COLUMNS]
+        await anyio.to_thread.run_sync(self._write, arrays)
+
+    def _write(self, arrays: list[list[Any]]) -> None:
+        self._ensure()
+        self._run(lambda conn: conn.execute(self._insert, arrays))
+
+    async def query(
+        self, *, tenant: str | None = None, since: float = 0.0, until: float | None = None
+    ) -> list[UsageRecord]:
+        return await anyio.to_thread.run_sync(self._query, tenant, since, until)
+
+    def _query(self, tenant: str | None, since: float, until: float | None) -> list[UsageRecord]:
+        self._ensure()
+        query = self._select + sql.SQL(" WHERE ts >= %s")
+        args: list[Any] = [since]
+        if until is not None:
+            query += sql.SQL(" AND ts < %s")
+            args.append(until)
+        if tenant is not None:
+            query += sql.SQL(" AND tenant = %s")
+            args.append(tenant)
+        query += sql.SQL(" ORDER BY ts")
+        rows = self._run(lambda conn: conn.execute(query, args).fetchall())
+        return [UsageRecord(**dict(zip(COLUMNS, row, strict=True))) for row in rows]
+
+    async def aclose(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await anyio.to_thread.run_sync(pool.close)

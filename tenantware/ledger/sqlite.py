@@ -1,0 +1,153 @@
+"""The embedded default ledger: SQLite in WAL mode, written in batches from a worker thread.
+
+A committed batch is in the WAL file, so a killed process loses nothing it had committed;
+``synchronous=NORMAL`` trades only power-loss durability of the last commits for speed.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio.to_thread
+
+from tenantware.ledger.base import LedgerUnavailable
+from tenantware.ledger.record import COLUMNS, UsageRecord
+
+__all__ = ["SqliteLedger"]
+
+_SCHEMA_VERSION = 1
+_MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE IF NOT EXISTS usage_records (
+        record_id TEXT PRIMARY KEY,
+        request_id TEXT NOT NULL,
+        ts REAL NOT NULL,
+        tenant TEXT NOT NULL,
+        cost_center TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        model_requested TEXT NOT NULL,
+        model_served TEXT NOT NULL,
+        upstream TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        outcome TEXT NOT NULL,
+        input_tokens INTEGER NOT NULL,
+        output_tokens INTEGER NOT NULL,
+        cached_tokens INTEGER NOT NULL,
+        reasoning_tokens INTEGER NOT NULL,
+        cost_nanousd INTEGER NOT NULL,
+        charged_nanousd INTEGER NOT NULL,
+        queue_wait_s REAL NOT NULL,
+        upstream_latency_s REAL,
+        latency_s REAL NOT NULL,
+        ttft_s REAL,
+        stream INTEGER NOT NULL,
+        estimated INTEGER NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS usage_records_tenant_ts ON usage_records (tenant, ts);
+    CREATE INDEX IF NOT EXISTS usage_records_ts ON usage_records (ts);
+    CREATE INDEX IF NOT EXISTS usage_records_request_id ON usage_records (request_id);
+    """,
+)
+assert len(_MIGRATIONS) == _SCHEMA_VERSION
+
+_INSERT = (
+    f"INSERT OR IGNORE INTO usage_records ({', '.join(COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in COLUMNS)})"
+)
+_SELECT = f"SELECT {', '.join(COLUMNS)} FROM usage_records"
+
+
+def _row(record: UsageRecord) -> tuple[object, ...]:
+    return tuple(getattr(record, name) for name in COLUMNS)
+
+
+def _record(row: Sequence[object]) -> UsageRecord:
+    values = dict(zip(COLUMNS, row, strict=True))
+    values["stream"] = bool(values["stream"])
+    values["estimated"] = bool(values["estimated"])
+    return UsageRecord(**values)  # type: ignore[arg-type]
+
+
+class SqliteLedger:
+    """``SqliteLedger("usage.db")``: one connection, used by one worker thread at a time."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.RLock()
+
+    async def open(self) -> None:
+        await anyio.to_thread.run_sync(self._open)
+
+    def _open(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                return
+            if self.path.parent and not self.path.parent.exists():
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute("PRAGMA busy_timeout=5000")
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                for number in range(version, _SCHEMA_VERSION):
+                    conn.executescript(
+                        "BEGIN;" + _MIGRATIONS[number] + f"PRAGMA user_version={number + 1};COMMIT;"
+                    )
+            except sqlite3.Error as exc:
+                raise LedgerUnavailable(f"sqlite {self.path}: {exc}") from exc
+            self._conn = conn
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._open()
+        assert self._conn is not None
+        return self._conn
+
+    async def write(self, records: Sequence[UsageRecord]) -> None:
+        if records:
+            rows = [_row(r) for r in records]
+            await anyio.to_thread.run_sync(self._write, rows)
+
+    def _write(self, rows: list[tuple[object, ...]]) -> None:
+        with self._lock:
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN")
+                conn.executemany(_INSERT, rows)
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise LedgerUnavailable(f"sqlite {self.path}: {exc}") from exc
+
+    async def query(
+        self, *, tenant: str | None = None, since: float = 0.0, until: float | None = None
+    ) -> list[UsageRecord]:
+        return await anyio.to_thread.run_sync(self._query, tenant, since, until)
+
+    def _query(self, tenant: str | None, since: float, until: float | None) -> list[UsageRecord]:
+        sql = _SELECT + " WHERE ts >= ?"
+        args: list[object] = [since]
+        if until is not None:
+            sql += " AND ts < ?"
+            args.append(until)
+        if tenant is not None:
+            sql += " AND tenant = ?"
+            args.append(tenant)
+        with self._lock:
+            rows = self._connection().execute(sql + " ORDER BY ts", args).fetchall()
+        return [_record(row) for row in rows]
+
+    async def aclose(self) -> None:
+        await anyio.to_thread.run_sync(self._close)
+
+    def _close(self) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
