@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -40,13 +41,17 @@ def test_serve_rejects_a_bad_config_file(
 
 
 @pytest.mark.slow
-def test_serve_demo_answers_completions_with_the_demo_key() -> None:
+def test_serve_demo_answers_completions_with_the_demo_key(tmp_path: Path) -> None:
     port = find_free_port()
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
     process = subprocess.Popen(
         [sys.executable, "-m", "tenantware.cli", "serve", "--demo", "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        cwd=tmp_path,  # the demo's SQLite ledger is written here
+        env=env,
     )
     base = f"http://127.0.0.1:{port}"
     try:
