@@ -1,0 +1,66 @@
+"""Bench entry point: the gateway of ``--config`` on one server, with a chosen upstream client.
+
+``tenantware serve`` runs the same app (``Gateway(...).asgi_app()``) on uvicorn; this script
+only adds the knobs the benchmark compares (``--client aiohttp|httpx``, ``--server
+uvicorn|granian``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+
+def build_app() -> Any:
+    """App factory (also used by granian, which imports its target in the worker)."""
+    from tenantware import Gateway, load_config
+    from tenantware.proxy.upstream import AiohttpUpstreamClient, HttpxUpstreamClient
+
+    path = os.environ["TW_BENCH_CONFIG"]
+    client_name = os.environ.get("TW_BENCH_CLIENT", "aiohttp")
+    client: Any
+    client = HttpxUpstreamClient() if client_name == "httpx" else AiohttpUpstreamClient()
+    return Gateway(load_config(path), upstream_client=client).asgi_app()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp")
+    parser.add_argument("--server", choices=["uvicorn", "granian"], default="uvicorn")
+    args = parser.parse_args()
+    os.environ["TW_BENCH_CONFIG"] = os.path.abspath(args.config)
+    os.environ["TW_BENCH_CLIENT"] = args.client
+    if args.server == "granian":
+        from granian import Granian  # type: ignore[import-not-found, unused-ignore]
+
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        Granian(
+            "serve_gateway:build_app",
+            address="127.0.0.1",
+            port=args.port,
+            interface="asgi",
+            factory=True,
+            workers=1,
+            loop="uvloop",
+            log_enabled=False,
+        ).serve()
+        return
+    import uvicorn
+
+    uvicorn.run(
+        build_app(),
+        host="127.0.0.1",
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        log_level="warning",
+        access_log=False,
+    )
+
+
+if __name__ == "__main__":
+    main()
