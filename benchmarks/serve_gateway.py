@@ -12,6 +12,9 @@ import os
 import sys
 from typing import Any
 
+# Run from a checkout without installing: the package is the parent of benchmarks/.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 def build_app() -> Any:
     """App factory (also used by granian, which imports its target in the worker)."""

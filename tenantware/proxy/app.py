@@ -281,33 +281,6 @@ class ProxyApp:
         disconnected = False
         failed: UpstreamUnavailable | None = None
 
-        async def relay(cancel: anyio.CancelScope) -> None:
-            nonlocal failed
-            await send(
-                {"type": "http.response.start", "status": response.status, "headers": _SSE_HEADERS}
-            )
-            try:
-                async for chunk in response.chunks():
-                    if ctx.first_byte_at is None:
-                        ctx.first_byte_at = time.perf_counter()
-                    out = tap.feed(chunk)
-                    if out:
-                        await send({"type": "http.response.body", "body": out, "more_body": True})
-                rest = tap.flush()
-                if rest:
-                    await send({"type": "http.response.body", "body": rest, "more_body": True})
-            except UpstreamUnavailable as exc:
-                failed = exc
-                await send(
-                    {
-                        "type": "http.response.body",
-                        "body": _stream_error_event(exc),
-                        "more_body": True,
-                    }
-                )
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            cancel.cancel()
-
         async def watch_disconnect(cancel: anyio.CancelScope) -> None:
             nonlocal disconnected
             while True:
@@ -317,10 +290,40 @@ class ProxyApp:
                     cancel.cancel()
                     return
 
+        # The relay runs in this task; only the disconnect watcher is a task of its own.
         try:
             async with anyio.create_task_group() as group:
-                group.start_soon(relay, group.cancel_scope)
                 group.start_soon(watch_disconnect, group.cancel_scope)
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": response.status,
+                        "headers": _SSE_HEADERS,
+                    }
+                )
+                try:
+                    async for chunk in response.chunks():
+                        if ctx.first_byte_at is None:
+                            ctx.first_byte_at = time.perf_counter()
+                        out = tap.feed(chunk)
+                        if out:
+                            await send(
+                                {"type": "http.response.body", "body": out, "more_body": True}
+                            )
+                    rest = tap.flush()
+                    if rest:
+                        await send({"type": "http.response.body", "body": rest, "more_body": True})
+                except UpstreamUnavailable as exc:
+                    failed = exc
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": _stream_error_event(exc),
+                            "more_body": True,
+                        }
+                    )
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                group.cancel_scope.cancel()
         except* OSError:
             # The server could not write to the client: it is gone.
             disconnected = True
