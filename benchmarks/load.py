@@ -77,15 +77,21 @@ def _tree(pid: int) -> list[int]:
     return found
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of the process tree rooted at ``pid``."""
-    total = 0
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of the process tree rooted at ``pid``."""
+    user = system = 0
     for member in _tree(pid):
         with contextlib.suppress(OSError):
             text = Path(f"/proc/{member}/stat").read_text()
             fields = text[text.rfind(")") + 2 :].split()
-            total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
+            user += int(fields[11])
+            system += int(fields[12])
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of the process tree rooted at ``pid``."""
+    return sum(cpu_split(pid))
 
 
 def memory_mb(pid: int, field: str = "VmRSS") -> float:
@@ -238,7 +244,7 @@ async def _generate(args: argparse.Namespace) -> dict[str, Any]:
         connector=connector, timeout=timeout, skip_auto_headers=("User-Agent",)
     ) as session:
 
-        async def one(scheduled: float) -> None:
+        async def one(scheduled: float, body: bytes = body) -> None:
             nonlocal errors
             start = time.perf_counter()
             first = None
@@ -268,7 +274,8 @@ async def _generate(args: argparse.Namespace) -> dict[str, Any]:
                 delay = at - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                task = asyncio.create_task(one(at))
+                mixed = args.stream_every and index % args.stream_every == 0
+                task = asyncio.create_task(one(at, STREAM_BODY if mixed else body))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             if tasks:
@@ -306,6 +313,7 @@ def _gen_command(argv: list[str]) -> None:
     parser.add_argument("--rate", type=float, default=0)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--stream", action="store_true")
+    parser.add_argument("--stream-every", type=int, default=0, help="open loop: every k-th")
     args = parser.parse_args(argv)
     import uvloop
 
@@ -353,13 +361,16 @@ class Bench:
         self.upstream.stop()
 
     def _measure(self, target: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        time.sleep(0.3)  # let the previous point's connections and streams wind down
         pid = self.gateway.pid
-        cpu0, wall0, switches0 = cpu_seconds(pid), time.perf_counter(), preempted(pid)
+        (user0, sys0), wall0, switches0 = cpu_split(pid), time.perf_counter(), preempted(pid)
         result = run()
-        cpu, wall = cpu_seconds(pid) - cpu0, time.perf_counter() - wall0
+        (user1, sys1), wall = cpu_split(pid), time.perf_counter() - wall0
+        cpu = user1 + sys1 - user0 - sys0
         if target == "gateway":
-            done = result["requests"] + result["errors"]
-            result["gw_cpu_ms_per_req"] = cpu * 1000 / max(1, done)
+            done = max(1, result["requests"] + result["errors"])
+            result["gw_cpu_ms_per_req"] = cpu * 1000 / done
+            result["gw_sys_ms_per_req"] = (sys1 - sys0) * 1000 / done
             result["gw_busy"] = cpu / wall
             result["gw_preempted_per_s"] = (preempted(pid) - switches0) / wall
         return result
@@ -544,8 +555,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "| upstream | mode | loop | load | direct p50 / p90 / p99 | gateway p50 / p90 / p99 "
         "| **added p50 / p90 / p99** | gateway req/s | direct req/s | gw CPU/req ms | gw busy "
-        "| gw preempted/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| of which sys | gw preempted/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {"closed": 0, "open": 1, "ttfb": 2}
     for p in sorted(
@@ -563,6 +574,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {triple('gateway')} | **{triple('added')}** | {_fmt(p.get('gateway_rps'), 0)} "
             f"| {_fmt(p.get('direct_rps'), 0)} | {_fmt(p.get('gateway_gw_cpu_ms_per_req'), 3)} "
             f"| {_fmt(p.get('gateway_gw_busy', 0) * 100, 0)} % "
+            f"| {_fmt(p.get('gateway_gw_sys_ms_per_req'), 3)} "
             f"| {_fmt(p.get('gateway_gw_preempted_per_s'), 0)} |"
         )
     proc = report["process"]
@@ -704,7 +716,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
             bench.warm()
             argv = ["taskset", "-c", LOAD_CORE, sys.executable, str(HERE / "load.py"), "_gen"]
             argv += [bench.url("gateway"), "--seconds", str(args.soak)]
-            argv += ["--rate", str(args.soak_rate)]
+            argv += ["--rate", str(args.soak_rate), "--stream-every", str(args.soak_stream_every)]
             gen = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
             samples: list[tuple[float, float]] = []
             started = time.perf_counter()
@@ -722,6 +734,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "seconds": args.soak,
         "rate": args.soak_rate,
+        "stream_every": args.soak_stream_every,
         "warmup_s": warmup,
         "requests": result["requests"],
         "errors": result["errors"],
@@ -757,6 +770,7 @@ def main() -> None:
     parser.add_argument("--server", choices=["uvicorn", "granian"], default="uvicorn")
     parser.add_argument("--soak", type=float, default=0, help="soak for this many seconds")
     parser.add_argument("--soak-rate", type=float, default=300.0)
+    parser.add_argument("--soak-stream-every", type=int, default=5, help="1 in k is a stream")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--tag", default="", help="suffix of the result file names")
     args = parser.parse_args()
