@@ -28,6 +28,35 @@ def build_app() -> Any:
     return Gateway(load_config(path), upstream_client=client).asgi_app()
 
 
+def _report_gc_pauses() -> None:
+    """``TW_BENCH_GC_STATS=1``: print the collector's pauses at exit (tail-latency evidence)."""
+    import atexit
+    import gc
+    import time
+
+    pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    started = [0.0]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            pauses[info["generation"]].append(time.perf_counter() - started[0])
+
+    gc.callbacks.append(callback)
+
+    def report() -> None:
+        for generation, values in pauses.items():
+            if values:
+                print(
+                    f"gc gen{generation}: {len(values)} pauses, max {max(values) * 1000:.2f} ms, "
+                    f"total {sum(values) * 1000:.1f} ms",
+                    file=sys.stderr,
+                )
+
+    atexit.register(report)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True)
@@ -35,6 +64,8 @@ def main() -> None:
     parser.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp")
     parser.add_argument("--server", choices=["uvicorn", "granian"], default="uvicorn")
     args = parser.parse_args()
+    if os.environ.get("TW_BENCH_GC_STATS"):
+        _report_gc_pauses()
     os.environ["TW_BENCH_CONFIG"] = os.path.abspath(args.config)
     os.environ["TW_BENCH_CLIENT"] = args.client
     if args.server == "granian":

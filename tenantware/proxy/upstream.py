@@ -97,8 +97,10 @@ class _AiohttpResponse:
             raise _translate_aiohttp(exc) from exc
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        content = self._response.content
         try:
-            async for chunk in self._response.content.iter_any():
+            # ``readany`` directly: ``iter_any()`` would add an async iterator per chunk.
+            while chunk := await content.readany():
                 yield chunk
         except Exception as exc:
             raise _translate_aiohttp(exc) from exc
