@@ -161,7 +161,9 @@ class Server:
 
 def start_upstream(latency_ms: float) -> Server:
     port = _free_port()
-    argv = ["-m", "tenantware.testing.upstream", "--port", str(port)]
+    # -W: runpy warns that tenantware.testing already imported the module; harmless here.
+    argv = ["-W", "ignore::RuntimeWarning", "-m", "tenantware.testing.upstream"]
+    argv += ["--port", str(port)]
     argv += ["--latency-ms", str(latency_ms), "--chunks", str(STREAM_EVENTS)]
     argv += ["--chunk-delay-ms", str(CHUNK_DELAY_MS)]
     return Server("upstream", LOAD_CORE, argv, port)

@@ -29,18 +29,22 @@ def build_app() -> Any:
 
 
 def _report_gc_pauses() -> None:
-    """``TW_BENCH_GC_STATS=1``: print the collector's pauses at exit (tail-latency evidence)."""
+    """``TW_BENCH_GC_STATS=<skip seconds>``: print the collector's pauses at exit."""
     import atexit
     import gc
+    import signal
     import time
 
     pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
     started = [0.0]
 
+    # Pauses in the first TW_BENCH_GC_STATS seconds (imports, startup) are not counted.
+    skip_until = time.perf_counter() + float(os.environ.get("TW_BENCH_GC_STATS") or 0)
+
     def callback(phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             started[0] = time.perf_counter()
-        else:
+        elif started[0] > skip_until:
             pauses[info["generation"]].append(time.perf_counter() - started[0])
 
     gc.callbacks.append(callback)
@@ -56,6 +60,12 @@ def _report_gc_pauses() -> None:
 
     atexit.register(report)
 
+    def on_term(signum: int, frame: object) -> None:
+        # uvicorn re-raises SIGTERM after its graceful shutdown: exit through atexit then.
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -63,11 +73,21 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp")
     parser.add_argument("--server", choices=["uvicorn", "granian"], default="uvicorn")
+    parser.add_argument(
+        "--gc-freeze", action="store_true", help="gc.freeze() after building the app"
+    )
     args = parser.parse_args()
     if os.environ.get("TW_BENCH_GC_STATS"):
         _report_gc_pauses()
     os.environ["TW_BENCH_CONFIG"] = os.path.abspath(args.config)
     os.environ["TW_BENCH_CLIENT"] = args.client
+    if args.gc_freeze:
+        # Everything imported so far is immortal in practice: keep it out of every collection.
+        import gc
+
+        app = build_app()
+        gc.collect()
+        gc.freeze()
     if args.server == "granian":
         from granian import Granian  # type: ignore[import-not-found, unused-ignore]
 
@@ -86,7 +106,7 @@ def main() -> None:
     import uvicorn
 
     uvicorn.run(
-        build_app(),
+        app if args.gc_freeze else build_app(),
         host="127.0.0.1",
         port=args.port,
         loop="uvloop",

@@ -74,10 +74,6 @@ def _receiver(body: bytes) -> Receive:
     return receive
 
 
-async def _sink(message: Message) -> None:
-    return None
-
-
 async def noop_app(scope: Scope, receive: Receive, send: Send) -> None:
     """The cheapest real app: reads its body and answers a fixed JSON."""
     await receive()
@@ -192,28 +188,26 @@ def drive() -> Iterator[Callable[[Gateway, ASGIApp, bytes], Callable[[], None]]]
         stops.append((stop, holder))
         scope = _scope(body=body)
         message: Message = {"type": "http.request", "body": body, "more_body": False}
-        never = asyncio.Event()
-
-        async def receive() -> Message:
-            return message
-
-        async def receive_stream() -> Message:
-            # The proxy's disconnect watcher calls receive() again after the body.
-            await never.wait()
-            return {"type": "http.disconnect"}
 
         async def one_request() -> None:
-            # TenantMiddleware replays the body itself; later receive() calls block.
-            sent = False
+            # As uvicorn does: the body once, then receive() blocks until the response is
+            # complete (or the client leaves) and answers http.disconnect.
+            received = False
+            complete = asyncio.Event()
 
             async def recv() -> Message:
-                nonlocal sent
-                if sent:
-                    return await receive_stream()
-                sent = True
-                return await receive()
+                nonlocal received
+                if received:
+                    await complete.wait()
+                    return {"type": "http.disconnect"}
+                received = True
+                return message
 
-            await app(dict(scope), recv, _sink)
+            async def send(event: Message) -> None:
+                if event["type"] == "http.response.body" and not event.get("more_body", False):
+                    complete.set()
+
+            await app(dict(scope), recv, send)
 
         async def batch() -> None:
             for _ in range(BATCH):

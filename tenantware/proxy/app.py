@@ -278,17 +278,22 @@ class ProxyApp:
         hide_usage: bool,
     ) -> None:
         tap = StreamTap(hide_usage=hide_usage)
-        disconnected = False
+        disconnected = finished = False
+        watching = True
         failed: UpstreamUnavailable | None = None
 
         async def watch_disconnect(cancel: anyio.CancelScope) -> None:
-            nonlocal disconnected
-            while True:
-                message: Message = await receive()
-                if message["type"] == "http.disconnect":
-                    disconnected = True
-                    cancel.cancel()
-                    return
+            nonlocal disconnected, watching
+            try:
+                while True:
+                    message: Message = await receive()
+                    if message["type"] == "http.disconnect":
+                        if not finished:
+                            disconnected = True
+                            cancel.cancel()
+                        return
+            finally:
+                watching = False
 
         # The relay runs in this task; only the disconnect watcher is a task of its own.
         try:
@@ -323,7 +328,13 @@ class ProxyApp:
                         }
                     )
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
-                group.cancel_scope.cancel()
+                finished = True
+                # Servers like uvicorn answer a pending receive() with http.disconnect once the
+                # response is complete: let the watcher end by itself. Cancelling it costs a
+                # cancellation round and leaves cyclic garbage (frames, tracebacks) for the GC.
+                await anyio.lowlevel.checkpoint()
+                if watching:
+                    group.cancel_scope.cancel()
         except* OSError:
             # The server could not write to the client: it is gone.
             disconnected = True
