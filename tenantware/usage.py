@@ -102,6 +102,10 @@ class StreamTap:
         if end < 0:
             self._pending = data
             return b""
+        if end == len(data) - 2 and data.find(b"\n\n") == end:
+            # The usual case: the chunk is exactly one whole event; no split, no join.
+            self._pending = b""
+            return data if self._inspect(data[:end]) or not self.hide_usage else b""
         complete, self._pending = data[: end + 2], data[end + 2 :]
         if not self.hide_usage:
             for event in complete.split(b"\n\n")[:-1]:

@@ -23,6 +23,8 @@ from tenantware.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["TenantMiddleware"]
 
+_bind = structlog.contextvars.bind_contextvars
+_reset = structlog.contextvars.reset_contextvars
 _VALID_REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 _decode_view = msgspec.json.Decoder(RequestView).decode
 _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
@@ -123,21 +125,27 @@ class TenantMiddleware:
             await self.app(scope, receive, send_with_id)
             return
         ctx.api_route = True
-        with structlog.contextvars.bound_contextvars(request_id=request_id):
-            try:
-                entry = self._authenticate(snapshot, token, host)
-                ctx.tenant = entry.tenant
-                ctx.key_id = entry.key_id
-                with structlog.contextvars.bound_contextvars(tenant_id=entry.tenant.id):
-                    if scope["method"] in _BODY_METHODS and _is_json(content_type):
-                        receive = await self._read_body(snapshot, ctx, receive, content_length)
-                    await self.app(scope, receive, send_with_id)
-            except _ClientGoneError:
-                return
-            except GatewayError as error:
-                if ctx.response_started:
-                    raise
-                await error.send(send_with_id, ctx)
+        # bind/reset with tokens: ``bound_contextvars`` copies the whole context per call.
+        id_token = _bind(request_id=request_id)
+        tenant_token = None
+        try:
+            entry = self._authenticate(snapshot, token, host)
+            ctx.tenant = entry.tenant
+            ctx.key_id = entry.key_id
+            tenant_token = _bind(tenant_id=entry.tenant.id)
+            if scope["method"] in _BODY_METHODS and _is_json(content_type):
+                receive = await self._read_body(snapshot, ctx, receive, content_length)
+            await self.app(scope, receive, send_with_id)
+        except _ClientGoneError:
+            return
+        except GatewayError as error:
+            if ctx.response_started:
+                raise
+            await error.send(send_with_id, ctx)
+        finally:
+            if tenant_token is not None:
+                _reset(**tenant_token)
+            _reset(**id_token)
 
     def _authenticate(
         self, snapshot: Snapshot, token: bytes | None, host: bytes | None

@@ -436,55 +436,62 @@ class ProxyApp:
         hide_usage: bool,
     ) -> None:
         tap = StreamTap(hide_usage=hide_usage)
-        disconnected = False
-        finished = False
+        disconnected = finished = False
+        watching = True
         failed: UpstreamUnavailable | None = None
 
-        async def relay(cancel: anyio.CancelScope) -> None:
-            nonlocal failed, finished
-            headers = [*_SSE_HEADERS, self._served_header(ctx.model_served or "")]
-            await send(
-                {"type": "http.response.start", "status": response.status, "headers": headers}
-            )
-            try:
-                async for chunk in response.chunks():
-                    if ctx.first_byte_at is None:
-                        ctx.first_byte_at = time.perf_counter()
-                    out = tap.feed(chunk)
-                    if out:
-                        await send({"type": "http.response.body", "body": out, "more_body": True})
-                rest = tap.flush()
-                if rest:
-                    await send({"type": "http.response.body", "body": rest, "more_body": True})
-            except UpstreamUnavailable as exc:
-                failed = exc
-                await send(
-                    {
-                        "type": "http.response.body",
-                        "body": _stream_error_event(exc),
-                        "more_body": True,
-                    }
-                )
-            # A disconnect reported after the last byte is the normal end, not a client gone
-            # mid-stream (servers and in-process transports report it once the body is done).
-            finished = True
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            cancel.cancel()
-
         async def watch_disconnect(cancel: anyio.CancelScope) -> None:
-            nonlocal disconnected
-            while True:
-                message: Message = await receive()
-                if message["type"] == "http.disconnect":
-                    if not finished:
-                        disconnected = True
-                        cancel.cancel()
-                    return
+            nonlocal disconnected, watching
+            try:
+                while True:
+                    message: Message = await receive()
+                    if message["type"] == "http.disconnect":
+                        if not finished:
+                            disconnected = True
+                            cancel.cancel()
+                        return
+            finally:
+                watching = False
 
+        # The relay runs in this task; only the disconnect watcher is a task of its own.
         try:
             async with anyio.create_task_group() as group:
-                group.start_soon(relay, group.cancel_scope)
                 group.start_soon(watch_disconnect, group.cancel_scope)
+                headers = [*_SSE_HEADERS, self._served_header(ctx.model_served or "")]
+                await send(
+                    {"type": "http.response.start", "status": response.status, "headers": headers}
+                )
+                try:
+                    async for chunk in response.chunks():
+                        if ctx.first_byte_at is None:
+                            ctx.first_byte_at = time.perf_counter()
+                        out = tap.feed(chunk)
+                        if out:
+                            await send(
+                                {"type": "http.response.body", "body": out, "more_body": True}
+                            )
+                    rest = tap.flush()
+                    if rest:
+                        await send({"type": "http.response.body", "body": rest, "more_body": True})
+                except UpstreamUnavailable as exc:
+                    failed = exc
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": _stream_error_event(exc),
+                            "more_body": True,
+                        }
+                    )
+                # A disconnect reported after the last byte is the normal end, not a client
+                # gone mid-stream (in-process transports report it during this last send).
+                finished = True
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                # Servers like uvicorn answer a pending receive() with http.disconnect once the
+                # response is complete: let the watcher end by itself. Cancelling it costs a
+                # cancellation round and leaves cyclic garbage (frames, tracebacks) for the GC.
+                await anyio.lowlevel.checkpoint()
+                if watching:
+                    group.cancel_scope.cancel()
         except* OSError:
             # The server could not write to the client: it is gone.
             disconnected = True

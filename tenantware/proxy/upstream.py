@@ -10,7 +10,7 @@ closed with ``aclose()`` (the gateway's lifespan does it).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Protocol
 
 import aiohttp
@@ -30,6 +30,7 @@ __all__ = [
 _RELAYED_HEADERS = frozenset(
     {"content-type", "retry-after", "retry-after-ms", "x-should-retry", "openai-processing-ms"}
 )
+_RELAYED_RAW = frozenset(name.encode() for name in _RELAYED_HEADERS)
 
 
 class UpstreamUnavailable(Exception):
@@ -73,12 +74,9 @@ class UpstreamClient(Protocol):
     async def aclose(self) -> None: ...
 
 
-def _relayable(items: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
-    return [
-        (name.lower().encode(), value.encode("latin-1"))
-        for name, value in items
-        if name.lower() in _RELAYED_HEADERS
-    ]
+def _relayable(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The relayable headers of the raw byte pairs as received: no str round trip."""
+    return [(lower, value) for name, value in raw if (lower := name.lower()) in _RELAYED_RAW]
 
 
 class _AiohttpResponse:
@@ -87,7 +85,7 @@ class _AiohttpResponse:
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
         self.status = response.status
-        self.headers = _relayable(list(response.headers.items()))
+        self.headers = _relayable(response.raw_headers)
 
     def header(self, name: str) -> str | None:
         return self._response.headers.get(name)
@@ -99,8 +97,10 @@ class _AiohttpResponse:
             raise _translate_aiohttp(exc) from exc
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        content = self._response.content
         try:
-            async for chunk in self._response.content.iter_any():
+            # ``readany`` directly: ``iter_any()`` would add an async iterator per chunk.
+            while chunk := await content.readany():
                 yield chunk
         except Exception as exc:
             raise _translate_aiohttp(exc) from exc
@@ -125,6 +125,19 @@ class AiohttpUpstreamClient:
         self._pool_size = pool_size
         self._keepalive_s = keepalive_s
         self._session: aiohttp.ClientSession | None = None
+        #: One ``ClientTimeout`` per (read, connect) pair: upstreams have fixed timeouts.
+        self._timeouts: dict[tuple[float, float], aiohttp.ClientTimeout] = {}
+
+    def _timeout(self, timeout_s: float, connect_timeout_s: float) -> aiohttp.ClientTimeout:
+        key = (timeout_s, connect_timeout_s)
+        timeout = self._timeouts.get(key)
+        if timeout is None:
+            timeout = aiohttp.ClientTimeout(
+                total=None, sock_connect=connect_timeout_s, sock_read=timeout_s
+            )
+            if len(self._timeouts) < 256:
+                self._timeouts[key] = timeout
+        return timeout
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -146,13 +159,14 @@ class AiohttpUpstreamClient:
         timeout_s: float,
         connect_timeout_s: float,
     ) -> UpstreamResponse:
-        session = self._get_session()
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=connect_timeout_s, sock_read=timeout_s
+        session = self._session or self._get_session()
+        timeout = self._timeouts.get((timeout_s, connect_timeout_s)) or self._timeout(
+            timeout_s, connect_timeout_s
         )
         try:
+            # aiohttp copies ``headers`` into its own multidict: no copy needed here.
             response = await session.request(
-                method, url, data=body or None, headers=dict(headers), timeout=timeout
+                method, url, data=body or None, headers=headers, timeout=timeout
             )
         except Exception as exc:
             raise _translate_aiohttp(exc) from exc
@@ -170,7 +184,7 @@ class _HttpxResponse:
     def __init__(self, response: httpx.Response) -> None:
         self._response = response
         self.status = response.status_code
-        self.headers = _relayable(list(response.headers.items()))
+        self.headers = _relayable(response.headers.raw)
 
     def header(self, name: str) -> str | None:
         value: str | None = self._response.headers.get(name)

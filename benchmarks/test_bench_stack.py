@@ -1,0 +1,275 @@
+"""In-process cost of each middleware, of the whole stack and of the proxy's relay.
+
+Run: ``pytest benchmarks/test_bench_stack.py --benchmark-enable --benchmark-time-unit=ms``.
+Each round drives ``BATCH`` (1000) requests through the ASGI callable inside one event loop,
+so the figures pytest-benchmark prints in *milliseconds per round* read as *microseconds per
+request*. The layers are taken from ``Gateway.middleware()``: ``stack[:k]`` measures the
+stack through layer k, so each layer's own cost is the step from the previous row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from typing import Any
+
+import pytest
+from benchconfig import BENCH_KEY, CHAT_BODY, STREAM_BODY, bench_config
+
+from tenantware import Gateway, parse_config
+from tenantware.middleware.tenant import TenantMiddleware
+from tenantware.state import LiveConfig
+from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig
+from tenantware.types import ASGIApp, Message, Receive, Scope, Send
+
+try:
+    import uvloop
+
+    _new_loop: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+except ImportError:  # pragma: no cover
+    _new_loop = asyncio.new_event_loop
+
+#: Requests per benchmark round: milliseconds per round == microseconds per request.
+BATCH = 1000
+UPSTREAM_URL = "http://upstream.bench/v1"
+
+
+def _scope(path: str = "/v1/chat/completions", body: bytes = CHAT_BODY) -> Scope:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "server": ("127.0.0.1", 8080),
+        "client": ("127.0.0.1", 50000),
+        "headers": [
+            (b"host", b"127.0.0.1:8080"),
+            (b"user-agent", b"OpenAI/Python 1.55.0"),
+            (b"accept", b"application/json"),
+            (b"content-type", b"application/json"),
+            (b"authorization", b"Bearer " + BENCH_KEY.encode()),
+            (b"content-length", str(len(body)).encode()),
+        ],
+    }
+
+
+def _receiver(body: bytes) -> Receive:
+    sent = False
+    disconnect = asyncio.Event()
+
+    async def receive() -> Message:
+        nonlocal sent
+        # After the body, a real server blocks until the client leaves.
+        if sent:
+            await disconnect.wait()
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+async def noop_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """The cheapest real app: reads its body and answers a fixed JSON."""
+    await receive()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", b"2")],
+        }
+    )
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+class _RecordingClient:
+    """Stands in for the network: asks the fake upstream once per distinct request, then
+    replays its exact status, headers and body chunks, so only the proxy's work is timed."""
+
+    def __init__(self) -> None:
+        self.fake = FakeUpstream(FakeUpstreamConfig(stream_chunks=20, record_requests=False))
+        self._cache: dict[tuple[str, bytes], tuple[int, list[tuple[bytes, bytes]], list[bytes]]]
+        self._cache = {}
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str],
+        body: bytes,
+        timeout_s: float,
+        connect_timeout_s: float,
+    ) -> _Canned:
+        key = (url, body)
+        if key not in self._cache:
+            self._cache[key] = await self._record(url, body)
+        status, relayed, chunks = self._cache[key]
+        return _Canned(status, relayed, chunks)
+
+    async def _record(
+        self, url: str, body: bytes
+    ) -> tuple[int, list[tuple[bytes, bytes]], list[bytes]]:
+        path = "/" + url.split("/", 3)[3]
+        scope = _scope(path, body)
+        sent: list[Message] = []
+
+        async def capture(message: Message) -> None:
+            sent.append(message)
+
+        await self.fake(scope, _receiver(body), capture)
+        start = sent[0]
+        relayed = [(n, v) for n, v in start["headers"] if n == b"content-type"]
+        chunks = [m["body"] for m in sent[1:] if m.get("body")]
+        return start["status"], relayed, chunks
+
+    async def aclose(self) -> None:
+        return None
+
+
+class _Canned:
+    __slots__ = ("_chunks", "headers", "status")
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], chunks: list[bytes]):
+        self.status = status
+        self.headers = headers
+        self._chunks = chunks
+
+    def header(self, name: str) -> str | None:
+        return None
+
+    async def read(self) -> bytes:
+        return b"".join(self._chunks)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        for chunk in self._chunks:
+            yield chunk
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _gateway(client: Any = None) -> Gateway:
+    return Gateway(parse_config(bench_config(UPSTREAM_URL)), upstream_client=client)
+
+
+def _layer_names() -> list[str]:
+    return [layer.cls.__name__ for layer in _gateway().middleware()]  # type: ignore[attr-defined]
+
+
+LAYERS = _layer_names()
+
+
+@pytest.fixture
+def drive() -> Iterator[Callable[[Gateway, ASGIApp, bytes], Callable[[], None]]]:
+    """``drive(gateway, app, body)`` -> a callable running BATCH requests on one loop.
+
+    The gateway's lifetime services (``gateway.running()``) stay entered in a task of that
+    loop for the whole benchmark, as under a server's lifespan.
+    """
+    loop = _new_loop()
+    stops: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+
+    def make(gateway: Gateway, app: ASGIApp, body: bytes) -> Callable[[], None]:
+        ready, stop = asyncio.Event(), asyncio.Event()
+
+        async def hold() -> None:
+            async with gateway.running():
+                ready.set()
+                await stop.wait()
+
+        holder = loop.create_task(hold())
+        loop.run_until_complete(ready.wait())
+        stops.append((stop, holder))
+        scope = _scope(body=body)
+        message: Message = {"type": "http.request", "body": body, "more_body": False}
+
+        async def one_request() -> None:
+            # As uvicorn does: the body once, then receive() blocks until the response is
+            # complete (or the client leaves) and answers http.disconnect.
+            received = False
+            complete = asyncio.Event()
+
+            async def recv() -> Message:
+                nonlocal received
+                if received:
+                    await complete.wait()
+                    return {"type": "http.disconnect"}
+                received = True
+                return message
+
+            async def send(event: Message) -> None:
+                if event["type"] == "http.response.body" and not event.get("more_body", False):
+                    complete.set()
+
+            await app(dict(scope), recv, send)
+
+        async def batch() -> None:
+            for _ in range(BATCH):
+                await one_request()
+
+        def run() -> None:
+            loop.run_until_complete(batch())
+
+        run()  # warm: caches, recorded upstream answers
+        return run
+
+    yield make
+    for stop, holder in stops:
+        stop.set()
+        loop.run_until_complete(holder)
+    loop.close()
+
+
+def _bench(benchmark: Any, run: Callable[[], None]) -> None:
+    benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("depth", range(1, len(LAYERS) + 1), ids=LAYERS)
+def test_stack_through_layer(benchmark: Any, drive: Any, depth: int) -> None:
+    """Stack outermost..layer ``depth`` around the no-op app (memory backends)."""
+    gateway = _gateway()
+    app: ASGIApp = noop_app
+    for layer in reversed(gateway.middleware()[:depth]):
+        app = layer.cls(app, *layer.args, **layer.kwargs)
+    _bench(benchmark, drive(gateway, app, CHAT_BODY))
+
+
+def test_tenant_middleware_alone(benchmark: Any, drive: Any) -> None:
+    gateway = _gateway()
+    app = TenantMiddleware(noop_app, live=LiveConfig(gateway.config))
+    _bench(benchmark, drive(gateway, app, CHAT_BODY))
+
+
+def test_whole_stack_noop_app(benchmark: Any, drive: Any) -> None:
+    """``Gateway.wrap(noop_app)``: the target is under 50 µs per request."""
+    gateway = _gateway()
+    _bench(benchmark, drive(gateway, gateway.wrap(noop_app), CHAT_BODY))
+
+
+def test_noop_app_alone(benchmark: Any, drive: Any) -> None:
+    """The harness itself (scope copy, receive, send): subtract it from the rows above."""
+    _bench(benchmark, drive(_gateway(), noop_app, CHAT_BODY))
+
+
+@pytest.mark.parametrize("body", [CHAT_BODY, STREAM_BODY], ids=["json", "stream20"])
+def test_whole_stack_proxy(benchmark: Any, drive: Any, body: bytes) -> None:
+    """Stack + proxy relaying a recorded upstream answer (JSON, or 20 SSE events + usage)."""
+    gateway = _gateway(_RecordingClient())
+    _bench(benchmark, drive(gateway, gateway.wrap(gateway.proxy), body))
+
+
+def test_proxy_through_inprocess_fake(benchmark: Any, drive: Any) -> None:
+    """Stack + proxy + httpx ASGITransport + the fake upstream itself, all in process."""
+    import httpx
+
+    from tenantware import HttpxUpstreamClient
+
+    fake = FakeUpstream(FakeUpstreamConfig(record_requests=False))
+    gateway = _gateway(HttpxUpstreamClient(transport=httpx.ASGITransport(app=fake)))
+    _bench(benchmark, drive(gateway, gateway.wrap(gateway.proxy), CHAT_BODY))
