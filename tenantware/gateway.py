@@ -14,9 +14,11 @@ from typing import Any
 import anyio
 from starlette.middleware import Middleware
 
+from tenantware.admission.pools import AdmissionPools
 from tenantware.backends.redis_support import RedisClient, connect_redis
 from tenantware.config import GatewayConfig
 from tenantware.estimate import PromptEstimator, estimate_prompt_tokens
+from tenantware.middleware.admission import AdmissionMiddleware
 from tenantware.middleware.tenant import TenantMiddleware
 from tenantware.proxy.app import ProxyApp
 from tenantware.proxy.upstream import UpstreamClient
@@ -50,6 +52,14 @@ class Gateway:
         #: Async context managers entered for the gateway's lifetime (writers, pools).
         self._services: list[Callable[[], AbstractAsyncContextManager[Any]]] = []
         self._redis: RedisClient | None = None
+        #: Fair-share seat pools (memory, or Redis when ``gateway.redis_url`` is set).
+        self.admission = AdmissionPools(
+            config.admission,
+            redis=self.redis,
+            prefix=config.gateway.redis_prefix,
+            on_failure=config.gateway.on_store_failure,
+        )
+        self.add_service(self.admission.running)
 
     def add_service(self, service: Callable[[], AbstractAsyncContextManager[Any]]) -> None:
         """Run ``service()`` for the gateway's lifetime (entered in order, exited reversed)."""
@@ -76,6 +86,8 @@ class Gateway:
         # -- metering layer -------------------------------------------------------------
         # -- quota layer ----------------------------------------------------------------
         # -- admission layer ------------------------------------------------------------
+        if self.config.admission.enabled:
+            stack.append(Middleware(AdmissionMiddleware, live=self.live, pools=self.admission))
         # -- breaker layer --------------------------------------------------------------
         return stack
 

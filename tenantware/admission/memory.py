@@ -1,0 +1,68 @@
+"""The in-process seat store: ``FairCore`` driven from the event loop (one process)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio
+
+from tenantware.admission.core import QUEUED, FairCore, Ticket
+
+__all__ = ["MemorySeatStore"]
+
+
+class MemorySeatStore:
+    """Fast path: a free seat with nobody waiting costs one method call (no task, no event).
+
+    Only a queued ticket gets an ``anyio.Event``, set by whichever release grants it.
+    """
+
+    def __init__(
+        self,
+        seats: int,
+        *,
+        band_shares: Sequence[float] = (16.0, 4.0, 1.0),
+        max_queue: int = 256,
+        lifting: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.core = FairCore(seats, band_shares=band_shares, max_queue=max_queue, lifting=lifting)
+        self.clock = clock
+
+    async def acquire(self, ticket: Ticket) -> int:
+        core = self.core
+        status, granted = core.submit(ticket, self.clock())
+        if status == QUEUED:
+            ticket.handle = anyio.Event()
+        _wake(granted)
+        return status
+
+    async def wait(self, ticket: Ticket) -> None:
+        event = ticket.handle
+        if not ticket.granted and event is not None:
+            await event.wait()
+
+    async def cancel(self, ticket: Ticket) -> None:
+        _wake(self.core.cancel(ticket))
+
+    async def release(self, ticket: Ticket, actual_cost: float) -> None:
+        granted = self.core.release(ticket, actual_cost)
+        if granted:
+            _wake(granted)
+
+    async def state(self) -> dict[str, Any]:
+        core = self.core
+        return {
+            "seats": core.seats,
+            "in_use": core.in_use,
+            "waiting": core.waiting,
+            "tenants": core.snapshot(),
+        }
+
+
+def _wake(granted: list[Ticket]) -> None:
+    for ticket in granted:
+        if ticket.handle is not None:
+            ticket.handle.set()

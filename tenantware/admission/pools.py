@@ -1,0 +1,118 @@
+"""Which seat pool a request queues for, and the per-tenant parameters of its ticket.
+
+Built once per gateway from ``AdmissionSettings``: a global pool (``seats``) and one pool per
+upstream listed in ``upstream_seats``. Pools live in memory, or in Redis when the gateway has
+a Redis client (then ``running()`` renews this process's seat leases).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+
+from tenantware.admission.base import SeatStore
+from tenantware.admission.core import BAND_INDEX, BANDS
+from tenantware.admission.memory import MemorySeatStore
+from tenantware.backends.redis_support import RedisClient
+from tenantware.config import AdmissionSettings
+from tenantware.registry import TenantView
+
+__all__ = ["AdmissionPools", "TenantTerms"]
+
+
+class TenantTerms:
+    """Seat reservation and cap of one tenant, derived once per tenant view."""
+
+    __slots__ = ("cap", "max_band", "reserved", "view")
+
+    def __init__(self, view: TenantView, settings: AdmissionSettings) -> None:
+        self.view = view
+        self.reserved = settings.tenant_reserved_seats.get(
+            view.id, settings.tier_reserved_seats.get(view.tier, 0)
+        )
+        self.cap = settings.tier_max_seats.get(view.tier, settings.max_seats_per_tenant or 0)
+        self.max_band = BAND_INDEX[view.max_priority]
+
+
+class AdmissionPools:
+    """The seat stores of one gateway process, by pool name (``*`` is the global pool)."""
+
+    def __init__(
+        self,
+        settings: AdmissionSettings,
+        *,
+        redis: RedisClient | None = None,
+        prefix: str = "",
+        stores: dict[str, SeatStore] | None = None,
+        on_failure: str = "open",
+    ) -> None:
+        self.settings = settings
+        shares = tuple(settings.band_shares.get(band, 1.0) for band in BANDS)
+        wanted: dict[str, int] = dict(settings.upstream_seats)
+        if settings.seats is not None:
+            wanted["*"] = settings.seats
+        self.stores: dict[str, SeatStore] = {}
+        if stores is not None:
+            self.stores.update(stores)
+        for name, seats in wanted.items():
+            if name in self.stores:
+                continue
+            if redis is not None:
+                from tenantware.admission.redis import RedisSeatStore
+
+                self.stores[name] = RedisSeatStore(
+                    redis,
+                    pool=name,
+                    seats=seats,
+                    prefix=prefix,
+                    band_shares=shares,
+                    max_queue=settings.max_queue_per_tenant,
+                    lease_s=settings.lease_s,
+                    poll_min_s=settings.poll_min_s,
+                    poll_max_s=settings.poll_max_s,
+                    on_failure="closed" if on_failure == "closed" else "open",
+                )
+            else:
+                self.stores[name] = MemorySeatStore(
+                    seats, band_shares=shares, max_queue=settings.max_queue_per_tenant
+                )
+        self.global_store = self.stores.get("*")
+        self._terms: dict[str, TenantTerms] = {}
+
+    def store_for(self, upstream: str | None) -> tuple[str, SeatStore] | None:
+        """The pool of an upstream: its own if configured, else the global one (or none)."""
+        if upstream is not None:
+            store = self.stores.get(upstream)
+            if store is not None:
+                return upstream, store
+        if self.global_store is not None:
+            return "*", self.global_store
+        return None
+
+    def terms(self, view: TenantView) -> TenantTerms:
+        terms = self._terms.get(view.id)
+        if terms is None or terms.view is not view:
+            terms = self._terms[view.id] = TenantTerms(view, self.settings)
+        return terms
+
+    async def state(self) -> dict[str, Any]:
+        """Per pool: seats, seats in use, requests waiting, per-tenant counters and queues."""
+        return {name: await store.state() for name, store in self.stores.items()}
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Renew the seat leases this process holds (Redis) for the gateway's lifetime."""
+        renewers = [s for s in self.stores.values() if hasattr(s, "renew_forever")]
+        if not renewers:
+            yield
+            return
+        async with anyio.create_task_group() as group:
+            for store in renewers:
+                group.start_soon(store.renew_forever)
+            try:
+                yield
+            finally:
+                group.cancel_scope.cancel()
