@@ -100,13 +100,16 @@ class Gateway:
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """Background work for the gateway's lifetime (config watch); closes clients after."""
-        async with AsyncExitStack() as stack, anyio.create_task_group() as group:
-            for service in self._services:
-                await stack.enter_async_context(service())
-            if self.config_path is not None:
-                group.start_soon(watch_config, self.live, self.config_path)
+        # Services are entered inside the task group and exited before it: a service may run
+        # its own task group (cancel scopes must nest).
+        async with anyio.create_task_group() as group:
             try:
-                yield
+                async with AsyncExitStack() as stack:
+                    for service in self._services:
+                        await stack.enter_async_context(service())
+                    if self.config_path is not None:
+                        group.start_soon(watch_config, self.live, self.config_path)
+                    yield
             finally:
                 group.cancel_scope.cancel()
                 with anyio.CancelScope(shield=True):

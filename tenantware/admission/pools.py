@@ -104,14 +104,14 @@ class AdmissionPools:
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        """Renew the seat leases this process holds (Redis) for the gateway's lifetime."""
-        renewers = [s for s in self.stores.values() if hasattr(s, "renew_forever")]
+        """Redis upkeep for the gateway's lifetime: renew this process's leases, grant notices."""
+        renewers = [s for s in self.stores.values() if hasattr(s, "run_forever")]
         if not renewers:
             yield
             return
         async with anyio.create_task_group() as group:
             for store in renewers:
-                group.start_soon(store.renew_forever)
+                group.start_soon(store.run_forever)
             try:
                 yield
             finally:

@@ -6,10 +6,12 @@ the leases it holds (``renew_forever``, run by ``AdmissionPools.running``) and a
 process's seats expire after ``lease_s``; a queued ticket whose process stops polling expires
 after its heartbeat.
 
-Wake-up: a release grants the next tickets inside Redis and returns their ids; waiters of this
-process are woken at once through their event, waiters of other processes find their grant by
-polling with exponential backoff (``poll_min_s`` doubling up to ``poll_max_s``). The cost of
-a cross-process hand-over is therefore at most ``poll_max_s`` of seat idle time.
+Wake-up: a decision (usually a release) grants the next tickets inside Redis and returns their
+ids. Waiters of this process are woken at once through their event; the ids of other
+processes' tickets are published on the pool's channel and each process's listener
+(``run_forever``) wakes its own. Waiters also poll with exponential backoff (``poll_min_s``
+doubling up to ``poll_max_s``), so a lost notice costs at most ``poll_max_s`` of seat idle
+time, and a queued ticket's poll is its heartbeat.
 
 Failure policy: a Redis error on ``acquire`` admits the request unaccounted (``open``, the
 default) or answers 503 (``closed``).
@@ -53,15 +55,18 @@ class RedisSeatStore:
         poll_min_s: float = 0.002,
         poll_max_s: float = 0.05,
         on_failure: str = "open",
+        heartbeat_s: float | None = None,
     ) -> None:
         self.redis = redis
         self.seats = seats
         self._keys = [tenant_key(prefix, f"adm:{pool}")]
+        self._channel = self._keys[0] + ":wake"
         self._head = ["", str(seats), str(len(band_shares)), *map(str, band_shares)]
         self._script = redis.register_script(_SCRIPT)
         self.max_queue = max_queue
         self.lease_ms = int(lease_s * 1000)
-        self.heartbeat_ms = int(max(2.0, 20 * poll_max_s) * 1000)
+        #: A queued ticket whose process has not polled for this long is dropped.
+        self.heartbeat_ms = int((heartbeat_s or max(2.0, 20 * poll_max_s)) * 1000)
         self.lease_s = lease_s
         self.poll_min_s = poll_min_s
         self.poll_max_s = poll_max_s
@@ -75,14 +80,31 @@ class RedisSeatStore:
     async def _call(self, op: str, *args: Any) -> Any:
         return await self._script(keys=self._keys, args=[op, *self._head[1:], *args])
 
-    def _wake(self, granted: Sequence[Any]) -> None:
-        """Tickets of this process granted by a decision just made: wake their waiters."""
+    def _wake(self, granted: Sequence[Any]) -> list[bytes]:
+        """Wake this process's waiters among ``granted``; the other processes' ticket ids."""
+        others: list[bytes] = []
         for raw in granted:
-            ticket = self._waiting.get(raw.decode() if isinstance(raw, bytes) else str(raw))
+            key = raw.decode() if isinstance(raw, bytes) else str(raw)
+            ticket = self._waiting.get(key)
             if ticket is not None:
                 ticket.granted = True
                 self._held.add(ticket.id)
                 ticket.handle.set()
+            elif not key.startswith(self._prefix):
+                others.append(key.encode())
+        return others
+
+    async def _granted(self, granted: Sequence[Any]) -> None:
+        """After a decision: wake local waiters at once, tell other processes by pub/sub."""
+        if not granted:
+            return
+        others = self._wake(granted)
+        if others:
+            try:
+                await self.redis.publish(self._channel, b" ".join(others))
+            except RedisError:
+                # Their owners find the grant by polling.
+                metrics.STORE_FAILURES.labels("admission", self.on_failure).inc()
 
     async def acquire(self, ticket: Ticket) -> int:
         self._seq += 1
@@ -117,7 +139,7 @@ class RedisSeatStore:
             ticket.granted = True
             return GRANTED
         status = int(reply[0])
-        self._wake(reply[1:])
+        await self._granted(reply[1:])
         if status == GRANTED:
             ticket.granted = True
             self._held.add(ticket.id)
@@ -142,7 +164,7 @@ class RedisSeatStore:
                     metrics.STORE_FAILURES.labels("admission", self.on_failure).inc()
                     delay = self.poll_max_s
                     continue
-                self._wake(reply[1:])
+                await self._granted(reply[1:])
                 status = int(reply[0])
                 if status == GRANTED:
                     ticket.granted = True
@@ -181,9 +203,15 @@ class RedisSeatStore:
             # The lease expires by itself; only the usage correction is lost.
             metrics.STORE_FAILURES.labels("admission", self.on_failure).inc()
             return
-        self._wake(granted)
+        await self._granted(granted)
 
-    async def renew_forever(self) -> None:
+    async def run_forever(self) -> None:
+        """This process's share of the pool's upkeep: lease renewal and grant notices."""
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._renew_forever)
+            await self._listen_forever()
+
+    async def _renew_forever(self) -> None:
         """Push the expiry of this process's leases every third of ``lease_s``."""
         while True:
             await anyio.sleep(self.lease_s / 3)
@@ -192,6 +220,26 @@ class RedisSeatStore:
                     await self._call("renew", self.lease_ms, *self._held)
                 except RedisError:
                     metrics.STORE_FAILURES.labels("admission", self.on_failure).inc()
+
+    async def _listen_forever(self) -> None:
+        """Wake local waiters granted by another process (polling remains the fallback)."""
+        while True:
+            try:
+                pubsub = self.redis.pubsub()
+                try:
+                    await pubsub.subscribe(self._channel)
+                    while True:
+                        message = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=1.0
+                        )
+                        if message is not None and isinstance(message["data"], bytes):
+                            self._wake(message["data"].split())
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]
+            except (RedisError, OSError):
+                metrics.STORE_FAILURES.labels("admission", self.on_failure).inc()
+                await anyio.sleep(1.0)
 
     async def state(self) -> dict[str, Any]:
         reply = await self._call("state")
