@@ -180,6 +180,9 @@ class AdmissionSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields
     """
 
     enabled: bool = True
+    #: ``fair``: per-tenant queues and virtual token counters; ``fifo``: one shared queue in
+    #: arrival order (the baseline the fairness benchmark compares against).
+    scheduler: Literal["fair", "fifo"] = "fair"
     #: Seats of the global pool (every model whose upstream has no pool of its own).
     seats: PositiveInt | None = None
     #: Seats per upstream name: requests routed to that upstream queue for its own pool.

@@ -77,13 +77,19 @@ async def test_queued_requests_reach_the_upstream_with_their_body() -> None:
     ):
         statuses: list[int] = []
 
+        waits: list[str | None] = []
+
         async def one() -> None:
             response = await client.post("/v1/chat/completions", json=CHAT)
             statuses.append(response.status_code)
+            waits.append(response.headers.get("x-tenantware-queue-wait-ms"))
 
         for _ in range(4):
             tg.start_soon(one)
     assert statuses == [200] * 4
+    # Queued requests tell the client how long they waited; the first one did not wait.
+    assert waits.count(None) == 1
+    assert max(int(w) for w in waits if w is not None) >= 100
     state = (await gateway.admission.state())["*"]
     assert state["in_use"] == 0
     assert state["waiting"] == 0

@@ -18,6 +18,9 @@ class SeatStore(Protocol):
     exactly once (``release`` with its actual cost, or ``cancel``).
     """
 
+    #: Whether ``release`` awaits I/O (and so must be shielded from cancellation).
+    shield_release: bool
+
     async def acquire(self, ticket: Ticket) -> int: ...
 
     async def wait(self, ticket: Ticket) -> None: ...

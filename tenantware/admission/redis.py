@@ -42,6 +42,8 @@ _UNACCOUNTED = "-"
 class RedisSeatStore:
     """One seat pool in Redis; see the module docstring for leases, wake-up and failures."""
 
+    shield_release = True
+
     def __init__(
         self,
         redis: RedisClient,

@@ -29,6 +29,9 @@ __all__ = ["AdmissionMiddleware"]
 
 _PRIORITY_HEADER: Final = b"x-request-priority"
 _BAND_OF_HEADER: Final = {name.encode(): i for i, name in enumerate(BANDS)}
+_WAIT_HEADER: Final = b"x-tenantware-queue-wait-ms"
+#: The one queue of the ``fifo`` scheduler.
+_FIFO: Final = "*"
 
 
 class AdmissionMiddleware:
@@ -49,6 +52,7 @@ class AdmissionMiddleware:
         self.output_weight = self.settings.output_weight
         self.default_band = BAND_INDEX[self.settings.default_priority]
         self.default_output = live.current.config.gateway.default_max_tokens
+        self.fifo = self.settings.scheduler == "fifo"
         self._gauges: dict[str, tuple[Gauge, Gauge, Histogram]] = {}
 
     async def state(self) -> dict[str, Any]:
@@ -81,14 +85,13 @@ class AdmissionMiddleware:
         ctx.priority = BANDS[band]
         view = ctx.view
         output = view.output_cap or self.default_output
-        ticket = Ticket(
-            tenant.id,
-            tenant.weight,
-            ctx.estimated_prompt_tokens + self.output_weight * output,
-            band=band,
-            reserved=terms.reserved,
-            cap=terms.cap,
-        )
+        cost = ctx.estimated_prompt_tokens + self.output_weight * output
+        if self.fifo:
+            ticket = Ticket(_FIFO, 1.0, cost)
+        else:
+            ticket = Ticket(
+                tenant.id, tenant.weight, cost, band=band, reserved=terms.reserved, cap=terms.cap
+            )
         gauges = self._gauges.get(tenant.id)
         if gauges is None:
             gauges = self._gauges[tenant.id] = (
@@ -114,6 +117,14 @@ class AdmissionMiddleware:
             if after is None:
                 return
             receive = after
+            wait_header = (_WAIT_HEADER, str(round(ctx.queue_wait_s * 1000)).encode())
+            inner_send = send
+
+            async def send(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    message["headers"] = [*message.get("headers", ()), wait_header]
+                await inner_send(message)
+
         else:
             gauges[2].observe(0.0)
         gauges[1].inc()
@@ -127,7 +138,10 @@ class AdmissionMiddleware:
                 else 0.0
             )
             gauges[1].dec()
-            with anyio.CancelScope(shield=True):
+            if store.shield_release:
+                with anyio.CancelScope(shield=True):
+                    await store.release(ticket, actual)
+            else:
                 await store.release(ticket, actual)
 
     async def _wait(
