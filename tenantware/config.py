@@ -187,6 +187,12 @@ class AdmissionSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields
     seats: PositiveInt | None = None
     #: Seats per upstream name: requests routed to that upstream queue for its own pool.
     upstream_seats: dict[str, PositiveInt] = field(default_factory=dict)
+    #: Optional token rate of a pool (input + output tokens per second, estimated at dispatch
+    #: and corrected at completion): a dispatch needs both a free seat and a positive bucket.
+    tokens_per_second: PositiveInt | None = None
+    upstream_tokens_per_second: dict[str, PositiveInt] = field(default_factory=dict)
+    #: Bucket depth of the token rate, in seconds of rate.
+    rate_burst_s: Annotated[float, Meta(gt=0, le=600)] = 1.0
     #: Cost of one output token relative to one input token in the fair-share counters.
     output_weight: Annotated[float, Meta(ge=0, le=1000)] = 2.0
     #: Priority of a request without ``x-request-priority`` (capped at the tenant's maximum).

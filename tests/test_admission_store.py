@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 import anyio
@@ -233,3 +234,21 @@ async def test_lifting_gives_no_credit_for_idling(make_store) -> None:  # type: 
     for ticket in (backlog, late):
         await store.cancel(ticket)
     await store.release(holder, 100.0)
+
+
+async def test_token_rate_holds_dispatch_until_the_bucket_refills(make_store) -> None:  # type: ignore[no-untyped-def]
+    # 1000 tokens/s, 1 s of burst: a 1500-token request drives the bucket 500 into debt.
+    store = make_store(10, tokens_per_s=1000.0)
+    big = Ticket("a", 1.0, 100.0, tokens=1500.0)
+    assert await store.acquire(big) == GRANTED
+    small = Ticket("b", 1.0, 100.0, tokens=10.0)
+    assert await store.acquire(small) == QUEUED
+    started = time.perf_counter()
+    assert await _granted_within(store, small, 3.0)
+    assert 0.3 <= time.perf_counter() - started <= 2.0
+    # Completion refunds what the estimate over-counted: the bucket is positive at once.
+    await store.release(big, 100.0, 100.0)
+    await store.release(small, 100.0, 10.0)
+    quick = Ticket("c", 1.0, 100.0, tokens=10.0)
+    assert await store.acquire(quick) == GRANTED
+    await store.release(quick, 100.0, 10.0)

@@ -15,7 +15,7 @@ class SeatStore(Protocol):
     ``acquire`` answers at once: ``GRANTED``, ``QUEUED`` or ``QUEUE_FULL``. A queued ticket
     is granted later by some ``release`` or ``cancel`` (of this process or, with Redis, of
     any process); ``wait`` returns when that happened. Every granted ticket is released
-    exactly once (``release`` with its actual cost, or ``cancel``).
+    exactly once (``release`` with its actual weighted cost and raw tokens, or ``cancel``).
     """
 
     #: Whether ``release`` awaits I/O (and so must be shielded from cancellation).
@@ -27,6 +27,8 @@ class SeatStore(Protocol):
 
     async def cancel(self, ticket: Ticket) -> None: ...
 
-    async def release(self, ticket: Ticket, actual_cost: float) -> None: ...
+    async def release(
+        self, ticket: Ticket, actual_cost: float, actual_tokens: float | None = None
+    ) -> None: ...
 
     async def state(self) -> dict[str, Any]: ...

@@ -48,6 +48,7 @@ class Ticket:
         "lease",
         "reserved",
         "tenant",
+        "tokens",
         "weight",
     )
 
@@ -60,9 +61,12 @@ class Ticket:
         band: int = 1,
         reserved: int = 0,
         cap: int = 0,
+        tokens: float = 0.0,
         id: str = "",
     ) -> None:
         self.tenant = tenant
+        #: Raw tokens (input + output) estimated, for the optional tokens/second rate.
+        self.tokens = tokens
         self.weight = weight
         self.cost = cost
         self.band = band
@@ -101,10 +105,18 @@ class FairCore:
         band_shares: Sequence[float] = (16.0, 4.0, 1.0),
         max_queue: int = 256,
         lifting: bool = True,
+        tokens_per_s: float | None = None,
+        burst_s: float = 1.0,
     ) -> None:
         if seats < 1:
             raise ValueError("seats must be >= 1")
         self.seats = seats
+        #: Optional token bucket: a dispatch needs a positive level (and may take it below
+        #: zero); completion refunds or charges the difference between estimate and actual.
+        self.rate = tokens_per_s
+        self.burst = (tokens_per_s or 0.0) * burst_s
+        self.level = self.burst
+        self._refilled: float | None = None
         self.max_queue = max_queue
         self.lifting = lifting
         self.in_use = 0
@@ -133,7 +145,12 @@ class FairCore:
                 self._reserving.add(ticket.tenant)
             else:
                 self._reserving.discard(ticket.tenant)
-        if not self.waiting and self.in_use < self.seats and _may_hold(state, ticket):
+        if (
+            not self.waiting
+            and self.in_use < self.seats
+            and _may_hold(state, ticket)
+            and (self.rate is None or self._room(now))
+        ):
             # The fast path: free capacity and nobody waiting.
             if self.lifting and state.counter < self.vt:
                 state.counter = self.vt
@@ -159,22 +176,31 @@ class FairCore:
         state.queues[band].append(ticket)
         state.queued += 1
         self.waiting += 1
-        granted = self._dispatch()
+        granted = self._dispatch(now)
         return (GRANTED if ticket.granted else QUEUED), granted
 
-    def release(self, ticket: Ticket, actual_cost: float) -> list[Ticket]:
+    def release(
+        self,
+        ticket: Ticket,
+        actual_cost: float,
+        actual_tokens: float | None = None,
+        now: float = 0.0,
+    ) -> list[Ticket]:
         """A granted request finished: free its seat, correct its charge, dispatch."""
         state = self.tenants[ticket.tenant]
         state.held -= 1
         self.in_use -= 1
         state.counter += (actual_cost - ticket.cost) / ticket.weight
         ticket.granted = False
-        return self._dispatch()
+        if self.rate is not None:
+            used = ticket.tokens if actual_tokens is None else actual_tokens
+            self.level = min(self.burst, self.level + ticket.tokens - used)
+        return self._dispatch(now)
 
-    def cancel(self, ticket: Ticket) -> list[Ticket]:
+    def cancel(self, ticket: Ticket, now: float = 0.0) -> list[Ticket]:
         """The client left: a waiting ticket leaves the queue; a granted one is refunded."""
         if ticket.granted:
-            return self.release(ticket, 0.0)
+            return self.release(ticket, 0.0, 0.0, now)
         state = self.tenants.get(ticket.tenant)
         if state is None:
             return []
@@ -187,7 +213,17 @@ class FairCore:
         self.waiting -= 1
         if not queue:
             self._backlog[ticket.band].discard(ticket.tenant)
-        return self._dispatch()
+        return self._dispatch(now)
+
+    def pump(self, now: float) -> list[Ticket]:
+        """Dispatch what the token bucket now allows (waiters call it when it refilled)."""
+        return self._dispatch(now)
+
+    def retry_in(self, now: float) -> float:
+        """Seconds until the token bucket is positive again (0 without a rate)."""
+        if self.rate is None or self._room(now):
+            return 0.0
+        return -self.level / self.rate + 0.001
 
     # -- inspection -------------------------------------------------------------------------
 
@@ -216,11 +252,21 @@ class FairCore:
         state.counter += ticket.cost / ticket.weight
         state.held += 1
         self.in_use += 1
+        self.level -= ticket.tokens
         ticket.granted = True
 
-    def _dispatch(self) -> list[Ticket]:
+    def _room(self, now: float) -> bool:
+        """Refill the token bucket to ``now``; whether a dispatch may take from it."""
+        assert self.rate is not None
+        if self._refilled is not None and now > self._refilled:
+            self.level = min(self.burst, self.level + (now - self._refilled) * self.rate)
+        if self._refilled is None or now > self._refilled:
+            self._refilled = now
+        return self.level > 0
+
+    def _dispatch(self, now: float) -> list[Ticket]:
         granted: list[Ticket] = []
-        while self.waiting and self.in_use < self.seats:
+        while self.waiting and self.in_use < self.seats and (self.rate is None or self._room(now)):
             ticket = self._pick()
             if ticket is None:
                 break

@@ -29,14 +29,22 @@ class MemorySeatStore:
         band_shares: Sequence[float] = (16.0, 4.0, 1.0),
         max_queue: int = 256,
         lifting: bool = True,
+        tokens_per_s: float | None = None,
+        burst_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.core = FairCore(seats, band_shares=band_shares, max_queue=max_queue, lifting=lifting)
+        self.core = FairCore(
+            seats,
+            band_shares=band_shares,
+            max_queue=max_queue,
+            lifting=lifting,
+            tokens_per_s=tokens_per_s,
+            burst_s=burst_s,
+        )
         self.clock = clock
 
     async def acquire(self, ticket: Ticket) -> int:
-        core = self.core
-        status, granted = core.submit(ticket, self.clock())
+        status, granted = self.core.submit(ticket, self.clock())
         if status == QUEUED:
             ticket.handle = anyio.Event()
         _wake(granted)
@@ -44,14 +52,26 @@ class MemorySeatStore:
 
     async def wait(self, ticket: Ticket) -> None:
         event = ticket.handle
-        if not ticket.granted and event is not None:
+        if ticket.granted or event is None:
+            return
+        core = self.core
+        if core.rate is None:
             await event.wait()
+            return
+        # With a token rate nobody may release while the bucket refills: re-check on time.
+        while not ticket.granted:
+            with anyio.move_on_after(max(0.001, core.retry_in(self.clock()))):
+                await event.wait()
+            if not ticket.granted:
+                _wake(core.pump(self.clock()))
 
     async def cancel(self, ticket: Ticket) -> None:
-        _wake(self.core.cancel(ticket))
+        _wake(self.core.cancel(ticket, self.clock()))
 
-    async def release(self, ticket: Ticket, actual_cost: float) -> None:
-        granted = self.core.release(ticket, actual_cost)
+    async def release(
+        self, ticket: Ticket, actual_cost: float, actual_tokens: float | None = None
+    ) -> None:
+        granted = self.core.release(ticket, actual_cost, actual_tokens, self.clock())
         if granted:
             _wake(granted)
 

@@ -57,9 +57,13 @@ class AdmissionPools:
         self.stores: dict[str, SeatStore] = {}
         if stores is not None:
             self.stores.update(stores)
+        rates: dict[str, int] = dict(settings.upstream_tokens_per_second)
+        if settings.tokens_per_second is not None:
+            rates["*"] = settings.tokens_per_second
         for name, seats in wanted.items():
             if name in self.stores:
                 continue
+            rate = rates.get(name)
             if redis is not None:
                 from tenantware.admission.redis import RedisSeatStore
 
@@ -70,6 +74,8 @@ class AdmissionPools:
                     prefix=prefix,
                     band_shares=shares,
                     max_queue=settings.max_queue_per_tenant,
+                    tokens_per_s=rate,
+                    burst_s=settings.rate_burst_s,
                     lease_s=settings.lease_s,
                     poll_min_s=settings.poll_min_s,
                     poll_max_s=settings.poll_max_s,
@@ -77,7 +83,11 @@ class AdmissionPools:
                 )
             else:
                 self.stores[name] = MemorySeatStore(
-                    seats, band_shares=shares, max_queue=settings.max_queue_per_tenant
+                    seats,
+                    band_shares=shares,
+                    max_queue=settings.max_queue_per_tenant,
+                    tokens_per_s=rate,
+                    burst_s=settings.rate_burst_s,
                 )
         self.global_store = self.stores.get("*")
         self._terms: dict[str, TenantTerms] = {}

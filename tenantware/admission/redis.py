@@ -53,6 +53,8 @@ class RedisSeatStore:
         prefix: str = "",
         band_shares: Sequence[float] = (16.0, 4.0, 1.0),
         max_queue: int = 256,
+        tokens_per_s: float | None = None,
+        burst_s: float = 1.0,
         lease_s: float = 30.0,
         poll_min_s: float = 0.002,
         poll_max_s: float = 0.05,
@@ -63,7 +65,14 @@ class RedisSeatStore:
         self.seats = seats
         self._keys = [tenant_key(prefix, f"adm:{pool}")]
         self._channel = self._keys[0] + ":wake"
-        self._head = ["", str(seats), str(len(band_shares)), *map(str, band_shares)]
+        rate = tokens_per_s or 0.0
+        self._head = [
+            str(seats),
+            repr(float(rate)),
+            repr(rate * burst_s),
+            str(len(band_shares)),
+            *map(repr, map(float, band_shares)),
+        ]
         self._script = redis.register_script(_SCRIPT)
         self.max_queue = max_queue
         self.lease_ms = int(lease_s * 1000)
@@ -80,7 +89,7 @@ class RedisSeatStore:
         self._seq = 0
 
     async def _call(self, op: str, *args: Any) -> Any:
-        return await self._script(keys=self._keys, args=[op, *self._head[1:], *args])
+        return await self._script(keys=self._keys, args=[op, *self._head, *args])
 
     def _wake(self, granted: Sequence[Any]) -> list[bytes]:
         """Wake this process's waiters among ``granted``; the other processes' ticket ids."""
@@ -124,6 +133,7 @@ class RedisSeatStore:
                 self.max_queue,
                 self.lease_ms,
                 self.heartbeat_ms,
+                repr(float(ticket.tokens)),
             )
         except RedisError:
             metrics.STORE_FAILURES.labels("admission", self.on_failure).inc()
@@ -182,9 +192,11 @@ class RedisSeatStore:
             self._waiting.pop(ticket.id, None)
 
     async def cancel(self, ticket: Ticket) -> None:
-        await self.release(ticket, 0.0)
+        await self.release(ticket, 0.0, 0.0)
 
-    async def release(self, ticket: Ticket, actual_cost: float) -> None:
+    async def release(
+        self, ticket: Ticket, actual_cost: float, actual_tokens: float | None = None
+    ) -> None:
         self._waiting.pop(ticket.id, None)
         if ticket.lease == _UNACCOUNTED:
             return
@@ -200,6 +212,8 @@ class RedisSeatStore:
                 repr(ticket.weight),
                 repr(float(actual_cost)),
                 self.lease_ms,
+                repr(float(ticket.tokens)),
+                repr(float(ticket.tokens if actual_tokens is None else actual_tokens)),
             )
         except RedisError:
             # The lease expires by itself; only the usage correction is lost.

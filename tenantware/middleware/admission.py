@@ -85,12 +85,19 @@ class AdmissionMiddleware:
         ctx.priority = BANDS[band]
         view = ctx.view
         output = view.output_cap or self.default_output
-        cost = ctx.estimated_prompt_tokens + self.output_weight * output
+        prompt = ctx.estimated_prompt_tokens
+        cost = prompt + self.output_weight * output
         if self.fifo:
-            ticket = Ticket(_FIFO, 1.0, cost)
+            ticket = Ticket(_FIFO, 1.0, cost, tokens=prompt + output)
         else:
             ticket = Ticket(
-                tenant.id, tenant.weight, cost, band=band, reserved=terms.reserved, cap=terms.cap
+                tenant.id,
+                tenant.weight,
+                cost,
+                band=band,
+                reserved=terms.reserved,
+                cap=terms.cap,
+                tokens=prompt + output,
             )
         gauges = self._gauges.get(tenant.id)
         if gauges is None:
@@ -131,18 +138,18 @@ class AdmissionMiddleware:
         try:
             await self.app(scope, receive, send)
         finally:
+            # Nothing reported (the request failed before the upstream answered): no charge.
             usage = ctx.usage
-            actual = (
-                usage.input_tokens + self.output_weight * usage.output_tokens
-                if usage is not None
-                else 0.0
-            )
+            actual = tokens = 0.0
+            if usage is not None:
+                actual = usage.input_tokens + self.output_weight * usage.output_tokens
+                tokens = usage.input_tokens + usage.output_tokens
             gauges[1].dec()
             if store.shield_release:
                 with anyio.CancelScope(shield=True):
-                    await store.release(ticket, actual)
+                    await store.release(ticket, actual, tokens)
             else:
-                await store.release(ticket, actual)
+                await store.release(ticket, actual, tokens)
 
     async def _wait(
         self,

@@ -5,7 +5,8 @@
 -- Time comes from Redis TIME (ms). Seats are leases with an expiry: a dead process's seats
 -- come back by themselves; queued tickets carry a heartbeat the waiting process refreshes.
 --
--- ARGV: op, seats, nbands, share_1..share_n, then the op's own arguments.
+-- ARGV: op, seats, rate (tokens/s, 0: none), burst (tokens), nbands, share_1..share_n, then
+-- the op's own arguments.
 
 local base = KEYS[1]
 local K_SEATS = base .. ':seats'    -- zset lease(ticket id) -> expiry ms
@@ -14,17 +15,19 @@ local K_HELD = base .. ':held'      -- hash tenant -> seats held
 local K_CTR = base .. ':ctr'        -- hash tenant -> virtual counter
 local K_RESV = base .. ':resv'      -- hash tenant -> reserved seats
 local K_RES = base .. ':res'        -- set of tenants with a reservation
-local K_SYS = base .. ':sys'        -- hash: vt, bvt, w (waiting), b1..bn band counters
+local K_SYS = base .. ':sys'        -- hash: vt, bvt, w (waiting), b1..bn, lvl/lts (bucket)
 local K_QN = base .. ':qn'          -- hash tenant -> queued tickets
-local K_TK = base .. ':tk'          -- hash ticket -> tenant|band|cost|weight|cap (queued)
+local K_TK = base .. ':tk'          -- hash ticket -> tenant|band|cost|weight|cap|tokens
 local K_TKX = base .. ':tkx'        -- zset ticket -> heartbeat expiry ms (queued)
 
 local op = ARGV[1]
 local seats = tonumber(ARGV[2])
-local nbands = tonumber(ARGV[3])
+local rate = tonumber(ARGV[3])
+local burst = tonumber(ARGV[4])
+local nbands = tonumber(ARGV[5])
 local steps = {}
-for b = 1, nbands do steps[b] = 1 / tonumber(ARGV[3 + b]) end
-local a = 4 + nbands -- first op argument
+for b = 1, nbands do steps[b] = 1 / tonumber(ARGV[5 + b]) end
+local a = 6 + nbands -- first op argument
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -60,7 +63,26 @@ local function counter_of(tenant)
   return f
 end
 
-local function grant(ticket, tenant, cost, weight, lease_ms)
+local function room()
+  -- The optional token bucket: refill to now; a dispatch needs a positive level.
+  if rate <= 0 then return true end
+  local lvl = redis.call('HGET', K_SYS, 'lvl')
+  local lts = num(redis.call('HGET', K_SYS, 'lts'))
+  if lvl then lvl = tonumber(lvl) else lvl = burst end
+  if lts > 0 and now > lts then lvl = math.min(burst, lvl + (now - lts) * rate / 1000) end
+  redis.call('HSET', K_SYS, 'lvl', tostring(lvl), 'lts', now)
+  return lvl > 0
+end
+
+local function take_tokens(tokens)
+  if rate > 0 and tokens ~= 0 then
+    local lvl = redis.call('HGET', K_SYS, 'lvl')
+    if lvl then lvl = tonumber(lvl) else lvl = burst end
+    redis.call('HSET', K_SYS, 'lvl', tostring(math.min(burst, lvl - tokens)))
+  end
+end
+
+local function grant(ticket, tenant, cost, weight, lease_ms, tokens)
   local c = counter_of(tenant)
   local vt = num(redis.call('HGET', K_SYS, 'vt'))
   if c > vt then redis.call('HSET', K_SYS, 'vt', tostring(c)) end
@@ -68,6 +90,7 @@ local function grant(ticket, tenant, cost, weight, lease_ms)
   redis.call('HINCRBY', K_HELD, tenant, 1)
   redis.call('ZADD', K_SEATS, now + lease_ms, ticket)
   redis.call('HSET', K_LEASE, ticket, tenant)
+  take_tokens(tokens)
 end
 
 local function unqueue(ticket, tenant, band)
@@ -110,7 +133,7 @@ local function take(tenant, band, charge_band, lease_ms)
     if bc > bvt then redis.call('HSET', K_SYS, 'bvt', tostring(bc)) end
     redis.call('HSET', K_SYS, field, tostring(bc + steps[band]))
   end
-  grant(ticket, tenant, tonumber(f[3]), tonumber(f[4]), lease_ms)
+  grant(ticket, tenant, tonumber(f[3]), tonumber(f[4]), lease_ms, tonumber(f[6]))
   return ticket
 end
 
@@ -159,7 +182,8 @@ end
 
 local function dispatch(lease_ms)
   local granted = {}
-  while num(redis.call('HGET', K_SYS, 'w')) > 0 and redis.call('ZCARD', K_SEATS) < seats do
+  while num(redis.call('HGET', K_SYS, 'w')) > 0 and redis.call('ZCARD', K_SEATS) < seats
+    and room() do
     local ticket = pick(lease_ms)
     if ticket == nil then break end
     granted[#granted + 1] = ticket
@@ -168,11 +192,13 @@ local function dispatch(lease_ms)
 end
 
 if op == 'acquire' then
-  -- ticket, tenant, band, cost, weight, reserved, cap, max_queue, lease_ms, heartbeat_ms
+  -- ticket, tenant, band, cost, weight, reserved, cap, max_queue, lease_ms, heartbeat_ms,
+  -- tokens
   local ticket, tenant, band = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
   local cost, weight = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
   local reserved, cap = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
   local max_queue, lease_ms, hb_ms = tonumber(ARGV[a + 7]), tonumber(ARGV[a + 8]), tonumber(ARGV[a + 9])
+  local tokens = tonumber(ARGV[a + 10])
   purge()
   if reserved > 0 then
     redis.call('HSET', K_RESV, tenant, reserved)
@@ -182,11 +208,12 @@ if op == 'acquire' then
   end
   local held = num(redis.call('HGET', K_HELD, tenant))
   local waiting = num(redis.call('HGET', K_SYS, 'w'))
-  if waiting == 0 and redis.call('ZCARD', K_SEATS) < seats and (cap == 0 or held < cap) then
+  if waiting == 0 and redis.call('ZCARD', K_SEATS) < seats and (cap == 0 or held < cap)
+    and room() then
     local c = counter_of(tenant)
     local vt = num(redis.call('HGET', K_SYS, 'vt'))
     if c < vt then redis.call('HSET', K_CTR, tenant, tostring(vt)) end
-    grant(ticket, tenant, cost, weight, lease_ms)
+    grant(ticket, tenant, cost, weight, lease_ms, tokens)
     return {0}
   end
   local queued = num(redis.call('HGET', K_QN, tenant))
@@ -211,7 +238,7 @@ if op == 'acquire' then
   end
   redis.call('SADD', blkey(band), tenant)
   redis.call('RPUSH', qkey(band, tenant), ticket)
-  redis.call('HSET', K_TK, ticket, table.concat({tenant, band, cost, weight, cap}, '|'))
+  redis.call('HSET', K_TK, ticket, table.concat({tenant, band, cost, weight, cap, tokens}, '|'))
   redis.call('ZADD', K_TKX, now + hb_ms, ticket)
   redis.call('HINCRBY', K_QN, tenant, 1)
   redis.call('HINCRBY', K_SYS, 'w', 1)
@@ -231,16 +258,18 @@ elseif op == 'poll' then
   end
   return {3, unpack(granted)}
 elseif op == 'release' then
-  -- ticket, tenant, band, cost, weight, actual_cost, lease_ms
+  -- ticket, tenant, band, cost, weight, actual_cost, lease_ms, tokens, actual_tokens
   local ticket, tenant, band = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   local cost, weight, actual = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
   local lease_ms = tonumber(ARGV[a + 6])
+  local tokens, actual_tokens = tonumber(ARGV[a + 7]), tonumber(ARGV[a + 8])
   purge()
   if redis.call('ZREM', K_SEATS, ticket) == 1 then
     redis.call('HINCRBY', K_HELD, tenant, -1)
     redis.call('HDEL', K_LEASE, ticket)
     local c = num(redis.call('HGET', K_CTR, tenant))
     redis.call('HSET', K_CTR, tenant, tostring(c + (actual - cost) / weight))
+    take_tokens(actual_tokens - tokens)
   elseif redis.call('HEXISTS', K_TK, ticket) == 1 then
     -- Still queued (a cancel): leave the queue, nothing charged.
     redis.call('LREM', qkey(band, tenant), 1, ticket)
