@@ -1,6 +1,7 @@
 """tenantware: make any ASGI app a multi-tenant AI API gateway."""
 
 from tenantware.config import (
+    AdmissionSettings,
     ApiKey,
     ConfigError,
     GatewayConfig,
@@ -17,6 +18,7 @@ from tenantware.context import Outcome, RequestContext, RequestView, Usage, cont
 from tenantware.errors import GatewayError
 from tenantware.gateway import Gateway
 from tenantware.keys import KeyHasher, generate_key
+from tenantware.middleware.admission import AdmissionMiddleware
 from tenantware.middleware.tenant import TenantMiddleware
 from tenantware.proxy.app import ProxyApp
 from tenantware.proxy.upstream import AiohttpUpstreamClient, HttpxUpstreamClient, UpstreamClient
@@ -26,6 +28,8 @@ from tenantware.state import LiveConfig
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdmissionMiddleware",
+    "AdmissionSettings",
     "AiohttpUpstreamClient",
     "ApiKey",
     "ConfigError",

@@ -215,7 +215,7 @@ class AdmissionSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields
     lease_s: Annotated[float, Meta(ge=1, le=3600)] = 30.0
     #: Redis: waiting processes poll for their grant with backoff between these bounds.
     poll_min_s: Annotated[float, Meta(gt=0, le=1)] = 0.002
-    poll_max_s: Annotated[float, Meta(gt=0, le=5)] = 0.05
+    poll_max_s: Annotated[float, Meta(gt=0, le=5)] = 0.25
 
 
 # -- end of admission settings --------------------------------------------------------------

@@ -27,7 +27,7 @@ def config(redis_url: str, prefix: str, seats: int) -> dict[str, object]:
     hasher = KeyHasher()
     return {
         "gateway": {"redis_url": redis_url, "redis_prefix": prefix, "redis_timeout_s": 2.0},
-        "admission": {"seats": seats, "max_queue_per_tenant": 64, "poll_max_s": 0.05},
+        "admission": {"seats": seats, "max_queue_per_tenant": 64},
         "tenants": [
             {
                 "id": name,
@@ -71,7 +71,7 @@ async def main(redis_url: str, prefix: str, seats: int, start_at: float, stop_at
 
             async with anyio.create_task_group() as group:
                 for name in WEIGHTS:
-                    for _ in range(10):
+                    for _ in range(14):
                         group.start_soon(loop, name)
     sys.stdout.write(msgspec.json.encode(done).decode())
 

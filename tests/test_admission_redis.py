@@ -14,7 +14,7 @@ import pytest
 from tenantware.admission.core import GRANTED, QUEUED, Ticket
 from tenantware.admission.redis import RedisSeatStore
 from tenantware.backends.redis_support import connect_redis
-from tenantware.testing.servers import find_free_port
+from tenantware.testing.servers import ServiceUnavailable, find_free_port, redis_cluster
 from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig
 from tests.admission_worker import WEIGHTS
 from tests.support import CHAT, KEYS, client_for, in_process_gateway, make_config
@@ -174,3 +174,27 @@ async def test_redis_down_follows_the_failure_policy(policy: str, status: int) -
         assert response.json()["error"]["code"] == "store_unavailable"
         assert "retry-after" in response.headers
     await gateway.aclose()
+
+
+@pytest.mark.slow
+async def test_the_script_runs_on_a_redis_cluster() -> None:
+    # Every key of a pool shares the pool's hash tag, so the script's keys live in one slot.
+    try:
+        cluster = redis_cluster(3)
+        urls = cluster.__enter__()
+    except ServiceUnavailable as exc:
+        pytest.skip(f"no Redis Cluster: {exc.reason}")
+    try:
+        client = connect_redis(urls[0], timeout_s=2.0, cluster=True)
+        store = RedisSeatStore(client, seats=1, prefix="twcluster:")
+        first, second = Ticket("a", 1.0, 10.0), Ticket("b", 1.0, 10.0)
+        assert await store.acquire(first) == GRANTED
+        assert await store.acquire(second) == QUEUED
+        await store.release(first, 10.0)
+        assert second.granted
+        state = await store.state()
+        assert state["tenants"]["b"]["held"] == 1
+        await store.release(second, 10.0)
+        await client.aclose()
+    finally:
+        cluster.__exit__(None, None, None)

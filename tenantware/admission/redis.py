@@ -57,7 +57,7 @@ class RedisSeatStore:
         burst_s: float = 1.0,
         lease_s: float = 30.0,
         poll_min_s: float = 0.002,
-        poll_max_s: float = 0.05,
+        poll_max_s: float = 0.25,
         on_failure: str = "open",
         heartbeat_s: float | None = None,
     ) -> None:
