@@ -46,7 +46,7 @@ def config(redis_url: str, prefix: str, seats: int) -> dict[str, object]:
 async def sleepy(scope: Scope, receive: Receive, send: Send) -> None:
     ctx = get_context(scope)
     await receive()
-    await anyio.sleep(0.06)
+    await anyio.sleep(0.1)
     ctx.usage = Usage(input_tokens=100, output_tokens=100)
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": b"{}"})

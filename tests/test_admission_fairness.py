@@ -14,7 +14,7 @@ WEIGHTS = {"A": 0.5, "B": 0.35, "C": 0.15}
 SEATS = 32
 
 
-def _backlogged(**extra: dict[str, object]) -> list[SimTenant]:
+def _backlogged() -> list[SimTenant]:
     return [SimTenant(name, weight, outstanding=2 * SEATS) for name, weight in WEIGHTS.items()]
 
 

@@ -28,8 +28,8 @@ def test_two_processes_sharing_redis_keep_the_weighted_shares(
     redis_url: str, redis_prefix: str
 ) -> None:
     start = time.time() + 2.0
-    stop = start + 4.0
-    args = [redis_url, redis_prefix, "12", repr(start), repr(stop)]
+    stop = start + 5.0
+    args = [redis_url, redis_prefix, "6", repr(start), repr(stop)]
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "tests.admission_worker", *args],

@@ -52,10 +52,12 @@ async def test_free_seats_grant_at_once_then_requests_queue(make_store) -> None:
     assert await store.acquire(first) == GRANTED
     assert await store.acquire(second) == GRANTED
     assert await store.acquire(third) == QUEUED
+    await anyio.sleep(0.05)
     state = await store.state()
     assert state["in_use"] == 2
     assert state["waiting"] == 1
     assert state["tenants"]["a"]["queued"] == 1
+    assert 0.04 <= state["tenants"]["a"]["oldest_wait_s"] < 1.0
     await store.release(first, 100.0)
     assert await _granted_within(store, third)
     await store.release(second, 100.0)

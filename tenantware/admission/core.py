@@ -227,12 +227,18 @@ class FairCore:
 
     # -- inspection -------------------------------------------------------------------------
 
-    def snapshot(self) -> dict[str, dict[str, float]]:
-        """Per tenant: counter, seats held, requests waiting."""
-        return {
-            name: {"counter": s.counter, "held": s.held, "queued": s.queued}
-            for name, s in self.tenants.items()
-        }
+    def snapshot(self, now: float = 0.0) -> dict[str, dict[str, float]]:
+        """Per tenant: counter, seats held, requests waiting, age of its oldest waiter."""
+        out: dict[str, dict[str, float]] = {}
+        for name, s in self.tenants.items():
+            heads = [queue[0].enqueued_at for queue in s.queues if queue]
+            out[name] = {
+                "counter": s.counter,
+                "held": s.held,
+                "queued": s.queued,
+                "oldest_wait_s": now - min(heads) if heads else 0.0,
+            }
+        return out
 
     # -- internals ------------------------------------------------------------------------
 

@@ -81,7 +81,7 @@ class MemorySeatStore:
             "seats": core.seats,
             "in_use": core.in_use,
             "waiting": core.waiting,
-            "tenants": core.snapshot(),
+            "tenants": core.snapshot(self.clock()),
         }
 
 

@@ -260,12 +260,13 @@ class RedisSeatStore:
     async def state(self) -> dict[str, Any]:
         reply = await self._call("state")
         tenants: dict[str, dict[str, float]] = {}
-        for i in range(2, len(reply), 4):
+        for i in range(2, len(reply), 5):
             name = reply[i].decode() if isinstance(reply[i], bytes) else str(reply[i])
             tenants[name] = {
                 "counter": float(reply[i + 1]),
                 "held": int(reply[i + 2]),
                 "queued": int(reply[i + 3]),
+                "oldest_wait_s": int(reply[i + 4]) / 1000,
             }
         return {
             "seats": self.seats,

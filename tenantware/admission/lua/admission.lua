@@ -17,7 +17,7 @@ local K_RESV = base .. ':resv'      -- hash tenant -> reserved seats
 local K_RES = base .. ':res'        -- set of tenants with a reservation
 local K_SYS = base .. ':sys'        -- hash: vt, bvt, w (waiting), b1..bn, lvl/lts (bucket)
 local K_QN = base .. ':qn'          -- hash tenant -> queued tickets
-local K_TK = base .. ':tk'          -- hash ticket -> tenant|band|cost|weight|cap|tokens
+local K_TK = base .. ':tk'          -- hash ticket -> tenant|band|cost|weight|cap|tokens|since
 local K_TKX = base .. ':tkx'        -- zset ticket -> heartbeat expiry ms (queued)
 
 local op = ARGV[1]
@@ -238,7 +238,7 @@ if op == 'acquire' then
   end
   redis.call('SADD', blkey(band), tenant)
   redis.call('RPUSH', qkey(band, tenant), ticket)
-  redis.call('HSET', K_TK, ticket, table.concat({tenant, band, cost, weight, cap, tokens}, '|'))
+  redis.call('HSET', K_TK, ticket, table.concat({tenant, band, cost, weight, cap, tokens, now}, '|'))
   redis.call('ZADD', K_TKX, now + hb_ms, ticket)
   redis.call('HINCRBY', K_QN, tenant, 1)
   redis.call('HINCRBY', K_SYS, 'w', 1)
@@ -282,7 +282,15 @@ elseif op == 'renew' then
   for i = a + 1, #ARGV do redis.call('ZADD', K_SEATS, 'XX', now + lease_ms, ARGV[i]) end
   return {}
 elseif op == 'state' then
+  -- seats in use, waiting, then per tenant: name, counter, held, queued, oldest wait (ms)
   purge()
+  local oldest = {}
+  local tk = redis.call('HGETALL', K_TK)
+  for i = 2, #tk, 2 do
+    local f = split(tk[i])
+    local since = tonumber(f[7])
+    if oldest[f[1]] == nil or since < oldest[f[1]] then oldest[f[1]] = since end
+  end
   local out = {redis.call('ZCARD', K_SEATS), num(redis.call('HGET', K_SYS, 'w'))}
   local ctr = redis.call('HGETALL', K_CTR)
   for i = 1, #ctr, 2 do
@@ -291,6 +299,7 @@ elseif op == 'state' then
     out[#out + 1] = ctr[i + 1]
     out[#out + 1] = num(redis.call('HGET', K_HELD, name))
     out[#out + 1] = num(redis.call('HGET', K_QN, name))
+    if oldest[name] then out[#out + 1] = now - oldest[name] else out[#out + 1] = 0 end
   end
   return out
 end
