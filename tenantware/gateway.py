@@ -58,6 +58,7 @@ class Gateway:
             redis=self.redis,
             prefix=config.gateway.redis_prefix,
             on_failure=config.gateway.on_store_failure,
+            replicas=config.gateway.replicas,
         )
         self.add_service(self.admission.running)
 

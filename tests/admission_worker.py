@@ -56,7 +56,7 @@ async def main(redis_url: str, prefix: str, seats: int, start_at: float, stop_at
     gateway = Gateway(parse_config(config(redis_url, prefix, seats)))
     app = gateway.wrap(sleepy)
     done: dict[str, list[float]] = {name: [] for name in WEIGHTS}
-    body = {"model": "gpt-4.1", "messages": [{"role": "user", "content": "hi"}]}
+    body = {"model": "gpt-4.1", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}
     async with gateway.running():
         await anyio.sleep(max(0.0, start_at - time.time()))
         transport = httpx.ASGITransport(app=app)

@@ -274,3 +274,23 @@ async def test_real_time_shares_and_throughput_against_fifo() -> None:
     fair_total = sum(len(times) for times in fair.values())
     fifo_total = sum(len(times) for times in fifo.values())
     assert fair_total >= 0.8 * fifo_total, (fair_total, fifo_total)
+
+
+async def test_without_redis_each_replica_guards_its_part_of_the_seats() -> None:
+    config = make_config(
+        admission={"seats": 8, "upstream_seats": {"fake": 3}}, gateway={"replicas": 2}
+    )
+    state = await Gateway(config).admission.state()
+    assert state["*"]["seats"] == 4
+    assert state["fake"]["seats"] == 1
+
+
+async def test_requests_queue_for_the_pool_of_their_upstream() -> None:
+    config = make_config(admission={"seats": 8, "upstream_seats": {"fake": 2}})
+    gateway, _ = in_process_gateway(config=config)
+    async with client_for(gateway.asgi_app(), KEYS["acme"]) as client:
+        response = await client.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 200
+    state = await gateway.admission.state()
+    assert "acme" in state["fake"]["tenants"]
+    assert state["*"]["tenants"] == {}

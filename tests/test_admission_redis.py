@@ -14,7 +14,12 @@ import pytest
 from tenantware.admission.core import GRANTED, QUEUED, Ticket
 from tenantware.admission.redis import RedisSeatStore
 from tenantware.backends.redis_support import connect_redis
-from tenantware.testing.servers import ServiceUnavailable, find_free_port, redis_cluster
+from tenantware.testing.servers import (
+    ServiceUnavailable,
+    find_free_port,
+    redis_cluster,
+    throwaway_redis,
+)
 from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig
 from tests.admission_worker import WEIGHTS
 from tests.support import CHAT, KEYS, client_for, in_process_gateway, make_config
@@ -24,12 +29,22 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
-def test_two_processes_sharing_redis_keep_the_weighted_shares(
-    redis_url: str, redis_prefix: str
-) -> None:
+def test_two_processes_sharing_redis_keep_the_weighted_shares(redis_prefix: str) -> None:
+    # A private Redis: the shared one also serves other suites, whose load would be noise here.
+    try:
+        with throwaway_redis() as server:
+            counts = _run_two_workers(server.url, redis_prefix)
+    except ServiceUnavailable as exc:
+        pytest.skip(f"no private Redis: {exc.reason}")
+    total = sum(counts.values())
+    for name, weight in WEIGHTS.items():
+        assert abs(counts[name] / total - weight) <= 0.15 * weight, counts
+
+
+def _run_two_workers(url: str, prefix: str) -> dict[str, int]:
     start = time.time() + 2.0
     stop = start + 5.0
-    args = [redis_url, redis_prefix, "6", repr(start), repr(stop)]
+    args = [url, prefix, "6", repr(start), repr(stop)]
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "tests.admission_worker", *args],
@@ -44,16 +59,13 @@ def test_two_processes_sharing_redis_keep_the_weighted_shares(
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err.decode()[-2000:]
         results.append(msgspec.json.decode(out, type=dict[str, list[float]]))
-    counts = {
+    # Both processes were served (fairness is global, not per process).
+    for result in results:
+        assert sum(len(times) for times in result.values()) > 50, results
+    return {
         name: sum(1 for result in results for t in result[name] if start + 1.0 <= t < stop)
         for name in WEIGHTS
     }
-    total = sum(counts.values())
-    for name, weight in WEIGHTS.items():
-        assert abs(counts[name] / total - weight) <= 0.15 * weight, counts
-    # Both processes were served (fairness is global, not per process).
-    for result in results:
-        assert sum(len(times) for times in result.values()) > 0.2 * total
 
 
 async def test_a_dead_process_seats_come_back_after_the_lease(

@@ -2,7 +2,8 @@
 
 Built once per gateway from ``AdmissionSettings``: a global pool (``seats``) and one pool per
 upstream listed in ``upstream_seats``. Pools live in memory, or in Redis when the gateway has
-a Redis client (then ``running()`` renews this process's seat leases).
+a Redis client (then ``running()`` renews this process's seat leases). In memory, with
+``gateway.replicas`` processes, each process guards ``seats // replicas`` seats.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class AdmissionPools:
         prefix: str = "",
         stores: dict[str, SeatStore] | None = None,
         on_failure: str = "open",
+        replicas: int = 1,
     ) -> None:
         self.settings = settings
         shares = tuple(settings.band_shares.get(band, 1.0) for band in BANDS)
@@ -82,8 +84,9 @@ class AdmissionPools:
                     on_failure="closed" if on_failure == "closed" else "open",
                 )
             else:
+                # Without a shared store each of ``replicas`` processes guards its part.
                 self.stores[name] = MemorySeatStore(
-                    seats,
+                    max(1, seats // replicas),
                     band_shares=shares,
                     max_queue=settings.max_queue_per_tenant,
                     tokens_per_s=rate,
