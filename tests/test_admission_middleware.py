@@ -294,3 +294,29 @@ async def test_requests_queue_for_the_pool_of_their_upstream() -> None:
     state = await gateway.admission.state()
     assert "acme" in state["fake"]["tenants"]
     assert state["*"]["tenants"] == {}
+
+
+async def test_the_output_estimate_learns_from_actual_usage() -> None:
+    # No max_tokens: the first request is charged the default cap (1024 output tokens), later
+    # ones the tenant's average actual output (100 here), so counters do not swing 10x.
+    gateway = Gateway(make_config(admission={"seats": 2}))
+    app = gateway.wrap(SleepyApp(0.2, output_tokens=100))
+
+    async def counter() -> float:
+        return float((await gateway.admission.state())["*"]["tenants"]["acme"]["counter"])
+
+    async with client_for(app) as client, anyio.create_task_group() as tg:
+        charged: list[float] = []
+
+        async def call() -> None:
+            await client.post("/v1/chat/completions", **_post(KEYS["acme"]))
+
+        for _ in range(2):
+            before = await counter() if charged else 0.0
+            tg.start_soon(call)
+            await anyio.sleep(0.1)
+            charged.append(await counter() - before)
+            await anyio.sleep(0.25)
+    weight = 0.5
+    assert charged[0] >= 2 * 1024 / weight
+    assert charged[1] < 2 * 200 / weight + 200

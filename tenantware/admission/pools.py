@@ -94,6 +94,23 @@ class AdmissionPools:
                 )
         self.global_store = self.stores.get("*")
         self._terms: dict[str, TenantTerms] = {}
+        #: Per tenant: moving average of the output tokens its requests actually produced.
+        self._output_avg: dict[str, float] = {}
+
+    def output_estimate(self, tenant_id: str, cap: int) -> float:
+        """Output tokens to charge at dispatch: the tenant's recent average, at most ``cap``.
+
+        Most clients send no ``max_tokens``; charging the default cap (1024) for answers of
+        100 tokens would swing the counters by 10x at every completion.
+        """
+        average = self._output_avg.get(tenant_id)
+        return cap if average is None or average > cap else average
+
+    def observe_output(self, tenant_id: str, tokens: int) -> None:
+        average = self._output_avg.get(tenant_id)
+        self._output_avg[tenant_id] = (
+            float(tokens) if average is None else average + 0.1 * (tokens - average)
+        )
 
     def store_for(self, upstream: str | None) -> tuple[str, SeatStore] | None:
         """The pool of an upstream: its own if configured, else the global one (or none)."""

@@ -3,8 +3,9 @@
 While a seat is free and nobody waits, a request passes at once. Otherwise it waits in its
 tenant's queue and the virtual-token-counter scheduler (``tenantware.admission.core``) picks
 who goes next at each released seat. The charge is the estimate at dispatch
-(prompt + output weight x output cap), corrected with the actual usage when the inner app
+(prompt + output weight x output estimate), corrected with the actual usage when the inner app
 returns. A client that disconnects while queued leaves at once and is charged nothing.
+The output estimate is the tenant's recent average output, capped by ``max_tokens``.
 """
 
 from __future__ import annotations
@@ -83,8 +84,8 @@ class AdmissionMiddleware:
         if band < terms.max_band:
             band = terms.max_band
         ctx.priority = BANDS[band]
-        view = ctx.view
-        output = view.output_cap or self.default_output
+        pools = self.pools
+        output = pools.output_estimate(tenant.id, ctx.view.output_cap or self.default_output)
         prompt = ctx.estimated_prompt_tokens
         cost = prompt + self.output_weight * output
         if self.fifo:
@@ -144,6 +145,7 @@ class AdmissionMiddleware:
             if usage is not None:
                 actual = usage.input_tokens + self.output_weight * usage.output_tokens
                 tokens = usage.input_tokens + usage.output_tokens
+                pools.observe_output(tenant.id, usage.output_tokens)
             gauges[1].dec()
             if store.shield_release:
                 with anyio.CancelScope(shield=True):
