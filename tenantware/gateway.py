@@ -61,6 +61,7 @@ class Gateway:
             replicas=config.gateway.replicas,
         )
         self.add_service(self.admission.running)
+        self.live.on_change(lambda snapshot: self.admission.reconfigure(snapshot.config.admission))
 
     def add_service(self, service: Callable[[], AbstractAsyncContextManager[Any]]) -> None:
         """Run ``service()`` for the gateway's lifetime (entered in order, exited reversed)."""

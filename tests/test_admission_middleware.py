@@ -320,3 +320,24 @@ async def test_the_output_estimate_learns_from_actual_usage() -> None:
     weight = 0.5
     assert charged[0] >= 2 * 1024 / weight
     assert charged[1] < 2 * 200 / weight + 200
+
+
+async def test_a_reload_resizes_the_pool_and_admits_waiters() -> None:
+    config = make_config(admission={"seats": 1})
+    gateway = Gateway(config)
+    inner = SleepyApp(0.5)
+    app = gateway.wrap(inner)
+    async with client_for(app) as client, anyio.create_task_group() as tg:
+
+        async def call() -> None:
+            await client.post("/v1/chat/completions", **_post(KEYS["acme"]))
+
+        for _ in range(3):
+            tg.start_soon(call)
+        await anyio.sleep(0.1)
+        assert (await gateway.admission.state())["*"]["waiting"] == 2
+        gateway.live.replace(make_config(admission={"seats": 3}))
+        state = (await gateway.admission.state())["*"]
+        assert state["seats"] == 3
+        assert state["waiting"] == 0
+        assert state["in_use"] == 3

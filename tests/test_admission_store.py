@@ -254,3 +254,15 @@ async def test_token_rate_holds_dispatch_until_the_bucket_refills(make_store) ->
     quick = Ticket("c", 1.0, 100.0, tokens=10.0)
     assert await store.acquire(quick) == GRANTED
     await store.release(quick, 100.0, 10.0)
+
+
+async def test_resizing_admits_waiters_that_now_fit(make_store) -> None:  # type: ignore[no-untyped-def]
+    store = make_store(1)
+    holder, waiter = _t("a"), _t("b")
+    assert await store.acquire(holder) == GRANTED
+    assert await store.acquire(waiter) == QUEUED
+    store.resize(2)
+    assert await _granted_within(store, waiter)
+    assert (await store.state())["seats"] == 2
+    for ticket in (holder, waiter):
+        await store.release(ticket, 100.0)

@@ -32,3 +32,6 @@ class SeatStore(Protocol):
     ) -> None: ...
 
     async def state(self) -> dict[str, Any]: ...
+
+    def resize(self, seats: int) -> None:
+        """Change the number of seats (config reload); waiters that now fit are admitted."""

@@ -75,6 +75,10 @@ class MemorySeatStore:
         if granted:
             _wake(granted)
 
+    def resize(self, seats: int) -> None:
+        self.core.seats = seats
+        _wake(self.core.pump(self.clock()))
+
     async def state(self) -> dict[str, Any]:
         core = self.core
         return {

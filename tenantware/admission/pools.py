@@ -52,6 +52,7 @@ class AdmissionPools:
         replicas: int = 1,
     ) -> None:
         self.settings = settings
+        self._replicas = 1 if redis is not None else replicas
         shares = tuple(settings.band_shares.get(band, 1.0) for band in BANDS)
         wanted: dict[str, int] = dict(settings.upstream_seats)
         if settings.seats is not None:
@@ -96,6 +97,21 @@ class AdmissionPools:
         self._terms: dict[str, TenantTerms] = {}
         #: Per tenant: moving average of the output tokens its requests actually produced.
         self._output_avg: dict[str, float] = {}
+
+    def reconfigure(self, settings: AdmissionSettings) -> None:
+        """Apply a reloaded configuration: seat counts of existing pools, reservations, caps.
+
+        Adding or removing pools, rates, band shares and queue limits need a restart.
+        """
+        self.settings = settings
+        self._terms = {}
+        wanted: dict[str, int] = dict(settings.upstream_seats)
+        if settings.seats is not None:
+            wanted["*"] = settings.seats
+        for name, seats in wanted.items():
+            store = self.stores.get(name)
+            if store is not None:
+                store.resize(max(1, seats // self._replicas))
 
     def output_estimate(self, tenant_id: str, cap: int) -> float:
         """Output tokens to charge at dispatch: the tenant's recent average, at most ``cap``.

@@ -257,6 +257,11 @@ class RedisSeatStore:
                 metrics.STORE_FAILURES.labels("admission", self.on_failure).inc()
                 await anyio.sleep(1.0)
 
+    def resize(self, seats: int) -> None:
+        # Every call passes the seat count; the next decision (or waiter's poll) applies it.
+        self.seats = seats
+        self._head[0] = str(seats)
+
     async def state(self) -> dict[str, Any]:
         reply = await self._call("state")
         tenants: dict[str, dict[str, float]] = {}
