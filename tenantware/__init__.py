@@ -2,6 +2,7 @@
 
 from tenantware.breaker import BreakerBoard, MemoryBreakerStore, RedisBreakerStore
 from tenantware.config import (
+    AdmissionSettings,
     ApiKey,
     ConfigError,
     GatewayConfig,
@@ -20,6 +21,7 @@ from tenantware.errors import GatewayError
 from tenantware.gateway import Gateway
 from tenantware.keys import KeyHasher, generate_key
 from tenantware.ledger import Ledger, LedgerWriter, MemoryLedger, SqliteLedger, UsageRecord
+from tenantware.middleware.admission import AdmissionMiddleware
 from tenantware.middleware.breaker import BreakerMiddleware
 from tenantware.middleware.metering import MeteringMiddleware
 from tenantware.middleware.quota import QuotaMiddleware
@@ -33,6 +35,8 @@ from tenantware.state import LiveConfig
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdmissionMiddleware",
+    "AdmissionSettings",
     "AiohttpUpstreamClient",
     "ApiKey",
     "BreakerBoard",

@@ -190,9 +190,49 @@ class QuotaSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
 
 
 class AdmissionSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Settings of the fair-share admission layer (``[admission]``)."""
+    """Settings of the fair-share admission layer (``[admission]``).
+
+    Capacity is counted in upstream "seats" (concurrent upstream requests). With neither
+    ``seats`` nor ``upstream_seats`` set the layer is mounted but admits everything at once.
+    """
 
     enabled: bool = True
+    #: ``fair``: per-tenant queues and virtual token counters; ``fifo``: one shared queue in
+    #: arrival order (the baseline the fairness benchmark compares against).
+    scheduler: Literal["fair", "fifo"] = "fair"
+    #: Seats of the global pool (every model whose upstream has no pool of its own).
+    seats: PositiveInt | None = None
+    #: Seats per upstream name: requests routed to that upstream queue for its own pool.
+    upstream_seats: dict[str, PositiveInt] = field(default_factory=dict)
+    #: Optional token rate of a pool (input + output tokens per second, estimated at dispatch
+    #: and corrected at completion): a dispatch needs both a free seat and a positive bucket.
+    tokens_per_second: PositiveInt | None = None
+    upstream_tokens_per_second: dict[str, PositiveInt] = field(default_factory=dict)
+    #: Bucket depth of the token rate, in seconds of rate.
+    rate_burst_s: Annotated[float, Meta(gt=0, le=600)] = 1.0
+    #: Cost of one output token relative to one input token in the fair-share counters.
+    output_weight: Annotated[float, Meta(ge=0, le=1000)] = 2.0
+    #: Priority of a request without ``x-request-priority`` (capped at the tenant's maximum).
+    default_priority: Priority = "normal"
+    #: Share of dispatches each band gets while backlogged (bands are not strict).
+    band_shares: dict[Priority, PositiveFloat] = field(
+        default_factory=lambda: {"critical": 16.0, "normal": 4.0, "bulk": 1.0}
+    )
+    #: Most requests one tenant may have waiting (per pool); past it: 429.
+    max_queue_per_tenant: PositiveInt = 256
+    #: Most seats one tenant may hold at once (per pool); ``None``: no cap.
+    max_seats_per_tenant: PositiveInt | None = None
+    #: Per-tier seat caps, over ``max_seats_per_tenant``.
+    tier_max_seats: dict[str, PositiveInt] = field(default_factory=dict)
+    #: Guaranteed seats per tier and per tenant id (tenant wins); lent out while unused.
+    tier_reserved_seats: dict[str, NonNegInt] = field(default_factory=dict)
+    tenant_reserved_seats: dict[str, NonNegInt] = field(default_factory=dict)
+    #: Redis: a seat lease expires this long after its last renewal (a dead process's seats
+    #: come back after at most this long); renewed every third of it while held.
+    lease_s: Annotated[float, Meta(ge=1, le=3600)] = 30.0
+    #: Redis: waiting processes poll for their grant with backoff between these bounds.
+    poll_min_s: Annotated[float, Meta(gt=0, le=1)] = 0.002
+    poll_max_s: Annotated[float, Meta(gt=0, le=5)] = 0.25
 
 
 # -- end of admission settings --------------------------------------------------------------

@@ -16,6 +16,7 @@ import anyio
 from starlette.middleware import Middleware
 
 from tenantware.admin import ADMIN_PREFIX, TENANT_USAGE_PATHS, AdminApp
+from tenantware.admission.pools import AdmissionPools
 from tenantware.backends.redis_support import RedisClient, connect_redis
 from tenantware.breaker.board import BreakerBoard
 from tenantware.breaker.redis_store import RedisBreakerStore
@@ -31,6 +32,7 @@ from tenantware.ledger import (
     default_spill_path,
     open_ledger,
 )
+from tenantware.middleware.admission import AdmissionMiddleware
 from tenantware.middleware.breaker import BreakerMiddleware
 from tenantware.middleware.metering import MeteringMiddleware
 from tenantware.middleware.quota import QuotaMiddleware
@@ -83,6 +85,16 @@ class Gateway:
         #: Async context managers entered for the gateway's lifetime (writers, pools).
         self._services: list[Callable[[], AbstractAsyncContextManager[Any]]] = []
         self._quota_store: QuotaStore | None = None
+        #: Fair-share seat pools (memory, or Redis when ``gateway.redis_url`` is set).
+        self.admission = AdmissionPools(
+            config.admission,
+            redis=self.redis,
+            prefix=config.gateway.redis_prefix,
+            on_failure=config.gateway.on_store_failure,
+            replicas=config.gateway.replicas,
+        )
+        self.add_service(self.admission.running)
+        self.live.on_change(lambda snapshot: self.admission.reconfigure(snapshot.config.admission))
         self.ledger: Ledger | None = None
         self.writer: LedgerWriter | None = None
         if config.metering.enabled:
@@ -174,6 +186,8 @@ class Gateway:
         # -- quota layer ----------------------------------------------------------------
         stack.append(Middleware(QuotaMiddleware, live=self.live, store=self.quota_store))
         # -- admission layer ------------------------------------------------------------
+        if self.config.admission.enabled:
+            stack.append(Middleware(AdmissionMiddleware, live=self.live, pools=self.admission))
         # -- breaker layer --------------------------------------------------------------
         if self.board.enabled:
             stack.append(Middleware(BreakerMiddleware, live=self.live, board=self.board))

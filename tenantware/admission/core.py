@@ -1,0 +1,333 @@
+"""The fair-share scheduler: virtual token counters (VTC) over priority bands and seats.
+
+Synchronous and clock-free on purpose: the memory backend drives it from the event loop, the
+tests drive it from a deterministic discrete-event simulation, and the Redis Lua script
+implements the same rules (``lua/admission.lua``), so both are checked by one test suite.
+
+Rules, in the order a free seat is given away:
+
+1. work conservation: a seat never stays free while an eligible request waits;
+2. guaranteed seats: a backlogged tenant holding fewer seats than it has reserved goes first;
+3. bands: the backlogged band with the smallest band counter goes next; a dispatch adds
+   ``1 / share`` to it (weighted round robin by count, lifted like the tenant counters);
+4. tenants: inside the band, the backlogged tenant with the smallest virtual counter goes
+   next; a dispatch adds ``estimated cost / weight``, completion adds the correction
+   ``(actual - estimated) / weight``;
+5. lifting: a tenant (or band) that becomes backlogged is lifted to the minimum counter of the
+   backlogged ones (or, with none, to the system virtual time): idling banks no credit.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, Final
+
+__all__ = ["BANDS", "GRANTED", "QUEUED", "QUEUE_FULL", "FairCore", "Ticket"]
+
+#: Band names, highest first; a band's index is its rank.
+BANDS: Final = ("critical", "normal", "bulk")
+BAND_INDEX: Final = {name: i for i, name in enumerate(BANDS)}
+
+GRANTED: Final = 0
+QUEUED: Final = 1
+QUEUE_FULL: Final = 2
+
+
+class Ticket:
+    """One request asking for a seat; ``cost`` is its estimated weighted token cost."""
+
+    __slots__ = (
+        "band",
+        "cap",
+        "cost",
+        "enqueued_at",
+        "granted",
+        "handle",
+        "id",
+        "lease",
+        "reserved",
+        "tenant",
+        "tokens",
+        "weight",
+    )
+
+    def __init__(
+        self,
+        tenant: str,
+        weight: float,
+        cost: float,
+        *,
+        band: int = 1,
+        reserved: int = 0,
+        cap: int = 0,
+        tokens: float = 0.0,
+        id: str = "",
+    ) -> None:
+        self.tenant = tenant
+        #: Raw tokens (input + output) estimated, for the optional tokens/second rate.
+        self.tokens = tokens
+        self.weight = weight
+        self.cost = cost
+        self.band = band
+        #: Seats guaranteed to the tenant, and its seat cap (0: none).
+        self.reserved = reserved
+        self.cap = cap
+        self.id = id
+        self.granted = False
+        self.enqueued_at = 0.0
+        #: Backend data: the memory backend's wake-up event, the Redis lease id.
+        self.handle: Any = None
+        self.lease: str = ""
+
+
+class _Tenant:
+    __slots__ = ("counter", "held", "queued", "queues", "reserved")
+
+    def __init__(self, counter: float, bands: int) -> None:
+        self.counter = counter
+        self.held = 0
+        self.queued = 0
+        self.reserved = 0
+        self.queues: list[deque[Ticket]] = [deque() for _ in range(bands)]
+
+
+class FairCore:
+    """The scheduling state of one pool of ``seats``; see the module docstring for the rules.
+
+    ``lifting=False`` exists only to show, in a test, what the lifting rule prevents.
+    """
+
+    def __init__(
+        self,
+        seats: int,
+        *,
+        band_shares: Sequence[float] = (16.0, 4.0, 1.0),
+        max_queue: int = 256,
+        lifting: bool = True,
+        tokens_per_s: float | None = None,
+        burst_s: float = 1.0,
+    ) -> None:
+        if seats < 1:
+            raise ValueError("seats must be >= 1")
+        self.seats = seats
+        #: Optional token bucket: a dispatch needs a positive level (and may take it below
+        #: zero); completion refunds or charges the difference between estimate and actual.
+        self.rate = tokens_per_s
+        self.burst = (tokens_per_s or 0.0) * burst_s
+        self.level = self.burst
+        self._refilled: float | None = None
+        self.max_queue = max_queue
+        self.lifting = lifting
+        self.in_use = 0
+        self.waiting = 0
+        #: System virtual time: the largest counter a dispatch started from.
+        self.vt = 0.0
+        self.tenants: dict[str, _Tenant] = {}
+        self._band_step = [1.0 / share for share in band_shares]
+        self._band_counter = [0.0] * len(band_shares)
+        self._band_vt = 0.0
+        #: Per band: tenants with requests waiting in that band.
+        self._backlog: list[set[str]] = [set() for _ in band_shares]
+        #: Tenants with a reservation (scanned first at each dispatch).
+        self._reserving: set[str] = set()
+
+    # -- requests -------------------------------------------------------------------------
+
+    def submit(self, ticket: Ticket, now: float = 0.0) -> tuple[int, list[Ticket]]:
+        """Grant at once, queue, or refuse (queue full); also returns tickets granted now."""
+        state = self.tenants.get(ticket.tenant)
+        if state is None:
+            state = self.tenants[ticket.tenant] = _Tenant(self._floor(), len(self._backlog))
+        if ticket.reserved != state.reserved:
+            state.reserved = ticket.reserved
+            if ticket.reserved:
+                self._reserving.add(ticket.tenant)
+            else:
+                self._reserving.discard(ticket.tenant)
+        if (
+            not self.waiting
+            and self.in_use < self.seats
+            and _may_hold(state, ticket)
+            and (self.rate is None or self._room(now))
+        ):
+            # The fast path: free capacity and nobody waiting.
+            if self.lifting and state.counter < self.vt:
+                state.counter = self.vt
+            self._grant(ticket, state)
+            return GRANTED, []
+        if state.queued >= self.max_queue:
+            return QUEUE_FULL, []
+        if not state.queued and self.lifting:
+            floor = self._floor()
+            if state.counter < floor:
+                state.counter = floor
+        band = ticket.band
+        backlog = self._backlog[band]
+        if not backlog and self.lifting:
+            floor = min(
+                (self._band_counter[b] for b, other in enumerate(self._backlog) if other),
+                default=self._band_vt,
+            )
+            if self._band_counter[band] < floor:
+                self._band_counter[band] = floor
+        backlog.add(ticket.tenant)
+        ticket.enqueued_at = now
+        state.queues[band].append(ticket)
+        state.queued += 1
+        self.waiting += 1
+        granted = self._dispatch(now)
+        return (GRANTED if ticket.granted else QUEUED), granted
+
+    def release(
+        self,
+        ticket: Ticket,
+        actual_cost: float,
+        actual_tokens: float | None = None,
+        now: float = 0.0,
+    ) -> list[Ticket]:
+        """A granted request finished: free its seat, correct its charge, dispatch."""
+        state = self.tenants[ticket.tenant]
+        state.held -= 1
+        self.in_use -= 1
+        state.counter += (actual_cost - ticket.cost) / ticket.weight
+        ticket.granted = False
+        if self.rate is not None:
+            used = ticket.tokens if actual_tokens is None else actual_tokens
+            self.level = min(self.burst, self.level + ticket.tokens - used)
+        return self._dispatch(now)
+
+    def cancel(self, ticket: Ticket, now: float = 0.0) -> list[Ticket]:
+        """The client left: a waiting ticket leaves the queue; a granted one is refunded."""
+        if ticket.granted:
+            return self.release(ticket, 0.0, 0.0, now)
+        state = self.tenants.get(ticket.tenant)
+        if state is None:
+            return []
+        queue = state.queues[ticket.band]
+        try:
+            queue.remove(ticket)
+        except ValueError:
+            return []
+        state.queued -= 1
+        self.waiting -= 1
+        if not queue:
+            self._backlog[ticket.band].discard(ticket.tenant)
+        return self._dispatch(now)
+
+    def pump(self, now: float) -> list[Ticket]:
+        """Dispatch what the token bucket now allows (waiters call it when it refilled)."""
+        return self._dispatch(now)
+
+    def retry_in(self, now: float) -> float:
+        """Seconds until the token bucket is positive again (0 without a rate)."""
+        if self.rate is None or self._room(now):
+            return 0.0
+        return -self.level / self.rate + 0.001
+
+    # -- inspection -------------------------------------------------------------------------
+
+    def snapshot(self, now: float = 0.0) -> dict[str, dict[str, float]]:
+        """Per tenant: counter, seats held, requests waiting, age of its oldest waiter."""
+        out: dict[str, dict[str, float]] = {}
+        for name, s in self.tenants.items():
+            heads = [queue[0].enqueued_at for queue in s.queues if queue]
+            out[name] = {
+                "counter": s.counter,
+                "held": s.held,
+                "queued": s.queued,
+                "oldest_wait_s": now - min(heads) if heads else 0.0,
+            }
+        return out
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _floor(self) -> float:
+        """Where a newly backlogged tenant starts: min backlogged counter, else virtual time."""
+        best = None
+        for backlog in self._backlog:
+            for name in backlog:
+                counter = self.tenants[name].counter
+                if best is None or counter < best:
+                    best = counter
+        return self.vt if best is None else best
+
+    def _grant(self, ticket: Ticket, state: _Tenant) -> None:
+        if state.counter > self.vt:
+            self.vt = state.counter
+        state.counter += ticket.cost / ticket.weight
+        state.held += 1
+        self.in_use += 1
+        self.level -= ticket.tokens
+        ticket.granted = True
+
+    def _room(self, now: float) -> bool:
+        """Refill the token bucket to ``now``; whether a dispatch may take from it."""
+        assert self.rate is not None
+        if self._refilled is not None and now > self._refilled:
+            self.level = min(self.burst, self.level + (now - self._refilled) * self.rate)
+        if self._refilled is None or now > self._refilled:
+            self._refilled = now
+        return self.level > 0
+
+    def _dispatch(self, now: float) -> list[Ticket]:
+        granted: list[Ticket] = []
+        while self.waiting and self.in_use < self.seats and (self.rate is None or self._room(now)):
+            ticket = self._pick()
+            if ticket is None:
+                break
+            granted.append(ticket)
+        return granted
+
+    def _pick(self) -> Ticket | None:
+        tenants = self.tenants
+        # Guaranteed seats first: a tenant under its reservation waits one release at most.
+        best_name = None
+        best_counter = 0.0
+        for name in self._reserving:
+            state = tenants[name]
+            if (
+                state.queued
+                and state.held < state.reserved
+                and (best_name is None or state.counter < best_counter)
+            ):
+                best_name, best_counter = name, state.counter
+        if best_name is not None:
+            state = tenants[best_name]
+            band = next(b for b, q in enumerate(state.queues) if q)
+            return self._take(state, best_name, band, charge_band=False)
+        # Then bands by their counters, tenants inside a band by theirs.
+        order = sorted(
+            (self._band_counter[b], b) for b, backlog in enumerate(self._backlog) if backlog
+        )
+        for _counter, band in order:
+            best_name = None
+            for name in self._backlog[band]:
+                state = tenants[name]
+                head = state.queues[band][0]
+                if not _may_hold(state, head):
+                    continue
+                if best_name is None or state.counter < best_counter:
+                    best_name, best_counter = name, state.counter
+            if best_name is not None:
+                return self._take(tenants[best_name], best_name, band, charge_band=True)
+        return None
+
+    def _take(self, state: _Tenant, name: str, band: int, *, charge_band: bool) -> Ticket:
+        queue = state.queues[band]
+        ticket = queue.popleft()
+        state.queued -= 1
+        self.waiting -= 1
+        if not queue:
+            self._backlog[band].discard(name)
+        if charge_band:
+            counter = self._band_counter[band]
+            if counter > self._band_vt:
+                self._band_vt = counter
+            self._band_counter[band] = counter + self._band_step[band]
+        self._grant(ticket, state)
+        return ticket
+
+
+def _may_hold(state: _Tenant, ticket: Ticket) -> bool:
+    return not ticket.cap or state.held < ticket.cap

@@ -1,0 +1,281 @@
+"""The shared seat store: counters, queues and seats of a pool in Redis, for many processes.
+
+Every decision is one call of ``lua/admission.lua`` (the rules of ``FairCore``), so fairness
+holds across all gateway processes sharing the Redis. Seats are leases: this process renews
+the leases it holds (``renew_forever``, run by ``AdmissionPools.running``) and a crashed
+process's seats expire after ``lease_s``; a queued ticket whose process stops polling expires
+after its heartbeat.
+
+Wake-up: a decision (usually a release) grants the next tickets inside Redis and returns their
+ids. Waiters of this process are woken at once through their event; the ids of other
+processes' tickets are published on the pool's channel and each process's listener
+(``run_forever``) wakes its own. Waiters also poll with exponential backoff (``poll_min_s``
+doubling up to ``poll_max_s``), so a lost notice costs at most ``poll_max_s`` of seat idle
+time, and a queued ticket's poll is its heartbeat.
+
+Failure policy: a Redis error on ``acquire`` admits the request unaccounted (``open``, the
+default) or answers 503 (``closed``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+import anyio
+from redis.exceptions import RedisError
+
+from tenantware import metrics
+from tenantware.admission.core import GRANTED, QUEUED, Ticket
+from tenantware.backends.redis_support import RedisClient, tenant_key
+from tenantware.context import Outcome
+from tenantware.errors import GatewayError
+
+__all__ = ["RedisSeatStore"]
+
+_SCRIPT = resources.files("tenantware.admission").joinpath("lua/admission.lua").read_text()
+_UNACCOUNTED = "-"
+
+
+class RedisSeatStore:
+    """One seat pool in Redis; see the module docstring for leases, wake-up and failures."""
+
+    shield_release = True
+
+    def __init__(
+        self,
+        redis: RedisClient,
+        *,
+        pool: str = "*",
+        seats: int,
+        prefix: str = "",
+        band_shares: Sequence[float] = (16.0, 4.0, 1.0),
+        max_queue: int = 256,
+        tokens_per_s: float | None = None,
+        burst_s: float = 1.0,
+        lease_s: float = 30.0,
+        poll_min_s: float = 0.002,
+        poll_max_s: float = 0.25,
+        on_failure: str = "open",
+        heartbeat_s: float | None = None,
+    ) -> None:
+        self.redis = redis
+        self.seats = seats
+        self._keys = [tenant_key(prefix, f"adm:{pool}")]
+        self._channel = self._keys[0] + ":wake"
+        rate = tokens_per_s or 0.0
+        self._head = [
+            str(seats),
+            repr(float(rate)),
+            repr(rate * burst_s),
+            str(len(band_shares)),
+            *map(repr, map(float, band_shares)),
+        ]
+        self._script = redis.register_script(_SCRIPT)
+        self.max_queue = max_queue
+        self.lease_ms = int(lease_s * 1000)
+        #: A queued ticket whose process has not polled for this long is dropped.
+        self.heartbeat_ms = int((heartbeat_s or max(2.0, 20 * poll_max_s)) * 1000)
+        self.lease_s = lease_s
+        self.poll_min_s = poll_min_s
+        self.poll_max_s = poll_max_s
+        self.on_failure = on_failure
+        #: Tickets of this process: queued (woken by local releases) and holding a lease.
+        self._waiting: dict[str, Ticket] = {}
+        self._held: set[str] = set()
+        self._prefix = os.urandom(6).hex() + ":"
+        self._seq = 0
+
+    async def _call(self, op: str, *args: Any) -> Any:
+        return await self._script(keys=self._keys, args=[op, *self._head, *args])
+
+    def _wake(self, granted: Sequence[Any]) -> list[bytes]:
+        """Wake this process's waiters among ``granted``; the other processes' ticket ids."""
+        others: list[bytes] = []
+        for raw in granted:
+            key = raw.decode() if isinstance(raw, bytes) else str(raw)
+            ticket = self._waiting.get(key)
+            if ticket is not None:
+                ticket.granted = True
+                self._held.add(ticket.id)
+                ticket.handle.set()
+            elif not key.startswith(self._prefix):
+                others.append(key.encode())
+        return others
+
+    async def _granted(self, granted: Sequence[Any]) -> None:
+        """After a decision: wake local waiters at once, tell other processes by pub/sub."""
+        if not granted:
+            return
+        others = self._wake(granted)
+        if others:
+            try:
+                await self.redis.publish(self._channel, b" ".join(others))
+            except RedisError:
+                # Their owners find the grant by polling.
+                metrics.STORE_FAILURES.labels("admission", self.on_failure).inc()
+
+    async def acquire(self, ticket: Ticket) -> int:
+        self._seq += 1
+        ticket.id = ticket.lease = f"{self._prefix}{self._seq}"
+        try:
+            reply = await self._call(
+                "acquire",
+                ticket.id,
+                ticket.tenant,
+                ticket.band + 1,
+                repr(ticket.cost),
+                repr(ticket.weight),
+                ticket.reserved,
+                ticket.cap,
+                self.max_queue,
+                self.lease_ms,
+                self.heartbeat_ms,
+                repr(float(ticket.tokens)),
+            )
+        except RedisError:
+            metrics.STORE_FAILURES.labels("admission", self.on_failure).inc()
+            if self.on_failure == "closed":
+                raise GatewayError(
+                    503,
+                    "The gateway cannot reach its capacity store. Please retry.",
+                    type="server_error",
+                    code="store_unavailable",
+                    outcome=Outcome.REJECTED_QUEUE,
+                    retry_after=1.0,
+                    should_retry=True,
+                ) from None
+            ticket.lease = _UNACCOUNTED
+            ticket.granted = True
+            return GRANTED
+        status = int(reply[0])
+        await self._granted(reply[1:])
+        if status == GRANTED:
+            ticket.granted = True
+            self._held.add(ticket.id)
+        elif status == QUEUED:
+            ticket.handle = anyio.Event()
+            self._waiting[ticket.id] = ticket
+        return status
+
+    async def wait(self, ticket: Ticket) -> None:
+        delay = self.poll_min_s
+        try:
+            while not ticket.granted:
+                event = ticket.handle
+                with anyio.move_on_after(delay):
+                    await event.wait()
+                if ticket.granted:
+                    return
+                try:
+                    reply = await self._call("poll", ticket.id, self.lease_ms, self.heartbeat_ms)
+                except RedisError:
+                    # Keep waiting (the caller bounds the wait); the next poll may succeed.
+                    metrics.STORE_FAILURES.labels("admission", self.on_failure).inc()
+                    delay = self.poll_max_s
+                    continue
+                await self._granted(reply[1:])
+                status = int(reply[0])
+                if status == GRANTED:
+                    ticket.granted = True
+                    self._held.add(ticket.id)
+                    return
+                if status != QUEUED:
+                    # The ticket expired (this process stalled past its heartbeat): re-queue.
+                    self._waiting.pop(ticket.id, None)
+                    if await self.acquire(ticket) == GRANTED:
+                        return
+                delay = min(delay * 2, self.poll_max_s)
+        finally:
+            self._waiting.pop(ticket.id, None)
+
+    async def cancel(self, ticket: Ticket) -> None:
+        await self.release(ticket, 0.0, 0.0)
+
+    async def release(
+        self, ticket: Ticket, actual_cost: float, actual_tokens: float | None = None
+    ) -> None:
+        self._waiting.pop(ticket.id, None)
+        if ticket.lease == _UNACCOUNTED:
+            return
+        self._held.discard(ticket.id)
+        ticket.granted = False
+        try:
+            granted = await self._call(
+                "release",
+                ticket.id,
+                ticket.tenant,
+                ticket.band + 1,
+                repr(ticket.cost),
+                repr(ticket.weight),
+                repr(float(actual_cost)),
+                self.lease_ms,
+                repr(float(ticket.tokens)),
+                repr(float(ticket.tokens if actual_tokens is None else actual_tokens)),
+            )
+        except RedisError:
+            # The lease expires by itself; only the usage correction is lost.
+            metrics.STORE_FAILURES.labels("admission", self.on_failure).inc()
+            return
+        await self._granted(granted)
+
+    async def run_forever(self) -> None:
+        """This process's share of the pool's upkeep: lease renewal and grant notices."""
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._renew_forever)
+            await self._listen_forever()
+
+    async def _renew_forever(self) -> None:
+        """Push the expiry of this process's leases every third of ``lease_s``."""
+        while True:
+            await anyio.sleep(self.lease_s / 3)
+            if self._held:
+                try:
+                    await self._call("renew", self.lease_ms, *self._held)
+                except RedisError:
+                    metrics.STORE_FAILURES.labels("admission", self.on_failure).inc()
+
+    async def _listen_forever(self) -> None:
+        """Wake local waiters granted by another process (polling remains the fallback)."""
+        while True:
+            try:
+                pubsub = self.redis.pubsub()
+                try:
+                    await pubsub.subscribe(self._channel)
+                    while True:
+                        message = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=1.0
+                        )
+                        if message is not None and isinstance(message["data"], bytes):
+                            self._wake(message["data"].split())
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]
+            except (RedisError, OSError):
+                metrics.STORE_FAILURES.labels("admission", self.on_failure).inc()
+                await anyio.sleep(1.0)
+
+    def resize(self, seats: int) -> None:
+        # Every call passes the seat count; the next decision (or waiter's poll) applies it.
+        self.seats = seats
+        self._head[0] = str(seats)
+
+    async def state(self) -> dict[str, Any]:
+        reply = await self._call("state")
+        tenants: dict[str, dict[str, float]] = {}
+        for i in range(2, len(reply), 5):
+            name = reply[i].decode() if isinstance(reply[i], bytes) else str(reply[i])
+            tenants[name] = {
+                "counter": float(reply[i + 1]),
+                "held": int(reply[i + 2]),
+                "queued": int(reply[i + 3]),
+                "oldest_wait_s": int(reply[i + 4]) / 1000,
+            }
+        return {
+            "seats": self.seats,
+            "in_use": int(reply[0]),
+            "waiting": int(reply[1]),
+            "tenants": tenants,
+        }

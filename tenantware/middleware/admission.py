@@ -1,0 +1,225 @@
+"""Whose turn is it? Fair-share admission of requests to a bounded upstream capacity.
+
+While a seat is free and nobody waits, a request passes at once. Otherwise it waits in its
+tenant's queue and the virtual-token-counter scheduler (``tenantware.admission.core``) picks
+who goes next at each released seat. The charge is the estimate at dispatch
+(prompt + output weight x output estimate), corrected with the actual usage when the inner app
+returns. A client that disconnects while queued leaves at once and is charged nothing.
+The output estimate is the tenant's recent average output, capped by ``max_tokens``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Final
+
+import anyio
+from prometheus_client import Gauge, Histogram
+
+from tenantware import metrics
+from tenantware.admission.base import SeatStore
+from tenantware.admission.core import BAND_INDEX, BANDS, QUEUE_FULL, QUEUED, Ticket
+from tenantware.admission.pools import AdmissionPools
+from tenantware.config import AdmissionSettings
+from tenantware.context import Outcome, RequestContext, context_of
+from tenantware.errors import GatewayError
+from tenantware.state import LiveConfig
+from tenantware.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["AdmissionMiddleware"]
+
+_PRIORITY_HEADER: Final = b"x-request-priority"
+_BAND_OF_HEADER: Final = {name.encode(): i for i, name in enumerate(BANDS)}
+_WAIT_HEADER: Final = b"x-tenantware-queue-wait-ms"
+#: The one queue of the ``fifo`` scheduler.
+_FIFO: Final = "*"
+
+
+class AdmissionMiddleware:
+    """Pure ASGI: ``AdmissionMiddleware(app, live=live)`` (memory) or ``pools=`` (shared)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        live: LiveConfig,
+        pools: AdmissionPools | None = None,
+        settings: AdmissionSettings | None = None,
+    ) -> None:
+        self.app = app
+        self.live = live
+        self.settings = settings or (pools.settings if pools else live.current.config.admission)
+        self.pools = pools or AdmissionPools(self.settings)
+        self.output_weight = self.settings.output_weight
+        self.default_band = BAND_INDEX[self.settings.default_priority]
+        self.default_output = live.current.config.gateway.default_max_tokens
+        self.fifo = self.settings.scheduler == "fifo"
+        self._gauges: dict[str, tuple[Gauge, Gauge, Histogram]] = {}
+
+    async def state(self) -> dict[str, Any]:
+        """Per pool: seats in use, requests waiting, per-tenant counter, seats and queue."""
+        return await self.pools.state()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ctx = context_of(scope)
+        if ctx is None or ctx.tenant is None or ctx.view is None:
+            await self.app(scope, receive, send)
+            return
+        routes = self.live.current.routes.get(ctx.model or "")
+        found = self.pools.store_for(routes[0].name if routes else None)
+        if found is None:
+            await self.app(scope, receive, send)
+            return
+        _pool, store = found
+        tenant = ctx.tenant
+        terms = self.pools.terms(tenant)
+        band = self.default_band
+        for name, value in scope["headers"]:
+            if name == _PRIORITY_HEADER:
+                band = _BAND_OF_HEADER.get(value.strip().lower(), band)
+                break
+        if band < terms.max_band:
+            band = terms.max_band
+        ctx.priority = BANDS[band]
+        pools = self.pools
+        output = pools.output_estimate(tenant.id, ctx.view.output_cap or self.default_output)
+        prompt = ctx.estimated_prompt_tokens
+        cost = prompt + self.output_weight * output
+        if self.fifo:
+            ticket = Ticket(_FIFO, 1.0, cost, tokens=prompt + output)
+        else:
+            ticket = Ticket(
+                tenant.id,
+                tenant.weight,
+                cost,
+                band=band,
+                reserved=terms.reserved,
+                cap=terms.cap,
+                tokens=prompt + output,
+            )
+        gauges = self._gauges.get(tenant.id)
+        if gauges is None:
+            gauges = self._gauges[tenant.id] = (
+                metrics.QUEUE_DEPTH.labels(tenant.id),
+                metrics.SEATS_IN_USE.labels(tenant.id),
+                metrics.QUEUE_WAIT_SECONDS.labels(tenant.id),
+            )
+        status = await store.acquire(ticket)
+        if status == QUEUE_FULL:
+            metrics.REJECTIONS.labels(tenant.id, "queue_full").inc()
+            raise GatewayError(
+                429,
+                "Too many requests of this organization are waiting for capacity. "
+                "Retry after the delay given in retry-after.",
+                type="requests",
+                code="rate_limit_exceeded",
+                outcome=Outcome.REJECTED_QUEUE,
+                retry_after=1.0,
+                should_retry=True,
+            )
+        if status == QUEUED:
+            after = await self._wait(store, ticket, ctx, receive, gauges)
+            if after is None:
+                return
+            receive = after
+            wait_header = (_WAIT_HEADER, str(round(ctx.queue_wait_s * 1000)).encode())
+            inner_send = send
+
+            async def send(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    message["headers"] = [*message.get("headers", ()), wait_header]
+                await inner_send(message)
+
+        else:
+            gauges[2].observe(0.0)
+        gauges[1].inc()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            # Nothing reported (the request failed before the upstream answered): no charge.
+            usage = ctx.usage
+            actual = tokens = 0.0
+            if usage is not None:
+                actual = usage.input_tokens + self.output_weight * usage.output_tokens
+                tokens = usage.input_tokens + usage.output_tokens
+                pools.observe_output(tenant.id, usage.output_tokens)
+            gauges[1].dec()
+            if store.shield_release:
+                with anyio.CancelScope(shield=True):
+                    await store.release(ticket, actual, tokens)
+            else:
+                await store.release(ticket, actual, tokens)
+
+    async def _wait(
+        self,
+        store: SeatStore,
+        ticket: Ticket,
+        ctx: RequestContext,
+        receive: Receive,
+        gauges: tuple[Gauge, Gauge, Histogram],
+    ) -> Receive | None:
+        """Wait for a seat while watching the client; the receive for the inner app.
+
+        The tenant layer's ``receive`` replays the body first, so what is read here while
+        waiting is kept and replayed again; an ``http.disconnect`` ends the wait at once
+        (``None``: the ticket is withdrawn, nothing charged, nothing sent).
+        """
+        assert ctx.tenant is not None
+        started = time.perf_counter()
+        buffered: list[Message] = []
+        gone = False
+        granted = False
+        gauges[0].inc()
+        try:
+            async with anyio.create_task_group() as group:
+
+                async def watch() -> None:
+                    nonlocal gone
+                    while True:
+                        message = await receive()
+                        if message["type"] == "http.disconnect":
+                            gone = True
+                            group.cancel_scope.cancel()
+                            return
+                        buffered.append(message)
+
+                group.start_soon(watch)
+                with anyio.move_on_after(ctx.tenant.max_queue_wait_s):
+                    await store.wait(ticket)
+                    granted = True
+                group.cancel_scope.cancel()
+        finally:
+            gauges[0].dec()
+            if gone or not granted:
+                with anyio.CancelScope(shield=True):
+                    await store.cancel(ticket)
+        waited = time.perf_counter() - started
+        ctx.queue_wait_s = waited
+        gauges[2].observe(waited)
+        if gone:
+            ctx.outcome = Outcome.CLIENT_DISCONNECTED
+            return None
+        if not granted:
+            metrics.REJECTIONS.labels(ctx.tenant.id, "queue_timeout").inc()
+            raise GatewayError(
+                503,
+                "The service is at capacity and your request waited too long in the queue. "
+                "Please retry later.",
+                type="server_error",
+                code="queue_timeout",
+                outcome=Outcome.REJECTED_QUEUE,
+                retry_after=1.0,
+                should_retry=True,
+            )
+        if not buffered:
+            return receive
+
+        async def replay() -> Message:
+            if buffered:
+                return buffered.pop(0)
+            return await receive()
+
+        return replay

@@ -1,0 +1,213 @@
+"""The Redis seat pool across processes: shared fairness, leases, heartbeats, failure policy."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import msgspec
+import pytest
+
+from tenantware.admission.core import GRANTED, QUEUED, Ticket
+from tenantware.admission.redis import RedisSeatStore
+from tenantware.backends.redis_support import connect_redis
+from tenantware.testing.servers import (
+    ServiceUnavailable,
+    find_free_port,
+    redis_cluster,
+    throwaway_redis,
+)
+from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig
+from tests.admission_worker import WEIGHTS
+from tests.support import CHAT, KEYS, client_for, in_process_gateway, make_config
+
+pytestmark = pytest.mark.anyio
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_two_processes_sharing_redis_keep_the_weighted_shares(redis_prefix: str) -> None:
+    # A private Redis: the shared one also serves other suites, whose load would be noise here.
+    try:
+        with throwaway_redis() as server:
+            counts = _run_two_workers(server.url, redis_prefix)
+    except ServiceUnavailable as exc:
+        pytest.skip(f"no private Redis: {exc.reason}")
+    total = sum(counts.values())
+    for name, weight in WEIGHTS.items():
+        assert abs(counts[name] / total - weight) <= 0.15 * weight, counts
+
+
+def _run_two_workers(url: str, prefix: str) -> dict[str, int]:
+    start = time.time() + 2.0
+    stop = start + 5.0
+    args = [url, prefix, "6", repr(start), repr(stop)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.admission_worker", *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err.decode()[-2000:]
+        results.append(msgspec.json.decode(out, type=dict[str, list[float]]))
+    # Both processes were served (fairness is global, not per process).
+    for result in results:
+        assert sum(len(times) for times in result.values()) > 50, results
+    return {
+        name: sum(1 for result in results for t in result[name] if start + 1.0 <= t < stop)
+        for name in WEIGHTS
+    }
+
+
+async def test_a_dead_process_seats_come_back_after_the_lease(
+    redis_url: str, redis_prefix: str
+) -> None:
+    async with connect_redis(redis_url, timeout_s=2.0) as client:
+        dead = RedisSeatStore(client, seats=1, prefix=redis_prefix, lease_s=0.3)
+        alive = RedisSeatStore(client, seats=1, prefix=redis_prefix, lease_s=0.3)
+        assert await dead.acquire(Ticket("a", 1.0, 10.0)) == GRANTED
+        # ... and the process holding it never releases (nor renews).
+        waiter = Ticket("b", 1.0, 10.0)
+        assert await alive.acquire(waiter) == QUEUED
+        started = time.perf_counter()
+        with anyio.fail_after(3.0):
+            await alive.wait(waiter)
+        assert time.perf_counter() - started >= 0.2
+        state = await alive.state()
+        assert state["tenants"]["a"]["held"] == 0
+        assert state["tenants"]["b"]["held"] == 1
+        await alive.release(waiter, 10.0)
+
+
+async def test_a_dead_process_queued_tickets_expire(redis_url: str, redis_prefix: str) -> None:
+    async with connect_redis(redis_url, timeout_s=2.0) as client:
+        store = RedisSeatStore(client, seats=1, prefix=redis_prefix, heartbeat_s=0.2)
+        holder = Ticket("a", 1.0, 10.0)
+        assert await store.acquire(holder) == GRANTED
+        assert await store.acquire(Ticket("ghost", 1.0, 10.0)) == QUEUED
+        await anyio.sleep(0.4)
+        state = await store.state()
+        assert state["waiting"] == 0
+        assert state["tenants"]["ghost"]["queued"] == 0
+        await store.release(holder, 10.0)
+        assert (await store.state())["in_use"] == 0
+
+
+async def test_leases_held_are_renewed(redis_url: str, redis_prefix: str) -> None:
+    async with connect_redis(redis_url, timeout_s=2.0) as client:
+        store = RedisSeatStore(client, seats=1, prefix=redis_prefix, lease_s=0.3)
+        holder = Ticket("a", 1.0, 10.0)
+        assert await store.acquire(holder) == GRANTED
+        async with anyio.create_task_group() as group:
+            group.start_soon(store.run_forever)
+            await anyio.sleep(0.8)
+            assert (await store.state())["tenants"]["a"]["held"] == 1
+            group.cancel_scope.cancel()
+        await store.release(holder, 10.0)
+
+
+async def test_a_grant_in_one_process_wakes_a_waiter_in_another(
+    redis_url: str, redis_prefix: str
+) -> None:
+    async with (
+        connect_redis(redis_url, timeout_s=2.0) as one_client,
+        connect_redis(redis_url, timeout_s=2.0) as other_client,
+    ):
+        one = RedisSeatStore(one_client, seats=1, prefix=redis_prefix, poll_max_s=5.0)
+        other = RedisSeatStore(other_client, seats=1, prefix=redis_prefix, poll_max_s=5.0)
+        holder = Ticket("a", 1.0, 10.0)
+        assert await one.acquire(holder) == GRANTED
+        waiter = Ticket("b", 1.0, 10.0)
+        async with anyio.create_task_group() as group:
+            group.start_soon(other.run_forever)
+            await anyio.sleep(0.1)
+            assert await other.acquire(waiter) == QUEUED
+            waited = anyio.Event()
+
+            async def wait() -> None:
+                await other.wait(waiter)
+                waited.set()
+
+            group.start_soon(wait)
+            await anyio.sleep(0.3)  # past the first polls: backoff is now long
+            released = time.perf_counter()
+            await one.release(holder, 10.0)
+            with anyio.fail_after(1.0):
+                await waited.wait()
+            assert time.perf_counter() - released < 0.5
+            group.cancel_scope.cancel()
+        await other.release(waiter, 10.0)
+
+
+async def test_gateway_with_redis_queues_and_serves(redis_url: str, redis_prefix: str) -> None:
+    config = make_config(
+        admission={"seats": 1},
+        gateway={"redis_url": redis_url, "redis_prefix": redis_prefix, "redis_timeout_s": 2.0},
+    )
+    fake = FakeUpstream(FakeUpstreamConfig(latency_s=0.05))
+    gateway, _ = in_process_gateway(fake, config)
+    statuses: list[int] = []
+    async with gateway.running(), client_for(gateway.asgi_app(), KEYS["acme"]) as client:
+        async with anyio.create_task_group() as group:
+
+            async def one() -> None:
+                response = await client.post("/v1/chat/completions", json=CHAT)
+                statuses.append(response.status_code)
+
+            for _ in range(4):
+                group.start_soon(one)
+        state = (await gateway.admission.state())["*"]
+    assert statuses == [200] * 4
+    assert state["in_use"] == 0
+    assert state["waiting"] == 0
+
+
+@pytest.mark.parametrize(("policy", "status"), [("open", 200), ("closed", 503)])
+async def test_redis_down_follows_the_failure_policy(policy: str, status: int) -> None:
+    url = f"redis://127.0.0.1:{find_free_port()}/0"
+    config = make_config(
+        admission={"seats": 1},
+        quota={"enabled": False},  # the quota layer would answer first with its own policy
+        gateway={"redis_url": url, "on_store_failure": policy, "redis_timeout_s": 0.05},
+    )
+    gateway, _ = in_process_gateway(config=config)
+    async with client_for(gateway.asgi_app(), KEYS["acme"]) as client:
+        response = await client.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == status
+    if status == 503:
+        assert response.json()["error"]["code"] == "store_unavailable"
+        assert "retry-after" in response.headers
+    await gateway.aclose()
+
+
+@pytest.mark.slow
+async def test_the_script_runs_on_a_redis_cluster() -> None:
+    # Every key of a pool shares the pool's hash tag, so the script's keys live in one slot.
+    try:
+        cluster = redis_cluster(3)
+        urls = cluster.__enter__()
+    except ServiceUnavailable as exc:
+        pytest.skip(f"no Redis Cluster: {exc.reason}")
+    try:
+        client = connect_redis(urls[0], timeout_s=2.0, cluster=True)
+        store = RedisSeatStore(client, seats=1, prefix="twcluster:")
+        first, second = Ticket("a", 1.0, 10.0), Ticket("b", 1.0, 10.0)
+        assert await store.acquire(first) == GRANTED
+        assert await store.acquire(second) == QUEUED
+        await store.release(first, 10.0)
+        assert second.granted
+        state = await store.state()
+        assert state["tenants"]["b"]["held"] == 1
+        await store.release(second, 10.0)
+        await client.aclose()
+    finally:
+        cluster.__exit__(None, None, None)
