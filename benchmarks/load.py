@@ -173,6 +173,8 @@ def start_gateway(config_path: Path, args: argparse.Namespace) -> Server:
     port = _free_port()
     argv = [str(HERE / "serve_gateway.py"), "--config", str(config_path), "--port", str(port)]
     argv += ["--client", args.client, "--server", args.server]
+    if args.gc_freeze:
+        argv.append("--gc-freeze")
     return Server("gateway", GATEWAY_CORE, argv, port)
 
 
@@ -770,6 +772,7 @@ def main() -> None:
     parser.add_argument("--ledger-url", default=None)
     parser.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp")
     parser.add_argument("--server", choices=["uvicorn", "granian"], default="uvicorn")
+    parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() in the gateway")
     parser.add_argument("--soak", type=float, default=0, help="soak for this many seconds")
     parser.add_argument("--soak-rate", type=float, default=300.0)
     parser.add_argument("--soak-stream-every", type=int, default=5, help="1 in k is a stream")
@@ -794,6 +797,7 @@ def main() -> None:
         "ledger": args.ledger,
         "client": args.client,
         "server": args.server,
+        "gc_freeze": args.gc_freeze,
         "reps": args.reps,
         "seconds": args.seconds,
         "latencies_ms": args.latencies,
