@@ -110,7 +110,9 @@ class AdmissionMiddleware:
         status = await store.acquire(ticket)
         if status == QUEUE_FULL:
             metrics.REJECTIONS.labels(tenant.id, "queue_full").inc()
-            raise GatewayError(
+            # Sent here, not raised: the error passes the outer layers' ``send`` (the quota
+            # layer's ``x-ratelimit-*`` headers), like the quota and breaker rejections.
+            await GatewayError(
                 429,
                 "Too many requests of this organization are waiting for capacity. "
                 "Retry after the delay given in retry-after.",
@@ -119,9 +121,14 @@ class AdmissionMiddleware:
                 outcome=Outcome.REJECTED_QUEUE,
                 retry_after=1.0,
                 should_retry=True,
-            )
+            ).send(send, ctx)
+            return
         if status == QUEUED:
-            after = await self._wait(store, ticket, ctx, receive, gauges)
+            try:
+                after = await self._wait(store, ticket, ctx, receive, gauges)
+            except GatewayError as error:
+                await error.send(send, ctx)
+                return
             if after is None:
                 return
             receive = after

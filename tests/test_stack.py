@@ -1,0 +1,483 @@
+"""The whole stack end to end: every layer together, over sockets, as clients see it.
+
+The standalone gateway (``Gateway(config).asgi_app()``, lifespan on) and the fake upstream
+each run on a loopback port; requests come from the official ``openai`` SDK and from httpx.
+After each scenario the books of every layer are compared: the quota store's counters, the
+ledger, the fake upstream's own counts and the admission seats.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import openai
+import pytest
+
+from tenantware import Gateway, KeyHasher
+from tenantware.config import GatewayConfig
+from tenantware.context import Outcome
+from tenantware.ledger.base import MemoryLedger
+from tenantware.ledger.record import UsageRecord
+from tenantware.pricing import cost_nanousd
+from tenantware.quota.plan import (
+    KIND_CONCURRENCY,
+    KIND_SPEND,
+    KIND_TOKENS,
+    build_plan,
+)
+from tenantware.reload import reload_from
+from tenantware.testing.serve import serve_in_thread
+from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig
+from tests.support import CHAT, KEYS, tenant_entries
+
+ADMIN_KEY = "sk-test-admin-stack"
+SERVED = "x-tenantware-model"
+SMALL_CHAT = {**CHAT, "max_tokens": 20}
+
+
+def stack_data(upstream: str, **overrides: Any) -> dict[str, Any]:
+    """acme: enterprise with token, budget and concurrency limits; hobby: free, gemini only."""
+    tenants = tenant_entries()
+    tenants[0]["limits"] = {
+        "tokens_per_day": 10_000_000,
+        "daily_budget_usd": 100,
+        "concurrent_requests": 64,
+    }
+    tenants[1]["limits"] = {"tokens_per_day": 1_000_000, "concurrent_requests": 16}
+    data: dict[str, Any] = {
+        "tenants": tenants,
+        "upstreams": [
+            {
+                "name": "fake",
+                "base_url": upstream + "/v1",
+                "models": ["gpt-4.1", "claude-sonnet-4.5", "gemini-2.5-flash", "deepseek-v3.2"],
+                "timeout_s": 5,
+            }
+        ],
+        "aliases": {"gpt4": "gpt-4.1"},
+        "admission": {"seats": 8},
+        "metering": {
+            "ledger_url": "memory://",
+            "request_log": False,
+            "flush_interval_s": 0.02,
+            "admin_key_hash": KeyHasher().hash(ADMIN_KEY),
+        },
+    }
+    data.update(overrides)
+    return data
+
+
+def stack_config(upstream: str, **overrides: Any) -> GatewayConfig:
+    from tenantware import parse_config
+
+    return parse_config(stack_data(upstream, **overrides))
+
+
+@dataclass
+class Stack:
+    gateway: Gateway
+    url: str
+    fake: FakeUpstream
+    upstream: str
+
+    @property
+    def ledger(self) -> MemoryLedger:
+        ledger = self.gateway.ledger
+        assert isinstance(ledger, MemoryLedger)
+        return ledger
+
+    def http(self, key: str | None = KEYS["acme"]) -> httpx.Client:
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=10)
+
+    def sdk(self, key: str = KEYS["acme"]) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=10)
+
+    def records(self, count: int, *, timeout_s: float = 5.0) -> list[UsageRecord]:
+        """The ledger's records once ``count`` of them are written (settled and flushed)."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.ledger.records) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        records = sorted(self.ledger.records.values(), key=lambda r: r.ts)
+        assert len(records) == count, records
+        return records
+
+    def record_of(self, request_id: str) -> UsageRecord:
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            for record in list(self.ledger.records.values()):
+                if record.request_id == request_id:
+                    return record
+            time.sleep(0.01)
+        raise AssertionError(f"no ledger record for {request_id}")
+
+    def quota(self, tenant: str, model: str | None = None) -> dict[str, int]:
+        """The tenant's quota counters: tokens today, spend today (nano-USD), slots held."""
+        snapshot = self.gateway.live.current
+        view = snapshot.registry.by_id(tenant)
+        assert view is not None
+        plan, _ = build_plan(
+            snapshot.config, tenant, view.limits, model, self.gateway.quota_store.prefix
+        )
+        assert plan is not None
+        values = anyio.run(self.gateway.quota_store.usage, plan)
+        out = {}
+        for limit, value in zip(plan.limits, values, strict=True):
+            name = {KIND_TOKENS: "tokens", KIND_SPEND: "spend", KIND_CONCURRENCY: "slots"}
+            if limit.kind in name:
+                out[name[limit.kind]] = value
+        return out
+
+    def seats(self) -> dict[str, Any]:
+        state = anyio.run(self.gateway.admission.state)
+        return {name: (pool["in_use"], pool["waiting"]) for name, pool in state.items()}
+
+    def wait_upstream_idle(self) -> None:
+        deadline = time.monotonic() + 5.0
+        while self.fake.stats.in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert self.fake.stats.in_flight == 0
+
+
+@contextlib.contextmanager
+def running_stack(
+    fake_config: FakeUpstreamConfig | None = None,
+    *,
+    app: Callable[[Gateway], Any] | None = None,
+    **overrides: Any,
+) -> Iterator[Stack]:
+    fake = FakeUpstream(fake_config)
+    with serve_in_thread(fake) as upstream:
+        gateway = Gateway(stack_config(upstream, **overrides))
+        served = app(gateway) if app is not None else gateway.asgi_app()
+        with serve_in_thread(served, lifespan="on") as url:
+            yield Stack(gateway, url, fake, upstream)
+
+
+def price_cost(stack: Stack, model: str, usage: dict[str, Any]) -> int:
+    price = stack.gateway.live.current.catalogue.price(model)
+    assert price is not None
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    return cost_nanousd(price, usage["prompt_tokens"], usage["completion_tokens"], cached)
+
+
+# -- one request through every layer ---------------------------------------------------------
+
+
+def test_one_request_passes_every_layer_and_every_book_agrees() -> None:
+    with running_stack() as stack:
+        raw = stack.sdk().chat.completions.with_raw_response.create(
+            model="gpt4", messages=[{"role": "user", "content": "Hello there"}], max_tokens=50
+        )
+        completion = raw.parse()
+        headers = raw.headers
+        request_id = headers["x-request-id"]
+        assert request_id.startswith("req_")
+        for name in ("limit", "remaining", "reset"):
+            assert headers[f"x-ratelimit-{name}-requests"]
+            assert headers[f"x-ratelimit-{name}-tokens"]
+        assert headers[SERVED] == "gpt-4.1"
+        usage = completion.usage
+        assert usage is not None
+        expected = price_cost(stack, "gpt-4.1", usage.model_dump())
+        assert expected > 0
+
+        record = stack.record_of(request_id)
+        assert record.outcome == Outcome.OK
+        assert record.status == 200
+        assert (record.tenant, record.key_id) == ("acme", "acme-1")
+        assert (record.model_requested, record.model_served) == ("gpt-4.1", "gpt-4.1")
+        assert (record.input_tokens, record.output_tokens) == (
+            usage.prompt_tokens,
+            usage.completion_tokens,
+        )
+        assert record.cost_nanousd == record.charged_nanousd == expected
+        assert record.queue_wait_s == 0.0  # seats were free: admitted at once
+        assert record.upstream == "fake"
+        assert not record.estimated
+        upstream_record = stack.fake.stats.by_request_id[request_id]
+        assert upstream_record.completion_tokens == usage.completion_tokens
+        assert stack.quota("acme") == {"tokens": usage.total_tokens, "spend": expected, "slots": 0}
+        assert stack.seats() == {"*": (0, 0)}
+
+        with stack.http(None) as client:
+            denied = client.get("/metrics")
+            assert denied.status_code == 401
+            metrics = client.get("/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"})
+        assert metrics.status_code == 200
+        lines = [line for line in metrics.text.splitlines() if 'tenant="acme"' in line]
+        assert any(line.startswith("tenantware_requests_total") for line in lines), lines
+        assert any(line.startswith("tenantware_cost_nanousd_total") for line in lines), lines
+
+
+# -- fallback --------------------------------------------------------------------------------
+
+
+def test_fallback_charges_the_served_model_and_respects_allowed_models() -> None:
+    breaker = {
+        "max_attempts": 2,
+        "fallbacks": {
+            "gpt-4.1": ["claude-sonnet-4.5"],
+            "gemini-2.5-flash": ["gpt-4.1"],
+        },
+    }
+    with running_stack(breaker=breaker) as stack:
+        stack.fake.config.fail_next = [500]
+        with stack.http() as client:
+            response = client.post("/v1/chat/completions", json=SMALL_CHAT)
+        assert response.status_code == 200
+        assert response.headers[SERVED] == "claude-sonnet-4.5"
+        usage = response.json()["usage"]
+        expected = price_cost(stack, "claude-sonnet-4.5", usage)
+        assert expected != price_cost(stack, "gpt-4.1", usage)
+        record = stack.record_of(response.headers["x-request-id"])
+        assert (record.model_requested, record.model_served) == ("gpt-4.1", "claude-sonnet-4.5")
+        assert record.cost_nanousd == expected
+        assert stack.quota("acme") == {
+            "tokens": usage["total_tokens"],
+            "spend": expected,
+            "slots": 0,
+        }
+
+        # hobby may use gemini only: its fallback to gpt-4.1 is not taken.
+        stack.fake.config.fail_next = [500, 500]
+        with stack.http(KEYS["hobby"]) as client:
+            failed = client.post(
+                "/v1/chat/completions", json={**SMALL_CHAT, "model": "gemini-2.5-flash"}
+            )
+        assert failed.status_code == 500
+        assert failed.headers[SERVED] == "gemini-2.5-flash"
+        assert failed.json()["error"]
+        record = stack.record_of(failed.headers["x-request-id"])
+        assert record.model_served == "gemini-2.5-flash"
+        assert record.outcome == Outcome.UPSTREAM_ERROR
+        assert record.cost_nanousd == 0
+        assert stack.quota("hobby")["tokens"] == 0
+        assert stack.quota("hobby")["slots"] == 0
+
+
+# -- rejections ------------------------------------------------------------------------------
+
+
+def _assert_openai_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code
+    assert response.headers["x-request-id"]
+    return dict(error)
+
+
+def test_quota_rejection_is_recorded_and_reaches_neither_admission_nor_upstream() -> None:
+    with running_stack() as stack:
+        sdk = stack.sdk(KEYS["hobby"])
+        with pytest.raises(openai.RateLimitError) as caught:
+            sdk.chat.completions.create(
+                model="gemini-2.5-flash",
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=2_000_000,
+            )
+        response = caught.value.response
+        _assert_openai_error(response, 429, "rate_limit_exceeded")
+        assert response.headers["x-should-retry"] == "false"
+        assert response.headers["x-ratelimit-remaining-tokens"]
+        record = stack.record_of(response.headers["x-request-id"])
+        assert record.outcome == Outcome.REJECTED_QUOTA
+        assert record.status == 429
+        assert record.cost_nanousd == 0
+        assert record.input_tokens == record.output_tokens == 0
+        assert stack.fake.stats.requests == 0
+        state = anyio.run(stack.gateway.admission.state)
+        assert "hobby" not in state["*"]["tenants"]  # admission never saw it
+        assert stack.quota("hobby") == {"tokens": 0, "slots": 0}
+
+
+def test_queue_full_and_queue_timeout_release_the_quota_reservation() -> None:
+    tiers = {"free": {"weight": 0.15, "max_priority": "bulk", "max_queue_wait_s": 0.3}}
+    admission = {"seats": 1, "max_queue_per_tenant": 1}
+    fake = FakeUpstreamConfig(latency_s=1.2)
+    with running_stack(fake, tiers=tiers, admission=admission) as stack:
+        body = {**SMALL_CHAT, "model": "gemini-2.5-flash"}
+
+        def post(key: str) -> httpx.Response:
+            with stack.http(key) as client:
+                return client.post("/v1/chat/completions", json=body)
+
+        with ThreadPoolExecutor(3) as pool:
+            holder = pool.submit(post, KEYS["acme"])
+            deadline = time.monotonic() + 5
+            while stack.seats()["*"][0] < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            waiter = pool.submit(post, KEYS["hobby"])
+            while stack.seats()["*"][1] < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            full = post(KEYS["hobby"])
+            timed_out = waiter.result(timeout=10)
+            held = holder.result(timeout=10)
+
+        _assert_openai_error(full, 429, "rate_limit_exceeded")
+        assert full.headers["retry-after"] == "1"
+        assert full.headers["x-should-retry"] == "true"
+        _assert_openai_error(timed_out, 503, "queue_timeout")
+        assert timed_out.headers["x-should-retry"] == "true"
+        assert held.status_code == 200
+        for response in (full, timed_out):
+            # The quota layer's headers ride on every answer of a request it admitted.
+            assert response.headers["x-ratelimit-limit-tokens"]
+            record = stack.record_of(response.headers["x-request-id"])
+            assert record.outcome == Outcome.REJECTED_QUEUE
+            assert record.cost_nanousd == 0
+            assert record.output_tokens == 0
+        assert stack.record_of(timed_out.headers["x-request-id"]).queue_wait_s >= 0.25
+        assert stack.quota("hobby") == {"tokens": 0, "slots": 0}
+        assert stack.seats() == {"*": (0, 0)}
+        assert stack.fake.stats.requests == 1
+
+
+def test_breaker_open_is_recorded_and_refunds_the_reservation() -> None:
+    breaker = {"max_attempts": 1, "deployment": {"consecutive_failures": 2}}
+    with running_stack(breaker=breaker) as stack:
+        stack.fake.config.fail_next = [500, 500]
+        body = {**SMALL_CHAT, "model": "deepseek-v3.2"}
+        with stack.http() as client:
+            for _ in range(2):
+                assert client.post("/v1/chat/completions", json=body).status_code == 500
+            response = client.post("/v1/chat/completions", json=body)
+        _assert_openai_error(response, 503, "circuit_open")
+        assert float(response.headers["retry-after"]) > 0
+        assert response.headers["x-ratelimit-limit-tokens"] == "2000000"
+        record = stack.record_of(response.headers["x-request-id"])
+        assert record.outcome == Outcome.BREAKER_OPEN
+        assert record.cost_nanousd == 0
+        assert stack.fake.stats.requests == 2
+        assert stack.quota("acme") == {"tokens": 0, "spend": 0, "slots": 0}
+        assert stack.seats() == {"*": (0, 0)}
+
+
+# -- disconnect ------------------------------------------------------------------------------
+
+
+def test_client_disconnect_mid_stream_settles_every_layer() -> None:
+    fake = FakeUpstreamConfig(stream_chunks=200, chunk_delay_s=0.02)
+    with running_stack(fake) as stack:
+        with stack.http() as client:
+            body = {**CHAT, "stream": True, "max_tokens": 500}
+            with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                assert response.status_code == 200
+                request_id = response.headers["x-request-id"]
+                chunks = 0
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        chunks += 1
+                    if chunks >= 5:
+                        break
+        record = stack.record_of(request_id)
+        stack.wait_upstream_idle()
+        produced = stack.fake.stats.by_request_id[request_id]
+        assert produced.outcome != "completed"
+        assert 3 <= produced.completion_tokens < 200
+        assert record.outcome == Outcome.CLIENT_DISCONNECTED
+        assert record.estimated
+        assert record.stream
+        assert record.output_tokens > 0
+        assert record.input_tokens > 0
+        assert record.cost_nanousd == cost_nanousd(
+            stack.gateway.live.current.catalogue.price("gpt-4.1"),  # type: ignore[arg-type]
+            record.input_tokens,
+            record.output_tokens,
+        )
+        assert stack.quota("acme") == {
+            "tokens": record.input_tokens + record.output_tokens,
+            "spend": record.cost_nanousd,
+            "slots": 0,
+        }
+        assert stack.seats() == {"*": (0, 0)}
+
+
+# -- drain -----------------------------------------------------------------------------------
+
+
+def test_drain_every_book_agrees_exactly_per_tenant() -> None:
+    fake = FakeUpstreamConfig(failure_rate=0.2, stream_chunks=8, chunk_delay_s=0.002)
+    breaker = {"max_attempts": 1, "deployment": {"consecutive_failures": 1000}}
+    tenants = stack_data("")["tenants"]
+    # hobby: room for a few of its requests per day only.
+    tenants[1]["limits"] = {"tokens_per_day": 100, "concurrent_requests": 4}
+    with running_stack(fake, breaker=breaker, admission={"seats": 3}, tenants=tenants) as stack:
+
+        def one(i: int) -> int:
+            key = KEYS["hobby"] if i % 3 == 0 else KEYS["acme"]
+            model = (
+                "gemini-2.5-flash" if key == KEYS["hobby"] else ("gpt-4.1", "deepseek-v3.2")[i % 2]
+            )
+            body = {**CHAT, "model": model, "max_tokens": 40, "stream": i % 2 == 0}
+            with stack.http(key) as client:
+                return client.post("/v1/chat/completions", json=body).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(one, range(36), timeout=30))
+        assert 200 in statuses
+        assert 429 in statuses
+        stack.wait_upstream_idle()
+        records = stack.records(36)
+        upstream = stack.fake.stats.by_request_id
+        for tenant in ("acme", "hobby"):
+            mine = [r for r in records if r.tenant == tenant]
+            ledger_tokens = sum(r.input_tokens + r.output_tokens for r in mine)
+            upstream_tokens = sum(
+                upstream[r.request_id].prompt_tokens + upstream[r.request_id].completion_tokens
+                for r in mine
+                if r.request_id in upstream and upstream[r.request_id].status == 200
+            )
+            counters = stack.quota(tenant)
+            assert counters["tokens"] == ledger_tokens == upstream_tokens, tenant
+            assert counters["slots"] == 0
+            if "spend" in counters:
+                assert counters["spend"] == sum(r.cost_nanousd for r in mine)
+        outcomes = {r.outcome for r in records}
+        assert Outcome.REJECTED_QUOTA in outcomes
+        assert Outcome.UPSTREAM_ERROR in outcomes
+        assert stack.seats() == {"*": (0, 0)}
+        assert stack.fake.stats.requests == sum(1 for r in records if r.upstream)
+
+
+# -- reload ----------------------------------------------------------------------------------
+
+
+def test_reload_of_limits_and_revoked_key_applies_to_the_next_request(tmp_path: Path) -> None:
+    with running_stack() as stack:
+        with stack.http(KEYS["hobby"]) as hobby, stack.http() as acme:
+            body = {**SMALL_CHAT, "model": "gemini-2.5-flash"}
+            assert hobby.post("/v1/chat/completions", json=body).status_code == 200
+            assert acme.post("/v1/chat/completions", json=SMALL_CHAT).status_code == 200
+
+            data = stack_data(stack.upstream)
+            data["tenants"][1]["limits"] = {"requests_per_day": 1}
+            data["tenants"][0]["keys"][0]["revoked"] = True
+            path = tmp_path / "tenantware.json"
+            path.write_text(json.dumps(data))
+            assert reload_from(stack.gateway.live, path)
+
+            revoked = acme.post("/v1/chat/completions", json=SMALL_CHAT)
+            _assert_openai_error(revoked, 401, "invalid_api_key")
+            assert hobby.post("/v1/chat/completions", json=body).status_code == 200
+            limited = hobby.post("/v1/chat/completions", json=body)
+            _assert_openai_error(limited, 429, "rate_limit_exceeded")
+            assert limited.headers["x-ratelimit-limit-requests"] == "1"
+        # An unknown or revoked key has no tenant to bill: the ledger has no record of it.
+        records = stack.records(4)
+        assert [r.outcome for r in records][-2:] == [
+            Outcome.OK,
+            Outcome.REJECTED_QUOTA,
+        ]
+        assert stack.fake.stats.requests == 3
