@@ -23,7 +23,7 @@ from tenantware.catalogue import Catalogue
 from tenantware.context import Outcome, RequestContext, Usage
 from tenantware.pricing import cost_nanousd
 
-__all__ = ["NOT_BILLED", "apply_markup", "billable_usage", "request_cost"]
+__all__ = ["NOT_BILLED", "apply_markup", "billable_usage", "final_outcome", "request_cost"]
 
 #: Outcomes of requests the gateway refused: recorded, never billed.
 NOT_BILLED: Final = frozenset(
@@ -38,6 +38,14 @@ NOT_BILLED: Final = frozenset(
 )
 _FAILED: Final = frozenset({Outcome.UPSTREAM_ERROR, Outcome.UPSTREAM_TIMEOUT, Outcome.ERROR})
 _HUNDRED: Final = Decimal(100)
+
+
+def final_outcome(ctx: RequestContext) -> str:
+    """The outcome a finished request is recorded and billed under: the one a layer set,
+    else what its status says (an app that is not the proxy sets none)."""
+    if ctx.outcome is not None:
+        return ctx.outcome
+    return Outcome.OK if 0 < ctx.status < 400 else Outcome.ERROR
 
 
 def billable_usage(outcome: str | None, usage: Usage | None) -> Usage | None:

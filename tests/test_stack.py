@@ -21,8 +21,10 @@ import anyio
 import httpx
 import openai
 import pytest
+import structlog.testing
 
 from tenantware import Gateway, KeyHasher
+from tenantware.breaker.circuit import CLOSED
 from tenantware.config import GatewayConfig
 from tenantware.context import Outcome
 from tenantware.ledger.base import MemoryLedger
@@ -481,3 +483,157 @@ def test_reload_of_limits_and_revoked_key_applies_to_the_next_request(tmp_path: 
             Outcome.REJECTED_QUOTA,
         ]
         assert stack.fake.stats.requests == 3
+
+
+# -- the examples ----------------------------------------------------------------------------
+
+
+def _starlette(gateway: Gateway) -> Any:
+    from examples.starlette_app.app import create_app
+
+    return create_app(gateway)
+
+
+def _fastapi(gateway: Gateway) -> Any:
+    from examples.fastapi_app.app import create_app
+
+    return create_app(gateway)
+
+
+def _fastapi_in_stack_order(gateway: Gateway) -> Any:
+    """The pitfall the FastAPI example avoids: ``add_middleware`` in the stack's order."""
+    from fastapi import FastAPI
+
+    app = FastAPI(lifespan=gateway.lifespan)
+    app.mount("/v1", gateway.proxy)
+    for layer in gateway.middleware():
+        app.add_middleware(layer.cls, *layer.args, **layer.kwargs)
+    return app
+
+
+@pytest.mark.parametrize("factory", [_starlette, _fastapi], ids=["starlette", "fastapi"])
+def test_examples_run_the_whole_stack_for_the_same_key(factory: Callable[[Gateway], Any]) -> None:
+    with running_stack(app=factory) as stack:
+        with stack.http() as client:
+            whoami = client.get("/v1/whoami")
+            assert whoami.json()["tenant"] == "acme"
+            response = client.post("/v1/chat/completions", json=SMALL_CHAT)
+        assert response.status_code == 200
+        # Quota ran inside the tenant layer (it knew the tenant), metering outside quota
+        # (the record carries the cost quota settled).
+        assert response.headers["x-ratelimit-limit-tokens"]
+        usage = response.json()["usage"]
+        record = stack.record_of(response.headers["x-request-id"])
+        assert record.cost_nanousd == price_cost(stack, "gpt-4.1", usage)
+        assert stack.quota("acme")["tokens"] == usage["total_tokens"]
+        assert stack.quota("acme")["slots"] == 0
+
+
+def test_stack_in_the_wrong_order_fails_loudly_instead_of_skipping_policy() -> None:
+    with running_stack(app=_fastapi_in_stack_order) as stack:
+        with stack.http() as client:
+            response = client.post("/v1/chat/completions", json=SMALL_CHAT)
+        # The tenant layer ends up innermost: the policy layers outside it see no context.
+        # They refuse (500) rather than let the request through unmetered and unlimited.
+        assert response.status_code == 500
+        assert "x-ratelimit-limit-tokens" not in response.headers
+        assert stack.fake.stats.requests == 0
+
+
+# -- secrets ---------------------------------------------------------------------------------
+
+
+def test_no_key_reaches_logs_errors_or_the_ledger(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    upstream_key = "sk-upstream-secret-4242"
+    monkeypatch.setenv("TW_STACK_UPSTREAM_KEY", upstream_key)
+    wrong = "sk-test-wrong-guess-777"
+    fake = FakeUpstreamConfig(require_api_key=upstream_key)
+    metering = {"ledger_url": "memory://", "request_log": True, "flush_interval_s": 0.02}
+    with running_stack(fake, metering=metering) as stack:
+        upstreams = stack_data(stack.upstream)["upstreams"]
+        upstreams[0]["api_key_env"] = "TW_STACK_UPSTREAM_KEY"
+        config = stack_config(stack.upstream, upstreams=upstreams, metering=metering)
+        caplog.set_level("DEBUG")
+        with structlog.testing.capture_logs() as logs:
+            stack.gateway.live.replace(config)
+            seen: list[str] = []
+            with stack.http() as client:
+                ok = client.post("/v1/chat/completions", json=SMALL_CHAT)
+                assert ok.status_code == 200
+                stream = client.post("/v1/chat/completions", json={**SMALL_CHAT, "stream": True})
+                seen.append(stream.text)
+                stack.fake.config.fail_next = [500]
+                seen.append(client.post("/v1/chat/completions", json=SMALL_CHAT).text)
+                # The upstream refuses the gateway's key: the tenant must not learn it either.
+                stack.fake.config.require_api_key = "sk-some-other-key"
+                refused = client.post("/v1/chat/completions", json=SMALL_CHAT)
+                seen.append(refused.text + str(refused.headers))
+            with stack.http(wrong) as client:
+                denied = client.post("/v1/chat/completions", json=SMALL_CHAT)
+                assert denied.status_code == 401
+                seen.append(denied.text + str(denied.headers))
+            records = stack.records(4)
+        assert any(entry.get("event") == "request" for entry in logs), logs
+        texts = [str(logs), caplog.text, str(records), *seen]
+        for secret in (upstream_key, KEYS["acme"], wrong, "sk-some-other-key"):
+            for text in texts:
+                assert secret not in text
+
+
+# -- an inner app that raises ----------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_inner_app_raising_a_client_error_is_not_an_app_failure() -> None:
+    """A ``GatewayError`` raised by the app is judged by its status, not as a crash (500)."""
+    from tenantware import parse_config
+    from tenantware.errors import GatewayError
+    from tenantware.types import Receive, Scope, Send
+    from tests.support import client_for
+
+    calls = 0
+
+    async def picky_app(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal calls
+        calls += 1
+        raise GatewayError(400, "This app wants a system message.", param="messages")
+
+    data = stack_data("http://upstream.test")
+    data["upstreams"][0]["models"] = ["gpt-4.1"]  # claude is the app's own model
+    data["breaker"] = {"deployment": {"consecutive_failures": 2}}
+    gateway = Gateway(parse_config(data))
+    body = {**SMALL_CHAT, "model": "claude-sonnet-4.5"}
+    async with gateway.running(), client_for(gateway.wrap(picky_app), KEYS["acme"]) as client:
+        for _ in range(4):
+            response = await client.post("/v1/chat/completions", json=body)
+            _assert_openai_error(response, 400, None)  # type: ignore[arg-type]
+        assert calls == 4
+        assert gateway.board.state("app/claude-sonnet-4.5") == CLOSED
+        await gateway.writer.flush()  # type: ignore[union-attr]
+    assert {r.outcome for r in gateway.ledger.records.values()} == {"error"}  # type: ignore[union-attr]
+
+
+def test_disconnect_before_any_output_bills_quota_and_ledger_alike() -> None:
+    """Quota settles by the billing rules the ledger uses (``tenantware.billing``)."""
+    fake = FakeUpstreamConfig(stream_chunks=20, chunk_delay_s=0.4)
+    with running_stack(fake) as stack:
+        with stack.http() as client:
+            body = {**CHAT, "stream": True, "max_tokens": 100}
+            with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                assert response.status_code == 200
+                request_id = response.headers["x-request-id"]
+        record = stack.record_of(request_id)
+        stack.wait_upstream_idle()
+        assert record.outcome == Outcome.CLIENT_DISCONNECTED
+        assert record.output_tokens == 0
+        price = stack.gateway.live.current.catalogue.price("gpt-4.1")
+        assert price is not None
+        assert record.cost_nanousd == cost_nanousd(price, record.input_tokens, 0)
+        assert stack.quota("acme") == {
+            "tokens": record.input_tokens,
+            "spend": record.cost_nanousd,
+            "slots": 0,
+        }
+        assert stack.seats() == {"*": (0, 0)}

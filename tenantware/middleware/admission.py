@@ -21,7 +21,7 @@ from tenantware.admission.base import SeatStore
 from tenantware.admission.core import BAND_INDEX, BANDS, QUEUE_FULL, QUEUED, Ticket
 from tenantware.admission.pools import AdmissionPools
 from tenantware.config import AdmissionSettings
-from tenantware.context import Outcome, RequestContext, context_of
+from tenantware.context import Outcome, RequestContext, get_context
 from tenantware.errors import GatewayError
 from tenantware.state import LiveConfig
 from tenantware.types import ASGIApp, Message, Receive, Scope, Send
@@ -64,8 +64,8 @@ class AdmissionMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        ctx = context_of(scope)
-        if ctx is None or ctx.tenant is None or ctx.view is None:
+        ctx = get_context(scope)
+        if ctx.tenant is None or ctx.view is None:
             await self.app(scope, receive, send)
             return
         routes = self.live.current.routes.get(ctx.model or "")

@@ -25,7 +25,7 @@ from tenantware.breaker.circuit import (
     RELEASE,
     SUCCESS,
 )
-from tenantware.context import Outcome, RequestContext, context_of
+from tenantware.context import Outcome, RequestContext, get_context
 from tenantware.errors import GatewayError
 from tenantware.proxy.app import RECORDED
 from tenantware.state import LiveConfig
@@ -48,7 +48,7 @@ class BreakerMiddleware:
         self.board = board
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        ctx = context_of(scope) if scope["type"] == "http" else None
+        ctx = get_context(scope) if scope["type"] == "http" else None
         board = self.board
         if ctx is None or ctx.tenant is None or not board.enabled:
             await self.app(scope, receive, send)
@@ -99,6 +99,11 @@ class BreakerMiddleware:
         try:
             await self.app(scope, receive, send)
             status = ctx.status
+        except GatewayError as error:
+            # An answer the app chose (an outer layer sends it), not a crash: judged by its
+            # status, so a client's 400 does not open the app's circuit.
+            status = 500 if ctx.response_started else error.status
+            raise
         except BaseException:
             status = 500
             raise

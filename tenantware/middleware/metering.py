@@ -20,8 +20,8 @@ import re
 import time
 from typing import Final
 
-from tenantware.billing import apply_markup, billable_usage, request_cost
-from tenantware.context import Outcome, RequestContext, Usage, context_of
+from tenantware.billing import apply_markup, billable_usage, final_outcome, request_cost
+from tenantware.context import Outcome, RequestContext, Usage, get_context
 from tenantware.errors import GatewayError
 from tenantware.ledger.record import UsageRecord
 from tenantware.ledger.writer import LedgerWriter
@@ -65,8 +65,8 @@ class MeteringMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        ctx = context_of(scope)
-        if ctx is None or ctx.tenant is None:
+        ctx = get_context(scope)
+        if ctx.tenant is None:
             await self.app(scope, receive, send)
             return
         tap_kind = _NO_TAP
@@ -143,8 +143,7 @@ class MeteringMiddleware:
             raise
         finally:
             finish_tap()
-            if ctx.outcome is None:
-                ctx.outcome = Outcome.OK if 0 < ctx.status < 400 else Outcome.ERROR
+            ctx.outcome = final_outcome(ctx)
             self.writer.submit(self._record(ctx, scope, is_stream))
 
     def _record(self, ctx: RequestContext, scope: Scope, is_stream: bool) -> UsageRecord:

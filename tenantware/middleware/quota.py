@@ -4,9 +4,9 @@ Before the inner app runs, the request reserves its estimated tokens (prompt est
 ``max_tokens``, or ``gateway.default_max_tokens``) and their cost, atomically over all of the
 tenant's limits (and its per-model limits), then over the global limits. When the app returns,
 raises or the client leaves, the reservation settles to the actual usage: the difference is
-refunded or charged, a request that produced no output and did not succeed is refunded
-whole, and the concurrency slot is always given back. Every response carries the
-``x-ratelimit-*`` headers the OpenAI SDKs read.
+refunded or charged by the ledger's billing rules (``tenantware.billing``: a failure before
+any output is refunded whole), and the concurrency slot is always given back. Every response
+carries the ``x-ratelimit-*`` headers the OpenAI SDKs read.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import anyio
 import structlog
 
 from tenantware import metrics
-from tenantware.context import Outcome, RequestContext, context_of
+from tenantware.billing import billable_usage, final_outcome
+from tenantware.context import Outcome, RequestContext, get_context
 from tenantware.errors import send_error
 from tenantware.pricing import cost_nanousd
 from tenantware.quota.failover import FailoverQuotaStore
@@ -142,10 +143,10 @@ class QuotaMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        ctx = context_of(scope)
+        ctx = get_context(scope)
         snapshot = self.live.current
-        tenant = ctx.tenant if ctx is not None else None
-        if ctx is None or tenant is None or not snapshot.config.quota.enabled:
+        tenant = ctx.tenant
+        if tenant is None or not snapshot.config.quota.enabled:
             await self.app(scope, receive, send)
             return
         tenant_plan, global_plan = self._plans.get(snapshot, tenant, ctx.model)
@@ -210,9 +211,10 @@ class QuotaMiddleware:
         cost: int,
     ) -> None:
         """Charge the actual usage: refund (or add) the difference to every scope."""
-        usage = ctx.usage
-        if usage is None or (usage.output_tokens == 0 and ctx.outcome != Outcome.OK):
-            # Nothing was produced (failed, cancelled, client gone first): refunded whole.
+        # The ledger's billing rules: a failure before any output is refunded whole, a
+        # client gone mid-stream pays for what the upstream produced.
+        usage = billable_usage(final_outcome(ctx), ctx.usage)
+        if usage is None:
             actual_tokens = actual_cost = 0
         else:
             actual_tokens = usage.input_tokens + usage.output_tokens
