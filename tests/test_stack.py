@@ -172,6 +172,21 @@ def price_cost(stack: Stack, model: str, usage: dict[str, Any]) -> int:
     return cost_nanousd(price, usage["prompt_tokens"], usage["completion_tokens"], cached)
 
 
+def assert_settled_as_recorded(stack: Stack, record: UsageRecord) -> None:
+    """Quota charged what the ledger says, at the served model's price; every seat is back."""
+    price = stack.gateway.live.current.catalogue.price(record.model_served)
+    assert price is not None
+    assert record.cost_nanousd == cost_nanousd(
+        price, record.input_tokens, record.output_tokens, record.cached_tokens
+    )
+    assert stack.quota(record.tenant) == {
+        "tokens": record.input_tokens + record.output_tokens,
+        "spend": record.cost_nanousd,
+        "slots": 0,
+    }
+    assert stack.seats() == {"*": (0, 0)}
+
+
 # -- one request through every layer ---------------------------------------------------------
 
 
@@ -393,17 +408,7 @@ def test_client_disconnect_mid_stream_settles_every_layer() -> None:
         assert record.stream
         assert record.output_tokens > 0
         assert record.input_tokens > 0
-        assert record.cost_nanousd == cost_nanousd(
-            stack.gateway.live.current.catalogue.price("gpt-4.1"),  # type: ignore[arg-type]
-            record.input_tokens,
-            record.output_tokens,
-        )
-        assert stack.quota("acme") == {
-            "tokens": record.input_tokens + record.output_tokens,
-            "spend": record.cost_nanousd,
-            "slots": 0,
-        }
-        assert stack.seats() == {"*": (0, 0)}
+        assert_settled_as_recorded(stack, record)
 
 
 # -- drain -----------------------------------------------------------------------------------
@@ -628,12 +633,29 @@ def test_disconnect_before_any_output_bills_quota_and_ledger_alike() -> None:
         stack.wait_upstream_idle()
         assert record.outcome == Outcome.CLIENT_DISCONNECTED
         assert record.output_tokens == 0
-        price = stack.gateway.live.current.catalogue.price("gpt-4.1")
-        assert price is not None
-        assert record.cost_nanousd == cost_nanousd(price, record.input_tokens, 0)
-        assert stack.quota("acme") == {
-            "tokens": record.input_tokens,
-            "spend": record.cost_nanousd,
-            "slots": 0,
-        }
-        assert stack.seats() == {"*": (0, 0)}
+        assert_settled_as_recorded(stack, record)
+
+
+def test_admission_store_outage_answers_with_the_quota_headers() -> None:
+    """Every admission refusal, the store's fail-closed 503 too, passes the quota layer."""
+    from tenantware.testing.servers import find_free_port
+
+    local = dict.fromkeys(("requests", "tokens", "concurrency", "budget"), "local")
+    gateway_settings = {
+        "redis_url": f"redis://127.0.0.1:{find_free_port()}/0",  # nobody listens there
+        "redis_timeout_s": 0.05,
+        "on_store_failure": "closed",
+    }
+    with running_stack(
+        gateway=gateway_settings,
+        quota={"on_store_failure": local},
+        breaker={"enabled": False},
+    ) as stack:
+        with stack.http() as client:
+            response = client.post("/v1/chat/completions", json=SMALL_CHAT)
+        _assert_openai_error(response, 503, "store_unavailable")
+        assert response.headers["x-should-retry"] == "true"
+        assert response.headers["x-ratelimit-limit-tokens"]
+        record = stack.record_of(response.headers["x-request-id"])
+        assert record.outcome == Outcome.REJECTED_QUEUE
+        assert stack.fake.stats.requests == 0

@@ -107,7 +107,11 @@ class AdmissionMiddleware:
                 metrics.SEATS_IN_USE.labels(tenant.id),
                 metrics.QUEUE_WAIT_SECONDS.labels(tenant.id),
             )
-        status = await store.acquire(ticket)
+        try:
+            status = await store.acquire(ticket)
+        except GatewayError as error:  # a store that fails closed
+            await error.send(send, ctx)
+            return
         if status == QUEUE_FULL:
             metrics.REJECTIONS.labels(tenant.id, "queue_full").inc()
             # Sent here, not raised: the error passes the outer layers' ``send`` (the quota

@@ -272,6 +272,21 @@ def _redis_executable() -> str:
     return exe
 
 
+def _start_on_free_port(server: RedisServer | PostgresServer, *, fixed: bool) -> None:
+    """Start ``server``; unless its port was asked for, retry on another free port when the
+    one picked was taken meanwhile (another process may grab it between pick and bind)."""
+    attempts = 1 if fixed else _START_ATTEMPTS
+    for attempt in range(attempts):
+        if attempt:
+            server.port = find_free_port()
+        try:
+            server.start()
+            return
+        except _StartFailed as exc:
+            if attempt == attempts - 1:
+                raise ServiceUnavailable(str(exc)) from exc
+
+
 @contextlib.contextmanager
 def throwaway_redis(
     port: int | None = None, *, extra_args: Sequence[str] = ()
@@ -282,23 +297,12 @@ def throwaway_redis(
     """
     exe = _redis_executable()
     with tempfile.TemporaryDirectory(prefix="tenantware-redis-") as tmp:
-        server: RedisServer | None = None
+        server = RedisServer(exe, port or find_free_port(), Path(tmp), extra_args=extra_args)
         try:
-            for attempt in range(1 if port is not None else _START_ATTEMPTS):
-                server = RedisServer(
-                    exe, port or find_free_port(), Path(tmp), extra_args=extra_args
-                )
-                try:
-                    server.start()
-                    break
-                except _StartFailed as exc:
-                    if port is not None or attempt == _START_ATTEMPTS - 1:
-                        raise ServiceUnavailable(str(exc)) from exc
-            assert server is not None
+            _start_on_free_port(server, fixed=port is not None)
             yield server
         finally:
-            if server is not None:
-                server.stop()
+            server.stop()
 
 
 @contextlib.contextmanager
@@ -587,25 +591,13 @@ def throwaway_postgres(port: int | None = None) -> Iterator[PostgresServer]:
         root = Path(tmp)
         if user is not None:
             os.chown(root, user.pw_uid, user.pw_gid)
-        server: PostgresServer | None = None
+        server = PostgresServer(bindir, port or find_free_port(), root, user)
         try:
-            for attempt in range(1 if port is not None else _START_ATTEMPTS):
-                if server is None:
-                    server = PostgresServer(bindir, port or find_free_port(), root, user)
-                    server.initdb()
-                else:
-                    server.port = find_free_port()
-                try:
-                    server.start()
-                    break
-                except _StartFailed as exc:
-                    if port is not None or attempt == _START_ATTEMPTS - 1:
-                        raise ServiceUnavailable(str(exc)) from exc
-            assert server is not None
+            server.initdb()
+            _start_on_free_port(server, fixed=port is not None)
             yield server
         finally:
-            if server is not None:
-                server.stop()
+            server.stop()
 
 
 @contextlib.contextmanager
