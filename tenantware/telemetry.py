@@ -9,14 +9,15 @@ reasons are fixed vocabularies. The log line never holds a prompt or a key (reco
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Final
 
 import structlog
 
 from tenantware.billing import NOT_BILLED
+from tenantware.context import Outcome
 from tenantware.ledger.record import UsageRecord
 from tenantware.metrics import (
     COST_NANOUSD,
-    QUEUE_WAIT_SECONDS,
     REJECTIONS,
     REQUEST_SECONDS,
     REQUESTS,
@@ -28,6 +29,14 @@ from tenantware.state import LiveConfig
 __all__ = ["log_records", "metrics_observer"]
 
 request_log = structlog.get_logger("tenantware.request")
+
+
+#: Rejections the refusing layer counts itself, with a finer reason (the limit, the queue):
+#: counting their records again would double ``tenantware_rejections_total``. Queue waits
+#: likewise are observed by the admission layer, not here.
+_COUNTED_BY_THEIR_LAYER: Final = frozenset(
+    {Outcome.REJECTED_QUOTA, Outcome.REJECTED_BUDGET, Outcome.REJECTED_QUEUE}
+)
 
 
 def metrics_observer(live: LiveConfig) -> Callable[[Sequence[UsageRecord]], None]:
@@ -44,7 +53,8 @@ def metrics_observer(live: LiveConfig) -> Callable[[Sequence[UsageRecord]], None
             REQUESTS.labels(tenant, model, r.outcome).inc()
             REQUEST_SECONDS.labels(tenant, model).observe(r.latency_s)
             if r.outcome in NOT_BILLED:
-                REJECTIONS.labels(tenant, r.outcome).inc()
+                if r.outcome not in _COUNTED_BY_THEIR_LAYER:
+                    REJECTIONS.labels(tenant, r.outcome).inc()
                 continue
             if r.input_tokens:
                 TOKENS.labels(tenant, model, "input").inc(r.input_tokens)
@@ -56,8 +66,6 @@ def metrics_observer(live: LiveConfig) -> Callable[[Sequence[UsageRecord]], None
                 COST_NANOUSD.labels(tenant, model).inc(r.cost_nanousd)
             if r.ttft_s is not None:
                 TTFT_SECONDS.labels(tenant, model).observe(r.ttft_s)
-            if r.queue_wait_s:
-                QUEUE_WAIT_SECONDS.labels(tenant).observe(r.queue_wait_s)
 
     return observe
 

@@ -659,3 +659,41 @@ def test_admission_store_outage_answers_with_the_quota_headers() -> None:
         record = stack.record_of(response.headers["x-request-id"])
         assert record.outcome == Outcome.REJECTED_QUEUE
         assert stack.fake.stats.requests == 0
+
+
+# -- metrics ---------------------------------------------------------------------------------
+
+
+def _samples(name: str, tenant: str) -> float:
+    from tenantware.metrics import REGISTRY
+
+    return sum(
+        sample.value
+        for metric in REGISTRY.collect()
+        for sample in metric.samples
+        if sample.name == name and sample.labels.get("tenant") == tenant
+    )
+
+
+def test_each_rejection_and_queue_wait_is_counted_once_in_the_metrics() -> None:
+    """The refusing layer counts its rejection and admission its waits; metering adds none."""
+    admission = {"seats": 1}
+    fake = FakeUpstreamConfig(latency_s=0.5)
+    # A tenant of its own: the metrics registry is process-wide.
+    tenant = {**stack_data("")["tenants"][1], "id": "metered"}  # the hobby key
+    with running_stack(fake, admission=admission, tenants=[tenant]) as stack:
+        rejected_before = _samples("tenantware_rejections_total", "metered")
+        waits_before = _samples("tenantware_queue_wait_seconds_count", "metered")
+        body = {**SMALL_CHAT, "model": "gemini-2.5-flash"}
+
+        def post(payload: dict[str, Any]) -> httpx.Response:
+            with stack.http(KEYS["hobby"]) as client:
+                return client.post("/v1/chat/completions", json=payload)
+
+        with ThreadPoolExecutor(2) as pool:
+            first, queued = pool.map(post, [body, body], timeout=10)
+        too_big = post({**body, "max_tokens": 2_000_000})
+        assert (first.status_code, queued.status_code, too_big.status_code) == (200, 200, 429)
+        stack.records(3)
+        assert _samples("tenantware_rejections_total", "metered") - rejected_before == 1
+        assert _samples("tenantware_queue_wait_seconds_count", "metered") - waits_before == 2
