@@ -24,6 +24,8 @@ import pytest
 import structlog.testing
 
 from tenantware import Gateway, KeyHasher
+from tenantware.admission.pools import AdmissionPools
+from tenantware.backends.redis_support import connect_redis
 from tenantware.breaker.circuit import CLOSED
 from tenantware.config import GatewayConfig
 from tenantware.context import Outcome
@@ -36,6 +38,7 @@ from tenantware.quota.plan import (
     KIND_TOKENS,
     build_plan,
 )
+from tenantware.quota.redis import RedisQuotaStore
 from tenantware.reload import reload_from
 from tenantware.testing.serve import serve_in_thread
 from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig
@@ -131,7 +134,7 @@ class Stack:
             snapshot.config, tenant, view.limits, model, self.gateway.quota_store.prefix
         )
         assert plan is not None
-        values = anyio.run(self.gateway.quota_store.usage, plan)
+        values = anyio.run(self._quota_usage, plan)
         out = {}
         for limit, value in zip(plan.limits, values, strict=True):
             name = {KIND_TOKENS: "tokens", KIND_SPEND: "spend", KIND_CONCURRENCY: "slots"}
@@ -139,8 +142,32 @@ class Stack:
                 out[name[limit.kind]] = value
         return out
 
+    async def _quota_usage(self, plan: Any) -> list[int]:
+        settings = self.gateway.config.gateway
+        if not settings.redis_url:
+            return await self.gateway.quota_store.usage(plan)
+        # The gateway's Redis client belongs to its server's event loop: use another one.
+        redis = connect_redis(settings.redis_url, timeout_s=2.0)
+        try:
+            return await RedisQuotaStore(redis, prefix=settings.redis_prefix).usage(plan)
+        finally:
+            await redis.aclose()
+
+    async def _admission_state(self) -> dict[str, Any]:
+        settings = self.gateway.config.gateway
+        if not settings.redis_url:
+            return await self.gateway.admission.state()
+        redis = connect_redis(settings.redis_url, timeout_s=2.0)
+        try:
+            pools = AdmissionPools(
+                self.gateway.config.admission, redis=redis, prefix=settings.redis_prefix
+            )
+            return await pools.state()
+        finally:
+            await redis.aclose()
+
     def seats(self) -> dict[str, Any]:
-        state = anyio.run(self.gateway.admission.state)
+        state = anyio.run(self._admission_state)
         return {name: (pool["in_use"], pool["waiting"]) for name, pool in state.items()}
 
     def wait_upstream_idle(self) -> None:
@@ -163,6 +190,17 @@ def running_stack(
         served = app(gateway) if app is not None else gateway.asgi_app()
         with serve_in_thread(served, lifespan="on") as url:
             yield Stack(gateway, url, fake, upstream)
+
+
+def backend_settings(backend: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """``[gateway]`` for the stores of every layer: memory, or the test's Redis and prefix."""
+    if backend == "memory":
+        return {}
+    return {
+        "redis_url": request.getfixturevalue("redis_url"),
+        "redis_prefix": request.getfixturevalue("redis_prefix"),
+        "redis_timeout_s": 1.0,
+    }
 
 
 def price_cost(stack: Stack, model: str, usage: dict[str, Any]) -> int:
@@ -314,7 +352,7 @@ def test_quota_rejection_is_recorded_and_reaches_neither_admission_nor_upstream(
         assert record.cost_nanousd == 0
         assert record.input_tokens == record.output_tokens == 0
         assert stack.fake.stats.requests == 0
-        state = anyio.run(stack.gateway.admission.state)
+        state = anyio.run(stack._admission_state)
         assert "hobby" not in state["*"]["tenants"]  # admission never saw it
         assert stack.quota("hobby") == {"tokens": 0, "slots": 0}
 
@@ -384,9 +422,12 @@ def test_breaker_open_is_recorded_and_refunds_the_reservation() -> None:
 # -- disconnect ------------------------------------------------------------------------------
 
 
-def test_client_disconnect_mid_stream_settles_every_layer() -> None:
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_client_disconnect_mid_stream_settles_every_layer(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
     fake = FakeUpstreamConfig(stream_chunks=200, chunk_delay_s=0.02)
-    with running_stack(fake) as stack:
+    with running_stack(fake, gateway=backend_settings(backend, request)) as stack:
         with stack.http() as client:
             body = {**CHAT, "stream": True, "max_tokens": 500}
             with client.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -414,13 +455,23 @@ def test_client_disconnect_mid_stream_settles_every_layer() -> None:
 # -- drain -----------------------------------------------------------------------------------
 
 
-def test_drain_every_book_agrees_exactly_per_tenant() -> None:
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_drain_every_book_agrees_exactly_per_tenant(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    """Quota, admission and breaker state on one backend (memory, or all three on Redis)."""
     fake = FakeUpstreamConfig(failure_rate=0.2, stream_chunks=8, chunk_delay_s=0.002)
     breaker = {"max_attempts": 1, "deployment": {"consecutive_failures": 1000}}
     tenants = stack_data("")["tenants"]
     # hobby: room for a few of its requests per day only.
     tenants[1]["limits"] = {"tokens_per_day": 100, "concurrent_requests": 4}
-    with running_stack(fake, breaker=breaker, admission={"seats": 3}, tenants=tenants) as stack:
+    with running_stack(
+        fake,
+        breaker=breaker,
+        admission={"seats": 3},
+        tenants=tenants,
+        gateway=backend_settings(backend, request),
+    ) as stack:
 
         def one(i: int) -> int:
             key = KEYS["hobby"] if i % 3 == 0 else KEYS["acme"]
