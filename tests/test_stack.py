@@ -643,7 +643,8 @@ def test_no_key_reaches_logs_errors_or_the_ledger(
 
 @pytest.mark.anyio
 async def test_inner_app_raising_a_client_error_is_not_an_app_failure() -> None:
-    """A ``GatewayError`` raised by the app is judged by its status, not as a crash (500)."""
+    """A ``GatewayError`` raised by the app is judged by its status, not as a crash (500), and
+    answered inside the quota layer (with its headers), like the layers' own refusals."""
     from tenantware import parse_config
     from tenantware.errors import GatewayError
     from tenantware.types import Receive, Scope, Send
@@ -665,6 +666,7 @@ async def test_inner_app_raising_a_client_error_is_not_an_app_failure() -> None:
         for _ in range(4):
             response = await client.post("/v1/chat/completions", json=body)
             _assert_openai_error(response, 400, None)  # type: ignore[arg-type]
+            assert response.headers["x-ratelimit-limit-tokens"]
         assert calls == 4
         assert gateway.board.state("app/claude-sonnet-4.5") == CLOSED
         await gateway.writer.flush()  # type: ignore[union-attr]

@@ -21,7 +21,7 @@ import structlog
 from tenantware import metrics
 from tenantware.billing import billable_usage, final_outcome
 from tenantware.context import Outcome, RequestContext, get_context
-from tenantware.errors import send_error
+from tenantware.errors import GatewayError, send_error
 from tenantware.pricing import cost_nanousd
 from tenantware.quota.failover import FailoverQuotaStore
 from tenantware.quota.plan import (
@@ -197,6 +197,11 @@ class QuotaMiddleware:
 
         try:
             await self.app(scope, receive, send_with_headers)
+        except GatewayError as error:
+            # An inner app's refusal: answered here so it carries the headers like any other.
+            if ctx.response_started:
+                raise
+            await error.send(send_with_headers, ctx)
         finally:
             with anyio.CancelScope(shield=True):
                 await self._settle(ctx, snapshot, held, ticket, tokens, cost)
