@@ -750,3 +750,32 @@ def test_each_rejection_and_queue_wait_is_counted_once_in_the_metrics() -> None:
         stack.records(3)
         assert _samples("tenantware_rejections_total", "metered") - rejected_before == 1
         assert _samples("tenantware_queue_wait_seconds_count", "metered") - waits_before == 2
+
+
+def test_client_gone_while_queued_is_recorded_and_charged_nothing() -> None:
+    fake = FakeUpstreamConfig(latency_s=1.0)
+    with running_stack(fake, admission={"seats": 1}) as stack:
+        with ThreadPoolExecutor(1) as pool:
+
+            def hold() -> httpx.Response:
+                with stack.http() as client:
+                    return client.post("/v1/chat/completions", json=SMALL_CHAT)
+
+            holder = pool.submit(hold)
+            deadline = time.monotonic() + 5
+            while stack.seats()["*"][0] < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with stack.http(KEYS["hobby"]) as client:
+                body = {**SMALL_CHAT, "model": "gemini-2.5-flash"}
+                with pytest.raises(httpx.ReadTimeout):
+                    client.post("/v1/chat/completions", json=body, timeout=0.3)
+            assert holder.result(timeout=10).status_code == 200
+        records = stack.records(2)
+        gone = next(r for r in records if r.tenant == "hobby")
+        assert gone.outcome == Outcome.CLIENT_DISCONNECTED
+        assert gone.status == 0
+        assert gone.cost_nanousd == 0
+        assert gone.queue_wait_s > 0
+        assert stack.quota("hobby") == {"tokens": 0, "slots": 0}
+        assert stack.seats() == {"*": (0, 0)}
+        assert stack.fake.stats.requests == 1
