@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -345,7 +346,9 @@ class Bench:
             f"http://127.0.0.1:{self.upstream.port}/v1",
             backend=args.backend,
             redis_url=args.redis_url,
+            redis_prefix=args.redis_prefix,
             ledger_url=args.ledger_url,
+            workdir=str(workdir),
         )
         config_path = workdir / f"gateway-{latency_ms:g}.json"
         config_path.write_text(json.dumps(config))
@@ -677,7 +680,24 @@ def _backend_urls(args: argparse.Namespace) -> Iterator[None]:
             args.redis_url = stack.enter_context(redis_url_for_tests())
         if args.ledger == "postgres" and not args.ledger_url:
             args.ledger_url = stack.enter_context(postgres_url_for_tests())
+        # Fresh state per run: counters of an earlier run never count against this one.
+        args.redis_prefix = f"twbench:{uuid.uuid4().hex[:8]}:"
+        if args.ledger == "postgres" and "schema=" not in args.ledger_url:
+            schema = f"twbench_{uuid.uuid4().hex[:12]}"
+            sep = "&" if "?" in args.ledger_url else "?"
+            base_url = args.ledger_url
+            args.ledger_url = f"{base_url}{sep}schema={schema}"
+            stack.callback(_drop_schema, base_url, schema)
         yield
+
+
+def _drop_schema(url: str, schema: str) -> None:
+    """The ledger schema of the run (the ledger creates it), dropped with its rows after."""
+    import psycopg
+    from psycopg import sql
+
+    with contextlib.suppress(Exception), psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

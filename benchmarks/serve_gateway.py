@@ -14,13 +14,17 @@ from typing import Any
 
 # Run from a checkout without installing: the package is the parent of benchmarks/.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def build_app() -> Any:
     """App factory (also used by granian, which imports its target in the worker)."""
+    from benchconfig import configure_logging
+
     from tenantware import Gateway, load_config
     from tenantware.proxy.upstream import AiohttpUpstreamClient, HttpxUpstreamClient
 
+    configure_logging()
     path = os.environ["TW_BENCH_CONFIG"]
     client_name = os.environ.get("TW_BENCH_CLIENT", "aiohttp")
     client: Any

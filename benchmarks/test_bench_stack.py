@@ -10,11 +10,13 @@ stack through layer k, so each layer's own cost is the step from the previous ro
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 import pytest
-from benchconfig import BENCH_KEY, CHAT_BODY, STREAM_BODY, bench_config
+import structlog
+from benchconfig import BENCH_KEY, CHAT_BODY, STREAM_BODY, bench_config, configure_logging
 
 from tenantware import Gateway, parse_config
 from tenantware.middleware.tenant import TenantMiddleware
@@ -154,8 +156,13 @@ class _Canned:
         return None
 
 
+#: The SQLite ledger of the metering layer lives here for the session.
+_WORKDIR = tempfile.TemporaryDirectory(prefix="twbench-stack-")
+
+
 def _gateway(client: Any = None) -> Gateway:
-    return Gateway(parse_config(bench_config(UPSTREAM_URL)), upstream_client=client)
+    config = bench_config(UPSTREAM_URL, workdir=_WORKDIR.name)
+    return Gateway(parse_config(config), upstream_client=client)
 
 
 def _layer_names() -> list[str]:
@@ -172,6 +179,8 @@ def drive() -> Iterator[Callable[[Gateway, ASGIApp, bytes], Callable[[], None]]]
     The gateway's lifetime services (``gateway.running()``) stay entered in a task of that
     loop for the whole benchmark, as under a server's lifespan.
     """
+    # The request log as a deployment renders it (JSON lines), not structlog's console default.
+    configure_logging()
     loop = _new_loop()
     stops: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
 
@@ -224,6 +233,7 @@ def drive() -> Iterator[Callable[[Gateway, ASGIApp, bytes], Callable[[], None]]]
         stop.set()
         loop.run_until_complete(holder)
     loop.close()
+    structlog.reset_defaults()
 
 
 def _bench(benchmark: Any, run: Callable[[], None]) -> None:

@@ -7,6 +7,7 @@ breaker): each later layer relies on what the earlier ones put in the request co
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -263,12 +264,25 @@ class Gateway:
         return app
 
 
+def _freeze_startup_objects() -> None:
+    """Move everything alive after start-up (modules, config, clients: ~10^5 objects that live
+    as long as the process) out of the collector's reach.
+
+    Otherwise each full (generation 2) collection walks all of them: under load at c=16 that
+    was up to 31 ms of pause per collection, straight into the tail latency. Collected once
+    first, so no start-up garbage is frozen; objects created later are collected as usual.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 async def _run_lifespan(gateway: Gateway, receive: Receive, send: Send) -> None:
     message = await receive()
     if message["type"] != "lifespan.startup":
         return
     try:
         async with gateway.running():
+            _freeze_startup_objects()
             await send({"type": "lifespan.startup.complete"})
             while (await receive())["type"] != "lifespan.shutdown":
                 pass

@@ -9,7 +9,7 @@ reasons are fixed vocabularies. The log line never holds a prompt or a key (reco
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Any, Final
 
 import structlog
 
@@ -38,9 +38,50 @@ _COUNTED_BY_THEIR_LAYER: Final = frozenset(
     {Outcome.REJECTED_QUOTA, Outcome.REJECTED_BUDGET, Outcome.REJECTED_QUEUE}
 )
 
+#: Bound on cached label sets (tenants x models x outcomes); past it the cache starts over.
+_MAX_CHILDREN: Final = 10_000
+
+
+class _Children:
+    """The metric children one (tenant, model, outcome) updates, each looked up once.
+
+    Only ``requests`` and ``seconds`` are created up front (every record updates them); the
+    others on first use, so no series is exported before it has a value (as before).
+    """
+
+    __slots__ = ("_lazy", "model", "outcome", "requests", "seconds", "tenant")
+
+    def __init__(self, tenant: str, model: str, outcome: str) -> None:
+        self.tenant = tenant
+        self.model = model
+        self.outcome = outcome
+        self.requests = REQUESTS.labels(tenant, model, outcome)
+        self.seconds = REQUEST_SECONDS.labels(tenant, model)
+        self._lazy: dict[str, Any] = {}
+
+    def child(self, name: str) -> Any:
+        found = self._lazy.get(name)
+        if found is None:
+            found = self._lazy[name] = self._make(name)
+        return found
+
+    def _make(self, name: str) -> Any:
+        tenant, model = self.tenant, self.model
+        if name == "rejections":
+            return REJECTIONS.labels(tenant, self.outcome)
+        if name in ("input", "output", "cached"):
+            return TOKENS.labels(tenant, model, name)
+        if name == "cost":
+            return COST_NANOUSD.labels(tenant, model)
+        return TTFT_SECONDS.labels(tenant, model)
+
 
 def metrics_observer(live: LiveConfig) -> Callable[[Sequence[UsageRecord]], None]:
     """An observer that updates the Prometheus metrics from a batch of records."""
+
+    #: Metric children per (tenant, model, outcome): ``labels()`` validates and hashes its
+    #: arguments under a lock on every call; the label sets of a gateway are few and stable.
+    children: dict[tuple[str, str, str], _Children] = {}
 
     def observe(records: Sequence[UsageRecord]) -> None:
         snapshot = live.current
@@ -50,22 +91,28 @@ def metrics_observer(live: LiveConfig) -> Callable[[Sequence[UsageRecord]], None
             tenant = r.tenant if r.tenant in tenants else "other"
             model = r.model_served or r.model_requested
             model = model if model in models else "other"
-            REQUESTS.labels(tenant, model, r.outcome).inc()
-            REQUEST_SECONDS.labels(tenant, model).observe(r.latency_s)
+            key = (tenant, model, r.outcome)
+            c = children.get(key)
+            if c is None:
+                if len(children) >= _MAX_CHILDREN:
+                    children.clear()
+                c = children[key] = _Children(tenant, model, r.outcome)
+            c.requests.inc()
+            c.seconds.observe(r.latency_s)
             if r.outcome in NOT_BILLED:
                 if r.outcome not in _COUNTED_BY_THEIR_LAYER:
-                    REJECTIONS.labels(tenant, r.outcome).inc()
+                    c.child("rejections").inc()
                 continue
             if r.input_tokens:
-                TOKENS.labels(tenant, model, "input").inc(r.input_tokens)
+                c.child("input").inc(r.input_tokens)
             if r.output_tokens:
-                TOKENS.labels(tenant, model, "output").inc(r.output_tokens)
+                c.child("output").inc(r.output_tokens)
             if r.cached_tokens:
-                TOKENS.labels(tenant, model, "cached").inc(r.cached_tokens)
+                c.child("cached").inc(r.cached_tokens)
             if r.cost_nanousd:
-                COST_NANOUSD.labels(tenant, model).inc(r.cost_nanousd)
+                c.child("cost").inc(r.cost_nanousd)
             if r.ttft_s is not None:
-                TTFT_SECONDS.labels(tenant, model).observe(r.ttft_s)
+                c.child("ttft").observe(r.ttft_s)
 
     return observe
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from operator import attrgetter
 from pathlib import Path
 
 import anyio.to_thread
@@ -60,8 +61,8 @@ _INSERT = (
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM usage_records"
 
 
-def _row(record: UsageRecord) -> tuple[object, ...]:
-    return tuple(getattr(record, name) for name in COLUMNS)
+#: A record's column values as a tuple: one C call per record (rows are built on the loop).
+_row: Callable[[UsageRecord], tuple[object, ...]] = attrgetter(*COLUMNS)
 
 
 def _record(row: Sequence[object]) -> UsageRecord:

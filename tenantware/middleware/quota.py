@@ -12,7 +12,7 @@ carries the ``x-ratelimit-*`` headers the OpenAI SDKs read.
 from __future__ import annotations
 
 import math
-import os
+from random import getrandbits as _getrandbits
 from typing import Final
 
 import anyio
@@ -24,6 +24,7 @@ from tenantware.context import Outcome, RequestContext, get_context
 from tenantware.errors import GatewayError, send_error
 from tenantware.pricing import cost_nanousd
 from tenantware.quota.failover import FailoverQuotaStore
+from tenantware.quota.memory import MemoryQuotaStore
 from tenantware.quota.plan import (
     KIND_MONTHLY_SPEND,
     KIND_SPEND,
@@ -91,7 +92,9 @@ _HEADER_NAMES: Final = {
 
 
 def _ticket() -> str:
-    return os.urandom(8).hex()
+    # Unique, not secret: the process PRNG (seeded from the OS, reseeded after fork) spares a
+    # getrandom syscall per request.
+    return f"{_getrandbits(64):016x}"
 
 
 class _Plans:
@@ -138,6 +141,9 @@ class QuotaMiddleware:
         self.live = live
         self.store = store
         self._plans = _Plans(store.prefix)
+        #: The memory store never yields, so its settle needs no shield (a cancel scope per
+        #: request saved); any other store's settle is shielded from cancellation.
+        self._shield_settle = not isinstance(store, MemoryQuotaStore)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -203,7 +209,10 @@ class QuotaMiddleware:
                 raise
             await error.send(send_with_headers, ctx)
         finally:
-            with anyio.CancelScope(shield=True):
+            if self._shield_settle:
+                with anyio.CancelScope(shield=True):
+                    await self._settle(ctx, snapshot, held, ticket, tokens, cost)
+            else:
                 await self._settle(ctx, snapshot, held, ticket, tokens, cost)
 
     async def _settle(

@@ -354,8 +354,14 @@ class ProxyApp:
                 outcome = FAILURE if broke else SLOW if slow else SUCCESS
                 return None
             finally:
-                with anyio.CancelScope(shield=True):
-                    await response.aclose()
+                close_now = getattr(response, "close_now", None)
+                if close_now is not None:
+                    # Synchronous (aiohttp): no await, so a cancellation cannot cut it short
+                    # and the cancel scope a shield costs per request is not needed.
+                    close_now()
+                else:
+                    with anyio.CancelScope(shield=True):
+                        await response.aclose()
         finally:
             inflight[key] -= 1
             if outcome != RELEASE or probe:

@@ -105,9 +105,13 @@ class _AiohttpResponse:
         except Exception as exc:
             raise _translate_aiohttp(exc) from exc
 
-    async def aclose(self) -> None:
+    def close_now(self) -> None:
+        """Synchronous close (aiohttp's release/close never wait): callers need no shield."""
         self._response.release()
         self._response.close()
+
+    async def aclose(self) -> None:
+        self.close_now()
 
 
 def _translate_aiohttp(exc: Exception) -> Exception:

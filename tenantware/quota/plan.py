@@ -122,7 +122,21 @@ class Plan:
 
 def month_index(now_us: int) -> int:
     """Months since 1970-01 (UTC) of a time in microseconds; same arithmetic as the Lua."""
-    z = now_us // DAY_US + 719_468
+    day = now_us // DAY_US
+    # The monthly budget asks this on every request: the answer changes once a day.
+    if day == _last_month[0]:
+        return _last_month[1]
+    month = _month_of_day(day)
+    _last_month[0], _last_month[1] = day, month
+    return month
+
+
+#: (day, month) of the last ``month_index`` call.
+_last_month: list[int] = [-1, 0]
+
+
+def _month_of_day(day: int) -> int:
+    z = day + 719_468
     era = z // 146_097
     doe = z - era * 146_097
     yoe = (doe - doe // 1460 + doe // 36_524 - doe // 146_096) // 365
