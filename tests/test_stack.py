@@ -670,7 +670,8 @@ async def test_inner_app_raising_a_client_error_is_not_an_app_failure() -> None:
         assert calls == 4
         assert gateway.board.state("app/claude-sonnet-4.5") == CLOSED
         await gateway.writer.flush()  # type: ignore[union-attr]
-    assert {r.outcome for r in gateway.ledger.records.values()} == {"error"}  # type: ignore[union-attr]
+    records = gateway.ledger.records.values()  # type: ignore[union-attr]
+    assert {r.outcome for r in records} == {Outcome.REJECTED_REQUEST}
 
 
 def test_disconnect_before_any_output_bills_quota_and_ledger_alike() -> None:
@@ -779,3 +780,19 @@ def test_client_gone_while_queued_is_recorded_and_charged_nothing() -> None:
         assert stack.quota("hobby") == {"tokens": 0, "slots": 0}
         assert stack.seats() == {"*": (0, 0)}
         assert stack.fake.stats.requests == 1
+
+
+def test_a_refused_request_is_recorded_as_rejected_request_not_as_an_error() -> None:
+    """An error sent without an outcome is a refusal when it is a 4xx (the proxy's 400s)."""
+    with running_stack() as stack:
+        with pytest.raises(openai.BadRequestError) as caught:
+            stack.sdk().chat.completions.create(model="gpt-4.1", messages=[])
+        response = caught.value.response
+        _assert_openai_error(response, 400, None)  # type: ignore[arg-type]
+        assert response.json()["error"]["param"] == "messages"
+        assert response.headers["x-ratelimit-limit-tokens"]
+        record = stack.record_of(response.headers["x-request-id"])
+        assert record.outcome == Outcome.REJECTED_REQUEST
+        assert record.cost_nanousd == 0
+        assert stack.fake.stats.requests == 0
+        assert stack.quota("acme") == {"tokens": 0, "spend": 0, "slots": 0}
