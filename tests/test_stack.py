@@ -796,3 +796,26 @@ def test_a_refused_request_is_recorded_as_rejected_request_not_as_an_error() -> 
         assert record.cost_nanousd == 0
         assert stack.fake.stats.requests == 0
         assert stack.quota("acme") == {"tokens": 0, "spend": 0, "slots": 0}
+
+
+@pytest.mark.anyio
+async def test_an_app_answering_4xx_itself_is_recorded_like_a_raised_one() -> None:
+    """``final_outcome``: the status decides when no layer named an outcome."""
+    from tenantware import parse_config
+    from tenantware.errors import send_error
+    from tenantware.types import Receive, Scope, Send
+    from tests.support import client_for
+
+    async def plain_app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send_error(send, 422, "This app cannot process that.")  # no ctx, no outcome
+
+    data = stack_data("http://upstream.test")
+    data["upstreams"][0]["models"] = ["gpt-4.1"]
+    gateway = Gateway(parse_config(data))
+    body = {**SMALL_CHAT, "model": "claude-sonnet-4.5"}
+    async with gateway.running(), client_for(gateway.wrap(plain_app), KEYS["acme"]) as client:
+        response = await client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 422
+        await gateway.writer.flush()  # type: ignore[union-attr]
+    records = list(gateway.ledger.records.values())  # type: ignore[union-attr]
+    assert [r.outcome for r in records] == [Outcome.REJECTED_REQUEST]
