@@ -819,3 +819,19 @@ async def test_an_app_answering_4xx_itself_is_recorded_like_a_raised_one() -> No
         await gateway.writer.flush()  # type: ignore[union-attr]
     records = list(gateway.ledger.records.values())  # type: ignore[union-attr]
     assert [r.outcome for r in records] == [Outcome.REJECTED_REQUEST]
+
+
+def test_failed_requests_do_not_teach_admission_a_smaller_output_estimate() -> None:
+    """The proxy reports empty usage for an upstream failure; only answers are learned from."""
+    breaker = {"max_attempts": 1, "deployment": {"consecutive_failures": 1000}}
+    fake = FakeUpstreamConfig(completion_tokens=40)
+    with running_stack(fake, breaker=breaker) as stack:
+        with stack.http() as client:
+            assert client.post("/v1/chat/completions", json=SMALL_CHAT).status_code == 200
+            learned = stack.gateway.admission.output_estimate("acme", 1000)
+            assert learned == 20  # the fake stops at max_tokens
+            stack.fake.config.fail_next = [500] * 5
+            for _ in range(5):
+                assert client.post("/v1/chat/completions", json=SMALL_CHAT).status_code == 500
+        stack.records(6)
+        assert stack.gateway.admission.output_estimate("acme", 1000) == learned
