@@ -828,6 +828,7 @@ def test_failed_requests_do_not_teach_admission_a_smaller_output_estimate() -> N
     with running_stack(fake, breaker=breaker) as stack:
         with stack.http() as client:
             assert client.post("/v1/chat/completions", json=SMALL_CHAT).status_code == 200
+            stack.records(1)  # every layer is done with it (admission learns after the answer)
             learned = stack.gateway.admission.output_estimate("acme", 1000)
             assert learned == 20  # the fake stops at max_tokens
             stack.fake.config.fail_next = [500] * 5
