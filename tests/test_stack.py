@@ -23,14 +23,16 @@ import openai
 import pytest
 import structlog.testing
 
-from tenantware import Gateway, KeyHasher
+from tenantware import Gateway, KeyHasher, parse_config
 from tenantware.admission.pools import AdmissionPools
 from tenantware.backends.redis_support import connect_redis
 from tenantware.breaker.circuit import CLOSED
 from tenantware.config import GatewayConfig
 from tenantware.context import Outcome
+from tenantware.errors import GatewayError, send_error
 from tenantware.ledger.base import MemoryLedger
 from tenantware.ledger.record import UsageRecord
+from tenantware.metrics import REGISTRY
 from tenantware.pricing import cost_nanousd
 from tenantware.quota.plan import (
     KIND_CONCURRENCY,
@@ -41,8 +43,10 @@ from tenantware.quota.plan import (
 from tenantware.quota.redis import RedisQuotaStore
 from tenantware.reload import reload_from
 from tenantware.testing.serve import serve_in_thread
+from tenantware.testing.servers import find_free_port
 from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig
-from tests.support import CHAT, KEYS, tenant_entries
+from tenantware.types import Receive, Scope, Send
+from tests.support import CHAT, KEYS, client_for, tenant_entries
 
 ADMIN_KEY = "sk-test-admin-stack"
 SERVED = "x-tenantware-model"
@@ -82,8 +86,6 @@ def stack_data(upstream: str, **overrides: Any) -> dict[str, Any]:
 
 
 def stack_config(upstream: str, **overrides: Any) -> GatewayConfig:
-    from tenantware import parse_config
-
     return parse_config(stack_data(upstream, **overrides))
 
 
@@ -645,11 +647,6 @@ def test_no_key_reaches_logs_errors_or_the_ledger(
 async def test_inner_app_raising_a_client_error_is_not_an_app_failure() -> None:
     """A ``GatewayError`` raised by the app is judged by its status, not as a crash (500), and
     answered inside the quota layer (with its headers), like the layers' own refusals."""
-    from tenantware import parse_config
-    from tenantware.errors import GatewayError
-    from tenantware.types import Receive, Scope, Send
-    from tests.support import client_for
-
     calls = 0
 
     async def picky_app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -692,8 +689,6 @@ def test_disconnect_before_any_output_bills_quota_and_ledger_alike() -> None:
 
 def test_admission_store_outage_answers_with_the_quota_headers() -> None:
     """Every admission refusal, the store's fail-closed 503 too, passes the quota layer."""
-    from tenantware.testing.servers import find_free_port
-
     local = dict.fromkeys(("requests", "tokens", "concurrency", "budget"), "local")
     gateway_settings = {
         "redis_url": f"redis://127.0.0.1:{find_free_port()}/0",  # nobody listens there
@@ -719,8 +714,6 @@ def test_admission_store_outage_answers_with_the_quota_headers() -> None:
 
 
 def _samples(name: str, tenant: str) -> float:
-    from tenantware.metrics import REGISTRY
-
     return sum(
         sample.value
         for metric in REGISTRY.collect()
@@ -801,10 +794,6 @@ def test_a_refused_request_is_recorded_as_rejected_request_not_as_an_error() -> 
 @pytest.mark.anyio
 async def test_an_app_answering_4xx_itself_is_recorded_like_a_raised_one() -> None:
     """``final_outcome``: the status decides when no layer named an outcome."""
-    from tenantware import parse_config
-    from tenantware.errors import send_error
-    from tenantware.types import Receive, Scope, Send
-    from tests.support import client_for
 
     async def plain_app(scope: Scope, receive: Receive, send: Send) -> None:
         await send_error(send, 422, "This app cannot process that.")  # no ctx, no outcome
