@@ -21,6 +21,7 @@ from typing import Final
 
 from tenantware.catalogue import Catalogue
 from tenantware.context import Outcome, RequestContext, Usage
+from tenantware.errors import default_outcome
 from tenantware.pricing import cost_nanousd
 
 __all__ = ["NOT_BILLED", "apply_markup", "billable_usage", "final_outcome", "request_cost"]
@@ -45,7 +46,10 @@ def final_outcome(ctx: RequestContext) -> str:
     else what its status says (an app that is not the proxy sets none)."""
     if ctx.outcome is not None:
         return ctx.outcome
-    return Outcome.OK if 0 < ctx.status < 400 else Outcome.ERROR
+    status = ctx.status
+    if 0 < status < 400:
+        return Outcome.OK
+    return default_outcome(status) if status else Outcome.ERROR
 
 
 def billable_usage(outcome: str | None, usage: Usage | None) -> Usage | None:

@@ -11,10 +11,10 @@ from collections.abc import Iterable
 
 import msgspec
 
-from tenantware.context import RequestContext
+from tenantware.context import Outcome, RequestContext
 from tenantware.types import Send
 
-__all__ = ["GatewayError", "error_body", "send_error"]
+__all__ = ["GatewayError", "default_outcome", "error_body", "send_error"]
 
 
 class _ErrorDetail(msgspec.Struct, omit_defaults=False):
@@ -75,6 +75,12 @@ class GatewayError(Exception):
         )
 
 
+def default_outcome(status: int) -> str:
+    """The outcome of an error that names none: a 4xx refuses the request, anything else is
+    an error (so a validation 400 is recorded like the tenant layer's own refusals)."""
+    return Outcome.REJECTED_REQUEST if 400 <= status < 500 else Outcome.ERROR
+
+
 def error_body(
     message: str, *, type: str, code: str | None = None, param: str | None = None
 ) -> bytes:
@@ -111,6 +117,6 @@ async def send_error(
         if outcome is not None:
             ctx.outcome = outcome
         elif ctx.outcome is None:
-            ctx.outcome = "error"
+            ctx.outcome = default_outcome(status)
     await send({"type": "http.response.start", "status": status, "headers": raw_headers})
     await send({"type": "http.response.body", "body": body})

@@ -23,14 +23,16 @@ import openai
 import pytest
 import structlog.testing
 
-from tenantware import Gateway, KeyHasher
+from tenantware import Gateway, KeyHasher, parse_config
 from tenantware.admission.pools import AdmissionPools
 from tenantware.backends.redis_support import connect_redis
 from tenantware.breaker.circuit import CLOSED
 from tenantware.config import GatewayConfig
 from tenantware.context import Outcome
+from tenantware.errors import GatewayError, send_error
 from tenantware.ledger.base import MemoryLedger
 from tenantware.ledger.record import UsageRecord
+from tenantware.metrics import REGISTRY
 from tenantware.pricing import cost_nanousd
 from tenantware.quota.plan import (
     KIND_CONCURRENCY,
@@ -41,8 +43,10 @@ from tenantware.quota.plan import (
 from tenantware.quota.redis import RedisQuotaStore
 from tenantware.reload import reload_from
 from tenantware.testing.serve import serve_in_thread
+from tenantware.testing.servers import find_free_port
 from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig
-from tests.support import CHAT, KEYS, tenant_entries
+from tenantware.types import Receive, Scope, Send
+from tests.support import CHAT, KEYS, client_for, tenant_entries
 
 ADMIN_KEY = "sk-test-admin-stack"
 SERVED = "x-tenantware-model"
@@ -82,8 +86,6 @@ def stack_data(upstream: str, **overrides: Any) -> dict[str, Any]:
 
 
 def stack_config(upstream: str, **overrides: Any) -> GatewayConfig:
-    from tenantware import parse_config
-
     return parse_config(stack_data(upstream, **overrides))
 
 
@@ -358,9 +360,9 @@ def test_quota_rejection_is_recorded_and_reaches_neither_admission_nor_upstream(
 
 
 def test_queue_full_and_queue_timeout_release_the_quota_reservation() -> None:
-    tiers = {"free": {"weight": 0.15, "max_priority": "bulk", "max_queue_wait_s": 0.3}}
+    tiers = {"free": {"weight": 0.15, "max_priority": "bulk", "max_queue_wait_s": 0.8}}
     admission = {"seats": 1, "max_queue_per_tenant": 1}
-    fake = FakeUpstreamConfig(latency_s=1.2)
+    fake = FakeUpstreamConfig(latency_s=1.6)
     with running_stack(fake, tiers=tiers, admission=admission) as stack:
         body = {**SMALL_CHAT, "model": "gemini-2.5-flash"}
 
@@ -393,7 +395,7 @@ def test_queue_full_and_queue_timeout_release_the_quota_reservation() -> None:
             assert record.outcome == Outcome.REJECTED_QUEUE
             assert record.cost_nanousd == 0
             assert record.output_tokens == 0
-        assert stack.record_of(timed_out.headers["x-request-id"]).queue_wait_s >= 0.25
+        assert stack.record_of(timed_out.headers["x-request-id"]).queue_wait_s >= 0.7
         assert stack.quota("hobby") == {"tokens": 0, "slots": 0}
         assert stack.seats() == {"*": (0, 0)}
         assert stack.fake.stats.requests == 1
@@ -645,11 +647,6 @@ def test_no_key_reaches_logs_errors_or_the_ledger(
 async def test_inner_app_raising_a_client_error_is_not_an_app_failure() -> None:
     """A ``GatewayError`` raised by the app is judged by its status, not as a crash (500), and
     answered inside the quota layer (with its headers), like the layers' own refusals."""
-    from tenantware import parse_config
-    from tenantware.errors import GatewayError
-    from tenantware.types import Receive, Scope, Send
-    from tests.support import client_for
-
     calls = 0
 
     async def picky_app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -670,7 +667,8 @@ async def test_inner_app_raising_a_client_error_is_not_an_app_failure() -> None:
         assert calls == 4
         assert gateway.board.state("app/claude-sonnet-4.5") == CLOSED
         await gateway.writer.flush()  # type: ignore[union-attr]
-    assert {r.outcome for r in gateway.ledger.records.values()} == {"error"}  # type: ignore[union-attr]
+    records = gateway.ledger.records.values()  # type: ignore[union-attr]
+    assert {r.outcome for r in records} == {Outcome.REJECTED_REQUEST}
 
 
 def test_disconnect_before_any_output_bills_quota_and_ledger_alike() -> None:
@@ -691,8 +689,6 @@ def test_disconnect_before_any_output_bills_quota_and_ledger_alike() -> None:
 
 def test_admission_store_outage_answers_with_the_quota_headers() -> None:
     """Every admission refusal, the store's fail-closed 503 too, passes the quota layer."""
-    from tenantware.testing.servers import find_free_port
-
     local = dict.fromkeys(("requests", "tokens", "concurrency", "budget"), "local")
     gateway_settings = {
         "redis_url": f"redis://127.0.0.1:{find_free_port()}/0",  # nobody listens there
@@ -718,8 +714,6 @@ def test_admission_store_outage_answers_with_the_quota_headers() -> None:
 
 
 def _samples(name: str, tenant: str) -> float:
-    from tenantware.metrics import REGISTRY
-
     return sum(
         sample.value
         for metric in REGISTRY.collect()
@@ -779,3 +773,55 @@ def test_client_gone_while_queued_is_recorded_and_charged_nothing() -> None:
         assert stack.quota("hobby") == {"tokens": 0, "slots": 0}
         assert stack.seats() == {"*": (0, 0)}
         assert stack.fake.stats.requests == 1
+
+
+def test_a_refused_request_is_recorded_as_rejected_request_not_as_an_error() -> None:
+    """An error sent without an outcome is a refusal when it is a 4xx (the proxy's 400s)."""
+    with running_stack() as stack:
+        with pytest.raises(openai.BadRequestError) as caught:
+            stack.sdk().chat.completions.create(model="gpt-4.1", messages=[])
+        response = caught.value.response
+        _assert_openai_error(response, 400, None)  # type: ignore[arg-type]
+        assert response.json()["error"]["param"] == "messages"
+        assert response.headers["x-ratelimit-limit-tokens"]
+        record = stack.record_of(response.headers["x-request-id"])
+        assert record.outcome == Outcome.REJECTED_REQUEST
+        assert record.cost_nanousd == 0
+        assert stack.fake.stats.requests == 0
+        assert stack.quota("acme") == {"tokens": 0, "spend": 0, "slots": 0}
+
+
+@pytest.mark.anyio
+async def test_an_app_answering_4xx_itself_is_recorded_like_a_raised_one() -> None:
+    """``final_outcome``: the status decides when no layer named an outcome."""
+
+    async def plain_app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send_error(send, 422, "This app cannot process that.")  # no ctx, no outcome
+
+    data = stack_data("http://upstream.test")
+    data["upstreams"][0]["models"] = ["gpt-4.1"]
+    gateway = Gateway(parse_config(data))
+    body = {**SMALL_CHAT, "model": "claude-sonnet-4.5"}
+    async with gateway.running(), client_for(gateway.wrap(plain_app), KEYS["acme"]) as client:
+        response = await client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 422
+        await gateway.writer.flush()  # type: ignore[union-attr]
+    records = list(gateway.ledger.records.values())  # type: ignore[union-attr]
+    assert [r.outcome for r in records] == [Outcome.REJECTED_REQUEST]
+
+
+def test_failed_requests_do_not_teach_admission_a_smaller_output_estimate() -> None:
+    """The proxy reports empty usage for an upstream failure; only answers are learned from."""
+    breaker = {"max_attempts": 1, "deployment": {"consecutive_failures": 1000}}
+    fake = FakeUpstreamConfig(completion_tokens=40)
+    with running_stack(fake, breaker=breaker) as stack:
+        with stack.http() as client:
+            assert client.post("/v1/chat/completions", json=SMALL_CHAT).status_code == 200
+            stack.records(1)  # every layer is done with it (admission learns after the answer)
+            learned = stack.gateway.admission.output_estimate("acme", 1000)
+            assert learned == 20  # the fake stops at max_tokens
+            stack.fake.config.fail_next = [500] * 5
+            for _ in range(5):
+                assert client.post("/v1/chat/completions", json=SMALL_CHAT).status_code == 500
+        stack.records(6)
+        assert stack.gateway.admission.output_estimate("acme", 1000) == learned

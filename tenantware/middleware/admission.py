@@ -20,6 +20,7 @@ from tenantware import metrics
 from tenantware.admission.base import SeatStore
 from tenantware.admission.core import BAND_INDEX, BANDS, QUEUE_FULL, QUEUED, Ticket
 from tenantware.admission.pools import AdmissionPools
+from tenantware.billing import final_outcome
 from tenantware.config import AdmissionSettings
 from tenantware.context import Outcome, RequestContext, get_context
 from tenantware.errors import GatewayError
@@ -156,7 +157,9 @@ class AdmissionMiddleware:
             if usage is not None:
                 actual = usage.input_tokens + self.output_weight * usage.output_tokens
                 tokens = usage.input_tokens + usage.output_tokens
-                pools.observe_output(tenant.id, usage.output_tokens)
+                if final_outcome(ctx) == Outcome.OK:
+                    # Failures (empty usage) and cut streams say nothing of answer lengths.
+                    pools.observe_output(tenant.id, usage.output_tokens)
             gauges[1].dec()
             if store.shield_release:
                 with anyio.CancelScope(shield=True):

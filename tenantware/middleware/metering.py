@@ -22,7 +22,7 @@ from typing import Final
 
 from tenantware.billing import apply_markup, billable_usage, final_outcome, request_cost
 from tenantware.context import Outcome, RequestContext, Usage, get_context
-from tenantware.errors import GatewayError
+from tenantware.errors import GatewayError, default_outcome
 from tenantware.ledger.record import UsageRecord
 from tenantware.ledger.writer import LedgerWriter
 from tenantware.state import LiveConfig
@@ -133,7 +133,7 @@ class MeteringMiddleware:
             # Raised by an inner layer; the tenant layer turns it into the response.
             if not ctx.response_started:
                 ctx.status = error.status
-                ctx.outcome = error.outcome or ctx.outcome or Outcome.ERROR
+                ctx.outcome = error.outcome or ctx.outcome or default_outcome(error.status)
             raise
         except BaseException:
             if ctx.outcome is None:
