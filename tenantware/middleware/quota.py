@@ -253,8 +253,11 @@ class QuotaMiddleware:
         cancel: bool = False,
     ) -> None:
         decision = granted.decision
-        if not (tokens_delta or cost_delta or cancel or granted.plan.holds_slots):
-            return  # nothing to correct: spare the store a round trip
+        plan = granted.plan
+        if not (cancel or plan.holds_slots or ((tokens_delta or cost_delta) and plan.counts_usage)):
+            # Nothing to correct (usage matched, or only request-rate limits, which a settle
+            # changes on cancel only): spare the store a round trip.
+            return
         if decision.source == "store":
             await self.store.settle(
                 granted.plan, decision.now_us, ticket, tokens_delta, cost_delta, cancel=cancel

@@ -92,7 +92,16 @@ class Limit:
 class Plan:
     """The limits of one scope (one hash tag), with what a store outage should do to them."""
 
-    __slots__ = ("args", "closed", "header_groups", "holds_slots", "keys", "limits", "local")
+    __slots__ = (
+        "args",
+        "closed",
+        "counts_usage",
+        "header_groups",
+        "holds_slots",
+        "keys",
+        "limits",
+        "local",
+    )
 
     def __init__(self, limits: list[Limit], *, replicas: int = 1, fallback: bool = True) -> None:
         self.limits = tuple(limits)
@@ -109,6 +118,11 @@ class Plan:
         self.local = Plan(local, fallback=False) if fallback and local else None
         #: A settle must run even when usage matched the estimate (a slot to give back).
         self.holds_slots = any(limit.kind == KIND_CONCURRENCY for limit in limits)
+        #: Some limit counts tokens or spend, so a usage correction has something to change
+        #: (request-rate limits are only given back on cancel).
+        self.counts_usage = any(
+            limit.kind not in (KIND_REQUESTS, KIND_CONCURRENCY) for limit in limits
+        )
         #: ``(header suffix, indexes of its limits)`` for the ``x-ratelimit-*`` headers.
         self.header_groups = tuple(
             (suffix, idx)
