@@ -126,28 +126,11 @@ def configure_logging() -> None:
     renderer), which no deployment runs. ``TW_BENCH_LOG`` names the file (default
     ``/dev/null``: the rendering is paid, the disk is not).
     """
-    import logging
-
-    import msgspec
-    import structlog
-
-    encoder = msgspec.json.Encoder(enc_hook=str)
-
-    def dumps(event: Any, **_: Any) -> bytes:
-        return encoder.encode(event)
+    from tenantware.logs import configure_json_logging
 
     path = os.environ.get("TW_BENCH_LOG") or os.devnull
     sink = _SINKS.get(path)
     if sink is None:
         # Kept open for the process (a server's log file lives as long as the server).
         sink = _SINKS[path] = open(path, "wb")  # noqa: SIM115
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.JSONRenderer(serializer=dumps),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        logger_factory=structlog.BytesLoggerFactory(sink),
-        cache_logger_on_first_use=True,
-    )
+    configure_json_logging(sink)

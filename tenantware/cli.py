@@ -17,12 +17,17 @@ __all__ = ["build_app", "main"]
 
 _ENV_CONFIG = "TENANTWARE_CONFIG"
 _ENV_DEMO_URL = "TENANTWARE_DEMO_URL"
+_ENV_LOG_FORMAT = "TENANTWARE_LOG_FORMAT"
 
 
 def build_app() -> ASGIApp:
     """App factory used by ``tenantware serve`` (also in every worker process)."""
     from tenantware.gateway import Gateway
 
+    if os.environ.get(_ENV_LOG_FORMAT, "json") == "json":
+        from tenantware.logs import configure_json_logging
+
+        configure_json_logging()
     demo_url = os.environ.get(_ENV_DEMO_URL)
     if demo_url:
         from tenantware.demo import DEMO_UPSTREAM_PATH, demo_config
@@ -43,6 +48,7 @@ def build_app() -> ASGIApp:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    os.environ[_ENV_LOG_FORMAT] = args.log_format
     if args.demo:
         from tenantware.demo import DEMO_ADMIN_KEY, DEMO_KEYS
 
@@ -169,7 +175,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=int, default=1)
-    serve.add_argument("--log-level", default="warning")
+    serve.add_argument("--log-level", default="warning", help="uvicorn's own log level")
+    serve.add_argument(
+        "--log-format",
+        choices=("json", "console"),
+        default="json",
+        help="request log lines: one JSON object each (default) or structlog's console view",
+    )
     serve.set_defaults(func=_serve)
 
     hash_key = commands.add_parser("hash-key", help="print the stored hash of an API key")

@@ -82,3 +82,31 @@ def test_serve_demo_answers_completions_with_the_demo_key(tmp_path: Path) -> Non
         output, _ = process.communicate(timeout=10)
     assert f"{base}/v1" in output
     assert DEMO_KEYS["acme"] in output
+    # The request log is one JSON object per line (``--log-format json``, the default).
+    request_lines = [line for line in output.splitlines() if '"event":"request"' in line]
+    assert request_lines
+    assert all(line.startswith("{") for line in request_lines)
+
+
+def test_json_logging_renders_one_json_object_per_line() -> None:
+    import io
+    import json
+
+    import structlog
+
+    from tenantware.logs import configure_json_logging
+
+    sink = io.BytesIO()
+    configure_json_logging(sink)
+    try:
+        with structlog.contextvars.bound_contextvars(request_id="req_1"):
+            structlog.get_logger("t").info("request", tenant_id="acme", cost_nanousd=48000)
+    finally:
+        structlog.reset_defaults()
+    (line,) = sink.getvalue().decode().splitlines()
+    event = json.loads(line)
+    assert event["event"] == "request"
+    assert event["request_id"] == "req_1"
+    assert event["tenant_id"] == "acme"
+    assert event["level"] == "info"
+    assert event["timestamp"].endswith("Z")
