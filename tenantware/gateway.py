@@ -35,7 +35,7 @@ from tenantware.ledger import (
 )
 from tenantware.middleware.admission import AdmissionMiddleware
 from tenantware.middleware.breaker import BreakerMiddleware
-from tenantware.middleware.metering import MeteringMiddleware
+from tenantware.middleware.metering import MeteringMiddleware, UsageRecorder
 from tenantware.middleware.quota import QuotaMiddleware
 from tenantware.middleware.tenant import TenantMiddleware
 from tenantware.proxy.app import ProxyApp
@@ -180,7 +180,12 @@ class Gateway:
 
         FastAPI's ``add_middleware`` puts each call outermost, so add these in reverse there.
         """
-        stack = [Middleware(TenantMiddleware, live=self.live, estimator=self.estimator)]
+        on_rejected = UsageRecorder(self.live, self.writer).record_rejected if self.writer else None
+        stack = [
+            Middleware(
+                TenantMiddleware, live=self.live, estimator=self.estimator, on_rejected=on_rejected
+            )
+        ]
         # -- metering layer -------------------------------------------------------------
         if self.writer is not None:
             stack.append(Middleware(MeteringMiddleware, live=self.live, writer=self.writer))

@@ -432,3 +432,28 @@ async def test_metering_can_be_disabled() -> None:
         assert (await client.get("/v1/usage")).status_code == 404
         metrics = await client.get("/metrics")  # other layers' metrics are still served
         assert metrics.status_code == 401  # (behind the admin key, none configured here)
+
+
+async def test_tenant_layer_refusals_are_recorded_once_and_not_billed() -> None:
+    gateway, fake = in_process_gateway()
+    async with client_for(gateway.asgi_app(), KEYS["hobby"]) as client:
+        not_allowed = await client.post("/v1/chat/completions", json=CHAT)  # gpt-4.1: 403
+        unknown = await client.post("/v1/chat/completions", json={**CHAT, "model": "gpt-9"})
+        malformed = await client.post(
+            "/v1/chat/completions", content=b"{oops", headers={"content-type": "application/json"}
+        )
+        # Refused by the proxy (inside metering): recorded by metering, not a second time.
+        no_messages = await client.post("/v1/chat/completions", json={"model": "gemini-2.5-flash"})
+    async with client_for(gateway.asgi_app(), "sk-unknown") as client:
+        unauthenticated = await client.post("/v1/chat/completions", json=CHAT)
+    statuses = [r.status_code for r in (not_allowed, unknown, malformed, no_messages)]
+    assert statuses == [403, 404, 400, 400]
+    assert unauthenticated.status_code == 401
+    records = {r.request_id: r for r in await records_of(gateway)}
+    assert len(records) == 4  # no tenant behind the 401: nothing to bill or record
+    for response in (not_allowed, unknown, malformed, no_messages):
+        record = records[response.headers["x-request-id"]]
+        assert (record.tenant, record.status) == ("hobby", response.status_code)
+        assert record.outcome == Outcome.REJECTED_REQUEST
+        assert (record.cost_nanousd, record.input_tokens, record.output_tokens) == (0, 0, 0)
+    assert fake.stats.requests == 0

@@ -29,7 +29,7 @@ from tenantware.state import LiveConfig
 from tenantware.types import ASGIApp, Message, Receive, Scope, Send
 from tenantware.usage import StreamTap, parse_json_usage
 
-__all__ = ["MeteringMiddleware"]
+__all__ = ["MeteringMiddleware", "UsageRecorder"]
 
 _NO_TAP: Final = 0
 _TAP_JSON: Final = 1
@@ -59,7 +59,7 @@ class MeteringMiddleware:
         self.app = app
         self.live = live
         self.writer = writer
-        self._ids = _Ids()
+        self.recorder = UsageRecorder(live, writer)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -144,9 +144,32 @@ class MeteringMiddleware:
         finally:
             finish_tap()
             ctx.outcome = final_outcome(ctx)
-            self.writer.submit(self._record(ctx, scope, is_stream))
+            self.writer.submit(self.recorder.build(ctx, scope, is_stream))
 
-    def _record(self, ctx: RequestContext, scope: Scope, is_stream: bool) -> UsageRecord:
+
+class UsageRecorder:
+    """Turns a finished request's context into a usage record and queues it for the ledger.
+
+    Shared by ``MeteringMiddleware`` and the tenant layer, which refuses some requests
+    (bad body, model not allowed) before metering runs: those are recorded too, not billed.
+    """
+
+    __slots__ = ("_ids", "live", "writer")
+
+    def __init__(self, live: LiveConfig, writer: LedgerWriter) -> None:
+        self.live = live
+        self.writer = writer
+        self._ids = _Ids()
+
+    def record_rejected(self, scope: Scope) -> None:
+        """Record a request the tenant layer answered with an error (a known tenant only)."""
+        ctx = get_context(scope)
+        if ctx.tenant is not None:
+            ctx.outcome = final_outcome(ctx)
+            self.writer.submit(self.build(ctx, scope, False))
+
+    def build(self, ctx: RequestContext, scope: Scope, is_stream: bool) -> UsageRecord:
+        """The usage record of a finished request (no I/O)."""
         snapshot = self.live.current
         tenant = ctx.tenant
         assert tenant is not None

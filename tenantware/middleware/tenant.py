@@ -8,6 +8,7 @@ models (404) and models the tenant may not use (403) before any policy layer run
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from random import getrandbits as _getrandbits
 from typing import Final
 
@@ -81,10 +82,14 @@ class TenantMiddleware:
         *,
         live: LiveConfig,
         estimator: PromptEstimator = estimate_prompt_tokens,
+        on_rejected: Callable[[Scope], None] | None = None,
     ) -> None:
         self.app = app
         self.live = live
         self.estimator = estimator
+        #: Called after this layer itself refused a request (bad body, model): the metering
+        #: layer is not reached then, so the gateway records those here.
+        self.on_rejected = on_rejected
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -130,6 +135,7 @@ class TenantMiddleware:
         # bind/reset with tokens: ``bound_contextvars`` copies the whole context per call.
         id_token = _bind(request_id=request_id)
         tenant_token = None
+        inner_called = False
         try:
             entry = self._authenticate(snapshot, token, host)
             ctx.tenant = entry.tenant
@@ -137,6 +143,7 @@ class TenantMiddleware:
             tenant_token = _bind(tenant_id=entry.tenant.id)
             if scope["method"] in _BODY_METHODS and _is_json(content_type):
                 receive = await self._read_body(snapshot, ctx, receive, content_length)
+            inner_called = True
             await self.app(scope, receive, send_with_id)
         except _ClientGoneError:
             return
@@ -144,6 +151,8 @@ class TenantMiddleware:
             if ctx.response_started:
                 raise
             await error.send(send_with_id, ctx)
+            if not inner_called and self.on_rejected is not None:
+                self.on_rejected(scope)
         finally:
             if tenant_token is not None:
                 _reset(**tenant_token)
