@@ -18,7 +18,12 @@ from starlette.middleware import Middleware
 
 from tenantware.admin import ADMIN_PREFIX, TENANT_USAGE_PATHS, AdminApp
 from tenantware.admission.pools import AdmissionPools
-from tenantware.backends.redis_support import RedisClient, connect_redis
+from tenantware.backends.redis_support import (
+    RedisClient,
+    ScriptHost,
+    connect_redis,
+    connect_scripts,
+)
 from tenantware.breaker.board import BreakerBoard
 from tenantware.breaker.redis_store import RedisBreakerStore
 from tenantware.config import GatewayConfig
@@ -67,6 +72,7 @@ class Gateway:
         ledger: Ledger | None = None,
     ) -> None:
         self._redis: RedisClient | None = None
+        self._scripts: ScriptHost | None = None
         self.live = LiveConfig(config)
         self.config_path = config_path
         self.estimator = estimator
@@ -90,6 +96,7 @@ class Gateway:
         self.admission = AdmissionPools(
             config.admission,
             redis=self.redis,
+            scripts=self.scripts,
             prefix=config.gateway.redis_prefix,
             on_failure=config.gateway.on_store_failure,
             replicas=config.gateway.replicas,
@@ -156,6 +163,18 @@ class Gateway:
         return self._redis
 
     @property
+    def scripts(self) -> ScriptHost | None:
+        """What runs the per-request scripts (quota, admission): one pipelined connection
+        to a plain Redis server (``MultiplexedRedis``), else the shared client."""
+        settings = self.config.gateway
+        redis = self.redis
+        if self._scripts is None and redis is not None and settings.redis_url:
+            self._scripts = connect_scripts(
+                settings.redis_url, redis, timeout_s=settings.redis_timeout_s
+            )
+        return self._scripts
+
+    @property
     def quota_store(self) -> QuotaStore:
         """Redis (with the failure policies) when ``gateway.redis_url`` is set, else memory."""
         if self._quota_store is None:
@@ -165,7 +184,7 @@ class Gateway:
                 self._quota_store = MemoryQuotaStore(prefix=settings.redis_prefix)
             else:
                 self._quota_store = FailoverQuotaStore(
-                    RedisQuotaStore(redis, prefix=settings.redis_prefix),
+                    RedisQuotaStore(self.scripts or redis, prefix=settings.redis_prefix),
                     timeout_s=settings.redis_timeout_s,
                     retry_after_s=self.config.quota.retry_store_after_s,
                 )
@@ -228,6 +247,9 @@ class Gateway:
         await self.proxy.aclose()
         with contextlib.suppress(Exception):
             await self.board.aclose()
+        scripts, self._scripts = self._scripts, None
+        if scripts is not None and scripts is not self._redis:
+            await scripts.aclose()
         redis, self._redis = self._redis, None
         if redis is not None:
             await redis.aclose()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tenantware.backends.multiplex import MultiplexedRedis
 from tenantware.backends.redis_support import RedisClient, connect_redis
 from tenantware.config import Limits
 from tenantware.quota import MemoryQuotaStore, Plan, QuotaStore, RedisQuotaStore, build_plan
@@ -38,11 +39,16 @@ def plan_for(
 
 def make_store(
     kind: str, clock: Clock | None, *, redis_url: str = "", prefix: str = ""
-) -> tuple[QuotaStore, RedisClient | None]:
-    """A store of ``kind`` ("memory" or "redis") on ``clock`` (Redis TIME when ``None``)."""
+) -> tuple[QuotaStore, RedisClient | MultiplexedRedis | None]:
+    """A store of ``kind`` on ``clock`` (Redis TIME when ``None``): ``memory``, ``redis``
+    (redis-py) or ``multiplexed`` (the pipelined connection the gateway uses)."""
     if kind == "memory":
         return MemoryQuotaStore(prefix=prefix, clock=clock or Clock()), None
-    client = connect_redis(redis_url, timeout_s=5.0)
+    client: RedisClient | MultiplexedRedis
+    if kind == "multiplexed":
+        client = MultiplexedRedis(redis_url, timeout_s=5.0)
+    else:
+        client = connect_redis(redis_url, timeout_s=5.0)
     return RedisQuotaStore(client, prefix=prefix, clock=clock), client
 
 

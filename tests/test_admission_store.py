@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import pytest
@@ -12,14 +13,15 @@ from tenantware.admission.base import SeatStore
 from tenantware.admission.core import GRANTED, QUEUE_FULL, QUEUED, Ticket
 from tenantware.admission.memory import MemorySeatStore
 from tenantware.admission.redis import RedisSeatStore
+from tenantware.backends.multiplex import MultiplexedRedis
 from tenantware.backends.redis_support import connect_redis
 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "multiplexed"])
 async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[object]:
-    clients = []
+    clients: list[Any] = []
 
     def build(seats: int, **options: object) -> SeatStore:
         if request.param == "memory":
@@ -28,7 +30,11 @@ async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[object]:
         prefix = request.getfixturevalue("redis_prefix")
         client = connect_redis(url, timeout_s=2.0)
         clients.append(client)
-        return RedisSeatStore(client, seats=seats, prefix=prefix, **options)  # type: ignore[arg-type]
+        scripts = None
+        if request.param == "multiplexed":
+            scripts = MultiplexedRedis(url, timeout_s=2.0)
+            clients.append(scripts)
+        return RedisSeatStore(client, seats=seats, prefix=prefix, scripts=scripts, **options)  # type: ignore[arg-type]
 
     yield build
     for client in clients:

@@ -1,4 +1,5 @@
-"""One suite for every quota store (memory and real Redis): GCRA, windows, budgets, slots."""
+"""One suite for every quota store (memory, and real Redis through redis-py and through the
+pipelined connection): GCRA, windows, budgets, slots."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from tests.quota_support import NOON, Clock, make_store, plan_for
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "multiplexed"])
 def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -32,7 +33,7 @@ async def store(
     kind: str, clock: Clock, request: pytest.FixtureRequest
 ) -> AsyncIterator[QuotaStore]:
     url = prefix = ""
-    if kind == "redis":
+    if kind != "memory":
         url = request.getfixturevalue("redis_url")
         prefix = request.getfixturevalue("redis_prefix")
     made, client = make_store(kind, clock, redis_url=url, prefix=prefix)

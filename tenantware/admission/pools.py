@@ -17,7 +17,7 @@ import anyio
 from tenantware.admission.base import SeatStore
 from tenantware.admission.core import BAND_INDEX, BANDS
 from tenantware.admission.memory import MemorySeatStore
-from tenantware.backends.redis_support import RedisClient
+from tenantware.backends.redis_support import RedisClient, ScriptHost
 from tenantware.config import AdmissionSettings
 from tenantware.registry import TenantView
 
@@ -46,6 +46,7 @@ class AdmissionPools:
         settings: AdmissionSettings,
         *,
         redis: RedisClient | None = None,
+        scripts: ScriptHost | None = None,
         prefix: str = "",
         stores: dict[str, SeatStore] | None = None,
         on_failure: str = "open",
@@ -83,6 +84,7 @@ class AdmissionPools:
                     poll_min_s=settings.poll_min_s,
                     poll_max_s=settings.poll_max_s,
                     on_failure="closed" if on_failure == "closed" else "open",
+                    scripts=scripts,
                 )
             else:
                 # Without a shared store each of ``replicas`` processes guards its part.

@@ -29,7 +29,7 @@ from redis.exceptions import RedisError
 
 from tenantware import metrics
 from tenantware.admission.core import GRANTED, QUEUED, Ticket
-from tenantware.backends.redis_support import RedisClient, tenant_key
+from tenantware.backends.redis_support import RedisClient, ScriptHost, tenant_key
 from tenantware.context import Outcome
 from tenantware.errors import GatewayError
 
@@ -60,6 +60,7 @@ class RedisSeatStore:
         poll_max_s: float = 0.25,
         on_failure: str = "open",
         heartbeat_s: float | None = None,
+        scripts: ScriptHost | None = None,
     ) -> None:
         self.redis = redis
         self.seats = seats
@@ -73,7 +74,8 @@ class RedisSeatStore:
             str(len(band_shares)),
             *map(repr, map(float, band_shares)),
         ]
-        self._script = redis.register_script(_SCRIPT)
+        #: Decisions run on ``scripts`` when given (the pipelined connection); pub/sub on redis.
+        self._script: Any = (scripts or redis).register_script(_SCRIPT)
         self.max_queue = max_queue
         self.lease_ms = int(lease_s * 1000)
         #: A queued ticket whose process has not polled for this long is dropped.

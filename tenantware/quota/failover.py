@@ -50,6 +50,8 @@ class FailoverQuotaStore:
         self.fallback = fallback or MemoryQuotaStore(prefix=primary.prefix)
         self._down_until = 0.0
         self._down = False
+        #: The primary bounds its own calls (``MultiplexedRedis``): no cancel scope per call.
+        self._bounded = bool(getattr(primary, "bounded", False))
         self._counters = {
             policy: metrics.STORE_FAILURES.labels("quota", policy)
             for policy in ("open", "closed", "local")
@@ -77,8 +79,11 @@ class FailoverQuotaStore:
     async def reserve(self, plan: Plan, tokens: int, cost: int, ticket: str) -> Decision:
         if self.available:
             try:
-                with anyio.fail_after(self.timeout_s):
+                if self._bounded:
                     decision = await self.primary.reserve(plan, tokens, cost, ticket)
+                else:
+                    with anyio.fail_after(self.timeout_s):
+                        decision = await self.primary.reserve(plan, tokens, cost, ticket)
             except _FAILURES as exc:
                 self._failed(exc, "reserve", plan)
             else:
@@ -110,10 +115,15 @@ class FailoverQuotaStore:
         cancel: bool = False,
     ) -> None:
         try:
-            with anyio.fail_after(self.timeout_s):
+            if self._bounded:
                 await self.primary.settle(
                     plan, now_us, ticket, tokens_delta, cost_delta, cancel=cancel
                 )
+            else:
+                with anyio.fail_after(self.timeout_s):
+                    await self.primary.settle(
+                        plan, now_us, ticket, tokens_delta, cost_delta, cancel=cancel
+                    )
         except _FAILURES as exc:
             # The reservation stays charged (the safe side); its slot frees with its lease.
             self._failed(exc, "settle", plan)

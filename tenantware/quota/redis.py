@@ -11,7 +11,8 @@ from collections.abc import Callable
 from importlib.resources import files
 from typing import Any
 
-from tenantware.backends.redis_support import RedisClient
+from tenantware.backends.multiplex import MultiplexedRedis
+from tenantware.backends.redis_support import ScriptHost
 from tenantware.quota.plan import Plan
 from tenantware.quota.store import Decision
 
@@ -31,14 +32,17 @@ _USAGE = lua_source("usage")
 
 
 class RedisQuotaStore:
-    """``RedisQuotaStore(client, prefix="app1:")``; ``client`` may be a ``RedisCluster``."""
+    """``RedisQuotaStore(client, prefix="app1:")``; ``client`` may be a ``RedisCluster`` or
+    a ``MultiplexedRedis``."""
 
     def __init__(
-        self, client: RedisClient, *, prefix: str = "", clock: Callable[[], float] | None = None
+        self, client: ScriptHost, *, prefix: str = "", clock: Callable[[], float] | None = None
     ) -> None:
         self.client = client
         self.prefix = prefix
         self.clock = clock
+        #: Every call is bounded by the client itself (callers need no timeout of their own).
+        self.bounded = isinstance(client, MultiplexedRedis)
         self._reserve: Any = client.register_script(_RESERVE)
         self._settle: Any = client.register_script(_SETTLE)
         self._usage: Any = client.register_script(_USAGE)
