@@ -202,14 +202,27 @@ async def test_concurrent_requests_over_the_limit_are_refused() -> None:
         assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
 
 
-async def test_global_limits_are_shared_by_all_tenants_and_a_refusal_undoes_the_tenant() -> None:
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_global_limits_are_shared_by_all_tenants_and_a_refusal_undoes_the_tenant(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    """Memory and one Redis server decide both scopes in one call (a merged plan)."""
+    gateway_settings: dict[str, Any] = {}
+    if backend == "redis":
+        gateway_settings = {
+            "redis_url": request.getfixturevalue("redis_url"),
+            "redis_prefix": request.getfixturevalue("redis_prefix"),
+            "redis_timeout_s": 2.0,
+        }
     gateway, fake = in_process_gateway(
         config=quota_config(
             acme={"requests_per_minute": 100},
             hobby={"requests_per_minute": 100},
             quota={"global_limits": {"requests_per_minute": 3}},
+            gateway=gateway_settings,
         )
     )
+    assert gateway.quota_store.single_node
     chat = {**CHAT, "model": "gemini-2.5-flash"}
     app = gateway.asgi_app()
     async with client_for(app, KEYS["acme"]) as acme, client_for(app, KEYS["hobby"]) as hobby:
@@ -219,13 +232,18 @@ async def test_global_limits_are_shared_by_all_tenants_and_a_refusal_undoes_the_
             (await acme.post("/v1/chat/completions", json=chat)).status_code,
         ]
         refused = await hobby.post("/v1/chat/completions", json=chat)
-    assert codes == [200, 200, 200]
-    assert refused.status_code == 429
-    assert "shared" in refused.json()["error"]["message"]
-    assert fake.stats.requests == 3
-    # hobby's own request counter only holds its one admitted request.
-    usage = await gateway.quota_store.usage(tenant_plan(gateway, "hobby", "gemini-2.5-flash"))
-    assert usage == [1]
+    try:
+        assert codes == [200, 200, 200]
+        assert refused.status_code == 429
+        assert "the gateway's shared requests per minute" in refused.json()["error"]["message"]
+        # The headers stay the tenant's own limit, not the shared one.
+        assert refused.headers["x-ratelimit-limit-requests"] == "100"
+        assert fake.stats.requests == 3
+        # hobby's own request counter only holds its one admitted request.
+        plan = tenant_plan(gateway, "hobby", "gemini-2.5-flash")
+        assert await gateway.quota_store.usage(plan) == [1]
+    finally:
+        await gateway.aclose()
 
 
 async def test_requests_of_tenants_without_limits_pass_untouched() -> None:

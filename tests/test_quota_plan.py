@@ -44,6 +44,12 @@ def test_per_model_limits_share_the_tenant_hash_tag_and_global_limits_have_their
     assert "p:tw:{acme}:model:gpt-4.1:tpm" in plan.keys
     assert "p:tw:{acme}:model:gpt-4.1:rpm" in plan.keys
     assert global_plan.keys == ("p:tw:{*}:rpm",)
+    merged, none = build_plan(config, "acme", view.limits, "gpt-4.1", "p:", merge=True)
+    assert merged is not None
+    assert none is None
+    assert merged.keys == (*plan.keys, *global_plan.keys)
+    # Headers come from the tenant's own limits only.
+    assert merged.header_groups == plan.header_groups
     other, _ = build_plan(config, "acme", view.limits, "deepseek-v3.2", "p:")
     assert other is not None
     assert not any(":model:" in key for key in other.keys)

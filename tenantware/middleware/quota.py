@@ -2,11 +2,14 @@
 
 Before the inner app runs, the request reserves its estimated tokens (prompt estimate plus
 ``max_tokens``, or ``gateway.default_max_tokens``) and their cost, atomically over all of the
-tenant's limits (and its per-model limits), then over the global limits. When the app returns,
-raises or the client leaves, the reservation settles to the actual usage: the difference is
-refunded or charged by the ledger's billing rules (``tenantware.billing``: a failure before
-any output is refunded whole), and the concurrency slot is always given back. Every response
-carries the ``x-ratelimit-*`` headers the OpenAI SDKs read.
+tenant's limits (and its per-model limits) and the global limits: in one decision where the
+store reaches every key from one script (memory, one Redis server), else tenant first, then
+global (Redis Cluster: another slot), the tenant's grant given back if the global limits
+refuse. When the app returns, raises or the client leaves, the reservation settles to the
+actual usage: the difference is refunded or charged by the ledger's billing rules
+(``tenantware.billing``: a failure before any output is refunded whole), and the concurrency
+slot is always given back. Every response carries the ``x-ratelimit-*`` headers the OpenAI
+SDKs read.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from tenantware.quota.plan import (
     KIND_TOKENS,
     Plan,
     build_plan,
+    is_global,
 )
 from tenantware.quota.store import Decision, QuotaStore
 from tenantware.registry import TenantView
@@ -100,10 +104,11 @@ def _ticket() -> str:
 class _Plans:
     """Plans per (tenant, model), rebuilt when the configuration version changes."""
 
-    __slots__ = ("_plans", "_version", "prefix")
+    __slots__ = ("_plans", "_version", "merge", "prefix")
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, *, merge: bool) -> None:
         self.prefix = prefix
+        self.merge = merge
         self._version = -1
         self._plans: dict[tuple[str, str | None], tuple[Plan | None, Plan | None]] = {}
 
@@ -118,7 +123,9 @@ class _Plans:
         if plans is None:
             if len(self._plans) >= _MAX_PLANS:
                 self._plans.clear()  # models may be free-form when the catalogue is empty
-            plans = build_plan(snapshot.config, tenant.id, tenant.limits, model, self.prefix)
+            plans = build_plan(
+                snapshot.config, tenant.id, tenant.limits, model, self.prefix, merge=self.merge
+            )
             self._plans[key] = plans
         return plans
 
@@ -140,7 +147,7 @@ class QuotaMiddleware:
         self.app = app
         self.live = live
         self.store = store
-        self._plans = _Plans(store.prefix)
+        self._plans = _Plans(store.prefix, merge=store.single_node)
         #: The memory store never yields, so its settle needs no shield (a cancel scope per
         #: request saved); any other store's settle is shielded from cancellation.
         self._shield_settle = not isinstance(store, MemoryQuotaStore)
@@ -292,7 +299,7 @@ class QuotaMiddleware:
             return
         limit = plan.limits[decision.failed]
         metrics.REJECTIONS.labels(tenant.id, limit.group).inc()
-        scope_name = "" if plan.limits[0].key.find("{*}") < 0 else "the gateway's shared "
+        scope_name = "the gateway's shared " if is_global(limit) else ""
         if limit.kind in _BUDGET_KINDS:
             await send_error(
                 send,

@@ -45,6 +45,7 @@ class FailoverQuotaStore:
     ) -> None:
         self.primary = primary
         self.prefix = primary.prefix
+        self.single_node = primary.single_node
         self.timeout_s = timeout_s
         self.retry_after_s = retry_after_s
         self.fallback = fallback or MemoryQuotaStore(prefix=primary.prefix)

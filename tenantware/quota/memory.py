@@ -28,6 +28,8 @@ _RETRY_CONCURRENCY_US = 1_000_000
 class MemoryQuotaStore:
     """``MemoryQuotaStore(clock=time.time)``: the embedded default."""
 
+    single_node = True
+
     def __init__(self, *, prefix: str = "", clock: Callable[[], float] = time.time) -> None:
         self.prefix = prefix
         self.clock = clock

@@ -26,6 +26,7 @@ __all__ = [
     "Limit",
     "Plan",
     "build_plan",
+    "is_global",
     "month_index",
 ]
 
@@ -103,7 +104,14 @@ class Plan:
         "local",
     )
 
-    def __init__(self, limits: list[Limit], *, replicas: int = 1, fallback: bool = True) -> None:
+    def __init__(
+        self,
+        limits: list[Limit],
+        *,
+        replicas: int = 1,
+        fallback: bool = True,
+        tenant_limits: int | None = None,
+    ) -> None:
         self.limits = tuple(limits)
         self.keys = tuple(limit.key for limit in limits)
         args: list[str | int] = []
@@ -116,6 +124,9 @@ class Plan:
         local = [limit.scaled(replicas) for limit in limits if limit.policy == "local"]
         #: What a local in-memory limiter keeps during an outage (``None``: nothing).
         self.local = Plan(local, fallback=False) if fallback and local else None
+        #: The first ``tenant_limits`` limits are the tenant's, the rest the gateway's shared
+        #: ones (a merged plan, see ``build_plan``); only the tenant's make the headers.
+        own = limits if tenant_limits is None else limits[:tenant_limits]
         #: A settle must run even when usage matched the estimate (a slot to give back).
         self.holds_slots = any(limit.kind == KIND_CONCURRENCY for limit in limits)
         #: Some limit counts tokens or spend, so a usage correction has something to change
@@ -127,11 +138,16 @@ class Plan:
         self.header_groups = tuple(
             (suffix, idx)
             for suffix, kind in ((b"requests", KIND_REQUESTS), (b"tokens", KIND_TOKENS))
-            if (idx := tuple(i for i, limit in enumerate(limits) if limit.kind == kind))
+            if (idx := tuple(i for i, limit in enumerate(own) if limit.kind == kind))
         )
 
     def __repr__(self) -> str:
         return f"Plan({list(self.limits)!r})"
+
+
+def is_global(limit: Limit) -> bool:
+    """Whether ``limit`` is one of the gateway's shared (global) limits."""
+    return "{" + GLOBAL_TAG + "}" in limit.key
 
 
 def month_index(now_us: int) -> int:
@@ -236,12 +252,21 @@ def _limits_of(
 
 
 def build_plan(
-    config: GatewayConfig, tenant_id: str, limits: Limits, model: str | None, prefix: str
+    config: GatewayConfig,
+    tenant_id: str,
+    limits: Limits,
+    model: str | None,
+    prefix: str,
+    *,
+    merge: bool = False,
 ) -> tuple[Plan | None, Plan | None]:
     """``(tenant plan, global plan)`` for a request; ``None`` where nothing is limited.
 
     The tenant plan holds the tenant's own limits and its per-model limits (same hash tag, so
     one atomic decision); the global plan is its own scope (another slot on a cluster).
+    ``merge`` (a store that reaches every key from one script: memory, one Redis server) puts
+    the global limits into the tenant plan, so one decision grants both scopes or neither and
+    a request costs one store call instead of two.
     """
     quota = config.quota
     replicas = config.gateway.replicas
@@ -253,7 +278,10 @@ def build_plan(
             per_model = override.merged_over(per_model) if per_model is not None else override
         if per_model is not None:
             found += _limits_of(per_model, tenant_id, prefix, ("model", model), config)
-    tenant_plan = Plan(found, replicas=replicas) if found else None
     global_limits = _limits_of(quota.global_limits, GLOBAL_TAG, prefix, (), config)
+    if merge and found and global_limits:
+        merged = Plan(found + global_limits, replicas=replicas, tenant_limits=len(found))
+        return merged, None
+    tenant_plan = Plan(found, replicas=replicas) if found else None
     global_plan = Plan(global_limits, replicas=replicas) if global_limits else None
     return tenant_plan, global_plan

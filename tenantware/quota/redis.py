@@ -11,6 +11,8 @@ from collections.abc import Callable
 from importlib.resources import files
 from typing import Any
 
+from redis.asyncio.cluster import RedisCluster
+
 from tenantware.backends.multiplex import MultiplexedRedis
 from tenantware.backends.redis_support import ScriptHost
 from tenantware.quota.plan import Plan
@@ -43,6 +45,7 @@ class RedisQuotaStore:
         self.clock = clock
         #: Every call is bounded by the client itself (callers need no timeout of their own).
         self.bounded = isinstance(client, MultiplexedRedis)
+        self.single_node = not isinstance(client, RedisCluster)
         self._reserve: Any = client.register_script(_RESERVE)
         self._settle: Any = client.register_script(_SETTLE)
         self._usage: Any = client.register_script(_USAGE)

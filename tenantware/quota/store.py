@@ -56,6 +56,9 @@ class QuotaStore(Protocol):
 
     #: Prefix of every key (lets several gateways or tests share one Redis).
     prefix: str
+    #: One script reaches every key (memory, a single Redis server; not a cluster), so the
+    #: tenant's and the global limits can be decided in one call.
+    single_node: bool
 
     async def reserve(self, plan: Plan, tokens: int, cost: int, ticket: str) -> Decision:
         """Grant every limit of ``plan`` for one request of ``tokens`` and ``cost``, or none."""
