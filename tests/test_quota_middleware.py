@@ -38,6 +38,18 @@ def quota_config(
     return make_config(upstream_url, tenants=tenants, tiers={"plain": {}}, **overrides)
 
 
+def backend_settings(backend: str, request: pytest.FixtureRequest, **extra: Any) -> dict[str, Any]:
+    """``gateway`` settings of a memory (nothing) or Redis (this test's prefix) backend."""
+    if backend != "redis":
+        return {}
+    return {
+        "redis_url": request.getfixturevalue("redis_url"),
+        "redis_prefix": request.getfixturevalue("redis_prefix"),
+        "redis_timeout_s": 5.0,
+        **extra,
+    }
+
+
 def tenant_plan(gateway: Gateway, tenant: str = "acme", model: str = "gpt-4.1") -> Plan:
     view = gateway.live.current.registry.by_id(tenant)
     assert view is not None
@@ -207,13 +219,7 @@ async def test_global_limits_are_shared_by_all_tenants_and_a_refusal_undoes_the_
     backend: str, request: pytest.FixtureRequest
 ) -> None:
     """Memory and one Redis server decide both scopes in one call (a merged plan)."""
-    gateway_settings: dict[str, Any] = {}
-    if backend == "redis":
-        gateway_settings = {
-            "redis_url": request.getfixturevalue("redis_url"),
-            "redis_prefix": request.getfixturevalue("redis_prefix"),
-            "redis_timeout_s": 2.0,
-        }
+    gateway_settings = backend_settings(backend, request)
     gateway, fake = in_process_gateway(
         config=quota_config(
             acme={"requests_per_minute": 100},
@@ -366,14 +372,7 @@ def test_the_readme_quota_example_is_a_valid_config() -> None:
 async def test_after_a_drain_of_mixed_outcomes_charged_equals_actual(
     backend: str, request: pytest.FixtureRequest
 ) -> None:
-    gateway_settings: dict[str, Any] = {}
-    if backend == "redis":
-        gateway_settings = {
-            "redis_url": request.getfixturevalue("redis_url"),
-            "redis_prefix": request.getfixturevalue("redis_prefix"),
-            "redis_timeout_s": 5.0,
-            "on_store_failure": "closed",
-        }
+    gateway_settings = backend_settings(backend, request, on_store_failure="closed")
     fake = FakeUpstream(FakeUpstreamConfig(failure_rate=0.3, latency_s=0.01), seed=11)
     gateway, _ = in_process_gateway(
         fake,
