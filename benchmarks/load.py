@@ -370,6 +370,7 @@ class Bench:
     def _measure(self, target: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         time.sleep(0.3)  # let the previous point's connections and streams wind down
         pid = self.gateway.pid
+        commands0 = self._redis_commands()
         (user0, sys0), wall0, switches0 = cpu_split(pid), time.perf_counter(), preempted(pid)
         result = run()
         (user1, sys1), wall = cpu_split(pid), time.perf_counter() - wall0
@@ -380,7 +381,26 @@ class Bench:
             result["gw_sys_ms_per_req"] = (sys1 - sys0) * 1000 / done
             result["gw_busy"] = cpu / wall
             result["gw_preempted_per_s"] = (preempted(pid) - switches0) / wall
+            if commands0 is not None:
+                # The settles of the last requests may land after wrk stops: +-1 request.
+                calls1, usec1 = self._redis_commands() or (0, 0)
+                calls, usec = calls1 - commands0[0], usec1 - commands0[1]
+                result["redis_scripts_per_req"] = calls / done
+                result["redis_script_us_per_req"] = usec / done
         return result
+
+    def _redis_commands(self) -> tuple[int, int] | None:
+        """Scripts (EVALSHA/EVAL) the private Redis has run so far and the microseconds they
+        took there (``None``: no private Redis). The commands a script runs inside count
+        in Redis's statistics too, so these two are the client's calls and their cost."""
+        if not getattr(self.args, "redis_private", False):
+            return None
+        import redis
+
+        with redis.Redis.from_url(self.args.redis_url) as client:
+            stats = client.info("commandstats")
+        found = [stats.get(f"cmdstat_{name}", {}) for name in ("evalsha", "eval")]
+        return sum(s.get("calls", 0) for s in found), sum(s.get("usec", 0) for s in found)
 
     def warm(self) -> None:
         for mode in MODES:
@@ -514,8 +534,17 @@ def targets(report: dict[str, Any]) -> list[tuple[str, str, float | None, str, b
         met = None if value is None else (value <= limit if upper else value >= limit)
         rows.append((metric, ("<= " if upper else ">= ") + f"{limit:g} {unit}", value, unit, met))
 
-    add("gateway CPU per JSON request (c=16)", 0.5, j16.get("gateway_gw_cpu_ms_per_req"), "ms")
-    add("gateway CPU per 20-event stream (c=16)", 1.2, s16.get("gateway_gw_cpu_ms_per_req"), "ms")
+    # The issue allows +0.3 ms with the Redis backends and the PostgreSQL ledger.
+    meta = report.get("meta", {})
+    shared = 0.3 if meta.get("backend") == "redis" or meta.get("ledger") == "postgres" else 0.0
+    json_cpu, stream_cpu = 0.5 + shared, 1.2 + shared
+    add("gateway CPU per JSON request (c=16)", json_cpu, j16.get("gateway_gw_cpu_ms_per_req"), "ms")
+    add(
+        "gateway CPU per 20-event stream (c=16)",
+        stream_cpu,
+        s16.get("gateway_gw_cpu_ms_per_req"),
+        "ms",
+    )
     add("saturated JSON requests/s", 2000, sat.get("0/json/gateway"), "req/s", upper=False)
     add("saturated 20-event streams/s", 600, sat.get("0/stream/gateway"), "streams/s", upper=False)
     add("added p50, c=1", 0.6, j1.get("added_p50"), "ms")
@@ -597,6 +626,7 @@ def markdown(report: dict[str, Any]) -> str:
         "involuntary context switches of the gateway, i.e. other processes on its core)",
         "- saturated throughput (best closed-loop median): "
         + ", ".join(f"{k} {v:,.0f}/s" for k, v in report["saturated"].items()),
+        *_redis_line(report),
         "",
         "## Load generator check",
         "",
@@ -613,6 +643,22 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {_fmt(row['lag_p99'], 3)} | {_fmt(row['lag_max'], 3)} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _redis_line(report: dict[str, Any]) -> list[str]:
+    """Redis scripts per request (closed loop, c=16), when the run had a private Redis."""
+    parts = [
+        f"{p['mode']} {p['gateway_redis_scripts_per_req']:.2f} scripts, "
+        f"{p['gateway_redis_script_us_per_req']:.0f} µs of Redis CPU"
+        for p in report["points"]
+        if p["kind"] == "closed" and p["load"] == 16 and "gateway_redis_scripts_per_req" in p
+    ]
+    if not parts:
+        return []
+    return [
+        "- Redis per request (private redis-server on the load core, closed loop c=16, from "
+        "INFO commandstats: EVALSHA/EVAL calls and their time in Redis): " + "; ".join(parts)
+    ]
 
 
 def plot(report: dict[str, Any], path: Path) -> bool:
@@ -672,12 +718,34 @@ def _machine() -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _backend_urls(args: argparse.Namespace) -> Iterator[None]:
-    """Find (or start) Redis / PostgreSQL as the test suite does, when the run needs them."""
-    from tenantware.testing.servers import postgres_url_for_tests, redis_url_for_tests
+    """Find (or start) Redis / PostgreSQL as the test suite does, when the run needs them.
 
+    Redis without ``--redis-url``: a private ``redis-server`` pinned to the load core (as a
+    Redis on another host would be: it takes nothing from the gateway's core, and only the
+    gateway talks to it, so its command count per request is exact); the shared one when
+    ``redis-server`` is not on PATH.
+    """
+    from tenantware.testing.servers import (
+        ServiceUnavailable,
+        postgres_url_for_tests,
+        redis_url_for_tests,
+        throwaway_redis,
+    )
+
+    args.redis_private = False
     with contextlib.ExitStack() as stack:
         if args.backend == "redis" and not args.redis_url:
-            args.redis_url = stack.enter_context(redis_url_for_tests())
+            try:
+                server = stack.enter_context(throwaway_redis())
+            except ServiceUnavailable:
+                args.redis_url = stack.enter_context(redis_url_for_tests())
+            else:
+                subprocess.run(
+                    ["taskset", "-p", "-c", LOAD_CORE, str(server.pid)],
+                    check=True,
+                    stdout=subprocess.DEVNULL,
+                )
+                args.redis_url, args.redis_private = server.url, True
         if args.ledger == "postgres" and not args.ledger_url:
             args.ledger_url = stack.enter_context(postgres_url_for_tests())
         # Fresh state per run: counters of an earlier run never count against this one.
