@@ -3,11 +3,13 @@ batching, flush on shutdown, spilling while PostgreSQL is down and replaying wit
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 
@@ -314,3 +316,31 @@ async def test_replicas_share_one_postgres_ledger(postgres_url: str, postgres_sc
         await ledger.aclose()
     assert len(stored) == 160
     assert sum(1 for r in stored if r.tenant == "shared") == 10
+
+
+async def test_observers_see_a_big_batch_in_slices_with_the_event_loop_running_between() -> None:
+    """Metrics and log lines of 200 records must not hold the loop for the whole batch."""
+    ticks = 0
+    seen: list[tuple[int, int]] = []  # (slice size, loop ticks so far)
+
+    def observer(records: Sequence[UsageRecord]) -> None:
+        seen.append((len(records), ticks))
+
+    writer = LedgerWriter(MemoryLedger(), flush_interval_s=60, observers=[observer])
+    for record in make_records(200):
+        writer.submit(record)
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(ticker)
+        await writer.flush()
+        group.cancel_scope.cancel()
+    assert sum(size for size, _ in seen) == 200
+    assert max(size for size, _ in seen) <= 16
+    # Other tasks ran between every two slices.
+    assert all(later > earlier for (_, earlier), (_, later) in itertools.pairwise(seen))

@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import structlog
 
@@ -28,6 +29,8 @@ log = structlog.get_logger("tenantware.ledger")
 
 #: Called with each batch of fresh records, off the request path (metrics, the request log).
 Observer = Callable[[Sequence[UsageRecord]], None]
+#: Records handed to the observers at a time: about 0.2 ms of work (metrics + a log line).
+_OBSERVE_SLICE = 16
 
 
 class WriterStats:
@@ -138,8 +141,13 @@ class LedgerWriter:
     async def _flush(self) -> None:
         taken = self._take_fresh()
         if taken and self.observers:
-            # Metrics and log lines for a big batch take milliseconds: not on the event loop.
-            await anyio.to_thread.run_sync(self._observe, taken)
+            # Metrics and log lines for a big batch take milliseconds: done on the loop in
+            # small slices with a checkpoint between them, so a request waits at most one
+            # slice. (In a worker thread they held the GIL for up to the 5 ms switch interval
+            # at a time, straight into the requests' tail latency.)
+            for start in range(0, len(taken), _OBSERVE_SLICE):
+                self._observe(taken[start : start + _OBSERVE_SLICE])
+                await anyio.lowlevel.checkpoint()
         if not self._healthy and anyio.current_time() < self._retry_at:
             await self._spill_overflow()
             return
