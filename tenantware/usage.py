@@ -15,15 +15,15 @@ from tenantware.estimate import estimate_text_tokens
 __all__ = ["StreamTap", "parse_json_usage"]
 
 
-class _PromptDetails(msgspec.Struct):
+class _PromptDetails(msgspec.Struct, gc=False):
     cached_tokens: int | None = 0
 
 
-class _CompletionDetails(msgspec.Struct):
+class _CompletionDetails(msgspec.Struct, gc=False):
     reasoning_tokens: int | None = 0
 
 
-class _OpenAIUsage(msgspec.Struct):
+class _OpenAIUsage(msgspec.Struct, gc=False):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     prompt_tokens_details: _PromptDetails | None = None
@@ -42,22 +42,22 @@ class _OpenAIUsage(msgspec.Struct):
         )
 
 
-class _Response(msgspec.Struct):
+class _Response(msgspec.Struct, gc=False):
     model: str | None = None
     usage: _OpenAIUsage | None = None
 
 
-class _Delta(msgspec.Struct):
+class _Delta(msgspec.Struct, gc=False):
     content: str | None = None
     reasoning_content: str | None = None
 
 
-class _Choice(msgspec.Struct):
+class _Choice(msgspec.Struct, gc=False):
     delta: _Delta | None = None
     text: str | None = None
 
 
-class _Chunk(msgspec.Struct):
+class _Chunk(msgspec.Struct, gc=False):
     model: str | None = None
     choices: list[_Choice] = []
     usage: _OpenAIUsage | None = None
@@ -98,22 +98,23 @@ class StreamTap:
         if b"\r" in chunk:
             chunk = chunk.replace(b"\r\n", b"\n")
         data = self._pending + chunk if self._pending else chunk
-        end = data.rfind(b"\n\n")
-        if end < 0:
+        first = data.find(b"\n\n")
+        if first < 0:
             self._pending = data
             return b""
-        if end == len(data) - 2 and data.find(b"\n\n") == end:
+        if first == len(data) - 2:
             # The usual case: the chunk is exactly one whole event; no split, no join.
             self._pending = b""
-            return data if self._inspect(data[:end]) or not self.hide_usage else b""
+            return data if self._inspect(data, first) or not self.hide_usage else b""
+        end = data.rfind(b"\n\n")
         complete, self._pending = data[: end + 2], data[end + 2 :]
         if not self.hide_usage:
             for event in complete.split(b"\n\n")[:-1]:
-                self._inspect(event)
+                self._inspect(event, len(event))
             return complete
         kept = []
         for event in complete.split(b"\n\n")[:-1]:
-            if self._inspect(event):
+            if self._inspect(event, len(event)):
                 kept.append(event)
                 kept.append(b"\n\n")
         return b"".join(kept)
@@ -123,21 +124,26 @@ class StreamTap:
         rest, self._pending = self._pending, b""
         return rest
 
-    def _inspect(self, event: bytes) -> bool:
-        """Record what ``event`` carries; ``False`` if it must not be forwarded."""
-        if not event.startswith(b"data:"):
-            return True
-        payload = event[5:].strip()
-        if payload == b"[DONE]" or not payload.startswith(b"{"):
+    def _inspect(self, data: bytes, end: int) -> bool:
+        """Record what the event ``data[:end]`` carries; ``False`` if it must not be forwarded."""
+        if data.startswith(b"data: {"):
+            # The usual shape: no strip (the decoder skips trailing whitespace itself).
+            payload = data[6:end]
+        elif data.startswith(b"data:"):
+            payload = data[5:end].strip()
+            if not payload.startswith(b"{"):  # ``[DONE]`` and anything not JSON
+                return True
+        else:
             return True
         self.events += 1
         try:
             parsed = _decode_chunk(payload)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return True
-        if parsed.model and self.model is None:
+        if self.model is None and parsed.model:
             self.model = parsed.model
-        for choice in parsed.choices:
+        choices = parsed.choices
+        for choice in choices:
             delta = choice.delta
             if delta is not None:
                 if delta.content:
@@ -148,7 +154,7 @@ class StreamTap:
                 self.content_chars += len(choice.text)
         if parsed.usage is not None:
             self.usage = parsed.usage.to_usage()
-            if not parsed.choices and self.hide_usage:
+            if not choices and self.hide_usage:
                 return False
         return True
 

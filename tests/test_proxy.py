@@ -12,6 +12,7 @@ import pytest
 
 from tenantware import Gateway, get_context
 from tenantware.context import Outcome
+from tenantware.proxy import app as proxy_app
 from tenantware.testing.serve import serve_in_thread
 from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig, count_prompt_tokens
 from tenantware.types import Message, Scope
@@ -160,8 +161,17 @@ def served_fake() -> Iterator[tuple[FakeUpstream, str]]:
         yield fake, url
 
 
+@pytest.fixture(params=["asyncio", "anyio"])
+def watcher(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which disconnect watcher the relay uses: a plain asyncio task, or (as on trio) an anyio
+    task group."""
+    if request.param == "anyio":
+        monkeypatch.setattr(proxy_app, "_asyncio_task", lambda: None)
+    return str(request.param)
+
+
 async def test_client_disconnect_mid_stream_closes_the_upstream(
-    served_fake: tuple[FakeUpstream, str],
+    served_fake: tuple[FakeUpstream, str], watcher: str
 ) -> None:
     fake, url = served_fake
     gateway = Gateway(make_config(url + "/v1"))
@@ -290,3 +300,159 @@ async def test_embeddings_and_legacy_completions_are_relayed() -> None:
     assert legacy.status_code == 200
     assert legacy.json()["usage"]["completion_tokens"] > 0
     assert fake.stats.requests == 2
+
+
+def _stream_scope() -> Scope:
+    return {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "headers": [
+            (b"authorization", f"Bearer {KEYS['acme']}".encode()),
+            (b"content-type", b"application/json"),
+        ],
+        "query_string": b"",
+    }
+
+
+def _with_timeout(url: str, timeout_s: float) -> Any:
+    return make_config(
+        url + "/v1",
+        upstreams=[
+            {
+                "name": "fake",
+                "base_url": url + "/v1",
+                "models": ["gpt-4.1"],
+                "timeout_s": timeout_s,
+            }
+        ],
+    )
+
+
+async def test_outer_cancellation_of_a_stream_is_not_taken_for_a_disconnect(
+    served_fake: tuple[FakeUpstream, str], watcher: str
+) -> None:
+    """The relay swallows only the cancellation its own watcher caused."""
+    fake, url = served_fake
+    gateway = Gateway(make_config(url + "/v1"))
+    body = json.dumps({**CHAT, "stream": True}).encode()
+    received: list[bytes] = []
+    first = anyio.Event()
+    request_sent = False
+
+    async def receive() -> Message:
+        nonlocal request_sent
+        if not request_sent:
+            request_sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            received.append(message["body"])
+            first.set()
+
+    try:
+        async with anyio.create_task_group() as group:
+
+            async def run() -> None:
+                await gateway.wrap(gateway.proxy)(_stream_scope(), receive, send)
+                received.append(b"returned")  # only if the cancellation was swallowed
+
+            group.start_soon(run)
+            with anyio.fail_after(5):
+                await first.wait()
+            group.cancel_scope.cancel()
+        with anyio.fail_after(5):
+            while fake.stats.in_flight:
+                await anyio.sleep(0.01)
+    finally:
+        await gateway.proxy.aclose()
+    assert b"returned" not in received
+    assert len(received) < 50
+
+
+async def test_a_failing_receive_cuts_the_stream_and_is_raised(
+    served_fake: tuple[FakeUpstream, str], watcher: str
+) -> None:
+    _fake, url = served_fake
+    gateway = Gateway(make_config(url + "/v1"))
+    body = json.dumps({**CHAT, "stream": True}).encode()
+    received: list[bytes] = []
+    request_sent = False
+
+    async def receive() -> Message:
+        nonlocal request_sent
+        if not request_sent:
+            request_sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await anyio.sleep(0.05)
+        raise RuntimeError("receive broke")
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            received.append(message["body"])
+
+    raised = ""
+    try:
+        with anyio.fail_after(5):
+            await gateway.wrap(gateway.proxy)(_stream_scope(), receive, send)
+    except* RuntimeError as group:  # naked on asyncio, in a group from an anyio task group
+        raised = repr(group.exceptions)
+    finally:
+        await gateway.proxy.aclose()
+    assert "receive broke" in raised
+    assert len(received) < 50
+
+
+async def test_upstream_stalling_mid_stream_times_out(
+    served_fake: tuple[FakeUpstream, str],
+) -> None:
+    """The read timeout of a streamed body (one watchdog per stream on aiohttp) still fires
+    between chunks; the next request on the pooled connection has its own timeout again."""
+    fake, url = served_fake
+    fake.config.stream_chunks = 3
+    fake.config.chunk_delay_s = 1.0
+    gateway = Gateway(_with_timeout(url, 0.2))
+    seen: dict[str, Any] = {}
+    try:
+        async with client_for(gateway.wrap(_capturing(gateway, seen)), KEYS["acme"]) as client:
+            with anyio.fail_after(5):
+                response = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+            stalled_ctx = seen["ctx"]
+            fake.config.chunk_delay_s = 0
+            fake.config.latency_s = 1.0
+            with anyio.fail_after(5):
+                slow_json = await client.post("/v1/chat/completions", json=CHAT)
+    finally:
+        await gateway.proxy.aclose()
+    events = _events(response.text)
+    error = json.loads(events[-1])["error"]
+    assert error["code"] == "upstream_error"
+    assert error["message"] == "The upstream stopped sending in time."
+    assert "tok " not in response.text
+    assert stalled_ctx.outcome == Outcome.UPSTREAM_ERROR
+    assert slow_json.status_code == 504
+
+
+async def test_a_steady_stream_longer_than_the_read_timeout_completes(
+    served_fake: tuple[FakeUpstream, str],
+) -> None:
+    fake, url = served_fake
+    fake.config.stream_chunks = 8
+    fake.config.chunk_delay_s = 0.05
+    gateway = Gateway(_with_timeout(url, 0.2))
+    seen: dict[str, Any] = {}
+    try:
+        async with client_for(gateway.wrap(_capturing(gateway, seen)), KEYS["acme"]) as client:
+            response = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    finally:
+        await gateway.proxy.aclose()
+    events = _events(response.text)
+    assert events[-1] == "[DONE]"
+    assert response.text.count("tok ") == 8
+    ctx = seen["ctx"]
+    assert ctx.outcome == Outcome.OK
+    assert not ctx.usage.estimated
+    assert ctx.usage.output_tokens == 8

@@ -11,6 +11,7 @@ The output estimate is the tenant's recent average output, capped by ``max_token
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable
 from typing import Any, Final
 
 import anyio
@@ -140,10 +141,10 @@ class AdmissionMiddleware:
             wait_header = (_WAIT_HEADER, str(round(ctx.queue_wait_s * 1000)).encode())
             inner_send = send
 
-            async def send(message: Message) -> None:
+            def send(message: Message) -> Awaitable[None]:
                 if message["type"] == "http.response.start":
                     message["headers"] = [*message.get("headers", ()), wait_header]
-                await inner_send(message)
+                return inner_send(message)
 
         else:
             gauges[2].observe(0.0)

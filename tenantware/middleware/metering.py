@@ -18,6 +18,7 @@ import itertools
 import os
 import re
 import time
+from collections.abc import Awaitable
 from typing import Final
 
 from tenantware.billing import apply_markup, billable_usage, final_outcome, request_cost
@@ -96,7 +97,9 @@ class MeteringMiddleware:
                     ctx.model_served = ctx.model_served or served
             tap_kind = _NO_TAP
 
-        async def metered_send(message: Message) -> None:
+        def metered_send(message: Message) -> Awaitable[None]:
+            # A plain function returning the inner send's awaitable: no coroutine of its own
+            # per message (every SSE event of every stream passes here).
             nonlocal tap_kind, sse_tap, json_size, is_stream
             kind = message["type"]
             if kind == "http.response.body":
@@ -125,7 +128,7 @@ class MeteringMiddleware:
                         tap_kind, sse_tap = _TAP_SSE, StreamTap()
                     elif b"json" in content_type:
                         tap_kind = _TAP_JSON
-            await send(message)
+            return send(message)
 
         try:
             await self.app(scope, receive, metered_send)

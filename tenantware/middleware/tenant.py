@@ -8,7 +8,7 @@ models (404) and models the tenant may not use (403) before any policy layer run
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from random import getrandbits as _getrandbits
 from typing import Final
 
@@ -121,12 +121,13 @@ class TenantMiddleware:
         scope[SCOPE_KEY] = ctx
         id_header = (b"x-request-id", request_id.encode())
 
-        async def send_with_id(message: Message) -> None:
+        def send_with_id(message: Message) -> Awaitable[None]:
+            # A plain function returning ``send``'s awaitable: no coroutine per message.
             if message["type"] == "http.response.start":
                 ctx.response_started = True
                 ctx.status = message["status"]
                 message["headers"] = [*message.get("headers", ()), id_header]
-            await send(message)
+            return send(message)
 
         if not scope["path"].startswith(snapshot.api_prefixes):
             await self.app(scope, receive, send_with_id)

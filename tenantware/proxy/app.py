@@ -8,7 +8,9 @@ JSON whole, SSE event by event with nothing buffered beyond an incomplete event.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import anyio
@@ -442,62 +444,43 @@ class ProxyApp:
         hide_usage: bool,
     ) -> None:
         tap = StreamTap(hide_usage=hide_usage)
-        disconnected = finished = False
-        watching = True
         failed: UpstreamUnavailable | None = None
+        served_header = self._served_header(ctx.model_served or "")
 
-        async def watch_disconnect(cancel: anyio.CancelScope) -> None:
-            nonlocal disconnected, watching
+        async def relay(watch: _Watch) -> None:
+            nonlocal failed
+            headers = [*_SSE_HEADERS, served_header]
+            await send(
+                {"type": "http.response.start", "status": response.status, "headers": headers}
+            )
+            read = _chunk_reader(response)
+            feed = tap.feed
             try:
-                while True:
-                    message: Message = await receive()
-                    if message["type"] == "http.disconnect":
-                        if not finished:
-                            disconnected = True
-                            cancel.cancel()
-                        return
-            finally:
-                watching = False
-
-        # The relay runs in this task; only the disconnect watcher is a task of its own.
-        try:
-            async with anyio.create_task_group() as group:
-                group.start_soon(watch_disconnect, group.cancel_scope)
-                headers = [*_SSE_HEADERS, self._served_header(ctx.model_served or "")]
+                while chunk := await read():
+                    if ctx.first_byte_at is None:
+                        ctx.first_byte_at = time.perf_counter()
+                    out = feed(chunk)
+                    if out:
+                        await send({"type": "http.response.body", "body": out, "more_body": True})
+                rest = tap.flush()
+                if rest:
+                    await send({"type": "http.response.body", "body": rest, "more_body": True})
+            except UpstreamUnavailable as exc:
+                failed = exc
                 await send(
-                    {"type": "http.response.start", "status": response.status, "headers": headers}
+                    {
+                        "type": "http.response.body",
+                        "body": _stream_error_event(exc),
+                        "more_body": True,
+                    }
                 )
-                try:
-                    async for chunk in response.chunks():
-                        if ctx.first_byte_at is None:
-                            ctx.first_byte_at = time.perf_counter()
-                        out = tap.feed(chunk)
-                        if out:
-                            await send(
-                                {"type": "http.response.body", "body": out, "more_body": True}
-                            )
-                    rest = tap.flush()
-                    if rest:
-                        await send({"type": "http.response.body", "body": rest, "more_body": True})
-                except UpstreamUnavailable as exc:
-                    failed = exc
-                    await send(
-                        {
-                            "type": "http.response.body",
-                            "body": _stream_error_event(exc),
-                            "more_body": True,
-                        }
-                    )
-                # A disconnect reported after the last byte is the normal end, not a client
-                # gone mid-stream (in-process transports report it during this last send).
-                finished = True
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-                # Servers like uvicorn answer a pending receive() with http.disconnect once the
-                # response is complete: let the watcher end by itself. Cancelling it costs a
-                # cancellation round and leaves cyclic garbage (frames, tracebacks) for the GC.
-                await anyio.lowlevel.checkpoint()
-                if watching:
-                    group.cancel_scope.cancel()
+            # A disconnect reported after the last byte is the normal end, not a client
+            # gone mid-stream (in-process transports report it during this last send).
+            watch.finished = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        try:
+            disconnected = await _while_watching(receive, relay)
         except* OSError:
             # The server could not write to the client: it is gone.
             disconnected = True
@@ -519,6 +502,103 @@ class ProxyApp:
             log.warning("upstream stream broke", upstream=ctx.upstream, error=type(failed).__name__)
         else:
             ctx.outcome = Outcome.OK
+
+
+class _Watch:
+    """What the disconnect watcher and the relay it watches tell each other."""
+
+    __slots__ = ("cut", "disconnected", "finished")
+
+    def __init__(self) -> None:
+        #: The client left before the relay finished.
+        self.disconnected = False
+        #: The relay sent its last byte: a disconnect now is the normal end.
+        self.finished = False
+        #: The watcher cancelled the relay (the client left, or ``receive`` failed).
+        self.cut = False
+
+
+async def _watch_disconnect(receive: Receive, watch: _Watch, cancel: Callable[[], Any]) -> None:
+    """Call ``cancel`` when the client leaves before the relay finished.
+
+    uvicorn's ``send`` stays silent after a disconnect: only ``receive`` tells.
+    """
+    try:
+        while True:
+            message: Message = await receive()
+            if message["type"] == "http.disconnect":
+                if not watch.finished:
+                    watch.disconnected = watch.cut = True
+                    cancel()
+                return
+    except Exception:
+        if not watch.finished:
+            watch.cut = True
+            cancel()
+        raise
+
+
+def _chunk_reader(response: UpstreamResponse) -> Callable[[], Awaitable[bytes]]:
+    """``await read()`` gives the next bytes of ``response``, ``b""`` at the end."""
+    read: Callable[[], Awaitable[bytes]] | None = getattr(response, "read_chunk", None)
+    if read is not None:
+        return read
+    chunks = response.chunks().__aiter__()
+
+    async def read_next() -> bytes:
+        async for chunk in chunks:
+            if chunk:
+                return chunk
+        return b""
+
+    return read_next
+
+
+def _asyncio_task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no asyncio loop in this thread (trio)
+        return None
+
+
+async def _while_watching(receive: Receive, relay: Callable[[_Watch], Awaitable[None]]) -> bool:
+    """Run ``relay`` while watching the client; ``True`` if it left (and the relay was cut).
+
+    On asyncio the watcher is one plain task that cancels the relaying task natively, the way
+    ``asyncio.timeout`` does (``uncancel`` tells its cancellation from any other): an anyio task
+    group costs three cancel scopes, several times the rest of the per-stream overhead.
+    Elsewhere (trio) it is an anyio task group. Either way the watcher is done or cancelled and
+    awaited before this returns.
+    """
+    watch = _Watch()
+    host = _asyncio_task()
+    if host is None:
+        async with anyio.create_task_group() as group:
+            group.start_soon(_watch_disconnect, receive, watch, group.cancel_scope.cancel)
+            await relay(watch)
+            # See below: the watcher usually ends by itself.
+            await anyio.lowlevel.checkpoint()
+            group.cancel_scope.cancel()
+        return watch.disconnected
+    cancelling = host.cancelling()
+    watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, watch, host.cancel))
+    try:
+        await relay(watch)
+        # Servers like uvicorn answer a pending receive() with http.disconnect once the
+        # response is complete: let the watcher end by itself. Cancelling it costs a
+        # cancellation round and leaves cyclic garbage (frames, tracebacks) for the GC.
+        await asyncio.sleep(0)
+    except asyncio.CancelledError:
+        # Ours (the watcher's) unless someone else cancelled this task too.
+        if not (watch.cut and host.uncancel() <= cancelling):
+            raise
+    finally:
+        if not watcher.done():
+            watcher.cancel()
+            await asyncio.wait((watcher,))
+    if not watcher.cancelled() and (error := watcher.exception()) is not None:
+        raise error  # ``receive`` itself failed
+    return watch.disconnected
 
 
 def _rewrite(body: bytes, model: str, *, add_stream_usage: bool) -> bytes:

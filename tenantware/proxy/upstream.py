@@ -10,7 +10,7 @@ closed with ``aclose()`` (the gateway's lifespan does it).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from typing import Protocol
 
 import aiohttp
@@ -46,6 +46,11 @@ class UpstreamTimeout(UpstreamUnavailable):
 
 
 class UpstreamResponse(Protocol):
+    """An upstream answer. A response may also offer ``async read_chunk() -> bytes`` (the next
+    bytes, ``b""`` at the end): the proxy prefers it to ``chunks()`` when relaying streams, as
+    it spares an async generator step per event.
+    """
+
     status: int
     #: Relayable headers as lower-case ASGI pairs.
     headers: list[tuple[bytes, bytes]]
@@ -80,12 +85,18 @@ def _relayable(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
 
 
 class _AiohttpResponse:
-    __slots__ = ("_response", "headers", "status")
+    __slots__ = ("_idle_s", "_loop", "_response", "_since", "_watchdog", "headers", "status")
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, idle_s: float) -> None:
         self._response = response
         self.status = response.status
         self.headers = _relayable(response.raw_headers)
+        #: The upstream's read timeout: the longest wait for its next bytes.
+        self._idle_s = idle_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: When the pending ``read_chunk`` started waiting; -1 while none waits.
+        self._since = -1.0
+        self._watchdog: asyncio.TimerHandle | None = None
 
     def header(self, name: str) -> str | None:
         return self._response.headers.get(name)
@@ -97,16 +108,61 @@ class _AiohttpResponse:
             raise _translate_aiohttp(exc) from exc
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        content = self._response.content
+        while chunk := await self.read_chunk():
+            yield chunk
+
+    async def read_chunk(self) -> bytes:
+        """The next bytes as they arrived, ``b""`` at the end of the body."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+            self._watch_idle(loop)
+        self._since = loop.time()
         try:
             # ``readany`` directly: ``iter_any()`` would add an async iterator per chunk.
-            while chunk := await content.readany():
-                yield chunk
+            return await self._response.content.readany()
         except Exception as exc:
             raise _translate_aiohttp(exc) from exc
+        finally:
+            self._since = -1.0
+
+    def _watch_idle(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Time out a streamed body's reads with one timer per stream, not one per chunk.
+
+        aiohttp's ``sock_read`` re-arms a timer for every chunk it receives (a libuv timer
+        under uvloop: a few µs, twenty-odd times per stream). For the body of a stream it is
+        switched off here and one watchdog checks, once per timeout period, whether a read has
+        been waiting that long: the same timeout, whichever ``read_chunk`` it hits.
+        """
+        connection = self._response.connection
+        protocol = connection.protocol if connection is not None else None
+        if protocol is None or not self._idle_s:
+            return  # the body has arrived whole: nothing left to wait for
+        # Takes effect at the next chunk, which cancels the timer aiohttp armed at the last.
+        protocol.read_timeout = None
+        self._watchdog = loop.call_at(loop.time() + self._idle_s, self._check_idle)
+
+    def _check_idle(self) -> None:
+        assert self._loop is not None
+        now = self._loop.time()
+        since = self._since
+        if since < 0:  # not waiting (the relay is busy with the last chunk)
+            since = now
+        elif now - since >= self._idle_s:
+            self._watchdog = None
+            exc = aiohttp.SocketTimeoutError("Timeout on reading data from socket")
+            connection = self._response.connection
+            if connection is not None and connection.protocol is not None:
+                connection.protocol.set_exception(exc)
+            self._response.content.set_exception(exc)
+            return
+        self._watchdog = self._loop.call_at(since + self._idle_s, self._check_idle)
 
     def close_now(self) -> None:
         """Synchronous close (aiohttp's release/close never wait): callers need no shield."""
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            watchdog.cancel()
         self._response.release()
         self._response.close()
 
@@ -174,7 +230,7 @@ class AiohttpUpstreamClient:
             )
         except Exception as exc:
             raise _translate_aiohttp(exc) from exc
-        return _AiohttpResponse(response)
+        return _AiohttpResponse(response, timeout_s)
 
     async def aclose(self) -> None:
         session, self._session = self._session, None
@@ -183,12 +239,13 @@ class AiohttpUpstreamClient:
 
 
 class _HttpxResponse:
-    __slots__ = ("_response", "headers", "status")
+    __slots__ = ("_iterator", "_response", "headers", "status")
 
     def __init__(self, response: httpx.Response) -> None:
         self._response = response
         self.status = response.status_code
         self.headers = _relayable(response.headers.raw)
+        self._iterator: AsyncGenerator[bytes, None] | None = None
 
     def header(self, name: str) -> str | None:
         value: str | None = self._response.headers.get(name)
@@ -202,7 +259,7 @@ class _HttpxResponse:
         except httpx.TransportError as exc:
             raise UpstreamConnectError(str(exc) or type(exc).__name__) from exc
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
         try:
             async for chunk in self._response.aiter_bytes():
                 yield chunk
@@ -211,7 +268,19 @@ class _HttpxResponse:
         except httpx.TransportError as exc:
             raise UpstreamConnectError(str(exc) or type(exc).__name__) from exc
 
+    async def read_chunk(self) -> bytes:
+        """The next non-empty bytes of the body, ``b""`` at its end."""
+        if self._iterator is None:
+            self._iterator = self.chunks()
+        async for chunk in self._iterator:
+            if chunk:
+                return chunk
+        return b""
+
     async def aclose(self) -> None:
+        if self._iterator is not None:
+            # Finalise the generator now rather than whenever the collector finds it.
+            await self._iterator.aclose()
         await self._response.aclose()
 
 
