@@ -15,6 +15,7 @@ SDKs read.
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable
 from random import getrandbits as _getrandbits
 from typing import Final
 
@@ -203,10 +204,11 @@ class QuotaMiddleware:
             await self._reject(send, ctx, tenant, refused[0], refused[1], tokens, headers)
             return
 
-        async def send_with_headers(message: Message) -> None:
+        def send_with_headers(message: Message) -> Awaitable[None]:
+            # A plain function returning ``send``'s awaitable: no coroutine per message.
             if message["type"] == "http.response.start" and headers:
                 message["headers"] = [*message.get("headers", ()), *headers]
-            await send(message)
+            return send(message)
 
         try:
             await self.app(scope, receive, send_with_headers)
