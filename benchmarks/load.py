@@ -106,6 +106,16 @@ def memory_mb(pid: int, field: str = "VmRSS") -> float:
     return total / 1024
 
 
+def cpu0_times() -> tuple[int, int]:
+    """``(steal, total)`` jiffies of the gateway's core: steal is time the hypervisor gave
+    this virtual CPU's slot to another guest (a shared host), invisible inside the VM."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{GATEWAY_CORE} "):
+            fields = [int(x) for x in line.split()[1:]]
+            return fields[7], sum(fields[:8])
+    return 0, 0
+
+
 def preempted(pid: int) -> int:
     """Involuntary context switches of the tree: other processes took the gateway's core."""
     total = 0
@@ -371,9 +381,11 @@ class Bench:
         time.sleep(0.3)  # let the previous point's connections and streams wind down
         pid = self.gateway.pid
         commands0 = self._redis_commands()
+        steal0, total0 = cpu0_times()
         (user0, sys0), wall0, switches0 = cpu_split(pid), time.perf_counter(), preempted(pid)
         result = run()
         (user1, sys1), wall = cpu_split(pid), time.perf_counter() - wall0
+        steal1, total1 = cpu0_times()
         cpu = user1 + sys1 - user0 - sys0
         if target == "gateway":
             done = max(1, result["requests"] + result["errors"])
@@ -381,6 +393,7 @@ class Bench:
             result["gw_sys_ms_per_req"] = (sys1 - sys0) * 1000 / done
             result["gw_busy"] = cpu / wall
             result["gw_preempted_per_s"] = (preempted(pid) - switches0) / wall
+            result["core_steal"] = (steal1 - steal0) / max(1, total1 - total0)
             if commands0 is not None:
                 # The settles of the last requests may land after wrk stops: +-1 request.
                 calls1, usec1 = self._redis_commands() or (0, 0)
@@ -591,8 +604,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "| upstream | mode | loop | load | direct p50 / p90 / p99 | gateway p50 / p90 / p99 "
         "| **added p50 / p90 / p99** | gateway req/s | direct req/s | gw CPU/req ms | gw busy "
-        "| of which sys | gw preempted/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| of which sys | gw preempted/s | steal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {"closed": 0, "open": 1, "ttfb": 2}
     for p in sorted(
@@ -611,7 +624,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {_fmt(p.get('direct_rps'), 0)} | {_fmt(p.get('gateway_gw_cpu_ms_per_req'), 3)} "
             f"| {_fmt(p.get('gateway_gw_busy', 0) * 100, 0)} % "
             f"| {_fmt(p.get('gateway_gw_sys_ms_per_req'), 3)} "
-            f"| {_fmt(p.get('gateway_gw_preempted_per_s'), 0)} |"
+            f"| {_fmt(p.get('gateway_gw_preempted_per_s'), 0)} "
+            f"| {_fmt(p.get('gateway_core_steal', 0) * 100, 0)} % |"
         )
     proc = report["process"]
     lines += [
@@ -623,7 +637,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{_fmt(proc.get('rss_after_mb'), 1)} MB",
         f"- machine load average (1 min) at start / end: {meta.get('loadavg_start')} / "
         f"{meta.get('loadavg_end')} (the machine is shared: 'gw preempted/s' counts the "
-        "involuntary context switches of the gateway, i.e. other processes on its core)",
+        "involuntary context switches of the gateway, i.e. other processes on its core; "
+        "'steal' is the share of its core's time the hypervisor gave to other guests)",
         "- saturated throughput (best closed-loop median): "
         + ", ".join(f"{k} {v:,.0f}/s" for k, v in report["saturated"].items()),
         *_redis_line(report),

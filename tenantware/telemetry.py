@@ -16,6 +16,7 @@ import structlog
 from tenantware.billing import NOT_BILLED
 from tenantware.context import Outcome
 from tenantware.ledger.record import UsageRecord
+from tenantware.logs import bulk_sink
 from tenantware.metrics import (
     COST_NANOUSD,
     REJECTIONS,
@@ -121,29 +122,37 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
 
 
+def _request_fields(r: UsageRecord) -> dict[str, Any]:
+    return {
+        "request_id": r.request_id,
+        "tenant_id": r.tenant,
+        "cost_center": r.cost_center,
+        "key_id": r.key_id,
+        "model": r.model_requested,
+        "model_served": r.model_served,
+        "upstream": r.upstream,
+        "status": r.status,
+        "outcome": r.outcome,
+        "stream": r.stream,
+        "input_tokens": r.input_tokens,
+        "output_tokens": r.output_tokens,
+        "cached_tokens": r.cached_tokens,
+        "estimated": r.estimated,
+        "cost_nanousd": r.cost_nanousd,
+        "charged_nanousd": r.charged_nanousd,
+        "latency_ms": _ms(r.latency_s),
+        "upstream_latency_ms": _ms(r.upstream_latency_s),
+        "ttft_ms": _ms(r.ttft_s),
+        "queue_wait_ms": _ms(r.queue_wait_s),
+    }
+
+
 def log_records(records: Sequence[UsageRecord]) -> None:
-    """One JSON-ready ``request`` event per record (structlog; the app configures output)."""
+    """One JSON-ready ``request`` event per record: through structlog (the app configures the
+    output), or in one write where ``tenantware.logs`` owns it (``tenantware serve``)."""
+    bulk = bulk_sink()
+    if bulk is not None:
+        bulk.write_info("request", map(_request_fields, records))
+        return
     for r in records:
-        request_log.info(
-            "request",
-            request_id=r.request_id,
-            tenant_id=r.tenant,
-            cost_center=r.cost_center,
-            key_id=r.key_id,
-            model=r.model_requested,
-            model_served=r.model_served,
-            upstream=r.upstream,
-            status=r.status,
-            outcome=r.outcome,
-            stream=r.stream,
-            input_tokens=r.input_tokens,
-            output_tokens=r.output_tokens,
-            cached_tokens=r.cached_tokens,
-            estimated=r.estimated,
-            cost_nanousd=r.cost_nanousd,
-            charged_nanousd=r.charged_nanousd,
-            latency_ms=_ms(r.latency_s),
-            upstream_latency_ms=_ms(r.upstream_latency_s),
-            ttft_ms=_ms(r.ttft_s),
-            queue_wait_ms=_ms(r.queue_wait_s),
-        )
+        request_log.info("request", **_request_fields(r))

@@ -110,3 +110,41 @@ def test_json_logging_renders_one_json_object_per_line() -> None:
     assert event["tenant_id"] == "acme"
     assert event["level"] == "info"
     assert event["timestamp"].endswith("Z")
+
+
+def test_request_lines_in_bulk_match_structlog_and_stop_when_structlog_is_reconfigured() -> None:
+    import io
+    import json
+
+    import structlog
+
+    from tenantware.logs import bulk_sink, configure_json_logging
+    from tenantware.telemetry import _request_fields, log_records, request_log
+    from tests.test_ledger import make_records
+
+    records = make_records(3)
+    bulk, single = io.BytesIO(), io.BytesIO()
+    try:
+        configure_json_logging(single)
+        # No logger caching: the module's cached request logger would outlive this test.
+        structlog.configure(cache_logger_on_first_use=False)
+        (sink,) = [bulk_sink()]
+        assert sink is not None
+        with structlog.testing.capture_logs() as captured:
+            assert bulk_sink() is None  # someone else renders now: structlog's path
+            log_records(records)
+        assert [entry["request_id"] for entry in captured] == ["req-0", "req-1", "req-2"]
+        for record in records:  # what structlog renders for one event...
+            request_log.info("request", **_request_fields(record))
+        sink.sink = bulk
+        log_records(records)  # ...and what the bulk path writes for the batch
+    finally:
+        structlog.reset_defaults()
+    assert bulk_sink() is None
+    one_by_one = [json.loads(line) for line in single.getvalue().splitlines()]
+    batched = [json.loads(line) for line in bulk.getvalue().splitlines()]
+    assert len(batched) == 3
+    for a, b in zip(one_by_one, batched, strict=True):
+        assert a.pop("timestamp")[:16] == b.pop("timestamp")[:16]
+        assert list(a) == list(b)  # same keys, same order
+        assert a == b
