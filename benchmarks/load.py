@@ -106,14 +106,31 @@ def memory_mb(pid: int, field: str = "VmRSS") -> float:
     return total / 1024
 
 
-def cpu0_times() -> tuple[int, int]:
-    """``(steal, total)`` jiffies of the gateway's core: steal is time the hypervisor gave
-    this virtual CPU's slot to another guest (a shared host), invisible inside the VM."""
+def core_times() -> dict[str, tuple[int, int]]:
+    """Per core, ``(steal, total)`` jiffies: steal is time the hypervisor gave this virtual
+    CPU's slot to another guest (a shared host), invisible to the processes in the VM."""
+    times = {}
     for line in Path("/proc/stat").read_text().splitlines():
-        if line.startswith(f"cpu{GATEWAY_CORE} "):
-            fields = [int(x) for x in line.split()[1:]]
-            return fields[7], sum(fields[:8])
-    return 0, 0
+        name, _, rest = line.partition(" ")
+        if name[3:] in (GATEWAY_CORE, LOAD_CORE) and name.startswith("cpu"):
+            fields = [int(x) for x in rest.split()]
+            times[name[3:]] = (fields[7], sum(fields[:8]))
+    return times
+
+
+def steal_share(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> float:
+    """The larger share of stolen time of the two cores between two ``core_times()``."""
+    shares = [0.0]
+    for core, (steal, total) in after.items():
+        steal0, total0 = before.get(core, (steal, total))
+        shares.append((steal - steal0) / max(1, total - total0))
+    return max(shares)
+
+
+#: A point measured while the host stole more than this share of either core is measured
+#: again (at most ``STEAL_RETRIES`` times): the figures are the VM's, not its neighbours'.
+MAX_STEAL = 0.05
+STEAL_RETRIES = 2
 
 
 def preempted(pid: int) -> int:
@@ -378,14 +395,23 @@ class Bench:
         self.upstream.stop()
 
     def _measure(self, target: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        for attempt in range(STEAL_RETRIES + 1):
+            result = self._measure_once(target, run)
+            result["steal_retries"] = attempt
+            if result["steal"] <= MAX_STEAL:
+                break
+            print(f"  (host stole {result['steal']:.0%} of a core: measuring again)", flush=True)
+        return result
+
+    def _measure_once(self, target: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         time.sleep(0.3)  # let the previous point's connections and streams wind down
         pid = self.gateway.pid
         commands0 = self._redis_commands()
-        steal0, total0 = cpu0_times()
+        cores0 = core_times()
         (user0, sys0), wall0, switches0 = cpu_split(pid), time.perf_counter(), preempted(pid)
         result = run()
         (user1, sys1), wall = cpu_split(pid), time.perf_counter() - wall0
-        steal1, total1 = cpu0_times()
+        result["steal"] = steal_share(cores0, core_times())
         cpu = user1 + sys1 - user0 - sys0
         if target == "gateway":
             done = max(1, result["requests"] + result["errors"])
@@ -393,7 +419,6 @@ class Bench:
             result["gw_sys_ms_per_req"] = (sys1 - sys0) * 1000 / done
             result["gw_busy"] = cpu / wall
             result["gw_preempted_per_s"] = (preempted(pid) - switches0) / wall
-            result["core_steal"] = (steal1 - steal0) / max(1, total1 - total0)
             if commands0 is not None:
                 # The settles of the last requests may land after wrk stops: +-1 request.
                 calls1, usec1 = self._redis_commands() or (0, 0)
@@ -625,7 +650,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {_fmt(p.get('gateway_gw_busy', 0) * 100, 0)} % "
             f"| {_fmt(p.get('gateway_gw_sys_ms_per_req'), 3)} "
             f"| {_fmt(p.get('gateway_gw_preempted_per_s'), 0)} "
-            f"| {_fmt(p.get('gateway_core_steal', 0) * 100, 0)} % |"
+            f"| {_fmt(p.get('gateway_steal', 0) * 100, 0)} % |"
         )
     proc = report["process"]
     lines += [
@@ -638,7 +663,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"- machine load average (1 min) at start / end: {meta.get('loadavg_start')} / "
         f"{meta.get('loadavg_end')} (the machine is shared: 'gw preempted/s' counts the "
         "involuntary context switches of the gateway, i.e. other processes on its core; "
-        "'steal' is the share of its core's time the hypervisor gave to other guests)",
+        "'steal' is the larger share of either core's time the hypervisor gave to other guests "
+        f"during the gateway's measurement; a point with more than {MAX_STEAL:.0%} is measured "
+        f"again, up to {STEAL_RETRIES} times)",
         "- saturated throughput (best closed-loop median): "
         + ", ".join(f"{k} {v:,.0f}/s" for k, v in report["saturated"].items()),
         *_redis_line(report),
