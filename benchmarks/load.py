@@ -690,7 +690,7 @@ def markdown(report: dict[str, Any]) -> str:
 def _redis_line(report: dict[str, Any]) -> list[str]:
     """Redis scripts per request (closed loop, c=16), when the run had a private Redis."""
     parts = [
-        f"{p['mode']} {p['gateway_redis_scripts_per_req']:.2f} scripts, "
+        f"{p['upstream_ms']:g} ms {p['mode']} {p['gateway_redis_scripts_per_req']:.2f} scripts, "
         f"{p['gateway_redis_script_us_per_req']:.0f} µs of Redis CPU"
         for p in report["points"]
         if p["kind"] == "closed" and p["load"] == 16 and "gateway_redis_scripts_per_req" in p
