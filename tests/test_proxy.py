@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -15,7 +15,7 @@ from tenantware.context import Outcome
 from tenantware.proxy import app as proxy_app
 from tenantware.testing.serve import serve_in_thread
 from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig, count_prompt_tokens
-from tenantware.types import Message, Scope
+from tenantware.types import Message, Receive, Scope
 from tests.support import CHAT, KEYS, client_for, in_process_gateway, make_config
 
 pytestmark = pytest.mark.anyio
@@ -180,15 +180,12 @@ async def test_client_disconnect_mid_stream_closes_the_upstream(
     body = json.dumps({**CHAT, "stream": True}).encode()
     disconnect = anyio.Event()
     received: list[bytes] = []
-    request_sent = False
 
-    async def receive() -> Message:
-        nonlocal request_sent
-        if not request_sent:
-            request_sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
+    async def disconnected() -> Message:
         await disconnect.wait()
         return {"type": "http.disconnect"}
+
+    receive = _receive_body_then(body, disconnected)
 
     async def send(message: Message) -> None:
         if message["type"] == "http.response.body" and message.get("body"):
@@ -196,19 +193,9 @@ async def test_client_disconnect_mid_stream_closes_the_upstream(
             if len(received) == 3:
                 disconnect.set()
 
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/v1/chat/completions",
-        "headers": [
-            (b"authorization", f"Bearer {KEYS['acme']}".encode()),
-            (b"content-type", b"application/json"),
-        ],
-        "query_string": b"",
-    }
     try:
         with anyio.fail_after(5):
-            await app(scope, receive, send)
+            await app(_stream_scope(), receive, send)
             while fake.stats.in_flight:
                 await anyio.sleep(0.01)
     finally:
@@ -315,6 +302,20 @@ def _stream_scope() -> Scope:
     }
 
 
+def _receive_body_then(body: bytes, then: Callable[[], Awaitable[Message]]) -> Receive:
+    """An ASGI ``receive``: the request body once, then whatever ``then`` gives."""
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await then()
+
+    return receive
+
+
 def _with_timeout(url: str, timeout_s: float) -> Any:
     return make_config(
         url + "/v1",
@@ -338,15 +339,12 @@ async def test_outer_cancellation_of_a_stream_is_not_taken_for_a_disconnect(
     body = json.dumps({**CHAT, "stream": True}).encode()
     received: list[bytes] = []
     first = anyio.Event()
-    request_sent = False
 
-    async def receive() -> Message:
-        nonlocal request_sent
-        if not request_sent:
-            request_sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
+    async def never() -> Message:
         await anyio.sleep_forever()
         raise AssertionError("unreachable")
+
+    receive = _receive_body_then(body, never)
 
     async def send(message: Message) -> None:
         if message["type"] == "http.response.body" and message.get("body"):
@@ -380,15 +378,12 @@ async def test_a_failing_receive_cuts_the_stream_and_is_raised(
     gateway = Gateway(make_config(url + "/v1"))
     body = json.dumps({**CHAT, "stream": True}).encode()
     received: list[bytes] = []
-    request_sent = False
 
-    async def receive() -> Message:
-        nonlocal request_sent
-        if not request_sent:
-            request_sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
+    async def broken() -> Message:
         await anyio.sleep(0.05)
         raise RuntimeError("receive broke")
+
+    receive = _receive_body_then(body, broken)
 
     async def send(message: Message) -> None:
         if message["type"] == "http.response.body" and message.get("body"):
