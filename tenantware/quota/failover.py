@@ -9,7 +9,9 @@ requests nothing; then the next call tries it again. Backend errors are translat
 
 from __future__ import annotations
 
+import contextlib
 import time
+from contextlib import AbstractContextManager
 
 import anyio
 import structlog
@@ -25,6 +27,7 @@ __all__ = ["FailoverQuotaStore"]
 log = structlog.get_logger("tenantware.quota")
 
 _FAILURES = (RedisError, OSError, TimeoutError)
+_NO_DEADLINE = contextlib.nullcontext()
 
 
 def _policy(plan: Plan) -> str:
@@ -58,6 +61,10 @@ class FailoverQuotaStore:
             for policy in ("open", "closed", "local")
         }
 
+    def _deadline(self) -> AbstractContextManager[object]:
+        """``timeout_s`` around a primary call, unless the primary bounds its calls itself."""
+        return _NO_DEADLINE if self._bounded else anyio.fail_after(self.timeout_s)
+
     @property
     def available(self) -> bool:
         """``False`` while the store is considered down (after a failure, for a while)."""
@@ -80,11 +87,8 @@ class FailoverQuotaStore:
     async def reserve(self, plan: Plan, tokens: int, cost: int, ticket: str) -> Decision:
         if self.available:
             try:
-                if self._bounded:
+                with self._deadline():
                     decision = await self.primary.reserve(plan, tokens, cost, ticket)
-                else:
-                    with anyio.fail_after(self.timeout_s):
-                        decision = await self.primary.reserve(plan, tokens, cost, ticket)
             except _FAILURES as exc:
                 self._failed(exc, "reserve", plan)
             else:
@@ -116,15 +120,10 @@ class FailoverQuotaStore:
         cancel: bool = False,
     ) -> None:
         try:
-            if self._bounded:
+            with self._deadline():
                 await self.primary.settle(
                     plan, now_us, ticket, tokens_delta, cost_delta, cancel=cancel
                 )
-            else:
-                with anyio.fail_after(self.timeout_s):
-                    await self.primary.settle(
-                        plan, now_us, ticket, tokens_delta, cost_delta, cancel=cancel
-                    )
         except _FAILURES as exc:
             # The reservation stays charged (the safe side); its slot frees with its lease.
             self._failed(exc, "settle", plan)
