@@ -19,8 +19,8 @@ import pytest
 
 from tenantware import KeyHasher, LiveConfig, TenantMiddleware, get_context, parse_config
 from tenantware.context import Outcome, Usage
-from tenantware.ledger import LedgerWriter, MemoryLedger, SqliteLedger, UsageRecord
-from tenantware.ledger.base import Ledger
+from tenantware.metering.ledger import LedgerWriter, MemoryLedger, SqliteLedger, UsageRecord
+from tenantware.metering.ledger.base import Ledger
 from tenantware.middleware.metering import MeteringMiddleware
 from tenantware.types import Message, Receive, Scope, Send
 
@@ -170,7 +170,7 @@ def test_bench_ledger_throughput_sqlite(benchmark: Any, tmp_path: Any) -> None:
 def test_bench_ledger_throughput_postgres(
     benchmark: Any, postgres_url: str, postgres_schema: str
 ) -> None:
-    from tenantware.ledger.postgres import PostgresLedger
+    from tenantware.metering.ledger.postgres import PostgresLedger
 
     rate = benchmark.pedantic(
         lambda: _throughput(PostgresLedger(postgres_url, schema=postgres_schema)), rounds=3

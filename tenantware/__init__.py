@@ -20,7 +20,7 @@ from tenantware.context import Outcome, RequestContext, RequestView, Usage, cont
 from tenantware.errors import GatewayError
 from tenantware.gateway import Gateway
 from tenantware.keys import KeyHasher, generate_key
-from tenantware.ledger import Ledger, LedgerWriter, MemoryLedger, SqliteLedger, UsageRecord
+from tenantware.metering.ledger import Ledger, LedgerWriter, MemoryLedger, SqliteLedger, UsageRecord
 from tenantware.middleware.admission import AdmissionMiddleware
 from tenantware.middleware.breaker import BreakerMiddleware
 from tenantware.middleware.metering import MeteringMiddleware

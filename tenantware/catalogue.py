@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tenantware.config import GatewayConfig, ModelSpec
-from tenantware.pricing import Price, price_of
+from tenantware.metering.pricing import Price, price_of
 
 __all__ = ["Catalogue"]
 

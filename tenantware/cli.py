@@ -107,8 +107,8 @@ def _usage(args: argparse.Namespace) -> int:
     import anyio
     import msgspec
 
-    from tenantware.ledger import DEFAULT_LEDGER_URL, open_ledger
-    from tenantware.reports import parse_time, records_csv, report_csv, summarize
+    from tenantware.metering.ledger import DEFAULT_LEDGER_URL, open_ledger
+    from tenantware.metering.reports import parse_time, records_csv, report_csv, summarize
 
     settings = None
     url = args.ledger

@@ -17,7 +17,6 @@ from typing import Any
 import anyio
 from starlette.middleware import Middleware
 
-from tenantware.admin import ADMIN_PREFIX, TENANT_USAGE_PATHS, AdminApp
 from tenantware.admission.pools import AdmissionPools
 from tenantware.backends.redis_support import (
     RedisClient,
@@ -29,7 +28,7 @@ from tenantware.breaker.board import BreakerBoard
 from tenantware.breaker.redis_store import RedisBreakerStore
 from tenantware.config import GatewayConfig
 from tenantware.estimate import PromptEstimator, estimate_prompt_tokens
-from tenantware.ledger import (
+from tenantware.metering.ledger import (
     DEFAULT_LEDGER_URL,
     Ledger,
     LedgerWriter,
@@ -39,6 +38,8 @@ from tenantware.ledger import (
     default_spill_path,
     open_ledger,
 )
+from tenantware.metering.routes import ADMIN_PREFIX, TENANT_USAGE_PATHS, AdminApp
+from tenantware.metering.telemetry import log_records, metrics_observer
 from tenantware.middleware.admission import AdmissionMiddleware
 from tenantware.middleware.breaker import BreakerMiddleware
 from tenantware.middleware.metering import MeteringMiddleware, UsageRecorder
@@ -49,7 +50,6 @@ from tenantware.proxy.upstream import UpstreamClient
 from tenantware.quota import FailoverQuotaStore, MemoryQuotaStore, QuotaStore, RedisQuotaStore
 from tenantware.reload import watch_config
 from tenantware.state import LiveConfig
-from tenantware.telemetry import log_records, metrics_observer
 from tenantware.types import ASGIApp, Receive, Scope, Send
 
 __all__ = ["Gateway"]

@@ -2,9 +2,9 @@
 
 The library itself never configures structlog (an app that embeds the middlewares owns its
 logging); the command line is an application, so it does, once per process. The per-request
-lines (``tenantware.telemetry.log_records``) come in batches of hundreds a second: where this
-module owns the output they skip structlog's per-event processing and go out rendered in one
-write per batch, the same JSON as structlog would give (about 4 µs a line instead of 15).
+lines (``tenantware.metering.telemetry.log_records``) come in batches of hundreds a second:
+where this module owns the output they skip structlog's per-event processing and go out
+rendered in one write per batch, the same JSON as structlog would give.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 
 from tenantware import Gateway
-from tenantware.ledger import MemoryLedger, UsageRecord
+from tenantware.metering.ledger import MemoryLedger, UsageRecord
 from tenantware.types import Message
 from tests.support import CHAT, KEYS
 

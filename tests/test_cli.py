@@ -119,7 +119,7 @@ def test_request_lines_in_bulk_match_structlog_and_stop_when_structlog_is_reconf
     import structlog
 
     from tenantware.logs import bulk_sink, configure_json_logging
-    from tenantware.telemetry import _request_fields, log_records, request_log
+    from tenantware.metering.telemetry import _request_fields, log_records, request_log
     from tests.test_ledger import make_records
 
     records = make_records(3)

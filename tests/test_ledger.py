@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tenantware import Gateway, HttpxUpstreamClient
-from tenantware.ledger import (
+from tenantware.metering.ledger import (
     Ledger,
     LedgerUnavailable,
     LedgerWriter,
@@ -24,7 +24,7 @@ from tenantware.ledger import (
     UsageRecord,
     open_ledger,
 )
-from tenantware.ledger.postgres import PostgresLedger
+from tenantware.metering.ledger.postgres import PostgresLedger
 from tenantware.testing.servers import (
     PostgresServer,
     ServiceUnavailable,
@@ -238,7 +238,7 @@ async def test_request_path_never_waits_on_an_unreachable_ledger(tmp_path: Path)
 async def test_records_are_published_to_a_redis_stream(redis_url: str, redis_prefix: str) -> None:
     import redis.asyncio as aioredis
 
-    from tenantware.ledger import RedisStreamPublisher, decode_record
+    from tenantware.metering.ledger import RedisStreamPublisher, decode_record
 
     client = aioredis.Redis.from_url(redis_url)
     stream = redis_prefix + "usage"

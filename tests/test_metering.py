@@ -14,9 +14,9 @@ import structlog
 from tenantware import Gateway, KeyHasher, get_context
 from tenantware.context import Outcome
 from tenantware.errors import GatewayError, send_error
-from tenantware.ledger import MemoryLedger
+from tenantware.metering.ledger import MemoryLedger
+from tenantware.metering.pricing import cost_nanousd
 from tenantware.metrics import REGISTRY
-from tenantware.pricing import cost_nanousd
 from tenantware.testing.serve import serve_in_thread
 from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig, count_prompt_tokens
 from tenantware.types import Receive, Scope, Send

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tenantware import Gateway, HttpxUpstreamClient, KeyHasher, parse_config
-from tenantware.ledger import MemoryLedger, SqliteLedger
+from tenantware.metering.ledger import MemoryLedger, SqliteLedger
 from tenantware.testing.serve import serve_in_thread
 from tenantware.testing.servers import find_free_port
 from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig

@@ -14,7 +14,7 @@ import pytest
 
 from tenantware import Gateway, GatewayConfig, MemoryQuotaStore, get_context
 from tenantware.context import Outcome, RequestContext
-from tenantware.pricing import cost_nanousd
+from tenantware.metering.pricing import cost_nanousd
 from tenantware.quota import Plan, build_plan
 from tenantware.testing.serve import serve_in_thread
 from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig

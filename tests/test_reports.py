@@ -12,8 +12,8 @@ import pytest
 from tenantware import Gateway, KeyHasher
 from tenantware.cli import main
 from tenantware.context import Outcome
-from tenantware.ledger import MemoryLedger, SqliteLedger, UsageRecord
-from tenantware.reports import parse_time, summarize
+from tenantware.metering.ledger import MemoryLedger, SqliteLedger, UsageRecord
+from tenantware.metering.reports import parse_time, summarize
 from tests.support import CHAT, KEYS, client_for, in_process_gateway, make_config
 
 pytestmark = pytest.mark.anyio

@@ -30,10 +30,10 @@ from tenantware.breaker.circuit import CLOSED
 from tenantware.config import GatewayConfig
 from tenantware.context import Outcome
 from tenantware.errors import GatewayError, send_error
-from tenantware.ledger.base import MemoryLedger
-from tenantware.ledger.record import UsageRecord
+from tenantware.metering.ledger.base import MemoryLedger
+from tenantware.metering.ledger.record import UsageRecord
+from tenantware.metering.pricing import cost_nanousd
 from tenantware.metrics import REGISTRY
-from tenantware.pricing import cost_nanousd
 from tenantware.quota.plan import (
     KIND_CONCURRENCY,
     KIND_SPEND,
@@ -672,7 +672,7 @@ async def test_inner_app_raising_a_client_error_is_not_an_app_failure() -> None:
 
 
 def test_disconnect_before_any_output_bills_quota_and_ledger_alike() -> None:
-    """Quota settles by the billing rules the ledger uses (``tenantware.billing``)."""
+    """Quota settles by the billing rules the ledger uses (``tenantware.metering.billing``)."""
     fake = FakeUpstreamConfig(stream_chunks=20, chunk_delay_s=0.4)
     with running_stack(fake) as stack:
         with stack.http() as client:

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from tenantware.context import Usage
-from tenantware.usage import StreamTap
+from tenantware.metering.usage import StreamTap
 
 HEAD = (
     b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-4.1","choices":['

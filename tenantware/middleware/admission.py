@@ -21,10 +21,10 @@ from tenantware import metrics
 from tenantware.admission.base import SeatStore
 from tenantware.admission.core import BAND_INDEX, BANDS, QUEUE_FULL, QUEUED, Ticket
 from tenantware.admission.pools import AdmissionPools
-from tenantware.billing import final_outcome
 from tenantware.config import AdmissionSettings
 from tenantware.context import Outcome, RequestContext, get_context
 from tenantware.errors import GatewayError
+from tenantware.metering.billing import final_outcome
 from tenantware.state import LiveConfig
 from tenantware.types import ASGIApp, Message, Receive, Scope, Send
 

@@ -21,14 +21,14 @@ import time
 from collections.abc import Awaitable
 from typing import Final
 
-from tenantware.billing import apply_markup, billable_usage, final_outcome, request_cost
 from tenantware.context import Outcome, RequestContext, Usage, get_context
 from tenantware.errors import GatewayError, default_outcome
-from tenantware.ledger.record import UsageRecord
-from tenantware.ledger.writer import LedgerWriter
+from tenantware.metering.billing import apply_markup, billable_usage, final_outcome, request_cost
+from tenantware.metering.ledger.record import UsageRecord
+from tenantware.metering.ledger.writer import LedgerWriter
+from tenantware.metering.usage import StreamTap, parse_json_usage
 from tenantware.state import LiveConfig
 from tenantware.types import ASGIApp, Message, Receive, Scope, Send
-from tenantware.usage import StreamTap, parse_json_usage
 
 __all__ = ["MeteringMiddleware", "UsageRecorder"]
 

@@ -7,9 +7,9 @@ store reaches every key from one script (memory, one Redis server), else tenant 
 global (Redis Cluster: another slot), the tenant's grant given back if the global limits
 refuse. When the app returns, raises or the client leaves, the reservation settles to the
 actual usage: the difference is refunded or charged by the ledger's billing rules
-(``tenantware.billing``: a failure before any output is refunded whole), and the concurrency
-slot is always given back. Every response carries the ``x-ratelimit-*`` headers the OpenAI
-SDKs read.
+(``tenantware.metering.billing``: a failure before any output is refunded whole), and the
+concurrency slot is always given back. Every response carries the ``x-ratelimit-*`` headers
+the OpenAI SDKs read.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import anyio
 import structlog
 
 from tenantware import metrics
-from tenantware.billing import billable_usage, final_outcome
 from tenantware.context import Outcome, RequestContext, get_context
 from tenantware.errors import GatewayError, send_error
-from tenantware.pricing import cost_nanousd
+from tenantware.metering.billing import billable_usage, final_outcome
+from tenantware.metering.pricing import cost_nanousd
 from tenantware.quota.failover import FailoverQuotaStore
 from tenantware.quota.memory import MemoryQuotaStore
 from tenantware.quota.plan import (

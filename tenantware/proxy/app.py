@@ -22,6 +22,7 @@ from tenantware.breaker.circuit import FAILURE, LIMITED, RELEASE, SLOW, SUCCESS
 from tenantware.config import Upstream
 from tenantware.context import Outcome, RequestContext, Usage, get_context
 from tenantware.errors import GatewayError, send_error
+from tenantware.metering.usage import StreamTap, parse_json_usage
 from tenantware.proxy.routing import Router
 from tenantware.proxy.upstream import (
     AiohttpUpstreamClient,
@@ -32,7 +33,6 @@ from tenantware.proxy.upstream import (
 )
 from tenantware.state import LiveConfig, Snapshot
 from tenantware.types import Message, Receive, Scope, Send
-from tenantware.usage import StreamTap, parse_json_usage
 
 __all__ = ["MODEL_SERVED_HEADER", "RECORDED", "ProxyApp"]
 

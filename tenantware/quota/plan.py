@@ -13,7 +13,7 @@ from typing import Final
 
 from tenantware.backends.redis_support import tenant_key
 from tenantware.config import FailurePolicy, GatewayConfig, LimitKind, Limits
-from tenantware.pricing import usd_to_nanousd
+from tenantware.metering.pricing import usd_to_nanousd
 
 __all__ = [
     "DAY_US",

@@ -19,11 +19,11 @@ from typing import Final, Literal
 
 import msgspec
 
-from tenantware.billing import NOT_BILLED
 from tenantware.context import Outcome
-from tenantware.ledger.base import Ledger
-from tenantware.ledger.record import COLUMNS, UsageRecord
-from tenantware.pricing import nanousd_to_usd
+from tenantware.metering.billing import NOT_BILLED
+from tenantware.metering.ledger.base import Ledger
+from tenantware.metering.ledger.record import COLUMNS, UsageRecord
+from tenantware.metering.pricing import nanousd_to_usd
 
 __all__ = [
     "Period",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-from tenantware.ledger.record import UsageRecord
+from tenantware.metering.ledger.record import UsageRecord
 
 __all__ = ["Ledger", "LedgerUnavailable", "MemoryLedger"]
 

@@ -22,7 +22,7 @@ from typing import Final
 from tenantware.catalogue import Catalogue
 from tenantware.context import Outcome, RequestContext, Usage
 from tenantware.errors import default_outcome
-from tenantware.pricing import cost_nanousd
+from tenantware.metering.pricing import cost_nanousd
 
 __all__ = ["NOT_BILLED", "apply_markup", "billable_usage", "final_outcome", "request_cost"]
 

@@ -17,8 +17,8 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from tenantware.ledger.base import LedgerUnavailable
-from tenantware.ledger.record import COLUMNS, UsageRecord
+from tenantware.metering.ledger.base import LedgerUnavailable
+from tenantware.metering.ledger.record import COLUMNS, UsageRecord
 
 __all__ = ["PostgresLedger"]
 

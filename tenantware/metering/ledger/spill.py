@@ -13,7 +13,7 @@ from pathlib import Path
 
 import msgspec
 
-from tenantware.ledger.record import UsageRecord, decode_record, encode_record
+from tenantware.metering.ledger.record import UsageRecord, decode_record, encode_record
 
 __all__ = ["SpillFile"]
 

@@ -13,10 +13,10 @@ from typing import Any, Final
 
 import structlog
 
-from tenantware.billing import NOT_BILLED
 from tenantware.context import Outcome
-from tenantware.ledger.record import UsageRecord
 from tenantware.logs import bulk_sink
+from tenantware.metering.billing import NOT_BILLED
+from tenantware.metering.ledger.record import UsageRecord
 from tenantware.metrics import (
     COST_NANOUSD,
     REJECTIONS,

@@ -18,14 +18,14 @@ import anyio.lowlevel
 import anyio.to_thread
 import structlog
 
-from tenantware.ledger.base import Ledger
-from tenantware.ledger.record import UsageRecord
-from tenantware.ledger.spill import SpillFile
-from tenantware.ledger.stream import RedisStreamPublisher
+from tenantware.metering.ledger.base import Ledger
+from tenantware.metering.ledger.record import UsageRecord
+from tenantware.metering.ledger.spill import SpillFile
+from tenantware.metering.ledger.stream import RedisStreamPublisher
 
 __all__ = ["LedgerWriter", "WriterStats"]
 
-log = structlog.get_logger("tenantware.ledger")
+log = structlog.get_logger("tenantware.metering.ledger")
 
 #: Called with each batch of fresh records, off the request path (metrics, the request log).
 Observer = Callable[[Sequence[UsageRecord]], None]

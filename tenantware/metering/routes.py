@@ -22,9 +22,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tenantware.context import context_of
 from tenantware.errors import send_error
-from tenantware.ledger.base import Ledger
+from tenantware.metering.ledger.base import Ledger
+from tenantware.metering.reports import (
+    PERIODS,
+    Period,
+    parse_time,
+    records_csv,
+    report_csv,
+    summarize,
+)
 from tenantware.metrics import REGISTRY
-from tenantware.reports import PERIODS, Period, parse_time, records_csv, report_csv, summarize
 from tenantware.state import LiveConfig
 from tenantware.types import Receive, Scope, Send
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tenantware.backends.redis_support import RedisClient
-from tenantware.ledger.record import UsageRecord, encode_record
+from tenantware.metering.ledger.record import UsageRecord, encode_record
 
 __all__ = ["RedisStreamPublisher"]
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from tenantware.ledger.base import Ledger, LedgerUnavailable, MemoryLedger
-from tenantware.ledger.record import COLUMNS, UsageRecord, decode_record, encode_record
-from tenantware.ledger.spill import SpillFile
-from tenantware.ledger.sqlite import SqliteLedger
-from tenantware.ledger.stream import RedisStreamPublisher
-from tenantware.ledger.writer import LedgerWriter, WriterStats
+from tenantware.metering.ledger.base import Ledger, LedgerUnavailable, MemoryLedger
+from tenantware.metering.ledger.record import COLUMNS, UsageRecord, decode_record, encode_record
+from tenantware.metering.ledger.spill import SpillFile
+from tenantware.metering.ledger.sqlite import SqliteLedger
+from tenantware.metering.ledger.stream import RedisStreamPublisher
+from tenantware.metering.ledger.writer import LedgerWriter, WriterStats
 
 __all__ = [
     "COLUMNS",
@@ -44,7 +44,7 @@ def open_ledger(url: str) -> Ledger:
             raise ValueError(f"ledger url {url!r}: use sqlite:///file.db or sqlite:////abs.db")
         return SqliteLedger(path[1:])
     if url.startswith(("postgresql://", "postgres://")):
-        from tenantware.ledger.postgres import PostgresLedger
+        from tenantware.metering.ledger.postgres import PostgresLedger
 
         parts = urlsplit(url)
         query = parse_qsl(parts.query)

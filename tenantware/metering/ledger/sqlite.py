@@ -14,8 +14,8 @@ from pathlib import Path
 
 import anyio.to_thread
 
-from tenantware.ledger.base import LedgerUnavailable
-from tenantware.ledger.record import COLUMNS, UsageRecord
+from tenantware.metering.ledger.base import LedgerUnavailable
+from tenantware.metering.ledger.record import COLUMNS, UsageRecord
 
 __all__ = ["SqliteLedger"]
 
