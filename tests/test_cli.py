@@ -14,7 +14,7 @@ import pytest
 from tenantware import KeyHasher
 from tenantware.cli import main
 from tenantware.demo import DEMO_KEYS
-from tenantware.testing.servers import find_free_port
+from tests.servers import find_free_port
 
 
 def test_hash_key_prints_the_stored_form(capsys: pytest.CaptureFixture[str]) -> None:

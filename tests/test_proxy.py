@@ -126,7 +126,7 @@ async def test_upstream_error_status_and_body_are_relayed() -> None:
 
 
 async def test_unreachable_upstream_is_502_and_slow_upstream_is_504() -> None:
-    from tenantware.testing.servers import find_free_port
+    from tests.servers import find_free_port
 
     dead = Gateway(make_config(f"http://127.0.0.1:{find_free_port()}/v1"))
     try:
