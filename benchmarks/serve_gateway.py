@@ -22,6 +22,7 @@ def build_app() -> Any:
     from benchconfig import configure_logging
 
     from tenantware import Gateway, load_config
+    from tenantware.cli import process_tuning
     from tenantware.proxy.upstream import AiohttpUpstreamClient, HttpxUpstreamClient
 
     configure_logging()
@@ -29,7 +30,9 @@ def build_app() -> Any:
     client_name = os.environ.get("TW_BENCH_CLIENT", "aiohttp")
     client: Any
     client = HttpxUpstreamClient() if client_name == "httpx" else AiohttpUpstreamClient()
-    return Gateway(load_config(path), upstream_client=client).asgi_app()
+    gateway = Gateway(load_config(path), upstream_client=client)
+    gateway.add_service(process_tuning)  # as `tenantware serve` does
+    return gateway.asgi_app()
 
 
 def _report_gc_pauses() -> None:
