@@ -7,7 +7,7 @@ field path (``$.tenants[0].limits.requests_per_minute``) so an operator can fix 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -415,15 +415,12 @@ class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
         for alias, target in self.aliases.items():
             if target not in catalogue:
                 raise msgspec.ValidationError(f"alias {alias!r} points at unknown model {target!r}")
-        for model, chain in self.breaker.fallbacks.items():
-            for name in (model, *chain):
-                if name not in catalogue and self.aliases.get(name) not in catalogue:
-                    raise msgspec.ValidationError(f"breaker.fallbacks: unknown model {name!r}")
         names = set()
         for upstream in self.upstreams:
             if upstream.name in names:
                 raise msgspec.ValidationError(f"duplicate upstream {upstream.name!r}")
             names.add(upstream.name)
+        _check_references(self, catalogue, tiers)
 
     def all_tiers(self) -> dict[str, Tier]:
         """Built-in tiers overridden and extended by the configured ones."""
@@ -434,6 +431,90 @@ class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
         base = dict(DEFAULT_MODELS) if self.include_default_models else {}
         base.update(self.models)
         return base
+
+
+def _check_references(
+    config: GatewayConfig, catalogue: dict[str, ModelSpec], tiers: dict[str, Tier]
+) -> None:
+    """Every name that refers to a tenant, tier, upstream or model names one that exists.
+
+    A reference that points nowhere would otherwise be ignored at run time (a seat pool no
+    request queues for, a limit no request meets) or turn into a 404 for a model an upstream
+    serves; the error names the setting, the unknown name and the known ones.
+    """
+    tenant_ids = {tenant.id for tenant in config.tenants}
+    upstreams = {upstream.name for upstream in config.upstreams}
+
+    def known(what: str, names: set[str] | dict[str, Any]) -> str:
+        listed = ", ".join(repr(name) for name in sorted(names)) or "none configured"
+        return f"{what}: {listed}"
+
+    def check(
+        setting: str, names: Iterable[str], valid: set[str] | dict[str, Any], kind: str
+    ) -> None:
+        for name in names:
+            if name not in valid:
+                raise msgspec.ValidationError(
+                    f"`{setting}`: unknown {kind} {name!r} ({known(kind + 's', valid)})"
+                )
+
+    def model_known(name: str) -> bool:
+        return name in catalogue or config.aliases.get(name) in catalogue
+
+    for index, upstream in enumerate(config.upstreams):
+        for model in upstream.models:
+            if model not in catalogue:
+                raise msgspec.ValidationError(
+                    f"`upstreams[{index}].models`: {model!r} has no price in the catalogue; "
+                    f'add it under [models."{model}"] (a price of 0 is allowed, '
+                    "written out) or remove it from the upstream"
+                )
+    for index, tenant in enumerate(config.tenants):
+        for model in tenant.allowed_models:
+            if model != "*" and not model_known(model):
+                raise msgspec.ValidationError(
+                    f"`tenants[{index}].allowed_models`: unknown model {model!r} "
+                    f"({known('models', catalogue)})"
+                )
+    admission = config.admission
+    check("admission.upstream_seats", admission.upstream_seats, upstreams, "upstream")
+    check(
+        "admission.upstream_tokens_per_second",
+        admission.upstream_tokens_per_second,
+        upstreams,
+        "upstream",
+    )
+    check("admission.tenant_reserved_seats", admission.tenant_reserved_seats, tenant_ids, "tenant")
+    check("admission.tier_reserved_seats", admission.tier_reserved_seats, tiers, "tier")
+    check("admission.tier_max_seats", admission.tier_max_seats, tiers, "tier")
+    quota = config.quota
+    for model in quota.model_limits:
+        if not model_known(model):
+            raise msgspec.ValidationError(
+                f"`quota.model_limits`: unknown model {model!r} ({known('models', catalogue)})"
+            )
+    check("quota.tenant_model_limits", quota.tenant_model_limits, tenant_ids, "tenant")
+    for tenant_id, per_model in quota.tenant_model_limits.items():
+        for model in per_model:
+            if not model_known(model):
+                raise msgspec.ValidationError(
+                    f"`quota.tenant_model_limits.{tenant_id}`: unknown model {model!r} "
+                    f"({known('models', catalogue)})"
+                )
+    served = {model for upstream in config.upstreams for model in upstream.models}
+    for model, chain in config.breaker.fallbacks.items():
+        for name in (model, *chain):
+            if not model_known(name):
+                raise msgspec.ValidationError(
+                    f"`breaker.fallbacks.{model}`: unknown model {name!r} "
+                    f"({known('models', catalogue)})"
+                )
+        for name in chain:
+            canonical = name if name in catalogue else config.aliases[name]
+            if config.upstreams and canonical not in served:
+                raise msgspec.ValidationError(
+                    f"`breaker.fallbacks.{model}`: no upstream serves {name!r}"
+                )
 
 
 def _usd(value: str) -> Decimal:
