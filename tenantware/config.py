@@ -99,7 +99,9 @@ class Tier(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
 
 
 class ApiKey(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One API key of a tenant, stored only as a hash (``sha256:<hex>`` or ``hmac:<hex>``)."""
+    """One API key of a tenant, stored only as a hash: ``sha256:<hex>``, or
+    ``hmac-sha256:<hex>`` when ``gateway.key_secret_env`` names a secret (``tenantware
+    hash-key``)."""
 
     id: Annotated[str, Meta(min_length=1, max_length=64)]
     hash: Annotated[str, Meta(pattern=r"^(sha256|hmac-sha256):[0-9a-f]{64}$")]
