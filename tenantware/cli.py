@@ -78,7 +78,17 @@ def build_app() -> ASGIApp:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from tenantware.server_limits import PROTOCOL_PATH, ServeLimits
+
     os.environ[_ENV_LOG_FORMAT] = args.log_format
+    limits = ServeLimits(
+        header_timeout_s=args.header_timeout,
+        keep_alive_timeout_s=args.keep_alive_timeout,
+        max_header_bytes=args.max_header_bytes,
+        max_headers=args.max_headers,
+        **({"max_connections": args.max_connections} if args.max_connections else {}),
+    )
+    limits.export()
     if args.demo:
         from tenantware.demo import DEMO_ADMIN_KEY, DEMO_KEYS
 
@@ -112,7 +122,9 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         workers=args.workers,
         loop="auto",
-        http="auto",
+        # uvicorn's httptools protocol with the connection limits (tenantware.server_limits).
+        http=PROTOCOL_PATH,
+        timeout_keep_alive=limits.keep_alive_timeout_s,
         log_level=args.log_level,
         access_log=False,
     )
@@ -193,6 +205,17 @@ def _usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(kind: type[int] | type[float]) -> Any:
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tenantware", description="Multi-tenant AI API gateway.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -211,6 +234,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=("json", "console"),
         default="json",
         help="request log lines: one JSON object each (default) or structlog's console view",
+    )
+    limits = serve.add_argument_group(
+        "connection limits", "keep idle and slow clients from starving real requests"
+    )
+    limits.add_argument(
+        "--header-timeout",
+        type=_positive(float),
+        default=10.0,
+        metavar="S",
+        help="seconds a client has to send a request's headers (default 10); then 408/close",
+    )
+    limits.add_argument(
+        "--keep-alive-timeout",
+        type=_positive(int),
+        default=5,
+        metavar="S",
+        help="seconds an idle kept-alive connection stays open (default 5)",
+    )
+    limits.add_argument(
+        "--max-header-bytes",
+        type=_positive(int),
+        default=64 * 1024,
+        metavar="N",
+        help="request line and headers at most (default 65536); past it 431",
+    )
+    limits.add_argument(
+        "--max-headers",
+        type=_positive(int),
+        default=100,
+        metavar="N",
+        help="request headers at most (default 100); past it 431",
+    )
+    limits.add_argument(
+        "--max-connections",
+        type=_positive(int),
+        default=None,
+        metavar="N",
+        help="open connections per worker (default: the open-file limit - 128, at most "
+        "10000); past it the longest-idle one is closed, or a new request gets 503",
     )
     serve.set_defaults(func=_serve)
 
