@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import secrets
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from decimal import Decimal
@@ -19,6 +21,7 @@ __all__ = ["build_app", "main", "process_tuning"]
 
 _ENV_CONFIG = "TENANTWARE_CONFIG"
 _ENV_DEMO_URL = "TENANTWARE_DEMO_URL"
+_ENV_DEMO_LEDGER = "TENANTWARE_DEMO_LEDGER"
 _ENV_LOG_FORMAT = "TENANTWARE_LOG_FORMAT"
 
 
@@ -47,6 +50,22 @@ async def process_tuning() -> AsyncIterator[None]:
     yield
 
 
+def _demo_secrets() -> tuple[str, str]:
+    """The demo's upstream key and ledger URL: set once by ``serve --demo`` (inherited by
+    every worker), else made here. The ledger goes to a new temporary directory, so a demo
+    never writes into the directory it was started from."""
+    from tenantware.demo import DEMO_UPSTREAM_KEY_ENV
+
+    key = os.environ.get(DEMO_UPSTREAM_KEY_ENV)
+    if not key:
+        key = os.environ[DEMO_UPSTREAM_KEY_ENV] = secrets.token_urlsafe(24)
+    ledger_url = os.environ.get(_ENV_DEMO_LEDGER)
+    if not ledger_url:
+        directory = tempfile.mkdtemp(prefix="tenantware-demo-")
+        ledger_url = os.environ[_ENV_DEMO_LEDGER] = f"sqlite:///{directory}/ledger.db"
+    return key, ledger_url
+
+
 def build_app() -> ASGIApp:
     """App factory used by ``tenantware serve`` (also in every worker process)."""
     from tenantware.gateway import Gateway
@@ -60,13 +79,15 @@ def build_app() -> ASGIApp:
         from tenantware.demo import DEMO_UPSTREAM_PATH, demo_config
         from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig
 
-        fake = FakeUpstream(FakeUpstreamConfig(record_requests=False))
+        upstream_key, ledger_url = _demo_secrets()
+        fake = FakeUpstream(FakeUpstreamConfig(record_requests=False, require_api_key=upstream_key))
         prefix = DEMO_UPSTREAM_PATH + "/"
 
         def route_demo(scope: Scope) -> ASGIApp | None:
             return fake if scope.get("path", "").startswith(prefix) else None
 
-        gateway = Gateway(demo_config(f"{demo_url}{DEMO_UPSTREAM_PATH}/v1"))
+        config = demo_config(f"{demo_url}{DEMO_UPSTREAM_PATH}/v1", ledger_url=ledger_url)
+        gateway = Gateway(config)
         gateway.add_service(process_tuning)
         return gateway.asgi_app(extra=route_demo)
     path = os.environ[_ENV_CONFIG]
@@ -95,16 +116,23 @@ def _serve(args: argparse.Namespace) -> int:
         shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         url = f"http://{shown_host}:{args.port}"
         os.environ[_ENV_DEMO_URL] = url
+        if args.ledger:
+            os.environ[_ENV_DEMO_LEDGER] = args.ledger
+        _, ledger_url = _demo_secrets()
         print(f"tenantware demo gateway on {url}/v1", flush=True)
         for tenant, key in DEMO_KEYS.items():
             print(f"  tenant {tenant:<6} key: {key}", flush=True)
         print(f"  admin key: {DEMO_ADMIN_KEY} (GET /admin/usage, /metrics)", flush=True)
+        print(f"  ledger: {ledger_url} (tenantware usage --ledger {ledger_url})", flush=True)
         print(
             f"  try: curl {url}/v1/chat/completions -H 'Authorization: Bearer {DEMO_KEYS['acme']}' "
             "-H 'content-type: application/json' "
             '-d \'{"model":"gpt-4.1","messages":[{"role":"user","content":"hi"}]}\'',
             flush=True,
         )
+    elif args.ledger:
+        print("tenantware serve: --ledger is for --demo; set metering.ledger_url", file=sys.stderr)
+        return 2
     elif args.config:
         try:
             load_config(args.config)
@@ -224,6 +252,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--config", help="configuration file (.toml, .yaml, .json)")
     serve.add_argument(
         "--demo", action="store_true", help="demo tenants and a built-in fake upstream"
+    )
+    serve.add_argument(
+        "--ledger",
+        metavar="URL",
+        help="with --demo: where usage records go (default: a new temporary directory)",
     )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)

@@ -88,6 +88,7 @@ anyio.run(main)
         "PYTHONPATH": str(ROOT),
         "TENANTWARE_DEMO_URL": "http://127.0.0.1:9",
         "TENANTWARE_LOG_FORMAT": "console",
+        "TMPDIR": str(tmp_path),  # the demo's ledger directory
     }
     result = subprocess.run(
         [sys.executable, "-c", script],
