@@ -129,6 +129,32 @@ def test_json_logging_renders_one_json_object_per_line() -> None:
     assert event["timestamp"].endswith("Z")
 
 
+def test_json_logging_carries_the_exception_text() -> None:
+    import io
+    import json
+
+    import structlog
+
+    from tenantware.logs import configure_json_logging
+
+    sink = io.BytesIO()
+    configure_json_logging(sink)
+    try:
+        try:
+            raise OSError("disk full while writing the ledger")
+        except OSError:
+            structlog.get_logger("t").exception("usage ledger flush failed")
+    finally:
+        structlog.reset_defaults()
+    (line,) = sink.getvalue().decode().splitlines()
+    event = json.loads(line)
+    assert event["event"] == "usage ledger flush failed"
+    assert event["level"] == "error"
+    assert "Traceback" in event["exception"]
+    assert event["exception"].rstrip().endswith("OSError: disk full while writing the ledger")
+    assert "exc_info" not in event
+
+
 def test_request_lines_in_bulk_match_structlog_and_stop_when_structlog_is_reconfigured() -> None:
     import io
     import json
