@@ -84,24 +84,25 @@ _REASONS = {
 }
 
 
-class _TooManyHeaders(Exception):
-    """Raised from the parser callback; httptools turns it into a parser error."""
-
-
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with the limits above."""
+    """uvicorn's httptools protocol with the limits above.
 
-    #: Connections of this worker waiting for request headers, oldest first (evictable).
+    Per request this adds a few attribute checks and dictionary moves, no timer: one sweep
+    per worker closes the connections whose header deadline has passed.
+    """
+
+    #: Connections of this worker waiting for request headers, oldest wait first: new ones,
+    #: idle kept-alive ones (no deadline: uvicorn's keep-alive timer runs) and those whose
+    #: next request has started (with a deadline). The first are evicted first.
     _waiting: ClassVar[dict[GuardedHttpToolsProtocol, None]] = {}
+    _sweep: ClassVar[asyncio.TimerHandle | None] = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limits = ServeLimits.current()
-        self._header_timer: asyncio.TimerHandle | None = None
-        self._reading_headers = False
+        self._awaiting_headers = False
+        self._header_deadline: float | None = None
         self._header_bytes = 0
-        self._header_count = 0
-        self._refusal: tuple[int, str, str] | None = None
 
     # -- connection lifecycle ----------------------------------------------------------------
 
@@ -109,8 +110,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         if self._over_limit():
             self._evict_one_waiting()
-        self._wait_for_headers()
-        self._arm_header_timer()
+        self._wait(deadline=self.loop.time() + self.limits.header_timeout_s)
+        cls = GuardedHttpToolsProtocol
+        if cls._sweep is None or cls._sweep.cancelled():
+            cls._sweep = self.loop.call_later(self._sweep_interval(), self._sweep_expired)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_waiting()
@@ -120,36 +123,25 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         idle_next = not self.pipeline
         super().on_response_complete()
         if idle_next and not self.transport.is_closing():
-            # Idle until the next request: uvicorn's keep-alive timer runs; evictable.
-            self._wait_for_headers()
+            self._wait(deadline=None)  # idle: uvicorn's keep-alive timer runs; evictable
 
     # -- request headers ---------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self._awaiting_headers and self._header_deadline is None:
+            # The first bytes of the next request on a kept-alive connection.
+            self._wait(deadline=self.loop.time() + self.limits.header_timeout_s)
         super().data_received(data)
-        if self._reading_headers and not self.transport.is_closing():
+        if self._awaiting_headers and not self.transport.is_closing():
             self._header_bytes += len(data)
             if self._header_bytes > self.limits.max_header_bytes:
                 self._refuse(431, "request headers are too large", "request_headers_too_large")
 
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._reading_headers = True
-        self._header_bytes = 0
-        self._header_count = 0
-        if self._header_timer is None:
-            self._arm_header_timer()
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_count += 1
-        if self._header_count > self.limits.max_headers:
-            self._refusal = (431, "too many request headers", "too_many_request_headers")
-            raise _TooManyHeaders
-        super().on_header(name, value)
-
     def on_headers_complete(self) -> None:
-        self._reading_headers = False
         self._stop_waiting()
+        if len(self.headers) > self.limits.max_headers:
+            self._refuse(431, "too many request headers", "too_many_request_headers")
+            return
         if self._over_limit():
             self._evict_one_waiting()
             if self._over_limit():
@@ -159,32 +151,48 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a request the parser rejects, as an OpenAI-shaped error."""
-        status, message, code = self._refusal or (400, "malformed HTTP request", "bad_request")
-        self._refuse(status, message, code)
+        self._refuse(400, "malformed HTTP request", "bad_request")
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _wait_for_headers(self) -> None:
-        self._waiting.pop(self, None)
-        self._waiting[self] = None
+    def _wait(self, *, deadline: float | None) -> None:
+        self._awaiting_headers = True
+        self._header_deadline = deadline
+        self._header_bytes = 0
+        waiting = self._waiting
+        waiting.pop(self, None)
+        waiting[self] = None
 
     def _stop_waiting(self) -> None:
+        self._awaiting_headers = False
+        self._header_deadline = None
         self._waiting.pop(self, None)
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
 
-    def _arm_header_timer(self) -> None:
-        self._header_timer = self.loop.call_later(
-            self.limits.header_timeout_s, self._on_header_timeout
+    def _sweep_interval(self) -> float:
+        return max(0.05, min(1.0, self.limits.header_timeout_s / 4))
+
+    def _sweep_expired(self) -> None:
+        """Close the connections whose headers are late; runs while any connection is open."""
+        now = self.loop.time()
+        late = []
+        for other in self._waiting:
+            deadline = other._header_deadline
+            if deadline is None:
+                continue
+            if deadline > now:
+                break  # deadlines are set in the order of the dictionary
+            late.append(other)
+        for other in late:
+            if other._header_bytes:
+                other._refuse(408, "request headers were not received in time", "request_timeout")
+            else:
+                other._close()
+        cls = GuardedHttpToolsProtocol
+        cls._sweep = (
+            self.loop.call_later(self._sweep_interval(), self._sweep_expired)
+            if self.connections
+            else None
         )
-
-    def _on_header_timeout(self) -> None:
-        self._header_timer = None
-        if self._reading_headers:
-            self._refuse(408, "request headers were not received in time", "request_timeout")
-        else:
-            self._close()
 
     def _over_limit(self) -> bool:
         """More open connections than allowed; closed ones leave the set a loop turn later."""
@@ -206,6 +214,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _refuse(self, status: int, message: str, code: str) -> None:
         """Answer with an OpenAI-shaped error and close the connection."""
+        self._stop_waiting()
         if self.transport.is_closing():
             return
         body = error_body(message, type="invalid_request_error", code=code)
@@ -216,4 +225,4 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             head.append(b"retry-after: 1\r\n")
         head.append(b"connection: close\r\n\r\n")
         self.transport.write(b"".join(head) + body)
-        self._close()
+        self.transport.close()
