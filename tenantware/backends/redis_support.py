@@ -97,8 +97,10 @@ class _TranslatedScript:
         self._script = script
 
     async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
-        with redis_errors():
+        try:  # as ``redis_errors``, without a generator per call
             return await self._script(keys=keys, args=args)
+        except RedisError as exc:
+            raise StoreUnavailable(f"Redis: {type(exc).__name__}") from exc
 
 
 def register_script(host: ScriptHost, source: str) -> MultiplexedScript | _TranslatedScript:
