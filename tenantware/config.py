@@ -369,7 +369,8 @@ class GatewaySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     key_secret_env: str | None = None
     #: Output tokens assumed when a request sets no ``max_tokens``.
     default_max_tokens: PositiveInt = 1024
-    #: Shared state for many replicas (``redis://`` or ``redis+cluster://``); memory if unset.
+    #: Shared state for many replicas (``redis://``, ``rediss://``, ``unix://`` or
+    #: ``redis+cluster://``); unset or ``memory://``: state in this process.
     redis_url: str | None = None
     #: Prefix of every Redis key (lets several gateways or tests share one Redis).
     redis_prefix: str = ""

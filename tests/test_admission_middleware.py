@@ -341,3 +341,36 @@ async def test_a_reload_resizes_the_pool_and_admits_waiters() -> None:
         assert state["seats"] == 3
         assert state["waiting"] == 0
         assert state["in_use"] == 3
+
+
+async def test_a_reload_brings_new_admission_settings_to_the_next_request() -> None:
+    # Output weight and default priority are read per request, not cached at start-up.
+    gateway = Gateway(make_config(admission={"seats": 2}))
+    inner = SleepyApp(0.2, output_tokens=100)
+    app = gateway.wrap(inner)
+
+    async def counter() -> float:
+        state = (await gateway.admission.state())["*"]["tenants"]
+        return float(state["acme"]["counter"]) if "acme" in state else 0.0
+
+    async def call() -> None:
+        await client.post("/v1/chat/completions", **_post(KEYS["acme"]))
+
+    async def charged_by_one_request() -> float:
+        async with anyio.create_task_group() as tg:
+            before = await counter()
+            tg.start_soon(call)
+            await anyio.sleep(0.1)  # dispatched, not yet settled: the estimate is charged
+            return await counter() - before
+
+    async with client_for(app) as client:
+        first = await charged_by_one_request()
+        gateway.live.replace(
+            make_config(
+                admission={"seats": 2, "output_weight": 0.0, "default_priority": "bulk"},
+            )
+        )
+        second = await charged_by_one_request()
+    assert [ctx.priority for ctx in inner.seen] == ["normal", "bulk"]
+    assert first >= 2 * 1024 / 0.5  # prompt + 2 x the default output cap, over weight 0.5
+    assert second < 1024  # the prompt alone: output tokens now weigh nothing

@@ -22,7 +22,8 @@ from tenantware.breaker.circuit import (
     STATE_NAMES,
     CircuitPolicy,
 )
-from tenantware.breaker.store import BreakerStore, Clock, MemoryBreakerStore
+from tenantware.breaker.memory import MemoryBreakerStore
+from tenantware.breaker.store import BreakerStore, Clock
 from tenantware.config import BreakerSettings, Upstream
 from tenantware.context import Outcome
 from tenantware.errors import GatewayError
@@ -97,8 +98,6 @@ class BreakerBoard:
             store = MemoryBreakerStore(clock=clock)
         self.store: BreakerStore = store
         self.remote = self.store.remote
-        # The memory store records without a coroutine of its own.
-        self._record_now = store.record_now if isinstance(store, MemoryBreakerStore) else None
         #: Calls in flight per deployment key, in this process.
         self.inflight: dict[str, int] = {}
         self._table: _Table | None = None
@@ -185,14 +184,10 @@ class BreakerBoard:
     ) -> None:
         if not self.enabled:
             return
-        if self._record_now is not None:
-            self._record_now(
-                key, policy or self.deployment_policy, outcome, probe=probe, cool_s=cool_s
-            )
-            return
-        await self.store.record(
-            key, policy or self.deployment_policy, outcome, probe=probe, cool_s=cool_s
-        )
+        policy = policy or self.deployment_policy
+        # Whatever needs no I/O is recorded without a coroutine (memory; Redis successes).
+        if not self.store.record_now(key, policy, outcome, probe=probe, cool_s=cool_s):
+            await self.store.record(key, policy, outcome, probe=probe, cool_s=cool_s)
 
     async def release(self, key: str, policy: CircuitPolicy | None = None) -> None:
         """Give back a probe slot that was taken but not used."""
