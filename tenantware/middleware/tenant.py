@@ -30,20 +30,27 @@ _VALID_REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 _decode_view = msgspec.json.Decoder(RequestView).decode
 _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 
-_INVALID_KEY = GatewayError(
-    401,
-    "Incorrect API key provided.",
-    type="invalid_request_error",
-    code="invalid_api_key",
-    outcome=Outcome.REJECTED_AUTH,
-)
-_MISSING_KEY = GatewayError(
-    401,
-    "You didn't provide an API key. Pass it as 'Authorization: Bearer <key>'.",
-    type="invalid_request_error",
-    code="invalid_api_key",
-    outcome=Outcome.REJECTED_AUTH,
-)
+
+def _invalid_key() -> GatewayError:
+    # A new error each time: an exception raised again keeps every raise's frames (and the
+    # request context in them) alive on its ``__traceback__``.
+    return GatewayError(
+        401,
+        "Incorrect API key provided.",
+        type="invalid_request_error",
+        code="invalid_api_key",
+        outcome=Outcome.REJECTED_AUTH,
+    )
+
+
+def _missing_key() -> GatewayError:
+    return GatewayError(
+        401,
+        "You didn't provide an API key. Pass it as 'Authorization: Bearer <key>'.",
+        type="invalid_request_error",
+        code="invalid_api_key",
+        outcome=Outcome.REJECTED_AUTH,
+    )
 
 
 def _new_request_id() -> str:
@@ -163,17 +170,17 @@ class TenantMiddleware:
         self, snapshot: Snapshot, token: bytes | None, host: bytes | None
     ) -> KeyEntry:
         if not token:
-            raise _MISSING_KEY
+            raise _missing_key()
         entry = snapshot.registry.by_key_hash(snapshot.hasher.hash(token))
         if entry is None:
-            raise _INVALID_KEY
+            raise _invalid_key()
         if snapshot.domain_owner or entry.tenant.domains:
             domain = (host or b"").split(b":", 1)[0].decode("latin-1").lower()
             owner = snapshot.domain_owner.get(domain)
             if owner is not None and owner != entry.tenant.id:
-                raise _INVALID_KEY
+                raise _invalid_key()
             if entry.tenant.domains and domain not in entry.tenant.domains:
-                raise _INVALID_KEY
+                raise _invalid_key()
         return entry
 
     async def _read_body(
@@ -189,7 +196,9 @@ class TenantMiddleware:
             if message["type"] != "http.request":
                 # The client left before sending its body: nothing to answer.
                 ctx.outcome = Outcome.CLIENT_DISCONNECTED
-                raise _ClientGone
+                raise _ClientGoneError(
+                    499, "client disconnected", outcome=Outcome.CLIENT_DISCONNECTED
+                )
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
@@ -255,9 +264,6 @@ class TenantMiddleware:
 
 class _ClientGoneError(GatewayError):
     """Raised when the client disconnects before its body arrived; nothing is sent."""
-
-
-_ClientGone = _ClientGoneError(499, "client disconnected", outcome=Outcome.CLIENT_DISCONNECTED)
 
 
 def _too_large(limit: int) -> GatewayError:
