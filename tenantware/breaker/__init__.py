@@ -1,6 +1,13 @@
 """Circuit breaking: per-deployment and per-tenant circuits, in memory or shared via Redis."""
 
-from tenantware.breaker.board import APP_DEPLOYMENT, BreakerBoard, Deployment, circuit_open_error
+from tenantware.breaker.board import (
+    APP_DEPLOYMENT,
+    RECORDED,
+    BreakerBoard,
+    CircuitOpen,
+    Deployment,
+    circuit_open,
+)
 from tenantware.breaker.circuit import (
     CLOSED,
     FAILURE,
@@ -27,15 +34,17 @@ __all__ = [
     "OPEN",
     "PASS",
     "PROBE",
+    "RECORDED",
     "RELEASE",
     "SLOW",
     "SUCCESS",
     "BreakerBoard",
     "BreakerStore",
     "Circuit",
+    "CircuitOpen",
     "CircuitPolicy",
     "Deployment",
     "MemoryBreakerStore",
     "RedisBreakerStore",
-    "circuit_open_error",
+    "circuit_open",
 ]

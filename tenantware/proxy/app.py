@@ -17,11 +17,11 @@ import anyio
 import msgspec
 import structlog
 
-from tenantware.breaker.board import BreakerBoard, Deployment, circuit_open_error
+from tenantware.breaker.board import RECORDED, BreakerBoard, Deployment, circuit_open
 from tenantware.breaker.circuit import FAILURE, LIMITED, RELEASE, SLOW, SUCCESS
 from tenantware.config import Upstream
 from tenantware.context import Outcome, RequestContext, Usage, get_context
-from tenantware.errors import GatewayError, send_error
+from tenantware.errors import GatewayError, circuit_open_error, internal_error, send_error
 from tenantware.metering.usage import StreamTap, parse_json_usage
 from tenantware.proxy.routing import Router
 from tenantware.proxy.upstream import (
@@ -38,8 +38,6 @@ __all__ = ["MODEL_SERVED_HEADER", "RECORDED", "ProxyApp"]
 
 #: Response header naming the model that answered (differs from the request after a fallback).
 MODEL_SERVED_HEADER: Final = b"x-tenantware-model"
-#: ``ctx.extra`` flag: the proxy recorded this request's outcome on its deployment's circuit.
-RECORDED: Final = "breaker.recorded"
 
 log = structlog.get_logger("tenantware.proxy")
 
@@ -145,6 +143,14 @@ class ProxyApp:
             if ctx.response_started:
                 raise
             await error.send(send, ctx)
+        except Exception:
+            # A stray exception (a bug): logged here with its traceback, answered with an
+            # OpenAI-shaped 500 when nothing was sent yet (else the server must cut the
+            # connection: the response cannot be finished).
+            if ctx.response_started:
+                raise
+            log.exception("proxy failed", model=ctx.model, upstream=ctx.upstream)
+            await internal_error().send(send, ctx)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -265,7 +271,7 @@ class ProxyApp:
             if attempts >= settings.max_attempts or time.perf_counter() >= deadline:
                 break
         if last is None:
-            raise circuit_open_error(model, pick.wait_s)
+            raise circuit_open_error(circuit_open(model, pick.wait_s))
         if last.error is not None:
             raise _unavailable(last.error, last.target)
         ctx.usage = Usage()
