@@ -12,7 +12,7 @@ import pytest
 
 from tenantware import Gateway, get_context
 from tenantware.context import Outcome
-from tenantware.proxy import app as proxy_app
+from tenantware.proxy import relay as proxy_relay
 from tenantware.testing.serve import serve_in_thread
 from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig, count_prompt_tokens
 from tenantware.types import Message, Receive, Scope
@@ -166,7 +166,7 @@ def watcher(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     """Which disconnect watcher the relay uses: a plain asyncio task, or (as on trio) an anyio
     task group."""
     if request.param == "anyio":
-        monkeypatch.setattr(proxy_app, "_asyncio_task", lambda: None)
+        monkeypatch.setattr(proxy_relay, "_asyncio_task", lambda: None)
     return str(request.param)
 
 

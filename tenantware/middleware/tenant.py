@@ -16,7 +16,7 @@ import msgspec
 import structlog
 
 from tenantware.context import SCOPE_KEY, Outcome, RequestContext, RequestView
-from tenantware.errors import GatewayError
+from tenantware.errors import GatewayError, internal_error
 from tenantware.estimate import PromptEstimator, estimate_prompt_tokens
 from tenantware.registry import KeyEntry
 from tenantware.state import LiveConfig, Snapshot
@@ -30,20 +30,27 @@ _VALID_REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 _decode_view = msgspec.json.Decoder(RequestView).decode
 _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 
-_INVALID_KEY = GatewayError(
-    401,
-    "Incorrect API key provided.",
-    type="invalid_request_error",
-    code="invalid_api_key",
-    outcome=Outcome.REJECTED_AUTH,
-)
-_MISSING_KEY = GatewayError(
-    401,
-    "You didn't provide an API key. Pass it as 'Authorization: Bearer <key>'.",
-    type="invalid_request_error",
-    code="invalid_api_key",
-    outcome=Outcome.REJECTED_AUTH,
-)
+
+def _invalid_key() -> GatewayError:
+    # A new error each time: an exception raised again keeps every raise's frames (and the
+    # request context in them) alive on its ``__traceback__``.
+    return GatewayError(
+        401,
+        "Incorrect API key provided.",
+        type="invalid_request_error",
+        code="invalid_api_key",
+        outcome=Outcome.REJECTED_AUTH,
+    )
+
+
+def _missing_key() -> GatewayError:
+    return GatewayError(
+        401,
+        "You didn't provide an API key. Pass it as 'Authorization: Bearer <key>'.",
+        type="invalid_request_error",
+        code="invalid_api_key",
+        outcome=Outcome.REJECTED_AUTH,
+    )
 
 
 def _new_request_id() -> str:
@@ -143,17 +150,26 @@ class TenantMiddleware:
             ctx.key_id = entry.key_id
             tenant_token = _bind(tenant_id=entry.tenant.id)
             if scope["method"] in _BODY_METHODS and _is_json(content_type):
-                receive = await self._read_body(snapshot, ctx, receive, content_length)
+                replay = await self._read_body(snapshot, ctx, receive, content_length)
+                if replay is None:
+                    return  # the client left before its body: nothing to answer
+                receive = replay
             inner_called = True
             await self.app(scope, receive, send_with_id)
-        except _ClientGoneError:
-            return
         except GatewayError as error:
+            # This layer's own refusal; or, from an app in a stack without the breaker and
+            # quota layers (which answer it), the app's answer.
             if ctx.response_started:
                 raise
             await error.send(send_with_id, ctx)
             if not inner_called and self.on_rejected is not None:
                 self.on_rejected(scope)
+        except Exception:
+            # A stray exception (a bug below): an OpenAI-shaped 500 if nothing was sent, then
+            # on to the server, which logs it (as Starlette's ServerErrorMiddleware does).
+            if not ctx.response_started:
+                await internal_error().send(send_with_id, ctx)
+            raise
         finally:
             if tenant_token is not None:
                 _reset(**tenant_token)
@@ -163,22 +179,24 @@ class TenantMiddleware:
         self, snapshot: Snapshot, token: bytes | None, host: bytes | None
     ) -> KeyEntry:
         if not token:
-            raise _MISSING_KEY
+            raise _missing_key()
         entry = snapshot.registry.by_key_hash(snapshot.hasher.hash(token))
         if entry is None:
-            raise _INVALID_KEY
+            raise _invalid_key()
         if snapshot.domain_owner or entry.tenant.domains:
             domain = (host or b"").split(b":", 1)[0].decode("latin-1").lower()
             owner = snapshot.domain_owner.get(domain)
             if owner is not None and owner != entry.tenant.id:
-                raise _INVALID_KEY
+                raise _invalid_key()
             if entry.tenant.domains and domain not in entry.tenant.domains:
-                raise _INVALID_KEY
+                raise _invalid_key()
         return entry
 
     async def _read_body(
         self, snapshot: Snapshot, ctx: RequestContext, receive: Receive, content_length: int
-    ) -> Receive:
+    ) -> Receive | None:
+        """The body read whole and decoded; a ``receive`` replaying it (``None``: the client
+        left before sending it all)."""
         limit = snapshot.max_body_bytes
         if content_length > limit:
             raise _too_large(limit)
@@ -187,9 +205,8 @@ class TenantMiddleware:
         while True:
             message = await receive()
             if message["type"] != "http.request":
-                # The client left before sending its body: nothing to answer.
                 ctx.outcome = Outcome.CLIENT_DISCONNECTED
-                raise _ClientGone
+                return None
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
@@ -251,13 +268,6 @@ class TenantMiddleware:
                 outcome=Outcome.REJECTED_REQUEST,
             )
         ctx.model = model
-
-
-class _ClientGoneError(GatewayError):
-    """Raised when the client disconnects before its body arrived; nothing is sent."""
-
-
-_ClientGone = _ClientGoneError(499, "client disconnected", outcome=Outcome.CLIENT_DISCONNECTED)
 
 
 def _too_large(limit: int) -> GatewayError:

@@ -10,7 +10,7 @@ closed with ``aclose()`` (the gateway's lifespan does it).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable, Mapping
 from typing import Protocol
 
 import aiohttp
@@ -46,10 +46,7 @@ class UpstreamTimeout(UpstreamUnavailable):
 
 
 class UpstreamResponse(Protocol):
-    """An upstream answer. A response may also offer ``async read_chunk() -> bytes`` (the next
-    bytes, ``b""`` at the end): the proxy prefers it to ``chunks()`` when relaying streams, as
-    it spares an async generator step per event.
-    """
+    """An upstream answer, read whole (``read``) or as it arrives (``read_chunk``)."""
 
     status: int
     #: Relayable headers as lower-case ASGI pairs.
@@ -59,7 +56,18 @@ class UpstreamResponse(Protocol):
 
     async def read(self) -> bytes: ...
 
+    async def read_chunk(self) -> bytes:
+        """The next non-empty bytes of the body, ``b""`` at its end: the proxy's stream relay
+        calls it once per event (no async generator step, unlike iterating ``chunks()``)."""
+        ...
+
     def chunks(self) -> AsyncIterator[bytes]: ...
+
+    def close_now(self) -> Awaitable[None] | None:
+        """Close the response: at once when it can (``None``: nothing left to wait for, so no
+        cancellation can cut it short and no shield is needed), else the awaitable that
+        finishes closing (the caller awaits it shielded)."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -170,6 +178,13 @@ class _AiohttpResponse:
         self.close_now()
 
 
+def _translate_httpx(exc: httpx.TransportError) -> UpstreamUnavailable:
+    """httpx's transport errors as the proxy's two kinds of upstream failure."""
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeout(str(exc) or "upstream timed out")
+    return UpstreamConnectError(str(exc) or type(exc).__name__)
+
+
 def _translate_aiohttp(exc: Exception) -> Exception:
     if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         return UpstreamTimeout(str(exc) or "upstream timed out")
@@ -254,19 +269,15 @@ class _HttpxResponse:
     async def read(self) -> bytes:
         try:
             return await self._response.aread()
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(str(exc) or "upstream timed out") from exc
         except httpx.TransportError as exc:
-            raise UpstreamConnectError(str(exc) or type(exc).__name__) from exc
+            raise _translate_httpx(exc) from exc
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         try:
             async for chunk in self._response.aiter_bytes():
                 yield chunk
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(str(exc) or "upstream timed out") from exc
         except httpx.TransportError as exc:
-            raise UpstreamConnectError(str(exc) or type(exc).__name__) from exc
+            raise _translate_httpx(exc) from exc
 
     async def read_chunk(self) -> bytes:
         """The next non-empty bytes of the body, ``b""`` at its end."""
@@ -276,6 +287,10 @@ class _HttpxResponse:
             if chunk:
                 return chunk
         return b""
+
+    def close_now(self) -> Awaitable[None]:
+        """httpx closes asynchronously: the caller awaits this, shielded."""
+        return self.aclose()
 
     async def aclose(self) -> None:
         if self._iterator is not None:
@@ -319,10 +334,8 @@ class HttpxUpstreamClient:
         )
         try:
             response = await client.send(request, stream=True)
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(str(exc) or "upstream timed out") from exc
         except httpx.TransportError as exc:
-            raise UpstreamConnectError(str(exc) or type(exc).__name__) from exc
+            raise _translate_httpx(exc) from exc
         return _HttpxResponse(response)
 
     async def aclose(self) -> None:
