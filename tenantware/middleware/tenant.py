@@ -238,6 +238,12 @@ class TenantMiddleware:
             raise _bad_request(
                 "We could not parse the JSON body of your request. The body must be valid JSON."
             ) from None
+        except RecursionError:
+            # The decoder's depth bound (the interpreter's recursion limit): no real request
+            # comes near it, and a few KB of brackets must not cost a 500.
+            raise _bad_request(
+                "The JSON body of your request is nested too deeply.", code="json_too_deep"
+            ) from None
         ctx.view = view
         ctx.estimated_prompt_tokens = self.estimator(body, view)
         if view.model is None:

@@ -167,7 +167,14 @@ class Dispatcher:
         wants_usage = bool(view.stream_options and view.stream_options.include_usage)
         body = ctx.body
         if upstream_model != view.model or (streaming and not wants_usage):
-            body = _rewrite(body, upstream_model, add_stream_usage=streaming and not wants_usage)
+            try:
+                body = _rewrite(
+                    body, upstream_model, add_stream_usage=streaming and not wants_usage
+                )
+            except GatewayError:
+                if probe:
+                    await board.release(key)
+                raise
         headers = {**target.headers, "x-request-id": ctx.request_id}
         ctx.upstream = target.upstream.name
         ctx.model_served = served
@@ -259,8 +266,26 @@ class Dispatcher:
 
 
 def _rewrite(body: bytes, model: str, *, add_stream_usage: bool) -> bytes:
-    """The body with the upstream's model name and, for streams, usage reporting switched on."""
-    data: dict[str, Any] = _decode_any(body)
+    """The body with the upstream's model name and, for streams, usage reporting switched on.
+
+    The tenant layer decoded only the fields it acts on; here the whole body is, so what it
+    skipped unread (invalid UTF-8 in a string, a number no float holds) is refused now.
+    """
+    try:
+        data: dict[str, Any] = _decode_any(body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise GatewayError(
+            400,
+            f"We could not parse the JSON body of your request: {exc}.",
+            outcome=Outcome.REJECTED_REQUEST,
+        ) from None
+    except RecursionError:
+        raise GatewayError(
+            400,
+            "The JSON body of your request is nested too deeply.",
+            code="json_too_deep",
+            outcome=Outcome.REJECTED_REQUEST,
+        ) from None
     data["model"] = model
     if add_stream_usage:
         options = data.get("stream_options")
