@@ -66,6 +66,7 @@ __all__ = [
     "StreamOptions",
     "Usage",
     "context_of",
+    "default_outcome",
     "get_context",
 ]
 
@@ -225,3 +226,9 @@ def get_context(scope: Any) -> RequestContext:
     if not isinstance(ctx, RequestContext):
         raise LookupError("no tenantware context in scope: is TenantMiddleware mounted outermost?")
     return ctx
+
+
+def default_outcome(status: int) -> OutcomeName:
+    """The outcome of an error that names none: a 4xx refuses the request, anything else is
+    an error (so a validation 400 is recorded like the tenant layer's own refusals)."""
+    return Outcome.REJECTED_REQUEST if 400 <= status < 500 else Outcome.ERROR

@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 import msgspec
 
-from tenantware.context import Outcome, OutcomeName, RequestContext
+from tenantware.context import Outcome, OutcomeName, RequestContext, default_outcome
 from tenantware.types import Send
-
-if TYPE_CHECKING:
-    from tenantware.breaker.board import CircuitOpen
 
 __all__ = [
     "GatewayError",
@@ -88,22 +84,18 @@ class GatewayError(Exception):
         )
 
 
-def default_outcome(status: int) -> OutcomeName:
-    """The outcome of an error that names none: a 4xx refuses the request, anything else is
-    an error (so a validation 400 is recorded like the tenant layer's own refusals)."""
-    return Outcome.REJECTED_REQUEST if 400 <= status < 500 else Outcome.ERROR
+def circuit_open_error(model: str, wait_s: float, why: str) -> GatewayError:
+    """503 for a model whose deployments (and allowed fallbacks) are all open or cooling.
 
-
-def circuit_open_error(decision: CircuitOpen) -> GatewayError:
-    """503 for a model whose deployments (and allowed fallbacks) are all open or cooling."""
+    Takes the breaker's decision (``breaker.board.CircuitOpen``) field by field: errors sit
+    below every domain package."""
     return GatewayError(
         503,
-        f"The model `{decision.model}` is temporarily unavailable: {decision.why}. "
-        f"Retry in {math.ceil(decision.wait_s)} s.",
+        f"The model `{model}` is temporarily unavailable: {why}. Retry in {math.ceil(wait_s)} s.",
         type="server_error",
         code="circuit_open",
         outcome=Outcome.BREAKER_OPEN,
-        retry_after=decision.wait_s,
+        retry_after=wait_s,
         should_retry=True,
     )
 

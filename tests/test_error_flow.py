@@ -47,7 +47,7 @@ def test_an_open_circuit_is_a_decision_that_maps_to_a_503() -> None:
     decision = circuit_open("gpt-4.1", float("inf"))
     assert decision == CircuitOpen("gpt-4.1", 1.0)
     assert circuit_open("gpt-4.1", 0.0).wait_s > 0
-    error = circuit_open_error(circuit_open("gpt-4.1", 2.2))
+    error = circuit_open_error(*circuit_open("gpt-4.1", 2.2))
     assert (error.status, error.code, error.outcome) == (503, "circuit_open", Outcome.BREAKER_OPEN)
     assert error.retry_after == 2.2
     assert "Retry in 3 s" in error.message

@@ -20,8 +20,7 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Final
 
 from tenantware.catalogue import Catalogue
-from tenantware.context import Outcome, OutcomeName, RequestContext, Usage
-from tenantware.errors import default_outcome
+from tenantware.context import Outcome, OutcomeName, RequestContext, Usage, default_outcome
 from tenantware.metering.pricing import cost_nanousd
 
 __all__ = ["NOT_BILLED", "apply_markup", "billable_usage", "final_outcome", "request_cost"]

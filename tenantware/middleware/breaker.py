@@ -93,7 +93,7 @@ class BreakerMiddleware:
             if tenant_probe:
                 await board.release(tenant_key, tenant_policy)
             assert model is not None
-            await circuit_open_error(circuit_open(model, wait)).send(send, ctx)
+            await circuit_open_error(*circuit_open(model, wait)).send(send, ctx)
             return
         status = 0
         try:

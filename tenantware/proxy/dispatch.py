@@ -136,7 +136,7 @@ class Dispatcher:
             if attempts >= settings.max_attempts or time.perf_counter() >= deadline:
                 break
         if last is None:
-            raise circuit_open_error(circuit_open(model, pick.wait_s))
+            raise circuit_open_error(*circuit_open(model, pick.wait_s))
         if last.error is not None:
             raise _unavailable(last.error, last.target)
         ctx.usage = Usage()
