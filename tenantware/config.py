@@ -160,6 +160,9 @@ class Upstream(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     weight: Weight = 1.0
     #: Extra headers sent upstream (e.g. an organisation id); not for secrets.
     headers: dict[str, str] = field(default_factory=dict)
+    #: Largest answer relayed: a bigger one is cut with a 502 (a stream, with an error
+    #: event), never held whole in memory.
+    max_response_bytes: PositiveInt = 64 * 1024 * 1024
 
     def api_key(self) -> str | None:
         """The upstream key from the environment, or ``None`` when not configured."""

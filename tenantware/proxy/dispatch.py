@@ -27,6 +27,7 @@ from tenantware.proxy.upstream import (
     UpstreamClient,
     UpstreamResponse,
     UpstreamTimeout,
+    UpstreamTooLarge,
     UpstreamUnavailable,
 )
 from tenantware.state import LiveConfig, Snapshot
@@ -182,6 +183,7 @@ class Dispatcher:
         inflight[key] = inflight.get(key, 0) + 1
         outcome = RELEASE
         cool_s = 0.0
+        limit = target.upstream.max_response_bytes
         try:
             called = time.perf_counter()
             try:
@@ -204,31 +206,39 @@ class Dispatcher:
                         outcome = LIMITED
                         cool_s = self._cooldown(response)
                     try:
-                        data = await response.read()
+                        data = await response.read(limit)
                     except UpstreamUnavailable as exc:
                         return _Failed(error=exc, target=target)
+                    except UpstreamTooLarge as exc:
+                        raise _too_large(exc, target) from None
                     ctx.upstream_latency_s = time.perf_counter() - started
                     return _Failed(
                         status=status, headers=response.headers, data=data, served=served
                     )
                 slow = time.perf_counter() - called > board.deployment_policy.slow_call_s
-                if status >= 400 or not streaming:
+                # A stream answered with a whole body (JSON): relayed whole, as it came.
+                whole_stream = streaming and status < 400 and not _is_event_stream(response)
+                if status >= 400 or not streaming or whole_stream:
                     outcome = SLOW if slow else SUCCESS
                     try:
-                        data = await response.read()
+                        data = await response.read(limit)
                     except UpstreamUnavailable as exc:
                         outcome = FAILURE
                         return _Failed(error=exc, target=target)
+                    except UpstreamTooLarge as exc:
+                        raise _too_large(exc, target) from None
                     ctx.upstream_latency_s = time.perf_counter() - started
                     if status < 400:
                         usage, _model = parse_json_usage(data)
                         ctx.usage = usage
                     else:
                         ctx.usage = Usage()
-                    await self.relay.send_whole(ctx, send, status, response.headers, data, served)
+                    await self.relay.send_whole(
+                        ctx, send, status, response.headers, data, served, as_sent=whole_stream
+                    )
                     return None
                 await self.relay.relay_stream(
-                    ctx, response, receive, send, started, hide_usage=not wants_usage
+                    ctx, response, receive, send, started, limit, hide_usage=not wants_usage
                 )
                 broke = ctx.outcome == Outcome.UPSTREAM_ERROR
                 outcome = FAILURE if broke else SLOW if slow else SUCCESS
@@ -338,3 +348,20 @@ def _unavailable(exc: UpstreamUnavailable, target: _Target | None) -> GatewayErr
         outcome=Outcome.UPSTREAM_ERROR,
         should_retry=True,
     )
+
+
+def _too_large(exc: UpstreamTooLarge, target: _Target) -> GatewayError:
+    return GatewayError(
+        502,
+        f"The answer of the upstream `{target.upstream.name}` is larger than the gateway "
+        f"relays ({exc.limit} bytes): it was cut.",
+        type="server_error",
+        code="upstream_response_too_large",
+        outcome=Outcome.UPSTREAM_ERROR,
+        should_retry=False,
+    )
+
+
+def _is_event_stream(response: UpstreamResponse) -> bool:
+    content_type = response.header("content-type")
+    return content_type is None or "event-stream" in content_type
