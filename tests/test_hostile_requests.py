@@ -16,8 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tenantware import Gateway
 from tenantware.types import ASGIApp, Message, Scope
-from tests.support import CHAT, KEYS, client_for, in_process_gateway
+from tests.support import CHAT, KEYS, client_for, in_process_gateway, make_config, tenant_entries
 
 pytestmark = pytest.mark.anyio
 
@@ -132,6 +133,99 @@ def _headers(host: bytes, key: str, *extra: tuple[bytes, bytes]) -> list[tuple[b
         (b"authorization", b"Bearer " + key.encode()),
         *extra,
     ]
+
+
+# -- hosts -----------------------------------------------------------------------------------
+
+
+def _domain_gateway(**gateway_settings: Any) -> Gateway:
+    tenants = tenant_entries()
+    tenants[0]["domains"] = ["ai.acme.example"]
+    config = make_config(tenants=tenants, gateway=gateway_settings)
+    gateway, _ = in_process_gateway(config=config)
+    return gateway
+
+
+@pytest.mark.parametrize(
+    "host",
+    [b"ai.acme.example", b"AI.Acme.Example", b"ai.acme.example.", b"ai.acme.example.:443"],
+)
+async def test_another_tenants_key_is_refused_on_a_custom_domain_however_spelled(
+    host: bytes,
+) -> None:
+    app = _domain_gateway().asgi_app()
+    status, body = await _call(app, _scope(_headers(host, KEYS["hobby"])), HOBBY_CHAT)
+    assert status == 401
+    assert body["error"]["code"] == "invalid_api_key"
+    status, _ = await _call(app, _scope(_headers(host, KEYS["acme"])), HOBBY_CHAT)
+    assert status == 200
+
+
+async def test_several_host_headers_are_refused() -> None:
+    app = _domain_gateway().asgi_app()
+    for first, second in [(b"gw.example", b"ai.acme.example"), (b"ai.acme.example", b"gw.test")]:
+        headers = _headers(first, KEYS["hobby"], (b"host", second))
+        status, body = await _call(app, _scope(headers), HOBBY_CHAT)
+        assert status == 400
+        assert "Host" in body["error"]["message"]
+
+
+async def test_an_absolute_form_url_whose_host_disagrees_with_host_is_refused() -> None:
+    app = _domain_gateway().asgi_app()
+    scope = _scope(
+        _headers(b"gw.example", KEYS["hobby"]),
+        raw_path=b"http://ai.acme.example/v1/chat/completions",
+    )
+    status, body = await _call(app, scope, HOBBY_CHAT)
+    assert status == 400
+    assert "Host" in body["error"]["message"]
+    agreeing = _scope(
+        _headers(b"AI.acme.example:80", KEYS["acme"]),
+        raw_path=b"http://ai.acme.example/v1/chat/completions",
+    )
+    status, _ = await _call(app, agreeing, HOBBY_CHAT)
+    assert status == 200
+
+
+async def test_x_forwarded_host_counts_only_from_a_trusted_proxy() -> None:
+    forwarded = (b"x-forwarded-host", b"ai.acme.example")
+    untrusting = _domain_gateway().asgi_app()
+    headers = _headers(b"gateway.internal", KEYS["hobby"], forwarded)
+    status, _ = await _call(untrusting, _scope(headers, client=("10.1.2.3", 1)), HOBBY_CHAT)
+    assert status == 200  # the header is ignored: the host is gateway.internal
+    trusting = _domain_gateway(trusted_proxies=["10.0.0.0/8"]).asgi_app()
+    status, _ = await _call(trusting, _scope(headers, client=("10.1.2.3", 1)), HOBBY_CHAT)
+    assert status == 401  # behind the proxy, the host is acme's domain
+    status, _ = await _call(trusting, _scope(headers, client=("192.0.2.1", 1)), HOBBY_CHAT)
+    assert status == 200  # not from the proxy: ignored again
+    acme = _headers(b"gateway.internal", KEYS["acme"], forwarded)
+    status, _ = await _call(trusting, _scope(acme, client=("10.1.2.3", 1)), HOBBY_CHAT)
+    assert status == 200
+
+
+def test_trusted_proxies_must_be_addresses_or_networks() -> None:
+    with pytest.raises(Exception, match="not an address or network"):
+        make_config(gateway={"trusted_proxies": ["not-an-address"]})
+
+
+# -- routes outside /v1/ ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/models"), ("POST", "/chat/completions"), ("POST", "/embeddings")],
+)
+async def test_proxy_routes_outside_the_api_prefix_need_a_key(method: str, path: str) -> None:
+    gateway, fake = in_process_gateway()
+    async with client_for(gateway.asgi_app()) as anonymous:
+        response = await anonymous.request(method, path, json=CHAT)
+    error = _assert_openai_error(response, 401)
+    assert error["code"] == "invalid_api_key"
+    assert "gpt-4.1" not in response.text
+    assert fake.stats.requests == 0
+    async with client_for(gateway.asgi_app(), KEYS["hobby"]) as client:
+        models = await client.get("/v1/models")
+    assert [m["id"] for m in models.json()["data"]] == ["gemini-2.5-flash"]
 
 
 # -- the body decoder, property-based --------------------------------------------------------
