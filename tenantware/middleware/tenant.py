@@ -24,9 +24,9 @@ from tenantware.registry import KeyEntry
 from tenantware.state import LiveConfig, Snapshot
 from tenantware.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["TenantMiddleware", "normal_host"]
+__all__ = ["TenantMiddleware"]
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _bind = structlog.contextvars.bind_contextvars
 _reset = structlog.contextvars.reset_contextvars
@@ -101,7 +101,7 @@ class TenantMiddleware:
         #: Called after this layer itself refused a request (bad body, model): the metering
         #: layer is not reached then, so the gateway records those here.
         self.on_rejected = on_rejected
-        self._trusted: tuple[Snapshot | None, tuple[IPNetwork, ...]] = (None, ())
+        self._trusted: tuple[Snapshot | None, tuple[_IPNetwork, ...]] = (None, ())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -200,7 +200,7 @@ class TenantMiddleware:
             trusted = self._trusted_proxies(snapshot)
             if trusted and _from(scope, trusted):
                 host = _header(scope, b"x-forwarded-host", host)
-            domain = normal_host(host)
+            domain = _normal_host(host)
             owner = snapshot.domain_owner.get(domain)
             if owner is not None and owner != entry.tenant.id:
                 raise _invalid_key()
@@ -208,7 +208,7 @@ class TenantMiddleware:
                 raise _invalid_key()
         return entry
 
-    def _trusted_proxies(self, snapshot: Snapshot) -> tuple[IPNetwork, ...]:
+    def _trusted_proxies(self, snapshot: Snapshot) -> tuple[_IPNetwork, ...]:
         """The networks of ``gateway.trusted_proxies``, parsed once per config version."""
         cached = self._trusted
         if cached[0] is not snapshot:
@@ -313,7 +313,7 @@ def _too_large(limit: int) -> GatewayError:
     )
 
 
-def normal_host(value: bytes | None) -> str:
+def _normal_host(value: bytes | None) -> str:
     """A ``Host`` value as domain binding compares it: lower case, no port, no trailing dot
     (``AI.Acme.Example.:443`` is ``ai.acme.example``); IPv6 literals keep their brackets."""
     if not value:
@@ -342,7 +342,7 @@ def _check_target(
         return None  # "*" (OPTIONS) or not a URL: nothing to compare
     authority, slash, path = rest.partition(b"/")
     authority = authority.split(b"?", 1)[0].rpartition(b"@")[2]
-    if normal_host(authority) != normal_host(host):
+    if _normal_host(authority) != _normal_host(host):
         return _bad_request(
             "The host of the request URL differs from its Host header.", code="invalid_host"
         )
@@ -354,7 +354,7 @@ def _check_target(
     return None
 
 
-def _from(scope: Scope, networks: tuple[IPNetwork, ...]) -> bool:
+def _from(scope: Scope, networks: tuple[_IPNetwork, ...]) -> bool:
     """Whether the peer of this connection is in one of ``networks``."""
     client = scope.get("client")
     if not client:
