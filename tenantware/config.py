@@ -6,6 +6,7 @@ field path (``$.tenants[0].limits.requests_per_minute``) so an operator can fix 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Callable, Iterable
 from decimal import Decimal
@@ -160,6 +161,9 @@ class Upstream(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     weight: Weight = 1.0
     #: Extra headers sent upstream (e.g. an organisation id); not for secrets.
     headers: dict[str, str] = field(default_factory=dict)
+    #: Largest answer relayed: a bigger one is cut with a 502 (a stream, with an error
+    #: event), never held whole in memory.
+    max_response_bytes: PositiveInt = 64 * 1024 * 1024
 
     def api_key(self) -> str | None:
         """The upstream key from the environment, or ``None`` when not configured."""
@@ -380,6 +384,18 @@ class GatewaySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     on_store_failure: FailurePolicy = "open"
     ledger_url: str | None = None
     trust_request_id: bool = True
+    #: Addresses or networks (``10.0.0.0/8``) of reverse proxies whose ``X-Forwarded-Host``
+    #: names the host for domain binding; from anyone else the header is ignored.
+    trusted_proxies: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for entry in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise msgspec.ValidationError(
+                    f"gateway.trusted_proxies: {entry!r} is not an address or network"
+                ) from None
 
 
 class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
