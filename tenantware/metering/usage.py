@@ -3,48 +3,191 @@
 Shared by the proxy (which sees the upstream stream) and the metering layer (which taps the
 responses of apps that are not the proxy). Each SSE event is decoded into a tiny struct that
 skips every field but the few counted here.
+
+An upstream's numbers are untrusted: a negative count would be billed as a credit and refund
+the tenant's token limit, a huge one overflows the ledger's 64-bit columns and locks the
+tenant out. So every count is checked against what the request could have produced
+(``UsageBounds``) where it is read, before any layer (quota settlement, the ledger) sees it:
+an unusable count is replaced by the gateway's estimate when there is one, else clamped into
+range, and the usage names what was wrong (``Usage.anomalies``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Final
+
 import msgspec
 
-from tenantware.context import Usage
+from tenantware.context import RequestContext, Usage
 from tenantware.estimate import estimate_text_tokens
 
-__all__ = ["StreamTap", "parse_json_usage"]
+__all__ = [
+    "DEFAULT_BOUNDS",
+    "MAX_USAGE_TOKENS",
+    "PROMPT_ALLOWANCE_TOKENS",
+    "USAGE_BOUNDS",
+    "StreamTap",
+    "UsageBounds",
+    "bound_usage",
+    "checked_usage",
+    "estimate_json_usage",
+    "parse_json_usage",
+]
+
+#: The most tokens any usage field may hold: above any model's window, and far enough below
+#: the ledger's 64-bit integers that a count times a price in nano-dollars still fits.
+MAX_USAGE_TOKENS: Final = 1_000_000_000
+#: Prompt tokens a request may use beyond one per byte of its body, times four: images and
+#: files passed by reference are counted by the upstream but take few bytes here.
+PROMPT_ALLOWANCE_TOKENS: Final = 65_536
+_PROMPT_TOKENS_PER_BYTE: Final = 4
+
+NEGATIVE: Final = "negative"
+TOO_LARGE: Final = "too_large"
+MALFORMED: Final = "malformed"
+INCONSISTENT: Final = "inconsistent"
 
 
-class _PromptDetails(msgspec.Struct, gc=False):
-    cached_tokens: int | None = 0
+class UsageBounds(msgspec.Struct, frozen=True, gc=False):
+    """What one request could produce, and the estimate that replaces an unusable count."""
 
+    max_input: int = MAX_USAGE_TOKENS
+    max_output: int = MAX_USAGE_TOKENS
+    #: The gateway's prompt estimate (0: none), billed when the upstream's count is unusable.
+    prompt_estimate: int = 0
 
-class _CompletionDetails(msgspec.Struct, gc=False):
-    reasoning_tokens: int | None = 0
-
-
-class _OpenAIUsage(msgspec.Struct, gc=False):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    prompt_tokens_details: _PromptDetails | None = None
-    completion_tokens_details: _CompletionDetails | None = None
-
-    def to_usage(self) -> Usage:
-        cached = self.prompt_tokens_details.cached_tokens if self.prompt_tokens_details else 0
-        reasoning = (
-            self.completion_tokens_details.reasoning_tokens if self.completion_tokens_details else 0
+    @classmethod
+    def for_request(cls, ctx: RequestContext, max_output_tokens: int) -> UsageBounds:
+        """Prompt: a generous multiple of the body's size; output: ``max_tokens`` x ``n``, or
+        ``max_output_tokens`` when the request set no cap."""
+        max_input = len(ctx.body) * _PROMPT_TOKENS_PER_BYTE + PROMPT_ALLOWANCE_TOKENS
+        max_output = max_output_tokens
+        view = ctx.view
+        if view is not None:
+            cap = view.output_cap
+            if cap is not None:
+                n = view.n if view.n is not None and view.n > 1 else 1
+                max_output = max(cap, 0) * n
+        return cls(
+            max_input=min(max_input, MAX_USAGE_TOKENS),
+            max_output=min(max_output, MAX_USAGE_TOKENS),
+            prompt_estimate=max(0, min(ctx.estimated_prompt_tokens, MAX_USAGE_TOKENS)),
         )
-        return Usage(
-            input_tokens=self.prompt_tokens,
-            output_tokens=self.completion_tokens,
-            cached_tokens=cached or 0,
-            reasoning_tokens=reasoning or 0,
-        )
+
+
+DEFAULT_BOUNDS: Final = UsageBounds()
+
+#: The bounds of the request being served, set by ``MeteringMiddleware`` around the inner
+#: app, so that any usage read below it (the proxy, a user's app) is checked against them
+#: without plumbing; outside a metered request, only the absolute limits apply.
+USAGE_BOUNDS: ContextVar[UsageBounds] = ContextVar(
+    "tenantware_usage_bounds", default=DEFAULT_BOUNDS
+)
+
+
+def _count(container: object, name: str, *, required: bool = False) -> int | str:
+    """The count ``container[name]``, or the anomaly that makes it unusable; absent or null
+    is 0 unless ``required`` (every answer counts its prompt; embeddings have no output)."""
+    value = container.get(name) if isinstance(container, dict) else None
+    if value is None:
+        return MALFORMED if required else 0
+    if type(value) is not int:  # bool, float, string, object: not a token count
+        return MALFORMED
+    return NEGATIVE if value < 0 else value
+
+
+def checked_usage(
+    raw: object, bounds: UsageBounds, estimate_output: Callable[[], int] | None = None
+) -> Usage:
+    """The decoded JSON ``usage`` object ``raw`` as a ``Usage`` inside ``bounds``; never raises.
+
+    An unusable input count becomes the prompt estimate (``estimated``) when there is one,
+    an unusable output count what ``estimate_output`` says (the relayed text); without an
+    estimate a count is clamped (negative or malformed: 0, too large: the bound). Cached and
+    reasoning tokens never exceed the input and output they are part of.
+    """
+    anomalies: list[str] = []
+    if isinstance(raw, dict):
+        prompt = _count(raw, "prompt_tokens", required=True)
+        completion = _count(raw, "completion_tokens")
+    else:
+        prompt = completion = MALFORMED
+    estimate = bounds.prompt_estimate
+    input_tokens, input_estimated = _resolve(
+        prompt, bounds.max_input, (lambda: estimate) if estimate else None, anomalies
+    )
+    output_tokens, output_estimated = _resolve(
+        completion, bounds.max_output, estimate_output, anomalies
+    )
+    details = raw.get("prompt_tokens_details") if isinstance(raw, dict) else None
+    cached = _part(_count(details, "cached_tokens"), input_tokens, anomalies)
+    details = raw.get("completion_tokens_details") if isinstance(raw, dict) else None
+    reasoning = _part(_count(details, "reasoning_tokens"), output_tokens, anomalies)
+    return Usage(
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cached_tokens=cached,
+        reasoning_tokens=reasoning,
+        estimated=input_estimated or output_estimated,
+        anomalies=tuple(dict.fromkeys(anomalies)),
+    )
+
+
+def _resolve(
+    count: int | str, bound: int, estimate: Callable[[], int] | None, anomalies: list[str]
+) -> tuple[int, bool]:
+    """``(tokens, estimated)`` for a count: itself when usable, else the estimate, else
+    clamped into ``[0, bound]``."""
+    if isinstance(count, int):
+        if count <= bound:
+            return count, False
+        count = TOO_LARGE
+    anomalies.append(count)
+    if estimate is not None:
+        return min(max(estimate(), 0), bound), True
+    return (bound if count == TOO_LARGE else 0), False
+
+
+def _part(count: int | str, whole: int, anomalies: list[str]) -> int:
+    """A count that is part of ``whole`` (cached of input, reasoning of output)."""
+    if isinstance(count, str):
+        anomalies.append(count)
+        return 0
+    if count > whole:
+        anomalies.append(INCONSISTENT)
+        return whole
+    return count
+
+
+def bound_usage(usage: Usage, bounds: UsageBounds) -> Usage:
+    """``usage`` (set by any app) checked against ``bounds``; the same object when inside."""
+    if (
+        0 <= usage.input_tokens <= bounds.max_input
+        and 0 <= usage.output_tokens <= bounds.max_output
+        and 0 <= usage.cached_tokens <= usage.input_tokens
+        and 0 <= usage.reasoning_tokens <= usage.output_tokens
+    ):
+        return usage
+    raw = {
+        "prompt_tokens": usage.input_tokens,
+        "completion_tokens": usage.output_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
+    }
+    checked = checked_usage(raw, UsageBounds(bounds.max_input, bounds.max_output))
+    return msgspec.structs.replace(
+        checked,
+        estimated=usage.estimated,
+        anomalies=tuple(dict.fromkeys(usage.anomalies + checked.anomalies)),
+    )
 
 
 class _Response(msgspec.Struct, gc=False):
     model: str | None = None
-    usage: _OpenAIUsage | None = None
+    #: Any JSON: checked field by field, so a hostile value never fails the whole decode.
+    usage: object = None
 
 
 class _Delta(msgspec.Struct, gc=False):
@@ -60,20 +203,85 @@ class _Choice(msgspec.Struct, gc=False):
 class _Chunk(msgspec.Struct, gc=False):
     model: str | None = None
     choices: list[_Choice] = []
-    usage: _OpenAIUsage | None = None
+    usage: object = None
+
+
+class _Function(msgspec.Struct, gc=False):
+    arguments: str | None = None
+
+
+class _ToolCall(msgspec.Struct, gc=False):
+    function: _Function | None = None
+
+
+class _Message(msgspec.Struct, gc=False):
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[_ToolCall] | None = None
+
+
+class _AnsweredChoice(msgspec.Struct, gc=False):
+    message: _Message | None = None
+    text: str | None = None
+
+
+class _Answer(msgspec.Struct, gc=False):
+    choices: list[_AnsweredChoice] | None = None
 
 
 _decode_response = msgspec.json.Decoder(_Response).decode
 _decode_chunk = msgspec.json.Decoder(_Chunk).decode
+_decode_answer = msgspec.json.Decoder(_Answer).decode
 
 
-def parse_json_usage(body: bytes) -> tuple[Usage | None, str | None]:
-    """``(usage, model)`` of a JSON completion/embedding response; ``None`` where absent."""
+def _json_output_estimate(body: bytes) -> int:
+    """Output tokens of a JSON completion counted from its text (answers, reasoning, tool
+    arguments); 0 when the body is not a completion."""
+    try:
+        answer = _decode_answer(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return 0
+    chars = 0
+    for choice in answer.choices or ():
+        message = choice.message
+        if message is not None:
+            chars += len(message.content or "") + len(message.reasoning_content or "")
+            for call in message.tool_calls or ():
+                if call.function is not None:
+                    chars += len(call.function.arguments or "")
+        elif choice.text:
+            chars += len(choice.text)
+    return estimate_text_tokens(chars)
+
+
+def parse_json_usage(
+    body: bytes, bounds: UsageBounds | None = None
+) -> tuple[Usage | None, str | None]:
+    """``(usage, model)`` of a JSON completion/embedding response; ``None`` where absent.
+
+    The usage is checked against ``bounds`` (default: the current request's, see
+    ``USAGE_BOUNDS``)."""
     try:
         response = _decode_response(body)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None, None
-    return (response.usage.to_usage() if response.usage else None), response.model
+    if response.usage is None:
+        return None, response.model
+    checked = checked_usage(
+        response.usage, bounds or USAGE_BOUNDS.get(), lambda: _json_output_estimate(body)
+    )
+    return checked, response.model
+
+
+def estimate_json_usage(body: bytes, bounds: UsageBounds | None = None) -> Usage:
+    """The usage of a JSON completion that reported none: the request's prompt estimate and
+    the answer's text counted by the gateway (``estimated``)."""
+    bounds = bounds or USAGE_BOUNDS.get()
+    return Usage(
+        input_tokens=min(bounds.prompt_estimate, bounds.max_input),
+        output_tokens=min(_json_output_estimate(body), bounds.max_output),
+        estimated=True,
+    )
 
 
 class StreamTap:
@@ -81,13 +289,15 @@ class StreamTap:
 
     ``feed`` returns the bytes to forward now (only complete events; a partial event waits for
     its end). With ``hide_usage`` the usage-only chunk that the gateway asked for on the
-    client's behalf is swallowed after its usage is recorded.
+    client's behalf is swallowed after its usage is recorded. The usage is checked against
+    ``bounds`` (default: the current request's, see ``USAGE_BOUNDS``).
     """
 
-    __slots__ = ("_pending", "content_chars", "events", "hide_usage", "model", "usage")
+    __slots__ = ("_pending", "bounds", "content_chars", "events", "hide_usage", "model", "usage")
 
-    def __init__(self, *, hide_usage: bool = False) -> None:
+    def __init__(self, *, hide_usage: bool = False, bounds: UsageBounds | None = None) -> None:
         self.hide_usage = hide_usage
+        self.bounds = bounds or USAGE_BOUNDS.get()
         self._pending = b""
         self.usage: Usage | None = None
         self.model: str | None = None
@@ -153,7 +363,7 @@ class StreamTap:
             elif choice.text:
                 self.content_chars += len(choice.text)
         if parsed.usage is not None:
-            self.usage = parsed.usage.to_usage()
+            self.usage = checked_usage(parsed.usage, self.bounds, self.estimated_output_tokens)
             if not choices and self.hide_usage:
                 return False
         return True
