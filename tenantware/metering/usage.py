@@ -305,9 +305,10 @@ class StreamTap:
         self.events = 0
 
     def feed(self, chunk: bytes) -> bytes:
-        if b"\r" in chunk:
-            chunk = chunk.replace(b"\r\n", b"\n")
         data = self._pending + chunk if self._pending else chunk
+        if b"\r" in data:
+            # On the joined bytes: a CRLF may be cut between two reads.
+            data = data.replace(b"\r\n", b"\n")
         first = data.find(b"\n\n")
         if first < 0:
             self._pending = data
