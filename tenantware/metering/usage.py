@@ -63,18 +63,25 @@ class UsageBounds(msgspec.Struct, frozen=True, gc=False):
         """Prompt: a generous multiple of the body's size; output: ``max_tokens`` x ``n``, or
         ``max_output_tokens`` when the request set no cap."""
         max_input = len(ctx.body) * _PROMPT_TOKENS_PER_BYTE + PROMPT_ALLOWANCE_TOKENS
+        if max_input > MAX_USAGE_TOKENS:
+            max_input = MAX_USAGE_TOKENS
         max_output = max_output_tokens
         view = ctx.view
         if view is not None:
-            cap = view.output_cap
+            cap = view.max_completion_tokens
+            if cap is None:
+                cap = view.max_tokens
             if cap is not None:
-                n = view.n if view.n is not None and view.n > 1 else 1
-                max_output = max(cap, 0) * n
-        return cls(
-            max_input=min(max_input, MAX_USAGE_TOKENS),
-            max_output=min(max_output, MAX_USAGE_TOKENS),
-            prompt_estimate=max(0, min(ctx.estimated_prompt_tokens, MAX_USAGE_TOKENS)),
-        )
+                n = view.n
+                max_output = cap * n if n is not None and n > 1 else cap
+                if max_output < 0:
+                    max_output = 0
+                elif max_output > MAX_USAGE_TOKENS:
+                    max_output = MAX_USAGE_TOKENS
+        estimate = ctx.estimated_prompt_tokens
+        if not 0 <= estimate <= MAX_USAGE_TOKENS:
+            estimate = 0 if estimate < 0 else MAX_USAGE_TOKENS
+        return cls(max_input, max_output, estimate)
 
 
 DEFAULT_BOUNDS: Final = UsageBounds()
@@ -184,8 +191,54 @@ def bound_usage(usage: Usage, bounds: UsageBounds) -> Usage:
     )
 
 
+class _PromptDetails(msgspec.Struct, gc=False):
+    cached_tokens: int | None = 0
+
+
+class _CompletionDetails(msgspec.Struct, gc=False):
+    reasoning_tokens: int | None = 0
+
+
+class _TypedUsage(msgspec.Struct, gc=False):
+    """The usual shape, decoded without building dicts; any other shape fails validation and
+    is decoded again as plain JSON for ``checked_usage``."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = 0
+    prompt_tokens_details: _PromptDetails | None = None
+    completion_tokens_details: _CompletionDetails | None = None
+
+    def checked(self, bounds: UsageBounds, estimate_output: Callable[[], int] | None) -> Usage:
+        prompt = self.prompt_tokens
+        completion = self.completion_tokens or 0
+        details = self.prompt_tokens_details
+        cached = (details.cached_tokens or 0) if details is not None else 0
+        more = self.completion_tokens_details
+        reasoning = (more.reasoning_tokens or 0) if more is not None else 0
+        if (
+            prompt is not None
+            and 0 <= prompt <= bounds.max_input
+            and 0 <= completion <= bounds.max_output
+            and 0 <= cached <= prompt
+            and 0 <= reasoning <= completion
+        ):
+            return Usage(prompt, completion, cached, reasoning)
+        raw = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+            "completion_tokens_details": {"reasoning_tokens": reasoning},
+        }
+        return checked_usage(raw, bounds, estimate_output)
+
+
 class _Response(msgspec.Struct, gc=False):
     model: str | None = None
+    usage: _TypedUsage | None = None
+
+
+class _AnyResponse(msgspec.Struct, gc=False):
+    model: object = None
     #: Any JSON: checked field by field, so a hostile value never fails the whole decode.
     usage: object = None
 
@@ -203,6 +256,12 @@ class _Choice(msgspec.Struct, gc=False):
 class _Chunk(msgspec.Struct, gc=False):
     model: str | None = None
     choices: list[_Choice] = []
+    usage: _TypedUsage | None = None
+
+
+class _AnyChunk(msgspec.Struct, gc=False):
+    model: object = None
+    choices: object = None
     usage: object = None
 
 
@@ -230,7 +289,9 @@ class _Answer(msgspec.Struct, gc=False):
 
 
 _decode_response = msgspec.json.Decoder(_Response).decode
+_decode_any_response = msgspec.json.Decoder(_AnyResponse).decode
 _decode_chunk = msgspec.json.Decoder(_Chunk).decode
+_decode_any_chunk = msgspec.json.Decoder(_AnyChunk).decode
 _decode_answer = msgspec.json.Decoder(_Answer).decode
 
 
@@ -261,16 +322,28 @@ def parse_json_usage(
 
     The usage is checked against ``bounds`` (default: the current request's, see
     ``USAGE_BOUNDS``)."""
+    bounds = bounds or USAGE_BOUNDS.get()
     try:
         response = _decode_response(body)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except msgspec.ValidationError:
+        return _parse_any_json_usage(body, bounds)
+    except msgspec.DecodeError:
         return None, None
     if response.usage is None:
         return None, response.model
-    checked = checked_usage(
-        response.usage, bounds or USAGE_BOUNDS.get(), lambda: _json_output_estimate(body)
-    )
-    return checked, response.model
+    return response.usage.checked(bounds, lambda: _json_output_estimate(body)), response.model
+
+
+def _parse_any_json_usage(body: bytes, bounds: UsageBounds) -> tuple[Usage | None, str | None]:
+    """``parse_json_usage`` of an answer whose usage (or model) is not of the usual shape."""
+    try:
+        response = _decode_any_response(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):  # not JSON after all
+        return None, None
+    model = response.model if isinstance(response.model, str) else None
+    if response.usage is None:
+        return None, model
+    return checked_usage(response.usage, bounds, lambda: _json_output_estimate(body)), model
 
 
 def estimate_json_usage(body: bytes, bounds: UsageBounds | None = None) -> Usage:
@@ -349,7 +422,9 @@ class StreamTap:
         self.events += 1
         try:
             parsed = _decode_chunk(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except msgspec.ValidationError:
+            return self._inspect_any(payload)
+        except msgspec.DecodeError:
             return True
         if self.model is None and parsed.model:
             self.model = parsed.model
@@ -364,8 +439,23 @@ class StreamTap:
             elif choice.text:
                 self.content_chars += len(choice.text)
         if parsed.usage is not None:
-            self.usage = checked_usage(parsed.usage, self.bounds, self.estimated_output_tokens)
+            self.usage = parsed.usage.checked(self.bounds, self.estimated_output_tokens)
             if not choices and self.hide_usage:
+                return False
+        return True
+
+    def _inspect_any(self, payload: bytes) -> bool:
+        """An event of an unusual shape (hostile usage, odd fields): its usage is checked
+        field by field; its text is not counted (it could not be read as a chunk)."""
+        try:
+            parsed = _decode_any_chunk(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError):  # not JSON after all
+            return True
+        if self.model is None and isinstance(parsed.model, str) and parsed.model:
+            self.model = parsed.model
+        if parsed.usage is not None:
+            self.usage = checked_usage(parsed.usage, self.bounds, self.estimated_output_tokens)
+            if not parsed.choices and self.hide_usage:
                 return False
         return True
 
