@@ -124,6 +124,8 @@ class PostgresLedger:
             raise LedgerUnavailable(f"postgresql: {exc}") from exc
         except _REFUSED as exc:
             raise LedgerRejected(f"postgresql: {exc!r}") from exc
+        except psycopg.Error as exc:  # the schema or the server, not the records: retry
+            raise LedgerUnavailable(f"postgresql: {exc}") from exc
 
     def _migrate(self, conn: psycopg.Connection[Any]) -> None:
         with conn.transaction():

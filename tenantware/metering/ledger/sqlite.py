@@ -72,7 +72,6 @@ _REFUSED: Final = (
     sqlite3.IntegrityError,
     sqlite3.DataError,
     sqlite3.InterfaceError,
-    sqlite3.ProgrammingError,
 )
 
 #: A record's column values as a tuple: one C call per record (rows are built on the loop).

@@ -6,10 +6,11 @@
 answers again. Leaving ``running()`` flushes everything (or spills it if the ledger is down),
 so a graceful shutdown loses nothing; a hard kill loses at most the last interval's records.
 
-A record the ledger refuses for good (``LedgerRejected``, or any error that is not
-``LedgerUnavailable``) must not block the records behind it: the failed batch is split in
-halves until the culprits are alone, and those go to the dead-letter file with the reason;
-the spill replay does the same. A ledger that keeps failing while records wait is "stuck":
+A record the ledger refuses for good (``LedgerRejected``: a value out of its range, a
+constraint) must not block the records behind it: the failed batch is split in halves until
+the culprits are alone, and those go to the dead-letter file with the reason; the spill replay
+does the same. Any other error counts as the ledger being unavailable: retried, never a reason
+to set records aside. A ledger that keeps failing while records wait is "stuck":
 ``health()`` says so (for ``/readyz``), the ``tenantware_ledger_*`` gauges show it, and a log
 line repeats every ``stuck_log_interval_s`` while it lasts.
 """
@@ -26,7 +27,7 @@ import anyio.to_thread
 import msgspec
 import structlog
 
-from tenantware.metering.ledger.base import Ledger, LedgerUnavailable
+from tenantware.metering.ledger.base import Ledger, LedgerRejected
 from tenantware.metering.ledger.deadletter import DeadLetterFile, dead_letter_path, letters_for
 from tenantware.metering.ledger.record import UsageRecord
 from tenantware.metering.ledger.spill import SpillFile
@@ -78,7 +79,7 @@ class LedgerHealth(msgspec.Struct, frozen=True, kw_only=True):
     #: Records waiting in memory for the ledger, and whether some wait in the spill file.
     pending: int
     spilled: bool
-    #: The last write error, while failing.
+    #: The type of the last write error, while failing (the logs have the message).
     error: str | None = None
 
 
@@ -287,16 +288,16 @@ class LedgerWriter:
         refuses for good are set aside, so the batch is then done."""
         try:
             await self.ledger.write(batch)
-        except LedgerUnavailable as exc:
-            self._mark_failed(exc)
-            return False
-        except Exception as exc:
+        except LedgerRejected as exc:
             # Some record of the batch is refused: halve until the culprits stand alone.
             if len(batch) == 1:
                 await self._set_aside(batch, [], exc)
                 return True
             middle = len(batch) // 2
             return await self._write(batch[:middle]) and await self._write(batch[middle:])
+        except Exception as exc:  # unavailable (or a fault of the ledger, not of the records)
+            self._mark_failed(exc)
+            return False
         if not self._healthy:
             log.info("ledger reachable again")
         self._healthy = True
@@ -319,7 +320,9 @@ class LedgerWriter:
         now = self._clock()
         if self._failing_since is None:
             self._failing_since = now
-        self._last_error = repr(exc)
+        # The type only: /readyz shows it without a key, and a driver's message may quote
+        # a connection string.
+        self._last_error = type(exc).__name__
         self._retry_at = now + self.retry_backoff_s
 
     async def _set_aside(
