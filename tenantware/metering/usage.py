@@ -169,7 +169,10 @@ def _part(count: int | str, whole: int, anomalies: list[str]) -> int:
 
 
 def bound_usage(usage: Usage, bounds: UsageBounds) -> Usage:
-    """``usage`` (set by any app) checked against ``bounds``; the same object when inside."""
+    """``usage`` (set by any app) checked against ``bounds``; the same object when inside.
+
+    The gateway's own estimate (``estimated``, e.g. the text of a cut stream counted) is only
+    clamped: it is not the upstream's number, so not an anomaly."""
     if (
         0 <= usage.input_tokens <= bounds.max_input
         and 0 <= usage.output_tokens <= bounds.max_output
@@ -184,10 +187,11 @@ def bound_usage(usage: Usage, bounds: UsageBounds) -> Usage:
         "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
     }
     checked = checked_usage(raw, UsageBounds(bounds.max_input, bounds.max_output))
+    found = () if usage.estimated else checked.anomalies
     return msgspec.structs.replace(
         checked,
         estimated=usage.estimated,
-        anomalies=tuple(dict.fromkeys(usage.anomalies + checked.anomalies)),
+        anomalies=tuple(dict.fromkeys(usage.anomalies + found)),
     )
 
 
