@@ -350,6 +350,9 @@ class MeteringSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     cost_center_header: str = "x-cost-center"
     #: One structlog ``request`` event per request (written by the ledger writer).
     request_log: bool = True
+    #: Output tokens a request that set no ``max_tokens`` may be billed for: an upstream
+    #: reporting more is clamped and the record marked ``usage_invalid``.
+    max_output_tokens: Annotated[int, Meta(ge=1, le=1_000_000_000)] = 1_000_000
 
     def __post_init__(self) -> None:
         _check_money(self)
