@@ -19,6 +19,7 @@ from msgspec import Meta, Struct, field
 __all__ = [
     "DEFAULT_MODELS",
     "DEFAULT_TIERS",
+    "AdminKey",
     "AdmissionSettings",
     "ApiKey",
     "BreakerSettings",
@@ -107,6 +108,13 @@ class ApiKey(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     id: Annotated[str, Meta(min_length=1, max_length=64)]
     hash: Annotated[str, Meta(pattern=r"^(sha256|hmac-sha256):[0-9a-f]{64}$")]
     revoked: bool = False
+    #: The first characters of the key (``tw-AbCd``), so an operator can tell keys apart
+    #: without the key itself; set by the admin API when it issues a key.
+    prefix: Annotated[str, Meta(max_length=16)] = ""
+    #: Unix time after which the key no longer works (a rotated key's grace period).
+    expires_at: float | None = None
+    #: Unix time the key was issued (admin API), for listings.
+    created_at: float | None = None
 
 
 class Tenant(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -125,6 +133,17 @@ class Tenant(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     domains: list[str] = field(default_factory=list)
     keys: list[ApiKey] = field(default_factory=list)
     disabled: bool = False
+    #: Guaranteed admission seats (over ``admission.tenant_reserved_seats``).
+    reserved_seats: NonNegInt | None = None
+
+
+class AdminKey(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A key of the admin API (not a tenant key): ``admin`` may do everything, ``read-only``
+    reads tenants, reports and metrics."""
+
+    id: Annotated[str, Meta(min_length=1, max_length=64)]
+    hash: Annotated[str, Meta(pattern=r"^(sha256|hmac-sha256):[0-9a-f]{64}$")]
+    role: Literal["admin", "read-only"] = "admin"
 
 
 class ModelSpec(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -390,6 +409,19 @@ class GatewaySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     #: Addresses or networks (``10.0.0.0/8``) of reverse proxies whose ``X-Forwarded-Host``
     #: names the host for domain binding; from anyone else the header is ignored.
     trusted_proxies: list[str] = field(default_factory=list)
+    #: Where tenants and keys live: unset, the configuration file (admin API changes stay in
+    #: this process's memory); ``redis://...``: a registry every replica shares and the
+    #: admin API writes to (the file's tenants seed it when it is empty).
+    registry_url: str | None = None
+    #: With a shared registry: how often each process checks the registry version, the
+    #: safety net for a missed pub/sub message.
+    registry_check_s: Annotated[float, Meta(gt=0, le=60)] = 1.0
+    #: Keys of the admin API (``metering.admin_key_hash`` is one more, with the admin role).
+    admin_keys: list[AdminKey] = field(default_factory=list)
+    #: An environment variable holding one more admin key in plain (bootstrap).
+    admin_key_env: str | None = None
+    #: How long an ``Idempotency-Key`` of the admin API is remembered.
+    idempotency_ttl_s: Annotated[float, Meta(gt=0)] = 86_400.0
 
     def __post_init__(self) -> None:
         for entry in self.trusted_proxies:

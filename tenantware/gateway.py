@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from starlette.middleware import Middleware
 
+from tenantware.admin.app import AdminApi
 from tenantware.admission.pools import AdmissionPools
 from tenantware.breaker.board import BreakerBoard
 from tenantware.config import GatewayConfig
@@ -39,6 +40,8 @@ from tenantware.middleware.tenant import TenantMiddleware
 from tenantware.proxy.app import ProxyApp
 from tenantware.proxy.upstream import UpstreamClient
 from tenantware.quota.store import QuotaStore
+from tenantware.registry.store import RegistryStore
+from tenantware.registry.sync import RegistrySync
 from tenantware.reload import watch_config
 from tenantware.state import LiveConfig
 from tenantware.stores import Stores, open_stores
@@ -80,14 +83,22 @@ class Gateway:
             on_failure=settings.on_store_failure,
             retry_after_s=config.quota.retry_store_after_s,
         )
+        #: Tenants and keys: the file's (in this process), or ``gateway.registry_url``'s.
+        self.registry_store: RegistryStore = self.stores.registry_store(
+            settings.registry_url, tenants=config.tenants
+        )
+        self.registry = RegistrySync(
+            self.live, self.registry_store, check_s=settings.registry_check_s
+        )
+        #: Async context managers entered for the gateway's lifetime (writers, pools).
+        self._services: list[Callable[[], AbstractAsyncContextManager[Any]]] = []
+        self.add_service(self._registry_service)
         #: Every circuit of this gateway, shared by ``BreakerMiddleware`` and the proxy.
         self.board = BreakerBoard(
             config.breaker,
             self.stores.breaker_store(sync_interval_s=config.breaker.sync_interval_s),
         )
         self.proxy = ProxyApp(live=self.live, client=upstream_client, board=self.board)
-        #: Async context managers entered for the gateway's lifetime (writers, pools).
-        self._services: list[Callable[[], AbstractAsyncContextManager[Any]]] = []
         #: Fair-share seat pools (memory, or Redis when ``gateway.redis_url`` is set).
         self.admission = AdmissionPools(
             config.admission, self.stores.seat_store, replicas=settings.replicas
@@ -126,6 +137,15 @@ class Gateway:
             observers=[metrics_observer(live), request_log],
         )
         self.add_service(self._metering_service)
+
+    @asynccontextmanager
+    async def _registry_service(self) -> AsyncIterator[None]:
+        try:
+            async with self.registry.running():
+                yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.registry_store.aclose()
 
     @asynccontextmanager
     async def _metering_service(self) -> AsyncIterator[None]:
@@ -226,8 +246,17 @@ class Gateway:
         """
         wrapped = self.wrap(self.proxy)
         gateway = self
-        admin = AdminApp(live=self.live, ledger=self.ledger, writer=self.writer)
-        tenant_usage = TenantMiddleware(admin, live=self.live, estimator=self.estimator)
+        reports = AdminApp(
+            live=self.live,
+            ledger=self.ledger,
+            writer=self.writer,
+            health={"registry": self.registry.status},
+        )
+        admin = AdminApi(
+            live=self.live, store=self.registry_store, sync=self.registry, fallback=reports
+        )
+        reports.authorize = admin.may_read_reports
+        tenant_usage = TenantMiddleware(reports, live=self.live, estimator=self.estimator)
 
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] == "lifespan":
@@ -235,8 +264,11 @@ class Gateway:
                 return
             if scope["type"] == "http":
                 path = scope["path"]
-                if path.startswith(ADMIN_PREFIX) or path in ("/metrics", READY_PATH):
+                if path.startswith(ADMIN_PREFIX):
                     await admin(scope, receive, send)
+                    return
+                if path in ("/metrics", READY_PATH):
+                    await reports(scope, receive, send)
                     return
                 if path in TENANT_USAGE_PATHS:
                     await tenant_usage(scope, receive, send)

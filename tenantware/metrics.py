@@ -17,6 +17,8 @@ __all__ = [
     "QUEUE_DEPTH",
     "QUEUE_WAIT_SECONDS",
     "REGISTRY",
+    "REGISTRY_STALE",
+    "REGISTRY_VERSION",
     "REJECTIONS",
     "REQUESTS",
     "REQUEST_SECONDS",
@@ -121,5 +123,16 @@ LEDGER_FAILING_SECONDS = Gauge(
 LEDGER_DEAD_LETTERS = Counter(
     "tenantware_ledger_dead_letters",
     "Usage records a ledger refused for good, set aside in the dead-letter file.",
+    registry=REGISTRY,
+)
+
+REGISTRY_VERSION = Gauge(
+    "tenantware_registry_version",
+    "Version of the tenant registry this process serves from.",
+    registry=REGISTRY,
+)
+REGISTRY_STALE = Gauge(
+    "tenantware_registry_stale",
+    "1 while the shared tenant registry is unreachable and the last copy serves, else 0.",
     registry=REGISTRY,
 )

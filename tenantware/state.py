@@ -1,20 +1,24 @@
 """The live configuration: one immutable ``Snapshot`` swapped whole on reload.
 
 Each request reads ``live.current`` once, so it sees one consistent version even while a
-reload happens; readers take no lock.
+reload happens; readers take no lock. Two sources feed it: the configuration file, and the
+tenant registry when it is shared (its tenants replace the file's). A change of either builds
+a new snapshot, so every layer sees one tenant table with the settings it was checked with.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+
+import msgspec
 
 from tenantware.catalogue import Catalogue
-from tenantware.config import ConfigError, GatewayConfig, Upstream
+from tenantware.config import ConfigError, GatewayConfig, Tenant, Upstream
 from tenantware.keys import KeyHasher
-from tenantware.registry import MemoryTenantRegistry, TenantRegistry
+from tenantware.registry.view import MemoryTenantRegistry, TenantRegistry
 
-__all__ = ["LiveConfig", "Snapshot"]
+__all__ = ["LiveConfig", "Snapshot", "with_tenants"]
 
 
 class Snapshot:
@@ -28,14 +32,24 @@ class Snapshot:
         "hasher",
         "max_body_bytes",
         "registry",
+        "registry_version",
         "routes",
         "version",
     )
 
-    def __init__(self, config: GatewayConfig, registry: TenantRegistry, version: int) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        registry: TenantRegistry,
+        version: int,
+        *,
+        registry_version: int = 0,
+    ) -> None:
         self.config = config
         self.version = version
         self.registry = registry
+        #: Version of the tenant registry the tenants come from (0: the file's, unversioned).
+        self.registry_version = registry_version
         try:
             self.catalogue = Catalogue(config)
         except ValueError as exc:
@@ -62,6 +76,30 @@ class Snapshot:
 RegistryFactory = Callable[[GatewayConfig], TenantRegistry]
 
 
+def with_tenants(config: GatewayConfig, tenants: Sequence[Tenant]) -> GatewayConfig:
+    """``config`` with ``tenants`` as its tenant table, validated whole (``ConfigError``).
+
+    Per-tenant settings kept elsewhere in the file follow the table: a tenant's own
+    ``reserved_seats`` wins over ``admission.tenant_reserved_seats``, and file settings of
+    tenants that are gone (deleted through the admin API) are dropped.
+    """
+    ids = {tenant.id for tenant in tenants}
+    admission = config.admission
+    reserved = {k: v for k, v in admission.tenant_reserved_seats.items() if k in ids}
+    reserved.update({t.id: t.reserved_seats for t in tenants if t.reserved_seats is not None})
+    quota = config.quota
+    per_model = {k: v for k, v in quota.tenant_model_limits.items() if k in ids}
+    try:
+        return msgspec.structs.replace(
+            config,
+            tenants=list(tenants),
+            admission=msgspec.structs.replace(admission, tenant_reserved_seats=reserved),
+            quota=msgspec.structs.replace(quota, tenant_model_limits=per_model),
+        )
+    except msgspec.ValidationError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 class LiveConfig:
     """Holds the current snapshot; ``replace`` validates a new config fully before swapping."""
 
@@ -70,17 +108,63 @@ class LiveConfig:
     ) -> None:
         self._registry_factory = registry_factory
         self._listeners: list[Callable[[Snapshot], None]] = []
-        self.current = Snapshot(config, registry_factory(config), version=1)
+        self._file_listeners: list[Callable[[GatewayConfig], None]] = []
+        #: The configuration as loaded from the file (its tenants may be overridden).
+        self.file_config = config
+        #: The shared registry's tenants, once set; ``None``: the file's.
+        self._tenants: list[Tenant] | None = None
+        #: A file reload puts the file's tenants back (the registry is the file's copy).
+        self.tenants_follow_file = True
+        self.current = self._build(config, None, version=1, registry_version=0)
+
+    def _build(
+        self,
+        config: GatewayConfig,
+        tenants: list[Tenant] | None,
+        *,
+        version: int,
+        registry_version: int,
+    ) -> Snapshot:
+        merged = with_tenants(config, config.tenants if tenants is None else tenants)
+        return Snapshot(
+            merged, self._registry_factory(merged), version, registry_version=registry_version
+        )
 
     def replace(self, config: GatewayConfig) -> Snapshot:
         """Swap in a new configuration; on error the old one stays in force."""
-        snapshot = Snapshot(
-            config, self._registry_factory(config), version=self.current.version + 1
+        tenants = None if self.tenants_follow_file else self._tenants
+        registry_version = 0 if tenants is None else self.current.registry_version
+        snapshot = self._build(
+            config, tenants, version=self.current.version + 1, registry_version=registry_version
         )
+        self.file_config = config
+        self._tenants = tenants
+        self._swap(snapshot)
+        for file_listener in self._file_listeners:
+            file_listener(config)
+        return snapshot
+
+    def set_tenants(self, tenants: Sequence[Tenant], *, registry_version: int) -> Snapshot:
+        """Swap in the registry's tenants (at ``registry_version``) over the file's settings."""
+        table = list(tenants)
+        snapshot = self._build(
+            self.file_config,
+            table,
+            version=self.current.version + 1,
+            registry_version=registry_version,
+        )
+        self._tenants = table
+        self._swap(snapshot)
+        return snapshot
+
+    def _swap(self, snapshot: Snapshot) -> None:
         self.current = snapshot
         for listener in self._listeners:
             listener(snapshot)
-        return snapshot
+
+    def on_file_reload(self, listener: Callable[[GatewayConfig], None]) -> None:
+        """Call ``listener`` with each new file configuration, after its snapshot is in force."""
+        self._file_listeners.append(listener)
 
     def on_change(self, listener: Callable[[Snapshot], None]) -> None:
         """Call ``listener`` after each successful replace (e.g. to drop cached derived state)."""

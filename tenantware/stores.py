@@ -23,7 +23,11 @@ from tenantware.quota.memory import MemoryQuotaStore
 from tenantware.quota.store import QuotaStore
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from tenantware.backends.redis_support import RedisClient, ScriptHost
+    from tenantware.config import Tenant
+    from tenantware.registry.store import RegistryStore
 
 __all__ = ["SCHEMES", "Stores", "open_stores"]
 
@@ -132,6 +136,16 @@ class Stores:
         from tenantware.breaker.redis import RedisBreakerStore
 
         return RedisBreakerStore(redis, prefix=self.prefix, sync_interval_s=sync_interval_s)
+
+    def registry_store(
+        self, url: str | None = None, *, tenants: Sequence[Tenant] = ()
+    ) -> RegistryStore:
+        """The tenant registry: ``None``, the file's ``tenants`` in this process; a Redis URL
+        (``gateway.registry_url``), shared by every replica under this prefix. It has its own
+        client (the caller closes the store)."""
+        from tenantware.registry import open_registry
+
+        return open_registry(url, tenants=tenants, prefix=self.prefix)
 
     async def aclose(self) -> None:
         """Close the Redis clients (the stores need no closing of their own)."""

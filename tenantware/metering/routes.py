@@ -17,7 +17,8 @@
 from __future__ import annotations
 
 import hmac
-from typing import Final
+from collections.abc import Callable
+from typing import Any, Final
 from urllib.parse import parse_qsl
 
 import msgspec
@@ -55,11 +56,21 @@ class AdminApp:
     """``AdminApp(live=live, ledger=ledger, writer=writer)``: an ASGI app for the paths above."""
 
     def __init__(
-        self, *, live: LiveConfig, ledger: Ledger | None, writer: LedgerWriter | None = None
+        self,
+        *,
+        live: LiveConfig,
+        ledger: Ledger | None,
+        writer: LedgerWriter | None = None,
+        authorize: Callable[[Scope], bool] | None = None,
+        health: dict[str, Callable[[], Any]] | None = None,
     ) -> None:
         self.live = live
         self.ledger = ledger
         self.writer = writer
+        #: Who may read every tenant's reports (the admin API's roles); default: the admin key.
+        self.authorize = authorize
+        #: More parts of ``/readyz``'s body (informative: they do not make it 503).
+        self.health = health or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -107,6 +118,8 @@ class AdminApp:
         await _error(send, 404, f"Unknown request URL: GET {path}.", "unknown_url")
 
     def _is_admin(self, scope: Scope) -> bool:
+        if self.authorize is not None:
+            return self.authorize(scope)
         snapshot = self.live.current
         expected = snapshot.config.metering.admin_key_hash
         if not expected:
@@ -120,11 +133,15 @@ class AdminApp:
         return False
 
     async def _ready(self, send: Send) -> None:
+        extra = {name: part() for name, part in self.health.items()}
         if self.writer is None:  # metering disabled: no ledger to wait for
-            await _respond(send, 200, b"application/json", _encode({"status": "ready"}))
+            body = _encode({"status": "ready", **extra})
+            await _respond(send, 200, b"application/json", body)
             return
         health = self.writer.health()
-        body = _encode({"status": "not_ready" if health.stuck else "ready", "ledger": health})
+        body = _encode(
+            {"status": "not_ready" if health.stuck else "ready", "ledger": health, **extra}
+        )
         await _respond(send, 503 if health.stuck else 200, b"application/json", body)
 
     async def _usage(self, send: Send, query: dict[str, str], *, tenant: str | None) -> None:

@@ -1,11 +1,12 @@
-"""Tenant registry: from a presented key's hash to the tenant and its effective settings.
+"""The in-process tenant index: from a presented key's hash to the tenant and its settings.
 
-Tier defaults are merged into each tenant once, when the registry is built, so the request
-path does one dict lookup and reads ready values.
+Tier defaults are merged into each tenant once, when the index is built (for each snapshot),
+so the request path does one dict lookup and reads ready values.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Protocol
 
 import msgspec
@@ -39,10 +40,12 @@ class KeyEntry(msgspec.Struct, frozen=True):
 
     tenant: TenantView
     key_id: str
+    #: Unix time the key stops working (a rotated key in its grace period), else ``None``.
+    expires_at: float | None = None
 
 
 class TenantRegistry(Protocol):
-    """Where tenants and key hashes are looked up (memory now; Redis for the admin API)."""
+    """Where the request path looks tenants and key hashes up (built from one snapshot)."""
 
     def by_key_hash(self, key_hash: str) -> KeyEntry | None: ...
 
@@ -52,7 +55,7 @@ class TenantRegistry(Protocol):
 
 
 class MemoryTenantRegistry:
-    """An immutable registry built from a configuration; replaced whole on reload."""
+    """An immutable index built from a configuration; replaced whole with each snapshot."""
 
     __slots__ = ("_by_hash", "_by_id")
 
@@ -84,10 +87,14 @@ class MemoryTenantRegistry:
             self._by_id[tenant.id] = view
             for key in tenant.keys:
                 if not key.revoked:
-                    self._by_hash[key.hash] = KeyEntry(view, key.id)
+                    self._by_hash[key.hash] = KeyEntry(view, key.id, key.expires_at)
 
     def by_key_hash(self, key_hash: str) -> KeyEntry | None:
-        return self._by_hash.get(key_hash)
+        entry = self._by_hash.get(key_hash)
+        # Only a key in its rotation grace period carries an expiry: others cost no clock read.
+        if entry is not None and entry.expires_at is not None and entry.expires_at <= time.time():
+            return None
+        return entry
 
     def by_id(self, tenant_id: str) -> TenantView | None:
         return self._by_id.get(tenant_id)

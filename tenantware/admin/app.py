@@ -1,0 +1,613 @@
+"""The admin API under ``/admin/``: tenants and their keys, changed at run time.
+
+Every change is one registry write (version bump, audit entry and pub/sub message together);
+this process applies it before answering, every other replica on the message. The routes,
+their roles and bodies are in ``/admin/openapi.json``; ``/admin/usage`` (metering) and
+anything unknown fall through to ``fallback``.
+
+Refusals are OpenAI-shaped: 400 names the field (``param``), 401 without a valid key, 403
+for a role that may not, 404 for another tenant's id when a tenant key asks (never 403:
+it must not learn which tenants exist), 412 on an ``If-Match`` mismatch, 503 when a shared
+registry cannot be reached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, TypeVar
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route, Router
+
+from tenantware.admin.auth import AdminAuth, Caller
+from tenantware.admin.openapi import openapi_document
+from tenantware.admin.schemas import (
+    AuditList,
+    KeyIssue,
+    KeyIssued,
+    KeyList,
+    KeyRotate,
+    TenantCreate,
+    TenantList,
+    TenantPatch,
+    TierList,
+    TierOut,
+    key_out,
+    limits_patched,
+    tenant_out,
+)
+from tenantware.backends.errors import STORE_UNAVAILABLE
+from tenantware.config import ApiKey, Tenant
+from tenantware.errors import error_body
+from tenantware.keys import generate_key
+from tenantware.registry.store import AuditAction, AuditEntry, RegistryStore, VersionMismatch
+from tenantware.registry.sync import RegistrySync
+from tenantware.state import LiveConfig
+from tenantware.types import ASGIApp, Receive, Scope, Send
+
+__all__ = ["AdminApi"]
+
+#: Live (not revoked, not expired) keys one tenant may hold.
+MAX_KEYS: Final = 100
+#: Characters of a new key shown in listings (``tw-`` and a few random ones).
+KEY_PREFIX_CHARS: Final = 10
+_UNKNOWN_FIELD: Final = re.compile(r"unknown field `([^`]+)`")
+_VALID_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_encode = msgspec.json.Encoder().encode
+_T = TypeVar("_T")
+_METHODS: Final = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+class Refusal(Exception):
+    """An answer other than success; becomes the OpenAI error body."""
+
+    def __init__(self, status: int, message: str, code: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+
+    def response(self) -> Response:
+        kind = "server_error" if self.status >= 500 else "invalid_request_error"
+        body = error_body(self.message, type=kind, code=self.code, param=self.param)
+        return Response(body, self.status, media_type="application/json")
+
+
+def _not_found(tenant_id: str) -> Refusal:
+    return Refusal(404, f"No tenant {tenant_id!r}.", "tenant_not_found", param="tenant_id")
+
+
+def _param_of(error: msgspec.ValidationError, prefix: str = "") -> str | None:
+    """The field msgspec's message names (``... - at `$.limits.rpm```), dotted."""
+    text = str(error)
+    marker = "- at `$."
+    at = text.rfind(marker)
+    path = prefix + text[at + len(marker) : -1] if at >= 0 else prefix.rstrip(".")
+    unknown = _UNKNOWN_FIELD.search(text)
+    if unknown is not None:
+        path = f"{path}.{unknown.group(1)}" if path else unknown.group(1)
+    return path or None
+
+
+def _decode(body: bytes, kind: type[_T], *, empty_ok: bool = False) -> _T:
+    if not body.strip() and empty_ok:
+        body = b"{}"
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        raise Refusal(400, f"Invalid body: {exc}", "invalid_value", param=_param_of(exc)) from None
+    except msgspec.DecodeError:
+        raise Refusal(400, "The body is not valid JSON.", "invalid_json") from None
+
+
+def _json(value: Any, status: int = 200, *, version: int | None = None) -> Response:
+    headers = {"cache-control": "no-store"}
+    if version is not None:
+        headers["etag"] = f'"{version}"'
+    return Response(_encode(value), status, media_type="application/json", headers=headers)
+
+
+def _if_match(request: Request) -> int | None:
+    raw = request.headers.get("if-match")
+    if raw is None:
+        return None
+    value = raw.strip().removeprefix("W/").strip('"')
+    if not value.isdigit():
+        raise Refusal(
+            400, "If-Match must be a version number (the ETag).", "invalid_value", param="If-Match"
+        )
+    return int(value)
+
+
+class AdminApi:
+    """``AdminApi(live=live, store=store, sync=sync, fallback=usage_app)``: an ASGI app."""
+
+    def __init__(
+        self,
+        *,
+        live: LiveConfig,
+        store: RegistryStore,
+        sync: RegistrySync,
+        fallback: ASGIApp,
+        authorize_reports: bool = True,
+    ) -> None:
+        self.live = live
+        self.store = store
+        self.sync = sync
+        self.auth = AdminAuth(live)
+        on = self._endpoint
+        # Each endpoint takes every method and answers an unsupported one itself (405 in the
+        # OpenAI shape, which Starlette's own 405 is not).
+        routes = {
+            "/admin/openapi.json": on(self._openapi, auth=False),
+            "/admin/tenants": on(self._tenants),
+            "/admin/tenants/{tenant_id}": on(self._tenant),
+            "/admin/tenants/{tenant_id}/keys": on(self._keys),
+            "/admin/tenants/{tenant_id}/keys/{key_id}/{action}": on(self._key),
+            "/admin/tiers": on(self._tiers),
+            "/admin/audit": on(self._audit),
+        }
+        self.router = Router(
+            [Route(path, endpoint, methods=_METHODS) for path, endpoint in routes.items()],
+            default=fallback,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.router(scope, receive, send)
+
+    def may_read_reports(self, scope: Scope) -> bool:
+        """For ``/admin/usage`` and ``/metrics``: an admin or read-only key."""
+        caller = self.auth.identify(scope)
+        return caller is not None and caller.role != "tenant"
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _endpoint(
+        self,
+        handler: Callable[[Request, Caller], Awaitable[Response]],
+        *,
+        auth: bool = True,
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            incoming = request.headers.get("x-request-id", "")
+            request_id = (
+                incoming
+                if _VALID_REQUEST_ID.fullmatch(incoming)
+                else f"req_{secrets.token_hex(12)}"
+            )
+            request.state.request_id = request_id
+            try:
+                caller = self.auth.identify(request.scope)
+                if auth and caller is None:
+                    raise Refusal(
+                        401, "A valid admin or tenant API key is required.", "invalid_api_key"
+                    )
+                response = await handler(request, caller or Caller(role="read-only", id="-"))
+            except Refusal as refusal:
+                response = refusal.response()
+            except STORE_UNAVAILABLE:
+                response = Refusal(
+                    503,
+                    "The tenant registry cannot be reached; retry shortly. Requests are "
+                    "still served from the last copy.",
+                    "registry_unavailable",
+                ).response()
+                response.headers["retry-after"] = "1"
+            response.headers["x-request-id"] = request_id
+            return response
+
+        return endpoint
+
+    @staticmethod
+    def _allow(
+        caller: Caller, *roles: str, tenant_id: str | None = None, write: bool = False
+    ) -> None:
+        """Refuse unless ``caller`` may; a tenant key naming another tenant gets 404."""
+        if caller.role == "tenant" and tenant_id is not None and tenant_id != caller.tenant:
+            raise _not_found(tenant_id)
+        if caller.role not in roles:
+            what = "change" if write else "read"
+            raise Refusal(
+                403, f"This key may not {what} this resource ({caller.role}).", "permission_denied"
+            )
+
+    def _audit_entry(
+        self,
+        request: Request,
+        caller: Caller,
+        action: AuditAction,
+        tenant_id: str,
+        before: int,
+        key_id: str | None = None,
+    ) -> AuditEntry:
+        client = request.client
+        return AuditEntry(
+            at=time.time(),
+            actor=f"{caller.role}:{caller.id}",
+            action=action,
+            tenant=tenant_id,
+            before_version=before,
+            key_id=key_id,
+            request_id=request.state.request_id,
+            address=client.host if client else None,
+        )
+
+    def _check_tenant(self, tenant: Tenant) -> None:
+        """The checks the file's loader makes, naming the field (the registry must never hold
+        a tenant the gateway could not load)."""
+        config = self.live.file_config
+        tiers = config.all_tiers()
+        if tenant.tier not in tiers:
+            known = ", ".join(sorted(tiers))
+            raise Refusal(
+                400,
+                f"Unknown tier {tenant.tier!r} (known: {known}).",
+                "invalid_value",
+                param="tier",
+            )
+        catalogue = config.catalogue()
+        for model in tenant.allowed_models:
+            if (
+                model != "*"
+                and model not in catalogue
+                and config.aliases.get(model) not in catalogue
+            ):
+                raise Refusal(
+                    400,
+                    f"Unknown model {model!r} (known: {', '.join(sorted(catalogue))}).",
+                    "invalid_value",
+                    param="allowed_models",
+                )
+
+    async def _modify(
+        self,
+        request: Request,
+        caller: Caller,
+        tenant_id: str,
+        action: AuditAction,
+        change: Callable[[Tenant], Tenant],
+        *,
+        key_id: str | None = None,
+    ) -> tuple[int, Tenant]:
+        """Read, change and write one tenant; with ``If-Match`` the read must be that version,
+        without it a concurrent change is retried on the new version."""
+        wanted = _if_match(request)
+        for _ in range(8):
+            record = await self.store.get(tenant_id)
+            if record is None:
+                raise _not_found(tenant_id)
+            if wanted is not None and wanted != record.version:
+                raise _precondition(record.version)
+            updated = change(record.tenant)
+            self._check_tenant(updated)
+            audit = self._audit_entry(request, caller, action, tenant_id, record.version, key_id)
+            try:
+                version = await self.store.put(updated, expect=record.version, audit=audit)
+            except VersionMismatch as exc:
+                if wanted is not None:
+                    raise _precondition(exc.current) from None
+                continue
+            await self.sync.refresh()
+            return version, updated
+        raise Refusal(409, "The tenant keeps changing; retry.", "conflict")
+
+    # -- routes ----------------------------------------------------------------------------
+
+    async def _openapi(self, request: Request, caller: Caller) -> Response:
+        if request.method not in ("GET", "HEAD"):
+            raise _method(request)
+        return Response(openapi_document(), media_type="application/json")
+
+    async def _tenants(self, request: Request, caller: Caller) -> Response:
+        if request.method == "GET":
+            self._allow(caller, "admin", "read-only", "tenant")
+            return await self._list(request, caller)
+        if request.method == "POST":
+            self._allow(caller, "admin", write=True)
+            return await self._create(request, caller)
+        raise _method(request)
+
+    async def _list(self, request: Request, caller: Caller) -> Response:
+        query = request.query_params
+        limit = _int_param(query.get("limit"), "limit", default=100, low=1, high=1000)
+        after = query.get("after")
+        state = await self.store.load()
+        ids = sorted(state.records)
+        if caller.role == "tenant":
+            ids = [i for i in ids if i == caller.tenant]
+        if after:
+            ids = [i for i in ids if i > after]
+        page = ids[:limit]
+        data = [tenant_out(state.records[i].tenant, state.records[i].version) for i in page]
+        return _json(
+            TenantList(
+                data=data,
+                first_id=page[0] if page else None,
+                last_id=page[-1] if page else None,
+                has_more=len(ids) > limit,
+            )
+        )
+
+    async def _create(self, request: Request, caller: Caller) -> Response:
+        body = await request.body()
+        wanted = _decode(body, TenantCreate)
+        tenant = Tenant(**msgspec.structs.asdict(wanted))
+        self._check_tenant(tenant)
+        replayed = False
+        idempotency_key = request.headers.get("idempotency-key")
+        if idempotency_key is not None:
+            if not 1 <= len(idempotency_key) <= 255:
+                raise Refusal(
+                    400,
+                    "Idempotency-Key must be 1 to 255 characters.",
+                    "invalid_value",
+                    param="Idempotency-Key",
+                )
+            fingerprint = hashlib.sha256(body).hexdigest().encode()
+            name = "tenants:" + hashlib.sha256(idempotency_key.encode()).hexdigest()
+            ttl = self.live.current.config.gateway.idempotency_ttl_s
+            kept = await self.store.remember(name, fingerprint, ttl)
+            if kept is not None and kept != fingerprint:
+                raise Refusal(
+                    422,
+                    "This Idempotency-Key was used with another body.",
+                    "idempotency_key_reused",
+                    param="Idempotency-Key",
+                )
+            replayed = kept is not None
+        if replayed:
+            record = await self.store.get(tenant.id)
+            if record is not None:
+                response = _json(
+                    tenant_out(record.tenant, record.version), 201, version=record.version
+                )
+                response.headers["idempotent-replayed"] = "true"
+                return response
+        audit = self._audit_entry(request, caller, "tenant.create", tenant.id, 0)
+        try:
+            version = await self.store.put(tenant, expect=0, audit=audit)
+        except VersionMismatch:
+            raise Refusal(
+                409, f"Tenant {tenant.id!r} already exists.", "tenant_exists", param="id"
+            ) from None
+        await self.sync.refresh()
+        return _json(tenant_out(tenant, version), 201, version=version)
+
+    async def _tenant(self, request: Request, caller: Caller) -> Response:
+        tenant_id: str = request.path_params["tenant_id"]
+        method = request.method
+        if method in ("GET", "HEAD"):
+            self._allow(caller, "admin", "read-only", "tenant", tenant_id=tenant_id)
+            record = await self.store.get(tenant_id)
+            if record is None:
+                raise _not_found(tenant_id)
+            return _json(tenant_out(record.tenant, record.version), version=record.version)
+        if method == "PATCH":
+            self._allow(caller, "admin", tenant_id=tenant_id, write=True)
+            patch = _decode(await request.body(), TenantPatch)
+            version, tenant = await self._modify(
+                request, caller, tenant_id, "tenant.update", lambda t: _patched(t, patch)
+            )
+            return _json(tenant_out(tenant, version), version=version)
+        if method == "DELETE":
+            self._allow(caller, "admin", tenant_id=tenant_id, write=True)
+            wanted = _if_match(request)
+            record = await self.store.get(tenant_id)
+            if record is None:
+                raise _not_found(tenant_id)
+            expect = record.version if wanted is None else wanted
+            audit = self._audit_entry(request, caller, "tenant.delete", tenant_id, record.version)
+            try:
+                await self.store.delete(tenant_id, expect=expect, audit=audit)
+            except VersionMismatch as exc:
+                if exc.current == 0:
+                    raise _not_found(tenant_id) from None
+                raise _precondition(exc.current) from None
+            await self.sync.refresh()
+            return _json({"object": "tenant.deleted", "id": tenant_id, "deleted": True})
+        raise _method(request)
+
+    async def _keys(self, request: Request, caller: Caller) -> Response:
+        tenant_id: str = request.path_params["tenant_id"]
+        if request.method in ("GET", "HEAD"):
+            self._allow(caller, "admin", "read-only", "tenant", tenant_id=tenant_id)
+            record = await self.store.get(tenant_id)
+            if record is None:
+                raise _not_found(tenant_id)
+            keys = [key_out(tenant_id, key) for key in record.tenant.keys]
+            return _json(KeyList(data=keys), version=record.version)
+        if request.method == "POST":
+            self._allow(caller, "admin", tenant_id=tenant_id, write=True)
+            wanted = _decode(await request.body(), KeyIssue, empty_ok=True)
+            key_id = wanted.id or f"key_{secrets.token_hex(6)}"
+            plain = generate_key("tw")
+            now = time.time()
+            new = ApiKey(
+                id=key_id,
+                hash=self.live.current.hasher.hash(plain),
+                prefix=plain[:KEY_PREFIX_CHARS],
+                expires_at=wanted.expires_at,
+                created_at=now,
+            )
+
+            def issue(tenant: Tenant) -> Tenant:
+                return _with_key(tenant, new, now)
+
+            version, _ = await self._modify(
+                request, caller, tenant_id, "key.issue", issue, key_id=key_id
+            )
+            issued = KeyIssued(
+                id=key_id,
+                tenant=tenant_id,
+                prefix=new.prefix,
+                key=plain,
+                expires_at=new.expires_at,
+                created_at=now,
+            )
+            return _json(issued, 201, version=version)
+        raise _method(request)
+
+    async def _key(self, request: Request, caller: Caller) -> Response:
+        tenant_id: str = request.path_params["tenant_id"]
+        key_id: str = request.path_params["key_id"]
+        action: str = request.path_params["action"]
+        if action not in ("rotate", "revoke"):
+            raise Refusal(
+                404, f"Unknown request URL: {request.method} {request.url.path}.", "unknown_url"
+            )
+        if request.method != "POST":
+            raise _method(request)
+        now = time.time()
+        if action == "revoke":
+            self._allow(caller, "admin", tenant_id=tenant_id, write=True)
+
+            def revoke(tenant: Tenant) -> Tenant:
+                old = _find_key(tenant, key_id)
+                changed = msgspec.structs.replace(old, revoked=True)
+                return _replace_key(tenant, changed, now)
+
+            version, tenant = await self._modify(
+                request, caller, tenant_id, "key.revoke", revoke, key_id=key_id
+            )
+            return _json(key_out(tenant_id, _find_key(tenant, key_id)), version=version)
+        self._allow(caller, "admin", "tenant", tenant_id=tenant_id, write=True)
+        wanted = _decode(await request.body(), KeyRotate, empty_ok=True)
+        plain = generate_key("tw")
+        new = ApiKey(
+            id=f"key_{secrets.token_hex(6)}",
+            hash=self.live.current.hasher.hash(plain),
+            prefix=plain[:KEY_PREFIX_CHARS],
+            created_at=now,
+        )
+
+        def rotate(tenant: Tenant) -> Tenant:
+            old = _find_key(tenant, key_id)
+            if old.revoked:
+                raise Refusal(409, f"Key {key_id!r} is revoked.", "key_revoked", param="key_id")
+            if wanted.grace_s == 0:
+                ended = msgspec.structs.replace(old, revoked=True)
+            else:
+                until = now + wanted.grace_s
+                if old.expires_at is not None:
+                    until = min(until, old.expires_at)
+                ended = msgspec.structs.replace(old, expires_at=until)
+            return _with_key(_replace_key(tenant, ended, now), new, now)
+
+        version, tenant = await self._modify(
+            request, caller, tenant_id, "key.rotate", rotate, key_id=key_id
+        )
+        issued = KeyIssued(
+            id=new.id,
+            tenant=tenant_id,
+            prefix=new.prefix,
+            key=plain,
+            expires_at=None,
+            created_at=now,
+            rotated=key_out(tenant_id, _find_key(tenant, key_id)),
+        )
+        return _json(issued, 201, version=version)
+
+    async def _tiers(self, request: Request, caller: Caller) -> Response:
+        if request.method not in ("GET", "HEAD"):
+            raise _method(request)
+        self._allow(caller, "admin", "read-only")
+        tiers = self.live.current.config.all_tiers()
+        data = [
+            TierOut(
+                id=name,
+                weight=tier.weight,
+                max_priority=tier.max_priority,
+                limits=tier.limits,
+                max_queue_wait_s=tier.max_queue_wait_s,
+            )
+            for name, tier in sorted(tiers.items())
+        ]
+        return _json(TierList(data=data))
+
+    async def _audit(self, request: Request, caller: Caller) -> Response:
+        if request.method not in ("GET", "HEAD"):
+            raise _method(request)
+        self._allow(caller, "admin", "read-only")
+        query = request.query_params
+        limit = _int_param(query.get("limit"), "limit", default=100, low=1, high=1000)
+        entries = await self.store.audit(tenant=query.get("tenant") or None, limit=limit)
+        return _json(AuditList(data=entries))
+
+
+def _method(request: Request) -> Refusal:
+    return Refusal(
+        405, f"{request.method} is not supported on {request.url.path}.", "method_not_allowed"
+    )
+
+
+def _precondition(current: int) -> Refusal:
+    return Refusal(
+        412,
+        f"The tenant changed: it is at version {current}. Read it again and retry.",
+        "version_mismatch",
+        param="If-Match",
+    )
+
+
+def _int_param(raw: str | None, name: str, *, default: int, low: int, high: int) -> int:
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise Refusal(
+            400, f"{name} must be a whole number from {low} to {high}.", "invalid_value", param=name
+        )
+    return int(raw)
+
+
+def _patched(tenant: Tenant, patch: TenantPatch) -> Tenant:
+    changes: dict[str, Any] = {}
+    for name in patch.__struct_fields__:
+        value = getattr(patch, name)
+        if value is msgspec.UNSET:
+            continue
+        if name == "limits":
+            try:
+                value = limits_patched(tenant.limits, value)
+            except msgspec.ValidationError as exc:
+                raise Refusal(
+                    400, f"Invalid limits: {exc}", "invalid_value", param=_param_of(exc, "limits.")
+                ) from None
+        changes[name] = value
+    return msgspec.structs.replace(tenant, **changes)
+
+
+def _find_key(tenant: Tenant, key_id: str) -> ApiKey:
+    for key in tenant.keys:
+        if key.id == key_id:
+            return key
+    raise Refusal(
+        404, f"No key {key_id!r} for tenant {tenant.id!r}.", "key_not_found", param="key_id"
+    )
+
+
+def _live_keys(keys: list[ApiKey], now: float) -> list[ApiKey]:
+    """Keys minus the expired ones (they work nowhere any more; revoked ones stay listed)."""
+    return [k for k in keys if k.expires_at is None or k.expires_at > now]
+
+
+def _replace_key(tenant: Tenant, key: ApiKey, now: float) -> Tenant:
+    keys = [key if k.id == key.id else k for k in tenant.keys]
+    return msgspec.structs.replace(tenant, keys=_live_keys(keys, now))
+
+
+def _with_key(tenant: Tenant, key: ApiKey, now: float) -> Tenant:
+    keys = _live_keys(list(tenant.keys), now)
+    if any(k.id == key.id for k in keys):
+        raise Refusal(409, f"Key id {key.id!r} is taken.", "key_exists", param="id")
+    if sum(not k.revoked for k in keys) >= MAX_KEYS:
+        raise Refusal(
+            409, f"A tenant holds at most {MAX_KEYS} live keys; revoke one first.", "too_many_keys"
+        )
+    return msgspec.structs.replace(tenant, keys=[*keys, key])

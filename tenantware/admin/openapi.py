@@ -1,0 +1,221 @@
+"""``/admin/openapi.json``: the OpenAPI 3.1 document of the admin API.
+
+Schemas come from the msgspec structs the routes decode and encode
+(``msgspec.json.schema_components``), so the document cannot drift from the code; the paths
+are written here, one entry per route.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import msgspec
+
+from tenantware.admin.schemas import (
+    AuditList,
+    ErrorBody,
+    KeyIssue,
+    KeyIssued,
+    KeyList,
+    KeyOut,
+    KeyRotate,
+    TenantCreate,
+    TenantList,
+    TenantOut,
+    TenantPatch,
+    TierList,
+)
+
+__all__ = ["openapi_document"]
+
+_REF = "#/components/schemas/{name}"
+
+
+def _ref(kind: type) -> dict[str, str]:
+    return {"$ref": _REF.format(name=kind.__name__)}
+
+
+def _body(kind: type) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": _ref(kind)}}}
+
+
+def _answer(kind: type, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(kind)}}}
+
+
+_ERROR = {
+    "description": "Refused (OpenAI error shape)",
+    "content": {"application/json": {"schema": _ref(ErrorBody)}},
+}
+
+
+def _operation(
+    summary: str,
+    roles: str,
+    ok: tuple[str, type, str],
+    *,
+    body: type | None = None,
+    params: list[dict[str, Any]] | None = None,
+    errors: tuple[str, ...] = ("400", "401", "403", "404"),
+) -> dict[str, Any]:
+    status, kind, description = ok
+    operation: dict[str, Any] = {
+        "summary": summary,
+        "description": f"Roles: {roles}.",
+        "responses": {status: _answer(kind, description), **dict.fromkeys(errors, _ERROR)},
+    }
+    if body is not None:
+        operation["requestBody"] = _body(body)
+    if params:
+        operation["parameters"] = params
+    return operation
+
+
+def _path_param(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _query(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema}
+
+
+def _header(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "header", "required": False, "schema": schema}
+
+
+_IF_MATCH = _header("If-Match", {"type": "string", "pattern": r'^(W/)?"?[0-9]+"?$'})
+_LIMIT = _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000})
+
+
+class _Deleted(msgspec.Struct, frozen=True, kw_only=True):
+    object: str
+    id: str
+    deleted: bool
+
+
+@functools.cache
+def openapi_document() -> bytes:
+    """The document, built once per process."""
+    kinds = [
+        AuditList,
+        ErrorBody,
+        KeyIssue,
+        KeyIssued,
+        KeyList,
+        KeyOut,
+        KeyRotate,
+        TenantCreate,
+        TenantList,
+        TenantOut,
+        TenantPatch,
+        TierList,
+        _Deleted,
+    ]
+    _, components = msgspec.json.schema_components(kinds, ref_template=_REF)
+    tenant = [_path_param("tenant_id")]
+    key = [*tenant, _path_param("key_id")]
+    paths: dict[str, Any] = {
+        "/admin/tenants": {
+            "get": _operation(
+                "List tenants (a tenant key sees only its own)",
+                "admin, read-only, tenant",
+                ("200", TenantList, "A page of tenants, by id"),
+                params=[_LIMIT, _query("after", {"type": "string"})],
+            ),
+            "post": _operation(
+                "Create a tenant",
+                "admin",
+                ("201", TenantOut, "The new tenant"),
+                body=TenantCreate,
+                params=[_header("Idempotency-Key", {"type": "string", "maxLength": 255})],
+                errors=("400", "401", "403", "409", "422"),
+            ),
+        },
+        "/admin/tenants/{tenant_id}": {
+            "get": _operation(
+                "Read a tenant",
+                "admin, read-only, its own tenant",
+                ("200", TenantOut, "The tenant; its ETag is its version"),
+                params=tenant,
+            ),
+            "patch": _operation(
+                "Change a tenant (limits, tier, weight, models, disabled...)",
+                "admin",
+                ("200", TenantOut, "The changed tenant"),
+                body=TenantPatch,
+                params=[*tenant, _IF_MATCH],
+                errors=("400", "401", "403", "404", "412"),
+            ),
+            "delete": _operation(
+                "Delete a tenant and its keys",
+                "admin",
+                ("200", _Deleted, "Deleted"),
+                params=[*tenant, _IF_MATCH],
+                errors=("400", "401", "403", "404", "412"),
+            ),
+        },
+        "/admin/tenants/{tenant_id}/keys": {
+            "get": _operation(
+                "List a tenant's keys (id and prefix; never the key or its hash)",
+                "admin, read-only, its own tenant",
+                ("200", KeyList, "The keys"),
+                params=tenant,
+            ),
+            "post": _operation(
+                "Issue a key (shown once in the answer)",
+                "admin",
+                ("201", KeyIssued, "The new key"),
+                body=KeyIssue,
+                params=[*tenant, _IF_MATCH],
+                errors=("400", "401", "403", "404", "409", "412"),
+            ),
+        },
+        "/admin/tenants/{tenant_id}/keys/{key_id}/rotate": {
+            "post": _operation(
+                "Rotate a key: a new key now, the old one valid for grace_s",
+                "admin, its own tenant",
+                ("201", KeyIssued, "The new key, and the old one's expiry"),
+                body=KeyRotate,
+                params=[*key, _IF_MATCH],
+                errors=("400", "401", "403", "404", "409", "412"),
+            ),
+        },
+        "/admin/tenants/{tenant_id}/keys/{key_id}/revoke": {
+            "post": _operation(
+                "Revoke a key at once (every replica refuses it within a second)",
+                "admin",
+                ("200", KeyOut, "The revoked key"),
+                params=[*key, _IF_MATCH],
+                errors=("400", "401", "403", "404", "412"),
+            ),
+        },
+        "/admin/tiers": {
+            "get": _operation(
+                "List tiers (from the configuration file)",
+                "admin, read-only",
+                ("200", TierList, "The tiers"),
+                errors=("401", "403"),
+            )
+        },
+        "/admin/audit": {
+            "get": _operation(
+                "Read the audit trail, newest first",
+                "admin, read-only",
+                ("200", AuditList, "Audit entries"),
+                params=[_LIMIT, _query("tenant", {"type": "string"})],
+                errors=("400", "401", "403"),
+            )
+        },
+    }
+    document = {
+        "openapi": "3.1.0",
+        "info": {"title": "tenantware admin API", "version": "1"},
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}],
+        "paths": paths,
+    }
+    return msgspec.json.encode(document)

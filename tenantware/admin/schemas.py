@@ -1,0 +1,206 @@
+"""The admin API's request and response bodies: msgspec structs, also the OpenAPI schemas.
+
+Responses never carry a key hash; a key in plain appears once, in ``KeyIssued``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType, field
+
+from tenantware.config import Limits, Priority, Tenant, Weight
+from tenantware.registry.store import AuditEntry
+
+__all__ = [
+    "AuditList",
+    "ErrorBody",
+    "KeyIssue",
+    "KeyIssued",
+    "KeyList",
+    "KeyOut",
+    "KeyRotate",
+    "TenantCreate",
+    "TenantList",
+    "TenantOut",
+    "TenantPatch",
+    "TierList",
+    "TierOut",
+    "key_out",
+    "tenant_out",
+]
+
+TenantId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+KeyId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+Seats = Annotated[int, Meta(ge=0)]
+
+
+class TenantCreate(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A new tenant; keys are issued afterwards (``POST /admin/tenants/{id}/keys``)."""
+
+    id: TenantId
+    name: str = ""
+    tier: str = "free"
+    weight: Weight | None = None
+    max_priority: Priority | None = None
+    allowed_models: list[str] = field(default_factory=list)
+    limits: Limits = field(default_factory=Limits)
+    cost_center: str = ""
+    domains: list[str] = field(default_factory=list)
+    disabled: bool = False
+    reserved_seats: Seats | None = None
+
+
+class TenantPatch(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Fields to change; absent ones stay. ``limits`` changes only the limits it names
+    (``null`` removes an override, so the tier's value applies again)."""
+
+    name: str | UnsetType = UNSET
+    tier: str | UnsetType = UNSET
+    weight: Weight | UnsetType | None = UNSET
+    max_priority: Priority | UnsetType | None = UNSET
+    allowed_models: list[str] | UnsetType = UNSET
+    limits: dict[str, Any] | UnsetType = UNSET
+    cost_center: str | UnsetType = UNSET
+    domains: list[str] | UnsetType = UNSET
+    disabled: bool | UnsetType = UNSET
+    reserved_seats: Seats | UnsetType | None = UNSET
+
+
+class KeyOut(Struct, frozen=True, kw_only=True):
+    """A key as listed: its id and first characters, never the key or its hash."""
+
+    object: Literal["api_key"] = "api_key"
+    id: str
+    tenant: str
+    prefix: str
+    revoked: bool
+    expires_at: float | None
+    created_at: float | None
+
+
+class KeyIssued(Struct, frozen=True, kw_only=True):
+    """A new key: ``key`` is shown here once and never again."""
+
+    object: Literal["api_key"] = "api_key"
+    id: str
+    tenant: str
+    prefix: str
+    key: str
+    expires_at: float | None
+    created_at: float
+    #: On rotation: the old key and when it stops working.
+    rotated: KeyOut | None = None
+
+
+class KeyIssue(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A key to issue: its id (generated when absent) and an optional expiry (Unix time)."""
+
+    id: KeyId | None = None
+    expires_at: Annotated[float, Meta(gt=0)] | None = None
+
+
+class KeyRotate(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Rotation: a new key now, the old one valid ``grace_s`` longer (0: refused at once)."""
+
+    grace_s: Annotated[float, Meta(ge=0, le=30 * 86_400)] = 3600.0
+
+
+class TenantOut(Struct, frozen=True, kw_only=True):
+    object: Literal["tenant"] = "tenant"
+    id: str
+    #: Registry version of the tenant's last change: send it back as ``If-Match``.
+    version: int
+    name: str
+    tier: str
+    weight: float | None
+    max_priority: Priority | None
+    allowed_models: list[str]
+    limits: Limits
+    cost_center: str
+    domains: list[str]
+    disabled: bool
+    reserved_seats: int | None
+    keys: list[KeyOut]
+
+
+class TenantList(Struct, frozen=True, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[TenantOut]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class KeyList(Struct, frozen=True, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[KeyOut]
+
+
+class AuditList(Struct, frozen=True, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[AuditEntry]
+
+
+class TierOut(Struct, frozen=True, kw_only=True):
+    object: Literal["tier"] = "tier"
+    id: str
+    weight: float
+    max_priority: Priority
+    limits: Limits
+    max_queue_wait_s: float
+
+
+class TierList(Struct, frozen=True, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[TierOut]
+
+
+class ErrorDetail(Struct, frozen=True, kw_only=True):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(Struct, frozen=True, kw_only=True):
+    """The OpenAI error shape every refusal uses."""
+
+    error: ErrorDetail
+
+
+def key_out(tenant_id: str, key: Any) -> KeyOut:
+    return KeyOut(
+        id=key.id,
+        tenant=tenant_id,
+        prefix=key.prefix,
+        revoked=key.revoked,
+        expires_at=key.expires_at,
+        created_at=key.created_at,
+    )
+
+
+def tenant_out(tenant: Tenant, version: int) -> TenantOut:
+    return TenantOut(
+        id=tenant.id,
+        version=version,
+        name=tenant.name,
+        tier=tenant.tier,
+        weight=tenant.weight,
+        max_priority=tenant.max_priority,
+        allowed_models=list(tenant.allowed_models),
+        limits=tenant.limits,
+        cost_center=tenant.cost_center,
+        domains=list(tenant.domains),
+        disabled=tenant.disabled,
+        reserved_seats=tenant.reserved_seats,
+        keys=[key_out(tenant.id, key) for key in tenant.keys],
+    )
+
+
+def limits_patched(current: Limits, changes: dict[str, Any]) -> Limits:
+    """``current`` with the named fields changed (``None``: back to the tier's value)."""
+    merged = msgspec.to_builtins(current)
+    merged.update(changes)
+    return msgspec.convert(merged, Limits, strict=False)

@@ -1,0 +1,209 @@
+"""The shared registry: every tenant as one JSON document in Redis, one version for all.
+
+Keys (one hash tag, so every script runs on Redis Cluster too):
+
+- ``{prefix}tw:{registry}:tenants``: hash, tenant id -> the tenant as JSON (keys as hashes);
+- ``{prefix}tw:{registry}:versions``: hash, tenant id -> version of its last change;
+- ``{prefix}tw:{registry}:version``: the registry version, bumped by every change;
+- ``{prefix}tw:{registry}:audit``: list of audit entries (JSON), oldest first, capped.
+
+A write is one Lua script: check the record's version (``If-Match``), bump the registry
+version, write the record and its audit entry, and publish the new version on
+``{prefix}tw:registry:changes``. Readers copy the whole registry (``load``) when they learn
+of a newer version, by that message or by their periodic ``version()`` check.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncGenerator
+from typing import Any, Final
+
+import msgspec
+
+from tenantware.backends.redis_support import connect_redis, redis_errors
+from tenantware.config import Tenant
+from tenantware.registry.store import AuditEntry, RegistryState, TenantRecord, VersionMismatch
+
+__all__ = ["RedisRegistryStore"]
+
+#: Audit entries kept in Redis (the oldest are trimmed).
+AUDIT_KEPT: Final = 100_000
+
+_PUT: Final = """
+local current = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
+if ARGV[2] ~= '' and tonumber(ARGV[2]) ~= current then return {0, current} end
+if ARGV[3] == '' and current == 0 then return {0, 0} end
+local version = redis.call('INCR', KEYS[3])
+if ARGV[3] == '' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('HDEL', KEYS[2], ARGV[1])
+else
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+  redis.call('HSET', KEYS[2], ARGV[1], version)
+end
+redis.call('RPUSH', KEYS[4], '{"version":' .. version .. ',' .. string.sub(ARGV[4], 2))
+redis.call('LTRIM', KEYS[4], -tonumber(ARGV[6]), -1)
+redis.call('PUBLISH', ARGV[5], version)
+return {1, version}
+"""
+
+_SEED: Final = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+local version = redis.call('INCR', KEYS[3])
+for i = 2, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  redis.call('HSET', KEYS[2], ARGV[i], version)
+end
+redis.call('PUBLISH', ARGV[1], version)
+return version
+"""
+
+_LOAD: Final = """
+return {redis.call('GET', KEYS[3]) or '', redis.call('HGETALL', KEYS[1]),
+        redis.call('HGETALL', KEYS[2])}
+"""
+
+_encode = msgspec.json.Encoder().encode
+_decode_tenant = msgspec.json.Decoder(Tenant).decode
+_decode_audit = msgspec.json.Decoder(AuditEntry).decode
+
+
+class RedisRegistryStore:
+    """``RedisRegistryStore("redis://127.0.0.1:6379/0", prefix="app1:")``.
+
+    It has its own client: registry calls are rare and may be larger and slower than the
+    per-request scripts, so they get a longer timeout than the hot path's.
+    """
+
+    shared = True
+
+    def __init__(self, url: str, *, prefix: str = "", timeout_s: float = 2.0) -> None:
+        #: Names this store's connections in ``CLIENT LIST`` (operators, and tests that cut
+        #: one replica's subscription).
+        self.client_name = f"tw-registry-{secrets.token_hex(4)}"
+        self._redis = connect_redis(url, timeout_s=timeout_s, client_name=self.client_name)
+        base = f"{prefix}tw:{{registry}}"
+        self._keys = [f"{base}:tenants", f"{base}:versions", f"{base}:version", f"{base}:audit"]
+        #: The pub/sub channel every write announces its version on.
+        self.channel = f"{prefix}tw:registry:changes"
+        self._put = self._redis.register_script(_PUT)
+        self._seed = self._redis.register_script(_SEED)
+        self._load = self._redis.register_script(_LOAD)
+
+    async def load(self) -> RegistryState:
+        with redis_errors():
+            raw_version, tenants, versions = await self._load(keys=self._keys)
+        documents = _pairs(tenants)
+        numbers = _pairs(versions)
+        records = {
+            key.decode(): TenantRecord(
+                version=int(numbers.get(key, b"0")), tenant=_decode_tenant(document)
+            )
+            for key, document in documents.items()
+        }
+        return RegistryState(
+            version=int(raw_version or 0), records=records, initialized=bool(raw_version)
+        )
+
+    async def version(self) -> int:
+        with redis_errors():
+            raw = await self._redis.get(self._keys[2])
+        return int(raw or 0)
+
+    async def get(self, tenant_id: str) -> TenantRecord | None:
+        with redis_errors():
+            document, version = await self._pipeline_get(tenant_id)
+        if document is None:
+            return None
+        return TenantRecord(version=int(version or 0), tenant=_decode_tenant(document))
+
+    async def _pipeline_get(self, tenant_id: str) -> tuple[Any, Any]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hget(self._keys[0], tenant_id)
+            pipe.hget(self._keys[1], tenant_id)
+            document, version = await pipe.execute()
+        return document, version
+
+    async def _write(
+        self, tenant_id: str, document: bytes, expect: int | None, audit: AuditEntry
+    ) -> int:
+        args: list[str | bytes] = [
+            tenant_id,
+            "" if expect is None else str(expect),
+            document,
+            _encode(audit),
+            self.channel,
+            str(AUDIT_KEPT),
+        ]
+        with redis_errors():
+            done, version = await self._put(keys=self._keys, args=args)
+        if not done:
+            raise VersionMismatch(int(version))
+        return int(version)
+
+    async def put(self, tenant: Tenant, *, expect: int | None, audit: AuditEntry) -> int:
+        return await self._write(tenant.id, _encode(tenant), expect, audit)
+
+    async def delete(self, tenant_id: str, *, expect: int | None, audit: AuditEntry) -> int:
+        return await self._write(tenant_id, b"", expect, audit)
+
+    async def seed(self, tenants: list[Tenant]) -> bool:
+        args: list[Any] = [self.channel]
+        for tenant in tenants:
+            args += [tenant.id, _encode(tenant)]
+        with redis_errors():
+            version = await self._seed(keys=self._keys, args=args)
+        return bool(version)
+
+    async def remember(self, key: str, value: bytes, ttl_s: float) -> bytes | None:
+        name = self._keys[0].rsplit(":", 1)[0] + ":idempotency:" + key
+        with redis_errors():
+            kept = await self._redis.set(
+                name, value, nx=True, px=max(1, int(ttl_s * 1000)), get=True
+            )
+        return kept if isinstance(kept, bytes) else None
+
+    async def audit(self, *, tenant: str | None, limit: int) -> list[AuditEntry]:
+        found: list[AuditEntry] = []
+        end = -1
+        page = max(100, limit)
+        with redis_errors():
+            while len(found) < limit:
+                raw = await self._redis.lrange(self._keys[3], end - page + 1, end)
+                if not raw:
+                    break
+                for item in reversed(raw):
+                    entry = _decode_audit(item)
+                    if tenant is None or entry.tenant == tenant:
+                        found.append(entry)
+                        if len(found) >= limit:
+                            break
+                if len(raw) < page:
+                    break
+                end -= page
+        return found
+
+    async def changes(self) -> AsyncGenerator[int, None]:
+        """Versions published by writers; raises ``StoreUnavailable`` when the subscription
+        is lost (the caller re-subscribes, and its periodic check covers the gap)."""
+        with redis_errors():
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(self.channel)
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is not None and message.get("type") == "message":
+                        try:
+                            yield int(message["data"])
+                        except ValueError:
+                            continue
+            finally:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+
+def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))

@@ -1,0 +1,122 @@
+"""Where tenants and their keys are kept, and how a change is written: the registry store.
+
+Every change bumps one registry-wide version, atomically with the change itself and its
+audit entry, so a process that knows the version knows whether its copy is current. Each
+tenant record carries the version it was last written at: the value ``If-Match`` compares.
+The request path never calls a store: it reads the snapshot built from the last ``load()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import Literal, Protocol
+
+import msgspec
+
+from tenantware.config import Tenant
+
+__all__ = [
+    "AuditEntry",
+    "RegistryState",
+    "RegistryStore",
+    "TenantRecord",
+    "VersionMismatch",
+]
+
+AuditAction = Literal[
+    "tenant.create",
+    "tenant.update",
+    "tenant.delete",
+    "key.issue",
+    "key.rotate",
+    "key.revoke",
+    "registry.seed",
+]
+
+
+class TenantRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One tenant as stored, with the registry version of its last change."""
+
+    version: int
+    tenant: Tenant
+
+
+class RegistryState(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything in the registry at one version (what a process copies for its snapshot)."""
+
+    version: int
+    records: dict[str, TenantRecord]
+    #: False until the registry was first written (a new Redis registry is seeded then).
+    initialized: bool = True
+
+
+class AuditEntry(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One change: who made it, what, and the versions around it (never a key or a hash)."""
+
+    #: Registry version the change produced (the entry's position in the trail).
+    version: int = 0
+    at: float
+    actor: str
+    action: AuditAction
+    tenant: str
+    #: The tenant record's version before the change (0: it did not exist).
+    before_version: int
+    key_id: str | None = None
+    request_id: str | None = None
+    address: str | None = None
+
+
+class VersionMismatch(Exception):
+    """``expect`` did not match: the record changed (or exists / does not) since it was read."""
+
+    def __init__(self, current: int) -> None:
+        super().__init__(f"the record is at version {current}")
+        #: The record's version now (0: no such record).
+        self.current = current
+
+
+class RegistryStore(Protocol):
+    """A tenant registry: the file's memory copy, or Redis shared by every replica."""
+
+    #: Whether changes reach other processes and survive a restart.
+    shared: bool
+
+    async def load(self) -> RegistryState:
+        """Every record at one consistent version."""
+        ...
+
+    async def version(self) -> int:
+        """The registry version (cheap: the periodic check of every replica)."""
+        ...
+
+    async def get(self, tenant_id: str) -> TenantRecord | None: ...
+
+    async def put(self, tenant: Tenant, *, expect: int | None, audit: AuditEntry) -> int:
+        """Write ``tenant`` whole; the new registry version.
+
+        ``expect``: ``None`` writes whatever is there; ``0`` requires that no such tenant
+        exists; ``n`` requires the record to be at version ``n`` (else ``VersionMismatch``).
+        """
+        ...
+
+    async def delete(self, tenant_id: str, *, expect: int | None, audit: AuditEntry) -> int:
+        """Remove a tenant (``VersionMismatch(0)`` if there is none); the new version."""
+        ...
+
+    async def seed(self, tenants: list[Tenant]) -> bool:
+        """Fill an empty, never-written registry with ``tenants``; ``False`` if not empty."""
+        ...
+
+    async def remember(self, key: str, value: bytes, ttl_s: float) -> bytes | None:
+        """Keep ``value`` under ``key`` unless one is kept already; return the kept one."""
+        ...
+
+    async def audit(self, *, tenant: str | None, limit: int) -> list[AuditEntry]:
+        """The newest ``limit`` audit entries (of one tenant), newest first."""
+        ...
+
+    def changes(self) -> AsyncGenerator[int, None]:
+        """Versions announced by writers, as they come (ends or raises when cut off)."""
+        ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,198 @@
+"""The admin API on the file registry (one process): tenants and keys changed at run time."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tenantware import KeyHasher
+from tests.support import CHAT, KEYS, client_for, in_process_gateway, make_config
+
+pytestmark = pytest.mark.anyio
+
+ADMIN = "sk-test-admin"
+READER = "sk-test-reader"
+
+
+def admin_config(**overrides: Any) -> Any:
+    hasher = KeyHasher()
+    gateway = {
+        "admin_keys": [
+            {"id": "ops", "hash": hasher.hash(ADMIN)},
+            {"id": "auditor", "hash": hasher.hash(READER), "role": "read-only"},
+        ],
+        **overrides.pop("gateway", {}),
+    }
+    return make_config(gateway=gateway, **overrides)
+
+
+def _no_secrets(body: str) -> None:
+    assert "sha256:" not in body
+    for key in KEYS.values():
+        assert key not in body
+
+
+async def test_create_issue_use_revoke() -> None:
+    gateway, _ = in_process_gateway(config=admin_config())
+    app = gateway.asgi_app()
+    async with gateway.running(), client_for(app, ADMIN) as admin:
+        created = await admin.post(
+            "/admin/tenants",
+            json={"id": "newco", "tier": "pro", "limits": {"requests_per_minute": 5}},
+        )
+        assert created.status_code == 201, created.text
+        assert created.json()["tier"] == "pro"
+        assert created.headers["etag"] == f'"{created.json()["version"]}"'
+        issued = await admin.post("/admin/tenants/newco/keys", json={"id": "k1"})
+        assert issued.status_code == 201, issued.text
+        key = issued.json()["key"]
+        assert issued.json()["prefix"] == key[:10]
+        async with client_for(app, key) as tenant:
+            assert (await tenant.post("/v1/chat/completions", json=CHAT)).status_code == 200
+            listed = await admin.get("/admin/tenants/newco/keys")
+            assert [k["id"] for k in listed.json()["data"]] == ["k1"]
+            assert key not in listed.text
+            _no_secrets(listed.text)
+            revoked = await admin.post("/admin/tenants/newco/keys/k1/revoke")
+            assert revoked.status_code == 200, revoked.text
+            assert revoked.json()["revoked"] is True
+            refused = await tenant.post("/v1/chat/completions", json=CHAT)
+            assert refused.status_code == 401
+
+
+async def test_validation_errors_name_the_field() -> None:
+    gateway, _ = in_process_gateway(config=admin_config())
+    async with gateway.running(), client_for(gateway.asgi_app(), ADMIN) as admin:
+        bad_limit = await admin.post(
+            "/admin/tenants", json={"id": "x", "limits": {"requests_per_minute": "many"}}
+        )
+        assert bad_limit.status_code == 400
+        assert bad_limit.json()["error"]["param"] == "limits.requests_per_minute"
+        bad_tier = await admin.post("/admin/tenants", json={"id": "x", "tier": "gold"})
+        assert bad_tier.json()["error"]["param"] == "tier"
+        bad_model = await admin.post(
+            "/admin/tenants", json={"id": "x", "allowed_models": ["gpt-9"]}
+        )
+        assert bad_model.json()["error"]["param"] == "allowed_models"
+        bad_id = await admin.post("/admin/tenants", json={"id": "no spaces"})
+        assert bad_id.json()["error"]["param"] == "id"
+        unknown = await admin.post("/admin/tenants", json={"id": "x", "colour": "red"})
+        assert unknown.status_code == 400
+        assert unknown.json()["error"]["param"] == "colour"
+        not_json = await admin.post("/admin/tenants", content=b"{nope")
+        assert not_json.status_code == 400
+        assert not_json.json()["error"]["code"] == "invalid_json"
+        patch = await admin.patch("/admin/tenants/acme", json={"limits": {"tokens_per_minute": 0}})
+        assert patch.status_code == 400
+        assert patch.json()["error"]["param"] == "limits.tokens_per_minute"
+        exists = await admin.post("/admin/tenants", json={"id": "acme"})
+        assert exists.status_code == 409
+        assert (await admin.put("/admin/tenants/acme", json={})).status_code == 405
+
+
+async def test_if_match_and_idempotent_create() -> None:
+    gateway, _ = in_process_gateway(config=admin_config())
+    async with gateway.running(), client_for(gateway.asgi_app(), ADMIN) as admin:
+        read = await admin.get("/admin/tenants/acme")
+        etag = read.headers["etag"]
+        first = await admin.patch(
+            "/admin/tenants/acme", json={"weight": 0.6}, headers={"if-match": etag}
+        )
+        assert first.status_code == 200, first.text
+        assert first.json()["weight"] == 0.6
+        stale = await admin.patch(
+            "/admin/tenants/acme", json={"weight": 0.7}, headers={"if-match": etag}
+        )
+        assert stale.status_code == 412
+        assert stale.json()["error"]["code"] == "version_mismatch"
+        assert (await admin.get("/admin/tenants/acme")).json()["weight"] == 0.6
+
+        body = {"id": "once", "tier": "free"}
+        headers = {"idempotency-key": "create-once-1"}
+        a = await admin.post("/admin/tenants", json=body, headers=headers)
+        b = await admin.post("/admin/tenants", json=body, headers=headers)
+        assert a.status_code == b.status_code == 201
+        assert b.headers.get("idempotent-replayed") == "true"
+        assert a.json()["version"] == b.json()["version"]
+        other = await admin.post(
+            "/admin/tenants", json={"id": "twice", "tier": "free"}, headers=headers
+        )
+        assert other.status_code == 422
+        audit = await admin.get("/admin/audit", params={"tenant": "once"})
+        assert [e["action"] for e in audit.json()["data"]] == ["tenant.create"]
+
+
+async def test_pagination_walks_every_tenant_once() -> None:
+    gateway, _ = in_process_gateway(config=admin_config())
+    async with gateway.running(), client_for(gateway.asgi_app(), ADMIN) as admin:
+        for i in range(7):
+            assert (await admin.post("/admin/tenants", json={"id": f"t{i}"})).status_code == 201
+        seen: list[str] = []
+        after: str | None = None
+        for _ in range(10):
+            params: dict[str, Any] = {"limit": 3, **({"after": after} if after else {})}
+            page = (await admin.get("/admin/tenants", params=params)).json()
+            seen += [t["id"] for t in page["data"]]
+            if not page["has_more"]:
+                break
+            after = page["last_id"]
+        assert seen == sorted(["acme", "hobby", *(f"t{i}" for i in range(7))])
+        bad = await admin.get("/admin/tenants", params={"limit": 0})
+        assert bad.status_code == 400
+        assert bad.json()["error"]["param"] == "limit"
+
+
+async def test_rotation_keeps_the_old_key_for_its_grace() -> None:
+    gateway, _ = in_process_gateway(config=admin_config())
+    app = gateway.asgi_app()
+    async with gateway.running(), client_for(app, ADMIN) as admin:
+        graced = await admin.post("/admin/tenants/acme/keys/acme-1/rotate", json={"grace_s": 600})
+        assert graced.status_code == 201, graced.text
+        new_key = graced.json()["key"]
+        assert graced.json()["rotated"]["expires_at"] is not None
+        async with client_for(app, KEYS["acme"]) as old, client_for(app, new_key) as new:
+            assert (await old.post("/v1/chat/completions", json=CHAT)).status_code == 200
+            assert (await new.post("/v1/chat/completions", json=CHAT)).status_code == 200
+            new_id = graced.json()["id"]
+            at_once = await admin.post(
+                f"/admin/tenants/acme/keys/{new_id}/rotate", json={"grace_s": 0}
+            )
+            assert at_once.status_code == 201
+            assert (await new.post("/v1/chat/completions", json=CHAT)).status_code == 401
+            async with client_for(app, at_once.json()["key"]) as newest:
+                assert (await newest.post("/v1/chat/completions", json=CHAT)).status_code == 200
+
+
+async def test_disable_and_delete() -> None:
+    gateway, _ = in_process_gateway(config=admin_config())
+    app = gateway.asgi_app()
+    async with (
+        gateway.running(),
+        client_for(app, ADMIN) as admin,
+        client_for(app, KEYS["hobby"]) as hobby,
+    ):
+        chat = {**CHAT, "model": "gemini-2.5-flash"}
+        assert (await hobby.post("/v1/chat/completions", json=chat)).status_code == 200
+        off = await admin.patch("/admin/tenants/hobby", json={"disabled": True})
+        assert off.json()["disabled"] is True
+        assert (await hobby.post("/v1/chat/completions", json=chat)).status_code == 401
+        on = await admin.patch("/admin/tenants/hobby", json={"disabled": False})
+        assert on.status_code == 200
+        assert (await hobby.post("/v1/chat/completions", json=chat)).status_code == 200
+        gone = await admin.delete("/admin/tenants/hobby")
+        assert gone.json() == {"object": "tenant.deleted", "id": "hobby", "deleted": True}
+        assert (await hobby.post("/v1/chat/completions", json=chat)).status_code == 401
+        assert (await admin.get("/admin/tenants/hobby")).status_code == 404
+        assert (await admin.delete("/admin/tenants/hobby")).status_code == 404
+
+
+async def test_openapi_document_is_valid() -> None:
+    from openapi_spec_validator import validate
+
+    gateway, _ = in_process_gateway(config=admin_config())
+    async with client_for(gateway.asgi_app()) as anyone:
+        document = (await anyone.get("/admin/openapi.json")).json()
+    assert document["openapi"] == "3.1.0"
+    validate(document)
+    assert "TenantCreate" in document["components"]["schemas"]
