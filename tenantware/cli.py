@@ -1,4 +1,5 @@
-"""The ``tenantware`` command line: ``serve`` the gateway, ``hash-key``/``new-key`` for config."""
+"""The ``tenantware`` command line: ``serve`` the gateway, ``hash-key``/``new-key`` for config,
+``usage`` reports, ``tenants``/``keys`` through a running gateway's admin API."""
 
 from __future__ import annotations
 
@@ -122,7 +123,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"tenantware demo gateway on {url}/v1", flush=True)
         for tenant, key in DEMO_KEYS.items():
             print(f"  tenant {tenant:<6} key: {key}", flush=True)
-        print(f"  admin key: {DEMO_ADMIN_KEY} (GET /admin/usage, /metrics)", flush=True)
+        print(f"  admin key: {DEMO_ADMIN_KEY} (/admin/tenants, /admin/usage, /metrics)", flush=True)
         print(f"  ledger: {ledger_url} (tenantware usage --ledger {ledger_url})", flush=True)
         print(
             f"  try: curl {url}/v1/chat/completions -H 'Authorization: Bearer {DEMO_KEYS['acme']}' "
@@ -328,6 +329,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     usage.add_argument("--period", choices=["hour", "day", "month"], default="day")
     usage.add_argument("--format", choices=["table", "json", "csv", "records"], default="table")
     usage.set_defaults(func=_usage)
+
+    from tenantware.admin.cli import add_commands
+
+    add_commands(commands)
 
     args = parser.parse_args(argv)
     result: int = args.func(args)

@@ -43,6 +43,9 @@ async def test_create_issue_use_revoke() -> None:
         )
         assert created.status_code == 201, created.text
         assert created.json()["tier"] == "pro"
+        effective = created.json()["effective_limits"]
+        assert effective["requests_per_minute"] == 5
+        assert effective["tokens_per_minute"] == 400_000  # the pro tier's
         assert created.headers["etag"] == f'"{created.json()["version"]}"'
         issued = await admin.post("/admin/tenants/newco/keys", json={"id": "k1"})
         assert issued.status_code == 201, issued.text
@@ -273,3 +276,37 @@ async def test_a_tenant_lists_only_itself_and_rotates_its_own_key() -> None:
         assert [(e["action"], e["actor"]) for e in audit["data"]] == [
             ("key.rotate", "tenant:hobby-1")
         ]
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def test_cli_creates_a_tenant_issues_and_revokes_a_key(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from tenantware.cli import main
+    from tenantware.testing.serve import serve_in_thread
+
+    gateway, _ = in_process_gateway(config=admin_config())
+    with serve_in_thread(gateway.asgi_app()) as url:
+        monkeypatch.setenv("TENANTWARE_URL", url)
+        monkeypatch.setenv("TENANTWARE_ADMIN_KEY", ADMIN)
+        assert main(["tenants", "create", "cli-co", "--tier", "pro", "--limit", "rpm=1"]) == 1
+        assert "limits.rpm" in capsys.readouterr().err
+        limit = "requests_per_minute=100"
+        assert main(["tenants", "create", "cli-co", "--tier", "pro", "--limit", limit]) == 0
+        assert json.loads(capsys.readouterr().out)["limits"]["requests_per_minute"] == 100
+        assert main(["keys", "issue", "cli-co", "--id", "first"]) == 0
+        issued = json.loads(capsys.readouterr().out)
+        assert issued["key"].startswith(issued["prefix"])
+        assert main(["tenants", "list"]) == 0
+        listed = json.loads(capsys.readouterr().out)
+        assert "cli-co" in [t["id"] for t in listed["data"]]
+        assert issued["key"] not in json.dumps(listed)
+        assert main(["tenants", "revoke-key", "cli-co", "first"]) == 0
+        assert json.loads(capsys.readouterr().out)["revoked"] is True
+        monkeypatch.setenv("TENANTWARE_ADMIN_KEY", "sk-wrong")
+        assert main(["tenants", "list"]) == 1
+        assert "401" in capsys.readouterr().err

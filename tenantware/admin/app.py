@@ -35,6 +35,7 @@ from tenantware.admin.schemas import (
     KeyRotate,
     TenantCreate,
     TenantList,
+    TenantOut,
     TenantPatch,
     TierList,
     TierOut,
@@ -151,7 +152,7 @@ class AdminApi:
             "/admin/tenants/{tenant_id}": on(self._tenant),
             "/admin/tenants/{tenant_id}/keys": on(self._keys),
             "/admin/tenants/{tenant_id}/keys/{key_id}/{action}": on(self._key),
-            "/admin/tiers": on(self._tiers),
+            "/admin/tiers": on(self._list_tiers),
             "/admin/audit": on(self._audit),
         }
         self.router = Router(
@@ -239,6 +240,9 @@ class AdminApi:
             address=client.host if client else None,
         )
 
+    def _out(self, tenant: Tenant, version: int) -> TenantOut:
+        return tenant_out(tenant, version, self.live.file_config.all_tiers())
+
     def _check_tenant(self, tenant: Tenant) -> None:
         """The checks the file's loader makes, naming the field (the registry must never hold
         a tenant the gateway could not load)."""
@@ -325,7 +329,8 @@ class AdminApi:
         if after:
             ids = [i for i in ids if i > after]
         page = ids[:limit]
-        data = [tenant_out(state.records[i].tenant, state.records[i].version) for i in page]
+        tiers = self.live.file_config.all_tiers()
+        data = [tenant_out(state.records[i].tenant, state.records[i].version, tiers) for i in page]
         return _json(
             TenantList(
                 data=data,
@@ -366,7 +371,9 @@ class AdminApi:
             record = await self.store.get(tenant.id)
             if record is not None:
                 response = _json(
-                    tenant_out(record.tenant, record.version), 201, version=record.version
+                    self._out(record.tenant, record.version),
+                    201,
+                    version=record.version,
                 )
                 response.headers["idempotent-replayed"] = "true"
                 return response
@@ -378,7 +385,7 @@ class AdminApi:
                 409, f"Tenant {tenant.id!r} already exists.", "tenant_exists", param="id"
             ) from None
         await self.sync.refresh()
-        return _json(tenant_out(tenant, version), 201, version=version)
+        return _json(self._out(tenant, version), 201, version=version)
 
     async def _tenant(self, request: Request, caller: Caller) -> Response:
         tenant_id: str = request.path_params["tenant_id"]
@@ -388,14 +395,14 @@ class AdminApi:
             record = await self.store.get(tenant_id)
             if record is None:
                 raise _not_found(tenant_id)
-            return _json(tenant_out(record.tenant, record.version), version=record.version)
+            return _json(self._out(record.tenant, record.version), version=record.version)
         if method == "PATCH":
             self._allow(caller, "admin", tenant_id=tenant_id, write=True)
             patch = _decode(await request.body(), TenantPatch)
             version, tenant = await self._modify(
                 request, caller, tenant_id, "tenant.update", lambda t: _patched(t, patch)
             )
-            return _json(tenant_out(tenant, version), version=version)
+            return _json(self._out(tenant, version), version=version)
         if method == "DELETE":
             self._allow(caller, "admin", tenant_id=tenant_id, write=True)
             wanted = _if_match(request)
@@ -514,7 +521,7 @@ class AdminApi:
         )
         return _json(issued, 201, version=version)
 
-    async def _tiers(self, request: Request, caller: Caller) -> Response:
+    async def _list_tiers(self, request: Request, caller: Caller) -> Response:
         if request.method not in ("GET", "HEAD"):
             raise _method(request)
         self._allow(caller, "admin", "read-only")

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType, field
 
-from tenantware.config import Limits, Priority, Tenant, Weight
+from tenantware.config import Limits, Priority, Tenant, Tier, Weight
 from tenantware.registry.store import AuditEntry
 
 __all__ = [
@@ -117,7 +117,10 @@ class TenantOut(Struct, frozen=True, kw_only=True):
     weight: float | None
     max_priority: Priority | None
     allowed_models: list[str]
+    #: The tenant's own limits (``null``: the tier's value applies).
     limits: Limits
+    #: What applies: the tenant's limits over its tier's.
+    effective_limits: Limits
     cost_center: str
     domains: list[str]
     disabled: bool
@@ -181,7 +184,8 @@ def key_out(tenant_id: str, key: Any) -> KeyOut:
     )
 
 
-def tenant_out(tenant: Tenant, version: int) -> TenantOut:
+def tenant_out(tenant: Tenant, version: int, tiers: dict[str, Tier]) -> TenantOut:
+    tier = tiers.get(tenant.tier)
     return TenantOut(
         id=tenant.id,
         version=version,
@@ -191,6 +195,7 @@ def tenant_out(tenant: Tenant, version: int) -> TenantOut:
         max_priority=tenant.max_priority,
         allowed_models=list(tenant.allowed_models),
         limits=tenant.limits,
+        effective_limits=tenant.limits if tier is None else tenant.limits.merged_over(tier.limits),
         cost_center=tenant.cost_center,
         domains=list(tenant.domains),
         disabled=tenant.disabled,

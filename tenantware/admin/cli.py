@@ -1,0 +1,190 @@
+"""``tenantware tenants ...`` and ``tenantware keys ...``: the admin API from a shell.
+
+They talk to a running gateway (``--url`` or ``$TENANTWARE_URL``, default
+``http://127.0.0.1:8080``) with an admin key (``--admin-key`` or ``$TENANTWARE_ADMIN_KEY``),
+so an operator never edits Redis by hand. Answers print as JSON; a refusal prints the
+gateway's error message and exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+__all__ = ["add_commands"]
+
+_DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+def _client(args: argparse.Namespace) -> Any:
+    import httpx
+
+    key = args.admin_key or os.environ.get("TENANTWARE_ADMIN_KEY")
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    url = args.url or os.environ.get("TENANTWARE_URL") or _DEFAULT_URL
+    return httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=args.timeout)
+
+
+def _call(
+    args: argparse.Namespace,
+    method: str,
+    path: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+) -> int:
+    import httpx
+
+    try:
+        with _client(args) as client:
+            response = client.request(method, path, json=body, headers=headers)
+    except httpx.HTTPError as exc:
+        print(f"tenantware: cannot reach the gateway: {exc}", file=sys.stderr)
+        return 1
+    try:
+        payload = response.json()
+    except ValueError:
+        payload = {"error": {"message": response.text[:500]}}
+    if response.status_code >= 300:
+        error = payload.get("error", {}) if isinstance(payload, dict) else {}
+        param = f" ({error['param']})" if error.get("param") else ""
+        print(f"tenantware: {response.status_code}: {error.get('message')}{param}", file=sys.stderr)
+        return 1
+    print(json.dumps(payload, indent=2))
+    return 0
+
+
+def _limits(pairs: list[str] | None) -> dict[str, Any]:
+    limits: dict[str, Any] = {}
+    for pair in pairs or ():
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"tenantware: --limit takes NAME=VALUE, got {pair!r}")
+        limits[name] = None if value in ("", "none") else json.loads(value)
+    return limits
+
+
+def _tenant_fields(args: argparse.Namespace) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for name in ("name", "tier", "weight", "cost_center"):
+        value = getattr(args, name)
+        if value is not None:
+            fields[name] = value
+    if args.model:
+        fields["allowed_models"] = args.model
+    limits = _limits(args.limit)
+    if limits:
+        fields["limits"] = limits
+    return fields
+
+
+def _tenants_list(args: argparse.Namespace) -> int:
+    return _call(args, "GET", f"/admin/tenants?limit={args.limit}")
+
+
+def _tenants_get(args: argparse.Namespace) -> int:
+    return _call(args, "GET", f"/admin/tenants/{args.tenant}")
+
+
+def _tenants_create(args: argparse.Namespace) -> int:
+    headers = {"idempotency-key": args.idempotency_key} if args.idempotency_key else None
+    body = {"id": args.tenant, **_tenant_fields(args)}
+    return _call(args, "POST", "/admin/tenants", body, headers)
+
+
+def _tenants_update(args: argparse.Namespace) -> int:
+    headers = {"if-match": args.if_match} if args.if_match else None
+    return _call(args, "PATCH", f"/admin/tenants/{args.tenant}", _tenant_fields(args), headers)
+
+
+def _tenants_disable(args: argparse.Namespace) -> int:
+    body = {"disabled": args.command_name == "disable"}
+    return _call(args, "PATCH", f"/admin/tenants/{args.tenant}", body)
+
+
+def _tenants_delete(args: argparse.Namespace) -> int:
+    return _call(args, "DELETE", f"/admin/tenants/{args.tenant}")
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    return _call(args, "GET", f"/admin/tenants/{args.tenant}/keys")
+
+
+def _keys_issue(args: argparse.Namespace) -> int:
+    body = {"id": args.id} if args.id else {}
+    return _call(args, "POST", f"/admin/tenants/{args.tenant}/keys", body)
+
+
+def _keys_rotate(args: argparse.Namespace) -> int:
+    path = f"/admin/tenants/{args.tenant}/keys/{args.key_id}/rotate"
+    return _call(args, "POST", path, {"grace_s": args.grace_s})
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    return _call(args, "POST", f"/admin/tenants/{args.tenant}/keys/{args.key_id}/revoke")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help=f"gateway URL ($TENANTWARE_URL, default {_DEFAULT_URL})")
+    parser.add_argument("--admin-key", help="admin API key ($TENANTWARE_ADMIN_KEY)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+
+
+def _fields(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--name")
+    parser.add_argument("--tier")
+    parser.add_argument("--weight", type=float)
+    parser.add_argument("--cost-center", dest="cost_center")
+    parser.add_argument("--model", action="append", help="an allowed model (repeat)")
+    parser.add_argument(
+        "--limit",
+        action="append",
+        metavar="NAME=VALUE",
+        help="a limit, e.g. requests_per_minute=600 (none: back to the tier's)",
+    )
+
+
+def add_commands(commands: Any) -> None:
+    """Add ``tenants`` and ``keys`` to the ``tenantware`` subcommands."""
+    tenants = commands.add_parser("tenants", help="tenants through a gateway's admin API")
+    tenant_commands = tenants.add_subparsers(dest="tenants_command", required=True)
+
+    def command(parent: Any, name: str, func: Any, help: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = parent.add_parser(name, help=help)
+        _common(parser)
+        parser.set_defaults(func=func, command_name=name)
+        return parser
+
+    listing = command(tenant_commands, "list", _tenants_list, "list tenants")
+    listing.add_argument("--limit", type=int, default=100)
+    command(tenant_commands, "get", _tenants_get, "show one tenant").add_argument("tenant")
+    create = command(tenant_commands, "create", _tenants_create, "create a tenant")
+    create.add_argument("tenant")
+    create.add_argument("--idempotency-key")
+    _fields(create)
+    update = command(tenant_commands, "update", _tenants_update, "change a tenant")
+    update.add_argument("tenant")
+    update.add_argument("--if-match", help="the version read before (412 if it changed)")
+    _fields(update)
+    for name, text in (("disable", "refuse its keys"), ("enable", "accept its keys again")):
+        command(tenant_commands, name, _tenants_disable, text).add_argument("tenant")
+    command(tenant_commands, "delete", _tenants_delete, "delete a tenant").add_argument("tenant")
+    revoke_key = command(tenant_commands, "revoke-key", _keys_revoke, "revoke a key now")
+    revoke_key.add_argument("tenant")
+    revoke_key.add_argument("key_id")
+
+    keys = commands.add_parser("keys", help="API keys through a gateway's admin API")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    command(key_commands, "list", _keys_list, "list a tenant's keys").add_argument("tenant")
+    issue = command(key_commands, "issue", _keys_issue, "issue a key (printed once)")
+    issue.add_argument("tenant")
+    issue.add_argument("--id", help="key id (default: generated)")
+    rotate = command(key_commands, "rotate", _keys_rotate, "new key; old one valid for a grace")
+    rotate.add_argument("tenant")
+    rotate.add_argument("key_id")
+    rotate.add_argument("--grace-s", type=float, default=3600.0)
+    revoke = command(key_commands, "revoke", _keys_revoke, "revoke a key now")
+    revoke.add_argument("tenant")
+    revoke.add_argument("key_id")
