@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
 import anyio
@@ -17,6 +17,8 @@ from tenantware.keys import KeyHasher
 from tenantware.metrics import REGISTRY
 from tenantware.registry import AuditEntry, RegistryStore, VersionMismatch, open_registry
 from tenantware.registry.memory import MemoryRegistryStore
+from tenantware.registry.redis import RedisRegistryStore
+from tenantware.registry.sync import RegistrySync
 from tests.servers import ServiceUnavailable, throwaway_redis
 from tests.support import CHAT, KEYS, client_for, in_process_gateway, make_config
 
@@ -146,10 +148,8 @@ async def test_a_key_revoked_on_one_replica_is_refused_by_the_other(
             assert two.live.current.registry_version == int(revoked.headers["etag"].strip('"'))
 
 
-async def test_a_lost_message_is_caught_by_the_version_check(
-    redis_url: str, redis_prefix: str
-) -> None:
-    config = shared_config(redis_url, redis_prefix, registry_check_s=0.2)
+async def test_a_cut_subscription_is_taken_up_again(redis_url: str, redis_prefix: str) -> None:
+    config = shared_config(redis_url, redis_prefix, registry_check_s=60)
     async with replicas(config) as (one, two):
         # Cut replica two's subscription (its pub/sub connection, by name), then change.
         name = two.registry_store.client_name  # type: ignore[attr-defined]
@@ -170,10 +170,47 @@ async def test_a_lost_message_is_caught_by_the_version_check(
         async def applied() -> bool:
             return two.live.current.registry_version >= target
 
+        # With a one-minute version check, only listening again (and reading the version
+        # on subscribing) can bring the change this soon.
         await until(applied)
         view = two.live.current.registry.by_id("hobby")
         assert view is not None
         assert view.weight == 0.9
+        assert not two.registry.stale, "a lost subscription is not an outage"
+
+
+class DeafRedisRegistry(RedisRegistryStore):
+    """A replica that never hears pub/sub: every message to it is lost."""
+
+    async def changes(self) -> AsyncGenerator[int, None]:
+        await anyio.sleep_forever()
+        yield 0  # pragma: no cover
+
+
+async def test_lost_messages_are_caught_by_the_version_check(
+    redis_url: str, redis_prefix: str
+) -> None:
+    config = shared_config(redis_url, redis_prefix, registry_check_s=0.2)
+    async with replicas(config) as (one, _):
+        deaf, _ = in_process_gateway(config=config)
+        deaf.registry_store = DeafRedisRegistry(redis_url, prefix=redis_prefix)
+        deaf.registry = RegistrySync(deaf.live, deaf.registry_store, check_s=0.2)
+        async with deaf.registry.running():
+            try:
+                async with client_for(one.asgi_app(), ADMIN) as admin:
+                    revoked = await admin.post("/admin/tenants/acme/keys/acme-1/revoke")
+                    assert revoked.status_code == 200
+                target = int(revoked.headers["etag"].strip('"'))
+
+                async def applied() -> bool:
+                    return deaf.live.current.registry_version >= target
+
+                await until(applied)
+                gone = deaf.live.current.registry.by_key_hash(KeyHasher().hash(KEYS["acme"]))
+                assert gone is None
+            finally:
+                await deaf.registry_store.aclose()
+                await deaf.stores.aclose()
 
 
 async def test_a_raised_limit_applies_at_once_and_keeps_the_counters(

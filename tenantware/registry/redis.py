@@ -185,12 +185,14 @@ class RedisRegistryStore:
         return found
 
     async def changes(self) -> AsyncGenerator[int, None]:
-        """Versions published by writers; raises ``StoreUnavailable`` when the subscription
-        is lost (the caller re-subscribes, and its periodic check covers the gap)."""
+        """The version once subscribed (what changed while not subscribed is not missed),
+        then each version writers publish; raises ``StoreUnavailable`` when the subscription
+        is lost (the caller subscribes again)."""
         with redis_errors():
             pubsub = self._redis.pubsub()
             try:
                 await pubsub.subscribe(self.channel)
+                yield await self.version()
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is not None and message.get("type") == "message":

@@ -116,7 +116,8 @@ class RegistryStore(Protocol):
         ...
 
     def changes(self) -> AsyncGenerator[int, None]:
-        """Versions announced by writers, as they come (ends or raises when cut off)."""
+        """The version once listening, then each version writers announce, as they come
+        (raises ``StoreUnavailable`` when cut off)."""
         ...
 
     async def aclose(self) -> None: ...

@@ -28,6 +28,9 @@ __all__ = ["RegistrySync"]
 
 log = structlog.get_logger("tenantware.registry")
 
+#: First wait before listening again after the subscription was lost.
+RESUBSCRIBE_MIN_S = 0.05
+
 
 class RegistrySync:
     """``RegistrySync(live, store)``; ``async with sync.running():`` for the process's life."""
@@ -67,13 +70,14 @@ class RegistrySync:
     async def refresh(self) -> int:
         """Copy the registry into a new snapshot if it moved on; the version now in force.
 
-        The first call of a shared registry that was never written seeds it with the file's
-        tenants (``seed`` is atomic: of many replicas starting at once, one seeds).
+        A shared registry that was never written (or lost its data: a Redis restarted
+        without persistence) is seeded with this process's tenants: the file's at first
+        start, else its last copy (``seed`` is atomic: of many replicas, one seeds).
         """
         async with self._lock:
             state = await self.store.load()
             if not state.initialized:
-                await self.store.seed(list(self.live.file_config.tenants))
+                await self.store.seed(list(self.live.current.config.tenants))
                 state = await self.store.load()
             self._answered()
             current = self.live.current.registry_version
@@ -123,17 +127,20 @@ class RegistrySync:
                 group.cancel_scope.cancel()
 
     async def _listen(self) -> None:
+        # A lost subscription is not an outage (the version check declares those): listen
+        # again soon, backing off up to the check interval while it keeps failing.
+        delay = RESUBSCRIBE_MIN_S
         while True:
             try:
                 async with contextlib.aclosing(self.store.changes()) as changes:
                     async for version in changes:
+                        delay = RESUBSCRIBE_MIN_S
                         if version > self.live.current.registry_version:
                             await self.refresh()
             except STORE_UNAVAILABLE as exc:
-                self._failed(exc)
-            except ConfigError:
-                pass
-            await anyio.sleep(min(self.check_s, 1.0))
+                log.debug("registry subscription lost", error=type(exc).__name__)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, self.check_s)
 
     async def _check(self) -> None:
         while True:

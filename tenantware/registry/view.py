@@ -91,10 +91,10 @@ class MemoryTenantRegistry:
 
     def by_key_hash(self, key_hash: str) -> KeyEntry | None:
         entry = self._by_hash.get(key_hash)
-        # Only a key in its rotation grace period carries an expiry: others cost no clock read.
-        if entry is not None and entry.expires_at is not None and entry.expires_at <= time.time():
-            return None
-        return entry
+        if entry is None or entry.expires_at is None:
+            return entry
+        # Only a key in its rotation grace period carries an expiry (and costs a clock read).
+        return entry if entry.expires_at > time.time() else None
 
     def by_id(self, tenant_id: str) -> TenantView | None:
         return self._by_id.get(tenant_id)
