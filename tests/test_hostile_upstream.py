@@ -145,3 +145,25 @@ async def test_invalid_utf8_in_a_body_not_rewritten_is_passed_through_untouched(
         response = await client.post("/v1/chat/completions", content=raw)
     assert seen == [raw]
     assert response.status_code == 400  # the upstream's own answer
+
+
+_DEEP = b"[" * 5000 + b"]" * 5000
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_an_upstream_answer_nested_too_deeply_is_relayed_not_a_500(stream: bool) -> None:
+    if stream:
+        body = b'data: {"model":"gpt-4.1","choices":' + _DEEP + b"}\n\ndata: [DONE]\n\n"
+        content_type = "text/event-stream"
+    else:
+        body = b'{"id":"x","model":"gpt-4.1","choices":' + _DEEP + b"}"
+        content_type = "application/json"
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": content_type}, content=body)
+
+    gateway = _gateway_over(upstream)
+    async with client_for(gateway.asgi_app(), KEYS["acme"]) as client:
+        response = await client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+    assert response.status_code == 200
+    assert _DEEP in response.content
