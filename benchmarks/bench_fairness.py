@@ -38,10 +38,11 @@ from typing import Any
 
 import httpx
 
-from tenantware import KeyHasher, parse_config
-from tenantware.testing.servers import find_free_port
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script: the repository's tests/ helpers
+
+from tenantware import KeyHasher, parse_config  # noqa: E402
+from tests.servers import find_free_port  # noqa: E402
 
 WEIGHTS = {"A": 0.5, "B": 0.35, "C": 0.15}
 SEATS = 16

@@ -7,25 +7,16 @@ breaker): each later layer relies on what the earlier ones put in the request co
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from starlette.middleware import Middleware
 
 from tenantware.admission.pools import AdmissionPools
-from tenantware.backends.redis_support import (
-    RedisClient,
-    ScriptHost,
-    connect_redis,
-    connect_scripts,
-)
 from tenantware.breaker.board import BreakerBoard
-from tenantware.breaker.redis_store import RedisBreakerStore
 from tenantware.config import GatewayConfig
 from tenantware.estimate import PromptEstimator, estimate_prompt_tokens
 from tenantware.metering.ledger import (
@@ -47,10 +38,14 @@ from tenantware.middleware.quota import QuotaMiddleware
 from tenantware.middleware.tenant import TenantMiddleware
 from tenantware.proxy.app import ProxyApp
 from tenantware.proxy.upstream import UpstreamClient
-from tenantware.quota import FailoverQuotaStore, MemoryQuotaStore, QuotaStore, RedisQuotaStore
+from tenantware.quota.store import QuotaStore
 from tenantware.reload import watch_config
 from tenantware.state import LiveConfig
+from tenantware.stores import Stores, open_stores
 from tenantware.types import ASGIApp, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from tenantware.backends.redis_support import RedisClient
 
 __all__ = ["Gateway"]
 
@@ -72,35 +67,30 @@ class Gateway:
         estimator: PromptEstimator = estimate_prompt_tokens,
         ledger: Ledger | None = None,
     ) -> None:
-        self._redis: RedisClient | None = None
-        self._scripts: ScriptHost | None = None
         self.live = LiveConfig(config)
         self.config_path = config_path
         self.estimator = estimator
-        #: Every circuit of this gateway, shared by ``BreakerMiddleware`` and the proxy.
-        redis = self.redis
-        store = (
-            RedisBreakerStore(
-                redis,
-                prefix=config.gateway.redis_prefix,
-                sync_interval_s=config.breaker.sync_interval_s,
-            )
-            if redis is not None
-            else None
+        settings = config.gateway
+        #: Where every layer keeps its state: memory, or ``gateway.redis_url``.
+        self.stores: Stores = open_stores(
+            settings.redis_url,
+            prefix=settings.redis_prefix,
+            timeout_s=settings.redis_timeout_s,
+            replicas=settings.replicas,
+            on_failure=settings.on_store_failure,
+            retry_after_s=config.quota.retry_store_after_s,
         )
-        self.board = BreakerBoard(config.breaker, store)
+        #: Every circuit of this gateway, shared by ``BreakerMiddleware`` and the proxy.
+        self.board = BreakerBoard(
+            config.breaker,
+            self.stores.breaker_store(sync_interval_s=config.breaker.sync_interval_s),
+        )
         self.proxy = ProxyApp(live=self.live, client=upstream_client, board=self.board)
         #: Async context managers entered for the gateway's lifetime (writers, pools).
         self._services: list[Callable[[], AbstractAsyncContextManager[Any]]] = []
-        self._quota_store: QuotaStore | None = None
         #: Fair-share seat pools (memory, or Redis when ``gateway.redis_url`` is set).
         self.admission = AdmissionPools(
-            config.admission,
-            redis=self.redis,
-            scripts=self.scripts,
-            prefix=config.gateway.redis_prefix,
-            on_failure=config.gateway.on_store_failure,
-            replicas=config.gateway.replicas,
+            config.admission, self.stores.seat_store, replicas=settings.replicas
         )
         self.add_service(self.admission.running)
         self.live.on_change(lambda snapshot: self.admission.reconfigure(snapshot.config.admission))
@@ -158,38 +148,12 @@ class Gateway:
     @property
     def redis(self) -> RedisClient | None:
         """The shared Redis client when ``gateway.redis_url`` is set (one pool per process)."""
-        settings = self.config.gateway
-        if self._redis is None and settings.redis_url:
-            self._redis = connect_redis(settings.redis_url, timeout_s=settings.redis_timeout_s)
-        return self._redis
-
-    @property
-    def scripts(self) -> ScriptHost | None:
-        """What runs the per-request scripts (quota, admission): one pipelined connection
-        to a plain Redis server (``MultiplexedRedis``), else the shared client."""
-        settings = self.config.gateway
-        redis = self.redis
-        if self._scripts is None and redis is not None and settings.redis_url:
-            self._scripts = connect_scripts(
-                settings.redis_url, redis, timeout_s=settings.redis_timeout_s
-            )
-        return self._scripts
+        return self.stores.redis
 
     @property
     def quota_store(self) -> QuotaStore:
         """Redis (with the failure policies) when ``gateway.redis_url`` is set, else memory."""
-        if self._quota_store is None:
-            settings = self.config.gateway
-            redis = self.redis
-            if redis is None:
-                self._quota_store = MemoryQuotaStore(prefix=settings.redis_prefix)
-            else:
-                self._quota_store = FailoverQuotaStore(
-                    RedisQuotaStore(self.scripts or redis, prefix=settings.redis_prefix),
-                    timeout_s=settings.redis_timeout_s,
-                    retry_after_s=self.config.quota.retry_store_after_s,
-                )
-        return self._quota_store
+        return self.stores.quota_store()
 
     @property
     def config(self) -> GatewayConfig:
@@ -248,12 +212,7 @@ class Gateway:
         await self.proxy.aclose()
         with contextlib.suppress(Exception):
             await self.board.aclose()
-        scripts, self._scripts = self._scripts, None
-        if scripts is not None and scripts is not self._redis:
-            await scripts.aclose()
-        redis, self._redis = self._redis, None
-        if redis is not None:
-            await redis.aclose()
+        await self.stores.aclose()
 
     def lifespan(self, app: Any) -> AbstractAsyncContextManager[None]:
         """A Starlette/FastAPI ``lifespan=`` callable."""
@@ -292,38 +251,28 @@ class Gateway:
         return app
 
 
-#: How long a worker thread may keep the GIL while the event loop waits for it.
-GIL_SWITCH_INTERVAL_S = 0.0005
-
-
-def _tune_process() -> None:
-    """Process settings of the standalone gateway, for its tail latency.
-
-    - Everything alive after start-up (modules, config, clients: ~10^5 objects that live as
-      long as the process) moves out of the collector's reach. Otherwise each full
-      (generation 2) collection walks all of them: under load at c=16 that was up to 31 ms of
-      pause per collection. Collected once first, so no start-up garbage is frozen; objects
-      created later are collected as usual.
-    - Worker threads (the ledger's database drivers) give the GIL back to the event loop
-      after 0.5 ms instead of Python's default 5 ms, so a ledger write can delay a request
-      by at most that.
-    """
-    gc.collect()
-    gc.freeze()
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-
-
 async def _run_lifespan(gateway: Gateway, receive: Receive, send: Send) -> None:
+    """Run ``gateway.running()`` for the server's lifespan, reporting each phase's failure as
+    that phase's, with the error itself (uvicorn prints it and exits on a failed startup)."""
     message = await receive()
     if message["type"] != "lifespan.startup":
         return
+    started = False
     try:
         async with gateway.running():
-            _tune_process()
             await send({"type": "lifespan.startup.complete"})
+            started = True
             while (await receive())["type"] != "lifespan.shutdown":
                 pass
     except Exception as exc:
-        await send({"type": "lifespan.shutdown.failed", "message": repr(exc)})
+        phase = "shutdown" if started else "startup"
+        await send({"type": f"lifespan.{phase}.failed", "message": _describe(exc)})
         return
     await send({"type": "lifespan.shutdown.complete"})
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: text`` of the error, looking through the task group's one-error wrapper."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"

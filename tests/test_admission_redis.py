@@ -14,14 +14,14 @@ import pytest
 from tenantware.admission.core import GRANTED, QUEUED, Ticket
 from tenantware.admission.redis import RedisSeatStore
 from tenantware.backends.redis_support import connect_redis
-from tenantware.testing.servers import (
+from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig
+from tests.admission_worker import WEIGHTS
+from tests.servers import (
     ServiceUnavailable,
     find_free_port,
     redis_cluster,
     throwaway_redis,
 )
-from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig
-from tests.admission_worker import WEIGHTS
 from tests.support import CHAT, KEYS, client_for, in_process_gateway, make_config
 
 pytestmark = pytest.mark.anyio
@@ -171,7 +171,7 @@ async def test_gateway_with_redis_queues_and_serves(redis_url: str, redis_prefix
     assert state["waiting"] == 0
 
 
-@pytest.mark.parametrize(("policy", "status"), [("open", 200), ("closed", 503)])
+@pytest.mark.parametrize(("policy", "status"), [("open", 200), ("local", 200), ("closed", 503)])
 async def test_redis_down_follows_the_failure_policy(policy: str, status: int) -> None:
     url = f"redis://127.0.0.1:{find_free_port()}/0"
     config = make_config(

@@ -9,10 +9,10 @@ from typing import Any
 import anyio
 import pytest
 
-from tenantware.admission.base import SeatStore
 from tenantware.admission.core import GRANTED, QUEUE_FULL, QUEUED, Ticket
 from tenantware.admission.memory import MemorySeatStore
 from tenantware.admission.redis import RedisSeatStore
+from tenantware.admission.store import SeatStore
 from tenantware.backends.multiplex import MultiplexedRedis
 from tenantware.backends.redis_support import connect_redis
 

@@ -29,8 +29,8 @@ from tenantware.metering.ledger import (
 )
 from tenantware.metering.ledger.postgres import PostgresLedger
 from tenantware.metrics import REGISTRY
-from tenantware.testing.servers import find_free_port
 from tenantware.testing.upstream import FakeUpstream
+from tests.servers import find_free_port
 from tests.support import CHAT, KEYS, client_for, in_process_gateway, make_config
 from tests.test_ledger import make_records
 

@@ -20,9 +20,9 @@ import pytest
 from tenantware import Gateway, HttpxUpstreamClient, KeyHasher, parse_config
 from tenantware.metering.ledger import MemoryLedger, SqliteLedger
 from tenantware.testing.serve import serve_in_thread
-from tenantware.testing.servers import find_free_port
 from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig
 from tenantware.types import Message
+from tests.servers import find_free_port
 from tests.support import CHAT
 
 pytestmark = pytest.mark.anyio

@@ -17,7 +17,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tenantware.backends.multiplex import MultiplexedRedis, encode_command, multiplexable
 from tenantware.backends.redis_support import connect_redis, connect_scripts
-from tenantware.testing.servers import find_free_port
+from tests.servers import find_free_port
 
 pytestmark = pytest.mark.anyio
 

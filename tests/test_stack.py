@@ -42,10 +42,11 @@ from tenantware.quota.plan import (
 )
 from tenantware.quota.redis import RedisQuotaStore
 from tenantware.reload import reload_from
+from tenantware.stores import open_stores
 from tenantware.testing.serve import serve_in_thread
-from tenantware.testing.servers import find_free_port
 from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig
 from tenantware.types import Receive, Scope, Send
+from tests.servers import find_free_port
 from tests.support import CHAT, KEYS, client_for, tenant_entries
 
 ADMIN_KEY = "sk-test-admin-stack"
@@ -159,14 +160,12 @@ class Stack:
         settings = self.gateway.config.gateway
         if not settings.redis_url:
             return await self.gateway.admission.state()
-        redis = connect_redis(settings.redis_url, timeout_s=2.0)
+        stores = open_stores(settings.redis_url, prefix=settings.redis_prefix, timeout_s=2.0)
         try:
-            pools = AdmissionPools(
-                self.gateway.config.admission, redis=redis, prefix=settings.redis_prefix
-            )
+            pools = AdmissionPools(self.gateway.config.admission, stores.seat_store)
             return await pools.state()
         finally:
-            await redis.aclose()
+            await stores.aclose()
 
     def seats(self) -> dict[str, Any]:
         state = anyio.run(self._admission_state)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 
 from tenantware.admission.core import QUEUED, FairCore, Ticket
+from tenantware.admission.store import PoolSpec
 
 __all__ = ["MemorySeatStore"]
 
@@ -19,8 +21,9 @@ class MemorySeatStore:
     Only a queued ticket gets an ``anyio.Event``, set by whichever release grants it.
     """
 
-    #: ``release`` never suspends: nothing to shield (a cancel scope costs ~5 us).
-    shield_release = False
+    remote = False
+    #: ``release`` never suspends: nothing to shield (a cancel scope per request saved).
+    yields = False
 
     def __init__(
         self,
@@ -42,6 +45,22 @@ class MemorySeatStore:
             burst_s=burst_s,
         )
         self.clock = clock
+
+    @classmethod
+    def from_spec(cls, spec: PoolSpec, *, replicas: int = 1) -> MemorySeatStore:
+        """The pool of ``spec``; with ``replicas`` processes, this one's share of its seats."""
+        return cls(
+            max(1, spec.seats // replicas),
+            band_shares=spec.band_shares,
+            max_queue=spec.max_queue,
+            tokens_per_s=spec.tokens_per_s,
+            burst_s=spec.burst_s,
+        )
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Nothing runs in the background: waiters are woken by releases."""
+        yield
 
     async def acquire(self, ticket: Ticket) -> int:
         status, granted = self.core.submit(ticket, self.clock())

@@ -1,27 +1,50 @@
 """Which seat pool a request queues for, and the per-tenant parameters of its ticket.
 
 Built once per gateway from ``AdmissionSettings``: a global pool (``seats``) and one pool per
-upstream listed in ``upstream_seats``. Pools live in memory, or in Redis when the gateway has
-a Redis client (then ``running()`` renews this process's seat leases). In memory, with
-``gateway.replicas`` processes, each process guards ``seats // replicas`` seats.
+upstream listed in ``upstream_seats``. Each pool's store comes from ``seat_store`` (the
+gateway's backend: memory, or Redis where ``running()`` renews this process's seat leases).
+In memory, with ``gateway.replicas`` processes, each process guards ``seats // replicas``.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from typing import Any
 
-import anyio
-
-from tenantware.admission.base import SeatStore
 from tenantware.admission.core import BAND_INDEX, BANDS
 from tenantware.admission.memory import MemorySeatStore
-from tenantware.backends.redis_support import RedisClient, ScriptHost
+from tenantware.admission.store import PoolSpec, SeatStore, SeatStoreFactory
 from tenantware.config import AdmissionSettings
 from tenantware.registry import TenantView
 
-__all__ = ["AdmissionPools", "TenantTerms"]
+__all__ = ["AdmissionPools", "TenantTerms", "pool_specs"]
+
+
+def pool_specs(settings: AdmissionSettings) -> dict[str, PoolSpec]:
+    """The pools ``settings`` asks for, by name (``*`` is the global pool)."""
+    wanted: dict[str, int] = dict(settings.upstream_seats)
+    if settings.seats is not None:
+        wanted["*"] = settings.seats
+    rates: dict[str, int] = dict(settings.upstream_tokens_per_second)
+    if settings.tokens_per_second is not None:
+        rates["*"] = settings.tokens_per_second
+    shares = tuple(settings.band_shares.get(band, 1.0) for band in BANDS)
+    return {
+        name: PoolSpec(
+            name=name,
+            seats=seats,
+            band_shares=shares,
+            max_queue=settings.max_queue_per_tenant,
+            tokens_per_s=rates.get(name),
+            burst_s=settings.rate_burst_s,
+            lease_s=settings.lease_s,
+            poll_min_s=settings.poll_min_s,
+            poll_max_s=settings.poll_max_s,
+        )
+        for name, seats in wanted.items()
+    }
 
 
 class TenantTerms:
@@ -44,76 +67,37 @@ class AdmissionPools:
     def __init__(
         self,
         settings: AdmissionSettings,
+        seat_store: SeatStoreFactory | None = None,
         *,
-        redis: RedisClient | None = None,
-        scripts: ScriptHost | None = None,
-        prefix: str = "",
         stores: dict[str, SeatStore] | None = None,
-        on_failure: str = "open",
         replicas: int = 1,
     ) -> None:
         self.settings = settings
-        self._replicas = 1 if redis is not None else replicas
-        shares = tuple(settings.band_shares.get(band, 1.0) for band in BANDS)
-        wanted: dict[str, int] = dict(settings.upstream_seats)
-        if settings.seats is not None:
-            wanted["*"] = settings.seats
-        self.stores: dict[str, SeatStore] = {}
-        if stores is not None:
-            self.stores.update(stores)
-        rates: dict[str, int] = dict(settings.upstream_tokens_per_second)
-        if settings.tokens_per_second is not None:
-            rates["*"] = settings.tokens_per_second
-        for name, seats in wanted.items():
-            if name in self.stores:
-                continue
-            rate = rates.get(name)
-            if redis is not None:
-                from tenantware.admission.redis import RedisSeatStore
-
-                self.stores[name] = RedisSeatStore(
-                    redis,
-                    pool=name,
-                    seats=seats,
-                    prefix=prefix,
-                    band_shares=shares,
-                    max_queue=settings.max_queue_per_tenant,
-                    tokens_per_s=rate,
-                    burst_s=settings.rate_burst_s,
-                    lease_s=settings.lease_s,
-                    poll_min_s=settings.poll_min_s,
-                    poll_max_s=settings.poll_max_s,
-                    on_failure="closed" if on_failure == "closed" else "open",
-                    scripts=scripts,
-                )
-            else:
-                # Without a shared store each of ``replicas`` processes guards its part.
-                self.stores[name] = MemorySeatStore(
-                    max(1, seats // replicas),
-                    band_shares=shares,
-                    max_queue=settings.max_queue_per_tenant,
-                    tokens_per_s=rate,
-                    burst_s=settings.rate_burst_s,
-                )
+        self._replicas = replicas
+        make = seat_store or partial(MemorySeatStore.from_spec, replicas=replicas)
+        self.stores: dict[str, SeatStore] = dict(stores or {})
+        for name, spec in pool_specs(settings).items():
+            if name not in self.stores:
+                self.stores[name] = make(spec)
         self.global_store = self.stores.get("*")
         self._terms: dict[str, TenantTerms] = {}
         #: Per tenant: moving average of the output tokens its requests actually produced.
         self._output_avg: dict[str, float] = {}
 
     def reconfigure(self, settings: AdmissionSettings) -> None:
-        """Apply a reloaded configuration: seat counts of existing pools, reservations, caps.
+        """Apply a reloaded configuration: seat counts of existing pools, reservations, caps,
+        the output weight and default priority (read per request from ``settings``).
 
         Adding or removing pools, rates, band shares and queue limits need a restart.
         """
         self.settings = settings
         self._terms = {}
-        wanted: dict[str, int] = dict(settings.upstream_seats)
-        if settings.seats is not None:
-            wanted["*"] = settings.seats
-        for name, seats in wanted.items():
+        for name, spec in pool_specs(settings).items():
             store = self.stores.get(name)
             if store is not None:
-                store.resize(max(1, seats // self._replicas))
+                # A shared store guards the whole pool; a memory one this process's share.
+                share = spec.seats if store.remote else spec.seats // self._replicas
+                store.resize(max(1, share))
 
     def output_estimate(self, tenant_id: str, cap: int) -> float:
         """Output tokens to charge at dispatch: the tenant's recent average, at most ``cap``.
@@ -152,15 +136,8 @@ class AdmissionPools:
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        """Redis upkeep for the gateway's lifetime: renew this process's leases, grant notices."""
-        renewers = [s for s in self.stores.values() if hasattr(s, "run_forever")]
-        if not renewers:
+        """Every pool's background work (Redis: lease renewal, grant notices) while in use."""
+        async with AsyncExitStack() as stack:
+            for store in self.stores.values():
+                await stack.enter_async_context(store.running())
             yield
-            return
-        async with anyio.create_task_group() as group:
-            for store in renewers:
-                group.start_soon(store.run_forever)
-            try:
-                yield
-            finally:
-                group.cancel_scope.cancel()

@@ -13,36 +13,49 @@ processes' tickets are published on the pool's channel and each process's listen
 doubling up to ``poll_max_s``), so a lost notice costs at most ``poll_max_s`` of seat idle
 time, and a queued ticket's poll is its heartbeat.
 
-Failure policy: a Redis error on ``acquire`` admits the request unaccounted (``open``, the
-default) or answers 503 (``closed``).
+Failure policy (``backends/failover.py``) when Redis cannot decide an ``acquire``: ``open``
+admits the request unaccounted, ``closed`` answers ``UNAVAILABLE`` (the middleware's 503),
+``local`` queues it in a pool kept by this process with its share of the seats
+(``seats // replicas``) until Redis answers again.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
 
 import anyio
-from redis.exceptions import RedisError
 
-from tenantware import metrics
 from tenantware.admission.core import GRANTED, QUEUED, Ticket
-from tenantware.backends.redis_support import RedisClient, ScriptHost, tenant_key
-from tenantware.context import Outcome
-from tenantware.errors import GatewayError
+from tenantware.admission.memory import MemorySeatStore
+from tenantware.admission.store import UNAVAILABLE, PoolSpec
+from tenantware.backends.errors import STORE_UNAVAILABLE
+from tenantware.backends.failover import Failover
+from tenantware.backends.keys import tenant_key
+from tenantware.backends.redis_support import (
+    RedisClient,
+    ScriptHost,
+    redis_errors,
+    register_script,
+)
+from tenantware.config import FailurePolicy
 
 __all__ = ["RedisSeatStore"]
 
 _SCRIPT = resources.files("tenantware.admission").joinpath("lua/admission.lua").read_text()
+#: ``Ticket.lease`` of a ticket admitted unchecked (``open``) or by the local pool (``local``).
 _UNACCOUNTED = "-"
+_LOCAL = "~"
 
 
 class RedisSeatStore:
     """One seat pool in Redis; see the module docstring for leases, wake-up and failures."""
 
-    shield_release = True
+    remote = True
+    yields = True
 
     def __init__(
         self,
@@ -58,12 +71,18 @@ class RedisSeatStore:
         lease_s: float = 30.0,
         poll_min_s: float = 0.002,
         poll_max_s: float = 0.25,
-        on_failure: str = "open",
+        on_failure: FailurePolicy = "open",
         heartbeat_s: float | None = None,
         scripts: ScriptHost | None = None,
+        replicas: int = 1,
+        failover: Failover | None = None,
     ) -> None:
         self.redis = redis
         self.seats = seats
+        self.replicas = replicas
+        self._band_shares = band_shares
+        self._tokens_per_s = tokens_per_s
+        self._burst_s = burst_s
         self._keys = [tenant_key(prefix, f"adm:{pool}")]
         self._channel = self._keys[0] + ":wake"
         rate = tokens_per_s or 0.0
@@ -75,7 +94,7 @@ class RedisSeatStore:
             *map(repr, map(float, band_shares)),
         ]
         #: Decisions run on ``scripts`` when given (the pipelined connection); pub/sub on redis.
-        self._script: Any = (scripts or redis).register_script(_SCRIPT)
+        self._script: Any = register_script(scripts or redis, _SCRIPT)
         self.max_queue = max_queue
         self.lease_ms = int(lease_s * 1000)
         #: A queued ticket whose process has not polled for this long is dropped.
@@ -84,11 +103,62 @@ class RedisSeatStore:
         self.poll_min_s = poll_min_s
         self.poll_max_s = poll_max_s
         self.on_failure = on_failure
+        self.failover = failover or Failover("admission")
+        #: The pool this process keeps while Redis is down (``local`` policy), made on need.
+        self._local: MemorySeatStore | None = None
         #: Tickets of this process: queued (woken by local releases) and holding a lease.
         self._waiting: dict[str, Ticket] = {}
         self._held: set[str] = set()
         self._prefix = os.urandom(6).hex() + ":"
         self._seq = 0
+
+    @classmethod
+    def from_spec(
+        cls,
+        spec: PoolSpec,
+        redis: RedisClient,
+        *,
+        prefix: str = "",
+        scripts: ScriptHost | None = None,
+        on_failure: FailurePolicy = "open",
+        replicas: int = 1,
+        failover: Failover | None = None,
+    ) -> RedisSeatStore:
+        """The shared pool of ``spec``."""
+        return cls(
+            redis,
+            pool=spec.name,
+            seats=spec.seats,
+            prefix=prefix,
+            band_shares=spec.band_shares,
+            max_queue=spec.max_queue,
+            tokens_per_s=spec.tokens_per_s,
+            burst_s=spec.burst_s,
+            lease_s=spec.lease_s,
+            poll_min_s=spec.poll_min_s,
+            poll_max_s=spec.poll_max_s,
+            on_failure=on_failure,
+            scripts=scripts,
+            replicas=replicas,
+            failover=failover,
+        )
+
+    def _local_pool(self) -> MemorySeatStore:
+        """This process's share of the pool, for the ``local`` policy."""
+        if self._local is None:
+            self._local = MemorySeatStore(
+                max(1, self.seats // self.replicas),
+                band_shares=self._band_shares,
+                max_queue=self.max_queue,
+                tokens_per_s=self._tokens_per_s,
+                burst_s=self._burst_s,
+            )
+        return self._local
+
+    def _failed(self, exc: BaseException, call: str) -> None:
+        """A call other than ``acquire`` failed: counted; the policy has nothing to decide."""
+        self.failover.failed(exc, call, policy=self.on_failure)
+        self.failover.degraded(self.on_failure)
 
     async def _call(self, op: str, *args: Any) -> Any:
         return await self._script(keys=self._keys, args=[op, *self._head, *args])
@@ -114,14 +184,17 @@ class RedisSeatStore:
         others = self._wake(granted)
         if others:
             try:
-                await self.redis.publish(self._channel, b" ".join(others))
-            except RedisError:
-                # Their owners find the grant by polling.
-                metrics.STORE_FAILURES.labels("admission", self.on_failure).inc()
+                with redis_errors():
+                    await self.redis.publish(self._channel, b" ".join(others))
+            except STORE_UNAVAILABLE as exc:
+                self._failed(exc, "publish")  # their owners find the grant by polling
 
     async def acquire(self, ticket: Ticket) -> int:
         self._seq += 1
         ticket.id = ticket.lease = f"{self._prefix}{self._seq}"
+        failover = self.failover
+        if not failover.available:
+            return await self._degraded(ticket)
         try:
             reply = await self._call(
                 "acquire",
@@ -137,21 +210,11 @@ class RedisSeatStore:
                 self.heartbeat_ms,
                 repr(float(ticket.tokens)),
             )
-        except RedisError:
-            metrics.STORE_FAILURES.labels("admission", self.on_failure).inc()
-            if self.on_failure == "closed":
-                raise GatewayError(
-                    503,
-                    "The gateway cannot reach its capacity store. Please retry.",
-                    type="server_error",
-                    code="store_unavailable",
-                    outcome=Outcome.REJECTED_QUEUE,
-                    retry_after=1.0,
-                    should_retry=True,
-                ) from None
-            ticket.lease = _UNACCOUNTED
-            ticket.granted = True
-            return GRANTED
+        except STORE_UNAVAILABLE as exc:
+            failover.failed(exc, "acquire", policy=self.on_failure)
+            return await self._degraded(ticket)
+        if failover.down:
+            failover.succeeded()
         status = int(reply[0])
         await self._granted(reply[1:])
         if status == GRANTED:
@@ -162,7 +225,23 @@ class RedisSeatStore:
             self._waiting[ticket.id] = ticket
         return status
 
+    async def _degraded(self, ticket: Ticket) -> int:
+        """Redis cannot decide: the failure policy does."""
+        policy = self.on_failure
+        self.failover.degraded(policy)
+        if policy == "closed":
+            return UNAVAILABLE
+        if policy == "local":
+            ticket.lease = _LOCAL
+            return await self._local_pool().acquire(ticket)
+        ticket.lease = _UNACCOUNTED
+        ticket.granted = True
+        return GRANTED
+
     async def wait(self, ticket: Ticket) -> None:
+        if ticket.lease == _LOCAL:
+            await self._local_pool().wait(ticket)
+            return
         delay = self.poll_min_s
         try:
             while not ticket.granted:
@@ -173,9 +252,9 @@ class RedisSeatStore:
                     return
                 try:
                     reply = await self._call("poll", ticket.id, self.lease_ms, self.heartbeat_ms)
-                except RedisError:
+                except STORE_UNAVAILABLE as exc:
                     # Keep waiting (the caller bounds the wait); the next poll may succeed.
-                    metrics.STORE_FAILURES.labels("admission", self.on_failure).inc()
+                    self._failed(exc, "poll")
                     delay = self.poll_max_s
                     continue
                 await self._granted(reply[1:])
@@ -194,6 +273,9 @@ class RedisSeatStore:
             self._waiting.pop(ticket.id, None)
 
     async def cancel(self, ticket: Ticket) -> None:
+        if ticket.lease == _LOCAL:
+            await self._local_pool().cancel(ticket)
+            return
         await self.release(ticket, 0.0, 0.0)
 
     async def release(
@@ -201,6 +283,9 @@ class RedisSeatStore:
     ) -> None:
         self._waiting.pop(ticket.id, None)
         if ticket.lease == _UNACCOUNTED:
+            return
+        if ticket.lease == _LOCAL:
+            await self._local_pool().release(ticket, actual_cost, actual_tokens)
             return
         self._held.discard(ticket.id)
         ticket.granted = False
@@ -217,11 +302,21 @@ class RedisSeatStore:
                 repr(float(ticket.tokens)),
                 repr(float(ticket.tokens if actual_tokens is None else actual_tokens)),
             )
-        except RedisError:
+        except STORE_UNAVAILABLE as exc:
             # The lease expires by itself; only the usage correction is lost.
-            metrics.STORE_FAILURES.labels("admission", self.on_failure).inc()
+            self._failed(exc, "release")
             return
         await self._granted(granted)
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """``run_forever`` in the background while the gateway runs."""
+        async with anyio.create_task_group() as group:
+            group.start_soon(self.run_forever)
+            try:
+                yield
+            finally:
+                group.cancel_scope.cancel()
 
     async def run_forever(self) -> None:
         """This process's share of the pool's upkeep: lease renewal and grant notices."""
@@ -236,33 +331,36 @@ class RedisSeatStore:
             if self._held:
                 try:
                     await self._call("renew", self.lease_ms, *self._held)
-                except RedisError:
-                    metrics.STORE_FAILURES.labels("admission", self.on_failure).inc()
+                except STORE_UNAVAILABLE as exc:
+                    self._failed(exc, "renew")
 
     async def _listen_forever(self) -> None:
         """Wake local waiters granted by another process (polling remains the fallback)."""
         while True:
             try:
-                pubsub = self.redis.pubsub()
-                try:
-                    await pubsub.subscribe(self._channel)
-                    while True:
-                        message = await pubsub.get_message(
-                            ignore_subscribe_messages=True, timeout=1.0
-                        )
-                        if message is not None and isinstance(message["data"], bytes):
-                            self._wake(message["data"].split())
-                finally:
-                    with anyio.CancelScope(shield=True):
-                        await pubsub.aclose()  # type: ignore[no-untyped-call]
-            except (RedisError, OSError):
-                metrics.STORE_FAILURES.labels("admission", self.on_failure).inc()
+                with redis_errors():
+                    pubsub = self.redis.pubsub()
+                    try:
+                        await pubsub.subscribe(self._channel)
+                        while True:
+                            message = await pubsub.get_message(
+                                ignore_subscribe_messages=True, timeout=1.0
+                            )
+                            if message is not None and isinstance(message["data"], bytes):
+                                self._wake(message["data"].split())
+                    finally:
+                        with anyio.CancelScope(shield=True):
+                            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            except STORE_UNAVAILABLE as exc:
+                self._failed(exc, "subscribe")
                 await anyio.sleep(1.0)
 
     def resize(self, seats: int) -> None:
         # Every call passes the seat count; the next decision (or waiter's poll) applies it.
         self.seats = seats
         self._head[0] = str(seats)
+        if self._local is not None:
+            self._local.resize(max(1, seats // self.replicas))
 
     async def state(self) -> dict[str, Any]:
         reply = await self._call("state")

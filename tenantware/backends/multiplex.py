@@ -10,10 +10,11 @@ and Redis reads one batch per turn instead of one command per request.
 Deadline: a call not answered within ``timeout_s`` fails with ``TimeoutError``, and because
 replies are ordered so does everything queued behind it; the connection is dropped and the
 next call opens a new one (no sooner than ``retry_s`` after a failed connect, so an outage
-costs requests no connect attempts). Failures are redis-py's exception types (``redis.
-exceptions``: ``ConnectionError``, ``TimeoutError``, ``ResponseError``), so the stores'
-failure policies treat both clients alike. Plain ``redis://`` and ``unix://`` URLs only:
-TLS and Redis Cluster stay on redis-py (``connect_redis``), see ``multiplexable``.
+costs requests no connect attempts). Failures are both ``StoreUnavailable`` (what the
+layers' failure policies catch) and redis-py's exception types (``ConnectionError``,
+``TimeoutError``, ``ResponseError``), so callers may treat both clients alike. Plain
+``redis://`` and ``unix://`` URLs only: TLS and Redis Cluster stay on redis-py
+(``connect_redis``), see ``multiplexable``.
 """
 
 from __future__ import annotations
@@ -25,12 +26,25 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 import hiredis
+from redis import exceptions as redis_exceptions
 from redis.connection import parse_url
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from tenantware.backends.errors import StoreUnavailable
 
 __all__ = ["MultiplexedRedis", "MultiplexedScript", "multiplexable"]
+
+
+class RedisConnectionError(StoreUnavailable, redis_exceptions.ConnectionError):
+    """Redis is unreachable or closed the connection."""
+
+
+class RedisTimeoutError(StoreUnavailable, redis_exceptions.TimeoutError):
+    """Redis did not answer in time."""
+
+
+class ResponseError(StoreUnavailable, redis_exceptions.ResponseError):
+    """Redis refused the call (a script error, NOSCRIPT, BUSY, OOM...)."""
+
 
 Arg = str | bytes | int | float
 

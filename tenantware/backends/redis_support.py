@@ -1,21 +1,37 @@
-"""Shared Redis plumbing for the Redis backends: one client per gateway, key naming.
+"""Shared Redis plumbing for the Redis backends: clients, scripts, error translation.
 
-Every key of one tenant carries the tenant in a hash tag (``tw:{acme}:rpm``) so that all keys
-a Lua script touches live in one slot and the scripts run unchanged on Redis Cluster.
+This module (with ``multiplex.py``) is where the ``redis`` package is imported: the stores of
+the memory backend, and ``import tenantware``, never load it. redis-py's errors become
+``StoreUnavailable`` here, the one exception the layers' failure policies catch.
 Scripts are registered with ``register_script``: EVALSHA, reloaded on NOSCRIPT (after a
 restart or a SCRIPT FLUSH).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
 
-from tenantware.backends.multiplex import MultiplexedRedis, multiplexable
+from tenantware.backends.errors import StoreUnavailable
+from tenantware.backends.keys import tenant_key
+from tenantware.backends.multiplex import MultiplexedRedis, MultiplexedScript, multiplexable
 
-__all__ = ["RedisClient", "ScriptHost", "connect_redis", "connect_scripts", "tenant_key"]
+__all__ = [
+    "RedisClient",
+    "ScriptHost",
+    "bounds_calls",
+    "connect_redis",
+    "connect_scripts",
+    "redis_errors",
+    "register_script",
+    "single_node",
+    "tenant_key",
+]
 
 #: Either client: both run scripts and commands the same way for single-slot work.
 RedisClient = aioredis.Redis | RedisCluster
@@ -53,7 +69,42 @@ def connect_scripts(url: str, client: RedisClient, *, timeout_s: float = 0.05) -
     return MultiplexedRedis(url, timeout_s=timeout_s)
 
 
-def tenant_key(prefix: str, tenant_id: str, *parts: str) -> str:
-    """``{prefix}tw:{tenant}:part:part``: all keys of a tenant share one hash slot."""
-    tail = ":".join(parts)
-    return f"{prefix}tw:{{{tenant_id}}}:{tail}" if tail else f"{prefix}tw:{{{tenant_id}}}"
+def single_node(host: ScriptHost) -> bool:
+    """Whether one script can reach every key (not a cluster)."""
+    return not isinstance(host, RedisCluster)
+
+
+def bounds_calls(host: ScriptHost) -> bool:
+    """Whether every call of ``host`` ends within its own deadline (the pipelined one)."""
+    return isinstance(host, MultiplexedRedis)
+
+
+@contextlib.contextmanager
+def redis_errors() -> Iterator[None]:
+    """Translate redis-py's errors into ``StoreUnavailable`` (the one place that does)."""
+    try:
+        yield
+    except RedisError as exc:
+        raise StoreUnavailable(f"Redis: {type(exc).__name__}") from exc
+
+
+class _TranslatedScript:
+    """A redis-py script whose failures are ``StoreUnavailable``, like the pipelined one's."""
+
+    __slots__ = ("_script",)
+
+    def __init__(self, script: Any) -> None:
+        self._script = script
+
+    async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
+        try:  # as ``redis_errors``, without a generator per call
+            return await self._script(keys=keys, args=args)
+        except RedisError as exc:
+            raise StoreUnavailable(f"Redis: {type(exc).__name__}") from exc
+
+
+def register_script(host: ScriptHost, source: str) -> MultiplexedScript | _TranslatedScript:
+    """A Lua script on ``host``, called as ``await script(keys=[...], args=[...])``."""
+    if isinstance(host, MultiplexedRedis):
+        return host.register_script(source)  # raises ``StoreUnavailable`` subclasses itself
+    return _TranslatedScript(host.register_script(source))

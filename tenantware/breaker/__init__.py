@@ -1,6 +1,19 @@
-"""Circuit breaking: per-deployment and per-tenant circuits, in memory or shared via Redis."""
+"""Circuit breaking: per-deployment and per-tenant circuits, in memory or shared via Redis.
 
-from tenantware.breaker.board import APP_DEPLOYMENT, BreakerBoard, Deployment, circuit_open_error
+``RedisBreakerStore`` (``breaker/redis.py``) is imported on first use, so that importing the
+package does not load the ``redis`` library.
+"""
+
+from typing import TYPE_CHECKING, Any
+
+from tenantware.breaker.board import (
+    APP_DEPLOYMENT,
+    RECORDED,
+    BreakerBoard,
+    CircuitOpen,
+    Deployment,
+    circuit_open,
+)
 from tenantware.breaker.circuit import (
     CLOSED,
     FAILURE,
@@ -15,8 +28,8 @@ from tenantware.breaker.circuit import (
     Circuit,
     CircuitPolicy,
 )
-from tenantware.breaker.redis_store import RedisBreakerStore
-from tenantware.breaker.store import BreakerStore, MemoryBreakerStore
+from tenantware.breaker.memory import MemoryBreakerStore
+from tenantware.breaker.store import BreakerStore
 
 __all__ = [
     "APP_DEPLOYMENT",
@@ -27,15 +40,29 @@ __all__ = [
     "OPEN",
     "PASS",
     "PROBE",
+    "RECORDED",
     "RELEASE",
     "SLOW",
     "SUCCESS",
     "BreakerBoard",
     "BreakerStore",
     "Circuit",
+    "CircuitOpen",
     "CircuitPolicy",
     "Deployment",
     "MemoryBreakerStore",
     "RedisBreakerStore",
-    "circuit_open_error",
+    "circuit_open",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RedisBreakerStore":
+        from tenantware.breaker.redis import RedisBreakerStore
+
+        return RedisBreakerStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    from tenantware.breaker.redis import RedisBreakerStore

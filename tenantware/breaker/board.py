@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from typing import Final
+from typing import Final, NamedTuple
 
 import structlog
 
@@ -22,20 +22,38 @@ from tenantware.breaker.circuit import (
     STATE_NAMES,
     CircuitPolicy,
 )
-from tenantware.breaker.store import BreakerStore, Clock, MemoryBreakerStore
+from tenantware.breaker.memory import MemoryBreakerStore
+from tenantware.breaker.store import BreakerStore, Clock
 from tenantware.config import BreakerSettings, Upstream
-from tenantware.context import Outcome
-from tenantware.errors import GatewayError
 from tenantware.metrics import BREAKER_STATE
 from tenantware.registry import TenantView
 from tenantware.state import Snapshot
 
-__all__ = ["APP_DEPLOYMENT", "BreakerBoard", "Deployment", "circuit_open_error"]
+__all__ = [
+    "APP_DEPLOYMENT",
+    "RECORDED",
+    "BreakerBoard",
+    "CircuitOpen",
+    "Deployment",
+    "circuit_open",
+]
 
 log = structlog.get_logger("tenantware.breaker")
 
 #: Deployment name of outcomes recorded for an inner app that is not the proxy.
 APP_DEPLOYMENT: Final = "app"
+#: ``ctx.extra`` flag: the proxy recorded this request's outcome on its deployment's circuit
+#: (so the breaker layer does not record it again against ``app/<model>``).
+RECORDED: Final = "breaker.recorded"
+
+
+class CircuitOpen(NamedTuple):
+    """Decision: no deployment of ``model`` (nor an allowed fallback) may take a call now."""
+
+    model: str
+    #: Seconds until the first one may (finite, positive).
+    wait_s: float
+    why: str = "its upstreams are failing or rate-limited and the circuit breaker is open"
 
 
 class Deployment:
@@ -97,8 +115,6 @@ class BreakerBoard:
             store = MemoryBreakerStore(clock=clock)
         self.store: BreakerStore = store
         self.remote = self.store.remote
-        # The memory store records without a coroutine of its own.
-        self._record_now = store.record_now if isinstance(store, MemoryBreakerStore) else None
         #: Calls in flight per deployment key, in this process.
         self.inflight: dict[str, int] = {}
         self._table: _Table | None = None
@@ -185,14 +201,10 @@ class BreakerBoard:
     ) -> None:
         if not self.enabled:
             return
-        if self._record_now is not None:
-            self._record_now(
-                key, policy or self.deployment_policy, outcome, probe=probe, cool_s=cool_s
-            )
-            return
-        await self.store.record(
-            key, policy or self.deployment_policy, outcome, probe=probe, cool_s=cool_s
-        )
+        policy = policy or self.deployment_policy
+        # Whatever needs no I/O is recorded without a coroutine (memory; Redis successes).
+        if not self.store.record_now(key, policy, outcome, probe=probe, cool_s=cool_s):
+            await self.store.record(key, policy, outcome, probe=probe, cool_s=cool_s)
 
     async def release(self, key: str, policy: CircuitPolicy | None = None) -> None:
         """Give back a probe slot that was taken but not used."""
@@ -218,16 +230,6 @@ class BreakerBoard:
         await self.store.aclose()
 
 
-def circuit_open_error(model: str, wait_s: float) -> GatewayError:
-    """503 for a model whose deployments (and allowed fallbacks) are all open or cooling."""
-    wait = max(wait_s, 0.001) if math.isfinite(wait_s) else 1.0
-    return GatewayError(
-        503,
-        f"The model `{model}` is temporarily unavailable: its upstreams are failing or "
-        f"rate-limited and the circuit breaker is open. Retry in {math.ceil(wait)} s.",
-        type="server_error",
-        code="circuit_open",
-        outcome=Outcome.BREAKER_OPEN,
-        retry_after=wait,
-        should_retry=True,
-    )
+def circuit_open(model: str, wait_s: float) -> CircuitOpen:
+    """The decision for ``model`` when every deployment of its chain waits ``wait_s``."""
+    return CircuitOpen(model, max(wait_s, 0.001) if math.isfinite(wait_s) else 1.0)

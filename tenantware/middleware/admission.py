@@ -18,9 +18,9 @@ import anyio
 from prometheus_client import Gauge, Histogram
 
 from tenantware import metrics
-from tenantware.admission.base import SeatStore
 from tenantware.admission.core import BAND_INDEX, BANDS, QUEUE_FULL, QUEUED, Ticket
 from tenantware.admission.pools import AdmissionPools
+from tenantware.admission.store import UNAVAILABLE, SeatStore
 from tenantware.config import AdmissionSettings
 from tenantware.context import Outcome, RequestContext, get_context
 from tenantware.errors import GatewayError
@@ -50,12 +50,10 @@ class AdmissionMiddleware:
     ) -> None:
         self.app = app
         self.live = live
-        self.settings = settings or (pools.settings if pools else live.current.config.admission)
-        self.pools = pools or AdmissionPools(self.settings)
-        self.output_weight = self.settings.output_weight
-        self.default_band = BAND_INDEX[self.settings.default_priority]
-        self.default_output = live.current.config.gateway.default_max_tokens
-        self.fifo = self.settings.scheduler == "fifo"
+        self.pools = pools or AdmissionPools(settings or live.current.config.admission)
+        #: The configuration version whose admission settings the pools have (a reload that
+        #: changes them is applied by the first request that sees it).
+        self._version = live.current.version
         self._gauges: dict[str, tuple[Gauge, Gauge, Histogram]] = {}
 
     async def state(self) -> dict[str, Any]:
@@ -70,15 +68,22 @@ class AdmissionMiddleware:
         if ctx.tenant is None or ctx.view is None:
             await self.app(scope, receive, send)
             return
-        routes = self.live.current.routes.get(ctx.model or "")
-        found = self.pools.store_for(routes[0].name if routes else None)
+        snapshot = self.live.current
+        pools = self.pools
+        if snapshot.version != self._version:
+            self._version = snapshot.version
+            if snapshot.config.admission != pools.settings:
+                pools.reconfigure(snapshot.config.admission)
+        settings = pools.settings
+        routes = snapshot.routes.get(ctx.model or "")
+        found = pools.store_for(routes[0].name if routes else None)
         if found is None:
             await self.app(scope, receive, send)
             return
         _pool, store = found
         tenant = ctx.tenant
-        terms = self.pools.terms(tenant)
-        band = self.default_band
+        terms = pools.terms(tenant)
+        band = BAND_INDEX[settings.default_priority]
         for name, value in scope["headers"]:
             if name == _PRIORITY_HEADER:
                 band = _BAND_OF_HEADER.get(value.strip().lower(), band)
@@ -86,11 +91,13 @@ class AdmissionMiddleware:
         if band < terms.max_band:
             band = terms.max_band
         ctx.priority = BANDS[band]
-        pools = self.pools
-        output = pools.output_estimate(tenant.id, ctx.view.output_cap or self.default_output)
+        output_weight = settings.output_weight
+        output = pools.output_estimate(
+            tenant.id, ctx.view.output_cap or snapshot.config.gateway.default_max_tokens
+        )
         prompt = ctx.estimated_prompt_tokens
-        cost = prompt + self.output_weight * output
-        if self.fifo:
+        cost = prompt + output_weight * output
+        if settings.scheduler == "fifo":
             ticket = Ticket(_FIFO, 1.0, cost, tokens=prompt + output)
         else:
             ticket = Ticket(
@@ -109,10 +116,18 @@ class AdmissionMiddleware:
                 metrics.SEATS_IN_USE.labels(tenant.id),
                 metrics.QUEUE_WAIT_SECONDS.labels(tenant.id),
             )
-        try:
-            status = await store.acquire(ticket)
-        except GatewayError as error:  # a store that fails closed
-            await error.send(send, ctx)
+        status = await store.acquire(ticket)
+        if status == UNAVAILABLE:  # the shared store is down and its policy is ``closed``
+            metrics.REJECTIONS.labels(tenant.id, "store_unavailable").inc()
+            await GatewayError(
+                503,
+                "The gateway cannot reach its capacity store. Please retry.",
+                type="server_error",
+                code="store_unavailable",
+                outcome=Outcome.REJECTED_QUEUE,
+                retry_after=1.0,
+                should_retry=True,
+            ).send(send, ctx)
             return
         if status == QUEUE_FULL:
             metrics.REJECTIONS.labels(tenant.id, "queue_full").inc()
@@ -156,13 +171,13 @@ class AdmissionMiddleware:
             usage = ctx.usage
             actual = tokens = 0.0
             if usage is not None:
-                actual = usage.input_tokens + self.output_weight * usage.output_tokens
+                actual = usage.input_tokens + output_weight * usage.output_tokens
                 tokens = usage.input_tokens + usage.output_tokens
                 if final_outcome(ctx) == Outcome.OK:
                     # Failures (empty usage) and cut streams say nothing of answer lengths.
                     pools.observe_output(tenant.id, usage.output_tokens)
             gauges[1].dec()
-            if store.shield_release:
+            if store.yields:
                 with anyio.CancelScope(shield=True):
                     await store.release(ticket, actual, tokens)
             else:

@@ -28,7 +28,6 @@ from collections.abc import Awaitable
 from typing import Final
 
 from tenantware.context import Outcome, RequestContext, Usage, get_context
-from tenantware.errors import GatewayError, default_outcome
 from tenantware.metering.billing import apply_markup, billable_usage, final_outcome, request_cost
 from tenantware.metering.ledger.record import UsageRecord
 from tenantware.metering.ledger.writer import LedgerWriter
@@ -157,12 +156,6 @@ class MeteringMiddleware:
 
         try:
             await self.app(scope, receive, metered_send)
-        except GatewayError as error:
-            # Raised by an inner layer; the tenant layer turns it into the response.
-            if not ctx.response_started:
-                ctx.status = error.status
-                ctx.outcome = error.outcome or ctx.outcome or default_outcome(error.status)
-            raise
         except BaseException:
             if ctx.outcome is None:
                 ctx.outcome = Outcome.ERROR

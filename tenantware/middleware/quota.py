@@ -27,8 +27,6 @@ from tenantware.context import Outcome, RequestContext, get_context
 from tenantware.errors import GatewayError, send_error
 from tenantware.metering.billing import billable_usage, final_outcome
 from tenantware.metering.pricing import cost_nanousd
-from tenantware.quota.failover import FailoverQuotaStore
-from tenantware.quota.memory import MemoryQuotaStore
 from tenantware.quota.plan import (
     KIND_MONTHLY_SPEND,
     KIND_SPEND,
@@ -149,9 +147,9 @@ class QuotaMiddleware:
         self.live = live
         self.store = store
         self._plans = _Plans(store.prefix, merge=store.single_node)
-        #: The memory store never yields, so its settle needs no shield (a cancel scope per
-        #: request saved); any other store's settle is shielded from cancellation.
-        self._shield_settle = not isinstance(store, MemoryQuotaStore)
+        #: A store that never yields (memory) needs no shield around its settle (a cancel
+        #: scope per request saved); any other store's settle is shielded from cancellation.
+        self._shield_settle = store.yields
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -267,12 +265,17 @@ class QuotaMiddleware:
             # Nothing to correct (usage matched, or only request-rate limits, which a settle
             # changes on cancel only): spare the store a round trip.
             return
-        if decision.source == "store":
+        source = decision.source
+        if source == "store" or source == "local":  # ``open``: nothing was reserved
             await self.store.settle(
-                granted.plan, decision.now_us, ticket, tokens_delta, cost_delta, cancel=cancel
+                granted.plan,
+                decision.now_us,
+                ticket,
+                tokens_delta,
+                cost_delta,
+                cancel=cancel,
+                local=source == "local",
             )
-        elif decision.source == "local" and isinstance(self.store, FailoverQuotaStore):
-            self.store.settle_local(granted.plan, decision.now_us, ticket, tokens_delta, cost_delta)
 
     async def _reject(
         self,

@@ -29,6 +29,10 @@ class MemoryQuotaStore:
     """``MemoryQuotaStore(clock=time.time)``: the embedded default."""
 
     single_node = True
+    remote = False
+    #: Nothing here waits: no deadline, no shield.
+    bounded = True
+    yields = False
 
     def __init__(self, *, prefix: str = "", clock: Callable[[], float] = time.time) -> None:
         self.prefix = prefix
@@ -128,8 +132,10 @@ class MemoryQuotaStore:
         cost_delta: int,
         *,
         cancel: bool = False,
+        local: bool = False,
     ) -> None:
-        self.settle_now(plan, now_us, ticket, tokens_delta, cost_delta, cancel=cancel)
+        if not local:  # this store has no fallback limiter of its own
+            self.settle_now(plan, now_us, ticket, tokens_delta, cost_delta, cancel=cancel)
 
     def settle_now(
         self,

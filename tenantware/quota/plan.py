@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Final
 
-from tenantware.backends.redis_support import tenant_key
+from tenantware.backends.keys import tenant_key
 from tenantware.config import FailurePolicy, GatewayConfig, LimitKind, Limits
 from tenantware.metering.pricing import usd_to_nanousd
 

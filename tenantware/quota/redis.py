@@ -11,10 +11,7 @@ from collections.abc import Callable
 from importlib.resources import files
 from typing import Any
 
-from redis.asyncio.cluster import RedisCluster
-
-from tenantware.backends.multiplex import MultiplexedRedis
-from tenantware.backends.redis_support import ScriptHost
+from tenantware.backends.redis_support import ScriptHost, bounds_calls, register_script, single_node
 from tenantware.quota.plan import Plan
 from tenantware.quota.store import Decision
 
@@ -35,7 +32,11 @@ _USAGE = lua_source("usage")
 
 class RedisQuotaStore:
     """``RedisQuotaStore(client, prefix="app1:")``; ``client`` may be a ``RedisCluster`` or
-    a ``MultiplexedRedis``."""
+    a ``MultiplexedRedis``. Failures raise ``StoreUnavailable`` (``FailoverQuotaStore``
+    applies the policies)."""
+
+    remote = True
+    yields = True
 
     def __init__(
         self, client: ScriptHost, *, prefix: str = "", clock: Callable[[], float] | None = None
@@ -44,11 +45,11 @@ class RedisQuotaStore:
         self.prefix = prefix
         self.clock = clock
         #: Every call is bounded by the client itself (callers need no timeout of their own).
-        self.bounded = isinstance(client, MultiplexedRedis)
-        self.single_node = not isinstance(client, RedisCluster)
-        self._reserve: Any = client.register_script(_RESERVE)
-        self._settle: Any = client.register_script(_SETTLE)
-        self._usage: Any = client.register_script(_USAGE)
+        self.bounded = bounds_calls(client)
+        self.single_node = single_node(client)
+        self._reserve: Any = register_script(client, _RESERVE)
+        self._settle: Any = register_script(client, _SETTLE)
+        self._usage: Any = register_script(client, _USAGE)
 
     def _now(self) -> int:
         return -1 if self.clock is None else int(self.clock() * 1_000_000)
@@ -76,7 +77,10 @@ class RedisQuotaStore:
         cost_delta: int,
         *,
         cancel: bool = False,
+        local: bool = False,
     ) -> None:
+        if local:
+            return  # granted by a fallback limiter, not by this store
         await self._settle(
             keys=plan.keys,
             args=(now_us, tokens_delta, cost_delta, ticket, 1 if cancel else 0, *plan.args),

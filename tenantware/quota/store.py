@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from tenantware.context import DecisionSource
 from tenantware.quota.plan import Plan
 
 __all__ = ["Decision", "QuotaStore"]
@@ -33,7 +34,7 @@ class Decision:
         now_us: int,
         remaining: list[int],
         reset_us: list[int],
-        source: str = "store",
+        source: DecisionSource = "store",
     ) -> None:
         self.allowed = allowed
         self.failed = failed
@@ -41,7 +42,8 @@ class Decision:
         self.now_us = now_us
         self.remaining = remaining
         self.reset_us = reset_us
-        #: ``store``, ``local`` (the fallback limiter decided) or ``open`` (nothing checked).
+        #: ``store``, ``local`` (the fallback limiter decided), ``open`` (nothing checked) or
+        #: ``closed`` (refused unchecked).
         self.source = source
 
     def __repr__(self) -> str:
@@ -52,13 +54,21 @@ class Decision:
 
 
 class QuotaStore(Protocol):
-    """Where quota state lives: ``MemoryQuotaStore`` (one process) or ``RedisQuotaStore``."""
+    """Where quota state lives: ``MemoryQuotaStore`` (one process), ``RedisQuotaStore``, or
+    ``FailoverQuotaStore`` (a shared store with the failure policies around it)."""
 
     #: Prefix of every key (lets several gateways or tests share one Redis).
     prefix: str
     #: One script reaches every key (memory, a single Redis server; not a cluster), so the
     #: tenant's and the global limits can be decided in one call.
     single_node: bool
+    #: State lives outside this process (shared by replicas): a failure policy applies.
+    remote: bool
+    #: Every call bounds its own time (callers need no deadline of their own).
+    bounded: bool
+    #: ``settle`` awaits I/O, so it must be shielded from cancellation; a store that never
+    #: yields spares the request a cancel scope.
+    yields: bool
 
     async def reserve(self, plan: Plan, tokens: int, cost: int, ticket: str) -> Decision:
         """Grant every limit of ``plan`` for one request of ``tokens`` and ``cost``, or none."""
@@ -73,10 +83,13 @@ class QuotaStore(Protocol):
         cost_delta: int,
         *,
         cancel: bool = False,
+        local: bool = False,
     ) -> None:
         """Correct the reservation made at ``now_us`` by the deltas and free its slot.
 
-        ``cancel`` also gives back the request itself (used when another scope refused).
+        ``cancel`` also gives back the request itself (used when another scope refused);
+        ``local``: the reservation was granted by the failure policy's local limiter
+        (``Decision.source == "local"``), not by this store's shared state.
         """
         ...
 

@@ -14,7 +14,7 @@ The trade-off: another process learns of an open circuit within ``sync_interval_
 its own next failure, which is immediate), and the shared rate window lags the successes of
 each process by at most that long. When Redis fails, decisions fall back to circuits kept in
 process (every outcome is also recorded there), so a Redis outage costs protection sharing,
-never traffic.
+never traffic: the breaker's failure policy is always ``local`` (``backends/failover.py``).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from collections.abc import Iterable
 from importlib import resources
 from typing import Any
 
-import structlog
-from redis.exceptions import RedisError
-
-from tenantware.backends.redis_support import RedisClient, tenant_key
+from tenantware.backends.errors import STORE_UNAVAILABLE
+from tenantware.backends.failover import Failover
+from tenantware.backends.keys import tenant_key
+from tenantware.backends.redis_support import RedisClient, register_script
 from tenantware.breaker.circuit import (
     BUCKETS,
     CLOSED,
@@ -43,16 +43,16 @@ from tenantware.breaker.circuit import (
     SUCCESS,
     CircuitPolicy,
 )
-from tenantware.breaker.store import Clock, MemoryBreakerStore, TransitionListener
-from tenantware.metrics import STORE_FAILURES
+from tenantware.breaker.memory import MemoryBreakerStore
+from tenantware.breaker.store import Clock, TransitionListener
 
 __all__ = ["RedisBreakerStore"]
-
-log = structlog.get_logger("tenantware.breaker")
 
 _SCRIPT = resources.files("tenantware.breaker").joinpath("lua/breaker.lua").read_text()
 _TAKE = 4
 _PROBE_MODE = {SUCCESS: 1, SLOW: 1, FAILURE: 2, LIMITED: 3, RELEASE: 3}
+#: Outcomes of ordinary calls that only count (sent with the next script call).
+_COUNTED_LOCALLY = frozenset({SUCCESS, SLOW, RELEASE})
 
 
 class _Copy:
@@ -88,14 +88,16 @@ class RedisBreakerStore:
         self._fixed_clock = clock
         self._now: Clock = clock or time.monotonic
         self.local = MemoryBreakerStore(clock=self._now)
-        self._script: Any = redis.register_script(_SCRIPT)
+        self._script: Any = register_script(redis, _SCRIPT)
         self._copies: dict[str, _Copy] = {}
         #: Per key: [successes, slow successes] not yet sent.
         self._pending: dict[str, list[int]] = {}
         self._redis_keys: dict[str, str] = {}
         self._policy_args: dict[CircuitPolicy, list[str]] = {}
         self._policies: dict[str, CircuitPolicy] = {}
-        self._failing_until = 0.0
+        #: Circuit state is protection, not a limit: during an outage the local circuits
+        #: decide (the ``local`` policy); Redis is tried again after ``sync_interval_s``.
+        self.failover = Failover("breaker", retry_after_s=sync_interval_s, clock=self._now)
         self._listener: TransitionListener = self.local._listener
 
     def set_listener(self, listener: TransitionListener) -> None:
@@ -107,11 +109,11 @@ class RedisBreakerStore:
     def gate(self, key: str) -> float:
         copy = self._copies.get(key)
         if copy is None or (copy.state == CLOSED and copy.cool_until == 0.0):
-            if self._failing_until and self._now() < self._failing_until:
+            if self.failover.down:
                 return self.local.gate(key)
             return PASS
         now = self._now()
-        if self._failing_until and now < self._failing_until:
+        if self.failover.down:
             return self.local.gate(key)
         cool = copy.cool_until - now if copy.cool_until > now else 0.0
         if copy.state == CLOSED:
@@ -143,6 +145,27 @@ class RedisBreakerStore:
             return self.local.take_probe_now(key, policy)
         return bool(result[5])
 
+    def record_now(
+        self,
+        key: str,
+        policy: CircuitPolicy,
+        outcome: int,
+        *,
+        probe: bool = False,
+        cool_s: float = 0.0,
+    ) -> bool:
+        """Successes are counted here and sent with the next script call: no I/O."""
+        if probe or outcome not in _COUNTED_LOCALLY:
+            return False
+        self.local.record_now(key, policy, outcome, probe=probe, cool_s=cool_s)
+        if outcome != RELEASE:
+            pending = self._pending.get(key)
+            if pending is None:
+                pending = self._pending[key] = [0, 0]
+                self._policies[key] = policy
+            pending[outcome] += 1
+        return True
+
     async def record(
         self,
         key: str,
@@ -152,17 +175,9 @@ class RedisBreakerStore:
         probe: bool = False,
         cool_s: float = 0.0,
     ) -> None:
+        if self.record_now(key, policy, outcome, probe=probe, cool_s=cool_s):
+            return
         self.local.record_now(key, policy, outcome, probe=probe, cool_s=cool_s)
-        if not probe:
-            if outcome in (SUCCESS, SLOW):
-                pending = self._pending.get(key)
-                if pending is None:
-                    pending = self._pending[key] = [0, 0]
-                    self._policies[key] = policy
-                pending[outcome] += 1
-                return
-            if outcome == RELEASE:
-                return
         mode = _PROBE_MODE[outcome] if probe else 0
         fail = 1 if outcome == FAILURE and not probe else 0
         cool_ms = int(cool_s * 1000) if outcome == LIMITED else 0
@@ -171,8 +186,10 @@ class RedisBreakerStore:
     async def _call(
         self, key: str, policy: CircuitPolicy, mode: int, fail: int, cool_ms: int
     ) -> list[int] | None:
-        if self._failing_until and self._now() < self._failing_until:
+        failover = self.failover
+        if not failover.available:
             # Redis failed a moment ago: decide locally, try it again after the interval.
+            failover.degraded("local")
             return None
         pending = self._pending.pop(key, None)
         ok, slow = pending if pending is not None else (0, 0)
@@ -189,13 +206,12 @@ class RedisBreakerStore:
         ]
         try:
             raw = await self._script(keys=[self._redis_key(key)], args=args)
-        except (RedisError, OSError, TimeoutError) as exc:
-            if not self._failing_until:
-                log.warning("breaker store unavailable, using local circuits", error=repr(exc))
-            self._failing_until = self._now() + self.sync_interval_s
-            STORE_FAILURES.labels("breaker", "local").inc()
+        except STORE_UNAVAILABLE as exc:
+            failover.failed(exc, "breaker", policy="local")
+            failover.degraded("local")
             return None
-        self._failing_until = 0.0
+        if failover.down:
+            failover.succeeded()
         result = [int(value) for value in raw]
         old, new, open_ms, cool_left_ms, probes_left, _granted = result
         now = self._now()

@@ -1,0 +1,163 @@
+"""The stores of every layer from one URL, chosen in one place (as ``open_ledger(url)``).
+
+- ``memory://``: state lives in this process (the embedded default; with ``replicas``
+  processes each guards its share of every seat pool);
+- ``redis://``, ``rediss://``, ``unix://``: one Redis server shared by every replica;
+- ``redis+cluster://``: a Redis Cluster (every script touches one hash slot).
+
+The Redis modules (and the ``redis`` package) are imported, and clients created, only when a
+Redis URL is used and a store is first asked for; clients connect on their first call.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final
+
+from tenantware.admission.memory import MemorySeatStore
+from tenantware.admission.store import PoolSpec, SeatStore
+from tenantware.backends.failover import Failover
+from tenantware.breaker.memory import MemoryBreakerStore
+from tenantware.breaker.store import BreakerStore
+from tenantware.config import FailurePolicy
+from tenantware.quota.memory import MemoryQuotaStore
+from tenantware.quota.store import QuotaStore
+
+if TYPE_CHECKING:
+    from tenantware.backends.redis_support import RedisClient, ScriptHost
+
+__all__ = ["SCHEMES", "Stores", "open_stores"]
+
+#: URL schemes ``open_stores`` understands.
+SCHEMES: Final = ("memory", "redis", "rediss", "unix", "redis+cluster")
+
+
+class Stores:
+    """The quota, admission and breaker stores of one gateway process, from one URL."""
+
+    def __init__(
+        self,
+        url: str = "memory://",
+        *,
+        prefix: str = "",
+        timeout_s: float = 0.05,
+        replicas: int = 1,
+        on_failure: FailurePolicy = "open",
+        retry_after_s: float = 1.0,
+    ) -> None:
+        scheme = url.partition("://")[0] if "://" in url else ""
+        if scheme not in SCHEMES:
+            raise ValueError(
+                f"unsupported store URL scheme {scheme or url!r}: use one of "
+                + ", ".join(f"{name}://" for name in SCHEMES)
+            )
+        self.url = url
+        #: State is shared with other processes (every replica reaches the same store).
+        self.remote = scheme != "memory"
+        self.prefix = prefix
+        self.timeout_s = timeout_s
+        self.replicas = replicas
+        self.on_failure = on_failure
+        self.retry_after_s = retry_after_s
+        self._redis: RedisClient | None = None
+        self._scripts: ScriptHost | None = None
+        self._quota: QuotaStore | None = None
+        #: One view of the shared store's health for every seat pool.
+        self._admission_failover: Failover | None = None
+
+    # -- Redis clients (created on first use) ----------------------------------------------
+
+    @property
+    def redis(self) -> RedisClient | None:
+        """The pooled redis-py client (pub/sub, streams, breaker); ``None`` in memory."""
+        if self._redis is None and self.remote:
+            from tenantware.backends.redis_support import connect_redis
+
+            self._redis = connect_redis(self.url, timeout_s=self.timeout_s)
+        return self._redis
+
+    @property
+    def scripts(self) -> ScriptHost | None:
+        """What runs the per-request scripts: one pipelined connection to a plain Redis
+        server (``MultiplexedRedis``), else the pooled client."""
+        redis = self.redis
+        if self._scripts is None and redis is not None:
+            from tenantware.backends.redis_support import connect_scripts
+
+            self._scripts = connect_scripts(self.url, redis, timeout_s=self.timeout_s)
+        return self._scripts
+
+    # -- the stores --------------------------------------------------------------------------
+
+    def quota_store(self, *, retry_after_s: float | None = None) -> QuotaStore:
+        """The quota store (one per process): shared ones wear the failure policies."""
+        if self._quota is None:
+            scripts = self.scripts
+            if scripts is None:
+                self._quota = MemoryQuotaStore(prefix=self.prefix)
+            else:
+                from tenantware.quota.failover import FailoverQuotaStore
+                from tenantware.quota.redis import RedisQuotaStore
+
+                self._quota = FailoverQuotaStore(
+                    RedisQuotaStore(scripts, prefix=self.prefix),
+                    timeout_s=self.timeout_s,
+                    retry_after_s=self.retry_after_s if retry_after_s is None else retry_after_s,
+                )
+        return self._quota
+
+    def seat_store(self, spec: PoolSpec) -> SeatStore:
+        """The store of one seat pool (``AdmissionPools`` asks for each of its pools)."""
+        redis = self.redis
+        if redis is None:
+            return MemorySeatStore.from_spec(spec, replicas=self.replicas)
+        from tenantware.admission.redis import RedisSeatStore
+
+        if self._admission_failover is None:
+            self._admission_failover = Failover("admission", retry_after_s=self.retry_after_s)
+        return RedisSeatStore.from_spec(
+            spec,
+            redis,
+            prefix=self.prefix,
+            scripts=self.scripts,
+            on_failure=self.on_failure,
+            replicas=self.replicas,
+            failover=self._admission_failover,
+        )
+
+    def breaker_store(self, *, sync_interval_s: float = 0.5) -> BreakerStore:
+        """Circuits: this process's, or shared through Redis (local ones while it fails)."""
+        redis = self.redis
+        if redis is None:
+            return MemoryBreakerStore()
+        from tenantware.breaker.redis import RedisBreakerStore
+
+        return RedisBreakerStore(redis, prefix=self.prefix, sync_interval_s=sync_interval_s)
+
+    async def aclose(self) -> None:
+        """Close the Redis clients (the stores need no closing of their own)."""
+        scripts, self._scripts = self._scripts, None
+        redis, self._redis = self._redis, None
+        if scripts is not None and scripts is not redis:
+            await scripts.aclose()
+        if redis is not None:
+            await redis.aclose()
+
+
+def open_stores(
+    url: str | None = None,
+    *,
+    prefix: str = "",
+    timeout_s: float = 0.05,
+    replicas: int = 1,
+    on_failure: FailurePolicy = "open",
+    retry_after_s: float = 1.0,
+) -> Stores:
+    """``open_stores("redis://127.0.0.1:6379/0", prefix="app1:")``; ``None``: memory."""
+    return Stores(
+        url or "memory://",
+        prefix=prefix,
+        timeout_s=timeout_s,
+        replicas=replicas,
+        on_failure=on_failure,
+        retry_after_s=retry_after_s,
+    )
