@@ -385,7 +385,12 @@ def main() -> int:
                 cwd=directory,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "TW_FUZZ_SEED": str(args.seed)},
+                env={
+                    **os.environ,
+                    "TW_FUZZ_SEED": str(args.seed),
+                    # The demo's ledger, where ledger_summary() reads it after the stop.
+                    "TENANTWARE_DEMO_LEDGER": f"sqlite:///{directory}/tenantware-ledger.db",
+                },
             )
             try:
                 for _ in range(300):
