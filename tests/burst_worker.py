@@ -5,13 +5,18 @@ the full stack on a shared Redis, prints ``ready``, reads the common wall-clock 
 from stdin, then either sends ``requests`` requests at once (``burst``) or keeps ``loops``
 request loops going for ``duration_s`` (``steady``). It prints JSON (the last line of stdout):
 per request (sent, answered, status), per admitted request its inner-app interval and tokens,
-and its store-failure counters, sampled over time.
+and its store-failure counters, sampled over time. The parent's side (``workers``,
+``cpu_hogs``) is here too, shared by ``tests/test_bursts.py`` and ``benchmarks/bench_burst.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -38,12 +43,16 @@ class Job(msgspec.Struct, frozen=True):
     limits: dict[str, Any] = {}
     gateway: dict[str, Any] = {}
     admission: dict[str, Any] = {}
+    #: Time every quota decision (the store's ``reserve`` as the quota layer awaits it).
+    time_decisions: bool = False
 
 
 class Report(msgspec.Struct):
     calls: list[tuple[float, float, int]]
     inner: list[tuple[float, float, int]]
     failures: list[tuple[float, dict[str, float]]]
+    #: Seconds per quota decision (``time_decisions``).
+    decisions: list[float] = []
     #: Log lines of the process (filled in by the test from its stdout).
     logs: list[str] = []
 
@@ -97,6 +106,18 @@ async def main(job: Job) -> Report:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
 
+    if job.time_decisions:
+        store = gateway.quota_store
+        reserve = store.reserve
+
+        async def timed(*args: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return await reserve(*args)
+            finally:
+                report.decisions.append(time.perf_counter() - started)
+
+        store.reserve = timed  # type: ignore[method-assign]
     app = gateway.wrap(inner)
     body = {"model": "gpt-4.1", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}
     headers = {"authorization": f"Bearer {KEY}"}
@@ -127,6 +148,7 @@ async def main(job: Job) -> Report:
         warm = {"authorization": f"Bearer {WARM_KEY}"}
         await client.post("/v1/chat/completions", json=body, headers=warm)
         report.inner.clear()
+        report.decisions.clear()
         sys.stdout.write("ready\n")
         sys.stdout.flush()
         start_at = float(await anyio.to_thread.run_sync(sys.stdin.readline))
@@ -144,6 +166,75 @@ async def main(job: Job) -> Report:
             report.failures.append((time.time(), failure_counts()))
             group.cancel_scope.cancel()
     return report
+
+
+# -- the parent's side -----------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+HOG = "import sys, time\nend = time.time() + float(sys.argv[1])\nwhile time.time() < end: pass"
+
+
+@contextlib.contextmanager
+def cpu_hogs(seconds: float, count: int = 2) -> Iterator[None]:
+    """``count`` busy-looping processes (one per core here), each gone after ``seconds``."""
+    hogs = [subprocess.Popen([sys.executable, "-c", HOG, repr(seconds)]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait(timeout=5)
+
+
+@contextlib.contextmanager
+def workers(jobs: list[Job], timeout_s: float = 40.0) -> Iterator[Callable[[], float]]:
+    """Start one process per job; ``go()`` (once all are ready) starts them together and
+    returns the start time. Their reports are in ``REPORTS`` after the block."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.burst_worker", msgspec.json.encode(job).decode()],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for job in jobs
+    ]
+    REPORTS.clear()
+    try:
+        for proc in procs:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()  # blocks until it has imported and connected
+            assert line == b"ready\n", (
+                line,
+                proc.stderr.read().decode()[-3000:] if proc.stderr else "",
+            )
+
+        def go() -> float:
+            start_at = time.time() + 0.2
+            for proc in procs:
+                assert proc.stdin is not None
+                proc.stdin.write(f"{start_at!r}\n".encode())
+                proc.stdin.flush()
+            return start_at
+
+        yield go
+        for proc in procs:
+            out, err = proc.communicate(timeout=timeout_s)
+            assert proc.returncode == 0, err.decode()[-3000:]
+            lines = out.splitlines()
+            report = msgspec.json.decode(lines[-1], type=Report)
+            report.logs = [line.decode() for line in lines[:-1] if line.strip()][-20:]
+            REPORTS.append(report)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+#: The reports of the last ``workers`` block.
+REPORTS: list[Report] = []
 
 
 if __name__ == "__main__":

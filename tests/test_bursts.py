@@ -6,17 +6,11 @@ processes keep both cores busy; every process sends its share of a burst at the 
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
-import msgspec
 import pytest
 
 from tenantware.testing.servers import (
@@ -25,26 +19,12 @@ from tenantware.testing.servers import (
     redis_cluster,
     throwaway_redis,
 )
-from tests.burst_worker import Job, Report
+from tests.burst_worker import REPORTS, Job, Report, cpu_hogs, workers
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parent.parent
 PROCESSES = 4
 #: The counters of the layers whose store decisions the outage test follows.
 WATCHED = ("quota:local", "admission:local")
-HOG = "import sys, time\nend = time.time() + float(sys.argv[1])\nwhile time.time() < end: pass"
-
-
-@contextlib.contextmanager
-def cpu_hogs(seconds: float, count: int = 2) -> Iterator[None]:
-    """``count`` busy-looping processes (one per core here), each gone after ``seconds``."""
-    hogs = [subprocess.Popen([sys.executable, "-c", HOG, repr(seconds)]) for _ in range(count)]
-    try:
-        yield
-    finally:
-        for hog in hogs:
-            hog.kill()
-            hog.wait(timeout=5)
 
 
 @pytest.fixture(scope="module")
@@ -57,64 +37,13 @@ def private_redis() -> Iterator[RedisServer]:
         pytest.skip(f"no throwaway Redis: {exc.reason}")
 
 
-@contextlib.contextmanager
-def workers(jobs: list[Job], timeout_s: float = 40.0) -> Iterator[Callable[[], float]]:
-    """Start one process per job; ``go()`` (once all are ready) starts them together and
-    returns the start time. Their reports are in ``REPORTS`` after the block."""
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.burst_worker", msgspec.json.encode(job).decode()],
-            cwd=ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for job in jobs
-    ]
-    REPORTS.clear()
-    try:
-        for proc in procs:
-            assert proc.stdout is not None
-            line = proc.stdout.readline()  # blocks until it has imported and connected
-            assert line == b"ready\n", (
-                line,
-                proc.stderr.read().decode()[-3000:] if proc.stderr else "",
-            )
-
-        def go() -> float:
-            start_at = time.time() + 0.2
-            for proc in procs:
-                assert proc.stdin is not None
-                proc.stdin.write(f"{start_at!r}\n".encode())
-                proc.stdin.flush()
-            return start_at
-
-        yield go
-        for proc in procs:
-            out, err = proc.communicate(timeout=timeout_s)
-            assert proc.returncode == 0, err.decode()[-3000:]
-            lines = out.splitlines()
-            report = msgspec.json.decode(lines[-1], type=Report)
-            report.logs = [line.decode() for line in lines[:-1] if line.strip()][-20:]
-            REPORTS.append(report)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=5)
-
-
-#: The reports of the last ``workers`` block.
-REPORTS: list[Report] = []
-
-
 def burst(url: str, prefix: str, total: int, **job: Any) -> list[Report]:
     """``total`` requests at once, split over the processes, on a loaded host."""
     jobs = [
         Job(redis_url=url, prefix=prefix, requests=total // PROCESSES, **job)
         for _ in range(PROCESSES)
     ]
-    with workers(jobs) as go, cpu_hogs(25, int(os.environ.get("TW_HOGS", "2"))):
+    with workers(jobs) as go, cpu_hogs(25):
         time.sleep(0.5)  # the hogs have the cores
         go()
     return list(REPORTS)

@@ -150,11 +150,11 @@ class ProgressWatch:
         if not self.in_flight:
             self.last_reply = loop.time()  # silence counts from the first outstanding call
         self.in_flight += 1
-        timer: list[asyncio.TimerHandle] = []
         try:
             async with asyncio.timeout(None) as scope:
+                watched = _Watched(scope)
                 due = self.last_reply + self.bound_s
-                timer.append(loop.call_at(due, self._check, scope, timer, due))
+                watched.handle = loop.call_at(due, self._check, watched, due)
                 try:
                     result = await call
                 except RedisError as exc:
@@ -162,7 +162,8 @@ class ProgressWatch:
                         self.last_reply = loop.time()  # an answer, if an unwelcome one
                     raise StoreUnavailable(f"Redis: {type(exc).__name__}: {exc}") from exc
                 finally:
-                    timer[-1].cancel()
+                    watched.done = True
+                    watched.handle.cancel()
         except TimeoutError:
             raise StoreUnavailable(
                 f"Redis answered nothing for {self.bound_s:g} s with {self.in_flight} calls"
@@ -173,30 +174,36 @@ class ProgressWatch:
         self.last_reply = loop.time()
         return result
 
-    def _check(
-        self,
-        scope: asyncio.Timeout,
-        timer: list[asyncio.TimerHandle],
-        due: float,
-        hops: int = 0,
-    ) -> None:
+    def _check(self, watched: _Watched, due: float, hops: int = 0) -> None:
         """Silence is Redis's only if this loop was free to notice an answer: a check that
         runs late (the loop was busy, say parsing a burst) gives Redis a full bound from now,
         and the last ``_CONFIRM_TURNS`` turns let replies already read resume their calls."""
+        if watched.done:
+            return
         loop = asyncio.get_running_loop()
         now = loop.time()
         silent_until = self.last_reply + self.bound_s
         if now < silent_until:  # an answer came meanwhile: wait for the next silence
-            timer.append(loop.call_at(silent_until, self._check, scope, timer, silent_until))
+            watched.handle = loop.call_at(silent_until, self._check, watched, silent_until)
         elif not hops and now - due > self.bound_s * _LATE:
-            timer.append(
-                loop.call_at(now + self.bound_s, self._check, scope, timer, now + self.bound_s)
-            )
+            later = now + self.bound_s
+            watched.handle = loop.call_at(later, self._check, watched, later)
         elif hops < _CONFIRM_TURNS:
-            loop.call_soon(self._check, scope, timer, due, hops + 1)
+            watched.handle = loop.call_soon(self._check, watched, due, hops + 1)
         else:
             self.stalls += 1
-            scope.reschedule(now)
+            watched.scope.reschedule(now)
+
+
+class _Watched:
+    """One call under watch: its timeout scope and the handle of its next check."""
+
+    __slots__ = ("done", "handle", "scope")
+
+    def __init__(self, scope: asyncio.Timeout) -> None:
+        self.scope = scope
+        self.done = False
+        self.handle: asyncio.Handle | None = None
 
 
 #: The progress watch of each client made by ``connect_redis``.
