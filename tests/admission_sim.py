@@ -36,6 +36,8 @@ class SimTenant:
     output: tuple[int, int] = (50, 250)
     #: Actual output = estimate x this (misprediction).
     actual_factor: float = 1.0
+    #: Closed loop: seconds between a completion and the client's next request.
+    think: float = 0.0
 
 
 @dataclass
@@ -90,13 +92,22 @@ def simulate(
     fifo: bool = False,
     max_queue: int = 256,
     band_shares: tuple[float, float, float] = (16.0, 4.0, 1.0),
+    headroom: int = 0,
+    short_s: float = 0.0,
     seed: int = 7,
     sample: bool = False,
     service: Callable[[int], float] = service_time,
 ) -> SimResult:
     """Run the pool until ``until`` simulated seconds; ``fifo`` makes one shared queue."""
     rng = random.Random(seed)
-    core = FairCore(seats, band_shares=band_shares, max_queue=max_queue, lifting=lifting)
+    core = FairCore(
+        seats,
+        band_shares=band_shares,
+        max_queue=max_queue,
+        lifting=lifting,
+        headroom=headroom,
+        short_s=short_s,
+    )
     result = SimResult(rejected={t.name: 0 for t in tenants})
     events: list[tuple[float, int, str, object]] = []
     seq = 0
@@ -120,6 +131,8 @@ def simulate(
             band=1 if fifo else tenant.band,
             reserved=tenant.reserved,
             cap=tenant.cap,
+            # As the gateway estimates it: from max_tokens (the range's top) and the speed.
+            hold=service(high),
         )
         ticket.handle = [tenant, now, actual_out, 0.0]
         status, granted = core.submit(ticket, now)
@@ -128,7 +141,7 @@ def simulate(
             if tenant.outstanding:
                 push(now + 0.05, "arrive", tenant)
             return
-        if status == GRANTED:
+        if status == GRANTED and ticket not in granted:
             granted = [ticket, *granted]
         start(granted, now)
 
@@ -169,7 +182,10 @@ def simulate(
             )
             start(core.release(ticket, actual if not fifo else ticket.cost), now)
             if tenant.outstanding and now < tenant.stop:
-                arrive(tenant, now)
+                if tenant.think:
+                    push(now + tenant.think, "arrive", tenant)
+                else:
+                    arrive(tenant, now)
         if sample:
             result.samples.append((now, dict(charged)))
     del by_name

@@ -31,6 +31,9 @@ class SeatStore(Protocol):
         self, ticket: Ticket, actual_cost: float, actual_tokens: float | None = None
     ) -> None: ...
 
+    async def charge(self, ticket: Ticket, extra_cost: float) -> None:
+        """A granted request costs more than charged so far (a long stream): charge it now."""
+
     async def state(self) -> dict[str, Any]: ...
 
     def resize(self, seats: int) -> None:

@@ -64,6 +64,8 @@ class AdmissionPools:
         rates: dict[str, int] = dict(settings.upstream_tokens_per_second)
         if settings.tokens_per_second is not None:
             rates["*"] = settings.tokens_per_second
+        # Protected seats only make sense between tenants (FIFO has one queue, one "tenant").
+        headroom = settings.headroom_seats if settings.scheduler == "fair" else 0
         for name, seats in wanted.items():
             if name in self.stores:
                 continue
@@ -85,6 +87,8 @@ class AdmissionPools:
                     poll_max_s=settings.poll_max_s,
                     on_failure="closed" if on_failure == "closed" else "open",
                     scripts=scripts,
+                    headroom=headroom,
+                    short_s=settings.short_request_s,
                 )
             else:
                 # Without a shared store each of ``replicas`` processes guards its part.
@@ -94,6 +98,8 @@ class AdmissionPools:
                     max_queue=settings.max_queue_per_tenant,
                     tokens_per_s=rate,
                     burst_s=settings.rate_burst_s,
+                    headroom=headroom,
+                    short_s=settings.short_request_s,
                 )
         self.global_store = self.stores.get("*")
         self._terms: dict[str, TenantTerms] = {}

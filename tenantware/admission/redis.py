@@ -28,7 +28,7 @@ import anyio
 from redis.exceptions import RedisError
 
 from tenantware import metrics
-from tenantware.admission.core import GRANTED, QUEUED, Ticket
+from tenantware.admission.core import GRANTED, LINGER_S, QUEUED, Ticket
 from tenantware.backends.redis_support import RedisClient, ScriptHost, tenant_key
 from tenantware.context import Outcome
 from tenantware.errors import GatewayError
@@ -61,6 +61,8 @@ class RedisSeatStore:
         on_failure: str = "open",
         heartbeat_s: float | None = None,
         scripts: ScriptHost | None = None,
+        headroom: int = 0,
+        short_s: float = 0.0,
     ) -> None:
         self.redis = redis
         self.seats = seats
@@ -73,6 +75,9 @@ class RedisSeatStore:
             repr(rate * burst_s),
             str(len(band_shares)),
             *map(repr, map(float, band_shares)),
+            str(headroom),
+            repr(float(short_s)),
+            repr(LINGER_S),
         ]
         #: Decisions run on ``scripts`` when given (the pipelined connection); pub/sub on redis.
         self._script: Any = (scripts or redis).register_script(_SCRIPT)
@@ -136,6 +141,7 @@ class RedisSeatStore:
                 self.lease_ms,
                 self.heartbeat_ms,
                 repr(float(ticket.tokens)),
+                repr(float(ticket.hold)),
             )
         except RedisError:
             metrics.STORE_FAILURES.labels("admission", self.on_failure).inc()
@@ -222,6 +228,19 @@ class RedisSeatStore:
             metrics.STORE_FAILURES.labels("admission", self.on_failure).inc()
             return
         await self._granted(granted)
+
+    async def charge(self, ticket: Ticket, extra_cost: float) -> None:
+        if ticket.lease == _UNACCOUNTED or not ticket.granted or extra_cost <= 0:
+            return
+        ticket.cost += extra_cost  # the release corrects from the charge so far
+        try:
+            await self._call(
+                "charge", ticket.id, ticket.tenant, repr(ticket.weight), repr(float(extra_cost))
+            )
+        except RedisError:
+            # Only this early correction is lost; the release still corrects from the estimate.
+            ticket.cost -= extra_cost
+            metrics.STORE_FAILURES.labels("admission", self.on_failure).inc()
 
     async def run_forever(self) -> None:
         """This process's share of the pool's upkeep: lease renewal and grant notices."""
