@@ -48,6 +48,8 @@ class Record:
     finish: float
     cost: float  # actual weighted cost
     estimate: float
+    #: Whether the tenant held fewer seats than its seat share when the request arrived.
+    below_share: bool = False
 
 
 @dataclass
@@ -134,7 +136,13 @@ def simulate(
             # As the gateway estimates it: from max_tokens (the range's top) and the speed.
             hold=service(high),
         )
-        ticket.handle = [tenant, now, actual_out, 0.0]
+        state = core.tenants.get(ticket.tenant)
+        held, counted = (state.held, state.weight) if state else (0, 0.0)
+        # Seen from outside the core (lingering tenants not yet expired: a larger weight sum,
+        # so never "below" where the core would not say so).
+        total = core.active_weight + ticket.weight - counted
+        below = held * total < seats * ticket.weight
+        ticket.handle = [tenant, now, actual_out, 0.0, below]
         status, granted = core.submit(ticket, now)
         if status == QUEUE_FULL:
             result.rejected[tenant.name] += 1
@@ -147,7 +155,7 @@ def simulate(
 
     def start(granted: list[Ticket], now: float) -> None:
         for ticket in granted:
-            tenant, _arrived, actual_out, _ = ticket.handle
+            tenant, _arrived, actual_out, _, _ = ticket.handle
             ticket.handle[3] = now
             charged[tenant.name] += ticket.cost / tenant.weight
             push(now + service(actual_out), "finish", ticket)
@@ -174,13 +182,13 @@ def simulate(
         else:
             ticket = payload
             assert isinstance(ticket, Ticket)
-            tenant, arrived, actual_out, dispatched = ticket.handle
+            tenant, arrived, actual_out, dispatched, below = ticket.handle
             actual = tenant.prompt + OUTPUT_WEIGHT * actual_out
             charged[tenant.name] += (actual - ticket.cost) / tenant.weight
             result.records.append(
-                Record(tenant.name, arrived, dispatched, now, actual, ticket.cost)
+                Record(tenant.name, arrived, dispatched, now, actual, ticket.cost, below)
             )
-            start(core.release(ticket, actual if not fifo else ticket.cost), now)
+            start(core.release(ticket, actual if not fifo else ticket.cost, None, now), now)
             if tenant.outstanding and now < tenant.stop:
                 if tenant.think:
                     push(now + tenant.think, "arrive", tenant)

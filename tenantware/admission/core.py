@@ -342,8 +342,9 @@ class FairCore:
         return self.seats - self.in_use > protected
 
     def _below_share(self, state: _Tenant) -> bool:
-        """Fewer seats held than its seat share, ``seats x weight / active weight``."""
-        return state.held * self.active_weight < self.seats * state.weight
+        """Fewer seats held than its seat share, ``seats x weight / active weight`` (with a
+        margin: the running weight sum drifts, and an exact share is not below it)."""
+        return state.held * self.active_weight < self.seats * state.weight * (1.0 - 1e-9)
 
     def _grant(self, ticket: Ticket, state: _Tenant) -> None:
         if state.counter > self.vt:

@@ -117,7 +117,7 @@ local function fits(tenant, hold, held)
   if headroom > 0 then
     local aw = num(redis.call('HGET', K_SYS, 'aw'))
     local w = num(redis.call('HGET', K_W, tenant))
-    if not (held * aw < seats * w) then protected = protected + headroom end
+    if not (held * aw < seats * w * (1 - 1e-9)) then protected = protected + headroom end
   end
   return seats - redis.call('ZCARD', K_SEATS) > protected
 end
