@@ -244,8 +244,8 @@ def test_headroom_keeps_work_conservation_and_shares_when_everyone_is_backlogged
 # in flight, and a request within its tenant's reservation starts at once, whatever the
 # heavy tenant's request lengths and arrival pattern. Preconditions, as documented: the
 # tenant is active (clients come back within ``linger_s``), and with the lightest one active
-# the heavy tenant's seat share leaves the headroom (``seats x w_heavy / (w_heavy + w_light)
-# <= seats - headroom``).
+# the heavy tenant's seat share leaves the headroom and the reserved seats
+# (``seats x w_heavy / (w_heavy + w_light) <= seats - headroom - reserved``).
 
 
 @st.composite
@@ -261,15 +261,25 @@ def _workload(draw: st.DrawFn) -> tuple[list[SimTenant], int, int, float]:
         heavy.outstanding = draw(st.integers(seats, 4 * seats))
     else:
         heavy.rate = draw(st.floats(1.0, 200.0))
-    lights: list[SimTenant] = []
-    free_clients = headroom
-    least = heavy_weight * headroom / (seats - headroom)
-    for i in range(draw(st.integers(1, 3))):
-        reserved = draw(st.integers(0, 2))
+    # Light tenants: reserved ones run at most their reservation, the others at most
+    # ``headroom`` requests together.
+    plans: list[tuple[int, int]] = []
+    free_clients, free_reserved = headroom, seats - headroom - 1
+    for _ in range(draw(st.integers(1, 3))):
+        reserved = draw(st.integers(0, min(2, free_reserved)))
         clients = reserved if reserved else draw(st.integers(0, free_clients))
+        free_clients -= 0 if reserved else clients
+        free_reserved -= reserved
+        plans.append((reserved, clients))
+    reserved_all = sum(reserved for reserved, _ in plans)
+    # The heavy tenant's seat share, with the lightest light tenant active, leaves the
+    # headroom and the reserved seats: seats x w / (w + w_light) <= seats - headroom - R.
+    room = seats - headroom - reserved_all
+    least = heavy_weight * (seats - room) / room
+    lights: list[SimTenant] = []
+    for i, (reserved, clients) in enumerate(plans):
         if not clients:
             continue
-        free_clients -= 0 if reserved else clients
         low = draw(st.integers(1, 300))
         lights.append(
             SimTenant(

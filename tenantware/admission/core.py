@@ -28,6 +28,7 @@ it ends.
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, Final
@@ -98,7 +99,7 @@ class Ticket:
 
 
 class _Tenant:
-    __slots__ = ("counter", "held", "left", "queued", "queues", "reserved", "weight")
+    __slots__ = ("counter", "held", "left", "lingers", "queued", "queues", "reserved", "weight")
 
     def __init__(self, counter: float, bands: int) -> None:
         self.counter = counter
@@ -109,6 +110,8 @@ class _Tenant:
         self.weight = 0.0
         #: When it last went idle (held and waited for nothing); -1 while active.
         self.left = -1.0
+        #: Whether it has an entry in ``FairCore._lingering``.
+        self.lingers = False
         self.queues: list[deque[Ticket]] = [deque() for _ in range(bands)]
 
 
@@ -142,7 +145,8 @@ class FairCore:
         #: for less than ``linger_s`` (a client between two requests is still there).
         self.active_weight = 0.0
         self.linger_s = linger_s
-        self._lingering: deque[tuple[float, str]] = deque()
+        #: Heap of (since, tenant) of the idle tenants still counted.
+        self._lingering: list[tuple[float, str]] = []
         #: Optional token bucket: a dispatch needs a positive level (and may take it below
         #: zero); completion refunds or charges the difference between estimate and actual.
         self.rate = tokens_per_s
@@ -177,17 +181,20 @@ class FairCore:
                 self._reserving.add(ticket.tenant)
             else:
                 self._reserving.discard(ticket.tenant)
-        if self._lingering:
-            self._expire(now)
-        if ticket.weight != state.weight:
-            self.active_weight += ticket.weight - state.weight
-            state.weight = ticket.weight
-        state.left = -1.0
+        headroom = self.headroom
+        if headroom:
+            # Seat shares are only needed for the headroom.
+            if self._lingering:
+                self._expire(now)
+            if ticket.weight != state.weight:
+                self.active_weight += ticket.weight - state.weight
+                state.weight = ticket.weight
+            state.left = -1.0
         if (
             not self.waiting
             and self.in_use < self.seats
             and _may_hold(state, ticket)
-            and self._fits(state, ticket, ticket.tenant)
+            and (not (headroom or self._reserving) or self._fits(state, ticket, ticket.tenant))
             and (self.rate is None or self._room(now))
         ):
             # The fast path: free capacity and nobody waiting.
@@ -229,7 +236,7 @@ class FairCore:
         state = self.tenants[ticket.tenant]
         state.held -= 1
         self.in_use -= 1
-        if not (state.held or state.queued):
+        if self.headroom and not (state.held or state.queued):
             self._idle(state, ticket.tenant, now)
         state.counter += (actual_cost - ticket.cost) / ticket.weight
         ticket.granted = False
@@ -254,7 +261,7 @@ class FairCore:
         self.waiting -= 1
         if not queue:
             self._backlog[ticket.band].discard(ticket.tenant)
-        if not (state.held or state.queued):
+        if self.headroom and not (state.held or state.queued):
             self._idle(state, ticket.tenant, now)
         return self._dispatch(now)
 
@@ -303,19 +310,30 @@ class FairCore:
         return self.vt if best is None else best
 
     def _idle(self, state: _Tenant, name: str, now: float) -> None:
-        """The tenant holds and waits for nothing: its weight leaves after ``linger_s``."""
+        """The tenant holds and waits for nothing: its weight leaves after ``linger_s``.
+
+        One entry per tenant at most in ``_lingering`` (a busy tenant goes idle at every
+        release): an entry found out of date when it comes due is pushed back."""
+        if not state.lingers:
+            state.lingers = True
+            heapq.heappush(self._lingering, (now, name))
         state.left = now
-        self._lingering.append((now, name))
 
     def _expire(self, now: float) -> None:
         lingering = self._lingering
-        while lingering and lingering[0][0] + self.linger_s <= now:
-            left, name = lingering.popleft()
+        linger = self.linger_s
+        while lingering and lingering[0][0] + linger <= now:
+            _since, name = heapq.heappop(lingering)
             state = self.tenants[name]
-            if state.left == left:
+            if state.left < 0.0:  # active again
+                state.lingers = False
+            elif state.left + linger <= now:
+                state.lingers = False
                 self.active_weight -= state.weight
                 state.weight = 0.0
                 state.left = -1.0
+            else:
+                heapq.heappush(lingering, (state.left, name))
         if not lingering and not self.in_use and not self.waiting:
             self.active_weight = 0.0  # no float drift survives an idle pool
 

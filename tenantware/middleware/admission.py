@@ -161,7 +161,7 @@ class AdmissionMiddleware:
         else:
             gauges[2].observe(0.0)
         gauges[1].inc()
-        granted_at = time.perf_counter()
+        granted_at = time.perf_counter() if self.short_s else 0.0
         if ctx.view.stream:
             send = self._charging(send, store, ticket, prompt)
         try:
