@@ -80,8 +80,8 @@ class Gateway:
             prefix=settings.redis_prefix,
             timeout_s=settings.redis_timeout_s,
             replicas=settings.replicas,
-            on_failure=settings.on_store_failure,
-            retry_after_s=config.quota.retry_store_after_s,
+            on_failure=settings.on_store_failure or "local",
+            probe_interval_s=config.quota.retry_store_after_s or settings.store_probe_interval_s,
         )
         #: Tenants and keys: the file's (in this process), or ``gateway.registry_url``'s.
         self.registry_store: RegistryStore = self.stores.registry_store(
