@@ -422,7 +422,9 @@ async def main() -> None:
         if args.scenario in ("all", "noisy"):
             await noisy(upstream_url, args.noisy_seconds)
         if args.scenario in ("all", "fifo"):
-            await weighted(upstream_url, args.seconds, None, {"scheduler": "fifo"})
+            # The same load under FIFO (one queue: room for every tenant's backlog).
+            fifo = {"scheduler": "fifo", "max_queue_per_tenant": 4 * 3 * SEATS}
+            await weighted(upstream_url, args.seconds, None, fifo)
     if args.scenario in ("all", "long"):
         port = find_free_port()
         upstream = ["-m", "tenantware.testing.upstream", "--port", str(port), "--chunks", "1000"]

@@ -282,6 +282,13 @@ class FairCore:
             return 0.0
         return -self.level / self.rate + 0.001
 
+    def linger_in(self, now: float) -> float:
+        """Seconds until an idle tenant may stop counting in the seat shares (which may let
+        a waiter take the headroom): when a waiter with nobody releasing should ``pump``."""
+        if not self._lingering:
+            return self.linger_s
+        return max(0.001, self._lingering[0][0] + self.linger_s - now + 0.001)
+
     # -- inspection -------------------------------------------------------------------------
 
     def snapshot(self, now: float = 0.0) -> dict[str, dict[str, float]]:
