@@ -334,6 +334,7 @@ async def long_noisy(upstream_url: str, seconds: float, plot: str | None) -> Non
         "fair, headroom 0": ({"headroom_seats": 0}, noisy),
         "fair, headroom 1": ({"headroom_seats": 1}, noisy),
         "fair, headroom 2 (default)": ({}, noisy),
+        "fair, headroom 4": ({"headroom_seats": 4}, noisy),
         "reserved 2+2, headroom 0": ({**reserved, "headroom_seats": 0}, noisy),
         "reserved 2+2, headroom 2": (reserved, noisy),
         "A absent (again)": ({}, quiet),
@@ -386,7 +387,7 @@ def save_ratio_plot(
     import matplotlib.pyplot as plt
 
     labels = [label for label in ratios if label != "A absent"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5.5))
     width = 0.38
     for ax, values, title in (
         (left, ratios, "p99 latency with A / first run without A"),
@@ -395,9 +396,7 @@ def save_ratio_plot(
         for i, name in enumerate(("B", "C")):
             xs = [j + (i - 0.5) * width for j in range(len(labels))]
             ax.bar(xs, [values[label][name] for label in labels], width, label=f"tenant {name}")
-        ax.set_xticks(
-            range(len(labels)), [label.replace(", ", "\n") for label in labels], fontsize=8
-        )
+        ax.set_xticks(range(len(labels)), labels, fontsize=8, rotation=30, ha="right")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, axis="y")
     left.set_yscale("log")
