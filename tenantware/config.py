@@ -249,7 +249,7 @@ class AdmissionSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields
     tenant_reserved_seats: dict[str, NonNegInt] = field(default_factory=dict)
     #: Seats of each pool that a tenant holding its seat share (or alone in the pool) may not
     #: take with a long request: kept for tenants below their share (``fair`` only).
-    headroom_seats: NonNegInt = 1
+    headroom_seats: NonNegInt = 2
     #: Requests expected to hold their seat at most this long (from ``max_tokens`` and the
     #: pool's observed speed) may borrow the headroom and unused reserved seats; 0: none.
     short_request_s: Annotated[float, Meta(ge=0, le=600)] = 0.0
