@@ -18,6 +18,7 @@ import anyio
 
 from tenantware.breaker.board import RECORDED, BreakerBoard, circuit_open
 from tenantware.breaker.circuit import (
+    CLOSED,
     FAILURE,
     LIMITED,
     PASS,
@@ -26,7 +27,7 @@ from tenantware.breaker.circuit import (
     RELEASE,
     SUCCESS,
 )
-from tenantware.context import Outcome, RequestContext, get_context
+from tenantware.context import Outcome, RequestContext, Unavailable, get_context
 from tenantware.errors import GatewayError, circuit_open_error
 from tenantware.state import LiveConfig
 from tenantware.types import ASGIApp, Receive, Scope, Send
@@ -93,7 +94,12 @@ class BreakerMiddleware:
             if tenant_probe:
                 await board.release(tenant_key, tenant_policy)
             assert model is not None
-            await circuit_open_error(*circuit_open(model, wait)).send(send, ctx)
+            if app_key is not None:
+                why: Unavailable = "cooling" if board.state(app_key) == CLOSED else "open"
+                decision = circuit_open(model, wait, why)
+            else:
+                decision = board.unavailable(snapshot, model, chain, wait)
+            await circuit_open_error(*decision).send(send, ctx)
             return
         status = 0
         try:

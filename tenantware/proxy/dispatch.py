@@ -10,12 +10,13 @@ started, go to the client as they are (through ``Relay``).
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 import msgspec
 
-from tenantware.breaker.board import RECORDED, BreakerBoard, Deployment, circuit_open
+from tenantware.breaker.board import RECORDED, BreakerBoard, Deployment
 from tenantware.breaker.circuit import FAILURE, LIMITED, RELEASE, SLOW, SUCCESS
 from tenantware.config import Upstream
 from tenantware.context import Outcome, RequestContext, Usage
@@ -71,6 +72,13 @@ class Dispatcher:
         self.relay = relay
         self._targets: dict[str, _Target] = {}
         self._targets_version = -1
+        #: How a retry waits (its backoff, or a cool-down); tests replace it to hold a retry.
+        self.sleep: Callable[[float], Awaitable[None]] = anyio.sleep
+
+    async def _refresh(self, snapshot: Snapshot, chain: tuple[str, ...]) -> None:
+        """After a sleep: re-read the shared circuits that went stale meanwhile (Redis)."""
+        if self.board.remote:
+            await self.board.refresh_chain(snapshot, chain)
 
     def _target(self, snapshot: Snapshot, upstream: Upstream) -> _Target:
         if self._targets_version != snapshot.version:
@@ -103,6 +111,8 @@ class Dispatcher:
         tried: set[str] | None = None
         last: _Failed | None = None
         attempts = 0
+        #: This retry already slept its backoff: the pick made after it is called at once.
+        backed_off = False
         while True:
             pick = await router.pick(snapshot, chain, tried)
             deployment = pick.deployment
@@ -115,15 +125,21 @@ class Dispatcher:
                 ):
                     break
                 # Only cooling (429) or open deployments left: wait for the first to return.
-                await anyio.sleep(wait)
+                await self.sleep(wait)
+                await self._refresh(snapshot, chain)
                 continue
-            if tried is not None and deployment.key in tried:
+            if tried is not None and deployment.key in tried and not backed_off:
+                # Only deployments this request tried are ready (never a probe: probes go to
+                # untried ones). Sleep the backoff, then ask the board again: a circuit that
+                # opened meanwhile (other requests' failures) is not called.
                 delay = router.backoff(attempts - 1)
                 if time.perf_counter() + delay >= deadline:
-                    if pick.probe:
-                        await board.release(deployment.key)
                     break
-                await anyio.sleep(delay)
+                await self.sleep(delay)
+                await self._refresh(snapshot, chain)
+                backed_off = True
+                continue
+            backed_off = False
             attempts += 1
             last = await self._attempt(
                 ctx, receive, send, path, snapshot, deployment, pick.probe, started
@@ -136,7 +152,7 @@ class Dispatcher:
             if attempts >= settings.max_attempts or time.perf_counter() >= deadline:
                 break
         if last is None:
-            raise circuit_open_error(*circuit_open(model, pick.wait_s))
+            raise circuit_open_error(*board.unavailable(snapshot, model, chain, pick.wait_s))
         if last.error is not None:
             raise _unavailable(last.error, last.target)
         ctx.usage = Usage()

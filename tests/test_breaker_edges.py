@@ -1,0 +1,140 @@
+"""Proofs of issue 24: the breaker's edges (retries into a circuit that opened meanwhile, what
+a 503 says, refusals of the tenant layer, consecutive failures counted across processes, and
+a hanging upstream on default settings)."""
+
+from __future__ import annotations
+
+import anyio
+import httpx
+import pytest
+
+from tenantware.breaker import CLOSED, OPEN
+from tenantware.testing.upstream import FakeUpstream
+from tests.support import CHAT, KEYS, client_for
+from tests.test_breaker_proxy import Hosts, deployment, gateway_for, upstream
+
+pytestmark = pytest.mark.anyio
+
+URL = "/v1/chat/completions"
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store_kind(request: pytest.FixtureRequest) -> tuple[str, str] | None:
+    if request.param == "memory":
+        return None
+    return request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
+
+
+async def test_a_retry_after_its_backoff_does_not_call_a_circuit_that_opened_meanwhile(
+    store_kind: tuple[str, str] | None,
+) -> None:
+    fake = FakeUpstream()
+    gateway, _ = gateway_for(
+        Hosts(primary=fake),
+        [upstream("primary", "gpt-4.1")],
+        {"max_attempts": 2, "deployment": deployment(consecutive_failures=2)},
+        redis=store_kind,
+    )
+    key = "primary/gpt-4.1"
+    dispatcher = gateway.proxy.dispatcher
+    asleep, wake = anyio.Event(), anyio.Event()
+
+    def backoff(retry: int) -> float:
+        asleep.set()
+        return 1.0
+
+    async def held_backoff(delay: float) -> None:
+        await wake.wait()
+
+    dispatcher.router.backoff = backoff  # type: ignore[method-assign]
+
+    fake.config.fail_next = [500, 500]
+    first: list[httpx.Response] = []
+    async with client_for(gateway.asgi_app(), KEYS["acme"]) as client:
+
+        async def send_first() -> None:
+            first.append(await client.post(URL, json=CHAT))
+
+        async with anyio.create_task_group() as group:
+            dispatcher.sleep = held_backoff
+            group.start_soon(send_first)
+            # The first request failed on the only deployment and sleeps its backoff ...
+            with anyio.fail_after(30):
+                await asleep.wait()
+            dispatcher.sleep = anyio.sleep
+            # ... while another request's failure opens the circuit.
+            second = await client.post(URL, json=CHAT)
+            assert second.status_code == 500
+            assert gateway.board.state(key) == OPEN
+            opened_at = fake.stats.requests
+            wake.set()
+    await gateway.aclose()
+    assert opened_at == 2
+    # No call reached the upstream after its circuit opened; the first request got the
+    # answer of its own failed call.
+    assert fake.stats.requests == opened_at
+    assert first[0].status_code == 500
+
+
+async def test_503_says_the_only_deployment_is_cooling_after_a_429_with_exact_retry_after() -> None:
+    fake = FakeUpstream()
+    gateway, _ = gateway_for(
+        Hosts(primary=fake),
+        [upstream("primary", "gpt-4.1")],
+        {"max_attempts": 1, "deployment": deployment()},
+    )
+    fake.config.fail_next = [429]
+    fake.config.retry_after_s = 7
+    async with client_for(gateway.asgi_app(), KEYS["acme"]) as client:
+        assert (await client.post(URL, json=CHAT)).status_code == 429
+        cooling = await client.post(URL, json=CHAT)
+    await gateway.aclose()
+    assert gateway.board.state("primary/gpt-4.1") == CLOSED
+    assert cooling.status_code == 503
+    error = cooling.json()["error"]
+    assert error["code"] == "upstream_cooling"
+    assert "429" in error["message"]
+    assert "circuit breaker is open" not in error["message"]
+    assert cooling.headers["retry-after"] == "7"
+    assert fake.stats.requests == 1
+
+
+async def test_503_says_open_and_cooling_when_the_fallback_cools_and_the_primary_is_open() -> None:
+    primary, backup = FakeUpstream(), FakeUpstream()
+    gateway, _ = gateway_for(
+        Hosts(primary=primary, backup=backup),
+        [upstream("primary", "gpt-4.1"), upstream("backup", "gemini-2.5-flash")],
+        {
+            "max_attempts": 2,
+            "fallbacks": {"gpt-4.1": ["gemini-2.5-flash"]},
+            "deployment": deployment(consecutive_failures=1),
+        },
+    )
+    primary.config.fail_next = [500]
+    backup.config.fail_next = [429]
+    backup.config.retry_after_s = 4
+    async with client_for(gateway.asgi_app(), KEYS["acme"]) as client:
+        assert (await client.post(URL, json=CHAT)).status_code == 429
+        both = await client.post(URL, json=CHAT)
+    await gateway.aclose()
+    assert both.status_code == 503
+    assert both.json()["error"]["code"] == "circuit_open_and_cooling"
+    # The first to return is the fallback, after its retry-after (the primary waits 30 s).
+    assert both.headers["retry-after"] == "4"
+
+
+async def test_503_of_an_open_circuit_keeps_its_code() -> None:
+    fake = FakeUpstream()
+    gateway, _ = gateway_for(
+        Hosts(primary=fake),
+        [upstream("primary", "gpt-4.1")],
+        {"max_attempts": 1, "deployment": deployment(consecutive_failures=1)},
+    )
+    fake.config.fail_next = [500]
+    async with client_for(gateway.asgi_app(), KEYS["acme"]) as client:
+        assert (await client.post(URL, json=CHAT)).status_code == 500
+        opened = await client.post(URL, json=CHAT)
+    await gateway.aclose()
+    assert opened.json()["error"]["code"] == "circuit_open"
+    assert "circuit breaker is open" in opened.json()["error"]["message"]
+    assert opened.headers["retry-after"] == "30"
