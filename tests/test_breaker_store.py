@@ -219,6 +219,45 @@ async def test_two_redis_stores_share_one_circuit(redis_url: str, redis_prefix: 
         await second_client.aclose()
 
 
+async def test_on_redis_one_process_succeeding_does_not_reset_another_process_failures(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """The written rule: each process's run of failures since its own last success, added up
+    over processes; a success resets only its own process's run."""
+    clock = Clock()
+    p = policy()
+    first_client = connect_redis(redis_url, timeout_s=2.0)
+    second_client = connect_redis(redis_url, timeout_s=2.0)
+    try:
+        failing = RedisBreakerStore(first_client, prefix=redis_prefix, clock=clock)
+        healthy = RedisBreakerStore(second_client, prefix=redis_prefix, clock=clock)
+        for _ in range(5):
+            assert failing.state(KEY) == CLOSED
+            await failing.record(KEY, p, FAILURE)
+            # The other process keeps succeeding, and its successes reach Redis in between.
+            await record_all(healthy, p, [SUCCESS] * 3)
+            await healthy.flush()
+        assert failing.state(KEY) == OPEN
+        # Runs of two processes add up too: 3 + 2 failures since their own last success.
+        clock.now += 31.0
+        for store in (failing, healthy):
+            assert await store.take_probe(KEY, p)
+            await store.record(KEY, p, SUCCESS, probe=True)
+        assert healthy.state(KEY) == CLOSED
+        await record_all(failing, p, [FAILURE] * 3)
+        await record_all(healthy, p, [FAILURE, SUCCESS])
+        await healthy.flush()
+        assert healthy.state(KEY) == CLOSED  # healthy's own success ended its run of one
+        await record_all(healthy, p, [FAILURE] * 2)
+        assert healthy.state(KEY) == OPEN  # 3 (failing) + 2 (healthy) in a row
+        # Opening starts every run over: no per-process field is left behind.
+        fields = await first_client.hkeys(healthy._redis_key(KEY))
+        assert not [f for f in fields if (f if isinstance(f, str) else f.decode())[:2] == "p."]
+    finally:
+        await first_client.aclose()
+        await second_client.aclose()
+
+
 async def test_redis_successes_are_counted_locally_until_the_next_sync(
     redis_url: str, redis_prefix: str
 ) -> None:

@@ -12,13 +12,18 @@ from Redis ``TIME``). The request path reads a local copy of each circuit:
 
 The trade-off: another process learns of an open circuit within ``sync_interval_s`` (or on
 its own next failure, which is immediate), and the shared rate window lags the successes of
-each process by at most that long. When Redis fails, decisions fall back to circuits kept in
-process (every outcome is also recorded there), so a Redis outage costs protection sharing,
-never traffic: the breaker's failure policy is always ``local`` (``backends/failover.py``).
+each process by at most that long. Consecutive failures are counted per process and added up
+(a success resets only its own process's run): otherwise one process's successes, arriving
+in batches, would reset the count of another that keeps failing.
+
+When Redis fails, decisions fall back to circuits kept in process (every outcome is also
+recorded there), so a Redis outage costs protection sharing, never traffic: the breaker's
+failure policy is always ``local`` (``backends/failover.py``).
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Iterable
 from importlib import resources
@@ -98,6 +103,8 @@ class RedisBreakerStore:
         #: Circuit state is protection, not a limit: during an outage the local circuits
         #: decide (the ``local`` policy); Redis is tried again after ``sync_interval_s``.
         self.failover = Failover("breaker", retry_after_s=sync_interval_s, clock=self._now)
+        #: Names this store's run of consecutive failures in each circuit's hash.
+        self.process_id = secrets.token_hex(8)
         self._listener: TransitionListener = self.local._listener
 
     def set_listener(self, listener: TransitionListener) -> None:
@@ -203,6 +210,7 @@ class RedisBreakerStore:
             mode,
             cool_ms,
             *self._args(policy),
+            self.process_id,
         ]
         try:
             raw = await self._script(keys=[self._redis_key(key)], args=args)
