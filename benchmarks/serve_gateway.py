@@ -112,12 +112,15 @@ def main() -> None:
         return
     import uvicorn
 
+    from tenantware.server_limits import PROTOCOL_PATH, ServeLimits
+
+    ServeLimits().export()  # the connection limits of `tenantware serve`, at their defaults
     uvicorn.run(
         app if args.gc_freeze else build_app(),
         host="127.0.0.1",
         port=args.port,
         loop="uvloop",
-        http="httptools",
+        http=PROTOCOL_PATH,  # httptools with the connection limits, as `tenantware serve`
         log_level="warning",
         access_log=False,
     )

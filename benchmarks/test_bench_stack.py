@@ -146,7 +146,7 @@ class _Canned:
     def header(self, name: str) -> str | None:
         return None
 
-    async def read(self) -> bytes:
+    async def read(self, max_bytes: int) -> bytes:
         return b"".join(self._chunks)
 
     async def chunks(self) -> AsyncIterator[bytes]:

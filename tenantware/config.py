@@ -6,6 +6,7 @@ field path (``$.tenants[0].limits.requests_per_minute``) so an operator can fix 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Callable, Iterable
 from decimal import Decimal
@@ -160,6 +161,9 @@ class Upstream(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     weight: Weight = 1.0
     #: Extra headers sent upstream (e.g. an organisation id); not for secrets.
     headers: dict[str, str] = field(default_factory=dict)
+    #: Largest answer relayed: a bigger one is cut with a 502 (a stream, with an error
+    #: event), never held whole in memory.
+    max_response_bytes: PositiveInt = 64 * 1024 * 1024
 
     def api_key(self) -> str | None:
         """The upstream key from the environment, or ``None`` when not configured."""
@@ -180,12 +184,25 @@ class QuotaSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     #: Aggregate limits over all tenants (the upstream account's own limits).
     global_limits: Limits = field(default_factory=Limits)
     #: Failure policy per kind of limit when the store is unreachable; unset kinds use
-    #: ``gateway.on_store_failure``.
+    #: ``gateway.on_store_failure``, else ``DEFAULT_FAILURE_POLICIES``.
     on_store_failure: dict[LimitKind, FailurePolicy] = field(default_factory=dict)
     #: A concurrency slot whose request never settles (a crashed replica) frees itself after.
     lease_s: PositiveFloat = 900.0
-    #: After a store failure, the policy answers without trying the store for this long.
-    retry_store_after_s: Annotated[float, Meta(ge=0)] = 1.0
+    #: Probe interval during an outage, over ``gateway.store_probe_interval_s`` (kept for
+    #: configurations written before that setting).
+    retry_store_after_s: Annotated[float, Meta(ge=0)] | None = None
+
+
+#: What each kind of limit does while the shared store is unreachable, unless configured:
+#: a budget refuses (this process cannot know what the others spent), the others keep
+#: this process's share (``gateway.replicas``). Nothing that costs money or capacity is left
+#: unchecked.
+DEFAULT_FAILURE_POLICIES: dict[LimitKind, FailurePolicy] = {
+    "requests": "local",
+    "tokens": "local",
+    "concurrency": "local",
+    "budget": "closed",
+}
 
 
 # -- end of quota settings ------------------------------------------------------------------
@@ -346,6 +363,9 @@ class MeteringSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     cost_center_header: str = "x-cost-center"
     #: One structlog ``request`` event per request (written by the ledger writer).
     request_log: bool = True
+    #: Output tokens a request that set no ``max_tokens`` may be billed for: an upstream
+    #: reporting more is clamped and the record marked ``usage_invalid``.
+    max_output_tokens: Annotated[int, Meta(ge=1, le=1_000_000_000)] = 1_000_000
 
     def __post_init__(self) -> None:
         _check_money(self)
@@ -374,12 +394,31 @@ class GatewaySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     redis_url: str | None = None
     #: Prefix of every Redis key (lets several gateways or tests share one Redis).
     redis_prefix: str = ""
-    redis_timeout_s: PositiveFloat = 0.05
+    #: Outage bound: Redis is declared unavailable when it has answered nothing for this long
+    #: while calls were outstanding (a slow but answering Redis is waited for).
+    redis_timeout_s: PositiveFloat = 0.25
+    #: During an outage, one call per interval probes the store; traffic returns when it
+    #: is answered.
+    store_probe_interval_s: PositiveFloat = 0.25
     #: How many gateway replicas share the limits (for the ``local`` failure policy).
     replicas: PositiveInt = 1
-    on_store_failure: FailurePolicy = "open"
+    #: Failure policy of every kind of limit and of admission; unset: the per-kind defaults
+    #: (``DEFAULT_FAILURE_POLICIES``; admission keeps its ``local`` share of the seats).
+    on_store_failure: FailurePolicy | None = None
     ledger_url: str | None = None
     trust_request_id: bool = True
+    #: Addresses or networks (``10.0.0.0/8``) of reverse proxies whose ``X-Forwarded-Host``
+    #: names the host for domain binding; from anyone else the header is ignored.
+    trusted_proxies: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for entry in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise msgspec.ValidationError(
+                    f"gateway.trusted_proxies: {entry!r} is not an address or network"
+                ) from None
 
 
 class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -106,13 +106,18 @@ class RequestView(msgspec.Struct):
 
 
 class Usage(msgspec.Struct):
-    """Tokens one request used; ``estimated`` when the upstream did not report them."""
+    """Tokens one request used; ``estimated`` when the upstream did not report them.
+
+    ``anomalies`` names what was wrong with the upstream's numbers when they had to be clamped
+    or replaced (``tenantware.metering.usage``): the record is then marked ``usage_invalid``.
+    """
 
     input_tokens: int = 0
     output_tokens: int = 0
     cached_tokens: int = 0
     reasoning_tokens: int = 0
     estimated: bool = False
+    anomalies: tuple[str, ...] = ()
 
 
 #: How a request ended, as written to logs, metrics and the ledger (``Outcome`` names them).
@@ -157,7 +162,8 @@ class Outcome:
 
 
 class RequestContext:
-    """Mutable state of one request; created by ``TenantMiddleware``."""
+    """Mutable state of one request; created by ``TenantMiddleware``. Which layer writes each
+    field and who reads it: the table at the top of this module."""
 
     __slots__ = (
         "api_route",

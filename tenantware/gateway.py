@@ -29,7 +29,7 @@ from tenantware.metering.ledger import (
     default_spill_path,
     open_ledger,
 )
-from tenantware.metering.routes import ADMIN_PREFIX, TENANT_USAGE_PATHS, AdminApp
+from tenantware.metering.routes import ADMIN_PREFIX, READY_PATH, TENANT_USAGE_PATHS, AdminApp
 from tenantware.metering.telemetry import log_records, metrics_observer
 from tenantware.middleware.admission import AdmissionMiddleware
 from tenantware.middleware.breaker import BreakerMiddleware
@@ -77,8 +77,8 @@ class Gateway:
             prefix=settings.redis_prefix,
             timeout_s=settings.redis_timeout_s,
             replicas=settings.replicas,
-            on_failure=settings.on_store_failure,
-            retry_after_s=config.quota.retry_store_after_s,
+            on_failure=settings.on_store_failure or "local",
+            probe_interval_s=config.quota.retry_store_after_s or settings.store_probe_interval_s,
         )
         #: Every circuit of this gateway, shared by ``BreakerMiddleware`` and the proxy.
         self.board = BreakerBoard(
@@ -226,7 +226,7 @@ class Gateway:
         """
         wrapped = self.wrap(self.proxy)
         gateway = self
-        admin = AdminApp(live=self.live, ledger=self.ledger)
+        admin = AdminApp(live=self.live, ledger=self.ledger, writer=self.writer)
         tenant_usage = TenantMiddleware(admin, live=self.live, estimator=self.estimator)
 
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -235,7 +235,7 @@ class Gateway:
                 return
             if scope["type"] == "http":
                 path = scope["path"]
-                if path.startswith(ADMIN_PREFIX) or path == "/metrics":
+                if path.startswith(ADMIN_PREFIX) or path in ("/metrics", READY_PATH):
                     await admin(scope, receive, send)
                     return
                 if path in TENANT_USAGE_PATHS:

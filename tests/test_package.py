@@ -54,3 +54,14 @@ def test_every_public_name_resolves_to_its_home() -> None:
 def test_an_unknown_name_is_an_attribute_error() -> None:
     with pytest.raises(AttributeError, match="NoSuchThing"):
         tenantware.NoSuchThing  # type: ignore[attr-defined]  # noqa: B018
+
+
+def test_test_infrastructure_is_not_in_the_package() -> None:
+    """The Redis/PostgreSQL process helpers live in tests/, outside the wheel; the fake
+    upstream and serve_in_thread stay public."""
+    import importlib.util
+
+    import tenantware.testing
+
+    assert importlib.util.find_spec("tenantware.testing.servers") is None
+    assert {"FakeUpstream", "serve_in_thread"} <= set(tenantware.testing.__all__)

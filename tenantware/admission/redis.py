@@ -289,6 +289,10 @@ class RedisSeatStore:
             return
         self._held.discard(ticket.id)
         ticket.granted = False
+        if self.failover.down:
+            # The lease expires by itself; only the usage correction is lost.
+            self.failover.degraded(self.on_failure)
+            return
         try:
             granted = await self._call(
                 "release",

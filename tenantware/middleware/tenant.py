@@ -7,10 +7,12 @@ models (404) and models the tenant may not use (403) before any policy layer run
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Awaitable, Callable
 from random import getrandbits as _getrandbits
 from typing import Final
+from urllib.parse import unquote
 
 import msgspec
 import structlog
@@ -23,6 +25,8 @@ from tenantware.state import LiveConfig, Snapshot
 from tenantware.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["TenantMiddleware"]
+
+_IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _bind = structlog.contextvars.bind_contextvars
 _reset = structlog.contextvars.reset_contextvars
@@ -97,6 +101,7 @@ class TenantMiddleware:
         #: Called after this layer itself refused a request (bad body, model): the metering
         #: layer is not reached then, so the gateway records those here.
         self.on_rejected = on_rejected
+        self._trusted: tuple[Snapshot | None, tuple[_IPNetwork, ...]] = (None, ())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -105,6 +110,7 @@ class TenantMiddleware:
         snapshot = self.live.current
         token = host = incoming_id = content_type = None
         content_length = -1
+        many_hosts = False
         for name, value in scope["headers"]:
             if name == b"authorization":
                 if value[:7].lower() == b"bearer ":
@@ -112,6 +118,7 @@ class TenantMiddleware:
             elif name == b"x-api-key" or name == b"api-key":
                 token = token or value.strip()
             elif name == b"host":
+                many_hosts = host is not None
                 host = value
             elif name == b"x-request-id":
                 incoming_id = value
@@ -136,6 +143,12 @@ class TenantMiddleware:
                 message["headers"] = [*message.get("headers", ()), id_header]
             return send(message)
 
+        raw_path = scope.get("raw_path")
+        if many_hosts or (raw_path and not raw_path.startswith(b"/")):
+            refusal = _check_target(scope, raw_path, host, many_hosts)
+            if refusal is not None:
+                await refusal.send(send_with_id, ctx)
+                return
         if not scope["path"].startswith(snapshot.api_prefixes):
             await self.app(scope, receive, send_with_id)
             return
@@ -145,7 +158,7 @@ class TenantMiddleware:
         tenant_token = None
         inner_called = False
         try:
-            entry = self._authenticate(snapshot, token, host)
+            entry = self._authenticate(snapshot, scope, token, host)
             ctx.tenant = entry.tenant
             ctx.key_id = entry.key_id
             tenant_token = _bind(tenant_id=entry.tenant.id)
@@ -176,7 +189,7 @@ class TenantMiddleware:
             _reset(**id_token)
 
     def _authenticate(
-        self, snapshot: Snapshot, token: bytes | None, host: bytes | None
+        self, snapshot: Snapshot, scope: Scope, token: bytes | None, host: bytes | None
     ) -> KeyEntry:
         if not token:
             raise _missing_key()
@@ -184,13 +197,27 @@ class TenantMiddleware:
         if entry is None:
             raise _invalid_key()
         if snapshot.domain_owner or entry.tenant.domains:
-            domain = (host or b"").split(b":", 1)[0].decode("latin-1").lower()
+            trusted = self._trusted_proxies(snapshot)
+            if trusted and _from(scope, trusted):
+                host = _header(scope, b"x-forwarded-host", host)
+            domain = _normal_host(host)
             owner = snapshot.domain_owner.get(domain)
             if owner is not None and owner != entry.tenant.id:
                 raise _invalid_key()
             if entry.tenant.domains and domain not in entry.tenant.domains:
                 raise _invalid_key()
         return entry
+
+    def _trusted_proxies(self, snapshot: Snapshot) -> tuple[_IPNetwork, ...]:
+        """The networks of ``gateway.trusted_proxies``, parsed once per config version."""
+        cached = self._trusted
+        if cached[0] is not snapshot:
+            entries = snapshot.config.gateway.trusted_proxies
+            cached = self._trusted = (
+                snapshot,
+                tuple(ipaddress.ip_network(entry, strict=False) for entry in entries),
+            )
+        return cached[1]
 
     async def _read_body(
         self, snapshot: Snapshot, ctx: RequestContext, receive: Receive, content_length: int
@@ -238,6 +265,12 @@ class TenantMiddleware:
             raise _bad_request(
                 "We could not parse the JSON body of your request. The body must be valid JSON."
             ) from None
+        except RecursionError:
+            # The decoder's depth bound (the interpreter's recursion limit): no real request
+            # comes near it, and a few KB of brackets must not cost a 500.
+            raise _bad_request(
+                "The JSON body of your request is nested too deeply.", code="json_too_deep"
+            ) from None
         ctx.view = view
         ctx.estimated_prompt_tokens = self.estimator(body, view)
         if view.model is None:
@@ -278,6 +311,68 @@ def _too_large(limit: int) -> GatewayError:
         code="request_too_large",
         outcome=Outcome.REJECTED_REQUEST,
     )
+
+
+def _normal_host(value: bytes | None) -> str:
+    """A ``Host`` value as domain binding compares it: lower case, no port, no trailing dot
+    (``AI.Acme.Example.:443`` is ``ai.acme.example``); IPv6 literals keep their brackets."""
+    if not value:
+        return ""
+    host = value.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1] if end > 0 else host
+    name, colon, port = host.rpartition(":")
+    if colon and (not port or port.isdigit()):
+        host = name
+    return host.rstrip(".")
+
+
+def _check_target(
+    scope: Scope, raw_path: bytes | None, host: bytes | None, many_hosts: bool
+) -> GatewayError | None:
+    """Refuse a request whose host is ambiguous: several ``Host`` headers, or an absolute-form
+    URL naming another host than ``Host`` (either could pass one host to a proxy in front and
+    another to domain binding). An agreeing absolute-form URL is served by its path."""
+    if many_hosts:
+        return _bad_request("The request has several Host headers.", code="invalid_host")
+    assert raw_path is not None
+    scheme, sep, rest = raw_path.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        return None  # "*" (OPTIONS) or not a URL: nothing to compare
+    authority, slash, path = rest.partition(b"/")
+    authority = authority.split(b"?", 1)[0].rpartition(b"@")[2]
+    if _normal_host(authority) != _normal_host(host):
+        return _bad_request(
+            "The host of the request URL differs from its Host header.", code="invalid_host"
+        )
+    if not scope["path"].startswith("/"):
+        # The server passed the absolute form on (h11 does): route by its path.
+        path = (slash + path).split(b"?", 1)[0] or b"/"
+        scope["path"] = unquote(path.decode("latin-1"))
+        scope["raw_path"] = path
+    return None
+
+
+def _from(scope: Scope, networks: tuple[_IPNetwork, ...]) -> bool:
+    """Whether the peer of this connection is in one of ``networks``."""
+    client = scope.get("client")
+    if not client:
+        return False
+    try:
+        address = ipaddress.ip_address(client[0])
+    except ValueError:  # a unix socket path, say
+        return False
+    return any(address in network for network in networks)
+
+
+def _header(scope: Scope, name: bytes, default: bytes | None) -> bytes | None:
+    """The last value of header ``name`` (the one the nearest proxy set), else ``default``."""
+    found = default
+    for key, value in scope["headers"]:
+        if key == name:
+            found = value.rsplit(b",", 1)[-1]
+    return found
 
 
 def _is_json(content_type: bytes | None) -> bool:

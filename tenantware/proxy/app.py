@@ -41,6 +41,16 @@ class _ModelList(msgspec.Struct):
     object: str = "list"
 
 
+def _needs_key() -> GatewayError:
+    return GatewayError(
+        401,
+        "This URL needs an API key: call the API under its prefix (/v1/) with "
+        "'Authorization: Bearer <key>'.",
+        code="invalid_api_key",
+        outcome=Outcome.REJECTED_AUTH,
+    )
+
+
 def _model_required() -> GatewayError:
     return GatewayError(
         400, "you must provide a model parameter", param="model", outcome=Outcome.REJECTED_REQUEST
@@ -99,6 +109,10 @@ class ProxyApp:
                     f"Unknown request URL: {scope['method']} {scope['path']}.",
                     code="unknown_url",
                 )
+            if ctx.tenant is None:
+                # A path outside the API prefixes: the tenant layer checked no key, and every
+                # route here lists models or reaches an upstream.
+                raise _needs_key()
             await handler(ctx, receive, send)
         except GatewayError as error:
             if ctx.response_started:

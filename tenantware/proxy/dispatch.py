@@ -28,6 +28,7 @@ from tenantware.proxy.upstream import (
     UpstreamClient,
     UpstreamResponse,
     UpstreamTimeout,
+    UpstreamTooLarge,
     UpstreamUnavailable,
 )
 from tenantware.state import LiveConfig, Snapshot
@@ -183,7 +184,14 @@ class Dispatcher:
         wants_usage = bool(view.stream_options and view.stream_options.include_usage)
         body = ctx.body
         if upstream_model != view.model or (streaming and not wants_usage):
-            body = _rewrite(body, upstream_model, add_stream_usage=streaming and not wants_usage)
+            try:
+                body = _rewrite(
+                    body, upstream_model, add_stream_usage=streaming and not wants_usage
+                )
+            except GatewayError:
+                if probe:
+                    await board.release(key)
+                raise
         headers = {**target.headers, "x-request-id": ctx.request_id}
         ctx.upstream = target.upstream.name
         ctx.model_served = served
@@ -191,6 +199,7 @@ class Dispatcher:
         inflight[key] = inflight.get(key, 0) + 1
         outcome = RELEASE
         cool_s = 0.0
+        limit = target.upstream.max_response_bytes
         try:
             called = time.perf_counter()
             try:
@@ -213,31 +222,39 @@ class Dispatcher:
                         outcome = LIMITED
                         cool_s = self._cooldown(response)
                     try:
-                        data = await response.read()
+                        data = await response.read(limit)
                     except UpstreamUnavailable as exc:
                         return _Failed(error=exc, target=target)
+                    except UpstreamTooLarge as exc:
+                        raise _too_large(exc, target) from None
                     ctx.upstream_latency_s = time.perf_counter() - started
                     return _Failed(
                         status=status, headers=response.headers, data=data, served=served
                     )
                 slow = time.perf_counter() - called > board.deployment_policy.slow_call_s
-                if status >= 400 or not streaming:
+                # A stream answered with a whole body (JSON): relayed whole, as it came.
+                whole_stream = streaming and status < 400 and not _is_event_stream(response)
+                if status >= 400 or not streaming or whole_stream:
                     outcome = SLOW if slow else SUCCESS
                     try:
-                        data = await response.read()
+                        data = await response.read(limit)
                     except UpstreamUnavailable as exc:
                         outcome = FAILURE
                         return _Failed(error=exc, target=target)
+                    except UpstreamTooLarge as exc:
+                        raise _too_large(exc, target) from None
                     ctx.upstream_latency_s = time.perf_counter() - started
                     if status < 400:
                         usage, _model = parse_json_usage(data)
                         ctx.usage = usage
                     else:
                         ctx.usage = Usage()
-                    await self.relay.send_whole(ctx, send, status, response.headers, data, served)
+                    await self.relay.send_whole(
+                        ctx, send, status, response.headers, data, served, as_sent=whole_stream
+                    )
                     return None
                 await self.relay.relay_stream(
-                    ctx, response, receive, send, started, hide_usage=not wants_usage
+                    ctx, response, receive, send, started, limit, hide_usage=not wants_usage
                 )
                 broke = ctx.outcome == Outcome.UPSTREAM_ERROR
                 outcome = FAILURE if broke else SLOW if slow else SUCCESS
@@ -275,8 +292,26 @@ class Dispatcher:
 
 
 def _rewrite(body: bytes, model: str, *, add_stream_usage: bool) -> bytes:
-    """The body with the upstream's model name and, for streams, usage reporting switched on."""
-    data: dict[str, Any] = _decode_any(body)
+    """The body with the upstream's model name and, for streams, usage reporting switched on.
+
+    The tenant layer decoded only the fields it acts on; here the whole body is, so what it
+    skipped unread (invalid UTF-8 in a string, a number no float holds) is refused now.
+    """
+    try:
+        data: dict[str, Any] = _decode_any(body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise GatewayError(
+            400,
+            f"We could not parse the JSON body of your request: {exc}.",
+            outcome=Outcome.REJECTED_REQUEST,
+        ) from None
+    except RecursionError:
+        raise GatewayError(
+            400,
+            "The JSON body of your request is nested too deeply.",
+            code="json_too_deep",
+            outcome=Outcome.REJECTED_REQUEST,
+        ) from None
     data["model"] = model
     if add_stream_usage:
         options = data.get("stream_options")
@@ -329,3 +364,20 @@ def _unavailable(exc: UpstreamUnavailable, target: _Target | None) -> GatewayErr
         outcome=Outcome.UPSTREAM_ERROR,
         should_retry=True,
     )
+
+
+def _too_large(exc: UpstreamTooLarge, target: _Target) -> GatewayError:
+    return GatewayError(
+        502,
+        f"The answer of the upstream `{target.upstream.name}` is larger than the gateway "
+        f"relays ({exc.limit} bytes): it was cut.",
+        type="server_error",
+        code="upstream_response_too_large",
+        outcome=Outcome.UPSTREAM_ERROR,
+        should_retry=False,
+    )
+
+
+def _is_event_stream(response: UpstreamResponse) -> bool:
+    content_type = response.header("content-type")
+    return content_type is None or "event-stream" in content_type

@@ -20,7 +20,12 @@ import structlog
 from tenantware.context import Outcome, RequestContext, Usage
 from tenantware.errors import send_error
 from tenantware.metering.usage import StreamTap
-from tenantware.proxy.upstream import UpstreamResponse, UpstreamTimeout, UpstreamUnavailable
+from tenantware.proxy.upstream import (
+    UpstreamResponse,
+    UpstreamTimeout,
+    UpstreamTooLarge,
+    UpstreamUnavailable,
+)
 from tenantware.types import Message, Receive, Send
 
 __all__ = ["JSON_CONTENT_TYPE", "MODEL_SERVED_HEADER", "Relay"]
@@ -59,8 +64,14 @@ class Relay:
         upstream_headers: list[tuple[bytes, bytes]],
         data: bytes,
         served: str,
+        *,
+        as_sent: bool = False,
     ) -> None:
-        """Relay a whole upstream answer; a non-JSON error becomes an OpenAI-shaped one."""
+        """Relay a whole upstream answer; a non-JSON error becomes an OpenAI-shaped one.
+
+        ``as_sent`` keeps the upstream's content type (a stream answered with a whole body);
+        otherwise the answer is relayed as JSON.
+        """
         if status < 400:
             ctx.outcome = Outcome.OK
         else:
@@ -80,8 +91,11 @@ class Relay:
                     ],
                 )
                 return
-        headers = [h for h in upstream_headers if h[0] != b"content-type"]
-        headers.append(JSON_CONTENT_TYPE)
+        if as_sent:
+            headers = [*upstream_headers]
+        else:
+            headers = [h for h in upstream_headers if h[0] != b"content-type"]
+            headers.append(JSON_CONTENT_TYPE)
         headers.append((b"content-length", str(len(data)).encode()))
         headers.append(self.served_header(served))
         ctx.status = status
@@ -95,12 +109,14 @@ class Relay:
         receive: Receive,
         send: Send,
         started: float,
+        max_bytes: int,
         *,
         hide_usage: bool,
     ) -> None:
-        """Relay an SSE answer event by event while watching the client."""
+        """Relay an SSE answer event by event while watching the client; cut it with an
+        error event past ``max_bytes``."""
         tap = StreamTap(hide_usage=hide_usage)
-        failed: UpstreamUnavailable | None = None
+        failed: UpstreamUnavailable | UpstreamTooLarge | None = None
         served_header = self.served_header(ctx.model_served or "")
 
         async def relay(watch: _Watch) -> None:
@@ -111,17 +127,21 @@ class Relay:
             )
             read = response.read_chunk
             feed = tap.feed
+            left = max_bytes
             try:
                 while chunk := await read():
                     if ctx.first_byte_at is None:
                         ctx.first_byte_at = time.perf_counter()
+                    left -= len(chunk)
+                    if left < 0:
+                        raise UpstreamTooLarge(max_bytes)
                     out = feed(chunk)
                     if out:
                         await send({"type": "http.response.body", "body": out, "more_body": True})
                 rest = tap.flush()
                 if rest:
                     await send({"type": "http.response.body", "body": rest, "more_body": True})
-            except UpstreamUnavailable as exc:
+            except (UpstreamUnavailable, UpstreamTooLarge) as exc:
                 failed = exc
                 await send(
                     {
@@ -238,20 +258,16 @@ async def _while_watching(receive: Receive, relay: Callable[[_Watch], Awaitable[
     return watch.disconnected
 
 
-def _stream_error_event(exc: UpstreamUnavailable) -> bytes:
-    message = (
-        "The upstream stream was interrupted."
-        if not isinstance(exc, UpstreamTimeout)
-        else ("The upstream stopped sending in time.")
-    )
+def _stream_error_event(exc: UpstreamUnavailable | UpstreamTooLarge) -> bytes:
+    code = "upstream_error"
+    if isinstance(exc, UpstreamTooLarge):
+        message = f"The upstream stream is longer than the gateway relays ({exc.limit} bytes)."
+        code = "upstream_response_too_large"
+    elif isinstance(exc, UpstreamTimeout):
+        message = "The upstream stopped sending in time."
+    else:
+        message = "The upstream stream was interrupted."
     body = _encode(
-        {
-            "error": {
-                "message": message,
-                "type": "server_error",
-                "param": None,
-                "code": "upstream_error",
-            }
-        }
+        {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
     )
     return b"data: " + body + b"\n\n"

@@ -23,6 +23,7 @@ __all__ = [
     "UpstreamConnectError",
     "UpstreamResponse",
     "UpstreamTimeout",
+    "UpstreamTooLarge",
     "UpstreamUnavailable",
 ]
 
@@ -45,6 +46,15 @@ class UpstreamTimeout(UpstreamUnavailable):
     """The upstream did not answer (or send the next bytes) within the timeout."""
 
 
+class UpstreamTooLarge(Exception):
+    """The upstream's answer is larger than the gateway relays (not retried elsewhere: the
+    upstream works, its answer is the problem)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the upstream answer exceeds {limit} bytes")
+        self.limit = limit
+
+
 class UpstreamResponse(Protocol):
     """An upstream answer, read whole (``read``) or as it arrives (``read_chunk``)."""
 
@@ -54,7 +64,10 @@ class UpstreamResponse(Protocol):
 
     def header(self, name: str) -> str | None: ...
 
-    async def read(self) -> bytes: ...
+    async def read(self, max_bytes: int) -> bytes:
+        """The whole body; ``UpstreamTooLarge`` as soon as it is known to exceed
+        ``max_bytes`` (from ``content-length``, else while reading), never buffering more."""
+        ...
 
     async def read_chunk(self) -> bytes:
         """The next non-empty bytes of the body, ``b""`` at its end: the proxy's stream relay
@@ -109,11 +122,27 @@ class _AiohttpResponse:
     def header(self, name: str) -> str | None:
         return self._response.headers.get(name)
 
-    async def read(self) -> bytes:
+    async def read(self, max_bytes: int) -> bytes:
+        response = self._response
+        length = response.content_length
+        if length is not None and length > max_bytes:
+            raise UpstreamTooLarge(max_bytes)
+        # Read as ``ClientResponse.read`` does, counting: ``content-length`` may be absent
+        # (chunked) and counts compressed bytes.
+        content = response.content
+        chunks: list[bytes] = []
+        size = 0
         try:
-            return await self._response.read()
+            while chunk := await content.readany():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise UpstreamTooLarge(max_bytes)
+                chunks.append(chunk)
+        except UpstreamTooLarge:
+            raise
         except Exception as exc:
             raise _translate_aiohttp(exc) from exc
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         while chunk := await self.read_chunk():
@@ -266,11 +295,18 @@ class _HttpxResponse:
         value: str | None = self._response.headers.get(name)
         return value
 
-    async def read(self) -> bytes:
-        try:
-            return await self._response.aread()
-        except httpx.TransportError as exc:
-            raise _translate_httpx(exc) from exc
+    async def read(self, max_bytes: int) -> bytes:
+        length = self._response.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_bytes:
+            raise UpstreamTooLarge(max_bytes)
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await self.read_chunk():
+            size += len(chunk)
+            if size > max_bytes:
+                raise UpstreamTooLarge(max_bytes)
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         try:
