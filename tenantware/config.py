@@ -323,6 +323,9 @@ class BreakerSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     fallbacks: dict[str, list[str]] = field(default_factory=dict)
     #: With Redis: how stale the local copy of a circuit may be before it is re-read.
     sync_interval_s: PositiveFloat = 0.5
+    #: The tenant layer's own refusals of a tenant's requests (malformed body, unknown or
+    #: disallowed model, body too large) count as failures of its circuit, like its other 4xx.
+    count_tenant_refusals: bool = True
 
 
 # -- end of breaker settings ----------------------------------------------------------------

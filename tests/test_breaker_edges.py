@@ -138,3 +138,45 @@ async def test_503_of_an_open_circuit_keeps_its_code() -> None:
     assert opened.json()["error"]["code"] == "circuit_open"
     assert "circuit breaker is open" in opened.json()["error"]["message"]
     assert opened.headers["retry-after"] == "30"
+
+
+@pytest.mark.parametrize("counted", [True, False])
+async def test_a_tenant_looping_on_malformed_json_is_paused_after_the_threshold(
+    counted: bool, store_kind: tuple[str, str] | None
+) -> None:
+    fake = FakeUpstream()
+    gateway, _ = gateway_for(
+        Hosts(primary=fake),
+        [upstream("primary", "gpt-4.1")],
+        {
+            "count_tenant_refusals": counted,
+            "tenant": {"consecutive_failures": 5, "open_wait_s": 10.0, "half_open_probes": 1},
+        },
+        redis=store_kind,
+    )
+    malformed = b'{"model": "gpt-4.1", "messages": ['
+    unknown_model = {**CHAT, "model": "no-such-model"}
+    headers = {"content-type": "application/json"}
+    async with client_for(gateway.asgi_app(), KEYS["acme"]) as client:
+        statuses = [
+            (await client.post(URL, content=malformed, headers=headers)).status_code
+            for _ in range(4)
+        ]
+        statuses.append((await client.post(URL, json=unknown_model)).status_code)
+        looping = await client.post(URL, content=malformed, headers=headers)
+        valid = await client.post(URL, json=CHAT)
+    await gateway.aclose()
+    assert statuses == [400] * 4 + [404]
+    if counted:
+        # The five refusals of the tenant layer opened acme's circuit: acme is paused, the
+        # looping request included, and nothing reached the upstream.
+        for paused in (looping, valid):
+            assert paused.status_code == 429
+            assert paused.json()["error"]["code"] == "tenant_circuit_open"
+            assert paused.headers["retry-after"] == "10"
+        assert gateway.board.state("tenant:acme") == OPEN
+        assert fake.stats.requests == 0
+    else:
+        assert looping.status_code == 400
+        assert valid.status_code == 200
+        assert gateway.board.state("tenant:acme") == CLOSED
