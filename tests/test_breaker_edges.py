@@ -4,13 +4,18 @@ a hanging upstream on default settings)."""
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import anyio
 import httpx
 import pytest
 
+from tenantware import Gateway
 from tenantware.breaker import CLOSED, OPEN
-from tenantware.testing.upstream import FakeUpstream
-from tests.support import CHAT, KEYS, client_for
+from tenantware.testing.serve import serve_in_thread
+from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig
+from tests.support import CHAT, KEYS, client_for, make_config
 from tests.test_breaker_proxy import Hosts, deployment, gateway_for, upstream
 
 pytestmark = pytest.mark.anyio
@@ -180,3 +185,85 @@ async def test_a_tenant_looping_on_malformed_json_is_paused_after_the_threshold(
         assert looping.status_code == 400
         assert valid.status_code == 200
         assert gateway.board.state("tenant:acme") == CLOSED
+
+
+def _served_config(url: str, **upstream_settings: Any) -> Any:
+    """One upstream at ``url`` with default timeouts unless given, default breaker."""
+    return make_config(
+        url + "/v1",
+        upstreams=[
+            {"name": "fake", "base_url": url + "/v1", "models": ["gpt-4.1"], **upstream_settings}
+        ],
+    )
+
+
+@pytest.mark.slow
+async def test_a_hanging_upstream_on_default_settings_opens_the_circuit_and_the_pile_up_stops() -> (
+    None
+):
+    """Default timeouts and breaker, the default (aiohttp) client over a real socket: an
+    upstream that never answers costs each waiting client the first-byte timeout, not the
+    total, and once its failures open the circuit no more calls reach it."""
+    fake = FakeUpstream(FakeUpstreamConfig(latency_s=3600.0))  # hangs before any byte
+    workers, per_worker = 20, 10
+    statuses: list[int] = []
+    with serve_in_thread(fake, timeout_graceful_shutdown=1) as url:
+        gateway = Gateway(_served_config(url))
+        try:
+            async with client_for(gateway.asgi_app(), KEYS["acme"]) as client:
+
+                async def worker() -> None:
+                    for _ in range(per_worker):
+                        response = await client.post(
+                            URL, json={**CHAT, "stream": True}, timeout=None
+                        )
+                        statuses.append(response.status_code)
+
+                # A guard against the old behaviour (a 600 s wait), not a timing assertion.
+                with anyio.fail_after(120):
+                    async with anyio.create_task_group() as group:
+                        for _ in range(workers):
+                            group.start_soon(worker)
+            state = gateway.board.state("fake/gpt-4.1")
+        finally:
+            await gateway.aclose()
+    assert state == OPEN
+    assert len(statuses) == workers * per_worker
+    # Each worker's first request waited for the upstream (at most max_attempts calls, and a
+    # retry after the circuit opened is not made); every later one was refused at once.
+    assert fake.stats.requests <= workers * 3
+    assert statuses.count(503) >= workers * (per_worker - 1)
+    assert set(statuses) <= {503, 504}
+
+
+async def test_a_stream_waits_for_its_first_byte_briefly_a_whole_answer_for_the_total() -> None:
+    fake = FakeUpstream(FakeUpstreamConfig(latency_s=1.0))
+    with serve_in_thread(fake, timeout_graceful_shutdown=1) as url:
+        gateway = Gateway(_served_config(url, first_byte_timeout_s=0.3, timeout_s=30.0))
+        try:
+            async with client_for(gateway.asgi_app(), KEYS["acme"]) as client:
+                stream = await client.post(URL, json={**CHAT, "stream": True})
+                whole = await client.post(URL, json=CHAT)
+        finally:
+            await gateway.aclose()
+    # The stream's headers did not come within its first-byte timeout: a timeout (504)...
+    assert stream.status_code == 504
+    assert stream.json()["error"]["code"] == "upstream_timeout"
+    # ... while a non-streaming answer (whose headers come with the whole answer) may take
+    # as long as the total timeout.
+    assert whole.status_code == 200
+
+
+async def test_the_total_timeout_cuts_a_steady_stream_the_idle_timeout_lets_run() -> None:
+    fake = FakeUpstream(FakeUpstreamConfig(stream_chunks=40, chunk_delay_s=0.05))
+    with serve_in_thread(fake, timeout_graceful_shutdown=1) as url:
+        gateway = Gateway(_served_config(url, idle_timeout_s=1.0, timeout_s=0.5))
+        try:
+            async with client_for(gateway.asgi_app(), KEYS["acme"]) as client:
+                response = await client.post(URL, json={**CHAT, "stream": True})
+        finally:
+            await gateway.aclose()
+    assert response.status_code == 200
+    events = [line[6:] for line in response.text.split("\n") if line.startswith("data: ")]
+    assert json.loads(events[-1])["error"]["code"] == "upstream_error"
+    assert response.text.count("tok ") < 40

@@ -21,6 +21,7 @@ from tenantware.breaker import (
     PROBE,
     SLOW,
     SUCCESS,
+    TIMEOUT,
     BreakerStore,
     CircuitPolicy,
     MemoryBreakerStore,
@@ -138,6 +139,19 @@ async def test_slow_call_rate_trips(made: tuple[BreakerStore, Clock]) -> None:
     if isinstance(store, RedisBreakerStore):
         await store.flush()
     assert store.state(other) == OPEN
+
+
+async def test_a_timeout_is_a_failure_and_a_slow_call(made: tuple[BreakerStore, Clock]) -> None:
+    store, _ = made
+    # Neither 5 in a row nor the failure rate (100 %) trips here: only the slow-call rate can.
+    p = policy(minimum_calls=4, failure_rate_percent=100.0, slow_call_rate_percent=50.0)
+    await record_all(store, p, [SUCCESS, FAILURE, SUCCESS, TIMEOUT, TIMEOUT])
+    if isinstance(store, RedisBreakerStore):
+        await store.flush()
+    assert store.state(KEY) == CLOSED  # 2 slow of 5 calls
+    await record_all(store, p, [TIMEOUT])
+    # 3 slow of 6 calls: the timeouts count as slow calls, and the rate opens the circuit.
+    assert store.state(KEY) == OPEN
 
 
 async def test_after_the_wait_exactly_n_probes_and_a_failing_probe_reopens_longer(

@@ -46,6 +46,7 @@ from tenantware.breaker.circuit import (
     RELEASE,
     SLOW,
     SUCCESS,
+    TIMEOUT,
     CircuitPolicy,
 )
 from tenantware.breaker.memory import MemoryBreakerStore
@@ -55,7 +56,7 @@ __all__ = ["RedisBreakerStore"]
 
 _SCRIPT = resources.files("tenantware.breaker").joinpath("lua/breaker.lua").read_text()
 _TAKE = 4
-_PROBE_MODE = {SUCCESS: 1, SLOW: 1, FAILURE: 2, LIMITED: 3, RELEASE: 3}
+_PROBE_MODE = {SUCCESS: 1, SLOW: 1, FAILURE: 2, TIMEOUT: 2, LIMITED: 3, RELEASE: 3}
 #: Outcomes of ordinary calls that only count (sent with the next script call).
 _COUNTED_LOCALLY = frozenset({SUCCESS, SLOW, RELEASE})
 
@@ -201,12 +202,19 @@ class RedisBreakerStore:
             return
         self.local.record_now(key, policy, outcome, probe=probe, cool_s=cool_s)
         mode = _PROBE_MODE[outcome] if probe else 0
-        fail = 1 if outcome == FAILURE and not probe else 0
+        failed = outcome in (FAILURE, TIMEOUT)
+        fail = 1 if failed and not probe else 0
         cool_ms = int(cool_s * 1000) if outcome == LIMITED else 0
-        await self._call(key, policy, mode, fail, cool_ms)
+        await self._call(key, policy, mode, fail, cool_ms, 1 if outcome == TIMEOUT else 0)
 
     async def _call(
-        self, key: str, policy: CircuitPolicy, mode: int, fail: int, cool_ms: int
+        self,
+        key: str,
+        policy: CircuitPolicy,
+        mode: int,
+        fail: int,
+        cool_ms: int,
+        slow_fail: int = 0,
     ) -> list[int] | None:
         failover = self.failover
         if not failover.available:
@@ -226,6 +234,7 @@ class RedisBreakerStore:
             cool_ms,
             *self._args(policy),
             self.process_id,
+            slow_fail,
         ]
         try:
             raw = await self._script(keys=[self._redis_key(key)], args=args)

@@ -17,7 +17,7 @@ import anyio
 import msgspec
 
 from tenantware.breaker.board import RECORDED, BreakerBoard, Deployment
-from tenantware.breaker.circuit import FAILURE, LIMITED, RELEASE, SLOW, SUCCESS
+from tenantware.breaker.circuit import FAILURE, LIMITED, RELEASE, SLOW, SUCCESS, TIMEOUT
 from tenantware.config import Upstream
 from tenantware.context import Outcome, RequestContext, Usage
 from tenantware.errors import GatewayError, circuit_open_error
@@ -25,6 +25,7 @@ from tenantware.metering.usage import parse_json_usage
 from tenantware.proxy.relay import Relay
 from tenantware.proxy.routing import Router
 from tenantware.proxy.upstream import (
+    Timeouts,
     UpstreamClient,
     UpstreamResponse,
     UpstreamTimeout,
@@ -41,13 +42,20 @@ _encode = msgspec.json.Encoder().encode
 
 
 class _Target:
-    """An upstream's URL base and request headers, built once per config version."""
+    """An upstream's URL base, request headers and time limits, built once per config version."""
 
-    __slots__ = ("base_url", "headers", "upstream")
+    __slots__ = ("base_url", "headers", "stream_timeouts", "upstream", "whole_timeouts")
 
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
         self.base_url = upstream.base_url.rstrip("/")
+        connect, total = upstream.connect_timeout_s, upstream.timeout_s
+        #: A stream's headers come at once, long before its first token: a short bound.
+        self.stream_timeouts = Timeouts(
+            connect, min(upstream.first_byte_timeout_s, total), upstream.idle_timeout_s, total
+        )
+        #: A whole (non-streaming) answer's headers come with the answer: only the total.
+        self.whole_timeouts = Timeouts(connect, total, upstream.idle_timeout_s, total)
         headers = {"content-type": "application/json", "accept-encoding": "identity"}
         headers.update(upstream.headers)
         key = upstream.api_key()
@@ -208,11 +216,10 @@ class Dispatcher:
                     target.base_url + path,
                     headers=headers,
                     body=body,
-                    timeout_s=target.upstream.timeout_s,
-                    connect_timeout_s=target.upstream.connect_timeout_s,
+                    timeouts=target.stream_timeouts if streaming else target.whole_timeouts,
                 )
             except UpstreamUnavailable as exc:
-                outcome = FAILURE
+                outcome = TIMEOUT if isinstance(exc, UpstreamTimeout) else FAILURE
                 return _Failed(error=exc, target=target)
             try:
                 status = response.status
@@ -239,7 +246,7 @@ class Dispatcher:
                     try:
                         data = await response.read(limit)
                     except UpstreamUnavailable as exc:
-                        outcome = FAILURE
+                        outcome = TIMEOUT if isinstance(exc, UpstreamTimeout) else FAILURE
                         return _Failed(error=exc, target=target)
                     except UpstreamTooLarge as exc:
                         raise _too_large(exc, target) from None

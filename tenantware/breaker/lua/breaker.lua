@@ -2,7 +2,8 @@
 -- KEYS[1]: the circuit's hash. ARGV: now_ms ('' = Redis TIME), ok, slow, fail, trailing_fail,
 -- mode (0 outcomes only, 1 probe ok, 2 probe failed, 3 probe slot given back, 4 take a probe),
 -- cool_ms, then the policy: consecutive, rate %, slow rate %, minimum calls, bucket ms,
--- buckets, wait ms, max wait ms, probes, key ttl ms; then the calling process's id.
+-- buckets, wait ms, max wait ms, probes, key ttl ms; then the calling process's id, and
+-- how many of the failures were timeouts (slow as well, for the slow-call rate).
 -- Consecutive failures are counted per process (field 'p.<id>': that process's failures since
 -- its own last success); the circuit opens when they add up to the threshold ('cf' is the sum),
 -- so one process's successes never hide another's failures.
@@ -33,6 +34,7 @@ local max_wait_ms = tonumber(ARGV[15])
 local probes = tonumber(ARGV[16])
 local ttl_ms = tonumber(ARGV[17])
 local own = 'p.' .. ARGV[18]
+local slow_fail = tonumber(ARGV[19]) or 0
 
 local raw = redis.call('HGETALL', key)
 local h = {}
@@ -154,10 +156,10 @@ else
     local j = b % n
     h['c' .. j] = get('c' .. j) + calls
     h['f' .. j] = get('f' .. j) + fail
-    h['s' .. j] = get('s' .. j) + slow
+    h['s' .. j] = get('s' .. j) + slow + slow_fail
     h.tc = get('tc') + calls
     h.tf = get('tf') + fail
-    h.ts = get('ts') + slow
+    h.ts = get('ts') + slow + slow_fail
     -- This process's run of failures: reset only by its own successes.
     if ok + slow > 0 then h[own] = trailing else h[own] = get(own) + fail end
     local run = h[own]
