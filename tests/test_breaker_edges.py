@@ -267,3 +267,17 @@ async def test_the_total_timeout_cuts_a_steady_stream_the_idle_timeout_lets_run(
     events = [line[6:] for line in response.text.split("\n") if line.startswith("data: ")]
     assert json.loads(events[-1])["error"]["code"] == "upstream_error"
     assert response.text.count("tok ") < 40
+
+
+def test_default_timeouts_contain_a_hang_and_a_stall_well_before_the_total() -> None:
+    """Issue 21: the wait between a stream's events is not the total; the defaults let
+    neither a hanging nor a stalled upstream hold a client for the whole call."""
+    from tenantware.config import Upstream
+    from tenantware.proxy.dispatch import _Target
+
+    target = _Target(Upstream(name="u", base_url="https://u.example/v1"))
+    stream, whole = target.stream_timeouts, target.whole_timeouts
+    assert stream.total_s == whole.total_s == 600
+    assert stream.first_byte_s * 10 <= stream.idle_s < stream.total_s / 2
+    # A whole answer's headers come with the answer: only the total bounds them.
+    assert whole.first_byte_s == whole.total_s
