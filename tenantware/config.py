@@ -250,9 +250,16 @@ class AdmissionSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields
     max_seats_per_tenant: PositiveInt | None = None
     #: Per-tier seat caps, over ``max_seats_per_tenant``.
     tier_max_seats: dict[str, PositiveInt] = field(default_factory=dict)
-    #: Guaranteed seats per tier and per tenant id (tenant wins); lent out while unused.
+    #: Guaranteed seats per tier and per tenant id (tenant wins): the tenant's request starts
+    #: at once up to this many; while unused they are lent only to short requests.
     tier_reserved_seats: dict[str, NonNegInt] = field(default_factory=dict)
     tenant_reserved_seats: dict[str, NonNegInt] = field(default_factory=dict)
+    #: Seats of each pool that a tenant holding its seat share (or alone in the pool) may not
+    #: take with a long request: kept for tenants below their share (``fair`` only).
+    headroom_seats: NonNegInt = 1
+    #: Requests expected to hold their seat at most this long (from ``max_tokens`` and the
+    #: pool's observed speed) may borrow the headroom and unused reserved seats; 0: none.
+    short_request_s: Annotated[float, Meta(ge=0, le=600)] = 0.0
     #: Redis: a seat lease expires this long after its last renewal (a dead process's seats
     #: come back after at most this long); renewed every third of it while held.
     lease_s: Annotated[float, Meta(ge=1, le=3600)] = 30.0

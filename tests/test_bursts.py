@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 
-from tenantware.testing.servers import (
+from tests.burst_worker import REPORTS, Job, Report, cpu_hogs, workers
+from tests.servers import (
     RedisServer,
     ServiceUnavailable,
     redis_cluster,
     throwaway_redis,
 )
-from tests.burst_worker import REPORTS, Job, Report, cpu_hogs, workers
 
 pytestmark = pytest.mark.slow
 PROCESSES = 4
