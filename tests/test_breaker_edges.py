@@ -281,3 +281,18 @@ def test_default_timeouts_contain_a_hang_and_a_stall_well_before_the_total() -> 
     assert stream.first_byte_s * 10 <= stream.idle_s < stream.total_s / 2
     # A whole answer's headers come with the answer: only the total bounds them.
     assert whole.first_byte_s == whole.total_s
+
+
+async def test_a_tenant_looping_on_a_model_its_key_may_not_use_is_paused() -> None:
+    fake = FakeUpstream()
+    gateway, _ = gateway_for(
+        Hosts(primary=fake),
+        [upstream("primary", "gpt-4.1", "gemini-2.5-flash")],
+        {"tenant": {"consecutive_failures": 3, "open_wait_s": 10.0, "half_open_probes": 1}},
+    )
+    async with client_for(gateway.asgi_app(), KEYS["hobby"]) as client:
+        statuses = [(await client.post(URL, json=CHAT)).status_code for _ in range(4)]
+    await gateway.aclose()
+    # hobby may use gemini only: three 403s, then the pause.
+    assert statuses == [403, 403, 403, 429]
+    assert fake.stats.requests == 0

@@ -38,6 +38,9 @@ _RETRY_CODE: Final = "tenant_circuit_open"
 #: 4xx answers that do not count against a tenant: a limit (429), and an upstream refusing
 #: the gateway's own credentials (401/403), which is an operator's problem.
 _NOT_THE_CLIENTS_FAULT: Final = frozenset({401, 403, 429})
+#: The tenant layer's refusals that do not count: no known key (401) and a limit (429). Its
+#: 403 is the client's (a model its key may not use), not an upstream's.
+_NOT_A_REFUSAL_OF_THE_CLIENT: Final = frozenset({401, 429})
 
 
 class BreakerMiddleware:
@@ -186,7 +189,7 @@ class TenantRefusals:
             ctx.tenant is None
             or not board.enabled
             or not 400 <= status < 500
-            or status in _NOT_THE_CLIENTS_FAULT
+            or status in _NOT_A_REFUSAL_OF_THE_CLIENT
             or not self.live.current.config.breaker.count_tenant_refusals
         ):
             return error
