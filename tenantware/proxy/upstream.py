@@ -392,7 +392,11 @@ class _HttpxResponse:
 
 
 class HttpxUpstreamClient:
-    """Upstream hop over one shared ``httpx.AsyncClient`` (pass ``transport=`` in tests)."""
+    """Upstream hop over one shared ``httpx.AsyncClient`` (pass ``transport=`` in tests).
+
+    Its time limits are enforced with anyio around the transport's calls, so they hold for an
+    in-process transport too; ``httpx.ASGITransport`` runs the app whole before returning
+    the headers, so there the first-byte timeout bounds the whole answer."""
 
     def __init__(self, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self._transport = transport
