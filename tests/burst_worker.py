@@ -13,6 +13,7 @@ its store-failure counters, sampled over time. The parent's side (``workers``,
 from __future__ import annotations
 
 import contextlib
+import select
 import subprocess
 import sys
 import time
@@ -203,18 +204,28 @@ def workers(jobs: list[Job], timeout_s: float = 40.0) -> Iterator[Callable[[], f
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            bufsize=0,  # unbuffered: ``select`` sees every byte not yet read
         )
         for job in jobs
     ]
     REPORTS.clear()
+    early: list[list[str]] = [[] for _ in procs]
     try:
-        for proc in procs:
+        deadline = time.monotonic() + timeout_s
+        for proc, lines in zip(procs, early, strict=True):
             assert proc.stdout is not None
-            line = proc.stdout.readline()  # blocks until it has imported and connected
-            assert line == b"ready\n", (
-                line,
-                proc.stderr.read().decode()[-3000:] if proc.stderr else "",
-            )
+            while True:  # until it has imported and connected (log lines may come first)
+                left = max(0.0, deadline - time.monotonic())
+                ready, _, _ = select.select([proc.stdout], [], [], left)
+                line = proc.stdout.readline() if ready else b""
+                if line == b"ready\n":
+                    break
+                if not line:  # gone, or not ready in time
+                    for other in procs:
+                        other.kill()
+                    assert proc.stderr is not None
+                    raise AssertionError(proc.stderr.read().decode()[-3000:] or lines)
+                lines.append(line.decode().rstrip())
 
         def go() -> float:
             start_at = time.time() + 0.2
@@ -232,6 +243,8 @@ def workers(jobs: list[Job], timeout_s: float = 40.0) -> Iterator[Callable[[], f
             report = msgspec.json.decode(lines[-1], type=Report)
             report.logs = [line.decode() for line in lines[:-1] if line.strip()][-20:]
             REPORTS.append(report)
+        for report, lines in zip(REPORTS, early, strict=True):
+            report.logs = lines + report.logs
     finally:
         for proc in procs:
             if proc.poll() is None:
