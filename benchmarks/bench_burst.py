@@ -25,8 +25,8 @@ from typing import Any
 
 import redis
 
-from tenantware.testing.servers import throwaway_redis
 from tests.burst_worker import REPORTS, Job, cpu_hogs, workers
+from tests.servers import throwaway_redis
 
 PROCESSES = 4
 

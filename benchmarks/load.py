@@ -767,7 +767,7 @@ def _backend_urls(args: argparse.Namespace) -> Iterator[None]:
     gateway talks to it, so its command count per request is exact); the shared one when
     ``redis-server`` is not on PATH.
     """
-    from tenantware.testing.servers import (
+    from tests.servers import (
         ServiceUnavailable,
         postgres_url_for_tests,
         redis_url_for_tests,

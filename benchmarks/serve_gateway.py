@@ -22,6 +22,7 @@ def build_app() -> Any:
     from benchconfig import configure_logging
 
     from tenantware import Gateway, load_config
+    from tenantware.cli import process_tuning
     from tenantware.proxy.upstream import AiohttpUpstreamClient, HttpxUpstreamClient
 
     configure_logging()
@@ -29,7 +30,9 @@ def build_app() -> Any:
     client_name = os.environ.get("TW_BENCH_CLIENT", "aiohttp")
     client: Any
     client = HttpxUpstreamClient() if client_name == "httpx" else AiohttpUpstreamClient()
-    return Gateway(load_config(path), upstream_client=client).asgi_app()
+    gateway = Gateway(load_config(path), upstream_client=client)
+    gateway.add_service(process_tuning)  # as `tenantware serve` does
+    return gateway.asgi_app()
 
 
 def _report_gc_pauses() -> None:
@@ -109,12 +112,15 @@ def main() -> None:
         return
     import uvicorn
 
+    from tenantware.server_limits import PROTOCOL_PATH, ServeLimits
+
+    ServeLimits().export()  # the connection limits of `tenantware serve`, at their defaults
     uvicorn.run(
         app if args.gc_freeze else build_app(),
         host="127.0.0.1",
         port=args.port,
         loop="uvloop",
-        http="httptools",
+        http=PROTOCOL_PATH,  # httptools with the connection limits, as `tenantware serve`
         log_level="warning",
         access_log=False,
     )

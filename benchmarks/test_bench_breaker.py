@@ -24,8 +24,8 @@ from tenantware.context import SCOPE_KEY, RequestContext
 from tenantware.middleware.breaker import BreakerMiddleware
 from tenantware.proxy.routing import Router
 from tenantware.state import LiveConfig
-from tenantware.testing.servers import redis_url_for_tests
 from tenantware.types import Receive, Scope, Send
+from tests.servers import redis_url_for_tests
 
 OPS = 1000
 

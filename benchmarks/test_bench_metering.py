@@ -57,6 +57,9 @@ def _inner(stream: bool, proxy_like: bool) -> Any:
             ctx.upstream = "fake"
             ctx.model_served = "gpt-4.1"
         if not stream:
+            if proxy_like:  # the proxy sets a JSON answer's usage before relaying it
+                ctx.usage = Usage(input_tokens=6, output_tokens=2)
+                ctx.outcome = Outcome.OK
             await send({"type": "http.response.start", "status": 200, "headers": JSON_HEADERS})
             await send({"type": "http.response.body", "body": JSON_ANSWER})
         else:
@@ -65,8 +68,8 @@ def _inner(stream: bool, proxy_like: bool) -> Any:
                 await send({"type": "http.response.body", "body": CHUNK, "more_body": True})
             await send({"type": "http.response.body", "body": USAGE_CHUNK, "more_body": True})
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
-        if proxy_like:
-            ctx.usage = Usage(input_tokens=6, output_tokens=200 if stream else 2)
+        if proxy_like and stream:  # and a stream's once the stream has ended
+            ctx.usage = Usage(input_tokens=6, output_tokens=200)
             ctx.outcome = Outcome.OK
 
     return app

@@ -23,7 +23,7 @@ from tenantware.middleware.quota import QuotaMiddleware
 from tenantware.quota import MemoryQuotaStore, Plan, RedisQuotaStore, build_plan
 from tenantware.registry import MemoryTenantRegistry
 from tenantware.state import LiveConfig
-from tenantware.testing.servers import ServiceUnavailable, redis_url_for_tests
+from tests.servers import ServiceUnavailable, redis_url_for_tests
 from tests.support import make_config
 
 BATCH = 100

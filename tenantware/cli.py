@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
+import secrets
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import Any
 
@@ -13,11 +17,53 @@ from tenantware.config import ConfigError, load_config
 from tenantware.keys import KeyHasher, generate_key
 from tenantware.types import ASGIApp, Scope
 
-__all__ = ["build_app", "main"]
+__all__ = ["build_app", "main", "process_tuning"]
 
 _ENV_CONFIG = "TENANTWARE_CONFIG"
 _ENV_DEMO_URL = "TENANTWARE_DEMO_URL"
+_ENV_DEMO_LEDGER = "TENANTWARE_DEMO_LEDGER"
 _ENV_LOG_FORMAT = "TENANTWARE_LOG_FORMAT"
+
+
+#: How long a worker thread may keep the GIL while the event loop waits for it.
+GIL_SWITCH_INTERVAL_S = 0.0005
+
+
+@asynccontextmanager
+async def process_tuning() -> AsyncIterator[None]:
+    """Process-wide settings for a process that runs only the gateway (``tenantware serve``).
+
+    A gateway service, entered last, so it runs once start-up has built everything. It is not
+    part of ``Gateway.lifespan``: inside a user's app these settings are the app's to choose.
+
+    - ``gc.freeze()`` after one collection: what is alive after start-up (modules, config,
+      clients) lives as long as the process, so full collections stop walking it; start-up
+      garbage is collected first, and objects created later are collected as usual.
+    - A shorter GIL switch interval: worker threads (the ledger's database drivers) give the
+      GIL back to the event loop sooner, so a ledger write delays a request less.
+
+    The measurements behind both are in benchmarks/README.md.
+    """
+    gc.collect()
+    gc.freeze()
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    yield
+
+
+def _demo_secrets() -> tuple[str, str]:
+    """The demo's upstream key and ledger URL: set once by ``serve --demo`` (inherited by
+    every worker), else made here. The ledger goes to a new temporary directory, so a demo
+    never writes into the directory it was started from."""
+    from tenantware.demo import DEMO_UPSTREAM_KEY_ENV
+
+    key = os.environ.get(DEMO_UPSTREAM_KEY_ENV)
+    if not key:
+        key = os.environ[DEMO_UPSTREAM_KEY_ENV] = secrets.token_urlsafe(24)
+    ledger_url = os.environ.get(_ENV_DEMO_LEDGER)
+    if not ledger_url:
+        directory = tempfile.mkdtemp(prefix="tenantware-demo-")
+        ledger_url = os.environ[_ENV_DEMO_LEDGER] = f"sqlite:///{directory}/ledger.db"
+    return key, ledger_url
 
 
 def build_app() -> ASGIApp:
@@ -33,38 +79,60 @@ def build_app() -> ASGIApp:
         from tenantware.demo import DEMO_UPSTREAM_PATH, demo_config
         from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig
 
-        fake = FakeUpstream(FakeUpstreamConfig(record_requests=False))
+        upstream_key, ledger_url = _demo_secrets()
+        fake = FakeUpstream(FakeUpstreamConfig(record_requests=False, require_api_key=upstream_key))
         prefix = DEMO_UPSTREAM_PATH + "/"
 
         def route_demo(scope: Scope) -> ASGIApp | None:
             return fake if scope.get("path", "").startswith(prefix) else None
 
-        config = demo_config(f"{demo_url}{DEMO_UPSTREAM_PATH}/v1")
-        return Gateway(config).asgi_app(extra=route_demo)
+        config = demo_config(f"{demo_url}{DEMO_UPSTREAM_PATH}/v1", ledger_url=ledger_url)
+        gateway = Gateway(config)
+        gateway.add_service(process_tuning)
+        return gateway.asgi_app(extra=route_demo)
     path = os.environ[_ENV_CONFIG]
-    return Gateway(load_config(path), config_path=path).asgi_app()
+    gateway = Gateway(load_config(path), config_path=path)
+    gateway.add_service(process_tuning)
+    return gateway.asgi_app()
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from tenantware.server_limits import PROTOCOL_PATH, ServeLimits
+
     os.environ[_ENV_LOG_FORMAT] = args.log_format
+    limits = ServeLimits(
+        header_timeout_s=args.header_timeout,
+        keep_alive_timeout_s=args.keep_alive_timeout,
+        max_header_bytes=args.max_header_bytes,
+        max_headers=args.max_headers,
+        **({"max_connections": args.max_connections} if args.max_connections else {}),
+    )
+    limits.export()
     if args.demo:
         from tenantware.demo import DEMO_ADMIN_KEY, DEMO_KEYS
 
         shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         url = f"http://{shown_host}:{args.port}"
         os.environ[_ENV_DEMO_URL] = url
+        if args.ledger:
+            os.environ[_ENV_DEMO_LEDGER] = args.ledger
+        _, ledger_url = _demo_secrets()
         print(f"tenantware demo gateway on {url}/v1", flush=True)
         for tenant, key in DEMO_KEYS.items():
             print(f"  tenant {tenant:<6} key: {key}", flush=True)
         print(f"  admin key: {DEMO_ADMIN_KEY} (GET /admin/usage, /metrics)", flush=True)
+        print(f"  ledger: {ledger_url} (tenantware usage --ledger {ledger_url})", flush=True)
         print(
             f"  try: curl {url}/v1/chat/completions -H 'Authorization: Bearer {DEMO_KEYS['acme']}' "
             "-H 'content-type: application/json' "
             '-d \'{"model":"gpt-4.1","messages":[{"role":"user","content":"hi"}]}\'',
             flush=True,
         )
+    elif args.ledger:
+        print("tenantware serve: --ledger is for --demo; set metering.ledger_url", file=sys.stderr)
+        return 2
     elif args.config:
         try:
             load_config(args.config)
@@ -82,7 +150,9 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         workers=args.workers,
         loop="auto",
-        http="auto",
+        # uvicorn's httptools protocol with the connection limits (tenantware.server_limits).
+        http=PROTOCOL_PATH,
+        timeout_keep_alive=limits.keep_alive_timeout_s,
         log_level=args.log_level,
         access_log=False,
     )
@@ -163,6 +233,17 @@ def _usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(kind: type[int] | type[float]) -> Any:
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tenantware", description="Multi-tenant AI API gateway.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -171,6 +252,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--config", help="configuration file (.toml, .yaml, .json)")
     serve.add_argument(
         "--demo", action="store_true", help="demo tenants and a built-in fake upstream"
+    )
+    serve.add_argument(
+        "--ledger",
+        metavar="URL",
+        help="with --demo: where usage records go (default: a new temporary directory)",
     )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
@@ -181,6 +267,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=("json", "console"),
         default="json",
         help="request log lines: one JSON object each (default) or structlog's console view",
+    )
+    limits = serve.add_argument_group(
+        "connection limits", "keep idle and slow clients from starving real requests"
+    )
+    limits.add_argument(
+        "--header-timeout",
+        type=_positive(float),
+        default=10.0,
+        metavar="S",
+        help="seconds a client has to send a request's headers (default 10); then 408/close",
+    )
+    limits.add_argument(
+        "--keep-alive-timeout",
+        type=_positive(int),
+        default=5,
+        metavar="S",
+        help="seconds an idle kept-alive connection stays open (default 5)",
+    )
+    limits.add_argument(
+        "--max-header-bytes",
+        type=_positive(int),
+        default=64 * 1024,
+        metavar="N",
+        help="request line and headers at most (default 65536); past it 431",
+    )
+    limits.add_argument(
+        "--max-headers",
+        type=_positive(int),
+        default=100,
+        metavar="N",
+        help="request headers at most (default 100); past it 431",
+    )
+    limits.add_argument(
+        "--max-connections",
+        type=_positive(int),
+        default=None,
+        metavar="N",
+        help="open connections per worker (default: the open-file limit - 128, at most "
+        "10000); past it the longest-idle one is closed, or a new request gets 503",
     )
     serve.set_defaults(func=_serve)
 

@@ -6,8 +6,9 @@ field path (``$.tenants[0].limits.requests_per_minute``) so an operator can fix 
 
 from __future__ import annotations
 
+import ipaddress
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -99,7 +100,9 @@ class Tier(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
 
 
 class ApiKey(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One API key of a tenant, stored only as a hash (``sha256:<hex>`` or ``hmac:<hex>``)."""
+    """One API key of a tenant, stored only as a hash: ``sha256:<hex>``, or
+    ``hmac-sha256:<hex>`` when ``gateway.key_secret_env`` names a secret (``tenantware
+    hash-key``)."""
 
     id: Annotated[str, Meta(min_length=1, max_length=64)]
     hash: Annotated[str, Meta(pattern=r"^(sha256|hmac-sha256):[0-9a-f]{64}$")]
@@ -158,6 +161,9 @@ class Upstream(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     weight: Weight = 1.0
     #: Extra headers sent upstream (e.g. an organisation id); not for secrets.
     headers: dict[str, str] = field(default_factory=dict)
+    #: Largest answer relayed: a bigger one is cut with a 502 (a stream, with an error
+    #: event), never held whole in memory.
+    max_response_bytes: PositiveInt = 64 * 1024 * 1024
 
     def api_key(self) -> str | None:
         """The upstream key from the environment, or ``None`` when not configured."""
@@ -237,9 +243,16 @@ class AdmissionSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields
     max_seats_per_tenant: PositiveInt | None = None
     #: Per-tier seat caps, over ``max_seats_per_tenant``.
     tier_max_seats: dict[str, PositiveInt] = field(default_factory=dict)
-    #: Guaranteed seats per tier and per tenant id (tenant wins); lent out while unused.
+    #: Guaranteed seats per tier and per tenant id (tenant wins): the tenant's request starts
+    #: at once up to this many; while unused they are lent only to short requests.
     tier_reserved_seats: dict[str, NonNegInt] = field(default_factory=dict)
     tenant_reserved_seats: dict[str, NonNegInt] = field(default_factory=dict)
+    #: Seats of each pool that a tenant holding its seat share (or alone in the pool) may not
+    #: take with a long request: kept for tenants below their share (``fair`` only).
+    headroom_seats: NonNegInt = 1
+    #: Requests expected to hold their seat at most this long (from ``max_tokens`` and the
+    #: pool's observed speed) may borrow the headroom and unused reserved seats; 0: none.
+    short_request_s: Annotated[float, Meta(ge=0, le=600)] = 0.0
     #: Redis: a seat lease expires this long after its last renewal (a dead process's seats
     #: come back after at most this long); renewed every third of it while held.
     lease_s: Annotated[float, Meta(ge=1, le=3600)] = 30.0
@@ -357,6 +370,9 @@ class MeteringSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     cost_center_header: str = "x-cost-center"
     #: One structlog ``request`` event per request (written by the ledger writer).
     request_log: bool = True
+    #: Output tokens a request that set no ``max_tokens`` may be billed for: an upstream
+    #: reporting more is clamped and the record marked ``usage_invalid``.
+    max_output_tokens: Annotated[int, Meta(ge=1, le=1_000_000_000)] = 1_000_000
 
     def __post_init__(self) -> None:
         _check_money(self)
@@ -398,6 +414,18 @@ class GatewaySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     on_store_failure: FailurePolicy | None = None
     ledger_url: str | None = None
     trust_request_id: bool = True
+    #: Addresses or networks (``10.0.0.0/8``) of reverse proxies whose ``X-Forwarded-Host``
+    #: names the host for domain binding; from anyone else the header is ignored.
+    trusted_proxies: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for entry in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise msgspec.ValidationError(
+                    f"gateway.trusted_proxies: {entry!r} is not an address or network"
+                ) from None
 
 
 class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -436,15 +464,12 @@ class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
         for alias, target in self.aliases.items():
             if target not in catalogue:
                 raise msgspec.ValidationError(f"alias {alias!r} points at unknown model {target!r}")
-        for model, chain in self.breaker.fallbacks.items():
-            for name in (model, *chain):
-                if name not in catalogue and self.aliases.get(name) not in catalogue:
-                    raise msgspec.ValidationError(f"breaker.fallbacks: unknown model {name!r}")
         names = set()
         for upstream in self.upstreams:
             if upstream.name in names:
                 raise msgspec.ValidationError(f"duplicate upstream {upstream.name!r}")
             names.add(upstream.name)
+        _check_references(self, catalogue, tiers)
 
     def all_tiers(self) -> dict[str, Tier]:
         """Built-in tiers overridden and extended by the configured ones."""
@@ -455,6 +480,90 @@ class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
         base = dict(DEFAULT_MODELS) if self.include_default_models else {}
         base.update(self.models)
         return base
+
+
+def _check_references(
+    config: GatewayConfig, catalogue: dict[str, ModelSpec], tiers: dict[str, Tier]
+) -> None:
+    """Every name that refers to a tenant, tier, upstream or model names one that exists.
+
+    A reference that points nowhere would otherwise be ignored at run time (a seat pool no
+    request queues for, a limit no request meets) or turn into a 404 for a model an upstream
+    serves; the error names the setting, the unknown name and the known ones.
+    """
+    tenant_ids = {tenant.id for tenant in config.tenants}
+    upstreams = {upstream.name for upstream in config.upstreams}
+
+    def known(what: str, names: set[str] | dict[str, Any]) -> str:
+        listed = ", ".join(repr(name) for name in sorted(names)) or "none configured"
+        return f"{what}: {listed}"
+
+    def check(
+        setting: str, names: Iterable[str], valid: set[str] | dict[str, Any], kind: str
+    ) -> None:
+        for name in names:
+            if name not in valid:
+                raise msgspec.ValidationError(
+                    f"`{setting}`: unknown {kind} {name!r} ({known(kind + 's', valid)})"
+                )
+
+    def model_known(name: str) -> bool:
+        return name in catalogue or config.aliases.get(name) in catalogue
+
+    for index, upstream in enumerate(config.upstreams):
+        for model in upstream.models:
+            if model not in catalogue:
+                raise msgspec.ValidationError(
+                    f"`upstreams[{index}].models`: {model!r} has no price in the catalogue; "
+                    f'add it under [models."{model}"] (a price of 0 is allowed, '
+                    "written out) or remove it from the upstream"
+                )
+    for index, tenant in enumerate(config.tenants):
+        for model in tenant.allowed_models:
+            if model != "*" and not model_known(model):
+                raise msgspec.ValidationError(
+                    f"`tenants[{index}].allowed_models`: unknown model {model!r} "
+                    f"({known('models', catalogue)})"
+                )
+    admission = config.admission
+    check("admission.upstream_seats", admission.upstream_seats, upstreams, "upstream")
+    check(
+        "admission.upstream_tokens_per_second",
+        admission.upstream_tokens_per_second,
+        upstreams,
+        "upstream",
+    )
+    check("admission.tenant_reserved_seats", admission.tenant_reserved_seats, tenant_ids, "tenant")
+    check("admission.tier_reserved_seats", admission.tier_reserved_seats, tiers, "tier")
+    check("admission.tier_max_seats", admission.tier_max_seats, tiers, "tier")
+    quota = config.quota
+    for model in quota.model_limits:
+        if not model_known(model):
+            raise msgspec.ValidationError(
+                f"`quota.model_limits`: unknown model {model!r} ({known('models', catalogue)})"
+            )
+    check("quota.tenant_model_limits", quota.tenant_model_limits, tenant_ids, "tenant")
+    for tenant_id, per_model in quota.tenant_model_limits.items():
+        for model in per_model:
+            if not model_known(model):
+                raise msgspec.ValidationError(
+                    f"`quota.tenant_model_limits.{tenant_id}`: unknown model {model!r} "
+                    f"({known('models', catalogue)})"
+                )
+    served = {model for upstream in config.upstreams for model in upstream.models}
+    for model, chain in config.breaker.fallbacks.items():
+        for name in (model, *chain):
+            if not model_known(name):
+                raise msgspec.ValidationError(
+                    f"`breaker.fallbacks.{model}`: unknown model {name!r} "
+                    f"({known('models', catalogue)})"
+                )
+        for name in chain:
+            canonical = name if name in catalogue else config.aliases[name]
+            if config.upstreams and canonical not in served:
+                raise msgspec.ValidationError(
+                    f"`breaker.fallbacks.{model}`: no upstream serves {name!r}"
+                )
 
 
 def _usd(value: str) -> Decimal:

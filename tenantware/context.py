@@ -2,12 +2,55 @@
 
 The body is read and decoded once (into ``RequestView``) by the tenant layer; every later
 layer reads fields here instead of re-parsing JSON or headers.
+
+The error-flow rule
+-------------------
+- A layer sends its own refusals (``send_error`` or ``GatewayError.send``) through the
+  ``send`` it was given, so they pass the outer layers' ``send`` wrappers (request id,
+  ``x-ratelimit-*`` headers) like any answer. ``GatewayError`` is raised and caught inside one
+  layer; it never crosses a layer boundary.
+- An app behind the stack may raise ``GatewayError`` as its answer: the layer nearest the app
+  answers it as if the app had sent it (the breaker layer; the quota layer when the breaker
+  is off, the admission layer in between only passing it on).
+- Only the outermost layer (``TenantMiddleware``) and ``ProxyApp`` catch stray exceptions:
+  an OpenAI-shaped 500 when nothing was sent yet. Every other layer lets them pass (its
+  ``finally`` settles what it holds) and reads the result from this context.
+- Domain packages (``quota/``, ``admission/``, ``breaker/``, ``metering/ledger/``,
+  ``backends/``) never build HTTP errors: they return decisions (``quota.Decision`` with its
+  ``DecisionSource``, ``breaker.board.CircuitOpen``) that a middleware or the proxy maps to a
+  response.
+
+Who writes and who reads each field of ``RequestContext``
+---------------------------------------------------------
+=========================  ===================================  ===============================
+field                      written by                           read by
+=========================  ===================================  ===============================
+request_id, started_at,    tenant (on creation)                 metering, proxy
+unix_time
+api_route                  tenant                               tenant
+tenant, key_id             tenant                               every layer, proxy, routes
+body, view,                tenant (decoded once)                quota, admission, proxy
+estimated_prompt_tokens                                         metering
+model                      tenant (aliases resolved)            every layer, proxy, billing
+response_started, status   tenant's ``send`` wrapper (every     every layer, proxy, billing
+                           response); ``send_error``
+outcome                    whoever answers: tenant, quota,      metering, quota, admission,
+                           admission, breaker (via              billing
+                           ``send_error``), proxy; metering
+                           settles it last (``final_outcome``)
+priority, queue_wait_s     admission                            admission, metering
+upstream, model_served,    proxy (or metering's tap for         metering, quota (settle),
+usage, first_byte_at,      another app)                         admission (release), billing
+upstream_latency_s
+cost_nanousd               quota (settled cost)                 metering (billing)
+extra                      proxy (``breaker.board.RECORDED``)   breaker
+=========================  ===================================  ===============================
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import msgspec
 
@@ -15,12 +58,15 @@ from tenantware.registry import TenantView
 
 __all__ = [
     "SCOPE_KEY",
+    "DecisionSource",
     "Outcome",
+    "OutcomeName",
     "RequestContext",
     "RequestView",
     "StreamOptions",
     "Usage",
     "context_of",
+    "default_outcome",
     "get_context",
 ]
 
@@ -59,17 +105,43 @@ class RequestView(msgspec.Struct):
 
 
 class Usage(msgspec.Struct):
-    """Tokens one request used; ``estimated`` when the upstream did not report them."""
+    """Tokens one request used; ``estimated`` when the upstream did not report them.
+
+    ``anomalies`` names what was wrong with the upstream's numbers when they had to be clamped
+    or replaced (``tenantware.metering.usage``): the record is then marked ``usage_invalid``.
+    """
 
     input_tokens: int = 0
     output_tokens: int = 0
     cached_tokens: int = 0
     reasoning_tokens: int = 0
     estimated: bool = False
+    anomalies: tuple[str, ...] = ()
+
+
+#: How a request ended, as written to logs, metrics and the ledger (``Outcome`` names them).
+OutcomeName = Literal[
+    "ok",
+    "client_disconnected",
+    "upstream_error",
+    "upstream_timeout",
+    "rejected_auth",
+    "rejected_request",
+    "rejected_quota",
+    "rejected_budget",
+    "rejected_queue",
+    "breaker_open",
+    "error",
+]
+
+#: Who decided a policy layer's answer: its shared ``store``, the ``local`` fallback limiter
+#: while the store is unreachable, or the failure policy itself (``open``: let it pass,
+#: ``closed``: refuse).
+DecisionSource = Literal["store", "local", "open", "closed"]
 
 
 class Outcome:
-    """How a request ended, as written to logs, metrics and the ledger."""
+    """The ``OutcomeName`` values as constants."""
 
     OK: Final = "ok"
     CLIENT_DISCONNECTED: Final = "client_disconnected"
@@ -85,7 +157,8 @@ class Outcome:
 
 
 class RequestContext:
-    """Mutable state of one request; created by ``TenantMiddleware``."""
+    """Mutable state of one request; created by ``TenantMiddleware``. Which layer writes each
+    field and who reads it: the table at the top of this module."""
 
     __slots__ = (
         "api_route",
@@ -129,7 +202,7 @@ class RequestContext:
         self.priority: str | None = None
         self.estimated_prompt_tokens = 0
         self.status = 0
-        self.outcome: str | None = None
+        self.outcome: OutcomeName | None = None
         self.usage: Usage | None = None
         self.cost_nanousd: int | None = None
         self.queue_wait_s = 0.0
@@ -159,3 +232,9 @@ def get_context(scope: Any) -> RequestContext:
     if not isinstance(ctx, RequestContext):
         raise LookupError("no tenantware context in scope: is TenantMiddleware mounted outermost?")
     return ctx
+
+
+def default_outcome(status: int) -> OutcomeName:
+    """The outcome of an error that names none: a 4xx refuses the request, anything else is
+    an error (so a validation 400 is recorded like the tenant layer's own refusals)."""
+    return Outcome.REJECTED_REQUEST if 400 <= status < 500 else Outcome.ERROR

@@ -2,6 +2,7 @@
 
 The official SDKs pick their exception class from the status code and decide whether to retry
 from ``x-should-retry`` and ``retry-after``; every error tenantware sends sets them on purpose.
+How errors flow between layers is written at the top of ``tenantware.context``.
 """
 
 from __future__ import annotations
@@ -11,10 +12,17 @@ from collections.abc import Iterable
 
 import msgspec
 
-from tenantware.context import Outcome, RequestContext
+from tenantware.context import Outcome, OutcomeName, RequestContext, default_outcome
 from tenantware.types import Send
 
-__all__ = ["GatewayError", "default_outcome", "error_body", "send_error"]
+__all__ = [
+    "GatewayError",
+    "circuit_open_error",
+    "default_outcome",
+    "error_body",
+    "internal_error",
+    "send_error",
+]
 
 
 class _ErrorDetail(msgspec.Struct, omit_defaults=False):
@@ -33,7 +41,8 @@ _JSON = (b"content-type", b"application/json")
 
 
 class GatewayError(Exception):
-    """An error to answer with; raised inside the proxy, turned into a response at its edge."""
+    """An answer to send instead of going on: raised and caught inside one layer (or raised
+    by an app behind the stack as its answer), never across layers."""
 
     def __init__(
         self,
@@ -43,7 +52,7 @@ class GatewayError(Exception):
         type: str = "invalid_request_error",
         code: str | None = None,
         param: str | None = None,
-        outcome: str | None = None,
+        outcome: OutcomeName | None = None,
         retry_after: float | None = None,
         should_retry: bool | None = None,
         headers: Iterable[tuple[bytes, bytes]] = (),
@@ -75,10 +84,32 @@ class GatewayError(Exception):
         )
 
 
-def default_outcome(status: int) -> str:
-    """The outcome of an error that names none: a 4xx refuses the request, anything else is
-    an error (so a validation 400 is recorded like the tenant layer's own refusals)."""
-    return Outcome.REJECTED_REQUEST if 400 <= status < 500 else Outcome.ERROR
+def circuit_open_error(model: str, wait_s: float, why: str) -> GatewayError:
+    """503 for a model whose deployments (and allowed fallbacks) are all open or cooling.
+
+    Takes the breaker's decision (``breaker.board.CircuitOpen``) field by field: errors sit
+    below every domain package."""
+    return GatewayError(
+        503,
+        f"The model `{model}` is temporarily unavailable: {why}. Retry in {math.ceil(wait_s)} s.",
+        type="server_error",
+        code="circuit_open",
+        outcome=Outcome.BREAKER_OPEN,
+        retry_after=wait_s,
+        should_retry=True,
+    )
+
+
+def internal_error() -> GatewayError:
+    """500 for a stray exception: nothing about it is told to the client (it is logged)."""
+    return GatewayError(
+        500,
+        "The gateway failed to process your request. Please retry.",
+        type="server_error",
+        code="internal_error",
+        outcome=Outcome.ERROR,
+        should_retry=True,
+    )
 
 
 def error_body(
@@ -97,7 +128,7 @@ async def send_error(
     code: str | None = None,
     param: str | None = None,
     ctx: RequestContext | None = None,
-    outcome: str | None = None,
+    outcome: OutcomeName | None = None,
     retry_after: float | None = None,
     should_retry: bool | None = None,
     headers: Iterable[tuple[bytes, bytes]] = (),

@@ -7,9 +7,7 @@ breaker): each later layer relies on what the earlier ones put in the request co
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -31,7 +29,7 @@ from tenantware.metering.ledger import (
     default_spill_path,
     open_ledger,
 )
-from tenantware.metering.routes import ADMIN_PREFIX, TENANT_USAGE_PATHS, AdminApp
+from tenantware.metering.routes import ADMIN_PREFIX, READY_PATH, TENANT_USAGE_PATHS, AdminApp
 from tenantware.metering.telemetry import log_records, metrics_observer
 from tenantware.middleware.admission import AdmissionMiddleware
 from tenantware.middleware.breaker import BreakerMiddleware
@@ -228,7 +226,7 @@ class Gateway:
         """
         wrapped = self.wrap(self.proxy)
         gateway = self
-        admin = AdminApp(live=self.live, ledger=self.ledger)
+        admin = AdminApp(live=self.live, ledger=self.ledger, writer=self.writer)
         tenant_usage = TenantMiddleware(admin, live=self.live, estimator=self.estimator)
 
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -237,7 +235,7 @@ class Gateway:
                 return
             if scope["type"] == "http":
                 path = scope["path"]
-                if path.startswith(ADMIN_PREFIX) or path == "/metrics":
+                if path.startswith(ADMIN_PREFIX) or path in ("/metrics", READY_PATH):
                     await admin(scope, receive, send)
                     return
                 if path in TENANT_USAGE_PATHS:
@@ -253,38 +251,28 @@ class Gateway:
         return app
 
 
-#: How long a worker thread may keep the GIL while the event loop waits for it.
-GIL_SWITCH_INTERVAL_S = 0.0005
-
-
-def _tune_process() -> None:
-    """Process settings of the standalone gateway, for its tail latency.
-
-    - Everything alive after start-up (modules, config, clients: ~10^5 objects that live as
-      long as the process) moves out of the collector's reach. Otherwise each full
-      (generation 2) collection walks all of them: under load at c=16 that was up to 31 ms of
-      pause per collection. Collected once first, so no start-up garbage is frozen; objects
-      created later are collected as usual.
-    - Worker threads (the ledger's database drivers) give the GIL back to the event loop
-      after 0.5 ms instead of Python's default 5 ms, so a ledger write can delay a request
-      by at most that.
-    """
-    gc.collect()
-    gc.freeze()
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-
-
 async def _run_lifespan(gateway: Gateway, receive: Receive, send: Send) -> None:
+    """Run ``gateway.running()`` for the server's lifespan, reporting each phase's failure as
+    that phase's, with the error itself (uvicorn prints it and exits on a failed startup)."""
     message = await receive()
     if message["type"] != "lifespan.startup":
         return
+    started = False
     try:
         async with gateway.running():
-            _tune_process()
             await send({"type": "lifespan.startup.complete"})
+            started = True
             while (await receive())["type"] != "lifespan.shutdown":
                 pass
     except Exception as exc:
-        await send({"type": "lifespan.shutdown.failed", "message": repr(exc)})
+        phase = "shutdown" if started else "startup"
+        await send({"type": f"lifespan.{phase}.failed", "message": _describe(exc)})
         return
     await send({"type": "lifespan.shutdown.complete"})
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: text`` of the error, looking through the task group's one-error wrapper."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"

@@ -1,4 +1,5 @@
-"""API keys are stored and compared only as hashes; the plain key never leaves this module.
+"""API keys are stored and compared only as hashes; a presented key is hashed here and then
+dropped, never stored, logged or compared in plain.
 
 ``sha256:<hex>`` needs no secret; ``hmac-sha256:<hex>`` binds the hashes to a server secret so
 a leaked config file cannot be used to test guessed keys offline.

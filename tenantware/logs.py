@@ -70,7 +70,8 @@ def bulk_sink() -> BulkJsonSink | None:
 
 
 def configure_json_logging(sink: BinaryIO | None = None, *, level: int = logging.INFO) -> None:
-    """Render every structlog event as one JSON line (level, UTC timestamp) on ``sink``."""
+    """Render every structlog event as one JSON line (level, UTC timestamp, and the
+    exception's traceback text when there is one) on ``sink``."""
     global _bulk
     sink = sink or sys.stdout.buffer
     renderer = structlog.processors.JSONRenderer(serializer=_dumps)
@@ -81,6 +82,10 @@ def configure_json_logging(sink: BinaryIO | None = None, *, level: int = logging
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            # ``log.exception(...)`` / ``exc_info``: the traceback as text under ``exception``
+            # (its last line is the error's type and message). Text, not structlog's dict
+            # tracebacks, whose frames can carry local variables (keys, request bodies).
+            structlog.processors.format_exc_info,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),

@@ -11,6 +11,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 __all__ = [
     "BREAKER_STATE",
     "COST_NANOUSD",
+    "LEDGER_DEAD_LETTERS",
+    "LEDGER_FAILING_SECONDS",
+    "LEDGER_STUCK",
     "QUEUE_DEPTH",
     "QUEUE_WAIT_SECONDS",
     "REGISTRY",
@@ -21,6 +24,7 @@ __all__ = [
     "STORE_FAILURES",
     "TOKENS",
     "TTFT_SECONDS",
+    "USAGE_ANOMALIES",
 ]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -94,5 +98,28 @@ STORE_FAILURES = Counter(
     "tenantware_store_failures",
     "Shared-store (Redis) calls that failed, by layer and the failure policy applied.",
     ["layer", "policy"],
+    registry=REGISTRY,
+)
+USAGE_ANOMALIES = Counter(
+    "tenantware_usage_anomalies",
+    "Upstream usage reports the gateway could not bill as given, by upstream and kind "
+    "(negative, too_large, malformed, inconsistent: clamped or estimated; missing: estimated).",
+    ["upstream", "kind"],
+    registry=REGISTRY,
+)
+LEDGER_STUCK = Gauge(
+    "tenantware_ledger_stuck",
+    "1 while the usage ledger has failed writes for longer than its stuck threshold with "
+    "records waiting, else 0.",
+    registry=REGISTRY,
+)
+LEDGER_FAILING_SECONDS = Gauge(
+    "tenantware_ledger_failing_seconds",
+    "Seconds the usage ledger has been failing writes while records wait (0 when healthy).",
+    registry=REGISTRY,
+)
+LEDGER_DEAD_LETTERS = Counter(
+    "tenantware_ledger_dead_letters",
+    "Usage records a ledger refused for good, set aside in the dead-letter file.",
     registry=REGISTRY,
 )

@@ -11,7 +11,7 @@ import pytest
 import redis
 from psycopg import sql
 
-from tenantware.testing.servers import (
+from tests.servers import (
     ServiceUnavailable,
     postgres_url_for_tests,
     redis_url_for_tests,

@@ -14,14 +14,14 @@ import pytest
 from tenantware.admission.core import GRANTED, QUEUED, Ticket
 from tenantware.admission.redis import RedisSeatStore
 from tenantware.backends.redis_support import connect_redis
-from tenantware.testing.servers import (
+from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig
+from tests.admission_worker import WEIGHTS
+from tests.servers import (
     ServiceUnavailable,
     find_free_port,
     redis_cluster,
     throwaway_redis,
 )
-from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig
-from tests.admission_worker import WEIGHTS
 from tests.support import CHAT, KEYS, client_for, in_process_gateway, make_config
 
 pytestmark = pytest.mark.anyio

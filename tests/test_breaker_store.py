@@ -242,7 +242,7 @@ async def test_redis_successes_are_counted_locally_until_the_next_sync(
 
 
 async def test_redis_outage_falls_back_to_local_circuits(redis_prefix: str) -> None:
-    from tenantware.testing.servers import find_free_port
+    from tests.servers import find_free_port
 
     clock = Clock()
     p = policy()

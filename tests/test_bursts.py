@@ -15,13 +15,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from tenantware.testing.servers import (
+from tests.burst_worker import REPORTS, Job, Load, Report, cpu_hogs, workers
+from tests.servers import (
     RedisServer,
     ServiceUnavailable,
     redis_cluster,
     throwaway_redis,
 )
-from tests.burst_worker import REPORTS, Job, Load, Report, cpu_hogs, workers
 
 pytestmark = pytest.mark.slow
 PROCESSES = 4

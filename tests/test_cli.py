@@ -13,8 +13,8 @@ import pytest
 
 from tenantware import KeyHasher
 from tenantware.cli import main
-from tenantware.demo import DEMO_KEYS
-from tenantware.testing.servers import find_free_port
+from tenantware.demo import DEMO_KEYS, DEMO_UPSTREAM_PATH
+from tests.servers import find_free_port
 
 
 def test_hash_key_prints_the_stored_form(capsys: pytest.CaptureFixture[str]) -> None:
@@ -44,13 +44,16 @@ def test_serve_rejects_a_bad_config_file(
 def test_serve_demo_answers_completions_with_the_demo_key(tmp_path: Path) -> None:
     port = find_free_port()
     root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": str(root)}
+    started_in, temporary = tmp_path / "cwd", tmp_path / "tmp"
+    started_in.mkdir()
+    temporary.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(root), "TMPDIR": str(temporary)}
     process = subprocess.Popen(
         [sys.executable, "-m", "tenantware.cli", "serve", "--demo", "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        cwd=tmp_path,  # the demo's SQLite ledger is written here
+        cwd=started_in,
         env=env,
     )
     base = f"http://127.0.0.1:{port}"
@@ -77,11 +80,25 @@ def test_serve_demo_answers_completions_with_the_demo_key(tmp_path: Path) -> Non
             timeout=5,
         )
         assert denied.status_code == 403
+        # The fake upstream behind the demo answers only the gateway (its own random key).
+        for fake_headers in ({}, headers):
+            direct = httpx.post(
+                base + DEMO_UPSTREAM_PATH + "/v1/chat/completions",
+                json=body,
+                headers=fake_headers,
+                timeout=5,
+            )
+            assert direct.status_code == 401
     finally:
         process.terminate()
         output, _ = process.communicate(timeout=10)
     assert f"{base}/v1" in output
     assert DEMO_KEYS["acme"] in output
+    # The ledger went to a temporary directory, not where the demo was started.
+    assert list(started_in.iterdir()) == []
+    ledgers = list(temporary.glob("tenantware-demo-*/ledger.db"))
+    assert len(ledgers) == 1
+    assert f"ledger: sqlite:///{ledgers[0]}" in output
     # The request log is one JSON object per line (``--log-format json``, the default).
     request_lines = [line for line in output.splitlines() if '"event":"request"' in line]
     assert request_lines
@@ -110,6 +127,32 @@ def test_json_logging_renders_one_json_object_per_line() -> None:
     assert event["tenant_id"] == "acme"
     assert event["level"] == "info"
     assert event["timestamp"].endswith("Z")
+
+
+def test_json_logging_carries_the_exception_text() -> None:
+    import io
+    import json
+
+    import structlog
+
+    from tenantware.logs import configure_json_logging
+
+    sink = io.BytesIO()
+    configure_json_logging(sink)
+    try:
+        try:
+            raise OSError("disk full while writing the ledger")
+        except OSError:
+            structlog.get_logger("t").exception("usage ledger flush failed")
+    finally:
+        structlog.reset_defaults()
+    (line,) = sink.getvalue().decode().splitlines()
+    event = json.loads(line)
+    assert event["event"] == "usage ledger flush failed"
+    assert event["level"] == "error"
+    assert "Traceback" in event["exception"]
+    assert event["exception"].rstrip().endswith("OSError: disk full while writing the ledger")
+    assert "exc_info" not in event
 
 
 def test_request_lines_in_bulk_match_structlog_and_stop_when_structlog_is_reconfigured() -> None:
@@ -148,3 +191,12 @@ def test_request_lines_in_bulk_match_structlog_and_stop_when_structlog_is_reconf
         assert a.pop("timestamp")[:16] == b.pop("timestamp")[:16]
         assert list(a) == list(b)  # same keys, same order
         assert a == b
+
+
+def test_serve_ledger_option_is_for_the_demo_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "ok.toml"
+    path.write_text("")
+    assert main(["serve", "--config", str(path), "--ledger", "memory://"]) == 2
+    assert "metering.ledger_url" in capsys.readouterr().err

@@ -160,3 +160,147 @@ async def test_file_watch_picks_up_changes_without_restart(tmp_path: Path) -> No
                 await anyio.sleep(0.02)
         group.cancel_scope.cancel()
     assert live.current.registry.by_key_hash(first) is None
+
+
+# -- references that point nowhere are load errors -------------------------------------------
+
+_UPSTREAM = {"name": "openai", "base_url": "https://api.openai.test/v1", "models": ["gpt-4.1"]}
+
+
+def _with(**sections: object) -> dict[str, object]:
+    """One tenant ``acme`` (tier pro) on one upstream ``openai``, plus ``sections``."""
+    return {"tenants": [{"id": "acme", "tier": "pro"}], "upstreams": [_UPSTREAM], **sections}
+
+
+@pytest.mark.parametrize(
+    ("data", "setting", "unknown"),
+    [
+        (_with(admission={"upstream_seats": {"opena1": 4}}), "admission.upstream_seats", "opena1"),
+        (
+            _with(admission={"upstream_tokens_per_second": {"azure": 1000}}),
+            "admission.upstream_tokens_per_second",
+            "azure",
+        ),
+        (
+            _with(admission={"tenant_reserved_seats": {"acne": 2}}),
+            "admission.tenant_reserved_seats",
+            "acne",
+        ),
+        (
+            _with(admission={"tier_reserved_seats": {"gold": 2}}),
+            "admission.tier_reserved_seats",
+            "gold",
+        ),
+        (_with(admission={"tier_max_seats": {"gold": 2}}), "admission.tier_max_seats", "gold"),
+        (
+            _with(quota={"tenant_model_limits": {"acne": {"gpt-4.1": {"tokens_per_minute": 5}}}}),
+            "quota.tenant_model_limits",
+            "acne",
+        ),
+        (
+            _with(quota={"tenant_model_limits": {"acme": {"gpt-4.2": {"tokens_per_minute": 5}}}}),
+            "quota.tenant_model_limits.acme",
+            "gpt-4.2",
+        ),
+        (
+            _with(quota={"model_limits": {"gpt-4.2": {"tokens_per_minute": 5}}}),
+            "quota.model_limits",
+            "gpt-4.2",
+        ),
+        (
+            _with(breaker={"fallbacks": {"gpt-4.1": ["claude-sonet-4.5"]}}),
+            "breaker.fallbacks.gpt-4.1",
+            "claude-sonet-4.5",
+        ),
+        (
+            {"tenants": [{"id": "acme", "allowed_models": ["gpt-4.2"]}]},
+            "tenants[0].allowed_models",
+            "gpt-4.2",
+        ),
+    ],
+)
+def test_a_reference_to_nothing_is_a_load_error_naming_the_setting(
+    data: dict[str, object], setting: str, unknown: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    message = str(caught.value)
+    assert f"`{setting}`" in message
+    assert repr(unknown) in message
+
+
+def test_the_error_lists_the_names_that_do_exist() -> None:
+    with pytest.raises(ConfigError, match=r"upstreams: 'openai'\)"):
+        parse_config(_with(admission={"upstream_seats": {"opena1": 4}}))
+
+
+def test_references_that_exist_load() -> None:
+    config = parse_config(
+        _with(
+            aliases={"gpt4": "gpt-4.1"},
+            admission={
+                "upstream_seats": {"openai": 4},
+                "upstream_tokens_per_second": {"openai": 1000},
+                "tenant_reserved_seats": {"acme": 1},
+                "tier_reserved_seats": {"pro": 1},
+                "tier_max_seats": {"free": 1},
+            },
+            quota={
+                "model_limits": {"gpt4": {"tokens_per_minute": 5}},
+                "tenant_model_limits": {"acme": {"gpt-4.1": {"tokens_per_minute": 5}}},
+            },
+            breaker={"fallbacks": {"claude-sonnet-4.5": ["gpt4"]}},
+        )
+    )
+    assert config.admission.upstream_seats == {"openai": 4}
+
+
+def test_a_fallback_that_no_upstream_serves_is_a_load_error() -> None:
+    with pytest.raises(ConfigError, match=r"`breaker.fallbacks.gpt-4.1`: no upstream serves"):
+        parse_config(_with(breaker={"fallbacks": {"gpt-4.1": ["deepseek-v3.2"]}}))
+
+
+def test_an_upstream_model_without_a_price_is_a_load_error() -> None:
+    upstream = {**_UPSTREAM, "models": ["gpt-4.1", "my-finetune"]}
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"upstreams": [upstream]})
+    message = str(caught.value)
+    assert "`upstreams[0].models`" in message
+    assert "'my-finetune' has no price" in message
+    assert '[models."my-finetune"]' in message
+
+
+@pytest.mark.anyio
+async def test_a_model_priced_at_zero_on_purpose_is_served_and_billed_zero() -> None:
+    from tests.support import CHAT, KEYS, client_for, in_process_gateway, make_config
+
+    config = make_config(
+        upstreams=[
+            {"name": "fake", "base_url": "http://upstream.test/v1", "models": ["my-finetune"]}
+        ],
+        models={"my-finetune": {}},
+    )
+    gateway, _ = in_process_gateway(config=config)
+    async with gateway.running(), client_for(gateway.asgi_app(), KEYS["acme"]) as client:
+        response = await client.post("/v1/chat/completions", json={**CHAT, "model": "my-finetune"})
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["total_tokens"] > 0
+    assert gateway.live.current.catalogue.price("my-finetune") is not None
+    records = await gateway.ledger.query(tenant="acme")  # type: ignore[union-attr]
+    assert [(record.model_served, record.cost_nanousd) for record in records] == [
+        ("my-finetune", 0)
+    ]
+
+
+def test_the_readme_lists_the_built_in_tiers_as_they_are() -> None:
+    from tenantware.config import DEFAULT_TIERS
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for name, tier in DEFAULT_TIERS.items():
+        limits = tier.limits
+        row = (
+            f"| `{name}` | {tier.weight:g} | {tier.max_priority} | "
+            f"{limits.requests_per_minute:,} | {limits.tokens_per_minute:,} | "
+            f"{limits.burst_multiplier:g}x | {tier.max_queue_wait_s:g} s |"
+        )
+        assert row in readme, row

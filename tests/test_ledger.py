@@ -25,14 +25,14 @@ from tenantware.metering.ledger import (
     open_ledger,
 )
 from tenantware.metering.ledger.postgres import PostgresLedger
-from tenantware.testing.servers import (
+from tenantware.testing.upstream import FakeUpstream
+from tests.metering_support import wait_for
+from tests.servers import (
     PostgresServer,
     ServiceUnavailable,
     find_free_port,
     throwaway_postgres,
 )
-from tenantware.testing.upstream import FakeUpstream
-from tests.metering_support import wait_for
 from tests.support import CHAT, KEYS, client_for, make_config
 
 pytestmark = pytest.mark.anyio

@@ -17,7 +17,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tenantware.backends.multiplex import MultiplexedRedis, encode_command, multiplexable
 from tenantware.backends.redis_support import connect_redis, connect_scripts
-from tenantware.testing.servers import find_free_port
+from tests.servers import find_free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -246,7 +246,7 @@ async def test_a_deep_pipeline_that_drains_is_not_an_outage() -> None:
     # 100 scripts of 5 ms each (0.5 s of work) queued at once on a 0.25 s bound: Redis answers
     # batch after batch (each read of ~16 KB of commands), so the connection keeps making
     # progress and every call is answered; the bound is for silence, not for queueing.
-    from tenantware.testing.servers import ServiceUnavailable, throwaway_redis
+    from tests.servers import ServiceUnavailable, throwaway_redis
 
     try:
         with throwaway_redis() as server:

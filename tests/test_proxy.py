@@ -12,7 +12,7 @@ import pytest
 
 from tenantware import Gateway, get_context
 from tenantware.context import Outcome
-from tenantware.proxy import app as proxy_app
+from tenantware.proxy import relay as proxy_relay
 from tenantware.testing.serve import serve_in_thread
 from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig, count_prompt_tokens
 from tenantware.types import Message, Receive, Scope
@@ -126,7 +126,7 @@ async def test_upstream_error_status_and_body_are_relayed() -> None:
 
 
 async def test_unreachable_upstream_is_502_and_slow_upstream_is_504() -> None:
-    from tenantware.testing.servers import find_free_port
+    from tests.servers import find_free_port
 
     dead = Gateway(make_config(f"http://127.0.0.1:{find_free_port()}/v1"))
     try:
@@ -166,7 +166,7 @@ def watcher(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     """Which disconnect watcher the relay uses: a plain asyncio task, or (as on trio) an anyio
     task group."""
     if request.param == "anyio":
-        monkeypatch.setattr(proxy_app, "_asyncio_task", lambda: None)
+        monkeypatch.setattr(proxy_relay, "_asyncio_task", lambda: None)
     return str(request.param)
 
 

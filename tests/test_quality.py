@@ -1,4 +1,5 @@
-"""The package stays ruff- and mypy-strict-clean: checked with every test run, as CI does."""
+"""The package stays ruff- and mypy-strict-clean and keeps its architecture contract:
+checked with every test run, as CI does."""
 
 from __future__ import annotations
 
@@ -40,4 +41,16 @@ def test_ruff_format_is_clean() -> None:
 
 def test_mypy_strict_is_clean() -> None:
     result = subprocess.run([_tool("mypy")], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_architecture_contract_holds() -> None:
+    """The layer order and "domain packages return decisions" ([tool.importlinter])."""
+    result = subprocess.run(
+        [_tool("lint-imports"), "--no-cache"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -16,8 +16,8 @@ from tenantware import Gateway, metrics
 from tenantware.backends.redis_support import connect_redis
 from tenantware.config import Limits
 from tenantware.quota import FailoverQuotaStore, MemoryQuotaStore, RedisQuotaStore, build_plan
-from tenantware.testing.servers import ServiceUnavailable, redis_cluster, throwaway_redis
 from tests.quota_support import NOON, Clock, hammer_process, plan_for
+from tests.servers import ServiceUnavailable, redis_cluster, throwaway_redis
 from tests.support import CHAT, KEYS, client_for, in_process_gateway, make_config, tenant_entries
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -176,7 +176,7 @@ def _policy_config(url: str) -> Gateway:
 async def test_redis_outage_is_answered_within_the_timeout_under_each_policy(
     private_redis: object,
 ) -> None:
-    from tenantware.testing.servers import RedisServer
+    from tests.servers import RedisServer
 
     server = private_redis
     assert isinstance(server, RedisServer)

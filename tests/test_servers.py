@@ -13,7 +13,7 @@ import redis
 from psycopg import sql
 from redis.asyncio.cluster import RedisCluster
 
-from tenantware.testing.servers import (
+from tests.servers import (
     ServiceUnavailable,
     find_free_port,
     postgres_url_for_tests,

@@ -44,9 +44,9 @@ from tenantware.quota.redis import RedisQuotaStore
 from tenantware.reload import reload_from
 from tenantware.stores import open_stores
 from tenantware.testing.serve import serve_in_thread
-from tenantware.testing.servers import find_free_port
 from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig
 from tenantware.types import Receive, Scope, Send
+from tests.servers import find_free_port
 from tests.support import CHAT, KEYS, client_for, tenant_entries
 
 ADMIN_KEY = "sk-test-admin-stack"

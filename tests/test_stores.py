@@ -13,7 +13,7 @@ from tenantware.backends.failover import StoreHealth
 from tenantware.config import AdmissionSettings
 from tenantware.quota.failover import FailoverQuotaStore
 from tenantware.stores import open_stores
-from tenantware.testing.servers import find_free_port
+from tests.servers import find_free_port
 
 pytestmark = pytest.mark.anyio
 

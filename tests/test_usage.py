@@ -104,3 +104,15 @@ def test_an_incomplete_last_event_is_flushed_not_inspected() -> None:
     assert tap.flush() == USAGE[:-2]
     assert tap.usage is None
     assert tap.estimated_output_tokens() > 0
+
+
+def test_the_gateways_own_estimate_is_clamped_but_not_an_anomaly() -> None:
+    from tenantware.metering.usage import UsageBounds, bound_usage
+
+    bounds = UsageBounds(max_input=100, max_output=5)
+    estimate = Usage(input_tokens=10, output_tokens=25, estimated=True)
+    clamped = bound_usage(estimate, bounds)
+    assert (clamped.output_tokens, clamped.estimated, clamped.anomalies) == (5, True, ())
+    reported = bound_usage(Usage(input_tokens=-1, output_tokens=25), bounds)
+    assert (reported.input_tokens, reported.output_tokens) == (0, 5)
+    assert reported.anomalies == ("negative", "too_large")

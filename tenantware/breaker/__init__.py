@@ -6,7 +6,14 @@ package does not load the ``redis`` library.
 
 from typing import TYPE_CHECKING, Any
 
-from tenantware.breaker.board import APP_DEPLOYMENT, BreakerBoard, Deployment, circuit_open_error
+from tenantware.breaker.board import (
+    APP_DEPLOYMENT,
+    RECORDED,
+    BreakerBoard,
+    CircuitOpen,
+    Deployment,
+    circuit_open,
+)
 from tenantware.breaker.circuit import (
     CLOSED,
     FAILURE,
@@ -33,17 +40,19 @@ __all__ = [
     "OPEN",
     "PASS",
     "PROBE",
+    "RECORDED",
     "RELEASE",
     "SLOW",
     "SUCCESS",
     "BreakerBoard",
     "BreakerStore",
     "Circuit",
+    "CircuitOpen",
     "CircuitPolicy",
     "Deployment",
     "MemoryBreakerStore",
     "RedisBreakerStore",
-    "circuit_open_error",
+    "circuit_open",
 ]
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from typing import Final
+from typing import Final, NamedTuple
 
 import structlog
 
@@ -25,18 +25,35 @@ from tenantware.breaker.circuit import (
 from tenantware.breaker.memory import MemoryBreakerStore
 from tenantware.breaker.store import BreakerStore, Clock
 from tenantware.config import BreakerSettings, Upstream
-from tenantware.context import Outcome
-from tenantware.errors import GatewayError
 from tenantware.metrics import BREAKER_STATE
 from tenantware.registry import TenantView
 from tenantware.state import Snapshot
 
-__all__ = ["APP_DEPLOYMENT", "BreakerBoard", "Deployment", "circuit_open_error"]
+__all__ = [
+    "APP_DEPLOYMENT",
+    "RECORDED",
+    "BreakerBoard",
+    "CircuitOpen",
+    "Deployment",
+    "circuit_open",
+]
 
 log = structlog.get_logger("tenantware.breaker")
 
 #: Deployment name of outcomes recorded for an inner app that is not the proxy.
 APP_DEPLOYMENT: Final = "app"
+#: ``ctx.extra`` flag: the proxy recorded this request's outcome on its deployment's circuit
+#: (so the breaker layer does not record it again against ``app/<model>``).
+RECORDED: Final = "breaker.recorded"
+
+
+class CircuitOpen(NamedTuple):
+    """Decision: no deployment of ``model`` (nor an allowed fallback) may take a call now."""
+
+    model: str
+    #: Seconds until the first one may (finite, positive).
+    wait_s: float
+    why: str = "its upstreams are failing or rate-limited and the circuit breaker is open"
 
 
 class Deployment:
@@ -213,16 +230,6 @@ class BreakerBoard:
         await self.store.aclose()
 
 
-def circuit_open_error(model: str, wait_s: float) -> GatewayError:
-    """503 for a model whose deployments (and allowed fallbacks) are all open or cooling."""
-    wait = max(wait_s, 0.001) if math.isfinite(wait_s) else 1.0
-    return GatewayError(
-        503,
-        f"The model `{model}` is temporarily unavailable: its upstreams are failing or "
-        f"rate-limited and the circuit breaker is open. Retry in {math.ceil(wait)} s.",
-        type="server_error",
-        code="circuit_open",
-        outcome=Outcome.BREAKER_OPEN,
-        retry_after=wait,
-        should_retry=True,
-    )
+def circuit_open(model: str, wait_s: float) -> CircuitOpen:
+    """The decision for ``model`` when every deployment of its chain waits ``wait_s``."""
+    return CircuitOpen(model, max(wait_s, 0.001) if math.isfinite(wait_s) else 1.0)

@@ -20,8 +20,7 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Final
 
 from tenantware.catalogue import Catalogue
-from tenantware.context import Outcome, RequestContext, Usage
-from tenantware.errors import default_outcome
+from tenantware.context import Outcome, OutcomeName, RequestContext, Usage, default_outcome
 from tenantware.metering.pricing import cost_nanousd
 
 __all__ = ["NOT_BILLED", "apply_markup", "billable_usage", "final_outcome", "request_cost"]
@@ -41,7 +40,7 @@ _FAILED: Final = frozenset({Outcome.UPSTREAM_ERROR, Outcome.UPSTREAM_TIMEOUT, Ou
 _HUNDRED: Final = Decimal(100)
 
 
-def final_outcome(ctx: RequestContext) -> str:
+def final_outcome(ctx: RequestContext) -> OutcomeName:
     """The outcome a finished request is recorded and billed under: the one a layer set,
     else what its status says (an app that is not the proxy sets none)."""
     if ctx.outcome is not None:

@@ -9,6 +9,9 @@
   as CSV, for chargeback). ``since`` defaults to 30 days ago.
 - ``GET /metrics`` is the Prometheus exposition; it shows every tenant, so it needs the admin
   key unless ``metering.metrics_require_admin`` is false.
+- ``GET /readyz`` (no key: load balancers and orchestrators probe it) is 200 while the usage
+  ledger takes writes and 503 when it is stuck, with a JSON body naming the ledger and what
+  waits for it (never its URL).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tenantware.context import context_of
 from tenantware.errors import send_error
 from tenantware.metering.ledger.base import Ledger
+from tenantware.metering.ledger.writer import LedgerWriter
 from tenantware.metering.reports import (
     PERIODS,
     Period,
@@ -35,9 +39,10 @@ from tenantware.metrics import REGISTRY
 from tenantware.state import LiveConfig
 from tenantware.types import Receive, Scope, Send
 
-__all__ = ["ADMIN_PREFIX", "TENANT_USAGE_PATHS", "AdminApp"]
+__all__ = ["ADMIN_PREFIX", "READY_PATH", "TENANT_USAGE_PATHS", "AdminApp"]
 
 ADMIN_PREFIX: Final = "/admin/"
+READY_PATH: Final = "/readyz"
 TENANT_USAGE_PATHS: Final = frozenset({"/v1/usage"})
 _encode = msgspec.json.Encoder().encode
 
@@ -47,11 +52,14 @@ class _BadQuery(ValueError):
 
 
 class AdminApp:
-    """``AdminApp(live=live, ledger=ledger)``: an ASGI app for the paths above."""
+    """``AdminApp(live=live, ledger=ledger, writer=writer)``: an ASGI app for the paths above."""
 
-    def __init__(self, *, live: LiveConfig, ledger: Ledger | None) -> None:
+    def __init__(
+        self, *, live: LiveConfig, ledger: Ledger | None, writer: LedgerWriter | None = None
+    ) -> None:
         self.live = live
         self.ledger = ledger
+        self.writer = writer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -59,6 +67,9 @@ class AdminApp:
         path: str = scope["path"]
         if scope["method"] not in ("GET", "HEAD"):
             await _error(send, 405, "Only GET is supported here.", "method_not_allowed")
+            return
+        if path == READY_PATH:
+            await self._ready(send)
             return
         if path == "/metrics":
             settings = self.live.current.config.metering
@@ -107,6 +118,14 @@ class AdminApp:
                     snapshot.hasher.hash(token).encode(), expected.encode()
                 )
         return False
+
+    async def _ready(self, send: Send) -> None:
+        if self.writer is None:  # metering disabled: no ledger to wait for
+            await _respond(send, 200, b"application/json", _encode({"status": "ready"}))
+            return
+        health = self.writer.health()
+        body = _encode({"status": "not_ready" if health.stuck else "ready", "ledger": health})
+        await _respond(send, 503 if health.stuck else 200, b"application/json", body)
 
     async def _usage(self, send: Send, query: dict[str, str], *, tenant: str | None) -> None:
         assert self.ledger is not None

@@ -8,6 +8,7 @@ reasons are fixed vocabularies. The log line never holds a prompt or a key (reco
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
@@ -24,12 +25,55 @@ from tenantware.metrics import (
     REQUESTS,
     TOKENS,
     TTFT_SECONDS,
+    USAGE_ANOMALIES,
 )
 from tenantware.state import LiveConfig
 
-__all__ = ["log_records", "metrics_observer"]
+__all__ = ["AnomalyReporter", "log_records", "metrics_observer"]
 
 request_log = structlog.get_logger("tenantware.request")
+log = structlog.get_logger("tenantware.metering")
+
+
+class AnomalyReporter:
+    """Counts unusable upstream usage per (upstream, kind) and logs it at a bounded rate.
+
+    The first anomaly of a kind from an upstream is logged at once; later ones at most every
+    ``interval_s`` with how many were not logged in between: a misbehaving upstream shows up
+    in the logs without flooding them. Runs on the request path, but only for anomalies.
+    """
+
+    __slots__ = ("_clock", "_logged", "interval_s")
+
+    def __init__(
+        self, *, interval_s: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.interval_s = interval_s
+        self._clock = clock
+        #: (upstream, kind) -> [time last logged, occurrences since]; upstreams are bounded
+        #: by the configuration, kinds by the vocabulary.
+        self._logged: dict[tuple[str, str], list[float]] = {}
+
+    def report(
+        self, upstream: str, kinds: Sequence[str], *, request_id: str, tenant: str, model: str
+    ) -> None:
+        now = self._clock()
+        for kind in kinds:
+            USAGE_ANOMALIES.labels(upstream, kind).inc()
+            entry = self._logged.get((upstream, kind))
+            if entry is not None and now - entry[0] < self.interval_s:
+                entry[1] += 1
+                continue
+            self._logged[(upstream, kind)] = [now, 0]
+            log.warning(
+                "upstream usage unusable; clamped or estimated",
+                upstream=upstream,
+                kind=kind,
+                request_id=request_id,
+                tenant_id=tenant,
+                model=model,
+                not_logged_since=int(entry[1]) if entry is not None else 0,
+            )
 
 
 #: Rejections the refusing layer counts itself, with a finer reason (the limit, the queue):
@@ -138,6 +182,7 @@ def _request_fields(r: UsageRecord) -> dict[str, Any]:
         "output_tokens": r.output_tokens,
         "cached_tokens": r.cached_tokens,
         "estimated": r.estimated,
+        "usage_invalid": r.usage_invalid,
         "cost_nanousd": r.cost_nanousd,
         "charged_nanousd": r.charged_nanousd,
         "latency_ms": _ms(r.latency_s),

@@ -6,7 +6,8 @@ through; a model whose every deployment, and every fallback the tenant may use, 
 cooling gets 503 ``circuit_open`` with ``retry-after`` = time until the next probe. The
 bundled proxy records each upstream call itself (it retries and falls back); for any other
 app (models no configured upstream serves) the response status is recorded against
-``app/<model>``, and this layer takes that circuit's half-open probes.
+``app/<model>``, and this layer takes that circuit's half-open probes. Being innermost, it
+also answers a ``GatewayError`` that the app raises (see ``tenantware.context``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Final
 
 import anyio
 
-from tenantware.breaker.board import BreakerBoard, circuit_open_error
+from tenantware.breaker.board import RECORDED, BreakerBoard, circuit_open
 from tenantware.breaker.circuit import (
     FAILURE,
     LIMITED,
@@ -26,8 +27,7 @@ from tenantware.breaker.circuit import (
     SUCCESS,
 )
 from tenantware.context import Outcome, RequestContext, get_context
-from tenantware.errors import GatewayError
-from tenantware.proxy.app import RECORDED
+from tenantware.errors import GatewayError, circuit_open_error
 from tenantware.state import LiveConfig
 from tenantware.types import ASGIApp, Receive, Scope, Send
 
@@ -93,17 +93,21 @@ class BreakerMiddleware:
             if tenant_probe:
                 await board.release(tenant_key, tenant_policy)
             assert model is not None
-            await circuit_open_error(model, wait).send(send, ctx)
+            await circuit_open_error(*circuit_open(model, wait)).send(send, ctx)
             return
         status = 0
         try:
             await self.app(scope, receive, send)
             status = ctx.status
         except GatewayError as error:
-            # An answer the app chose (an outer layer sends it), not a crash: judged by its
-            # status, so a client's 400 does not open the app's circuit.
-            status = 500 if ctx.response_started else error.status
-            raise
+            # The app's chosen answer, not a crash: sent here, the innermost layer, so it
+            # passes the outer layers' ``send`` like a sent one, and judged by its status (a
+            # client's 400 does not open the app's circuit).
+            if ctx.response_started:
+                status = 500
+                raise
+            await error.send(send, ctx)
+            status = ctx.status
         except BaseException:
             status = 500
             raise

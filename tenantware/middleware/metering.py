@@ -7,6 +7,12 @@ the usage chunk a client did not ask for and estimates cut streams); for any oth
 (one that does not set ``ctx.upstream`` before answering) this layer taps the response as it
 passes: JSON ``usage`` or the SSE usage chunk.
 
+Where are the upstream's numbers checked? Around the inner app this layer sets the request's
+``UsageBounds`` (``USAGE_BOUNDS``), which every usage parser below it applies as it reads
+(the proxy's included), so the quota layer settles and the ledger bills the same clamped
+usage. A successful completion that reported no usage is billed by the estimator. Usage that
+had to be clamped or estimated is counted per upstream and kind and logged at a bounded rate.
+
 After the app returns, the record is built from the context (a few attribute reads and one
 struct) and handed to the ledger writer's in-memory queue: no I/O, no await on the request
 path. Metrics and the per-request log line are produced by the writer, off the request path.
@@ -22,11 +28,18 @@ from collections.abc import Awaitable
 from typing import Final
 
 from tenantware.context import Outcome, RequestContext, Usage, get_context
-from tenantware.errors import GatewayError, default_outcome
 from tenantware.metering.billing import apply_markup, billable_usage, final_outcome, request_cost
 from tenantware.metering.ledger.record import UsageRecord
 from tenantware.metering.ledger.writer import LedgerWriter
-from tenantware.metering.usage import StreamTap, parse_json_usage
+from tenantware.metering.telemetry import AnomalyReporter
+from tenantware.metering.usage import (
+    USAGE_BOUNDS,
+    StreamTap,
+    UsageBounds,
+    bound_usage,
+    estimate_json_usage,
+    parse_json_usage,
+)
 from tenantware.state import LiveConfig
 from tenantware.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -70,6 +83,8 @@ class MeteringMiddleware:
         if ctx.tenant is None:
             await self.app(scope, receive, send)
             return
+        bounds = UsageBounds.for_request(ctx, self.live.current.config.metering.max_output_tokens)
+        bounds_set = USAGE_BOUNDS.set(bounds)
         tap_kind = _NO_TAP
         json_parts: list[bytes] = []
         json_size = 0
@@ -84,17 +99,22 @@ class MeteringMiddleware:
                 if tap_kind == _TAP_SSE:
                     assert sse_tap is not None
                     ctx.usage = sse_tap.usage
-                    if ctx.usage is None and sse_tap.content_chars:
-                        # No usage chunk (a cut stream): count what was relayed.
+                    if ctx.usage is None and (sse_tap.content_chars or ctx.model is not None):
+                        # No usage chunk (a cut stream, an upstream that sends none): count
+                        # what was relayed.
                         ctx.usage = Usage(
-                            input_tokens=ctx.estimated_prompt_tokens,
-                            output_tokens=sse_tap.estimated_output_tokens(),
+                            input_tokens=bounds.prompt_estimate,
+                            output_tokens=min(sse_tap.estimated_output_tokens(), bounds.max_output),
                             estimated=True,
                         )
                     ctx.model_served = ctx.model_served or sse_tap.model
                 else:
-                    ctx.usage, served = parse_json_usage(b"".join(json_parts))
+                    body = b"".join(json_parts)
+                    ctx.usage, served = parse_json_usage(body, bounds)
                     ctx.model_served = ctx.model_served or served
+                    if ctx.usage is None and ctx.model is not None:
+                        # A completion answered without usage: billed by the estimator.
+                        ctx.usage = estimate_json_usage(body, bounds)
             tap_kind = _NO_TAP
 
         def metered_send(message: Message) -> Awaitable[None]:
@@ -122,22 +142,20 @@ class MeteringMiddleware:
                         content_type = value
                         break
                 is_stream = b"event-stream" in content_type
-                # The proxy (or any app that names its upstream) reports usage itself.
-                if ctx.upstream is None and message["status"] < 400:
-                    if is_stream:
-                        tap_kind, sse_tap = _TAP_SSE, StreamTap()
-                    elif b"json" in content_type:
+                # The proxy (or any app that names its upstream) reports usage itself; when
+                # its JSON answer had none, the body is tapped for the estimator.
+                if message["status"] < 400:
+                    if ctx.upstream is None:
+                        if is_stream:
+                            tap_kind, sse_tap = _TAP_SSE, StreamTap(bounds=bounds)
+                        elif b"json" in content_type:
+                            tap_kind = _TAP_JSON
+                    elif ctx.usage is None and not is_stream and b"json" in content_type:
                         tap_kind = _TAP_JSON
             return send(message)
 
         try:
             await self.app(scope, receive, metered_send)
-        except GatewayError as error:
-            # Raised by an inner layer; the tenant layer turns it into the response.
-            if not ctx.response_started:
-                ctx.status = error.status
-                ctx.outcome = error.outcome or ctx.outcome or default_outcome(error.status)
-            raise
         except BaseException:
             if ctx.outcome is None:
                 ctx.outcome = Outcome.ERROR
@@ -145,7 +163,15 @@ class MeteringMiddleware:
                 ctx.status = 500
             raise
         finally:
+            USAGE_BOUNDS.reset(bounds_set)
             finish_tap()
+            usage = ctx.usage
+            if usage is not None:
+                # An app that set usage itself, bypassing the parsers: checked here; the
+                # cost is then recomputed from the checked usage.
+                checked = bound_usage(usage, bounds)
+                if checked is not usage:
+                    ctx.usage, ctx.cost_nanousd = checked, None
             ctx.outcome = final_outcome(ctx)
             self.writer.submit(self.recorder.build(ctx, scope, is_stream))
 
@@ -157,12 +183,13 @@ class UsageRecorder:
     (bad body, model not allowed) before metering runs: those are recorded too, not billed.
     """
 
-    __slots__ = ("_ids", "live", "writer")
+    __slots__ = ("_ids", "anomalies", "live", "writer")
 
     def __init__(self, live: LiveConfig, writer: LedgerWriter) -> None:
         self.live = live
         self.writer = writer
         self._ids = _Ids()
+        self.anomalies = AnomalyReporter()
 
     def record_rejected(self, scope: Scope) -> None:
         """Record a request the tenant layer answered with an error (a known tenant only)."""
@@ -187,6 +214,20 @@ class UsageRecorder:
                 if _COST_CENTER.fullmatch(value):
                     cost_center = value.decode("ascii")
                 break
+        if usage is not None and (
+            usage.anomalies or (usage.estimated and ctx.outcome == Outcome.OK)
+        ):
+            # Rare: numbers that were clamped, or a completed request without usage.
+            upstream = ctx.upstream or ""
+            if upstream and all(u.name != upstream for u in snapshot.config.upstreams):
+                upstream = "other"
+            self.anomalies.report(
+                upstream or "none",
+                usage.anomalies or ("missing",),
+                request_id=ctx.request_id,
+                tenant=tenant.id,
+                model=ctx.model_served or ctx.model or "",
+            )
         first_byte = ctx.first_byte_at
         return UsageRecord(
             record_id=self._ids.new(),
@@ -212,4 +253,5 @@ class UsageRecorder:
             ttft_s=(first_byte - ctx.started_at) if first_byte is not None else None,
             stream=is_stream,
             estimated=bool(usage and usage.estimated),
+            usage_invalid=bool(usage and usage.anomalies),
         )

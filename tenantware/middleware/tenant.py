@@ -7,16 +7,18 @@ models (404) and models the tenant may not use (403) before any policy layer run
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Awaitable, Callable
 from random import getrandbits as _getrandbits
 from typing import Final
+from urllib.parse import unquote
 
 import msgspec
 import structlog
 
 from tenantware.context import SCOPE_KEY, Outcome, RequestContext, RequestView
-from tenantware.errors import GatewayError
+from tenantware.errors import GatewayError, internal_error
 from tenantware.estimate import PromptEstimator, estimate_prompt_tokens
 from tenantware.registry import KeyEntry
 from tenantware.state import LiveConfig, Snapshot
@@ -24,26 +26,35 @@ from tenantware.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["TenantMiddleware"]
 
+_IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
 _bind = structlog.contextvars.bind_contextvars
 _reset = structlog.contextvars.reset_contextvars
 _VALID_REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 _decode_view = msgspec.json.Decoder(RequestView).decode
 _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 
-_INVALID_KEY = GatewayError(
-    401,
-    "Incorrect API key provided.",
-    type="invalid_request_error",
-    code="invalid_api_key",
-    outcome=Outcome.REJECTED_AUTH,
-)
-_MISSING_KEY = GatewayError(
-    401,
-    "You didn't provide an API key. Pass it as 'Authorization: Bearer <key>'.",
-    type="invalid_request_error",
-    code="invalid_api_key",
-    outcome=Outcome.REJECTED_AUTH,
-)
+
+def _invalid_key() -> GatewayError:
+    # A new error each time: an exception raised again keeps every raise's frames (and the
+    # request context in them) alive on its ``__traceback__``.
+    return GatewayError(
+        401,
+        "Incorrect API key provided.",
+        type="invalid_request_error",
+        code="invalid_api_key",
+        outcome=Outcome.REJECTED_AUTH,
+    )
+
+
+def _missing_key() -> GatewayError:
+    return GatewayError(
+        401,
+        "You didn't provide an API key. Pass it as 'Authorization: Bearer <key>'.",
+        type="invalid_request_error",
+        code="invalid_api_key",
+        outcome=Outcome.REJECTED_AUTH,
+    )
 
 
 def _new_request_id() -> str:
@@ -90,6 +101,7 @@ class TenantMiddleware:
         #: Called after this layer itself refused a request (bad body, model): the metering
         #: layer is not reached then, so the gateway records those here.
         self.on_rejected = on_rejected
+        self._trusted: tuple[Snapshot | None, tuple[_IPNetwork, ...]] = (None, ())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -98,6 +110,7 @@ class TenantMiddleware:
         snapshot = self.live.current
         token = host = incoming_id = content_type = None
         content_length = -1
+        many_hosts = False
         for name, value in scope["headers"]:
             if name == b"authorization":
                 if value[:7].lower() == b"bearer ":
@@ -105,6 +118,7 @@ class TenantMiddleware:
             elif name == b"x-api-key" or name == b"api-key":
                 token = token or value.strip()
             elif name == b"host":
+                many_hosts = host is not None
                 host = value
             elif name == b"x-request-id":
                 incoming_id = value
@@ -129,6 +143,12 @@ class TenantMiddleware:
                 message["headers"] = [*message.get("headers", ()), id_header]
             return send(message)
 
+        raw_path = scope.get("raw_path")
+        if many_hosts or (raw_path and not raw_path.startswith(b"/")):
+            refusal = _check_target(scope, raw_path, host, many_hosts)
+            if refusal is not None:
+                await refusal.send(send_with_id, ctx)
+                return
         if not scope["path"].startswith(snapshot.api_prefixes):
             await self.app(scope, receive, send_with_id)
             return
@@ -138,47 +158,72 @@ class TenantMiddleware:
         tenant_token = None
         inner_called = False
         try:
-            entry = self._authenticate(snapshot, token, host)
+            entry = self._authenticate(snapshot, scope, token, host)
             ctx.tenant = entry.tenant
             ctx.key_id = entry.key_id
             tenant_token = _bind(tenant_id=entry.tenant.id)
             if scope["method"] in _BODY_METHODS and _is_json(content_type):
-                receive = await self._read_body(snapshot, ctx, receive, content_length)
+                replay = await self._read_body(snapshot, ctx, receive, content_length)
+                if replay is None:
+                    return  # the client left before its body: nothing to answer
+                receive = replay
             inner_called = True
             await self.app(scope, receive, send_with_id)
-        except _ClientGoneError:
-            return
         except GatewayError as error:
+            # This layer's own refusal; or, from an app in a stack without the breaker and
+            # quota layers (which answer it), the app's answer.
             if ctx.response_started:
                 raise
             await error.send(send_with_id, ctx)
             if not inner_called and self.on_rejected is not None:
                 self.on_rejected(scope)
+        except Exception:
+            # A stray exception (a bug below): an OpenAI-shaped 500 if nothing was sent, then
+            # on to the server, which logs it (as Starlette's ServerErrorMiddleware does).
+            if not ctx.response_started:
+                await internal_error().send(send_with_id, ctx)
+            raise
         finally:
             if tenant_token is not None:
                 _reset(**tenant_token)
             _reset(**id_token)
 
     def _authenticate(
-        self, snapshot: Snapshot, token: bytes | None, host: bytes | None
+        self, snapshot: Snapshot, scope: Scope, token: bytes | None, host: bytes | None
     ) -> KeyEntry:
         if not token:
-            raise _MISSING_KEY
+            raise _missing_key()
         entry = snapshot.registry.by_key_hash(snapshot.hasher.hash(token))
         if entry is None:
-            raise _INVALID_KEY
+            raise _invalid_key()
         if snapshot.domain_owner or entry.tenant.domains:
-            domain = (host or b"").split(b":", 1)[0].decode("latin-1").lower()
+            trusted = self._trusted_proxies(snapshot)
+            if trusted and _from(scope, trusted):
+                host = _header(scope, b"x-forwarded-host", host)
+            domain = _normal_host(host)
             owner = snapshot.domain_owner.get(domain)
             if owner is not None and owner != entry.tenant.id:
-                raise _INVALID_KEY
+                raise _invalid_key()
             if entry.tenant.domains and domain not in entry.tenant.domains:
-                raise _INVALID_KEY
+                raise _invalid_key()
         return entry
+
+    def _trusted_proxies(self, snapshot: Snapshot) -> tuple[_IPNetwork, ...]:
+        """The networks of ``gateway.trusted_proxies``, parsed once per config version."""
+        cached = self._trusted
+        if cached[0] is not snapshot:
+            entries = snapshot.config.gateway.trusted_proxies
+            cached = self._trusted = (
+                snapshot,
+                tuple(ipaddress.ip_network(entry, strict=False) for entry in entries),
+            )
+        return cached[1]
 
     async def _read_body(
         self, snapshot: Snapshot, ctx: RequestContext, receive: Receive, content_length: int
-    ) -> Receive:
+    ) -> Receive | None:
+        """The body read whole and decoded; a ``receive`` replaying it (``None``: the client
+        left before sending it all)."""
         limit = snapshot.max_body_bytes
         if content_length > limit:
             raise _too_large(limit)
@@ -187,9 +232,8 @@ class TenantMiddleware:
         while True:
             message = await receive()
             if message["type"] != "http.request":
-                # The client left before sending its body: nothing to answer.
                 ctx.outcome = Outcome.CLIENT_DISCONNECTED
-                raise _ClientGone
+                return None
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
@@ -220,6 +264,12 @@ class TenantMiddleware:
         except msgspec.DecodeError:
             raise _bad_request(
                 "We could not parse the JSON body of your request. The body must be valid JSON."
+            ) from None
+        except RecursionError:
+            # The decoder's depth bound (the interpreter's recursion limit): no real request
+            # comes near it, and a few KB of brackets must not cost a 500.
+            raise _bad_request(
+                "The JSON body of your request is nested too deeply.", code="json_too_deep"
             ) from None
         ctx.view = view
         ctx.estimated_prompt_tokens = self.estimator(body, view)
@@ -253,13 +303,6 @@ class TenantMiddleware:
         ctx.model = model
 
 
-class _ClientGoneError(GatewayError):
-    """Raised when the client disconnects before its body arrived; nothing is sent."""
-
-
-_ClientGone = _ClientGoneError(499, "client disconnected", outcome=Outcome.CLIENT_DISCONNECTED)
-
-
 def _too_large(limit: int) -> GatewayError:
     return GatewayError(
         413,
@@ -268,6 +311,68 @@ def _too_large(limit: int) -> GatewayError:
         code="request_too_large",
         outcome=Outcome.REJECTED_REQUEST,
     )
+
+
+def _normal_host(value: bytes | None) -> str:
+    """A ``Host`` value as domain binding compares it: lower case, no port, no trailing dot
+    (``AI.Acme.Example.:443`` is ``ai.acme.example``); IPv6 literals keep their brackets."""
+    if not value:
+        return ""
+    host = value.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1] if end > 0 else host
+    name, colon, port = host.rpartition(":")
+    if colon and (not port or port.isdigit()):
+        host = name
+    return host.rstrip(".")
+
+
+def _check_target(
+    scope: Scope, raw_path: bytes | None, host: bytes | None, many_hosts: bool
+) -> GatewayError | None:
+    """Refuse a request whose host is ambiguous: several ``Host`` headers, or an absolute-form
+    URL naming another host than ``Host`` (either could pass one host to a proxy in front and
+    another to domain binding). An agreeing absolute-form URL is served by its path."""
+    if many_hosts:
+        return _bad_request("The request has several Host headers.", code="invalid_host")
+    assert raw_path is not None
+    scheme, sep, rest = raw_path.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        return None  # "*" (OPTIONS) or not a URL: nothing to compare
+    authority, slash, path = rest.partition(b"/")
+    authority = authority.split(b"?", 1)[0].rpartition(b"@")[2]
+    if _normal_host(authority) != _normal_host(host):
+        return _bad_request(
+            "The host of the request URL differs from its Host header.", code="invalid_host"
+        )
+    if not scope["path"].startswith("/"):
+        # The server passed the absolute form on (h11 does): route by its path.
+        path = (slash + path).split(b"?", 1)[0] or b"/"
+        scope["path"] = unquote(path.decode("latin-1"))
+        scope["raw_path"] = path
+    return None
+
+
+def _from(scope: Scope, networks: tuple[_IPNetwork, ...]) -> bool:
+    """Whether the peer of this connection is in one of ``networks``."""
+    client = scope.get("client")
+    if not client:
+        return False
+    try:
+        address = ipaddress.ip_address(client[0])
+    except ValueError:  # a unix socket path, say
+        return False
+    return any(address in network for network in networks)
+
+
+def _header(scope: Scope, name: bytes, default: bytes | None) -> bytes | None:
+    """The last value of header ``name`` (the one the nearest proxy set), else ``default``."""
+    found = default
+    for key, value in scope["headers"]:
+        if key == name:
+            found = value.rsplit(b",", 1)[-1]
+    return found
 
 
 def _is_json(content_type: bytes | None) -> bool:

@@ -10,7 +10,7 @@ closed with ``aclose()`` (the gateway's lifespan does it).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable, Mapping
 from typing import Protocol
 
 import aiohttp
@@ -23,6 +23,7 @@ __all__ = [
     "UpstreamConnectError",
     "UpstreamResponse",
     "UpstreamTimeout",
+    "UpstreamTooLarge",
     "UpstreamUnavailable",
 ]
 
@@ -45,11 +46,17 @@ class UpstreamTimeout(UpstreamUnavailable):
     """The upstream did not answer (or send the next bytes) within the timeout."""
 
 
+class UpstreamTooLarge(Exception):
+    """The upstream's answer is larger than the gateway relays (not retried elsewhere: the
+    upstream works, its answer is the problem)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the upstream answer exceeds {limit} bytes")
+        self.limit = limit
+
+
 class UpstreamResponse(Protocol):
-    """An upstream answer. A response may also offer ``async read_chunk() -> bytes`` (the next
-    bytes, ``b""`` at the end): the proxy prefers it to ``chunks()`` when relaying streams, as
-    it spares an async generator step per event.
-    """
+    """An upstream answer, read whole (``read``) or as it arrives (``read_chunk``)."""
 
     status: int
     #: Relayable headers as lower-case ASGI pairs.
@@ -57,9 +64,23 @@ class UpstreamResponse(Protocol):
 
     def header(self, name: str) -> str | None: ...
 
-    async def read(self) -> bytes: ...
+    async def read(self, max_bytes: int) -> bytes:
+        """The whole body; ``UpstreamTooLarge`` as soon as it is known to exceed
+        ``max_bytes`` (from ``content-length``, else while reading), never buffering more."""
+        ...
+
+    async def read_chunk(self) -> bytes:
+        """The next non-empty bytes of the body, ``b""`` at its end: the proxy's stream relay
+        calls it once per event (no async generator step, unlike iterating ``chunks()``)."""
+        ...
 
     def chunks(self) -> AsyncIterator[bytes]: ...
+
+    def close_now(self) -> Awaitable[None] | None:
+        """Close the response: at once when it can (``None``: nothing left to wait for, so no
+        cancellation can cut it short and no shield is needed), else the awaitable that
+        finishes closing (the caller awaits it shielded)."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -101,11 +122,27 @@ class _AiohttpResponse:
     def header(self, name: str) -> str | None:
         return self._response.headers.get(name)
 
-    async def read(self) -> bytes:
+    async def read(self, max_bytes: int) -> bytes:
+        response = self._response
+        length = response.content_length
+        if length is not None and length > max_bytes:
+            raise UpstreamTooLarge(max_bytes)
+        # Read as ``ClientResponse.read`` does, counting: ``content-length`` may be absent
+        # (chunked) and counts compressed bytes.
+        content = response.content
+        chunks: list[bytes] = []
+        size = 0
         try:
-            return await self._response.read()
+            while chunk := await content.readany():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise UpstreamTooLarge(max_bytes)
+                chunks.append(chunk)
+        except UpstreamTooLarge:
+            raise
         except Exception as exc:
             raise _translate_aiohttp(exc) from exc
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         while chunk := await self.read_chunk():
@@ -168,6 +205,13 @@ class _AiohttpResponse:
 
     async def aclose(self) -> None:
         self.close_now()
+
+
+def _translate_httpx(exc: httpx.TransportError) -> UpstreamUnavailable:
+    """httpx's transport errors as the proxy's two kinds of upstream failure."""
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeout(str(exc) or "upstream timed out")
+    return UpstreamConnectError(str(exc) or type(exc).__name__)
 
 
 def _translate_aiohttp(exc: Exception) -> Exception:
@@ -251,22 +295,25 @@ class _HttpxResponse:
         value: str | None = self._response.headers.get(name)
         return value
 
-    async def read(self) -> bytes:
-        try:
-            return await self._response.aread()
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(str(exc) or "upstream timed out") from exc
-        except httpx.TransportError as exc:
-            raise UpstreamConnectError(str(exc) or type(exc).__name__) from exc
+    async def read(self, max_bytes: int) -> bytes:
+        length = self._response.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_bytes:
+            raise UpstreamTooLarge(max_bytes)
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await self.read_chunk():
+            size += len(chunk)
+            if size > max_bytes:
+                raise UpstreamTooLarge(max_bytes)
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         try:
             async for chunk in self._response.aiter_bytes():
                 yield chunk
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(str(exc) or "upstream timed out") from exc
         except httpx.TransportError as exc:
-            raise UpstreamConnectError(str(exc) or type(exc).__name__) from exc
+            raise _translate_httpx(exc) from exc
 
     async def read_chunk(self) -> bytes:
         """The next non-empty bytes of the body, ``b""`` at its end."""
@@ -276,6 +323,10 @@ class _HttpxResponse:
             if chunk:
                 return chunk
         return b""
+
+    def close_now(self) -> Awaitable[None]:
+        """httpx closes asynchronously: the caller awaits this, shielded."""
+        return self.aclose()
 
     async def aclose(self) -> None:
         if self._iterator is not None:
@@ -319,10 +370,8 @@ class HttpxUpstreamClient:
         )
         try:
             response = await client.send(request, stream=True)
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(str(exc) or "upstream timed out") from exc
         except httpx.TransportError as exc:
-            raise UpstreamConnectError(str(exc) or type(exc).__name__) from exc
+            raise _translate_httpx(exc) from exc
         return _HttpxResponse(response)
 
     async def aclose(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from tenantware.context import DecisionSource
 from tenantware.quota.plan import Plan
 
 __all__ = ["Decision", "QuotaStore"]
@@ -33,7 +34,7 @@ class Decision:
         now_us: int,
         remaining: list[int],
         reset_us: list[int],
-        source: str = "store",
+        source: DecisionSource = "store",
     ) -> None:
         self.allowed = allowed
         self.failed = failed
@@ -41,7 +42,8 @@ class Decision:
         self.now_us = now_us
         self.remaining = remaining
         self.reset_us = reset_us
-        #: ``store``, ``local`` (the fallback limiter decided) or ``open`` (nothing checked).
+        #: ``store``, ``local`` (the fallback limiter decided), ``open`` (nothing checked) or
+        #: ``closed`` (refused unchecked).
         self.source = source
 
     def __repr__(self) -> str:

@@ -1,4 +1,4 @@
-"""Test helpers for tenantware users: a fake OpenAI upstream, a thread server, real services.
+"""Test helpers for tenantware users: a fake OpenAI upstream and a thread server.
 
 Names are imported lazily so that ``python -m tenantware.testing.upstream`` runs cleanly.
 """

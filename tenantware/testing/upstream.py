@@ -87,6 +87,11 @@ class FakeUpstreamConfig(msgspec.Struct, kw_only=True):
     models: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_MODELS))
     #: Keep a :class:`RequestRecord` per ``x-request-id``; off for long benchmark runs.
     record_requests: bool = True
+    #: Fields reported in completions' ``usage`` instead of the true ones (any JSON, to test
+    #: that upstream numbers are untrusted), e.g. ``{"completion_tokens": 10**16}``.
+    usage_override: dict[str, Any] | None = None
+    #: Completions report no usage: no ``usage`` field in JSON, no usage chunk in streams.
+    omit_usage: bool = False
 
 
 class InjectedStreamError(RuntimeError):
@@ -241,14 +246,17 @@ _DONE = b"data: [DONE]\n\n"
 _TOKEN_JSON = _encode(TOKEN_TEXT)
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    return {
+def _usage(
+    prompt_tokens: int, completion_tokens: int, override: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    usage = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": 0},
         "completion_tokens_details": {"reasoning_tokens": 0},
     }
+    return {**usage, **override} if override else usage
 
 
 def _error_body(
@@ -560,14 +568,14 @@ class FakeUpstream:
         record = exchange.record
         record.prompt_tokens = _messages_tokens(request.messages)
         completion_id, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
-        usage = _usage(record.prompt_tokens, tokens)
+        usage = _usage(record.prompt_tokens, tokens, self.config.usage_override)
         if request.stream:
             plan = _stream_plan(
                 _chunk_head(completion_id, "chat.completion.chunk", created, request.model),
                 _CHAT_OPENING,
                 _CHAT_CONTENT,
                 b'{"index":0,"delta":{},"logprobs":null,"finish_reason":"%s"}' % finish.encode(),
-                usage if _include_usage(request) else None,
+                usage if self._reports_stream_usage(request) else None,
             )
             return await self._stream(plan, tokens, exchange)
         record.completion_tokens = tokens
@@ -581,6 +589,8 @@ class FakeUpstream:
             "choices": [choice],
             "usage": usage,
         }
+        if self.config.omit_usage:
+            del body["usage"]
         await exchange.respond(200, _encode(body))
 
     async def _completion(self, request: _CompletionBody, exchange: _Exchange) -> None:
@@ -588,14 +598,14 @@ class FakeUpstream:
         record = exchange.record
         record.prompt_tokens = _text_tokens(request.prompt)
         completion_id, created = "cmpl-" + secrets.token_hex(12), int(time.time())
-        usage = _usage(record.prompt_tokens, tokens)
+        usage = _usage(record.prompt_tokens, tokens, self.config.usage_override)
         if request.stream:
             plan = _stream_plan(
                 _chunk_head(completion_id, "text_completion", created, request.model),
                 b"",
                 _COMPLETION_CONTENT,
                 b'{"text":"","index":0,"logprobs":null,"finish_reason":"%s"}' % finish.encode(),
-                usage if _include_usage(request) else None,
+                usage if self._reports_stream_usage(request) else None,
             )
             return await self._stream(plan, tokens, exchange)
         record.completion_tokens = tokens
@@ -609,7 +619,12 @@ class FakeUpstream:
             "choices": [choice],
             "usage": usage,
         }
+        if self.config.omit_usage:
+            del body["usage"]
         await exchange.respond(200, _encode(body))
+
+    def _reports_stream_usage(self, request: _ChatBody | _CompletionBody) -> bool:
+        return _include_usage(request) and not self.config.omit_usage
 
     async def _stream(self, plan: _StreamPlan, tokens: int, exchange: _Exchange) -> None:
         """Send ``plan``; stop producing once the client is gone, counting only sent chunks.

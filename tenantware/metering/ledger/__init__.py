@@ -5,17 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from tenantware.metering.ledger.base import Ledger, LedgerUnavailable, MemoryLedger
+from tenantware.metering.ledger.base import Ledger, LedgerRejected, LedgerUnavailable, MemoryLedger
+from tenantware.metering.ledger.deadletter import DeadLetter, DeadLetterFile, dead_letter_path
 from tenantware.metering.ledger.record import COLUMNS, UsageRecord, decode_record, encode_record
 from tenantware.metering.ledger.spill import SpillFile
 from tenantware.metering.ledger.sqlite import SqliteLedger
 from tenantware.metering.ledger.stream import RedisStreamPublisher
-from tenantware.metering.ledger.writer import LedgerWriter, WriterStats
+from tenantware.metering.ledger.writer import LedgerHealth, LedgerWriter, WriterStats
 
 __all__ = [
     "COLUMNS",
     "DEFAULT_LEDGER_URL",
+    "DeadLetter",
+    "DeadLetterFile",
     "Ledger",
+    "LedgerHealth",
+    "LedgerRejected",
     "LedgerUnavailable",
     "LedgerWriter",
     "MemoryLedger",
@@ -24,6 +29,7 @@ __all__ = [
     "SqliteLedger",
     "UsageRecord",
     "WriterStats",
+    "dead_letter_path",
     "decode_record",
     "default_spill_path",
     "encode_record",

@@ -12,11 +12,16 @@ from typing import Protocol, runtime_checkable
 
 from tenantware.metering.ledger.record import UsageRecord
 
-__all__ = ["Ledger", "LedgerUnavailable", "MemoryLedger"]
+__all__ = ["Ledger", "LedgerRejected", "LedgerUnavailable", "MemoryLedger"]
 
 
 class LedgerUnavailable(RuntimeError):
     """The ledger could not take a write now (database down, timeout); retry later."""
+
+
+class LedgerRejected(ValueError):
+    """The ledger refused the records themselves (a value out of its range, a constraint):
+    retrying cannot help, so the writer isolates the culprits and sets them aside."""
 
 
 @runtime_checkable
@@ -27,7 +32,10 @@ class Ledger(Protocol):
         """Create or migrate the schema; may raise ``LedgerUnavailable``."""
 
     async def write(self, records: Sequence[UsageRecord]) -> None:
-        """Store ``records`` atomically; records already stored are skipped (idempotent)."""
+        """Store ``records`` atomically; records already stored are skipped (idempotent).
+
+        Raises ``LedgerUnavailable`` when the ledger cannot take a write now and
+        ``LedgerRejected`` when it never will take these records."""
 
     async def query(
         self, *, tenant: str | None = None, since: float = 0.0, until: float | None = None

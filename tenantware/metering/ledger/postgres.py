@@ -17,7 +17,7 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from tenantware.metering.ledger.base import LedgerUnavailable
+from tenantware.metering.ledger.base import LedgerRejected, LedgerUnavailable
 from tenantware.metering.ledger.record import COLUMNS, UsageRecord
 
 __all__ = ["PostgresLedger"]
@@ -39,8 +39,14 @@ _TYPES: Final = {
     "ttft_s": "double precision",
     "stream": "boolean",
     "estimated": "boolean",
+    "usage_invalid": "boolean",
 }
 _NULLABLE: Final = frozenset({"upstream_latency_s", "ttft_s"})
+#: Columns a later migration adds (the first one creates the table without them).
+_ADDED_LATER: Final = frozenset({"usage_invalid"})
+#: Errors caused by the records themselves (out of range, NUL in text, a constraint):
+#: writing them again cannot succeed.
+_REFUSED: Final = (psycopg.DataError, psycopg.IntegrityError, OverflowError, ValueError, TypeError)
 
 #: Each migration is a list of statements; ``{t}`` is the qualified table name.
 _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
@@ -51,12 +57,14 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             + ("" if name in _NULLABLE else " NOT NULL")
             + (" PRIMARY KEY" if name == "record_id" else "")
             for name in COLUMNS
+            if name not in _ADDED_LATER
         )
         + ")",
         "CREATE INDEX IF NOT EXISTS usage_records_tenant_ts ON {t} (tenant, ts)",
         "CREATE INDEX IF NOT EXISTS usage_records_ts ON {t} (ts)",
         "CREATE INDEX IF NOT EXISTS usage_records_request_id ON {t} (request_id)",
     ),
+    ("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS usage_invalid boolean NOT NULL DEFAULT false",),
 )
 
 
@@ -113,6 +121,10 @@ class PostgresLedger:
             with self._pool.connection(timeout=self.timeout_s) as conn:
                 return work(conn, *args)
         except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
+            raise LedgerUnavailable(f"postgresql: {exc}") from exc
+        except _REFUSED as exc:
+            raise LedgerRejected(f"postgresql: {exc!r}") from exc
+        except psycopg.Error as exc:  # the schema or the server, not the records: retry
             raise LedgerUnavailable(f"postgresql: {exc}") from exc
 
     def _migrate(self, conn: psycopg.Connection[Any]) -> None:

@@ -40,8 +40,12 @@ class UsageRecord(msgspec.Struct, frozen=True, kw_only=True):
     #: Time to the first streamed byte; ``None`` for JSON answers.
     ttft_s: float | None = None
     stream: bool = False
-    #: Tokens counted by the gateway because the upstream reported none (a cut stream).
+    #: Tokens counted by the gateway because the upstream reported none (a cut stream, a
+    #: 200 without usage) or reported unusable numbers.
     estimated: bool = False
+    #: The upstream's usage was out of range (negative, more than the request could produce,
+    #: not a number) and was clamped or replaced by the estimate.
+    usage_invalid: bool = False
 
 
 #: Column order shared by the SQL ledgers and the CSV export.

@@ -36,18 +36,26 @@ class SpillFile:
 
     def read(self) -> list[UsageRecord]:
         """Every complete record in the file (a torn last line from a crash is skipped)."""
+        return self.read_all()[0]
+
+    def read_all(self) -> tuple[list[UsageRecord], list[bytes]]:
+        """``(records, bad lines)``: a complete line that does not decode is returned for the
+        dead-letter file; a torn last line (a crash mid-append, never fsynced) is skipped."""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
-            return []
+            return [], []
+        lines = data.split(b"\n")
+        lines.pop()  # after the last newline: empty, or a torn line
         records = []
-        for line in data.splitlines():
+        bad = []
+        for line in lines:
             if line:
                 try:
                     records.append(decode_record(line))
                 except (msgspec.DecodeError, msgspec.ValidationError):
-                    continue
-        return records
+                    bad.append(line)
+        return records, bad
 
     def has_records(self) -> bool:
         try:

@@ -11,15 +11,16 @@ import threading
 from collections.abc import Callable, Sequence
 from operator import attrgetter
 from pathlib import Path
+from typing import Final
 
 import anyio.to_thread
 
-from tenantware.metering.ledger.base import LedgerUnavailable
+from tenantware.metering.ledger.base import LedgerRejected, LedgerUnavailable
 from tenantware.metering.ledger.record import COLUMNS, UsageRecord
 
 __all__ = ["SqliteLedger"]
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 _MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE IF NOT EXISTS usage_records (
@@ -51,6 +52,7 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX IF NOT EXISTS usage_records_ts ON usage_records (ts);
     CREATE INDEX IF NOT EXISTS usage_records_request_id ON usage_records (request_id);
     """,
+    "ALTER TABLE usage_records ADD COLUMN usage_invalid INTEGER NOT NULL DEFAULT 0;",
 )
 assert len(_MIGRATIONS) == _SCHEMA_VERSION
 
@@ -61,6 +63,17 @@ _INSERT = (
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM usage_records"
 
 
+#: Errors caused by the records themselves (a value out of SQLite's 64-bit integers, a
+#: type it cannot store, a constraint): writing them again cannot succeed.
+_REFUSED: Final = (
+    OverflowError,
+    TypeError,
+    ValueError,
+    sqlite3.IntegrityError,
+    sqlite3.DataError,
+    sqlite3.InterfaceError,
+)
+
 #: A record's column values as a tuple: one C call per record (rows are built on the loop).
 _row: Callable[[UsageRecord], tuple[object, ...]] = attrgetter(*COLUMNS)
 
@@ -69,6 +82,7 @@ def _record(row: Sequence[object]) -> UsageRecord:
     values = dict(zip(COLUMNS, row, strict=True))
     values["stream"] = bool(values["stream"])
     values["estimated"] = bool(values["estimated"])
+    values["usage_invalid"] = bool(values["usage_invalid"])
     return UsageRecord(**values)  # type: ignore[arg-type]
 
 
@@ -121,10 +135,16 @@ class SqliteLedger:
                 conn.execute("BEGIN")
                 conn.executemany(_INSERT, rows)
                 conn.execute("COMMIT")
-            except sqlite3.Error as exc:
+            except BaseException as exc:
+                # Whatever failed (a value Python cannot bind raises OverflowError, not a
+                # sqlite3.Error), the transaction must not stay open: the next BEGIN would fail.
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-                raise LedgerUnavailable(f"sqlite {self.path}: {exc}") from exc
+                if isinstance(exc, _REFUSED):
+                    raise LedgerRejected(f"sqlite {self.path}: {exc!r}") from exc
+                if isinstance(exc, sqlite3.Error):
+                    raise LedgerUnavailable(f"sqlite {self.path}: {exc}") from exc
+                raise
 
     async def query(
         self, *, tenant: str | None = None, since: float = 0.0, until: float | None = None

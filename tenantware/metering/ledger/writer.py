@@ -5,6 +5,14 @@
 (up to ``max_buffered``) and beyond that is spilled to a local file, replayed when the ledger
 answers again. Leaving ``running()`` flushes everything (or spills it if the ledger is down),
 so a graceful shutdown loses nothing; a hard kill loses at most the last interval's records.
+
+A record the ledger refuses for good (``LedgerRejected``: a value out of its range, a
+constraint) must not block the records behind it: the failed batch is split in halves until
+the culprits are alone, and those go to the dead-letter file with the reason; the spill replay
+does the same. Any other error counts as the ledger being unavailable: retried, never a reason
+to set records aside. A ledger that keeps failing while records wait is "stuck":
+``health()`` says so (for ``/readyz``), the ``tenantware_ledger_*`` gauges show it, and a log
+line repeats every ``stuck_log_interval_s`` while it lasts.
 """
 
 from __future__ import annotations
@@ -16,14 +24,17 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
+import msgspec
 import structlog
 
-from tenantware.metering.ledger.base import Ledger
+from tenantware.metering.ledger.base import Ledger, LedgerRejected
+from tenantware.metering.ledger.deadletter import DeadLetterFile, dead_letter_path, letters_for
 from tenantware.metering.ledger.record import UsageRecord
 from tenantware.metering.ledger.spill import SpillFile
 from tenantware.metering.ledger.stream import RedisStreamPublisher
+from tenantware.metrics import LEDGER_DEAD_LETTERS, LEDGER_FAILING_SECONDS, LEDGER_STUCK
 
-__all__ = ["LedgerWriter", "WriterStats"]
+__all__ = ["LedgerHealth", "LedgerWriter", "WriterStats"]
 
 log = structlog.get_logger("tenantware.metering.ledger")
 
@@ -36,7 +47,15 @@ _OBSERVE_SLICE = 16
 class WriterStats:
     """Counters a test or an operator can read."""
 
-    __slots__ = ("dropped", "failures", "published", "spilled", "submitted", "written")
+    __slots__ = (
+        "dead_lettered",
+        "dropped",
+        "failures",
+        "published",
+        "spilled",
+        "submitted",
+        "written",
+    )
 
     def __init__(self) -> None:
         self.submitted = 0
@@ -45,6 +64,23 @@ class WriterStats:
         self.failures = 0
         self.published = 0
         self.dropped = 0
+        #: Records (or spill lines) the ledger refused for good, set aside.
+        self.dead_lettered = 0
+
+
+class LedgerHealth(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``/readyz`` reports about the ledger."""
+
+    #: ``sqlite``, ``postgresql``, ``memory``... (never a URL: it may hold a password).
+    ledger: str
+    stuck: bool
+    #: Seconds writes have been failing (0 while the ledger takes them).
+    failing_s: float
+    #: Records waiting in memory for the ledger, and whether some wait in the spill file.
+    pending: int
+    spilled: bool
+    #: The type of the last write error, while failing (the logs have the message).
+    error: str | None = None
 
 
 class LedgerWriter:
@@ -61,21 +97,42 @@ class LedgerWriter:
         publisher: RedisStreamPublisher | None = None,
         observers: Sequence[Observer] = (),
         retry_backoff_s: float = 1.0,
+        dead_letter: DeadLetterFile | None = None,
+        stuck_after_s: float | None = None,
+        stuck_log_interval_s: float = 30.0,
+        clock: Callable[[], float] = anyio.current_time,
     ) -> None:
         self.ledger = ledger
         self.flush_interval_s = flush_interval_s
         self.batch_size = batch_size
         self.max_buffered = max_buffered
         self.spill = spill
+        #: Next to the spill file unless given; without either, refused records are logged
+        #: and dropped (a memory ledger in tests).
+        if dead_letter is None and spill is not None:
+            dead_letter = DeadLetterFile(dead_letter_path(spill.path))
+        self.dead_letter = dead_letter
         self.publisher = publisher
         self.observers = list(observers)
         self.retry_backoff_s = retry_backoff_s
+        #: Failing this long with records waiting is "stuck": a few retries, not one blip.
+        self.stuck_after_s = (
+            stuck_after_s
+            if stuck_after_s is not None
+            else 3 * max(flush_interval_s, retry_backoff_s)
+        )
+        self.stuck_log_interval_s = stuck_log_interval_s
+        self._clock = clock
         self.stats = WriterStats()
         self._fresh: deque[UsageRecord] = deque()
         self._unwritten: list[UsageRecord] = []
         self._running = False
         self._healthy = True
         self._retry_at = 0.0
+        self._failing_since: float | None = None
+        self._last_error: str | None = None
+        self._spill_waiting = False
+        self._stuck_logged_at: float | None = None
         self._flushing = anyio.Lock()
 
     # -- request path -----------------------------------------------------------------------
@@ -93,6 +150,45 @@ class LedgerWriter:
     def pending(self) -> int:
         """Records accepted but not yet in the ledger (spilled ones excluded)."""
         return len(self._fresh) + len(self._unwritten)
+
+    def health(self) -> LedgerHealth:
+        """Whether the ledger is stuck: failing for ``stuck_after_s`` with records waiting."""
+        since = self._failing_since
+        failing_s = max(0.0, self._clock() - since) if since is not None else 0.0
+        pending = self.pending
+        waiting = pending > 0 or self._spill_waiting
+        return LedgerHealth(
+            ledger=type(self.ledger).__name__.removesuffix("Ledger").lower() or "custom",
+            stuck=since is not None and waiting and failing_s >= self.stuck_after_s,
+            failing_s=round(failing_s, 3),
+            pending=pending,
+            spilled=self._spill_waiting,
+            error=self._last_error if since is not None else None,
+        )
+
+    def watch_health(self) -> LedgerHealth:
+        """Update the ledger gauges and, while stuck, log at most every
+        ``stuck_log_interval_s``; the background loop calls it after every flush."""
+        health = self.health()
+        LEDGER_STUCK.set(1 if health.stuck else 0)
+        LEDGER_FAILING_SECONDS.set(health.failing_s if health.pending or health.spilled else 0)
+        now = self._clock()
+        if health.stuck:
+            last = self._stuck_logged_at
+            if last is None or now - last >= self.stuck_log_interval_s:
+                self._stuck_logged_at = now
+                log.error(
+                    "usage ledger stuck",
+                    ledger=health.ledger,
+                    failing_s=health.failing_s,
+                    pending=health.pending,
+                    spilled=health.spilled,
+                    error=health.error,
+                )
+        elif self._stuck_logged_at is not None:
+            self._stuck_logged_at = None
+            log.info("usage ledger no longer stuck", ledger=health.ledger)
+        return health
 
     # -- background -------------------------------------------------------------------------
 
@@ -129,6 +225,7 @@ class LedgerWriter:
                 await self.flush()
             except Exception:  # never let one bad flush stop metering: records stay queued
                 log.exception("usage ledger flush failed")
+            self.watch_health()
             now = anyio.current_time()
             if now > tick + interval:
                 tick = now  # fell behind (ledger slow or down): do not burst to catch up
@@ -148,10 +245,11 @@ class LedgerWriter:
             for start in range(0, len(taken), _OBSERVE_SLICE):
                 self._observe(taken[start : start + _OBSERVE_SLICE])
                 await anyio.lowlevel.checkpoint()
-        if not self._healthy and anyio.current_time() < self._retry_at:
+        if not self._healthy and self._clock() < self._retry_at:
             await self._spill_overflow()
             return
         spilled = self.spill is not None and await anyio.to_thread.run_sync(self.spill.has_records)
+        self._spill_waiting = spilled
         if spilled and not await self._replay_spill():
             await self._spill_overflow()
             return
@@ -186,14 +284,25 @@ class LedgerWriter:
                 log.exception("usage observer failed")
 
     async def _write(self, batch: list[UsageRecord]) -> bool:
+        """``False`` when the ledger is unavailable (the batch stays queued); records it
+        refuses for good are set aside, so the batch is then done."""
         try:
             await self.ledger.write(batch)
-        except Exception as exc:
+        except LedgerRejected as exc:
+            # Some record of the batch is refused: halve until the culprits stand alone.
+            if len(batch) == 1:
+                await self._set_aside(batch, [], exc)
+                return True
+            middle = len(batch) // 2
+            return await self._write(batch[:middle]) and await self._write(batch[middle:])
+        except Exception as exc:  # unavailable (or a fault of the ledger, not of the records)
             self._mark_failed(exc)
             return False
         if not self._healthy:
             log.info("ledger reachable again")
         self._healthy = True
+        self._failing_since = None
+        self._last_error = None
         self.stats.written += len(batch)
         if self.publisher is not None:
             try:
@@ -208,15 +317,56 @@ class LedgerWriter:
         if self._healthy:
             log.warning("ledger unavailable; buffering records", error=repr(exc))
         self._healthy = False
-        self._retry_at = anyio.current_time() + self.retry_backoff_s
+        now = self._clock()
+        if self._failing_since is None:
+            self._failing_since = now
+        # The type only: /readyz shows it without a key, and a driver's message may quote
+        # a connection string.
+        self._last_error = type(exc).__name__
+        self._retry_at = now + self.retry_backoff_s
+
+    async def _set_aside(
+        self, records: list[UsageRecord], lines: list[bytes], exc: BaseException
+    ) -> None:
+        """Put what the ledger refuses for good in the dead-letter file (else log it)."""
+        count = len(records) + len(lines)
+        self.stats.dead_lettered += count
+        LEDGER_DEAD_LETTERS.inc(count)
+        reason = repr(exc)
+        ids = [r.record_id for r in records]
+        if self.dead_letter is None:
+            log.error("usage records refused by the ledger; dropped", reason=reason, ids=ids)
+            return
+        letters = letters_for(records, reason, lines)
+        try:
+            await anyio.to_thread.run_sync(self.dead_letter.append, letters)
+        except OSError as error:
+            log.error(
+                "usage records refused by the ledger; dead-letter file not writable",
+                reason=reason,
+                ids=ids,
+                path=str(self.dead_letter.path),
+                error=repr(error),
+            )
+            return
+        log.error(
+            "usage records refused by the ledger; set aside",
+            reason=reason,
+            ids=ids,
+            lines=len(lines),
+            path=str(self.dead_letter.path),
+        )
 
     async def _replay_spill(self) -> bool:
         assert self.spill is not None
-        records = await anyio.to_thread.run_sync(self.spill.read)
+        records, bad = await anyio.to_thread.run_sync(self.spill.read_all)
         for start in range(0, len(records), self.batch_size):
             if not await self._write(records[start : start + self.batch_size]):
                 return False
+        if bad:
+            await self._set_aside([], bad, ValueError("spill line is not a usage record"))
         await anyio.to_thread.run_sync(self.spill.clear)
+        self._spill_waiting = False
         if records:
             log.info("spilled usage records replayed", records=len(records))
         return True
@@ -234,4 +384,5 @@ class LedgerWriter:
             log.error("usage spill file not writable", path=str(self.spill.path), error=repr(exc))
             return
         self.stats.spilled += len(batch)
+        self._spill_waiting = True
         del records[: len(batch)]
