@@ -135,6 +135,16 @@ class Tenant(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     disabled: bool = False
     #: Guaranteed admission seats (over ``admission.tenant_reserved_seats``).
     reserved_seats: NonNegInt | None = None
+    #: Price override: markup (positive) or discount (negative) in percent over list price
+    #: (over ``metering.markup_percent``).
+    markup_percent: Decimal | None = None
+
+    def __post_init__(self) -> None:
+        percent = self.markup_percent
+        if percent is not None and (not percent.is_finite() or not -100 <= percent <= 10_000):
+            raise msgspec.ValidationError(
+                f"`markup_percent` must be between -100 and 10000, got {percent}"
+            )
 
 
 class AdminKey(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

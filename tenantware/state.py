@@ -80,7 +80,8 @@ def with_tenants(config: GatewayConfig, tenants: Sequence[Tenant]) -> GatewayCon
     """``config`` with ``tenants`` as its tenant table, validated whole (``ConfigError``).
 
     Per-tenant settings kept elsewhere in the file follow the table: a tenant's own
-    ``reserved_seats`` wins over ``admission.tenant_reserved_seats``, and file settings of
+    ``reserved_seats`` and ``markup_percent`` win over ``admission.tenant_reserved_seats`` and
+    ``metering.markup_percent``, and file settings of
     tenants that are gone (deleted through the admin API) are dropped.
     """
     ids = {tenant.id for tenant in tenants}
@@ -89,12 +90,16 @@ def with_tenants(config: GatewayConfig, tenants: Sequence[Tenant]) -> GatewayCon
     reserved.update({t.id: t.reserved_seats for t in tenants if t.reserved_seats is not None})
     quota = config.quota
     per_model = {k: v for k, v in quota.tenant_model_limits.items() if k in ids}
+    metering = config.metering
+    markup = dict(metering.markup_percent)
+    markup.update({t.id: t.markup_percent for t in tenants if t.markup_percent is not None})
     try:
         return msgspec.structs.replace(
             config,
             tenants=list(tenants),
             admission=msgspec.structs.replace(admission, tenant_reserved_seats=reserved),
             quota=msgspec.structs.replace(quota, tenant_model_limits=per_model),
+            metering=msgspec.structs.replace(metering, markup_percent=markup),
         )
     except msgspec.ValidationError as exc:
         raise ConfigError(str(exc)) from None

@@ -89,6 +89,12 @@ async def test_validation_errors_name_the_field() -> None:
         patch = await admin.patch("/admin/tenants/acme", json={"limits": {"tokens_per_minute": 0}})
         assert patch.status_code == 400
         assert patch.json()["error"]["param"] == "limits.tokens_per_minute"
+        markup = await admin.post("/admin/tenants", json={"id": "x", "markup_percent": -101})
+        assert markup.status_code == 400
+        assert markup.json()["error"]["param"] == "markup_percent"
+        bad_patch = await admin.patch("/admin/tenants/acme", json={"markup_percent": "1e9"})
+        assert bad_patch.status_code == 400
+        assert bad_patch.json()["error"]["param"] == "markup_percent"
         exists = await admin.post("/admin/tenants", json={"id": "acme"})
         assert exists.status_code == 409
         assert (await admin.put("/admin/tenants/acme", json={})).status_code == 405

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from decimal import Decimal
 from typing import Any
 
 import anyio
@@ -325,12 +326,14 @@ def test_tenants_in_the_registry_feed_every_layer() -> None:
     seats = Tenant(
         id="seated",
         reserved_seats=3,
+        markup_percent=Decimal("12.5"),
         keys=[ApiKey(id="s1", hash=KeyHasher().hash("sk-seated"))],
     )
     acme = gateway.live.file_config.tenants[0]
     snapshot = gateway.live.set_tenants([acme, seats], registry_version=7)
     assert snapshot.registry_version == 7
     assert snapshot.config.admission.tenant_reserved_seats == {"seated": 3}
+    assert snapshot.config.metering.markup_percent == {"seated": Decimal("12.5")}
     entry = snapshot.registry.by_key_hash(KeyHasher().hash("sk-seated"))
     assert entry is not None
     assert entry.tenant.id == "seated"

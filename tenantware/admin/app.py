@@ -59,6 +59,7 @@ MAX_KEYS: Final = 100
 #: Characters of a new key shown in listings (``tw-`` and a few random ones).
 KEY_PREFIX_CHARS: Final = 10
 _UNKNOWN_FIELD: Final = re.compile(r"unknown field `([^`]+)`")
+_NAMED_FIELD: Final = re.compile(r"`([A-Za-z_][A-Za-z0-9_.]*)`")
 _VALID_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _encode = msgspec.json.Encoder().encode
 _T = TypeVar("_T")
@@ -94,7 +95,18 @@ def _param_of(error: msgspec.ValidationError, prefix: str = "") -> str | None:
     unknown = _UNKNOWN_FIELD.search(text)
     if unknown is not None:
         path = f"{path}.{unknown.group(1)}" if path else unknown.group(1)
+    named = _NAMED_FIELD.match(text)  # a check of the struct itself: "`field` must be ..."
+    if not path and named is not None:
+        path = named.group(1)
     return path or None
+
+
+def _tenant(fields: dict[str, Any]) -> Tenant:
+    """A tenant from checked fields, its own checks (amounts, ranges) answered as 400."""
+    try:
+        return Tenant(**fields)
+    except msgspec.ValidationError as exc:
+        raise Refusal(400, f"Invalid body: {exc}", "invalid_value", param=_param_of(exc)) from None
 
 
 def _decode(body: bytes, kind: type[_T], *, empty_ok: bool = False) -> _T:
@@ -343,7 +355,7 @@ class AdminApi:
     async def _create(self, request: Request, caller: Caller) -> Response:
         body = await request.body()
         wanted = _decode(body, TenantCreate)
-        tenant = Tenant(**msgspec.structs.asdict(wanted))
+        tenant = _tenant(msgspec.structs.asdict(wanted))
         self._check_tenant(tenant)
         replayed = False
         idempotency_key = request.headers.get("idempotency-key")
@@ -587,7 +599,7 @@ def _patched(tenant: Tenant, patch: TenantPatch) -> Tenant:
                     400, f"Invalid limits: {exc}", "invalid_value", param=_param_of(exc, "limits.")
                 ) from None
         changes[name] = value
-    return msgspec.structs.replace(tenant, **changes)
+    return _tenant({**msgspec.structs.asdict(tenant), **changes})
 
 
 def _find_key(tenant: Tenant, key_id: str) -> ApiKey:

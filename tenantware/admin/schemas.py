@@ -5,6 +5,7 @@ Responses never carry a key hash; a key in plain appears once, in ``KeyIssued``.
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -50,6 +51,8 @@ class TenantCreate(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     domains: list[str] = field(default_factory=list)
     disabled: bool = False
     reserved_seats: Seats | None = None
+    #: Price override in percent over list price (negative: a discount).
+    markup_percent: Decimal | None = None
 
 
 class TenantPatch(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -125,6 +128,7 @@ class TenantOut(Struct, frozen=True, kw_only=True):
     domains: list[str]
     disabled: bool
     reserved_seats: int | None
+    markup_percent: Decimal | None
     keys: list[KeyOut]
 
 
@@ -200,6 +204,7 @@ def tenant_out(tenant: Tenant, version: int, tiers: dict[str, Tier]) -> TenantOu
         domains=list(tenant.domains),
         disabled=tenant.disabled,
         reserved_seats=tenant.reserved_seats,
+        markup_percent=tenant.markup_percent,
         keys=[key_out(tenant.id, key) for key in tenant.keys],
     )
 
