@@ -316,3 +316,33 @@ def test_cli_creates_a_tenant_issues_and_revokes_a_key(
         monkeypatch.setenv("TENANTWARE_ADMIN_KEY", "sk-wrong")
         assert main(["tenants", "list"]) == 1
         assert "401" in capsys.readouterr().err
+
+
+def test_cli_registry_export_and_import(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str], redis_url: str, redis_prefix: str
+) -> None:
+    import json
+
+    from tenantware.cli import main
+
+    config = tmp_path / "gateway.json"
+    config.write_text(
+        json.dumps({"gateway": {"registry_url": redis_url, "redis_prefix": redis_prefix}})
+    )
+    source = tmp_path / "tenants.json"
+    hashed = KeyHasher().hash("sk-imported")
+    source.write_text(
+        json.dumps(
+            {"tenants": [{"id": "imp", "tier": "pro", "keys": [{"id": "k", "hash": hashed}]}]}
+        )
+    )
+    assert main(["registry", "import", "--config", str(config), str(source)]) == 0
+    capsys.readouterr()
+    assert main(["registry", "export", "--config", str(config)]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert exported["tenants"][0]["id"] == "imp"
+    assert exported["tenants"][0]["keys"][0]["hash"] == hashed
+    # The export is a configuration the gateway loads as is.
+    again = tmp_path / "again.json"
+    again.write_text(json.dumps(exported))
+    assert main(["registry", "import", "--config", str(config), str(again)]) == 0

@@ -4,6 +4,9 @@ They talk to a running gateway (``--url`` or ``$TENANTWARE_URL``, default
 ``http://127.0.0.1:8080``) with an admin key (``--admin-key`` or ``$TENANTWARE_ADMIN_KEY``),
 so an operator never edits Redis by hand. Answers print as JSON; a refusal prints the
 gateway's error message and exits with status 1.
+
+``tenantware registry export|import --config FILE`` move tenants (with their key hashes,
+which the API never shows) between a file and the shared registry of ``gateway.registry_url``.
 """
 
 from __future__ import annotations
@@ -126,6 +129,69 @@ def _keys_revoke(args: argparse.Namespace) -> int:
     return _call(args, "POST", f"/admin/tenants/{args.tenant}/keys/{args.key_id}/revoke")
 
 
+def _registry_of(args: argparse.Namespace) -> Any:
+    from tenantware.config import load_config
+    from tenantware.registry import open_registry
+
+    settings = load_config(args.config).gateway
+    url = args.registry_url or settings.registry_url
+    if not url:
+        raise SystemExit("tenantware: no shared registry: set gateway.registry_url")
+    return open_registry(url, prefix=settings.redis_prefix)
+
+
+def _registry_export(args: argparse.Namespace) -> int:
+    import anyio
+    import msgspec
+
+    async def export() -> Any:
+        store = _registry_of(args)
+        try:
+            return await store.load()
+        finally:
+            await store.aclose()
+
+    state = anyio.run(export)
+    tenants = [state.records[name].tenant for name in sorted(state.records)]
+    document = {"tenants": msgspec.to_builtins(tenants)}
+    print(json.dumps(document, indent=2))
+    return 0
+
+
+def _registry_import(args: argparse.Namespace) -> int:
+    import time
+
+    import anyio
+
+    from tenantware.config import load_config
+    from tenantware.registry.store import AuditEntry
+
+    tenants = load_config(args.source).tenants
+
+    async def run() -> int:
+        store = _registry_of(args)
+        try:
+            if await store.seed(list(tenants)):
+                return len(tenants)
+            for tenant in tenants:
+                record = await store.get(tenant.id)
+                audit = AuditEntry(
+                    at=time.time(),
+                    actor="cli:registry-import",
+                    action="tenant.update" if record else "tenant.create",
+                    tenant=tenant.id,
+                    before_version=record.version if record else 0,
+                )
+                await store.put(tenant, expect=None, audit=audit)
+            return len(tenants)
+        finally:
+            await store.aclose()
+
+    count = anyio.run(run)
+    print(f"imported {count} tenants from {args.source}", file=sys.stderr)
+    return 0
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help=f"gateway URL ($TENANTWARE_URL, default {_DEFAULT_URL})")
     parser.add_argument("--admin-key", help="admin API key ($TENANTWARE_ADMIN_KEY)")
@@ -188,3 +254,18 @@ def add_commands(commands: Any) -> None:
     revoke = command(key_commands, "revoke", _keys_revoke, "revoke a key now")
     revoke.add_argument("tenant")
     revoke.add_argument("key_id")
+
+    registry = commands.add_parser("registry", help="move tenants between a file and Redis")
+    registry_commands = registry.add_subparsers(dest="registry_command", required=True)
+    for name, func, text in (
+        ("export", _registry_export, "print the shared registry's tenants as JSON config"),
+        ("import", _registry_import, "write a file's tenants into the shared registry"),
+    ):
+        parser = registry_commands.add_parser(name, help=text)
+        parser.add_argument("--config", required=True, help="the gateway's configuration file")
+        parser.add_argument("--registry-url", help="overrides gateway.registry_url")
+        if name == "import":
+            parser.add_argument(
+                "source", help="file whose [[tenants]] are written (created or replaced)"
+            )
+        parser.set_defaults(func=func)
