@@ -130,6 +130,17 @@ async def test_if_match_and_idempotent_create() -> None:
         assert other.status_code == 422
         audit = await admin.get("/admin/audit", params={"tenant": "once"})
         assert [e["action"] for e in audit.json()["data"]] == ["tenant.create"]
+        updates = await admin.get("/admin/audit", params={"action": "tenant.update"})
+        assert [(e["tenant"], e["actor"]) for e in updates.json()["data"]] == [
+            ("acme", "admin:ops")
+        ]
+        assert updates.json()["data"][0]["before_version"] < first.json()["version"]
+        as_csv = await admin.get("/admin/audit", params={"format": "csv"})
+        assert as_csv.headers["content-type"].startswith("text/csv")
+        assert as_csv.text.splitlines()[0].startswith("version,at,actor,action,tenant")
+        assert len(as_csv.text.splitlines()) == 3  # header, the update, the create
+        bad = await admin.get("/admin/audit", params={"since": "yesterday"})
+        assert bad.json()["error"]["param"] == "since"
 
 
 async def test_pagination_walks_every_tenant_once() -> None:

@@ -13,7 +13,10 @@ registry cannot be reached.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
+import math
 import re
 import secrets
 import time
@@ -556,7 +559,23 @@ class AdminApi:
         self._allow(caller, "admin", "read-only")
         query = request.query_params
         limit = _int_param(query.get("limit"), "limit", default=100, low=1, high=1000)
+        fmt = query.get("format", "json")
+        if fmt not in ("json", "csv"):
+            raise Refusal(400, "format must be json or csv.", "invalid_value", param="format")
+        since = _float_param(query.get("since"), "since")
+        action = query.get("action") or None
         entries = await self.store.audit(tenant=query.get("tenant") or None, limit=limit)
+        entries = [
+            e
+            for e in entries
+            if (action is None or e.action == action) and (since is None or e.at >= since)
+        ]
+        if fmt == "csv":
+            return Response(
+                _audit_csv(entries),
+                media_type="text/csv; charset=utf-8",
+                headers={"cache-control": "no-store"},
+            )
         return _json(AuditList(data=entries))
 
 
@@ -583,6 +602,28 @@ def _int_param(raw: str | None, name: str, *, default: int, low: int, high: int)
             400, f"{name} must be a whole number from {low} to {high}.", "invalid_value", param=name
         )
     return int(raw)
+
+
+def _float_param(raw: str | None, name: str) -> float | None:
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise Refusal(400, f"{name} must be a Unix time.", "invalid_value", param=name)
+    return value
+
+
+def _audit_csv(entries: list[AuditEntry]) -> bytes:
+    out = io.StringIO()
+    fields = list(AuditEntry.__struct_fields__)
+    writer = csv.writer(out)
+    writer.writerow(fields)
+    for entry in entries:
+        writer.writerow(["" if (v := getattr(entry, f)) is None else v for f in fields])
+    return out.getvalue().encode()
 
 
 def _patched(tenant: Tenant, patch: TenantPatch) -> Tenant:

@@ -63,7 +63,12 @@ def _operation(
     operation: dict[str, Any] = {
         "summary": summary,
         "description": f"Roles: {roles}.",
-        "responses": {status: _answer(kind, description), **dict.fromkeys(errors, _ERROR)},
+        "responses": {
+            status: _answer(kind, description),
+            **dict.fromkeys(errors, _ERROR),
+            # 405 for another method, 503 while a shared registry cannot be reached.
+            "default": _ERROR,
+        },
     }
     if body is not None:
         operation["requestBody"] = _body(body)
@@ -203,11 +208,19 @@ def openapi_document() -> bytes:
                 "Read the audit trail, newest first",
                 "admin, read-only",
                 ("200", AuditList, "Audit entries"),
-                params=[_LIMIT, _query("tenant", {"type": "string"})],
+                params=[
+                    _LIMIT,
+                    _query("tenant", {"type": "string"}),
+                    _query("action", {"type": "string"}),
+                    _query("since", {"type": "number"}),
+                    _query("format", {"type": "string", "enum": ["json", "csv"]}),
+                ],
                 errors=("400", "401", "403"),
             )
         },
     }
+    audit_answer = paths["/admin/audit"]["get"]["responses"]["200"]
+    audit_answer["content"]["text/csv"] = {"schema": {"type": "string"}}  # format=csv
     document = {
         "openapi": "3.1.0",
         "info": {"title": "tenantware admin API", "version": "1"},
