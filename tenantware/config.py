@@ -154,6 +154,9 @@ class AdminKey(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     id: Annotated[str, Meta(min_length=1, max_length=64)]
     hash: Annotated[str, Meta(pattern=r"^(sha256|hmac-sha256):[0-9a-f]{64}$")]
     role: Literal["admin", "read-only"] = "admin"
+    #: First characters of the key (set when issued through the admin API).
+    prefix: Annotated[str, Meta(max_length=16)] = ""
+    created_at: float | None = None
 
 
 class ModelSpec(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import msgspec
 
 from tenantware.catalogue import Catalogue
-from tenantware.config import ConfigError, GatewayConfig, Tenant, Upstream
+from tenantware.config import AdminKey, ConfigError, GatewayConfig, Tenant, Upstream
 from tenantware.keys import KeyHasher
 from tenantware.registry.view import MemoryTenantRegistry, TenantRegistry
 
@@ -76,13 +76,16 @@ class Snapshot:
 RegistryFactory = Callable[[GatewayConfig], TenantRegistry]
 
 
-def with_tenants(config: GatewayConfig, tenants: Sequence[Tenant]) -> GatewayConfig:
+def with_tenants(
+    config: GatewayConfig, tenants: Sequence[Tenant], admin_keys: Sequence[AdminKey] = ()
+) -> GatewayConfig:
     """``config`` with ``tenants`` as its tenant table, validated whole (``ConfigError``).
 
     Per-tenant settings kept elsewhere in the file follow the table: a tenant's own
     ``reserved_seats`` and ``markup_percent`` win over ``admission.tenant_reserved_seats`` and
     ``metering.markup_percent``, and file settings of
-    tenants that are gone (deleted through the admin API) are dropped.
+    tenants that are gone (deleted through the admin API) are dropped. ``admin_keys`` (issued
+    through the admin API) join ``gateway.admin_keys``.
     """
     ids = {tenant.id for tenant in tenants}
     admission = config.admission
@@ -100,6 +103,11 @@ def with_tenants(config: GatewayConfig, tenants: Sequence[Tenant]) -> GatewayCon
             admission=msgspec.structs.replace(admission, tenant_reserved_seats=reserved),
             quota=msgspec.structs.replace(quota, tenant_model_limits=per_model),
             metering=msgspec.structs.replace(metering, markup_percent=markup),
+            gateway=msgspec.structs.replace(
+                config.gateway, admin_keys=[*config.gateway.admin_keys, *admin_keys]
+            )
+            if admin_keys
+            else config.gateway,
         )
     except msgspec.ValidationError as exc:
         raise ConfigError(str(exc)) from None
@@ -118,6 +126,8 @@ class LiveConfig:
         self.file_config = config
         #: The shared registry's tenants, once set; ``None``: the file's.
         self._tenants: list[Tenant] | None = None
+        #: Admin keys issued through the admin API.
+        self._admin_keys: list[AdminKey] = []
         #: A file reload puts the file's tenants back (the registry is the file's copy).
         self.tenants_follow_file = True
         self.current = self._build(config, None, version=1, registry_version=0)
@@ -130,7 +140,9 @@ class LiveConfig:
         version: int,
         registry_version: int,
     ) -> Snapshot:
-        merged = with_tenants(config, config.tenants if tenants is None else tenants)
+        merged = with_tenants(
+            config, config.tenants if tenants is None else tenants, self._admin_keys
+        )
         return Snapshot(
             merged, self._registry_factory(merged), version, registry_version=registry_version
         )
@@ -149,15 +161,28 @@ class LiveConfig:
             file_listener(config)
         return snapshot
 
-    def set_tenants(self, tenants: Sequence[Tenant], *, registry_version: int) -> Snapshot:
-        """Swap in the registry's tenants (at ``registry_version``) over the file's settings."""
+    def set_tenants(
+        self,
+        tenants: Sequence[Tenant],
+        *,
+        registry_version: int,
+        admin_keys: Sequence[AdminKey] = (),
+    ) -> Snapshot:
+        """Swap in the registry's tenants and admin keys (at ``registry_version``) over the
+        file's settings."""
         table = list(tenants)
-        snapshot = self._build(
-            self.file_config,
-            table,
-            version=self.current.version + 1,
-            registry_version=registry_version,
-        )
+        previous = self._admin_keys
+        self._admin_keys = list(admin_keys)
+        try:
+            snapshot = self._build(
+                self.file_config,
+                table,
+                version=self.current.version + 1,
+                registry_version=registry_version,
+            )
+        except ConfigError:
+            self._admin_keys = previous
+            raise
         self._tenants = table
         self._swap(snapshot)
         return snapshot

@@ -233,6 +233,8 @@ ROUTES: list[tuple[str, str, dict[str, Any] | None, set[str]]] = [
     ("POST", "/admin/tenants/acme/keys/acme-1/revoke", None, {"admin"}),
     ("DELETE", "/admin/tenants/acme", None, {"admin"}),
     ("GET", "/admin/tiers", None, {"admin", "read-only"}),
+    ("GET", "/admin/keys", None, {"admin"}),
+    ("POST", "/admin/keys", {"role": "read-only"}, {"admin"}),
     ("GET", "/admin/audit", None, {"admin", "read-only"}),
     ("GET", "/admin/usage", None, {"admin", "read-only"}),
     ("GET", "/metrics", None, {"admin", "read-only"}),
@@ -357,3 +359,27 @@ def test_cli_registry_export_and_import(
     again = tmp_path / "again.json"
     again.write_text(json.dumps(exported))
     assert main(["registry", "import", "--config", str(config), str(again)]) == 0
+
+
+async def test_admin_keys_issued_and_revoked_through_the_api() -> None:
+    gateway, _ = in_process_gateway(config=admin_config())
+    app = gateway.asgi_app()
+    async with gateway.running(), client_for(app, ADMIN) as admin:
+        issued = await admin.post("/admin/keys", json={"id": "auditor-2", "role": "read-only"})
+        assert issued.status_code == 201, issued.text
+        key = issued.json()["key"]
+        async with client_for(app, key) as reader:
+            assert (await reader.get("/admin/tenants")).status_code == 200
+            assert (await reader.post("/admin/tenants", json={"id": "no"})).status_code == 403
+            listed = await admin.get("/admin/keys")
+            sources = {k["id"]: k["source"] for k in listed.json()["data"]}
+            assert sources == {"ops": "config", "auditor": "config", "auditor-2": "api"}
+            assert key not in listed.text
+            _no_secrets(listed.text)
+            file_key = await admin.post("/admin/keys/ops/revoke")
+            assert file_key.status_code == 404
+            revoked = await admin.post("/admin/keys/auditor-2/revoke")
+            assert revoked.status_code == 200, revoked.text
+            assert (await reader.get("/admin/tenants")).status_code == 401
+        trail = (await admin.get("/admin/audit", params={"action": "admin_key.issue"})).json()
+        assert [(e["key_id"], e["actor"]) for e in trail["data"]] == [("auditor-2", "admin:ops")]

@@ -13,7 +13,7 @@ import pytest
 import redis as redis_sync
 
 from tenantware import Gateway, GatewayConfig, Tenant
-from tenantware.config import ApiKey
+from tenantware.config import AdminKey, ApiKey
 from tenantware.keys import KeyHasher
 from tenantware.metrics import REGISTRY
 from tenantware.registry import AuditEntry, RegistryStore, VersionMismatch, open_registry
@@ -88,6 +88,19 @@ async def test_store_contract(store: RegistryStore) -> None:
         ("tenant.update", "b", v2),
     ]
     assert [e.tenant for e in await store.audit(tenant="c", limit=10)] == ["c"]
+
+    admin_key = AdminKey(id="ops2", hash=KeyHasher().hash("sk-ops2"), role="read-only")
+    v5 = await store.put_admin(admin_key, expect=0, audit=_audit("", "admin_key.issue"))
+    assert (await store.load()).admins == {"ops2": admin_key}
+    with pytest.raises(VersionMismatch):
+        await store.put_admin(admin_key, expect=0, audit=_audit("", "admin_key.issue"))
+    v6 = await store.delete_admin("ops2", expect=None, audit=_audit("", "admin_key.revoke"))
+    assert v6 > v5 > v4
+    assert (await store.load()).admins == {}
+    assert [e.action for e in await store.audit(tenant="", limit=5)] == [
+        "admin_key.revoke",
+        "admin_key.issue",
+    ]
 
     assert await store.remember("k", b"one", 60) is None
     assert await store.remember("k", b"two", 60) == b"one"

@@ -31,6 +31,10 @@ from starlette.routing import Route, Router
 from tenantware.admin.auth import AdminAuth, Caller
 from tenantware.admin.openapi import openapi_document
 from tenantware.admin.schemas import (
+    AdminKeyIssue,
+    AdminKeyIssued,
+    AdminKeyList,
+    AdminKeyOut,
     AuditList,
     KeyIssue,
     KeyIssued,
@@ -47,7 +51,7 @@ from tenantware.admin.schemas import (
     tenant_out,
 )
 from tenantware.backends.errors import STORE_UNAVAILABLE
-from tenantware.config import ApiKey, Tenant
+from tenantware.config import AdminKey, ApiKey, Tenant
 from tenantware.errors import error_body
 from tenantware.keys import generate_key
 from tenantware.registry.store import AuditAction, AuditEntry, RegistryStore, VersionMismatch
@@ -168,6 +172,8 @@ class AdminApi:
             "/admin/tenants/{tenant_id}/keys": on(self._keys),
             "/admin/tenants/{tenant_id}/keys/{key_id}/{action}": on(self._key),
             "/admin/tiers": on(self._list_tiers),
+            "/admin/keys": on(self._admin_keys),
+            "/admin/keys/{key_id}/revoke": on(self._revoke_admin_key),
             "/admin/audit": on(self._audit),
         }
         self.router = Router(
@@ -535,6 +541,83 @@ class AdminApi:
             rotated=key_out(tenant_id, _find_key(tenant, key_id)),
         )
         return _json(issued, 201, version=version)
+
+    async def _admin_keys(self, request: Request, caller: Caller) -> Response:
+        if request.method in ("GET", "HEAD"):
+            self._allow(caller, "admin")
+            state = await self.store.load()
+            issued = set(state.admins)
+            data = [
+                AdminKeyOut(
+                    id=key.id,
+                    role=key.role,
+                    prefix=key.prefix,
+                    created_at=key.created_at,
+                    source="api" if key.id in issued else "config",
+                )
+                for key in self.live.current.config.gateway.admin_keys
+            ]
+            for key_id in sorted(issued - {d.id for d in data}):
+                key = state.admins[key_id]
+                data.append(
+                    AdminKeyOut(
+                        id=key.id,
+                        role=key.role,
+                        prefix=key.prefix,
+                        created_at=key.created_at,
+                        source="api",
+                    )
+                )
+            return _json(AdminKeyList(data=data))
+        if request.method != "POST":
+            raise _method(request)
+        self._allow(caller, "admin", write=True)
+        wanted = _decode(await request.body(), AdminKeyIssue, empty_ok=True)
+        key_id = wanted.id or f"admin_{secrets.token_hex(6)}"
+        if any(k.id == key_id for k in self.live.file_config.gateway.admin_keys):
+            raise Refusal(409, f"Admin key id {key_id!r} is taken.", "key_exists", param="id")
+        plain = generate_key("twa")
+        now = time.time()
+        key = AdminKey(
+            id=key_id,
+            hash=self.live.current.hasher.hash(plain),
+            role=wanted.role,
+            prefix=plain[:KEY_PREFIX_CHARS],
+            created_at=now,
+        )
+        audit = self._audit_entry(request, caller, "admin_key.issue", "", 0, key_id)
+        try:
+            version = await self.store.put_admin(key, expect=0, audit=audit)
+        except VersionMismatch:
+            raise Refusal(
+                409, f"Admin key id {key_id!r} is taken.", "key_exists", param="id"
+            ) from None
+        await self.sync.refresh()
+        answer = AdminKeyIssued(
+            id=key_id, role=key.role, prefix=key.prefix, key=plain, created_at=now
+        )
+        return _json(answer, 201, version=version)
+
+    async def _revoke_admin_key(self, request: Request, caller: Caller) -> Response:
+        if request.method != "POST":
+            raise _method(request)
+        self._allow(caller, "admin", write=True)
+        key_id: str = request.path_params["key_id"]
+        audit = self._audit_entry(request, caller, "admin_key.revoke", "", 0, key_id)
+        try:
+            version = await self.store.delete_admin(key_id, expect=None, audit=audit)
+        except VersionMismatch:
+            raise Refusal(
+                404,
+                f"No admin key {key_id!r} issued through the API (keys of the configuration "
+                "file or the environment are removed there).",
+                "key_not_found",
+                param="key_id",
+            ) from None
+        await self.sync.refresh()
+        return _json(
+            {"object": "admin_key.revoked", "id": key_id, "revoked": True}, version=version
+        )
 
     async def _list_tiers(self, request: Request, caller: Caller) -> Response:
         if request.method not in ("GET", "HEAD"):

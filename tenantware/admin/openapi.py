@@ -13,6 +13,9 @@ from typing import Any
 import msgspec
 
 from tenantware.admin.schemas import (
+    AdminKeyIssue,
+    AdminKeyIssued,
+    AdminKeyList,
     AuditList,
     ErrorBody,
     KeyIssue,
@@ -99,10 +102,20 @@ class _Deleted(msgspec.Struct, frozen=True, kw_only=True):
     deleted: bool
 
 
+class _AdminRevoked(msgspec.Struct, frozen=True, kw_only=True):
+    object: str
+    id: str
+    revoked: bool
+
+
 @functools.cache
 def openapi_document() -> bytes:
     """The document, built once per process."""
     kinds = [
+        AdminKeyIssue,
+        AdminKeyIssued,
+        AdminKeyList,
+        _AdminRevoked,
         AuditList,
         ErrorBody,
         KeyIssue,
@@ -194,6 +207,30 @@ def openapi_document() -> bytes:
                 params=[*key, _IF_MATCH],
                 errors=("400", "401", "403", "404", "412"),
             ),
+        },
+        "/admin/keys": {
+            "get": _operation(
+                "List admin keys (id, role, prefix, where defined)",
+                "admin",
+                ("200", AdminKeyList, "The admin keys"),
+                errors=("401", "403"),
+            ),
+            "post": _operation(
+                "Issue an admin key (shown once in the answer)",
+                "admin",
+                ("201", AdminKeyIssued, "The new admin key"),
+                body=AdminKeyIssue,
+                errors=("400", "401", "403", "409"),
+            ),
+        },
+        "/admin/keys/{key_id}/revoke": {
+            "post": _operation(
+                "Revoke an admin key issued through the API",
+                "admin",
+                ("200", _AdminRevoked, "Revoked"),
+                params=[_path_param("key_id")],
+                errors=("401", "403", "404"),
+            )
         },
         "/admin/tiers": {
             "get": _operation(

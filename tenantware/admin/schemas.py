@@ -15,6 +15,10 @@ from tenantware.config import Limits, Priority, Tenant, Tier, Weight
 from tenantware.registry.store import AuditEntry
 
 __all__ = [
+    "AdminKeyIssue",
+    "AdminKeyIssued",
+    "AdminKeyList",
+    "AdminKeyOut",
     "AuditList",
     "ErrorBody",
     "KeyIssue",
@@ -108,6 +112,41 @@ class KeyRotate(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Rotation: a new key now, the old one valid ``grace_s`` longer (0: refused at once)."""
 
     grace_s: Annotated[float, Meta(ge=0, le=30 * 86_400)] = 3600.0
+
+
+class AdminKeyIssue(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """An admin key to issue: its id (generated when absent) and role."""
+
+    id: KeyId | None = None
+    role: Literal["admin", "read-only"] = "read-only"
+
+
+class AdminKeyOut(Struct, frozen=True, kw_only=True):
+    """An admin key as listed; ``source`` says where it is defined (only ``api`` keys can be
+    revoked through the API; the others are the file's or the environment's)."""
+
+    object: Literal["admin_key"] = "admin_key"
+    id: str
+    role: str
+    prefix: str
+    created_at: float | None
+    source: Literal["api", "config"]
+
+
+class AdminKeyIssued(Struct, frozen=True, kw_only=True):
+    """A new admin key: ``key`` is shown here once and never again."""
+
+    object: Literal["admin_key"] = "admin_key"
+    id: str
+    role: str
+    prefix: str
+    key: str
+    created_at: float
+
+
+class AdminKeyList(Struct, frozen=True, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[AdminKeyOut]
 
 
 class TenantOut(Struct, frozen=True, kw_only=True):

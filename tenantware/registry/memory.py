@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator
 import anyio
 import msgspec
 
-from tenantware.config import Tenant
+from tenantware.config import AdminKey, Tenant
 from tenantware.registry.store import AuditEntry, RegistryState, TenantRecord, VersionMismatch
 
 __all__ = ["MemoryRegistryStore"]
@@ -31,6 +31,7 @@ class MemoryRegistryStore:
     def __init__(self, tenants: list[Tenant] | None = None) -> None:
         self._version = 0
         self._records: dict[str, TenantRecord] = {}
+        self._admins: dict[str, tuple[int, AdminKey]] = {}
         self._initialized = False
         self._remembered: dict[str, tuple[float, bytes]] = {}
         self._audit: list[AuditEntry] = []
@@ -45,7 +46,10 @@ class MemoryRegistryStore:
 
     async def load(self) -> RegistryState:
         return RegistryState(
-            version=self._version, records=dict(self._records), initialized=self._initialized
+            version=self._version,
+            records=dict(self._records),
+            admins={k: key for k, (_, key) in self._admins.items()},
+            initialized=self._initialized,
         )
 
     async def version(self) -> int:
@@ -74,6 +78,24 @@ class MemoryRegistryStore:
             raise VersionMismatch(0)
         self._version += 1
         del self._records[tenant_id]
+        self._append(audit)
+        return self._version
+
+    async def put_admin(self, key: AdminKey, *, expect: int | None, audit: AuditEntry) -> int:
+        current = self._admins.get(key.id, (0, None))[0]
+        if expect is not None and expect != current:
+            raise VersionMismatch(current)
+        self._version += 1
+        self._admins[key.id] = (self._version, key)
+        self._append(audit)
+        return self._version
+
+    async def delete_admin(self, key_id: str, *, expect: int | None, audit: AuditEntry) -> int:
+        current = self._admins.get(key_id, (0, None))[0]
+        if current == 0 or (expect is not None and expect != current):
+            raise VersionMismatch(current)
+        self._version += 1
+        del self._admins[key_id]
         self._append(audit)
         return self._version
 

@@ -5,7 +5,8 @@ Keys (one hash tag, so every script runs on Redis Cluster too):
 - ``{prefix}tw:{registry}:tenants``: hash, tenant id -> the tenant as JSON (keys as hashes);
 - ``{prefix}tw:{registry}:versions``: hash, tenant id -> version of its last change;
 - ``{prefix}tw:{registry}:version``: the registry version, bumped by every change;
-- ``{prefix}tw:{registry}:audit``: list of audit entries (JSON), oldest first, capped.
+- ``{prefix}tw:{registry}:audit``: list of audit entries (JSON), oldest first, capped;
+- ``{prefix}tw:{registry}:admins`` / ``:admin_versions``: admin keys issued through the API.
 
 A write is one Lua script: check the record's version (``If-Match``), bump the registry
 version, write the record and its audit entry, and publish the new version on
@@ -22,7 +23,7 @@ from typing import Any, Final
 import msgspec
 
 from tenantware.backends.redis_support import connect_redis, redis_errors
-from tenantware.config import Tenant
+from tenantware.config import AdminKey, Tenant
 from tenantware.registry.store import AuditEntry, RegistryState, TenantRecord, VersionMismatch
 
 __all__ = ["RedisRegistryStore"]
@@ -61,12 +62,13 @@ return version
 
 _LOAD: Final = """
 return {redis.call('GET', KEYS[3]) or '', redis.call('HGETALL', KEYS[1]),
-        redis.call('HGETALL', KEYS[2])}
+        redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[5])}
 """
 
 _encode = msgspec.json.Encoder().encode
 _decode_tenant = msgspec.json.Decoder(Tenant).decode
 _decode_audit = msgspec.json.Decoder(AuditEntry).decode
+_decode_admin = msgspec.json.Decoder(AdminKey).decode
 
 
 class RedisRegistryStore:
@@ -84,7 +86,16 @@ class RedisRegistryStore:
         self.client_name = f"tw-registry-{secrets.token_hex(4)}"
         self._redis = connect_redis(url, timeout_s=timeout_s, client_name=self.client_name)
         base = f"{prefix}tw:{{registry}}"
-        self._keys = [f"{base}:tenants", f"{base}:versions", f"{base}:version", f"{base}:audit"]
+        self._keys = [
+            f"{base}:tenants",
+            f"{base}:versions",
+            f"{base}:version",
+            f"{base}:audit",
+            f"{base}:admins",
+            f"{base}:admin_versions",
+        ]
+        #: What a write of an admin key touches (the same script, other hashes).
+        self._admin_keys = [self._keys[4], self._keys[5], self._keys[2], self._keys[3]]
         #: The pub/sub channel every write announces its version on.
         self.channel = f"{prefix}tw:registry:changes"
         self._put = self._redis.register_script(_PUT)
@@ -93,7 +104,7 @@ class RedisRegistryStore:
 
     async def load(self) -> RegistryState:
         with redis_errors():
-            raw_version, tenants, versions = await self._load(keys=self._keys)
+            raw_version, tenants, versions, admins = await self._load(keys=self._keys)
         documents = _pairs(tenants)
         numbers = _pairs(versions)
         records = {
@@ -103,7 +114,10 @@ class RedisRegistryStore:
             for key, document in documents.items()
         }
         return RegistryState(
-            version=int(raw_version or 0), records=records, initialized=bool(raw_version)
+            version=int(raw_version or 0),
+            records=records,
+            admins={k.decode(): _decode_admin(v) for k, v in _pairs(admins).items()},
+            initialized=bool(raw_version),
         )
 
     async def version(self) -> int:
@@ -126,7 +140,12 @@ class RedisRegistryStore:
         return document, version
 
     async def _write(
-        self, tenant_id: str, document: bytes, expect: int | None, audit: AuditEntry
+        self,
+        tenant_id: str,
+        document: bytes,
+        expect: int | None,
+        audit: AuditEntry,
+        keys: list[str] | None = None,
     ) -> int:
         args: list[str | bytes] = [
             tenant_id,
@@ -137,7 +156,7 @@ class RedisRegistryStore:
             str(AUDIT_KEPT),
         ]
         with redis_errors():
-            done, version = await self._put(keys=self._keys, args=args)
+            done, version = await self._put(keys=keys or self._keys[:4], args=args)
         if not done:
             raise VersionMismatch(int(version))
         return int(version)
@@ -148,12 +167,18 @@ class RedisRegistryStore:
     async def delete(self, tenant_id: str, *, expect: int | None, audit: AuditEntry) -> int:
         return await self._write(tenant_id, b"", expect, audit)
 
+    async def put_admin(self, key: AdminKey, *, expect: int | None, audit: AuditEntry) -> int:
+        return await self._write(key.id, _encode(key), expect, audit, self._admin_keys)
+
+    async def delete_admin(self, key_id: str, *, expect: int | None, audit: AuditEntry) -> int:
+        return await self._write(key_id, b"", expect, audit, self._admin_keys)
+
     async def seed(self, tenants: list[Tenant]) -> bool:
         args: list[Any] = [self.channel]
         for tenant in tenants:
             args += [tenant.id, _encode(tenant)]
         with redis_errors():
-            version = await self._seed(keys=self._keys, args=args)
+            version = await self._seed(keys=self._keys[:4], args=args)
         return bool(version)
 
     async def remember(self, key: str, value: bytes, ttl_s: float) -> bytes | None:

@@ -13,7 +13,7 @@ from typing import Literal, Protocol
 
 import msgspec
 
-from tenantware.config import Tenant
+from tenantware.config import AdminKey, Tenant
 
 __all__ = [
     "AuditEntry",
@@ -30,6 +30,8 @@ AuditAction = Literal[
     "key.issue",
     "key.rotate",
     "key.revoke",
+    "admin_key.issue",
+    "admin_key.revoke",
     "registry.seed",
 ]
 
@@ -46,6 +48,8 @@ class RegistryState(msgspec.Struct, frozen=True, kw_only=True):
 
     version: int
     records: dict[str, TenantRecord]
+    #: Admin keys issued through the admin API (the file's are not here).
+    admins: dict[str, AdminKey] = msgspec.field(default_factory=dict)
     #: False until the registry was first written (a new Redis registry is seeded then).
     initialized: bool = True
 
@@ -58,6 +62,7 @@ class AuditEntry(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     at: float
     actor: str
     action: AuditAction
+    #: The tenant changed ("" for an admin key).
     tenant: str
     #: The tenant record's version before the change (0: it did not exist).
     before_version: int
@@ -101,6 +106,14 @@ class RegistryStore(Protocol):
 
     async def delete(self, tenant_id: str, *, expect: int | None, audit: AuditEntry) -> int:
         """Remove a tenant (``VersionMismatch(0)`` if there is none); the new version."""
+        ...
+
+    async def put_admin(self, key: AdminKey, *, expect: int | None, audit: AuditEntry) -> int:
+        """Write an admin key (``expect`` as for ``put``); the new version."""
+        ...
+
+    async def delete_admin(self, key_id: str, *, expect: int | None, audit: AuditEntry) -> int:
+        """Remove an admin key (``VersionMismatch(0)`` if there is none); the new version."""
         ...
 
     async def seed(self, tenants: list[Tenant]) -> bool:

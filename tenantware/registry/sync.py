@@ -84,7 +84,10 @@ class RegistrySync:
             if state.version > current or (state.version != current and self.store.shared):
                 tenants = [state.records[k].tenant for k in sorted(state.records)]
                 try:
-                    self.live.set_tenants(tenants, registry_version=state.version)
+                    admins = [state.admins[k] for k in sorted(state.admins)]
+                    self.live.set_tenants(
+                        tenants, registry_version=state.version, admin_keys=admins
+                    )
                 except ConfigError as exc:
                     # A tenant the file's settings cannot take (a tier the file dropped):
                     # keep the last good table rather than refuse every tenant.
