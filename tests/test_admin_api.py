@@ -383,3 +383,20 @@ async def test_admin_keys_issued_and_revoked_through_the_api() -> None:
             assert (await reader.get("/admin/tenants")).status_code == 401
         trail = (await admin.get("/admin/audit", params={"action": "admin_key.issue"})).json()
         assert [(e["key_id"], e["actor"]) for e in trail["data"]] == [("auditor-2", "admin:ops")]
+
+
+async def test_a_bug_is_an_openai_shaped_500_without_details(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gateway, _ = in_process_gateway(config=admin_config())
+
+    async def broken(tenant_id: str) -> None:
+        raise RuntimeError("secret detail sk-inner")
+
+    monkeypatch.setattr(gateway.registry_store, "get", broken)
+    async with client_for(gateway.asgi_app(), ADMIN) as admin:
+        response = await admin.get("/admin/tenants/acme")
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "internal_error"
+    assert "sk-inner" not in response.text
+    assert response.headers["x-request-id"]

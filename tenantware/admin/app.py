@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
 import msgspec
+import structlog
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route, Router
@@ -71,6 +72,9 @@ _VALID_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _encode = msgspec.json.Encoder().encode
 _T = TypeVar("_T")
 _METHODS: Final = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+#: The caller of a route that needs no key (the OpenAPI document): may see nothing else.
+_NOBODY: Final = Caller(role="tenant", id="anonymous", tenant=None)
+log = structlog.get_logger("tenantware.admin")
 
 
 class Refusal(Exception):
@@ -156,7 +160,6 @@ class AdminApi:
         store: RegistryStore,
         sync: RegistrySync,
         fallback: ASGIApp,
-        authorize_reports: bool = True,
     ) -> None:
         self.live = live
         self.store = store
@@ -211,7 +214,7 @@ class AdminApi:
                     raise Refusal(
                         401, "A valid admin or tenant API key is required.", "invalid_api_key"
                     )
-                response = await handler(request, caller or Caller(role="read-only", id="-"))
+                response = await handler(request, caller or _NOBODY)
             except Refusal as refusal:
                 response = refusal.response()
             except STORE_UNAVAILABLE:
@@ -222,6 +225,13 @@ class AdminApi:
                     "registry_unavailable",
                 ).response()
                 response.headers["retry-after"] = "1"
+            except Exception:
+                # A bug: logged with its traceback, answered as the OpenAI-shaped 500 the
+                # rest of the gateway gives (this app is outermost on its routes).
+                log.exception("admin API request failed", request_id=request_id)
+                response = Refusal(
+                    500, "The gateway failed to process your request.", "internal_error"
+                ).response()
             response.headers["x-request-id"] = request_id
             return response
 
