@@ -24,6 +24,8 @@ _ENV_CONFIG = "TENANTWARE_CONFIG"
 _ENV_DEMO_URL = "TENANTWARE_DEMO_URL"
 _ENV_DEMO_LEDGER = "TENANTWARE_DEMO_LEDGER"
 _ENV_LOG_FORMAT = "TENANTWARE_LOG_FORMAT"
+#: ``--workers``, for every worker: the file registry refuses admin writes when it is > 1.
+_ENV_WORKERS = "TENANTWARE_SERVE_WORKERS"
 
 
 #: How long a worker thread may keep the GIL while the event loop waits for it.
@@ -90,10 +92,12 @@ def build_app() -> ASGIApp:
         config = demo_config(f"{demo_url}{DEMO_UPSTREAM_PATH}/v1", ledger_url=ledger_url)
         gateway = Gateway(config)
         gateway.add_service(process_tuning)
+        gateway.processes = int(os.environ.get(_ENV_WORKERS, "1"))
         return gateway.asgi_app(extra=route_demo)
     path = os.environ[_ENV_CONFIG]
     gateway = Gateway(load_config(path), config_path=path)
     gateway.add_service(process_tuning)
+    gateway.processes = int(os.environ.get(_ENV_WORKERS, "1"))
     return gateway.asgi_app()
 
 
@@ -103,6 +107,7 @@ def _serve(args: argparse.Namespace) -> int:
     from tenantware.server_limits import PROTOCOL_PATH, ServeLimits
 
     os.environ[_ENV_LOG_FORMAT] = args.log_format
+    os.environ[_ENV_WORKERS] = str(args.workers)
     limits = ServeLimits(
         header_timeout_s=args.header_timeout,
         keep_alive_timeout_s=args.keep_alive_timeout,

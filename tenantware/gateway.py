@@ -90,6 +90,9 @@ class Gateway:
         self.registry = RegistrySync(
             self.live, self.registry_store, check_s=settings.registry_check_s
         )
+        #: Processes serving this configuration (``tenantware serve --workers``): with more
+        #: than one, the file registry refuses admin writes (they would reach one process).
+        self.processes = settings.replicas
         #: Async context managers entered for the gateway's lifetime (writers, pools).
         self._services: list[Callable[[], AbstractAsyncContextManager[Any]]] = []
         self.add_service(self._registry_service)
@@ -262,7 +265,11 @@ class Gateway:
             health={"registry": self.registry.status},
         )
         admin = AdminApi(
-            live=self.live, store=self.registry_store, sync=self.registry, fallback=reports
+            live=self.live,
+            store=self.registry_store,
+            sync=self.registry,
+            fallback=reports,
+            processes=max(self.processes, self.config.gateway.replicas),
         )
         reports.authorize = admin.may_read_reports
         tenant_usage = TenantMiddleware(reports, live=self.live, estimator=self.estimator)

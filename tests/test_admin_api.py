@@ -400,3 +400,13 @@ async def test_a_bug_is_an_openai_shaped_500_without_details(
     assert response.json()["error"]["code"] == "internal_error"
     assert "sk-inner" not in response.text
     assert response.headers["x-request-id"]
+
+
+async def test_the_file_registry_refuses_writes_when_several_processes_serve_it() -> None:
+    gateway, _ = in_process_gateway(config=admin_config())
+    gateway.processes = 2  # as under `tenantware serve --workers 2`
+    async with gateway.running(), client_for(gateway.asgi_app(), ADMIN) as admin:
+        refused = await admin.post("/admin/tenants", json={"id": "lost"})
+        assert refused.status_code == 409
+        assert refused.json()["error"]["code"] == "registry_not_shared"
+        assert (await admin.get("/admin/tenants/acme")).status_code == 200

@@ -160,10 +160,14 @@ class AdminApi:
         store: RegistryStore,
         sync: RegistrySync,
         fallback: ASGIApp,
+        processes: int = 1,
     ) -> None:
         self.live = live
         self.store = store
         self.sync = sync
+        #: A change to a registry other processes do not share would reach only this one.
+        self._writes_refused = not store.shared and processes > 1
+        self._processes = processes
         self.auth = AdminAuth(live)
         on = self._endpoint
         # Each endpoint takes every method and answers an unsupported one itself (405 in the
@@ -237,9 +241,8 @@ class AdminApi:
 
         return endpoint
 
-    @staticmethod
     def _allow(
-        caller: Caller, *roles: str, tenant_id: str | None = None, write: bool = False
+        self, caller: Caller, *roles: str, tenant_id: str | None = None, write: bool = False
     ) -> None:
         """Refuse unless ``caller`` may; a tenant key naming another tenant gets 404."""
         if caller.role == "tenant" and tenant_id is not None and tenant_id != caller.tenant:
@@ -248,6 +251,14 @@ class AdminApi:
             what = "change" if write else "read"
             raise Refusal(
                 403, f"This key may not {what} this resource ({caller.role}).", "permission_denied"
+            )
+        if write and self._writes_refused:
+            raise Refusal(
+                409,
+                f"This gateway runs {self._processes} processes on the configuration file's "
+                "tenants: a change here would reach only one of them. Set "
+                "gateway.registry_url (Redis) to change tenants at run time, or edit the file.",
+                "registry_not_shared",
             )
 
     def _audit_entry(
