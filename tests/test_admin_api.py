@@ -410,3 +410,38 @@ async def test_the_file_registry_refuses_writes_when_several_processes_serve_it(
         assert refused.status_code == 409
         assert refused.json()["error"]["code"] == "registry_not_shared"
         assert (await admin.get("/admin/tenants/acme")).status_code == 200
+
+
+async def test_the_audit_trail_has_one_entry_per_change_and_none_for_refusals() -> None:
+    gateway, _ = in_process_gateway(config=admin_config())
+    app = gateway.asgi_app()
+    async with (
+        gateway.running(),
+        client_for(app, ADMIN) as admin,
+        client_for(app, READER) as reader,
+    ):
+
+        async def trail() -> list[dict[str, Any]]:
+            entries: list[dict[str, Any]] = (await admin.get("/admin/audit")).json()["data"]
+            return entries
+
+        assert await trail() == []
+        refusals = [
+            await admin.post("/admin/tenants", json={"id": "acme"}),  # exists: 409
+            await admin.post("/admin/tenants", json={"id": "x", "tier": "gold"}),  # 400
+            await admin.patch(
+                "/admin/tenants/acme", json={"weight": 2}, headers={"if-match": "99"}
+            ),
+            await reader.patch("/admin/tenants/acme", json={"weight": 0.2}),  # 403
+            await admin.post("/admin/tenants/acme/keys/nope/revoke"),  # 404
+        ]
+        assert [r.status_code for r in refusals] == [409, 400, 412, 403, 404]
+        assert await trail() == []
+        before = (await admin.get("/admin/tenants/acme")).json()["version"]
+        changed = await admin.patch("/admin/tenants/acme", json={"weight": 0.2})
+        entries = await trail()
+        assert len(entries) == 1
+        assert entries[0]["action"] == "tenant.update"
+        assert entries[0]["before_version"] == before
+        assert entries[0]["version"] == changed.json()["version"]
+        assert entries[0]["actor"] == "admin:ops"
