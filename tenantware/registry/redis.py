@@ -98,6 +98,10 @@ class RedisRegistryStore:
         self._admin_keys = [self._keys[4], self._keys[5], self._keys[2], self._keys[3]]
         #: The pub/sub channel every write announces its version on.
         self.channel = f"{prefix}tw:registry:changes"
+        #: Records decoded by the last ``load``: a tenant whose version did not move is not
+        #: decoded again (a change reloads the registry, but decodes only what changed).
+        self._decoded: dict[bytes, TenantRecord] = {}
+        self._decoded_at = 0
         self._put = self._redis.register_script(_PUT)
         self._seed = self._redis.register_script(_SEED)
         self._load = self._redis.register_script(_LOAD)
@@ -107,14 +111,21 @@ class RedisRegistryStore:
             raw_version, tenants, versions, admins = await self._load(keys=self._keys)
         documents = _pairs(tenants)
         numbers = _pairs(versions)
-        records = {
-            key.decode(): TenantRecord(
-                version=int(numbers.get(key, b"0")), tenant=_decode_tenant(document)
-            )
-            for key, document in documents.items()
-        }
+        registry_version = int(raw_version or 0)
+        if registry_version < self._decoded_at:
+            self._decoded = {}  # the registry started over (emptied, seeded): versions repeat
+        self._decoded_at = registry_version
+        decoded: dict[bytes, TenantRecord] = {}
+        for key, document in documents.items():
+            version = int(numbers.get(key, b"0"))
+            record = self._decoded.get(key)
+            if record is None or record.version != version:
+                record = TenantRecord(version=version, tenant=_decode_tenant(document))
+            decoded[key] = record
+        self._decoded = decoded
+        records = {key.decode(): record for key, record in decoded.items()}
         return RegistryState(
-            version=int(raw_version or 0),
+            version=registry_version,
             records=records,
             admins={k.decode(): _decode_admin(v) for k, v in _pairs(admins).items()},
             initialized=bool(raw_version),
