@@ -26,6 +26,7 @@ _ENV_DEMO_LEDGER = "TENANTWARE_DEMO_LEDGER"
 _ENV_LOG_FORMAT = "TENANTWARE_LOG_FORMAT"
 #: ``--workers``, for every worker: the file registry refuses admin writes when it is > 1.
 _ENV_WORKERS = "TENANTWARE_SERVE_WORKERS"
+_ENV_DEMO_REGISTRY = "TENANTWARE_DEMO_REGISTRY"
 
 
 #: How long a worker thread may keep the GIL while the event loop waits for it.
@@ -90,6 +91,14 @@ def build_app() -> ASGIApp:
             return fake if scope.get("path", "").startswith(prefix) else None
 
         config = demo_config(f"{demo_url}{DEMO_UPSTREAM_PATH}/v1", ledger_url=ledger_url)
+        registry_url = os.environ.get(_ENV_DEMO_REGISTRY)
+        if registry_url:  # demo replicas sharing tenants and keys through Redis
+            import msgspec
+
+            settings = msgspec.structs.replace(
+                config.gateway, registry_url=registry_url, redis_prefix="tenantware-demo:"
+            )
+            config = msgspec.structs.replace(config, gateway=settings)
         gateway = Gateway(config)
         gateway.add_service(process_tuning)
         gateway.processes = int(os.environ.get(_ENV_WORKERS, "1"))
@@ -124,6 +133,8 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ[_ENV_DEMO_URL] = url
         if args.ledger:
             os.environ[_ENV_DEMO_LEDGER] = args.ledger
+        if args.registry:
+            os.environ[_ENV_DEMO_REGISTRY] = args.registry
         _, ledger_url = _demo_secrets()
         print(f"tenantware demo gateway on {url}/v1", flush=True)
         for tenant, key in DEMO_KEYS.items():
@@ -138,6 +149,12 @@ def _serve(args: argparse.Namespace) -> int:
         )
     elif args.ledger:
         print("tenantware serve: --ledger is for --demo; set metering.ledger_url", file=sys.stderr)
+        return 2
+    elif args.registry:
+        print(
+            "tenantware serve: --registry is for --demo; set gateway.registry_url",
+            file=sys.stderr,
+        )
         return 2
     elif args.config:
         try:
@@ -263,6 +280,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--ledger",
         metavar="URL",
         help="with --demo: where usage records go (default: a new temporary directory)",
+    )
+    serve.add_argument(
+        "--registry",
+        metavar="URL",
+        help="with --demo: share tenants and keys through this Redis (several demo gateways)",
     )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
