@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import msgspec
 
@@ -18,7 +19,7 @@ from tenantware.config import AdminKey, ConfigError, GatewayConfig, Tenant, Upst
 from tenantware.keys import KeyHasher
 from tenantware.registry.view import MemoryTenantRegistry, TenantRegistry
 
-__all__ = ["LiveConfig", "Snapshot", "with_tenants"]
+__all__ = ["LiveConfig", "PendingTenants", "Snapshot", "with_tenants"]
 
 
 class Snapshot:
@@ -76,6 +77,15 @@ class Snapshot:
 RegistryFactory = Callable[[GatewayConfig], TenantRegistry]
 
 
+class PendingTenants(NamedTuple):
+    """A tenant table's snapshot built on ``base``, waiting to be installed."""
+
+    base: Snapshot
+    snapshot: Snapshot
+    tenants: list[Tenant]
+    admin_keys: list[AdminKey]
+
+
 def with_tenants(
     config: GatewayConfig, tenants: Sequence[Tenant], admin_keys: Sequence[AdminKey] = ()
 ) -> GatewayConfig:
@@ -130,19 +140,18 @@ class LiveConfig:
         self._admin_keys: list[AdminKey] = []
         #: A file reload puts the file's tenants back (the registry is the file's copy).
         self.tenants_follow_file = True
-        self.current = self._build(config, None, version=1, registry_version=0)
+        self.current = self._build(config, None, (), version=1, registry_version=0)
 
     def _build(
         self,
         config: GatewayConfig,
         tenants: list[Tenant] | None,
+        admin_keys: Sequence[AdminKey],
         *,
         version: int,
         registry_version: int,
     ) -> Snapshot:
-        merged = with_tenants(
-            config, config.tenants if tenants is None else tenants, self._admin_keys
-        )
+        merged = with_tenants(config, config.tenants if tenants is None else tenants, admin_keys)
         return Snapshot(
             merged, self._registry_factory(merged), version, registry_version=registry_version
         )
@@ -152,7 +161,11 @@ class LiveConfig:
         tenants = None if self.tenants_follow_file else self._tenants
         registry_version = 0 if tenants is None else self.current.registry_version
         snapshot = self._build(
-            config, tenants, version=self.current.version + 1, registry_version=registry_version
+            config,
+            tenants,
+            self._admin_keys,
+            version=self.current.version + 1,
+            registry_version=registry_version,
         )
         self.file_config = config
         self._tenants = tenants
@@ -170,22 +183,43 @@ class LiveConfig:
     ) -> Snapshot:
         """Swap in the registry's tenants and admin keys (at ``registry_version``) over the
         file's settings."""
-        table = list(tenants)
-        previous = self._admin_keys
-        self._admin_keys = list(admin_keys)
-        try:
-            snapshot = self._build(
-                self.file_config,
-                table,
-                version=self.current.version + 1,
-                registry_version=registry_version,
-            )
-        except ConfigError:
-            self._admin_keys = previous
-            raise
-        self._tenants = table
-        self._swap(snapshot)
+        pending = self.build_tenants(
+            tenants, registry_version=registry_version, admin_keys=admin_keys
+        )
+        snapshot = self.install(pending)
+        assert snapshot is not None  # nothing ran between build and install
         return snapshot
+
+    def build_tenants(
+        self,
+        tenants: Sequence[Tenant],
+        *,
+        registry_version: int,
+        admin_keys: Sequence[AdminKey] = (),
+    ) -> PendingTenants:
+        """The snapshot of a new tenant table, built but not in force: safe to run in a
+        worker thread (a large registry takes a while to index) while requests go on."""
+        base = self.current
+        table = list(tenants)
+        admins = list(admin_keys)
+        snapshot = self._build(
+            self.file_config,
+            table,
+            admins,
+            version=base.version + 1,
+            registry_version=registry_version,
+        )
+        return PendingTenants(base, snapshot, table, admins)
+
+    def install(self, pending: PendingTenants) -> Snapshot | None:
+        """Put a built table in force; ``None`` if another snapshot came in meanwhile (a file
+        reload): the caller builds again on it."""
+        if self.current is not pending.base:
+            return None
+        self._tenants = pending.tenants
+        self._admin_keys = pending.admin_keys
+        self._swap(pending.snapshot)
+        return pending.snapshot
 
     def _swap(self, snapshot: Snapshot) -> None:
         self.current = snapshot

@@ -20,6 +20,7 @@ from tenantware.registry import AuditEntry, RegistryStore, VersionMismatch, open
 from tenantware.registry.memory import MemoryRegistryStore
 from tenantware.registry.redis import RedisRegistryStore
 from tenantware.registry.sync import RegistrySync
+from tenantware.state import LiveConfig
 from tests.servers import ServiceUnavailable, throwaway_redis
 from tests.support import CHAT, KEYS, client_for, in_process_gateway, make_config
 
@@ -353,3 +354,18 @@ def test_tenants_in_the_registry_feed_every_layer() -> None:
     # hobby is gone from the registry: the file's settings naming it are dropped, not fatal.
     assert snapshot.config.quota.tenant_model_limits == {}
     assert snapshot.registry.by_id("hobby") is None
+
+
+def test_a_table_built_before_a_file_reload_is_not_installed_over_it() -> None:
+    live = LiveConfig(make_config())
+    live.tenants_follow_file = False  # a shared registry
+    pending = live.build_tenants([Tenant(id="solo")], registry_version=3)
+    reloaded = make_config(gateway={"default_max_tokens": 77})
+    live.replace(reloaded)
+    assert live.install(pending) is None, "it would undo the reload"
+    assert live.current.config.gateway.default_max_tokens == 77
+    again = live.build_tenants([Tenant(id="solo")], registry_version=3)
+    installed = live.install(again)
+    assert installed is live.current
+    assert [t.id for t in live.current.config.tenants] == ["solo"]
+    assert live.current.config.gateway.default_max_tokens == 77

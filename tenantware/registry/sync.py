@@ -10,6 +10,7 @@ registry cannot be reached, the process keeps serving from its last copy and say
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,7 +19,7 @@ import anyio
 import structlog
 
 from tenantware.backends.errors import STORE_UNAVAILABLE
-from tenantware.config import ConfigError, GatewayConfig
+from tenantware.config import AdminKey, ConfigError, GatewayConfig, Tenant
 from tenantware.metrics import REGISTRY_STALE, REGISTRY_VERSION
 from tenantware.registry.memory import MemoryRegistryStore
 from tenantware.registry.store import RegistryStore
@@ -83,11 +84,9 @@ class RegistrySync:
             current = self.live.current.registry_version
             if state.version > current or (state.version != current and self.store.shared):
                 tenants = [state.records[k].tenant for k in sorted(state.records)]
+                admins = [state.admins[k] for k in sorted(state.admins)]
                 try:
-                    admins = [state.admins[k] for k in sorted(state.admins)]
-                    self.live.set_tenants(
-                        tenants, registry_version=state.version, admin_keys=admins
-                    )
+                    await self._install(tenants, admins, state.version)
                 except ConfigError as exc:
                     # A tenant the file's settings cannot take (a tier the file dropped):
                     # keep the last good table rather than refuse every tenant.
@@ -95,6 +94,24 @@ class RegistrySync:
                     return current
                 REGISTRY_VERSION.set(state.version)
             return self.live.current.registry_version
+
+    async def _install(
+        self, tenants: list[Tenant], admins: list[AdminKey], registry_version: int
+    ) -> None:
+        """Index the table in a worker thread (requests go on meanwhile), then swap it in on
+        the event loop; built again if a file reload came in between."""
+        for _ in range(3):
+            pending = await anyio.to_thread.run_sync(
+                functools.partial(
+                    self.live.build_tenants,
+                    tenants,
+                    registry_version=registry_version,
+                    admin_keys=admins,
+                )
+            )
+            if self.live.install(pending) is not None:
+                return
+        self.live.set_tenants(tenants, registry_version=registry_version, admin_keys=admins)
 
     def _answered(self) -> None:
         if self.failing_since is not None:
