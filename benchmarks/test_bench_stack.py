@@ -105,8 +105,7 @@ class _RecordingClient:
         *,
         headers: Mapping[str, str],
         body: bytes,
-        timeout_s: float,
-        connect_timeout_s: float,
+        timeouts: Any,
     ) -> _Canned:
         key = (url, body)
         if key not in self._cache:
