@@ -28,6 +28,7 @@ field                      written by                           read by
 request_id, started_at,    tenant (on creation)                 metering, proxy
 unix_time
 api_route                  tenant                               tenant
+wire_format                tenant (from the path)               errors (error shape), proxy
 tenant, key_id             tenant                               every layer, proxy, routes
 body, view,                tenant (decoded once)                quota, admission, proxy
 estimated_prompt_tokens                                         metering
@@ -65,12 +66,18 @@ __all__ = [
     "RequestView",
     "StreamOptions",
     "Usage",
+    "WireFormat",
     "context_of",
     "default_outcome",
     "get_context",
 ]
 
 SCOPE_KEY: Final = "tenantware"
+
+#: The API a request speaks: ``openai`` (chat completions and the rest) or ``anthropic``
+#: (Messages). Every layer works on the same view; only the edges (the inbound route, the
+#: error writer, the upstream adapter in ``tenantware.formats``) look at it.
+WireFormat = Literal["openai", "anthropic"]
 
 
 class StreamOptions(msgspec.Struct):
@@ -117,6 +124,8 @@ class Usage(msgspec.Struct):
     reasoning_tokens: int = 0
     estimated: bool = False
     anomalies: tuple[str, ...] = ()
+    #: The part of ``input_tokens`` written to the prompt cache (Anthropic bills it apart).
+    cache_write_tokens: int = 0
 
 
 #: How a request ended, as written to logs, metrics and the ledger (``Outcome`` names them).
@@ -182,6 +191,7 @@ class RequestContext:
         "upstream_latency_s",
         "usage",
         "view",
+        "wire_format",
     )
 
     def __init__(self, request_id: str) -> None:
@@ -189,6 +199,8 @@ class RequestContext:
         self.started_at = time.perf_counter()
         self.unix_time = time.time()
         self.api_route = False
+        #: The client's API (``/v1/messages``: anthropic); errors are written in its shape.
+        self.wire_format: WireFormat = "openai"
         self.tenant: TenantView | None = None
         self.key_id: str | None = None
         self.body: bytes = b""

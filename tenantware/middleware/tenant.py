@@ -33,6 +33,8 @@ _reset = structlog.contextvars.reset_contextvars
 _VALID_REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 _decode_view = msgspec.json.Decoder(RequestView).decode
 _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
+#: Routes of Anthropic's Messages API (``ctx.wire_format``).
+_ANTHROPIC_PATHS: Final = ("/v1/messages", "/v1/messages/count_tokens")
 
 
 def _invalid_key() -> GatewayError:
@@ -153,6 +155,9 @@ class TenantMiddleware:
             await self.app(scope, receive, send_with_id)
             return
         ctx.api_route = True
+        if scope["path"].endswith(_ANTHROPIC_PATHS):
+            # Anthropic's Messages API (and count_tokens): refusals speak its error format.
+            ctx.wire_format = "anthropic"
         # bind/reset with tokens: ``bound_contextvars`` copies the whole context per call.
         id_token = _bind(request_id=request_id)
         tenant_token = None
