@@ -147,6 +147,7 @@ def test_openai_request_becomes_anthropic() -> None:
             {
                 "role": "assistant",
                 "content": None,
+                "refusal": None,  # as the openai SDK's message objects echo it
                 "tool_calls": [
                     {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
                     {
@@ -215,6 +216,7 @@ def test_openai_request_becomes_anthropic() -> None:
             {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]},
             "messages[0].content[0]",
         ),
+        ({"messages": [{"role": "user", "content": "a", "name": "bob"}]}, "messages[0].name"),
     ],
 )
 def test_untranslatable_openai_parameters_are_refused_by_name(

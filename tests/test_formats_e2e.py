@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anthropic
+import httpx
 import openai
 import pytest
 
@@ -411,3 +412,52 @@ def test_fallback_from_anthropic_upstream_to_openai_upstream(
         )
         assert record.cost_nanousd == stack.cost(record)
         assert stack.anthropic_fake.stats.by_status[529] >= 1
+
+
+# -- a client leaving mid-stream, an upstream overloaded -------------------------------------
+
+
+@pytest.mark.parametrize("model", [CLAUDE, GPT], ids=["native", "translated"])
+def test_client_leaving_an_anthropic_stream_is_billed_like_an_openai_stream(
+    stack: Stack, model: str
+) -> None:
+    """The OpenAI rule: the upstream's usage when it came, else the prompt estimate and the
+    text relayed so far (``estimated``)."""
+    fake = stack.anthropic_fake if model == CLAUDE else stack.openai_fake
+    fake.config.stream_chunks = 200
+    fake.config.chunk_delay_s = 0.02
+    body = {"model": model, "max_tokens": 500, "stream": True, "messages": HELLO}
+    headers = {"x-api-key": KEYS["acme"], "x-request-id": f"leave-{model}"}
+    with (
+        httpx.Client(base_url=stack.url, timeout=10) as client,
+        client.stream("POST", "/v1/messages", json=body, headers=headers) as response,
+    ):
+        assert response.status_code == 200
+        deltas = 0
+        for line in response.iter_lines():
+            if line.startswith("event: content_block_delta"):
+                deltas += 1
+            if deltas >= 5:
+                break
+    record = stack.record_of(f"leave-{model}")
+    deadline = time.monotonic() + 5.0
+    while fake.stats.in_flight and time.monotonic() < deadline:
+        time.sleep(0.01)
+    produced = fake.stats.by_request_id[f"leave-{model}"]
+    assert produced.outcome != "completed"
+    assert record.outcome == "client_disconnected"
+    assert record.estimated
+    assert record.stream
+    assert 5 <= record.output_tokens <= produced.completion_tokens < 200
+    assert record.input_tokens > 0
+    assert record.cost_nanousd == stack.cost(record)
+
+
+def test_overloaded_anthropic_upstream_is_an_overloaded_error(stack: Stack) -> None:
+    stack.anthropic_fake.config.fail_next = [529] * 10
+    with pytest.raises(anthropic.InternalServerError) as caught:
+        stack.anthropic().messages.create(model=CLAUDE, max_tokens=5, messages=HELLO)
+    assert caught.value.status_code == 529
+    assert caught.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+    # Retried on the gateway's side first, as any 5xx.
+    assert stack.anthropic_fake.stats.by_status[529] == 3

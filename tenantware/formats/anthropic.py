@@ -270,6 +270,11 @@ _OPENAI_PARAMS: Final = frozenset(
 )
 
 
+#: Message fields the translation carries over; any other (``name``, ``audio``, a
+#: ``reasoning_content`` echoed back) must be empty.
+_OPENAI_MESSAGE_FIELDS: Final = frozenset({"role", "content", "tool_calls", "tool_call_id"})
+
+
 def request_from_openai(body: dict[str, Any], model: str) -> dict[str, Any]:
     """An OpenAI chat completion request as an Anthropic Messages request for ``model``."""
     for key, value in body.items():
@@ -285,6 +290,10 @@ def request_from_openai(body: dict[str, Any], model: str) -> dict[str, Any]:
     for index, message in enumerate(raw_messages):
         param = f"messages[{index}]"
         role = message.get("role") if isinstance(message, dict) else None
+        for key, value in message.items() if isinstance(message, dict) else ():
+            # Echoed SDK objects carry empty extras (refusal, audio, annotations): fine.
+            if key not in _OPENAI_MESSAGE_FIELDS and value:
+                raise _refuse(f"{param}.{key}", "Anthropic messages have no such field")
         if role in ("system", "developer"):
             if messages:
                 raise _refuse(param, "Anthropic takes system instructions only before the chat")
