@@ -12,9 +12,15 @@ Scenarios (each on a fresh gateway, seats = upstream capacity, memory backend):
 * ``noisy``: B and C send at half their fair share, A floods at 10x its share. Run without A,
   with A under the fair scheduler, with A and guaranteed seats, and with A under plain FIFO.
   Prints B's and C's p99 end-to-end latency against the A-absent run, and A's rejections.
+* ``long``: issue 14's noisy neighbour with long requests, on its own upstream (20 ms + 3 ms
+  per output token) and 8 seats. B (0.35) and C (0.15) each run 2 closed-loop clients asking
+  64 tokens; A (0.5) runs 20 asking 256. B's and C's p99 latency against the A-absent run
+  under FIFO, plain VTC (``headroom_seats = 0``), the default (one headroom seat), with
+  ``tenant_reserved_seats = {B = 2, C = 2}``, and the throughput of each run; saves a plot.
 
 Usage: ``python benchmarks/bench_fairness.py [--seconds 20] [--plot benchmarks/fairness.png]``
-(needs the ``bench`` extra for the plot).
+``[--scenario long] [--redis redis://127.0.0.1:6379/0]`` (needs the ``bench`` extra for the
+plots; with ``--redis`` the gateway runs as two processes sharing that Redis).
 """
 
 from __future__ import annotations
@@ -65,7 +71,13 @@ class Done:
     tokens: int
 
 
-def gateway_config(upstream_url: str, admission: dict[str, Any]) -> dict[str, Any]:
+#: Set by ``--redis URL``: the gateway runs two processes on that Redis.
+REDIS_URL: str | None = None
+
+
+def gateway_config(
+    upstream_url: str, admission: dict[str, Any], seats: int = SEATS, port: int = 0
+) -> dict[str, Any]:
     hasher = KeyHasher()
     data = {
         "tenants": [
@@ -78,17 +90,22 @@ def gateway_config(upstream_url: str, admission: dict[str, Any]) -> dict[str, An
             for name, weight in WEIGHTS.items()
         ],
         "upstreams": [{"name": "fake", "base_url": f"{upstream_url}/v1", "models": ["gpt-4.1"]}],
-        "admission": {"seats": SEATS, "max_queue_per_tenant": 128, **admission},
+        "admission": {"seats": seats, "max_queue_per_tenant": 128, **admission},
     }
+    if REDIS_URL:
+        # Two gateway processes share one Redis pool (``serve --workers 2``).
+        data["gateway"] = {"redis_url": REDIS_URL, "redis_prefix": f"bench{os.getpid()}-{port}:"}
     parse_config(data)  # fail here, not in the child, on a bad configuration
     return data
 
 
 @contextlib.contextmanager
 def process(args: list[str], port: int) -> Iterator[str]:
-    """Run a server process from this checkout; yield its URL once it answers."""
+    """Run a server process from this checkout; yield its URL once it answers.
+
+    Its stdout (the gateway's one log line per request) is dropped."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env)
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 20
@@ -106,23 +123,32 @@ def process(args: list[str], port: int) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def gateway(upstream_url: str, admission: dict[str, Any]) -> Iterator[str]:
+def gateway(upstream_url: str, admission: dict[str, Any], seats: int = SEATS) -> Iterator[str]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "gateway.json"
-        path.write_text(json.dumps(gateway_config(upstream_url, admission)))
         port = find_free_port()
+        path.write_text(json.dumps(gateway_config(upstream_url, admission, seats, port)))
         cli = "import sys; from tenantware.cli import main; sys.exit(main())"
-        with process(["-c", cli, "serve", "--config", str(path), "--port", str(port)], port) as url:
+        args = ["-c", cli, "serve", "--config", str(path), "--port", str(port)]
+        if REDIS_URL:
+            args += ["--workers", "2"]
+        with process(args, port) as url:
             yield url
 
 
-async def one(client: httpx.AsyncClient, tenant: str, rng: random.Random, out: list[Done]) -> None:
+async def one(
+    client: httpx.AsyncClient,
+    tenant: str,
+    rng: random.Random,
+    out: list[Done],
+    max_tokens: int | None = None,
+) -> None:
     """One streamed completion; its upstream time grows with its output (variable service)."""
     body = {
         "model": "gpt-4.1",
         "stream": True,
         "stream_options": {"include_usage": True},
-        "max_tokens": rng.randint(MIN_OUT, MAX_OUT),
+        "max_tokens": max_tokens or rng.randint(MIN_OUT, MAX_OUT),
         "messages": [{"role": "user", "content": "benchmark " * rng.randint(10, 60)}],
     }
     sent = time.perf_counter()
@@ -147,6 +173,7 @@ async def drive(
     *,
     backlog: dict[str, int] | None = None,
     rates: dict[str, float] | None = None,
+    lengths: dict[str, int] | None = None,
 ) -> tuple[list[Done], float]:
     """Closed-loop tenants (``backlog``: requests kept outstanding) and open-loop ones."""
     out: list[Done] = []
@@ -158,7 +185,7 @@ async def drive(
 
         async def closed(tenant: str) -> None:
             while time.perf_counter() < deadline:
-                await one(client, tenant, rng, out)
+                await one(client, tenant, rng, out, (lengths or {}).get(tenant))
 
         async def opened(tenant: str, rate: float) -> None:
             tasks: set[asyncio.Task[None]] = set()
@@ -189,12 +216,14 @@ def jain(served: dict[str, float]) -> float:
     return sum(xs) ** 2 / (len(xs) * sum(x * x for x in xs)) if any(xs) else math.nan
 
 
-async def weighted(upstream_url: str, seconds: float, plot: str | None) -> None:
-    with gateway(upstream_url, {}) as url:
+async def weighted(
+    upstream_url: str, seconds: float, plot: str | None, admission: dict[str, Any] | None = None
+) -> None:
+    with gateway(upstream_url, admission or {}) as url:
         out, started = await drive(url, seconds, backlog=dict.fromkeys(WEIGHTS, 3 * SEATS))
     print(
         f"\n## weighted: 3 tenants backlogged, {SEATS} seats, mean upstream time"
-        f" {MEAN_SERVICE_S:.2f}s, {seconds:.0f}s"
+        f" {MEAN_SERVICE_S:.2f}s, {seconds:.0f}s, admission {admission or 'default'}"
     )
     window = 5.0
     print(f"{'window':>10} " + " ".join(f"{n:>8}" for n in WEIGHTS) + "     jain")
@@ -218,7 +247,11 @@ async def weighted(upstream_url: str, seconds: float, plot: str | None) -> None:
         )
     ok = [d for d in out if d.status == 200 and d.done - started >= 5.0]
     span = max(d.done for d in ok) - min(d.done for d in ok)
-    print(f"  throughput {len(ok) / span:.1f} req/s of {CAPACITY:.0f} possible")
+    tokens = sum(d.tokens for d in ok) / span
+    print(
+        f"  throughput {len(ok) / span:.1f} req/s of {CAPACITY:.0f} possible,"
+        f" {tokens:.0f} weighted tokens/s"
+    )
     if plot:
         save_plot(out, started, plot, seconds)
 
@@ -285,13 +318,101 @@ async def noisy(upstream_url: str, seconds: float) -> None:
         )
 
 
+#: Issue 14's upstream: 20 ms to the first token, then 3 ms per output token.
+LONG_LATENCY_S = 0.02
+LONG_CHUNK_S = 0.003
+LONG_SEATS = 8
+LONG_LENGTHS = {"A": 256, "B": 64, "C": 64}
+
+
+async def long_noisy(upstream_url: str, seconds: float, plot: str | None) -> None:
+    quiet = {"B": 2, "C": 2}
+    noisy = {"A": 20, **quiet}
+    reserved = {"tenant_reserved_seats": {"B": 2, "C": 2}}
+    runs: dict[str, tuple[dict[str, Any], dict[str, int]]] = {
+        "A absent": ({}, quiet),
+        "FIFO": ({"scheduler": "fifo", "max_queue_per_tenant": 384}, noisy),
+        "fair, headroom_seats = 0": ({"headroom_seats": 0}, noisy),
+        "fair (default: 1 headroom seat)": ({}, noisy),
+        "fair, reserved, headroom 0": ({**reserved, "headroom_seats": 0}, noisy),
+        "fair, reserved B 2, C 2": (reserved, noisy),
+        "A absent (again)": ({}, quiet),
+    }
+    print(
+        f"\n## long noisy neighbour: {LONG_SEATS} seats, upstream 20 ms + 3 ms/token; B, C 2"
+        f" clients x 64 tokens, A 20 x 256; {seconds:.0f}s per run"
+    )
+    base: dict[str, float] = {}
+    ratios: dict[str, dict[str, float]] = {}
+    for label, (admission, backlog) in runs.items():
+        with gateway(upstream_url, admission, LONG_SEATS) as url:
+            out, started = await drive(url, seconds, backlog=backlog, lengths=LONG_LENGTHS)
+        cells = []
+        ratios[label] = {}
+        for name in ("B", "C"):
+            e2e = [
+                d.done - d.sent
+                for d in out
+                if d.tenant == name and d.sent - started >= 3 and d.status == 200
+            ]
+            p99 = pct(e2e, 0.99)
+            if label == "A absent":
+                base[name] = p99
+            ratios[label][name] = p99 / base[name]
+            wait = pct([d.wait_s for d in out if d.tenant == name and d.sent - started >= 3], 0.99)
+            cells.append(
+                f"{name} p99 {p99 * 1000:4.0f} ms ({p99 / base[name]:.2f}x,"
+                f" wait {wait * 1000:3.0f})"
+            )
+        ok = [d for d in out if d.status == 200 and 3 <= d.done - started < seconds]
+        tokens = sum(d.tokens for d in ok) / (seconds - 3)
+        errors = sum(1 for d in out if d.status != 200)
+        print(
+            f"  {label:32} {'  '.join(cells)}  | {tokens:6.0f} weighted tokens/s, errors {errors}"
+        )
+    if plot:
+        save_ratio_plot(ratios, plot)
+
+
+def save_ratio_plot(ratios: dict[str, dict[str, float]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [label for label in ratios if not label.startswith("A absent")]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.38
+    for i, name in enumerate(("B", "C")):
+        xs = [j + (i - 0.5) * width for j in range(len(labels))]
+        ax.bar(xs, [ratios[label][name] for label in labels], width, label=f"tenant {name}")
+    ax.set_xticks(range(len(labels)), [label.replace(", ", ",\n", 1) for label in labels])
+    ax.set_yscale("log")
+    ax.axhline(1.5, color="grey", linestyle=":", label="target 1.5x (1.1x with reserved seats)")
+    ax.axhline(1.1, color="grey", linestyle=":")
+    ax.set_ylabel("p99 latency with A / without A")
+    ax.set_title("Long noisy neighbour: B's and C's p99 latency ratio")
+    ax.legend()
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"  plot saved to {path}")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--noisy-seconds", type=float, default=12.0)
     parser.add_argument("--plot", default="benchmarks/fairness.png")
-    parser.add_argument("--scenario", choices=["all", "weighted", "noisy"], default="all")
+    parser.add_argument("--long-seconds", type=float, default=20.0)
+    parser.add_argument("--redis", help="run the gateway as two processes on this Redis URL")
+    parser.add_argument("--long-plot", default="benchmarks/noisy_latency.png")
+    parser.add_argument(
+        "--scenario", choices=["all", "weighted", "noisy", "long", "fifo"], default="all"
+    )
     args = parser.parse_args()
+    global REDIS_URL
+    REDIS_URL = args.redis
     port = find_free_port()
     upstream = ["-m", "tenantware.testing.upstream", "--port", str(port)]
     upstream += ["--latency-ms", str(LATENCY_S * 1000), "--chunks", str(MAX_OUT)]
@@ -301,6 +422,15 @@ async def main() -> None:
             await weighted(upstream_url, args.seconds, args.plot)
         if args.scenario in ("all", "noisy"):
             await noisy(upstream_url, args.noisy_seconds)
+        if args.scenario in ("all", "fifo"):
+            await weighted(upstream_url, args.seconds, None, {"scheduler": "fifo"})
+    if args.scenario in ("all", "long"):
+        port = find_free_port()
+        upstream = ["-m", "tenantware.testing.upstream", "--port", str(port), "--chunks", "1000"]
+        upstream += ["--latency-ms", str(LONG_LATENCY_S * 1000)]
+        upstream += ["--chunk-delay-ms", str(LONG_CHUNK_S * 1000)]
+        with process(upstream, port) as upstream_url:
+            await long_noisy(upstream_url, args.long_seconds, args.long_plot)
 
 
 if __name__ == "__main__":

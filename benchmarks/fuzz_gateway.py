@@ -1,8 +1,8 @@
 """The gateway of ``benchmarks/fuzz.py``: ``tenantware serve --demo``, unchanged, except that
 its built-in fake upstream reports hostile usage on a share of its answers.
 
-Run from the directory the ledger should go to (the demo writes ``tenantware-ledger.db`` in
-the working directory unless told otherwise): ``python fuzz_gateway.py --port 8931``.
+``python fuzz_gateway.py --port 8931``; the demo's ledger goes where
+``TENANTWARE_DEMO_LEDGER`` says (``fuzz.py`` sets it), else to a temporary directory.
 """
 
 from __future__ import annotations

@@ -196,12 +196,25 @@ class QuotaSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     #: Aggregate limits over all tenants (the upstream account's own limits).
     global_limits: Limits = field(default_factory=Limits)
     #: Failure policy per kind of limit when the store is unreachable; unset kinds use
-    #: ``gateway.on_store_failure``.
+    #: ``gateway.on_store_failure``, else ``DEFAULT_FAILURE_POLICIES``.
     on_store_failure: dict[LimitKind, FailurePolicy] = field(default_factory=dict)
     #: A concurrency slot whose request never settles (a crashed replica) frees itself after.
     lease_s: PositiveFloat = 900.0
-    #: After a store failure, the policy answers without trying the store for this long.
-    retry_store_after_s: Annotated[float, Meta(ge=0)] = 1.0
+    #: Probe interval during an outage, over ``gateway.store_probe_interval_s`` (kept for
+    #: configurations written before that setting).
+    retry_store_after_s: Annotated[float, Meta(ge=0)] | None = None
+
+
+#: What each kind of limit does while the shared store is unreachable, unless configured:
+#: a budget refuses (this process cannot know what the others spent), the others keep
+#: this process's share (``gateway.replicas``). Nothing that costs money or capacity is left
+#: unchecked.
+DEFAULT_FAILURE_POLICIES: dict[LimitKind, FailurePolicy] = {
+    "requests": "local",
+    "tokens": "local",
+    "concurrency": "local",
+    "budget": "closed",
+}
 
 
 # -- end of quota settings ------------------------------------------------------------------
@@ -242,9 +255,16 @@ class AdmissionSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields
     max_seats_per_tenant: PositiveInt | None = None
     #: Per-tier seat caps, over ``max_seats_per_tenant``.
     tier_max_seats: dict[str, PositiveInt] = field(default_factory=dict)
-    #: Guaranteed seats per tier and per tenant id (tenant wins); lent out while unused.
+    #: Guaranteed seats per tier and per tenant id (tenant wins): the tenant's request starts
+    #: at once up to this many; while unused they are lent only to short requests.
     tier_reserved_seats: dict[str, NonNegInt] = field(default_factory=dict)
     tenant_reserved_seats: dict[str, NonNegInt] = field(default_factory=dict)
+    #: Seats of each pool that a tenant holding its seat share (or alone in the pool) may not
+    #: take with a long request: kept for tenants below their share (``fair`` only).
+    headroom_seats: NonNegInt = 1
+    #: Requests expected to hold their seat at most this long (from ``max_tokens`` and the
+    #: pool's observed speed) may borrow the headroom and unused reserved seats; 0: none.
+    short_request_s: Annotated[float, Meta(ge=0, le=600)] = 0.0
     #: Redis: a seat lease expires this long after its last renewal (a dead process's seats
     #: come back after at most this long); renewed every third of it while held.
     lease_s: Annotated[float, Meta(ge=1, le=3600)] = 30.0
@@ -393,10 +413,17 @@ class GatewaySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     redis_url: str | None = None
     #: Prefix of every Redis key (lets several gateways or tests share one Redis).
     redis_prefix: str = ""
-    redis_timeout_s: PositiveFloat = 0.05
+    #: Outage bound: Redis is declared unavailable when it has answered nothing for this long
+    #: while calls were outstanding (a slow but answering Redis is waited for).
+    redis_timeout_s: PositiveFloat = 0.25
+    #: During an outage, one call per interval probes the store; traffic returns when it
+    #: is answered.
+    store_probe_interval_s: PositiveFloat = 0.25
     #: How many gateway replicas share the limits (for the ``local`` failure policy).
     replicas: PositiveInt = 1
-    on_store_failure: FailurePolicy = "open"
+    #: Failure policy of every kind of limit and of admission; unset: the per-kind defaults
+    #: (``DEFAULT_FAILURE_POLICIES``; admission keeps its ``local`` share of the seats).
+    on_store_failure: FailurePolicy | None = None
     ledger_url: str | None = None
     trust_request_id: bool = True
     #: Addresses or networks (``10.0.0.0/8``) of reverse proxies whose ``X-Forwarded-Host``

@@ -166,7 +166,8 @@ class Outcome:
 
 
 class RequestContext:
-    """Mutable state of one request; created by ``TenantMiddleware``."""
+    """Mutable state of one request; created by ``TenantMiddleware``. Which layer writes each
+    field and who reads it: the table at the top of this module."""
 
     __slots__ = (
         "api_route",

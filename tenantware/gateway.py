@@ -77,8 +77,8 @@ class Gateway:
             prefix=settings.redis_prefix,
             timeout_s=settings.redis_timeout_s,
             replicas=settings.replicas,
-            on_failure=settings.on_store_failure,
-            retry_after_s=config.quota.retry_store_after_s,
+            on_failure=settings.on_store_failure or "local",
+            probe_interval_s=config.quota.retry_store_after_s or settings.store_probe_interval_s,
         )
         #: Every circuit of this gateway, shared by ``BreakerMiddleware`` and the proxy.
         self.board = BreakerBoard(

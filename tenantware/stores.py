@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Final
 
 from tenantware.admission.memory import MemorySeatStore
 from tenantware.admission.store import PoolSpec, SeatStore
-from tenantware.backends.failover import Failover
+from tenantware.backends.failover import Failover, StoreHealth
 from tenantware.breaker.memory import MemoryBreakerStore
 from tenantware.breaker.store import BreakerStore
 from tenantware.config import FailurePolicy
@@ -42,7 +42,7 @@ class Stores:
         timeout_s: float = 0.05,
         replicas: int = 1,
         on_failure: FailurePolicy = "open",
-        retry_after_s: float = 1.0,
+        probe_interval_s: float = 0.25,
     ) -> None:
         scheme = url.partition("://")[0] if "://" in url else ""
         if scheme not in SCHEMES:
@@ -57,12 +57,14 @@ class Stores:
         self.timeout_s = timeout_s
         self.replicas = replicas
         self.on_failure = on_failure
-        self.retry_after_s = retry_after_s
+        self.probe_interval_s = probe_interval_s
         self._redis: RedisClient | None = None
         self._scripts: ScriptHost | None = None
         self._quota: QuotaStore | None = None
-        #: One view of the shared store's health for every seat pool.
-        self._admission_failover: Failover | None = None
+        #: The shared store's health, one for every layer of this process.
+        self.health = StoreHealth(probe_interval_s=probe_interval_s, bound_s=timeout_s)
+        #: The admission layer's view of it, shared by every seat pool.
+        self._admission_failover = Failover("admission", self.health)
 
     # -- Redis clients (created on first use) ----------------------------------------------
 
@@ -83,12 +85,13 @@ class Stores:
         if self._scripts is None and redis is not None:
             from tenantware.backends.redis_support import connect_scripts
 
-            self._scripts = connect_scripts(self.url, redis, timeout_s=self.timeout_s)
+            # The layers' failover already limits reconnects to one probe per interval.
+            self._scripts = connect_scripts(self.url, redis, timeout_s=self.timeout_s, retry_s=0.0)
         return self._scripts
 
     # -- the stores --------------------------------------------------------------------------
 
-    def quota_store(self, *, retry_after_s: float | None = None) -> QuotaStore:
+    def quota_store(self) -> QuotaStore:
         """The quota store (one per process): shared ones wear the failure policies."""
         if self._quota is None:
             scripts = self.scripts
@@ -101,7 +104,7 @@ class Stores:
                 self._quota = FailoverQuotaStore(
                     RedisQuotaStore(scripts, prefix=self.prefix),
                     timeout_s=self.timeout_s,
-                    retry_after_s=self.retry_after_s if retry_after_s is None else retry_after_s,
+                    health=self.health,
                 )
         return self._quota
 
@@ -112,8 +115,6 @@ class Stores:
             return MemorySeatStore.from_spec(spec, replicas=self.replicas)
         from tenantware.admission.redis import RedisSeatStore
 
-        if self._admission_failover is None:
-            self._admission_failover = Failover("admission", retry_after_s=self.retry_after_s)
         return RedisSeatStore.from_spec(
             spec,
             redis,
@@ -131,7 +132,9 @@ class Stores:
             return MemoryBreakerStore()
         from tenantware.breaker.redis import RedisBreakerStore
 
-        return RedisBreakerStore(redis, prefix=self.prefix, sync_interval_s=sync_interval_s)
+        return RedisBreakerStore(
+            redis, prefix=self.prefix, sync_interval_s=sync_interval_s, health=self.health
+        )
 
     async def aclose(self) -> None:
         """Close the Redis clients (the stores need no closing of their own)."""
@@ -150,7 +153,7 @@ def open_stores(
     timeout_s: float = 0.05,
     replicas: int = 1,
     on_failure: FailurePolicy = "open",
-    retry_after_s: float = 1.0,
+    probe_interval_s: float = 0.25,
 ) -> Stores:
     """``open_stores("redis://127.0.0.1:6379/0", prefix="app1:")``; ``None``: memory."""
     return Stores(
@@ -159,5 +162,5 @@ def open_stores(
         timeout_s=timeout_s,
         replicas=replicas,
         on_failure=on_failure,
-        retry_after_s=retry_after_s,
+        probe_interval_s=probe_interval_s,
     )

@@ -36,6 +36,8 @@ class SimTenant:
     output: tuple[int, int] = (50, 250)
     #: Actual output = estimate x this (misprediction).
     actual_factor: float = 1.0
+    #: Closed loop: seconds between a completion and the client's next request.
+    think: float = 0.0
 
 
 @dataclass
@@ -46,6 +48,8 @@ class Record:
     finish: float
     cost: float  # actual weighted cost
     estimate: float
+    #: Whether the tenant held fewer seats than its seat share when the request arrived.
+    below_share: bool = False
 
 
 @dataclass
@@ -90,13 +94,22 @@ def simulate(
     fifo: bool = False,
     max_queue: int = 256,
     band_shares: tuple[float, float, float] = (16.0, 4.0, 1.0),
+    headroom: int = 0,
+    short_s: float = 0.0,
     seed: int = 7,
     sample: bool = False,
     service: Callable[[int], float] = service_time,
 ) -> SimResult:
     """Run the pool until ``until`` simulated seconds; ``fifo`` makes one shared queue."""
     rng = random.Random(seed)
-    core = FairCore(seats, band_shares=band_shares, max_queue=max_queue, lifting=lifting)
+    core = FairCore(
+        seats,
+        band_shares=band_shares,
+        max_queue=max_queue,
+        lifting=lifting,
+        headroom=headroom,
+        short_s=short_s,
+    )
     result = SimResult(rejected={t.name: 0 for t in tenants})
     events: list[tuple[float, int, str, object]] = []
     seq = 0
@@ -120,21 +133,29 @@ def simulate(
             band=1 if fifo else tenant.band,
             reserved=tenant.reserved,
             cap=tenant.cap,
+            # As the gateway estimates it: from max_tokens (the range's top) and the speed.
+            hold=service(high),
         )
-        ticket.handle = [tenant, now, actual_out, 0.0]
+        state = core.tenants.get(ticket.tenant)
+        held, counted = (state.held, state.weight) if state else (0, 0.0)
+        # Seen from outside the core (lingering tenants not yet expired: a larger weight sum,
+        # so never "below" where the core would not say so).
+        total = core.active_weight + ticket.weight - counted
+        below = held * total < seats * ticket.weight
+        ticket.handle = [tenant, now, actual_out, 0.0, below]
         status, granted = core.submit(ticket, now)
         if status == QUEUE_FULL:
             result.rejected[tenant.name] += 1
             if tenant.outstanding:
                 push(now + 0.05, "arrive", tenant)
             return
-        if status == GRANTED:
+        if status == GRANTED and ticket not in granted:
             granted = [ticket, *granted]
         start(granted, now)
 
     def start(granted: list[Ticket], now: float) -> None:
         for ticket in granted:
-            tenant, _arrived, actual_out, _ = ticket.handle
+            tenant, _arrived, actual_out, _, _ = ticket.handle
             ticket.handle[3] = now
             charged[tenant.name] += ticket.cost / tenant.weight
             push(now + service(actual_out), "finish", ticket)
@@ -161,15 +182,18 @@ def simulate(
         else:
             ticket = payload
             assert isinstance(ticket, Ticket)
-            tenant, arrived, actual_out, dispatched = ticket.handle
+            tenant, arrived, actual_out, dispatched, below = ticket.handle
             actual = tenant.prompt + OUTPUT_WEIGHT * actual_out
             charged[tenant.name] += (actual - ticket.cost) / tenant.weight
             result.records.append(
-                Record(tenant.name, arrived, dispatched, now, actual, ticket.cost)
+                Record(tenant.name, arrived, dispatched, now, actual, ticket.cost, below)
             )
-            start(core.release(ticket, actual if not fifo else ticket.cost), now)
+            start(core.release(ticket, actual if not fifo else ticket.cost, None, now), now)
             if tenant.outstanding and now < tenant.stop:
-                arrive(tenant, now)
+                if tenant.think:
+                    push(now + tenant.think, "arrive", tenant)
+                else:
+                    arrive(tenant, now)
         if sample:
             result.samples.append((now, dict(charged)))
     del by_name

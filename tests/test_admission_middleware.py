@@ -277,11 +277,14 @@ async def test_backlogged_tenants_get_their_shares_and_every_seat_stays_busy() -
     for name, weight in WEIGHTS.items():
         share = middle.count(name) / len(middle)
         assert abs(share - weight) <= 0.3 * weight, (name, share)
-    # Never more than the seats in use, and no seat left free while a request waits.
+    # Never more than the seats in use; while requests wait, every seat is busy but for the
+    # headroom seat, which may stay free for a moment (README: protected seats).
+    headroom = gateway.config.admission.headroom_seats
     assert all(in_use <= seats for in_use, _ in inner.at_entry)
     backlogged = [in_use for in_use, waiting in inner.at_entry if waiting > 0]
     assert len(backlogged) > total // 2
-    assert all(in_use == seats for in_use in backlogged)
+    assert all(in_use >= seats - headroom for in_use in backlogged)
+    assert sum(in_use == seats for in_use in backlogged) >= 0.95 * len(backlogged)
 
 
 async def test_without_redis_each_replica_guards_its_part_of_the_seats() -> None:

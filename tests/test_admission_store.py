@@ -188,6 +188,69 @@ async def test_reserved_seats_go_first_and_are_lent_while_unused(make_store) -> 
     await store.release(waiting, 100.0)
 
 
+async def test_reserved_seats_are_lent_only_to_short_requests(make_store) -> None:  # type: ignore[no-untyped-def]
+    store = make_store(2, short_s=0.5)
+    # The pool learns "vip"'s reservation from its first request.
+    first = _t("vip", reserved=1)
+    assert await store.acquire(first) == GRANTED
+    await store.release(first, 100.0)
+    # Its seat is kept: a long request (or one of unknown length) of another tenant waits...
+    long_one = Ticket("bulk", 1.0, 100.0)
+    assert await store.acquire(long_one) == GRANTED
+    waiting = Ticket("bulk", 1.0, 100.0, hold=5.0)
+    assert await store.acquire(waiting) == QUEUED
+    # ... a short one borrows it.
+    short = Ticket("other", 1.0, 100.0, hold=0.2)
+    assert await store.acquire(short) == GRANTED
+    vip = _t("vip", reserved=1)
+    assert await store.acquire(vip) == QUEUED
+    # The borrowed seat comes back to its owner, not to the long request queued earlier.
+    await store.release(short, 100.0)
+    assert await _granted_within(store, vip)
+    assert not waiting.granted
+    await store.release(vip, 100.0)
+    assert not waiting.granted
+    await store.release(long_one, 100.0)
+    assert await _granted_within(store, waiting)
+    await store.release(waiting, 100.0)
+
+
+async def test_headroom_is_kept_for_tenants_below_their_seat_share(make_store) -> None:  # type: ignore[no-untyped-def]
+    store = make_store(4, headroom=1)
+    light = _t("light")
+    assert await store.acquire(light) == GRANTED
+    # Two active tenants of equal weight: a seat share of 2 each.
+    heavy = [_t("heavy") for _ in range(3)]
+    assert await store.acquire(heavy[0]) == GRANTED
+    assert await store.acquire(heavy[1]) == GRANTED
+    # At its share, "heavy" may not take the last free seat...
+    assert await store.acquire(heavy[2]) == QUEUED
+    # ... which "light", below its share, gets at once.
+    light_again = _t("light")
+    assert await store.acquire(light_again) == GRANTED
+    await store.release(light_again, 100.0)
+    state = await store.state()
+    assert (state["in_use"], state["waiting"]) == (3, 1)
+    assert not heavy[2].granted
+    # Below its share again, "heavy" takes a free seat.
+    await store.release(heavy[0], 100.0)
+    assert await _granted_within(store, heavy[2])
+    for ticket in (light, heavy[1], heavy[2]):
+        await store.release(ticket, 100.0)
+
+
+async def test_a_long_stream_is_charged_as_it_goes(make_store) -> None:  # type: ignore[no-untyped-def]
+    store = make_store(1)
+    ticket = _t("a", cost=100.0, weight=0.5)
+    assert await store.acquire(ticket) == GRANTED
+    assert (await store.state())["tenants"]["a"]["counter"] == pytest.approx(200.0)
+    await store.charge(ticket, 300.0)
+    assert (await store.state())["tenants"]["a"]["counter"] == pytest.approx(800.0)
+    # The completion corrects from what was charged so far: 500 in all.
+    await store.release(ticket, 500.0)
+    assert (await store.state())["tenants"]["a"]["counter"] == pytest.approx(1000.0)
+
+
 async def test_seat_cap_per_tenant_is_work_conserving(make_store) -> None:  # type: ignore[no-untyped-def]
     store = make_store(3)
     first = _t("a", cap=1)

@@ -8,10 +8,13 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
 from tenantware import Gateway, HttpxUpstreamClient
+from tenantware.testing.serve import serve_in_thread
+from tenantware.types import Message, Receive, Scope, Send
 from tests.support import CHAT, KEYS, client_for, make_config, tenant_entries
 
 pytestmark = pytest.mark.anyio
@@ -145,3 +148,87 @@ async def test_invalid_utf8_in_a_body_not_rewritten_is_passed_through_untouched(
         response = await client.post("/v1/chat/completions", content=raw)
     assert seen == [raw]
     assert response.status_code == 400  # the upstream's own answer
+
+
+_DEEP = b"[" * 5000 + b"]" * 5000
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_an_upstream_answer_nested_too_deeply_is_relayed_not_a_500(stream: bool) -> None:
+    if stream:
+        body = b'data: {"model":"gpt-4.1","choices":' + _DEEP + b"}\n\ndata: [DONE]\n\n"
+        content_type = "text/event-stream"
+    else:
+        body = b'{"id":"x","model":"gpt-4.1","choices":' + _DEEP + b"}"
+        content_type = "application/json"
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": content_type}, content=body)
+
+    gateway = _gateway_over(upstream)
+    async with client_for(gateway.asgi_app(), KEYS["acme"]) as client:
+        response = await client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+    assert response.status_code == 200
+    assert _DEEP in response.content
+
+
+class _HugeUpstream:
+    """A served upstream answering ``HUGE`` bytes (declared or chunked); counts what it could
+    hand to its socket before the gateway hung up."""
+
+    def __init__(self, *, declared: bool) -> None:
+        self.declared = declared
+        self.sent = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        await receive()
+        headers = [(b"content-type", b"application/json")]
+        if self.declared:
+            headers.append((b"content-length", str(HUGE).encode()))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        piece = b"7" * (64 * 1024)
+        gone = anyio.Event()
+
+        async def watch() -> None:
+            message: Message = await receive()
+            if message["type"] == "http.disconnect":
+                gone.set()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(watch)
+            while self.sent < HUGE and not gone.is_set():
+                # uvicorn waits here while the socket is full (until the peer reads or leaves).
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+                self.sent += len(piece)
+            group.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+async def test_the_default_client_cuts_a_huge_answer_over_a_socket(declared: bool) -> None:
+    upstream = _HugeUpstream(declared=declared)
+    with serve_in_thread(upstream) as url:
+        config = make_config(
+            upstreams=[
+                {
+                    "name": "huge",
+                    "base_url": url + "/v1",
+                    "models": ["gpt-4.1"],
+                    "timeout_s": 5,
+                    "max_response_bytes": LIMIT,
+                }
+            ]
+        )
+        gateway = Gateway(config)  # the default aiohttp client
+        try:
+            async with client_for(gateway.asgi_app(), KEYS["acme"]) as client:
+                with anyio.fail_after(10):
+                    response = await client.post("/v1/chat/completions", json=CHAT)
+        finally:
+            await gateway.proxy.aclose()
+    error = _assert_openai_error(response, 502)
+    assert error["code"] == "upstream_response_too_large"
+    # What was read is about the limit; the rest never left the upstream (socket buffers
+    # aside): nothing near the whole answer was taken in.
+    assert upstream.sent < HUGE // 8

@@ -179,9 +179,10 @@ def _start_gateway(tmp_path: Path, upstream_url: str) -> tuple[subprocess.Popen[
 
 
 async def _load_then_signal(
-    url: str, proc: subprocess.Popen[bytes], sig: int, *, run_s: float = 1.5
+    url: str, proc: subprocess.Popen[bytes], sig: int, *, warm: int = 80, run_s: float = 1.5
 ) -> list[tuple[float, str]]:
-    """Load from 8 clients; send ``sig`` after ``run_s``; return (time, id) of completed."""
+    """Load from 8 clients; send ``sig`` once ``warm`` requests completed and ``run_s`` passed
+    (counted, so a busy host only makes it slower); return (time, id) of completed."""
     completed: list[tuple[float, str]] = []
     done = anyio.Event()
 
@@ -201,6 +202,9 @@ async def _load_then_signal(
         for tenant in TENANTS:
             group.start_soon(client, tenant)
         await anyio.sleep(run_s)
+        with anyio.move_on_after(60):
+            while len(completed) < warm:
+                await anyio.sleep(0.05)
         proc.send_signal(sig)
         signalled_at = time.monotonic()
         await anyio.to_thread.run_sync(proc.wait, 30)

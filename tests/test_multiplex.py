@@ -232,3 +232,36 @@ async def test_the_gateway_runs_scripts_on_one_pipelined_connection(redis_url: s
         assert connect_scripts("rediss://127.0.0.1:1", client) is client
     finally:
         await client.aclose()
+
+
+BUSY = """
+local t = redis.call('TIME')
+local until_us = t[1] * 1000000 + t[2] + tonumber(ARGV[1])
+repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] >= until_us
+return 1
+"""
+
+
+async def test_a_deep_pipeline_that_drains_is_not_an_outage() -> None:
+    # 100 scripts of 5 ms each (0.5 s of work) queued at once on a 0.25 s bound: Redis answers
+    # batch after batch (each read of ~16 KB of commands), so the connection keeps making
+    # progress and every call is answered; the bound is for silence, not for queueing.
+    from tests.servers import ServiceUnavailable, throwaway_redis
+
+    try:
+        with throwaway_redis() as server:
+            client = MultiplexedRedis(server.url, timeout_s=0.25)
+            try:
+                script = client.register_script(BUSY)
+                padding = "x" * 3000  # five commands per read: several batches
+                started = time.monotonic()
+                results = await asyncio.gather(
+                    *(script(keys=[f"k{i}"], args=[5000, padding]) for i in range(100))
+                )
+                elapsed = time.monotonic() - started
+            finally:
+                await client.aclose()
+    except ServiceUnavailable as exc:
+        pytest.skip(f"no throwaway Redis: {exc.reason}")
+    assert results == [1] * 100
+    assert elapsed > 0.25  # the queue really outlasted the bound

@@ -210,6 +210,10 @@ async def test_concurrent_requests_over_the_limit_are_refused() -> None:
         assert refused.json()["error"]["type"] == "requests"
         assert "concurrent requests" in refused.json()["error"]["message"]
         assert refused.headers["retry-after"] == "1"
+        # The same x-ratelimit-* headers as a rate refusal: the binding requests limit.
+        assert refused.headers["x-ratelimit-limit-requests"] == "2"
+        assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+        assert refused.headers["x-ratelimit-reset-requests"] == "1s"
         # All slots came back: one more goes through.
         assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
 

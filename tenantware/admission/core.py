@@ -6,7 +6,11 @@ implements the same rules (``lua/admission.lua``), so both are checked by one te
 
 Rules, in the order a free seat is given away:
 
-1. work conservation: a seat never stays free while an eligible request waits;
+1. protected seats: a tenant's unused reserved seats, and ``headroom`` seats for tenants below
+   their seat share (``held < seats x weight / sum of the weights of active tenants``), are
+   kept free; only requests expected to finish within ``short_s`` may borrow them, so a
+   tenant below its share (or under its reservation) finds a seat at once, or within
+   ``short_s``, whatever the length of other tenants' requests;
 2. guaranteed seats: a backlogged tenant holding fewer seats than it has reserved goes first;
 3. bands: the backlogged band with the smallest band counter goes next; a dispatch adds
    ``1 / share`` to it (weighted round robin by count, lifted like the tenant counters);
@@ -14,20 +18,29 @@ Rules, in the order a free seat is given away:
    next; a dispatch adds ``estimated cost / weight``, completion adds the correction
    ``(actual - estimated) / weight``;
 5. lifting: a tenant (or band) that becomes backlogged is lifted to the minimum counter of the
-   backlogged ones (or, with none, to the system virtual time): idling banks no credit.
+   backlogged ones (or, with none, to the system virtual time): idling banks no credit;
+6. work conservation: apart from protected seats, a seat never stays free while a request
+   that may take it waits.
+
+A long stream is charged as it goes (``charge``), so its tenant's counter is not stale until
+it ends.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, Final
 
-__all__ = ["BANDS", "GRANTED", "QUEUED", "QUEUE_FULL", "FairCore", "Ticket"]
+__all__ = ["BANDS", "GRANTED", "LINGER_S", "QUEUED", "QUEUE_FULL", "FairCore", "Ticket"]
 
 #: Band names, highest first; a band's index is its rank.
 BANDS: Final = ("critical", "normal", "bulk")
 BAND_INDEX: Final = {name: i for i, name in enumerate(BANDS)}
+
+#: An idle tenant still counts in the seat shares this long (a client between two requests).
+LINGER_S: Final = 1.0
 
 GRANTED: Final = 0
 QUEUED: Final = 1
@@ -44,6 +57,7 @@ class Ticket:
         "enqueued_at",
         "granted",
         "handle",
+        "hold",
         "id",
         "lease",
         "reserved",
@@ -62,9 +76,12 @@ class Ticket:
         reserved: int = 0,
         cap: int = 0,
         tokens: float = 0.0,
+        hold: float = 0.0,
         id: str = "",
     ) -> None:
         self.tenant = tenant
+        #: Expected seconds the request holds its seat (0: unknown, counted as long).
+        self.hold = hold
         #: Raw tokens (input + output) estimated, for the optional tokens/second rate.
         self.tokens = tokens
         self.weight = weight
@@ -82,13 +99,19 @@ class Ticket:
 
 
 class _Tenant:
-    __slots__ = ("counter", "held", "queued", "queues", "reserved")
+    __slots__ = ("counter", "held", "left", "lingers", "queued", "queues", "reserved", "weight")
 
     def __init__(self, counter: float, bands: int) -> None:
         self.counter = counter
         self.held = 0
         self.queued = 0
         self.reserved = 0
+        #: The weight counted in ``FairCore.active_weight`` (0: not counted).
+        self.weight = 0.0
+        #: When it last went idle (held and waited for nothing); -1 while active.
+        self.left = -1.0
+        #: Whether it has an entry in ``FairCore._lingering``.
+        self.lingers = False
         self.queues: list[deque[Ticket]] = [deque() for _ in range(bands)]
 
 
@@ -107,10 +130,23 @@ class FairCore:
         lifting: bool = True,
         tokens_per_s: float | None = None,
         burst_s: float = 1.0,
+        headroom: int = 0,
+        short_s: float = 0.0,
+        linger_s: float = LINGER_S,
     ) -> None:
         if seats < 1:
             raise ValueError("seats must be >= 1")
         self.seats = seats
+        #: Seats kept for tenants below their seat share (borrowed only by short requests).
+        self.headroom = headroom
+        #: Requests expected to hold their seat at most this long may use protected seats.
+        self.short_s = short_s
+        #: Sum of the weights of the active tenants: holding or waiting for a seat, or idle
+        #: for less than ``linger_s`` (a client between two requests is still there).
+        self.active_weight = 0.0
+        self.linger_s = linger_s
+        #: Heap of (since, tenant) of the idle tenants still counted.
+        self._lingering: list[tuple[float, str]] = []
         #: Optional token bucket: a dispatch needs a positive level (and may take it below
         #: zero); completion refunds or charges the difference between estimate and actual.
         self.rate = tokens_per_s
@@ -145,10 +181,20 @@ class FairCore:
                 self._reserving.add(ticket.tenant)
             else:
                 self._reserving.discard(ticket.tenant)
+        headroom = self.headroom
+        if headroom:
+            # Seat shares are only needed for the headroom.
+            if self._lingering:
+                self._expire(now)
+            if ticket.weight != state.weight:
+                self.active_weight += ticket.weight - state.weight
+                state.weight = ticket.weight
+            state.left = -1.0
         if (
             not self.waiting
             and self.in_use < self.seats
             and _may_hold(state, ticket)
+            and (not (headroom or self._reserving) or self._fits(state, ticket, ticket.tenant))
             and (self.rate is None or self._room(now))
         ):
             # The fast path: free capacity and nobody waiting.
@@ -190,6 +236,8 @@ class FairCore:
         state = self.tenants[ticket.tenant]
         state.held -= 1
         self.in_use -= 1
+        if self.headroom and not (state.held or state.queued):
+            self._idle(state, ticket.tenant, now)
         state.counter += (actual_cost - ticket.cost) / ticket.weight
         ticket.granted = False
         if self.rate is not None:
@@ -213,10 +261,19 @@ class FairCore:
         self.waiting -= 1
         if not queue:
             self._backlog[ticket.band].discard(ticket.tenant)
+        if self.headroom and not (state.held or state.queued):
+            self._idle(state, ticket.tenant, now)
         return self._dispatch(now)
 
+    def charge(self, ticket: Ticket, extra_cost: float) -> None:
+        """A granted request turned out costlier than charged so far (a long stream, counted
+        as it goes): charge the difference now; ``release`` corrects from the new charge."""
+        if ticket.granted and extra_cost > 0:
+            self.tenants[ticket.tenant].counter += extra_cost / ticket.weight
+            ticket.cost += extra_cost
+
     def pump(self, now: float) -> list[Ticket]:
-        """Dispatch what the token bucket now allows (waiters call it when it refilled)."""
+        """Dispatch what the token bucket (or an expired linger) now allows."""
         return self._dispatch(now)
 
     def retry_in(self, now: float) -> float:
@@ -252,6 +309,61 @@ class FairCore:
                     best = counter
         return self.vt if best is None else best
 
+    def _idle(self, state: _Tenant, name: str, now: float) -> None:
+        """The tenant holds and waits for nothing: its weight leaves after ``linger_s``.
+
+        One entry per tenant at most in ``_lingering`` (a busy tenant goes idle at every
+        release): an entry found out of date when it comes due is pushed back."""
+        if not state.lingers:
+            state.lingers = True
+            heapq.heappush(self._lingering, (now, name))
+        state.left = now
+
+    def _expire(self, now: float) -> None:
+        lingering = self._lingering
+        linger = self.linger_s
+        while lingering and lingering[0][0] + linger <= now:
+            _since, name = heapq.heappop(lingering)
+            state = self.tenants[name]
+            if state.left < 0.0:  # active again
+                state.lingers = False
+            elif state.left + linger <= now:
+                state.lingers = False
+                self.active_weight -= state.weight
+                state.weight = 0.0
+                state.left = -1.0
+            else:
+                heapq.heappush(lingering, (state.left, name))
+        if not lingering and not self.in_use and not self.waiting:
+            self.active_weight = 0.0  # no float drift survives an idle pool
+
+    def _fits(self, state: _Tenant, ticket: Ticket, name: str) -> bool:
+        """Whether the ticket may take a free seat now, given the protected seats.
+
+        Protected: the unused reserved seats of other tenants, plus ``headroom`` unless the
+        tenant is below its seat share. A tenant under its own reservation, and a request
+        expected to end within ``short_s``, may take any free seat.
+        """
+        if not (self.headroom or self._reserving) or state.held < state.reserved:
+            return True
+        if 0.0 < ticket.hold <= self.short_s:
+            return True
+        protected = 0
+        for other in self._reserving:
+            if other != name:
+                owner = self.tenants[other]
+                if owner.held < owner.reserved:
+                    protected += owner.reserved - owner.held
+        if self.headroom and not self._below_share(state):
+            # One seat at least stays open to everyone.
+            protected += min(self.headroom, self.seats - 1)
+        return self.seats - self.in_use > protected
+
+    def _below_share(self, state: _Tenant) -> bool:
+        """Fewer seats held than its seat share, ``seats x weight / active weight`` (with a
+        margin: the running weight sum drifts, and an exact share is not below it)."""
+        return state.held * self.active_weight < self.seats * state.weight * (1.0 - 1e-9)
+
     def _grant(self, ticket: Ticket, state: _Tenant) -> None:
         if state.counter > self.vt:
             self.vt = state.counter
@@ -271,6 +383,8 @@ class FairCore:
         return self.level > 0
 
     def _dispatch(self, now: float) -> list[Ticket]:
+        if self._lingering:
+            self._expire(now)
         granted: list[Ticket] = []
         while self.waiting and self.in_use < self.seats and (self.rate is None or self._room(now)):
             ticket = self._pick()
@@ -305,7 +419,7 @@ class FairCore:
             for name in self._backlog[band]:
                 state = tenants[name]
                 head = state.queues[band][0]
-                if not _may_hold(state, head):
+                if not _may_hold(state, head) or not self._fits(state, head, name):
                     continue
                 if best_name is None or state.counter < best_counter:
                     best_name, best_counter = name, state.counter

@@ -34,6 +34,8 @@ class MemorySeatStore:
         lifting: bool = True,
         tokens_per_s: float | None = None,
         burst_s: float = 1.0,
+        headroom: int = 0,
+        short_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.core = FairCore(
@@ -43,6 +45,8 @@ class MemorySeatStore:
             lifting=lifting,
             tokens_per_s=tokens_per_s,
             burst_s=burst_s,
+            headroom=headroom,
+            short_s=short_s,
         )
         self.clock = clock
 
@@ -55,6 +59,8 @@ class MemorySeatStore:
             max_queue=spec.max_queue,
             tokens_per_s=spec.tokens_per_s,
             burst_s=spec.burst_s,
+            headroom=spec.headroom,
+            short_s=spec.short_s,
         )
 
     @asynccontextmanager
@@ -93,6 +99,9 @@ class MemorySeatStore:
         granted = self.core.release(ticket, actual_cost, actual_tokens, self.clock())
         if granted:
             _wake(granted)
+
+    async def charge(self, ticket: Ticket, extra_cost: float) -> None:
+        self.core.charge(ticket, extra_cost)
 
     def resize(self, seats: int) -> None:
         self.core.seats = seats

@@ -31,6 +31,8 @@ def pool_specs(settings: AdmissionSettings) -> dict[str, PoolSpec]:
     if settings.tokens_per_second is not None:
         rates["*"] = settings.tokens_per_second
     shares = tuple(settings.band_shares.get(band, 1.0) for band in BANDS)
+    # Protected seats only make sense between tenants (FIFO has one queue, one "tenant").
+    headroom = settings.headroom_seats if settings.scheduler == "fair" else 0
     return {
         name: PoolSpec(
             name=name,
@@ -42,6 +44,8 @@ def pool_specs(settings: AdmissionSettings) -> dict[str, PoolSpec]:
             lease_s=settings.lease_s,
             poll_min_s=settings.poll_min_s,
             poll_max_s=settings.poll_max_s,
+            headroom=headroom,
+            short_s=settings.short_request_s,
         )
         for name, seats in wanted.items()
     }

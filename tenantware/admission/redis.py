@@ -29,7 +29,7 @@ from typing import Any
 
 import anyio
 
-from tenantware.admission.core import GRANTED, QUEUED, Ticket
+from tenantware.admission.core import GRANTED, LINGER_S, QUEUED, Ticket
 from tenantware.admission.memory import MemorySeatStore
 from tenantware.admission.store import UNAVAILABLE, PoolSpec
 from tenantware.backends.errors import STORE_UNAVAILABLE
@@ -76,6 +76,8 @@ class RedisSeatStore:
         scripts: ScriptHost | None = None,
         replicas: int = 1,
         failover: Failover | None = None,
+        headroom: int = 0,
+        short_s: float = 0.0,
     ) -> None:
         self.redis = redis
         self.seats = seats
@@ -83,6 +85,8 @@ class RedisSeatStore:
         self._band_shares = band_shares
         self._tokens_per_s = tokens_per_s
         self._burst_s = burst_s
+        self._headroom = headroom
+        self._short_s = short_s
         self._keys = [tenant_key(prefix, f"adm:{pool}")]
         self._channel = self._keys[0] + ":wake"
         rate = tokens_per_s or 0.0
@@ -92,6 +96,9 @@ class RedisSeatStore:
             repr(rate * burst_s),
             str(len(band_shares)),
             *map(repr, map(float, band_shares)),
+            str(headroom),
+            repr(float(short_s)),
+            repr(LINGER_S),
         ]
         #: Decisions run on ``scripts`` when given (the pipelined connection); pub/sub on redis.
         self._script: Any = register_script(scripts or redis, _SCRIPT)
@@ -137,6 +144,8 @@ class RedisSeatStore:
             lease_s=spec.lease_s,
             poll_min_s=spec.poll_min_s,
             poll_max_s=spec.poll_max_s,
+            headroom=spec.headroom,
+            short_s=spec.short_s,
             on_failure=on_failure,
             scripts=scripts,
             replicas=replicas,
@@ -152,6 +161,8 @@ class RedisSeatStore:
                 max_queue=self.max_queue,
                 tokens_per_s=self._tokens_per_s,
                 burst_s=self._burst_s,
+                headroom=self._headroom,
+                short_s=self._short_s,
             )
         return self._local
 
@@ -209,6 +220,7 @@ class RedisSeatStore:
                 self.lease_ms,
                 self.heartbeat_ms,
                 repr(float(ticket.tokens)),
+                repr(float(ticket.hold)),
             )
         except STORE_UNAVAILABLE as exc:
             failover.failed(exc, "acquire", policy=self.on_failure)
@@ -289,6 +301,10 @@ class RedisSeatStore:
             return
         self._held.discard(ticket.id)
         ticket.granted = False
+        if self.failover.down:
+            # The lease expires by itself; only the usage correction is lost.
+            self.failover.degraded(self.on_failure)
+            return
         try:
             granted = await self._call(
                 "release",
@@ -317,6 +333,24 @@ class RedisSeatStore:
                 yield
             finally:
                 group.cancel_scope.cancel()
+
+    async def charge(self, ticket: Ticket, extra_cost: float) -> None:
+        if ticket.lease == _UNACCOUNTED or not ticket.granted or extra_cost <= 0:
+            return
+        if ticket.lease == _LOCAL:
+            await self._local_pool().charge(ticket, extra_cost)
+            return
+        if self.failover.down:
+            return  # the release still corrects from the estimate
+        ticket.cost += extra_cost  # the release corrects from the charge so far
+        try:
+            await self._call(
+                "charge", ticket.id, ticket.tenant, repr(ticket.weight), repr(float(extra_cost))
+            )
+        except STORE_UNAVAILABLE as exc:
+            # Only this early correction is lost; the release still corrects from the estimate.
+            ticket.cost -= extra_cost
+            self._failed(exc, "charge")
 
     async def run_forever(self) -> None:
         """This process's share of the pool's upkeep: lease renewal and grant notices."""

@@ -42,6 +42,9 @@ class SeatStore(Protocol):
         self, ticket: Ticket, actual_cost: float, actual_tokens: float | None = None
     ) -> None: ...
 
+    async def charge(self, ticket: Ticket, extra_cost: float) -> None:
+        """A granted request costs more than charged so far (a long stream): charge it now."""
+
     async def state(self) -> dict[str, Any]: ...
 
     def resize(self, seats: int) -> None:
@@ -65,6 +68,10 @@ class PoolSpec:
     lease_s: float
     poll_min_s: float
     poll_max_s: float
+    #: Seats kept free for tenants below their seat share (``fair`` scheduler only).
+    headroom: int = 0
+    #: Requests expected to hold a seat at most this long may borrow reserved seats.
+    short_s: float = 0.0
 
 
 #: Builds the store of one pool (memory, or the shared backend's): ``stores.seat_store``.

@@ -7,10 +7,14 @@ encoded into RESP in one pass, the calls made within one turn of the event loop 
 write, and hiredis parses the replies, which Redis sends back in order. About 9 µs a call,
 and Redis reads one batch per turn instead of one command per request.
 
-Deadline: a call not answered within ``timeout_s`` fails with ``TimeoutError``, and because
-replies are ordered so does everything queued behind it; the connection is dropped and the
-next call opens a new one (no sooner than ``retry_s`` after a failed connect, so an outage
-costs requests no connect attempts). Failures are both ``StoreUnavailable`` (what the
+Outage evidence, not slowness: Redis is declared stalled when it has sent no reply bytes
+for ``timeout_s`` while calls written to it are unanswered. A deep pipeline that drains (a
+burst queued behind other clients' scripts) keeps sending replies and is waited for, however
+long the queue; a stopped or unreachable server fails every waiting call within
+``timeout_s`` of its last reply. Bytes already in the socket but not yet read (this process's
+event loop was late) count as replies (``FIONREAD``), so a busy host is not mistaken for a
+dead Redis. The failed connection is dropped and the next call opens a new one (no sooner
+than ``retry_s`` after a failed connect). Failures are both ``StoreUnavailable`` (what the
 layers' failure policies catch) and redis-py's exception types (``ConnectionError``,
 ``TimeoutError``, ``ResponseError``), so callers may treat both clients alike. Plain
 ``redis://`` and ``unix://`` URLs only: TLS and Redis Cluster stay on redis-py
@@ -21,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import struct
+import sys
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, cast
@@ -47,6 +53,8 @@ class ResponseError(StoreUnavailable, redis_exceptions.ResponseError):
 
 
 Arg = str | bytes | int | float
+#: Longest TCP connect (a host that drops packets); refusals fail at once.
+_CONNECT_TIMEOUT_S = 1.0
 
 
 def multiplexable(url: str) -> bool:
@@ -72,6 +80,23 @@ def encode_command(*parts: Arg) -> bytes:
     return b"*%d\r\n" % len(parts) + b"".join(map(_bulk, parts))
 
 
+def _unread_bytes(transport: asyncio.Transport) -> int:
+    """Bytes received by the kernel and not yet read (0 where it cannot be asked)."""
+    if sys.platform == "win32":  # pragma: no cover - no FIONREAD for sockets there
+        return 0
+    import fcntl
+    import termios
+
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int(struct.unpack("i", raw)[0])
+
+
 class _Connection(asyncio.Protocol):
     """The socket: writes batched per loop turn, replies matched to callers in order."""
 
@@ -81,10 +106,14 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._reader = hiredis.Reader(replyError=ResponseError)
-        #: Callers waiting for a reply, oldest first, with their deadlines (loop time).
-        self._waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
+        #: Callers waiting for a reply, oldest first (written or about to be).
+        self._waiting: deque[asyncio.Future[Any]] = deque()
         self._outgoing: list[bytes] = []
         self._flush_scheduled = False
+        #: Calls written to the socket and not answered yet.
+        self._in_flight = 0
+        #: Loop time of the last reply bytes, or of the write that ended an idle spell.
+        self._progress = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------
@@ -93,6 +122,7 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
 
     def data_received(self, data: bytes) -> None:
+        self._progress = self.loop.time()
         reader = self._reader
         reader.feed(data)
         waiting = self._waiting
@@ -107,7 +137,8 @@ class _Connection(asyncio.Protocol):
             if not waiting:
                 self._fail(RedisConnectionError("Redis sent a reply nobody asked for"))
                 return
-            future = waiting.popleft()[0]
+            future = waiting.popleft()
+            self._in_flight -= 1
             if future.done():  # the caller gave up (cancelled); the reply is dropped
                 continue
             if isinstance(reply, ResponseError):
@@ -126,14 +157,11 @@ class _Connection(asyncio.Protocol):
         if self.closed:
             future.set_exception(RedisConnectionError("Redis connection closed"))
             return future
-        deadline = self.loop.time() + self.timeout_s
-        self._waiting.append((future, deadline))
+        self._waiting.append(future)
         self._outgoing.append(payload)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
-        if self._watchdog is None:
-            self._watchdog = self.loop.call_at(deadline, self._check_deadline)
         return future
 
     def _flush(self) -> None:
@@ -141,19 +169,36 @@ class _Connection(asyncio.Protocol):
         if self.closed or self.transport is None:
             return
         outgoing = self._outgoing
+        if not self._in_flight:  # silence is counted from the first unanswered write
+            self._progress = self.loop.time()
+        self._in_flight += len(outgoing)
         self.transport.write(outgoing[0] if len(outgoing) == 1 else b"".join(outgoing))
         outgoing.clear()
+        if self._watchdog is None:
+            self._watchdog = self.loop.call_at(
+                self._progress + self.timeout_s, self._check_progress
+            )
 
-    def _check_deadline(self) -> None:
-        """The oldest unanswered call is late: Redis (or the link) stalls, fail them all."""
+    def _check_progress(self) -> None:
+        """Fail every waiting call if Redis sent nothing for ``timeout_s`` while it owed
+        replies; a connection that makes progress, however slowly, is left alone."""
         self._watchdog = None
-        if not self._waiting or self.closed:
+        if not self._in_flight or self.closed or self.transport is None:
             return
-        deadline = self._waiting[0][1]
-        if deadline <= self.loop.time():
-            self._fail(RedisTimeoutError(f"Redis did not answer within {self.timeout_s:g} s"))
+        now = self.loop.time()
+        if now - self._progress >= self.timeout_s and _unread_bytes(self.transport):
+            self._progress = now  # replies are there; this event loop was late to read them
+        if now - self._progress >= self.timeout_s:
+            self._fail(
+                RedisTimeoutError(
+                    f"Redis sent nothing for {self.timeout_s:g} s "
+                    f"with {self._in_flight} calls outstanding"
+                )
+            )
         else:
-            self._watchdog = self.loop.call_at(deadline, self._check_deadline)
+            self._watchdog = self.loop.call_at(
+                self._progress + self.timeout_s, self._check_progress
+            )
 
     def _fail(self, error: Exception) -> None:
         """Close the connection; every waiting caller gets ``error``."""
@@ -165,8 +210,9 @@ class _Connection(asyncio.Protocol):
             self._watchdog.cancel()
             self._watchdog = None
         self._outgoing.clear()
+        self._in_flight = 0
         while self._waiting:
-            future = self._waiting.popleft()[0]
+            future = self._waiting.popleft()
             if not future.done():
                 future.set_exception(error)
 
@@ -244,7 +290,9 @@ class MultiplexedRedis:
             return _Connection(loop, self.timeout_s)
 
         try:
-            async with asyncio.timeout(self.timeout_s * 4):
+            # Connection refused is evidence at once; a slow handshake on a loaded host is
+            # not (a stopped server still completes it: its calls are watched like any).
+            async with asyncio.timeout(max(self.timeout_s * 4, _CONNECT_TIMEOUT_S)):
                 if self._path:
                     _, connection = await loop.create_unix_connection(factory, self._path)
                 else:

@@ -25,7 +25,7 @@ from importlib import resources
 from typing import Any
 
 from tenantware.backends.errors import STORE_UNAVAILABLE
-from tenantware.backends.failover import Failover
+from tenantware.backends.failover import Failover, StoreHealth
 from tenantware.backends.keys import tenant_key
 from tenantware.backends.redis_support import RedisClient, register_script
 from tenantware.breaker.circuit import (
@@ -81,6 +81,7 @@ class RedisBreakerStore:
         prefix: str = "",
         sync_interval_s: float = 0.5,
         clock: Clock | None = None,
+        health: StoreHealth | None = None,
     ) -> None:
         self.redis = redis
         self.prefix = prefix
@@ -90,14 +91,19 @@ class RedisBreakerStore:
         self.local = MemoryBreakerStore(clock=self._now)
         self._script: Any = register_script(redis, _SCRIPT)
         self._copies: dict[str, _Copy] = {}
+        #: Keys whose re-read is in flight.
+        self._refreshing: set[str] = set()
         #: Per key: [successes, slow successes] not yet sent.
         self._pending: dict[str, list[int]] = {}
         self._redis_keys: dict[str, str] = {}
         self._policy_args: dict[CircuitPolicy, list[str]] = {}
         self._policies: dict[str, CircuitPolicy] = {}
         #: Circuit state is protection, not a limit: during an outage the local circuits
-        #: decide (the ``local`` policy); Redis is tried again after ``sync_interval_s``.
-        self.failover = Failover("breaker", retry_after_s=sync_interval_s, clock=self._now)
+        #: decide (the ``local`` policy); one call probes Redis per interval (the shared
+        #: health's, else ``sync_interval_s``).
+        self.failover = Failover(
+            "breaker", health, probe_interval_s=sync_interval_s, clock=self._now
+        )
         self._listener: TransitionListener = self.local._listener
 
     def set_listener(self, listener: TransitionListener) -> None:
@@ -134,10 +140,19 @@ class RedisBreakerStore:
 
     async def refresh(self, keys: Iterable[str], policy: CircuitPolicy) -> None:
         now = self._now()
+        refreshing = self._refreshing
         for key in keys:
             copy = self._copies.get(key)
-            if copy is None or now - copy.fetched >= self.sync_interval_s:
-                await self._call(key, policy, 0, 0, 0)
+            # One re-read per key at a time: a burst of requests finding the copy stale
+            # sends one call, not one each (the others decide on the copy meanwhile).
+            if (copy is None or now - copy.fetched >= self.sync_interval_s) and (
+                key not in refreshing
+            ):
+                refreshing.add(key)
+                try:
+                    await self._call(key, policy, 0, 0, 0)
+                finally:
+                    refreshing.discard(key)
 
     async def take_probe(self, key: str, policy: CircuitPolicy) -> bool:
         result = await self._call(key, policy, _TAKE, 0, 0)

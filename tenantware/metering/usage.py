@@ -304,7 +304,7 @@ def _json_output_estimate(body: bytes) -> int:
     arguments); 0 when the body is not a completion."""
     try:
         answer = _decode_answer(body)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return 0
     chars = 0
     for choice in answer.choices or ():
@@ -331,7 +331,7 @@ def parse_json_usage(
         response = _decode_response(body)
     except msgspec.ValidationError:
         return _parse_any_json_usage(body, bounds)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # RecursionError: nested too deeply
         return None, None
     if response.usage is None:
         return None, response.model
@@ -342,7 +342,7 @@ def _parse_any_json_usage(body: bytes, bounds: UsageBounds) -> tuple[Usage | Non
     """``parse_json_usage`` of an answer whose usage (or model) is not of the usual shape."""
     try:
         response = _decode_any_response(body)
-    except (msgspec.DecodeError, msgspec.ValidationError):  # not JSON after all
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return None, None
     model = response.model if isinstance(response.model, str) else None
     if response.usage is None:
@@ -428,7 +428,7 @@ class StreamTap:
             parsed = _decode_chunk(payload)
         except msgspec.ValidationError:
             return self._inspect_any(payload)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):  # RecursionError: nested too deeply
             return True
         if self.model is None and parsed.model:
             self.model = parsed.model
@@ -453,7 +453,7 @@ class StreamTap:
         field by field; its text is not counted (it could not be read as a chunk)."""
         try:
             parsed = _decode_any_chunk(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError):  # not JSON after all
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
             return True
         if self.model is None and isinstance(parsed.model, str) and parsed.model:
             self.model = parsed.model

@@ -4,8 +4,11 @@ While a seat is free and nobody waits, a request passes at once. Otherwise it wa
 tenant's queue and the virtual-token-counter scheduler (``tenantware.admission.core``) picks
 who goes next at each released seat. The charge is the estimate at dispatch
 (prompt + output weight x output estimate), corrected with the actual usage when the inner app
-returns. A client that disconnects while queued leaves at once and is charged nothing.
-The output estimate is the tenant's recent average output, capped by ``max_tokens``.
+returns; a stream is also charged as it goes (every ``_CHARGE_EVERY_S``), so a long stream
+does not leave its tenant's counter stale until it ends. A client that disconnects while
+queued leaves at once and is charged nothing. The output estimate is the tenant's recent
+average output, capped by ``max_tokens``; the expected seat hold time (which decides whether
+the request may borrow protected seats) comes from ``max_tokens`` and the pool's speed.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from prometheus_client import Gauge, Histogram
 
 from tenantware import metrics
 from tenantware.admission.core import BAND_INDEX, BANDS, QUEUE_FULL, QUEUED, Ticket
+from tenantware.admission.holdtime import HoldTimes
 from tenantware.admission.pools import AdmissionPools
 from tenantware.admission.store import UNAVAILABLE, SeatStore
 from tenantware.config import AdmissionSettings
@@ -35,6 +39,10 @@ _BAND_OF_HEADER: Final = {name.encode(): i for i, name in enumerate(BANDS)}
 _WAIT_HEADER: Final = b"x-tenantware-queue-wait-ms"
 #: The one queue of the ``fifo`` scheduler.
 _FIFO: Final = "*"
+#: A stream's tenant counter is brought up to what it has streamed at most this often.
+_CHARGE_EVERY_S: Final = 0.5
+#: One SSE event of a streamed completion carries about one output token.
+_EVENT: Final = b"data: {"
 
 
 class AdmissionMiddleware:
@@ -54,6 +62,8 @@ class AdmissionMiddleware:
         #: The configuration version whose admission settings the pools have (a reload that
         #: changes them is applied by the first request that sees it).
         self._version = live.current.version
+        #: Expected seat hold times per pool, learned from answered requests.
+        self.holds = HoldTimes()
         self._gauges: dict[str, tuple[Gauge, Gauge, Histogram]] = {}
 
     async def state(self) -> dict[str, Any]:
@@ -80,7 +90,7 @@ class AdmissionMiddleware:
         if found is None:
             await self.app(scope, receive, send)
             return
-        _pool, store = found
+        pool, store = found
         tenant = ctx.tenant
         terms = pools.terms(tenant)
         band = BAND_INDEX[settings.default_priority]
@@ -92,9 +102,9 @@ class AdmissionMiddleware:
             band = terms.max_band
         ctx.priority = BANDS[band]
         output_weight = settings.output_weight
-        output = pools.output_estimate(
-            tenant.id, ctx.view.output_cap or snapshot.config.gateway.default_max_tokens
-        )
+        max_output = ctx.view.output_cap or snapshot.config.gateway.default_max_tokens
+        output = pools.output_estimate(tenant.id, max_output)
+        short_s = settings.short_request_s
         prompt = ctx.estimated_prompt_tokens
         cost = prompt + output_weight * output
         if settings.scheduler == "fifo":
@@ -108,6 +118,7 @@ class AdmissionMiddleware:
                 reserved=terms.reserved,
                 cap=terms.cap,
                 tokens=prompt + output,
+                hold=self.holds.estimate(pool, max_output) if short_s else 0.0,
             )
         gauges = self._gauges.get(tenant.id)
         if gauges is None:
@@ -164,6 +175,9 @@ class AdmissionMiddleware:
         else:
             gauges[2].observe(0.0)
         gauges[1].inc()
+        granted_at = time.perf_counter() if short_s else 0.0
+        if ctx.view.stream:
+            send = self._charging(send, store, ticket, prompt, output_weight)
         try:
             await self.app(scope, receive, send)
         finally:
@@ -176,12 +190,37 @@ class AdmissionMiddleware:
                 if final_outcome(ctx) == Outcome.OK:
                     # Failures (empty usage) and cut streams say nothing of answer lengths.
                     pools.observe_output(tenant.id, usage.output_tokens)
+                    if short_s:
+                        done = time.perf_counter()
+                        first = (ctx.first_byte_at or done) - granted_at
+                        self.holds.observe(pool, first, done - granted_at, usage.output_tokens)
             gauges[1].dec()
             if store.yields:
                 with anyio.CancelScope(shield=True):
                     await store.release(ticket, actual, tokens)
             else:
                 await store.release(ticket, actual, tokens)
+
+    def _charging(
+        self, send: Send, store: SeatStore, ticket: Ticket, prompt: int, output_weight: float
+    ) -> Send:
+        """Wrap ``send`` of a stream: charge what it streamed beyond its charge, periodically."""
+        streamed = 0
+        due = time.perf_counter() + _CHARGE_EVERY_S
+
+        async def charging(message: Message) -> None:
+            nonlocal streamed, due
+            await send(message)
+            if message["type"] == "http.response.body":
+                streamed += message.get("body", b"").count(_EVENT)
+                now = time.perf_counter()
+                if now >= due:
+                    due = now + _CHARGE_EVERY_S
+                    extra = prompt + output_weight * streamed - ticket.cost
+                    if extra > 0:
+                        await store.charge(ticket, extra)
+
+        return charging
 
     async def _wait(
         self,

@@ -1,7 +1,8 @@
 """What the quota layer does when the shared store is slow or down.
 
-Every call to the primary store is bounded by ``timeout_s`` (unless the primary bounds its
-calls itself). When it fails, each plan's own policy answers (``backends/failover.py``):
+A primary that bounds its own calls (the Redis stores: an outage is declared from evidence,
+``backends/multiplex.py``) is called as is; any other is bounded by ``timeout_s``. When a
+call fails, each plan's own policy answers (``backends/failover.py``):
 ``closed`` limits refuse the request, ``local`` limits are kept by an in-memory limiter with
 the limit divided among the replicas, ``open`` limits are not checked.
 """
@@ -14,7 +15,7 @@ from contextlib import AbstractContextManager
 import anyio
 
 from tenantware.backends.errors import STORE_UNAVAILABLE
-from tenantware.backends.failover import Failover
+from tenantware.backends.failover import Failover, StoreHealth
 from tenantware.config import FailurePolicy
 from tenantware.quota.memory import MemoryQuotaStore
 from tenantware.quota.plan import Plan
@@ -42,15 +43,18 @@ class FailoverQuotaStore:
         primary: QuotaStore,
         *,
         timeout_s: float = 0.05,
-        retry_after_s: float = 1.0,
+        probe_interval_s: float = 0.25,
         fallback: MemoryQuotaStore | None = None,
+        health: StoreHealth | None = None,
     ) -> None:
         self.primary = primary
         self.prefix = primary.prefix
         self.single_node = primary.single_node
         self.timeout_s = timeout_s
         self.fallback = fallback or MemoryQuotaStore(prefix=primary.prefix)
-        self.failover = Failover("quota", retry_after_s=retry_after_s)
+        self.failover = Failover(
+            "quota", health, probe_interval_s=probe_interval_s, bound_s=timeout_s
+        )
         #: The primary bounds its own calls (``MultiplexedRedis``): no cancel scope per call.
         self._bounded = primary.bounded
 
@@ -111,15 +115,19 @@ class FailoverQuotaStore:
             if plan.local is not None:
                 self.fallback.settle_now(plan.local, now_us, ticket, tokens_delta, cost_delta)
             return
+        failover = self.failover
+        if failover.down:
+            # The reservation stays charged (the safe side); its slot frees with its lease.
+            failover.degraded(_policy(plan))
+            return
         try:
             with self._deadline():
                 await self.primary.settle(
                     plan, now_us, ticket, tokens_delta, cost_delta, cancel=cancel
                 )
         except STORE_UNAVAILABLE as exc:
-            # The reservation stays charged (the safe side); its slot frees with its lease.
             self._failed(exc, "settle", plan)
-            self.failover.degraded(_policy(plan))
+            failover.degraded(_policy(plan))
 
     async def usage(self, plan: Plan) -> list[int]:
         with anyio.fail_after(self.timeout_s):

@@ -83,6 +83,7 @@ class MemoryQuotaStore:
                 if held >= limit.p2:
                     failed = i if failed < 0 else failed
                     retry = max(retry, _RETRY_CONCURRENCY_US)
+                    reset[i] = _RETRY_CONCURRENCY_US
                 else:
                     remaining[i] = limit.p2 - held - 1
             else:

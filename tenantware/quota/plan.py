@@ -12,7 +12,13 @@ import math
 from typing import Final
 
 from tenantware.backends.keys import tenant_key
-from tenantware.config import FailurePolicy, GatewayConfig, LimitKind, Limits
+from tenantware.config import (
+    DEFAULT_FAILURE_POLICIES,
+    FailurePolicy,
+    GatewayConfig,
+    LimitKind,
+    Limits,
+)
 from tenantware.metering.pricing import usd_to_nanousd
 
 __all__ = [
@@ -134,11 +140,15 @@ class Plan:
         self.counts_usage = any(
             limit.kind not in (KIND_REQUESTS, KIND_CONCURRENCY) for limit in limits
         )
-        #: ``(header suffix, indexes of its limits)`` for the ``x-ratelimit-*`` headers.
+        #: ``(header suffix, indexes of its limits)`` for the ``x-ratelimit-*`` headers; a
+        #: concurrency limit is a requests limit there, so its refusals carry them too.
         self.header_groups = tuple(
             (suffix, idx)
-            for suffix, kind in ((b"requests", KIND_REQUESTS), (b"tokens", KIND_TOKENS))
-            if (idx := tuple(i for i, limit in enumerate(own) if limit.kind == kind))
+            for suffix, kinds in (
+                (b"requests", (KIND_REQUESTS, KIND_CONCURRENCY)),
+                (b"tokens", (KIND_TOKENS,)),
+            )
+            if (idx := tuple(i for i, limit in enumerate(own) if limit.kind in kinds))
         )
 
     def __repr__(self) -> str:
@@ -190,7 +200,7 @@ def _limits_of(
         return tenant_key(prefix, tag, *parts, name)
 
     def policy(group: LimitKind) -> FailurePolicy:
-        return policies.get(group, default)
+        return policies.get(group) or default or DEFAULT_FAILURE_POLICIES[group]
 
     out: list[Limit] = []
     burst = limits.burst_multiplier or 1.0

@@ -5,8 +5,8 @@
 -- Time comes from Redis TIME (ms). Seats are leases with an expiry: a dead process's seats
 -- come back by themselves; queued tickets carry a heartbeat the waiting process refreshes.
 --
--- ARGV: op, seats, rate (tokens/s, 0: none), burst (tokens), nbands, share_1..share_n, then
--- the op's own arguments.
+-- ARGV: op, seats, rate (tokens/s, 0: none), burst (tokens), nbands, share_1..share_n,
+-- headroom (seats), short_s, linger_s, then the op's own arguments.
 
 local base = KEYS[1]
 local K_SEATS = base .. ':seats'    -- zset lease(ticket id) -> expiry ms
@@ -15,9 +15,12 @@ local K_HELD = base .. ':held'      -- hash tenant -> seats held
 local K_CTR = base .. ':ctr'        -- hash tenant -> virtual counter
 local K_RESV = base .. ':resv'      -- hash tenant -> reserved seats
 local K_RES = base .. ':res'        -- set of tenants with a reservation
-local K_SYS = base .. ':sys'        -- hash: vt, bvt, w (waiting), b1..bn, lvl/lts (bucket)
+local K_SYS = base .. ':sys'        -- hash: vt, bvt, w (waiting), b1..bn, lvl/lts (bucket),
+                                    -- aw (weight sum of the active tenants)
 local K_QN = base .. ':qn'          -- hash tenant -> queued tickets
-local K_TK = base .. ':tk'          -- hash ticket -> tenant|band|cost|weight|cap|tokens|since
+local K_W = base .. ':w'            -- hash tenant -> weight counted in aw (active tenants)
+local K_LEFT = base .. ':left'      -- zset tenant -> ms it went idle (lingering, still active)
+local K_TK = base .. ':tk'          -- hash ticket -> tenant|band|cost|weight|cap|tokens|since|hold
 local K_TKX = base .. ':tkx'        -- zset ticket -> heartbeat expiry ms (queued)
 
 local op = ARGV[1]
@@ -27,7 +30,11 @@ local burst = tonumber(ARGV[4])
 local nbands = tonumber(ARGV[5])
 local steps = {}
 for b = 1, nbands do steps[b] = 1 / tonumber(ARGV[5 + b]) end
-local a = 6 + nbands -- first op argument
+local headroom = tonumber(ARGV[6 + nbands])
+local short_s = tonumber(ARGV[7 + nbands])
+local linger_ms = tonumber(ARGV[8 + nbands]) * 1000
+local a = 9 + nbands -- first op argument
+if headroom > seats - 1 then headroom = seats - 1 end -- one seat stays open to everyone
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -61,6 +68,58 @@ local function counter_of(tenant)
   local f = floor_counter()
   redis.call('HSET', K_CTR, tenant, tostring(f))
   return f
+end
+
+local function activate(tenant, weight)
+  -- The tenant holds or waits for a seat: its weight counts in the active sum.
+  local cw = num(redis.call('HGET', K_W, tenant))
+  if cw ~= weight then
+    redis.call('HINCRBYFLOAT', K_SYS, 'aw', weight - cw)
+    redis.call('HSET', K_W, tenant, tostring(weight))
+  end
+  redis.call('ZREM', K_LEFT, tenant)
+end
+
+local function maybe_idle(tenant)
+  -- Holding and waiting for nothing: the weight leaves after linger_s.
+  if num(redis.call('HGET', K_HELD, tenant)) <= 0 and num(redis.call('HGET', K_QN, tenant)) <= 0 then
+    redis.call('ZADD', K_LEFT, now, tenant)
+  end
+end
+
+local function expire()
+  for _, name in ipairs(redis.call('ZRANGEBYSCORE', K_LEFT, '-inf', now - linger_ms)) do
+    local cw = num(redis.call('HGET', K_W, name))
+    redis.call('HINCRBYFLOAT', K_SYS, 'aw', -cw)
+    redis.call('HDEL', K_W, name)
+    redis.call('ZREM', K_LEFT, name)
+  end
+  if redis.call('HLEN', K_W) == 0 then
+    redis.call('HSET', K_SYS, 'aw', '0') -- no float drift survives an idle pool
+  end
+end
+
+local function fits(tenant, hold, held)
+  -- Protected seats: others' unused reserved seats, plus the headroom unless the tenant is
+  -- below its seat share; a request within its own reservation, or expected
+  -- to end within short_s, may take any free seat.
+  local reserving = redis.call('SMEMBERS', K_RES)
+  if headroom <= 0 and #reserving == 0 then return true end
+  if held < num(redis.call('HGET', K_RESV, tenant)) then return true end
+  if hold > 0 and hold <= short_s then return true end
+  local protected = 0
+  for _, other in ipairs(reserving) do
+    if other ~= tenant then
+      local unused = num(redis.call('HGET', K_RESV, other)) - num(redis.call('HGET', K_HELD, other))
+      if unused > 0 then protected = protected + unused end
+    end
+  end
+  if headroom > 0 then
+    local aw = num(redis.call('HGET', K_SYS, 'aw'))
+    local w = num(redis.call('HGET', K_W, tenant))
+    if not (held * aw < seats * w * (1 - 1e-9)) then protected = protected + headroom end
+  end
+  return seats - redis.call('ZCARD', K_SEATS) > protected
 end
 
 local function room()
@@ -106,9 +165,12 @@ end
 local function purge()
   for _, ticket in ipairs(redis.call('ZRANGEBYSCORE', K_SEATS, '-inf', now)) do
     local tenant = redis.call('HGET', K_LEASE, ticket)
-    if tenant then redis.call('HINCRBY', K_HELD, tenant, -1) end
     redis.call('HDEL', K_LEASE, ticket)
     redis.call('ZREM', K_SEATS, ticket)
+    if tenant then
+      redis.call('HINCRBY', K_HELD, tenant, -1)
+      maybe_idle(tenant)
+    end
   end
   for _, ticket in ipairs(redis.call('ZRANGEBYSCORE', K_TKX, '-inf', now)) do
     local info = redis.call('HGET', K_TK, ticket)
@@ -116,6 +178,7 @@ local function purge()
       local f = split(info)
       redis.call('LREM', qkey(f[2], f[1]), 1, ticket)
       unqueue(ticket, f[1], f[2])
+      maybe_idle(f[1])
     else
       redis.call('ZREM', K_TKX, ticket)
     end
@@ -165,12 +228,16 @@ local function pick(lease_ms)
     best = nil
     for _, name in ipairs(redis.call('SMEMBERS', blkey(b))) do
       local head = redis.call('LINDEX', qkey(b, name), 0)
-      local cap = 0
+      local cap, hold = 0, 0
       if head then
         local info = redis.call('HGET', K_TK, head)
-        if info then cap = tonumber(split(info)[5]) end
+        if info then
+          local f = split(info)
+          cap, hold = tonumber(f[5]), tonumber(f[8]) or 0
+        end
       end
-      if cap == 0 or num(redis.call('HGET', K_HELD, name)) < cap then
+      local held = num(redis.call('HGET', K_HELD, name))
+      if (cap == 0 or held < cap) and fits(name, hold, held) then
         local c = num(redis.call('HGET', K_CTR, name))
         if best == nil or c < best_c then best, best_c = name, c end
       end
@@ -193,13 +260,15 @@ end
 
 if op == 'acquire' then
   -- ticket, tenant, band, cost, weight, reserved, cap, max_queue, lease_ms, heartbeat_ms,
-  -- tokens
+  -- tokens, hold (expected seconds, 0: unknown)
   local ticket, tenant, band = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
   local cost, weight = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
   local reserved, cap = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
   local max_queue, lease_ms, hb_ms = tonumber(ARGV[a + 7]), tonumber(ARGV[a + 8]), tonumber(ARGV[a + 9])
-  local tokens = tonumber(ARGV[a + 10])
+  local tokens, hold = tonumber(ARGV[a + 10]), tonumber(ARGV[a + 11])
   purge()
+  expire()
+  activate(tenant, weight)
   if reserved > 0 then
     redis.call('HSET', K_RESV, tenant, reserved)
     redis.call('SADD', K_RES, tenant)
@@ -209,7 +278,7 @@ if op == 'acquire' then
   local held = num(redis.call('HGET', K_HELD, tenant))
   local waiting = num(redis.call('HGET', K_SYS, 'w'))
   if waiting == 0 and redis.call('ZCARD', K_SEATS) < seats and (cap == 0 or held < cap)
-    and room() then
+    and fits(tenant, hold, held) and room() then
     local c = counter_of(tenant)
     local vt = num(redis.call('HGET', K_SYS, 'vt'))
     if c < vt then redis.call('HSET', K_CTR, tenant, tostring(vt)) end
@@ -238,7 +307,8 @@ if op == 'acquire' then
   end
   redis.call('SADD', blkey(band), tenant)
   redis.call('RPUSH', qkey(band, tenant), ticket)
-  redis.call('HSET', K_TK, ticket, table.concat({tenant, band, cost, weight, cap, tokens, now}, '|'))
+  redis.call('HSET', K_TK, ticket,
+    table.concat({tenant, band, cost, weight, cap, tokens, now, hold}, '|'))
   redis.call('ZADD', K_TKX, now + hb_ms, ticket)
   redis.call('HINCRBY', K_QN, tenant, 1)
   redis.call('HINCRBY', K_SYS, 'w', 1)
@@ -250,6 +320,7 @@ elseif op == 'poll' then
   -- ticket, lease_ms, heartbeat_ms: 0 granted, 1 still queued, 3 unknown (expired)
   local ticket, lease_ms, hb_ms = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   purge()
+  expire()
   local granted = dispatch(lease_ms)
   if redis.call('ZSCORE', K_SEATS, ticket) then return {0, unpack(granted)} end
   if redis.call('HEXISTS', K_TK, ticket) == 1 then
@@ -270,12 +341,23 @@ elseif op == 'release' then
     local c = num(redis.call('HGET', K_CTR, tenant))
     redis.call('HSET', K_CTR, tenant, tostring(c + (actual - cost) / weight))
     take_tokens(actual_tokens - tokens)
+    maybe_idle(tenant)
   elseif redis.call('HEXISTS', K_TK, ticket) == 1 then
     -- Still queued (a cancel): leave the queue, nothing charged.
     redis.call('LREM', qkey(band, tenant), 1, ticket)
     unqueue(ticket, tenant, band)
+    maybe_idle(tenant)
   end
+  expire()
   return dispatch(lease_ms)
+elseif op == 'charge' then
+  -- ticket, tenant, weight, extra: a long stream is charged as it goes (lease still held)
+  local ticket, tenant, weight, extra = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  if extra > 0 and redis.call('ZSCORE', K_SEATS, ticket) then
+    local c = num(redis.call('HGET', K_CTR, tenant))
+    redis.call('HSET', K_CTR, tenant, tostring(c + extra / weight))
+  end
+  return {}
 elseif op == 'renew' then
   -- lease_ms, tickets...: push the expiry of leases still held
   local lease_ms = tonumber(ARGV[a])

@@ -39,6 +39,7 @@ for i = 1, n do
     if held >= p2 then
       if failed < 0 then failed = i - 1 end
       if 1000000 > retry then retry = 1000000 end
+      reset[i] = 1000000
     else
       remaining[i] = p2 - held - 1
     end
