@@ -85,7 +85,11 @@ def running(monkeypatch: pytest.MonkeyPatch, **overrides: Any) -> Iterator[Stack
             "keys": [{"id": "tiny-1", "hash": KeyHasher().hash(TINY_KEY)}],
         }
     )
-    with serve_in_thread(openai_fake) as oa_url, serve_in_thread(anthropic_fake) as an_url:
+    # A loaded host may take a while to start three servers.
+    with (
+        serve_in_thread(openai_fake, startup_timeout_s=30) as oa_url,
+        serve_in_thread(anthropic_fake, startup_timeout_s=30) as an_url,
+    ):
         data: dict[str, Any] = {
             "tenants": tenants,
             "upstreams": [
@@ -108,7 +112,7 @@ def running(monkeypatch: pytest.MonkeyPatch, **overrides: Any) -> Iterator[Stack
         }
         data.update(overrides)
         gateway = Gateway(parse_config(data))
-        with serve_in_thread(gateway.asgi_app(), lifespan="on") as url:
+        with serve_in_thread(gateway.asgi_app(), lifespan="on", startup_timeout_s=30) as url:
             yield Stack(gateway, url, openai_fake, anthropic_fake)
 
 
