@@ -15,7 +15,7 @@ Scenarios (each on a fresh gateway, seats = upstream capacity, memory backend):
 * ``long``: issue 14's noisy neighbour with long requests, on its own upstream (20 ms + 3 ms
   per output token) and 8 seats. B (0.35) and C (0.15) each run 2 closed-loop clients asking
   64 tokens; A (0.5) runs 20 asking 256. B's and C's p99 latency against the A-absent run
-  under FIFO, plain VTC (``headroom_seats = 0``), the default (one headroom seat), with
+  under FIFO, plain VTC (``headroom_seats = 0``), one headroom seat, the default (two), with
   ``tenant_reserved_seats = {B = 2, C = 2}``, and the throughput of each run; saves a plot.
 
 Usage: ``python benchmarks/bench_fairness.py [--seconds 20] [--plot benchmarks/fairness.png]``
@@ -332,10 +332,12 @@ async def long_noisy(upstream_url: str, seconds: float, plot: str | None) -> Non
     runs: dict[str, tuple[dict[str, Any], dict[str, int]]] = {
         "A absent": ({}, quiet),
         "FIFO": ({"scheduler": "fifo", "max_queue_per_tenant": 384}, noisy),
-        "fair, headroom_seats = 0": ({"headroom_seats": 0}, noisy),
-        "fair (default: 1 headroom seat)": ({}, noisy),
-        "fair, reserved, headroom 0": ({**reserved, "headroom_seats": 0}, noisy),
-        "fair, reserved B 2, C 2": (reserved, noisy),
+        "fair, headroom 0": ({"headroom_seats": 0}, noisy),
+        "fair, headroom 1": ({"headroom_seats": 1}, noisy),
+        "fair, headroom 2 (default)": ({}, noisy),
+        "fair, headroom 4": ({"headroom_seats": 4}, noisy),
+        "reserved 2+2, headroom 0": ({**reserved, "headroom_seats": 0}, noisy),
+        "reserved 2+2, headroom 2": (reserved, noisy),
         "A absent (again)": ({}, quiet),
     }
     print(
@@ -344,11 +346,13 @@ async def long_noisy(upstream_url: str, seconds: float, plot: str | None) -> Non
     )
     base: dict[str, float] = {}
     ratios: dict[str, dict[str, float]] = {}
+    waits: dict[str, dict[str, float]] = {}
     for label, (admission, backlog) in runs.items():
         with gateway(upstream_url, admission, LONG_SEATS) as url:
             out, started = await drive(url, seconds, backlog=backlog, lengths=LONG_LENGTHS)
         cells = []
         ratios[label] = {}
+        waits[label] = {}
         for name in ("B", "C"):
             e2e = [
                 d.done - d.sent
@@ -360,6 +364,7 @@ async def long_noisy(upstream_url: str, seconds: float, plot: str | None) -> Non
                 base[name] = p99
             ratios[label][name] = p99 / base[name]
             wait = pct([d.wait_s for d in out if d.tenant == name and d.sent - started >= 3], 0.99)
+            waits[label][name] = wait * 1000
             cells.append(
                 f"{name} p99 {p99 * 1000:4.0f} ms ({p99 / base[name]:.2f}x,"
                 f" wait {wait * 1000:3.0f})"
@@ -371,29 +376,36 @@ async def long_noisy(upstream_url: str, seconds: float, plot: str | None) -> Non
             f"  {label:32} {'  '.join(cells)}  | {tokens:6.0f} weighted tokens/s, errors {errors}"
         )
     if plot:
-        save_ratio_plot(ratios, plot)
+        save_ratio_plot(ratios, waits, plot)
 
 
-def save_ratio_plot(ratios: dict[str, dict[str, float]], path: str) -> None:
+def save_ratio_plot(
+    ratios: dict[str, dict[str, float]], waits: dict[str, dict[str, float]], path: str
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [label for label in ratios if not label.startswith("A absent")]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    labels = [label for label in ratios if label != "A absent"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5.5))
     width = 0.38
-    for i, name in enumerate(("B", "C")):
-        xs = [j + (i - 0.5) * width for j in range(len(labels))]
-        ax.bar(xs, [ratios[label][name] for label in labels], width, label=f"tenant {name}")
-    ax.set_xticks(range(len(labels)), [label.replace(", ", ",\n", 1) for label in labels])
-    ax.set_yscale("log")
-    ax.axhline(1.5, color="grey", linestyle=":", label="target 1.5x (1.1x with reserved seats)")
-    ax.axhline(1.1, color="grey", linestyle=":")
-    ax.set_ylabel("p99 latency with A / without A")
-    ax.set_title("Long noisy neighbour: B's and C's p99 latency ratio")
-    ax.legend()
-    ax.grid(alpha=0.3, axis="y")
+    for ax, values, title in (
+        (left, ratios, "p99 latency with A / first run without A"),
+        (right, waits, "p99 gateway queue wait (ms)"),
+    ):
+        for i, name in enumerate(("B", "C")):
+            xs = [j + (i - 0.5) * width for j in range(len(labels))]
+            ax.bar(xs, [values[label][name] for label in labels], width, label=f"tenant {name}")
+        ax.set_xticks(range(len(labels)), labels, fontsize=8, rotation=30, ha="right")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+    left.set_yscale("log")
+    left.axhline(1.5, color="grey", linestyle=":", label="targets 1.5x and 1.1x")
+    left.axhline(1.1, color="grey", linestyle=":")
+    right.set_yscale("symlog", linthresh=10)
+    left.legend(fontsize=8)
+    fig.suptitle("Long noisy neighbour: 8 seats, A 20 clients x 256 tokens, B and C 2 x 64 tokens")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     print(f"  plot saved to {path}")
@@ -423,7 +435,9 @@ async def main() -> None:
         if args.scenario in ("all", "noisy"):
             await noisy(upstream_url, args.noisy_seconds)
         if args.scenario in ("all", "fifo"):
-            await weighted(upstream_url, args.seconds, None, {"scheduler": "fifo"})
+            # The same load under FIFO (one queue: room for every tenant's backlog).
+            fifo = {"scheduler": "fifo", "max_queue_per_tenant": 4 * 3 * SEATS}
+            await weighted(upstream_url, args.seconds, None, fifo)
     if args.scenario in ("all", "long"):
         port = find_free_port()
         upstream = ["-m", "tenantware.testing.upstream", "--port", str(port), "--chunks", "1000"]

@@ -35,6 +35,8 @@ KEYS = {"acme": "sk-demo-acme", "hobby": "sk-demo-hobby"}
 ADMIN = "sk-demo-admin"
 MODELS = ["gpt-4.1", "claude-sonnet-4.5", "gemini-2.5-flash", "deepseek-v3.2", "gpt4", "nope"]
 TIMEOUT_S = 10.0
+#: Route variants left out (``--skip``), to find which one a figure comes from.
+SKIPPED: set[str] = set()
 
 
 def free_port() -> int:
@@ -207,7 +209,7 @@ def routes(rng: random.Random) -> tuple[str, bytes]:
             "POST", "/_demo_upstream/v1/chat/completions", b"{}", key=None
         ),
     }
-    name = rng.choice(sorted(variants))
+    name = rng.choice(sorted(set(variants) - SKIPPED))
     return f"route:{name}", variants[name]
 
 
@@ -374,7 +376,9 @@ def main() -> int:
     parser.add_argument(
         "--only", choices=["valid", "json", "headers", "routes"], help="one kind of request"
     )
+    parser.add_argument("--skip", action="append", default=[], help="a route variant to leave out")
     args = parser.parse_args()
+    SKIPPED.update(args.skip)
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="tw-fuzz-") as tmp:
         directory = Path(tmp)

@@ -163,8 +163,15 @@ class Upstream(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     base_url: Annotated[str, Meta(pattern=r"^https?://")]
     #: The key is read from this environment variable; it is never written in a config file.
     api_key_env: str | None = None
+    #: The whole of one call, a long generation included (a non-streaming call's headers
+    #: come with its whole answer, so this is also how long it may take to start).
     timeout_s: PositiveFloat = 600.0
     connect_timeout_s: PositiveFloat = 5.0
+    #: A stream's response headers must arrive within this (providers send them at once, long
+    #: before the first token): a hanging upstream fails in seconds, not in ``timeout_s``.
+    first_byte_timeout_s: PositiveFloat = 10.0
+    #: Longest wait for a body's next bytes (a stream's first event and each one after).
+    idle_timeout_s: PositiveFloat = 120.0
     models: list[str] = field(default_factory=list)
     weight: Weight = 1.0
     #: Extra headers sent upstream (e.g. an organisation id); not for secrets.
@@ -261,7 +268,7 @@ class AdmissionSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields
     tenant_reserved_seats: dict[str, NonNegInt] = field(default_factory=dict)
     #: Seats of each pool that a tenant holding its seat share (or alone in the pool) may not
     #: take with a long request: kept for tenants below their share (``fair`` only).
-    headroom_seats: NonNegInt = 1
+    headroom_seats: NonNegInt = 2
     #: Requests expected to hold their seat at most this long (from ``max_tokens`` and the
     #: pool's observed speed) may borrow the headroom and unused reserved seats; 0: none.
     short_request_s: Annotated[float, Meta(ge=0, le=600)] = 0.0
@@ -342,6 +349,9 @@ class BreakerSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     fallbacks: dict[str, list[str]] = field(default_factory=dict)
     #: With Redis: how stale the local copy of a circuit may be before it is re-read.
     sync_interval_s: PositiveFloat = 0.5
+    #: The tenant layer's own refusals of a tenant's requests (malformed body, unknown or
+    #: disallowed model, body too large) count as failures of its circuit, like its other 4xx.
+    count_tenant_refusals: bool = True
 
 
 # -- end of breaker settings ----------------------------------------------------------------

@@ -65,6 +65,7 @@ __all__ = [
     "RequestContext",
     "RequestView",
     "StreamOptions",
+    "Unavailable",
     "Usage",
     "WireFormat",
     "context_of",
@@ -147,6 +148,10 @@ OutcomeName = Literal[
 #: while the store is unreachable, or the failure policy itself (``open``: let it pass,
 #: ``closed``: refuse).
 DecisionSource = Literal["store", "local", "open", "closed"]
+
+#: Why no deployment of a model may take a call (``breaker.board.CircuitOpen.why``): their
+#: circuits are ``open`` (failing), they are ``cooling`` after an upstream 429, or some of each.
+Unavailable = Literal["open", "cooling", "open_and_cooling"]
 
 
 class Outcome:

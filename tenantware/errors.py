@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Final
 
 import msgspec
 
-from tenantware.context import Outcome, OutcomeName, RequestContext, default_outcome
+from tenantware.context import Outcome, OutcomeName, RequestContext, Unavailable, default_outcome
 from tenantware.types import Send
 
 __all__ = [
@@ -118,16 +119,34 @@ class GatewayError(Exception):
         )
 
 
-def circuit_open_error(model: str, wait_s: float, why: str) -> GatewayError:
+#: Per ``Unavailable`` reason: the error code, and what happened in words.
+_UNAVAILABLE: Final[dict[Unavailable, tuple[str, str]]] = {
+    "open": ("circuit_open", "its upstreams keep failing and the circuit breaker is open"),
+    "cooling": (
+        "upstream_cooling",
+        "its upstreams answered 429 (rate limited) and are cooling down for the retry-after "
+        "they asked for",
+    ),
+    "open_and_cooling": (
+        "circuit_open_and_cooling",
+        "some of its upstreams keep failing (circuit breaker open) and the others are "
+        "cooling down after a 429 (rate limited)",
+    ),
+}
+
+
+def circuit_open_error(model: str, wait_s: float, why: Unavailable) -> GatewayError:
     """503 for a model whose deployments (and allowed fallbacks) are all open or cooling.
 
     Takes the breaker's decision (``breaker.board.CircuitOpen``) field by field: errors sit
-    below every domain package."""
+    below every domain package. The code and message say which it was; ``retry-after`` is
+    the exact wait."""
+    code, what = _UNAVAILABLE[why]
     return GatewayError(
         503,
-        f"The model `{model}` is temporarily unavailable: {why}. Retry in {math.ceil(wait_s)} s.",
+        f"The model `{model}` is temporarily unavailable: {what}. Retry in {math.ceil(wait_s)} s.",
         type="server_error",
-        code="circuit_open",
+        code=code,
         outcome=Outcome.BREAKER_OPEN,
         retry_after=wait_s,
         should_retry=True,

@@ -32,7 +32,7 @@ from tenantware.metering.ledger import (
 from tenantware.metering.routes import ADMIN_PREFIX, READY_PATH, TENANT_USAGE_PATHS, AdminApp
 from tenantware.metering.telemetry import log_records, metrics_observer
 from tenantware.middleware.admission import AdmissionMiddleware
-from tenantware.middleware.breaker import BreakerMiddleware
+from tenantware.middleware.breaker import BreakerMiddleware, TenantRefusals
 from tenantware.middleware.metering import MeteringMiddleware, UsageRecorder
 from tenantware.middleware.quota import QuotaMiddleware
 from tenantware.middleware.tenant import TenantMiddleware
@@ -165,9 +165,18 @@ class Gateway:
         FastAPI's ``add_middleware`` puts each call outermost, so add these in reverse there.
         """
         on_rejected = UsageRecorder(self.live, self.writer).record_rejected if self.writer else None
+        # The tenant layer's own refusals count for the tenant's circuit (it sits outside the
+        # breaker layer, so it hands them over).
+        on_refusal = (
+            TenantRefusals(live=self.live, board=self.board) if self.board.enabled else None
+        )
         stack = [
             Middleware(
-                TenantMiddleware, live=self.live, estimator=self.estimator, on_rejected=on_rejected
+                TenantMiddleware,
+                live=self.live,
+                estimator=self.estimator,
+                on_rejected=on_rejected,
+                on_refusal=on_refusal,
             )
         ]
         # -- metering layer -------------------------------------------------------------

@@ -61,7 +61,9 @@ class Stores:
         self._redis: RedisClient | None = None
         self._scripts: ScriptHost | None = None
         self._quota: QuotaStore | None = None
-        #: The shared store's health, one for every layer of this process.
+        #: The health of the connection the per-request scripts use (quota, admission), one
+        #: for both layers of this process; the breaker's redis-py client shares it only when
+        #: it is that connection (Redis Cluster, TLS), since each client has its own evidence.
         self.health = StoreHealth(probe_interval_s=probe_interval_s, bound_s=timeout_s)
         #: The admission layer's view of it, shared by every seat pool.
         self._admission_failover = Failover("admission", self.health)
@@ -132,8 +134,9 @@ class Stores:
             return MemoryBreakerStore()
         from tenantware.breaker.redis import RedisBreakerStore
 
+        health = self.health if self.scripts is redis else None
         return RedisBreakerStore(
-            redis, prefix=self.prefix, sync_interval_s=sync_interval_s, health=self.health
+            redis, prefix=self.prefix, sync_interval_s=sync_interval_s, health=health
         )
 
     async def aclose(self) -> None:

@@ -1,17 +1,19 @@
 """One gateway process for the burst proofs of issue 13 (run as ``python -m``).
 
-It wraps an inner app (holds its request ``hold_s``, reports usage equal to the estimate) in
-the full stack on a shared Redis, prints ``ready``, reads the common wall-clock start time
-from stdin, then either sends ``requests`` requests at once (``burst``) or keeps ``loops``
-request loops going for ``duration_s`` (``steady``). It prints JSON (the last line of stdout):
-per request (sent, answered, status), per admitted request its inner-app interval and tokens,
-and its store-failure counters, sampled over time. The parent's side (``workers``,
+It wraps an inner app (holds each request its tenant's ``hold_s``, reports usage equal to the
+estimate) in the full stack on a shared Redis, prints ``ready``, reads the common wall-clock
+start time from stdin, then, for every tenant of the job at once, either sends its
+``requests`` requests at once (``burst``) or keeps ``loops`` request loops going for
+``duration_s`` (``steady``). It prints JSON (the last line of stdout): per request (tenant,
+sent, answered, status), per admitted request its tenant, inner-app interval and tokens, and
+its store-failure counters, sampled over time. The parent's side (``workers``,
 ``cpu_hogs``) is here too, shared by ``tests/test_bursts.py`` and ``benchmarks/bench_burst.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import select
 import subprocess
 import sys
 import time
@@ -27,20 +29,25 @@ from tenantware import Gateway, KeyHasher, get_context, metrics, parse_config
 from tenantware.context import Usage
 from tenantware.types import Receive, Scope, Send
 
-KEY = "sk-burst"
 #: A tenant without limits: its warm-up request charges nothing the proofs count.
-WARM_KEY = "sk-warm"
+WARM = "warm"
+
+
+class Load(msgspec.Struct, frozen=True):
+    """One tenant's limits and traffic."""
+
+    limits: dict[str, Any] = {}
+    requests: int = 0
+    loops: int = 0
+    hold_s: float = 0.0
 
 
 class Job(msgspec.Struct, frozen=True):
     redis_url: str
     prefix: str
+    tenants: dict[str, Load]
     mode: str = "burst"
-    requests: int = 0
-    loops: int = 0
     duration_s: float = 0.0
-    hold_s: float = 0.0
-    limits: dict[str, Any] = {}
     gateway: dict[str, Any] = {}
     admission: dict[str, Any] = {}
     #: Time every quota decision (the store's ``reserve`` as the quota layer awaits it).
@@ -48,8 +55,8 @@ class Job(msgspec.Struct, frozen=True):
 
 
 class Report(msgspec.Struct):
-    calls: list[tuple[float, float, int]]
-    inner: list[tuple[float, float, int]]
+    calls: list[tuple[str, float, float, int]]
+    inner: list[tuple[str, float, float, int]]
     failures: list[tuple[float, dict[str, float]]]
     #: Seconds per quota decision (``time_decisions``).
     decisions: list[float] = []
@@ -65,16 +72,12 @@ def config(job: Job) -> dict[str, Any]:
         "tiers": {"plain": {}},
         "tenants": [
             {
-                "id": "burst",
+                "id": name,
                 "tier": "plain",
-                "limits": job.limits,
-                "keys": [{"id": "burst-1", "hash": KeyHasher().hash(KEY)}],
-            },
-            {
-                "id": "warm",
-                "tier": "plain",
-                "keys": [{"id": "warm-1", "hash": KeyHasher().hash(WARM_KEY)}],
-            },
+                "limits": load.limits,
+                "keys": [{"id": f"{name}-1", "hash": KeyHasher().hash(f"sk-{name}")}],
+            }
+            for name, load in {**job.tenants, WARM: Load()}.items()
         ],
         "upstreams": [
             {"name": "fake", "base_url": "http://upstream.test/v1", "models": ["gpt-4.1"]}
@@ -97,12 +100,15 @@ async def main(job: Job) -> Report:
 
     async def inner(scope: Scope, receive: Receive, send: Send) -> None:
         ctx = get_context(scope)
+        assert ctx.tenant is not None
+        name = ctx.tenant.id
         await receive()
         started = time.time()
-        await anyio.sleep(job.hold_s)
+        await anyio.sleep(job.tenants[name].hold_s if name in job.tenants else 0.0)
         usage = Usage(input_tokens=ctx.estimated_prompt_tokens, output_tokens=100)
         ctx.usage = usage
-        report.inner.append((started, time.time(), usage.input_tokens + usage.output_tokens))
+        tokens = usage.input_tokens + usage.output_tokens
+        report.inner.append((name, started, time.time(), tokens))
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
 
@@ -120,7 +126,6 @@ async def main(job: Job) -> Report:
         store.reserve = timed  # type: ignore[method-assign]
     app = gateway.wrap(inner)
     body = {"model": "gpt-4.1", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}
-    headers = {"authorization": f"Bearer {KEY}"}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with (
         gateway.running(),
@@ -129,14 +134,15 @@ async def main(job: Job) -> Report:
         ) as client,
     ):
 
-        async def one() -> None:
+        async def one(name: str) -> None:
+            headers = {"authorization": f"Bearer sk-{name}"}
             sent = time.time()
             response = await client.post("/v1/chat/completions", json=body, headers=headers)
-            report.calls.append((sent, time.time(), response.status_code))
+            report.calls.append((name, sent, time.time(), response.status_code))
 
-        async def loop() -> None:
+        async def loop(name: str) -> None:
             while time.time() < stop_at:
-                await one()
+                await one(name)
                 await anyio.sleep(0.01)
 
         async def sample() -> None:
@@ -145,8 +151,8 @@ async def main(job: Job) -> Report:
                 await anyio.sleep(0.05)
 
         # Warm: one request connects every store (its answer is not part of the report).
-        warm = {"authorization": f"Bearer {WARM_KEY}"}
-        await client.post("/v1/chat/completions", json=body, headers=warm)
+        await one(WARM)
+        report.calls.clear()
         report.inner.clear()
         report.decisions.clear()
         sys.stdout.write("ready\n")
@@ -157,12 +163,13 @@ async def main(job: Job) -> Report:
         async with anyio.create_task_group() as group:
             group.start_soon(sample)
             async with anyio.create_task_group() as traffic:
-                if job.mode == "burst":
-                    for _ in range(job.requests):
-                        traffic.start_soon(one)
-                else:
-                    for _ in range(job.loops):
-                        traffic.start_soon(loop)
+                for name, load in job.tenants.items():
+                    if job.mode == "burst":
+                        for _ in range(load.requests):
+                            traffic.start_soon(one, name)
+                    else:
+                        for _ in range(load.loops):
+                            traffic.start_soon(loop, name)
             report.failures.append((time.time(), failure_counts()))
             group.cancel_scope.cancel()
     return report
@@ -197,18 +204,28 @@ def workers(jobs: list[Job], timeout_s: float = 40.0) -> Iterator[Callable[[], f
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            bufsize=0,  # unbuffered: ``select`` sees every byte not yet read
         )
         for job in jobs
     ]
     REPORTS.clear()
+    early: list[list[str]] = [[] for _ in procs]
     try:
-        for proc in procs:
+        deadline = time.monotonic() + timeout_s
+        for proc, lines in zip(procs, early, strict=True):
             assert proc.stdout is not None
-            line = proc.stdout.readline()  # blocks until it has imported and connected
-            assert line == b"ready\n", (
-                line,
-                proc.stderr.read().decode()[-3000:] if proc.stderr else "",
-            )
+            while True:  # until it has imported and connected (log lines may come first)
+                left = max(0.0, deadline - time.monotonic())
+                ready, _, _ = select.select([proc.stdout], [], [], left)
+                line = proc.stdout.readline() if ready else b""
+                if line == b"ready\n":
+                    break
+                if not line:  # gone, or not ready in time
+                    for other in procs:
+                        other.kill()
+                    assert proc.stderr is not None
+                    raise AssertionError(proc.stderr.read().decode()[-3000:] or lines)
+                lines.append(line.decode().rstrip())
 
         def go() -> float:
             start_at = time.time() + 0.2
@@ -226,6 +243,8 @@ def workers(jobs: list[Job], timeout_s: float = 40.0) -> Iterator[Callable[[], f
             report = msgspec.json.decode(lines[-1], type=Report)
             report.logs = [line.decode() for line in lines[:-1] if line.strip()][-20:]
             REPORTS.append(report)
+        for report, lines in zip(REPORTS, early, strict=True):
+            report.logs = lines + report.logs
     finally:
         for proc in procs:
             if proc.poll() is None:

@@ -203,12 +203,12 @@ def test_long_requests_of_a_noisy_tenant_do_not_delay_tenants_below_their_share(
     assert min(fifo.values()) >= 5.0, fifo
     plain = _ratios(headroom=0)
     assert max(plain.values()) > 1.5, plain
-    # One headroom seat: A, at its seat share, leaves the last free seat to B and C.
+    # Headroom (the default is 2): A, at its seat share, leaves the last free seats to B and C.
     for headroom in (1, 2):
         ratios = _ratios(headroom=headroom)
         assert max(ratios.values()) <= 1.5, (headroom, ratios)
     # Reserved seats are not lent to long requests: B and C start at once.
-    for headroom in (0, 1):
+    for headroom in (0, 2):
         ratios = _ratios(headroom=headroom, reserved=2)
         assert max(ratios.values()) <= 1.1, (headroom, ratios)
 

@@ -239,6 +239,22 @@ async def test_headroom_is_kept_for_tenants_below_their_seat_share(make_store) -
         await store.release(ticket, 100.0)
 
 
+async def test_an_idle_tenant_stops_counting_in_the_shares_after_a_second(make_store) -> None:  # type: ignore[no-untyped-def]
+    store = make_store(2, headroom=1)
+    light, heavy = _t("light"), _t("heavy")
+    assert await store.acquire(light) == GRANTED
+    assert await store.acquire(heavy) == GRANTED
+    await store.release(light, 100.0)
+    # "light" just left and still counts: "heavy" holds its share (1 of 2 seats).
+    waiting = _t("heavy")
+    assert await store.acquire(waiting) == QUEUED
+    # Once "light" has been idle for a second "heavy" is alone and takes the free seat,
+    # with nobody releasing anything.
+    assert await _granted_within(store, waiting, 5.0)
+    for ticket in (heavy, waiting):
+        await store.release(ticket, 100.0)
+
+
 async def test_a_long_stream_is_charged_as_it_goes(make_store) -> None:  # type: ignore[no-untyped-def]
     store = make_store(1)
     ticket = _t("a", cost=100.0, weight=0.5)

@@ -21,6 +21,7 @@ from tenantware.breaker import (
     PROBE,
     SLOW,
     SUCCESS,
+    TIMEOUT,
     BreakerStore,
     CircuitPolicy,
     MemoryBreakerStore,
@@ -140,6 +141,19 @@ async def test_slow_call_rate_trips(made: tuple[BreakerStore, Clock]) -> None:
     assert store.state(other) == OPEN
 
 
+async def test_a_timeout_is_a_failure_and_a_slow_call(made: tuple[BreakerStore, Clock]) -> None:
+    store, _ = made
+    # Neither 5 in a row nor the failure rate (100 %) trips here: only the slow-call rate can.
+    p = policy(minimum_calls=4, failure_rate_percent=100.0, slow_call_rate_percent=50.0)
+    await record_all(store, p, [SUCCESS, FAILURE, SUCCESS, TIMEOUT, TIMEOUT])
+    if isinstance(store, RedisBreakerStore):
+        await store.flush()
+    assert store.state(KEY) == CLOSED  # 2 slow of 5 calls
+    await record_all(store, p, [TIMEOUT])
+    # 3 slow of 6 calls: the timeouts count as slow calls, and the rate opens the circuit.
+    assert store.state(KEY) == OPEN
+
+
 async def test_after_the_wait_exactly_n_probes_and_a_failing_probe_reopens_longer(
     made: tuple[BreakerStore, Clock],
 ) -> None:
@@ -214,6 +228,45 @@ async def test_two_redis_stores_share_one_circuit(redis_url: str, redis_prefix: 
         assert await first.take_probe(KEY, p)
         assert await second.take_probe(KEY, p)
         assert not await first.take_probe(KEY, p)
+    finally:
+        await first_client.aclose()
+        await second_client.aclose()
+
+
+async def test_on_redis_one_process_succeeding_does_not_reset_another_process_failures(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """The written rule: each process's run of failures since its own last success, added up
+    over processes; a success resets only its own process's run."""
+    clock = Clock()
+    p = policy()
+    first_client = connect_redis(redis_url, timeout_s=2.0)
+    second_client = connect_redis(redis_url, timeout_s=2.0)
+    try:
+        failing = RedisBreakerStore(first_client, prefix=redis_prefix, clock=clock)
+        healthy = RedisBreakerStore(second_client, prefix=redis_prefix, clock=clock)
+        for _ in range(5):
+            assert failing.state(KEY) == CLOSED
+            await failing.record(KEY, p, FAILURE)
+            # The other process keeps succeeding, and its successes reach Redis in between.
+            await record_all(healthy, p, [SUCCESS] * 3)
+            await healthy.flush()
+        assert failing.state(KEY) == OPEN
+        # Runs of two processes add up too: 3 + 2 failures since their own last success.
+        clock.now += 31.0
+        for store in (failing, healthy):
+            assert await store.take_probe(KEY, p)
+            await store.record(KEY, p, SUCCESS, probe=True)
+        assert healthy.state(KEY) == CLOSED
+        await record_all(failing, p, [FAILURE] * 3)
+        await record_all(healthy, p, [FAILURE, SUCCESS])
+        await healthy.flush()
+        assert healthy.state(KEY) == CLOSED  # healthy's own success ended its run of one
+        await record_all(healthy, p, [FAILURE] * 2)
+        assert healthy.state(KEY) == OPEN  # 3 (failing) + 2 (healthy) in a row
+        # Opening starts every run over: no per-process field is left behind.
+        fields = await first_client.hkeys(healthy._redis_key(KEY))
+        assert not [f for f in fields if (f if isinstance(f, str) else f.decode())[:2] == "p."]
     finally:
         await first_client.aclose()
         await second_client.aclose()

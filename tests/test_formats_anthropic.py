@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tenantware.context import Usage
@@ -254,7 +254,7 @@ _turn = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     system=st.one_of(st.none(), _text.filter(bool)),
     turns=st.lists(_turn, min_size=1, max_size=6),

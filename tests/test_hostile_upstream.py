@@ -199,9 +199,11 @@ class _HugeUpstream:
         async with anyio.create_task_group() as group:
             group.start_soon(watch)
             while self.sent < HUGE and not gone.is_set():
-                # uvicorn waits here while the socket is full (until the peer reads or leaves).
+                # uvicorn waits here while the socket is full (until the peer reads or leaves);
+                # once the peer left it returns at once, so yield for the watcher to see it.
                 await send({"type": "http.response.body", "body": piece, "more_body": True})
                 self.sent += len(piece)
+                await anyio.lowlevel.checkpoint()
             group.cancel_scope.cancel()
 
 

@@ -140,6 +140,9 @@ async def test_rejected_requests_free_their_context_and_memory() -> None:
         tenants=tenants,
         tiers={"plain": {}},
         metering={"ledger_url": "memory://", "request_log": False, "flush_interval_s": 0.01},
+        # The refusals are counted for the tenant's circuit, which never trips here: every
+        # kind keeps its own answer.
+        breaker={"tenant": {"consecutive_failures": 10**9, "minimum_calls": 10**9}},
     )
     fake = FakeUpstream()
     client = HttpxUpstreamClient(transport=httpx.ASGITransport(app=fake))

@@ -178,11 +178,15 @@ def _start_gateway(tmp_path: Path, upstream_url: str) -> tuple[subprocess.Popen[
     pytest.fail("the gateway process did not start")
 
 
+MIN_COMPLETED = 50
+
+
 async def _load_then_signal(
-    url: str, proc: subprocess.Popen[bytes], sig: int, *, warm: int = 80, run_s: float = 1.5
+    url: str, proc: subprocess.Popen[bytes], sig: int, *, run_s: float = 1.5
 ) -> list[tuple[float, str]]:
-    """Load from 8 clients; send ``sig`` once ``warm`` requests completed and ``run_s`` passed
-    (counted, so a busy host only makes it slower); return (time, id) of completed."""
+    """Load from 8 clients; send ``sig`` after ``run_s`` and at least ``MIN_COMPLETED``
+    completed requests (a loaded host is slow: a count, not a time); return (time, id) of
+    completed."""
     completed: list[tuple[float, str]] = []
     done = anyio.Event()
 
@@ -202,8 +206,8 @@ async def _load_then_signal(
         for tenant in TENANTS:
             group.start_soon(client, tenant)
         await anyio.sleep(run_s)
-        with anyio.move_on_after(60):
-            while len(completed) < warm:
+        with anyio.fail_after(60):
+            while len(completed) <= MIN_COMPLETED:
                 await anyio.sleep(0.05)
         proc.send_signal(sig)
         signalled_at = time.monotonic()
@@ -229,7 +233,7 @@ async def test_sigterm_under_load_loses_no_record(tmp_path: Path) -> None:
         0,
         -signal.SIGTERM,
     )  # uvicorn re-raises the signal after a clean exit
-    assert len(completed) > 50
+    assert len(completed) > MIN_COMPLETED
     stored = await _ledger_ids(ledger_path)
     assert {rid for _, rid in completed} <= stored
 
@@ -249,6 +253,6 @@ async def test_sigkill_under_load_loses_at_most_the_last_flush_interval(tmp_path
         f"completed {len(completed)}, lost {len(lost)} (oldest {oldest:.3f} s),"
         f" completed in the last 0.3 s {len(recent)}"
     )
-    assert len(completed) > 50
+    assert len(completed) > MIN_COMPLETED
     assert len(lost) <= len(recent)
     assert all(t > -0.3 for t, _ in lost)

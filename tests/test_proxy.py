@@ -316,7 +316,7 @@ def _receive_body_then(body: bytes, then: Callable[[], Awaitable[Message]]) -> R
     return receive
 
 
-def _with_timeout(url: str, timeout_s: float) -> Any:
+def _with_timeout(url: str, idle_s: float, total_s: float = 60.0) -> Any:
     return make_config(
         url + "/v1",
         upstreams=[
@@ -324,7 +324,8 @@ def _with_timeout(url: str, timeout_s: float) -> Any:
                 "name": "fake",
                 "base_url": url + "/v1",
                 "models": ["gpt-4.1"],
-                "timeout_s": timeout_s,
+                "idle_timeout_s": idle_s,
+                "timeout_s": total_s,
             }
         ],
     )
@@ -404,12 +405,13 @@ async def test_a_failing_receive_cuts_the_stream_and_is_raised(
 async def test_upstream_stalling_mid_stream_times_out(
     served_fake: tuple[FakeUpstream, str],
 ) -> None:
-    """The read timeout of a streamed body (one watchdog per stream on aiohttp) still fires
+    """The idle timeout of a streamed body (one watchdog per stream on aiohttp) still fires
     between chunks; the next request on the pooled connection has its own timeout again."""
     fake, url = served_fake
     fake.config.stream_chunks = 3
     fake.config.chunk_delay_s = 1.0
-    gateway = Gateway(_with_timeout(url, 0.2))
+    # A whole answer's headers wait for the total (0.5 s), a stream's next event for 0.2 s.
+    gateway = Gateway(_with_timeout(url, 0.2, total_s=0.5))
     seen: dict[str, Any] = {}
     try:
         async with client_for(gateway.wrap(_capturing(gateway, seen)), KEYS["acme"]) as client:

@@ -9,6 +9,7 @@ from tenantware import metrics
 from tenantware.admission.core import GRANTED, QUEUED, Ticket
 from tenantware.admission.pools import pool_specs
 from tenantware.admission.store import UNAVAILABLE
+from tenantware.backends.failover import StoreHealth
 from tenantware.config import AdmissionSettings
 from tenantware.quota.failover import FailoverQuotaStore
 from tenantware.stores import open_stores
@@ -82,3 +83,33 @@ async def test_closed_admission_answers_unavailable() -> None:
     finally:
         await stores.aclose()
     assert _failures("admission", "closed") == before + 1
+
+
+def test_an_outage_is_probed_by_one_call_per_interval() -> None:
+    now = [100.0]
+    health = StoreHealth(probe_interval_s=0.25, bound_s=0.5, clock=lambda: now[0])
+    assert health.available  # up: every call goes to the store
+    assert health.failed()  # the first failure starts the outage...
+    assert not health.failed()  # ...once
+    assert [health.available for _ in range(3)] == [False] * 3
+    now[0] += 0.25
+    assert [health.available for _ in range(3)] == [True, False, False]  # one probe
+    health.failed()  # it failed: the next one after another interval
+    now[0] += 0.2
+    assert not health.available
+    now[0] += 0.05
+    assert health.available
+    assert health.succeeded()  # answered: every call goes to the store again
+    assert [health.available for _ in range(3)] == [True] * 3
+
+
+def test_a_probe_that_never_reports_is_replaced() -> None:
+    now = [0.0]
+    health = StoreHealth(probe_interval_s=0.25, bound_s=0.5, clock=lambda: now[0])
+    health.failed()
+    now[0] += 0.25
+    assert health.available  # this probe's caller is cancelled: it never reports
+    now[0] += 0.7
+    assert not health.available
+    now[0] += 0.1  # interval + bound after it went
+    assert health.available

@@ -6,11 +6,11 @@ implements the same rules (``lua/admission.lua``), so both are checked by one te
 
 Rules, in the order a free seat is given away:
 
-1. protected seats: a tenant's unused reserved seats, and ``headroom`` seats for tenants below
-   their seat share (``held < seats x weight / sum of the weights of active tenants``), are
-   kept free; only requests expected to finish within ``short_s`` may borrow them, so a
-   tenant below its share (or under its reservation) finds a seat at once, or within
-   ``short_s``, whatever the length of other tenants' requests;
+1. protected seats: a tenant's unused reserved seats are kept for it, and the last
+   ``headroom`` free seats for tenants below their seat share (``held < seats x weight / sum
+   of the weights of the active tenants``); other requests may borrow them only if expected
+   to end within ``short_s``. So a long request of a tenant at or above its share never
+   delays a tenant below it (the README states the bound and its preconditions);
 2. guaranteed seats: a backlogged tenant holding fewer seats than it has reserved goes first;
 3. bands: the backlogged band with the smallest band counter goes next; a dispatch adds
    ``1 / share`` to it (weighted round robin by count, lifted like the tenant counters);
@@ -281,6 +281,13 @@ class FairCore:
         if self.rate is None or self._room(now):
             return 0.0
         return -self.level / self.rate + 0.001
+
+    def linger_in(self, now: float) -> float:
+        """Seconds until an idle tenant may stop counting in the seat shares (which may let
+        a waiter take the headroom): when a waiter with nobody releasing should ``pump``."""
+        if not self._lingering:
+            return self.linger_s
+        return max(0.001, self._lingering[0][0] + self.linger_s - now + 0.001)
 
     # -- inspection -------------------------------------------------------------------------
 

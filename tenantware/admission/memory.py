@@ -81,7 +81,16 @@ class MemorySeatStore:
             return
         core = self.core
         if core.rate is None:
-            await event.wait()
+            if not core.headroom:
+                await event.wait()
+                return
+            # With headroom, an idle tenant's weight leaving the shares (no release) may
+            # let this ticket in: re-check when the next one is due.
+            while not ticket.granted:
+                with anyio.move_on_after(core.linger_in(self.clock())):
+                    await event.wait()
+                if not ticket.granted:
+                    _wake(core.pump(self.clock()))
             return
         # With a token rate nobody may release while the bucket refills: re-check on time.
         while not ticket.granted:

@@ -115,11 +115,21 @@ class ProgressWatch:
     fails them at once.
     """
 
-    __slots__ = ("_turns", "bound_s", "in_flight", "last_reply", "max_in_flight", "stalls")
+    __slots__ = (
+        "_turns",
+        "answered",
+        "bound_s",
+        "in_flight",
+        "last_reply",
+        "max_in_flight",
+        "stalls",
+    )
 
     def __init__(self, bound_s: float, *, max_in_flight: int | None = None) -> None:
         self.bound_s = bound_s
         self.max_in_flight = max_in_flight
+        #: Some call has been answered (the client is connected and knows its nodes).
+        self.answered = False
         self.in_flight = 0
         self.last_reply = 0.0
         #: Stalls declared so far (a waiting call that sees it change gives up).
@@ -141,11 +151,15 @@ class ProgressWatch:
             call.close()  # not awaited when it gave up before its turn
 
     async def _run(self, call: Awaitable[T]) -> T:
-        if self.bound_s == math.inf:
+        if self.bound_s == math.inf or not self.answered:
+            # Until a first answer the client may still be discovering a cluster (several
+            # round trips inside one call): redis-py's own timeouts bound that call.
             try:
-                return await call
+                result = await call
             except RedisError as exc:
                 raise StoreUnavailable(f"Redis: {type(exc).__name__}: {exc}") from exc
+            self.answered = True
+            return result
         loop = asyncio.get_running_loop()
         if not self.in_flight:
             self.last_reply = loop.time()  # silence counts from the first outstanding call
@@ -185,7 +199,8 @@ class ProgressWatch:
         silent_until = self.last_reply + self.bound_s
         if now < silent_until:  # an answer came meanwhile: wait for the next silence
             watched.handle = loop.call_at(silent_until, self._check, watched, silent_until)
-        elif not hops and now - due > self.bound_s * _LATE:
+        elif not hops and not watched.extended and now - due > self.bound_s * _LATE:
+            watched.extended = True  # once: a loop late at every check still ends the wait
             later = now + self.bound_s
             watched.handle = loop.call_at(later, self._check, watched, later)
         elif hops < _CONFIRM_TURNS:
@@ -198,11 +213,12 @@ class ProgressWatch:
 class _Watched:
     """One call under watch: its timeout scope and the handle of its next check."""
 
-    __slots__ = ("done", "handle", "scope")
+    __slots__ = ("done", "extended", "handle", "scope")
 
     def __init__(self, scope: asyncio.Timeout) -> None:
         self.scope = scope
         self.done = False
+        self.extended = False
         self.handle: asyncio.Handle | None = None
 
 

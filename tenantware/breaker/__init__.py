@@ -25,6 +25,7 @@ from tenantware.breaker.circuit import (
     RELEASE,
     SLOW,
     SUCCESS,
+    TIMEOUT,
     Circuit,
     CircuitPolicy,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "RELEASE",
     "SLOW",
     "SUCCESS",
+    "TIMEOUT",
     "BreakerBoard",
     "BreakerStore",
     "Circuit",

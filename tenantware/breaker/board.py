@@ -25,6 +25,7 @@ from tenantware.breaker.circuit import (
 from tenantware.breaker.memory import MemoryBreakerStore
 from tenantware.breaker.store import BreakerStore, Clock
 from tenantware.config import BreakerSettings, Upstream
+from tenantware.context import Unavailable
 from tenantware.metrics import BREAKER_STATE
 from tenantware.registry import TenantView
 from tenantware.state import Snapshot
@@ -53,7 +54,8 @@ class CircuitOpen(NamedTuple):
     model: str
     #: Seconds until the first one may (finite, positive).
     wait_s: float
-    why: str = "its upstreams are failing or rate-limited and the circuit breaker is open"
+    #: Their circuits are open, they cool down after a 429, or some of each.
+    why: Unavailable = "open"
 
 
 class Deployment:
@@ -179,6 +181,27 @@ class BreakerBoard:
                 best = min(best, wait)
         return best
 
+    def unavailable(
+        self, snapshot: Snapshot, model: str, chain: tuple[str, ...], wait_s: float
+    ) -> CircuitOpen:
+        """The decision when no deployment of ``chain`` may take a call for ``wait_s``: says
+        whether their circuits are open or they only cool down after a 429 (refusals only)."""
+        state = self.store.state
+        gate = self.gate
+        opened = cooling = False
+        for name in chain:
+            for deployment in self.deployments(snapshot, name):
+                if gate(deployment.key) == PASS:
+                    continue
+                if state(deployment.key) == CLOSED:
+                    cooling = True
+                else:
+                    opened = True
+        why: Unavailable = (
+            "open_and_cooling" if opened and cooling else ("cooling" if cooling else "open")
+        )
+        return circuit_open(model, wait_s, why)
+
     # -- circuits ----------------------------------------------------------------------------
 
     def gate(self, key: str) -> float:
@@ -230,6 +253,6 @@ class BreakerBoard:
         await self.store.aclose()
 
 
-def circuit_open(model: str, wait_s: float) -> CircuitOpen:
+def circuit_open(model: str, wait_s: float, why: Unavailable = "open") -> CircuitOpen:
     """The decision for ``model`` when every deployment of its chain waits ``wait_s``."""
-    return CircuitOpen(model, max(wait_s, 0.001) if math.isfinite(wait_s) else 1.0)
+    return CircuitOpen(model, max(wait_s, 0.001) if math.isfinite(wait_s) else 1.0, why)

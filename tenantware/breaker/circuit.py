@@ -28,6 +28,7 @@ __all__ = [
     "SLOW",
     "STATE_NAMES",
     "SUCCESS",
+    "TIMEOUT",
     "Circuit",
     "CircuitPolicy",
 ]
@@ -42,10 +43,12 @@ STATE_NAMES: Final = ("closed", "half_open", "open")
 SUCCESS: Final = 0
 SLOW: Final = 1
 FAILURE: Final = 2
+#: A timed-out call: a failure, and a slow call for the slow-call rate.
+TIMEOUT: Final = 3
 #: Upstream 429: cool down, neither success nor failure.
-LIMITED: Final = 3
+LIMITED: Final = 4
 #: A probe slot taken but not used (the request went elsewhere): give it back.
-RELEASE: Final = 4
+RELEASE: Final = 5
 
 #: ``gate`` results besides a positive wait: traffic may go / a probe slot may be free.
 PASS: Final = 0.0
@@ -173,7 +176,7 @@ class Circuit:
         if outcome == LIMITED:
             self.cool_until = max(self.cool_until, now + cool_s)
         if probe and self.state == HALF_OPEN:
-            if outcome == FAILURE:
+            if outcome in (FAILURE, TIMEOUT):
                 self._open(now)
             elif outcome in (LIMITED, RELEASE):
                 self.probes_left += 1
@@ -192,10 +195,13 @@ class Circuit:
         slot = self.slots[bucket % BUCKETS]
         slot[0] += 1
         self.calls += 1
-        if outcome == FAILURE:
+        if outcome in (FAILURE, TIMEOUT):
             slot[1] += 1
             self.fails += 1
             self.consecutive += 1
+            if outcome == TIMEOUT:
+                slot[2] += 1
+                self.slows += 1
             if self.consecutive >= policy.consecutive:
                 self._open(now)
                 return

@@ -12,13 +12,18 @@ from Redis ``TIME``). The request path reads a local copy of each circuit:
 
 The trade-off: another process learns of an open circuit within ``sync_interval_s`` (or on
 its own next failure, which is immediate), and the shared rate window lags the successes of
-each process by at most that long. When Redis fails, decisions fall back to circuits kept in
-process (every outcome is also recorded there), so a Redis outage costs protection sharing,
-never traffic: the breaker's failure policy is always ``local`` (``backends/failover.py``).
+each process by at most that long. Consecutive failures are counted per process and added up
+(a success resets only its own process's run): otherwise one process's successes, arriving
+in batches, would reset the count of another that keeps failing.
+
+When Redis fails, decisions fall back to circuits kept in process (every outcome is also
+recorded there), so a Redis outage costs protection sharing, never traffic: the breaker's
+failure policy is always ``local`` (``backends/failover.py``).
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Iterable
 from importlib import resources
@@ -41,6 +46,7 @@ from tenantware.breaker.circuit import (
     RELEASE,
     SLOW,
     SUCCESS,
+    TIMEOUT,
     CircuitPolicy,
 )
 from tenantware.breaker.memory import MemoryBreakerStore
@@ -50,7 +56,7 @@ __all__ = ["RedisBreakerStore"]
 
 _SCRIPT = resources.files("tenantware.breaker").joinpath("lua/breaker.lua").read_text()
 _TAKE = 4
-_PROBE_MODE = {SUCCESS: 1, SLOW: 1, FAILURE: 2, LIMITED: 3, RELEASE: 3}
+_PROBE_MODE = {SUCCESS: 1, SLOW: 1, FAILURE: 2, TIMEOUT: 2, LIMITED: 3, RELEASE: 3}
 #: Outcomes of ordinary calls that only count (sent with the next script call).
 _COUNTED_LOCALLY = frozenset({SUCCESS, SLOW, RELEASE})
 
@@ -104,6 +110,8 @@ class RedisBreakerStore:
         self.failover = Failover(
             "breaker", health, probe_interval_s=sync_interval_s, clock=self._now
         )
+        #: Names this store's run of consecutive failures in each circuit's hash.
+        self.process_id = secrets.token_hex(8)
         self._listener: TransitionListener = self.local._listener
 
     def set_listener(self, listener: TransitionListener) -> None:
@@ -194,12 +202,19 @@ class RedisBreakerStore:
             return
         self.local.record_now(key, policy, outcome, probe=probe, cool_s=cool_s)
         mode = _PROBE_MODE[outcome] if probe else 0
-        fail = 1 if outcome == FAILURE and not probe else 0
+        failed = outcome in (FAILURE, TIMEOUT)
+        fail = 1 if failed and not probe else 0
         cool_ms = int(cool_s * 1000) if outcome == LIMITED else 0
-        await self._call(key, policy, mode, fail, cool_ms)
+        await self._call(key, policy, mode, fail, cool_ms, 1 if outcome == TIMEOUT else 0)
 
     async def _call(
-        self, key: str, policy: CircuitPolicy, mode: int, fail: int, cool_ms: int
+        self,
+        key: str,
+        policy: CircuitPolicy,
+        mode: int,
+        fail: int,
+        cool_ms: int,
+        slow_fail: int = 0,
     ) -> list[int] | None:
         failover = self.failover
         if not failover.available:
@@ -218,6 +233,8 @@ class RedisBreakerStore:
             mode,
             cool_ms,
             *self._args(policy),
+            self.process_id,
+            slow_fail,
         ]
         try:
             raw = await self._script(keys=[self._redis_key(key)], args=args)

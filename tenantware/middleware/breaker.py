@@ -18,6 +18,7 @@ import anyio
 
 from tenantware.breaker.board import RECORDED, BreakerBoard, circuit_open
 from tenantware.breaker.circuit import (
+    CLOSED,
     FAILURE,
     LIMITED,
     PASS,
@@ -26,17 +27,20 @@ from tenantware.breaker.circuit import (
     RELEASE,
     SUCCESS,
 )
-from tenantware.context import Outcome, RequestContext, get_context
+from tenantware.context import Outcome, RequestContext, Unavailable, get_context
 from tenantware.errors import GatewayError, circuit_open_error
 from tenantware.state import LiveConfig
 from tenantware.types import ASGIApp, Receive, Scope, Send
 
-__all__ = ["BreakerMiddleware"]
+__all__ = ["BreakerMiddleware", "TenantRefusals"]
 
 _RETRY_CODE: Final = "tenant_circuit_open"
 #: 4xx answers that do not count against a tenant: a limit (429), and an upstream refusing
 #: the gateway's own credentials (401/403), which is an operator's problem.
 _NOT_THE_CLIENTS_FAULT: Final = frozenset({401, 403, 429})
+#: The tenant layer's refusals that do not count: no known key (401) and a limit (429). Its
+#: 403 is the client's (a model its key may not use), not an upstream's.
+_NOT_A_REFUSAL_OF_THE_CLIENT: Final = frozenset({401, 429})
 
 
 class BreakerMiddleware:
@@ -93,7 +97,12 @@ class BreakerMiddleware:
             if tenant_probe:
                 await board.release(tenant_key, tenant_policy)
             assert model is not None
-            await circuit_open_error(*circuit_open(model, wait)).send(send, ctx)
+            if app_key is not None:
+                why: Unavailable = "cooling" if board.state(app_key) == CLOSED else "open"
+                decision = circuit_open(model, wait, why)
+            else:
+                decision = board.unavailable(snapshot, model, chain, wait)
+            await circuit_open_error(*decision).send(send, ctx)
             return
         status = 0
         try:
@@ -156,6 +165,51 @@ class BreakerMiddleware:
             await board.record(
                 app_key, outcome, probe=app_probe, cool_s=board.settings.default_cooldown_s
             )
+
+
+class TenantRefusals:
+    """The tenant layer's own refusals of a known tenant (malformed body, unknown or disallowed
+    model, body too large) as failures of the tenant's circuit, as this layer counts the 4xx
+    answers it sees: ``TenantMiddleware(on_refusal=TenantRefusals(live=..., board=...))``.
+
+    That layer sits outside this one (everything needs the tenant first), so without this a
+    client looping on malformed JSON would never be paused. While the circuit is open the
+    refusal becomes the pause (``429 tenant_circuit_open``); past its wait, the refusal is the
+    probe. ``breaker.count_tenant_refusals = false`` turns it off.
+    """
+
+    def __init__(self, *, live: LiveConfig, board: BreakerBoard) -> None:
+        self.live = live
+        self.board = board
+
+    async def __call__(self, ctx: RequestContext, error: GatewayError) -> GatewayError:
+        board = self.board
+        status = error.status
+        if (
+            ctx.tenant is None
+            or not board.enabled
+            or not 400 <= status < 500
+            or status in _NOT_A_REFUSAL_OF_THE_CLIENT
+            or not self.live.current.config.breaker.count_tenant_refusals
+        ):
+            return error
+        key = board.tenant_key(ctx.tenant.id)
+        policy = board.tenant_policy
+        if board.remote:
+            await board.store.refresh((key,), policy)
+        probe = False
+        wait = board.gate(key)
+        if wait != PASS:
+            if wait == PROBE and await board.take_probe(key, policy):
+                probe = True
+            else:
+                return _tenant_open(wait if wait > 0 else 1.0)
+        if board.remote:
+            with anyio.CancelScope(shield=True):
+                await board.record(key, FAILURE, probe=probe, policy=policy)
+        else:
+            await board.record(key, FAILURE, probe=probe, policy=policy)
+        return error
 
 
 def _tenant_open(wait: float) -> GatewayError:

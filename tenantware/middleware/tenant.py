@@ -96,6 +96,7 @@ class TenantMiddleware:
         live: LiveConfig,
         estimator: PromptEstimator = estimate_prompt_tokens,
         on_rejected: Callable[[Scope], None] | None = None,
+        on_refusal: Callable[[RequestContext, GatewayError], Awaitable[GatewayError]] | None = None,
     ) -> None:
         self.app = app
         self.live = live
@@ -103,6 +104,10 @@ class TenantMiddleware:
         #: Called after this layer itself refused a request (bad body, model): the metering
         #: layer is not reached then, so the gateway records those here.
         self.on_rejected = on_rejected
+        #: Called before this layer refuses a known tenant's request, with the refusal; sends
+        #: what it returns. The breaker layer is not reached either: the gateway counts these
+        #: refusals against the tenant's circuit here (a paused tenant gets its pause).
+        self.on_refusal = on_refusal
         self._trusted: tuple[Snapshot | None, tuple[_IPNetwork, ...]] = (None, ())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -179,6 +184,8 @@ class TenantMiddleware:
             # quota layers (which answer it), the app's answer.
             if ctx.response_started:
                 raise
+            if not inner_called and self.on_refusal is not None and ctx.tenant is not None:
+                error = await self.on_refusal(ctx, error)
             await error.send(send_with_id, ctx)
             if not inner_called and self.on_rejected is not None:
                 self.on_rejected(scope)

@@ -10,13 +10,14 @@ started, go to the client as they are (through ``Relay``).
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 import msgspec
 
-from tenantware.breaker.board import RECORDED, BreakerBoard, Deployment, circuit_open
-from tenantware.breaker.circuit import FAILURE, LIMITED, RELEASE, SLOW, SUCCESS
+from tenantware.breaker.board import RECORDED, BreakerBoard, Deployment
+from tenantware.breaker.circuit import FAILURE, LIMITED, RELEASE, SLOW, SUCCESS, TIMEOUT
 from tenantware.config import Upstream
 from tenantware.context import Outcome, RequestContext, Usage
 from tenantware.errors import GatewayError, circuit_open_error
@@ -26,6 +27,7 @@ from tenantware.metering.usage import parse_json_usage
 from tenantware.proxy.relay import Relay
 from tenantware.proxy.routing import Router
 from tenantware.proxy.upstream import (
+    Timeouts,
     UpstreamClient,
     UpstreamResponse,
     UpstreamTimeout,
@@ -45,14 +47,21 @@ _encode = msgspec.json.Encoder().encode
 
 
 class _Target:
-    """An upstream's URL base and request headers, built once per config version."""
+    """An upstream's URL base, request headers and time limits, built once per config version."""
 
-    __slots__ = ("api", "base_url", "headers", "upstream")
+    __slots__ = ("api", "base_url", "headers", "stream_timeouts", "upstream", "whole_timeouts")
 
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
         self.api = upstream.api
         self.base_url = upstream.base_url.rstrip("/")
+        connect, total = upstream.connect_timeout_s, upstream.timeout_s
+        #: A stream's headers come at once, long before its first token: a short bound.
+        self.stream_timeouts = Timeouts(
+            connect, min(upstream.first_byte_timeout_s, total), upstream.idle_timeout_s, total
+        )
+        #: A whole (non-streaming) answer's headers come with the answer: only the total.
+        self.whole_timeouts = Timeouts(connect, total, upstream.idle_timeout_s, total)
         headers = {"content-type": "application/json", "accept-encoding": "identity"}
         if upstream.api == "anthropic":
             headers["anthropic-version"] = ANTHROPIC_VERSION
@@ -82,6 +91,13 @@ class Dispatcher:
         self.relay = relay
         self._targets: dict[str, _Target] = {}
         self._targets_version = -1
+        #: How a retry waits (its backoff, or a cool-down); tests replace it to hold a retry.
+        self.sleep: Callable[[float], Awaitable[None]] = anyio.sleep
+
+    async def _refresh(self, snapshot: Snapshot, chain: tuple[str, ...]) -> None:
+        """After a sleep: re-read the shared circuits that went stale meanwhile (Redis)."""
+        if self.board.remote:
+            await self.board.refresh_chain(snapshot, chain)
 
     def _target(self, snapshot: Snapshot, upstream: Upstream) -> _Target:
         if self._targets_version != snapshot.version:
@@ -114,6 +130,8 @@ class Dispatcher:
         tried: set[str] | None = None
         last: _Failed | None = None
         attempts = 0
+        #: This retry already slept its backoff: the pick made after it is called at once.
+        backed_off = False
         while True:
             pick = await router.pick(snapshot, chain, tried)
             deployment = pick.deployment
@@ -126,15 +144,21 @@ class Dispatcher:
                 ):
                     break
                 # Only cooling (429) or open deployments left: wait for the first to return.
-                await anyio.sleep(wait)
+                await self.sleep(wait)
+                await self._refresh(snapshot, chain)
                 continue
-            if tried is not None and deployment.key in tried:
+            if tried is not None and deployment.key in tried and not backed_off:
+                # Only deployments this request tried are ready (never a probe: probes go to
+                # untried ones). Sleep the backoff, then ask the board again: a circuit that
+                # opened meanwhile (other requests' failures) is not called.
                 delay = router.backoff(attempts - 1)
                 if time.perf_counter() + delay >= deadline:
-                    if pick.probe:
-                        await board.release(deployment.key)
                     break
-                await anyio.sleep(delay)
+                await self.sleep(delay)
+                await self._refresh(snapshot, chain)
+                backed_off = True
+                continue
+            backed_off = False
             attempts += 1
             last = await self._attempt(
                 ctx, receive, send, path, snapshot, deployment, pick.probe, started
@@ -147,7 +171,7 @@ class Dispatcher:
             if attempts >= settings.max_attempts or time.perf_counter() >= deadline:
                 break
         if last is None:
-            raise circuit_open_error(*circuit_open(model, pick.wait_s))
+            raise circuit_open_error(*board.unavailable(snapshot, model, chain, pick.wait_s))
         if last.error is not None:
             raise _unavailable(last.error, last.target)
         ctx.usage = Usage()
@@ -216,11 +240,10 @@ class Dispatcher:
                     url,
                     headers=headers,
                     body=body,
-                    timeout_s=target.upstream.timeout_s,
-                    connect_timeout_s=target.upstream.connect_timeout_s,
+                    timeouts=target.stream_timeouts if streaming else target.whole_timeouts,
                 )
             except UpstreamUnavailable as exc:
-                outcome = FAILURE
+                outcome = TIMEOUT if isinstance(exc, UpstreamTimeout) else FAILURE
                 return _Failed(error=exc, target=target)
             try:
                 status = response.status
@@ -249,7 +272,7 @@ class Dispatcher:
                     try:
                         data = await response.read(limit)
                     except UpstreamUnavailable as exc:
-                        outcome = FAILURE
+                        outcome = TIMEOUT if isinstance(exc, UpstreamTimeout) else FAILURE
                         return _Failed(error=exc, target=target)
                     except UpstreamTooLarge as exc:
                         raise _too_large(exc, target) from None

@@ -5,20 +5,27 @@ httpx's default transport on this kind of machine. The httpx client stays for an
 backend (trio) and for in-process tests through ``httpx.ASGITransport``/``MockTransport``.
 Both clients are created lazily on first use (so they bind to the running loop) and must be
 closed with ``aclose()`` (the gateway's lifespan does it).
+
+Each call has four time limits (``Timeouts``): connecting, the response headers, the wait for
+the body's next bytes, and the whole call. Kept apart because they guard different things: a
+hanging upstream shows in the headers (seconds), a stalled stream in the gap between events,
+and only the total may be as long as the longest generation.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable, Mapping
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import aiohttp
+import anyio
 import httpx
 
 __all__ = [
     "AiohttpUpstreamClient",
     "HttpxUpstreamClient",
+    "Timeouts",
     "UpstreamClient",
     "UpstreamConnectError",
     "UpstreamResponse",
@@ -53,6 +60,18 @@ class UpstreamTooLarge(Exception):
     def __init__(self, limit: int) -> None:
         super().__init__(f"the upstream answer exceeds {limit} bytes")
         self.limit = limit
+
+
+class Timeouts(NamedTuple):
+    """The time limits of one call, in seconds (built from its ``Upstream`` per kind of call)."""
+
+    connect_s: float
+    #: Until the response headers.
+    first_byte_s: float
+    #: Longest wait for the body's next bytes.
+    idle_s: float
+    #: The whole call, from sending the request to the end of the body.
+    total_s: float
 
 
 class UpstreamResponse(Protocol):
@@ -93,8 +112,7 @@ class UpstreamClient(Protocol):
         *,
         headers: Mapping[str, str],
         body: bytes,
-        timeout_s: float,
-        connect_timeout_s: float,
+        timeouts: Timeouts,
     ) -> UpstreamResponse: ...
 
     async def aclose(self) -> None: ...
@@ -106,14 +124,25 @@ def _relayable(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
 
 
 class _AiohttpResponse:
-    __slots__ = ("_idle_s", "_loop", "_response", "_since", "_watchdog", "headers", "status")
+    __slots__ = (
+        "_deadline",
+        "_idle_s",
+        "_loop",
+        "_response",
+        "_since",
+        "_watchdog",
+        "headers",
+        "status",
+    )
 
-    def __init__(self, response: aiohttp.ClientResponse, idle_s: float) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, idle_s: float, deadline: float) -> None:
         self._response = response
         self.status = response.status
         self.headers = _relayable(response.raw_headers)
-        #: The upstream's read timeout: the longest wait for its next bytes.
+        #: The longest wait for the body's next bytes.
         self._idle_s = idle_s
+        #: The loop time by which the whole call must be over.
+        self._deadline = deadline
         self._loop: asyncio.AbstractEventLoop | None = None
         #: When the pending ``read_chunk`` started waiting; -1 while none waits.
         self._since = -1.0
@@ -132,13 +161,20 @@ class _AiohttpResponse:
         content = response.content
         chunks: list[bytes] = []
         size = 0
+        connection = response.connection
+        if connection is not None and connection.protocol is not None:
+            # The headers are in: from here on the body's gaps are bounded by the idle timeout.
+            connection.protocol.read_timeout = self._idle_s
+        loop = asyncio.get_running_loop()
         try:
             while chunk := await content.readany():
                 size += len(chunk)
                 if size > max_bytes:
                     raise UpstreamTooLarge(max_bytes)
+                if loop.time() > self._deadline:
+                    raise UpstreamTimeout("the upstream call took longer than its total timeout")
                 chunks.append(chunk)
-        except UpstreamTooLarge:
+        except (UpstreamTooLarge, UpstreamTimeout):
             raise
         except Exception as exc:
             raise _translate_aiohttp(exc) from exc
@@ -168,8 +204,9 @@ class _AiohttpResponse:
 
         aiohttp's ``sock_read`` re-arms a timer for every chunk it receives (a libuv timer
         under uvloop: a few µs, twenty-odd times per stream). For the body of a stream it is
-        switched off here and one watchdog checks, once per timeout period, whether a read has
-        been waiting that long: the same timeout, whichever ``read_chunk`` it hits.
+        switched off here and one watchdog checks, once per idle period (or at the call's
+        deadline, if sooner), whether a read has been waiting that long or the call has run
+        out of time: the same limits, whichever ``read_chunk`` they hit.
         """
         connection = self._response.connection
         protocol = connection.protocol if connection is not None else None
@@ -177,7 +214,8 @@ class _AiohttpResponse:
             return  # the body has arrived whole: nothing left to wait for
         # Takes effect at the next chunk, which cancels the timer aiohttp armed at the last.
         protocol.read_timeout = None
-        self._watchdog = loop.call_at(loop.time() + self._idle_s, self._check_idle)
+        wake = min(loop.time() + self._idle_s, self._deadline)
+        self._watchdog = loop.call_at(wake, self._check_idle)
 
     def _check_idle(self) -> None:
         assert self._loop is not None
@@ -185,15 +223,23 @@ class _AiohttpResponse:
         since = self._since
         if since < 0:  # not waiting (the relay is busy with the last chunk)
             since = now
-        elif now - since >= self._idle_s:
-            self._watchdog = None
-            exc = aiohttp.SocketTimeoutError("Timeout on reading data from socket")
-            connection = self._response.connection
-            if connection is not None and connection.protocol is not None:
-                connection.protocol.set_exception(exc)
-            self._response.content.set_exception(exc)
+        if now >= self._deadline:
+            self._time_out("the upstream call took longer than its total timeout")
             return
-        self._watchdog = self._loop.call_at(since + self._idle_s, self._check_idle)
+        if now - since >= self._idle_s:
+            self._time_out("the upstream sent nothing for longer than its idle timeout")
+            return
+        self._watchdog = self._loop.call_at(
+            min(since + self._idle_s, self._deadline), self._check_idle
+        )
+
+    def _time_out(self, why: str) -> None:
+        self._watchdog = None
+        exc = aiohttp.SocketTimeoutError(why)
+        connection = self._response.connection
+        if connection is not None and connection.protocol is not None:
+            connection.protocol.set_exception(exc)
+        self._response.content.set_exception(exc)
 
     def close_now(self) -> None:
         """Synchronous close (aiohttp's release/close never wait): callers need no shield."""
@@ -229,18 +275,21 @@ class AiohttpUpstreamClient:
         self._pool_size = pool_size
         self._keepalive_s = keepalive_s
         self._session: aiohttp.ClientSession | None = None
-        #: One ``ClientTimeout`` per (read, connect) pair: upstreams have fixed timeouts.
-        self._timeouts: dict[tuple[float, float], aiohttp.ClientTimeout] = {}
+        #: One ``ClientTimeout`` per ``Timeouts``: upstreams have fixed timeouts.
+        self._timeouts: dict[Timeouts, aiohttp.ClientTimeout] = {}
 
-    def _timeout(self, timeout_s: float, connect_timeout_s: float) -> aiohttp.ClientTimeout:
-        key = (timeout_s, connect_timeout_s)
-        timeout = self._timeouts.get(key)
+    def _timeout(self, timeouts: Timeouts) -> aiohttp.ClientTimeout:
+        timeout = self._timeouts.get(timeouts)
         if timeout is None:
+            # ``sock_read`` bounds the wait for the headers (the body's reads get the idle
+            # timeout once they start); the total is the response's watchdog's.
             timeout = aiohttp.ClientTimeout(
-                total=None, sock_connect=connect_timeout_s, sock_read=timeout_s
+                total=None,
+                sock_connect=timeouts.connect_s,
+                sock_read=min(timeouts.first_byte_s, timeouts.total_s),
             )
             if len(self._timeouts) < 256:
-                self._timeouts[key] = timeout
+                self._timeouts[timeouts] = timeout
         return timeout
 
     def _get_session(self) -> aiohttp.ClientSession:
@@ -260,13 +309,11 @@ class AiohttpUpstreamClient:
         *,
         headers: Mapping[str, str],
         body: bytes,
-        timeout_s: float,
-        connect_timeout_s: float,
+        timeouts: Timeouts,
     ) -> UpstreamResponse:
         session = self._session or self._get_session()
-        timeout = self._timeouts.get((timeout_s, connect_timeout_s)) or self._timeout(
-            timeout_s, connect_timeout_s
-        )
+        timeout = self._timeouts.get(timeouts) or self._timeout(timeouts)
+        deadline = asyncio.get_running_loop().time() + timeouts.total_s
         try:
             # aiohttp copies ``headers`` into its own multidict: no copy needed here.
             response = await session.request(
@@ -274,7 +321,7 @@ class AiohttpUpstreamClient:
             )
         except Exception as exc:
             raise _translate_aiohttp(exc) from exc
-        return _AiohttpResponse(response, timeout_s)
+        return _AiohttpResponse(response, timeouts.idle_s, deadline)
 
     async def aclose(self) -> None:
         session, self._session = self._session, None
@@ -283,12 +330,15 @@ class AiohttpUpstreamClient:
 
 
 class _HttpxResponse:
-    __slots__ = ("_iterator", "_response", "headers", "status")
+    __slots__ = ("_deadline", "_idle_s", "_iterator", "_response", "headers", "status")
 
-    def __init__(self, response: httpx.Response) -> None:
+    def __init__(self, response: httpx.Response, idle_s: float, deadline: float) -> None:
         self._response = response
         self.status = response.status_code
         self.headers = _relayable(response.headers.raw)
+        self._idle_s = idle_s
+        #: ``anyio.current_time()`` by which the whole call must be over.
+        self._deadline = deadline
         self._iterator: AsyncGenerator[bytes, None] | None = None
 
     def header(self, name: str) -> str | None:
@@ -316,12 +366,18 @@ class _HttpxResponse:
             raise _translate_httpx(exc) from exc
 
     async def read_chunk(self) -> bytes:
-        """The next non-empty bytes of the body, ``b""`` at its end."""
+        """The next non-empty bytes of the body, ``b""`` at its end (within the idle and the
+        total timeouts: a transport such as ``ASGITransport`` enforces none of its own)."""
         if self._iterator is None:
             self._iterator = self.chunks()
-        async for chunk in self._iterator:
-            if chunk:
-                return chunk
+        left = self._deadline - anyio.current_time()
+        try:
+            with anyio.fail_after(min(self._idle_s, max(left, 0.0))):
+                async for chunk in self._iterator:
+                    if chunk:
+                        return chunk
+        except TimeoutError:
+            raise UpstreamTimeout("the upstream sent nothing in time") from None
         return b""
 
     def close_now(self) -> Awaitable[None]:
@@ -336,7 +392,11 @@ class _HttpxResponse:
 
 
 class HttpxUpstreamClient:
-    """Upstream hop over one shared ``httpx.AsyncClient`` (pass ``transport=`` in tests)."""
+    """Upstream hop over one shared ``httpx.AsyncClient`` (pass ``transport=`` in tests).
+
+    Its time limits are enforced with anyio around the transport's calls, so they hold for an
+    in-process transport too; ``httpx.ASGITransport`` runs the app whole before returning
+    the headers, so there the first-byte timeout bounds the whole answer."""
 
     def __init__(self, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self._transport = transport
@@ -357,22 +417,27 @@ class HttpxUpstreamClient:
         *,
         headers: Mapping[str, str],
         body: bytes,
-        timeout_s: float,
-        connect_timeout_s: float,
+        timeouts: Timeouts,
     ) -> UpstreamResponse:
         client = self._get_client()
+        first_byte_s = min(timeouts.first_byte_s, timeouts.total_s)
         request = client.build_request(
             method,
             url,
             headers=headers,
             content=body or None,
-            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+            # Reads are bounded here too (for the headers) and by ``read_chunk`` (the body).
+            timeout=httpx.Timeout(max(first_byte_s, timeouts.idle_s), connect=timeouts.connect_s),
         )
+        deadline = anyio.current_time() + timeouts.total_s
         try:
-            response = await client.send(request, stream=True)
+            with anyio.fail_after(first_byte_s):
+                response = await client.send(request, stream=True)
         except httpx.TransportError as exc:
             raise _translate_httpx(exc) from exc
-        return _HttpxResponse(response)
+        except TimeoutError:
+            raise UpstreamTimeout("the upstream sent no answer in time") from None
+        return _HttpxResponse(response, timeouts.idle_s, deadline)
 
     async def aclose(self) -> None:
         client, self._client = self._client, None

@@ -2,7 +2,11 @@
 -- KEYS[1]: the circuit's hash. ARGV: now_ms ('' = Redis TIME), ok, slow, fail, trailing_fail,
 -- mode (0 outcomes only, 1 probe ok, 2 probe failed, 3 probe slot given back, 4 take a probe),
 -- cool_ms, then the policy: consecutive, rate %, slow rate %, minimum calls, bucket ms,
--- buckets, wait ms, max wait ms, probes, key ttl ms.
+-- buckets, wait ms, max wait ms, probes, key ttl ms; then the calling process's id, and
+-- how many of the failures were timeouts (slow as well, for the slow-call rate).
+-- Consecutive failures are counted per process (field 'p.<id>': that process's failures since
+-- its own last success); the circuit opens when they add up to the threshold ('cf' is the sum),
+-- so one process's successes never hide another's failures.
 -- Returns {old state, new state, ms until the open period ends, ms of cooling left,
 -- probes left, probe granted}.
 local key = KEYS[1]
@@ -29,6 +33,8 @@ local wait_ms = tonumber(ARGV[14])
 local max_wait_ms = tonumber(ARGV[15])
 local probes = tonumber(ARGV[16])
 local ttl_ms = tonumber(ARGV[17])
+local own = 'p.' .. ARGV[18]
+local slow_fail = tonumber(ARGV[19]) or 0
 
 local raw = redis.call('HGETALL', key)
 local h = {}
@@ -54,13 +60,31 @@ local function clear_window()
   h.ts = 0
 end
 
+-- Fields to delete at the end (HSET below writes only the fields left in h).
+local gone = {}
+local function drop(f)
+  if h[f] ~= nil then
+    h[f] = nil
+    gone[#gone + 1] = f
+  end
+end
+
+local function reset_consecutive()
+  local runs = {}
+  for f, _ in pairs(h) do
+    if string.sub(f, 1, 2) == 'p.' then runs[#runs + 1] = f end
+  end
+  for _, f in ipairs(runs) do drop(f) end
+  h.cf = 0
+end
+
 local function open()
   if st == 0 and now - get('ca') > max_wait_ms then h.tr = 0 end
   local trips = get('tr') + 1
   h.tr = trips
   st = 2
   h.ou = now + wait_for(trips)
-  h.cf = 0
+  reset_consecutive()
   h.pl = 0
   clear_window()
 end
@@ -68,7 +92,7 @@ end
 local function close()
   st = 0
   h.ca = now
-  h.cf = 0
+  reset_consecutive()
   clear_window()
 end
 
@@ -132,11 +156,19 @@ else
     local j = b % n
     h['c' .. j] = get('c' .. j) + calls
     h['f' .. j] = get('f' .. j) + fail
-    h['s' .. j] = get('s' .. j) + slow
+    h['s' .. j] = get('s' .. j) + slow + slow_fail
     h.tc = get('tc') + calls
     h.tf = get('tf') + fail
-    h.ts = get('ts') + slow
-    if ok + slow > 0 then h.cf = trailing else h.cf = get('cf') + fail end
+    h.ts = get('ts') + slow + slow_fail
+    -- This process's run of failures: reset only by its own successes.
+    if ok + slow > 0 then h[own] = trailing else h[own] = get(own) + fail end
+    local run = h[own]
+    if run == 0 then drop(own) end
+    local sum = 0
+    for f, v in pairs(h) do
+      if string.sub(f, 1, 2) == 'p.' then sum = sum + v end
+    end
+    h.cf = sum
     local tc = h.tc
     if h.cf >= max_consec
       or (tc >= min_calls and (h.tf * 100 >= rate * tc or h.ts * 100 >= slow_rate * tc)) then
@@ -150,6 +182,7 @@ for f, v in pairs(h) do
   flat[#flat + 1] = f
   flat[#flat + 1] = string.format('%d', v)
 end
+if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
 redis.call('HSET', key, unpack(flat))
 redis.call('PEXPIRE', key, ttl_ms)
 local open_rem = 0
