@@ -75,10 +75,11 @@ __all__ = [
 
 SCOPE_KEY: Final = "tenantware"
 
-#: The API a request speaks: ``openai`` (chat completions and the rest) or ``anthropic``
-#: (Messages). Every layer works on the same view; only the edges (the inbound route, the
-#: error writer, the upstream adapter in ``tenantware.formats``) look at it.
-WireFormat = Literal["openai", "anthropic"]
+#: The API a request speaks: ``openai`` (chat completions and the rest), ``anthropic``
+#: (Messages) or ``responses`` (OpenAI's Responses API). Every layer works on the same view;
+#: only the edges (the inbound route, the error writer, the upstream adapter in
+#: ``tenantware.formats``) look at it.
+WireFormat = Literal["openai", "anthropic", "responses"]
 
 
 class StreamOptions(msgspec.Struct):
@@ -95,6 +96,8 @@ class RequestView(msgspec.Struct):
     stream: bool = False
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
+    #: The Responses API's output cap.
+    max_output_tokens: int | None = None
     stream_options: StreamOptions | None = None
     messages: list[msgspec.Raw] | None = None
     #: Raw JSON (empty when absent): forwarded as is, never decoded.
@@ -105,11 +108,11 @@ class RequestView(msgspec.Struct):
     @property
     def output_cap(self) -> int | None:
         """The most output tokens the client allowed, if it said."""
-        return (
-            self.max_completion_tokens
-            if self.max_completion_tokens is not None
-            else self.max_tokens
-        )
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        if self.max_tokens is not None:
+            return self.max_tokens
+        return self.max_output_tokens
 
 
 class Usage(msgspec.Struct):

@@ -14,7 +14,7 @@ import msgspec
 
 from tenantware.context import Outcome, RequestContext, Usage, WireFormat
 from tenantware.errors import GatewayError
-from tenantware.formats import anthropic
+from tenantware.formats import anthropic, responses
 from tenantware.metering.usage import parse_json_usage
 
 __all__ = ["Adapter", "StreamTranslator", "adapter_for"]
@@ -131,6 +131,31 @@ class _OpenAIToAnthropic(Adapter):
         return anthropic.ToOpenAIStream(include_usage=include_usage)
 
 
+class _ResponsesToChat(Adapter):
+    """Responses API client, chat completions upstream."""
+
+    def body(self, ctx: RequestContext, upstream_model: str) -> bytes:
+        return _encode(responses.request_to_chat(decode_body(ctx.body), upstream_model))
+
+    def answer(self, ctx: RequestContext, status: int, data: bytes, usage: Usage | None) -> bytes:
+        if status >= 400:
+            return data  # OpenAI's error shape is the Responses API's too
+        try:
+            parsed = _decode(data)
+        except msgspec.DecodeError:
+            return data
+        if not isinstance(parsed, dict) or "choices" not in parsed:
+            return data
+        return _encode(responses.response_from_chat(parsed, usage, _response_id(ctx)))
+
+    def tap(self, ctx: RequestContext, *, include_usage: bool) -> StreamTranslator:
+        return responses.ToResponsesStream(_response_id(ctx), ctx.model or "")
+
+
+def _response_id(ctx: RequestContext) -> str:
+    return f"resp_{ctx.request_id.removeprefix('req_')}"
+
+
 def _message_id(ctx: RequestContext) -> str:
     return f"msg_{ctx.request_id.removeprefix('req_')}"
 
@@ -138,6 +163,7 @@ def _message_id(ctx: RequestContext) -> str:
 _NATIVE = _AnthropicNative()
 _TO_OPENAI = _AnthropicToOpenAI()
 _TO_ANTHROPIC = _OpenAIToAnthropic()
+_RESPONSES_TO_CHAT = _ResponsesToChat()
 
 
 def adapter_for(client: WireFormat, upstream: str, path: str) -> Adapter:
@@ -145,6 +171,10 @@ def adapter_for(client: WireFormat, upstream: str, path: str) -> Adapter:
     ``upstream``; a 400 when the route has no equivalent there."""
     if client == "anthropic":
         return _NATIVE if upstream == "anthropic" else _TO_OPENAI
+    if client == "responses":
+        if upstream == "openai":
+            return _RESPONSES_TO_CHAT
+        path = "/responses"
     if path != "/chat/completions":
         raise GatewayError(
             400,

@@ -23,7 +23,7 @@ import msgspec
 from tenantware.context import Outcome, Usage
 from tenantware.errors import GatewayError, anthropic_error_body, anthropic_error_type
 from tenantware.estimate import estimate_text_tokens
-from tenantware.formats.sse import EventSplitter, parse_event, sse_event
+from tenantware.formats.sse import TranslatingStream, json_object, parse_event, sse_event
 from tenantware.metering.usage import USAGE_BOUNDS, UsageBounds, checked_usage
 
 __all__ = [
@@ -663,42 +663,6 @@ def error_to_openai(status: int, body: bytes) -> bytes:
 # -- streams ----------------------------------------------------------------------------------
 
 
-class _Stream:
-    """What every stream tap holds: whole events, the usage, the model, the text relayed."""
-
-    def __init__(self) -> None:
-        self._events = EventSplitter()
-        self.bounds = USAGE_BOUNDS.get()
-        self.usage: Usage | None = None
-        self.model: str | None = None
-        self.content_chars = 0
-
-    def feed(self, chunk: bytes) -> bytes:
-        out = [self._on_event(event) for event in self._events.feed(chunk)]
-        return b"".join(out)
-
-    def flush(self) -> bytes:
-        out = [self._on_event(event) for event in self._events.flush()]
-        return b"".join(out) + self._finish()
-
-    def estimated_output_tokens(self) -> int:
-        return estimate_text_tokens(self.content_chars)
-
-    def _on_event(self, event: bytes) -> bytes:
-        raise NotImplementedError
-
-    def _finish(self) -> bytes:
-        return b""
-
-
-def _json(data: bytes) -> dict[str, Any] | None:
-    try:
-        value = _decode(data)
-    except msgspec.DecodeError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
 class _AnthropicUsage:
     """Anthropic's stream usage: ``message_start`` gives the input, ``message_delta`` the
     output so far (and may restate the input)."""
@@ -711,7 +675,7 @@ class _AnthropicUsage:
             self.raw.update({k: v for k, v in usage.items() if v is not None})
 
 
-class AnthropicStreamTap(_Stream):
+class AnthropicStreamTap(TranslatingStream):
     """A native Anthropic stream relayed as it came, whole events at a time; its usage and
     text are recorded on the way."""
 
@@ -721,7 +685,7 @@ class AnthropicStreamTap(_Stream):
 
     def _on_event(self, event: bytes) -> bytes:
         _name, data = parse_event(event)
-        payload = _json(data)
+        payload = json_object(data)
         if payload is not None:
             kind = payload.get("type")
             if kind == "content_block_delta":
@@ -743,7 +707,7 @@ class AnthropicStreamTap(_Stream):
         return event + b"\n\n"
 
 
-class ToAnthropicStream(_Stream):
+class ToAnthropicStream(TranslatingStream):
     """An OpenAI chat completion stream written as Anthropic's event sequence."""
 
     def __init__(self, message_id: str, model: str) -> None:
@@ -761,7 +725,7 @@ class ToAnthropicStream(_Stream):
         _name, data = parse_event(event)
         if data == b"[DONE]":
             return self._end()
-        chunk = _json(data)
+        chunk = json_object(data)
         if chunk is None or self._ended:
             return b""
         if "error" in chunk:
@@ -874,7 +838,7 @@ class ToAnthropicStream(_Stream):
         return self._end()
 
 
-class ToOpenAIStream(_Stream):
+class ToOpenAIStream(TranslatingStream):
     """An Anthropic event sequence written as an OpenAI chat completion stream (with the
     usage chunk when the client asked for it)."""
 
@@ -900,7 +864,7 @@ class ToOpenAIStream(_Stream):
 
     def _on_event(self, event: bytes) -> bytes:
         _name, data = parse_event(event)
-        payload = _json(data)
+        payload = json_object(data)
         if payload is None or self._done:
             return b""
         kind = payload.get("type")

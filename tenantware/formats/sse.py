@@ -6,7 +6,17 @@ can write the other format's events; bytes of an incomplete event wait for the n
 
 from __future__ import annotations
 
-__all__ = ["EventSplitter", "parse_event", "sse_event"]
+from typing import Any
+
+import msgspec
+
+from tenantware.context import Usage
+from tenantware.estimate import estimate_text_tokens
+from tenantware.metering.usage import USAGE_BOUNDS
+
+__all__ = ["EventSplitter", "TranslatingStream", "json_object", "parse_event", "sse_event"]
+
+_decode = msgspec.json.Decoder().decode
 
 
 class EventSplitter:
@@ -52,3 +62,39 @@ def sse_event(name: str | None, data: bytes) -> bytes:
     if name is None:
         return b"data: " + data + b"\n\n"
     return b"event: " + name.encode() + b"\ndata: " + data + b"\n\n"
+
+
+class TranslatingStream:
+    """What every stream tap holds: whole events, the usage, the model, the text relayed."""
+
+    def __init__(self) -> None:
+        self._events = EventSplitter()
+        self.bounds = USAGE_BOUNDS.get()
+        self.usage: Usage | None = None
+        self.model: str | None = None
+        self.content_chars = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        out = [self._on_event(event) for event in self._events.feed(chunk)]
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        out = [self._on_event(event) for event in self._events.flush()]
+        return b"".join(out) + self._finish()
+
+    def estimated_output_tokens(self) -> int:
+        return estimate_text_tokens(self.content_chars)
+
+    def _on_event(self, event: bytes) -> bytes:
+        raise NotImplementedError
+
+    def _finish(self) -> bytes:
+        return b""
+
+
+def json_object(data: bytes) -> dict[str, Any] | None:
+    try:
+        value = _decode(data)
+    except msgspec.DecodeError:
+        return None
+    return value if isinstance(value, dict) else None

@@ -81,6 +81,7 @@ class ProxyApp:
             ("GET", "/models"): self._models,
             ("POST", "/messages"): self._messages,
             ("POST", "/messages/count_tokens"): self._count_tokens,
+            ("POST", "/responses"): self._responses,
         }
 
     async def aclose(self) -> None:
@@ -195,6 +196,15 @@ class ProxyApp:
         if not view.messages:
             raise GatewayError(400, "messages: at least one message is required", param="messages")
         await self._forward(ctx, receive, send, "/messages")
+
+    async def _responses(self, ctx: RequestContext, receive: Receive, send: Send) -> None:
+        """OpenAI's Responses API: translated to chat completions for the upstream."""
+        view = ctx.view
+        if view is None or view.model is None:
+            raise _model_required()
+        if not view.input or bytes(view.input) == b"null":
+            raise GatewayError(400, "'input' is a required property.", param="input")
+        await self._forward(ctx, receive, send, "/responses")
 
     async def _count_tokens(self, ctx: RequestContext, receive: Receive, send: Send) -> None:
         """Answered here by the gateway's prompt estimator (the one quotas reserve with), not
