@@ -25,10 +25,11 @@ from typing import Any
 
 import redis
 
-from tests.burst_worker import REPORTS, Job, cpu_hogs, workers
+from tests.burst_worker import REPORTS, Job, Load, cpu_hogs, workers
 from tests.servers import throwaway_redis
 
 PROCESSES = 4
+LIMITS = {"requests_per_minute": 100, "burst_multiplier": 1.0}
 
 
 def redis_cpu(client: redis.Redis) -> tuple[float, int, int]:
@@ -54,8 +55,7 @@ def one_run(url: str, requests: int, hogs: int) -> dict[str, float]:
         Job(
             redis_url=url,
             prefix=prefix,
-            requests=requests // PROCESSES,
-            limits={"requests_per_minute": 100, "burst_multiplier": 1.0},
+            tenants={"rate": Load(limits=LIMITS, requests=requests // PROCESSES)},
             time_decisions=True,
         )
         for _ in range(PROCESSES)
@@ -69,7 +69,7 @@ def one_run(url: str, requests: int, hogs: int) -> dict[str, float]:
     after = redis_cpu(client)
     client.close()
     decisions = [d for report in REPORTS for d in report.decisions]
-    admitted = sum(1 for report in REPORTS for call in report.calls if call[2] == 200)
+    admitted = sum(1 for report in REPORTS for call in report.calls if call[3] == 200)
     degraded = sum(sum(report.failures[-1][1].values()) for report in REPORTS)
     cpu_s = after[0] - before[0]
     calls = after[1] - before[1]

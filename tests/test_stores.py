@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import anyio
 import pytest
 
@@ -113,3 +116,13 @@ def test_a_probe_that_never_reports_is_replaced() -> None:
     assert not health.available
     now[0] += 0.1  # interval + bound after it went
     assert health.available
+
+
+def test_a_gateway_in_memory_never_loads_the_redis_package() -> None:
+    code = (
+        "import sys, tenantware\n"
+        "gateway = tenantware.Gateway(tenantware.parse_config({}))\n"
+        "gateway.middleware()\n"
+        "assert 'redis' not in sys.modules, sorted(m for m in sys.modules if 'redis' in m)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

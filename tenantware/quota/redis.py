@@ -11,7 +11,7 @@ from collections.abc import Callable
 from importlib.resources import files
 from typing import Any
 
-from tenantware.backends.redis_support import ScriptHost, bounds_calls, register_script, single_node
+from tenantware.backends.redis_support import ScriptHost, register_script, single_node
 from tenantware.quota.plan import Plan
 from tenantware.quota.store import Decision
 
@@ -37,6 +37,9 @@ class RedisQuotaStore:
 
     remote = True
     yields = True
+    #: Every call is bounded by the outage rule of its client (the pipelined connection's
+    #: watchdog, a redis-py client's progress watch): callers need no deadline of their own.
+    bounded = True
 
     def __init__(
         self, client: ScriptHost, *, prefix: str = "", clock: Callable[[], float] | None = None
@@ -44,8 +47,6 @@ class RedisQuotaStore:
         self.client = client
         self.prefix = prefix
         self.clock = clock
-        #: Every call is bounded by the client itself (callers need no timeout of their own).
-        self.bounded = bounds_calls(client)
         self.single_node = single_node(client)
         self._reserve: Any = register_script(client, _RESERVE)
         self._settle: Any = register_script(client, _SETTLE)

@@ -8,9 +8,12 @@ batch that cannot be published (Redis down) is logged and counted, not retried.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from tenantware.backends.redis_support import RedisClient
 from tenantware.metering.ledger.record import UsageRecord, encode_record
+
+if TYPE_CHECKING:  # the redis package loads only when a Redis URL is used
+    from tenantware.backends.redis_support import RedisClient
 
 __all__ = ["RedisStreamPublisher"]
 
