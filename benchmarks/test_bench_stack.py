@@ -307,6 +307,13 @@ MESSAGES_BODY = (
 )
 
 
+#: OpenAI's Responses API: the same prompt again.
+RESPONSES_BODY = (
+    b'{"model":"gpt-4.1","instructions":"You are terse.",'
+    b'"input":"Say hello to the benchmark, please.","max_output_tokens":64}'
+)
+
+
 def _two_format_gateway(client: Any) -> Gateway:
     """claude-sonnet-4.5 on an Anthropic-native upstream, every other model on OpenAI's."""
     config = bench_config(UPSTREAM_URL, workdir=_WORKDIR.name)
@@ -341,6 +348,8 @@ def _stream(body: bytes) -> bytes:
         ("/v1/messages", _stream(_gpt(MESSAGES_BODY))),
         ("/v1/chat/completions", CHAT_BODY.replace(b'"gpt-4.1"', b'"claude-sonnet-4.5"')),
         ("/v1/chat/completions", STREAM_BODY.replace(b'"gpt-4.1"', b'"claude-sonnet-4.5"')),
+        ("/v1/responses", RESPONSES_BODY),
+        ("/v1/responses", _stream(RESPONSES_BODY)),
     ],
     ids=[
         "messages-native-json",
@@ -349,6 +358,8 @@ def _stream(body: bytes) -> bytes:
         "messages-to-openai-stream20",
         "chat-to-anthropic-json",
         "chat-to-anthropic-stream20",
+        "responses-to-chat-json",
+        "responses-to-chat-stream20",
     ],
 )
 def test_whole_stack_formats(benchmark: Any, drive: Any, path: str, body: bytes) -> None:

@@ -465,3 +465,59 @@ def test_overloaded_anthropic_upstream_is_an_overloaded_error(stack: Stack) -> N
     assert caught.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
     # Retried on the gateway's side first, as any 5xx.
     assert stack.anthropic_fake.stats.by_status[529] == 3
+
+
+# -- the Responses API reaching an Anthropic upstream (through chat, both ways) ---------------
+
+
+def test_openai_sdk_responses_reach_anthropic_upstream(stack: Stack) -> None:
+    stack.anthropic_fake.config.tool_use = True
+    stack.anthropic_fake.config.cache_read_tokens = 6
+    client = stack.openai()
+    tools = [{"type": "function", "name": "lookup", "parameters": {"type": "object"}}]
+    response = client.responses.create(
+        model=CLAUDE,
+        instructions="Be brief.",
+        input="Hello there",
+        max_output_tokens=20,
+        tools=tools,  # type: ignore[arg-type]
+        extra_headers={"x-request-id": "responses-claude-1"},
+    )
+    sent = stack.anthropic_fake.last_request
+    assert sent is not None
+    assert sent.path == "/v1/messages"
+    assert sent.json()["system"] == [{"type": "text", "text": "Be brief."}]
+    assert response.output_text == TOKEN_TEXT * 5
+    calls = [item for item in response.output if item.type == "function_call"]
+    assert json.loads(calls[0].arguments) == TOOL_INPUT
+    upstream = stack.anthropic_fake.stats.by_request_id["responses-claude-1"]
+    assert response.usage is not None
+    assert response.usage.input_tokens == upstream.prompt_tokens
+    assert response.usage.input_tokens_details.cached_tokens == 6
+    record = stack.record_of("responses-claude-1")
+    assert (record.input_tokens, record.output_tokens, record.cached_tokens) == (
+        upstream.prompt_tokens,
+        upstream.completion_tokens,
+        6,
+    )
+    assert (record.model_served, record.upstream) == (CLAUDE, "anthropic-fake")
+
+    with client.responses.stream(
+        model=CLAUDE,
+        input="Hello there",
+        max_output_tokens=20,
+        tools=tools,  # type: ignore[arg-type]
+        extra_headers={"x-request-id": "responses-claude-2"},
+    ) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == TOKEN_TEXT * 5
+    calls = [item for item in final.output if item.type == "function_call"]
+    assert json.loads(calls[0].arguments) == TOOL_INPUT
+    streamed = stack.record_of("responses-claude-2")
+    upstream = stack.anthropic_fake.stats.by_request_id["responses-claude-2"]
+    assert (streamed.input_tokens, streamed.output_tokens) == (
+        upstream.prompt_tokens,
+        upstream.completion_tokens,
+    )
+    assert not streamed.estimated

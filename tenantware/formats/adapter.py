@@ -26,8 +26,11 @@ _encode = msgspec.json.Encoder().encode
 class StreamTranslator(Protocol):
     """What the proxy's stream relay asks of a tap (``metering.usage.StreamTap`` is one)."""
 
-    usage: Usage | None
-    model: str | None
+    @property
+    def usage(self) -> Usage | None: ...
+
+    @property
+    def model(self) -> str | None: ...
 
     def feed(self, chunk: bytes) -> bytes: ...
 
@@ -152,6 +155,65 @@ class _ResponsesToChat(Adapter):
         return responses.ToResponsesStream(_response_id(ctx), ctx.model or "")
 
 
+class _ResponsesToAnthropic(Adapter):
+    """Responses API client, Anthropic upstream: through chat completions both ways (the two
+    translations composed, so each stays one tested function)."""
+
+    upstream_path = "/messages"
+
+    def body(self, ctx: RequestContext, upstream_model: str) -> bytes:
+        chat = responses.request_to_chat(decode_body(ctx.body), upstream_model)
+        chat.pop("stream_options", None)
+        return _encode(anthropic.request_from_openai(chat, upstream_model))
+
+    def usage(self, data: bytes) -> Usage | None:
+        return anthropic.parse_json_usage(data)
+
+    def answer(self, ctx: RequestContext, status: int, data: bytes, usage: Usage | None) -> bytes:
+        if status >= 400:
+            return anthropic.error_to_openai(status, data)
+        try:
+            parsed = _decode(data)
+        except msgspec.DecodeError:
+            return data
+        if not isinstance(parsed, dict) or parsed.get("type") != "message":
+            return data
+        chat = anthropic.response_to_openai(parsed, usage)
+        return _encode(responses.response_from_chat(chat, usage, _response_id(ctx)))
+
+    def tap(self, ctx: RequestContext, *, include_usage: bool) -> StreamTranslator:
+        return _Chained(
+            anthropic.ToOpenAIStream(include_usage=True),
+            responses.ToResponsesStream(_response_id(ctx), ctx.model or ""),
+        )
+
+
+class _Chained:
+    """Two stream translations in a row; the usage and model are the upstream side's."""
+
+    def __init__(self, first: StreamTranslator, second: StreamTranslator) -> None:
+        self.first = first
+        self.second = second
+
+    @property
+    def usage(self) -> Usage | None:
+        return self.first.usage
+
+    @property
+    def model(self) -> str | None:
+        return self.first.model
+
+    def feed(self, chunk: bytes) -> bytes:
+        middle = self.first.feed(chunk)
+        return self.second.feed(middle) if middle else b""
+
+    def flush(self) -> bytes:
+        return self.second.feed(self.first.flush()) + self.second.flush()
+
+    def estimated_output_tokens(self) -> int:
+        return self.first.estimated_output_tokens()
+
+
 def _response_id(ctx: RequestContext) -> str:
     return f"resp_{ctx.request_id.removeprefix('req_')}"
 
@@ -164,6 +226,7 @@ _NATIVE = _AnthropicNative()
 _TO_OPENAI = _AnthropicToOpenAI()
 _TO_ANTHROPIC = _OpenAIToAnthropic()
 _RESPONSES_TO_CHAT = _ResponsesToChat()
+_RESPONSES_TO_ANTHROPIC = _ResponsesToAnthropic()
 
 
 def adapter_for(client: WireFormat, upstream: str, path: str) -> Adapter:
@@ -172,9 +235,7 @@ def adapter_for(client: WireFormat, upstream: str, path: str) -> Adapter:
     if client == "anthropic":
         return _NATIVE if upstream == "anthropic" else _TO_OPENAI
     if client == "responses":
-        if upstream == "openai":
-            return _RESPONSES_TO_CHAT
-        path = "/responses"
+        return _RESPONSES_TO_CHAT if upstream == "openai" else _RESPONSES_TO_ANTHROPIC
     if path != "/chat/completions":
         raise GatewayError(
             400,
