@@ -183,6 +183,9 @@ class Upstream(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     #: ``anthropic`` (Messages, ``x-api-key`` and ``anthropic-version``). A request in the
     #: other format is translated on the way (``tenantware.formats``).
     api: Literal["openai", "anthropic"] = "openai"
+    #: An ``openai`` upstream that also serves the Responses API (``/responses``): Responses
+    #: requests are relayed to it as they are instead of translated to chat completions.
+    responses: bool = False
 
     def api_key(self) -> str | None:
         """The upstream key from the environment, or ``None`` when not configured."""

@@ -383,3 +383,65 @@ def test_untranslatable_parameter_reaches_the_sdk_as_a_400(
         )
     assert caught.value.param == "previous_response_id"
     assert fake.stats.requests == 0
+
+
+# -- an upstream that serves the Responses API itself: relayed --------------------------------
+
+
+@pytest.fixture
+def native() -> Iterator[tuple[Gateway, str, FakeUpstream]]:
+    fake = FakeUpstream(FakeUpstreamConfig())
+    with serve_in_thread(fake, startup_timeout_s=30) as upstream:
+        data = {
+            "tenants": tenant_entries(),
+            "upstreams": [
+                {
+                    "name": "chat-only",
+                    "base_url": upstream + "/v1",
+                    "models": ["gpt-4.1"],
+                    "responses": True,
+                }
+            ],
+            "metering": {"ledger_url": "memory://", "request_log": False, "flush_interval_s": 0.02},
+        }
+        gateway = Gateway(parse_config(data))
+        with serve_in_thread(gateway.asgi_app(), lifespan="on", startup_timeout_s=30) as url:
+            yield gateway, url, fake
+
+
+def test_native_responses_upstream_gets_the_request_as_sent(
+    native: tuple[Gateway, str, FakeUpstream],
+) -> None:
+    gateway, url, fake = native
+    fake.config.tool_use = True
+    client = _client(url)
+    tools = [{"type": "function", "name": "lookup", "parameters": {"type": "object"}}]
+    response = client.responses.create(
+        model="gpt-4.1",
+        input="Hello there",
+        previous_response_id="resp_earlier",  # relayed untouched: the upstream keeps state
+        tools=tools,  # type: ignore[arg-type]
+        extra_headers={"x-request-id": "native-responses-1"},
+    )
+    sent = fake.last_request
+    assert sent is not None
+    assert sent.path == "/v1/responses"
+    assert sent.json()["previous_response_id"] == "resp_earlier"
+    assert response.output_text == TOKEN_TEXT * 5
+    calls = [item for item in response.output if item.type == "function_call"]
+    assert json.loads(calls[0].arguments) == TOOL_INPUT
+    _billed_as_reported(gateway, fake, "native-responses-1")
+
+    with client.responses.stream(
+        model="gpt-4.1",
+        input="Hello there",
+        tools=tools,  # type: ignore[arg-type]
+        extra_headers={"x-request-id": "native-responses-2"},
+    ) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == TOKEN_TEXT * 5
+    assert final.output_text == TOKEN_TEXT * 5
+    record = _billed_as_reported(gateway, fake, "native-responses-2")
+    assert record.stream
+    assert not record.estimated

@@ -214,6 +214,18 @@ class _Chained:
         return self.first.estimated_output_tokens()
 
 
+class _ResponsesNative(Adapter):
+    """Responses API client, an upstream that serves it: relayed, usage read on the way."""
+
+    upstream_path = "/responses"
+
+    def usage(self, data: bytes) -> Usage | None:
+        return responses.parse_json_usage(data)
+
+    def tap(self, ctx: RequestContext, *, include_usage: bool) -> StreamTranslator:
+        return responses.ResponsesStreamTap()
+
+
 def _response_id(ctx: RequestContext) -> str:
     return f"resp_{ctx.request_id.removeprefix('req_')}"
 
@@ -227,15 +239,21 @@ _TO_OPENAI = _AnthropicToOpenAI()
 _TO_ANTHROPIC = _OpenAIToAnthropic()
 _RESPONSES_TO_CHAT = _ResponsesToChat()
 _RESPONSES_TO_ANTHROPIC = _ResponsesToAnthropic()
+_RESPONSES_NATIVE = _ResponsesNative()
 
 
-def adapter_for(client: WireFormat, upstream: str, path: str) -> Adapter:
+def adapter_for(
+    client: WireFormat, upstream: str, path: str, *, native_responses: bool = False
+) -> Adapter:
     """The adapter between a client speaking ``client`` on ``path`` and an upstream speaking
-    ``upstream``; a 400 when the route has no equivalent there."""
+    ``upstream`` (``native_responses``: it serves the Responses API too); a 400 when the route
+    has no equivalent there."""
     if client == "anthropic":
         return _NATIVE if upstream == "anthropic" else _TO_OPENAI
     if client == "responses":
-        return _RESPONSES_TO_CHAT if upstream == "openai" else _RESPONSES_TO_ANTHROPIC
+        if upstream != "openai":
+            return _RESPONSES_TO_ANTHROPIC
+        return _RESPONSES_NATIVE if native_responses else _RESPONSES_TO_CHAT
     if path != "/chat/completions":
         raise GatewayError(
             400,

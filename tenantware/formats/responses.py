@@ -17,10 +17,12 @@ import msgspec
 from tenantware.context import Outcome, Usage
 from tenantware.errors import GatewayError
 from tenantware.formats.sse import TranslatingStream, json_object, parse_event, sse_event
-from tenantware.metering.usage import checked_usage
+from tenantware.metering.usage import USAGE_BOUNDS, UsageBounds, checked_usage
 
 __all__ = [
+    "ResponsesStreamTap",
     "ToResponsesStream",
+    "parse_json_usage",
     "request_to_chat",
     "response_from_chat",
     "usage_json_responses",
@@ -191,6 +193,54 @@ def _format_to_chat(format_: Any) -> dict[str, Any]:
         }
         return {"response_format": {"type": "json_schema", "json_schema": schema}}
     raise _refuse("text.format", f"unknown format `{kind}`")
+
+
+# -- usage ------------------------------------------------------------------------------------
+
+
+def checked_responses_usage(raw: object, bounds: UsageBounds) -> Usage:
+    """The Responses API's ``usage`` object checked by the chat completions rule."""
+    if not isinstance(raw, dict):
+        return checked_usage(raw, bounds)
+    return checked_usage(
+        {
+            "prompt_tokens": raw.get("input_tokens"),
+            "completion_tokens": raw.get("output_tokens"),
+            "prompt_tokens_details": raw.get("input_tokens_details"),
+            "completion_tokens_details": raw.get("output_tokens_details"),
+        },
+        bounds,
+    )
+
+
+def parse_json_usage(body: bytes, bounds: UsageBounds | None = None) -> Usage | None:
+    """The checked usage of a Response object; ``None`` when it reports none."""
+    data = json_object(body)
+    if data is None or data.get("usage") is None:
+        return None
+    return checked_responses_usage(data["usage"], bounds or USAGE_BOUNDS.get())
+
+
+class ResponsesStreamTap(TranslatingStream):
+    """A native Responses stream relayed as it came, whole events at a time; its usage (in
+    ``response.completed``) and text are recorded on the way."""
+
+    def _on_event(self, event: bytes) -> bytes:
+        _name, data = parse_event(event)
+        payload = json_object(data)
+        if payload is not None:
+            kind = payload.get("type")
+            if kind in ("response.output_text.delta", "response.function_call_arguments.delta"):
+                delta = payload.get("delta")
+                if isinstance(delta, str):
+                    self.content_chars += len(delta)
+            elif isinstance(payload.get("response"), dict):
+                response = payload["response"]
+                if self.model is None and isinstance(response.get("model"), str):
+                    self.model = response["model"]
+                if response.get("usage") is not None:
+                    self.usage = checked_responses_usage(response["usage"], self.bounds)
+        return event + b"\n\n"
 
 
 # -- answers ----------------------------------------------------------------------------------

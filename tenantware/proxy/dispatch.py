@@ -206,7 +206,9 @@ class Dispatcher:
         if target.api != "openai" or ctx.wire_format != "openai":
             # Another format on either side: the adapter translates (tenantware.formats).
             try:
-                adapter = adapter_for(ctx.wire_format, target.api, path)
+                adapter = adapter_for(
+                    ctx.wire_format, target.api, path, native_responses=target.upstream.responses
+                )
                 body = adapter.body(ctx, upstream_model)
             except GatewayError:
                 if probe:

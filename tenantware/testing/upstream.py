@@ -246,13 +246,25 @@ class _EmbeddingBody(msgspec.Struct):
     encoding_format: Literal["float", "base64"] | None = None
 
 
-_Body = _ChatBody | _CompletionBody | _EmbeddingBody | _MessagesBody
+class _ResponsesBody(msgspec.Struct):
+    """OpenAI's Responses API request."""
+
+    model: str
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    stream: bool | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+_Body = _ChatBody | _CompletionBody | _EmbeddingBody | _MessagesBody | _ResponsesBody
 
 _DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
     "chat": msgspec.json.Decoder(_ChatBody),
     "completions": msgspec.json.Decoder(_CompletionBody),
     "embeddings": msgspec.json.Decoder(_EmbeddingBody),
     "messages": msgspec.json.Decoder(_MessagesBody),
+    "responses": msgspec.json.Decoder(_ResponsesBody),
 }
 # path suffix -> (method, route kind)
 _ROUTES = {
@@ -261,6 +273,7 @@ _ROUTES = {
     "/v1/embeddings": ("POST", "embeddings"),
     "/v1/models": ("GET", "models"),
     "/v1/messages": ("POST", "messages"),
+    "/v1/responses": ("POST", "responses"),
 }
 
 _encode = msgspec.json.Encoder().encode
@@ -617,6 +630,8 @@ class FakeUpstream:
             await self._completion(request, exchange)
         elif isinstance(request, _EmbeddingBody):
             await self._embeddings(request, exchange)
+        elif isinstance(request, _ResponsesBody):
+            await self._response(request, exchange)
         else:
             await self._models(exchange)
 
@@ -754,6 +769,142 @@ class FakeUpstream:
         if config.omit_usage:
             del answer["usage"]
         await exchange.respond(200, _encode(answer))
+
+    async def _response(self, request: _ResponsesBody, exchange: _Exchange) -> None:
+        """``POST /v1/responses``: a Response object, or its event sequence."""
+        config = self.config
+        tokens, finish = self._output_tokens(request.max_output_tokens)
+        record = exchange.record
+        items = request.input if isinstance(request.input, list) else []
+        record.prompt_tokens = (
+            _text_tokens(request.input) if isinstance(request.input, str) else 0
+        ) + (_messages_tokens(items) if items else 0)
+        if request.instructions:
+            record.prompt_tokens += _text_tokens(request.instructions)
+        response_id = "resp_" + secrets.token_hex(12)
+        usage: dict[str, Any] = {
+            "input_tokens": record.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": record.prompt_tokens + tokens,
+        }
+        if config.usage_override:
+            usage.update(config.usage_override)
+        text = TOKEN_TEXT * tokens
+        message = {
+            "type": "message",
+            "id": "msg_" + response_id[5:],
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}],
+        }
+        tool = _called_tool(request.tools) if config.tool_use else None
+        output: list[dict[str, Any]] = [message]
+        if tool is not None:
+            output.append(
+                {
+                    "type": "function_call",
+                    "id": "fc_" + response_id[5:],
+                    "call_id": "call_" + secrets.token_hex(8),
+                    "name": tool,
+                    "arguments": _encode(TOOL_INPUT).decode(),
+                    "status": "completed",
+                }
+            )
+        body: dict[str, Any] = {
+            "id": response_id,
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": "completed" if finish == "stop" else "incomplete",
+            "model": request.model,
+            "output": output,
+            "error": None,
+            "incomplete_details": None if finish == "stop" else {"reason": "max_output_tokens"},
+            "instructions": request.instructions,
+            "metadata": {},
+            "parallel_tool_calls": True,
+            "temperature": None,
+            "top_p": None,
+            "tool_choice": "auto",
+            "tools": request.tools or [],
+            "usage": None if config.omit_usage else usage,
+        }
+        if not request.stream:
+            record.completion_tokens = tokens
+            return await exchange.respond(200, _encode(body))
+        shell = {**body, "status": "in_progress", "output": [], "usage": None}
+        opening = _event("response.created", {"type": "response.created", "response": shell})
+        opening += _event(
+            "response.output_item.added",
+            {
+                "type": "response.output_item.added",
+                "output_index": 0,
+                "item": {**message, "status": "in_progress", "content": []},
+            },
+        )
+        part = {"type": "output_text", "text": "", "annotations": []}
+        where = {"item_id": message["id"], "output_index": 0, "content_index": 0}
+        opening += _event(
+            "response.content_part.added",
+            {"type": "response.content_part.added", **where, "part": part},
+        )
+        content = _event(
+            "response.output_text.delta",
+            {"type": "response.output_text.delta", **where, "delta": TOKEN_TEXT},
+        )
+        finish_events = _event(
+            "response.output_text.done",
+            {"type": "response.output_text.done", **where, "text": text},
+        )
+        finish_events += _event(
+            "response.content_part.done",
+            {"type": "response.content_part.done", **where, "part": {**part, "text": text}},
+        )
+        finish_events += _event(
+            "response.output_item.done",
+            {"type": "response.output_item.done", "output_index": 0, "item": message},
+        )
+        for index, item in enumerate(output[1:], start=1):
+            finish_events += _event(
+                "response.output_item.added",
+                {
+                    "type": "response.output_item.added",
+                    "output_index": index,
+                    "item": {**item, "arguments": "", "status": "in_progress"},
+                },
+            )
+            finish_events += _event(
+                "response.function_call_arguments.delta",
+                {
+                    "type": "response.function_call_arguments.delta",
+                    "item_id": item["id"],
+                    "output_index": index,
+                    "delta": item["arguments"],
+                },
+            )
+            finish_events += _event(
+                "response.function_call_arguments.done",
+                {
+                    "type": "response.function_call_arguments.done",
+                    "item_id": item["id"],
+                    "output_index": index,
+                    "arguments": item["arguments"],
+                },
+            )
+            finish_events += _event(
+                "response.output_item.done",
+                {"type": "response.output_item.done", "output_index": index, "item": item},
+            )
+        name = "response.completed" if finish == "stop" else "response.incomplete"
+        plan = _StreamPlan(
+            opening=opening,
+            content=content,
+            finish=finish_events,
+            usage=b"",
+            done=_event(name, {"type": name, "response": body}),
+        )
+        return await self._stream(plan, tokens, exchange)
 
     def _injected_status(self) -> int | None:
         config = self.config
