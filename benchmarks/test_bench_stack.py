@@ -20,7 +20,6 @@ from benchconfig import BENCH_KEY, CHAT_BODY, STREAM_BODY, bench_config, configu
 
 from tenantware import Gateway, parse_config
 from tenantware.middleware.tenant import TenantMiddleware
-from tenantware.proxy.upstream import Timeouts
 from tenantware.state import LiveConfig
 from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig
 from tenantware.types import ASGIApp, Message, Receive, Scope, Send
@@ -106,7 +105,7 @@ class _RecordingClient:
         *,
         headers: Mapping[str, str],
         body: bytes,
-        timeouts: Timeouts,
+        timeouts: Any,
     ) -> _Canned:
         key = (url, body)
         if key not in self._cache:

@@ -1,11 +1,12 @@
 """One pipelined Redis connection that runs every hot-path script of the process.
 
-redis-py spends about 70 µs of CPU on each command (pool checkout, retry and timeout
-wrappers, command packing) and a gateway request runs four to six scripts (quota reserve and
-settle, admission acquire and release). Here all of them share one connection: a call is
-encoded into RESP in one pass, the calls made within one turn of the event loop go out in one
-write, and hiredis parses the replies, which Redis sends back in order. About 9 µs a call,
-and Redis reads one batch per turn instead of one command per request.
+redis-py's per-command machinery (pool checkout, retry and timeout wrappers, command
+packing) costs several times the script call itself, and a gateway request runs several
+scripts (quota reserve and settle, admission acquire and release). Here all of them share one
+connection: a call is encoded into RESP in one pass, the calls made within one turn of the
+event loop go out in one write, and hiredis parses the replies, which Redis sends back in
+order; Redis reads one batch per turn instead of one command per request (figures:
+benchmarks/README.md, "Redis backend").
 
 Outage evidence, not slowness: Redis is declared stalled when it has sent no reply bytes
 for ``timeout_s`` while calls written to it are unanswered. A deep pipeline that drains (a

@@ -1,9 +1,10 @@
 """Prometheus metrics and the canonical per-request log line, fed from usage records.
 
 Both run in the ledger writer, once per flushed batch, not on the request path: a metric lags
-by at most one flush interval (100 ms by default). Labels stay bounded: tenants come from the
-configuration, models outside the catalogue are counted as ``other``, outcomes and rejection
-reasons are fixed vocabularies. The log line never holds a prompt or a key (records have none).
+by at most one flush interval (``metering.flush_interval_s``). Labels stay bounded: tenants
+come from the configuration, models outside the catalogue are counted as ``other``, outcomes
+and rejection reasons are fixed vocabularies. The log line never holds a prompt or a key
+(records have none).
 """
 
 from __future__ import annotations
