@@ -196,7 +196,9 @@ def drive() -> Iterator[Callable[[Gateway, ASGIApp, bytes], Callable[[], None]]]
     loop = _new_loop()
     stops: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
 
-    def make(gateway: Gateway, app: ASGIApp, body: bytes) -> Callable[[], None]:
+    def make(
+        gateway: Gateway, app: ASGIApp, body: bytes, path: str = "/v1/chat/completions"
+    ) -> Callable[[], None]:
         ready, stop = asyncio.Event(), asyncio.Event()
 
         async def hold() -> None:
@@ -207,7 +209,7 @@ def drive() -> Iterator[Callable[[Gateway, ASGIApp, bytes], Callable[[], None]]]
         holder = loop.create_task(hold())
         loop.run_until_complete(ready.wait())
         stops.append((stop, holder))
-        scope = _scope(body=body)
+        scope = _scope(path, body)
         message: Message = {"type": "http.request", "body": body, "more_body": False}
 
         async def one_request() -> None:
@@ -295,3 +297,76 @@ def test_proxy_through_inprocess_fake(benchmark: Any, drive: Any) -> None:
     fake = FakeUpstream(FakeUpstreamConfig(record_requests=False))
     gateway = _gateway(HttpxUpstreamClient(transport=httpx.ASGITransport(app=fake)))
     _bench(benchmark, drive(gateway, gateway.wrap(gateway.proxy), CHAT_BODY))
+
+
+#: Anthropic's Messages API: the same prompt as ``CHAT_BODY``.
+MESSAGES_BODY = (
+    b'{"model":"claude-sonnet-4.5","system":"You are terse.","messages":[{"role":"user",'
+    b'"content":"Say hello to the benchmark, please."}],"max_tokens":64}'
+)
+
+
+#: OpenAI's Responses API: the same prompt again.
+RESPONSES_BODY = (
+    b'{"model":"gpt-4.1","instructions":"You are terse.",'
+    b'"input":"Say hello to the benchmark, please.","max_output_tokens":64}'
+)
+
+
+def _two_format_gateway(client: Any) -> Gateway:
+    """claude-sonnet-4.5 on an Anthropic-native upstream, every other model on OpenAI's."""
+    config = bench_config(UPSTREAM_URL, workdir=_WORKDIR.name)
+    openai_upstream = config["upstreams"][0]
+    openai_upstream["models"] = [m for m in openai_upstream["models"] if m != "claude-sonnet-4.5"]
+    config["upstreams"].append(
+        {
+            "name": "fake-anthropic",
+            "api": "anthropic",
+            "base_url": UPSTREAM_URL,
+            "models": ["claude-sonnet-4.5"],
+            "timeout_s": 30,
+        }
+    )
+    return Gateway(parse_config(config), upstream_client=client)
+
+
+def _gpt(body: bytes) -> bytes:
+    return body.replace(b'"claude-sonnet-4.5"', b'"gpt-4.1"')
+
+
+def _stream(body: bytes) -> bytes:
+    return body[:-1] + b',"stream":true}'
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/messages", MESSAGES_BODY),
+        ("/v1/messages", _stream(MESSAGES_BODY)),
+        ("/v1/messages", _gpt(MESSAGES_BODY)),
+        ("/v1/messages", _stream(_gpt(MESSAGES_BODY))),
+        ("/v1/chat/completions", CHAT_BODY.replace(b'"gpt-4.1"', b'"claude-sonnet-4.5"')),
+        ("/v1/chat/completions", STREAM_BODY.replace(b'"gpt-4.1"', b'"claude-sonnet-4.5"')),
+        ("/v1/responses", RESPONSES_BODY),
+        ("/v1/responses", _stream(RESPONSES_BODY)),
+    ],
+    ids=[
+        "messages-native-json",
+        "messages-native-stream20",
+        "messages-to-openai-json",
+        "messages-to-openai-stream20",
+        "chat-to-anthropic-json",
+        "chat-to-anthropic-stream20",
+        "responses-to-chat-json",
+        "responses-to-chat-stream20",
+    ],
+)
+def test_whole_stack_formats(benchmark: Any, drive: Any, path: str, body: bytes) -> None:
+    """Stack + proxy on Anthropic's route, relayed natively or translated, and an OpenAI
+    request translated for an Anthropic upstream: compare with ``test_whole_stack_proxy``."""
+    client = _RecordingClient()
+    gateway = _two_format_gateway(client)
+    run = drive(gateway, gateway.wrap(gateway.proxy), body, path)
+    # The warm-up round reached the fake upstream: it accepted the (translated) request.
+    assert [status for status, _, _ in client._cache.values()] == [200]
+    _bench(benchmark, run)

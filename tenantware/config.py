@@ -165,13 +165,21 @@ class ModelSpec(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     input_per_mtok: Usd = Decimal(0)
     output_per_mtok: Usd = Decimal(0)
     cached_input_per_mtok: Usd | None = None
+    #: Price of prompt tokens written to the cache (Anthropic's cache creation); default: the
+    #: input price.
+    cache_write_per_mtok: Usd | None = None
     fee_per_request: Usd = Decimal(0)
     #: Name the upstream knows the model by, when it differs from the catalogue name.
     upstream_name: str | None = None
 
     def __post_init__(self) -> None:
         _check_money(self)
-        for name in ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok"):
+        for name in (
+            "input_per_mtok",
+            "output_per_mtok",
+            "cached_input_per_mtok",
+            "cache_write_per_mtok",
+        ):
             value = getattr(self, name)
             if value is not None and (value * 1000) % 1:
                 raise msgspec.ValidationError(
@@ -203,6 +211,13 @@ class Upstream(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     #: Largest answer relayed: a bigger one is cut with a 502 (a stream, with an error
     #: event), never held whole in memory.
     max_response_bytes: PositiveInt = 64 * 1024 * 1024
+    #: The API it speaks: ``openai`` (chat completions, ``Authorization: Bearer``) or
+    #: ``anthropic`` (Messages, ``x-api-key`` and ``anthropic-version``). A request in the
+    #: other format is translated on the way (``tenantware.formats``).
+    api: Literal["openai", "anthropic"] = "openai"
+    #: An ``openai`` upstream that also serves the Responses API (``/responses``): Responses
+    #: requests are relayed to it as they are instead of translated to chat completions.
+    responses: bool = False
 
     def api_key(self) -> str | None:
         """The upstream key from the environment, or ``None`` when not configured."""
@@ -636,6 +651,7 @@ DEFAULT_MODELS: dict[str, ModelSpec] = {
         input_per_mtok=_usd("3.00"),
         output_per_mtok=_usd("15.00"),
         cached_input_per_mtok=_usd("0.30"),
+        cache_write_per_mtok=_usd("3.75"),
     ),
     "gemini-2.5-flash": ModelSpec(
         input_per_mtok=_usd("0.30"),

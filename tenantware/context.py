@@ -28,6 +28,7 @@ field                      written by                           read by
 request_id, started_at,    tenant (on creation)                 metering, proxy
 unix_time
 api_route                  tenant                               tenant
+wire_format                tenant (from the path)               errors (error shape), proxy
 tenant, key_id             tenant                               every layer, proxy, routes
 body, view,                tenant (decoded once)                quota, admission, proxy
 estimated_prompt_tokens                                         metering
@@ -66,12 +67,19 @@ __all__ = [
     "StreamOptions",
     "Unavailable",
     "Usage",
+    "WireFormat",
     "context_of",
     "default_outcome",
     "get_context",
 ]
 
 SCOPE_KEY: Final = "tenantware"
+
+#: The API a request speaks: ``openai`` (chat completions and the rest), ``anthropic``
+#: (Messages) or ``responses`` (OpenAI's Responses API). Every layer works on the same view;
+#: only the edges (the inbound route, the error writer, the upstream adapter in
+#: ``tenantware.formats``) look at it.
+WireFormat = Literal["openai", "anthropic", "responses"]
 
 
 class StreamOptions(msgspec.Struct):
@@ -88,6 +96,8 @@ class RequestView(msgspec.Struct):
     stream: bool = False
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
+    #: The Responses API's output cap.
+    max_output_tokens: int | None = None
     stream_options: StreamOptions | None = None
     messages: list[msgspec.Raw] | None = None
     #: Raw JSON (empty when absent): forwarded as is, never decoded.
@@ -98,11 +108,11 @@ class RequestView(msgspec.Struct):
     @property
     def output_cap(self) -> int | None:
         """The most output tokens the client allowed, if it said."""
-        return (
-            self.max_completion_tokens
-            if self.max_completion_tokens is not None
-            else self.max_tokens
-        )
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        if self.max_tokens is not None:
+            return self.max_tokens
+        return self.max_output_tokens
 
 
 class Usage(msgspec.Struct):
@@ -118,6 +128,8 @@ class Usage(msgspec.Struct):
     reasoning_tokens: int = 0
     estimated: bool = False
     anomalies: tuple[str, ...] = ()
+    #: The part of ``input_tokens`` written to the prompt cache (Anthropic bills it apart).
+    cache_write_tokens: int = 0
 
 
 #: How a request ended, as written to logs, metrics and the ledger (``Outcome`` names them).
@@ -188,6 +200,7 @@ class RequestContext:
         "upstream_latency_s",
         "usage",
         "view",
+        "wire_format",
     )
 
     def __init__(self, request_id: str) -> None:
@@ -195,6 +208,8 @@ class RequestContext:
         self.started_at = time.perf_counter()
         self.unix_time = time.time()
         self.api_route = False
+        #: The client's API (``/v1/messages``: anthropic); errors are written in its shape.
+        self.wire_format: WireFormat = "openai"
         self.tenant: TenantView | None = None
         self.key_id: str | None = None
         self.body: bytes = b""

@@ -1,5 +1,11 @@
 """OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}``.
 
+A request that came in Anthropic's format (``RequestContext.wire_format``, set by the tenant
+layer from the path) gets Anthropic's shape instead, ``{"type": "error", "error": {"type",
+"message"}}``, with the type its SDK expects for the status: every layer's refusal (tenant,
+quota, admission, breaker, proxy) goes through ``send_error`` and so speaks the client's format
+without knowing it.
+
 The official SDKs pick their exception class from the status code and decide whether to retry
 from ``x-should-retry`` and ``retry-after``; every error tenantware sends sets them on purpose.
 How errors flow between layers is written at the top of ``tenantware.context``.
@@ -18,6 +24,8 @@ from tenantware.types import Send
 
 __all__ = [
     "GatewayError",
+    "anthropic_error_body",
+    "anthropic_error_type",
     "circuit_open_error",
     "default_outcome",
     "error_body",
@@ -35,6 +43,32 @@ class _ErrorDetail(msgspec.Struct, omit_defaults=False):
 
 class _ErrorEnvelope(msgspec.Struct):
     error: _ErrorDetail
+
+
+class _AnthropicDetail(msgspec.Struct):
+    type: str
+    message: str
+
+
+class _AnthropicEnvelope(msgspec.Struct, omit_defaults=True):
+    type: str
+    error: _AnthropicDetail
+    request_id: str | None = None
+
+
+#: Anthropic's error type per status (its SDK picks the exception class from the status).
+_ANTHROPIC_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
 
 
 _encode = msgspec.json.Encoder().encode
@@ -138,6 +172,20 @@ def error_body(
     return _encode(_ErrorEnvelope(_ErrorDetail(message=message, type=type, param=param, code=code)))
 
 
+def anthropic_error_type(status: int) -> str:
+    """The Anthropic error type of an HTTP status."""
+    found = _ANTHROPIC_TYPES.get(status)
+    if found is not None:
+        return found
+    return "api_error" if status >= 500 else "invalid_request_error"
+
+
+def anthropic_error_body(status: int, message: str, request_id: str | None = None) -> bytes:
+    """The JSON body of an Anthropic-format error."""
+    detail = _AnthropicDetail(type=anthropic_error_type(status), message=message)
+    return _encode(_AnthropicEnvelope(type="error", error=detail, request_id=request_id))
+
+
 async def send_error(
     send: Send,
     status: int,
@@ -152,8 +200,12 @@ async def send_error(
     should_retry: bool | None = None,
     headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> None:
-    """Send a complete OpenAI-format error response (the response must not have started)."""
-    body = error_body(message, type=type, code=code, param=param)
+    """Send a complete error response in the client's format (the response must not have
+    started): OpenAI's unless ``ctx`` says the request came in Anthropic's."""
+    if ctx is not None and ctx.wire_format == "anthropic":
+        body = anthropic_error_body(status, message, ctx.request_id)
+    else:
+        body = error_body(message, type=type, code=code, param=param)
     raw_headers = [_JSON, (b"content-length", str(len(body)).encode())]
     if retry_after is not None:
         seconds = max(0.0, retry_after)

@@ -71,7 +71,13 @@ def request_cost(ctx: RequestContext, catalogue: Catalogue) -> int:
     price = catalogue.price(model)
     if price is None:
         return 0
-    return cost_nanousd(price, usage.input_tokens, usage.output_tokens, usage.cached_tokens)
+    return cost_nanousd(
+        price,
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.cached_tokens,
+        usage.cache_write_tokens,
+    )
 
 
 def apply_markup(cost: int, percent: Decimal | None) -> int:

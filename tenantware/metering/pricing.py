@@ -27,6 +27,8 @@ class Price(msgspec.Struct, frozen=True):
     output: int
     cached_input: int
     per_request: int = 0
+    #: Per prompt token written to the cache (Anthropic's cache creation).
+    cache_write: int = 0
 
 
 def usd_to_nanousd(amount: Decimal) -> int:
@@ -52,6 +54,7 @@ def _per_token(usd_per_mtok: Decimal, model: str, what: str) -> int:
 def price_of(model: str, spec: ModelSpec) -> Price:
     """Convert a catalogue entry (USD per million tokens) to nano-dollars per token."""
     cached = spec.cached_input_per_mtok
+    write = spec.cache_write_per_mtok
     return Price(
         input=_per_token(spec.input_per_mtok, model, "input"),
         output=_per_token(spec.output_per_mtok, model, "output"),
@@ -59,17 +62,27 @@ def price_of(model: str, spec: ModelSpec) -> Price:
             cached if cached is not None else spec.input_per_mtok, model, "cached input"
         ),
         per_request=usd_to_nanousd(spec.fee_per_request),
+        cache_write=_per_token(
+            write if write is not None else spec.input_per_mtok, model, "cache write"
+        ),
     )
 
 
 def cost_nanousd(
-    price: Price, input_tokens: int, output_tokens: int, cached_tokens: int = 0
+    price: Price,
+    input_tokens: int,
+    output_tokens: int,
+    cached_tokens: int = 0,
+    cache_write_tokens: int = 0,
 ) -> int:
-    """Cost of one request; ``cached_tokens`` are the part of ``input_tokens`` read from cache."""
+    """Cost of one request; ``cached_tokens`` are the part of ``input_tokens`` read from cache,
+    ``cache_write_tokens`` the part written to it."""
     cached = min(cached_tokens, input_tokens)
+    written = min(cache_write_tokens, input_tokens - cached)
     return (
-        (input_tokens - cached) * price.input
+        (input_tokens - cached - written) * price.input
         + cached * price.cached_input
+        + written * price.cache_write
         + output_tokens * price.output
         + price.per_request
     )

@@ -242,7 +242,13 @@ class QuotaMiddleware:
             model = ctx.model_served or ctx.model
             price = snapshot.catalogue.price(model) if model else None
             actual_cost = (
-                cost_nanousd(price, usage.input_tokens, usage.output_tokens, usage.cached_tokens)
+                cost_nanousd(
+                    price,
+                    usage.input_tokens,
+                    usage.output_tokens,
+                    usage.cached_tokens,
+                    usage.cache_write_tokens,
+                )
                 if price is not None
                 else 0
             )

@@ -33,6 +33,8 @@ _reset = structlog.contextvars.reset_contextvars
 _VALID_REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 _decode_view = msgspec.json.Decoder(RequestView).decode
 _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
+#: Routes of Anthropic's Messages API and of the Responses API (``ctx.wire_format``).
+_OTHER_FORMAT_PATHS: Final = ("/v1/messages", "/v1/messages/count_tokens", "/v1/responses")
 
 
 def _invalid_key() -> GatewayError:
@@ -158,6 +160,11 @@ class TenantMiddleware:
             await self.app(scope, receive, send_with_id)
             return
         ctx.api_route = True
+        if scope["path"].endswith(_OTHER_FORMAT_PATHS):
+            # Anthropic's Messages API (and count_tokens): refusals speak its error format;
+            # the Responses API: translated for chat-only upstreams.
+            path = scope["path"]
+            ctx.wire_format = "responses" if path.endswith("/responses") else "anthropic"
         # bind/reset with tokens: ``bound_contextvars`` copies the whole context per call.
         id_token = _bind(request_id=request_id)
         tenant_token = None

@@ -16,7 +16,7 @@ import structlog
 from tenantware.breaker.board import RECORDED, BreakerBoard
 from tenantware.context import Outcome, RequestContext, get_context
 from tenantware.errors import GatewayError, internal_error
-from tenantware.proxy.dispatch import Dispatcher
+from tenantware.proxy.dispatch import CLIENT_HEADERS, Dispatcher
 from tenantware.proxy.relay import JSON_CONTENT_TYPE, MODEL_SERVED_HEADER, Relay
 from tenantware.proxy.upstream import AiohttpUpstreamClient, UpstreamClient
 from tenantware.state import LiveConfig
@@ -79,6 +79,9 @@ class ProxyApp:
             ("POST", "/completions"): self._completions,
             ("POST", "/embeddings"): self._embeddings,
             ("GET", "/models"): self._models,
+            ("POST", "/messages"): self._messages,
+            ("POST", "/messages/count_tokens"): self._count_tokens,
+            ("POST", "/responses"): self._responses,
         }
 
     async def aclose(self) -> None:
@@ -113,6 +116,12 @@ class ProxyApp:
                 # A path outside the API prefixes: the tenant layer checked no key, and every
                 # route here lists models or reaches an upstream.
                 raise _needs_key()
+            if ctx.wire_format == "anthropic":
+                ctx.extra[CLIENT_HEADERS] = [
+                    (name.decode("latin-1"), value.decode("latin-1"))
+                    for name, value in scope["headers"]
+                    if name in _ANTHROPIC_HEADERS
+                ]
             await handler(ctx, receive, send)
         except GatewayError as error:
             if ctx.response_started:
@@ -174,6 +183,42 @@ class ProxyApp:
         if not view.input or bytes(view.input) == b"null":
             raise GatewayError(400, "'input' is a required property.", param="input")
         await self._forward(ctx, receive, send, "/embeddings")
+
+    async def _messages(self, ctx: RequestContext, receive: Receive, send: Send) -> None:
+        """Anthropic's Messages API: relayed to Anthropic upstreams, translated for others."""
+        view = ctx.view
+        if view is None:
+            raise GatewayError(400, "The request body must be a JSON Messages API request.")
+        if view.model is None:
+            raise _model_required()
+        if view.max_tokens is None:
+            raise GatewayError(400, "max_tokens: Field required", param="max_tokens")
+        if not view.messages:
+            raise GatewayError(400, "messages: at least one message is required", param="messages")
+        await self._forward(ctx, receive, send, "/messages")
+
+    async def _responses(self, ctx: RequestContext, receive: Receive, send: Send) -> None:
+        """OpenAI's Responses API: translated to chat completions for the upstream."""
+        view = ctx.view
+        if view is None or view.model is None:
+            raise _model_required()
+        if not view.input or bytes(view.input) == b"null":
+            raise GatewayError(400, "'input' is a required property.", param="input")
+        await self._forward(ctx, receive, send, "/responses")
+
+    async def _count_tokens(self, ctx: RequestContext, receive: Receive, send: Send) -> None:
+        """Answered here by the gateway's prompt estimator (the one quotas reserve with), not
+        by an upstream: an estimate, not the model's tokenizer."""
+        view = ctx.view
+        if view is None or view.model is None:
+            raise _model_required()
+        ctx.outcome = Outcome.OK
+        body = b'{"input_tokens":%d}' % ctx.estimated_prompt_tokens
+        await _send_json(send, 200, body)
+
+
+#: Request headers passed on to Anthropic upstreams (the API version and beta features).
+_ANTHROPIC_HEADERS = frozenset({b"anthropic-version", b"anthropic-beta"})
 
 
 async def _send_json(send: Send, status: int, body: bytes) -> None:

@@ -21,6 +21,8 @@ from tenantware.breaker.circuit import FAILURE, LIMITED, RELEASE, SLOW, SUCCESS,
 from tenantware.config import Upstream
 from tenantware.context import Outcome, RequestContext, Usage
 from tenantware.errors import GatewayError, circuit_open_error
+from tenantware.formats.adapter import Adapter, adapter_for
+from tenantware.formats.anthropic import ANTHROPIC_VERSION
 from tenantware.metering.usage import parse_json_usage
 from tenantware.proxy.relay import Relay
 from tenantware.proxy.routing import Router
@@ -35,7 +37,10 @@ from tenantware.proxy.upstream import (
 from tenantware.state import LiveConfig, Snapshot
 from tenantware.types import Receive, Send
 
-__all__ = ["Dispatcher"]
+__all__ = ["CLIENT_HEADERS", "Dispatcher"]
+
+#: ``ctx.extra`` key: the client's ``anthropic-*`` headers, passed on to Anthropic upstreams.
+CLIENT_HEADERS = "anthropic_headers"
 
 _decode_any = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
@@ -44,10 +49,11 @@ _encode = msgspec.json.Encoder().encode
 class _Target:
     """An upstream's URL base, request headers and time limits, built once per config version."""
 
-    __slots__ = ("base_url", "headers", "stream_timeouts", "upstream", "whole_timeouts")
+    __slots__ = ("api", "base_url", "headers", "stream_timeouts", "upstream", "whole_timeouts")
 
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
+        self.api = upstream.api
         self.base_url = upstream.base_url.rstrip("/")
         connect, total = upstream.connect_timeout_s, upstream.timeout_s
         #: A stream's headers come at once, long before its first token: a short bound.
@@ -57,9 +63,13 @@ class _Target:
         #: A whole (non-streaming) answer's headers come with the answer: only the total.
         self.whole_timeouts = Timeouts(connect, total, upstream.idle_timeout_s, total)
         headers = {"content-type": "application/json", "accept-encoding": "identity"}
+        if upstream.api == "anthropic":
+            headers["anthropic-version"] = ANTHROPIC_VERSION
         headers.update(upstream.headers)
         key = upstream.api_key()
-        if key:
+        if key and upstream.api == "anthropic":
+            headers["x-api-key"] = key
+        elif key:
             headers["authorization"] = f"Bearer {key}"
         self.headers = headers
 
@@ -191,7 +201,21 @@ class Dispatcher:
         streaming = view.stream
         wants_usage = bool(view.stream_options and view.stream_options.include_usage)
         body = ctx.body
-        if upstream_model != view.model or (streaming and not wants_usage):
+        adapter: Adapter | None = None
+        url = target.base_url + path
+        if target.api != "openai" or ctx.wire_format != "openai":
+            # Another format on either side: the adapter translates (tenantware.formats).
+            try:
+                adapter = adapter_for(
+                    ctx.wire_format, target.api, path, native_responses=target.upstream.responses
+                )
+                body = adapter.body(ctx, upstream_model)
+            except GatewayError:
+                if probe:
+                    await board.release(key)
+                raise
+            url = target.base_url + adapter.upstream_path
+        elif upstream_model != view.model or (streaming and not wants_usage):
             try:
                 body = _rewrite(
                     body, upstream_model, add_stream_usage=streaming and not wants_usage
@@ -201,6 +225,8 @@ class Dispatcher:
                     await board.release(key)
                 raise
         headers = {**target.headers, "x-request-id": ctx.request_id}
+        if target.api == "anthropic" and ctx.wire_format == "anthropic":
+            headers.update(ctx.extra.get(CLIENT_HEADERS, ()))
         ctx.upstream = target.upstream.name
         ctx.model_served = served
         inflight = board.inflight
@@ -213,7 +239,7 @@ class Dispatcher:
             try:
                 response = await self.client.request(
                     "POST",
-                    target.base_url + path,
+                    url,
                     headers=headers,
                     body=body,
                     timeouts=target.stream_timeouts if streaming else target.whole_timeouts,
@@ -235,6 +261,8 @@ class Dispatcher:
                     except UpstreamTooLarge as exc:
                         raise _too_large(exc, target) from None
                     ctx.upstream_latency_s = time.perf_counter() - started
+                    if adapter is not None:
+                        data = adapter.answer(ctx, status, data, None)
                     return _Failed(
                         status=status, headers=response.headers, data=data, served=served
                     )
@@ -251,7 +279,11 @@ class Dispatcher:
                     except UpstreamTooLarge as exc:
                         raise _too_large(exc, target) from None
                     ctx.upstream_latency_s = time.perf_counter() - started
-                    if status < 400:
+                    if adapter is not None:
+                        usage = adapter.usage(data) if status < 400 else Usage()
+                        data = adapter.answer(ctx, status, data, usage)
+                        ctx.usage = usage
+                    elif status < 400:
                         usage, _model = parse_json_usage(data)
                         ctx.usage = usage
                     else:
@@ -261,7 +293,14 @@ class Dispatcher:
                     )
                     return None
                 await self.relay.relay_stream(
-                    ctx, response, receive, send, started, limit, hide_usage=not wants_usage
+                    ctx,
+                    response,
+                    receive,
+                    send,
+                    started,
+                    limit,
+                    hide_usage=not wants_usage,
+                    tap=adapter.tap(ctx, include_usage=wants_usage) if adapter else None,
                 )
                 broke = ctx.outcome == Outcome.UPSTREAM_ERROR
                 outcome = FAILURE if broke else SLOW if slow else SUCCESS

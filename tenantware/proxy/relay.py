@@ -18,7 +18,8 @@ import msgspec
 import structlog
 
 from tenantware.context import Outcome, RequestContext, Usage
-from tenantware.errors import send_error
+from tenantware.errors import anthropic_error_body, send_error
+from tenantware.formats.adapter import StreamTranslator
 from tenantware.metering.usage import StreamTap
 from tenantware.proxy.upstream import (
     UpstreamResponse,
@@ -112,10 +113,13 @@ class Relay:
         max_bytes: int,
         *,
         hide_usage: bool,
+        tap: StreamTranslator | None = None,
     ) -> None:
         """Relay an SSE answer event by event while watching the client; cut it with an
-        error event past ``max_bytes``."""
-        tap = StreamTap(hide_usage=hide_usage)
+        error event past ``max_bytes``. ``tap`` replaces the OpenAI usage tap (another wire
+        format, or a translation: ``tenantware.formats.adapter``)."""
+        if tap is None:
+            tap = StreamTap(hide_usage=hide_usage)
         failed: UpstreamUnavailable | UpstreamTooLarge | None = None
         served_header = self.served_header(ctx.model_served or "")
 
@@ -146,7 +150,7 @@ class Relay:
                 await send(
                     {
                         "type": "http.response.body",
-                        "body": _stream_error_event(exc),
+                        "body": _stream_error_event(exc, ctx.wire_format == "anthropic"),
                         "more_body": True,
                     }
                 )
@@ -258,7 +262,7 @@ async def _while_watching(receive: Receive, relay: Callable[[_Watch], Awaitable[
     return watch.disconnected
 
 
-def _stream_error_event(exc: UpstreamUnavailable | UpstreamTooLarge) -> bytes:
+def _stream_error_event(exc: UpstreamUnavailable | UpstreamTooLarge, anthropic: bool) -> bytes:
     code = "upstream_error"
     if isinstance(exc, UpstreamTooLarge):
         message = f"The upstream stream is longer than the gateway relays ({exc.limit} bytes)."
@@ -267,6 +271,8 @@ def _stream_error_event(exc: UpstreamUnavailable | UpstreamTooLarge) -> bytes:
         message = "The upstream stopped sending in time."
     else:
         message = "The upstream stream was interrupted."
+    if anthropic:
+        return b"event: error\ndata: " + anthropic_error_body(502, message) + b"\n\n"
     body = _encode(
         {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
     )

@@ -1,5 +1,9 @@
 """A fake OpenAI-compatible upstream for tests, benchmarks and users' own test suites.
 
+It also speaks Anthropic's Messages API on ``POST /v1/messages`` (key in ``x-api-key``, JSON
+and the Anthropic SSE event sequence, Anthropic-shaped errors, 529 for overloaded), so the
+gateway's translation between the two formats is tested offline.
+
 It is a plain ASGI app (no router, stream events pre-encoded per request, msgspec for JSON) so
 that a benchmark measures the gateway and not its upstream. Every knob lives on a mutable
 :class:`FakeUpstreamConfig` that a test may change between requests, and :attr:`FakeUpstream.stats`
@@ -35,6 +39,7 @@ __all__ = [
     "DEFAULT_MODELS",
     "EMBEDDING_DIMENSIONS",
     "TOKEN_TEXT",
+    "TOOL_INPUT",
     "FakeUpstream",
     "FakeUpstreamConfig",
     "InjectedStreamError",
@@ -50,6 +55,8 @@ __all__ = [
 DEFAULT_MODELS = ("gpt-4.1", "claude-sonnet-4.5", "gemini-2.5-flash", "deepseek-v3.2")
 #: The text of one output token (and of one streamed content chunk).
 TOKEN_TEXT = "tok "
+#: Arguments of the tool call the fake makes when ``tool_use`` is set.
+TOOL_INPUT = {"query": "tok"}
 #: Length of the embedding vectors when the request does not ask for ``dimensions``.
 EMBEDDING_DIMENSIONS = 8
 
@@ -92,6 +99,13 @@ class FakeUpstreamConfig(msgspec.Struct, kw_only=True):
     usage_override: dict[str, Any] | None = None
     #: Completions report no usage: no ``usage`` field in JSON, no usage chunk in streams.
     omit_usage: bool = False
+    #: A request with ``tools`` is answered with a call of its first tool (after the text),
+    #: arguments ``TOOL_INPUT``; chat completions and Anthropic messages alike.
+    tool_use: bool = False
+    #: Prompt tokens an Anthropic answer reports as read from / written to the prompt cache,
+    #: on top of ``input_tokens`` (OpenAI answers report the read part as ``cached_tokens``).
+    cache_read_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
+    cache_creation_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 class InjectedStreamError(RuntimeError):
@@ -203,6 +217,18 @@ class _ChatBody(msgspec.Struct):
     stream_options: _StreamOptions | None = None
     max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
     max_completion_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+class _MessagesBody(msgspec.Struct):
+    """Anthropic's Messages request: ``max_tokens`` is required there."""
+
+    model: str
+    messages: list[dict[str, Any]]
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)]
+    system: str | list[dict[str, Any]] | None = None
+    stream: bool | None = None
+    tools: list[dict[str, Any]] | None = None
 
 
 class _CompletionBody(msgspec.Struct):
@@ -220,12 +246,25 @@ class _EmbeddingBody(msgspec.Struct):
     encoding_format: Literal["float", "base64"] | None = None
 
 
-_Body = _ChatBody | _CompletionBody | _EmbeddingBody
+class _ResponsesBody(msgspec.Struct):
+    """OpenAI's Responses API request."""
+
+    model: str
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    stream: bool | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+_Body = _ChatBody | _CompletionBody | _EmbeddingBody | _MessagesBody | _ResponsesBody
 
 _DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
     "chat": msgspec.json.Decoder(_ChatBody),
     "completions": msgspec.json.Decoder(_CompletionBody),
     "embeddings": msgspec.json.Decoder(_EmbeddingBody),
+    "messages": msgspec.json.Decoder(_MessagesBody),
+    "responses": msgspec.json.Decoder(_ResponsesBody),
 }
 # path suffix -> (method, route kind)
 _ROUTES = {
@@ -233,6 +272,8 @@ _ROUTES = {
     "/v1/completions": ("POST", "completions"),
     "/v1/embeddings": ("POST", "embeddings"),
     "/v1/models": ("GET", "models"),
+    "/v1/messages": ("POST", "messages"),
+    "/v1/responses": ("POST", "responses"),
 }
 
 _encode = msgspec.json.Encoder().encode
@@ -274,6 +315,45 @@ def _injected_error(status: int) -> bytes:
     if status == 429:
         return _error_body(message, "requests", code="rate_limit_exceeded")
     return _error_body(message, "server_error" if status >= 500 else "invalid_request_error")
+
+
+#: Anthropic's error type per status, as its API answers.
+_ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+
+
+def _anthropic_error(status: int, message: str | None = None) -> bytes:
+    if message is None:
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "Overloaded" if status == 529 else "Error"
+        message = f"Injected fault from the fake upstream: HTTP {status} {phrase}."
+    kind = _ANTHROPIC_ERROR_TYPES.get(
+        status, "api_error" if status >= 500 else "invalid_request_error"
+    )
+    return _encode({"type": "error", "error": {"type": kind, "message": message}})
+
+
+def _event(name: str, body: dict[str, Any]) -> bytes:
+    return b"event: %s\ndata: %s\n\n" % (name.encode(), _encode(body))
+
+
+def _called_tool(tools: list[dict[str, Any]] | None) -> str | None:
+    """The name of the first tool of a request (OpenAI's or Anthropic's shape)."""
+    if not tools:
+        return None
+    first = tools[0]
+    function = first.get("function")
+    name = function.get("name") if isinstance(function, dict) else first.get("name")
+    return name if isinstance(name, str) else None
 
 
 def _validation_param(message: str) -> str | None:
@@ -346,6 +426,8 @@ class _StreamPlan:
     content: bytes
     finish: bytes
     usage: bytes
+    #: The stream's last bytes (Anthropic's streams end with ``message_stop`` instead).
+    done: bytes = _DONE
 
 
 _CHAT_OPENING = (
@@ -451,12 +533,16 @@ class FakeUpstream:
         route = _ROUTES.get(path[start:]) if start >= 0 else None
 
         authorization: bytes | None = None
+        x_api_key: bytes | None = None
         request_id: bytes | None = None
         headers: dict[str, str] = {}
         for raw_name, raw_value in scope["headers"]:
             name = raw_name.decode("latin-1").lower()
             if name == "authorization":
                 authorization = raw_value
+                value = "[redacted]"
+            elif name == "x-api-key":
+                x_api_key = raw_value
                 value = "[redacted]"
             else:
                 value = raw_value.decode("latin-1")
@@ -467,6 +553,9 @@ class FakeUpstream:
         stats = self.stats  # a reset() mid-request must not unbalance the new counters
         stats.requests += 1
         stats.in_flight += 1
+        if route is not None and route[1] == "messages" and x_api_key is not None:
+            # Anthropic's clients send the key as ``x-api-key``: checked like a bearer key.
+            authorization = b"Bearer " + x_api_key
         record = RequestRecord(path=path, has_authorization=authorization is not None)
         if request_id is not None and self.config.record_requests:
             stats.by_request_id[request_id.decode("latin-1")] = record
@@ -497,6 +586,8 @@ class FakeUpstream:
             error = _error_body(f"Invalid URL ({method} {path})", "invalid_request_error")
             return await exchange.respond(404, error)
         expected_method, kind = route
+        if kind == "messages":
+            return await self._anthropic(exchange, method, authorization, body)
         if method != expected_method:
             error = _error_body(f"Method not allowed ({method} {path})", "invalid_request_error")
             return await exchange.respond(405, error, (b"allow", expected_method.encode()))
@@ -539,8 +630,281 @@ class FakeUpstream:
             await self._completion(request, exchange)
         elif isinstance(request, _EmbeddingBody):
             await self._embeddings(request, exchange)
+        elif isinstance(request, _ResponsesBody):
+            await self._response(request, exchange)
         else:
             await self._models(exchange)
+
+    async def _anthropic(
+        self, exchange: _Exchange, method: str, authorization: bytes | None, body: bytes
+    ) -> None:
+        """``POST /v1/messages``: the same checks in the same order, Anthropic's shapes."""
+        config = self.config
+        if method != "POST":
+            return await exchange.respond(
+                405, _anthropic_error(405, "Method not allowed"), (b"allow", b"POST")
+            )
+        key = config.require_api_key
+        if key is not None and authorization != b"Bearer " + key.encode():
+            return await exchange.respond(401, _anthropic_error(401, "invalid x-api-key"))
+        try:
+            request = _DECODERS["messages"].decode(body)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            return await exchange.respond(400, _anthropic_error(400, str(exc)))
+        exchange.record.model = request.model
+        exchange.record.stream = bool(request.stream)
+        status = self._injected_status()
+        if status is not None:
+            retry_after = config.retry_after_s
+            if status == 429 and retry_after is not None:
+                header = (b"retry-after", f"{retry_after:g}".encode())
+                return await exchange.respond(status, _anthropic_error(status), header)
+            return await exchange.respond(status, _anthropic_error(status))
+        await self._message(request, exchange)
+
+    async def _message(self, request: _MessagesBody, exchange: _Exchange) -> None:
+        config = self.config
+        tokens, finish = self._output_tokens(request.max_tokens)
+        stop_reason = "max_tokens" if finish == "length" else "end_turn"
+        tool = _called_tool(request.tools) if config.tool_use else None
+        if tool is not None and finish == "stop":
+            stop_reason = "tool_use"
+        record = exchange.record
+        system = request.system
+        system_messages = [{"content": system}] if system else []
+        fresh = _messages_tokens([*system_messages, *request.messages])
+        record.prompt_tokens = fresh + config.cache_read_tokens + config.cache_creation_tokens
+        message_id = "msg_" + secrets.token_hex(12)
+        usage: dict[str, Any] = {
+            "input_tokens": fresh,
+            "cache_creation_input_tokens": config.cache_creation_tokens,
+            "cache_read_input_tokens": config.cache_read_tokens,
+            "output_tokens": tokens,
+        }
+        if config.usage_override:
+            usage.update(config.usage_override)
+        tool_block = (
+            {"type": "tool_use", "id": "toolu_" + secrets.token_hex(8), "name": tool, "input": {}}
+            if tool is not None
+            else None
+        )
+        if request.stream:
+            start_usage = {**usage, "output_tokens": 1}
+            message: dict[str, Any] = {
+                "id": message_id,
+                "type": "message",
+                "role": "assistant",
+                "model": request.model,
+                "content": [],
+                "stop_reason": None,
+                "stop_sequence": None,
+                "usage": start_usage,
+            }
+            if config.omit_usage:
+                del message["usage"]
+            opening = _event("message_start", {"type": "message_start", "message": message})
+            opening += _event("ping", {"type": "ping"})
+            opening += _event(
+                "content_block_start",
+                {
+                    "type": "content_block_start",
+                    "index": 0,
+                    "content_block": {"type": "text", "text": ""},
+                },
+            )
+            content = _event(
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": 0,
+                    "delta": {"type": "text_delta", "text": TOKEN_TEXT},
+                },
+            )
+            finish_events = _event("content_block_stop", {"type": "content_block_stop", "index": 0})
+            if tool_block is not None:
+                finish_events += _event(
+                    "content_block_start",
+                    {"type": "content_block_start", "index": 1, "content_block": tool_block},
+                )
+                arguments = _encode(TOOL_INPUT).decode()
+                for piece in (arguments[:5], arguments[5:]):
+                    delta = {"type": "input_json_delta", "partial_json": piece}
+                    finish_events += _event(
+                        "content_block_delta",
+                        {"type": "content_block_delta", "index": 1, "delta": delta},
+                    )
+                finish_events += _event(
+                    "content_block_stop", {"type": "content_block_stop", "index": 1}
+                )
+            delta_body: dict[str, Any] = {
+                "type": "message_delta",
+                "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                "usage": {"output_tokens": tokens},
+            }
+            if config.omit_usage:
+                del delta_body["usage"]
+            finish_events += _event("message_delta", delta_body)
+            plan = _StreamPlan(
+                opening=opening,
+                content=content,
+                finish=finish_events,
+                usage=b"",
+                done=_event("message_stop", {"type": "message_stop"}),
+            )
+            return await self._stream(plan, tokens, exchange)
+        record.completion_tokens = tokens
+        blocks: list[dict[str, Any]] = [{"type": "text", "text": TOKEN_TEXT * tokens}]
+        if tool_block is not None:
+            blocks.append({**tool_block, "input": TOOL_INPUT})
+        answer: dict[str, Any] = {
+            "id": message_id,
+            "type": "message",
+            "role": "assistant",
+            "model": request.model,
+            "content": blocks,
+            "stop_reason": stop_reason,
+            "stop_sequence": None,
+            "usage": usage,
+        }
+        if config.omit_usage:
+            del answer["usage"]
+        await exchange.respond(200, _encode(answer))
+
+    async def _response(self, request: _ResponsesBody, exchange: _Exchange) -> None:
+        """``POST /v1/responses``: a Response object, or its event sequence."""
+        config = self.config
+        tokens, finish = self._output_tokens(request.max_output_tokens)
+        record = exchange.record
+        items = request.input if isinstance(request.input, list) else []
+        record.prompt_tokens = (
+            _text_tokens(request.input) if isinstance(request.input, str) else 0
+        ) + (_messages_tokens(items) if items else 0)
+        if request.instructions:
+            record.prompt_tokens += _text_tokens(request.instructions)
+        response_id = "resp_" + secrets.token_hex(12)
+        usage: dict[str, Any] = {
+            "input_tokens": record.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": record.prompt_tokens + tokens,
+        }
+        if config.usage_override:
+            usage.update(config.usage_override)
+        text = TOKEN_TEXT * tokens
+        message = {
+            "type": "message",
+            "id": "msg_" + response_id[5:],
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}],
+        }
+        tool = _called_tool(request.tools) if config.tool_use else None
+        output: list[dict[str, Any]] = [message]
+        if tool is not None:
+            output.append(
+                {
+                    "type": "function_call",
+                    "id": "fc_" + response_id[5:],
+                    "call_id": "call_" + secrets.token_hex(8),
+                    "name": tool,
+                    "arguments": _encode(TOOL_INPUT).decode(),
+                    "status": "completed",
+                }
+            )
+        body: dict[str, Any] = {
+            "id": response_id,
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": "completed" if finish == "stop" else "incomplete",
+            "model": request.model,
+            "output": output,
+            "error": None,
+            "incomplete_details": None if finish == "stop" else {"reason": "max_output_tokens"},
+            "instructions": request.instructions,
+            "metadata": {},
+            "parallel_tool_calls": True,
+            "temperature": None,
+            "top_p": None,
+            "tool_choice": "auto",
+            "tools": request.tools or [],
+            "usage": None if config.omit_usage else usage,
+        }
+        if not request.stream:
+            record.completion_tokens = tokens
+            return await exchange.respond(200, _encode(body))
+        shell = {**body, "status": "in_progress", "output": [], "usage": None}
+        opening = _event("response.created", {"type": "response.created", "response": shell})
+        opening += _event(
+            "response.output_item.added",
+            {
+                "type": "response.output_item.added",
+                "output_index": 0,
+                "item": {**message, "status": "in_progress", "content": []},
+            },
+        )
+        part = {"type": "output_text", "text": "", "annotations": []}
+        where = {"item_id": message["id"], "output_index": 0, "content_index": 0}
+        opening += _event(
+            "response.content_part.added",
+            {"type": "response.content_part.added", **where, "part": part},
+        )
+        content = _event(
+            "response.output_text.delta",
+            {"type": "response.output_text.delta", **where, "delta": TOKEN_TEXT},
+        )
+        finish_events = _event(
+            "response.output_text.done",
+            {"type": "response.output_text.done", **where, "text": text},
+        )
+        finish_events += _event(
+            "response.content_part.done",
+            {"type": "response.content_part.done", **where, "part": {**part, "text": text}},
+        )
+        finish_events += _event(
+            "response.output_item.done",
+            {"type": "response.output_item.done", "output_index": 0, "item": message},
+        )
+        for index, item in enumerate(output[1:], start=1):
+            finish_events += _event(
+                "response.output_item.added",
+                {
+                    "type": "response.output_item.added",
+                    "output_index": index,
+                    "item": {**item, "arguments": "", "status": "in_progress"},
+                },
+            )
+            finish_events += _event(
+                "response.function_call_arguments.delta",
+                {
+                    "type": "response.function_call_arguments.delta",
+                    "item_id": item["id"],
+                    "output_index": index,
+                    "delta": item["arguments"],
+                },
+            )
+            finish_events += _event(
+                "response.function_call_arguments.done",
+                {
+                    "type": "response.function_call_arguments.done",
+                    "item_id": item["id"],
+                    "output_index": index,
+                    "arguments": item["arguments"],
+                },
+            )
+            finish_events += _event(
+                "response.output_item.done",
+                {"type": "response.output_item.done", "output_index": index, "item": item},
+            )
+        name = "response.completed" if finish == "stop" else "response.incomplete"
+        plan = _StreamPlan(
+            opening=opening,
+            content=content,
+            finish=finish_events,
+            usage=b"",
+            done=_event(name, {"type": name, "response": body}),
+        )
+        return await self._stream(plan, tokens, exchange)
 
     def _injected_status(self) -> int | None:
         config = self.config
@@ -569,17 +933,36 @@ class FakeUpstream:
         record.prompt_tokens = _messages_tokens(request.messages)
         completion_id, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
         usage = _usage(record.prompt_tokens, tokens, self.config.usage_override)
+        tool = _called_tool(request.tools) if self.config.tool_use else None
+        call: dict[str, Any] | None = None
+        if tool is not None:
+            arguments = _encode(TOOL_INPUT).decode()
+            function = {"name": tool, "arguments": arguments}
+            call = {"id": "call_" + secrets.token_hex(8), "type": "function", "function": function}
+            if finish == "stop":
+                finish = "tool_calls"
         if request.stream:
+            head = _chunk_head(completion_id, "chat.completion.chunk", created, request.model)
             plan = _stream_plan(
-                _chunk_head(completion_id, "chat.completion.chunk", created, request.model),
+                head,
                 _CHAT_OPENING,
                 _CHAT_CONTENT,
                 b'{"index":0,"delta":{},"logprobs":null,"finish_reason":"%s"}' % finish.encode(),
                 usage if self._reports_stream_usage(request) else None,
             )
+            if call is not None:
+                tool_delta = {"tool_calls": [{"index": 0, **call}]}
+                tool_choice = {"index": 0, "delta": tool_delta, "finish_reason": None}
+                plan.finish = head + _encode(tool_choice) + b"]}\n\n" + plan.finish
             return await self._stream(plan, tokens, exchange)
         record.completion_tokens = tokens
-        message = {"role": "assistant", "content": TOKEN_TEXT * tokens, "refusal": None}
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": TOKEN_TEXT * tokens,
+            "refusal": None,
+        }
+        if call is not None:
+            message["tool_calls"] = [call]
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
         body = {
             "id": completion_id,
@@ -669,7 +1052,7 @@ class FakeUpstream:
             if delay > 0:
                 await anyio.sleep(delay)
             exchange.settle("completed")  # before [DONE] leaves, as in respond()
-            await send({"type": "http.response.body", "body": plan.finish + plan.usage + _DONE})
+            await send({"type": "http.response.body", "body": plan.finish + plan.usage + plan.done})
         except OSError:
             pass
         return False
