@@ -9,7 +9,7 @@ import contextlib
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anthropic
@@ -43,14 +43,28 @@ class Stack:
     url: str
     openai_fake: FakeUpstream
     anthropic_fake: FakeUpstream
+    #: SDK clients made by the test, closed when the stack stops (an unclosed connection
+    #: pool would warn whenever it is collected, in whichever test that happens).
+    clients: list[anthropic.Anthropic | openai.OpenAI] = field(default_factory=list)
 
     def anthropic(self, key: str = KEYS["acme"], retries: int = 0) -> anthropic.Anthropic:
-        return anthropic.Anthropic(base_url=self.url, api_key=key, max_retries=retries, timeout=10)
+        client = anthropic.Anthropic(
+            base_url=self.url, api_key=key, max_retries=retries, timeout=10
+        )
+        self.clients.append(client)
+        return client
 
     def openai(self) -> openai.OpenAI:
-        return openai.OpenAI(
+        client = openai.OpenAI(
             base_url=self.url + "/v1", api_key=KEYS["acme"], max_retries=0, timeout=10
         )
+        self.clients.append(client)
+        return client
+
+    def close_clients(self) -> None:
+        for client in self.clients:
+            client.close()
+        self.clients.clear()
 
     def record_of(self, request_id: str) -> UsageRecord:
         ledger = self.gateway.ledger
@@ -113,7 +127,11 @@ def running(monkeypatch: pytest.MonkeyPatch, **overrides: Any) -> Iterator[Stack
         data.update(overrides)
         gateway = Gateway(parse_config(data))
         with serve_in_thread(gateway.asgi_app(), lifespan="on", startup_timeout_s=30) as url:
-            yield Stack(gateway, url, openai_fake, anthropic_fake)
+            running_stack = Stack(gateway, url, openai_fake, anthropic_fake)
+            try:
+                yield running_stack
+            finally:
+                running_stack.close_clients()
 
 
 @pytest.fixture

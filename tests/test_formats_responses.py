@@ -274,8 +274,23 @@ def served() -> Iterator[tuple[Gateway, str, FakeUpstream]]:
             yield gateway, url, fake
 
 
+#: SDK clients of the running test, closed after it (an unclosed connection pool would warn
+#: whenever it is collected, in whichever later test that happens).
+_CLIENTS: list[openai.OpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    for client in _CLIENTS:
+        client.close()
+    _CLIENTS.clear()
+
+
 def _client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key=KEYS["acme"], max_retries=0, timeout=10)
+    client = openai.OpenAI(base_url=url + "/v1", api_key=KEYS["acme"], max_retries=0, timeout=10)
+    _CLIENTS.append(client)
+    return client
 
 
 def _billed_as_reported(gateway: Gateway, fake: FakeUpstream, request_id: str) -> UsageRecord:
