@@ -21,10 +21,13 @@ the stores queue its ticket and release it once Redis answers again (``GivenUp``
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
+
+from tenantware.backends.progress import watch_of
 
 __all__ = ["DEADLINE_SLACK_S", "GivenUp", "RedisClock", "budget_of"]
 
@@ -75,7 +78,13 @@ class GivenUp(Generic[T]):
 
 
 def budget_of(client: object, default_s: float = 0.25) -> float:
-    """How long after sending a call may still run: the client's outage bound (its
-    ``timeout_s``, else ``default_s``) plus ``DEADLINE_SLACK_S``."""
+    """How long after sending a call may still run: twice the client's outage bound (the
+    pipelined connection's ``timeout_s``, a redis-py client's progress watch, else
+    ``default_s``; a late check of a busy event loop may give Redis one more bound) plus
+    ``DEADLINE_SLACK_S``."""
     bound = getattr(client, "timeout_s", None)
-    return (bound if isinstance(bound, int | float) else default_s) + DEADLINE_SLACK_S
+    if not isinstance(bound, int | float):
+        bound = watch_of(client).bound_s
+    if not math.isfinite(bound):
+        bound = default_s
+    return 2 * bound + DEADLINE_SLACK_S
