@@ -27,8 +27,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from tenantware.backends.progress import watch_of
-
 __all__ = ["DEADLINE_SLACK_S", "GivenUp", "RedisClock", "budget_of"]
 
 #: Added to the give-up budget: covers reply latency and a loaded event loop late to read.
@@ -84,6 +82,9 @@ def budget_of(client: object, default_s: float = 0.25) -> float:
     ``DEADLINE_SLACK_S``."""
     bound = getattr(client, "timeout_s", None)
     if not isinstance(bound, int | float):
+        # Imported here: a gateway in memory never loads redis (it imports ``GivenUp``).
+        from tenantware.backends.progress import watch_of
+
         bound = watch_of(client).bound_s
     if not math.isfinite(bound):
         bound = default_s
