@@ -17,6 +17,12 @@ Failure policy (``backends/failover.py``) when Redis cannot decide an ``acquire`
 admits the request unaccounted, ``closed`` answers ``UNAVAILABLE`` (the middleware's 503),
 ``local`` queues it in a pool kept by this process with its share of the seats
 (``seats // replicas``) until Redis answers again.
+
+An ``acquire`` given up on (Redis failed, or the caller was cancelled) leaves nothing behind:
+it carries a deadline in Redis time and the script refuses it when run later
+(``backends/redis_clock.py``); one run before its deadline is undone by a release of its
+ticket once Redis answers again (a release of a ticket never granted changes nothing). So
+is the release of a request that ended while Redis was down.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from tenantware.admission.store import UNAVAILABLE, PoolSpec
 from tenantware.backends.errors import STORE_UNAVAILABLE
 from tenantware.backends.failover import Failover
 from tenantware.backends.keys import tenant_key
+from tenantware.backends.multiplex import RedisTimeoutError
+from tenantware.backends.redis_clock import GivenUp, RedisClock, budget_of
 from tenantware.backends.redis_support import (
     RedisClient,
     ScriptHost,
@@ -49,6 +57,8 @@ _SCRIPT = resources.files("tenantware.admission").joinpath("lua/admission.lua").
 #: ``Ticket.lease`` of a ticket admitted unchecked (``open``) or by the local pool (``local``).
 _UNACCOUNTED = "-"
 _LOCAL = "~"
+#: ``acquire``'s status when Redis ran it after its deadline (nothing was done).
+_EXPIRED = 4
 
 
 class RedisSeatStore:
@@ -118,6 +128,12 @@ class RedisSeatStore:
         self._held: set[str] = set()
         self._prefix = os.urandom(6).hex() + ":"
         self._seq = 0
+        #: Redis time as last seen (ms), for the deadline of each ``acquire``.
+        self.redis_clock = RedisClock(1000)
+        self.budget_s = budget_of(scripts or redis)
+        #: Release arguments of acquires given up on and of releases Redis could not take:
+        #: sent once Redis answers again.
+        self._given_up: GivenUp[tuple[Any, ...]] = GivenUp()
 
     @classmethod
     def from_spec(
@@ -221,14 +237,24 @@ class RedisSeatStore:
                 self.heartbeat_ms,
                 repr(float(ticket.tokens)),
                 repr(float(ticket.hold)),
+                self.redis_clock.deadline(self.budget_s),
             )
+            if int(reply[0]) == _EXPIRED:
+                raise RedisTimeoutError("Redis ran the seat request after its deadline")
         except STORE_UNAVAILABLE as exc:
+            self._gave_up(ticket)
             failover.failed(exc, "acquire", policy=self.on_failure)
             return await self._degraded(ticket)
+        except anyio.get_cancelled_exc_class():
+            self._gave_up(ticket)
+            raise
         if failover.down:
             failover.succeeded()
+        self.redis_clock.observe(int(reply[1]))
+        if self._given_up:
+            await self._release_given_up()
         status = int(reply[0])
-        await self._granted(reply[1:])
+        await self._granted(reply[2:])
         if status == GRANTED:
             ticket.granted = True
             self._held.add(ticket.id)
@@ -236,6 +262,37 @@ class RedisSeatStore:
             ticket.handle = anyio.Event()
             self._waiting[ticket.id] = ticket
         return status
+
+    def _gave_up(self, ticket: Ticket) -> None:
+        """Queue the release of an acquire whose outcome this process will never know."""
+        self._given_up.add(
+            (
+                ticket.id,
+                ticket.tenant,
+                ticket.band + 1,
+                repr(ticket.cost),
+                repr(ticket.weight),
+                repr(0.0),
+                self.lease_ms,
+                repr(float(ticket.tokens)),
+                repr(0.0),
+            )
+        )
+
+    async def _release_given_up(self) -> None:
+        """Release every acquire given up on (Redis answers again): seats and queue places
+        taken late go back to the pool."""
+
+        async def release(args: tuple[Any, ...]) -> None:
+            try:
+                await self._granted(await self._call("release", *args))
+            except STORE_UNAVAILABLE:
+                self._given_up.add(args)  # next time Redis answers
+
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as group:
+                for args in self._given_up.take():
+                    group.start_soon(release, args)
 
     async def _degraded(self, ticket: Ticket) -> int:
         """Redis cannot decide: the failure policy does."""
@@ -301,25 +358,26 @@ class RedisSeatStore:
             return
         self._held.discard(ticket.id)
         ticket.granted = False
+        args = (
+            ticket.id,
+            ticket.tenant,
+            ticket.band + 1,
+            repr(ticket.cost),
+            repr(ticket.weight),
+            repr(float(actual_cost)),
+            self.lease_ms,
+            repr(float(ticket.tokens)),
+            repr(float(ticket.tokens if actual_tokens is None else actual_tokens)),
+        )
         if self.failover.down:
-            # The lease expires by itself; only the usage correction is lost.
+            # Sent once Redis answers again (the seat stays taken until then).
+            self._given_up.add(args)
             self.failover.degraded(self.on_failure)
             return
         try:
-            granted = await self._call(
-                "release",
-                ticket.id,
-                ticket.tenant,
-                ticket.band + 1,
-                repr(ticket.cost),
-                repr(ticket.weight),
-                repr(float(actual_cost)),
-                self.lease_ms,
-                repr(float(ticket.tokens)),
-                repr(float(ticket.tokens if actual_tokens is None else actual_tokens)),
-            )
+            granted = await self._call("release", *args)
         except STORE_UNAVAILABLE as exc:
-            # The lease expires by itself; only the usage correction is lost.
+            self._given_up.add(args)
             self._failed(exc, "release")
             return
         await self._granted(granted)

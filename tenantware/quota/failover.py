@@ -5,6 +5,13 @@ A primary that bounds its own calls (the Redis stores: an outage is declared fro
 call fails, each plan's own policy answers (``backends/failover.py``):
 ``closed`` limits refuse the request, ``local`` limits are kept by an in-memory limiter with
 the limit divided among the replicas, ``open`` limits are not checked.
+
+A reservation given up on (the store failed or the caller was cancelled) may still have been
+run by Redis, or be run when it resumes (before its deadline, ``backends/redis_clock.py``):
+its concurrency slot is released once the store answers again, so no slot stays taken for
+a request that is gone. Only the slot is released (idempotent: a ticket never granted
+changes nothing); a late reservation's tokens and cost stay charged, the safe side. So is
+the slot of a request that ended while the store was down (its settle could not be sent).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import anyio
 
 from tenantware.backends.errors import STORE_UNAVAILABLE
 from tenantware.backends.failover import Failover, StoreHealth
+from tenantware.backends.redis_clock import GivenUp
 from tenantware.config import FailurePolicy
 from tenantware.quota.memory import MemoryQuotaStore
 from tenantware.quota.plan import Plan
@@ -57,6 +65,8 @@ class FailoverQuotaStore:
         )
         #: The primary bounds its own calls (``MultiplexedRedis``): no cancel scope per call.
         self._bounded = primary.bounded
+        #: Reservations with a slot whose caller gave up: released when the store answers.
+        self._given_up: GivenUp[tuple[Plan, str]] = GivenUp()
 
     def _deadline(self) -> AbstractContextManager[object]:
         """``timeout_s`` around a primary call, unless the primary bounds its calls itself."""
@@ -82,12 +92,37 @@ class FailoverQuotaStore:
                 with self._deadline():
                     decision = await self.primary.reserve(plan, tokens, cost, ticket)
             except STORE_UNAVAILABLE as exc:
+                self._gave_up(plan, ticket)
                 self._failed(exc, "reserve", plan)
+            except anyio.get_cancelled_exc_class():
+                self._gave_up(plan, ticket)
+                raise
             else:
                 if failover.down:
                     failover.succeeded()
+                if self._given_up:
+                    await self._release_given_up()
                 return decision
         return self._degraded(plan, tokens, cost, ticket)
+
+    def _gave_up(self, plan: Plan, ticket: str) -> None:
+        if plan.holds_slots:
+            self._given_up.add((plan, ticket))
+
+    async def _release_given_up(self) -> None:
+        """Free the slots of reservations given up on (the store answers again)."""
+
+        async def release(plan: Plan, ticket: str) -> None:
+            try:
+                with self._deadline():
+                    await self.primary.settle(plan, 0, ticket, 0, 0)
+            except STORE_UNAVAILABLE:
+                self._given_up.add((plan, ticket))  # next time the store answers
+
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as group:
+                for plan, ticket in self._given_up.take():
+                    group.start_soon(release, plan, ticket)
 
     def _degraded(self, plan: Plan, tokens: int, cost: int, ticket: str) -> Decision:
         policy = _policy(plan)
@@ -117,7 +152,9 @@ class FailoverQuotaStore:
             return
         failover = self.failover
         if failover.down:
-            # The reservation stays charged (the safe side); its slot frees with its lease.
+            # The reservation stays charged (the safe side); its slot is freed once the
+            # store answers again.
+            self._gave_up(plan, ticket)
             failover.degraded(_policy(plan))
             return
         try:
@@ -126,6 +163,7 @@ class FailoverQuotaStore:
                     plan, now_us, ticket, tokens_delta, cost_delta, cancel=cancel
                 )
         except STORE_UNAVAILABLE as exc:
+            self._gave_up(plan, ticket)
             self._failed(exc, "settle", plan)
             failover.degraded(_policy(plan))
 

@@ -3,6 +3,10 @@
 Every key of a plan shares the tenant's hash tag, so each script touches one slot. Time comes
 from Redis ``TIME`` (a ``clock`` may be injected for tests); keys expire with their windows.
 Scripts are registered once and run with EVALSHA (reloaded on NOSCRIPT after a restart).
+
+A reservation carries a deadline in Redis time (``backends/redis_clock.py``): run after it
+(its caller gave up: Redis was paused or stalled), the script grants and writes nothing and
+the call fails as ``StoreUnavailable``. With an injected ``clock`` there is no deadline.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from collections.abc import Callable
 from importlib.resources import files
 from typing import Any
 
+from tenantware.backends.multiplex import RedisTimeoutError
+from tenantware.backends.redis_clock import RedisClock, budget_of
 from tenantware.backends.redis_support import ScriptHost, register_script, single_node
 from tenantware.quota.plan import Plan
 from tenantware.quota.store import Decision
@@ -51,14 +57,23 @@ class RedisQuotaStore:
         self._reserve: Any = register_script(client, _RESERVE)
         self._settle: Any = register_script(client, _SETTLE)
         self._usage: Any = register_script(client, _USAGE)
+        #: Redis time as last seen (µs), for the deadline of each reservation.
+        self.redis_clock = RedisClock(1_000_000)
+        self.budget_s = budget_of(client)
 
     def _now(self) -> int:
         return -1 if self.clock is None else int(self.clock() * 1_000_000)
 
     async def reserve(self, plan: Plan, tokens: int, cost: int, ticket: str) -> Decision:
+        now = self._now()
+        deadline = self.redis_clock.deadline(self.budget_s) if now < 0 else 0
         reply = await self._reserve(
-            keys=plan.keys, args=(self._now(), tokens, cost, ticket, *plan.args)
+            keys=plan.keys, args=(now, tokens, cost, ticket, *plan.args, deadline)
         )
+        if reply[0] == -1:
+            raise RedisTimeoutError("Redis ran the reservation after its deadline")
+        if now < 0:
+            self.redis_clock.observe(int(reply[3]))
         n = len(plan.keys)
         return Decision(
             reply[0] == 1,

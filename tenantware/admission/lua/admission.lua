@@ -260,12 +260,16 @@ end
 
 if op == 'acquire' then
   -- ticket, tenant, band, cost, weight, reserved, cap, max_queue, lease_ms, heartbeat_ms,
-  -- tokens, hold (expected seconds, 0: unknown)
+  -- tokens, hold (expected seconds, 0: unknown), deadline (Redis ms, 0: none).
+  -- Reply: {status, now, granted tickets...}; status 4: past the deadline (the caller has
+  -- given up, tenantware/backends/redis_clock.py), nothing done.
   local ticket, tenant, band = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
   local cost, weight = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
   local reserved, cap = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
   local max_queue, lease_ms, hb_ms = tonumber(ARGV[a + 7]), tonumber(ARGV[a + 8]), tonumber(ARGV[a + 9])
   local tokens, hold = tonumber(ARGV[a + 10]), tonumber(ARGV[a + 11])
+  local deadline = tonumber(ARGV[a + 12]) or 0
+  if deadline > 0 and now > deadline then return {4, now} end
   purge()
   expire()
   activate(tenant, weight)
@@ -283,10 +287,10 @@ if op == 'acquire' then
     local vt = num(redis.call('HGET', K_SYS, 'vt'))
     if c < vt then redis.call('HSET', K_CTR, tenant, tostring(vt)) end
     grant(ticket, tenant, cost, weight, lease_ms, tokens)
-    return {0}
+    return {0, now}
   end
   local queued = num(redis.call('HGET', K_QN, tenant))
-  if queued >= max_queue then return {2} end
+  if queued >= max_queue then return {2, now} end
   if queued == 0 then
     local c = counter_of(tenant)
     local f = floor_counter()
@@ -315,7 +319,7 @@ if op == 'acquire' then
   local granted = dispatch(lease_ms)
   local status = 1
   if redis.call('ZSCORE', K_SEATS, ticket) then status = 0 end
-  return {status, unpack(granted)}
+  return {status, now, unpack(granted)}
 elseif op == 'poll' then
   -- ticket, lease_ms, heartbeat_ms: 0 granted, 1 still queued, 3 unknown (expired)
   local ticket, lease_ms, hb_ms = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])

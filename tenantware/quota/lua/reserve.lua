@@ -1,13 +1,18 @@
 -- Reserve one request against every limit of a plan: all granted, or nothing written.
 -- KEYS: one per limit, all in one hash slot.
 -- ARGV: now_us (negative: use Redis TIME), tokens, cost (nano-USD), ticket,
---       then kind, p1, p2 per limit (see tenantware/quota/plan.py).
+--       then kind, p1, p2 per limit (see tenantware/quota/plan.py), then deadline_us
+--       (0: none; tenantware/backends/redis_clock.py).
 -- Reply: {allowed, failed index (0-based, -1), retry_after_us, now_us, remaining..., reset_us...}
+--        or {-1, -1, 0, now_us} when now is past the deadline: the caller has given up,
+--        nothing is checked or written.
 local now = tonumber(ARGV[1])
 if now < 0 then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
+local deadline = tonumber(ARGV[5 + #KEYS * 3]) or 0
+if deadline > 0 and now > deadline then return {-1, -1, 0, now} end
 local tokens = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
 local ticket = ARGV[4]
