@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import structlog
 from tenantware import Gateway, HttpxUpstreamClient
 from tenantware.audit import AuditEntry
 from tenantware.metering.ledger import AuditFilter, Ledger, LedgerUnavailable, MemoryLedger
+from tenantware.metering.ledger import sqlite as sqlite_ledger
 from tenantware.metering.ledger.postgres import PostgresLedger
 from tenantware.metering.ledger.sqlite import SqliteLedger
 from tenantware.testing.upstream import FakeUpstream
@@ -199,3 +201,20 @@ async def test_a_ledger_that_cannot_store_the_entry_leaves_the_change_standing()
     assert [(e["action"], e["tenant"], e["log_level"]) for e in lost] == [
         ("tenant.create", "kept", "error")
     ]
+
+
+async def test_a_ledger_of_the_previous_schema_gains_the_audit_table(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)  # the schema before the audit log (version 2)
+    conn.executescript(sqlite_ledger._MIGRATIONS[0] + sqlite_ledger._MIGRATIONS[1])
+    conn.execute("PRAGMA user_version=2")
+    conn.close()
+    ledger = SqliteLedger(path)
+    await ledger.open()
+    entry = AuditEntry(
+        id="aud_1", at=1.0, actor="admin:ops", action="tenant.create", tenant="t", before_version=0
+    )
+    await ledger.write_audit(entry)
+    await ledger.write_audit(entry)  # written twice (a retry): stored once
+    assert await ledger.query_audit(AuditFilter()) == [entry]
+    await ledger.aclose()

@@ -1,7 +1,8 @@
 """The admin API under ``/admin/``: tenants and their keys, changed at run time.
 
 Every change is one registry write (version bump, audit entry and pub/sub message together);
-this process applies it before answering, every other replica on the message. The routes,
+this process applies it before answering, every other replica on the message. With a ledger,
+the change's audit row (values before and after) is stored there before the answer. The routes,
 their roles and bodies are in ``/admin/openapi.json``; ``/admin/usage`` (metering) and
 anything unknown fall through to ``fallback``.
 
