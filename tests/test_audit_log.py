@@ -218,3 +218,16 @@ async def test_a_ledger_of_the_previous_schema_gains_the_audit_table(tmp_path: P
     await ledger.write_audit(entry)  # written twice (a retry): stored once
     assert await ledger.query_audit(AuditFilter()) == [entry]
     await ledger.aclose()
+
+
+class _AuditUnreadable(MemoryLedger):
+    async def query_audit(self, wanted: AuditFilter) -> list[AuditEntry]:
+        raise LedgerUnavailable("down for the test")
+
+
+async def test_an_unreadable_ledger_answers_503() -> None:
+    gateway = _gateway(_AuditUnreadable())
+    async with gateway.running(), client_for(gateway.asgi_app(), ADMIN) as admin:
+        answer = await admin.get("/admin/audit")
+    assert answer.status_code == 503
+    assert answer.json()["error"]["code"] == "ledger_unavailable"
