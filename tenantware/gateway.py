@@ -22,6 +22,7 @@ from tenantware.config import GatewayConfig
 from tenantware.estimate import PromptEstimator, estimate_prompt_tokens
 from tenantware.metering.ledger import (
     DEFAULT_LEDGER_URL,
+    AuditLog,
     Ledger,
     LedgerWriter,
     MemoryLedger,
@@ -270,6 +271,7 @@ class Gateway:
             sync=self.registry,
             fallback=reports,
             processes=max(self.processes, self.config.gateway.replicas),
+            audit_log=self.ledger if isinstance(self.ledger, AuditLog) else None,
         )
         reports.authorize = admin.may_read_reports
         tenant_usage = TenantMiddleware(reports, live=self.live, estimator=self.estimator)

@@ -1,7 +1,8 @@
 """The admin API under ``/admin/``: tenants and their keys, changed at run time.
 
 Every change is one registry write (version bump, audit entry and pub/sub message together);
-this process applies it before answering, every other replica on the message. The routes,
+this process applies it before answering, every other replica on the message. With a ledger,
+the change's audit row (values before and after) is stored there before the answer. The routes,
 their roles and bodies are in ``/admin/openapi.json``; ``/admin/usage`` (metering) and
 anything unknown fall through to ``fallback``.
 
@@ -51,11 +52,14 @@ from tenantware.admin.schemas import (
     limits_patched,
     tenant_out,
 )
+from tenantware.audit import AuditAction, AuditEntry, public_value
 from tenantware.backends.errors import STORE_UNAVAILABLE
 from tenantware.config import AdminKey, ApiKey, Tenant
 from tenantware.errors import error_body
 from tenantware.keys import generate_key
-from tenantware.registry.store import AuditAction, AuditEntry, RegistryStore, VersionMismatch
+from tenantware.metering.ledger.auditlog import AuditFilter, AuditLog
+from tenantware.metering.ledger.base import LedgerUnavailable
+from tenantware.registry.store import RegistryStore, VersionMismatch
 from tenantware.registry.sync import RegistrySync
 from tenantware.state import LiveConfig
 from tenantware.types import ASGIApp, Receive, Scope, Send
@@ -161,10 +165,13 @@ class AdminApi:
         sync: RegistrySync,
         fallback: ASGIApp,
         processes: int = 1,
+        audit_log: AuditLog | None = None,
     ) -> None:
         self.live = live
         self.store = store
         self.sync = sync
+        #: The durable trail (the ledger); without it the registry's own short trail is read.
+        self.audit_log = audit_log
         #: A change to a registry other processes do not share would reach only this one.
         self._writes_refused = not store.shared and processes > 1
         self._processes = processes
@@ -274,6 +281,7 @@ class AdminApi:
         return AuditEntry(
             at=time.time(),
             actor=f"{caller.role}:{caller.id}",
+            role=caller.role,
             action=action,
             tenant=tenant_id,
             before_version=before,
@@ -281,6 +289,31 @@ class AdminApi:
             request_id=request.state.request_id,
             address=client.host if client else None,
         )
+
+    async def _record(
+        self,
+        audit: AuditEntry,
+        version: int,
+        before: msgspec.Struct | None,
+        after: msgspec.Struct | None,
+    ) -> None:
+        """Store the entry of a change that succeeded in the ledger, before it is answered.
+
+        The change itself already stands: if the ledger cannot take the entry, it is logged
+        whole at error level (it holds no secret) and stays in the registry's own trail."""
+        if self.audit_log is None:
+            return
+        entry = msgspec.structs.replace(
+            audit,
+            id=f"aud_{secrets.token_hex(12)}",
+            version=version,
+            before=public_value(before),
+            after=public_value(after),
+        )
+        try:
+            await self.audit_log.write_audit(entry)
+        except Exception:
+            log.exception("audit entry not stored in the ledger", **msgspec.to_builtins(entry))
 
     def _out(self, tenant: Tenant, version: int) -> TenantOut:
         return tenant_out(tenant, version, self.live.file_config.all_tiers())
@@ -341,6 +374,7 @@ class AdminApi:
                     raise _precondition(exc.current) from None
                 continue
             await self.sync.refresh()
+            await self._record(audit, version, record.tenant, updated)
             return version, updated
         raise Refusal(409, "The tenant keeps changing; retry.", "conflict")
 
@@ -427,6 +461,7 @@ class AdminApi:
                 409, f"Tenant {tenant.id!r} already exists.", "tenant_exists", param="id"
             ) from None
         await self.sync.refresh()
+        await self._record(audit, version, None, tenant)
         return _json(self._out(tenant, version), 201, version=version)
 
     async def _tenant(self, request: Request, caller: Caller) -> Response:
@@ -454,12 +489,13 @@ class AdminApi:
             expect = record.version if wanted is None else wanted
             audit = self._audit_entry(request, caller, "tenant.delete", tenant_id, record.version)
             try:
-                await self.store.delete(tenant_id, expect=expect, audit=audit)
+                version = await self.store.delete(tenant_id, expect=expect, audit=audit)
             except VersionMismatch as exc:
                 if exc.current == 0:
                     raise _not_found(tenant_id) from None
                 raise _precondition(exc.current) from None
             await self.sync.refresh()
+            await self._record(audit, version, record.tenant, None)
             return _json({"object": "tenant.deleted", "id": tenant_id, "deleted": True})
         raise _method(request)
 
@@ -614,6 +650,7 @@ class AdminApi:
                 409, f"Admin key id {key_id!r} is taken.", "key_exists", param="id"
             ) from None
         await self.sync.refresh()
+        await self._record(audit, version, None, key)
         answer = AdminKeyIssued(
             id=key_id, role=key.role, prefix=key.prefix, key=plain, created_at=now
         )
@@ -625,6 +662,7 @@ class AdminApi:
         self._allow(caller, "admin", write=True)
         key_id: str = request.path_params["key_id"]
         audit = self._audit_entry(request, caller, "admin_key.revoke", "", 0, key_id)
+        previous = (await self.store.load()).admins.get(key_id)
         try:
             version = await self.store.delete_admin(key_id, expect=None, audit=audit)
         except VersionMismatch:
@@ -636,6 +674,7 @@ class AdminApi:
                 param="key_id",
             ) from None
         await self.sync.refresh()
+        await self._record(audit, version, previous, None)
         return _json(
             {"object": "admin_key.revoked", "id": key_id, "revoked": True}, version=version
         )
@@ -666,14 +705,24 @@ class AdminApi:
         fmt = query.get("format", "json")
         if fmt not in ("json", "csv"):
             raise Refusal(400, "format must be json or csv.", "invalid_value", param="format")
-        since = _float_param(query.get("since"), "since")
-        action = query.get("action") or None
-        entries = await self.store.audit(tenant=query.get("tenant") or None, limit=limit)
-        entries = [
-            e
-            for e in entries
-            if (action is None or e.action == action) and (since is None or e.at >= since)
-        ]
+        wanted = AuditFilter(
+            action=query.get("action") or None,
+            tenant=query.get("tenant") or None,
+            actor=query.get("actor") or None,
+            since=_float_param(query.get("since"), "since"),
+            until=_float_param(query.get("until"), "until"),
+            limit=limit,
+        )
+        if self.audit_log is not None:
+            try:
+                entries = await self.audit_log.query_audit(wanted)
+            except LedgerUnavailable:
+                raise Refusal(
+                    503, "The ledger cannot be read now; retry shortly.", "ledger_unavailable"
+                ) from None
+        else:
+            trail = await self.store.audit(tenant=wanted.tenant, limit=limit)
+            entries = [e for e in trail if wanted.matches(e)]
         if fmt == "csv":
             return Response(
                 _audit_csv(entries),
@@ -726,8 +775,16 @@ def _audit_csv(entries: list[AuditEntry]) -> bytes:
     writer = csv.writer(out)
     writer.writerow(fields)
     for entry in entries:
-        writer.writerow(["" if (v := getattr(entry, f)) is None else v for f in fields])
+        writer.writerow([_csv_value(getattr(entry, f)) for f in fields])
     return out.getvalue().encode()
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, dict):
+        return msgspec.json.encode(value).decode()
+    return value
 
 
 def _patched(tenant: Tenant, patch: TenantPatch) -> Tenant:

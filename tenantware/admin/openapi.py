@@ -249,10 +249,12 @@ def openapi_document() -> bytes:
                     _LIMIT,
                     _query("tenant", {"type": "string"}),
                     _query("action", {"type": "string"}),
+                    _query("actor", {"type": "string"}),
                     _query("since", {"type": "number"}),
+                    _query("until", {"type": "number"}),
                     _query("format", {"type": "string", "enum": ["json", "csv"]}),
                 ],
-                errors=("400", "401", "403"),
+                errors=("400", "401", "403", "503"),
             )
         },
     }

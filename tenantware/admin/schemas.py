@@ -11,8 +11,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType, field
 
+from tenantware.audit import AuditEntry
 from tenantware.config import Limits, Priority, Tenant, Tier, Weight
-from tenantware.registry.store import AuditEntry
 
 __all__ = [
     "AdminKeyIssue",

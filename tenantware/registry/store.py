@@ -9,30 +9,20 @@ The request path never calls a store: it reads the snapshot built from the last 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from typing import Literal, Protocol
+from typing import Protocol
 
 import msgspec
 
+from tenantware.audit import AuditAction, AuditEntry
 from tenantware.config import AdminKey, Tenant
 
 __all__ = [
+    "AuditAction",
     "AuditEntry",
     "RegistryState",
     "RegistryStore",
     "TenantRecord",
     "VersionMismatch",
-]
-
-AuditAction = Literal[
-    "tenant.create",
-    "tenant.update",
-    "tenant.delete",
-    "key.issue",
-    "key.rotate",
-    "key.revoke",
-    "admin_key.issue",
-    "admin_key.revoke",
-    "registry.seed",
 ]
 
 
@@ -52,23 +42,6 @@ class RegistryState(msgspec.Struct, frozen=True, kw_only=True):
     admins: dict[str, AdminKey] = msgspec.field(default_factory=dict)
     #: False until the registry was first written (a new Redis registry is seeded then).
     initialized: bool = True
-
-
-class AuditEntry(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """One change: who made it, what, and the versions around it (never a key or a hash)."""
-
-    #: Registry version the change produced (the entry's position in the trail).
-    version: int = 0
-    at: float
-    actor: str
-    action: AuditAction
-    #: The tenant changed ("" for an admin key).
-    tenant: str
-    #: The tenant record's version before the change (0: it did not exist).
-    before_version: int
-    key_id: str | None = None
-    request_id: str | None = None
-    address: str | None = None
 
 
 class VersionMismatch(Exception):

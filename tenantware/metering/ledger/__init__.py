@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from tenantware.metering.ledger.auditlog import AuditFilter, AuditLog
 from tenantware.metering.ledger.base import Ledger, LedgerRejected, LedgerUnavailable, MemoryLedger
 from tenantware.metering.ledger.deadletter import DeadLetter, DeadLetterFile, dead_letter_path
 from tenantware.metering.ledger.record import COLUMNS, UsageRecord, decode_record, encode_record
@@ -16,6 +17,8 @@ from tenantware.metering.ledger.writer import LedgerHealth, LedgerWriter, Writer
 __all__ = [
     "COLUMNS",
     "DEFAULT_LEDGER_URL",
+    "AuditFilter",
+    "AuditLog",
     "DeadLetter",
     "DeadLetterFile",
     "Ledger",

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
+from tenantware.audit import AuditEntry
+from tenantware.metering.ledger.auditlog import AuditFilter
 from tenantware.metering.ledger.record import UsageRecord
 
 __all__ = ["Ledger", "LedgerRejected", "LedgerUnavailable", "MemoryLedger"]
@@ -52,6 +54,7 @@ class MemoryLedger:
 
     def __init__(self) -> None:
         self.records: dict[str, UsageRecord] = {}
+        self.audit: dict[str, AuditEntry] = {}
         self.writes = 0
 
     async def open(self) -> None:
@@ -74,6 +77,14 @@ class MemoryLedger:
             ),
             key=lambda r: r.ts,
         )
+
+    async def write_audit(self, entry: AuditEntry) -> None:
+        self.audit.setdefault(entry.id, entry)
+
+    async def query_audit(self, wanted: AuditFilter) -> list[AuditEntry]:
+        found = [e for e in self.audit.values() if wanted.matches(e)]
+        found.sort(key=lambda e: (e.at, e.version), reverse=True)
+        return found[: wanted.limit]
 
     async def aclose(self) -> None:
         return None

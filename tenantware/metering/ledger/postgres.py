@@ -17,6 +17,13 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from tenantware.audit import AuditEntry
+from tenantware.metering.ledger.auditlog import (
+    AUDIT_COLUMNS,
+    AuditFilter,
+    audit_row,
+    entry_from_row,
+)
 from tenantware.metering.ledger.base import LedgerRejected, LedgerUnavailable
 from tenantware.metering.ledger.record import COLUMNS, UsageRecord
 
@@ -65,6 +72,15 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX IF NOT EXISTS usage_records_request_id ON {t} (request_id)",
     ),
     ("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS usage_invalid boolean NOT NULL DEFAULT false",),
+    (
+        "CREATE TABLE IF NOT EXISTS {a} ("
+        "id text PRIMARY KEY, at double precision NOT NULL, version bigint NOT NULL, "
+        "request_id text, actor text NOT NULL, role text NOT NULL, action text NOT NULL, "
+        "tenant text NOT NULL, key_id text, before_version bigint NOT NULL, "
+        "before jsonb, after jsonb, address text)",
+        "CREATE INDEX IF NOT EXISTS audit_log_at ON {a} (at)",
+        "CREATE INDEX IF NOT EXISTS audit_log_tenant_at ON {a} (tenant, at)",
+    ),
 )
 
 
@@ -85,6 +101,7 @@ class PostgresLedger:
         self.timeout_s = timeout_s
         self._schema = schema
         self._table = sql.Identifier(schema, table)
+        self._audit = sql.Identifier(schema, "audit_log")
         self._versions = sql.Identifier(schema, "tenantware_schema")
         self._pool_options: dict[str, Any] = {
             "min_size": min_size,
@@ -102,6 +119,20 @@ class PostgresLedger:
             "INSERT INTO {t} ({c}) SELECT * FROM unnest({a}) ON CONFLICT (record_id) DO NOTHING"
         ).format(t=self._table, c=columns, a=arrays)
         self._select = sql.SQL("SELECT {c} FROM {t}").format(c=columns, t=self._table)
+        audit_columns = sql.SQL(", ").join(sql.Identifier(name) for name in AUDIT_COLUMNS)
+        self._insert_audit = sql.SQL(
+            "INSERT INTO {t} ({c}) VALUES ({v}) ON CONFLICT (id) DO NOTHING"
+        ).format(
+            t=self._audit,
+            c=audit_columns,
+            v=sql.SQL(", ").join(
+                sql.SQL("%s::jsonb" if name in ("before", "after") else "%s")
+                for name in AUDIT_COLUMNS
+            ),
+        )
+        self._select_audit = sql.SQL("SELECT {c} FROM {t} WHERE true").format(
+            c=audit_columns, t=self._audit
+        )
 
     async def open(self) -> None:
         await anyio.to_thread.run_sync(self._ensure)
@@ -143,7 +174,7 @@ class PostgresLedger:
             version = int(found[0]) if found and found[0] is not None else 0
             for number in range(version, len(_MIGRATIONS)):
                 for statement in _MIGRATIONS[number]:
-                    conn.execute(sql.SQL(statement).format(t=self._table))
+                    conn.execute(sql.SQL(statement).format(t=self._table, a=self._audit))
                 conn.execute(
                     sql.SQL("INSERT INTO {} (version) VALUES (%s)").format(self._versions),
                     (number + 1,),
@@ -177,6 +208,39 @@ class PostgresLedger:
         query += sql.SQL(" ORDER BY ts")
         rows = self._run(lambda conn: conn.execute(query, args).fetchall())
         return [UsageRecord(**dict(zip(COLUMNS, row, strict=True))) for row in rows]
+
+    async def write_audit(self, entry: AuditEntry) -> None:
+        row = audit_row(entry)
+        await anyio.to_thread.run_sync(self._write_audit, row)
+
+    def _write_audit(self, row: tuple[Any, ...]) -> None:
+        self._ensure()
+        self._run(lambda conn: conn.execute(self._insert_audit, row))
+
+    async def query_audit(self, wanted: AuditFilter) -> list[AuditEntry]:
+        return await anyio.to_thread.run_sync(self._query_audit, wanted)
+
+    def _query_audit(self, wanted: AuditFilter) -> list[AuditEntry]:
+        self._ensure()
+        query = self._select_audit
+        args: list[Any] = []
+        for column, op, value in (
+            ("action", "=", wanted.action),
+            ("tenant", "=", wanted.tenant),
+            ("at", ">=", wanted.since),
+            ("at", "<", wanted.until),
+        ):
+            if value is not None:
+                query += sql.SQL(" AND {} {} %s").format(sql.Identifier(column), sql.SQL(op))
+                args.append(value)
+        actors = wanted.actors()
+        if actors:
+            query += sql.SQL(" AND actor = ANY(%s)")
+            args.append(actors)
+        query += sql.SQL(" ORDER BY at DESC, version DESC LIMIT %s")
+        args.append(wanted.limit)
+        rows = self._run(lambda conn: conn.execute(query, args).fetchall())
+        return [entry_from_row(row) for row in rows]
 
     async def aclose(self) -> None:
         pool, self._pool = self._pool, None

@@ -15,12 +15,19 @@ from typing import Final
 
 import anyio.to_thread
 
+from tenantware.audit import AuditEntry
+from tenantware.metering.ledger.auditlog import (
+    AUDIT_COLUMNS,
+    AuditFilter,
+    audit_row,
+    entry_from_row,
+)
 from tenantware.metering.ledger.base import LedgerRejected, LedgerUnavailable
 from tenantware.metering.ledger.record import COLUMNS, UsageRecord
 
 __all__ = ["SqliteLedger"]
 
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 _MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE IF NOT EXISTS usage_records (
@@ -53,6 +60,25 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX IF NOT EXISTS usage_records_request_id ON usage_records (request_id);
     """,
     "ALTER TABLE usage_records ADD COLUMN usage_invalid INTEGER NOT NULL DEFAULT 0;",
+    """
+    CREATE TABLE IF NOT EXISTS audit_log (
+        id TEXT PRIMARY KEY,
+        at REAL NOT NULL,
+        version INTEGER NOT NULL,
+        request_id TEXT,
+        actor TEXT NOT NULL,
+        role TEXT NOT NULL,
+        action TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        key_id TEXT,
+        before_version INTEGER NOT NULL,
+        before TEXT,
+        after TEXT,
+        address TEXT
+    );
+    CREATE INDEX IF NOT EXISTS audit_log_at ON audit_log (at);
+    CREATE INDEX IF NOT EXISTS audit_log_tenant_at ON audit_log (tenant, at);
+    """,
 )
 assert len(_MIGRATIONS) == _SCHEMA_VERSION
 
@@ -61,6 +87,11 @@ _INSERT = (
     f"VALUES ({', '.join('?' for _ in COLUMNS)})"
 )
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM usage_records"
+_INSERT_AUDIT = (
+    f"INSERT OR IGNORE INTO audit_log ({', '.join(AUDIT_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in AUDIT_COLUMNS)})"
+)
+_SELECT_AUDIT = f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit_log WHERE 1 = 1"
 
 
 #: Errors caused by the records themselves (a value out of SQLite's 64-bit integers, a
@@ -128,12 +159,43 @@ class SqliteLedger:
             rows = [_row(r) for r in records]
             await anyio.to_thread.run_sync(self._write, rows)
 
-    def _write(self, rows: list[tuple[object, ...]]) -> None:
+    async def write_audit(self, entry: AuditEntry) -> None:
+        await anyio.to_thread.run_sync(self._write, [audit_row(entry)], _INSERT_AUDIT)
+
+    async def query_audit(self, wanted: AuditFilter) -> list[AuditEntry]:
+        return await anyio.to_thread.run_sync(self._query_audit, wanted)
+
+    def _query_audit(self, wanted: AuditFilter) -> list[AuditEntry]:
+        sql = _SELECT_AUDIT
+        args: list[object] = []
+        for column, op, value in (
+            ("action", "=", wanted.action),
+            ("tenant", "=", wanted.tenant),
+            ("at", ">=", wanted.since),
+            ("at", "<", wanted.until),
+        ):
+            if value is not None:
+                sql += f" AND {column} {op} ?"
+                args.append(value)
+        actors = wanted.actors()
+        if actors:
+            sql += f" AND actor IN ({', '.join('?' for _ in actors)})"
+            args.extend(actors)
+        sql += " ORDER BY at DESC, version DESC LIMIT ?"
+        args.append(wanted.limit)
+        with self._lock:
+            try:
+                rows = self._connection().execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                raise LedgerUnavailable(f"sqlite {self.path}: {exc}") from exc
+        return [entry_from_row(row) for row in rows]
+
+    def _write(self, rows: list[tuple[object, ...]], insert: str = _INSERT) -> None:
         with self._lock:
             conn = self._connection()
             try:
                 conn.execute("BEGIN")
-                conn.executemany(_INSERT, rows)
+                conn.executemany(insert, rows)
                 conn.execute("COMMIT")
             except BaseException as exc:
                 # Whatever failed (a value Python cannot bind raises OverflowError, not a
