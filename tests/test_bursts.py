@@ -12,6 +12,7 @@ import math
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -34,14 +35,17 @@ TOKENS = Load(limits={"tokens_per_day": TOKEN_LIMIT}, requests=1000)
 WATCHED = ("quota:local", "admission:local")
 
 
-def burst(url: str, loads: dict[str, Load]) -> list[Report]:
+def burst(url: str, loads: dict[str, Load], gateway: dict[str, Any] | None = None) -> list[Report]:
     """Every tenant's requests at once, split over the processes, on a loaded host."""
     prefix = f"twburst:{uuid.uuid4().hex[:8]}:"
     share = {
         name: Load(limits=load.limits, requests=load.requests // PROCESSES, hold_s=load.hold_s)
         for name, load in loads.items()
     }
-    jobs = [Job(redis_url=url, prefix=prefix, tenants=share) for _ in range(PROCESSES)]
+    jobs = [
+        Job(redis_url=url, prefix=prefix, tenants=share, gateway=gateway or {})
+        for _ in range(PROCESSES)
+    ]
     with workers(jobs) as go, cpu_hogs(25):
         time.sleep(0.5)  # the hogs have the cores
         go()
@@ -123,7 +127,10 @@ def test_a_rate_limit_is_exact_on_a_redis_cluster() -> None:
         pytest.skip(f"no Redis Cluster: {exc.reason}")
     try:
         url = "redis+cluster://" + urls[0].split("://", 1)[1]
-        check_rate(burst(url, {"rate": RATE}), "rate")
+        # A cluster client's evidence is its answered calls, not reply bytes (README: "Redis
+        # Cluster"): on a host this starved, a 0.25 s silence of three CPU-starved nodes is
+        # no outage, so the bound is the one the README advises for a cluster.
+        check_rate(burst(url, {"rate": RATE}, gateway={"redis_timeout_s": 1.0}), "rate")
     finally:
         cluster.__exit__(None, None, None)
 
