@@ -208,9 +208,14 @@ class AdmissionMiddleware:
         streamed = 0
         due = time.perf_counter() + _CHARGE_EVERY_S
 
-        async def charging(message: Message) -> None:
-            nonlocal streamed, due
+        async def send_then_charge(message: Message, extra: float) -> None:
             await send(message)
+            await store.charge(ticket, extra)
+
+        def charging(message: Message) -> Awaitable[None]:
+            # A plain function returning ``send``'s awaitable: a coroutine only when a charge
+            # is due, not one per event.
+            nonlocal streamed, due
             if message["type"] == "http.response.body":
                 streamed += message.get("body", b"").count(_EVENT)
                 now = time.perf_counter()
@@ -218,7 +223,8 @@ class AdmissionMiddleware:
                     due = now + _CHARGE_EVERY_S
                     extra = prompt + output_weight * streamed - ticket.cost
                     if extra > 0:
-                        await store.charge(ticket, extra)
+                        return send_then_charge(message, extra)
+            return send(message)
 
         return charging
 
