@@ -15,6 +15,7 @@ import msgspec
 from tenantware.context import Outcome, RequestContext, Usage, WireFormat
 from tenantware.errors import GatewayError
 from tenantware.formats import anthropic, responses
+from tenantware.formats.sse import json_object
 from tenantware.metering.usage import parse_json_usage
 
 __all__ = ["Adapter", "StreamTranslator", "adapter_for"]
@@ -96,11 +97,8 @@ class _AnthropicToOpenAI(Adapter):
     def answer(self, ctx: RequestContext, status: int, data: bytes, usage: Usage | None) -> bytes:
         if status >= 400:
             return anthropic.error_to_anthropic(status, data, ctx.request_id)
-        try:
-            parsed = _decode(data)
-        except msgspec.DecodeError:
-            return data
-        if not isinstance(parsed, dict) or "choices" not in parsed:
+        parsed = json_object(data)
+        if parsed is None or "choices" not in parsed:
             return data
         return _encode(anthropic.response_from_openai(parsed, usage, _message_id(ctx)))
 
@@ -122,11 +120,8 @@ class _OpenAIToAnthropic(Adapter):
     def answer(self, ctx: RequestContext, status: int, data: bytes, usage: Usage | None) -> bytes:
         if status >= 400:
             return anthropic.error_to_openai(status, data)
-        try:
-            parsed = _decode(data)
-        except msgspec.DecodeError:
-            return data
-        if not isinstance(parsed, dict) or parsed.get("type") != "message":
+        parsed = json_object(data)
+        if parsed is None or parsed.get("type") != "message":
             return data
         return _encode(anthropic.response_to_openai(parsed, usage))
 
@@ -143,11 +138,8 @@ class _ResponsesToChat(Adapter):
     def answer(self, ctx: RequestContext, status: int, data: bytes, usage: Usage | None) -> bytes:
         if status >= 400:
             return data  # OpenAI's error shape is the Responses API's too
-        try:
-            parsed = _decode(data)
-        except msgspec.DecodeError:
-            return data
-        if not isinstance(parsed, dict) or "choices" not in parsed:
+        parsed = json_object(data)
+        if parsed is None or "choices" not in parsed:
             return data
         return _encode(responses.response_from_chat(parsed, usage, _response_id(ctx)))
 
@@ -172,11 +164,8 @@ class _ResponsesToAnthropic(Adapter):
     def answer(self, ctx: RequestContext, status: int, data: bytes, usage: Usage | None) -> bytes:
         if status >= 400:
             return anthropic.error_to_openai(status, data)
-        try:
-            parsed = _decode(data)
-        except msgspec.DecodeError:
-            return data
-        if not isinstance(parsed, dict) or parsed.get("type") != "message":
+        parsed = json_object(data)
+        if parsed is None or parsed.get("type") != "message":
             return data
         chat = anthropic.response_to_openai(parsed, usage)
         return _encode(responses.response_from_chat(chat, usage, _response_id(ctx)))
