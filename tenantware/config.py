@@ -487,6 +487,9 @@ class GatewaySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     admin_key_env: str | None = None
     #: How long an ``Idempotency-Key`` of the admin API is remembered.
     idempotency_ttl_s: Annotated[float, Meta(gt=0)] = 86_400.0
+    #: How long the gateway remembers which tenant created a response an upstream stores
+    #: (``GET``/``DELETE /v1/responses/{id}``); OpenAI keeps responses 30 days.
+    response_owner_ttl_s: Annotated[float, Meta(gt=0)] = 30 * 86_400.0
 
     def __post_init__(self) -> None:
         for entry in self.trusted_proxies:

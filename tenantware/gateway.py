@@ -102,7 +102,11 @@ class Gateway:
             config.breaker,
             self.stores.breaker_store(sync_interval_s=config.breaker.sync_interval_s),
         )
-        self.proxy = ProxyApp(live=self.live, client=upstream_client, board=self.board)
+        #: Which tenant created each response an upstream stores (``GET /v1/responses/{id}``).
+        self.owners = self.stores.owner_store()
+        self.proxy = ProxyApp(
+            live=self.live, client=upstream_client, board=self.board, owners=self.owners
+        )
         #: Fair-share seat pools (memory, or Redis when ``gateway.redis_url`` is set).
         self.admission = AdmissionPools(
             config.admission, self.stores.seat_store, replicas=settings.replicas

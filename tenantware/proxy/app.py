@@ -16,8 +16,10 @@ import structlog
 from tenantware.breaker.board import RECORDED, BreakerBoard
 from tenantware.context import Outcome, RequestContext, get_context
 from tenantware.errors import GatewayError, internal_error
+from tenantware.ownership import OwnerStore
 from tenantware.proxy.dispatch import CLIENT_HEADERS, Dispatcher
 from tenantware.proxy.relay import JSON_CONTENT_TYPE, MODEL_SERVED_HEADER, Relay
+from tenantware.proxy.stored import StoredResponses
 from tenantware.proxy.upstream import AiohttpUpstreamClient, UpstreamClient
 from tenantware.state import LiveConfig
 from tenantware.types import Receive, Scope, Send
@@ -66,12 +68,15 @@ class ProxyApp:
         live: LiveConfig,
         client: UpstreamClient | None = None,
         board: BreakerBoard | None = None,
+        owners: OwnerStore | None = None,
     ) -> None:
         self.live = live
         self.client: UpstreamClient = client or AiohttpUpstreamClient()
         #: Circuits, shared with ``BreakerMiddleware`` when the gateway builds both.
         self.board = board or BreakerBoard(live.current.config.breaker)
-        self.dispatcher = Dispatcher(live, self.client, self.board, Relay())
+        self.dispatcher = Dispatcher(live, self.client, self.board, Relay(), owners)
+        #: ``GET``/``DELETE /v1/responses/{id}`` for the tenant that created the response.
+        self.stored = StoredResponses(self.dispatcher, self.dispatcher.owners)
         self.router = self.dispatcher.router
         self._forward = self.dispatcher.forward
         self._routes = {
@@ -103,9 +108,15 @@ class ProxyApp:
             return
         if path.startswith("/v1/"):
             path = path[3:]
-        handler = self._routes.get((scope["method"], path))
+        method = scope["method"]
+        handler = self._routes.get((method, path))
         ctx = get_context(scope)
         try:
+            if handler is None and self.stored.serves(method, path):
+                if ctx.tenant is None:
+                    raise _needs_key()
+                await self.stored(ctx, send, method, path, scope.get("query_string", b""))
+                return
             if handler is None:
                 raise GatewayError(
                     404,

@@ -15,7 +15,9 @@ from typing import Any
 
 import anyio
 import msgspec
+import structlog
 
+from tenantware.backends.errors import STORE_UNAVAILABLE
 from tenantware.breaker.board import RECORDED, BreakerBoard, Deployment
 from tenantware.breaker.circuit import FAILURE, LIMITED, RELEASE, SLOW, SUCCESS, TIMEOUT
 from tenantware.config import Upstream
@@ -24,6 +26,7 @@ from tenantware.errors import GatewayError, circuit_open_error
 from tenantware.formats.adapter import Adapter, adapter_for
 from tenantware.formats.anthropic import ANTHROPIC_VERSION
 from tenantware.metering.usage import parse_json_usage
+from tenantware.ownership import MemoryOwnerStore, Owner, OwnerStore
 from tenantware.proxy.relay import Relay
 from tenantware.proxy.routing import Router
 from tenantware.proxy.upstream import (
@@ -37,10 +40,12 @@ from tenantware.proxy.upstream import (
 from tenantware.state import LiveConfig, Snapshot
 from tenantware.types import Receive, Send
 
-__all__ = ["CLIENT_HEADERS", "Dispatcher"]
+__all__ = ["CLIENT_HEADERS", "Dispatcher", "upstream_unavailable"]
 
 #: ``ctx.extra`` key: the client's ``anthropic-*`` headers, passed on to Anthropic upstreams.
 CLIENT_HEADERS = "anthropic_headers"
+
+log = structlog.get_logger("tenantware.proxy")
 
 _decode_any = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
@@ -82,9 +87,16 @@ class Dispatcher:
     """
 
     def __init__(
-        self, live: LiveConfig, client: UpstreamClient, board: BreakerBoard, relay: Relay
+        self,
+        live: LiveConfig,
+        client: UpstreamClient,
+        board: BreakerBoard,
+        relay: Relay,
+        owners: OwnerStore | None = None,
     ) -> None:
         self.live = live
+        #: Which tenant created each response a native Responses upstream stores.
+        self.owners: OwnerStore = owners or MemoryOwnerStore()
         self.client = client
         self.board = board
         self.router = Router(board)
@@ -99,7 +111,7 @@ class Dispatcher:
         if self.board.remote:
             await self.board.refresh_chain(snapshot, chain)
 
-    def _target(self, snapshot: Snapshot, upstream: Upstream) -> _Target:
+    def target(self, snapshot: Snapshot, upstream: Upstream) -> _Target:
         if self._targets_version != snapshot.version:
             self._targets = {u.name: _Target(u) for u in snapshot.config.upstreams}
             self._targets_version = snapshot.version
@@ -173,7 +185,7 @@ class Dispatcher:
         if last is None:
             raise circuit_open_error(*board.unavailable(snapshot, model, chain, pick.wait_s))
         if last.error is not None:
-            raise _unavailable(last.error, last.target)
+            raise upstream_unavailable(last.error, last.target)
         ctx.usage = Usage()
         await self.relay.send_whole(ctx, send, last.status, last.headers, last.data, last.served)
 
@@ -194,7 +206,7 @@ class Dispatcher:
         assert deployment.upstream is not None
         board = self.board
         key = deployment.key
-        target = self._target(snapshot, deployment.upstream)
+        target = self.target(snapshot, deployment.upstream)
         served = deployment.model
         spec = snapshot.catalogue.models.get(served)
         upstream_model = (spec.upstream_name if spec and spec.upstream_name else None) or served
@@ -283,6 +295,8 @@ class Dispatcher:
                         usage = adapter.usage(data) if status < 400 else Usage()
                         data = adapter.answer(ctx, status, data, usage)
                         ctx.usage = usage
+                        if adapter.stores_answers and status < 400:
+                            await self._claim(ctx, snapshot, adapter.answer_id(data), target)
                     elif status < 400:
                         usage, _model = parse_json_usage(data)
                         ctx.usage = usage
@@ -292,6 +306,7 @@ class Dispatcher:
                         ctx, send, status, response.headers, data, served, as_sent=whole_stream
                     )
                     return None
+                tap = adapter.tap(ctx, include_usage=wants_usage) if adapter else None
                 await self.relay.relay_stream(
                     ctx,
                     response,
@@ -300,8 +315,10 @@ class Dispatcher:
                     started,
                     limit,
                     hide_usage=not wants_usage,
-                    tap=adapter.tap(ctx, include_usage=wants_usage) if adapter else None,
+                    tap=tap,
                 )
+                if adapter is not None and adapter.stores_answers and tap is not None:
+                    await self._claim(ctx, snapshot, adapter.stream_id(tap), target)
                 broke = ctx.outcome == Outcome.UPSTREAM_ERROR
                 outcome = FAILURE if broke else SLOW if slow else SUCCESS
                 return None
@@ -318,6 +335,30 @@ class Dispatcher:
                         await board.record(key, outcome, probe=probe, cool_s=cool_s)
                 else:  # the memory store never yields: nothing to shield
                     await board.record(key, outcome, probe=probe, cool_s=cool_s)
+
+    async def _claim(
+        self, ctx: RequestContext, snapshot: Snapshot, object_id: str | None, target: _Target
+    ) -> None:
+        """Record that this tenant owns the response the upstream stored (before a JSON answer
+        is sent; after a stream, which the client may have left). A store outage costs the
+        later ``GET`` of this response (a 404), never this answer."""
+        tenant = ctx.tenant
+        if object_id is None or tenant is None:
+            return
+        owner = Owner(tenant=tenant.id, upstream=target.upstream.name)
+        ttl_s = snapshot.config.gateway.response_owner_ttl_s
+        try:
+            with anyio.CancelScope(shield=True):
+                claimed = await self.owners.claim(object_id, owner, ttl_s)
+        except STORE_UNAVAILABLE:
+            log.warning("stored response owner not recorded", response_id=object_id)
+            return
+        if not claimed:
+            log.warning(
+                "upstream reused a response id another request owns",
+                response_id=object_id,
+                upstream=target.upstream.name,
+            )
 
     def _cooldown(self, response: UpstreamResponse) -> float:
         """How long a 429 cools its deployment: the upstream's ``retry-after`` (capped)."""
@@ -391,7 +432,7 @@ class _Failed:
         self.served = served
 
 
-def _unavailable(exc: UpstreamUnavailable, target: _Target | None) -> GatewayError:
+def upstream_unavailable(exc: UpstreamUnavailable, target: _Target | None) -> GatewayError:
     name = f" `{target.upstream.name}`" if target else ""
     if isinstance(exc, UpstreamTimeout):
         return GatewayError(

@@ -17,7 +17,7 @@ import anyio
 import msgspec
 import structlog
 
-from tenantware.context import Outcome, RequestContext, Usage
+from tenantware.context import Outcome, RequestContext, Usage, WireFormat
 from tenantware.errors import anthropic_error_body, send_error
 from tenantware.formats.adapter import StreamTranslator
 from tenantware.metering.usage import StreamTap
@@ -150,7 +150,7 @@ class Relay:
                 await send(
                     {
                         "type": "http.response.body",
-                        "body": _stream_error_event(exc, ctx.wire_format == "anthropic"),
+                        "body": _stream_error_event(exc, ctx.wire_format),
                         "more_body": True,
                     }
                 )
@@ -262,7 +262,7 @@ async def _while_watching(receive: Receive, relay: Callable[[_Watch], Awaitable[
     return watch.disconnected
 
 
-def _stream_error_event(exc: UpstreamUnavailable | UpstreamTooLarge, anthropic: bool) -> bytes:
+def _stream_error_event(exc: UpstreamUnavailable | UpstreamTooLarge, wire: WireFormat) -> bytes:
     code = "upstream_error"
     if isinstance(exc, UpstreamTooLarge):
         message = f"The upstream stream is longer than the gateway relays ({exc.limit} bytes)."
@@ -271,8 +271,12 @@ def _stream_error_event(exc: UpstreamUnavailable | UpstreamTooLarge, anthropic: 
         message = "The upstream stopped sending in time."
     else:
         message = "The upstream stream was interrupted."
-    if anthropic:
+    if wire == "anthropic":
         return b"event: error\ndata: " + anthropic_error_body(502, message) + b"\n\n"
+    if wire == "responses":
+        # The Responses API's own ``error`` event (its SDKs yield it as ``ResponseErrorEvent``).
+        event = {"type": "error", "code": code, "message": message, "param": None}
+        return b"event: error\ndata: " + _encode(event) + b"\n\n"
     body = _encode(
         {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
     )
