@@ -29,6 +29,9 @@ __all__ = [
     "GatewaySettings",
     "Limits",
     "MeteringSettings",
+    "MigrationCandidate",
+    "MigrationRule",
+    "MigrationSettings",
     "ModelSpec",
     "QuotaSettings",
     "Tenant",
@@ -391,6 +394,66 @@ class BreakerSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
 
 # -- end of breaker settings ----------------------------------------------------------------
 
+#: A share of traffic in percent, 0 (off: the rollback) to 100.
+Share = Annotated[float, Meta(ge=0, le=100)]
+
+
+class MigrationCandidate(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """An upstream (and model) on trial: a sticky canary share served by it for real, and/or
+    a shadow share copied to it whose answers are only measured."""
+
+    upstream: str
+    #: The catalogue model it serves in the trial (priced as such); default: the rule's.
+    model: str | None = None
+    canary_percent: Share = 0.0
+    shadow_percent: Share = 0.0
+
+
+class MigrationRule(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Traffic of one model (optionally only some tenants or tiers) split between a primary
+    and candidates (``[[migration.rules]]``)."""
+
+    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    model: str
+    #: Only these tenants / tiers (empty: everyone).
+    tenants: list[str] = field(default_factory=list)
+    tiers: list[str] = field(default_factory=list)
+    #: Tenants never canaried nor shadowed by this rule (their data stays where it goes now).
+    exclude_tenants: list[str] = field(default_factory=list)
+    #: The upstream that serves the rest (default: the model's usual deployments).
+    primary: str | None = None
+    candidates: list[MigrationCandidate] = field(default_factory=list)
+    #: Automatic rollback when, over the breaker's deployment window, a candidate's error rate
+    #: exceeds the primary's by this many percentage points (None: never on errors) ...
+    rollback_error_margin_percent: Share | None = 10.0
+    #: ... or its p99 latency exceeds the primary's by this percentage (None: never on latency).
+    rollback_p99_margin_percent: Annotated[float, Meta(ge=0)] | None = None
+    #: Calls both need in the window before they are compared.
+    rollback_minimum_calls: PositiveInt = 20
+
+    def __post_init__(self) -> None:
+        canary = sum(c.canary_percent for c in self.candidates)
+        if canary > 100:
+            raise msgspec.ValidationError(
+                f"`migration.rules` {self.name!r}: the canary shares add up to {canary:g} %"
+            )
+
+
+class MigrationSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Canary splits and shadow traffic (``[migration]``)."""
+
+    rules: list[MigrationRule] = field(default_factory=list)
+    #: A shadow call's whole time limit (its answer read to the end included).
+    shadow_timeout_s: PositiveFloat = 30.0
+    #: Shadow calls in flight per candidate at most; more are dropped (and counted).
+    shadow_concurrency: PositiveInt = 8
+    #: Request header of the client's session: the canary's sticky key (else the tenant).
+    session_header: str = "x-session-id"
+    #: Tenants never shadowed by any rule (data-residency or contract reasons).
+    no_shadow_tenants: list[str] = field(default_factory=list)
+    #: Shadow comparisons kept for the report (the oldest go first).
+    report_size: PositiveInt = 100_000
+
 
 class MeteringSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Settings of metering, the ledger, metrics and logs (``[metering]``)."""
@@ -516,6 +579,7 @@ class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
     metering: MeteringSettings = field(default_factory=MeteringSettings)
+    migration: MigrationSettings = field(default_factory=MigrationSettings)
 
     def __post_init__(self) -> None:
         tiers = self.all_tiers()
@@ -623,6 +687,24 @@ def _check_references(
                     f"`quota.tenant_model_limits.{tenant_id}`: unknown model {model!r} "
                     f"({known('models', catalogue)})"
                 )
+    migration = config.migration
+    check("migration.no_shadow_tenants", migration.no_shadow_tenants, tenant_ids, "tenant")
+    names: set[str] = set()
+    for rule in migration.rules:
+        where = f"migration.rules.{rule.name}"
+        if rule.name in names:
+            raise msgspec.ValidationError(f"`migration.rules`: duplicate rule {rule.name!r}")
+        names.add(rule.name)
+        for model in (rule.model, *(c.model for c in rule.candidates if c.model)):
+            if not model_known(model):
+                raise msgspec.ValidationError(
+                    f"`{where}`: unknown model {model!r} ({known('models', catalogue)})"
+                )
+        check(f"{where}.tenants", rule.tenants, tenant_ids, "tenant")
+        check(f"{where}.exclude_tenants", rule.exclude_tenants, tenant_ids, "tenant")
+        check(f"{where}.tiers", rule.tiers, tiers, "tier")
+        check(f"{where}.primary", [rule.primary] if rule.primary else [], upstreams, "upstream")
+        check(f"{where}.candidates", [c.upstream for c in rule.candidates], upstreams, "upstream")
     served = {model for upstream in config.upstreams for model in upstream.models}
     for model, chain in config.breaker.fallbacks.items():
         for name in (model, *chain):

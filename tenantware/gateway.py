@@ -117,6 +117,11 @@ class Gateway:
         self.writer: LedgerWriter | None = None
         if config.metering.enabled:
             self._setup_metering(ledger)
+        #: Canary and shadow traffic: the shadow calls' task group lives as long as the
+        #: gateway (after the ledger writer's service, so it ends first and its records land).
+        self.migration = self.proxy.migration
+        self.migration.writer = self.writer
+        self.add_service(self.migration.running)
 
     def _setup_metering(self, ledger: Ledger | None) -> None:
         """The ledger (nothing is opened yet), its writer and the writer's lifetime service."""

@@ -18,6 +18,7 @@ from tenantware.context import Outcome, RequestContext, get_context
 from tenantware.errors import GatewayError, internal_error
 from tenantware.ownership import OwnerStore
 from tenantware.proxy.dispatch import CLIENT_HEADERS, Dispatcher
+from tenantware.proxy.migration import SESSION, MigrationRunner
 from tenantware.proxy.relay import JSON_CONTENT_TYPE, MODEL_SERVED_HEADER, Relay
 from tenantware.proxy.stored import StoredResponses
 from tenantware.proxy.upstream import AiohttpUpstreamClient, UpstreamClient
@@ -69,12 +70,17 @@ class ProxyApp:
         client: UpstreamClient | None = None,
         board: BreakerBoard | None = None,
         owners: OwnerStore | None = None,
+        migration: MigrationRunner | None = None,
     ) -> None:
         self.live = live
         self.client: UpstreamClient = client or AiohttpUpstreamClient()
         #: Circuits, shared with ``BreakerMiddleware`` when the gateway builds both.
         self.board = board or BreakerBoard(live.current.config.breaker)
         self.dispatcher = Dispatcher(live, self.client, self.board, Relay(), owners)
+        #: Canary splits and shadow traffic (``[migration]``).
+        self.migration = migration or MigrationRunner(live)
+        self.migration.dispatcher = self.dispatcher
+        self.dispatcher.migration = self.migration
         #: ``GET``/``DELETE /v1/responses/{id}`` for the tenant that created the response.
         self.stored = StoredResponses(self.dispatcher, self.dispatcher.owners)
         self.router = self.dispatcher.router
@@ -111,6 +117,14 @@ class ProxyApp:
         method = scope["method"]
         handler = self._routes.get((method, path))
         ctx = get_context(scope)
+        migration = self.live.current.config.migration
+        if migration.rules:
+            # The canary's sticky key: the client's session, when it names one.
+            header = migration.session_header.lower().encode("latin-1")
+            for name, value in scope["headers"]:
+                if name == header:
+                    ctx.extra[SESSION] = value.decode("latin-1")
+                    break
         try:
             if handler is None and self.stored.serves(method, path):
                 if ctx.tenant is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import msgspec
@@ -19,7 +19,7 @@ import structlog
 
 from tenantware.backends.errors import STORE_UNAVAILABLE
 from tenantware.breaker.board import RECORDED, BreakerBoard, Deployment
-from tenantware.breaker.circuit import FAILURE, LIMITED, RELEASE, SLOW, SUCCESS, TIMEOUT
+from tenantware.breaker.circuit import FAILURE, LIMITED, PASS, RELEASE, SLOW, SUCCESS, TIMEOUT
 from tenantware.config import Upstream
 from tenantware.context import Outcome, RequestContext, Usage
 from tenantware.errors import GatewayError, circuit_open_error
@@ -27,8 +27,9 @@ from tenantware.formats.adapter import Adapter, adapter_for
 from tenantware.formats.anthropic import ANTHROPIC_VERSION
 from tenantware.metering.usage import parse_json_usage
 from tenantware.ownership import MemoryOwnerStore, Owner, OwnerStore
+from tenantware.proxy.migration import MigrationRunner, PrimaryCall
 from tenantware.proxy.relay import Relay
-from tenantware.proxy.routing import Router
+from tenantware.proxy.routing import Pick, Router
 from tenantware.proxy.upstream import (
     Timeouts,
     UpstreamClient,
@@ -40,7 +41,7 @@ from tenantware.proxy.upstream import (
 from tenantware.state import LiveConfig, Snapshot
 from tenantware.types import Receive, Send
 
-__all__ = ["CLIENT_HEADERS", "Dispatcher", "upstream_unavailable"]
+__all__ = ["CLIENT_HEADERS", "Dispatcher", "UpstreamCall", "upstream_unavailable"]
 
 #: ``ctx.extra`` key: the client's ``anthropic-*`` headers, passed on to Anthropic upstreams.
 CLIENT_HEADERS = "anthropic_headers"
@@ -95,6 +96,8 @@ class Dispatcher:
         owners: OwnerStore | None = None,
     ) -> None:
         self.live = live
+        #: Canary and shadow traffic (``[migration]``); set by the gateway.
+        self.migration: MigrationRunner | None = None
         #: Which tenant created each response a native Responses upstream stores.
         self.owners: OwnerStore = owners or MemoryOwnerStore()
         self.client = client
@@ -119,6 +122,48 @@ class Dispatcher:
 
     async def forward(self, ctx: RequestContext, receive: Receive, send: Send, path: str) -> None:
         """Try deployments (and fallback models) until one answers or retries run out."""
+        migration = self.migration
+        if migration is None or not snapshot_has_rules(self.live.current):
+            await self._forward(ctx, receive, send, path, None)
+            return
+        plan = migration.plan(self.live.current, ctx)
+        if plan is None:
+            await self._forward(ctx, receive, send, path, None)
+            return
+        primary = PrimaryCall(ctx, plan, migration)
+        if plan.shadows:
+            send = primary.capturing(send)
+        try:
+            await self._forward(ctx, receive, send, path, primary)
+            primary.status = ctx.status
+        except GatewayError as error:
+            primary.status = error.status
+            raise
+        except BaseException:
+            primary.status = ctx.status or 500
+            raise
+        finally:
+            if plan.shadows and not primary.launched:
+                # Refused before any upstream call (no deployment ready): the shadow still
+                # measures the candidate on this request.
+                migration.launch(primary, self.live.current, path)
+            canary = plan.canary
+            migration.served(
+                primary,
+                canary is not None
+                and ctx.upstream == canary.upstream
+                and ctx.model_served == canary.model
+                and not primary.canary_failed,
+            )
+
+    async def _forward(
+        self,
+        ctx: RequestContext,
+        receive: Receive,
+        send: Send,
+        path: str,
+        primary: PrimaryCall | None,
+    ) -> None:
         assert ctx.model is not None
         snapshot = self.live.current
         board = self.board
@@ -144,9 +189,17 @@ class Dispatcher:
         attempts = 0
         #: This retry already slept its backoff: the pick made after it is called at once.
         backed_off = False
+        #: The migration rule's target for this request (a canary, or the rule's primary):
+        #: tried first when its circuit lets it; on failure the usual deployments follow.
+        first = self._first(snapshot, primary) if primary is not None else None
+        pick = Pick(None, False, 0.0)
+        deployment: Deployment | None
         while True:
-            pick = await router.pick(snapshot, chain, tried)
-            deployment = pick.deployment
+            if first is not None:
+                deployment, probe, first = first, False, None
+            else:
+                pick = await router.pick(snapshot, chain, tried)
+                deployment, probe = pick.deployment, pick.probe
             if deployment is None:
                 wait = max(pick.wait_s, 0.01)
                 if (
@@ -173,10 +226,12 @@ class Dispatcher:
             backed_off = False
             attempts += 1
             last = await self._attempt(
-                ctx, receive, send, path, snapshot, deployment, pick.probe, started
+                ctx, receive, send, path, snapshot, deployment, probe, started, primary
             )
             if last is None:
                 return
+            if primary is not None:
+                primary.attempt_failed(deployment, time.perf_counter() - started)
             if tried is None:
                 tried = set()
             tried.add(deployment.key)
@@ -189,23 +244,30 @@ class Dispatcher:
         ctx.usage = Usage()
         await self.relay.send_whole(ctx, send, last.status, last.headers, last.data, last.served)
 
-    async def _attempt(
-        self,
-        ctx: RequestContext,
-        receive: Receive,
-        send: Send,
-        path: str,
-        snapshot: Snapshot,
-        deployment: Deployment,
-        probe: bool,
-        started: float,
-    ) -> _Failed | None:
-        """One upstream call; ``None`` when the answer went to the client."""
+    def _first(self, snapshot: Snapshot, primary: PrimaryCall) -> Deployment | None:
+        """The deployment a migration plan sends this request to first, if its circuit lets it."""
+        migration = self.migration
+        assert migration is not None
+        plan = primary.plan
+        if plan.canary is not None:
+            found = migration.deployment(snapshot, plan.canary.upstream, plan.canary.model)
+        elif plan.primary is not None:
+            found = migration.deployment(snapshot, plan.primary, plan.rule.model)
+        else:
+            return None
+        if found is None or self.board.gate(found.key) != PASS:
+            return None
+        return found
+
+    def request_for(
+        self, ctx: RequestContext, snapshot: Snapshot, deployment: Deployment, path: str
+    ) -> UpstreamCall:
+        """The call ``deployment`` gets for this request: URL, headers, body (translated or
+        re-encoded when needed) and the adapter. Raises ``GatewayError`` for a body the
+        upstream cannot be sent."""
         view = ctx.view
         assert view is not None
         assert deployment.upstream is not None
-        board = self.board
-        key = deployment.key
         target = self.target(snapshot, deployment.upstream)
         served = deployment.model
         spec = snapshot.catalogue.models.get(served)
@@ -217,28 +279,45 @@ class Dispatcher:
         url = target.base_url + path
         if target.api != "openai" or ctx.wire_format != "openai":
             # Another format on either side: the adapter translates (tenantware.formats).
-            try:
-                adapter = adapter_for(
-                    ctx.wire_format, target.api, path, native_responses=target.upstream.responses
-                )
-                body = adapter.body(ctx, upstream_model)
-            except GatewayError:
-                if probe:
-                    await board.release(key)
-                raise
+            adapter = adapter_for(
+                ctx.wire_format, target.api, path, native_responses=target.upstream.responses
+            )
+            body = adapter.body(ctx, upstream_model)
             url = target.base_url + adapter.upstream_path
         elif upstream_model != view.model or (streaming and not wants_usage):
-            try:
-                body = _rewrite(
-                    body, upstream_model, add_stream_usage=streaming and not wants_usage
-                )
-            except GatewayError:
-                if probe:
-                    await board.release(key)
-                raise
+            body = _rewrite(body, upstream_model, add_stream_usage=streaming and not wants_usage)
         headers = {**target.headers, "x-request-id": ctx.request_id}
         if target.api == "anthropic" and ctx.wire_format == "anthropic":
             headers.update(ctx.extra.get(CLIENT_HEADERS, ()))
+        return UpstreamCall(target, served, url, headers, body, adapter, wants_usage)
+
+    async def _attempt(
+        self,
+        ctx: RequestContext,
+        receive: Receive,
+        send: Send,
+        path: str,
+        snapshot: Snapshot,
+        deployment: Deployment,
+        probe: bool,
+        started: float,
+        primary: PrimaryCall | None = None,
+    ) -> _Failed | None:
+        """One upstream call; ``None`` when the answer went to the client."""
+        view = ctx.view
+        assert view is not None
+        board = self.board
+        key = deployment.key
+        try:
+            call = self.request_for(ctx, snapshot, deployment, path)
+        except GatewayError:
+            if probe:
+                await board.release(key)
+            raise
+        target, served, adapter = call.target, call.served, call.adapter
+        streaming = view.stream
+        wants_usage = call.wants_usage
+        url, headers, body = call.url, call.headers, call.body
         ctx.upstream = target.upstream.name
         ctx.model_served = served
         inflight = board.inflight
@@ -259,6 +338,10 @@ class Dispatcher:
             except UpstreamUnavailable as exc:
                 outcome = TIMEOUT if isinstance(exc, UpstreamTimeout) else FAILURE
                 return _Failed(error=exc, target=target)
+            finally:
+                if primary is not None and primary.plan.shadows and self.migration is not None:
+                    # The primary call is sent: its shadow copies may go now.
+                    self.migration.launch(primary, snapshot, path)
             try:
                 status = response.status
                 if status == 429 or status >= 500:
@@ -407,6 +490,23 @@ def _rewrite(body: bytes, model: str, *, add_stream_usage: bool) -> bytes:
             "include_usage": True,
         }
     return _encode(data)
+
+
+def snapshot_has_rules(snapshot: Snapshot) -> bool:
+    """Whether any migration rule is configured (the common case: none, one check)."""
+    return bool(snapshot.config.migration.rules)
+
+
+class UpstreamCall(NamedTuple):
+    """One call to an upstream, ready to send (``Dispatcher.request_for``)."""
+
+    target: _Target
+    served: str
+    url: str
+    headers: dict[str, str]
+    body: bytes
+    adapter: Adapter | None
+    wants_usage: bool
 
 
 class _Failed:
