@@ -331,7 +331,7 @@ async def test_store_urls_take_their_secrets_from_the_environment(
         assert await gateway.redis.ping()
         assert {tenant.id for tenant in gateway.live.current.config.tenants} >= {"acme"}
     monkeypatch.delenv("TW_TEST_REDIS_ADDRESS")
-    with pytest.raises(ConfigError, match="gateway.redis_url: environment variable"):
+    with pytest.raises(ConfigError, match=r"gateway\.redis_url: environment variable"):
         Gateway(config)
 
 
