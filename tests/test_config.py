@@ -292,20 +292,6 @@ async def test_a_model_priced_at_zero_on_purpose_is_served_and_billed_zero() -> 
     ]
 
 
-def test_the_readme_lists_the_built_in_tiers_as_they_are() -> None:
-    from tenantware.config import DEFAULT_TIERS
-
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    for name, tier in DEFAULT_TIERS.items():
-        limits = tier.limits
-        row = (
-            f"| `{name}` | {tier.weight:g} | {tier.max_priority} | "
-            f"{limits.requests_per_minute:,} | {limits.tokens_per_minute:,} | "
-            f"{limits.burst_multiplier:g}x | {tier.max_queue_wait_s:g} s |"
-        )
-        assert row in readme, row
-
-
 @pytest.mark.anyio
 async def test_store_urls_take_their_secrets_from_the_environment(
     redis_url: str, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
