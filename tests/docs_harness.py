@@ -21,6 +21,7 @@ does is here:
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import os
 import re
@@ -30,9 +31,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from unittest import SkipTest
 
 import httpx
@@ -380,4 +383,18 @@ def run_page(path: Path) -> Outcome:
     finally:
         os.chdir(previous)
         page.stop()
+        _release(document.namespace)
     return outcome
+
+
+def _release(namespace: dict[str, Any]) -> None:
+    """Close the SDK clients a page left open (a reader's snippet need not), then collect."""
+    for value in list(namespace.values()):
+        module = type(value).__module__.split(".")[0]
+        close = getattr(value, "close", None)
+        if module in ("openai", "anthropic", "httpx") and callable(close):
+            close()
+    namespace.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
