@@ -347,7 +347,7 @@ Percent = Annotated[float, Meta(gt=0, le=100)]
 
 class CircuitSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """When one circuit opens and how it recovers (defaults: Envoy outlier detection and
-    resilience4j; see the README's "Circuit breaking" section)."""
+    resilience4j; see docs/circuits.md)."""
 
     #: Consecutive failures that open the circuit (Envoy ``consecutive_5xx``: 5).
     consecutive_failures: PositiveInt = 5
