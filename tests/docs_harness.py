@@ -13,8 +13,9 @@ does is here:
   ``python -m tenantware.testing.upstream``, ``uvicorn``) is started in the background and
   must answer HTTP before the next command; it runs until the end of the page.
 - Addresses: a page talks to ``127.0.0.1:PORT`` as a reader would; each port is replaced by
-  a free one. A block that uses ``127.0.0.1:8080`` (the demo gateway) or ``127.0.0.1:9000``
-  (the fake upstream) when the page has not started one gets one started for it.
+  a free one (but Redis's 6379 and PostgreSQL's 5432, the test machine's own). A block that
+  uses ``127.0.0.1:8080`` (the demo gateway) or ``127.0.0.1:9000`` (the fake upstream) when
+  the page has not started one gets one started for it.
 - Anything else (``text``, ``console``, ``json``, ...) is shown, not run.
 """
 
@@ -56,6 +57,8 @@ _SERVERS = [
     (re.compile(r"^python3?\s+-m\s+tenantware\.testing\.upstream\b"), 9000, "/healthz"),
     (re.compile(r"^uvicorn\b"), 8000, "/"),
 ]
+#: Redis and PostgreSQL of the test machine (tests/servers.py): used where they are.
+_SHARED_SERVICES = frozenset({6379, 5432})
 _ADDRESS = re.compile(r"\b(127\.0\.0\.1|localhost):(\d{2,5})\b")
 _PORT_OPTION = re.compile(r"--port[ =](\d+)")
 _INSTALL_STEP = re.compile(r"^(python3?\s+-m\s+venv\b|(\S*/)?pip3?\s+install\b)")
@@ -88,8 +91,14 @@ class Page:
         return self.ports[documented]
 
     def localize(self, text: str) -> str:
-        """``text`` with each ``127.0.0.1:PORT`` moved to this page's port for it."""
-        return _ADDRESS.sub(lambda m: f"{m[1]}:{self.port(int(m[2]))}", text)
+        """``text`` with each ``127.0.0.1:PORT`` moved to this page's port for it (Redis's and
+        PostgreSQL's stay: the pages use the machine's own)."""
+
+        def moved(match: re.Match[str]) -> str:
+            port = int(match[2])
+            return match[0] if port in _SHARED_SERVICES else f"{match[1]}:{self.port(port)}"
+
+        return _ADDRESS.sub(moved, text)
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTWARE_")}
