@@ -273,10 +273,21 @@ def _server(line: str) -> tuple[str, int, str] | None:
     return None
 
 
+#: ``curl`` in a page's shell blocks: as the reader's, but a 5xx answer fails the block (the
+#: gateway never answers a documented call with a server error).
+_CURL = r"""curl() {
+    local out code
+    out=$(command curl -sS -w '\n%{http_code}' "$@") || return $?
+    code=${out##*$'\n'}
+    printf '%s\n' "${out%$'\n'*}"
+    if [ "$code" -ge 500 ]; then echo "curl: HTTP $code" >&2; return 22; fi
+}"""
+
+
 def _run_shell(example: Example, page: Page, lines: list[str]) -> None:
     if not lines:
         return
-    script = "\n".join(["set -euo pipefail", *page.shell_assignments, *lines])
+    script = "\n".join(["set -euo pipefail", _CURL, *page.shell_assignments, *lines])
     done = subprocess.run(
         ["bash", "-c", script],
         cwd=page.directory,
