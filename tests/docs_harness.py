@@ -103,7 +103,8 @@ class Page:
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTWARE_")}
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        env["PYTHONPATH"] = str(self.directory)
+        # The page's files (app.py for uvicorn), then the repository's (examples/, tools/).
+        env["PYTHONPATH"] = os.pathsep.join([str(self.directory), str(ROOT)])
         return env
 
     def ensure_defaults(self, text: str) -> None:

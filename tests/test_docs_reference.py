@@ -1,4 +1,4 @@
-"""The configuration reference is the schema's, and the guide builds with no warning."""
+"""The configuration reference covers the schema, and the guide builds with no warning."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import msgspec
 import msgspec.inspect as mi
 
 from tenantware.config import DEFAULT_TIERS, GatewayConfig
-from tools.config_reference import PAGE, SECTIONS, render
+from tools.config_reference import SECTIONS, render
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,17 +29,11 @@ def _structs(info: object, found: dict[type, None]) -> None:
             _structs(part, found)
 
 
-def test_the_configuration_reference_is_generated_from_the_schema() -> None:
-    assert PAGE.read_text() == render(), (
-        "docs/reference/configuration.md is stale: run `python -m tools.config_reference --write`"
-    )
-
-
 def test_the_configuration_reference_covers_every_field_of_the_schema() -> None:
     structs: dict[type, None] = {}
     _structs(mi.type_info(GatewayConfig), structs)
     assert set(structs) == {cls for cls, _ in SECTIONS}, "a struct of the schema has no section"
-    page = PAGE.read_text()
+    page = render()
     for cls in structs:
         section = page[page.index(f"## {cls.__name__}\n") :]
         section = section[: section.index("\n## ")]
@@ -49,7 +43,7 @@ def test_the_configuration_reference_covers_every_field_of_the_schema() -> None:
 
 
 def test_the_reference_lists_the_built_in_tiers_as_they_are() -> None:
-    page = PAGE.read_text()
+    page = render()
     for name, tier in DEFAULT_TIERS.items():
         limits = tier.limits
         row = (
@@ -72,4 +66,7 @@ def test_the_guide_builds_strictly(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr[-5000:]
-    assert (tmp_path / "reference" / "configuration" / "index.html").exists()
+    # The configuration reference is rendered from the schema by the build (tools/mkdocs_hooks.py).
+    built = (tmp_path / "reference" / "configuration" / "index.html").read_text()
+    assert "max_queue_wait_s" in built
+    assert "<code>replicas</code>" in built
