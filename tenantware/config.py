@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Iterable
 from decimal import Decimal
 from pathlib import Path
@@ -37,6 +38,7 @@ __all__ = [
     "Tenant",
     "Tier",
     "Upstream",
+    "expand_env",
     "load_config",
     "parse_config",
 ]
@@ -53,6 +55,28 @@ FailurePolicy = Literal["open", "closed", "local"]
 
 class ConfigError(ValueError):
     """A configuration file or value that cannot be used; the message says where and why."""
+
+
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(value: str, setting: str) -> str:
+    """``value`` with each ``${NAME}`` replaced by the environment variable ``NAME``.
+
+    For the store and ledger URLs (``gateway.redis_url``, ``gateway.registry_url``,
+    ``metering.ledger_url``): their passwords stay out of the file. Expanded when the URL is
+    opened, so the secret is never part of the loaded configuration; a variable that is not
+    set is a ``ConfigError`` naming the setting and the variable, never the value.
+    """
+
+    def lookup(match: re.Match[str]) -> str:
+        name = match[1]
+        found = os.environ.get(name)
+        if found is None:
+            raise ConfigError(f"{setting}: environment variable {name} is not set")
+        return found
+
+    return _ENV_REFERENCE.sub(lookup, value)
 
 
 def _check_money(obj: Struct) -> None:
@@ -326,7 +350,7 @@ Percent = Annotated[float, Meta(gt=0, le=100)]
 
 class CircuitSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """When one circuit opens and how it recovers (defaults: Envoy outlier detection and
-    resilience4j; see the README's "Circuit breaking" section)."""
+    resilience4j; see docs/circuits.md)."""
 
     #: Consecutive failures that open the circuit (Envoy ``consecutive_5xx``: 5).
     consecutive_failures: PositiveInt = 5
@@ -461,7 +485,7 @@ class MeteringSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     enabled: bool = True
     #: Where usage records go: ``sqlite:///path.db`` (default), ``postgresql://...`` or
     #: ``memory://`` (tests). Replaces ``gateway.ledger_url``, which is still read when this
-    #: is unset.
+    #: is unset. ``${NAME}`` is expanded from the environment (a PostgreSQL password).
     ledger_url: str | None = None
     #: How often the writer flushes; a hard kill loses at most about this much.
     flush_interval_s: Annotated[float, Meta(gt=0, le=60)] = 0.1
@@ -517,7 +541,8 @@ class GatewaySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     #: Output tokens assumed when a request sets no ``max_tokens``.
     default_max_tokens: PositiveInt = 1024
     #: Shared state for many replicas (``redis://``, ``rediss://``, ``unix://`` or
-    #: ``redis+cluster://``); unset or ``memory://``: state in this process.
+    #: ``redis+cluster://``); unset or ``memory://``: state in this process. ``${NAME}`` is
+    #: replaced by the environment variable ``NAME`` (a password kept out of the file).
     redis_url: str | None = None
     #: Prefix of every Redis key (lets several gateways or tests share one Redis).
     redis_prefix: str = ""
@@ -527,11 +552,15 @@ class GatewaySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     #: During an outage, one call per interval probes the store; traffic returns when it
     #: is answered.
     store_probe_interval_s: PositiveFloat = 0.25
-    #: How many gateway replicas share the limits (for the ``local`` failure policy).
+    #: Gateway processes sharing these limits, over every host: hosts x workers per host
+    #: (``tenantware serve --workers``). While the store is unreachable each process keeps
+    #: ``limit / replicas`` (the ``local`` policy); without Redis each process's admission pool
+    #: has ``seats // replicas``; above 1 the file registry refuses admin writes.
     replicas: PositiveInt = 1
     #: Failure policy of every kind of limit and of admission; unset: the per-kind defaults
     #: (``DEFAULT_FAILURE_POLICIES``; admission keeps its ``local`` share of the seats).
     on_store_failure: FailurePolicy | None = None
+    #: Older name of ``metering.ledger_url`` (read when that is unset).
     ledger_url: str | None = None
     trust_request_id: bool = True
     #: Addresses or networks (``10.0.0.0/8``) of reverse proxies whose ``X-Forwarded-Host``
@@ -539,7 +568,8 @@ class GatewaySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     trusted_proxies: list[str] = field(default_factory=list)
     #: Where tenants and keys live: unset, the configuration file (admin API changes stay in
     #: this process's memory); ``redis://...``: a registry every replica shares and the
-    #: admin API writes to (the file's tenants seed it when it is empty).
+    #: admin API writes to (the file's tenants seed it when it is empty). ``${NAME}`` is
+    #: expanded from the environment, as in ``redis_url``.
     registry_url: str | None = None
     #: With a shared registry: how often each process checks the registry version, the
     #: safety net for a missed pub/sub message.
