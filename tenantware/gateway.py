@@ -18,7 +18,9 @@ from starlette.middleware import Middleware
 from tenantware.admin.app import AdminApi
 from tenantware.admission.pools import AdmissionPools
 from tenantware.breaker.board import BreakerBoard
+from tenantware.cache import CacheStore, open_cache
 from tenantware.config import GatewayConfig
+from tenantware.crypto import KeyRing, MemoryTenantKeyStore, TenantKeyStore, key_provider
 from tenantware.estimate import PromptEstimator, estimate_prompt_tokens
 from tenantware.metering.ledger import (
     DEFAULT_LEDGER_URL,
@@ -35,6 +37,7 @@ from tenantware.metering.routes import ADMIN_PREFIX, READY_PATH, TENANT_USAGE_PA
 from tenantware.metering.telemetry import log_records, metrics_observer
 from tenantware.middleware.admission import AdmissionMiddleware
 from tenantware.middleware.breaker import BreakerMiddleware, TenantRefusals
+from tenantware.middleware.cache import CacheMiddleware
 from tenantware.middleware.metering import MeteringMiddleware, UsageRecorder
 from tenantware.middleware.quota import QuotaMiddleware
 from tenantware.middleware.tenant import TenantMiddleware
@@ -70,6 +73,8 @@ class Gateway:
         upstream_client: UpstreamClient | None = None,
         estimator: PromptEstimator = estimate_prompt_tokens,
         ledger: Ledger | None = None,
+        key_store: TenantKeyStore | None = None,
+        cache_store: CacheStore | None = None,
     ) -> None:
         self.live = LiveConfig(config)
         self.config_path = config_path
@@ -113,6 +118,30 @@ class Gateway:
         self.writer: LedgerWriter | None = None
         if config.metering.enabled:
             self._setup_metering(ledger)
+        self._setup_data(key_store, cache_store)
+
+    def _setup_data(self, key_store: TenantKeyStore | None, cache: CacheStore | None) -> None:
+        """Tenant keys and the response cache (nothing is opened or derived yet)."""
+        data = self.config.data
+        #: Every tenant's data keys, from the master key and the tenant's salt.
+        self.keyring = KeyRing(
+            key_provider(data.master_key_env, data.master_key_file),
+            key_store if key_store is not None else MemoryTenantKeyStore(),
+        )
+        if cache is None:
+            redis = self.redis if data.cache_url is None else None
+            if redis is not None:
+                from tenantware.cache.redis import RedisCacheStore
+
+                cache = RedisCacheStore(redis, prefix=self.config.gateway.redis_prefix)
+            else:
+                cache = open_cache(
+                    data.cache_url,
+                    prefix=self.config.gateway.redis_prefix,
+                    timeout_s=self.config.gateway.redis_timeout_s,
+                )
+        #: Cached answers of the tenants that opted in.
+        self.cache_store: CacheStore = cache
 
     def _setup_metering(self, ledger: Ledger | None) -> None:
         """The ledger (nothing is opened yet), its writer and the writer's lifetime service."""
@@ -206,6 +235,12 @@ class Gateway:
         # -- metering layer -------------------------------------------------------------
         if self.writer is not None:
             stack.append(Middleware(MeteringMiddleware, live=self.live, writer=self.writer))
+        # -- response cache ---------------------------------------------------------------
+        stack.append(
+            Middleware(
+                CacheMiddleware, live=self.live, store=self.cache_store, keyring=self.keyring
+            )
+        )
         # -- quota layer ----------------------------------------------------------------
         stack.append(Middleware(QuotaMiddleware, live=self.live, store=self.quota_store))
         # -- admission layer ------------------------------------------------------------
@@ -245,6 +280,8 @@ class Gateway:
         await self.proxy.aclose()
         with contextlib.suppress(Exception):
             await self.board.aclose()
+        with contextlib.suppress(Exception):
+            await self.cache_store.aclose()
         await self.stores.aclose()
 
     def lifespan(self, app: Any) -> AbstractAsyncContextManager[None]:
