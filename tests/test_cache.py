@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tenantware import Gateway
+from tenantware import Gateway, HttpxUpstreamClient
 from tenantware.cache import MemoryCacheStore, cache_key, canonical_request
 from tenantware.context import Outcome
 from tenantware.crypto import KeyRing, MemoryTenantKeyStore, StaticKeyProvider
@@ -222,3 +222,33 @@ async def test_tenant_b_never_gets_the_answer_cached_for_tenant_a(
     assert answer.headers["x-tenantware-cache"] == "miss"
     assert fake.stats.requests == 2
     assert isinstance(gateway.cache_store, MemoryCacheStore)
+
+
+@pytest.mark.usefixtures("master")
+async def test_replicas_sharing_a_redis_cache_serve_each_others_entries(
+    redis_url: str, redis_prefix: str
+) -> None:
+    config = make_config(
+        tenants=data_tenants(),
+        data={"master_key_env": MASTER_ENV, "cache_url": redis_url},
+        gateway={"redis_prefix": redis_prefix},
+    )
+    keys = MemoryTenantKeyStore()  # the replicas' shared key store (the ledger database)
+    fake = FakeUpstream()
+    one = Gateway(config, upstream_client=_client(fake), key_store=keys)
+    two = Gateway(config, upstream_client=_client(fake), key_store=keys)
+    async with one.running(), two.running():
+        async with client_for(one.asgi_app(), KEYS["acme"]) as client:
+            first = await _chat(client, CHAT)
+        async with client_for(two.asgi_app(), KEYS["acme"]) as client:
+            second = await _chat(client, CHAT)
+        async with client_for(two.asgi_app(), KEYS["globex"]) as client:
+            other = await _chat(client, CHAT)
+    assert second.headers["x-tenantware-cache"] == "hit"
+    assert second.json() == first.json()
+    assert other.headers["x-tenantware-cache"] == "miss"
+    assert fake.stats.requests == 2
+
+
+def _client(fake: FakeUpstream) -> HttpxUpstreamClient:
+    return HttpxUpstreamClient(transport=httpx.ASGITransport(app=fake))
