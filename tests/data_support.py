@@ -35,3 +35,19 @@ def data_tenants(**data: Any) -> list[dict[str, Any]]:
         }
         for tenant, key in KEYS.items()
     ]
+
+
+ADMIN = "sk-data-admin"
+
+
+def data_config(url: str = "http://upstream.test/v1", **data: Any) -> Any:
+    """acme, globex (opted in with ``data``) and plain, an admin key, the test master key."""
+    from tests.support import make_config
+
+    return make_config(
+        url,
+        tenants=data_tenants(**data),
+        data={"master_key_env": MASTER_ENV},
+        breaker={"max_attempts": 1},
+        gateway={"admin_keys": [{"id": "ops", "hash": KeyHasher().hash(ADMIN)}]},
+    )

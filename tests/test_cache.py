@@ -14,6 +14,7 @@ from tenantware import Gateway, HttpxUpstreamClient
 from tenantware.cache import MemoryCacheStore, cache_key, canonical_request
 from tenantware.context import Outcome
 from tenantware.crypto import KeyRing, MemoryTenantKeyStore, StaticKeyProvider
+from tenantware.logbook import MemoryLogStore
 from tenantware.testing.serve import serve_in_thread
 from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig
 from tests.data_support import KEYS, MASTER_ENV, data_tenants, master_text, new_master
@@ -233,10 +234,10 @@ async def test_replicas_sharing_a_redis_cache_serve_each_others_entries(
         data={"master_key_env": MASTER_ENV, "cache_url": redis_url},
         gateway={"redis_prefix": redis_prefix},
     )
-    keys = MemoryTenantKeyStore()  # the replicas' shared key store (the ledger database)
+    keys = MemoryLogStore()  # the replicas' shared key store (the ledger database)
     fake = FakeUpstream()
-    one = Gateway(config, upstream_client=_client(fake), key_store=keys)
-    two = Gateway(config, upstream_client=_client(fake), key_store=keys)
+    one = Gateway(config, upstream_client=_client(fake), log_store=keys)
+    two = Gateway(config, upstream_client=_client(fake), log_store=keys)
     async with one.running(), two.running():
         async with client_for(one.asgi_app(), KEYS["acme"]) as client:
             first = await _chat(client, CHAT)

@@ -12,7 +12,7 @@ import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType, field
 
 from tenantware.audit import AuditEntry
-from tenantware.config import Limits, Priority, Tenant, Tier, Weight
+from tenantware.config import Limits, Priority, Tenant, TenantData, Tier, Weight
 
 __all__ = [
     "AdminKeyIssue",
@@ -57,6 +57,8 @@ class TenantCreate(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     reserved_seats: Seats | None = None
     #: Price override in percent over list price (negative: a discount).
     markup_percent: Decimal | None = None
+    #: Response cache and request log (off by default).
+    data: TenantData = field(default_factory=TenantData)
 
 
 class TenantPatch(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -73,6 +75,8 @@ class TenantPatch(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True)
     domains: list[str] | UnsetType = UNSET
     disabled: bool | UnsetType = UNSET
     reserved_seats: Seats | UnsetType | None = UNSET
+    #: Replaces the whole data policy (response cache, request log).
+    data: TenantData | UnsetType = UNSET
 
 
 class KeyOut(Struct, frozen=True, kw_only=True):
@@ -169,6 +173,7 @@ class TenantOut(Struct, frozen=True, kw_only=True):
     reserved_seats: int | None
     markup_percent: Decimal | None
     keys: list[KeyOut]
+    data: TenantData
 
 
 class TenantList(Struct, frozen=True, kw_only=True):
@@ -245,6 +250,7 @@ def tenant_out(tenant: Tenant, version: int, tiers: dict[str, Tier]) -> TenantOu
         reserved_seats=tenant.reserved_seats,
         markup_percent=tenant.markup_percent,
         keys=[key_out(tenant.id, key) for key in tenant.keys],
+        data=tenant.data,
     )
 
 

@@ -151,6 +151,10 @@ class KeyRing:
         self._tenants.pop(tenant, None)
         return await self.store.destroy_salt(tenant)
 
+    def derived(self) -> list[str]:
+        """Tenants whose keys this process holds."""
+        return list(self._tenants)
+
     def forget(self, tenant: str | None = None) -> None:
         """Drop derived keys from this process (one tenant, or all: after a rotation or
         another process's shredding), so they are derived again from the store."""
