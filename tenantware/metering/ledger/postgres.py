@@ -165,6 +165,8 @@ class PostgresLedger:
             raise LedgerUnavailable(f"postgresql: {exc}") from exc
 
     def _migrate(self, conn: psycopg.Connection[Any]) -> None:
+        if self._up_to_date(conn):
+            return  # nothing to do: the gateway's role (no DDL rights) gets on at once
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
             conn.execute(
@@ -189,6 +191,16 @@ class PostgresLedger:
                     sql.SQL("INSERT INTO {} (version) VALUES (%s)").format(self._versions),
                     (number + 1,),
                 )
+
+    def _up_to_date(self, conn: psycopg.Connection[Any]) -> bool:
+        found = conn.execute(
+            "SELECT to_regclass(%s) IS NOT NULL", (self._versions.as_string(conn),)
+        ).fetchone()
+        if not found or not found[0]:
+            return False
+        row = conn.execute(sql.SQL("SELECT max(version) FROM {}").format(self._versions))
+        version = row.fetchone()
+        return bool(version and version[0] is not None and version[0] >= len(_MIGRATIONS))
 
     async def write(self, records: Sequence[UsageRecord]) -> None:
         if not records:
