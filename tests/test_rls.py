@@ -204,3 +204,46 @@ def test_one_function_call_protects_any_table_with_a_tenant_column(
         conn.execute(BIND_TENANT, ("b",))
         rows = conn.execute(sql.SQL("SELECT amount FROM {}").format(table)).fetchall()
     assert sorted(rows) == [(2,), (3,)]
+
+
+async def test_after_a_is_deleted_its_logs_are_unreadable_even_with_database_access(
+    postgres_url: str, postgres_schema: str
+) -> None:
+    from tenantware.cache import MemoryCacheStore
+    from tenantware.crypto import Undecryptable
+    from tenantware.logbook import open_row
+    from tenantware.tenantdata import TenantData
+
+    master = new_master(1)
+    logs = PostgresLogStore(postgres_url, schema=postgres_schema)
+    try:
+        ring = KeyRing(StaticKeyProvider(master), logs)
+        for tenant in ("a", "b"):
+            keys = await ring.keys(tenant)
+            assert keys is not None
+            exchange = LoggedExchange(
+                request_id="r", ts=1.0, path="/", model="m", status=200, outcome="ok",
+                request=f"secret of {tenant}".encode(), response=b"a",
+            )  # fmt: skip
+            assert await logs.append(
+                seal_row(keys, exchange, row_id="l1", retention_s=1e9), quota_bytes=10**6
+            )
+        with psycopg.connect(postgres_url) as conn:  # what a database dump holds
+            table = sql.Identifier(postgres_schema, "request_logs")
+            query = sql.SQL("SELECT sealed FROM {} WHERE tenant = 'a'").format(table)
+            dumped = [bytes(row[0]) for row in conn.execute(query).fetchall()]
+        await TenantData(ring, logs, MemoryCacheStore()).forget("a")
+        assert await logs.get_salt("a") is None
+        assert await logs.read("a") == []
+        fresh = KeyRing(StaticKeyProvider(master), logs)  # the master key, the database
+        again = await fresh.keys("a")
+        assert again is not None
+        for sealed in dumped:
+            with pytest.raises(Undecryptable):
+                again.open(sealed)
+        b_keys = await fresh.keys("b")
+        assert b_keys is not None
+        (b_row,) = await logs.read("b")
+        assert open_row(b_keys, b_row).request == b"secret of b"
+    finally:
+        await logs.aclose()

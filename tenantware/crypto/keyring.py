@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Final
 import anyio
 
 from tenantware.crypto.material import TenantKeyStore
-from tenantware.crypto.providers import KeyProvider, MasterKeys
+from tenantware.crypto.providers import KeyProvider, MasterKeys, MissingMasterKey
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -39,8 +39,13 @@ class Undecryptable(ValueError):
 
 
 def _derive(master: bytes, salt: bytes, info: bytes) -> bytes:
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+    try:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+    except ImportError:  # pragma: no cover - the test extra installs it
+        raise MissingMasterKey(
+            "tenant data keys need the cryptography package: pip install 'tenantware[data]'"
+        ) from None
 
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(master)
 
