@@ -253,3 +253,43 @@ async def test_replicas_sharing_a_redis_cache_serve_each_others_entries(
 
 def _client(fake: FakeUpstream) -> HttpxUpstreamClient:
     return HttpxUpstreamClient(transport=httpx.ASGITransport(app=fake))
+
+
+@pytest.mark.usefixtures("master")
+async def test_an_admin_switches_a_tenants_cache_on_at_run_time() -> None:
+    from tests.data_support import ADMIN, data_config
+
+    gateway, fake = in_process_gateway(config=data_config(cache_models=[]))
+    app = gateway.asgi_app()
+    async with gateway.running():
+        async with client_for(app, KEYS["acme"]) as acme:
+            before = await _chat(acme, CHAT)
+        async with client_for(app, ADMIN) as admin:
+            switched = await admin.patch(
+                "/admin/tenants/acme", json={"data": {"cache_models": ["gpt-4.1"]}}
+            )
+            refused = await admin.patch(
+                "/admin/tenants/acme", json={"data": {"cache_models": ["gpt-9"]}}
+            )
+        async with client_for(app, KEYS["acme"]) as acme:
+            after = [await _chat(acme, CHAT) for _ in range(2)]
+    assert "x-tenantware-cache" not in before.headers
+    assert switched.status_code == 200, switched.text
+    assert switched.json()["data"]["cache_models"] == ["gpt-4.1"]
+    assert refused.status_code == 400
+    assert [a.headers["x-tenantware-cache"] for a in after] == ["miss", "hit"]
+    assert fake.stats.requests == 2
+
+
+@pytest.mark.usefixtures("master")
+async def test_anthropic_messages_are_cached_apart_from_chat_completions() -> None:
+    gateway, fake = in_process_gateway(config=_config())
+    body = {**CHAT, "max_tokens": 16}
+    async with gateway.running(), client_for(gateway.asgi_app(), KEYS["acme"]) as client:
+        chat = await _chat(client, body)
+        messages = [await client.post("/v1/messages", json=body) for _ in range(2)]
+    assert chat.headers["x-tenantware-cache"] == "miss"
+    assert [m.headers["x-tenantware-cache"] for m in messages] == ["miss", "hit"]
+    assert messages[1].json() == messages[0].json()
+    assert messages[1].json()["type"] == "message"
+    assert fake.stats.requests == 2

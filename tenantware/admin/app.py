@@ -42,10 +42,12 @@ from tenantware.admin.schemas import (
     KeyIssued,
     KeyList,
     KeyRotate,
+    LogList,
     TenantCreate,
     TenantList,
     TenantOut,
     TenantPatch,
+    TenantStorage,
     TierList,
     TierOut,
     key_out,
@@ -339,18 +341,22 @@ class AdminApi:
                 param="tier",
             )
         catalogue = config.catalogue()
-        for model in tenant.allowed_models:
-            if (
-                model != "*"
-                and model not in catalogue
-                and config.aliases.get(model) not in catalogue
-            ):
-                raise Refusal(
-                    400,
-                    f"Unknown model {model!r} (known: {', '.join(sorted(catalogue))}).",
-                    "invalid_value",
-                    param="allowed_models",
-                )
+        for param, models in (
+            ("allowed_models", tenant.allowed_models),
+            ("data.cache_models", tenant.data.cache_models),
+        ):
+            for model in models:
+                if (
+                    model != "*"
+                    and model not in catalogue
+                    and config.aliases.get(model) not in catalogue
+                ):
+                    raise Refusal(
+                        400,
+                        f"Unknown model {model!r} (known: {', '.join(sorted(catalogue))}).",
+                        "invalid_value",
+                        param=param,
+                    )
 
     async def _modify(
         self,
@@ -725,7 +731,7 @@ class AdminApi:
             if self.tenant_data is not None
             else []
         )
-        return _json({"object": "list", "data": logs})
+        return _json(LogList(data=logs))
 
     async def _storage(self, request: Request, caller: Caller) -> Response:
         """Bytes a tenant's cached answers and logs take, and its quotas."""
@@ -742,13 +748,13 @@ class AdminApi:
             else {"cache_bytes": 0, "log_bytes": 0}
         )
         return _json(
-            {
-                "object": "tenant.storage",
-                "id": tenant_id,
-                **used,
-                "cache_quota_bytes": tenant.data.cache_quota_bytes,
-                "log_quota_bytes": tenant.data.log_quota_bytes,
-            }
+            TenantStorage(
+                id=tenant_id,
+                cache_bytes=used["cache_bytes"],
+                log_bytes=used["log_bytes"],
+                cache_quota_bytes=tenant.data.cache_quota_bytes,
+                log_quota_bytes=tenant.data.log_quota_bytes,
+            )
         )
 
     async def _audit(self, request: Request, caller: Caller) -> Response:

@@ -13,6 +13,7 @@ from msgspec import UNSET, Meta, Struct, UnsetType, field
 
 from tenantware.audit import AuditEntry
 from tenantware.config import Limits, Priority, Tenant, TenantData, Tier, Weight
+from tenantware.tenantdata import LogView
 
 __all__ = [
     "AdminKeyIssue",
@@ -26,10 +27,12 @@ __all__ = [
     "KeyList",
     "KeyOut",
     "KeyRotate",
+    "LogList",
     "TenantCreate",
     "TenantList",
     "TenantOut",
     "TenantPatch",
+    "TenantStorage",
     "TierList",
     "TierOut",
     "key_out",
@@ -259,3 +262,21 @@ def limits_patched(current: Limits, changes: dict[str, Any]) -> Limits:
     merged = msgspec.to_builtins(current)
     merged.update(changes)
     return msgspec.convert(merged, Limits, strict=False)
+
+
+class LogList(Struct, frozen=True, kw_only=True):
+    """A tenant's request logs, decrypted, newest first."""
+
+    object: Literal["list"] = "list"
+    data: list[LogView]
+
+
+class TenantStorage(Struct, frozen=True, kw_only=True):
+    """Bytes a tenant's cached answers and request logs take, and its quotas."""
+
+    object: Literal["tenant.storage"] = "tenant.storage"
+    id: str
+    cache_bytes: int
+    log_bytes: int
+    cache_quota_bytes: int
+    log_quota_bytes: int
