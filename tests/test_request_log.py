@@ -3,9 +3,12 @@ quotas, rotation, and crypto-shredding when the tenant is deleted."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from tenantware.crypto import MasterKeys, StaticKeyProvider, Undecryptable
@@ -164,3 +167,57 @@ async def test_deleting_a_tenant_shreds_its_keys_so_copies_of_its_logs_stay_unre
     for row in backup:
         with pytest.raises(Undecryptable):
             open_row(again, row)
+
+
+def test_cli_rotates_every_tenants_logs_to_the_newest_master_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tenantware.cli import main
+    from tenantware.crypto import KeyRing
+    from tenantware.logbook import LoggedExchange, seal_row
+    from tenantware.logbook.sqlite import SqliteLogStore
+
+    old = new_master(1)
+    path = tmp_path / "gateway.json"
+    path.write_text(
+        json.dumps(
+            {
+                "data": {"master_key_env": "TW_ROTATE_TEST_KEY"},
+                "metering": {"ledger_url": f"sqlite:///{tmp_path / 'ledger.db'}"},
+                "tenants": [{"id": "a"}, {"id": "b"}],
+            }
+        )
+    )
+
+    async def fill() -> None:
+        store = SqliteLogStore(tmp_path / "ledger.db")
+        ring = KeyRing(StaticKeyProvider(old), store)
+        for tenant in ("a", "b"):
+            keys = await ring.keys(tenant)
+            assert keys is not None
+            for n in range(3):
+                exchange = LoggedExchange(
+                    request_id="r", ts=float(n), path="/", model="m", status=200,
+                    outcome="ok", request=b"q", response=b"a",
+                )  # fmt: skip
+                row = seal_row(keys, exchange, row_id=f"l{n}", retention_s=1e9)
+                await store.append(row, quota_bytes=10**6)
+        await store.aclose()
+
+    anyio.run(fill)
+    assert main(["data", "new-master-key"]) == 0
+    new_key = capsys.readouterr().out.strip()
+    monkeypatch.setenv("TW_ROTATE_TEST_KEY", master_text(old) + f",2:{new_key}")
+    assert main(["data", "rotate", "--config", str(path), "--batch", "2"]) == 0
+    assert "re-sealed 6 request log rows under master key version 2" in capsys.readouterr().out
+    assert main(["data", "rotate", "--config", str(path)]) == 0
+    assert "re-sealed 0" in capsys.readouterr().out
+
+    async def versions() -> set[int]:
+        store = SqliteLogStore(tmp_path / "ledger.db")
+        try:
+            return {row.key_version for t in ("a", "b") for row in await store.read(t)}
+        finally:
+            await store.aclose()
+
+    assert anyio.run(versions) == {2}

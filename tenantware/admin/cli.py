@@ -273,6 +273,43 @@ def _tenant_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_rotate(args: argparse.Namespace) -> int:
+    import anyio
+
+    from tenantware.config import load_config
+    from tenantware.crypto import KeyRing, MissingMasterKey, key_provider
+    from tenantware.logbook.jobs import rotate
+
+    settings = load_config(args.config).data
+
+    async def run() -> tuple[int, int]:
+        registry, ledger, logs = _stores_of(args)
+        try:
+            ring = KeyRing(key_provider(settings.master_key_env, settings.master_key_file), logs)
+            current = (await ring.master_keys()).current
+            tenants = sorted((await registry.load()).records)
+            return await rotate(logs, ring, tenants, batch=args.batch), current
+        finally:
+            await logs.aclose()
+            await ledger.aclose()
+            await registry.aclose()
+
+    try:
+        count, version = anyio.run(run)
+    except MissingMasterKey as exc:
+        print(f"tenantware: {exc}", file=sys.stderr)
+        return 1
+    print(f"re-sealed {count} request log rows under master key version {version}")
+    return 0
+
+
+def _data_new_master_key(args: argparse.Namespace) -> int:
+    import base64
+
+    print(base64.b64encode(os.urandom(32)).decode())
+    return 0
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help=f"gateway URL ($TENANTWARE_URL, default {_DEFAULT_URL})")
     parser.add_argument("--admin-key", help="admin API key ($TENANTWARE_ADMIN_KEY)")
@@ -348,6 +385,18 @@ def add_commands(commands: Any) -> None:
     revoke = command(key_commands, "revoke", _keys_revoke, "revoke a key now")
     revoke.add_argument("tenant")
     revoke.add_argument("key_id")
+
+    data = commands.add_parser("data", help="tenant data keys: master keys and rotation")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    rotate_parser = data_commands.add_parser(
+        "rotate", help="re-seal every tenant's logs under the newest master key (resumable)"
+    )
+    rotate_parser.add_argument("--config", required=True, help="the gateway's configuration file")
+    rotate_parser.add_argument("--batch", type=int, default=500, help="rows per transaction")
+    rotate_parser.set_defaults(func=_data_rotate)
+    data_commands.add_parser(
+        "new-master-key", help="print a new random master key (base64 of 32 bytes)"
+    ).set_defaults(func=_data_new_master_key)
 
     registry = commands.add_parser("registry", help="move tenants between a file and Redis")
     registry_commands = registry.add_subparsers(dest="registry_command", required=True)
