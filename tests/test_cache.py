@@ -293,3 +293,18 @@ async def test_anthropic_messages_are_cached_apart_from_chat_completions() -> No
     assert messages[1].json() == messages[0].json()
     assert messages[1].json()["type"] == "message"
     assert fake.stats.requests == 2
+
+
+@pytest.mark.usefixtures("master")
+async def test_an_unreachable_cache_store_serves_every_request_without_the_cache() -> None:
+    config = make_config(
+        tenants=data_tenants(),
+        data={"master_key_env": MASTER_ENV, "cache_url": "redis://127.0.0.1:1/0"},
+        gateway={"redis_timeout_s": 0.2},
+    )
+    gateway, fake = in_process_gateway(config=config)
+    async with gateway.running(), client_for(gateway.asgi_app(), KEYS["acme"]) as client:
+        answers = [await _chat(client, CHAT) for _ in range(2)]
+    assert [a.status_code for a in answers] == [200, 200]
+    assert [a.headers["x-tenantware-cache"] for a in answers] == ["miss", "miss"]
+    assert fake.stats.requests == 2
