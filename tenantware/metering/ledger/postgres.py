@@ -56,6 +56,9 @@ _ADDED_LATER: Final = frozenset({"usage_invalid"})
 #: writing them again cannot succeed.
 _REFUSED: Final = (psycopg.DataError, psycopg.IntegrityError, OverflowError, ValueError, TypeError)
 
+#: The migration that puts the tables under row-level security (marked by identity).
+_PROTECT_TABLES: Final = ("SELECT 'tenantware: row-level security'",)
+
 #: Each migration is a list of statements; ``{t}`` is the qualified table name.
 _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     (
@@ -82,11 +85,9 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX IF NOT EXISTS audit_log_at ON {a} (at)",
         "CREATE INDEX IF NOT EXISTS audit_log_tenant_at ON {a} (tenant, at)",
     ),
-    # Row-level security (``rls``): the statements are run by ``_protect``.
-    (),
+    # Row-level security (``rls``) on the tables above: run by ``_migrate`` (it is code).
+    _PROTECT_TABLES,
 )
-#: The migration after which the tables are under row-level security.
-_RLS_MIGRATION: Final = 4
 
 
 class PostgresLedger:
@@ -183,7 +184,7 @@ class PostgresLedger:
             for number in range(version, len(_MIGRATIONS)):
                 for statement in _MIGRATIONS[number]:
                     conn.execute(sql.SQL(statement).format(t=self._table, a=self._audit))
-                if number + 1 == _RLS_MIGRATION:
+                if _MIGRATIONS[number] is _PROTECT_TABLES:
                     create_function(conn, self._schema)
                     protect(conn, self._schema, self._table_name)
                     protect(conn, self._schema, "audit_log")
