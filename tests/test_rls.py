@@ -247,3 +247,36 @@ async def test_after_a_is_deleted_its_logs_are_unreadable_even_with_database_acc
         assert open_row(b_keys, b_row).request == b"secret of b"
     finally:
         await logs.aclose()
+
+
+async def test_a_log_row_relabelled_as_bs_in_the_database_does_not_open_for_b(
+    postgres_url: str, postgres_schema: str
+) -> None:
+    from tenantware.cache import MemoryCacheStore
+    from tenantware.crypto import Undecryptable
+    from tenantware.logbook import open_row
+    from tenantware.tenantdata import TenantData
+
+    logs = PostgresLogStore(postgres_url, schema=postgres_schema)
+    try:
+        ring = KeyRing(StaticKeyProvider(new_master(1)), logs)
+        a_keys, b_keys = await ring.keys("a"), await ring.keys("b")
+        assert a_keys is not None
+        assert b_keys is not None
+        exchange = LoggedExchange(
+            request_id="r", ts=1.0, path="/", model="m", status=200, outcome="ok",
+            request=b"secret of a", response=b"x",
+        )  # fmt: skip
+        await logs.append(
+            seal_row(a_keys, exchange, row_id="l1", retention_s=1e9), quota_bytes=10**6
+        )
+        with psycopg.connect(postgres_url, autocommit=True) as conn:  # someone with DB access
+            table = sql.Identifier(postgres_schema, "request_logs")
+            conn.execute(sql.SQL("UPDATE {} SET tenant = 'b' WHERE tenant = 'a'").format(table))
+        (moved,) = await logs.read("b")
+        with pytest.raises(Undecryptable):
+            open_row(b_keys, moved)
+        # What the API shows b: nothing of a's (the row does not open, so it is left out).
+        assert await TenantData(ring, logs, MemoryCacheStore()).read_logs("b") == []
+    finally:
+        await logs.aclose()
