@@ -131,6 +131,7 @@ class TenantData(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     cache_quota_bytes: NonNegInt = 64 * 1024 * 1024
     #: Keep every request and its answer, encrypted, for ``log_retention_days``.
     log_requests: bool = False
+    #: Days a logged request is kept before the retention job purges it.
     log_retention_days: Annotated[int, Meta(ge=1, le=3650)] = 30
     #: Most bytes of logged requests kept for this tenant (past it, new ones are not logged).
     log_quota_bytes: NonNegInt = 256 * 1024 * 1024
