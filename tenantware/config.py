@@ -26,6 +26,7 @@ __all__ = [
     "BreakerSettings",
     "CircuitSettings",
     "ConfigError",
+    "DataSettings",
     "GatewayConfig",
     "GatewaySettings",
     "Limits",
@@ -36,6 +37,7 @@ __all__ = [
     "ModelSpec",
     "QuotaSettings",
     "Tenant",
+    "TenantData",
     "Tier",
     "Upstream",
     "expand_env",
@@ -144,6 +146,24 @@ class ApiKey(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     created_at: float | None = None
 
 
+class TenantData(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What the gateway may keep of a tenant's prompts and answers (``[tenants.data]``):
+    nothing unless the tenant opts in. Whatever is kept is encrypted with the tenant's key."""
+
+    #: Models whose answers are cached (``"*"``: every model); empty: no response cache.
+    cache_models: list[str] = field(default_factory=list)
+    #: How long a cached answer is served.
+    cache_ttl_s: Annotated[float, Meta(gt=0, le=30 * 86_400)] = 3600.0
+    #: Most bytes of cached answers kept for this tenant (its oldest entries make room).
+    cache_quota_bytes: NonNegInt = 64 * 1024 * 1024
+    #: Keep every request and its answer, encrypted, for ``log_retention_days``.
+    log_requests: bool = False
+    #: Days a logged request is kept before the retention job purges it.
+    log_retention_days: Annotated[int, Meta(ge=1, le=3650)] = 30
+    #: Most bytes of logged requests kept for this tenant (past it, new ones are not logged).
+    log_quota_bytes: NonNegInt = 256 * 1024 * 1024
+
+
 class Tenant(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A customer of the gateway: who it is, what it may use and how much."""
 
@@ -165,6 +185,8 @@ class Tenant(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     #: Price override: markup (positive) or discount (negative) in percent over list price
     #: (over ``metering.markup_percent``).
     markup_percent: Decimal | None = None
+    #: Response cache and request log of this tenant (off by default).
+    data: TenantData = field(default_factory=TenantData)
 
     def __post_init__(self) -> None:
         percent = self.markup_percent
@@ -530,6 +552,23 @@ class MeteringSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 # -- end of metering settings ---------------------------------------------------------------
 
 
+class DataSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Where tenant data keys come from and where cached answers live (``[data]``)."""
+
+    #: Environment variable holding the master key(s): ``base64`` (version 1) or
+    #: ``1:base64,2:base64`` (the highest version encrypts, the others still decrypt).
+    master_key_env: str = "TENANTWARE_MASTER_KEY"
+    #: A file with one ``version:base64`` line per master key (instead of the variable).
+    master_key_file: str | None = None
+    #: Response cache backend: ``memory://`` or a Redis URL; unset: ``gateway.redis_url``
+    #: when set, else memory.
+    cache_url: str | None = None
+    #: Largest answer (bytes as sent to the client) that is cached.
+    max_cached_bytes: PositiveInt = 1024 * 1024
+    #: How often the retention job purges expired request logs.
+    retention_interval_s: PositiveFloat = 3600.0
+
+
 class GatewaySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Process-wide settings."""
 
@@ -610,6 +649,7 @@ class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
     metering: MeteringSettings = field(default_factory=MeteringSettings)
     migration: MigrationSettings = field(default_factory=MigrationSettings)
+    data: DataSettings = field(default_factory=DataSettings)
 
     def __post_init__(self) -> None:
         tiers = self.all_tiers()
@@ -690,6 +730,12 @@ def _check_references(
             if model != "*" and not model_known(model):
                 raise msgspec.ValidationError(
                     f"`tenants[{index}].allowed_models`: unknown model {model!r} "
+                    f"({known('models', catalogue)})"
+                )
+        for model in tenant.data.cache_models:
+            if model != "*" and not model_known(model):
+                raise msgspec.ValidationError(
+                    f"`tenants[{index}].data.cache_models`: unknown model {model!r} "
                     f"({known('models', catalogue)})"
                 )
     admission = config.admission

@@ -35,8 +35,8 @@ estimated_prompt_tokens                                         metering
 model                      tenant (aliases resolved)            every layer, proxy, billing
 response_started, status   tenant's ``send`` wrapper (every     every layer, proxy, billing
                            response); ``send_error``
-outcome                    whoever answers: tenant, quota,      metering, quota, admission,
-                           admission, breaker (via              billing
+outcome                    whoever answers: tenant, cache,      metering, quota, admission,
+                           quota, admission, breaker (via       billing
                            ``send_error``), proxy; metering
                            settles it last (``final_outcome``)
 priority, queue_wait_s     admission                            admission, metering
@@ -145,6 +145,7 @@ OutcomeName = Literal[
     "rejected_queue",
     "breaker_open",
     "error",
+    "cached",
 ]
 
 #: Who decided a policy layer's answer: its shared ``store``, the ``local`` fallback limiter
@@ -171,6 +172,8 @@ class Outcome:
     REJECTED_QUEUE: Final = "rejected_queue"
     BREAKER_OPEN: Final = "breaker_open"
     ERROR: Final = "error"
+    #: Answered from the tenant's response cache (no upstream call).
+    CACHED: Final = "cached"
 
 
 class RequestContext:

@@ -14,13 +14,19 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import structlog
 from starlette.middleware import Middleware
 
 from tenantware.admin.app import AdminApi
 from tenantware.admission.pools import AdmissionPools
+from tenantware.backends.errors import STORE_UNAVAILABLE
 from tenantware.breaker.board import BreakerBoard
+from tenantware.cache import CacheStore, open_cache
 from tenantware.config import GatewayConfig, expand_env
+from tenantware.crypto import KeyRing, key_provider
 from tenantware.estimate import PromptEstimator, estimate_prompt_tokens
+from tenantware.logbook import LogStore, MemoryLogStore, open_log_store
+from tenantware.logbook.jobs import purge_expired
 from tenantware.metering.ledger import (
     DEFAULT_LEDGER_URL,
     AuditLog,
@@ -36,8 +42,10 @@ from tenantware.metering.routes import ADMIN_PREFIX, READY_PATH, TENANT_USAGE_PA
 from tenantware.metering.telemetry import log_records, metrics_observer
 from tenantware.middleware.admission import AdmissionMiddleware
 from tenantware.middleware.breaker import BreakerMiddleware, TenantRefusals
+from tenantware.middleware.cache import CacheMiddleware
 from tenantware.middleware.metering import MeteringMiddleware, UsageRecorder
 from tenantware.middleware.quota import QuotaMiddleware
+from tenantware.middleware.requestlog import RequestLogMiddleware
 from tenantware.middleware.tenant import TenantMiddleware
 from tenantware.proxy.app import ProxyApp
 from tenantware.proxy.upstream import UpstreamClient
@@ -45,14 +53,17 @@ from tenantware.quota.store import QuotaStore
 from tenantware.registry.store import RegistryStore
 from tenantware.registry.sync import RegistrySync
 from tenantware.reload import watch_config
-from tenantware.state import LiveConfig
+from tenantware.state import LiveConfig, Snapshot
 from tenantware.stores import Stores, open_stores
+from tenantware.tenantdata import TenantData
 from tenantware.types import ASGIApp, Receive, Scope, Send
 
 if TYPE_CHECKING:
     from tenantware.backends.redis_support import RedisClient
 
 __all__ = ["Gateway"]
+
+_log = structlog.get_logger("tenantware.gateway")
 
 
 class Gateway:
@@ -72,6 +83,8 @@ class Gateway:
         upstream_client: UpstreamClient | None = None,
         estimator: PromptEstimator = estimate_prompt_tokens,
         ledger: Ledger | None = None,
+        log_store: LogStore | None = None,
+        cache_store: CacheStore | None = None,
     ) -> None:
         self.live = LiveConfig(config)
         self.config_path = config_path
@@ -124,6 +137,64 @@ class Gateway:
         self.migration = self.proxy.migration
         self.migration.writer = self.writer
         self.add_service(self.migration.running)
+        self._setup_data(log_store, cache_store)
+
+    def _setup_data(self, logs: LogStore | None, cache: CacheStore | None) -> None:
+        """Tenant keys, request logs and the response cache (nothing is opened yet)."""
+        config = self.config
+        data = config.data
+        if logs is None:
+            memory = isinstance(self.ledger, MemoryLedger) or not config.metering.enabled
+            logs = MemoryLogStore() if memory else open_log_store(ledger_url(config))
+        #: Request logs and tenant salts, beside the ledger.
+        self.log_store: LogStore = logs
+        #: Every tenant's data keys, from the master key and the tenant's salt.
+        self.keyring = KeyRing(key_provider(data.master_key_env, data.master_key_file), logs)
+        if cache is None:
+            redis = self.redis if data.cache_url is None else None
+            if redis is not None:
+                from tenantware.cache.redis import RedisCacheStore
+
+                cache = RedisCacheStore(redis, prefix=self.config.gateway.redis_prefix)
+            else:
+                cache = open_cache(
+                    _expanded(data.cache_url, "data.cache_url"),
+                    prefix=self.config.gateway.redis_prefix,
+                    timeout_s=self.config.gateway.redis_timeout_s,
+                )
+        #: Cached answers of the tenants that opted in.
+        self.cache_store: CacheStore = cache
+        self.tenant_data = TenantData(self.keyring, logs, cache)
+        self.add_service(self._retention_service)
+
+        def drop_gone_keys(snapshot: Snapshot) -> None:
+            # A tenant deleted (here or on another replica) keeps no derived key here.
+            for tenant in self.keyring.derived():
+                if snapshot.registry.by_id(tenant) is None:
+                    self.keyring.forget(tenant)
+
+        self.live.on_change(drop_gone_keys)
+
+    @asynccontextmanager
+    async def _retention_service(self) -> AsyncIterator[None]:
+        """Purges expired request logs every ``data.retention_interval_s``."""
+
+        async def purge_forever() -> None:
+            while True:
+                snapshot = self.live.current
+                tenants = [t.id for t in snapshot.registry.tenants() if t.data.log_requests]
+                try:
+                    await purge_expired(self.log_store, tenants)
+                except STORE_UNAVAILABLE as exc:
+                    _log.warning("retention_purge_failed", error=str(exc))
+                await anyio.sleep(snapshot.config.data.retention_interval_s)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(purge_forever)
+            try:
+                yield
+            finally:
+                group.cancel_scope.cancel()
 
     def _setup_metering(self, ledger: Ledger | None) -> None:
         """The ledger (nothing is opened yet), its writer and the writer's lifetime service."""
@@ -213,11 +284,19 @@ class Gateway:
                 estimator=self.estimator,
                 on_rejected=on_rejected,
                 on_refusal=on_refusal,
-            )
+            ),
+            # -- request log (tenants that opted in) -------------------------------------
+            Middleware(RequestLogMiddleware, store=self.log_store, keyring=self.keyring),
         ]
         # -- metering layer -------------------------------------------------------------
         if self.writer is not None:
             stack.append(Middleware(MeteringMiddleware, live=self.live, writer=self.writer))
+        # -- response cache ---------------------------------------------------------------
+        stack.append(
+            Middleware(
+                CacheMiddleware, live=self.live, store=self.cache_store, keyring=self.keyring
+            )
+        )
         # -- quota layer ----------------------------------------------------------------
         stack.append(Middleware(QuotaMiddleware, live=self.live, store=self.quota_store))
         # -- admission layer ------------------------------------------------------------
@@ -258,6 +337,7 @@ class Gateway:
             fallback=reports,
             processes=max(self.processes, self.config.gateway.replicas),
             audit_log=self.ledger if isinstance(self.ledger, AuditLog) else None,
+            tenant_data=self.tenant_data,
         )
         reports.authorize = admin.may_read_reports
         tenant_usage = TenantMiddleware(reports, live=self.live, estimator=self.estimator)
@@ -296,6 +376,10 @@ class Gateway:
         await self.proxy.aclose()
         with contextlib.suppress(Exception):
             await self.board.aclose()
+        with contextlib.suppress(Exception):
+            await self.cache_store.aclose()
+        with contextlib.suppress(Exception):
+            await self.log_store.aclose()
         await self.stores.aclose()
 
     def lifespan(self, app: Any) -> AbstractAsyncContextManager[None]:

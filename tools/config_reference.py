@@ -49,6 +49,8 @@ SECTIONS: list[tuple[type[msgspec.Struct], list[str]]] = [
     (schema.BreakerSettings, ["[breaker]"]),
     (schema.CircuitSettings, ["[breaker.deployment]", "[breaker.tenant]"]),
     (schema.MeteringSettings, ["[metering]"]),
+    (schema.DataSettings, ["[data]"]),
+    (schema.TenantData, ["[tenants.data]"]),
     (schema.MigrationSettings, ["[migration]"]),
     (schema.MigrationRule, ["[[migration.rules]]"]),
     (schema.MigrationCandidate, ["[[migration.rules.candidates]]"]),

@@ -42,10 +42,12 @@ from tenantware.admin.schemas import (
     KeyIssued,
     KeyList,
     KeyRotate,
+    LogList,
     TenantCreate,
     TenantList,
     TenantOut,
     TenantPatch,
+    TenantStorage,
     TierList,
     TierOut,
     key_out,
@@ -62,6 +64,7 @@ from tenantware.metering.ledger.base import LedgerUnavailable
 from tenantware.registry.store import RegistryStore, VersionMismatch
 from tenantware.registry.sync import RegistrySync
 from tenantware.state import LiveConfig
+from tenantware.tenantdata import TenantData
 from tenantware.types import ASGIApp, Receive, Scope, Send
 
 __all__ = ["AdminApi"]
@@ -166,8 +169,12 @@ class AdminApi:
         fallback: ASGIApp,
         processes: int = 1,
         audit_log: AuditLog | None = None,
+        tenant_data: TenantData | None = None,
     ) -> None:
         self.live = live
+        #: The tenants' kept data (logs, cache, key material): read through the API and
+        #: destroyed with the tenant.
+        self.tenant_data = tenant_data
         self.store = store
         self.sync = sync
         #: The durable trail (the ledger); without it the registry's own short trail is read.
@@ -184,6 +191,8 @@ class AdminApi:
             "/admin/tenants": on(self._tenants),
             "/admin/tenants/{tenant_id}": on(self._tenant),
             "/admin/tenants/{tenant_id}/keys": on(self._keys),
+            "/admin/tenants/{tenant_id}/logs": on(self._logs),
+            "/admin/tenants/{tenant_id}/storage": on(self._storage),
             "/admin/tenants/{tenant_id}/keys/{key_id}/{action}": on(self._key),
             "/admin/tiers": on(self._list_tiers),
             "/admin/keys": on(self._admin_keys),
@@ -332,18 +341,22 @@ class AdminApi:
                 param="tier",
             )
         catalogue = config.catalogue()
-        for model in tenant.allowed_models:
-            if (
-                model != "*"
-                and model not in catalogue
-                and config.aliases.get(model) not in catalogue
-            ):
-                raise Refusal(
-                    400,
-                    f"Unknown model {model!r} (known: {', '.join(sorted(catalogue))}).",
-                    "invalid_value",
-                    param="allowed_models",
-                )
+        for param, models in (
+            ("allowed_models", tenant.allowed_models),
+            ("data.cache_models", tenant.data.cache_models),
+        ):
+            for model in models:
+                if (
+                    model != "*"
+                    and model not in catalogue
+                    and config.aliases.get(model) not in catalogue
+                ):
+                    raise Refusal(
+                        400,
+                        f"Unknown model {model!r} (known: {', '.join(sorted(catalogue))}).",
+                        "invalid_value",
+                        param=param,
+                    )
 
     async def _modify(
         self,
@@ -485,6 +498,9 @@ class AdminApi:
             wanted = _if_match(request)
             record = await self.store.get(tenant_id)
             if record is None:
+                if self.tenant_data is not None:
+                    # A deletion whose shredding failed is finished by repeating it.
+                    await self.tenant_data.forget(tenant_id)
                 raise _not_found(tenant_id)
             expect = record.version if wanted is None else wanted
             audit = self._audit_entry(request, caller, "tenant.delete", tenant_id, record.version)
@@ -496,6 +512,9 @@ class AdminApi:
                 raise _precondition(exc.current) from None
             await self.sync.refresh()
             await self._record(audit, version, record.tenant, None)
+            if self.tenant_data is not None:
+                # Crypto-shredding: the tenant's key material first, then its rows.
+                await self.tenant_data.forget(tenant_id)
             return _json({"object": "tenant.deleted", "id": tenant_id, "deleted": True})
         raise _method(request)
 
@@ -695,6 +714,51 @@ class AdminApi:
             for name, tier in sorted(tiers.items())
         ]
         return _json(TierList(data=data))
+
+    async def _logs(self, request: Request, caller: Caller) -> Response:
+        """A tenant's request logs, decrypted: for admins and for the tenant itself."""
+        if request.method not in ("GET", "HEAD"):
+            raise _method(request)
+        tenant_id: str = request.path_params["tenant_id"]
+        self._allow(caller, "admin", "tenant", tenant_id=tenant_id)
+        if self.live.current.registry.by_id(tenant_id) is None:
+            raise _not_found(tenant_id)
+        query = request.query_params
+        limit = _int_param(query.get("limit"), "limit", default=100, low=1, high=1000)
+        since = _float_param(query.get("since"), "since")
+        until = _float_param(query.get("until"), "until")
+        logs = (
+            await self.tenant_data.read_logs(
+                tenant_id, since=since or 0.0, until=until, limit=limit
+            )
+            if self.tenant_data is not None
+            else []
+        )
+        return _json(LogList(data=logs))
+
+    async def _storage(self, request: Request, caller: Caller) -> Response:
+        """Bytes a tenant's cached answers and logs take, and its quotas."""
+        if request.method not in ("GET", "HEAD"):
+            raise _method(request)
+        tenant_id: str = request.path_params["tenant_id"]
+        self._allow(caller, "admin", "read-only", "tenant", tenant_id=tenant_id)
+        tenant = self.live.current.registry.by_id(tenant_id)
+        if tenant is None:
+            raise _not_found(tenant_id)
+        used = (
+            await self.tenant_data.storage(tenant_id)
+            if self.tenant_data is not None
+            else {"cache_bytes": 0, "log_bytes": 0}
+        )
+        return _json(
+            TenantStorage(
+                id=tenant_id,
+                cache_bytes=used["cache_bytes"],
+                log_bytes=used["log_bytes"],
+                cache_quota_bytes=tenant.data.cache_quota_bytes,
+                log_quota_bytes=tenant.data.log_quota_bytes,
+            )
+        )
 
     async def _audit(self, request: Request, caller: Caller) -> Response:
         if request.method not in ("GET", "HEAD"):

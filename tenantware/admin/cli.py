@@ -192,6 +192,124 @@ def _registry_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stores_of(args: argparse.Namespace) -> Any:
+    """The registry, ledger and log store a configuration file names."""
+    from tenantware.config import load_config
+    from tenantware.logbook import open_log_store
+    from tenantware.metering.ledger import DEFAULT_LEDGER_URL, open_ledger
+    from tenantware.registry import open_registry
+
+    config = load_config(args.config)
+    settings = config.gateway
+    url = config.metering.ledger_url or settings.ledger_url or DEFAULT_LEDGER_URL
+    registry = open_registry(
+        settings.registry_url, tenants=config.tenants, prefix=settings.redis_prefix
+    )
+    return registry, open_ledger(url), open_log_store(url)
+
+
+def _tenant_export(args: argparse.Namespace) -> int:
+    import anyio
+
+    from tenantware.tenantdata.archive import encode_archive, export_tenant
+
+    async def run() -> bytes:
+        registry, ledger, logs = _stores_of(args)
+        try:
+            await ledger.open()
+            archive = await export_tenant(args.tenant, registry=registry, ledger=ledger, logs=logs)
+            return encode_archive(archive)
+        finally:
+            await logs.aclose()
+            await ledger.aclose()
+            await registry.aclose()
+
+    try:
+        data = anyio.run(run)
+    except LookupError as exc:
+        print(f"tenantware: {exc.args[0]}", file=sys.stderr)
+        return 1
+    if args.output in (None, "-"):
+        sys.stdout.buffer.write(data + b"\n")
+    else:
+        with open(args.output, "wb") as file:
+            file.write(data)
+        print(f"exported {args.tenant} to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _tenant_import(args: argparse.Namespace) -> int:
+    import anyio
+    import msgspec
+
+    from tenantware.tenantdata.archive import ArchiveConflict, decode_archive, import_tenant
+
+    with open(args.archive, "rb") as file:
+        data = file.read()
+
+    async def run() -> Any:
+        registry, ledger, logs = _stores_of(args)
+        try:
+            if not registry.shared:
+                raise ArchiveConflict(
+                    "the tenants of this deployment are its configuration file: set "
+                    "gateway.registry_url to import into a shared registry"
+                )
+            await ledger.open()
+            return await import_tenant(
+                decode_archive(data), registry=registry, ledger=ledger, logs=logs
+            )
+        finally:
+            await logs.aclose()
+            await ledger.aclose()
+            await registry.aclose()
+
+    try:
+        report = anyio.run(run)
+    except ArchiveConflict as exc:
+        print(f"tenantware: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(msgspec.to_builtins(report), indent=2))
+    return 0
+
+
+def _data_rotate(args: argparse.Namespace) -> int:
+    import anyio
+
+    from tenantware.config import load_config
+    from tenantware.crypto import KeyRing, MissingMasterKey, key_provider
+    from tenantware.logbook.jobs import rotate
+
+    settings = load_config(args.config).data
+
+    async def run() -> tuple[int, int]:
+        registry, ledger, logs = _stores_of(args)
+        try:
+            ring = KeyRing(key_provider(settings.master_key_env, settings.master_key_file), logs)
+            current = (await ring.master_keys()).current
+            tenants = sorted((await registry.load()).records)
+            return await rotate(logs, ring, tenants, batch=args.batch), current
+        finally:
+            await logs.aclose()
+            await ledger.aclose()
+            await registry.aclose()
+
+    try:
+        count, version = anyio.run(run)
+    except MissingMasterKey as exc:
+        print(f"tenantware: {exc}", file=sys.stderr)
+        return 1
+    print(f"re-sealed {count} request log rows under master key version {version}")
+    return 0
+
+
+def _data_new_master_key(args: argparse.Namespace) -> int:
+    import base64
+
+    print(base64.b64encode(os.urandom(32)).decode())
+    return 0
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help=f"gateway URL ($TENANTWARE_URL, default {_DEFAULT_URL})")
     parser.add_argument("--admin-key", help="admin API key ($TENANTWARE_ADMIN_KEY)")
@@ -237,6 +355,19 @@ def add_commands(commands: Any) -> None:
     for name, text in (("disable", "refuse its keys"), ("enable", "accept its keys again")):
         command(tenant_commands, name, _tenants_disable, text).add_argument("tenant")
     command(tenant_commands, "delete", _tenants_delete, "delete a tenant").add_argument("tenant")
+    export = tenant_commands.add_parser(
+        "export", help="write everything of one tenant as one archive (from the stores)"
+    )
+    export.add_argument("tenant")
+    export.add_argument("--config", required=True, help="the gateway's configuration file")
+    export.add_argument("--output", "-o", help="archive file (default: standard output)")
+    export.set_defaults(func=_tenant_export)
+    restore = tenant_commands.add_parser(
+        "import", help="restore a tenant archive into this deployment (idempotent)"
+    )
+    restore.add_argument("archive")
+    restore.add_argument("--config", required=True, help="the gateway's configuration file")
+    restore.set_defaults(func=_tenant_import)
     revoke_key = command(tenant_commands, "revoke-key", _keys_revoke, "revoke a key now")
     revoke_key.add_argument("tenant")
     revoke_key.add_argument("key_id")
@@ -254,6 +385,18 @@ def add_commands(commands: Any) -> None:
     revoke = command(key_commands, "revoke", _keys_revoke, "revoke a key now")
     revoke.add_argument("tenant")
     revoke.add_argument("key_id")
+
+    data = commands.add_parser("data", help="tenant data keys: master keys and rotation")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    rotate_parser = data_commands.add_parser(
+        "rotate", help="re-seal every tenant's logs under the newest master key (resumable)"
+    )
+    rotate_parser.add_argument("--config", required=True, help="the gateway's configuration file")
+    rotate_parser.add_argument("--batch", type=int, default=500, help="rows per transaction")
+    rotate_parser.set_defaults(func=_data_rotate)
+    data_commands.add_parser(
+        "new-master-key", help="print a new random master key (base64 of 32 bytes)"
+    ).set_defaults(func=_data_new_master_key)
 
     registry = commands.add_parser("registry", help="move tenants between a file and Redis")
     registry_commands = registry.add_subparsers(dest="registry_command", required=True)

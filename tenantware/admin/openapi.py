@@ -23,10 +23,12 @@ from tenantware.admin.schemas import (
     KeyList,
     KeyOut,
     KeyRotate,
+    LogList,
     TenantCreate,
     TenantList,
     TenantOut,
     TenantPatch,
+    TenantStorage,
     TierList,
 )
 
@@ -123,10 +125,12 @@ def openapi_document() -> bytes:
         KeyList,
         KeyOut,
         KeyRotate,
+        LogList,
         TenantCreate,
         TenantList,
         TenantOut,
         TenantPatch,
+        TenantStorage,
         TierList,
         _Deleted,
     ]
@@ -187,6 +191,29 @@ def openapi_document() -> bytes:
                 body=KeyIssue,
                 params=[*tenant, _IF_MATCH],
                 errors=("400", "401", "403", "404", "409", "412"),
+            ),
+        },
+        "/admin/tenants/{tenant_id}/logs": {
+            "get": _operation(
+                "Read a tenant's request logs, decrypted, newest first (logging is opt-in)",
+                "admin, its own tenant",
+                ("200", LogList, "The logs"),
+                params=[
+                    *tenant,
+                    _LIMIT,
+                    _query("since", {"type": "number"}),
+                    _query("until", {"type": "number"}),
+                ],
+                errors=("400", "401", "403", "404", "503"),
+            ),
+        },
+        "/admin/tenants/{tenant_id}/storage": {
+            "get": _operation(
+                "Bytes of a tenant's cached answers and request logs, and its quotas",
+                "admin, read-only, its own tenant",
+                ("200", TenantStorage, "Storage use"),
+                params=tenant,
+                errors=("401", "403", "404", "503"),
             ),
         },
         "/admin/tenants/{tenant_id}/keys/{key_id}/rotate": {

@@ -12,7 +12,8 @@ import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType, field
 
 from tenantware.audit import AuditEntry
-from tenantware.config import Limits, Priority, Tenant, Tier, Weight
+from tenantware.config import Limits, Priority, Tenant, TenantData, Tier, Weight
+from tenantware.tenantdata import LogView
 
 __all__ = [
     "AdminKeyIssue",
@@ -26,10 +27,12 @@ __all__ = [
     "KeyList",
     "KeyOut",
     "KeyRotate",
+    "LogList",
     "TenantCreate",
     "TenantList",
     "TenantOut",
     "TenantPatch",
+    "TenantStorage",
     "TierList",
     "TierOut",
     "key_out",
@@ -57,6 +60,8 @@ class TenantCreate(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     reserved_seats: Seats | None = None
     #: Price override in percent over list price (negative: a discount).
     markup_percent: Decimal | None = None
+    #: Response cache and request log (off by default).
+    data: TenantData = field(default_factory=TenantData)
 
 
 class TenantPatch(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -73,6 +78,8 @@ class TenantPatch(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True)
     domains: list[str] | UnsetType = UNSET
     disabled: bool | UnsetType = UNSET
     reserved_seats: Seats | UnsetType | None = UNSET
+    #: Replaces the whole data policy (response cache, request log).
+    data: TenantData | UnsetType = UNSET
 
 
 class KeyOut(Struct, frozen=True, kw_only=True):
@@ -169,6 +176,7 @@ class TenantOut(Struct, frozen=True, kw_only=True):
     reserved_seats: int | None
     markup_percent: Decimal | None
     keys: list[KeyOut]
+    data: TenantData
 
 
 class TenantList(Struct, frozen=True, kw_only=True):
@@ -245,6 +253,7 @@ def tenant_out(tenant: Tenant, version: int, tiers: dict[str, Tier]) -> TenantOu
         reserved_seats=tenant.reserved_seats,
         markup_percent=tenant.markup_percent,
         keys=[key_out(tenant.id, key) for key in tenant.keys],
+        data=tenant.data,
     )
 
 
@@ -253,3 +262,21 @@ def limits_patched(current: Limits, changes: dict[str, Any]) -> Limits:
     merged = msgspec.to_builtins(current)
     merged.update(changes)
     return msgspec.convert(merged, Limits, strict=False)
+
+
+class LogList(Struct, frozen=True, kw_only=True):
+    """A tenant's request logs, decrypted, newest first."""
+
+    object: Literal["list"] = "list"
+    data: list[LogView]
+
+
+class TenantStorage(Struct, frozen=True, kw_only=True):
+    """Bytes a tenant's cached answers and request logs take, and its quotas."""
+
+    object: Literal["tenant.storage"] = "tenant.storage"
+    id: str
+    cache_bytes: int
+    log_bytes: int
+    cache_quota_bytes: int
+    log_quota_bytes: int

@@ -8,6 +8,9 @@ what is billed agree:
 - the upstream failed mid-stream: billed for what was relayed (the proxy counts it);
 - the client disconnected mid-stream: billed for what the upstream produced (its usage chunk
   when it came, else the relayed text counted with the quota layer's estimator);
+- served from the tenant's response cache (``cached``): not billed. No upstream call was made
+  and the tokens of the answer were billed when it was first produced; the record counts the
+  request (outcome ``cached``) with zero tokens and zero cost;
 - otherwise: the upstream's usage.
 
 Cost is ``cost_nanousd`` with the price of the model that actually answered (a fallback may
@@ -24,6 +27,7 @@ from tenantware.context import Outcome, OutcomeName, RequestContext, Usage, defa
 from tenantware.metering.pricing import cost_nanousd
 
 __all__ = [
+    "FREE",
     "NOT_BILLED",
     "SHADOW",
     "apply_markup",
@@ -47,6 +51,9 @@ NOT_BILLED: Final = frozenset(
 #: recorded (``cost_nanousd``) and never charged to the tenant (``charged_nanousd`` 0), and
 #: tenant reports leave it out.
 SHADOW: Final = "shadow"
+#: Outcomes of requests answered without an upstream call, by the gateway itself: not billed
+#: either, but not refusals (metrics count them as answered).
+FREE: Final = frozenset({Outcome.CACHED})
 _FAILED: Final = frozenset({Outcome.UPSTREAM_ERROR, Outcome.UPSTREAM_TIMEOUT, Outcome.ERROR})
 _HUNDRED: Final = Decimal(100)
 
@@ -64,7 +71,7 @@ def final_outcome(ctx: RequestContext) -> OutcomeName:
 
 def billable_usage(outcome: str | None, usage: Usage | None) -> Usage | None:
     """The usage to bill for a request that ended with ``outcome``; ``None``: not billed."""
-    if usage is None or outcome in NOT_BILLED:
+    if usage is None or outcome in NOT_BILLED or outcome in FREE:
         return None
     if outcome in _FAILED and usage.output_tokens == 0:
         return None

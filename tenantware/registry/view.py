@@ -11,7 +11,7 @@ from typing import Protocol
 
 import msgspec
 
-from tenantware.config import GatewayConfig, Limits, Priority
+from tenantware.config import GatewayConfig, Limits, Priority, TenantData
 
 __all__ = ["KeyEntry", "MemoryTenantRegistry", "TenantRegistry", "TenantView"]
 
@@ -30,6 +30,16 @@ class TenantView(msgspec.Struct, frozen=True, kw_only=True):
     cost_center: str
     domains: frozenset[str]
     max_queue_wait_s: float
+    #: What may be kept of its prompts and answers.
+    data: TenantData = msgspec.field(default_factory=TenantData)
+    #: Models whose answers are cached (``"*"`` in it: all); ``None``: caching is off, the
+    #: one attribute the cache layer reads for a tenant that did not opt in.
+    cache_models: frozenset[str] | None = None
+
+    def caches(self, model: str) -> bool:
+        """Whether answers of ``model`` are cached for this tenant."""
+        models = self.cache_models
+        return models is not None and (model in models or "*" in models)
 
     def may_use(self, model: str) -> bool:
         return self.allowed_models is None or model in self.allowed_models
@@ -83,6 +93,11 @@ class MemoryTenantRegistry:
                 cost_center=tenant.cost_center or tenant.id,
                 domains=frozenset(d.lower() for d in tenant.domains),
                 max_queue_wait_s=tier.max_queue_wait_s,
+                data=tenant.data,
+                cache_models=frozenset(
+                    config.aliases.get(model, model) for model in tenant.data.cache_models
+                )
+                or None,
             )
             self._by_id[tenant.id] = view
             for key in tenant.keys:

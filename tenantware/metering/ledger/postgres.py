@@ -26,6 +26,7 @@ from tenantware.metering.ledger.auditlog import (
 )
 from tenantware.metering.ledger.base import LedgerRejected, LedgerUnavailable
 from tenantware.metering.ledger.record import COLUMNS, UsageRecord
+from tenantware.metering.ledger.rls import bind_tenant, create_function, protect
 
 __all__ = ["PostgresLedger"]
 
@@ -55,6 +56,9 @@ _ADDED_LATER: Final = frozenset({"usage_invalid"})
 #: writing them again cannot succeed.
 _REFUSED: Final = (psycopg.DataError, psycopg.IntegrityError, OverflowError, ValueError, TypeError)
 
+#: The migration that puts the tables under row-level security (marked by identity).
+_PROTECT_TABLES: Final = ("SELECT 'tenantware: row-level security'",)
+
 #: Each migration is a list of statements; ``{t}`` is the qualified table name.
 _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     (
@@ -81,6 +85,8 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX IF NOT EXISTS audit_log_at ON {a} (at)",
         "CREATE INDEX IF NOT EXISTS audit_log_tenant_at ON {a} (tenant, at)",
     ),
+    # Row-level security (``rls``) on the tables above: run by ``_migrate`` (it is code).
+    _PROTECT_TABLES,
 )
 
 
@@ -101,6 +107,7 @@ class PostgresLedger:
         self.timeout_s = timeout_s
         self._schema = schema
         self._table = sql.Identifier(schema, table)
+        self._table_name = table
         self._audit = sql.Identifier(schema, "audit_log")
         self._versions = sql.Identifier(schema, "tenantware_schema")
         self._pool_options: dict[str, Any] = {
@@ -159,6 +166,8 @@ class PostgresLedger:
             raise LedgerUnavailable(f"postgresql: {exc}") from exc
 
     def _migrate(self, conn: psycopg.Connection[Any]) -> None:
+        if self._up_to_date(conn):
+            return  # nothing to do: the gateway's role (no DDL rights) gets on at once
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
             conn.execute(
@@ -175,20 +184,49 @@ class PostgresLedger:
             for number in range(version, len(_MIGRATIONS)):
                 for statement in _MIGRATIONS[number]:
                     conn.execute(sql.SQL(statement).format(t=self._table, a=self._audit))
+                if _MIGRATIONS[number] is _PROTECT_TABLES:
+                    create_function(conn, self._schema)
+                    protect(conn, self._schema, self._table_name)
+                    protect(conn, self._schema, "audit_log")
                 conn.execute(
                     sql.SQL("INSERT INTO {} (version) VALUES (%s)").format(self._versions),
                     (number + 1,),
                 )
 
+    def _up_to_date(self, conn: psycopg.Connection[Any]) -> bool:
+        found = conn.execute(
+            "SELECT to_regclass(%s) IS NOT NULL", (self._versions.as_string(conn),)
+        ).fetchone()
+        if not found or not found[0]:
+            return False
+        row = conn.execute(sql.SQL("SELECT max(version) FROM {}").format(self._versions))
+        version = row.fetchone()
+        return bool(version and version[0] is not None and version[0] >= len(_MIGRATIONS))
+
     async def write(self, records: Sequence[UsageRecord]) -> None:
         if not records:
             return
-        arrays = [[getattr(r, name) for r in records] for name in COLUMNS]
-        await anyio.to_thread.run_sync(self._write, arrays)
+        by_tenant: dict[str, list[UsageRecord]] = {}
+        for record in records:
+            by_tenant.setdefault(record.tenant, []).append(record)
+        groups = [
+            (tenant, [[getattr(r, name) for r in group] for name in COLUMNS])
+            for tenant, group in by_tenant.items()
+        ]
+        await anyio.to_thread.run_sync(self._write, groups)
 
-    def _write(self, arrays: list[list[Any]]) -> None:
+    def _write(self, groups: list[tuple[str, list[list[Any]]]]) -> None:
+        # One transaction; each tenant's rows under its own binding (row-level security
+        # accepts a row only for the bound tenant).
         self._ensure()
-        self._run(lambda conn: conn.execute(self._insert, arrays))
+
+        def work(conn: psycopg.Connection[Any]) -> None:
+            with conn.transaction():
+                for tenant, arrays in groups:
+                    bind_tenant(conn, tenant)
+                    conn.execute(self._insert, arrays)
+
+        self._run(work)
 
     async def query(
         self, *, tenant: str | None = None, since: float = 0.0, until: float | None = None
@@ -206,7 +244,7 @@ class PostgresLedger:
             query += sql.SQL(" AND tenant = %s")
             args.append(tenant)
         query += sql.SQL(" ORDER BY ts")
-        rows = self._run(lambda conn: conn.execute(query, args).fetchall())
+        rows = self._run(lambda conn: _bound_fetch(conn, tenant, query, args))
         return [UsageRecord(**dict(zip(COLUMNS, row, strict=True))) for row in rows]
 
     async def write_audit(self, entry: AuditEntry) -> None:
@@ -215,7 +253,14 @@ class PostgresLedger:
 
     def _write_audit(self, row: tuple[Any, ...]) -> None:
         self._ensure()
-        self._run(lambda conn: conn.execute(self._insert_audit, row))
+        tenant = row[AUDIT_COLUMNS.index("tenant")]
+
+        def work(conn: psycopg.Connection[Any]) -> None:
+            with conn.transaction():
+                bind_tenant(conn, tenant)
+                conn.execute(self._insert_audit, row)
+
+        self._run(work)
 
     async def query_audit(self, wanted: AuditFilter) -> list[AuditEntry]:
         return await anyio.to_thread.run_sync(self._query_audit, wanted)
@@ -239,10 +284,22 @@ class PostgresLedger:
             args.append(actors)
         query += sql.SQL(" ORDER BY at DESC, version DESC LIMIT %s")
         args.append(wanted.limit)
-        rows = self._run(lambda conn: conn.execute(query, args).fetchall())
+        rows = self._run(lambda conn: _bound_fetch(conn, wanted.tenant, query, args))
         return [entry_from_row(row) for row in rows]
 
     async def aclose(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
             await anyio.to_thread.run_sync(pool.close)
+
+
+def _bound_fetch(
+    conn: psycopg.Connection[Any], tenant: str | None, query: sql.Composed, args: list[Any]
+) -> list[Any]:
+    """Rows of ``query``, with ``tenant`` bound when it names one (across tenants: only the
+    owner or an admin role, which row-level security does not restrict, sees rows)."""
+    if tenant is None:
+        return conn.execute(query, args).fetchall()
+    with conn.transaction():
+        bind_tenant(conn, tenant)
+        return conn.execute(query, args).fetchall()
