@@ -23,6 +23,9 @@ AuditAction = Literal[
     "admin_key.issue",
     "admin_key.revoke",
     "registry.seed",
+    "balance.credit",
+    "redemption_codes.create",
+    "policy.update",
 ]
 
 

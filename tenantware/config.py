@@ -30,6 +30,7 @@ __all__ = [
     "Limits",
     "MeteringSettings",
     "ModelSpec",
+    "PaymentWebhook",
     "QuotaSettings",
     "Tenant",
     "Tier",
@@ -138,8 +139,14 @@ class Tenant(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     #: Price override: markup (positive) or discount (negative) in percent over list price
     #: (over ``metering.markup_percent``).
     markup_percent: Decimal | None = None
+    #: ``postpaid`` (budgets per day/month) or ``prepaid``: each request is paid from a
+    #: balance topped up in advance (``tenantware.balances``), refused at zero.
+    billing: Literal["postpaid", "prepaid"] = "postpaid"
+    #: A prepaid balance below this warns (metric, response header, one log line).
+    low_balance_usd: Usd | None = None
 
     def __post_init__(self) -> None:
+        _check_money(self)
         percent = self.markup_percent
         if percent is not None and (not percent.is_finite() or not -100 <= percent <= 10_000):
             raise msgspec.ValidationError(
@@ -443,6 +450,18 @@ class MeteringSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 # -- end of metering settings ---------------------------------------------------------------
 
 
+class PaymentWebhook(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A payment provider's webhook at ``/admin/payments/{name}`` (``tenantware.balances``).
+
+    ``hmac-test`` is the built-in test protocol (HMAC-SHA256 signed events); the secret is
+    read from the environment variable ``secret_env``, never from the file."""
+
+    kind: Literal["hmac-test"] = "hmac-test"
+    secret_env: Annotated[str, Meta(min_length=1)]
+    #: Events older than this are refused (a captured event replayed later).
+    tolerance_s: PositiveFloat = 300.0
+
+
 class GatewaySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Process-wide settings."""
 
@@ -487,6 +506,8 @@ class GatewaySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     admin_key_env: str | None = None
     #: How long an ``Idempotency-Key`` of the admin API is remembered.
     idempotency_ttl_s: Annotated[float, Meta(gt=0)] = 86_400.0
+    #: Payment providers' webhooks by name (credits to prepaid balances).
+    payment_webhooks: dict[str, PaymentWebhook] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for entry in self.trusted_proxies:

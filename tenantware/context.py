@@ -44,6 +44,7 @@ upstream, model_served,    proxy (or metering's tap for         metering, quota 
 usage, first_byte_at,      another app)                         admission (release), billing
 upstream_latency_s
 cost_nanousd               quota (settled cost)                 metering (billing)
+balance_debit_nanousd      quota (prepaid balance settled)      metering (balance journal)
 extra                      proxy (``breaker.board.RECORDED``)   breaker
 =========================  ===================================  ===============================
 """
@@ -179,6 +180,7 @@ class RequestContext:
 
     __slots__ = (
         "api_route",
+        "balance_debit_nanousd",
         "body",
         "cost_nanousd",
         "estimated_prompt_tokens",
@@ -225,6 +227,8 @@ class RequestContext:
         self.outcome: OutcomeName | None = None
         self.usage: Usage | None = None
         self.cost_nanousd: int | None = None
+        #: What the tenant's prepaid balance paid (``None``: no balance was debited).
+        self.balance_debit_nanousd: int | None = None
         self.queue_wait_s = 0.0
         self.upstream_latency_s: float | None = None
         self.first_byte_at: float | None = None

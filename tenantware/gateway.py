@@ -13,17 +13,22 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import structlog
 from starlette.middleware import Middleware
 
 from tenantware.admin.app import AdminApi
 from tenantware.admission.pools import AdmissionPools
+from tenantware.backends.errors import STORE_UNAVAILABLE
+from tenantware.balances import Balances, HmacTestProvider, PaymentProvider
 from tenantware.breaker.board import BreakerBoard
-from tenantware.config import GatewayConfig
+from tenantware.config import ConfigError, GatewayConfig
 from tenantware.estimate import PromptEstimator, estimate_prompt_tokens
 from tenantware.metering.ledger import (
     DEFAULT_LEDGER_URL,
     AuditLog,
+    BalanceJournal,
     Ledger,
+    LedgerUnavailable,
     LedgerWriter,
     MemoryLedger,
     RedisStreamPublisher,
@@ -52,6 +57,8 @@ if TYPE_CHECKING:
     from tenantware.backends.redis_support import RedisClient
 
 __all__ = ["Gateway"]
+
+_log = structlog.get_logger("tenantware.gateway")
 
 
 class Gateway:
@@ -113,6 +120,42 @@ class Gateway:
         self.writer: LedgerWriter | None = None
         if config.metering.enabled:
             self._setup_metering(ledger)
+        #: Prepaid balances: the quota store holds them, the ledger journals them.
+        self.balances: Balances | None = None
+        if isinstance(self.ledger, BalanceJournal):
+            self.balances = Balances(self.quota_store, self.ledger)
+            self.add_service(self._balances_service)
+
+    @asynccontextmanager
+    async def _balances_service(self) -> AsyncIterator[None]:
+        """At start, give the store each journaled balance it does not hold (always for the
+        memory store: a new process starts empty)."""
+        assert self.balances is not None
+        assert self.ledger is not None
+        try:
+            await self.ledger.open()
+            await self.balances.restore()
+        except LedgerUnavailable as exc:
+            # Not fatal: a balance the store does not hold refuses its requests (never serves
+            # them unpaid); the next start restores it.
+            _log.warning("prepaid balances not restored from the journal", error=str(exc))
+        except STORE_UNAVAILABLE as exc:
+            _log.warning("prepaid balances not restored to the store", error=str(exc))
+        yield
+
+    def payment_providers(self) -> dict[str, PaymentProvider]:
+        """The configured payment webhooks, their secrets read from the environment."""
+        providers: dict[str, PaymentProvider] = {}
+        for name, hook in self.config.gateway.payment_webhooks.items():
+            secret = os.environ.get(hook.secret_env, "")
+            if not secret:
+                raise ConfigError(
+                    f"gateway.payment_webhooks.{name}.secret_env: ${hook.secret_env} is not set"
+                )
+            providers[name] = HmacTestProvider(
+                secret.encode(), name=name, tolerance_s=hook.tolerance_s
+            )
+        return providers
 
     def _setup_metering(self, ledger: Ledger | None) -> None:
         """The ledger (nothing is opened yet), its writer and the writer's lifetime service."""
@@ -272,6 +315,8 @@ class Gateway:
             fallback=reports,
             processes=max(self.processes, self.config.gateway.replicas),
             audit_log=self.ledger if isinstance(self.ledger, AuditLog) else None,
+            balances=self.balances,
+            payments=self.payment_providers(),
         )
         reports.authorize = admin.may_read_reports
         tenant_usage = TenantMiddleware(reports, live=self.live, estimator=self.estimator)

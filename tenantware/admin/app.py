@@ -38,27 +38,47 @@ from tenantware.admin.schemas import (
     AdminKeyList,
     AdminKeyOut,
     AuditList,
+    BalanceCheckOut,
+    BalanceOut,
+    BalanceVerify,
+    CodesCreate,
+    CodesCreated,
+    CreditOut,
+    JournalList,
+    JournalOut,
     KeyIssue,
     KeyIssued,
     KeyList,
     KeyRotate,
+    PaymentAck,
+    Redeem,
     TenantCreate,
     TenantList,
     TenantOut,
     TenantPatch,
     TierList,
     TierOut,
+    TopUp,
     key_out,
     limits_patched,
     tenant_out,
 )
 from tenantware.audit import AuditAction, AuditEntry, public_value
 from tenantware.backends.errors import STORE_UNAVAILABLE
+from tenantware.balances import (
+    Balances,
+    CodeUnusable,
+    Credit,
+    InvalidPayment,
+    PaymentProvider,
+    ReferenceTaken,
+)
 from tenantware.config import AdminKey, ApiKey, Tenant
 from tenantware.errors import error_body
 from tenantware.keys import generate_key
 from tenantware.metering.ledger.auditlog import AuditFilter, AuditLog
 from tenantware.metering.ledger.base import LedgerUnavailable
+from tenantware.metering.pricing import nanousd_to_usd, usd_to_nanousd
 from tenantware.registry.store import RegistryStore, VersionMismatch
 from tenantware.registry.sync import RegistrySync
 from tenantware.state import LiveConfig
@@ -166,6 +186,8 @@ class AdminApi:
         fallback: ASGIApp,
         processes: int = 1,
         audit_log: AuditLog | None = None,
+        balances: Balances | None = None,
+        payments: dict[str, PaymentProvider] | None = None,
     ) -> None:
         self.live = live
         self.store = store
@@ -175,6 +197,9 @@ class AdminApi:
         #: A change to a registry other processes do not share would reach only this one.
         self._writes_refused = not store.shared and processes > 1
         self._processes = processes
+        #: Prepaid balances (a ledger with a balance journal is needed), payment webhooks.
+        self.balances = balances
+        self.payments = payments or {}
         self.auth = AdminAuth(live)
         on = self._endpoint
         # Each endpoint takes every method and answers an unsupported one itself (405 in the
@@ -189,6 +214,13 @@ class AdminApi:
             "/admin/keys": on(self._admin_keys),
             "/admin/keys/{key_id}/revoke": on(self._revoke_admin_key),
             "/admin/audit": on(self._audit),
+            "/admin/tenants/{tenant_id}/balance": on(self._balance),
+            "/admin/tenants/{tenant_id}/balance/topups": on(self._topup),
+            "/admin/tenants/{tenant_id}/balance/journal": on(self._journal),
+            "/admin/tenants/{tenant_id}/balance/redeem": on(self._redeem),
+            "/admin/redemption-codes": on(self._create_codes),
+            "/admin/balances/verify": on(self._verify),
+            "/admin/payments/{provider}": on(self._payment, auth=False),
         }
         self.router = Router(
             [Route(path, endpoint, methods=_METHODS) for path, endpoint in routes.items()],
@@ -228,6 +260,11 @@ class AdminApi:
                 response = await handler(request, caller or _NOBODY)
             except Refusal as refusal:
                 response = refusal.response()
+            except LedgerUnavailable:
+                response = Refusal(
+                    503, "The ledger cannot be reached; retry shortly.", "ledger_unavailable"
+                ).response()
+                response.headers["retry-after"] = "1"
             except STORE_UNAVAILABLE:
                 response = Refusal(
                     503,
@@ -730,6 +767,240 @@ class AdminApi:
                 headers={"cache-control": "no-store"},
             )
         return _json(AuditList(data=entries))
+
+    # -- prepaid balances ------------------------------------------------------------------
+
+    def _balances(self, *, write: bool = False) -> Balances:
+        balances = self.balances
+        if balances is None:
+            raise Refusal(
+                404,
+                "Prepaid balances need a ledger that keeps the balance journal "
+                "(metering.ledger_url: sqlite or postgresql).",
+                "balances_unavailable",
+            )
+        if write and not balances.store.remote and self._processes > 1:
+            raise Refusal(
+                409,
+                f"This gateway runs {self._processes} processes with in-memory quota state: a "
+                "credit would reach one of them. Set gateway.redis_url.",
+                "balances_not_shared",
+            )
+        return balances
+
+    async def _prepaid_tenant(self, tenant_id: str) -> Tenant:
+        record = await self.store.get(tenant_id)
+        if record is None:
+            raise _not_found(tenant_id)
+        return record.tenant
+
+    async def _audit_credit(self, request: Request, caller: Caller, credit: Credit) -> None:
+        if not credit.replayed:
+            audit = self._audit_entry(request, caller, "balance.credit", credit.entry.tenant_id, 0)
+            await self._record(audit, 0, None, credit.entry)
+
+    async def _balance(self, request: Request, caller: Caller) -> Response:
+        tenant_id: str = request.path_params["tenant_id"]
+        if request.method not in ("GET", "HEAD"):
+            raise _method(request)
+        self._allow(caller, "admin", "read-only", "tenant", tenant_id=tenant_id)
+        balances = self._balances()
+        tenant = await self._prepaid_tenant(tenant_id)
+        value = await balances.balance(tenant_id)
+        low = tenant.low_balance_usd
+        return _json(
+            BalanceOut(
+                tenant=tenant_id,
+                billing=tenant.billing,
+                balance_nanousd=value,
+                balance_usd=None if value is None else nanousd_to_usd(value),
+                low_balance_usd=low,
+                low=low is not None and (value or 0) < usd_to_nanousd(low),
+            )
+        )
+
+    async def _topup(self, request: Request, caller: Caller) -> Response:
+        tenant_id: str = request.path_params["tenant_id"]
+        if request.method != "POST":
+            raise _method(request)
+        self._allow(caller, "admin", tenant_id=tenant_id)
+        balances = self._balances(write=True)
+        key = request.headers.get("idempotency-key")
+        if key is None or not 1 <= len(key) <= 255:
+            raise Refusal(
+                400,
+                "A top-up needs an Idempotency-Key header of 1 to 255 characters (retry with "
+                "the same key: it is credited once).",
+                "invalid_value",
+                param="Idempotency-Key",
+            )
+        body = await request.body()
+        wanted = _decode(body, TopUp)
+        tenant = await self._prepaid_tenant(tenant_id)
+        try:
+            credit = await balances.topup(
+                tenant_id,
+                usd_to_nanousd(wanted.amount_usd),
+                idempotency_key=key,
+                body=body,
+                actor=f"{caller.role}:{caller.id}",
+                note=wanted.note,
+                low_nanousd=_low(tenant),
+            )
+        except ReferenceTaken:
+            raise Refusal(
+                409,
+                "This Idempotency-Key was used with another body.",
+                "idempotency_key_reused",
+                param="Idempotency-Key",
+            ) from None
+        await self._audit_credit(request, caller, credit)
+        response = _json(_credit_out(credit), 201)
+        if credit.replayed:
+            response.headers["idempotent-replayed"] = "true"
+        return response
+
+    async def _journal(self, request: Request, caller: Caller) -> Response:
+        tenant_id: str = request.path_params["tenant_id"]
+        if request.method not in ("GET", "HEAD"):
+            raise _method(request)
+        self._allow(caller, "admin", "read-only", "tenant", tenant_id=tenant_id)
+        balances = self._balances()
+        await self._prepaid_tenant(tenant_id)
+        limit = _int_param(
+            request.query_params.get("limit"), "limit", default=100, low=1, high=1000
+        )
+        entries = await balances.journal.entries(tenant_id, limit=limit)
+        data = [
+            JournalOut(
+                id=e.id,
+                tenant=e.tenant_id,
+                at=e.at,
+                kind=e.kind,
+                amount_nanousd=e.amount_nanousd,
+                actor=e.actor,
+                note=e.note,
+            )
+            for e in entries
+        ]
+        return _json(JournalList(data=data))
+
+    async def _redeem(self, request: Request, caller: Caller) -> Response:
+        tenant_id: str = request.path_params["tenant_id"]
+        if request.method != "POST":
+            raise _method(request)
+        self._allow(caller, "admin", "tenant", tenant_id=tenant_id)
+        balances = self._balances(write=True)
+        wanted = _decode(await request.body(), Redeem)
+        tenant = await self._prepaid_tenant(tenant_id)
+        try:
+            credit = await balances.redeem(
+                tenant_id,
+                wanted.code,
+                actor=f"{caller.role}:{caller.id}",
+                low_nanousd=_low(tenant),
+            )
+        except CodeUnusable as exc:
+            raise Refusal(409, str(exc), "code_unusable", param="code") from None
+        await self._audit_credit(request, caller, credit)
+        response = _json(_credit_out(credit), 201)
+        if credit.replayed:
+            response.headers["idempotent-replayed"] = "true"
+        return response
+
+    async def _create_codes(self, request: Request, caller: Caller) -> Response:
+        if request.method != "POST":
+            raise _method(request)
+        self._allow(caller, "admin")
+        balances = self._balances()
+        wanted = _decode(await request.body(), CodesCreate)
+        if wanted.tenant_id is not None:
+            await self._prepaid_tenant(wanted.tenant_id)
+        batch, codes = await balances.create_codes(
+            wanted.count,
+            usd_to_nanousd(wanted.amount_usd),
+            actor=f"{caller.role}:{caller.id}",
+            tenant_id=wanted.tenant_id,
+            expires_at=wanted.expires_at,
+        )
+        created = CodesCreated(
+            batch_id=batch,
+            amount_usd=wanted.amount_usd,
+            tenant_id=wanted.tenant_id,
+            expires_at=wanted.expires_at,
+            codes=codes,
+        )
+        audit = self._audit_entry(
+            request, caller, "redemption_codes.create", wanted.tenant_id or "", 0
+        )
+        await self._record(audit, 0, None, msgspec.structs.replace(created, codes=[]))
+        return _json(created, 201)
+
+    async def _verify(self, request: Request, caller: Caller) -> Response:
+        if request.method not in ("GET", "HEAD"):
+            raise _method(request)
+        self._allow(caller, "admin", "read-only")
+        balances = self._balances()
+        prepaid = [t.id for t in self.live.current.registry.tenants() if t.prepaid]
+        checks = await balances.verify(prepaid)
+        data = [
+            BalanceCheckOut(
+                tenant=c.tenant_id,
+                journal_nanousd=c.journal_nanousd,
+                store_nanousd=c.store_nanousd,
+                ok=c.ok,
+            )
+            for c in checks
+        ]
+        return _json(BalanceVerify(ok=all(c.ok for c in data), data=data))
+
+    async def _payment(self, request: Request, caller: Caller) -> Response:
+        name: str = request.path_params["provider"]
+        if request.method != "POST":
+            raise _method(request)
+        provider = self.payments.get(name)
+        if provider is None:
+            raise Refusal(404, f"No payment provider {name!r}.", "unknown_provider")
+        balances = self._balances(write=True)
+        body = await request.body()
+        try:
+            event = provider.verify(request.headers, body)
+        except InvalidPayment as exc:
+            raise Refusal(400, f"Invalid payment event: {exc}", "invalid_event") from None
+        if event is None:
+            return _json(PaymentAck(provider=name, credited=False))
+        record = await self.store.get(event.tenant_id)
+        if record is None:
+            raise Refusal(
+                422, f"The event names no known tenant ({event.tenant_id!r}).", "unknown_tenant"
+            )
+        try:
+            credit = await balances.pay(event, low_nanousd=_low(record.tenant))
+        except ReferenceTaken:
+            raise Refusal(
+                409, "This event id was delivered before with other values.", "event_reused"
+            ) from None
+        payer = Caller(role="tenant", id=f"provider:{name}", tenant=event.tenant_id)
+        await self._audit_credit(request, payer, credit)
+        return _json(PaymentAck(provider=name, credited=True, credit=_credit_out(credit)))
+
+
+def _low(tenant: Tenant) -> int:
+    low = tenant.low_balance_usd
+    return usd_to_nanousd(low) if low is not None else 0
+
+
+def _credit_out(credit: Credit) -> CreditOut:
+    entry = credit.entry
+    return CreditOut(
+        id=entry.id,
+        tenant=entry.tenant_id,
+        kind=entry.kind,
+        amount_nanousd=entry.amount_nanousd,
+        amount_usd=nanousd_to_usd(entry.amount_nanousd),
+        created_at=entry.at,
+        note=entry.note,
+    )
 
 
 def _method(request: Request) -> Refusal:

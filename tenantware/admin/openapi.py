@@ -17,17 +17,26 @@ from tenantware.admin.schemas import (
     AdminKeyIssued,
     AdminKeyList,
     AuditList,
+    BalanceOut,
+    BalanceVerify,
+    CodesCreate,
+    CodesCreated,
+    CreditOut,
     ErrorBody,
+    JournalList,
     KeyIssue,
     KeyIssued,
     KeyList,
     KeyOut,
     KeyRotate,
+    PaymentAck,
+    Redeem,
     TenantCreate,
     TenantList,
     TenantOut,
     TenantPatch,
     TierList,
+    TopUp,
 )
 
 __all__ = ["openapi_document"]
@@ -129,6 +138,15 @@ def openapi_document() -> bytes:
         TenantPatch,
         TierList,
         _Deleted,
+        BalanceOut,
+        BalanceVerify,
+        CodesCreate,
+        CodesCreated,
+        CreditOut,
+        JournalList,
+        PaymentAck,
+        Redeem,
+        TopUp,
     ]
     _, components = msgspec.json.schema_components(kinds, ref_template=_REF)
     tenant = [_path_param("tenant_id")]
@@ -256,6 +274,85 @@ def openapi_document() -> bytes:
                 ],
                 errors=("400", "401", "403", "503"),
             )
+        },
+        "/admin/tenants/{tenant_id}/balance": {
+            "get": _operation(
+                "Read a tenant's prepaid balance",
+                "admin, read-only, its own tenant",
+                ("200", BalanceOut, "The balance (in-flight requests already taken out)"),
+                params=tenant,
+                errors=("401", "403", "404", "503"),
+            )
+        },
+        "/admin/tenants/{tenant_id}/balance/topups": {
+            "post": _operation(
+                "Top up a prepaid balance (credited once per Idempotency-Key)",
+                "admin",
+                ("201", CreditOut, "The credit (the same answer for every retry)"),
+                body=TopUp,
+                params=[
+                    *tenant,
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": True,
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                    },
+                ],
+                errors=("400", "401", "403", "404", "409", "503"),
+            )
+        },
+        "/admin/tenants/{tenant_id}/balance/journal": {
+            "get": _operation(
+                "Read a tenant's balance journal, newest first",
+                "admin, read-only, its own tenant",
+                ("200", JournalList, "Journal entries"),
+                params=[*tenant, _LIMIT],
+                errors=("400", "401", "403", "404", "503"),
+            )
+        },
+        "/admin/tenants/{tenant_id}/balance/redeem": {
+            "post": _operation(
+                "Redeem a single-use code into the balance",
+                "admin, its own tenant",
+                ("201", CreditOut, "The credit (a retry by the same tenant gets it again)"),
+                body=Redeem,
+                params=tenant,
+                errors=("400", "401", "403", "404", "409", "503"),
+            )
+        },
+        "/admin/redemption-codes": {
+            "post": _operation(
+                "Create single-use redemption codes (shown once in the answer)",
+                "admin",
+                ("201", CodesCreated, "The codes"),
+                body=CodesCreate,
+                errors=("400", "401", "403", "404", "503"),
+            )
+        },
+        "/admin/balances/verify": {
+            "get": _operation(
+                "Compare every prepaid balance with its journal's sum",
+                "admin, read-only",
+                ("200", BalanceVerify, "One check per tenant"),
+                errors=("401", "403", "503"),
+            )
+        },
+        "/admin/payments/{provider}": {
+            "post": {
+                **_operation(
+                    "A payment provider's webhook (authenticated by its signature)",
+                    "none (the provider signs the body)",
+                    ("200", PaymentAck, "Acknowledged; credited once per event id"),
+                    params=[_path_param("provider")],
+                    errors=("400", "404", "409", "422", "503"),
+                ),
+                "security": [],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+            }
         },
     }
     audit_answer = paths["/admin/audit"]["get"]["responses"]["200"]

@@ -254,4 +254,5 @@ class UsageRecorder:
             stream=is_stream,
             estimated=bool(usage and usage.estimated),
             usage_invalid=bool(usage and usage.anomalies),
+            balance_debit_nanousd=ctx.balance_debit_nanousd or 0,
         )

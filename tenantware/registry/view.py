@@ -30,6 +30,10 @@ class TenantView(msgspec.Struct, frozen=True, kw_only=True):
     cost_center: str
     domains: frozenset[str]
     max_queue_wait_s: float
+    #: Requests are paid from a prepaid balance (``Tenant.billing``).
+    prepaid: bool = False
+    #: Below this balance (nano-USD) the tenant is warned; 0: never.
+    low_balance_nanousd: int = 0
 
     def may_use(self, model: str) -> bool:
         return self.allowed_models is None or model in self.allowed_models
@@ -83,6 +87,12 @@ class MemoryTenantRegistry:
                 cost_center=tenant.cost_center or tenant.id,
                 domains=frozenset(d.lower() for d in tenant.domains),
                 max_queue_wait_s=tier.max_queue_wait_s,
+                prepaid=tenant.billing == "prepaid",
+                # usd_to_nanousd's rule (whole nano-dollars, never rounded up); the context
+                # layer may not import metering.
+                low_balance_nanousd=int(tenant.low_balance_usd * 1_000_000_000)
+                if tenant.low_balance_usd is not None
+                else 0,
             )
             self._by_id[tenant.id] = view
             for key in tenant.keys:
