@@ -196,6 +196,13 @@ async def test_topup_is_idempotent_and_refuses_another_body() -> None:
             assert own.status_code == 403  # a tenant does not top itself up
         audit = await admin.get("/admin/audit?action=balance.credit")
         assert len(audit.json()["data"]) == 2  # replays are not audited again
+        assert (await admin.get("/admin/balances/verify")).json()["ok"] is True
+        # Money that reached the store without the journal is found.
+        await gateway.quota_store.credit("acme", "rogue", 7, 0)
+        checked = (await admin.get("/admin/balances/verify")).json()
+        assert checked["ok"] is False
+        acme_check = next(c for c in checked["data"] if c["tenant"] == "acme")
+        assert acme_check["store_nanousd"] - acme_check["journal_nanousd"] == 7
 
 
 async def test_redemption_codes_redeem_once() -> None:
@@ -364,3 +371,93 @@ async def test_balance_survives_a_restart_on_the_memory_store(tmp_path: Path) ->
         shown = await admin.get("/admin/tenants/acme/balance")
         assert shown.json()["balance_nanousd"] == before  # the replay credited nothing
         assert (await admin.get("/admin/balances/verify")).json()["ok"] is True
+
+
+async def test_a_balance_goes_below_zero_by_at_most_one_requests_estimation_error() -> None:
+    """The upstream reports 40 more prompt tokens than the gateway estimated: each request
+    costs more than it reserved, so the balance can end below zero, by at most that error."""
+    from tenantware import get_context
+    from tenantware.context import Usage
+    from tenantware.metering.pricing import cost_nanousd
+
+    gateway, _ = in_process_gateway(config=prepaid_config(low=None))
+    price = gateway.live.current.catalogue.price("gpt-4.1")
+    assert price is not None
+    errors: list[int] = []
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        ctx = get_context(scope)
+        await receive()
+        estimated = ctx.estimated_prompt_tokens
+        ctx.usage = Usage(input_tokens=estimated + 40, output_tokens=20)
+        errors.append(cost_nanousd(price, estimated + 40, 20) - cost_nanousd(price, estimated, 20))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    app = gateway.wrap(inner)
+    body = {**CHAT, "max_tokens": 20}
+    assert gateway.balances is not None
+    async with gateway.running(), client_for(app, KEYS["acme"]) as acme:
+        await gateway.balances.credit(
+            tenant_id="acme",
+            kind="topup",
+            amount_nanousd=10_000_000,
+            reference="bound",
+            fingerprint="",
+            actor="test",
+        )
+        assert (await acme.post("/v1/chat/completions", json=body)).status_code == 200
+        left = await gateway.balances.balance("acme")
+        assert left is not None
+        actual = 10_000_000 - left
+        estimated = actual - errors[0]
+        # Top up so that the balance is k requests' actual cost plus one estimate: the last
+        # request is granted on its estimate and costs more.
+        await gateway.balances.credit(
+            tenant_id="acme",
+            kind="topup",
+            amount_nanousd=(estimated - left) % actual + actual,
+            reference="bound-2",
+            fingerprint="",
+            actor="test",
+        )
+        lowest = 10_000_000
+        for _ in range(1000):
+            if (await acme.post("/v1/chat/completions", json=body)).status_code != 200:
+                break
+            balance = await gateway.balances.balance("acme")
+            assert balance is not None
+            lowest = min(lowest, balance)
+        assert len(errors) > 5
+        assert errors[0] > 0
+        assert lowest < 0  # the last request was served and cost more than it reserved
+        assert lowest >= -max(errors)
+
+
+def test_cli_tops_up_idempotently_and_verifies(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tenantware.cli import main
+    from tenantware.testing.serve import serve_in_thread
+
+    gateway, _ = in_process_gateway(config=prepaid_config())
+    with serve_in_thread(gateway.asgi_app()) as url:
+        monkeypatch.setenv("TENANTWARE_URL", url)
+        monkeypatch.setenv("TENANTWARE_ADMIN_KEY", ADMIN)
+        topup = ["balances", "topup", "acme", "2.5", "--idempotency-key", "inv-1"]
+        assert main(topup) == 0
+        first = json.loads(capsys.readouterr().out)
+        assert main(topup) == 0
+        assert json.loads(capsys.readouterr().out) == first
+        assert main([*topup[:3], "3", *topup[4:]]) == 1
+        assert "409" in capsys.readouterr().err
+        assert main(["balances", "show", "acme"]) == 0
+        assert json.loads(capsys.readouterr().out)["balance_nanousd"] == 2_500_000_000
+        assert main(["balances", "verify"]) == 0
+        assert json.loads(capsys.readouterr().out)["ok"] is True
+        assert main(["balances", "codes", "2", "1.5"]) == 0
+        codes = json.loads(capsys.readouterr().out)["codes"]
+        assert main(["balances", "redeem", "hobby", codes[0]]) == 0
+        assert json.loads(capsys.readouterr().out)["amount_nanousd"] == 1_500_000_000
+        assert main(["balances", "journal", "hobby"]) == 0
+        assert [e["kind"] for e in json.loads(capsys.readouterr().out)["data"]] == ["redemption"]
