@@ -45,6 +45,8 @@ usage, first_byte_at,      another app)                         admission (relea
 upstream_latency_s
 cost_nanousd               quota (settled cost)                 metering (billing)
 balance_debit_nanousd      quota (prepaid balance settled)      metering (balance journal)
+own_upstream_key           proxy (the tenant's own key was      quota (settle), metering,
+                           used for the call that answered)     billing (not charged)
 extra                      proxy (``breaker.board.RECORDED``)   breaker
 =========================  ===================================  ===============================
 """
@@ -190,6 +192,7 @@ class RequestContext:
         "model",
         "model_served",
         "outcome",
+        "own_upstream_key",
         "priority",
         "queue_wait_s",
         "request_id",
@@ -229,6 +232,8 @@ class RequestContext:
         self.cost_nanousd: int | None = None
         #: What the tenant's prepaid balance paid (``None``: no balance was debited).
         self.balance_debit_nanousd: int | None = None
+        #: The answering call used the tenant's own upstream key: metered, not charged.
+        self.own_upstream_key = False
         self.queue_wait_s = 0.0
         self.upstream_latency_s: float | None = None
         self.first_byte_at: float | None = None
@@ -242,6 +247,11 @@ class RequestContext:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started_at
+
+    def flag(self, name: str, default: bool = False) -> bool:
+        """The tenant's feature flag ``name`` (its own over its tier's), for the app."""
+        tenant = self.tenant
+        return tenant.flags.get(name, default) if tenant is not None else default
 
 
 def context_of(scope: Any) -> RequestContext | None:

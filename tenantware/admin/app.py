@@ -51,6 +51,7 @@ from tenantware.admin.schemas import (
     KeyList,
     KeyRotate,
     PaymentAck,
+    PolicyPatch,
     Redeem,
     TenantCreate,
     TenantList,
@@ -59,12 +60,16 @@ from tenantware.admin.schemas import (
     TierList,
     TierOut,
     TopUp,
+    UpstreamKeyIn,
+    UpstreamKeyOut,
     key_out,
     limits_patched,
+    policy_out,
     tenant_out,
 )
 from tenantware.audit import AuditAction, AuditEntry, public_value
 from tenantware.backends.errors import STORE_UNAVAILABLE
+from tenantware.backends.sealed import SealError, seal_key
 from tenantware.balances import (
     Balances,
     CodeUnusable,
@@ -73,7 +78,7 @@ from tenantware.balances import (
     PaymentProvider,
     ReferenceTaken,
 )
-from tenantware.config import AdminKey, ApiKey, Tenant
+from tenantware.config import AdminKey, ApiKey, Tenant, UpstreamKey, policy_problem
 from tenantware.errors import error_body
 from tenantware.keys import generate_key
 from tenantware.metering.ledger.auditlog import AuditFilter, AuditLog
@@ -126,7 +131,11 @@ def _param_of(error: msgspec.ValidationError, prefix: str = "") -> str | None:
     text = str(error)
     marker = "- at `$."
     at = text.rfind(marker)
+    if at < 0:  # a mapping's key: "... - at `key` in `$.flags`"
+        marker = "in `$."
+        at = text.rfind(marker)
     path = prefix + text[at + len(marker) : -1] if at >= 0 else prefix.rstrip(".")
+    path = path.replace("[...]", "")  # a mapping's value: msgspec does not name the key
     unknown = _UNKNOWN_FIELD.search(text)
     if unknown is not None:
         path = f"{path}.{unknown.group(1)}" if path else unknown.group(1)
@@ -214,6 +223,8 @@ class AdminApi:
             "/admin/keys": on(self._admin_keys),
             "/admin/keys/{key_id}/revoke": on(self._revoke_admin_key),
             "/admin/audit": on(self._audit),
+            "/admin/tenants/{tenant_id}/policy": on(self._policy),
+            "/admin/tenants/{tenant_id}/upstream-keys/{upstream}": on(self._upstream_key),
             "/admin/tenants/{tenant_id}/balance": on(self._balance),
             "/admin/tenants/{tenant_id}/balance/topups": on(self._topup),
             "/admin/tenants/{tenant_id}/balance/journal": on(self._journal),
@@ -381,6 +392,10 @@ class AdminApi:
                     "invalid_value",
                     param="allowed_models",
                 )
+        problem = policy_problem(tenant.policy, config, catalogue)
+        if problem is not None:
+            field, message = problem
+            raise Refusal(400, f"Invalid {field}: {message}.", "invalid_value", param=field)
 
     async def _modify(
         self,
@@ -767,6 +782,102 @@ class AdminApi:
                 headers={"cache-control": "no-store"},
             )
         return _json(AuditList(data=entries))
+
+    # -- per-tenant policy -----------------------------------------------------------------
+
+    def _allow_policy(self, caller: Caller, tenant: Tenant) -> None:
+        """An admin, or the tenant itself where the admin allowed self-service."""
+        if caller.role == "tenant" and caller.tenant == tenant.id and tenant.policy.self_service:
+            return
+        if caller.role == "tenant" and caller.tenant == tenant.id:
+            raise Refusal(
+                403,
+                "This tenant's policy is changed by the gateway's admin (self-service is off).",
+                "permission_denied",
+            )
+        self._allow(caller, "admin", tenant_id=tenant.id, write=True)
+
+    async def _policy(self, request: Request, caller: Caller) -> Response:
+        tenant_id: str = request.path_params["tenant_id"]
+        tiers = self.live.file_config.all_tiers()
+        if request.method in ("GET", "HEAD"):
+            self._allow(caller, "admin", "read-only", "tenant", tenant_id=tenant_id)
+            record = await self.store.get(tenant_id)
+            if record is None:
+                raise _not_found(tenant_id)
+            return _json(policy_out(record.tenant, record.version, tiers), version=record.version)
+        if request.method != "PATCH":
+            raise _method(request)
+        self._allow(caller, "admin", "tenant", tenant_id=tenant_id)
+        patch = _decode(await request.body(), PolicyPatch)
+        if caller.role == "tenant":
+            for field in ("allowed_upstreams", "self_service"):
+                if getattr(patch, field) is not msgspec.UNSET:
+                    raise Refusal(
+                        403, f"Only the admin sets {field}.", "permission_denied", param=field
+                    )
+        changes = {
+            name: getattr(patch, name)
+            for name in patch.__struct_fields__
+            if getattr(patch, name) is not msgspec.UNSET
+        }
+
+        def change(tenant: Tenant) -> Tenant:
+            self._allow_policy(caller, tenant)
+            policy = msgspec.structs.replace(tenant.policy, **changes)
+            return msgspec.structs.replace(tenant, policy=policy)
+
+        version, tenant = await self._modify(request, caller, tenant_id, "policy.update", change)
+        return _json(policy_out(tenant, version, tiers), version=version)
+
+    async def _upstream_key(self, request: Request, caller: Caller) -> Response:
+        tenant_id: str = request.path_params["tenant_id"]
+        upstream: str = request.path_params["upstream"]
+        if request.method not in ("PUT", "DELETE"):
+            raise _method(request)
+        self._allow(caller, "admin", "tenant", tenant_id=tenant_id)
+        if all(u.name != upstream for u in self.live.file_config.upstreams):
+            known = ", ".join(sorted(u.name for u in self.live.file_config.upstreams))
+            raise Refusal(
+                404,
+                f"No upstream {upstream!r} (known: {known}).",
+                "invalid_value",
+                param="upstream",
+            )
+        now = time.time()
+        if request.method == "DELETE":
+
+            def remove(tenant: Tenant) -> Tenant:
+                self._allow_policy(caller, tenant)
+                keys = [k for k in tenant.policy.upstream_keys if k.upstream != upstream]
+                if len(keys) == len(tenant.policy.upstream_keys):
+                    raise Refusal(
+                        404, f"No own key for {upstream!r}.", "key_not_found", param="upstream"
+                    )
+                policy = msgspec.structs.replace(tenant.policy, upstream_keys=keys)
+                return msgspec.structs.replace(tenant, policy=policy)
+
+            await self._modify(request, caller, tenant_id, "policy.update", remove)
+            return _json({"object": "upstream_key.deleted", "upstream": upstream, "deleted": True})
+        wanted = _decode(await request.body(), UpstreamKeyIn)
+        env = self.live.current.config.gateway.secrets_key_env
+        try:
+            sealed = seal_key(wanted.key, tenant_id, upstream, env=env)
+        except SealError as exc:
+            raise Refusal(
+                409, f"Own upstream keys cannot be stored here: {exc}.", "secrets_key_missing"
+            ) from None
+        entry = UpstreamKey(upstream=upstream, sealed=sealed, hint=wanted.key[-4:], created_at=now)
+
+        def put(tenant: Tenant) -> Tenant:
+            self._allow_policy(caller, tenant)
+            keys = [k for k in tenant.policy.upstream_keys if k.upstream != upstream]
+            policy = msgspec.structs.replace(tenant.policy, upstream_keys=[*keys, entry])
+            return msgspec.structs.replace(tenant, policy=policy)
+
+        version, _ = await self._modify(request, caller, tenant_id, "policy.update", put)
+        answer = UpstreamKeyOut(upstream=upstream, hint=entry.hint, created_at=now)
+        return _json(answer, 201, version=version)
 
     # -- prepaid balances ------------------------------------------------------------------
 

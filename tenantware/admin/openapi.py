@@ -30,6 +30,8 @@ from tenantware.admin.schemas import (
     KeyOut,
     KeyRotate,
     PaymentAck,
+    PolicyOut,
+    PolicyPatch,
     Redeem,
     TenantCreate,
     TenantList,
@@ -37,6 +39,8 @@ from tenantware.admin.schemas import (
     TenantPatch,
     TierList,
     TopUp,
+    UpstreamKeyIn,
+    UpstreamKeyOut,
 )
 
 __all__ = ["openapi_document"]
@@ -111,6 +115,12 @@ class _Deleted(msgspec.Struct, frozen=True, kw_only=True):
     deleted: bool
 
 
+class _UpstreamKeyDeleted(msgspec.Struct, frozen=True, kw_only=True):
+    object: str
+    upstream: str
+    deleted: bool
+
+
 class _AdminRevoked(msgspec.Struct, frozen=True, kw_only=True):
     object: str
     id: str
@@ -145,8 +155,13 @@ def openapi_document() -> bytes:
         CreditOut,
         JournalList,
         PaymentAck,
+        PolicyOut,
+        PolicyPatch,
         Redeem,
         TopUp,
+        UpstreamKeyIn,
+        UpstreamKeyOut,
+        _UpstreamKeyDeleted,
     ]
     _, components = msgspec.json.schema_components(kinds, ref_template=_REF)
     tenant = [_path_param("tenant_id")]
@@ -274,6 +289,39 @@ def openapi_document() -> bytes:
                 ],
                 errors=("400", "401", "403", "503"),
             )
+        },
+        "/admin/tenants/{tenant_id}/policy": {
+            "get": _operation(
+                "Read a tenant's policy (routing, feature flags, own upstream keys' hints)",
+                "admin, read-only, its own tenant",
+                ("200", PolicyOut, "The policy; its ETag is the tenant's version"),
+                params=tenant,
+            ),
+            "patch": _operation(
+                "Change a tenant's policy (each field named is replaced whole)",
+                "admin; its own tenant where self_service is on",
+                ("200", PolicyOut, "The changed policy"),
+                body=PolicyPatch,
+                params=[*tenant, _IF_MATCH],
+                errors=("400", "401", "403", "404", "409", "412"),
+            ),
+        },
+        "/admin/tenants/{tenant_id}/upstream-keys/{upstream}": {
+            "put": _operation(
+                "Register the tenant's own key for an upstream (stored sealed, never shown)",
+                "admin; its own tenant where self_service is on",
+                ("201", UpstreamKeyOut, "Registered: the upstream and the key's last characters"),
+                body=UpstreamKeyIn,
+                params=[*tenant, _path_param("upstream"), _IF_MATCH],
+                errors=("400", "401", "403", "404", "409", "412"),
+            ),
+            "delete": _operation(
+                "Remove the tenant's own key for an upstream (the gateway's key applies again)",
+                "admin; its own tenant where self_service is on",
+                ("200", _UpstreamKeyDeleted, "Removed"),
+                params=[*tenant, _path_param("upstream"), _IF_MATCH],
+                errors=("400", "401", "403", "404", "409", "412"),
+            ),
         },
         "/admin/tenants/{tenant_id}/balance": {
             "get": _operation(

@@ -12,7 +12,7 @@ import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType, field
 
 from tenantware.audit import AuditEntry
-from tenantware.config import Limits, Priority, Tenant, Tier, Weight
+from tenantware.config import FlagName, Limits, Priority, Tenant, TenantPolicy, Tier, Weight
 
 __all__ = [
     "MAX_CREDIT_USD",
@@ -36,6 +36,8 @@ __all__ = [
     "KeyOut",
     "KeyRotate",
     "PaymentAck",
+    "PolicyOut",
+    "PolicyPatch",
     "Redeem",
     "TenantCreate",
     "TenantList",
@@ -44,7 +46,10 @@ __all__ = [
     "TierList",
     "TierOut",
     "TopUp",
+    "UpstreamKeyIn",
+    "UpstreamKeyOut",
     "key_out",
+    "policy_out",
     "tenant_out",
 ]
 
@@ -349,6 +354,69 @@ class PaymentAck(Struct, frozen=True, kw_only=True):
     #: ``false``: an event that is not a payment, acknowledged and ignored.
     credited: bool
     credit: CreditOut | None = None
+
+
+class PolicyPatch(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Policy fields to change (absent ones stay); each replaces the field whole. A tenant
+    key (where the admin allowed self-service) may not change ``allowed_upstreams`` nor
+    ``self_service``."""
+
+    aliases: dict[str, str] | UnsetType = UNSET
+    allowed_upstreams: list[str] | UnsetType = UNSET
+    fallbacks: dict[str, list[str]] | UnsetType = UNSET
+    timeout_s: Annotated[float, Meta(gt=0, le=3600)] | UnsetType | None = UNSET
+    flags: dict[FlagName, bool] | UnsetType = UNSET
+    self_service: bool | UnsetType = UNSET
+
+
+class UpstreamKeyIn(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The tenant's own key for an upstream (stored sealed; never shown again)."""
+
+    key: Annotated[str, Meta(min_length=8, max_length=512, pattern=r"^[\x21-\x7e]+$")]
+
+
+class UpstreamKeyOut(Struct, frozen=True, kw_only=True):
+    """A registered own key: which upstream, its last characters; never the key."""
+
+    object: Literal["upstream_key"] = "upstream_key"
+    upstream: str
+    hint: str
+    created_at: float | None
+
+
+class PolicyOut(Struct, frozen=True, kw_only=True):
+    object: Literal["tenant.policy"] = "tenant.policy"
+    tenant: str
+    version: int
+    aliases: dict[str, str]
+    allowed_upstreams: list[str]
+    fallbacks: dict[str, list[str]]
+    timeout_s: float | None
+    flags: dict[str, bool]
+    #: What applies: the tier's flags with the tenant's over them.
+    effective_flags: dict[str, bool]
+    upstream_keys: list[UpstreamKeyOut]
+    self_service: bool
+
+
+def policy_out(tenant: Tenant, version: int, tiers: dict[str, Tier]) -> PolicyOut:
+    policy: TenantPolicy = tenant.policy
+    tier = tiers.get(tenant.tier)
+    return PolicyOut(
+        tenant=tenant.id,
+        version=version,
+        aliases=dict(policy.aliases),
+        allowed_upstreams=list(policy.allowed_upstreams),
+        fallbacks={model: list(chain) for model, chain in policy.fallbacks.items()},
+        timeout_s=policy.timeout_s,
+        flags=dict(policy.flags),
+        effective_flags={**(tier.flags if tier else {}), **policy.flags},
+        upstream_keys=[
+            UpstreamKeyOut(upstream=k.upstream, hint=k.hint, created_at=k.created_at)
+            for k in policy.upstream_keys
+        ],
+        self_service=policy.self_service,
+    )
 
 
 def key_out(tenant_id: str, key: Any) -> KeyOut:

@@ -153,7 +153,12 @@ class BreakerBoard:
         return found
 
     def chain(self, snapshot: Snapshot, model: str, tenant: TenantView | None) -> tuple[str, ...]:
-        """``model`` then its fallbacks that ``tenant`` may use, in order."""
+        """``model`` then its fallbacks that ``tenant`` may use, in order (the tenant's own
+        fallback chain for ``model`` when it set one)."""
+        if tenant is not None and tenant.fallbacks:
+            own = tenant.fallbacks.get(model)
+            if own is not None:
+                return (model, *(name for name in own if name != model and tenant.may_use(name)))
         chain = self.table(snapshot).chains.get(model)
         if chain is None:
             return (model,)

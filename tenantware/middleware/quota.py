@@ -26,6 +26,7 @@ from tenantware import metrics
 from tenantware.context import Outcome, RequestContext, get_context
 from tenantware.errors import GatewayError, send_error
 from tenantware.metering.billing import apply_markup, billable_usage, final_outcome
+from tenantware.metering.billing import charge as charge_of
 from tenantware.metering.pricing import cost_nanousd, nanousd_to_usd
 from tenantware.quota.plan import (
     KIND_BALANCE,
@@ -295,13 +296,17 @@ class QuotaMiddleware:
                 else 0
             )
         ctx.cost_nanousd = actual_cost
+        own_key = ctx.own_upstream_key
+        if own_key:
+            # Metered (the list cost stays on the record), charged to no budget or balance.
+            actual_cost = 0
         actual_charge = actual_cost
         for granted in held:
             if granted.plan.balance_index >= 0 and granted.decision.source == "store":
                 tenant = ctx.tenant
                 assert tenant is not None
                 markup = snapshot.config.metering.markup_percent.get(tenant.id)
-                actual_charge = apply_markup(actual_cost, markup)
+                actual_charge = charge_of(actual_cost, markup, own_key=own_key)
                 # The ledger journals this debit with the request's usage record.
                 ctx.balance_debit_nanousd = actual_charge
             await self._settle_one(

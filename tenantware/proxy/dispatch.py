@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import msgspec
 
+from tenantware.backends.sealed import SealError, open_key
 from tenantware.breaker.board import RECORDED, BreakerBoard, Deployment
 from tenantware.breaker.circuit import FAILURE, LIMITED, RELEASE, SLOW, SUCCESS, TIMEOUT
 from tenantware.config import Upstream
@@ -34,6 +35,7 @@ from tenantware.proxy.upstream import (
     UpstreamTooLarge,
     UpstreamUnavailable,
 )
+from tenantware.registry import TenantView
 from tenantware.state import LiveConfig, Snapshot
 from tenantware.types import Receive, Send
 
@@ -42,6 +44,8 @@ __all__ = ["CLIENT_HEADERS", "Dispatcher"]
 #: ``ctx.extra`` key: the client's ``anthropic-*`` headers, passed on to Anthropic upstreams.
 CLIENT_HEADERS = "anthropic_headers"
 
+#: Opened own keys kept in memory (a sealed value is opened once, not per request).
+_MAX_OPENED = 10_000
 _decode_any = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
 
@@ -93,6 +97,8 @@ class Dispatcher:
         self._targets_version = -1
         #: How a retry waits (its backoff, or a cool-down); tests replace it to hold a retry.
         self.sleep: Callable[[float], Awaitable[None]] = anyio.sleep
+        #: Tenants' own upstream keys opened so far: sealed value -> key (in memory only).
+        self._opened: dict[str, str] = {}
 
     async def _refresh(self, snapshot: Snapshot, chain: tuple[str, ...]) -> None:
         """After a sleep: re-read the shared circuits that went stale meanwhile (Redis)."""
@@ -104,6 +110,37 @@ class Dispatcher:
             self._targets = {u.name: _Target(u) for u in snapshot.config.upstreams}
             self._targets_version = snapshot.version
         return self._targets[upstream.name]
+
+    def _own_key(
+        self, snapshot: Snapshot, tenant: TenantView, target: _Target, headers: dict[str, str]
+    ) -> bool:
+        """Put the tenant's own key for ``target`` in ``headers``; whether it had one."""
+        sealed = tenant.upstream_keys.get(target.upstream.name)
+        if sealed is None:
+            return False
+        plain = self._opened.get(sealed)
+        if plain is None:
+            env = snapshot.config.gateway.secrets_key_env
+            try:
+                plain = open_key(sealed, tenant.id, target.upstream.name, env=env)
+            except SealError as exc:
+                # Never the gateway's key in its place: the tenant pays its own upstream.
+                raise GatewayError(
+                    500,
+                    "Your upstream key for this request cannot be used; ask the gateway's "
+                    "operator.",
+                    type="server_error",
+                    code="upstream_key_unusable",
+                    outcome=Outcome.ERROR,
+                ) from exc
+            if len(self._opened) >= _MAX_OPENED:
+                self._opened.clear()
+            self._opened[sealed] = plain
+        if target.api == "anthropic":
+            headers["x-api-key"] = plain
+        else:
+            headers["authorization"] = f"Bearer {plain}"
+        return True
 
     async def forward(self, ctx: RequestContext, receive: Receive, send: Send, path: str) -> None:
         """Try deployments (and fallback models) until one answers or retries run out."""
@@ -120,7 +157,19 @@ class Dispatcher:
                 code="model_unavailable",
                 outcome=Outcome.UPSTREAM_ERROR,
             )
-        chain = board.chain(snapshot, model, ctx.tenant)
+        tenant = ctx.tenant
+        allowed = tenant.allowed_upstreams if tenant is not None else None
+        if allowed is not None and not any(
+            upstream.name in allowed for name in (model,) for upstream in snapshot.routes[name]
+        ):
+            raise GatewayError(
+                503,
+                f"No upstream this key may use serves the model `{model}`.",
+                type="server_error",
+                code="model_unavailable",
+                outcome=Outcome.UPSTREAM_ERROR,
+            )
+        chain = board.chain(snapshot, model, tenant)
         if board.remote:
             await board.refresh_chain(snapshot, chain)
         ctx.extra[RECORDED] = True
@@ -133,7 +182,7 @@ class Dispatcher:
         #: This retry already slept its backoff: the pick made after it is called at once.
         backed_off = False
         while True:
-            pick = await router.pick(snapshot, chain, tried)
+            pick = await router.pick(snapshot, chain, tried, allowed)
             deployment = pick.deployment
             if deployment is None:
                 wait = max(pick.wait_s, 0.01)
@@ -227,6 +276,20 @@ class Dispatcher:
         headers = {**target.headers, "x-request-id": ctx.request_id}
         if target.api == "anthropic" and ctx.wire_format == "anthropic":
             headers.update(ctx.extra.get(CLIENT_HEADERS, ()))
+        timeouts = target.stream_timeouts if streaming else target.whole_timeouts
+        tenant = ctx.tenant
+        own = False
+        if tenant is not None and (tenant.upstream_keys or tenant.timeout_s is not None):
+            own = self._own_key(snapshot, tenant, target, headers)
+            cap = tenant.timeout_s
+            if cap is not None and cap < timeouts.total_s:
+                timeouts = Timeouts(
+                    min(timeouts.connect_s, cap),
+                    min(timeouts.first_byte_s, cap),
+                    min(timeouts.idle_s, cap),
+                    cap,
+                )
+        ctx.own_upstream_key = own
         ctx.upstream = target.upstream.name
         ctx.model_served = served
         inflight = board.inflight
@@ -242,7 +305,7 @@ class Dispatcher:
                     url,
                     headers=headers,
                     body=body,
-                    timeouts=target.stream_timeouts if streaming else target.whole_timeouts,
+                    timeouts=timeouts,
                 )
             except UpstreamUnavailable as exc:
                 outcome = TIMEOUT if isinstance(exc, UpstreamTimeout) else FAILURE

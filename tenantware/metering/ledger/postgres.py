@@ -60,10 +60,11 @@ _TYPES: Final = {
     "estimated": "boolean",
     "usage_invalid": "boolean",
     "balance_debit_nanousd": "bigint",
+    "own_upstream_key": "boolean",
 }
 _NULLABLE: Final = frozenset({"upstream_latency_s", "ttft_s"})
 #: Columns a later migration adds (the first one creates the table without them).
-_ADDED_LATER: Final = frozenset({"usage_invalid", "balance_debit_nanousd"})
+_ADDED_LATER: Final = frozenset({"usage_invalid", "balance_debit_nanousd", "own_upstream_key"})
 #: Errors caused by the records themselves (out of range, NUL in text, a constraint):
 #: writing them again cannot succeed.
 _REFUSED: Final = (psycopg.DataError, psycopg.IntegrityError, OverflowError, ValueError, TypeError)
@@ -96,6 +97,7 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     ),
     (
         "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS balance_debit_nanousd bigint NOT NULL DEFAULT 0",
+        "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS own_upstream_key boolean NOT NULL DEFAULT false",
         "CREATE TABLE IF NOT EXISTS {j} ("
         "id text PRIMARY KEY, tenant_id text NOT NULL, at double precision NOT NULL, "
         "kind text NOT NULL, amount_nanousd bigint NOT NULL, reference text NOT NULL UNIQUE, "

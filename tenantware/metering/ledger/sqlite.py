@@ -93,6 +93,7 @@ _MIGRATIONS: tuple[str, ...] = (
     """,
     """
     ALTER TABLE usage_records ADD COLUMN balance_debit_nanousd INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage_records ADD COLUMN own_upstream_key INTEGER NOT NULL DEFAULT 0;
     CREATE TABLE IF NOT EXISTS balance_journal (
         id TEXT PRIMARY KEY,
         tenant_id TEXT NOT NULL,
@@ -165,6 +166,7 @@ def _record(row: Sequence[object]) -> UsageRecord:
     values["stream"] = bool(values["stream"])
     values["estimated"] = bool(values["estimated"])
     values["usage_invalid"] = bool(values["usage_invalid"])
+    values["own_upstream_key"] = bool(values["own_upstream_key"])
     return UsageRecord(**values)  # type: ignore[arg-type]
 
 
