@@ -145,6 +145,9 @@ async def test_prepaid_requests_stop_at_zero_and_balance_matches_ledger() -> Non
         balance = await admin.get("/admin/tenants/acme/balance")
         assert balance.json()["balance_nanousd"] == 5_000_000 - billed
         assert balance.json()["low"] is True
+        assert gateway.balances is not None
+        standing = await gateway.balances.standing("acme", 2_000_000)
+        assert (standing.balance_nanousd, standing.low) == (5_000_000 - billed, True)
         verified = await admin.get("/admin/balances/verify")
         assert verified.json()["ok"] is True, verified.text
         journal = await admin.get("/admin/tenants/acme/balance/journal?limit=1000")

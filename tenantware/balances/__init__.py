@@ -17,6 +17,7 @@ from tenantware.balances.service import (
     CodeUnusable,
     Credit,
     ReferenceTaken,
+    Standing,
 )
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "PaymentEvent",
     "PaymentProvider",
     "ReferenceTaken",
+    "Standing",
 ]

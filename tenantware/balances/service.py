@@ -26,7 +26,7 @@ from tenantware.metering.ledger.journal import (
 )
 from tenantware.quota.store import QuotaStore
 
-__all__ = ["BalanceCheck", "Balances", "CodeUnusable", "Credit", "ReferenceTaken"]
+__all__ = ["BalanceCheck", "Balances", "CodeUnusable", "Credit", "ReferenceTaken", "Standing"]
 
 #: Redemption codes start with this (the rest is random, URL-safe).
 CODE_PREFIX = "twc-"
@@ -68,6 +68,20 @@ class BalanceCheck(msgspec.Struct, frozen=True, kw_only=True):
         return (self.store_nanousd or 0) == self.journal_nanousd
 
 
+class Standing(msgspec.Struct, frozen=True, kw_only=True):
+    """A tenant's balance against its low-balance threshold (what an alert looks at)."""
+
+    tenant_id: str
+    #: ``None``: never credited.
+    balance_nanousd: int | None
+    #: 0: no threshold.
+    low_nanousd: int
+
+    @property
+    def low(self) -> bool:
+        return (self.balance_nanousd or 0) < self.low_nanousd
+
+
 def fingerprint(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -88,6 +102,12 @@ class Balances:
     async def balance(self, tenant_id: str) -> int | None:
         """A tenant's balance in nano-USD (``None``: never credited)."""
         return await self.store.balance(tenant_id)
+
+    async def standing(self, tenant_id: str, low_nanousd: int) -> Standing:
+        """The balance and whether it is below ``low_nanousd`` (``TenantView.prepaid`` and
+        ``TenantView.low_balance_nanousd`` say which tenants have one and their threshold)."""
+        balance = await self.store.balance(tenant_id)
+        return Standing(tenant_id=tenant_id, balance_nanousd=balance, low_nanousd=low_nanousd)
 
     async def credit(
         self,
