@@ -464,3 +464,54 @@ def test_cli_tops_up_idempotently_and_verifies(
         assert json.loads(capsys.readouterr().out)["amount_nanousd"] == 1_500_000_000
         assert main(["balances", "journal", "hobby"]) == 0
         assert [e["kind"] for e in json.loads(capsys.readouterr().out)["data"]] == ["redemption"]
+
+
+async def test_the_balance_is_checked_with_quotas_off() -> None:
+    gateway, _ = in_process_gateway(config=prepaid_config(quota={"enabled": False}))
+    app = gateway.asgi_app()
+    async with gateway.running(), client_for(app, KEYS["acme"]) as acme:
+        refused = await acme.post("/v1/chat/completions", json=CHAT)
+        assert refused.json()["error"]["code"] == "insufficient_quota"
+        assert gateway.balances is not None
+        await gateway.balances.credit(
+            tenant_id="acme",
+            kind="topup",
+            amount_nanousd=1_000_000_000,
+            reference="r",
+            fingerprint="",
+            actor="test",
+        )
+        assert (await acme.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        left = await gateway.balances.balance("acme")
+        assert left is not None
+        assert 0 < left < 1_000_000_000
+
+
+async def test_a_store_outage_refuses_prepaid_requests_whatever_the_policy() -> None:
+    from tests.servers import find_free_port
+
+    dead = f"redis://127.0.0.1:{find_free_port()}/0"
+    config = prepaid_config(gateway={"redis_url": dead, "on_store_failure": "open"})
+    gateway, fake = in_process_gateway(config=config)
+    async with gateway.running(), client_for(gateway.asgi_app(), KEYS["acme"]) as acme:
+        for _ in range(3):
+            answer = await acme.post("/v1/chat/completions", json=CHAT)
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["error"]["code"] == "quota_unavailable"
+    assert fake.stats.requests == 0  # nothing was served unpaid
+
+
+async def test_billing_fields_of_a_tenant_are_validated() -> None:
+    gateway, _ = in_process_gateway(config=prepaid_config())
+    async with gateway.running(), client_for(gateway.asgi_app(), ADMIN) as admin:
+        for body, param in (
+            ({"id": "x", "billing": "credit"}, "billing"),
+            ({"id": "x", "low_balance_usd": "-1"}, "low_balance_usd"),
+        ):
+            refused = await admin.post("/admin/tenants", json=body)
+            assert refused.status_code == 400, refused.text
+            assert refused.json()["error"]["param"] == param
+        made = await admin.post("/admin/tenants", json={"id": "x", "billing": "prepaid"})
+        assert made.json()["billing"] == "prepaid"
+        patched = await admin.patch("/admin/tenants/x", json={"low_balance_usd": "2.5"})
+        assert patched.json()["low_balance_usd"] == "2.5"

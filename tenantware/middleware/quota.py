@@ -34,6 +34,7 @@ from tenantware.quota.plan import (
     KIND_SPEND,
     KIND_TOKENS,
     Plan,
+    balance_limit,
     build_plan,
     is_global,
 )
@@ -127,6 +128,12 @@ class _Plans:
         if plans is None:
             if len(self._plans) >= _MAX_PLANS:
                 self._plans.clear()  # models may be free-form when the catalogue is empty
+            if not snapshot.config.quota.enabled:
+                # Quotas off: only a prepaid tenant's balance (the caller checked it is one).
+                only = balance_limit(self.prefix, tenant.id, tenant.low_balance_nanousd)
+                plans = (Plan([only]), None)
+                self._plans[key] = plans
+                return plans
             plans = build_plan(
                 snapshot.config,
                 tenant.id,
@@ -190,7 +197,8 @@ class QuotaMiddleware:
         ctx = get_context(scope)
         snapshot = self.live.current
         tenant = ctx.tenant
-        if tenant is None or not snapshot.config.quota.enabled:
+        if tenant is None or not (snapshot.config.quota.enabled or tenant.prepaid):
+            # A prepaid balance is billing, not a limit: it is checked with quotas off too.
             await self.app(scope, receive, send)
             return
         tenant_plan, global_plan = self._plans.get(snapshot, tenant, ctx.model)

@@ -33,6 +33,7 @@ __all__ = [
     "Limit",
     "Plan",
     "balance_key",
+    "balance_limit",
     "build_plan",
     "is_global",
     "month_index",
