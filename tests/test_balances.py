@@ -145,6 +145,13 @@ async def test_prepaid_requests_stop_at_zero_and_balance_matches_ledger() -> Non
         balance = await admin.get("/admin/tenants/acme/balance")
         assert balance.json()["balance_nanousd"] == 5_000_000 - billed
         assert balance.json()["low"] is True
+        from tenantware import metrics
+
+        sample = metrics.REGISTRY.get_sample_value
+        assert sample("tenantware_balance_low", {"tenant": "acme"}) == 1
+        last_seen = sample("tenantware_balance_nanousd", {"tenant": "acme"})
+        assert last_seen is not None
+        assert 0 <= last_seen < 2_000_000
         assert gateway.balances is not None
         standing = await gateway.balances.standing("acme", 2_000_000)
         assert (standing.balance_nanousd, standing.low) == (5_000_000 - billed, True)

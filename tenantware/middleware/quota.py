@@ -157,15 +157,38 @@ class _Held:
         self.decision = decision
 
 
+class _BalanceGauges:
+    """Each tenant's last seen balance, read by its two gauges when ``/metrics`` is scraped:
+    a prepaid request writes two list items instead of taking two gauge locks."""
+
+    __slots__ = ("_cells",)
+
+    def __init__(self) -> None:
+        self._cells: dict[str, list[int]] = {}
+
+    def of(self, tenant_id: str) -> list[int]:
+        """``[balance, low]`` of ``tenant_id`` (its gauges read them)."""
+        cell = self._cells.get(tenant_id)
+        if cell is None:
+            cell = self._cells[tenant_id] = [0, 0]
+            metrics.BALANCE_NANOUSD.labels(tenant_id).set_function(lambda: cell[0])
+            metrics.BALANCE_LOW.labels(tenant_id).set_function(lambda: cell[1])
+        return cell
+
+
+_balance_gauges = _BalanceGauges()
+
+
 def _watch_balance(tenant: TenantView, plan: Plan, decision: Decision, headers: Headers) -> None:
     """The low-balance warning: metrics, the header while below, a log line per crossing."""
     index = plan.balance_index
     left = decision.remaining[index]
     threshold = plan.limits[index].p1
+    cell = _balance_gauges.of(tenant.id)
     if decision.allowed:
-        metrics.BALANCE_NANOUSD.labels(tenant.id).set(left)
+        cell[0] = left
     low = left < threshold
-    metrics.BALANCE_LOW.labels(tenant.id).set(1 if low else 0)
+    cell[1] = 1 if low else 0
     if low:
         headers.append((LOW_BALANCE_HEADER, str(nanousd_to_usd(left)).encode()))
     if decision.reset_us[index] == 1:
@@ -387,8 +410,9 @@ class QuotaMiddleware:
         metrics.REJECTIONS.labels(tenant.id, limit.group).inc()
         scope_name = "the gateway's shared " if is_global(limit) else ""
         if limit.kind == KIND_BALANCE:
-            metrics.BALANCE_NANOUSD.labels(tenant.id).set(decision.remaining[decision.failed])
-            metrics.BALANCE_LOW.labels(tenant.id).set(1)
+            cell = _balance_gauges.of(tenant.id)
+            cell[0] = decision.remaining[decision.failed]
+            cell[1] = 1
             await send_error(
                 send,
                 429,
