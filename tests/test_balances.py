@@ -522,3 +522,39 @@ async def test_billing_fields_of_a_tenant_are_validated() -> None:
         assert made.json()["billing"] == "prepaid"
         patched = await admin.patch("/admin/tenants/x", json={"low_balance_usd": "2.5"})
         assert patched.json()["low_balance_usd"] == "2.5"
+
+
+async def test_a_credit_cut_between_journal_and_store_completes_once_on_retry(
+    tmp_path: Path, redis_url: str, redis_prefix: str
+) -> None:
+    """The journal took the top-up, the store was unreachable: a retry on another replica
+    (after that replica restored the balance from the journal) credits it once."""
+    from tests.servers import find_free_port
+
+    ledger = f"sqlite:///{tmp_path / 'ledger.db'}"
+    dead = f"redis://127.0.0.1:{find_free_port()}/0"
+    request = {
+        "url": "/admin/tenants/acme/balance/topups",
+        "json": {"amount_usd": "4"},
+        "headers": {"idempotency-key": "cut"},
+    }
+    cut_off, _ = in_process_gateway(
+        config=prepaid_config(ledger=ledger, gateway={"redis_url": dead, "redis_prefix": "x:"})
+    )
+    async with cut_off.running(), client_for(cut_off.asgi_app(), ADMIN) as admin:
+        failed = await admin.post(**request)
+        assert failed.status_code == 503, failed.text
+        assert failed.json()["error"]["code"] == "balance_store_unavailable"
+    config = prepaid_config(
+        ledger=ledger, gateway={"redis_url": redis_url, "redis_prefix": redis_prefix}
+    )
+    replica, _ = in_process_gateway(config=config)
+    async with replica.running(), client_for(replica.asgi_app(), ADMIN) as admin:
+        retried = await admin.post(**request)
+        assert retried.status_code == 201, retried.text
+        assert retried.headers["idempotent-replayed"] == "true"
+        again = await admin.post(**request)
+        assert again.json() == retried.json()
+        shown = await admin.get("/admin/tenants/acme/balance")
+        assert shown.json()["balance_nanousd"] == 4_000_000_000
+        assert (await admin.get("/admin/balances/verify")).json()["ok"] is True

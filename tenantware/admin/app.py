@@ -958,6 +958,8 @@ class AdminApi:
                 note=wanted.note,
                 low_nanousd=_low(tenant),
             )
+        except STORE_UNAVAILABLE:
+            raise _balance_store_down() from None
         except ReferenceTaken:
             raise Refusal(
                 409,
@@ -1011,6 +1013,8 @@ class AdminApi:
                 actor=f"{caller.role}:{caller.id}",
                 low_nanousd=_low(tenant),
             )
+        except STORE_UNAVAILABLE:
+            raise _balance_store_down() from None
         except CodeUnusable as exc:
             raise Refusal(409, str(exc), "code_unusable", param="code") from None
         await self._audit_credit(request, caller, credit)
@@ -1087,6 +1091,8 @@ class AdminApi:
             )
         try:
             credit = await balances.pay(event, low_nanousd=_low(record.tenant))
+        except STORE_UNAVAILABLE:
+            raise _balance_store_down() from None
         except ReferenceTaken:
             raise Refusal(
                 409, "This event id was delivered before with other values.", "event_reused"
@@ -1094,6 +1100,16 @@ class AdminApi:
         payer = Caller(role="tenant", id=f"provider:{name}", tenant=event.tenant_id)
         await self._audit_credit(request, payer, credit)
         return _json(PaymentAck(provider=name, credited=True, credit=_credit_out(credit)))
+
+
+def _balance_store_down() -> Refusal:
+    # The journal holds the credit already: the same retry completes it, once.
+    return Refusal(
+        503,
+        "The balance store cannot be reached; retry the same request (with the same "
+        "Idempotency-Key or event): it is credited once.",
+        "balance_store_unavailable",
+    )
 
 
 def _low(tenant: Tenant) -> int:
