@@ -158,7 +158,16 @@ class BreakerBoard:
         if tenant is not None and tenant.fallbacks:
             own = tenant.fallbacks.get(model)
             if own is not None:
-                return (model, *(name for name in own if name != model and tenant.may_use(name)))
+                # Checked when written; a model the configuration no longer serves is skipped.
+                routes = snapshot.routes
+                return (
+                    model,
+                    *(
+                        name
+                        for name in own
+                        if name != model and tenant.may_use(name) and routes.get(name)
+                    ),
+                )
         chain = self.table(snapshot).chains.get(model)
         if chain is None:
             return (model,)
