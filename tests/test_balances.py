@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -164,7 +165,11 @@ async def test_prepaid_requests_stop_at_zero_and_balance_matches_ledger() -> Non
 
 
 async def test_topup_is_idempotent_and_refuses_another_body() -> None:
-    gateway, _ = in_process_gateway(config=prepaid_config())
+    config = prepaid_config()
+    metering = msgspec.structs.replace(
+        config.metering, currency="EUR", currency_per_usd=Decimal("0.92")
+    )
+    gateway, _ = in_process_gateway(config=msgspec.structs.replace(config, metering=metering))
     app = gateway.asgi_app()
     async with gateway.running(), client_for(app, ADMIN) as admin:
         path = "/admin/tenants/acme/balance/topups"
@@ -199,6 +204,10 @@ async def test_topup_is_idempotent_and_refuses_another_body() -> None:
         shown = await admin.get("/admin/tenants/acme/balance")
         assert shown.json()["balance_nanousd"] == 2_500_000_000
         assert shown.json()["balance_usd"] == "2.5"
+        assert (shown.json()["currency"], shown.json()["balance_in_currency"]) == (
+            "EUR",
+            "2.300000",
+        )
         async with client_for(app, KEYS["acme"]) as acme:
             assert (await acme.get("/admin/tenants/acme/balance")).status_code == 200
             assert (await acme.get("/admin/tenants/hobby/balance")).status_code == 404

@@ -22,6 +22,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from decimal import Decimal
 from typing import Any, Final, TypeVar
 
 import msgspec
@@ -919,14 +920,20 @@ class AdminApi:
         tenant = await self._prepaid_tenant(tenant_id)
         value = await balances.balance(tenant_id)
         low = tenant.low_balance_usd
+        metering = self.live.current.config.metering
+        usd = None if value is None else nanousd_to_usd(value)
         return _json(
             BalanceOut(
                 tenant=tenant_id,
                 billing=tenant.billing,
                 balance_nanousd=value,
-                balance_usd=None if value is None else nanousd_to_usd(value),
+                balance_usd=usd,
                 low_balance_usd=low,
                 low=low is not None and (value or 0) < usd_to_nanousd(low),
+                currency=metering.currency,
+                balance_in_currency=None
+                if usd is None
+                else (usd * metering.currency_per_usd).quantize(Decimal("0.000001")),
             )
         )
 

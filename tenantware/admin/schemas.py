@@ -304,6 +304,10 @@ class BalanceOut(Struct, frozen=True, kw_only=True):
     balance_usd: Decimal | None
     low_balance_usd: Decimal | None
     low: bool
+    #: The balance in the display currency (``metering.currency``), rounded to 1e-6 as
+    #: reports show charges.
+    currency: str = "USD"
+    balance_in_currency: Decimal | None = None
 
 
 class JournalOut(Struct, frozen=True, kw_only=True):
