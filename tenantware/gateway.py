@@ -134,6 +134,9 @@ class Gateway:
         assert self.ledger is not None
         try:
             await self.ledger.open()
+            if self.writer is not None:
+                # Debits a previous run spilled to its file go into the journal first.
+                await self.writer.flush()
             await self.balances.restore()
         except LedgerUnavailable as exc:
             # Not fatal: a balance the store does not hold refuses its requests (never serves
