@@ -20,9 +20,10 @@ from starlette.middleware import Middleware
 from tenantware.admin.app import AdminApi
 from tenantware.admission.pools import AdmissionPools
 from tenantware.backends.errors import STORE_UNAVAILABLE
+from tenantware.balances import Balances, HmacTestProvider, PaymentProvider
 from tenantware.breaker.board import BreakerBoard
 from tenantware.cache import CacheStore, open_cache
-from tenantware.config import GatewayConfig, expand_env
+from tenantware.config import ConfigError, GatewayConfig, expand_env
 from tenantware.crypto import KeyRing, key_provider
 from tenantware.estimate import PromptEstimator, estimate_prompt_tokens
 from tenantware.logbook import LogStore, MemoryLogStore, open_log_store
@@ -30,7 +31,9 @@ from tenantware.logbook.jobs import purge_expired
 from tenantware.metering.ledger import (
     DEFAULT_LEDGER_URL,
     AuditLog,
+    BalanceJournal,
     Ledger,
+    LedgerUnavailable,
     LedgerWriter,
     MemoryLedger,
     RedisStreamPublisher,
@@ -138,6 +141,11 @@ class Gateway:
         self.migration.writer = self.writer
         self.add_service(self.migration.running)
         self._setup_data(log_store, cache_store)
+        #: Prepaid balances: the quota store holds them, the ledger journals them.
+        self.balances: Balances | None = None
+        if isinstance(self.ledger, BalanceJournal):
+            self.balances = Balances(self.quota_store, self.ledger)
+            self.add_service(self._balances_service)
 
     def _setup_data(self, logs: LogStore | None, cache: CacheStore | None) -> None:
         """Tenant keys, request logs and the response cache (nothing is opened yet)."""
@@ -195,6 +203,40 @@ class Gateway:
                 yield
             finally:
                 group.cancel_scope.cancel()
+
+    @asynccontextmanager
+    async def _balances_service(self) -> AsyncIterator[None]:
+        """At start, give the store each journaled balance it does not hold (always for the
+        memory store: a new process starts empty)."""
+        assert self.balances is not None
+        assert self.ledger is not None
+        try:
+            await self.ledger.open()
+            if self.writer is not None:
+                # Debits a previous run spilled to its file go into the journal first.
+                await self.writer.flush()
+            await self.balances.restore()
+        except LedgerUnavailable as exc:
+            # Not fatal: a balance the store does not hold refuses its requests (never serves
+            # them unpaid); the next start restores it.
+            _log.warning("prepaid balances not restored from the journal", error=str(exc))
+        except STORE_UNAVAILABLE as exc:
+            _log.warning("prepaid balances not restored to the store", error=str(exc))
+        yield
+
+    def payment_providers(self) -> dict[str, PaymentProvider]:
+        """The configured payment webhooks, their secrets read from the environment."""
+        providers: dict[str, PaymentProvider] = {}
+        for name, hook in self.config.gateway.payment_webhooks.items():
+            secret = os.environ.get(hook.secret_env, "")
+            if not secret:
+                raise ConfigError(
+                    f"gateway.payment_webhooks.{name}.secret_env: ${hook.secret_env} is not set"
+                )
+            providers[name] = HmacTestProvider(
+                secret.encode(), name=name, tolerance_s=hook.tolerance_s
+            )
+        return providers
 
     def _setup_metering(self, ledger: Ledger | None) -> None:
         """The ledger (nothing is opened yet), its writer and the writer's lifetime service."""
@@ -338,6 +380,8 @@ class Gateway:
             processes=max(self.processes, self.config.gateway.replicas),
             audit_log=self.ledger if isinstance(self.ledger, AuditLog) else None,
             tenant_data=self.tenant_data,
+            balances=self.balances,
+            payments=self.payment_providers(),
         )
         reports.authorize = admin.may_read_reports
         tenant_usage = TenantMiddleware(reports, live=self.live, estimator=self.estimator)

@@ -1,4 +1,4 @@
-"""``tenantware tenants ...`` and ``tenantware keys ...``: the admin API from a shell.
+"""``tenantware tenants|keys|balances ...``: the admin API from a shell.
 
 They talk to a running gateway (``--url`` or ``$TENANTWARE_URL``, default
 ``http://127.0.0.1:8080``) with an admin key (``--admin-key`` or ``$TENANTWARE_ADMIN_KEY``),
@@ -37,7 +37,11 @@ def _call(
     path: str,
     body: Any = None,
     headers: dict[str, str] | None = None,
+    *,
+    check: str | None = None,
 ) -> int:
+    """Call the API and print its answer; ``check``: a boolean field of the answer that
+    must be true for exit status 0."""
     import httpx
 
     try:
@@ -56,6 +60,8 @@ def _call(
         print(f"tenantware: {response.status_code}: {error.get('message')}{param}", file=sys.stderr)
         return 1
     print(json.dumps(payload, indent=2))
+    if check is not None and not payload.get(check):
+        return 1
     return 0
 
 
@@ -127,6 +133,44 @@ def _keys_rotate(args: argparse.Namespace) -> int:
 
 def _keys_revoke(args: argparse.Namespace) -> int:
     return _call(args, "POST", f"/admin/tenants/{args.tenant}/keys/{args.key_id}/revoke")
+
+
+def _balances_show(args: argparse.Namespace) -> int:
+    return _call(args, "GET", f"/admin/tenants/{args.tenant}/balance")
+
+
+def _balances_topup(args: argparse.Namespace) -> int:
+    import uuid
+
+    key = args.idempotency_key or f"cli-{uuid.uuid4()}"
+    if not args.idempotency_key:
+        # Printed so that the operator can retry this exact top-up without crediting twice.
+        print(f"tenantware: Idempotency-Key {key}", file=sys.stderr)
+    body = {"amount_usd": args.amount_usd, "note": args.note}
+    path = f"/admin/tenants/{args.tenant}/balance/topups"
+    return _call(args, "POST", path, body, {"idempotency-key": key})
+
+
+def _balances_journal(args: argparse.Namespace) -> int:
+    return _call(args, "GET", f"/admin/tenants/{args.tenant}/balance/journal?limit={args.limit}")
+
+
+def _balances_verify(args: argparse.Namespace) -> int:
+    return _call(args, "GET", "/admin/balances/verify", check="ok")
+
+
+def _balances_codes(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"count": args.count, "amount_usd": args.amount_usd}
+    if args.tenant:
+        body["tenant_id"] = args.tenant
+    if args.expires_at is not None:
+        body["expires_at"] = args.expires_at
+    return _call(args, "POST", "/admin/redemption-codes", body)
+
+
+def _balances_redeem(args: argparse.Namespace) -> int:
+    path = f"/admin/tenants/{args.tenant}/balance/redeem"
+    return _call(args, "POST", path, {"code": args.code})
 
 
 def _registry_of(args: argparse.Namespace) -> Any:
@@ -331,7 +375,7 @@ def _fields(parser: argparse.ArgumentParser) -> None:
 
 
 def add_commands(commands: Any) -> None:
-    """Add ``tenants`` and ``keys`` to the ``tenantware`` subcommands."""
+    """Add ``tenants``, ``keys``, ``balances`` and ``registry`` to the subcommands."""
     tenants = commands.add_parser("tenants", help="tenants through a gateway's admin API")
     tenant_commands = tenants.add_subparsers(dest="tenants_command", required=True)
 
@@ -397,6 +441,33 @@ def add_commands(commands: Any) -> None:
     data_commands.add_parser(
         "new-master-key", help="print a new random master key (base64 of 32 bytes)"
     ).set_defaults(func=_data_new_master_key)
+    balances = commands.add_parser("balances", help="prepaid balances through the admin API")
+    balance_commands = balances.add_subparsers(dest="balances_command", required=True)
+    command(balance_commands, "show", _balances_show, "a tenant's balance").add_argument("tenant")
+    topup = command(balance_commands, "topup", _balances_topup, "credit a prepaid balance")
+    topup.add_argument("tenant")
+    topup.add_argument("amount_usd", help="amount in USD, e.g. 25 or 12.50")
+    topup.add_argument(
+        "--idempotency-key", help="retry with the same key: credited once (default: new)"
+    )
+    topup.add_argument("--note", default="", help="kept in the journal")
+    journal = command(balance_commands, "journal", _balances_journal, "a balance's journal")
+    journal.add_argument("tenant")
+    journal.add_argument("--limit", type=int, default=100)
+    command(
+        balance_commands,
+        "verify",
+        _balances_verify,
+        "compare every balance with its journal (exit 1 on a difference)",
+    )
+    codes = command(balance_commands, "codes", _balances_codes, "create redemption codes")
+    codes.add_argument("count", type=int)
+    codes.add_argument("amount_usd")
+    codes.add_argument("--tenant", help="only this tenant may redeem them")
+    codes.add_argument("--expires-at", type=float, help="Unix time")
+    redeem = command(balance_commands, "redeem", _balances_redeem, "redeem a code")
+    redeem.add_argument("tenant")
+    redeem.add_argument("code")
 
     registry = commands.add_parser("registry", help="move tenants between a file and Redis")
     registry_commands = registry.add_subparsers(dest="registry_command", required=True)

@@ -17,19 +17,32 @@ from tenantware.admin.schemas import (
     AdminKeyIssued,
     AdminKeyList,
     AuditList,
+    BalanceOut,
+    BalanceVerify,
+    CodesCreate,
+    CodesCreated,
+    CreditOut,
     ErrorBody,
+    JournalList,
     KeyIssue,
     KeyIssued,
     KeyList,
     KeyOut,
     KeyRotate,
     LogList,
+    PaymentAck,
+    PolicyOut,
+    PolicyPatch,
+    Redeem,
     TenantCreate,
     TenantList,
     TenantOut,
     TenantPatch,
     TenantStorage,
     TierList,
+    TopUp,
+    UpstreamKeyIn,
+    UpstreamKeyOut,
 )
 
 __all__ = ["openapi_document"]
@@ -104,6 +117,12 @@ class _Deleted(msgspec.Struct, frozen=True, kw_only=True):
     deleted: bool
 
 
+class _UpstreamKeyDeleted(msgspec.Struct, frozen=True, kw_only=True):
+    object: str
+    upstream: str
+    deleted: bool
+
+
 class _AdminRevoked(msgspec.Struct, frozen=True, kw_only=True):
     object: str
     id: str
@@ -133,6 +152,20 @@ def openapi_document() -> bytes:
         TenantStorage,
         TierList,
         _Deleted,
+        BalanceOut,
+        BalanceVerify,
+        CodesCreate,
+        CodesCreated,
+        CreditOut,
+        JournalList,
+        PaymentAck,
+        PolicyOut,
+        PolicyPatch,
+        Redeem,
+        TopUp,
+        UpstreamKeyIn,
+        UpstreamKeyOut,
+        _UpstreamKeyDeleted,
     ]
     _, components = msgspec.json.schema_components(kinds, ref_template=_REF)
     tenant = [_path_param("tenant_id")]
@@ -283,6 +316,118 @@ def openapi_document() -> bytes:
                 ],
                 errors=("400", "401", "403", "503"),
             )
+        },
+        "/admin/tenants/{tenant_id}/policy": {
+            "get": _operation(
+                "Read a tenant's policy (routing, feature flags, own upstream keys' hints)",
+                "admin, read-only, its own tenant",
+                ("200", PolicyOut, "The policy; its ETag is the tenant's version"),
+                params=tenant,
+            ),
+            "patch": _operation(
+                "Change a tenant's policy (each field named is replaced whole)",
+                "admin; its own tenant where self_service is on",
+                ("200", PolicyOut, "The changed policy"),
+                body=PolicyPatch,
+                params=[*tenant, _IF_MATCH],
+                errors=("400", "401", "403", "404", "409", "412"),
+            ),
+        },
+        "/admin/tenants/{tenant_id}/upstream-keys/{upstream}": {
+            "put": _operation(
+                "Register the tenant's own key for an upstream (stored sealed, never shown)",
+                "admin; its own tenant where self_service is on",
+                ("201", UpstreamKeyOut, "Registered: the upstream and the key's last characters"),
+                body=UpstreamKeyIn,
+                params=[*tenant, _path_param("upstream"), _IF_MATCH],
+                errors=("400", "401", "403", "404", "409", "412"),
+            ),
+            "delete": _operation(
+                "Remove the tenant's own key for an upstream (the gateway's key applies again)",
+                "admin; its own tenant where self_service is on",
+                ("200", _UpstreamKeyDeleted, "Removed"),
+                params=[*tenant, _path_param("upstream"), _IF_MATCH],
+                errors=("400", "401", "403", "404", "409", "412"),
+            ),
+        },
+        "/admin/tenants/{tenant_id}/balance": {
+            "get": _operation(
+                "Read a tenant's prepaid balance",
+                "admin, read-only, its own tenant",
+                ("200", BalanceOut, "The balance (in-flight requests already taken out)"),
+                params=tenant,
+                errors=("401", "403", "404", "503"),
+            )
+        },
+        "/admin/tenants/{tenant_id}/balance/topups": {
+            "post": _operation(
+                "Top up a prepaid balance (credited once per Idempotency-Key)",
+                "admin",
+                ("201", CreditOut, "The credit (the same answer for every retry)"),
+                body=TopUp,
+                params=[
+                    *tenant,
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": True,
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                    },
+                ],
+                errors=("400", "401", "403", "404", "409", "503"),
+            )
+        },
+        "/admin/tenants/{tenant_id}/balance/journal": {
+            "get": _operation(
+                "Read a tenant's balance journal, newest first",
+                "admin, read-only, its own tenant",
+                ("200", JournalList, "Journal entries"),
+                params=[*tenant, _LIMIT],
+                errors=("400", "401", "403", "404", "503"),
+            )
+        },
+        "/admin/tenants/{tenant_id}/balance/redeem": {
+            "post": _operation(
+                "Redeem a single-use code into the balance",
+                "admin, its own tenant",
+                ("201", CreditOut, "The credit (a retry by the same tenant gets it again)"),
+                body=Redeem,
+                params=tenant,
+                errors=("400", "401", "403", "404", "409", "503"),
+            )
+        },
+        "/admin/redemption-codes": {
+            "post": _operation(
+                "Create single-use redemption codes (shown once in the answer)",
+                "admin",
+                ("201", CodesCreated, "The codes"),
+                body=CodesCreate,
+                errors=("400", "401", "403", "404", "503"),
+            )
+        },
+        "/admin/balances/verify": {
+            "get": _operation(
+                "Compare every prepaid balance with its journal's sum",
+                "admin, read-only",
+                ("200", BalanceVerify, "One check per tenant"),
+                errors=("401", "403", "503"),
+            )
+        },
+        "/admin/payments/{provider}": {
+            "post": {
+                **_operation(
+                    "A payment provider's webhook (authenticated by its signature)",
+                    "none (the provider signs the body)",
+                    ("200", PaymentAck, "Acknowledged; credited once per event id"),
+                    params=[_path_param("provider")],
+                    errors=("400", "404", "409", "422", "503"),
+                ),
+                "security": [],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+            }
         },
     }
     audit_answer = paths["/admin/audit"]["get"]["responses"]["200"]

@@ -14,7 +14,9 @@ what is billed agree:
 - otherwise: the upstream's usage.
 
 Cost is ``cost_nanousd`` with the price of the model that actually answered (a fallback may
-serve another model than the one requested).
+serve another model than the one requested). What the tenant is charged (``charge``) is that
+cost with its markup, except for a call made with the tenant's own upstream key: metered
+(tokens and list cost recorded) but charged nothing, against no budget or balance.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ __all__ = [
     "SHADOW",
     "apply_markup",
     "billable_usage",
+    "charge",
     "final_outcome",
     "request_cost",
 ]
@@ -105,3 +108,9 @@ def apply_markup(cost: int, percent: Decimal | None) -> int:
         return cost
     charged = Decimal(cost) * (_HUNDRED + percent) / _HUNDRED
     return int(charged.to_integral_value(rounding=ROUND_HALF_EVEN))
+
+
+def charge(cost: int, percent: Decimal | None, *, own_key: bool) -> int:
+    """What the tenant pays for a request of list ``cost``: with its markup, or nothing when
+    the call used its own upstream key."""
+    return 0 if own_key else apply_markup(cost, percent)

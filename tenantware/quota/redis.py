@@ -18,7 +18,7 @@ from typing import Any
 from tenantware.backends.multiplex import RedisTimeoutError
 from tenantware.backends.redis_clock import RedisClock, budget_of
 from tenantware.backends.redis_support import ScriptHost, register_script, single_node
-from tenantware.quota.plan import Plan
+from tenantware.quota.plan import Plan, balance_key
 from tenantware.quota.store import Decision
 
 __all__ = ["RedisQuotaStore", "lua_source"]
@@ -34,6 +34,9 @@ def lua_source(name: str) -> str:
 _RESERVE = lua_source("reserve")
 _SETTLE = lua_source("settle")
 _USAGE = lua_source("usage")
+_CREDIT = lua_source("credit")
+_RESTORE = lua_source("restore")
+_BALANCE = lua_source("balance")
 
 
 class RedisQuotaStore:
@@ -57,6 +60,9 @@ class RedisQuotaStore:
         self._reserve: Any = register_script(client, _RESERVE)
         self._settle: Any = register_script(client, _SETTLE)
         self._usage: Any = register_script(client, _USAGE)
+        self._credit: Any = register_script(client, _CREDIT)
+        self._restore: Any = register_script(client, _RESTORE)
+        self._balance: Any = register_script(client, _BALANCE)
         #: Redis time as last seen (µs), for the deadline of each reservation.
         self.redis_clock = RedisClock(1_000_000)
         self.budget_s = budget_of(client)
@@ -64,11 +70,22 @@ class RedisQuotaStore:
     def _now(self) -> int:
         return -1 if self.clock is None else int(self.clock() * 1_000_000)
 
-    async def reserve(self, plan: Plan, tokens: int, cost: int, ticket: str) -> Decision:
+    async def reserve(
+        self, plan: Plan, tokens: int, cost: int, ticket: str, *, charge: int | None = None
+    ) -> Decision:
         now = self._now()
         deadline = self.redis_clock.deadline(self.budget_s) if now < 0 else 0
         reply = await self._reserve(
-            keys=plan.keys, args=(now, tokens, cost, ticket, *plan.args, deadline)
+            keys=plan.keys,
+            args=(
+                now,
+                tokens,
+                cost,
+                ticket,
+                *plan.args,
+                deadline,
+                cost if charge is None else charge,
+            ),
         )
         if reply[0] == -1:
             raise RedisTimeoutError("Redis ran the reservation after its deadline")
@@ -94,14 +111,42 @@ class RedisQuotaStore:
         *,
         cancel: bool = False,
         local: bool = False,
+        charge_delta: int | None = None,
     ) -> None:
         if local:
             return  # granted by a fallback limiter, not by this store
+        balance_delta = -(cost_delta if charge_delta is None else charge_delta)
         await self._settle(
             keys=plan.keys,
-            args=(now_us, tokens_delta, cost_delta, ticket, 1 if cancel else 0, *plan.args),
+            args=(
+                now_us,
+                tokens_delta,
+                cost_delta,
+                ticket,
+                1 if cancel else 0,
+                *plan.args,
+                balance_delta,
+            ),
         )
 
     async def usage(self, plan: Plan) -> list[int]:
         reply = await self._usage(keys=plan.keys, args=(self._now(), 0, 0, "", *plan.args))
         return [int(x) for x in reply]
+
+    def _balance_keys(self, tenant_id: str) -> tuple[str, str]:
+        key = balance_key(self.prefix, tenant_id)
+        return key, key + ":credited"
+
+    async def credit(self, tenant_id: str, entry_id: str, amount: int, low_nanousd: int) -> int:
+        reply = await self._credit(
+            keys=self._balance_keys(tenant_id), args=(entry_id, amount, low_nanousd)
+        )
+        return int(reply)
+
+    async def balance(self, tenant_id: str) -> int | None:
+        held, value = await self._balance(keys=self._balance_keys(tenant_id)[:1], args=())
+        return int(value) if int(held) else None
+
+    async def restore(self, tenant_id: str, balance: int, credited: list[str]) -> bool:
+        reply = await self._restore(keys=self._balance_keys(tenant_id), args=(balance, *credited))
+        return int(reply) == 1

@@ -12,6 +12,12 @@ from typing import Protocol, runtime_checkable
 
 from tenantware.audit import AuditEntry
 from tenantware.metering.ledger.auditlog import AuditFilter
+from tenantware.metering.ledger.journal import (
+    CREDIT_KINDS,
+    JournalEntry,
+    RedemptionCode,
+    debit_entries,
+)
 from tenantware.metering.ledger.record import UsageRecord
 
 __all__ = ["Ledger", "LedgerRejected", "LedgerUnavailable", "MemoryLedger"]
@@ -56,6 +62,9 @@ class MemoryLedger:
         self.records: dict[str, UsageRecord] = {}
         self.audit: dict[str, AuditEntry] = {}
         self.writes = 0
+        #: The balance journal by reference, in order of writing.
+        self.journal: dict[str, JournalEntry] = {}
+        self.codes: dict[str, RedemptionCode] = {}
 
     async def open(self) -> None:
         return None
@@ -64,6 +73,37 @@ class MemoryLedger:
         self.writes += 1
         for record in records:
             self.records.setdefault(record.record_id, record)
+        for entry in debit_entries(records):
+            self.journal.setdefault(entry.reference, entry)
+
+    async def append(self, entry: JournalEntry) -> JournalEntry:
+        return self.journal.setdefault(entry.reference, entry)
+
+    async def entries(self, tenant_id: str, *, limit: int = 100) -> list[JournalEntry]:
+        found = [e for e in self.journal.values() if e.tenant_id == tenant_id]
+        return found[::-1][:limit]
+
+    async def totals(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for entry in self.journal.values():
+            out[entry.tenant_id] = out.get(entry.tenant_id, 0) + entry.amount_nanousd
+        return out
+
+    async def credit_ids(self, tenant_id: str) -> list[str]:
+        return [
+            e.id
+            for e in self.journal.values()
+            if e.tenant_id == tenant_id and e.kind in CREDIT_KINDS
+        ]
+
+    async def add_codes(self, codes: Sequence[RedemptionCode]) -> None:
+        if any(c.code_hash in self.codes for c in codes):
+            raise LedgerRejected("a redemption code exists already")
+        for code in codes:
+            self.codes[code.code_hash] = code
+
+    async def code(self, code_hash: str) -> RedemptionCode | None:
+        return self.codes.get(code_hash)
 
     async def query(
         self, *, tenant: str | None = None, since: float = 0.0, until: float | None = None

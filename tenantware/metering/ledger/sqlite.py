@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Sequence
 from operator import attrgetter
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import anyio.to_thread
 
@@ -23,11 +23,23 @@ from tenantware.metering.ledger.auditlog import (
     entry_from_row,
 )
 from tenantware.metering.ledger.base import LedgerRejected, LedgerUnavailable
+from tenantware.metering.ledger.journal import (
+    CODE_COLUMNS,
+    CREDIT_KINDS,
+    JOURNAL_COLUMNS,
+    JournalEntry,
+    RedemptionCode,
+    code_from_row,
+    code_row,
+    debit_entries,
+    entry_row,
+)
+from tenantware.metering.ledger.journal import entry_from_row as journal_entry
 from tenantware.metering.ledger.record import COLUMNS, UsageRecord
 
 __all__ = ["SqliteLedger"]
 
-_SCHEMA_VERSION = 3
+_SCHEMA_VERSION = 4
 _MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE IF NOT EXISTS usage_records (
@@ -79,6 +91,35 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX IF NOT EXISTS audit_log_at ON audit_log (at);
     CREATE INDEX IF NOT EXISTS audit_log_tenant_at ON audit_log (tenant, at);
     """,
+    """
+    ALTER TABLE usage_records ADD COLUMN balance_debit_nanousd INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage_records ADD COLUMN own_upstream_key INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE IF NOT EXISTS balance_journal (
+        id TEXT PRIMARY KEY,
+        tenant_id TEXT NOT NULL,
+        at REAL NOT NULL,
+        kind TEXT NOT NULL,
+        amount_nanousd INTEGER NOT NULL,
+        reference TEXT NOT NULL UNIQUE,
+        fingerprint TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        note TEXT NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS balance_journal_tenant_at ON balance_journal (tenant_id, at);
+    CREATE TRIGGER IF NOT EXISTS balance_journal_no_update BEFORE UPDATE ON balance_journal
+    BEGIN SELECT RAISE(ABORT, 'the balance journal is append-only'); END;
+    CREATE TRIGGER IF NOT EXISTS balance_journal_no_delete BEFORE DELETE ON balance_journal
+    BEGIN SELECT RAISE(ABORT, 'the balance journal is append-only'); END;
+    CREATE TABLE IF NOT EXISTS redemption_codes (
+        code_hash TEXT PRIMARY KEY,
+        batch_id TEXT NOT NULL,
+        amount_nanousd INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        created_by TEXT NOT NULL,
+        tenant_id TEXT,
+        expires_at REAL
+    );
+    """,
 )
 assert len(_MIGRATIONS) == _SCHEMA_VERSION
 
@@ -92,6 +133,17 @@ _INSERT_AUDIT = (
     f"VALUES ({', '.join('?' for _ in AUDIT_COLUMNS)})"
 )
 _SELECT_AUDIT = f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit_log WHERE 1 = 1"
+_INSERT_JOURNAL = (
+    f"INSERT OR IGNORE INTO balance_journal ({', '.join(JOURNAL_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in JOURNAL_COLUMNS)})"
+)
+_SELECT_JOURNAL = f"SELECT {', '.join(JOURNAL_COLUMNS)} FROM balance_journal"
+_INSERT_CODE = (
+    f"INSERT INTO redemption_codes ({', '.join(CODE_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in CODE_COLUMNS)})"
+)
+_SELECT_CODE = f"SELECT {', '.join(CODE_COLUMNS)} FROM redemption_codes WHERE code_hash = ?"
+_CREDIT_KINDS_SQL = ", ".join(f"'{kind}'" for kind in sorted(CREDIT_KINDS))
 
 
 #: Errors caused by the records themselves (a value out of SQLite's 64-bit integers, a
@@ -114,6 +166,7 @@ def _record(row: Sequence[object]) -> UsageRecord:
     values["stream"] = bool(values["stream"])
     values["estimated"] = bool(values["estimated"])
     values["usage_invalid"] = bool(values["usage_invalid"])
+    values["own_upstream_key"] = bool(values["own_upstream_key"])
     return UsageRecord(**values)  # type: ignore[arg-type]
 
 
@@ -157,7 +210,50 @@ class SqliteLedger:
     async def write(self, records: Sequence[UsageRecord]) -> None:
         if records:
             rows = [_row(r) for r in records]
-            await anyio.to_thread.run_sync(self._write, rows)
+            debits = [entry_row(e) for e in debit_entries(records)]
+            await anyio.to_thread.run_sync(self._write, rows, _INSERT, debits)
+
+    # -- the balance journal -----------------------------------------------------------
+
+    async def append(self, entry: JournalEntry) -> JournalEntry:
+        return await anyio.to_thread.run_sync(self._append, entry)
+
+    def _append(self, entry: JournalEntry) -> JournalEntry:
+        self._write([entry_row(entry)], _INSERT_JOURNAL)
+        found = self._select(_SELECT_JOURNAL + " WHERE reference = ?", [entry.reference])
+        return journal_entry(found[0])
+
+    async def entries(self, tenant_id: str, *, limit: int = 100) -> list[JournalEntry]:
+        sql = _SELECT_JOURNAL + " WHERE tenant_id = ? ORDER BY at DESC, rowid DESC LIMIT ?"
+        rows = await anyio.to_thread.run_sync(self._select, sql, [tenant_id, limit])
+        return [journal_entry(row) for row in rows]
+
+    async def totals(self) -> dict[str, int]:
+        sql = "SELECT tenant_id, SUM(amount_nanousd) FROM balance_journal GROUP BY tenant_id"
+        rows = await anyio.to_thread.run_sync(self._select, sql, [])
+        return {str(row[0]): int(row[1]) for row in rows}
+
+    async def credit_ids(self, tenant_id: str) -> list[str]:
+        sql = (
+            f"SELECT id FROM balance_journal WHERE tenant_id = ? AND kind IN ({_CREDIT_KINDS_SQL})"
+        )
+        rows = await anyio.to_thread.run_sync(self._select, sql, [tenant_id])
+        return [str(row[0]) for row in rows]
+
+    async def add_codes(self, codes: Sequence[RedemptionCode]) -> None:
+        await anyio.to_thread.run_sync(self._write, [code_row(c) for c in codes], _INSERT_CODE)
+
+    async def code(self, code_hash: str) -> RedemptionCode | None:
+        rows = await anyio.to_thread.run_sync(self._select, _SELECT_CODE, [code_hash])
+        return code_from_row(rows[0]) if rows else None
+
+    def _select(self, sql: str, args: Sequence[object]) -> list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                rows: list[tuple[Any, ...]] = self._connection().execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                raise LedgerUnavailable(f"sqlite {self.path}: {exc}") from exc
+        return rows
 
     async def write_audit(self, entry: AuditEntry) -> None:
         await anyio.to_thread.run_sync(self._write, [audit_row(entry)], _INSERT_AUDIT)
@@ -190,12 +286,19 @@ class SqliteLedger:
                 raise LedgerUnavailable(f"sqlite {self.path}: {exc}") from exc
         return [entry_from_row(row) for row in rows]
 
-    def _write(self, rows: list[tuple[object, ...]], insert: str = _INSERT) -> None:
+    def _write(
+        self,
+        rows: list[tuple[object, ...]],
+        insert: str = _INSERT,
+        debits: list[tuple[object, ...]] | None = None,
+    ) -> None:
         with self._lock:
             conn = self._connection()
             try:
-                conn.execute("BEGIN")
+                conn.execute("BEGIN IMMEDIATE")
                 conn.executemany(insert, rows)
+                if debits:
+                    conn.executemany(_INSERT_JOURNAL, debits)
                 conn.execute("COMMIT")
             except BaseException as exc:
                 # Whatever failed (a value Python cannot bind raises OverflowError, not a
