@@ -19,6 +19,7 @@ from tenantware.admin.app import AdminApi
 from tenantware.admission.pools import AdmissionPools
 from tenantware.breaker.board import BreakerBoard
 from tenantware.config import GatewayConfig
+from tenantware.dashboard import DASHBOARD_API_PREFIX, DASHBOARD_PATH, DashboardApp, LiveSources
 from tenantware.estimate import PromptEstimator, estimate_prompt_tokens
 from tenantware.metering.ledger import (
     DEFAULT_LEDGER_URL,
@@ -251,6 +252,19 @@ class Gateway:
         """A Starlette/FastAPI ``lifespan=`` callable."""
         return self.running()
 
+    def dashboard_app(self) -> DashboardApp:
+        """The dashboard (``/dashboard`` and its JSON under ``/admin/dashboard/``), to route
+        those paths to in an app of your own; ``asgi_app()`` includes it."""
+        sources = LiveSources(
+            live=self.live,
+            board=self.board,
+            pools=self.admission,
+            stores=self.stores,
+            writer=self.writer,
+            registry=self.registry.status,
+        )
+        return DashboardApp(live=self.live, ledger=self.ledger, sources=sources)
+
     def asgi_app(self, *, extra: Callable[[Scope], ASGIApp | None] | None = None) -> ASGIApp:
         """The standalone gateway app: the proxy behind the stack, with lifespan handling.
 
@@ -275,6 +289,7 @@ class Gateway:
         )
         reports.authorize = admin.may_read_reports
         tenant_usage = TenantMiddleware(reports, live=self.live, estimator=self.estimator)
+        dashboard = self.dashboard_app()
 
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] == "lifespan":
@@ -282,6 +297,11 @@ class Gateway:
                 return
             if scope["type"] == "http":
                 path = scope["path"]
+                if path == DASHBOARD_PATH or path.startswith(
+                    (DASHBOARD_PATH + "/", DASHBOARD_API_PREFIX)
+                ):
+                    await dashboard(scope, receive, send)
+                    return
                 if path.startswith(ADMIN_PREFIX):
                     await admin(scope, receive, send)
                     return

@@ -40,6 +40,7 @@ __all__ = [
     "Dimension",
     "Period",
     "ReportRow",
+    "display_amount",
     "parse_time",
     "period_label",
     "period_start",
@@ -95,6 +96,11 @@ def period_label(bucket: int, period: Period) -> str:
     return datetime.fromtimestamp(bucket, UTC).isoformat().replace("+00:00", "Z")
 
 
+def display_amount(nanousd: int, currency_per_usd: Decimal = Decimal(1)) -> str:
+    """``nanousd`` in the display currency, rounded to 1e-6 (for display only)."""
+    return str((nanousd_to_usd(nanousd) * currency_per_usd).quantize(_MICRO))
+
+
 def report_rows(
     tallies: Iterable[Tally],
     *,
@@ -105,7 +111,6 @@ def report_rows(
     """Rows for people: money as exact decimals in the display currency, error rate."""
     rows = []
     for t in tallies:
-        charged = nanousd_to_usd(t.charged_nanousd) * currency_per_usd
         rows.append(
             ReportRow(
                 tenant=t.tenant,
@@ -120,7 +125,7 @@ def report_rows(
                 cost_nanousd=t.cost_nanousd,
                 charged_nanousd=t.charged_nanousd,
                 cost_usd=str(nanousd_to_usd(t.cost_nanousd).normalize()),
-                charged=str(charged.quantize(_MICRO)),
+                charged=display_amount(t.charged_nanousd, currency_per_usd),
                 currency=currency,
                 latency_p50_s=t.latency_p50_s,
                 latency_p99_s=t.latency_p99_s,
