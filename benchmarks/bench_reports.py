@@ -12,19 +12,27 @@ records fetched whole, which is what the report did before.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
 import psycopg
 from psycopg import sql
 
-from tenantware.metering.ledger.postgres import PostgresLedger
+from tenantware.metering.ledger.postgres import (
+    _REPORT_WORK_MEM,
+    PostgresLedger,
+    _tally_statement,
+)
 from tenantware.metering.ledger.tally import ReportQuery, tally_records
 
+#: The schema being measured (set once in main).
+SCHEMA = [""]
 MONTH_S = 30 * 86_400
 END = 1_800_000_000.0
 START = END - MONTH_S
@@ -75,7 +83,8 @@ def main() -> None:
             fill_schema(conn, table, args.records)
         total = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table)).fetchone()
     print(f"{total[0] if total else 0:,} records ready in {time.perf_counter() - began:.1f} s\n")
-    report(ledger, args.repeat)
+    SCHEMA[0] = schema
+    report(ledger, args.repeat, args.url)
     if not args.keep:
         with psycopg.connect(args.url, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
@@ -90,7 +99,27 @@ def fill_schema(conn: psycopg.Connection[Any], table: sql.Identifier, records: i
     conn.execute(sql.SQL("VACUUM ANALYZE {}").format(table))
 
 
-def report(ledger: PostgresLedger, repeat: int) -> None:
+def backend_cpu_s(conn: psycopg.Connection[Any], query: ReportQuery) -> float:
+    """CPU seconds the server process spent on ``query`` alone (read from /proc: the server
+    must run on this host; parallel workers off, so one process does all of it). Unlike wall
+    time, this hardly depends on what else the shared machine is running."""
+    pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+
+    def cpu() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    statement = sql.SQL(_tally_statement(query)).format(
+        t=sql.Identifier(SCHEMA[0], "usage_records"),
+        tenant=sql.SQL("AND tenant = %s" if query.tenant is not None else ""),
+    )
+    args = [query.since, query.until, *([query.tenant] if query.tenant is not None else [])]
+    before = cpu()
+    conn.execute(statement, args).fetchall()
+    return cpu() - before
+
+
+def report(ledger: PostgresLedger, repeat: int, url: str) -> None:
     busy_month = ReportQuery(tenant="busy", since=START, until=END, period="day")
     cases = [
         ("busy tenant, 30 days by day (the tenant view's series)", busy_month),
@@ -108,13 +137,18 @@ def report(ledger: PostgresLedger, repeat: int) -> None:
             ReportQuery(tenant="busy", since=END - 3600, until=END, period="minute"),
         ),
     ]
-    print("| report | records | median s | worst s |")
-    print("|---|---:|---:|---:|")
+    print("| report | records | median s | worst s | server CPU s |")
+    print("|---|---:|---:|---:|---:|")
     try:
         for name, query in cases:
             median, worst, rows = timed(lambda q=query: anyio.run(ledger.tally, q), repeat)
             count = sum(t.requests for t in rows)
-            print(f"| {name} | {count:,} | {median:.3f} | {worst:.3f} |")
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(f"SET work_mem = '{_REPORT_WORK_MEM}'")
+                conn.execute("SET jit = off")
+                conn.execute("SET max_parallel_workers_per_gather = 0")
+                cpu = min(backend_cpu_s(conn, query) for _ in range(2))
+            print(f"| {name} | {count:,} | {median:.3f} | {worst:.3f} | {cpu:.2f} |")
 
         def python_report() -> Any:
             async def fetch() -> Any:
@@ -124,7 +158,7 @@ def report(ledger: PostgresLedger, repeat: int) -> None:
 
         median, worst, rows = timed(python_report, 1)
         count = sum(t.requests for t in rows)
-        print(f"| before: fetch every record, aggregate in Python | {count:,} | {median:.3f} | - |")
+        print(f"| before: every record to Python | {count:,} | {median:.3f} | - | - |")
     finally:
         anyio.run(ledger.aclose)
 

@@ -115,7 +115,8 @@ def _tally_statement(query: ReportQuery) -> str:
     """One grouped scan; ``percentile_disc`` is the nearest-rank percentile (both at once)."""
     percentiles = "ARRAY[0.5, 0.99]::double precision[]"
     return f"""
-    SELECT tenant, {_bucket(query)} AS bucket, {sql_group(query.by)} AS grp, {SQL_SUMS},
+    SELECT tenant COLLATE "C", {_bucket(query)} AS bucket, {sql_group(query.by)} COLLATE "C" AS grp,
+           {SQL_SUMS},
            max(queue_wait_s),
            percentile_disc({percentiles}) WITHIN GROUP (ORDER BY latency_s)
                FILTER (WHERE {SQL_TIMED}),
