@@ -3,9 +3,14 @@ range rules, the Content-Security-Policy, and that a read-only key changes nothi
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
+from tenantware import Gateway, HttpxUpstreamClient
 from tenantware.dashboard.app import pick_period
+from tenantware.metering.ledger import LedgerUnavailable, MemoryLedger
+from tenantware.metering.ledger.tally import ReportQuery, Tally
+from tenantware.testing.upstream import FakeUpstream
 from tests.support import CHAT, KEYS, client_for, in_process_gateway
 from tests.test_admin_api import ADMIN, READER, admin_config
 
@@ -107,3 +112,21 @@ def test_series_never_has_too_many_points() -> None:
     assert pick_period(86400) == ("hour", 3600)
     assert pick_period(30 * 86400) == ("hour", 3600)
     assert pick_period(90 * 86400) == ("day", 86400)
+
+
+class _Unreadable(MemoryLedger):
+    async def tally(self, query: ReportQuery) -> list[Tally]:
+        raise LedgerUnavailable("postgresql: connection refused")
+
+
+async def test_an_unreadable_ledger_is_a_503_not_a_500() -> None:
+    fake = FakeUpstream()
+    client = HttpxUpstreamClient(transport=httpx.ASGITransport(app=fake))
+    gateway = Gateway(admin_config(), upstream_client=client, ledger=_Unreadable())
+    async with client_for(gateway.asgi_app(), READER) as reader:
+        answer = await reader.get("/admin/dashboard/usage")
+        assert answer.status_code == 503
+        assert answer.json()["error"]["code"] == "ledger_unavailable"
+        assert "connection refused" not in answer.text
+        assert answer.headers["retry-after"] == "1"
+        assert "content-security-policy" in answer.headers

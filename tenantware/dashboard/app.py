@@ -191,6 +191,7 @@ class DashboardApp:
                 type="server_error",
                 code="ledger_unavailable",
                 retry_after=1,
+                headers=_HEADERS,
             )
 
     async def _live(self, caller: Caller, send: Send) -> None:
