@@ -14,6 +14,7 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
@@ -417,6 +418,15 @@ def test_operator_view_every_tenant_live_state_and_csv(browser: Any, served: Ser
     hour_ago = time.time() - 3600
     recent = [r for r in served.records if r.ts >= hour_ago]
     expect(page.locator("#kpi-requests")).to_have_text(f"{len(recent):,}")
+    # A custom range (UTC, to the minute): the ledger's records in it.
+    start = datetime.fromtimestamp(time.time() - 10 * 3600, UTC).replace(second=0, microsecond=0)
+    end = start + timedelta(hours=5)
+    page.get_by_label("Time range", exact=True).select_option("custom")
+    page.get_by_label("From (UTC)").fill(start.strftime("%Y-%m-%dT%H:%M"))
+    page.get_by_label("To (UTC)").fill(end.strftime("%Y-%m-%dT%H:%M"))
+    page.get_by_role("button", name="Refresh").click()
+    inside = [r for r in served.records if start.timestamp() <= r.ts < end.timestamp()]
+    expect(page.locator("#kpi-requests")).to_have_text(f"{len(inside):,}")
     assert not watch.problems, watch.problems
     page.close()
 
