@@ -418,6 +418,13 @@ def test_operator_view_every_tenant_live_state_and_csv(browser: Any, served: Ser
     hour_ago = time.time() - 3600
     recent = [r for r in served.records if r.ts >= hour_ago]
     expect(page.locator("#kpi-requests")).to_have_text(f"{len(recent):,}")
+    # One tenant only.
+    page.get_by_label("Tenant", exact=True).select_option("hobby")
+    expect(page.locator("#tenants-table tbody tr")).to_have_count(1)
+    recent_hobby = [r for r in recent if r.tenant == "hobby"]
+    expect(page.locator("#kpi-requests")).to_have_text(f"{len(recent_hobby):,}")
+    page.get_by_label("Tenant", exact=True).select_option("")
+    expect(page.locator("#kpi-requests")).to_have_text(f"{len(recent):,}")
     # A custom range (UTC, to the minute): the ledger's records in it.
     start = datetime.fromtimestamp(time.time() - 10 * 3600, UTC).replace(second=0, microsecond=0)
     end = start + timedelta(hours=5)

@@ -63,6 +63,7 @@
     } else {
       params.set("range", range);
     }
+    if ($("only").value) params.set("tenant", $("only").value);
     return params.toString();
   }
 
@@ -419,9 +420,26 @@
     table("limits-table", [["Limit", false], ["Value", true]], limits.map(([k, v]) => [k.replaceAll("_", " "), v]));
   }
 
+  function renderTenantFilter() {
+    // Operators may look at one tenant; the choice survives a refresh of the list.
+    const select = $("only");
+    const chosen = select.value;
+    const options = [el("option", "All tenants")];
+    options[0].value = "";
+    for (const t of (state.tenants && state.tenants.data) || []) {
+      const option = el("option", (t.name || t.id) + " (" + t.id + ")");
+      option.value = t.id;
+      options.push(option);
+    }
+    select.replaceChildren(...options);
+    select.value = chosen;
+  }
+
   function render() {
     const view = state.view;
     const operator = view.scope === "operator";
+    $("tenant-filter").hidden = !operator;
+    if (operator) renderTenantFilter();
     $("who").textContent = operator
       ? "Operator view: every tenant"
       : "Tenant view: " + ((state.account && state.account.name) || view.tenant);
@@ -479,6 +497,7 @@
     $("logout").hidden = true;
     $("login").hidden = false;
     $("who").textContent = "";
+    $("only").value = "";
     $("key").value = "";
     $("key").focus();
   }
@@ -495,6 +514,7 @@
       event.preventDefault();
       load();
     });
+    $("only").addEventListener("change", load);
     $("range").addEventListener("change", () => {
       $("custom").hidden = $("range").value !== "custom";
       if ($("range").value !== "custom") load();
