@@ -19,7 +19,7 @@ from tenantware.admin.app import AdminApi
 from tenantware.admission.pools import AdmissionPools
 from tenantware.breaker.board import BreakerBoard
 from tenantware.config import GatewayConfig
-from tenantware.dashboard import DASHBOARD_API_PREFIX, DASHBOARD_PATH, DashboardApp, LiveSources
+from tenantware.dashboard import DashboardApp, LiveSources, is_dashboard_path
 from tenantware.estimate import PromptEstimator, estimate_prompt_tokens
 from tenantware.metering.ledger import (
     DEFAULT_LEDGER_URL,
@@ -297,9 +297,7 @@ class Gateway:
                 return
             if scope["type"] == "http":
                 path = scope["path"]
-                if path == DASHBOARD_PATH or path.startswith(
-                    (DASHBOARD_PATH + "/", DASHBOARD_API_PREFIX)
-                ):
+                if is_dashboard_path(path):
                     await dashboard(scope, receive, send)
                     return
                 if path.startswith(ADMIN_PREFIX):

@@ -3,7 +3,12 @@
 
 from __future__ import annotations
 
-from tenantware.dashboard.app import DASHBOARD_API_PREFIX, DASHBOARD_PATH, DashboardApp
+from tenantware.dashboard.app import (
+    DASHBOARD_API_PREFIX,
+    DASHBOARD_PATH,
+    DashboardApp,
+    is_dashboard_path,
+)
 from tenantware.dashboard.live import LiveSources
 from tenantware.dashboard.schemas import LiveView, UsageView
 
@@ -14,4 +19,5 @@ __all__ = [
     "LiveSources",
     "LiveView",
     "UsageView",
+    "is_dashboard_path",
 ]

@@ -50,7 +50,13 @@ from tenantware.metering.reports import (
 from tenantware.state import LiveConfig
 from tenantware.types import Receive, Scope, Send
 
-__all__ = ["CONTENT_SECURITY_POLICY", "DASHBOARD_API_PREFIX", "DASHBOARD_PATH", "DashboardApp"]
+__all__ = [
+    "CONTENT_SECURITY_POLICY",
+    "DASHBOARD_API_PREFIX",
+    "DASHBOARD_PATH",
+    "DashboardApp",
+    "is_dashboard_path",
+]
 
 DASHBOARD_PATH: Final = "/dashboard"
 DASHBOARD_API_PREFIX: Final = "/admin/dashboard/"
@@ -80,6 +86,11 @@ _HEADERS: Final = [
 ]
 _encode = msgspec.json.Encoder().encode
 _UNAVAILABLE: Final[tuple[type[Exception], ...]] = (LedgerUnavailable, *STORE_UNAVAILABLE)
+
+
+def is_dashboard_path(path: str) -> bool:
+    """Whether ``path`` is one of ``DashboardApp``'s (route these to it)."""
+    return path == DASHBOARD_PATH or path.startswith((DASHBOARD_PATH + "/", DASHBOARD_API_PREFIX))
 
 
 class _BadQuery(ValueError):
