@@ -28,6 +28,7 @@ from tenantware.metering.ledger.base import LedgerRejected, LedgerUnavailable
 from tenantware.metering.ledger.record import COLUMNS, UsageRecord
 from tenantware.metering.ledger.tally import (
     PERIOD_SECONDS,
+    SQL_REPORTED,
     SQL_SUMS,
     SQL_TIMED,
     ReportQuery,
@@ -122,7 +123,7 @@ def _tally_statement(query: ReportQuery) -> str:
                FILTER (WHERE {SQL_TIMED}),
            percentile_disc({percentiles}) WITHIN GROUP (ORDER BY ttft_s)
                FILTER (WHERE {SQL_TIMED} AND ttft_s IS NOT NULL)
-    FROM {{t}} WHERE ts >= %s AND ts < %s {{tenant}}
+    FROM {{t}} WHERE ts >= %s AND ts < %s AND {SQL_REPORTED} {{tenant}}
     GROUP BY 1, 2, 3
     """
 

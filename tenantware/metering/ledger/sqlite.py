@@ -26,6 +26,7 @@ from tenantware.metering.ledger.base import LedgerRejected, LedgerUnavailable
 from tenantware.metering.ledger.record import COLUMNS, UsageRecord
 from tenantware.metering.ledger.tally import (
     PERIOD_SECONDS,
+    SQL_REPORTED,
     SQL_SUMS,
     SQL_TIMED,
     ReportQuery,
@@ -120,7 +121,7 @@ def _bucket(query: ReportQuery) -> str:
 
 def _tally_sql(query: ReportQuery) -> tuple[str, list[object]]:
     """One statement: sums per group, nearest-rank percentiles with window functions."""
-    where = "ts >= ?"
+    where = f"ts >= ? AND {SQL_REPORTED}"
     args: list[object] = [query.since]
     if query.until is not None:
         where += " AND ts < ?"

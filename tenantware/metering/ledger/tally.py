@@ -31,6 +31,7 @@ __all__ = [
     "PERIOD_SECONDS",
     "QUEUE_REFUSED",
     "RATE_LIMITED",
+    "SHADOW",
     "Dimension",
     "Period",
     "ReportQuery",
@@ -62,6 +63,9 @@ BILLED_OUT: Final = (
     Outcome.BREAKER_OPEN,
 )
 _BILLED_OUT_SET: Final = frozenset(BILLED_OUT)
+#: A migration trial's shadow copy of a request (``billing.SHADOW`` once issue 19 is in):
+#: the operator's cost, never the tenant's, so reports leave it out.
+SHADOW: Final = "shadow"
 
 
 class ReportQuery(msgspec.Struct, frozen=True, kw_only=True):
@@ -130,6 +134,8 @@ def tally_records(records: Iterable[UsageRecord], query: ReportQuery) -> list[Ta
     ttft: dict[tuple[str, int, str], list[float]] = {}
     for r in records:
         if not query.since <= r.ts < end or (query.tenant is not None and r.tenant != query.tenant):
+            continue
+        if r.outcome == SHADOW:
             continue
         group = (
             r.model_requested
@@ -202,6 +208,8 @@ SQL_SUMS: Final = ", ".join(
         "sum(charged_nanousd)",
     )
 )
+#: Records a report counts (``WHERE`` them in).
+SQL_REPORTED: Final = f"outcome <> '{SHADOW}'"
 #: Records that count for the latency figures.
 SQL_TIMED: Final = "NOT " + _in(BILLED_OUT)
 
