@@ -25,6 +25,7 @@ from tenantware.breaker.board import BreakerBoard
 from tenantware.cache import CacheStore, open_cache
 from tenantware.config import ConfigError, GatewayConfig, expand_env
 from tenantware.crypto import KeyRing, key_provider
+from tenantware.dashboard import DashboardApp, LiveSources, is_dashboard_path
 from tenantware.estimate import PromptEstimator, estimate_prompt_tokens
 from tenantware.logbook import LogStore, MemoryLogStore, open_log_store
 from tenantware.logbook.jobs import purge_expired
@@ -385,10 +386,13 @@ class Gateway:
         )
         reports.authorize = admin.may_read_reports
         tenant_usage = TenantMiddleware(reports, live=self.live, estimator=self.estimator)
+        dashboard = self.dashboard_app()
 
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
             path = scope["path"] if scope["type"] == "http" else ""
-            if path.startswith(ADMIN_PREFIX):
+            if is_dashboard_path(path):
+                await dashboard(scope, receive, send)
+            elif path.startswith(ADMIN_PREFIX):
                 await admin(scope, receive, send)
             elif path in TENANT_USAGE_PATHS:
                 await tenant_usage(scope, receive, send)
@@ -430,6 +434,20 @@ class Gateway:
         """A Starlette/FastAPI ``lifespan=`` callable."""
         return self.running()
 
+    def dashboard_app(self) -> DashboardApp:
+        """The dashboard (``/dashboard`` and its JSON under ``/admin/dashboard/``), to route
+        those paths to in an app of your own; ``admin_app`` (so ``wrap()``, ``middleware()``
+        and ``asgi_app()``) includes it."""
+        sources = LiveSources(
+            live=self.live,
+            board=self.board,
+            pools=self.admission,
+            stores=self.stores,
+            writer=self.writer,
+            registry=self.registry.status,
+        )
+        return DashboardApp(live=self.live, ledger=self.ledger, sources=sources)
+
     def asgi_app(self, *, extra: Callable[[Scope], ASGIApp | None] | None = None) -> ASGIApp:
         """The standalone gateway app: the proxy behind the stack, with lifespan handling.
 
@@ -469,7 +487,7 @@ def ledger_url(config: GatewayConfig) -> str:
 
 def is_admin_path(path: str) -> bool:
     """Whether ``path`` is one of ``Gateway.admin_app``'s."""
-    return path.startswith(ADMIN_PREFIX) or path in _ADMIN_PATHS
+    return path.startswith(ADMIN_PREFIX) or path in _ADMIN_PATHS or is_dashboard_path(path)
 
 
 _ADMIN_PATHS = frozenset({"/metrics", READY_PATH, *TENANT_USAGE_PATHS})

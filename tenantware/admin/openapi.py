@@ -44,6 +44,7 @@ from tenantware.admin.schemas import (
     UpstreamKeyIn,
     UpstreamKeyOut,
 )
+from tenantware.dashboard.schemas import LiveView, UsageView
 
 __all__ = ["openapi_document"]
 
@@ -166,6 +167,8 @@ def openapi_document() -> bytes:
         UpstreamKeyIn,
         UpstreamKeyOut,
         _UpstreamKeyDeleted,
+        UsageView,
+        LiveView,
     ]
     _, components = msgspec.json.schema_components(kinds, ref_template=_REF)
     tenant = [_path_param("tenant_id")]
@@ -429,6 +432,29 @@ def openapi_document() -> bytes:
                 },
             }
         },
+    }
+    paths["/admin/dashboard/usage"] = {
+        "get": _operation(
+            "Usage figures of a time range for the dashboard (aggregated by the ledger)",
+            "admin, read-only (every tenant); tenant (its own tenant only: another tenant's "
+            "id is answered 404)",
+            ("200", UsageView, "Totals, a series and breakdowns by model and cost center"),
+            params=[
+                _query("range", {"type": "string", "enum": ["1h", "24h", "7d", "30d"]}),
+                _query("since", {"type": "string"}),
+                _query("until", {"type": "string"}),
+                _query("tenant", {"type": "string"}),
+            ],
+            errors=("400", "401", "404", "503"),
+        )
+    }
+    paths["/admin/dashboard/live"] = {
+        "get": _operation(
+            "The gateway's state now: circuits, admission queues, store, ledger, registry",
+            "admin, read-only",
+            ("200", LiveView, "Live state of this gateway process"),
+            errors=("401", "403"),
+        )
     }
     audit_answer = paths["/admin/audit"]["get"]["responses"]["200"]
     audit_answer["content"]["text/csv"] = {"schema": {"type": "string"}}  # format=csv

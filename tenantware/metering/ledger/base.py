@@ -19,6 +19,7 @@ from tenantware.metering.ledger.journal import (
     debit_entries,
 )
 from tenantware.metering.ledger.record import UsageRecord
+from tenantware.metering.ledger.tally import ReportQuery, Tally, tally_records
 
 __all__ = ["Ledger", "LedgerRejected", "LedgerUnavailable", "MemoryLedger"]
 
@@ -49,6 +50,11 @@ class Ledger(Protocol):
         self, *, tenant: str | None = None, since: float = 0.0, until: float | None = None
     ) -> list[UsageRecord]:
         """Records of ``tenant`` (every tenant when ``None``) with ``since <= ts < until``."""
+        ...
+
+    async def tally(self, query: ReportQuery) -> list[Tally]:
+        """The report's figures per (tenant, period, group), computed by the ledger (in SQL
+        for the SQL ledgers), equal to ``tally_records`` over the same records."""
         ...
 
     async def aclose(self) -> None:
@@ -117,6 +123,9 @@ class MemoryLedger:
             ),
             key=lambda r: r.ts,
         )
+
+    async def tally(self, query: ReportQuery) -> list[Tally]:
+        return tally_records(self.records.values(), query)
 
     async def write_audit(self, entry: AuditEntry) -> None:
         self.audit.setdefault(entry.id, entry)

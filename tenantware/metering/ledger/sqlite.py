@@ -36,6 +36,18 @@ from tenantware.metering.ledger.journal import (
 )
 from tenantware.metering.ledger.journal import entry_from_row as journal_entry
 from tenantware.metering.ledger.record import COLUMNS, UsageRecord
+from tenantware.metering.ledger.tally import (
+    PERIOD_SECONDS,
+    SQL_REPORTED,
+    SQL_SUMS,
+    SQL_TIMED,
+    ReportQuery,
+    Tally,
+    sorted_tallies,
+    sql_group,
+    sql_rank,
+    tally_from_row,
+)
 
 __all__ = ["SqliteLedger"]
 
@@ -144,6 +156,66 @@ _INSERT_CODE = (
 )
 _SELECT_CODE = f"SELECT {', '.join(CODE_COLUMNS)} FROM redemption_codes WHERE code_hash = ?"
 _CREDIT_KINDS_SQL = ", ".join(f"'{kind}'" for kind in sorted(CREDIT_KINDS))
+
+
+#: ``floor(ts)`` (SQLite may be built without ``floor``).
+_SECOND: Final = "(CAST(ts AS INTEGER) - (ts < CAST(ts AS INTEGER)))"
+
+
+def _bucket(query: ReportQuery) -> str:
+    width = PERIOD_SECONDS.get(query.period)
+    if width is not None:
+        return f"({_SECOND} / {width} * {width})"
+    if query.period == "all":
+        return "0"
+    return f"CAST(strftime('%s', {_SECOND}, 'unixepoch', 'start of month') AS INTEGER)"
+
+
+def _tally_sql(query: ReportQuery) -> tuple[str, list[object]]:
+    """One statement: sums per group, nearest-rank percentiles with window functions."""
+    where = f"ts >= ? AND {SQL_REPORTED}"
+    args: list[object] = [query.since]
+    if query.until is not None:
+        where += " AND ts < ?"
+        args.append(query.until)
+    if query.tenant is not None:
+        where += " AND tenant = ?"
+        args.append(query.tenant)
+    part = "PARTITION BY tenant, bucket, grp"
+    statement = f"""
+    WITH base AS (
+        SELECT tenant, {_bucket(query)} AS bucket, {sql_group(query.by)} AS grp, outcome,
+               input_tokens, output_tokens, cached_tokens, cost_nanousd, charged_nanousd,
+               queue_wait_s, latency_s, ttft_s
+        FROM usage_records WHERE {where}
+    ),
+    totals AS (
+        SELECT tenant, bucket, grp, {SQL_SUMS}, max(queue_wait_s) AS wait
+        FROM base GROUP BY tenant, bucket, grp
+    ),
+    timed AS (
+        SELECT tenant, bucket, grp, latency_s, ttft_s,
+               row_number() OVER ({part} ORDER BY latency_s) AS lr,
+               count(*) OVER ({part}) AS ln,
+               row_number() OVER ({part}, ttft_s IS NULL ORDER BY ttft_s) AS tr,
+               count(ttft_s) OVER ({part}) AS tn
+        FROM base WHERE {SQL_TIMED}
+    ),
+    picked AS (
+        SELECT tenant, bucket, grp,
+               max(CASE WHEN lr = {sql_rank(0.5, "ln")} THEN latency_s END) AS p50,
+               max(CASE WHEN lr = {sql_rank(0.99, "ln")} THEN latency_s END) AS p99,
+               max(CASE WHEN ttft_s IS NOT NULL AND tr = {sql_rank(0.5, "tn")}
+                   THEN ttft_s END) AS t50,
+               max(CASE WHEN ttft_s IS NOT NULL AND tr = {sql_rank(0.99, "tn")}
+                   THEN ttft_s END) AS t99
+        FROM timed GROUP BY tenant, bucket, grp
+    )
+    SELECT totals.*, picked.p50, picked.p99, picked.t50, picked.t99
+    FROM totals LEFT JOIN picked
+    ON picked.tenant = totals.tenant AND picked.bucket = totals.bucket AND picked.grp = totals.grp
+    """
+    return statement, args
 
 
 #: Errors caused by the records themselves (a value out of SQLite's 64-bit integers, a
@@ -328,6 +400,19 @@ class SqliteLedger:
         with self._lock:
             rows = self._connection().execute(sql + " ORDER BY ts", args).fetchall()
         return [_record(row) for row in rows]
+
+    async def tally(self, query: ReportQuery) -> list[Tally]:
+        """The report's figures, aggregated by SQLite (see ``tally``)."""
+        return await anyio.to_thread.run_sync(self._tally, query)
+
+    def _tally(self, query: ReportQuery) -> list[Tally]:
+        statement, args = _tally_sql(query)
+        with self._lock:
+            try:
+                rows = self._connection().execute(statement, args).fetchall()
+            except sqlite3.Error as exc:
+                raise LedgerUnavailable(f"sqlite {self.path}: {exc}") from exc
+        return sorted_tallies(tally_from_row(row) for row in rows)
 
     async def aclose(self) -> None:
         await anyio.to_thread.run_sync(self._close)
