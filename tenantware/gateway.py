@@ -17,6 +17,9 @@ from starlette.middleware import Middleware
 
 from tenantware.admin.app import AdminApi
 from tenantware.admission.pools import AdmissionPools
+from tenantware.alerts.engine import AlertEngine
+from tenantware.alerts.memory import MemoryAlertStore
+from tenantware.alerts.store import AlertStore
 from tenantware.breaker.board import BreakerBoard
 from tenantware.config import GatewayConfig
 from tenantware.estimate import PromptEstimator, estimate_prompt_tokens
@@ -113,6 +116,10 @@ class Gateway:
         self.writer: LedgerWriter | None = None
         if config.metering.enabled:
             self._setup_metering(ledger)
+        #: Alerts: only once a destination is configured (nothing runs or counts before).
+        self.alerts: AlertEngine | None = None
+        if config.alerts.active():
+            self._setup_alerts()
 
     def _setup_metering(self, ledger: Ledger | None) -> None:
         """The ledger (nothing is opened yet), its writer and the writer's lifetime service."""
@@ -141,6 +148,29 @@ class Gateway:
             observers=[metrics_observer(live), request_log],
         )
         self.add_service(self._metering_service)
+
+    def _setup_alerts(self) -> None:
+        """The alert engine: it counts the writer's batches and runs for the gateway's life."""
+        redis = self.redis
+        store: AlertStore
+        if redis is None:
+            store = MemoryAlertStore()
+        else:
+            from tenantware.alerts.redis import RedisAlertStore
+
+            store = RedisAlertStore(redis, prefix=self.config.gateway.redis_prefix)
+        engine = AlertEngine(
+            self.live,
+            store,
+            board=self.board,
+            writer=self.writer,
+            store_health=self.stores.health if redis is not None else None,
+            quota_store=self.quota_store,
+        )
+        if self.writer is not None:
+            self.writer.observers.append(engine.observe)
+        self.alerts = engine
+        self.add_service(engine.running)
 
     @asynccontextmanager
     async def _registry_service(self) -> AsyncIterator[None]:
@@ -272,6 +302,7 @@ class Gateway:
             fallback=reports,
             processes=max(self.processes, self.config.gateway.replicas),
             audit_log=self.ledger if isinstance(self.ledger, AuditLog) else None,
+            alerts=self.alerts,
         )
         reports.authorize = admin.may_read_reports
         tenant_usage = TenantMiddleware(reports, live=self.live, estimator=self.estimator)

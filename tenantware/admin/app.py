@@ -37,6 +37,8 @@ from tenantware.admin.schemas import (
     AdminKeyIssued,
     AdminKeyList,
     AdminKeyOut,
+    AlertHistory,
+    AlertList,
     AuditList,
     KeyIssue,
     KeyIssued,
@@ -52,6 +54,7 @@ from tenantware.admin.schemas import (
     limits_patched,
     tenant_out,
 )
+from tenantware.alerts.engine import AlertEngine
 from tenantware.audit import AuditAction, AuditEntry, public_value
 from tenantware.backends.errors import STORE_UNAVAILABLE
 from tenantware.config import AdminKey, ApiKey, Tenant
@@ -166,8 +169,11 @@ class AdminApi:
         fallback: ASGIApp,
         processes: int = 1,
         audit_log: AuditLog | None = None,
+        alerts: AlertEngine | None = None,
     ) -> None:
         self.live = live
+        #: The alert engine (``None`` while no alert destination is configured).
+        self.alerts = alerts
         self.store = store
         self.sync = sync
         #: The durable trail (the ledger); without it the registry's own short trail is read.
@@ -189,6 +195,8 @@ class AdminApi:
             "/admin/keys": on(self._admin_keys),
             "/admin/keys/{key_id}/revoke": on(self._revoke_admin_key),
             "/admin/audit": on(self._audit),
+            "/admin/alerts": on(self._alert_history),
+            "/admin/alerts/active": on(self._active_alerts),
         }
         self.router = Router(
             [Route(path, endpoint, methods=_METHODS) for path, endpoint in routes.items()],
@@ -730,6 +738,57 @@ class AdminApi:
                 headers={"cache-control": "no-store"},
             )
         return _json(AuditList(data=entries))
+
+    def _alert_tenant(self, request: Request, caller: Caller) -> str | None:
+        """The tenant whose alerts ``caller`` may read: a tenant key only its own."""
+        if request.method not in ("GET", "HEAD"):
+            raise _method(request)
+        self._allow(caller, "admin", "read-only", "tenant")
+        wanted = request.query_params.get("tenant") or None
+        if caller.role == "tenant":
+            if wanted is not None and wanted != caller.tenant:
+                raise _not_found(wanted)
+            return caller.tenant
+        return wanted
+
+    async def _alert_history(self, request: Request, caller: Caller) -> Response:
+        tenant = self._alert_tenant(request, caller)
+        query = request.query_params
+        limit = _int_param(query.get("limit"), "limit", default=100, low=1, high=1000)
+        event = query.get("event") or None
+        if event is not None and event not in _ALERT_EVENTS:
+            raise Refusal(
+                400,
+                "event must be one of " + ", ".join(sorted(_ALERT_EVENTS)) + ".",
+                "invalid_value",
+                param="event",
+            )
+        if self.alerts is None:
+            return _json(AlertHistory(data=[]))
+        try:
+            entries = await self.alerts.history(limit=1000 if event else limit, tenant=tenant)
+        except STORE_UNAVAILABLE:
+            raise _alerts_unavailable() from None
+        if event is not None:
+            entries = [e for e in entries if e.event == event][:limit]
+        return _json(AlertHistory(data=entries))
+
+    async def _active_alerts(self, request: Request, caller: Caller) -> Response:
+        tenant = self._alert_tenant(request, caller)
+        if self.alerts is None:
+            return _json(AlertList(data=[]))
+        try:
+            alerts = await self.alerts.active(tenant=tenant)
+        except STORE_UNAVAILABLE:
+            raise _alerts_unavailable() from None
+        return _json(AlertList(data=alerts))
+
+
+_ALERT_EVENTS: Final = frozenset({"fired", "resolved", "delivered", "failed", "dropped"})
+
+
+def _alerts_unavailable() -> Refusal:
+    return Refusal(503, "The alert store cannot be reached; retry shortly.", "alerts_unavailable")
 
 
 def _method(request: Request) -> Refusal:

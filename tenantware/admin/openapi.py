@@ -16,6 +16,8 @@ from tenantware.admin.schemas import (
     AdminKeyIssue,
     AdminKeyIssued,
     AdminKeyList,
+    AlertHistory,
+    AlertList,
     AuditList,
     ErrorBody,
     KeyIssue,
@@ -116,6 +118,8 @@ def openapi_document() -> bytes:
         AdminKeyIssued,
         AdminKeyList,
         _AdminRevoked,
+        AlertHistory,
+        AlertList,
         AuditList,
         ErrorBody,
         KeyIssue,
@@ -255,6 +259,34 @@ def openapi_document() -> bytes:
                     _query("format", {"type": "string", "enum": ["json", "csv"]}),
                 ],
                 errors=("400", "401", "403", "503"),
+            )
+        },
+        "/admin/alerts": {
+            "get": _operation(
+                "Read the alert history (fired, resolved, delivered, failed), newest first",
+                "admin, read-only; a tenant key reads its own tenant's",
+                ("200", AlertHistory, "History entries"),
+                params=[
+                    _LIMIT,
+                    _query("tenant", {"type": "string"}),
+                    _query(
+                        "event",
+                        {
+                            "type": "string",
+                            "enum": ["fired", "resolved", "delivered", "failed", "dropped"],
+                        },
+                    ),
+                ],
+                errors=("400", "401", "403", "404", "503"),
+            )
+        },
+        "/admin/alerts/active": {
+            "get": _operation(
+                "List the alerts firing now",
+                "admin, read-only; a tenant key reads its own tenant's",
+                ("200", AlertList, "Alerts firing"),
+                params=[_query("tenant", {"type": "string"})],
+                errors=("401", "403", "404", "503"),
             )
         },
     }

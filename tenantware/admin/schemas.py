@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType, field
 
+from tenantware.alerts.model import Alert, AlertEvent
 from tenantware.audit import AuditEntry
 from tenantware.config import Limits, Priority, Tenant, Tier, Weight
 
@@ -19,6 +20,8 @@ __all__ = [
     "AdminKeyIssued",
     "AdminKeyList",
     "AdminKeyOut",
+    "AlertHistory",
+    "AlertList",
     "AuditList",
     "ErrorBody",
     "KeyIssue",
@@ -187,6 +190,16 @@ class KeyList(Struct, frozen=True, kw_only=True):
 class AuditList(Struct, frozen=True, kw_only=True):
     object: Literal["list"] = "list"
     data: list[AuditEntry]
+
+
+class AlertHistory(Struct, frozen=True, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[AlertEvent]
+
+
+class AlertList(Struct, frozen=True, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[Alert]
 
 
 class TierOut(Struct, frozen=True, kw_only=True):
