@@ -402,3 +402,50 @@ async def test_alerts_stay_off_without_a_destination() -> None:
 def _record(**fields: Any) -> UsageRecord:
     base: dict[str, Any] = {"record_id": "r", "request_id": "q", "ts": 100.0, "tenant": "acme"}
     return UsageRecord(**{**base, **fields})
+
+
+async def test_alert_history_through_the_admin_api() -> None:
+    from tenantware import KeyHasher
+
+    admin_key = "sk-test-alert-admin"
+    with receiver() as (hooks, url):
+        config = alert_config(
+            url,
+            [FAST_ERRORS],
+            breaker={"enabled": False},
+            gateway={"admin_keys": [{"id": "ops", "hash": KeyHasher().hash(admin_key)}]},
+        )
+        gateway, fake = in_process_gateway(config=config)
+        fake.config.failure_rate = 1.0
+        app = gateway.asgi_app()
+        async with (
+            gateway.running(),
+            client_for(app, KEYS["acme"]) as acme,
+            client_for(app, KEYS["hobby"]) as hobby,
+            client_for(app, admin_key) as admin,
+        ):
+            await _send(acme, 5)
+            await wait_until(lambda: hooks.delivered("/acme", "firing"))
+            await wait_until(lambda: hooks.delivered("/ops", "firing"))
+            everything = (await admin.get("/admin/alerts")).json()["data"]
+            active = (await admin.get("/admin/alerts/active")).json()["data"]
+            own = (await acme.get("/admin/alerts", params={"event": "delivered"})).json()
+            others = (await hobby.get("/admin/alerts")).json()["data"]
+            peeking = await hobby.get("/admin/alerts", params={"tenant": "acme"})
+            hobby_active = (await hobby.get("/admin/alerts/active")).json()["data"]
+            bad_event = await admin.get("/admin/alerts", params={"event": "exploded"})
+            async with client_for(app) as nobody:
+                anonymous = await nobody.get("/admin/alerts")
+    events = {(e["event"], e["destination"]) for e in everything}
+    assert {("fired", None), ("delivered", "ops"), ("delivered", "acme")} <= events
+    assert [a["fingerprint"] for a in active] == ["errors:acme"]
+    # A tenant sees deliveries to its own webhook, never the operator's.
+    assert {e["destination"] for e in own["data"]} == {"acme"}
+    assert all(e["tenant"] == "acme" for e in own["data"])
+    # Another tenant sees none of it, and asking for acme's is a 404, not a 403.
+    assert others == []
+    assert hobby_active == []
+    assert peeking.status_code == 404
+    assert bad_event.status_code == 400
+    assert bad_event.json()["error"]["param"] == "event"
+    assert anonymous.status_code == 401

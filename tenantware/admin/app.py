@@ -769,6 +769,14 @@ class AdminApi:
             entries = await self.alerts.history(limit=1000 if event else limit, tenant=tenant)
         except STORE_UNAVAILABLE:
             raise _alerts_unavailable() from None
+        if caller.role == "tenant":
+            # A tenant sees deliveries to its own webhooks only, not the operator's.
+            own = {
+                d.id
+                for d in self.live.current.config.alerts.destinations
+                if d.tenant == caller.tenant
+            }
+            entries = [e for e in entries if e.destination is None or e.destination in own]
         if event is not None:
             entries = [e for e in entries if e.event == event][:limit]
         return _json(AlertHistory(data=entries))

@@ -26,7 +26,7 @@ from tenantware.alerts.payload import Message, render
 from tenantware.alerts.signing import SIGNATURE_HEADER, sign
 from tenantware.config import AlertDestination, AlertSettings
 
-__all__ = ["Dispatcher", "may_receive"]
+__all__ = ["Dispatcher", "TokenBucket", "may_receive"]
 
 log = structlog.get_logger("tenantware.alerts")
 
@@ -43,24 +43,34 @@ def may_receive(destination: AlertDestination, message: Message) -> bool:
     return _SEVERITY[alert.severity] >= _SEVERITY[destination.min_severity]
 
 
-class _TokenBucket:
-    __slots__ = ("capacity", "rate", "stamp", "tokens")
+class TokenBucket:
+    """``per_minute`` sends, refilled continuously; a send past it waits for its token."""
 
-    def __init__(self, per_minute: int) -> None:
+    __slots__ = ("capacity", "clock", "rate", "sleep", "stamp", "tokens")
+
+    def __init__(
+        self,
+        per_minute: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+    ) -> None:
         self.capacity = float(per_minute)
         self.rate = per_minute / 60.0
         self.tokens = self.capacity
-        self.stamp = time.monotonic()
+        self.clock = clock
+        self.sleep = sleep
+        self.stamp = clock()
 
     async def take(self) -> None:
         while True:
-            now = time.monotonic()
+            now = self.clock()
             self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
             self.stamp = now
             if self.tokens >= 1.0:
                 self.tokens -= 1.0
                 return
-            await anyio.sleep((1.0 - self.tokens) / self.rate)
+            await self.sleep((1.0 - self.tokens) / self.rate)
 
 
 class _Lane:
@@ -73,7 +83,7 @@ class _Lane:
         self.send: MemoryObjectSendStream[Message]
         self.receive: MemoryObjectReceiveStream[Message]
         self.send, self.receive = anyio.create_memory_object_stream[Message](size)
-        self.bucket = _TokenBucket(destination.max_per_minute)
+        self.bucket = TokenBucket(destination.max_per_minute)
 
 
 class Dispatcher:
@@ -185,3 +195,4 @@ class Dispatcher:
     async def aclose(self) -> None:
         for lane in self.lanes:
             await lane.send.aclose()
+            await lane.receive.aclose()

@@ -160,4 +160,5 @@ class WindowRule:
             return share, False
         if self.rule.kind == "error_rate":
             return share, share > self.rule.threshold
-        return share, share > 1.0 - self.rule.percentile / 100.0
+        # Over the percentile: more than (100 - p) % of the window is over the threshold.
+        return share, bad * 100 > requests * (100.0 - self.rule.percentile)
