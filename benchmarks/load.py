@@ -40,7 +40,13 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT)]
 
-from benchconfig import BENCH_KEY, CHAT_BODY, STREAM_BODY, bench_config  # noqa: E402
+from benchconfig import (  # noqa: E402
+    ALERTS_EVERY_RULE,
+    BENCH_KEY,
+    CHAT_BODY,
+    STREAM_BODY,
+    bench_config,
+)
 
 GATEWAY_CORE = "0"
 LOAD_CORE = "1"
@@ -377,6 +383,8 @@ class Bench:
             ledger_url=args.ledger_url,
             workdir=str(workdir),
         )
+        if args.alerts:
+            config["alerts"] = ALERTS_EVERY_RULE
         config_path = workdir / f"gateway-{latency_ms:g}.json"
         config_path.write_text(json.dumps(config))
         self.gateway = start_gateway(config_path, args)
@@ -902,6 +910,7 @@ def main() -> None:
     parser.add_argument("--ledger-url", default=None)
     parser.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp")
     parser.add_argument("--server", choices=["uvicorn", "granian"], default="uvicorn")
+    parser.add_argument("--alerts", action="store_true", help="every alert rule kind on")
     parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() in the gateway")
     parser.add_argument("--soak", type=float, default=0, help="soak for this many seconds")
     parser.add_argument("--soak-rate", type=float, default=300.0)

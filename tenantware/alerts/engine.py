@@ -102,9 +102,10 @@ class AlertEngine:
         }
         if quota_store is not None:
             self.probes["spend"] = spend_probe(quota_store)
-        self._client = client or httpx.AsyncClient()
-        #: Destinations are read once, at start (a change needs a restart).
-        self.dispatcher = Dispatcher(settings, self._client, self._record)
+        self._client = client
+        #: Delivery, while ``running()``; destinations are read once, at start (a change
+        #: needs a restart).
+        self.dispatcher: Dispatcher | None = None
         self._compiled: _Compiled | None = None
         #: ``store_failover`` alerts of this replica (judged here, not under the lease).
         self._local_active: dict[str, Alert] = {}
@@ -136,19 +137,24 @@ class AlertEngine:
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[AlertEngine]:
+        client = self._client or httpx.AsyncClient()
+        settings = self.live.current.config.alerts
+        dispatcher = self.dispatcher = Dispatcher(settings, client, self._record)
         try:
             async with anyio.create_task_group() as group:
-                group.start_soon(self.dispatcher.run)
+                group.start_soon(dispatcher.run)
                 group.start_soon(self._loop)
                 try:
                     yield self
                 finally:
                     group.cancel_scope.cancel()
         finally:
-            await self.dispatcher.aclose()
+            self.dispatcher = None
+            await dispatcher.aclose()
             with anyio.CancelScope(shield=True):
                 await self._release()
-                await self._client.aclose()
+                if self._client is None:
+                    await client.aclose()
 
     async def _loop(self) -> None:
         while True:
@@ -290,7 +296,8 @@ class AlertEngine:
         message = Message(
             id=secrets.token_hex(12), status=status, alert=alert, resolved_at=resolved_at
         )
-        await self.dispatcher.submit(message)
+        if self.dispatcher is not None:
+            await self.dispatcher.submit(message)
 
     async def _record(self, event: AlertEvent) -> None:
         keep = self.live.current.config.alerts.history_size

@@ -9,6 +9,7 @@ exact and needs two integers per bucket instead of a histogram.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from operator import attrgetter
 from typing import Final
 
 from tenantware.config import WINDOW_KINDS, AlertRule, AlertSettings
@@ -92,25 +93,41 @@ def default_summary(rule: AlertRule) -> str:
     return f"shared store unreachable (failure policy in force) for more than {rule.threshold:g} s"
 
 
+def _added_latency(r: UsageRecord) -> float | None:
+    # Streamed answers are left out: their total includes the whole stream.
+    if r.upstream_latency_s is None or r.stream:
+        return None
+    return max(0.0, r.latency_s - r.upstream_latency_s)
+
+
 def _value_of(rule: AlertRule) -> Callable[[UsageRecord], float | None]:
     if rule.kind == "queue_wait":
-        return lambda r: r.queue_wait_s
+        return attrgetter("queue_wait_s")
     if rule.metric == "ttft":
-        return lambda r: r.ttft_s
+        return attrgetter("ttft_s")
     if rule.metric == "added_latency":
-        # Streamed answers are left out: their total includes the whole stream.
-        return lambda r: (
-            None
-            if r.upstream_latency_s is None or r.stream
-            else max(0.0, r.latency_s - r.upstream_latency_s)
-        )
-    return lambda r: r.latency_s
+        return _added_latency
+    return attrgetter("latency_s")
+
+
+def _served_model(r: UsageRecord) -> str:
+    return r.model_served or r.model_requested
 
 
 class WindowRule:
-    """A record-based rule compiled once per configuration version."""
+    """A record-based rule compiled once per configuration version (``judge`` runs for every
+    record, in the ledger writer: what it needs is looked up here, once)."""
 
-    __slots__ = ("_group", "_match", "_skip", "_value", "rule")
+    __slots__ = (
+        "_errors",
+        "_group",
+        "_match",
+        "_needs_group",
+        "_skip",
+        "_threshold",
+        "_value",
+        "rule",
+    )
 
     def __init__(self, rule: AlertRule, tiers: Mapping[str, str]) -> None:
         assert rule.kind in WINDOW_KINDS
@@ -118,16 +135,19 @@ class WindowRule:
         self._match = frozenset(rule.match)
         self._skip = _QUEUE_JUDGED if rule.kind == "queue_wait" else NOT_SERVED
         self._value = _value_of(rule)
+        self._errors = rule.kind == "error_rate"
+        self._threshold = rule.threshold
+        self._needs_group = rule.scope != "global"
         scope = rule.scope
         self._group: Callable[[UsageRecord], str]
         if scope == "tenant":
-            self._group = lambda r: r.tenant
+            self._group = attrgetter("tenant")
         elif scope == "tier":
             self._group = lambda r: tiers.get(r.tenant, "")
         elif scope == "model":
-            self._group = lambda r: r.model_served or r.model_requested
+            self._group = _served_model
         elif scope == "upstream":
-            self._group = lambda r: r.upstream
+            self._group = attrgetter("upstream")
         else:
             self._group = lambda r: ""
 
@@ -137,18 +157,16 @@ class WindowRule:
         if outcome in self._skip:
             return None
         group = self._group(record)
-        if self._match and group not in self._match:
+        if self._needs_group and (not group or (self._match and group not in self._match)):
             return None
-        if self.rule.scope != "global" and not group:
-            return None
-        if self.rule.kind == "error_rate":
+        if self._errors:
             return group, outcome in ERROR_OUTCOMES
         if outcome == Outcome.REJECTED_QUEUE:
             return group, True
         value = self._value(record)
         if value is None:
             return None
-        return group, value > self.rule.threshold
+        return group, value > self._threshold
 
     def firing(self, requests: int, bad: int) -> tuple[float, bool]:
         """``(value, firing)`` of a window with ``requests`` judged, ``bad`` of them bad: the
