@@ -552,10 +552,18 @@ class AlertSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     queue_size: PositiveInt = 1000
     #: Entries of the alert history kept (fired, resolved, delivered, failed).
     history_size: PositiveInt = 1000
+    #: Tenants may register their own webhooks through the admin API (each receives only
+    #: its tenant's alerts); this alone turns alerts on.
+    tenant_webhooks: bool = False
+    #: Webhooks one tenant may register.
+    max_tenant_webhooks: Annotated[int, Meta(ge=1, le=100)] = 5
+    #: Let a registered webhook name a loopback, private or link-local address (tests, or a
+    #: gateway whose tenants are all inside one network); off, such URLs are refused.
+    allow_private_webhook_urls: bool = False
 
     def active(self) -> bool:
         """Whether alerts run at all: enabled with somewhere to send them."""
-        return self.enabled and bool(self.destinations)
+        return self.enabled and (bool(self.destinations) or self.tenant_webhooks)
 
 
 # -- end of alert settings ------------------------------------------------------------------

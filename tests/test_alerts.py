@@ -449,3 +449,82 @@ async def test_alert_history_through_the_admin_api() -> None:
     assert bad_event.status_code == 400
     assert bad_event.json()["error"]["param"] == "event"
     assert anonymous.status_code == 401
+
+
+async def test_a_tenant_registers_its_own_webhook_for_its_own_alerts() -> None:
+    with receiver() as (hooks, url):
+        config = alert_config(
+            url,
+            [FAST_ERRORS],
+            breaker={"enabled": False},
+            alerts={"tenant_webhooks": True, "allow_private_webhook_urls": True},
+        )
+        gateway, fake = in_process_gateway(config=config)
+        fake.config.failure_rate = 1.0
+        app = gateway.asgi_app()
+        async with (
+            gateway.running(),
+            client_for(app, KEYS["acme"]) as acme,
+            client_for(app, KEYS["hobby"]) as hobby,
+        ):
+            made = await acme.post("/admin/tenants/acme/webhooks", json={"url": f"{url}/mine"})
+            theirs = await hobby.post(
+                "/admin/tenants/hobby/webhooks", json={"url": f"{url}/theirs"}
+            )
+            sneaky = await hobby.post("/admin/tenants/acme/webhooks", json={"url": f"{url}/sneaky"})
+            peek = await hobby.get("/admin/tenants/acme/webhooks")
+            listed = (await acme.get("/admin/tenants/acme/webhooks")).json()["data"]
+            # Delivery to a registered webhook starts at the next evaluation.
+            engine = gateway.alerts
+            assert engine is not None
+            await wait_until(
+                lambda: (
+                    engine.dispatcher is not None and made.json()["id"] in engine.dispatcher.lanes
+                )
+            )
+            await _send(acme, 5)
+            await wait_until(lambda: hooks.delivered("/mine", "firing"))
+            await wait_until(lambda: hooks.delivered("/ops", "firing"))
+            removed = await acme.delete(f"/admin/tenants/acme/webhooks/{made.json()['id']}")
+            again = await acme.delete(f"/admin/tenants/acme/webhooks/{made.json()['id']}")
+    assert made.status_code == 201
+    secret = made.json()["secret"]
+    assert secret.startswith("whsec_")
+    assert theirs.status_code == 201
+    assert sneaky.status_code == 404
+    assert peek.status_code == 404
+    assert [w["url"] for w in listed] == [f"{url}/mine"]
+    assert "secret" not in listed[0]
+    (hit,) = [h for h in hooks.at("/mine") if h.json()["status"] == "firing"]
+    assert hit.json()["alert"]["tenant"] == "acme"
+    assert verify_signature(secret.encode(), hit.body, hit.headers["tenantware-signature"])
+    assert hooks.at("/theirs") == []
+    assert removed.status_code == 200
+    assert again.status_code == 404
+
+
+async def test_a_registered_webhook_may_not_point_inside_the_network() -> None:
+    config = alert_config(
+        "http://127.0.0.1:9", [FAST_ERRORS], alerts={"destinations": [], "tenant_webhooks": True}
+    )
+    gateway, _ = in_process_gateway(config=config)
+    async with gateway.running(), client_for(gateway.asgi_app(), KEYS["acme"]) as acme:
+        refused = [
+            await acme.post("/admin/tenants/acme/webhooks", json={"url": target})
+            for target in (
+                "http://127.0.0.1:6379/",
+                "http://10.0.0.8/hook",
+                "http://[::1]/hook",
+                "http://localhost/hook",
+                "http://169.254.169.254/latest",
+                "ftp://example.com/hook",
+                "https://user:pw@example.com/hook",
+            )
+        ]
+        accepted = await acme.post(
+            "/admin/tenants/acme/webhooks", json={"url": "https://hooks.example.com/a"}
+        )
+    for answer in refused:
+        assert answer.status_code == 400
+        assert answer.json()["error"]["param"] == "url"
+    assert accepted.status_code == 201

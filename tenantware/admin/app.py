@@ -50,11 +50,18 @@ from tenantware.admin.schemas import (
     TenantPatch,
     TierList,
     TierOut,
+    WebhookCreate,
+    WebhookCreated,
+    WebhookDeleted,
+    WebhookList,
+    WebhookOut,
     key_out,
     limits_patched,
     tenant_out,
 )
 from tenantware.alerts.engine import AlertEngine
+from tenantware.alerts.model import TenantWebhook
+from tenantware.alerts.webhooks import WebhookRefused
 from tenantware.audit import AuditAction, AuditEntry, public_value
 from tenantware.backends.errors import STORE_UNAVAILABLE
 from tenantware.config import AdminKey, ApiKey, Tenant
@@ -197,6 +204,8 @@ class AdminApi:
             "/admin/audit": on(self._audit),
             "/admin/alerts": on(self._alert_history),
             "/admin/alerts/active": on(self._active_alerts),
+            "/admin/tenants/{tenant_id}/webhooks": on(self._webhooks),
+            "/admin/tenants/{tenant_id}/webhooks/{webhook_id}": on(self._webhook),
         }
         self.router = Router(
             [Route(path, endpoint, methods=_METHODS) for path, endpoint in routes.items()],
@@ -776,6 +785,7 @@ class AdminApi:
                 for d in self.live.current.config.alerts.destinations
                 if d.tenant == caller.tenant
             }
+            own.update(w.id for w in await self.alerts.webhooks(caller.tenant or ""))
             entries = [e for e in entries if e.destination is None or e.destination in own]
         if event is not None:
             entries = [e for e in entries if e.event == event][:limit]
@@ -790,6 +800,67 @@ class AdminApi:
         except STORE_UNAVAILABLE:
             raise _alerts_unavailable() from None
         return _json(AlertList(data=alerts))
+
+    async def _webhook_owner(self, request: Request, caller: Caller, *roles: str) -> str:
+        tenant_id: str = request.path_params["tenant_id"]
+        self._allow(caller, *roles, tenant_id=tenant_id)
+        if await self.store.get(tenant_id) is None:
+            raise _not_found(tenant_id)
+        return tenant_id
+
+    async def _webhooks(self, request: Request, caller: Caller) -> Response:
+        if request.method in ("GET", "HEAD"):
+            tenant_id = await self._webhook_owner(request, caller, "admin", "read-only", "tenant")
+            found = await self._engine().webhooks(tenant_id) if self.alerts else []
+            return _json(WebhookList(data=[_webhook_out(w) for w in found]))
+        if request.method != "POST":
+            raise _method(request)
+        tenant_id = await self._webhook_owner(request, caller, "admin", "tenant")
+        wanted = _decode(await request.body(), WebhookCreate)
+        try:
+            webhook = await self._engine().register_webhook(
+                tenant_id, wanted.url, fmt=wanted.format, min_severity=wanted.min_severity
+            )
+        except WebhookRefused as refused:
+            raise Refusal(400, f"{refused}.", "invalid_value", param=refused.param) from None
+        except STORE_UNAVAILABLE:
+            raise _alerts_unavailable() from None
+        out = _webhook_out(webhook)
+        created = WebhookCreated(**msgspec.structs.asdict(out), secret=webhook.secret)
+        return _json(created, 201)
+
+    async def _webhook(self, request: Request, caller: Caller) -> Response:
+        if request.method != "DELETE":
+            raise _method(request)
+        tenant_id = await self._webhook_owner(request, caller, "admin", "tenant")
+        webhook_id: str = request.path_params["webhook_id"]
+        try:
+            deleted = await self._engine().delete_webhook(tenant_id, webhook_id)
+        except STORE_UNAVAILABLE:
+            raise _alerts_unavailable() from None
+        if not deleted:
+            raise Refusal(404, f"No webhook {webhook_id!r}.", "not_found", param="webhook_id")
+        return _json(WebhookDeleted(id=webhook_id, deleted=True))
+
+    def _engine(self) -> AlertEngine:
+        if self.alerts is None:
+            raise Refusal(
+                409,
+                "Alerts are off on this gateway (alerts.tenant_webhooks is not set).",
+                "webhooks_disabled",
+            )
+        return self.alerts
+
+
+def _webhook_out(webhook: TenantWebhook) -> WebhookOut:
+    return WebhookOut(
+        id=webhook.id,
+        tenant=webhook.tenant,
+        url=webhook.url,
+        format=webhook.format,
+        min_severity=webhook.min_severity,
+        created_at=webhook.created_at,
+    )
 
 
 _ALERT_EVENTS: Final = frozenset({"fired", "resolved", "delivered", "failed", "dropped"})

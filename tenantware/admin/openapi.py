@@ -30,6 +30,10 @@ from tenantware.admin.schemas import (
     TenantOut,
     TenantPatch,
     TierList,
+    WebhookCreate,
+    WebhookCreated,
+    WebhookDeleted,
+    WebhookList,
 )
 
 __all__ = ["openapi_document"]
@@ -132,6 +136,10 @@ def openapi_document() -> bytes:
         TenantOut,
         TenantPatch,
         TierList,
+        WebhookCreate,
+        WebhookCreated,
+        WebhookDeleted,
+        WebhookList,
         _Deleted,
     ]
     _, components = msgspec.json.schema_components(kinds, ref_template=_REF)
@@ -278,6 +286,31 @@ def openapi_document() -> bytes:
                     ),
                 ],
                 errors=("400", "401", "403", "404", "503"),
+            )
+        },
+        "/admin/tenants/{tenant_id}/webhooks": {
+            "get": _operation(
+                "List a tenant's own alert webhooks (never their secrets)",
+                "admin, read-only, its own tenant",
+                ("200", WebhookList, "The webhooks"),
+                params=tenant,
+            ),
+            "post": _operation(
+                "Register a webhook for the tenant's own alerts (its secret is shown once)",
+                "admin, its own tenant",
+                ("201", WebhookCreated, "The webhook and its signing secret"),
+                body=WebhookCreate,
+                params=tenant,
+                errors=("400", "401", "403", "404", "409", "503"),
+            ),
+        },
+        "/admin/tenants/{tenant_id}/webhooks/{webhook_id}": {
+            "delete": _operation(
+                "Remove a tenant's webhook",
+                "admin, its own tenant",
+                ("200", WebhookDeleted, "Removed"),
+                params=[*tenant, _path_param("webhook_id")],
+                errors=("401", "403", "404", "409", "503"),
             )
         },
         "/admin/alerts/active": {

@@ -35,6 +35,11 @@ __all__ = [
     "TenantPatch",
     "TierList",
     "TierOut",
+    "WebhookCreate",
+    "WebhookCreated",
+    "WebhookDeleted",
+    "WebhookList",
+    "WebhookOut",
     "key_out",
     "tenant_out",
 ]
@@ -200,6 +205,48 @@ class AlertHistory(Struct, frozen=True, kw_only=True):
 class AlertList(Struct, frozen=True, kw_only=True):
     object: Literal["list"] = "list"
     data: list[Alert]
+
+
+class WebhookCreate(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A tenant's own webhook: it receives that tenant's alerts only."""
+
+    url: Annotated[str, Meta(min_length=1, max_length=2048)]
+    format: Literal["json", "slack"] = "json"
+    min_severity: Literal["info", "warning", "critical"] = "info"
+
+
+class WebhookOut(Struct, frozen=True, kw_only=True):
+    object: Literal["webhook"] = "webhook"
+    id: str
+    tenant: str
+    url: str
+    format: str
+    min_severity: str
+    created_at: float
+
+
+class WebhookCreated(Struct, frozen=True, kw_only=True):
+    """The new webhook with its signing secret: shown here once, never again."""
+
+    object: Literal["webhook"] = "webhook"
+    id: str
+    tenant: str
+    url: str
+    format: str
+    min_severity: str
+    created_at: float
+    secret: str
+
+
+class WebhookList(Struct, frozen=True, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[WebhookOut]
+
+
+class WebhookDeleted(Struct, frozen=True, kw_only=True):
+    object: Literal["webhook"] = "webhook"
+    id: str
+    deleted: bool
 
 
 class TierOut(Struct, frozen=True, kw_only=True):

@@ -13,12 +13,13 @@ from __future__ import annotations
 import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
 import anyio
 import httpx
 import structlog
+from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from tenantware.alerts.model import AlertEvent, EventKind
@@ -76,10 +77,14 @@ class TokenBucket:
 class _Lane:
     """One destination's queue and limiter."""
 
-    __slots__ = ("bucket", "destination", "receive", "send")
+    __slots__ = ("bucket", "destination", "receive", "secret", "send")
 
-    def __init__(self, destination: AlertDestination, size: int) -> None:
+    def __init__(
+        self, destination: AlertDestination, size: int, secret: bytes | None = None
+    ) -> None:
         self.destination = destination
+        #: A registered webhook's own secret; a configured one reads ``secret_env``.
+        self.secret = secret
         self.send: MemoryObjectSendStream[Message]
         self.receive: MemoryObjectReceiveStream[Message]
         self.send, self.receive = anyio.create_memory_object_stream[Message](size)
@@ -101,11 +106,29 @@ class Dispatcher:
         self.client = client
         self.record = record
         self.rng = rng or random.Random()
-        self.lanes = [_Lane(d, settings.queue_size) for d in settings.destinations]
+        self.lanes = {d.id: _Lane(d, settings.queue_size) for d in settings.destinations}
+        #: Ids of the lanes of registered webhooks (``sync`` adds and removes those only).
+        self._registered: set[str] = set()
+        self._group: TaskGroup | None = None
+
+    def sync(self, registered: Sequence[tuple[AlertDestination, bytes]]) -> None:
+        """Give tenants' registered webhooks their lanes (new ones start, removed ones end
+        once their queue is sent)."""
+        wanted = {destination.id for destination, _ in registered}
+        for lane_id in self._registered - wanted:
+            lane = self.lanes.pop(lane_id)
+            lane.send.close()
+        for destination, secret in registered:
+            if destination.id in self.lanes:
+                continue
+            lane = self.lanes[destination.id] = _Lane(destination, self.settings.queue_size, secret)
+            if self._group is not None:
+                self._group.start_soon(self._work, lane)
+        self._registered = wanted
 
     async def submit(self, message: Message) -> None:
         """Queue ``message`` for every destination that may receive it."""
-        for lane in self.lanes:
+        for lane in list(self.lanes.values()):
             if not may_receive(lane.destination, message):
                 continue
             try:
@@ -115,21 +138,24 @@ class Dispatcher:
 
     async def run(self) -> None:
         async with anyio.create_task_group() as group:
-            for lane in self.lanes:
+            self._group = group
+            for lane in self.lanes.values():
                 group.start_soon(self._work, lane)
+            await anyio.sleep_forever()
 
     async def _work(self, lane: _Lane) -> None:
         async with lane.receive:
             async for message in lane.receive:
                 await lane.bucket.take()
-                await self._deliver(lane.destination, message)
+                await self._deliver(lane, message)
 
-    async def _deliver(self, destination: AlertDestination, message: Message) -> None:
+    async def _deliver(self, lane: _Lane, message: Message) -> None:
+        destination = lane.destination
         body = render(message, destination.format)
         settings = self.settings
         detail = ""
         for attempt in range(1, settings.max_attempts + 1):
-            final, detail = await self._send(destination, message, body)
+            final, detail = await self._send(lane, message, body)
             if final and not detail:
                 await self._note(message, destination, "delivered", attempt, "")
                 return
@@ -145,16 +171,15 @@ class Dispatcher:
         )
         await self._note(message, destination, "failed", attempt, detail)
 
-    async def _send(
-        self, destination: AlertDestination, message: Message, body: bytes
-    ) -> tuple[bool, str]:
+    async def _send(self, lane: _Lane, message: Message, body: bytes) -> tuple[bool, str]:
         """``(final, error)``: ``(True, "")`` delivered; ``final`` errors are not retried."""
+        destination = lane.destination
         headers = {
             "content-type": "application/json",
             "user-agent": "tenantware-alerts",
             "tenantware-event-id": message.id,
         }
-        secret = destination.secret()
+        secret = lane.secret if lane.secret is not None else destination.secret()
         if secret is not None:
             headers[SIGNATURE_HEADER] = sign(secret, body, int(time.time()))
         try:
@@ -193,6 +218,6 @@ class Dispatcher:
         )
 
     async def aclose(self) -> None:
-        for lane in self.lanes:
+        for lane in self.lanes.values():
             await lane.send.aclose()
             await lane.receive.aclose()

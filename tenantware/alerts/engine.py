@@ -16,14 +16,14 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
-from typing import Final
+from typing import Final, Literal
 
 import anyio
 import httpx
 import structlog
 
 from tenantware.alerts.delivery import Dispatcher
-from tenantware.alerts.model import Alert, AlertEvent, EventKind, Finding
+from tenantware.alerts.model import Alert, AlertEvent, EventKind, Finding, TenantWebhook
 from tenantware.alerts.payload import Message, Status
 from tenantware.alerts.probes import (
     CIRCUIT_FACT,
@@ -36,6 +36,7 @@ from tenantware.alerts.probes import (
 )
 from tenantware.alerts.rules import WindowRule, default_summary, rules_in_force
 from tenantware.alerts.store import AlertStore
+from tenantware.alerts.webhooks import as_destination, new_webhook
 from tenantware.alerts.window import Counts, WindowCounters
 from tenantware.backends.errors import STORE_UNAVAILABLE
 from tenantware.backends.failover import StoreHealth
@@ -194,6 +195,9 @@ class AlertEngine:
                     self._unrecorded.popleft()
                 self.leader = await self.store.acquire(self.replica, settings.lease_s)
                 if self.leader:
+                    if settings.tenant_webhooks and self.dispatcher is not None:
+                        registered = await self.store.webhooks()
+                        self.dispatcher.sync([as_destination(w) for w in registered])
                     await self._evaluate(snapshot, compiled, settings, now)
         except STORE_UNAVAILABLE as exc:
             self.counters.give_back(counts, oldest)
@@ -306,6 +310,39 @@ class AlertEngine:
                 await self.store.record(event, keep)
         except STORE_UNAVAILABLE:
             self._unrecorded.append(event)
+
+    # -- tenants' webhooks (admin API) -----------------------------------------------------
+
+    async def webhooks(self, tenant: str) -> list[TenantWebhook]:
+        """``tenant``'s registered webhooks (with their secrets: callers leave them out)."""
+        return sorted(
+            (w for w in await self.store.webhooks() if w.tenant == tenant),
+            key=lambda w: w.created_at,
+        )
+
+    async def register_webhook(
+        self,
+        tenant: str,
+        url: str,
+        *,
+        fmt: Literal["json", "slack"] = "json",
+        min_severity: Literal["info", "warning", "critical"] = "info",
+    ) -> TenantWebhook:
+        """Register a webhook of ``tenant`` (``WebhookRefused`` says why not); delivery to it
+        starts at the next evaluation."""
+        settings = self.live.current.config.alerts
+        existing = len(await self.webhooks(tenant))
+        webhook = new_webhook(
+            settings, tenant, url, existing=existing, fmt=fmt, min_severity=min_severity
+        )
+        await self.store.put_webhook(webhook)
+        return webhook
+
+    async def delete_webhook(self, tenant: str, webhook_id: str) -> bool:
+        """Remove ``tenant``'s webhook ``webhook_id``; ``False`` when it has none by that id."""
+        if not any(w.id == webhook_id for w in await self.webhooks(tenant)):
+            return False
+        return await self.store.delete_webhook(webhook_id)
 
     # -- reading -------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Mapping
 
-from tenantware.alerts.model import Alert, AlertEvent
+from tenantware.alerts.model import Alert, AlertEvent, TenantWebhook
 from tenantware.alerts.window import Counts
 
 __all__ = ["MemoryAlertStore", "earliest"]
@@ -19,6 +19,7 @@ class MemoryAlertStore:
         self._facts: dict[str, tuple[float, dict[str, float]]] = {}
         self._active: dict[str, Alert] = {}
         self._history: deque[AlertEvent] = deque()
+        self._webhooks: dict[str, TenantWebhook] = {}
 
     async def add_counts(self, counts: Counts, *, oldest_bucket: int, ttl_s: float) -> None:
         for key, (judged, bad) in counts.items():
@@ -63,6 +64,15 @@ class MemoryAlertStore:
 
     async def history(self, limit: int) -> list[AlertEvent]:
         return list(self._history)[:limit]
+
+    async def webhooks(self) -> list[TenantWebhook]:
+        return list(self._webhooks.values())
+
+    async def put_webhook(self, webhook: TenantWebhook) -> None:
+        self._webhooks[webhook.id] = webhook
+
+    async def delete_webhook(self, webhook_id: str) -> bool:
+        return self._webhooks.pop(webhook_id, None) is not None
 
 
 def earliest(reports: Iterable[Mapping[str, float]]) -> dict[str, float]:

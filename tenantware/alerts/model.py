@@ -11,7 +11,7 @@ from typing import Literal
 
 import msgspec
 
-__all__ = ["Alert", "AlertEvent", "EventKind", "Finding"]
+__all__ = ["Alert", "AlertEvent", "EventKind", "Finding", "TenantWebhook"]
 
 EventKind = Literal["fired", "resolved", "delivered", "failed", "dropped"]
 
@@ -61,3 +61,16 @@ class Finding(msgspec.Struct, frozen=True):
     tenant: str | None
     value: float
     firing: bool
+
+
+class TenantWebhook(msgspec.Struct, frozen=True, kw_only=True):
+    """A webhook a tenant registered through the admin API: its alerts only, signed with
+    ``secret`` (shown once, when it is registered)."""
+
+    id: str
+    tenant: str
+    url: str
+    format: Literal["json", "slack"] = "json"
+    min_severity: Literal["info", "warning", "critical"] = "info"
+    secret: str
+    created_at: float

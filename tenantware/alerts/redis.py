@@ -4,7 +4,8 @@ All keys share the hash tag ``{tw:alerts}`` (one slot on a cluster). Window coun
 hash per bucket (``rule\\x1fgroup`` -> judged, ``...\\x1fbad`` -> bad), added with HINCRBY and
 expiring after the longest window; facts are one hash of replica -> ``[at, facts]``; the
 lease is a key set only by ``lua/lease.lua``; active alerts a hash; the history a capped
-list. redis-py errors become ``StoreUnavailable`` (``redis_errors``).
+list; tenants' registered webhooks a hash. redis-py errors become ``StoreUnavailable``
+(``redis_errors``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import msgspec
 
 from tenantware.alerts.memory import earliest
-from tenantware.alerts.model import Alert, AlertEvent
+from tenantware.alerts.model import Alert, AlertEvent, TenantWebhook
 from tenantware.alerts.window import Counts
 from tenantware.backends.redis_support import RedisClient, redis_errors
 
@@ -28,6 +29,7 @@ _SEP = "\x1f"
 _encode = msgspec.json.encode
 _alert = msgspec.json.Decoder(Alert)
 _event = msgspec.json.Decoder(AlertEvent)
+_webhook = msgspec.json.Decoder(TenantWebhook)
 _facts = msgspec.json.Decoder(tuple[float, dict[str, float]])
 
 
@@ -42,6 +44,7 @@ class RedisAlertStore:
         self._lease_key = base + "lease"
         self._active_key = base + "active"
         self._history_key = base + "history"
+        self._webhooks_key = base + "webhooks"
         self._lease: Any = redis.register_script(_LEASE)
         self._release: Any = redis.register_script(_RELEASE)
 
@@ -133,6 +136,19 @@ class RedisAlertStore:
         with redis_errors():
             reply = await self.redis.lrange(self._history_key, 0, limit - 1)
         return [_event.decode(raw) for raw in reply]
+
+    async def webhooks(self) -> list[TenantWebhook]:
+        with redis_errors():
+            reply = await self.redis.hgetall(self._webhooks_key)
+        return [_webhook.decode(raw) for raw in reply.values()]
+
+    async def put_webhook(self, webhook: TenantWebhook) -> None:
+        with redis_errors():
+            await self.redis.hset(self._webhooks_key, webhook.id, _encode(webhook))
+
+    async def delete_webhook(self, webhook_id: str) -> bool:
+        with redis_errors():
+            return bool(await self.redis.hdel(self._webhooks_key, webhook_id))
 
 
 def _text(value: bytes | str) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-from tenantware.alerts.model import Alert, AlertEvent
+from tenantware.alerts.model import Alert, AlertEvent, TenantWebhook
 from tenantware.alerts.window import Counts
 
 __all__ = ["AlertStore"]
@@ -55,4 +55,14 @@ class AlertStore(Protocol):
 
     async def history(self, limit: int) -> list[AlertEvent]:
         """The newest ``limit`` entries, newest first."""
+        ...
+
+    async def webhooks(self) -> list[TenantWebhook]:
+        """Every webhook tenants registered."""
+        ...
+
+    async def put_webhook(self, webhook: TenantWebhook) -> None: ...
+
+    async def delete_webhook(self, webhook_id: str) -> bool:
+        """Remove it; ``False`` when there was none."""
         ...
