@@ -434,6 +434,8 @@ async def test_alert_history_through_the_admin_api() -> None:
             peeking = await hobby.get("/admin/alerts", params={"tenant": "acme"})
             hobby_active = (await hobby.get("/admin/alerts/active")).json()["data"]
             bad_event = await admin.get("/admin/alerts", params={"event": "exploded"})
+            rules = (await admin.get("/admin/alerts/rules")).json()["data"]
+            tenant_rules = await acme.get("/admin/alerts/rules")
             async with client_for(app) as nobody:
                 anonymous = await nobody.get("/admin/alerts")
     events = {(e["event"], e["destination"]) for e in everything}
@@ -449,6 +451,8 @@ async def test_alert_history_through_the_admin_api() -> None:
     assert bad_event.status_code == 400
     assert bad_event.json()["error"]["param"] == "event"
     assert anonymous.status_code == 401
+    assert [(r["id"], r["kind"], r["threshold"]) for r in rules] == [("errors", "error_rate", 0.5)]
+    assert tenant_rules.status_code == 403
 
 
 async def test_a_tenant_registers_its_own_webhook_for_its_own_alerts() -> None:

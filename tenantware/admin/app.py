@@ -39,6 +39,7 @@ from tenantware.admin.schemas import (
     AdminKeyOut,
     AlertHistory,
     AlertList,
+    AlertRuleList,
     AuditList,
     KeyIssue,
     KeyIssued,
@@ -61,6 +62,7 @@ from tenantware.admin.schemas import (
 )
 from tenantware.alerts.engine import AlertEngine
 from tenantware.alerts.model import TenantWebhook
+from tenantware.alerts.rules import rules_in_force
 from tenantware.alerts.webhooks import WebhookRefused
 from tenantware.audit import AuditAction, AuditEntry, public_value
 from tenantware.backends.errors import STORE_UNAVAILABLE
@@ -204,6 +206,7 @@ class AdminApi:
             "/admin/audit": on(self._audit),
             "/admin/alerts": on(self._alert_history),
             "/admin/alerts/active": on(self._active_alerts),
+            "/admin/alerts/rules": on(self._alert_rules),
             "/admin/tenants/{tenant_id}/webhooks": on(self._webhooks),
             "/admin/tenants/{tenant_id}/webhooks/{webhook_id}": on(self._webhook),
         }
@@ -790,6 +793,13 @@ class AdminApi:
         if event is not None:
             entries = [e for e in entries if e.event == event][:limit]
         return _json(AlertHistory(data=entries))
+
+    async def _alert_rules(self, request: Request, caller: Caller) -> Response:
+        if request.method not in ("GET", "HEAD"):
+            raise _method(request)
+        self._allow(caller, "admin", "read-only")
+        rules = list(rules_in_force(self.live.current.config.alerts))
+        return _json(AlertRuleList(data=rules))
 
     async def _active_alerts(self, request: Request, caller: Caller) -> Response:
         tenant = self._alert_tenant(request, caller)

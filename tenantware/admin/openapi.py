@@ -18,6 +18,7 @@ from tenantware.admin.schemas import (
     AdminKeyList,
     AlertHistory,
     AlertList,
+    AlertRuleList,
     AuditList,
     ErrorBody,
     KeyIssue,
@@ -124,6 +125,7 @@ def openapi_document() -> bytes:
         _AdminRevoked,
         AlertHistory,
         AlertList,
+        AlertRuleList,
         AuditList,
         ErrorBody,
         KeyIssue,
@@ -311,6 +313,14 @@ def openapi_document() -> bytes:
                 ("200", WebhookDeleted, "Removed"),
                 params=[*tenant, _path_param("webhook_id")],
                 errors=("401", "403", "404", "409", "503"),
+            )
+        },
+        "/admin/alerts/rules": {
+            "get": _operation(
+                "List the alert rules in force (configured, or the shipped defaults)",
+                "admin, read-only",
+                ("200", AlertRuleList, "The rules"),
+                errors=("401", "403"),
             )
         },
         "/admin/alerts/active": {

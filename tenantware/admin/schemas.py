@@ -13,7 +13,7 @@ from msgspec import UNSET, Meta, Struct, UnsetType, field
 
 from tenantware.alerts.model import Alert, AlertEvent
 from tenantware.audit import AuditEntry
-from tenantware.config import Limits, Priority, Tenant, Tier, Weight
+from tenantware.config import AlertRule, Limits, Priority, Tenant, Tier, Weight
 
 __all__ = [
     "AdminKeyIssue",
@@ -22,6 +22,7 @@ __all__ = [
     "AdminKeyOut",
     "AlertHistory",
     "AlertList",
+    "AlertRuleList",
     "AuditList",
     "ErrorBody",
     "KeyIssue",
@@ -200,6 +201,13 @@ class AuditList(Struct, frozen=True, kw_only=True):
 class AlertHistory(Struct, frozen=True, kw_only=True):
     object: Literal["list"] = "list"
     data: list[AlertEvent]
+
+
+class AlertRuleList(Struct, frozen=True, kw_only=True):
+    """The rules in force: the configured ones, or the shipped defaults."""
+
+    object: Literal["list"] = "list"
+    data: list[AlertRule]
 
 
 class AlertList(Struct, frozen=True, kw_only=True):
