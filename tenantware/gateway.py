@@ -13,6 +13,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import structlog
 from starlette.middleware import Middleware
 
 from tenantware.admin.app import AdminApi
@@ -170,7 +171,21 @@ class Gateway:
         if self.writer is not None:
             self.writer.observers.append(engine.observe)
         self.alerts = engine
-        self.add_service(engine.running)
+        self.add_service(self._alerts_service)
+
+    @asynccontextmanager
+    async def _alerts_service(self) -> AsyncIterator[None]:
+        engine = self.alerts
+        assert engine is not None
+        processes = max(self.processes, self.config.gateway.replicas)
+        if self.redis is None and processes > 1:
+            structlog.get_logger("tenantware.alerts").warning(
+                "alerts without a shared store: each process judges its own traffic and "
+                "sends its own alerts; set gateway.redis_url",
+                processes=processes,
+            )
+        async with engine.running():
+            yield
 
     @asynccontextmanager
     async def _registry_service(self) -> AsyncIterator[None]:
