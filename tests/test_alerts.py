@@ -532,3 +532,29 @@ async def test_a_registered_webhook_may_not_point_inside_the_network() -> None:
         assert answer.status_code == 400
         assert answer.json()["error"]["param"] == "url"
     assert accepted.status_code == 201
+
+
+async def test_an_unreachable_alert_store_is_a_store_failover_of_this_replica() -> None:
+    from tenantware.alerts import AlertEngine
+    from tenantware.alerts.redis import RedisAlertStore
+    from tenantware.backends.errors import StoreUnavailable
+    from tenantware.backends.redis_support import connect_redis
+    from tenantware.state import LiveConfig
+    from tests.servers import find_free_port
+
+    rules = [{"id": "store", "kind": "store_failover", "threshold": 0}, FAST_ERRORS]
+    with receiver() as (hooks, url):
+        live = LiveConfig(alert_config(url, rules))
+        # Nothing listens there: every call is refused, as when Redis is down.
+        client = connect_redis(f"redis://127.0.0.1:{find_free_port()}/0", timeout_s=0.25)
+        engine = AlertEngine(live, RedisAlertStore(client), replica="r2")
+        engine.observe([_record(outcome="upstream_error", ts=1.0e9)])
+        async with engine.running():
+            await wait_until(lambda: hooks.delivered("/ops", "firing"))
+            # The admin API answers 503 for the history meanwhile.
+            with pytest.raises(StoreUnavailable):
+                await engine.history(limit=10)
+        await client.aclose()
+    alert = hooks.delivered("/ops", "firing")[0]["alert"]
+    assert alert["fingerprint"] == "store:r2"
+    assert alert["kind"] == "store_failover"
