@@ -151,8 +151,8 @@ class AlertEngine:
                     group.cancel_scope.cancel()
         finally:
             self.dispatcher = None
-            await dispatcher.aclose()
             with anyio.CancelScope(shield=True):
+                await dispatcher.aclose()
                 await self._release()
                 if self._client is None:
                     await client.aclose()
