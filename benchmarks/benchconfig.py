@@ -130,6 +130,34 @@ def bench_config(
     return data
 
 
+#: ``--alerts``: a rule of every kind (each window kind per tenant, per model and global) and
+#: one destination, so the alert engine counts every record and judges every rule each
+#: second. The destination is a closed local port: nothing fires in a healthy run anyway.
+ALERTS_EVERY_RULE: dict[str, Any] = {
+    "destinations": [{"id": "ops", "url": "http://127.0.0.1:9/alerts"}],
+    "evaluate_every_s": 1.0,
+    "bucket_s": 1.0,
+    "rules": [
+        {"id": "errors", "kind": "error_rate", "scope": "tenant", "threshold": 0.01},
+        {"id": "errors-all", "kind": "error_rate", "threshold": 0.01},
+        {"id": "latency", "kind": "latency", "scope": "model", "threshold": 5.0},
+        {"id": "added", "kind": "latency", "metric": "added_latency", "threshold": 0.15},
+        {"id": "ttft", "kind": "latency", "metric": "ttft", "scope": "tenant", "threshold": 5},
+        {"id": "queue", "kind": "queue_wait", "scope": "tenant", "threshold": 5.0},
+        {"id": "daily", "kind": "spend", "scope": "tenant", "threshold": 0.9},
+        {
+            "id": "monthly",
+            "kind": "spend",
+            "scope": "tenant",
+            "threshold": 0.9,
+            "budget": "monthly",
+        },
+        {"id": "circuit", "kind": "circuit_open", "scope": "upstream", "threshold": 30},
+        {"id": "ledger", "kind": "ledger_spilling", "threshold": 0},
+        {"id": "store", "kind": "store_failover", "threshold": 0},
+    ],
+}
+
 _SINKS: dict[str, Any] = {}
 
 

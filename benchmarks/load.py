@@ -41,7 +41,13 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT)]
 
-from benchconfig import BENCH_KEY, CHAT_BODY, STREAM_BODY, bench_config  # noqa: E402
+from benchconfig import (  # noqa: E402
+    ALERTS_EVERY_RULE,
+    BENCH_KEY,
+    CHAT_BODY,
+    STREAM_BODY,
+    bench_config,
+)
 
 GATEWAY_CORE = "0"
 LOAD_CORE = "1"
@@ -403,6 +409,8 @@ class Bench:
             config["upstreams"].append({**native, "responses": True})
             self.modes.update(FORMAT_MODES)
             self.paths.update(dict.fromkeys(FORMAT_MODES, "/v1/responses"))
+        if args.alerts:
+            config["alerts"] = ALERTS_EVERY_RULE
         config_path = workdir / f"gateway-{latency_ms:g}.json"
         config_path.write_text(json.dumps(config))
         self.gateway = start_gateway(config_path, args)
@@ -939,6 +947,7 @@ def main() -> None:
     parser.add_argument("--ledger-url", default=None)
     parser.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp")
     parser.add_argument("--server", choices=["uvicorn", "granian"], default="uvicorn")
+    parser.add_argument("--alerts", action="store_true", help="every alert rule kind on")
     parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() in the gateway")
     parser.add_argument(
         "--formats",

@@ -1,5 +1,6 @@
 """The ``tenantware`` command line: ``serve`` the gateway, ``hash-key``/``new-key`` for config,
-``usage`` reports, ``tenants``/``keys`` through a running gateway's admin API."""
+``usage`` reports, ``alerts export-rules`` for Prometheus, ``tenants``/``keys`` through a running
+gateway's admin API."""
 
 from __future__ import annotations
 
@@ -289,6 +290,26 @@ def _shown_ledger(url: str) -> str:
     return url
 
 
+def _export_rules(args: argparse.Namespace) -> int:
+    from tenantware.alerts.prometheus import export_rules
+
+    path = args.config or os.environ.get(_ENV_CONFIG)
+    if not path:
+        print("tenantware alerts export-rules: --config is required", file=sys.stderr)
+        return 2
+    try:
+        text = export_rules(load_config(path))
+    except ConfigError as exc:
+        print(f"tenantware: {exc}", file=sys.stderr)
+        return 2
+    if args.output in (None, "-"):
+        sys.stdout.write(text)
+    else:
+        with open(args.output, "w", encoding="utf-8") as out:
+            out.write(text)
+    return 0
+
+
 def _positive(kind: type[int] | type[float]) -> Any:
     def parse(text: str) -> int | float:
         value = kind(text)
@@ -389,6 +410,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     usage.add_argument("--period", choices=["minute", "hour", "day", "month", "all"], default="day")
     usage.add_argument("--format", choices=["table", "json", "csv", "records"], default="table")
     usage.set_defaults(func=_usage)
+
+    alerts = commands.add_parser("alerts", help="alert rules")
+    alert_commands = alerts.add_subparsers(dest="alerts_command", required=True)
+    export = alert_commands.add_parser(
+        "export-rules", help="write the configured alert rules as a Prometheus rules file"
+    )
+    export.add_argument("--config", help="configuration file (default: $TENANTWARE_CONFIG)")
+    export.add_argument("-o", "--output", help="file to write (default: standard output)")
+    export.set_defaults(func=_export_rules)
 
     from tenantware.admin.cli import add_commands
 

@@ -22,6 +22,9 @@ __all__ = [
     "DEFAULT_TIERS",
     "AdminKey",
     "AdmissionSettings",
+    "AlertDestination",
+    "AlertRule",
+    "AlertSettings",
     "ApiKey",
     "BreakerSettings",
     "CircuitSettings",
@@ -632,6 +635,129 @@ class PaymentWebhook(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     tolerance_s: PositiveFloat = 300.0
 
 
+AlertKind = Literal[
+    "error_rate",
+    "latency",
+    "queue_wait",
+    "spend",
+    "circuit_open",
+    "ledger_spilling",
+    "store_failover",
+]
+AlertScope = Literal["global", "tenant", "tier", "model", "upstream"]
+AlertSeverity = Literal["info", "warning", "critical"]
+#: What a ``latency`` rule measures: the whole request, the gateway's own share of it
+#: (total minus the upstream's answer time), or the time to the first streamed byte.
+LatencyMetric = Literal["latency", "added_latency", "ttft"]
+_ALERT_ID = r"^[A-Za-z0-9_.-]{1,64}$"
+#: Kinds judged from the usage records of a window (the others read gateway state).
+WINDOW_KINDS: frozenset[str] = frozenset({"error_rate", "latency", "queue_wait"})
+
+
+class AlertRule(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One alert condition. ``threshold`` is read per kind: ``error_rate`` a fraction of the
+    window's requests (0.01 = 1 %); ``latency`` and ``queue_wait`` seconds (the ``percentile``
+    of the window is over it); ``spend`` a share of the budget (0.8 = 80 %);
+    ``circuit_open``, ``ledger_spilling`` and ``store_failover`` seconds the state has lasted.
+    """
+
+    id: Annotated[str, Meta(pattern=_ALERT_ID)]
+    kind: AlertKind
+    #: What one alert is about: each tenant, tier, model or upstream on its own (or only
+    #: those in ``match``), or the gateway as a whole.
+    scope: AlertScope = "global"
+    match: list[str] = field(default_factory=list)
+    threshold: Annotated[float, Meta(ge=0)] = 0.0
+    #: Length of the sliding window of the record-based kinds.
+    window_s: Annotated[float, Meta(gt=0, le=86_400)] = 300.0
+    percentile: Annotated[float, Meta(gt=0, lt=100)] = 95.0
+    metric: LatencyMetric = "latency"
+    budget: Literal["daily", "monthly"] = "daily"
+    #: Requests a window needs before its rate or percentile is judged.
+    min_requests: PositiveInt = 20
+    severity: AlertSeverity = "warning"
+    enabled: bool = True
+    #: Shown in the message; a default one is written from the rule when empty.
+    summary: Annotated[str, Meta(max_length=500)] = ""
+
+    def __post_init__(self) -> None:
+        if self.kind == "error_rate" and self.threshold > 1:
+            raise msgspec.ValidationError(
+                f"alert rule {self.id!r}: an error_rate threshold is a fraction (0.01 = 1 %)"
+            )
+        if self.kind == "spend" and self.scope not in ("tenant", "global"):
+            raise msgspec.ValidationError(
+                f"alert rule {self.id!r}: spend is judged per tenant (scope tenant or global)"
+            )
+        if self.kind == "circuit_open" and self.scope not in ("upstream", "tenant", "global"):
+            raise msgspec.ValidationError(
+                f"alert rule {self.id!r}: circuit_open is per upstream or tenant circuit"
+            )
+        if self.kind in ("ledger_spilling", "store_failover") and self.scope != "global":
+            raise msgspec.ValidationError(f"alert rule {self.id!r}: {self.kind} is global")
+
+
+class AlertDestination(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A webhook alerts are sent to. ``tenant`` set: a tenant's own webhook, which receives
+    only that tenant's alerts; unset: an operator's, which receives every alert."""
+
+    id: Annotated[str, Meta(pattern=_ALERT_ID)]
+    url: Annotated[str, Meta(pattern=r"^https?://")]
+    #: Environment variable holding the HMAC-SHA256 signing secret (never in the file).
+    secret_env: str | None = None
+    tenant: str | None = None
+    #: ``json``: the versioned payload; ``slack``: a Slack incoming-webhook message.
+    format: Literal["json", "slack"] = "json"
+    #: Deliveries per minute at most (a token bucket; the queue absorbs a burst).
+    max_per_minute: PositiveInt = 30
+    timeout_s: Annotated[float, Meta(gt=0, le=60)] = 5.0
+    #: Least severity sent here.
+    min_severity: AlertSeverity = "info"
+
+    def secret(self) -> bytes | None:
+        """The signing secret from the environment (``None`` when not configured)."""
+        value = os.environ.get(self.secret_env) if self.secret_env else None
+        return value.encode() if value else None
+
+
+class AlertSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Alerts (``[alerts]``): nothing is evaluated until a destination is configured."""
+
+    enabled: bool = True
+    destinations: list[AlertDestination] = field(default_factory=list)
+    #: The rules; unset: ``DEFAULT_ALERT_RULES`` (``tenantware.alerts``).
+    rules: list[AlertRule] | None = None
+    #: How often the rules are judged (and each replica reports its counters).
+    evaluate_every_s: Annotated[float, Meta(gt=0, le=3600)] = 10.0
+    #: Resolution of the windows: counters are kept per bucket of this length.
+    bucket_s: Annotated[float, Meta(gt=0, le=3600)] = 10.0
+    #: With Redis: the evaluating replica holds its lease this long without renewing.
+    lease_s: Annotated[float, Meta(gt=0, le=3600)] = 30.0
+    #: Delivery attempts per message (first included), with full-jitter exponential backoff.
+    max_attempts: PositiveInt = 6
+    retry_base_s: PositiveFloat = 1.0
+    retry_max_s: PositiveFloat = 60.0
+    #: Messages waiting per destination; past it, new ones are dropped (and recorded).
+    queue_size: PositiveInt = 1000
+    #: Entries of the alert history kept (fired, resolved, delivered, failed).
+    history_size: PositiveInt = 1000
+    #: Tenants may register their own webhooks through the admin API (each receives only
+    #: its tenant's alerts); this alone turns alerts on.
+    tenant_webhooks: bool = False
+    #: Webhooks one tenant may register.
+    max_tenant_webhooks: Annotated[int, Meta(ge=1, le=100)] = 5
+    #: Let a registered webhook name a loopback, private or link-local address (tests, or a
+    #: gateway whose tenants are all inside one network); off, such URLs are refused.
+    allow_private_webhook_urls: bool = False
+
+    def active(self) -> bool:
+        """Whether alerts run at all: enabled with somewhere to send them."""
+        return self.enabled and (bool(self.destinations) or self.tenant_webhooks)
+
+
+# -- end of alert settings ------------------------------------------------------------------
+
+
 class GatewaySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Process-wide settings."""
 
@@ -718,6 +844,7 @@ class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     metering: MeteringSettings = field(default_factory=MeteringSettings)
     migration: MigrationSettings = field(default_factory=MigrationSettings)
     data: DataSettings = field(default_factory=DataSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
 
     def __post_init__(self) -> None:
         tiers = self.all_tiers()
@@ -852,6 +979,7 @@ def _check_references(
         check(f"{where}.tiers", rule.tiers, tiers, "tier")
         check(f"{where}.primary", [rule.primary] if rule.primary else [], upstreams, "upstream")
         check(f"{where}.candidates", [c.upstream for c in rule.candidates], upstreams, "upstream")
+    _check_alerts(config, tenant_ids, upstreams, tiers, model_known, check)
     served = {model for upstream in config.upstreams for model in upstream.models}
     for model, chain in config.breaker.fallbacks.items():
         for name in (model, *chain):
@@ -866,6 +994,44 @@ def _check_references(
                 raise msgspec.ValidationError(
                     f"`breaker.fallbacks.{model}`: no upstream serves {name!r}"
                 )
+
+
+def _check_alerts(
+    config: GatewayConfig,
+    tenant_ids: set[str],
+    upstreams: set[str],
+    tiers: dict[str, Tier],
+    model_known: Callable[[str], bool],
+    check: Callable[[str, Iterable[str], set[str] | dict[str, Any], str], None],
+) -> None:
+    """Alert rules name existing tenants, tiers, upstreams and models; ids are unique."""
+    alerts = config.alerts
+    seen: set[str] = set()
+    for index, destination in enumerate(alerts.destinations):
+        if destination.id in seen:
+            raise msgspec.ValidationError(f"duplicate alert destination {destination.id!r}")
+        seen.add(destination.id)
+        if destination.tenant is not None:
+            setting = f"alerts.destinations[{index}].tenant"
+            check(setting, [destination.tenant], tenant_ids, "tenant")
+    seen = set()
+    for index, rule in enumerate(alerts.rules or ()):
+        if rule.id in seen:
+            raise msgspec.ValidationError(f"duplicate alert rule {rule.id!r}")
+        seen.add(rule.id)
+        setting = f"alerts.rules[{index}].match"
+        if rule.scope == "tenant":
+            check(setting, rule.match, tenant_ids, "tenant")
+        elif rule.scope == "tier":
+            check(setting, rule.match, tiers, "tier")
+        elif rule.scope == "upstream":
+            check(setting, rule.match, upstreams, "upstream")
+        elif rule.scope == "model":
+            for name in rule.match:
+                if not model_known(name):
+                    raise msgspec.ValidationError(f"`{setting}`: unknown model {name!r}")
+        elif rule.match:
+            raise msgspec.ValidationError(f"`{setting}`: a global rule matches nothing")
 
 
 def _usd(value: str) -> Decimal:

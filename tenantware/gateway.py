@@ -19,6 +19,9 @@ from starlette.middleware import Middleware
 
 from tenantware.admin.app import AdminApi
 from tenantware.admission.pools import AdmissionPools
+from tenantware.alerts.engine import AlertEngine
+from tenantware.alerts.memory import MemoryAlertStore
+from tenantware.alerts.store import AlertStore
 from tenantware.backends.errors import STORE_UNAVAILABLE
 from tenantware.balances import Balances, HmacTestProvider, PaymentProvider
 from tenantware.breaker.board import BreakerBoard
@@ -147,6 +150,10 @@ class Gateway:
         if isinstance(self.ledger, BalanceJournal):
             self.balances = Balances(self.quota_store, self.ledger)
             self.add_service(self._balances_service)
+        #: Alerts: only once a destination is configured (nothing runs or counts before).
+        self.alerts: AlertEngine | None = None
+        if config.alerts.active():
+            self._setup_alerts()
 
     def _setup_data(self, logs: LogStore | None, cache: CacheStore | None) -> None:
         """Tenant keys, request logs and the response cache (nothing is opened yet)."""
@@ -264,6 +271,43 @@ class Gateway:
             observers=[metrics_observer(live), request_log],
         )
         self.add_service(self._metering_service)
+
+    def _setup_alerts(self) -> None:
+        """The alert engine: it counts the writer's batches and runs for the gateway's life."""
+        redis = self.redis
+        store: AlertStore
+        if redis is None:
+            store = MemoryAlertStore()
+        else:
+            from tenantware.alerts.redis import RedisAlertStore
+
+            store = RedisAlertStore(redis, prefix=self.config.gateway.redis_prefix)
+        engine = AlertEngine(
+            self.live,
+            store,
+            board=self.board,
+            writer=self.writer,
+            store_health=self.stores.health if redis is not None else None,
+            quota_store=self.quota_store,
+        )
+        if self.writer is not None:
+            self.writer.observers.append(engine.observe)
+        self.alerts = engine
+        self.add_service(self._alerts_service)
+
+    @asynccontextmanager
+    async def _alerts_service(self) -> AsyncIterator[None]:
+        engine = self.alerts
+        assert engine is not None
+        processes = max(self.processes, self.config.gateway.replicas)
+        if self.redis is None and processes > 1:
+            structlog.get_logger("tenantware.alerts").warning(
+                "alerts without a shared store: each process judges its own traffic and "
+                "sends its own alerts; set gateway.redis_url",
+                processes=processes,
+            )
+        async with engine.running():
+            yield
 
     @asynccontextmanager
     async def _registry_service(self) -> AsyncIterator[None]:
@@ -383,6 +427,7 @@ class Gateway:
             tenant_data=self.tenant_data,
             balances=self.balances,
             payments=self.payment_providers(),
+            alerts=self.alerts,
         )
         reports.authorize = admin.may_read_reports
         tenant_usage = TenantMiddleware(reports, live=self.live, estimator=self.estimator)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = [
+    "ADDED_LATENCY_SECONDS",
     "BALANCE_LOW",
     "BALANCE_NANOUSD",
     "BREAKER_STATE",
@@ -60,6 +61,14 @@ REQUEST_SECONDS = Histogram(
     "Total request latency through the gateway.",
     ["tenant", "model"],
     buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+ADDED_LATENCY_SECONDS = Histogram(
+    "tenantware_added_latency_seconds",
+    "Latency the gateway added to a non-streamed request: its total minus the upstream's "
+    "answer time.",
+    ["tenant", "model"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5),
     registry=REGISTRY,
 )
 TTFT_SECONDS = Histogram(

@@ -38,6 +38,9 @@ from tenantware.admin.schemas import (
     AdminKeyIssued,
     AdminKeyList,
     AdminKeyOut,
+    AlertHistory,
+    AlertList,
+    AlertRuleList,
     AuditList,
     BalanceCheckOut,
     BalanceOut,
@@ -65,11 +68,20 @@ from tenantware.admin.schemas import (
     TopUp,
     UpstreamKeyIn,
     UpstreamKeyOut,
+    WebhookCreate,
+    WebhookCreated,
+    WebhookDeleted,
+    WebhookList,
+    WebhookOut,
     key_out,
     limits_patched,
     policy_out,
     tenant_out,
 )
+from tenantware.alerts.engine import AlertEngine
+from tenantware.alerts.model import TenantWebhook
+from tenantware.alerts.rules import rules_in_force
+from tenantware.alerts.webhooks import WebhookRefused
 from tenantware.audit import AuditAction, AuditEntry, public_value
 from tenantware.backends.errors import STORE_UNAVAILABLE
 from tenantware.backends.sealed import SealError, seal_key
@@ -202,11 +214,14 @@ class AdminApi:
         tenant_data: TenantData | None = None,
         balances: Balances | None = None,
         payments: dict[str, PaymentProvider] | None = None,
+        alerts: AlertEngine | None = None,
     ) -> None:
         self.live = live
         #: The tenants' kept data (logs, cache, key material): read through the API and
         #: destroyed with the tenant.
         self.tenant_data = tenant_data
+        #: The alert engine (``None`` while no alert destination is configured).
+        self.alerts = alerts
         self.store = store
         self.sync = sync
         #: The durable trail (the ledger); without it the registry's own short trail is read.
@@ -242,6 +257,11 @@ class AdminApi:
             "/admin/redemption-codes": on(self._create_codes),
             "/admin/balances/verify": on(self._verify),
             "/admin/payments/{provider}": on(self._payment, auth=False),
+            "/admin/alerts": on(self._alert_history),
+            "/admin/alerts/active": on(self._active_alerts),
+            "/admin/alerts/rules": on(self._alert_rules),
+            "/admin/tenants/{tenant_id}/webhooks": on(self._webhooks),
+            "/admin/tenants/{tenant_id}/webhooks/{webhook_id}": on(self._webhook),
         }
         self.router = Router(
             [Route(path, endpoint, methods=_METHODS) for path, endpoint in routes.items()],
@@ -1172,6 +1192,116 @@ class AdminApi:
         await self._audit_credit(request, payer, credit)
         return _json(PaymentAck(provider=name, credited=True, credit=_credit_out(credit)))
 
+    def _alert_tenant(self, request: Request, caller: Caller) -> str | None:
+        """The tenant whose alerts ``caller`` may read: a tenant key only its own."""
+        if request.method not in ("GET", "HEAD"):
+            raise _method(request)
+        self._allow(caller, "admin", "read-only", "tenant")
+        wanted = request.query_params.get("tenant") or None
+        if caller.role == "tenant":
+            if wanted is not None and wanted != caller.tenant:
+                raise _not_found(wanted)
+            return caller.tenant
+        return wanted
+
+    async def _alert_history(self, request: Request, caller: Caller) -> Response:
+        tenant = self._alert_tenant(request, caller)
+        query = request.query_params
+        limit = _int_param(query.get("limit"), "limit", default=100, low=1, high=1000)
+        event = query.get("event") or None
+        if event is not None and event not in _ALERT_EVENTS:
+            raise Refusal(
+                400,
+                "event must be one of " + ", ".join(sorted(_ALERT_EVENTS)) + ".",
+                "invalid_value",
+                param="event",
+            )
+        if self.alerts is None:
+            return _json(AlertHistory(data=[]))
+        try:
+            entries = await self.alerts.history(limit=1000 if event else limit, tenant=tenant)
+        except STORE_UNAVAILABLE:
+            raise _alerts_unavailable() from None
+        if caller.role == "tenant":
+            # A tenant sees deliveries to its own webhooks only, not the operator's.
+            own = {
+                d.id
+                for d in self.live.current.config.alerts.destinations
+                if d.tenant == caller.tenant
+            }
+            own.update(w.id for w in await self.alerts.webhooks(caller.tenant or ""))
+            entries = [e for e in entries if e.destination is None or e.destination in own]
+        if event is not None:
+            entries = [e for e in entries if e.event == event][:limit]
+        return _json(AlertHistory(data=entries))
+
+    async def _alert_rules(self, request: Request, caller: Caller) -> Response:
+        if request.method not in ("GET", "HEAD"):
+            raise _method(request)
+        self._allow(caller, "admin", "read-only")
+        rules = list(rules_in_force(self.live.current.config.alerts))
+        return _json(AlertRuleList(data=rules))
+
+    async def _active_alerts(self, request: Request, caller: Caller) -> Response:
+        tenant = self._alert_tenant(request, caller)
+        if self.alerts is None:
+            return _json(AlertList(data=[]))
+        try:
+            alerts = await self.alerts.active(tenant=tenant)
+        except STORE_UNAVAILABLE:
+            raise _alerts_unavailable() from None
+        return _json(AlertList(data=alerts))
+
+    async def _webhook_owner(self, request: Request, caller: Caller, *roles: str) -> str:
+        tenant_id: str = request.path_params["tenant_id"]
+        self._allow(caller, *roles, tenant_id=tenant_id)
+        if await self.store.get(tenant_id) is None:
+            raise _not_found(tenant_id)
+        return tenant_id
+
+    async def _webhooks(self, request: Request, caller: Caller) -> Response:
+        if request.method in ("GET", "HEAD"):
+            tenant_id = await self._webhook_owner(request, caller, "admin", "read-only", "tenant")
+            found = await self._engine().webhooks(tenant_id) if self.alerts else []
+            return _json(WebhookList(data=[_webhook_out(w) for w in found]))
+        if request.method != "POST":
+            raise _method(request)
+        tenant_id = await self._webhook_owner(request, caller, "admin", "tenant")
+        wanted = _decode(await request.body(), WebhookCreate)
+        try:
+            webhook = await self._engine().register_webhook(
+                tenant_id, wanted.url, fmt=wanted.format, min_severity=wanted.min_severity
+            )
+        except WebhookRefused as refused:
+            raise Refusal(400, f"{refused}.", "invalid_value", param=refused.param) from None
+        except STORE_UNAVAILABLE:
+            raise _alerts_unavailable() from None
+        out = _webhook_out(webhook)
+        created = WebhookCreated(**msgspec.structs.asdict(out), secret=webhook.secret)
+        return _json(created, 201)
+
+    async def _webhook(self, request: Request, caller: Caller) -> Response:
+        if request.method != "DELETE":
+            raise _method(request)
+        tenant_id = await self._webhook_owner(request, caller, "admin", "tenant")
+        webhook_id: str = request.path_params["webhook_id"]
+        try:
+            deleted = await self._engine().delete_webhook(tenant_id, webhook_id)
+        except STORE_UNAVAILABLE:
+            raise _alerts_unavailable() from None
+        if not deleted:
+            raise Refusal(404, f"No webhook {webhook_id!r}.", "not_found", param="webhook_id")
+        return _json(WebhookDeleted(id=webhook_id, deleted=True))
+
+    def _engine(self) -> AlertEngine:
+        if self.alerts is None:
+            raise Refusal(
+                409,
+                "Alerts are off on this gateway (alerts.tenant_webhooks is not set).",
+                "webhooks_disabled",
+            )
+        return self.alerts
+
 
 def _balance_store_down() -> Refusal:
     # The journal holds the credit already: the same retry completes it, once.
@@ -1199,6 +1329,24 @@ def _credit_out(credit: Credit) -> CreditOut:
         created_at=entry.at,
         note=entry.note,
     )
+
+
+def _webhook_out(webhook: TenantWebhook) -> WebhookOut:
+    return WebhookOut(
+        id=webhook.id,
+        tenant=webhook.tenant,
+        url=webhook.url,
+        format=webhook.format,
+        min_severity=webhook.min_severity,
+        created_at=webhook.created_at,
+    )
+
+
+_ALERT_EVENTS: Final = frozenset({"fired", "resolved", "delivered", "failed", "dropped"})
+
+
+def _alerts_unavailable() -> Refusal:
+    return Refusal(503, "The alert store cannot be reached; retry shortly.", "alerts_unavailable")
 
 
 def _method(request: Request) -> Refusal:

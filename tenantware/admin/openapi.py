@@ -16,6 +16,9 @@ from tenantware.admin.schemas import (
     AdminKeyIssue,
     AdminKeyIssued,
     AdminKeyList,
+    AlertHistory,
+    AlertList,
+    AlertRuleList,
     AuditList,
     BalanceOut,
     BalanceVerify,
@@ -43,6 +46,10 @@ from tenantware.admin.schemas import (
     TopUp,
     UpstreamKeyIn,
     UpstreamKeyOut,
+    WebhookCreate,
+    WebhookCreated,
+    WebhookDeleted,
+    WebhookList,
 )
 from tenantware.dashboard.schemas import LiveView, UsageView
 
@@ -138,6 +145,9 @@ def openapi_document() -> bytes:
         AdminKeyIssued,
         AdminKeyList,
         _AdminRevoked,
+        AlertHistory,
+        AlertList,
+        AlertRuleList,
         AuditList,
         ErrorBody,
         KeyIssue,
@@ -152,6 +162,10 @@ def openapi_document() -> bytes:
         TenantPatch,
         TenantStorage,
         TierList,
+        WebhookCreate,
+        WebhookCreated,
+        WebhookDeleted,
+        WebhookList,
         _Deleted,
         BalanceOut,
         BalanceVerify,
@@ -431,6 +445,67 @@ def openapi_document() -> bytes:
                     "content": {"application/json": {"schema": {"type": "object"}}},
                 },
             }
+        },
+        "/admin/alerts": {
+            "get": _operation(
+                "Read the alert history (fired, resolved, delivered, failed), newest first",
+                "admin, read-only; a tenant key reads its own tenant's",
+                ("200", AlertHistory, "History entries"),
+                params=[
+                    _LIMIT,
+                    _query("tenant", {"type": "string"}),
+                    _query(
+                        "event",
+                        {
+                            "type": "string",
+                            "enum": ["fired", "resolved", "delivered", "failed", "dropped"],
+                        },
+                    ),
+                ],
+                errors=("400", "401", "403", "404", "503"),
+            )
+        },
+        "/admin/tenants/{tenant_id}/webhooks": {
+            "get": _operation(
+                "List a tenant's own alert webhooks (never their secrets)",
+                "admin, read-only, its own tenant",
+                ("200", WebhookList, "The webhooks"),
+                params=tenant,
+            ),
+            "post": _operation(
+                "Register a webhook for the tenant's own alerts (its secret is shown once)",
+                "admin, its own tenant",
+                ("201", WebhookCreated, "The webhook and its signing secret"),
+                body=WebhookCreate,
+                params=tenant,
+                errors=("400", "401", "403", "404", "409", "503"),
+            ),
+        },
+        "/admin/tenants/{tenant_id}/webhooks/{webhook_id}": {
+            "delete": _operation(
+                "Remove a tenant's webhook",
+                "admin, its own tenant",
+                ("200", WebhookDeleted, "Removed"),
+                params=[*tenant, _path_param("webhook_id")],
+                errors=("401", "403", "404", "409", "503"),
+            )
+        },
+        "/admin/alerts/rules": {
+            "get": _operation(
+                "List the alert rules in force (configured, or the shipped defaults)",
+                "admin, read-only",
+                ("200", AlertRuleList, "The rules"),
+                errors=("401", "403"),
+            )
+        },
+        "/admin/alerts/active": {
+            "get": _operation(
+                "List the alerts firing now",
+                "admin, read-only; a tenant key reads its own tenant's",
+                ("200", AlertList, "Alerts firing"),
+                params=[_query("tenant", {"type": "string"})],
+                errors=("401", "403", "404", "503"),
+            )
         },
     }
     paths["/admin/dashboard/usage"] = {

@@ -11,8 +11,10 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType, field
 
+from tenantware.alerts.model import Alert, AlertEvent
 from tenantware.audit import AuditEntry
 from tenantware.config import (
+    AlertRule,
     FlagName,
     Limits,
     Priority,
@@ -30,6 +32,9 @@ __all__ = [
     "AdminKeyIssued",
     "AdminKeyList",
     "AdminKeyOut",
+    "AlertHistory",
+    "AlertList",
+    "AlertRuleList",
     "AuditList",
     "BalanceCheckOut",
     "BalanceOut",
@@ -60,6 +65,11 @@ __all__ = [
     "TopUp",
     "UpstreamKeyIn",
     "UpstreamKeyOut",
+    "WebhookCreate",
+    "WebhookCreated",
+    "WebhookDeleted",
+    "WebhookList",
+    "WebhookOut",
     "key_out",
     "policy_out",
     "tenant_out",
@@ -229,6 +239,65 @@ class KeyList(Struct, frozen=True, kw_only=True):
 class AuditList(Struct, frozen=True, kw_only=True):
     object: Literal["list"] = "list"
     data: list[AuditEntry]
+
+
+class AlertHistory(Struct, frozen=True, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[AlertEvent]
+
+
+class AlertRuleList(Struct, frozen=True, kw_only=True):
+    """The rules in force: the configured ones, or the shipped defaults."""
+
+    object: Literal["list"] = "list"
+    data: list[AlertRule]
+
+
+class AlertList(Struct, frozen=True, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[Alert]
+
+
+class WebhookCreate(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A tenant's own webhook: it receives that tenant's alerts only."""
+
+    url: Annotated[str, Meta(min_length=1, max_length=2048)]
+    format: Literal["json", "slack"] = "json"
+    min_severity: Literal["info", "warning", "critical"] = "info"
+
+
+class WebhookOut(Struct, frozen=True, kw_only=True):
+    object: Literal["webhook"] = "webhook"
+    id: str
+    tenant: str
+    url: str
+    format: str
+    min_severity: str
+    created_at: float
+
+
+class WebhookCreated(Struct, frozen=True, kw_only=True):
+    """The new webhook with its signing secret: shown here once, never again."""
+
+    object: Literal["webhook"] = "webhook"
+    id: str
+    tenant: str
+    url: str
+    format: str
+    min_severity: str
+    created_at: float
+    secret: str
+
+
+class WebhookList(Struct, frozen=True, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[WebhookOut]
+
+
+class WebhookDeleted(Struct, frozen=True, kw_only=True):
+    object: Literal["webhook"] = "webhook"
+    id: str
+    deleted: bool
 
 
 class TierOut(Struct, frozen=True, kw_only=True):

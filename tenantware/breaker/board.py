@@ -122,6 +122,9 @@ class BreakerBoard:
         self._table: _Table | None = None
         self._app_deployments: dict[str, tuple[Deployment, ...]] = {}
         self._tenant_keys: dict[str, str] = {}
+        #: Circuits out of service (open or half-open) in this process's view, and the unix
+        #: time each left the closed state (the alerts' "circuit open for N seconds").
+        self.out_since: dict[str, float] = {}
         self.store.set_listener(self._on_transition)
 
     # -- deployments and chains --------------------------------------------------------------
@@ -255,6 +258,10 @@ class BreakerBoard:
 
     def _on_transition(self, key: str, old: int, new: int, wait_s: float) -> None:
         fields = {"circuit": key, "old": STATE_NAMES[old], "new": STATE_NAMES[new]}
+        if new == CLOSED:
+            self.out_since.pop(key, None)
+        elif key not in self.out_since:
+            self.out_since[key] = time.time()
         if new == CLOSED:
             log.info("circuit closed", **fields)
         else:

@@ -20,6 +20,7 @@ from tenantware.logs import bulk_sink
 from tenantware.metering.billing import NOT_BILLED, SHADOW
 from tenantware.metering.ledger.record import UsageRecord
 from tenantware.metrics import (
+    ADDED_LATENCY_SECONDS,
     COST_NANOUSD,
     REJECTIONS,
     REQUEST_SECONDS,
@@ -119,6 +120,8 @@ class _Children:
             return TOKENS.labels(tenant, model, name)
         if name == "cost":
             return COST_NANOUSD.labels(tenant, model)
+        if name == "added":
+            return ADDED_LATENCY_SECONDS.labels(tenant, model)
         return TTFT_SECONDS.labels(tenant, model)
 
 
@@ -147,6 +150,8 @@ def metrics_observer(live: LiveConfig) -> Callable[[Sequence[UsageRecord]], None
             c.seconds.observe(r.latency_s)
             if r.outcome == SHADOW:
                 continue  # a migration trial's copy: counted, its cost is not the tenant's
+            if r.upstream_latency_s is not None and not r.stream:
+                c.child("added").observe(max(0.0, r.latency_s - r.upstream_latency_s))
             if r.outcome in NOT_BILLED:
                 if r.outcome not in _COUNTED_BY_THEIR_LAYER:
                     c.child("rejections").inc()
