@@ -640,6 +640,7 @@ AlertKind = Literal[
     "latency",
     "queue_wait",
     "spend",
+    "balance",
     "circuit_open",
     "ledger_spilling",
     "store_failover",
@@ -657,7 +658,8 @@ WINDOW_KINDS: frozenset[str] = frozenset({"error_rate", "latency", "queue_wait"}
 class AlertRule(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One alert condition. ``threshold`` is read per kind: ``error_rate`` a fraction of the
     window's requests (0.01 = 1 %); ``latency`` and ``queue_wait`` seconds (the ``percentile``
-    of the window is over it); ``spend`` a share of the budget (0.8 = 80 %);
+    of the window is over it); ``spend`` a share of the budget (0.8 = 80 %); ``balance`` a
+    prepaid balance in USD it fell under (0: each tenant's own ``low_balance_usd``);
     ``circuit_open``, ``ledger_spilling`` and ``store_failover`` seconds the state has lasted.
     """
 
@@ -688,6 +690,11 @@ class AlertRule(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
         if self.kind == "spend" and self.scope not in ("tenant", "global"):
             raise msgspec.ValidationError(
                 f"alert rule {self.id!r}: spend is judged per tenant (scope tenant or global)"
+            )
+        if self.kind == "balance" and self.scope not in ("tenant", "global"):
+            raise msgspec.ValidationError(
+                f"alert rule {self.id!r}: balance is judged per prepaid tenant (scope tenant "
+                "or global)"
             )
         if self.kind == "circuit_open" and self.scope not in ("upstream", "tenant", "global"):
             raise msgspec.ValidationError(

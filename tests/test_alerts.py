@@ -228,6 +228,39 @@ async def test_spend_reaching_a_share_of_the_daily_budget() -> None:
     assert hooks.at("/hobby") == []
 
 
+async def test_a_prepaid_balance_under_its_threshold_then_topped_up() -> None:
+    rules = [{"id": "low", "kind": "balance", "scope": "tenant", "threshold": 0}]
+    with receiver() as (hooks, url):
+        config = alert_config(url, rules)
+        tenants = [dict(t) for t in config_tenants(config)]
+        tenants[0] = {**tenants[0], "billing": "prepaid", "low_balance_usd": "0.002"}
+        config = alert_config(url, rules, tenants=tenants)
+        gateway, _ = in_process_gateway(config=config)
+        app = gateway.asgi_app()
+        async with gateway.running(), client_for(app, KEYS["acme"]) as acme:
+            low = 2_000_000
+            await gateway.quota_store.credit("acme", "first", 3_000_000, low)
+            # Above its threshold: nothing fires, however often the rules are judged.
+            await anyio.sleep(0.3)
+            assert hooks.delivered("/acme", "firing") == []
+
+            async def spend() -> None:
+                await acme.post("/v1/chat/completions", json={**CHAT, "max_tokens": 50})
+
+            balance = await gateway.quota_store.balance("acme")
+            assert balance is not None
+            await repeat_until(lambda: hooks.delivered("/acme", "firing"), spend)
+            balance = await gateway.quota_store.balance("acme")
+            assert balance is not None
+            assert balance < low
+            await gateway.quota_store.credit("acme", "second", 5_000_000, low)
+            await wait_until(lambda: hooks.delivered("/acme", "resolved"))
+    alert = hooks.delivered("/acme", "firing")[0]["alert"]
+    assert (alert["kind"], alert["tenant"], alert["rule"]) == ("balance", "acme", "low")
+    assert alert["value"] < 0.002
+    assert hooks.at("/hobby") == []  # postpaid, and not its alert
+
+
 def config_tenants(config: Any) -> list[dict[str, Any]]:
     import msgspec
 

@@ -30,6 +30,7 @@ from tenantware.alerts.probes import (
     LEDGER_FACT,
     Probe,
     ProbeInput,
+    balance_probe,
     circuit_probe,
     duration_probe,
     spend_probe,
@@ -103,6 +104,7 @@ class AlertEngine:
         }
         if quota_store is not None:
             self.probes["spend"] = spend_probe(quota_store)
+            self.probes["balance"] = balance_probe(quota_store)
         self._client = client
         #: Delivery, while ``running()``; destinations are read once, at start (a change
         #: needs a restart).

@@ -127,3 +127,34 @@ async def _share(store: QuotaStore, plan: Plan | None, kind: str) -> float | Non
     cap = plan.limits[index].limit
     used = (await store.usage(plan))[index]
     return used / cap if cap > 0 else 1.0
+
+
+def balance_probe(store: QuotaStore) -> Probe:
+    """Prepaid balances under the rule's ``threshold`` (USD), or, with 0, under each tenant's
+    own ``low_balance_usd``: one alert per prepaid tenant, read from the quota store that
+    reserves from them. A balance never credited is not judged."""
+
+    async def probe(rule: AlertRule, given: ProbeInput) -> list[Finding]:
+        match = set(rule.match)
+        found: list[Finding] = []
+        for tenant in given.snapshot.registry.tenants():
+            if not tenant.prepaid or (match and tenant.id not in match):
+                continue
+            low = (
+                tenant.low_balance_nanousd
+                if rule.threshold == 0
+                else round(rule.threshold * _NANOUSD_PER_USD)
+            )
+            if low <= 0:
+                continue
+            balance = await store.balance(tenant.id)
+            if balance is None:
+                continue
+            usd = balance / _NANOUSD_PER_USD
+            found.append(Finding(tenant.id, tenant.id, usd, balance < low))
+        return found
+
+    return probe
+
+
+_NANOUSD_PER_USD: Final = 1_000_000_000

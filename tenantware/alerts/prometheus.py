@@ -128,6 +128,15 @@ def export_rules(config: GatewayConfig) -> str:
             rules.append(_rule(name, expr, rule, {}, note))
         elif kind == "spend":
             rules.extend(_spend_rules(config, rule, name))
+        elif kind == "balance":
+            matchers = [f'tenant=~"{_regex(rule.match)}"'] if rule.match else []
+            if rule.threshold == 0:
+                expr = f"tenantware_balance_low{_selector(matchers)} == 1"
+            else:
+                limit = round(rule.threshold * 1_000_000_000)
+                expr = f"tenantware_balance_nanousd{_selector(matchers)} < {limit}"
+            note = "the balance as each gateway process last saw it"
+            rules.append(_rule(name, expr, rule, {}, note))
         elif kind == "circuit_open":
             if rule.scope == "tenant":
                 left_out.append(f"{rule.id}: tenant circuits have no metric")

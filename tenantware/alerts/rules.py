@@ -58,6 +58,7 @@ DEFAULT_ALERT_RULES: Final = (
     AlertRule(id="queue-wait", kind="queue_wait", scope="tenant", threshold=30.0, window_s=300),
     AlertRule(id="daily-budget", kind="spend", scope="tenant", threshold=0.8, budget="daily"),
     AlertRule(id="monthly-budget", kind="spend", scope="tenant", threshold=0.8, budget="monthly"),
+    AlertRule(id="low-balance", kind="balance", scope="tenant", threshold=0),
     AlertRule(
         id="circuit-open", kind="circuit_open", scope="upstream", threshold=60, severity="critical"
     ),
@@ -86,6 +87,10 @@ def default_summary(rule: AlertRule) -> str:
         return f"p{rule.percentile:g} queue wait over {rule.threshold:g} s in {rule.window_s:g} s"
     if kind == "spend":
         return f"spend reached {rule.threshold:.0%} of the {rule.budget} budget"
+    if kind == "balance":
+        if rule.threshold == 0:
+            return "prepaid balance under the tenant's low-balance threshold"
+        return f"prepaid balance under {rule.threshold:g} USD"
     if kind == "circuit_open":
         return f"circuit open for more than {rule.threshold:g} s"
     if kind == "ledger_spilling":
