@@ -40,6 +40,7 @@ from tenantware.middleware.quota import QuotaMiddleware
 from tenantware.middleware.tenant import TenantMiddleware
 from tenantware.proxy.app import ProxyApp
 from tenantware.proxy.upstream import UpstreamClient
+from tenantware.quota.renewal import renewing
 from tenantware.quota.store import QuotaStore
 from tenantware.registry.store import RegistryStore
 from tenantware.registry.sync import RegistrySync
@@ -108,6 +109,8 @@ class Gateway:
             config.admission, self.stores.seat_store, replicas=settings.replicas
         )
         self.add_service(self.admission.running)
+        # Concurrency slots are short leases, renewed while their requests run.
+        self.add_service(lambda: renewing(self.quota_store, self._lease_s))
         self.live.on_change(lambda snapshot: self.admission.reconfigure(snapshot.config.admission))
         self.ledger: Ledger | None = None
         self.writer: LedgerWriter | None = None
@@ -164,6 +167,9 @@ class Gateway:
             )
         async with writer.running():
             yield
+
+    def _lease_s(self) -> float:
+        return self.config.quota.lease_s
 
     def add_service(self, service: Callable[[], AbstractAsyncContextManager[Any]]) -> None:
         """Run ``service()`` for the gateway's lifetime (entered in order, exited reversed)."""

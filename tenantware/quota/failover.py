@@ -167,6 +167,21 @@ class FailoverQuotaStore:
             self._failed(exc, "settle", plan)
             failover.degraded(_policy(plan))
 
+    async def renew(self) -> int:
+        """Renew the local limiter's slots and the shared store's. During an outage the
+        shared ones are renewed when a probe may go (a slot whose lease runs out first is
+        freed: its request goes on uncounted, never blocked)."""
+        renewed = self.fallback.renew_now()
+        failover = self.failover
+        if not failover.available:
+            return renewed
+        try:
+            with self._deadline():
+                renewed += await self.primary.renew()
+        except STORE_UNAVAILABLE as exc:
+            failover.failed(exc, "renew")
+        return renewed
+
     async def usage(self, plan: Plan) -> list[int]:
         with anyio.fail_after(self.timeout_s):
             return await self.primary.usage(plan)
