@@ -38,7 +38,8 @@ from tenantware.middleware.breaker import BreakerMiddleware, TenantRefusals
 from tenantware.middleware.metering import MeteringMiddleware, UsageRecorder
 from tenantware.middleware.quota import QuotaMiddleware
 from tenantware.middleware.tenant import TenantMiddleware
-from tenantware.proxy.app import ProxyApp
+from tenantware.proxy.app import ProxyApp, send_openapi
+from tenantware.proxy.openapi import OPENAPI_PATH
 from tenantware.proxy.upstream import UpstreamClient
 from tenantware.quota.renewal import renewing
 from tenantware.quota.store import QuotaStore
@@ -296,6 +297,9 @@ class Gateway:
                     return
                 if path in TENANT_USAGE_PATHS:
                     await tenant_usage(scope, receive, send)
+                    return
+                if path == OPENAPI_PATH and scope["method"] == "GET":
+                    await send_openapi(send)  # public: describes the API, holds no state
                     return
             if extra is not None:
                 other = extra(scope)
