@@ -3,8 +3,8 @@
 A slot expires ``quota.lease_s`` after it was taken or last renewed. Short leases make a slot
 lost by a crashed process, or by a request whose settle never reached Redis, come back soon;
 renewing every third of the lease keeps the slot of a stream that runs far longer. The
-gateway runs ``renewing`` for its lifetime; an app that builds ``QuotaMiddleware`` on a
-shared store itself runs it in its lifespan.
+gateway runs ``renewing`` for its lifetime; an app that builds ``QuotaMiddleware`` itself
+runs it in its lifespan.
 """
 
 from __future__ import annotations
