@@ -178,3 +178,28 @@ async def test_the_slot_of_a_process_that_stops_renewing_comes_back_after_its_le
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_during_an_outage_local_slots_are_renewed_and_a_failed_renewal_is_not_raised() -> (
+    None
+):
+    from tenantware.backends.redis_support import connect_redis
+    from tenantware.quota import FailoverQuotaStore, MemoryQuotaStore, RedisQuotaStore
+    from tests.quota_support import Clock, plan_for
+
+    clock = Clock()
+    async with connect_redis("redis://127.0.0.1:1/0", timeout_s=1.0) as unreachable:
+        store = FailoverQuotaStore(
+            RedisQuotaStore(unreachable),
+            fallback=MemoryQuotaStore(clock=clock),
+            probe_interval_s=0.0,
+        )
+        plan = plan_for("", concurrent_requests=1)  # concurrency: ``local`` by default
+        granted = await store.reserve(plan, 0, 0, "long")
+        assert granted.source == "local"
+        for _ in range(4):  # two leases of 30 s, renewed every 20 s; every Redis call fails
+            clock.advance(20)
+            assert await store.renew() == 1
+        assert not (await store.reserve(plan, 0, 0, "other")).allowed
+        await store.settle(plan, granted.now_us, "long", 0, 0, local=True)
+        assert (await store.reserve(plan, 0, 0, "other")).allowed

@@ -202,6 +202,14 @@ _SCHEMAS: Final[dict[str, Any]] = {
             "usage": {"type": "object"},
         },
     ),
+    "ResponseDeleted": _object(
+        ["id", "object", "deleted"],
+        {"id": _STRING, "object": {"const": "response.deleted"}, "deleted": {"type": "boolean"}},
+    ),
+    "InputItemList": _object(
+        ["object", "data"],
+        {"object": {"const": "list"}, "data": {"type": "array", "items": {"type": "object"}}},
+    ),
     "TokenCount": _object(["input_tokens"], {"input_tokens": _TOKEN_COUNT}),
     "Response": _object(
         ["id", "object", "output"],
@@ -219,6 +227,14 @@ _SCHEMAS: Final[dict[str, Any]] = {
 #: event names (``message_start``...), ``message`` when unnamed.
 _EVENT = _object(["data"], {"event": _STRING, "data": _STRING, "id": _STRING})
 _EVENT_STREAM = {"text/event-stream": {"schema": _EVENT}}
+
+
+_RESPONSE_ID = {
+    "name": "response_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,256}$"},
+}
 
 
 def _errors(shape: str) -> dict[str, Any]:
@@ -276,6 +292,19 @@ def openapi_document() -> bytes:
             **_errors("OpenAIError"),
         },
     }
+    def stored(summary: str, answer: str) -> dict[str, Any]:
+        return {
+            "summary": summary,
+            "parameters": [_RESPONSE_ID],
+            "responses": {
+                "200": {
+                    "description": "The upstream's answer",
+                    "content": {"application/json": {"schema": _ref(answer)}},
+                },
+                **_errors("OpenAIError"),
+            },
+        }
+
     document = {
         "openapi": "3.1.0",
         "info": {"title": "tenantware proxy API", "version": "1"},
@@ -306,6 +335,14 @@ def openapi_document() -> bytes:
                     "ResponsesRequest",
                     "Response",
                 )
+            },
+            # Stored responses: only for the tenant whose request created them (others: 404).
+            "/v1/responses/{response_id}": {
+                "get": stored("Read a stored response", "Response"),
+                "delete": stored("Delete a stored response", "ResponseDeleted"),
+            },
+            "/v1/responses/{response_id}/input_items": {
+                "get": stored("The input items of a stored response", "InputItemList"),
             },
         },
     }
