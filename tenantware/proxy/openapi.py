@@ -292,6 +292,7 @@ def openapi_document() -> bytes:
             **_errors("OpenAIError"),
         },
     }
+
     def stored(summary: str, answer: str) -> dict[str, Any]:
         return {
             "summary": summary,
