@@ -203,3 +203,34 @@ async def test_during_an_outage_local_slots_are_renewed_and_a_failed_renewal_is_
         assert not (await store.reserve(plan, 0, 0, "other")).allowed
         await store.settle(plan, granted.now_us, "long", 0, 0, local=True)
         assert (await store.reserve(plan, 0, 0, "other")).allowed
+
+
+async def test_a_slot_whose_settle_missed_an_outage_is_no_longer_renewed(
+    redis_url: str, redis_prefix: str
+) -> None:
+    # A request ends while Redis is considered down: its settle is not sent and the release
+    # of its slot is queued. Were that queue to overflow (a long outage, many requests), the
+    # slot must still come back by its lease: renewal forgets it.
+    from tenantware.backends.errors import StoreUnavailable
+    from tenantware.backends.redis_clock import GivenUp
+    from tenantware.backends.redis_support import connect_redis
+    from tenantware.quota import FailoverQuotaStore, RedisQuotaStore
+    from tests.quota_support import Clock, plan_for
+
+    clock = Clock()
+    async with connect_redis(redis_url, timeout_s=5.0) as client:
+        store = FailoverQuotaStore(RedisQuotaStore(client, prefix=redis_prefix, clock=clock))
+        store._given_up = GivenUp(limit=0)  # the queue of releases overflows at once
+        plan = plan_for(redis_prefix, concurrent_requests=2)
+        ended = await store.reserve(plan, 0, 0, "ended")
+        running = await store.reserve(plan, 0, 0, "running")
+        assert ended.source == running.source == "store"
+        store.failover.failed(StoreUnavailable("outage"), "test")
+        await store.settle(plan, ended.now_us, "ended", 0, 0)  # not sent: the store is down
+        store.failover.succeeded()
+        for _ in range(3):  # 60 s: two leases of 30 s, renewed every 20 s
+            clock.advance(20)
+            await store.renew()
+        assert await store.usage(plan) == [1]  # the running request's slot only
+        await store.settle(plan, running.now_us, "running", 0, 0)
+        assert await store.usage(plan) == [0]

@@ -153,7 +153,8 @@ class FailoverQuotaStore:
         failover = self.failover
         if failover.down:
             # The reservation stays charged (the safe side); its slot is freed once the
-            # store answers again.
+            # store answers again, or by its lease (no longer renewed).
+            self.primary.forget(plan, ticket)
             self._gave_up(plan, ticket)
             failover.degraded(_policy(plan))
             return
@@ -181,6 +182,9 @@ class FailoverQuotaStore:
         except STORE_UNAVAILABLE as exc:
             failover.failed(exc, "renew")
         return renewed
+
+    def forget(self, plan: Plan, ticket: str) -> None:
+        self.primary.forget(plan, ticket)
 
     async def usage(self, plan: Plan) -> list[int]:
         with anyio.fail_after(self.timeout_s):

@@ -171,6 +171,9 @@ class MemoryQuotaStore:
                 if state is not None and state[0] == window:
                     state[1] += delta
 
+    def forget(self, plan: Plan, ticket: str) -> None:
+        pass  # every settle reaches this store
+
     async def renew(self) -> int:
         return self.renew_now()
 

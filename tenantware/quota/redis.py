@@ -124,6 +124,9 @@ class RedisQuotaStore:
         reply = await self._usage(keys=plan.keys, args=(self._now(), 0, 0, "", *plan.args))
         return [int(x) for x in reply]
 
+    def forget(self, plan: Plan, ticket: str) -> None:
+        self._held.discard((plan, ticket))
+
     async def renew(self) -> int:
         if not self._held:
             return 0

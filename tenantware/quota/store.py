@@ -104,6 +104,11 @@ class QuotaStore(Protocol):
         Answers how many were renewed."""
         ...
 
+    def forget(self, plan: Plan, ticket: str) -> None:
+        """Stop renewing the slot of a request that ended without a settle reaching the
+        store (it was down): the slot expires after its lease unless a release comes first."""
+        ...
+
     async def usage(self, plan: Plan) -> list[int]:
         """Per limit, what is used now: requests' worth of GCRA debt, tokens, nano-USD, slots."""
         ...
