@@ -47,6 +47,21 @@ LOAD_CORE = "1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CONCURRENCY = (1, 16, 64)
 MODES = {"json": CHAT_BODY, "stream": STREAM_BODY}
+#: ``--formats``: OpenAI's Responses API, translated to chat completions (gpt-4.1 on the
+#: ``fake`` upstream) and relayed natively (deepseek-v3.2 on ``fake-responses``, which declares
+#: ``responses = true``), next to chat completions. Direct: the fake's own ``/v1/responses``.
+RESPONSES_BODY = (
+    b'{"model":"gpt-4.1","instructions":"You are terse.",'
+    b'"input":"Say hello to the benchmark, please.","max_output_tokens":64}'
+)
+NATIVE_MODEL = "deepseek-v3.2"
+FORMAT_MODES = {
+    "resp-json": RESPONSES_BODY,
+    "resp-stream": RESPONSES_BODY[:-1] + b',"stream":true}',
+    "native-json": RESPONSES_BODY.replace(b"gpt-4.1", NATIVE_MODEL.encode()),
+    "native-stream": RESPONSES_BODY.replace(b"gpt-4.1", NATIVE_MODEL.encode())[:-1]
+    + b',"stream":true}',
+}
 STREAM_EVENTS = 20
 CHUNK_DELAY_MS = 1.0
 
@@ -377,11 +392,20 @@ class Bench:
             ledger_url=args.ledger_url,
             workdir=str(workdir),
         )
+        self.modes = dict(MODES)
+        self.paths = dict.fromkeys(MODES, "/v1/chat/completions")
+        if getattr(args, "formats", False):
+            fake = config["upstreams"][0]
+            fake["models"] = [m for m in fake["models"] if m != NATIVE_MODEL]
+            native = {**fake, "name": "fake-responses", "models": [NATIVE_MODEL]}
+            config["upstreams"].append({**native, "responses": True})
+            self.modes.update(FORMAT_MODES)
+            self.paths.update(dict.fromkeys(FORMAT_MODES, "/v1/responses"))
         config_path = workdir / f"gateway-{latency_ms:g}.json"
         config_path.write_text(json.dumps(config))
         self.gateway = start_gateway(config_path, args)
         self.scripts = {}
-        for mode, body in MODES.items():
+        for mode, body in self.modes.items():
             script = workdir / f"{mode}.lua"
             script.write_text(_WRK_SCRIPT % (body.decode(), BENCH_KEY))
             self.scripts[mode] = script
@@ -441,9 +465,9 @@ class Bench:
         return sum(s.get("calls", 0) for s in found), sum(s.get("usec", 0) for s in found)
 
     def warm(self) -> None:
-        for mode in MODES:
+        for mode in self.modes:
             for target in ("direct", "gateway"):
-                run_wrk(self.scripts[mode], self.url(target), 64, 1)
+                run_wrk(self.scripts[mode], self.url(target, self.paths[mode]), 64, 1)
 
     def closed(self, mode: str, concurrency: int) -> None:
         for rep in range(self.args.reps):
@@ -453,7 +477,7 @@ class Bench:
                     partial(
                         run_wrk,
                         self.scripts[mode],
-                        self.url(target),
+                        self.url(target, self.paths[mode]),
                         concurrency,
                         self.args.seconds,
                     ),
@@ -500,7 +524,7 @@ class Bench:
         busy = f" gw-busy {row['gw_busy']:.0%}" if "gw_busy" in row else ""
         cpu = f" cpu/req {row['gw_cpu_ms_per_req']:.3f} ms" if "gw_cpu_ms_per_req" in row else ""
         print(
-            f"  L={self.latency_ms:g}ms {labels['mode']:6} {labels['kind']:6} "
+            f"  L={self.latency_ms:g}ms {labels['mode']:13} {labels['kind']:6} "
             f"{labels['load']:>5} {labels['target']:7} rps {row['rps']:7.0f} "
             f"p50 {row['p50']:7.3f} p99 {row['p99']:7.3f} ms{cpu}{busy} err {row['errors']}",
             flush=True,
@@ -821,6 +845,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 process.setdefault("startup_s", bench.gateway.startup_s)
                 bench.warm()
+                if args.formats:
+                    # The formats comparison: closed loop only, every mode.
+                    for mode in bench.modes:
+                        for concurrency in CONCURRENCY:
+                            bench.closed(mode, concurrency)
+                        for target in ("direct", "gateway"):
+                            key = f"{latency_ms:g}/{mode}/{target}"
+                            saturated[key] = _saturated(rows, latency_ms, mode, target)
+                    process[f"rss_after_mb_{latency_ms:g}"] = memory_mb(bench.gateway.pid)
+                    process[f"peak_rss_mb_{latency_ms:g}"] = memory_mb(bench.gateway.pid, "VmHWM")
+                    continue
                 for mode in MODES:
                     for concurrency in CONCURRENCY:
                         bench.closed(mode, concurrency)
@@ -903,6 +938,11 @@ def main() -> None:
     parser.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp")
     parser.add_argument("--server", choices=["uvicorn", "granian"], default="uvicorn")
     parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() in the gateway")
+    parser.add_argument(
+        "--formats",
+        action="store_true",
+        help="closed loop only: chat completions and /v1/responses (translated and native)",
+    )
     parser.add_argument("--soak", type=float, default=0, help="soak for this many seconds")
     parser.add_argument("--soak-rate", type=float, default=300.0)
     parser.add_argument("--soak-stream-every", type=int, default=5, help="1 in k is a stream")

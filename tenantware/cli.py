@@ -200,26 +200,30 @@ def _usage(args: argparse.Namespace) -> int:
     import anyio
     import msgspec
 
+    from tenantware.gateway import ledger_url
     from tenantware.metering.ledger import DEFAULT_LEDGER_URL, open_ledger
     from tenantware.metering.reports import parse_time, records_csv, report_csv, summarize
 
     settings = None
     url = args.ledger
-    if args.config:
-        try:
+    try:
+        if args.config:
             config = load_config(args.config)
-        except ConfigError as exc:
-            print(f"tenantware: {exc}", file=sys.stderr)
-            return 2
-        settings = config.metering
-        url = url or settings.ledger_url or config.gateway.ledger_url
+            settings = config.metering
+            url = url or ledger_url(config)
+    except ConfigError as exc:
+        print(f"tenantware: {exc}", file=sys.stderr)
+        return 2
+    url = url or DEFAULT_LEDGER_URL
     try:
         since = parse_time(args.since)
         until = parse_time(args.until) if args.until else None
-        ledger = open_ledger(url or DEFAULT_LEDGER_URL)
+        ledger = open_ledger(url)
     except ValueError as exc:
         print(f"tenantware usage: {exc}", file=sys.stderr)
         return 2
+    # Which ledger was read goes to stderr, so the report on stdout stays machine-readable.
+    print(f"tenantware usage: ledger {_shown_ledger(url)}", file=sys.stderr)
 
     async def fetch() -> list[object]:
         try:
@@ -228,6 +232,14 @@ def _usage(args: argparse.Namespace) -> int:
             await ledger.aclose()
 
     records: list[Any] = anyio.run(fetch)
+    if not records:
+        print(
+            "tenantware usage: warning: no usage records in this ledger"
+            + (f" for tenant {args.tenant}" if args.tenant else "")
+            + f" since {args.since}; is it the ledger the gateway writes to? (--ledger URL, "
+            "or --config with the gateway's file)",
+            file=sys.stderr,
+        )
     if args.format == "records":
         sys.stdout.write(records_csv(records))
         return 0
@@ -254,6 +266,20 @@ def _usage(args: argparse.Namespace) -> int:
                 f"{row.charged + ' ' + row.currency:>14}"
             )
     return 0
+
+
+def _shown_ledger(url: str) -> str:
+    """The ledger URL as an operator may see it: a SQLite file as an absolute path (a relative
+    one depends on the directory), any password replaced by ``***``."""
+    from urllib.parse import urlsplit
+
+    if url.startswith("sqlite:///"):
+        return "sqlite:///" + os.path.abspath(url.removeprefix("sqlite:///"))
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        return parts._replace(netloc=netloc).geturl()
+    return url
 
 
 def _positive(kind: type[int] | type[float]) -> Any:

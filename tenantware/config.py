@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Iterable
 from decimal import Decimal
 from pathlib import Path
@@ -29,11 +30,15 @@ __all__ = [
     "GatewaySettings",
     "Limits",
     "MeteringSettings",
+    "MigrationCandidate",
+    "MigrationRule",
+    "MigrationSettings",
     "ModelSpec",
     "QuotaSettings",
     "Tenant",
     "Tier",
     "Upstream",
+    "expand_env",
     "load_config",
     "parse_config",
 ]
@@ -50,6 +55,28 @@ FailurePolicy = Literal["open", "closed", "local"]
 
 class ConfigError(ValueError):
     """A configuration file or value that cannot be used; the message says where and why."""
+
+
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(value: str, setting: str) -> str:
+    """``value`` with each ``${NAME}`` replaced by the environment variable ``NAME``.
+
+    For the store and ledger URLs (``gateway.redis_url``, ``gateway.registry_url``,
+    ``metering.ledger_url``): their passwords stay out of the file. Expanded when the URL is
+    opened, so the secret is never part of the loaded configuration; a variable that is not
+    set is a ``ConfigError`` naming the setting and the variable, never the value.
+    """
+
+    def lookup(match: re.Match[str]) -> str:
+        name = match[1]
+        found = os.environ.get(name)
+        if found is None:
+            raise ConfigError(f"{setting}: environment variable {name} is not set")
+        return found
+
+    return _ENV_REFERENCE.sub(lookup, value)
 
 
 def _check_money(obj: Struct) -> None:
@@ -325,7 +352,7 @@ Percent = Annotated[float, Meta(gt=0, le=100)]
 
 class CircuitSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """When one circuit opens and how it recovers (defaults: Envoy outlier detection and
-    resilience4j; see the README's "Circuit breaking" section)."""
+    resilience4j; see docs/circuits.md)."""
 
     #: Consecutive failures that open the circuit (Envoy ``consecutive_5xx``: 5).
     consecutive_failures: PositiveInt = 5
@@ -393,6 +420,66 @@ class BreakerSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
 
 # -- end of breaker settings ----------------------------------------------------------------
 
+#: A share of traffic in percent, 0 (off: the rollback) to 100.
+Share = Annotated[float, Meta(ge=0, le=100)]
+
+
+class MigrationCandidate(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """An upstream (and model) on trial: a sticky canary share served by it for real, and/or
+    a shadow share copied to it whose answers are only measured."""
+
+    upstream: str
+    #: The catalogue model it serves in the trial (priced as such); default: the rule's.
+    model: str | None = None
+    canary_percent: Share = 0.0
+    shadow_percent: Share = 0.0
+
+
+class MigrationRule(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Traffic of one model (optionally only some tenants or tiers) split between a primary
+    and candidates (``[[migration.rules]]``)."""
+
+    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    model: str
+    #: Only these tenants / tiers (empty: everyone).
+    tenants: list[str] = field(default_factory=list)
+    tiers: list[str] = field(default_factory=list)
+    #: Tenants never canaried nor shadowed by this rule (their data stays where it goes now).
+    exclude_tenants: list[str] = field(default_factory=list)
+    #: The upstream that serves the rest (default: the model's usual deployments).
+    primary: str | None = None
+    candidates: list[MigrationCandidate] = field(default_factory=list)
+    #: Automatic rollback when, over the breaker's deployment window, a candidate's error rate
+    #: exceeds the primary's by this many percentage points (None: never on errors) ...
+    rollback_error_margin_percent: Share | None = 10.0
+    #: ... or its p99 latency exceeds the primary's by this percentage (None: never on latency).
+    rollback_p99_margin_percent: Annotated[float, Meta(ge=0)] | None = None
+    #: Calls both need in the window before they are compared.
+    rollback_minimum_calls: PositiveInt = 20
+
+    def __post_init__(self) -> None:
+        canary = sum(c.canary_percent for c in self.candidates)
+        if canary > 100:
+            raise msgspec.ValidationError(
+                f"`migration.rules` {self.name!r}: the canary shares add up to {canary:g} %"
+            )
+
+
+class MigrationSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Canary splits and shadow traffic (``[migration]``)."""
+
+    rules: list[MigrationRule] = field(default_factory=list)
+    #: A shadow call's whole time limit (its answer read to the end included).
+    shadow_timeout_s: PositiveFloat = 30.0
+    #: Shadow calls in flight per candidate at most; more are dropped (and counted).
+    shadow_concurrency: PositiveInt = 8
+    #: Request header of the client's session: the canary's sticky key (else the tenant).
+    session_header: str = "x-session-id"
+    #: Tenants never shadowed by any rule (data-residency or contract reasons).
+    no_shadow_tenants: list[str] = field(default_factory=list)
+    #: Shadow comparisons kept for the report (the oldest go first).
+    report_size: PositiveInt = 100_000
+
 
 class MeteringSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Settings of metering, the ledger, metrics and logs (``[metering]``)."""
@@ -400,7 +487,7 @@ class MeteringSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     enabled: bool = True
     #: Where usage records go: ``sqlite:///path.db`` (default), ``postgresql://...`` or
     #: ``memory://`` (tests). Replaces ``gateway.ledger_url``, which is still read when this
-    #: is unset.
+    #: is unset. ``${NAME}`` is expanded from the environment (a PostgreSQL password).
     ledger_url: str | None = None
     #: How often the writer flushes; a hard kill loses at most about this much.
     flush_interval_s: Annotated[float, Meta(gt=0, le=60)] = 0.1
@@ -456,7 +543,8 @@ class GatewaySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     #: Output tokens assumed when a request sets no ``max_tokens``.
     default_max_tokens: PositiveInt = 1024
     #: Shared state for many replicas (``redis://``, ``rediss://``, ``unix://`` or
-    #: ``redis+cluster://``); unset or ``memory://``: state in this process.
+    #: ``redis+cluster://``); unset or ``memory://``: state in this process. ``${NAME}`` is
+    #: replaced by the environment variable ``NAME`` (a password kept out of the file).
     redis_url: str | None = None
     #: Prefix of every Redis key (lets several gateways or tests share one Redis).
     redis_prefix: str = ""
@@ -466,11 +554,15 @@ class GatewaySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     #: During an outage, one call per interval probes the store; traffic returns when it
     #: is answered.
     store_probe_interval_s: PositiveFloat = 0.25
-    #: How many gateway replicas share the limits (for the ``local`` failure policy).
+    #: Gateway processes sharing these limits, over every host: hosts x workers per host
+    #: (``tenantware serve --workers``). While the store is unreachable each process keeps
+    #: ``limit / replicas`` (the ``local`` policy); without Redis each process's admission pool
+    #: has ``seats // replicas``; above 1 the file registry refuses admin writes.
     replicas: PositiveInt = 1
     #: Failure policy of every kind of limit and of admission; unset: the per-kind defaults
     #: (``DEFAULT_FAILURE_POLICIES``; admission keeps its ``local`` share of the seats).
     on_store_failure: FailurePolicy | None = None
+    #: Older name of ``metering.ledger_url`` (read when that is unset).
     ledger_url: str | None = None
     trust_request_id: bool = True
     #: Addresses or networks (``10.0.0.0/8``) of reverse proxies whose ``X-Forwarded-Host``
@@ -478,7 +570,8 @@ class GatewaySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     trusted_proxies: list[str] = field(default_factory=list)
     #: Where tenants and keys live: unset, the configuration file (admin API changes stay in
     #: this process's memory); ``redis://...``: a registry every replica shares and the
-    #: admin API writes to (the file's tenants seed it when it is empty).
+    #: admin API writes to (the file's tenants seed it when it is empty). ``${NAME}`` is
+    #: expanded from the environment, as in ``redis_url``.
     registry_url: str | None = None
     #: With a shared registry: how often each process checks the registry version, the
     #: safety net for a missed pub/sub message.
@@ -489,6 +582,9 @@ class GatewaySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     admin_key_env: str | None = None
     #: How long an ``Idempotency-Key`` of the admin API is remembered.
     idempotency_ttl_s: Annotated[float, Meta(gt=0)] = 86_400.0
+    #: How long the gateway remembers which tenant created a response an upstream stores
+    #: (``GET``/``DELETE /v1/responses/{id}``); OpenAI keeps responses 30 days.
+    response_owner_ttl_s: Annotated[float, Meta(gt=0)] = 30 * 86_400.0
 
     def __post_init__(self) -> None:
         for entry in self.trusted_proxies:
@@ -515,6 +611,7 @@ class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
     metering: MeteringSettings = field(default_factory=MeteringSettings)
+    migration: MigrationSettings = field(default_factory=MigrationSettings)
 
     def __post_init__(self) -> None:
         tiers = self.all_tiers()
@@ -622,6 +719,24 @@ def _check_references(
                     f"`quota.tenant_model_limits.{tenant_id}`: unknown model {model!r} "
                     f"({known('models', catalogue)})"
                 )
+    migration = config.migration
+    check("migration.no_shadow_tenants", migration.no_shadow_tenants, tenant_ids, "tenant")
+    names: set[str] = set()
+    for rule in migration.rules:
+        where = f"migration.rules.{rule.name}"
+        if rule.name in names:
+            raise msgspec.ValidationError(f"`migration.rules`: duplicate rule {rule.name!r}")
+        names.add(rule.name)
+        for model in (rule.model, *(c.model for c in rule.candidates if c.model)):
+            if not model_known(model):
+                raise msgspec.ValidationError(
+                    f"`{where}`: unknown model {model!r} ({known('models', catalogue)})"
+                )
+        check(f"{where}.tenants", rule.tenants, tenant_ids, "tenant")
+        check(f"{where}.exclude_tenants", rule.exclude_tenants, tenant_ids, "tenant")
+        check(f"{where}.tiers", rule.tiers, tiers, "tier")
+        check(f"{where}.primary", [rule.primary] if rule.primary else [], upstreams, "upstream")
+        check(f"{where}.candidates", [c.upstream for c in rule.candidates], upstreams, "upstream")
     served = {model for upstream in config.upstreams for model in upstream.models}
     for model, chain in config.breaker.fallbacks.items():
         for name in (model, *chain):

@@ -7,6 +7,7 @@ breaker): each later layer relies on what the earlier ones put in the request co
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -18,7 +19,7 @@ from starlette.middleware import Middleware
 from tenantware.admin.app import AdminApi
 from tenantware.admission.pools import AdmissionPools
 from tenantware.breaker.board import BreakerBoard
-from tenantware.config import GatewayConfig
+from tenantware.config import GatewayConfig, expand_env
 from tenantware.estimate import PromptEstimator, estimate_prompt_tokens
 from tenantware.metering.ledger import (
     DEFAULT_LEDGER_URL,
@@ -60,8 +61,9 @@ class Gateway:
     """One gateway: live config, the stores behind each layer, the proxy app.
 
     ``gateway.middleware()`` gives the stack for ``Starlette(middleware=...)``;
-    ``gateway.wrap(app)`` applies it to any ASGI app; ``gateway.asgi_app()`` is the standalone
-    gateway (proxy under ``/v1``, ``/healthz``) that ``tenantware serve`` runs.
+    ``gateway.wrap(app)`` applies it to any ASGI app and serves ``gateway.admin_app``'s routes
+    (``/admin/``, ``/metrics``, ``/readyz``, ``/v1/usage``) beside it; ``gateway.asgi_app()`` is
+    the standalone gateway (proxy under ``/v1``, ``/healthz``) that ``tenantware serve`` runs.
     """
 
     def __init__(
@@ -79,7 +81,7 @@ class Gateway:
         settings = config.gateway
         #: Where every layer keeps its state: memory, or ``gateway.redis_url``.
         self.stores: Stores = open_stores(
-            settings.redis_url,
+            _expanded(settings.redis_url, "gateway.redis_url"),
             prefix=settings.redis_prefix,
             timeout_s=settings.redis_timeout_s,
             replicas=settings.replicas,
@@ -88,7 +90,7 @@ class Gateway:
         )
         #: Tenants and keys: the file's (in this process), or ``gateway.registry_url``'s.
         self.registry_store: RegistryStore = self.stores.registry_store(
-            settings.registry_url, tenants=config.tenants
+            _expanded(settings.registry_url, "gateway.registry_url"), tenants=config.tenants
         )
         self.registry = RegistrySync(
             self.live, self.registry_store, check_s=settings.registry_check_s
@@ -104,7 +106,11 @@ class Gateway:
             config.breaker,
             self.stores.breaker_store(sync_interval_s=config.breaker.sync_interval_s),
         )
-        self.proxy = ProxyApp(live=self.live, client=upstream_client, board=self.board)
+        #: Which tenant created each response an upstream stores (``GET /v1/responses/{id}``).
+        self.owners = self.stores.owner_store()
+        self.proxy = ProxyApp(
+            live=self.live, client=upstream_client, board=self.board, owners=self.owners
+        )
         #: Fair-share seat pools (memory, or Redis when ``gateway.redis_url`` is set).
         self.admission = AdmissionPools(
             config.admission, self.stores.seat_store, replicas=settings.replicas
@@ -117,15 +123,18 @@ class Gateway:
         self.writer: LedgerWriter | None = None
         if config.metering.enabled:
             self._setup_metering(ledger)
+        #: Canary and shadow traffic: the shadow calls' task group lives as long as the
+        #: gateway (after the ledger writer's service, so it ends first and its records land).
+        self.migration = self.proxy.migration
+        self.migration.writer = self.writer
+        self.add_service(self.migration.running)
 
     def _setup_metering(self, ledger: Ledger | None) -> None:
         """The ledger (nothing is opened yet), its writer and the writer's lifetime service."""
         config = self.config
         settings = config.metering
         if ledger is None:
-            ledger = open_ledger(
-                settings.ledger_url or config.gateway.ledger_url or DEFAULT_LEDGER_URL
-            )
+            ledger = open_ledger(ledger_url(config))
         spill = None
         if not isinstance(ledger, MemoryLedger):
             spill = SpillFile(settings.spill_path or default_spill_path(ledger))
@@ -190,10 +199,12 @@ class Gateway:
     def config(self) -> GatewayConfig:
         return self.live.current.config
 
-    def middleware(self) -> list[Middleware]:
+    def middleware(self, *, admin: bool = True) -> list[Middleware]:
         """The stack, outermost first, for ``Starlette(middleware=...)``.
 
         FastAPI's ``add_middleware`` puts each call outermost, so add these in reverse there.
+        With ``admin`` (the default) the first entry answers ``admin_app``'s paths
+        (``/admin/``, ``/metrics``, ``/readyz``, ``/v1/usage``) outside the layers.
         """
         on_rejected = UsageRecorder(self.live, self.writer).record_rejected if self.writer else None
         # The tenant layer's own refusals count for the tenant's circuit (it sits outside the
@@ -201,7 +212,8 @@ class Gateway:
         on_refusal = (
             TenantRefusals(live=self.live, board=self.board) if self.board.enabled else None
         )
-        stack = [
+        stack = [Middleware(AdminRoutes, admin_app=self.admin_app)] if admin else []
+        stack += [
             Middleware(
                 TenantMiddleware,
                 live=self.live,
@@ -223,10 +235,49 @@ class Gateway:
             stack.append(Middleware(BreakerMiddleware, live=self.live, board=self.board))
         return stack
 
-    def wrap(self, app: ASGIApp) -> ASGIApp:
-        """``app`` wrapped in the whole stack (the same order as ``middleware()``)."""
-        for layer in reversed(self.middleware()):
+    def wrap(self, app: ASGIApp, *, admin: bool = True) -> ASGIApp:
+        """``app`` wrapped in the whole stack (the same order as ``middleware()``).
+
+        With ``admin`` (the default) the paths of ``admin_app`` are answered by it, outside
+        the layers, and every other request goes through them to ``app``.
+        """
+        for layer in reversed(self.middleware(admin=admin)):
             app = layer.cls(app, *layer.args, **layer.kwargs)
+        return app
+
+    @functools.cached_property
+    def admin_app(self) -> ASGIApp:
+        """The gateway's own routes, for a user's app as for ``tenantware serve``: the admin
+        API (``/admin/``, with ``/admin/usage``), ``/metrics``, ``/readyz`` and a tenant's
+        ``/v1/usage``. Other paths get 404. ``gateway.wrap(app)`` and
+        ``gateway.middleware()`` include it.
+        """
+        reports = AdminApp(
+            live=self.live,
+            ledger=self.ledger,
+            writer=self.writer,
+            health={"registry": self.registry.status},
+        )
+        admin = AdminApi(
+            live=self.live,
+            store=self.registry_store,
+            sync=self.registry,
+            fallback=reports,
+            processes=max(self.processes, self.config.gateway.replicas),
+            audit_log=self.ledger if isinstance(self.ledger, AuditLog) else None,
+        )
+        reports.authorize = admin.may_read_reports
+        tenant_usage = TenantMiddleware(reports, live=self.live, estimator=self.estimator)
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            path = scope["path"] if scope["type"] == "http" else ""
+            if path.startswith(ADMIN_PREFIX):
+                await admin(scope, receive, send)
+            elif path in TENANT_USAGE_PATHS:
+                await tenant_usage(scope, receive, send)
+            else:  # /metrics, /readyz, and the 404 of any other path
+                await reports(scope, receive, send)
+
         return app
 
     @asynccontextmanager
@@ -264,24 +315,9 @@ class Gateway:
         ``extra(scope)`` may return an app for paths the proxy does not serve (the demo
         mounts its fake upstream that way).
         """
-        wrapped = self.wrap(self.proxy)
+        wrapped = self.wrap(self.proxy, admin=False)
+        admin = self.admin_app
         gateway = self
-        reports = AdminApp(
-            live=self.live,
-            ledger=self.ledger,
-            writer=self.writer,
-            health={"registry": self.registry.status},
-        )
-        admin = AdminApi(
-            live=self.live,
-            store=self.registry_store,
-            sync=self.registry,
-            fallback=reports,
-            processes=max(self.processes, self.config.gateway.replicas),
-            audit_log=self.ledger if isinstance(self.ledger, AuditLog) else None,
-        )
-        reports.authorize = admin.may_read_reports
-        tenant_usage = TenantMiddleware(reports, live=self.live, estimator=self.estimator)
 
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] == "lifespan":
@@ -289,14 +325,8 @@ class Gateway:
                 return
             if scope["type"] == "http":
                 path = scope["path"]
-                if path.startswith(ADMIN_PREFIX):
+                if is_admin_path(path):
                     await admin(scope, receive, send)
-                    return
-                if path in ("/metrics", READY_PATH):
-                    await reports(scope, receive, send)
-                    return
-                if path in TENANT_USAGE_PATHS:
-                    await tenant_usage(scope, receive, send)
                     return
                 if path == OPENAPI_PATH and scope["method"] == "GET":
                     await send_openapi(send)  # public: describes the API, holds no state
@@ -309,6 +339,39 @@ class Gateway:
             await wrapped(scope, receive, send)
 
         return app
+
+
+def _expanded(url: str | None, setting: str) -> str | None:
+    return expand_env(url, setting) if url else url
+
+
+def ledger_url(config: GatewayConfig) -> str:
+    """The ledger URL ``config`` names (``${NAME}`` expanded), or the default SQLite file."""
+    url = config.metering.ledger_url or config.gateway.ledger_url
+    return expand_env(url, "metering.ledger_url") if url else DEFAULT_LEDGER_URL
+
+
+def is_admin_path(path: str) -> bool:
+    """Whether ``path`` is one of ``Gateway.admin_app``'s."""
+    return path.startswith(ADMIN_PREFIX) or path in _ADMIN_PATHS
+
+
+_ADMIN_PATHS = frozenset({"/metrics", READY_PATH, *TENANT_USAGE_PATHS})
+
+
+class AdminRoutes:
+    """``AdminRoutes(app, admin_app=...)``: the gateway's own paths to ``admin_app``, the rest
+    to ``app`` (the first entry of ``Gateway.middleware()``)."""
+
+    def __init__(self, app: ASGIApp, *, admin_app: ASGIApp) -> None:
+        self.app = app
+        self.admin_app = admin_app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and is_admin_path(scope["path"]):
+            await self.admin_app(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 async def _run_lifespan(gateway: Gateway, receive: Receive, send: Send) -> None:

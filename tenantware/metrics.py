@@ -14,6 +14,7 @@ __all__ = [
     "LEDGER_DEAD_LETTERS",
     "LEDGER_FAILING_SECONDS",
     "LEDGER_STUCK",
+    "MIGRATION_ROLLBACKS",
     "QUEUE_DEPTH",
     "QUEUE_WAIT_SECONDS",
     "REGISTRY",
@@ -23,6 +24,7 @@ __all__ = [
     "REQUESTS",
     "REQUEST_SECONDS",
     "SEATS_IN_USE",
+    "SHADOW_CALLS",
     "STORE_FAILURES",
     "TOKENS",
     "TTFT_SECONDS",
@@ -134,5 +136,19 @@ REGISTRY_VERSION = Gauge(
 REGISTRY_STALE = Gauge(
     "tenantware_registry_stale",
     "1 while the shared tenant registry is unreachable and the last copy serves, else 0.",
+    registry=REGISTRY,
+)
+
+SHADOW_CALLS = Counter(
+    "tenantware_shadow_calls",
+    "Shadow copies by migration trial (rule/upstream/model) and result: ok, error, timeout, "
+    "dropped (the trial's concurrency bound was reached).",
+    ["trial", "result"],
+    registry=REGISTRY,
+)
+MIGRATION_ROLLBACKS = Counter(
+    "tenantware_migration_rollbacks",
+    "Migration candidates rolled back automatically, by trial (rule/upstream/model).",
+    ["trial"],
     registry=REGISTRY,
 )

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
     from tenantware.backends.redis_support import RedisClient, ScriptHost
     from tenantware.config import Tenant
+    from tenantware.ownership.store import OwnerStore
     from tenantware.registry.store import RegistryStore
 
 __all__ = ["SCHEMES", "Stores", "open_stores"]
@@ -142,6 +143,17 @@ class Stores:
         return RedisBreakerStore(
             redis, prefix=self.prefix, sync_interval_s=sync_interval_s, health=health
         )
+
+    def owner_store(self) -> OwnerStore:
+        """Which tenant owns which stored response: this process's, or shared in Redis."""
+        redis = self.redis
+        if redis is None:
+            from tenantware.ownership.memory import MemoryOwnerStore
+
+            return MemoryOwnerStore()
+        from tenantware.ownership.redis import RedisOwnerStore
+
+        return RedisOwnerStore(redis, prefix=self.prefix)
 
     def registry_store(
         self, url: str | None = None, *, tenants: Sequence[Tenant] = ()

@@ -1,7 +1,8 @@
 """One gateway process for the shared-Redis fairness test (run as ``python -m``).
 
 It wraps a sleeping inner app in the full stack with the Redis seat pool, keeps every tenant
-backlogged until a common wall-clock deadline, and prints the completion times (unix seconds)
+backlogged through a common wall-clock window (sent on stdin once every process
+printed ``ready``), and prints the completion times (unix seconds)
 per tenant as JSON.
 """
 
@@ -55,12 +56,18 @@ async def sleepy(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": b"{}"})
 
 
-async def main(redis_url: str, prefix: str, seats: int, start_at: float, stop_at: float) -> None:
+async def main(redis_url: str, prefix: str, seats: int) -> None:
     gateway = Gateway(parse_config(config(redis_url, prefix, seats)))
     app = gateway.wrap(sleepy)
     done: dict[str, list[float]] = {name: [] for name in WEIGHTS}
     body = {"model": "gpt-4.1", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}
     async with gateway.running():
+        # The window starts only when every process is ready: on a loaded host, start-up
+        # alone can outlast a window fixed in advance.
+        sys.stdout.write("ready\n")
+        sys.stdout.flush()
+        line = await anyio.to_thread.run_sync(sys.stdin.readline)
+        start_at, stop_at = (float(part) for part in line.split())
         await anyio.sleep(max(0.0, start_at - time.time()))
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
@@ -80,5 +87,5 @@ async def main(redis_url: str, prefix: str, seats: int, start_at: float, stop_at
 
 
 if __name__ == "__main__":
-    url, prefix, seats, start, stop = sys.argv[1:6]
-    anyio.run(main, url, prefix, int(seats), float(start), float(stop))
+    url, prefix, seats = sys.argv[1:4]
+    anyio.run(main, url, prefix, int(seats))

@@ -237,7 +237,8 @@ def test_headroom_keeps_work_conservation_and_shares_when_everyone_is_backlogged
 
 # -- The documented bound, over random workloads ---------------------------------------------
 #
-# README, "Protected seats": after a heavy tenant's grants made while it was alone have ended,
+# docs/fair-share.md, "Protected seats": after a heavy tenant's grants made while it was
+# alone have ended,
 # a long request of a tenant at or above its seat share never takes the last ``headroom``
 # seats, nor another tenant's unused reserved seats. So a request of a tenant below its seat
 # share starts at once while tenants below their share have fewer than ``headroom`` requests

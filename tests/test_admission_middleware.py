@@ -278,7 +278,7 @@ async def test_backlogged_tenants_get_their_shares_and_every_seat_stays_busy() -
         share = middle.count(name) / len(middle)
         assert abs(share - weight) <= 0.3 * weight, (name, share)
     # Never more than the seats in use; while requests wait, every seat is busy but for the
-    # headroom seat, which may stay free for a moment (README: protected seats).
+    # headroom seat, which may stay free for a moment (docs/fair-share.md: protected seats).
     headroom = gateway.config.admission.headroom_seats
     assert all(in_use <= seats for in_use, _ in inner.at_entry)
     backlogged = [in_use for in_use, waiting in inner.at_entry if waiting > 0]

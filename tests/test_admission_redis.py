@@ -42,22 +42,33 @@ def test_two_processes_sharing_redis_keep_the_weighted_shares(redis_prefix: str)
 
 
 def _run_two_workers(url: str, prefix: str) -> dict[str, int]:
-    start = time.time() + 2.0
-    stop = start + 5.0
-    args = [url, prefix, "6", repr(start), repr(stop)]
+    args = [url, prefix, "6"]
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "tests.admission_worker", *args],
             cwd=ROOT,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
         for _ in range(2)
     ]
+    for proc in procs:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n", proc.stderr and proc.stderr.read()[-2000:]
+    start = time.time() + 0.5
+    stop = start + 5.0
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write(f"{start!r} {stop!r}\n".encode())
+        proc.stdin.close()
     results = []
     for proc in procs:
-        out, err = proc.communicate(timeout=30)
-        assert proc.returncode == 0, err.decode()[-2000:]
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        with proc:
+            out = proc.stdout.read()
+            assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()[-2000:]
         results.append(msgspec.json.decode(out, type=dict[str, list[float]]))
     # Both processes were served (fairness is global, not per process).
     for result in results:

@@ -1,4 +1,4 @@
-"""Breaker settings: defaults, the README example, fallback chains checked at load."""
+"""Breaker settings: defaults, the guide's example, fallback chains checked at load."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ def test_defaults_follow_envoy_and_resilience4j() -> None:
     assert settings.tenant.consecutive_failures == 20
 
 
-def test_readme_breaker_example_parses() -> None:
-    readme = Path(__file__).parent.parent.joinpath("README.md").read_text()
-    section = readme[readme.index("## Circuit breaking, retries and fallbacks") :]
+def test_the_guide_breaker_example_parses() -> None:
+    page = Path(__file__).parent.parent.joinpath("docs", "circuits.md").read_text()
+    section = page[page.index("## Settings") :]
     example = re.search(r"```toml\n(.*?)```", section, re.S)
     assert example is not None
     settings = parse_config(example.group(1)).breaker

@@ -292,15 +292,42 @@ async def test_a_model_priced_at_zero_on_purpose_is_served_and_billed_zero() -> 
     ]
 
 
-def test_the_readme_lists_the_built_in_tiers_as_they_are() -> None:
-    from tenantware.config import DEFAULT_TIERS
+@pytest.mark.anyio
+async def test_store_urls_take_their_secrets_from_the_environment(
+    redis_url: str, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from urllib.parse import urlsplit
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    for name, tier in DEFAULT_TIERS.items():
-        limits = tier.limits
-        row = (
-            f"| `{name}` | {tier.weight:g} | {tier.max_priority} | "
-            f"{limits.requests_per_minute:,} | {limits.tokens_per_minute:,} | "
-            f"{limits.burst_multiplier:g}x | {tier.max_queue_wait_s:g} s |"
-        )
-        assert row in readme, row
+    from tenantware import Gateway
+    from tests.support import make_config
+
+    parts = urlsplit(redis_url)
+    monkeypatch.setenv("TW_TEST_REDIS_ADDRESS", parts.netloc)
+    settings = {
+        "redis_url": f"{parts.scheme}://${{TW_TEST_REDIS_ADDRESS}}{parts.path}",
+        "registry_url": f"{parts.scheme}://${{TW_TEST_REDIS_ADDRESS}}{parts.path}",
+        "redis_prefix": redis_prefix,
+    }
+    config = make_config(gateway=settings)
+    # The loaded configuration keeps the reference, never the secret.
+    assert "${TW_TEST_REDIS_ADDRESS}" in (config.gateway.redis_url or "")
+    gateway = Gateway(config)
+    async with gateway.running():
+        assert gateway.redis is not None
+        assert await gateway.redis.ping()
+        assert {tenant.id for tenant in gateway.live.current.config.tenants} >= {"acme"}
+    monkeypatch.delenv("TW_TEST_REDIS_ADDRESS")
+    with pytest.raises(ConfigError, match=r"gateway\.redis_url: environment variable"):
+        Gateway(config)
+
+
+def test_an_unset_variable_in_the_ledger_url_names_the_setting_not_the_value() -> None:
+    from tenantware import Gateway
+    from tests.support import make_config
+
+    config = make_config(metering={"ledger_url": "postgresql://tw:${TW_TEST_UNSET_PW}@db/x"})
+    with pytest.raises(ConfigError) as raised:
+        Gateway(config)
+    assert (
+        str(raised.value) == "metering.ledger_url: environment variable TW_TEST_UNSET_PW is not set"
+    )

@@ -359,14 +359,15 @@ def test_sdk_responses_stream(served: tuple[Gateway, str, FakeUpstream]) -> None
     assert not record.estimated
 
 
+@pytest.mark.parametrize("kind", ["translated", "native"])
 def test_client_leaving_a_responses_stream_is_billed_like_a_chat_stream(
-    served: tuple[Gateway, str, FakeUpstream],
+    kind: str, request: pytest.FixtureRequest
 ) -> None:
-    gateway, url, fake = served
+    gateway, url, fake = request.getfixturevalue("served" if kind == "translated" else "native")
     fake.config.stream_chunks = 200
     fake.config.chunk_delay_s = 0.02
     body = {"model": "gpt-4.1", "input": "Hello there", "stream": True}
-    headers = {"authorization": f"Bearer {KEYS['acme']}", "x-request-id": "responses-leave"}
+    headers = {"authorization": f"Bearer {KEYS['acme']}", "x-request-id": f"leave-{kind}"}
     with (
         httpx.Client(base_url=url, timeout=10) as client,
         client.stream("POST", "/v1/responses", json=body, headers=headers) as response,
@@ -378,11 +379,11 @@ def test_client_leaving_a_responses_stream_is_billed_like_a_chat_stream(
                 deltas += 1
             if deltas >= 5:
                 break
-    record = _record_of(gateway, "responses-leave")
+    record = _record_of(gateway, f"leave-{kind}")
     deadline = time.monotonic() + 5.0
     while fake.stats.in_flight and time.monotonic() < deadline:
         time.sleep(0.01)
-    produced = fake.stats.by_request_id["responses-leave"]
+    produced = fake.stats.by_request_id[f"leave-{kind}"]
     assert record.outcome == "client_disconnected"
     assert record.estimated
     assert 5 <= record.output_tokens <= produced.completion_tokens < 200
@@ -460,3 +461,40 @@ def test_native_responses_upstream_gets_the_request_as_sent(
     record = _billed_as_reported(gateway, fake, "native-responses-2")
     assert record.stream
     assert not record.estimated
+
+
+# -- the upstream failing mid-stream: billed by the chat rule, both upstream kinds ------------
+
+
+@pytest.mark.parametrize("kind", ["translated", "native"])
+def test_upstream_failing_mid_responses_stream_bills_what_was_relayed(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    """The rule of ``test_metering.test_rule_upstream_error_mid_stream_bills_what_was_relayed``
+    (``metering.billing``): an upstream error after output is billed for what was relayed."""
+    gateway, url, fake = request.getfixturevalue("served" if kind == "translated" else "native")
+    fake.config.fail_stream_after = 3
+    body = {"model": "gpt-4.1", "input": "Hello there", "stream": True}
+    headers = {"authorization": f"Bearer {KEYS['acme']}", "x-request-id": f"cut-{kind}"}
+    with httpx.Client(base_url=url, timeout=10) as client:
+        response = client.post("/v1/responses", json=body, headers=headers)
+    assert response.status_code == 200
+    events = [parse_event(e) for e in EventSplitter().feed(response.content)]
+    relayed = sum(1 for name, _ in events if name == b"response.output_text.delta")
+    assert relayed == 3
+    name, data = events[-1]
+    assert name == b"error"
+    assert json.loads(data) == {
+        "type": "error",
+        "code": "upstream_error",
+        "message": "The upstream stream was interrupted.",
+        "param": None,
+    }
+    assert not any(name == b"response.completed" for name, _ in events)
+    record = _record_of(gateway, f"cut-{kind}")
+    assert record.outcome == "upstream_error"
+    assert record.estimated
+    assert record.output_tokens == relayed == fake.stats.completion_tokens
+    price = gateway.live.current.catalogue.price("gpt-4.1")
+    assert price is not None
+    assert record.cost_nanousd == cost_nanousd(price, record.input_tokens, relayed) > 0

@@ -357,14 +357,14 @@ def test_memory_store_is_the_default_without_redis() -> None:
     assert gateway.quota_store is gateway.quota_store
 
 
-def test_the_readme_quota_example_is_a_valid_config() -> None:
+def test_the_guide_quota_example_is_a_valid_config() -> None:
     import re
     from pathlib import Path
 
     from tenantware import parse_config
 
-    text = (Path(__file__).parent.parent / "README.md").read_text()
-    section = text[text.index("## Quotas") :]
+    text = (Path(__file__).parent.parent / "docs" / "quotas.md").read_text()
+    section = text[text.index("## Where state lives") :]
     match = re.search(r"```toml\n(.*?)```", section, re.S)
     assert match is not None
     config = parse_config(match[1])

@@ -6,6 +6,7 @@ import json
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -175,3 +176,105 @@ def test_cli_usage_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert main([*args, "--format", "records"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 5
     assert main(["usage", "--ledger", url, "--since", "someday"]) == 2
+
+
+def test_cli_usage_names_the_ledger_it_read_and_warns_when_it_is_empty(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["usage", "--ledger", "sqlite:///elsewhere.db", "--tenant", "acme"]) == 0
+    captured = capsys.readouterr()
+    # A relative SQLite path is shown absolute: the reader sees which directory it meant.
+    assert f"ledger sqlite:///{tmp_path / 'elsewhere.db'}" in captured.err
+    assert "warning: no usage records in this ledger for tenant acme" in captured.err
+    assert "acme" not in captured.out  # the table has its header only
+
+
+def test_cli_usage_reads_the_ledger_url_of_the_config_with_its_password_from_the_environment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import anyio
+
+    path = tmp_path / "ledger.db"
+
+    async def fill() -> None:
+        ledger = SqliteLedger(path)
+        await ledger.write([rec(1, "acme", DAY)])
+        await ledger.aclose()
+
+    anyio.run(fill)
+    monkeypatch.setenv("TW_TEST_LEDGER_DIR", str(tmp_path))
+    config = tmp_path / "gateway.toml"
+    config.write_text('[metering]\nledger_url = "sqlite:///${TW_TEST_LEDGER_DIR}/ledger.db"\n')
+    assert main(["usage", "--config", str(config), "--since", "2026-11-01"]) == 0
+    captured = capsys.readouterr()
+    assert f"ledger sqlite:///{path}" in captured.err
+    assert "warning" not in captured.err
+    assert "acme" in captured.out
+    monkeypatch.delenv("TW_TEST_LEDGER_DIR")
+    assert main(["usage", "--config", str(config)]) == 2
+    assert "metering.ledger_url: environment variable TW_TEST_LEDGER_DIR is not set" in (
+        capsys.readouterr().err
+    )
+
+
+def test_cli_usage_never_shows_a_ledger_password(
+    capsys: pytest.CaptureFixture[str], postgres_url: str, postgres_schema: str
+) -> None:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(postgres_url)
+    with_password = (
+        parts._replace(
+            netloc=f"{parts.username or 'postgres'}:s3cret-pw@{parts.hostname}:{parts.port or 5432}"
+        )
+        ._replace(query=f"schema={postgres_schema}")
+        .geturl()
+    )
+    # trust auth: the password is accepted and ignored, the report runs.
+    assert main(["usage", "--ledger", with_password, "--since", "1h"]) == 0
+    captured = capsys.readouterr()
+    assert "s3cret-pw" not in captured.err + captured.out
+    assert ":***@" in captured.err
+
+
+def _own_starlette_app(gateway: Gateway, *, wrap: bool) -> Any:
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+
+    async def home(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("home")
+
+    routes: list[Any] = [Route("/", home), Mount("/v1", app=gateway.proxy)]
+    if wrap:
+        return gateway.wrap(Starlette(routes=routes))
+    return Starlette(routes=routes, middleware=gateway.middleware())
+
+
+@pytest.mark.parametrize("wrap", [True, False], ids=["wrap", "middleware"])
+async def test_the_admin_usage_and_metrics_routes_serve_a_users_own_app(wrap: bool) -> None:
+    gateway, ledger = _admin_gateway()
+    app = _own_starlette_app(gateway, wrap=wrap)
+    admin_headers = {"authorization": f"Bearer {ADMIN_KEY}"}
+    async with client_for(app, KEYS["acme"]) as acme:
+        assert (await acme.get("/", headers={"authorization": ""})).text == "home"
+        assert (await acme.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        assert gateway.writer is not None
+        await gateway.writer.flush()
+        own = await acme.get("/v1/usage?since=1h")
+        assert own.status_code == 200, own.text
+        assert [row["tenant"] for row in own.json()["data"]] == ["acme"]
+        everyone = await acme.get("/admin/usage?since=1h", headers=admin_headers)
+        assert [row["requests"] for row in everyone.json()["data"]] == [1]
+        metrics = await acme.get("/metrics", headers=admin_headers)
+        assert metrics.status_code == 200
+        assert 'tenantware_requests_total{model="gpt-4.1",outcome="ok",tenant="acme"}' in (
+            metrics.text
+        )
+        assert (await acme.get("/metrics")).status_code == 401  # a tenant key
+        tenants = await acme.get("/admin/tenants", headers=admin_headers)
+        assert {t["id"] for t in tenants.json()["data"]} >= {"acme", "hobby"}
+        assert (await acme.get("/readyz")).json()["status"] == "ready"
+    # The usage requests themselves are not metered: one record, the completion's.
+    assert [record.model_requested for record in await ledger.query()] == ["gpt-4.1"]

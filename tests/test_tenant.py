@@ -275,4 +275,9 @@ async def test_hmac_key_hashes_need_the_server_secret(monkeypatch: pytest.Monkey
 
 def test_gateway_exposes_the_stack_outermost_first() -> None:
     gateway = Gateway(make_config())
-    assert gateway.middleware()[0].cls is TenantMiddleware
+    assert gateway.middleware(admin=False)[0].cls is TenantMiddleware
+    # By default the gateway's own routes (/admin/, /metrics, /v1/usage) come first.
+    assert [layer.cls.__name__ for layer in gateway.middleware()[:2]] == [
+        "AdminRoutes",
+        "TenantMiddleware",
+    ]

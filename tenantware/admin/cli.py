@@ -130,14 +130,14 @@ def _keys_revoke(args: argparse.Namespace) -> int:
 
 
 def _registry_of(args: argparse.Namespace) -> Any:
-    from tenantware.config import load_config
+    from tenantware.config import expand_env, load_config
     from tenantware.registry import open_registry
 
     settings = load_config(args.config).gateway
     url = args.registry_url or settings.registry_url
     if not url:
         raise SystemExit("tenantware: no shared registry: set gateway.registry_url")
-    return open_registry(url, prefix=settings.redis_prefix)
+    return open_registry(expand_env(url, "gateway.registry_url"), prefix=settings.redis_prefix)
 
 
 def _registry_export(args: argparse.Namespace) -> int:

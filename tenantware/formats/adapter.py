@@ -60,6 +60,8 @@ class Adapter:
 
     #: The upstream's path (under its ``base_url``).
     upstream_path = "/chat/completions"
+    #: The upstream keeps what it answers (``GET /v1/responses/{id}`` reads it there).
+    stores_answers = False
 
     def body(self, ctx: RequestContext, upstream_model: str) -> bytes:
         data = decode_body(ctx.body)
@@ -74,6 +76,14 @@ class Adapter:
 
     def tap(self, ctx: RequestContext, *, include_usage: bool) -> StreamTranslator:
         raise NotImplementedError
+
+    def answer_id(self, data: bytes) -> str | None:
+        """The id under which the upstream stored this JSON answer (``stores_answers``)."""
+        return None
+
+    def stream_id(self, tap: StreamTranslator) -> str | None:
+        """The id under which the upstream stored this streamed answer."""
+        return None
 
 
 class _AnthropicNative(Adapter):
@@ -207,12 +217,19 @@ class _ResponsesNative(Adapter):
     """Responses API client, an upstream that serves it: relayed, usage read on the way."""
 
     upstream_path = "/responses"
+    stores_answers = True
 
     def usage(self, data: bytes) -> Usage | None:
         return responses.parse_json_usage(data)
 
     def tap(self, ctx: RequestContext, *, include_usage: bool) -> StreamTranslator:
         return responses.ResponsesStreamTap()
+
+    def answer_id(self, data: bytes) -> str | None:
+        return responses.response_id_of(data)
+
+    def stream_id(self, tap: StreamTranslator) -> str | None:
+        return tap.response_id if isinstance(tap, responses.ResponsesStreamTap) else None
 
 
 def _response_id(ctx: RequestContext) -> str:

@@ -25,6 +25,7 @@ __all__ = [
     "parse_json_usage",
     "request_to_chat",
     "response_from_chat",
+    "response_id_of",
     "usage_json_responses",
 ]
 
@@ -221,9 +222,30 @@ def parse_json_usage(body: bytes, bounds: UsageBounds | None = None) -> Usage | 
     return checked_responses_usage(data["usage"], bounds or USAGE_BOUNDS.get())
 
 
+class _Identified(msgspec.Struct):
+    id: Any = None
+
+
+_decode_identified = msgspec.json.Decoder(_Identified).decode
+
+
+def response_id_of(body: bytes) -> str | None:
+    """The ``id`` of a Response object (what ``GET /v1/responses/{id}`` names later)."""
+    try:
+        found = _decode_identified(body).id
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    return found if isinstance(found, str) and found else None
+
+
 class ResponsesStreamTap(TranslatingStream):
     """A native Responses stream relayed as it came, whole events at a time; its usage (in
-    ``response.completed``) and text are recorded on the way."""
+    ``response.completed``), text and response id are recorded on the way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: The id of ``response.created`` (or a later event carrying the response).
+        self.response_id: str | None = None
 
     def _on_event(self, event: bytes) -> bytes:
         _name, data = parse_event(event)
@@ -236,6 +258,8 @@ class ResponsesStreamTap(TranslatingStream):
                     self.content_chars += len(delta)
             elif isinstance(payload.get("response"), dict):
                 response = payload["response"]
+                if self.response_id is None and isinstance(response.get("id"), str):
+                    self.response_id = response["id"] or None
                 if self.model is None and isinstance(response.get("model"), str):
                     self.model = response["model"]
                 if response.get("usage") is not None:

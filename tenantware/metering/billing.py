@@ -23,7 +23,14 @@ from tenantware.catalogue import Catalogue
 from tenantware.context import Outcome, OutcomeName, RequestContext, Usage, default_outcome
 from tenantware.metering.pricing import cost_nanousd
 
-__all__ = ["NOT_BILLED", "apply_markup", "billable_usage", "final_outcome", "request_cost"]
+__all__ = [
+    "NOT_BILLED",
+    "SHADOW",
+    "apply_markup",
+    "billable_usage",
+    "final_outcome",
+    "request_cost",
+]
 
 #: Outcomes of requests the gateway refused: recorded, never billed.
 NOT_BILLED: Final = frozenset(
@@ -36,6 +43,10 @@ NOT_BILLED: Final = frozenset(
         Outcome.BREAKER_OPEN,
     }
 )
+#: Ledger outcome of a migration trial's shadow copy of a request: its cost is the operator's,
+#: recorded (``cost_nanousd``) and never charged to the tenant (``charged_nanousd`` 0), and
+#: tenant reports leave it out.
+SHADOW: Final = "shadow"
 _FAILED: Final = frozenset({Outcome.UPSTREAM_ERROR, Outcome.UPSTREAM_TIMEOUT, Outcome.ERROR})
 _HUNDRED: Final = Decimal(100)
 

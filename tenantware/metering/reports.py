@@ -20,7 +20,7 @@ from typing import Final, Literal
 import msgspec
 
 from tenantware.context import Outcome
-from tenantware.metering.billing import NOT_BILLED
+from tenantware.metering.billing import NOT_BILLED, SHADOW
 from tenantware.metering.ledger.base import Ledger
 from tenantware.metering.ledger.record import COLUMNS, UsageRecord
 from tenantware.metering.pricing import nanousd_to_usd
@@ -96,6 +96,8 @@ def summarize(
     rows: dict[tuple[str, datetime], ReportRow] = {}
     latencies: dict[tuple[str, datetime], list[float]] = {}
     for r in records:
+        if r.outcome == SHADOW:
+            continue  # a migration trial's copy: the operator's cost, not the tenant's
         key = (r.tenant, period_start(r.ts, period))
         row = rows.get(key)
         if row is None:

@@ -17,7 +17,7 @@ import structlog
 
 from tenantware.context import Outcome
 from tenantware.logs import bulk_sink
-from tenantware.metering.billing import NOT_BILLED
+from tenantware.metering.billing import NOT_BILLED, SHADOW
 from tenantware.metering.ledger.record import UsageRecord
 from tenantware.metrics import (
     COST_NANOUSD,
@@ -145,6 +145,8 @@ def metrics_observer(live: LiveConfig) -> Callable[[Sequence[UsageRecord]], None
                 c = children[key] = _Children(tenant, model, r.outcome)
             c.requests.inc()
             c.seconds.observe(r.latency_s)
+            if r.outcome == SHADOW:
+                continue  # a migration trial's copy: counted, its cost is not the tenant's
             if r.outcome in NOT_BILLED:
                 if r.outcome not in _COUNTED_BY_THEIR_LAYER:
                     c.child("rejections").inc()

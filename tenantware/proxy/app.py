@@ -16,9 +16,12 @@ import structlog
 from tenantware.breaker.board import RECORDED, BreakerBoard
 from tenantware.context import Outcome, RequestContext, get_context
 from tenantware.errors import GatewayError, internal_error
+from tenantware.ownership import OwnerStore
 from tenantware.proxy.dispatch import CLIENT_HEADERS, Dispatcher
+from tenantware.proxy.migration import SESSION, MigrationRunner
 from tenantware.proxy.openapi import OPENAPI_PATH, openapi_document
 from tenantware.proxy.relay import JSON_CONTENT_TYPE, MODEL_SERVED_HEADER, Relay
+from tenantware.proxy.stored import StoredResponses
 from tenantware.proxy.upstream import AiohttpUpstreamClient, UpstreamClient
 from tenantware.state import LiveConfig
 from tenantware.types import Receive, Scope, Send
@@ -67,12 +70,20 @@ class ProxyApp:
         live: LiveConfig,
         client: UpstreamClient | None = None,
         board: BreakerBoard | None = None,
+        owners: OwnerStore | None = None,
+        migration: MigrationRunner | None = None,
     ) -> None:
         self.live = live
         self.client: UpstreamClient = client or AiohttpUpstreamClient()
         #: Circuits, shared with ``BreakerMiddleware`` when the gateway builds both.
         self.board = board or BreakerBoard(live.current.config.breaker)
-        self.dispatcher = Dispatcher(live, self.client, self.board, Relay())
+        self.dispatcher = Dispatcher(live, self.client, self.board, Relay(), owners)
+        #: Canary splits and shadow traffic (``[migration]``).
+        self.migration = migration or MigrationRunner(live)
+        self.migration.dispatcher = self.dispatcher
+        self.dispatcher.migration = self.migration
+        #: ``GET``/``DELETE /v1/responses/{id}`` for the tenant that created the response.
+        self.stored = StoredResponses(self.dispatcher, self.dispatcher.owners)
         self.router = self.dispatcher.router
         self._forward = self.dispatcher.forward
         self._routes = {
@@ -107,9 +118,23 @@ class ProxyApp:
             return
         if path.startswith("/v1/"):
             path = path[3:]
-        handler = self._routes.get((scope["method"], path))
+        method = scope["method"]
+        handler = self._routes.get((method, path))
         ctx = get_context(scope)
+        migration = self.live.current.config.migration
+        if migration.rules:
+            # The canary's sticky key: the client's session, when it names one.
+            header = migration.session_header.lower().encode("latin-1")
+            for name, value in scope["headers"]:
+                if name == header:
+                    ctx.extra[SESSION] = value.decode("latin-1")
+                    break
         try:
+            if handler is None and self.stored.serves(method, path):
+                if ctx.tenant is None:
+                    raise _needs_key()
+                await self.stored(ctx, send, method, path, scope.get("query_string", b""))
+                return
             if handler is None:
                 raise GatewayError(
                     404,

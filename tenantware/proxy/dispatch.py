@@ -11,21 +11,25 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import msgspec
+import structlog
 
+from tenantware.backends.errors import STORE_UNAVAILABLE
 from tenantware.breaker.board import RECORDED, BreakerBoard, Deployment
-from tenantware.breaker.circuit import FAILURE, LIMITED, RELEASE, SLOW, SUCCESS, TIMEOUT
+from tenantware.breaker.circuit import FAILURE, LIMITED, PASS, RELEASE, SLOW, SUCCESS, TIMEOUT
 from tenantware.config import Upstream
 from tenantware.context import Outcome, RequestContext, Usage
 from tenantware.errors import GatewayError, circuit_open_error
 from tenantware.formats.adapter import Adapter, adapter_for
 from tenantware.formats.anthropic import ANTHROPIC_VERSION
 from tenantware.metering.usage import parse_json_usage
+from tenantware.ownership import MemoryOwnerStore, Owner, OwnerStore
+from tenantware.proxy.migration import MigrationRunner, PrimaryCall
 from tenantware.proxy.relay import Relay
-from tenantware.proxy.routing import Router
+from tenantware.proxy.routing import Pick, Router
 from tenantware.proxy.upstream import (
     Timeouts,
     UpstreamClient,
@@ -37,10 +41,12 @@ from tenantware.proxy.upstream import (
 from tenantware.state import LiveConfig, Snapshot
 from tenantware.types import Receive, Send
 
-__all__ = ["CLIENT_HEADERS", "Dispatcher"]
+__all__ = ["CLIENT_HEADERS", "Dispatcher", "UpstreamCall", "upstream_unavailable"]
 
 #: ``ctx.extra`` key: the client's ``anthropic-*`` headers, passed on to Anthropic upstreams.
 CLIENT_HEADERS = "anthropic_headers"
+
+log = structlog.get_logger("tenantware.proxy")
 
 _decode_any = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
@@ -82,9 +88,18 @@ class Dispatcher:
     """
 
     def __init__(
-        self, live: LiveConfig, client: UpstreamClient, board: BreakerBoard, relay: Relay
+        self,
+        live: LiveConfig,
+        client: UpstreamClient,
+        board: BreakerBoard,
+        relay: Relay,
+        owners: OwnerStore | None = None,
     ) -> None:
         self.live = live
+        #: Canary and shadow traffic (``[migration]``); set by the gateway.
+        self.migration: MigrationRunner | None = None
+        #: Which tenant created each response a native Responses upstream stores.
+        self.owners: OwnerStore = owners or MemoryOwnerStore()
         self.client = client
         self.board = board
         self.router = Router(board)
@@ -99,7 +114,7 @@ class Dispatcher:
         if self.board.remote:
             await self.board.refresh_chain(snapshot, chain)
 
-    def _target(self, snapshot: Snapshot, upstream: Upstream) -> _Target:
+    def target(self, snapshot: Snapshot, upstream: Upstream) -> _Target:
         if self._targets_version != snapshot.version:
             self._targets = {u.name: _Target(u) for u in snapshot.config.upstreams}
             self._targets_version = snapshot.version
@@ -107,6 +122,48 @@ class Dispatcher:
 
     async def forward(self, ctx: RequestContext, receive: Receive, send: Send, path: str) -> None:
         """Try deployments (and fallback models) until one answers or retries run out."""
+        migration = self.migration
+        if migration is None or not snapshot_has_rules(self.live.current):
+            await self._forward(ctx, receive, send, path, None)
+            return
+        plan = migration.plan(self.live.current, ctx)
+        if plan is None:
+            await self._forward(ctx, receive, send, path, None)
+            return
+        primary = PrimaryCall(ctx, plan, migration)
+        if plan.shadows:
+            send = primary.capturing(send)
+        try:
+            await self._forward(ctx, receive, send, path, primary)
+            primary.status = ctx.status
+        except GatewayError as error:
+            primary.status = error.status
+            raise
+        except BaseException:
+            primary.status = ctx.status or 500
+            raise
+        finally:
+            if plan.shadows and not primary.launched:
+                # Refused before any upstream call (no deployment ready): the shadow still
+                # measures the candidate on this request.
+                migration.launch(primary, self.live.current, path)
+            canary = plan.canary
+            migration.served(
+                primary,
+                canary is not None
+                and ctx.upstream == canary.upstream
+                and ctx.model_served == canary.model
+                and not primary.canary_failed,
+            )
+
+    async def _forward(
+        self,
+        ctx: RequestContext,
+        receive: Receive,
+        send: Send,
+        path: str,
+        primary: PrimaryCall | None,
+    ) -> None:
         assert ctx.model is not None
         snapshot = self.live.current
         board = self.board
@@ -132,9 +189,17 @@ class Dispatcher:
         attempts = 0
         #: This retry already slept its backoff: the pick made after it is called at once.
         backed_off = False
+        #: The migration rule's target for this request (a canary, or the rule's primary):
+        #: tried first when its circuit lets it; on failure the usual deployments follow.
+        first = self._first(snapshot, primary) if primary is not None else None
+        pick = Pick(None, False, 0.0)
+        deployment: Deployment | None
         while True:
-            pick = await router.pick(snapshot, chain, tried)
-            deployment = pick.deployment
+            if first is not None:
+                deployment, probe, first = first, False, None
+            else:
+                pick = await router.pick(snapshot, chain, tried)
+                deployment, probe = pick.deployment, pick.probe
             if deployment is None:
                 wait = max(pick.wait_s, 0.01)
                 if (
@@ -161,10 +226,12 @@ class Dispatcher:
             backed_off = False
             attempts += 1
             last = await self._attempt(
-                ctx, receive, send, path, snapshot, deployment, pick.probe, started
+                ctx, receive, send, path, snapshot, deployment, probe, started, primary
             )
             if last is None:
                 return
+            if primary is not None:
+                primary.attempt_failed(deployment, time.perf_counter() - started)
             if tried is None:
                 tried = set()
             tried.add(deployment.key)
@@ -173,9 +240,56 @@ class Dispatcher:
         if last is None:
             raise circuit_open_error(*board.unavailable(snapshot, model, chain, pick.wait_s))
         if last.error is not None:
-            raise _unavailable(last.error, last.target)
+            raise upstream_unavailable(last.error, last.target)
         ctx.usage = Usage()
         await self.relay.send_whole(ctx, send, last.status, last.headers, last.data, last.served)
+
+    def _first(self, snapshot: Snapshot, primary: PrimaryCall) -> Deployment | None:
+        """The deployment a migration plan sends this request to first, if its circuit lets it."""
+        migration = self.migration
+        assert migration is not None
+        plan = primary.plan
+        if plan.canary is not None:
+            found = migration.deployment(snapshot, plan.canary.upstream, plan.canary.model)
+        elif plan.primary is not None:
+            found = migration.deployment(snapshot, plan.primary, plan.rule.model)
+        else:
+            return None
+        if found is None or self.board.gate(found.key) != PASS:
+            return None
+        return found
+
+    def request_for(
+        self, ctx: RequestContext, snapshot: Snapshot, deployment: Deployment, path: str
+    ) -> UpstreamCall:
+        """The call ``deployment`` gets for this request: URL, headers, body (translated or
+        re-encoded when needed) and the adapter. Raises ``GatewayError`` for a body the
+        upstream cannot be sent."""
+        view = ctx.view
+        assert view is not None
+        assert deployment.upstream is not None
+        target = self.target(snapshot, deployment.upstream)
+        served = deployment.model
+        spec = snapshot.catalogue.models.get(served)
+        upstream_model = (spec.upstream_name if spec and spec.upstream_name else None) or served
+        streaming = view.stream
+        wants_usage = bool(view.stream_options and view.stream_options.include_usage)
+        body = ctx.body
+        adapter: Adapter | None = None
+        url = target.base_url + path
+        if target.api != "openai" or ctx.wire_format != "openai":
+            # Another format on either side: the adapter translates (tenantware.formats).
+            adapter = adapter_for(
+                ctx.wire_format, target.api, path, native_responses=target.upstream.responses
+            )
+            body = adapter.body(ctx, upstream_model)
+            url = target.base_url + adapter.upstream_path
+        elif upstream_model != view.model or (streaming and not wants_usage):
+            body = _rewrite(body, upstream_model, add_stream_usage=streaming and not wants_usage)
+        headers = {**target.headers, "x-request-id": ctx.request_id}
+        if target.api == "anthropic" and ctx.wire_format == "anthropic":
+            headers.update(ctx.extra.get(CLIENT_HEADERS, ()))
+        return UpstreamCall(target, served, url, headers, body, adapter, wants_usage)
 
     async def _attempt(
         self,
@@ -187,46 +301,23 @@ class Dispatcher:
         deployment: Deployment,
         probe: bool,
         started: float,
+        primary: PrimaryCall | None = None,
     ) -> _Failed | None:
         """One upstream call; ``None`` when the answer went to the client."""
         view = ctx.view
         assert view is not None
-        assert deployment.upstream is not None
         board = self.board
         key = deployment.key
-        target = self._target(snapshot, deployment.upstream)
-        served = deployment.model
-        spec = snapshot.catalogue.models.get(served)
-        upstream_model = (spec.upstream_name if spec and spec.upstream_name else None) or served
+        try:
+            call = self.request_for(ctx, snapshot, deployment, path)
+        except GatewayError:
+            if probe:
+                await board.release(key)
+            raise
+        target, served, adapter = call.target, call.served, call.adapter
         streaming = view.stream
-        wants_usage = bool(view.stream_options and view.stream_options.include_usage)
-        body = ctx.body
-        adapter: Adapter | None = None
-        url = target.base_url + path
-        if target.api != "openai" or ctx.wire_format != "openai":
-            # Another format on either side: the adapter translates (tenantware.formats).
-            try:
-                adapter = adapter_for(
-                    ctx.wire_format, target.api, path, native_responses=target.upstream.responses
-                )
-                body = adapter.body(ctx, upstream_model)
-            except GatewayError:
-                if probe:
-                    await board.release(key)
-                raise
-            url = target.base_url + adapter.upstream_path
-        elif upstream_model != view.model or (streaming and not wants_usage):
-            try:
-                body = _rewrite(
-                    body, upstream_model, add_stream_usage=streaming and not wants_usage
-                )
-            except GatewayError:
-                if probe:
-                    await board.release(key)
-                raise
-        headers = {**target.headers, "x-request-id": ctx.request_id}
-        if target.api == "anthropic" and ctx.wire_format == "anthropic":
-            headers.update(ctx.extra.get(CLIENT_HEADERS, ()))
+        wants_usage = call.wants_usage
+        url, headers, body = call.url, call.headers, call.body
         ctx.upstream = target.upstream.name
         ctx.model_served = served
         inflight = board.inflight
@@ -247,6 +338,10 @@ class Dispatcher:
             except UpstreamUnavailable as exc:
                 outcome = TIMEOUT if isinstance(exc, UpstreamTimeout) else FAILURE
                 return _Failed(error=exc, target=target)
+            finally:
+                if primary is not None and primary.plan.shadows and self.migration is not None:
+                    # The primary call is sent: its shadow copies may go now.
+                    self.migration.launch(primary, snapshot, path)
             try:
                 status = response.status
                 if status == 429 or status >= 500:
@@ -283,6 +378,8 @@ class Dispatcher:
                         usage = adapter.usage(data) if status < 400 else Usage()
                         data = adapter.answer(ctx, status, data, usage)
                         ctx.usage = usage
+                        if adapter.stores_answers and status < 400:
+                            await self._claim(ctx, snapshot, adapter.answer_id(data), target)
                     elif status < 400:
                         usage, _model = parse_json_usage(data)
                         ctx.usage = usage
@@ -292,6 +389,7 @@ class Dispatcher:
                         ctx, send, status, response.headers, data, served, as_sent=whole_stream
                     )
                     return None
+                tap = adapter.tap(ctx, include_usage=wants_usage) if adapter else None
                 await self.relay.relay_stream(
                     ctx,
                     response,
@@ -300,8 +398,10 @@ class Dispatcher:
                     started,
                     limit,
                     hide_usage=not wants_usage,
-                    tap=adapter.tap(ctx, include_usage=wants_usage) if adapter else None,
+                    tap=tap,
                 )
+                if adapter is not None and adapter.stores_answers and tap is not None:
+                    await self._claim(ctx, snapshot, adapter.stream_id(tap), target)
                 broke = ctx.outcome == Outcome.UPSTREAM_ERROR
                 outcome = FAILURE if broke else SLOW if slow else SUCCESS
                 return None
@@ -318,6 +418,30 @@ class Dispatcher:
                         await board.record(key, outcome, probe=probe, cool_s=cool_s)
                 else:  # the memory store never yields: nothing to shield
                     await board.record(key, outcome, probe=probe, cool_s=cool_s)
+
+    async def _claim(
+        self, ctx: RequestContext, snapshot: Snapshot, object_id: str | None, target: _Target
+    ) -> None:
+        """Record that this tenant owns the response the upstream stored (before a JSON answer
+        is sent; after a stream, which the client may have left). A store outage costs the
+        later ``GET`` of this response (a 404), never this answer."""
+        tenant = ctx.tenant
+        if object_id is None or tenant is None:
+            return
+        owner = Owner(tenant=tenant.id, upstream=target.upstream.name)
+        ttl_s = snapshot.config.gateway.response_owner_ttl_s
+        try:
+            with anyio.CancelScope(shield=True):
+                claimed = await self.owners.claim(object_id, owner, ttl_s)
+        except STORE_UNAVAILABLE:
+            log.warning("stored response owner not recorded", response_id=object_id)
+            return
+        if not claimed:
+            log.warning(
+                "upstream reused a response id another request owns",
+                response_id=object_id,
+                upstream=target.upstream.name,
+            )
 
     def _cooldown(self, response: UpstreamResponse) -> float:
         """How long a 429 cools its deployment: the upstream's ``retry-after`` (capped)."""
@@ -368,6 +492,23 @@ def _rewrite(body: bytes, model: str, *, add_stream_usage: bool) -> bytes:
     return _encode(data)
 
 
+def snapshot_has_rules(snapshot: Snapshot) -> bool:
+    """Whether any migration rule is configured (the common case: none, one check)."""
+    return bool(snapshot.config.migration.rules)
+
+
+class UpstreamCall(NamedTuple):
+    """One call to an upstream, ready to send (``Dispatcher.request_for``)."""
+
+    target: _Target
+    served: str
+    url: str
+    headers: dict[str, str]
+    body: bytes
+    adapter: Adapter | None
+    wants_usage: bool
+
+
 class _Failed:
     """A call that may be re-tried: the error, or the (small) error answer read whole."""
 
@@ -391,7 +532,7 @@ class _Failed:
         self.served = served
 
 
-def _unavailable(exc: UpstreamUnavailable, target: _Target | None) -> GatewayError:
+def upstream_unavailable(exc: UpstreamUnavailable, target: _Target | None) -> GatewayError:
     name = f" `{target.upstream.name}`" if target else ""
     if isinstance(exc, UpstreamTimeout):
         return GatewayError(

@@ -17,7 +17,7 @@ import anyio
 import msgspec
 import structlog
 
-from tenantware.context import Outcome, RequestContext, Usage
+from tenantware.context import Outcome, RequestContext, Usage, WireFormat
 from tenantware.errors import anthropic_error_body, send_error
 from tenantware.formats.adapter import StreamTranslator
 from tenantware.metering.usage import StreamTap
@@ -29,10 +29,12 @@ from tenantware.proxy.upstream import (
 )
 from tenantware.types import Message, Receive, Send
 
-__all__ = ["JSON_CONTENT_TYPE", "MODEL_SERVED_HEADER", "Relay"]
+__all__ = ["JSON_CONTENT_TYPE", "MODEL_SERVED_HEADER", "UPSTREAM_SERVED_HEADER", "Relay"]
 
 #: Response header naming the model that answered (differs from the request after a fallback).
 MODEL_SERVED_HEADER: Final = b"x-tenantware-model"
+#: Response header naming the upstream that answered (a canary's candidate, say).
+UPSTREAM_SERVED_HEADER: Final = b"x-tenantware-upstream"
 JSON_CONTENT_TYPE: Final = (b"content-type", b"application/json")
 
 log = structlog.get_logger("tenantware.proxy")
@@ -50,11 +52,19 @@ class Relay:
 
     def __init__(self) -> None:
         self._served_headers: dict[str, tuple[bytes, bytes]] = {}
+        self._upstream_headers: dict[str | None, tuple[bytes, bytes]] = {}
 
     def served_header(self, model: str) -> tuple[bytes, bytes]:
         header = self._served_headers.get(model)
         if header is None:
             header = self._served_headers[model] = (MODEL_SERVED_HEADER, model.encode())
+        return header
+
+    def upstream_header(self, upstream: str | None) -> tuple[bytes, bytes]:
+        header = self._upstream_headers.get(upstream)
+        if header is None:
+            value = (upstream or "").encode()
+            header = self._upstream_headers[upstream] = (UPSTREAM_SERVED_HEADER, value)
         return header
 
     async def send_whole(
@@ -89,6 +99,7 @@ class Relay:
                     headers=[
                         *(h for h in upstream_headers if h[0] != b"content-type"),
                         self.served_header(served),
+                        self.upstream_header(ctx.upstream),
                     ],
                 )
                 return
@@ -99,6 +110,7 @@ class Relay:
             headers.append(JSON_CONTENT_TYPE)
         headers.append((b"content-length", str(len(data)).encode()))
         headers.append(self.served_header(served))
+        headers.append(self.upstream_header(ctx.upstream))
         ctx.status = status
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": data})
@@ -122,10 +134,11 @@ class Relay:
             tap = StreamTap(hide_usage=hide_usage)
         failed: UpstreamUnavailable | UpstreamTooLarge | None = None
         served_header = self.served_header(ctx.model_served or "")
+        upstream_header = self.upstream_header(ctx.upstream)
 
         async def relay(watch: _Watch) -> None:
             nonlocal failed
-            headers = [*_SSE_HEADERS, served_header]
+            headers = [*_SSE_HEADERS, served_header, upstream_header]
             await send(
                 {"type": "http.response.start", "status": response.status, "headers": headers}
             )
@@ -150,7 +163,7 @@ class Relay:
                 await send(
                     {
                         "type": "http.response.body",
-                        "body": _stream_error_event(exc, ctx.wire_format == "anthropic"),
+                        "body": _stream_error_event(exc, ctx.wire_format),
                         "more_body": True,
                     }
                 )
@@ -262,7 +275,7 @@ async def _while_watching(receive: Receive, relay: Callable[[_Watch], Awaitable[
     return watch.disconnected
 
 
-def _stream_error_event(exc: UpstreamUnavailable | UpstreamTooLarge, anthropic: bool) -> bytes:
+def _stream_error_event(exc: UpstreamUnavailable | UpstreamTooLarge, wire: WireFormat) -> bytes:
     code = "upstream_error"
     if isinstance(exc, UpstreamTooLarge):
         message = f"The upstream stream is longer than the gateway relays ({exc.limit} bytes)."
@@ -271,8 +284,12 @@ def _stream_error_event(exc: UpstreamUnavailable | UpstreamTooLarge, anthropic: 
         message = "The upstream stopped sending in time."
     else:
         message = "The upstream stream was interrupted."
-    if anthropic:
+    if wire == "anthropic":
         return b"event: error\ndata: " + anthropic_error_body(502, message) + b"\n\n"
+    if wire == "responses":
+        # The Responses API's own ``error`` event (its SDKs yield it as ``ResponseErrorEvent``).
+        event = {"type": "error", "code": code, "message": message, "param": None}
+        return b"event: error\ndata: " + _encode(event) + b"\n\n"
     body = _encode(
         {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
     )

@@ -255,6 +255,7 @@ class _ResponsesBody(msgspec.Struct):
     max_output_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
     stream: bool | None = None
     tools: list[dict[str, Any]] | None = None
+    store: bool | None = None
 
 
 _Body = _ChatBody | _CompletionBody | _EmbeddingBody | _MessagesBody | _ResponsesBody
@@ -514,6 +515,9 @@ class FakeUpstream:
         self.rng = random.Random(seed)
         self.stats = UpstreamStats()
         self.last_request: RecordedRequest | None = None
+        #: Responses kept by ``POST /v1/responses`` (unless ``store: false``), by id, for
+        #: ``GET``/``DELETE /v1/responses/{id}``.
+        self.stored_responses: dict[str, bytes] = {}
 
     def reset(self) -> None:
         """Forget counters and the last request; requests in flight settle into the old stats."""
@@ -531,6 +535,8 @@ class FakeUpstream:
             await _send_json(send, 200, _HEALTH_BODY, [])
             return
         route = _ROUTES.get(path[start:]) if start >= 0 else None
+        if route is None and start >= 0 and path.startswith("/v1/responses/", start):
+            route = ("GET", "stored")
 
         authorization: bytes | None = None
         x_api_key: bytes | None = None
@@ -588,7 +594,7 @@ class FakeUpstream:
         expected_method, kind = route
         if kind == "messages":
             return await self._anthropic(exchange, method, authorization, body)
-        if method != expected_method:
+        if method != expected_method and kind != "stored":
             error = _error_body(f"Method not allowed ({method} {path})", "invalid_request_error")
             return await exchange.respond(405, error, (b"allow", expected_method.encode()))
         key = config.require_api_key
@@ -598,6 +604,8 @@ class FakeUpstream:
                 message = "You didn't provide an API key."
             error = _error_body(message, "invalid_request_error", code="invalid_api_key")
             return await exchange.respond(401, error)
+        if kind == "stored":
+            return await self._stored(exchange, method, path)
 
         request: _Body | None = None
         if kind != "models":
@@ -830,6 +838,8 @@ class FakeUpstream:
             "tools": request.tools or [],
             "usage": None if config.omit_usage else usage,
         }
+        if request.store is not False:
+            self.stored_responses[response_id] = _encode(body)
         if not request.stream:
             record.completion_tokens = tokens
             return await exchange.respond(200, _encode(body))
@@ -905,6 +915,31 @@ class FakeUpstream:
             done=_event(name, {"type": name, "response": body}),
         )
         return await self._stream(plan, tokens, exchange)
+
+    async def _stored(self, exchange: _Exchange, method: str, path: str) -> None:
+        """``GET``/``DELETE /v1/responses/{id}`` (and ``GET .../input_items``, empty)."""
+        object_id, _slash, tail = path[path.rfind("/v1/responses/") + 14 :].partition("/")
+        stored = self.stored_responses.get(object_id)
+        allowed = ("GET", "DELETE") if not tail else ("GET",) if tail == "input_items" else ()
+        if method not in allowed:
+            error = _error_body(f"Method not allowed ({method} {path})", "invalid_request_error")
+            return await exchange.respond(405, error)
+        if stored is None:
+            message = f"No response found with id '{object_id}'."
+            return await exchange.respond(404, _error_body(message, "invalid_request_error"))
+        if tail:
+            listing: dict[str, Any] = {
+                "object": "list",
+                "data": [],
+                "first_id": None,
+                "last_id": None,
+            }
+            return await exchange.respond(200, _encode({**listing, "has_more": False}))
+        if method == "DELETE":
+            del self.stored_responses[object_id]
+            deleted = {"id": object_id, "object": "response.deleted", "deleted": True}
+            return await exchange.respond(200, _encode(deleted))
+        return await exchange.respond(200, stored)
 
     def _injected_status(self) -> int | None:
         config = self.config

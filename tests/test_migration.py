@@ -1,0 +1,361 @@
+"""Migration rules: sticky canary splits, invisible shadow traffic, the comparison report and
+rollback, against two fake upstreams (the primary and the candidate)."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx
+import msgspec
+import pytest
+
+from tenantware import Gateway, parse_config
+from tenantware.config import MigrationSettings
+from tenantware.migration import RuleTable, agreement, answer_of
+from tenantware.migration.rules import sticky_point
+from tenantware.testing.serve import serve_in_thread
+from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig
+from tests.metering_support import records_of, wait_for
+from tests.support import CHAT, KEYS, client_for, tenant_entries
+
+pytestmark = pytest.mark.anyio
+
+STREAM = {**CHAT, "stream": True}
+
+# -- the split, in process -----------------------------------------------------------------
+
+
+def _table(canary: float, shadow: float = 0.0, **rule: Any) -> RuleTable:
+    settings = msgspec.convert(
+        {
+            "rules": [
+                {
+                    "name": "trial",
+                    "model": "gpt-4.1",
+                    "candidates": [
+                        {"upstream": "relay", "canary_percent": canary, "shadow_percent": shadow}
+                    ],
+                    **rule,
+                }
+            ]
+        },
+        MigrationSettings,
+    )
+    return RuleTable(settings)
+
+
+def _never(_trial: Any) -> bool:
+    return False
+
+
+async def test_canary_share_is_within_a_binomial_bound_and_sticky() -> None:
+    n, share = 10_000, 0.10
+    table = _table(canary=10)
+    served = Counter()
+    for index in range(n):
+        plan = table.plan("gpt-4.1", "acme", "enterprise", f"session-{index}", _never)
+        assert plan is not None
+        served[plan.canary is not None] += 1
+    # 99.9 % two-sided: z = 3.2905.
+    spread = 3.2905 * math.sqrt(n * share * (1 - share))
+    assert abs(served[True] - n * share) <= spread, served
+    # The same key lands on the same target, in this table and in another process's.
+    other = _table(canary=10)
+    for index in range(500):
+        key = f"session-{index}"
+        first = table.plan("gpt-4.1", "acme", "enterprise", key, _never)
+        again = other.plan("gpt-4.1", "acme", "enterprise", key, _never)
+        assert first is not None
+        assert again is not None
+        assert (first.canary is None) == (again.canary is None)
+    # Without a session, the tenant is the key.
+    by_tenant = {
+        table.plan("gpt-4.1", "acme", "enterprise", None, _never) is not None
+        and table.plan("gpt-4.1", "acme", "enterprise", None, _never).canary is not None  # type: ignore[union-attr]
+        for _ in range(20)
+    }
+    assert len(by_tenant) == 1
+    # Raising the share only moves keys from the primary to the candidate.
+    wider = _table(canary=30)
+    for index in range(2_000):
+        key = f"session-{index}"
+        if sticky_point("trial", key) < 1_000:
+            plan = wider.plan("gpt-4.1", "acme", "enterprise", key, _never)
+            assert plan is not None
+            assert plan.canary is not None
+
+
+async def test_rules_apply_to_their_tenants_and_tiers_only() -> None:
+    table = _table(canary=100, shadow=100, tenants=["acme"], exclude_tenants=["hobby"])
+    assert table.plan("gpt-4.1", "hobby", "free", None, _never) is None
+    assert table.plan("gpt-4.4", "acme", "enterprise", None, _never) is None
+    plan = table.plan("gpt-4.1", "acme", "enterprise", None, _never)
+    assert plan is not None
+    assert plan.canary is not None
+    assert plan.shadows == ()  # the canary's own candidate gets no copy of what it serves
+    tiered = _table(canary=0, shadow=100, tiers=["enterprise"])
+    assert tiered.plan("gpt-4.1", "hobby", "free", None, _never) is None
+    shadowed = tiered.plan("gpt-4.1", "acme", "enterprise", None, _never)
+    assert shadowed is not None
+    assert len(shadowed.shadows) == 1
+
+
+async def test_agreement_reads_text_and_tools_of_every_format() -> None:
+    chat = b'{"choices":[{"message":{"content":"a b c","tool_calls":[{"function":{"name":"f"}}]}}]}'
+    stream = (
+        b'data: {"choices":[{"delta":{"content":"a b"}}]}\n\n'
+        b'data: {"choices":[{"delta":{"content":" c",'
+        b'"tool_calls":[{"function":{"name":"f"}}]}}]}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    assert answer_of(chat, stream=False) == answer_of(stream, stream=True)
+    assert agreement(answer_of(chat, stream=False), answer_of(stream, stream=True)) == (
+        True,
+        1.0,
+        True,
+    )
+    other = answer_of(b'{"choices":[{"message":{"content":"a b d"}}]}', stream=False)
+    exact, similarity, tools = agreement(answer_of(chat, stream=False), other)
+    assert (exact, similarity, tools) == (False, 0.5, False)
+
+
+# -- through the gateway ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def fakes() -> Iterator[tuple[FakeUpstream, str, FakeUpstream, str]]:
+    primary = FakeUpstream(FakeUpstreamConfig())
+    candidate = FakeUpstream(FakeUpstreamConfig())
+    with (
+        serve_in_thread(primary, startup_timeout_s=30) as primary_url,
+        serve_in_thread(candidate, startup_timeout_s=30) as candidate_url,
+    ):
+        yield primary, primary_url, candidate, candidate_url
+
+
+def _config(
+    fakes: tuple[FakeUpstream, str, FakeUpstream, str],
+    *,
+    canary: float = 0,
+    shadow: float = 0,
+    **migration: Any,
+) -> Any:
+    _p, primary_url, _c, candidate_url = fakes
+    rule = {
+        "name": "trial",
+        "model": "gpt-4.1",
+        "candidates": [{"upstream": "relay", "canary_percent": canary, "shadow_percent": shadow}],
+        "rollback_minimum_calls": 5,
+    }
+    rule.update(migration.pop("rule", {}))
+    return parse_config(
+        {
+            "tenants": tenant_entries(),
+            "upstreams": [
+                {"name": "main", "base_url": primary_url + "/v1", "models": ["gpt-4.1"]},
+                # Not listed for the model: it gets only what the rule sends it.
+                {"name": "relay", "base_url": candidate_url + "/v1", "timeout_s": 5},
+            ],
+            "breaker": {"max_attempts": 2, "retry_base_s": 0.001},
+            "metering": {"ledger_url": "memory://", "request_log": False},
+            "migration": {"rules": [rule], **migration},
+        }
+    )
+
+
+@asynccontextmanager
+async def _running(config: Any) -> AsyncIterator[tuple[Gateway, httpx.AsyncClient]]:
+    gateway = Gateway(config)
+    async with gateway.running(), client_for(gateway.asgi_app(), KEYS["acme"]) as client:
+        yield gateway, client
+
+
+async def test_canary_is_served_by_the_candidate_and_says_so(
+    fakes: tuple[FakeUpstream, str, FakeUpstream, str],
+) -> None:
+    primary, _, candidate, _ = fakes
+    async with _running(_config(fakes, canary=50)) as (_gateway, client):
+        seen: dict[str, set[str]] = {}
+        for index in range(40):
+            session = f"conversation-{index % 8}"
+            response = await client.post(
+                "/v1/chat/completions", json=CHAT, headers={"x-session-id": session}
+            )
+            assert response.status_code == 200
+            assert response.headers["x-tenantware-model"] == "gpt-4.1"
+            seen.setdefault(session, set()).add(response.headers["x-tenantware-upstream"])
+    assert all(len(targets) == 1 for targets in seen.values()), seen
+    served = Counter(next(iter(t)) for t in seen.values())
+    assert set(served) == {"main", "relay"}
+    assert candidate.stats.requests == 5 * served["relay"]
+    assert primary.stats.requests == 5 * served["main"]
+
+
+def _normal(response: httpx.Response) -> tuple[int, Any]:
+    """Status and body without the fields that differ between any two answers (ids, time)."""
+    if response.headers.get("content-type", "").startswith("text/event-stream"):
+        events = [line for line in response.text.split("\n") if line.startswith("data: {")]
+        parsed = [msgspec.json.decode(line[6:]) for line in events]
+        for event in parsed:
+            event.pop("id", None)
+            event.pop("created", None)
+        return response.status_code, parsed
+    body = response.json()
+    if isinstance(body, dict):
+        body.pop("id", None)
+        body.pop("created", None)
+    return response.status_code, body
+
+
+async def _traffic(
+    gateway: Gateway, client: httpx.AsyncClient
+) -> tuple[list[tuple[int, Any]], list[tuple[str, int, int, int]]]:
+    """Six requests (JSON, stream, an upstream error): what the client saw and was billed."""
+    seen = []
+    for index, body in enumerate([CHAT, STREAM, CHAT, STREAM, {**CHAT, "max_tokens": 2}, CHAT]):
+        response = await client.post(
+            "/v1/chat/completions", json=body, headers={"x-request-id": f"r{index}"}
+        )
+        seen.append(_normal(response))
+    records = await records_of(gateway)
+    bills = sorted(
+        (r.request_id, r.status, r.output_tokens, r.charged_nanousd)
+        for r in records
+        if r.outcome != "shadow"
+    )
+    return seen, bills
+
+
+@pytest.mark.parametrize("behaviour", ["failing", "hanging", "slow"])
+async def test_shadow_is_invisible_to_clients_and_their_bills(
+    fakes: tuple[FakeUpstream, str, FakeUpstream, str], behaviour: str
+) -> None:
+    primary, _, candidate, _ = fakes
+    async with _running(_config(fakes)) as (gateway, client):
+        baseline = await _traffic(gateway, client)
+    primary.reset()
+    if behaviour == "failing":
+        candidate.config.failure_rate = 1.0
+    elif behaviour == "hanging":
+        candidate.config.latency_s = 60.0
+    else:
+        candidate.config.latency_s = 0.2
+    config = _config(fakes, shadow=100, shadow_timeout_s=1.0)
+    async with _running(config) as (gateway, client):
+        shadowed = await _traffic(gateway, client)
+        await wait_for(lambda: gateway.migration.in_flight == 0, timeout=30)
+        records = await records_of(gateway)
+    assert shadowed == baseline
+    shadows = [r for r in records if r.outcome == "shadow"]
+    assert len(shadows) == 6
+    assert {r.upstream for r in shadows} == {"relay"}
+    assert all(r.charged_nanousd == 0 for r in shadows)
+    if behaviour == "slow":
+        assert all(r.status == 200 and r.cost_nanousd > 0 for r in shadows)
+    else:
+        assert all(r.cost_nanousd == 0 and r.output_tokens == 0 for r in shadows)
+    (row,) = gateway.migration.book.report()
+    expected_error = {"failing": 1.0, "hanging": 1.0, "slow": 0.0}[behaviour]
+    assert row.shadow_requests == 6
+    assert row.shadow_error_rate == expected_error
+
+
+async def test_report_figures_equal_what_the_fakes_counted(
+    fakes: tuple[FakeUpstream, str, FakeUpstream, str],
+) -> None:
+    primary, _, candidate, _ = fakes
+    candidate.config.stream_chunks = 7  # a different answer: longer
+    async with _running(_config(fakes, shadow=100)) as (gateway, client):
+        for body in [CHAT, STREAM] * 5:
+            assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
+        await wait_for(lambda: gateway.migration.in_flight == 0, timeout=30)
+        records = await records_of(gateway)
+        rows = gateway.migration.book.report()
+        api = await client.get(
+            "/admin/migration/report", headers={"authorization": "Bearer admin-test-key"}
+        )
+    (row,) = rows
+    assert row.shadow_requests == candidate.stats.requests == 10
+    assert row.shadow_tokens_per_request == (
+        (candidate.stats.prompt_tokens + candidate.stats.completion_tokens) / 10
+    )
+    assert row.primary_tokens_per_request == (
+        (primary.stats.prompt_tokens + primary.stats.completion_tokens) / 10
+    )
+    shadow_cost = sum(r.cost_nanousd for r in records if r.outcome == "shadow")
+    assert row.shadow_cost_nanousd == shadow_cost > 0
+    primary_cost = sum(r.cost_nanousd for r in records if r.outcome != "shadow")
+    assert row.primary_cost_nanousd == primary_cost
+    assert row.exact_match_rate == 0.0
+    assert row.similarity_mean == 1.0  # the same words, more of them
+    assert row.same_tools_rate == 1.0
+    assert row.shadow_error_rate == row.primary_error_rate == 0.0
+    assert row.shadow_ttft_p50_s is not None
+    assert row.primary_ttft_p50_s is not None
+    del api
+
+
+async def test_a_failing_canary_rolls_back_without_failing_a_client(
+    fakes: tuple[FakeUpstream, str, FakeUpstream, str],
+) -> None:
+    primary, _, candidate, _ = fakes
+    candidate.config.failure_rate = 1.0
+    config = _config(fakes, canary=50)
+    async with _running(config) as (gateway, client):
+        for index in range(60):
+            response = await client.post(
+                "/v1/chat/completions", json=CHAT, headers={"x-session-id": f"s{index}"}
+            )
+            assert response.status_code == 200  # a failed canary call moves on to the primary
+            assert response.headers["x-tenantware-upstream"] == "main"
+        assert gateway.migration.report_rolled_back() == ["trial/relay/gpt-4.1"]
+        tried = candidate.stats.requests
+        assert 5 <= tried < 60
+        for index in range(20):
+            await client.post(
+                "/v1/chat/completions", json=CHAT, headers={"x-session-id": f"s{index}"}
+            )
+        assert candidate.stats.requests == tried  # rolled back: no more canary calls
+        # A reload with other settings re-arms it; a share of 0 is the rollback by hand.
+        gateway.live.replace(_config(fakes, canary=0))
+        await client.post("/v1/chat/completions", json=CHAT)
+        assert candidate.stats.requests == tried
+        assert gateway.migration.report_rolled_back() == []
+    assert primary.stats.by_status[200] == 81
+
+
+async def test_shadows_are_bounded_dropped_and_cancelled_at_shutdown(
+    fakes: tuple[FakeUpstream, str, FakeUpstream, str],
+) -> None:
+    _primary, _, candidate, _ = fakes
+    candidate.config.latency_s = 60.0
+    config = _config(fakes, shadow=100, shadow_concurrency=2, shadow_timeout_s=60.0)
+    gateway = Gateway(config)
+    with anyio.fail_after(30):
+        async with gateway.running(), client_for(gateway.asgi_app(), KEYS["acme"]) as client:
+            for _ in range(5):
+                assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+            await wait_for(lambda: candidate.stats.requests == 2)
+            assert gateway.migration.in_flight == 2
+            assert gateway.migration.book.dropped["trial/relay/gpt-4.1"] == 3
+    # Leaving the gateway's lifetime cancelled the two hanging shadows.
+    assert gateway.migration.in_flight == 0
+
+
+async def test_excluded_tenants_are_never_shadowed(
+    fakes: tuple[FakeUpstream, str, FakeUpstream, str],
+) -> None:
+    _primary, _, candidate, _ = fakes
+    async with _running(_config(fakes, shadow=100, no_shadow_tenants=["acme"])) as (
+        gateway,
+        client,
+    ):
+        for _ in range(3):
+            assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+    assert candidate.stats.requests == 0
+    assert gateway.migration.book.report() == []
