@@ -82,10 +82,14 @@ def bench_config(
     redis_prefix: str = "twbench:",
     ledger_url: str | None = None,
     workdir: str | None = None,
+    cache: str = "none",
 ) -> dict[str, Any]:
     """One tenant with enforced but never-reached limits, one upstream serving every model.
 
     ``workdir`` holds the SQLite ledger of the memory run (a fresh temp dir when omitted).
+    ``cache``: ``hit`` opts the tenant into the response cache (every repeated request is a
+    hit), ``miss`` too but with a zero quota (every request takes the whole miss path);
+    ``off``/``none``: not opted in.
     """
     gateway: dict[str, Any] = {}
     if backend == "redis":
@@ -101,6 +105,16 @@ def bench_config(
                 "tier": "enterprise",
                 "limits": BENCH_LIMITS,
                 "keys": [{"id": "bench-1", "hash": KeyHasher().hash(BENCH_KEY)}],
+                **(
+                    {
+                        "data": {
+                            "cache_models": ["*"],
+                            "cache_quota_bytes": 0 if cache == "miss" else 64 * 1024 * 1024,
+                        }
+                    }
+                    if cache in ("miss", "hit")
+                    else {}
+                ),
             }
         ],
         "upstreams": [

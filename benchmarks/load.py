@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -391,6 +392,7 @@ class Bench:
             redis_prefix=args.redis_prefix,
             ledger_url=args.ledger_url,
             workdir=str(workdir),
+            cache=args.cache,
         )
         self.modes = dict(MODES)
         self.paths = dict.fromkeys(MODES, "/v1/chat/completions")
@@ -948,7 +950,17 @@ def main() -> None:
     parser.add_argument("--soak-stream-every", type=int, default=5, help="1 in k is a stream")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--tag", default="", help="suffix of the result file names")
+    parser.add_argument(
+        "--cache",
+        choices=["none", "off", "miss", "hit"],
+        default="none",
+        help="the bench tenant's response cache: off (not opted in; a master key is set), "
+        "miss (opted in, every answer refused by a zero quota), hit (opted in)",
+    )
     args = parser.parse_args()
+    if args.cache != "none":
+        # The gateway subprocess inherits it.
+        os.environ["TENANTWARE_MASTER_KEY"] = base64.b64encode(os.urandom(32)).decode()
     if args.quick:
         args.reps, args.seconds, args.gen_seconds = 1, 1.0, 1.5
     if shutil.which("wrk") is None:
@@ -957,7 +969,16 @@ def main() -> None:
         sys.exit("needs taskset and at least 2 cores")
     args.out.mkdir(parents=True, exist_ok=True)
     name = "-".join(
-        filter(None, ["load", args.backend, args.ledger if args.ledger != "none" else "", args.tag])
+        filter(
+            None,
+            [
+                "load",
+                args.backend,
+                args.ledger if args.ledger != "none" else "",
+                f"cache-{args.cache}" if args.cache != "none" else "",
+                args.tag,
+            ],
+        )
     )
     meta = {
         **_machine(),
@@ -965,6 +986,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "backend": args.backend,
         "ledger": args.ledger,
+        "cache": args.cache,
         "client": args.client,
         "server": args.server,
         "gc_freeze": args.gc_freeze,

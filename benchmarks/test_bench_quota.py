@@ -90,14 +90,18 @@ def test_redis_reserve_settle_round(
         loop.run_until_complete(client.aclose())
 
 
+@pytest.mark.parametrize("billing", ["postpaid", "prepaid"])
 def test_middleware_request_with_memory_store(
-    benchmark: Any, loop: asyncio.AbstractEventLoop
+    benchmark: Any, loop: asyncio.AbstractEventLoop, billing: str
 ) -> None:
-    """One request through QuotaMiddleware (reserve, headers, settle) around a trivial app."""
+    """One request through QuotaMiddleware (reserve, headers, settle) around a trivial app;
+    ``prepaid``: the same limits plus a prepaid balance (with a low-balance threshold)."""
     tenants: list[dict[str, Any]] = [
         {
             "id": "acme",
             "tier": "pro",
+            "billing": billing,
+            "low_balance_usd": "1",
             "limits": {
                 "requests_per_minute": 10**9,
                 "tokens_per_minute": 10**12,
@@ -127,7 +131,9 @@ def test_middleware_request_with_memory_store(
     async def receive() -> Any:
         return {"type": "http.request", "body": b""}
 
-    middleware = QuotaMiddleware(app, live=live, store=MemoryQuotaStore())
+    store = MemoryQuotaStore()
+    loop.run_until_complete(store.credit("acme", "bench", 10**15, 10**9))
+    middleware = QuotaMiddleware(app, live=live, store=store)
 
     async def batch() -> None:
         for _ in range(BATCH):

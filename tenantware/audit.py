@@ -23,6 +23,9 @@ AuditAction = Literal[
     "admin_key.issue",
     "admin_key.revoke",
     "registry.seed",
+    "balance.credit",
+    "redemption_codes.create",
+    "policy.update",
 ]
 
 
@@ -52,7 +55,7 @@ class AuditEntry(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 
 def public_value(value: msgspec.Struct | None) -> dict[str, Any] | None:
-    """A tenant or admin key as plain JSON values, without any key hash."""
+    """A tenant or admin key as plain JSON values, without any key hash or sealed key."""
     if value is None:
         return None
     plain: dict[str, Any] = msgspec.to_builtins(value)
@@ -60,4 +63,10 @@ def public_value(value: msgspec.Struct | None) -> dict[str, Any] | None:
     keys = plain.get("keys")
     if isinstance(keys, list):
         plain["keys"] = [{k: v for k, v in key.items() if k != "hash"} for key in keys]
+    policy = plain.get("policy")
+    if isinstance(policy, dict) and isinstance(policy.get("upstream_keys"), list):
+        # A tenant's own upstream keys: which upstream and a hint, never the sealed value.
+        policy["upstream_keys"] = [
+            {k: v for k, v in key.items() if k != "sealed"} for key in policy["upstream_keys"]
+        ]
     return plain

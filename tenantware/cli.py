@@ -202,7 +202,7 @@ def _usage(args: argparse.Namespace) -> int:
 
     from tenantware.gateway import ledger_url
     from tenantware.metering.ledger import DEFAULT_LEDGER_URL, open_ledger
-    from tenantware.metering.reports import parse_time, records_csv, report_csv, summarize
+    from tenantware.metering.reports import parse_time, records_csv, report_csv, usage_report
 
     settings = None
     url = args.ledger
@@ -225,14 +225,26 @@ def _usage(args: argparse.Namespace) -> int:
     # Which ledger was read goes to stderr, so the report on stdout stays machine-readable.
     print(f"tenantware usage: ledger {_shown_ledger(url)}", file=sys.stderr)
 
-    async def fetch() -> list[object]:
+    async def fetch() -> list[Any]:
         try:
-            return list(await ledger.query(tenant=args.tenant, since=since, until=until))
+            if args.format == "records":
+                return list(await ledger.query(tenant=args.tenant, since=since, until=until))
+            return list(
+                await usage_report(
+                    ledger,
+                    tenant=args.tenant,
+                    since=since,
+                    until=until,
+                    period=args.period,
+                    currency=settings.currency if settings else "USD",
+                    currency_per_usd=settings.currency_per_usd if settings else Decimal(1),
+                )
+            )
         finally:
             await ledger.aclose()
 
-    records: list[Any] = anyio.run(fetch)
-    if not records:
+    fetched: list[Any] = anyio.run(fetch)
+    if not fetched:
         print(
             "tenantware usage: warning: no usage records in this ledger"
             + (f" for tenant {args.tenant}" if args.tenant else "")
@@ -241,14 +253,9 @@ def _usage(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if args.format == "records":
-        sys.stdout.write(records_csv(records))
+        sys.stdout.write(records_csv(fetched))
         return 0
-    rows = summarize(
-        records,
-        period=args.period,
-        currency=settings.currency if settings else "USD",
-        currency_per_usd=settings.currency_per_usd if settings else Decimal(1),
-    )
+    rows = fetched
     if args.format == "json":
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(rows)).decode() + "\n")
     elif args.format == "csv":
@@ -379,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     usage.add_argument("--tenant", help="one tenant (default: every tenant)")
     usage.add_argument("--since", default="30d", help="2026-11-01, 2026-11-01T12:00Z, 24h, 7d")
     usage.add_argument("--until", help="end (exclusive), same forms as --since")
-    usage.add_argument("--period", choices=["hour", "day", "month"], default="day")
+    usage.add_argument("--period", choices=["minute", "hour", "day", "month", "all"], default="day")
     usage.add_argument("--format", choices=["table", "json", "csv", "records"], default="table")
     usage.set_defaults(func=_usage)
 

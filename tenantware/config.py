@@ -26,6 +26,7 @@ __all__ = [
     "BreakerSettings",
     "CircuitSettings",
     "ConfigError",
+    "DataSettings",
     "GatewayConfig",
     "GatewaySettings",
     "Limits",
@@ -34,13 +35,18 @@ __all__ = [
     "MigrationRule",
     "MigrationSettings",
     "ModelSpec",
+    "PaymentWebhook",
     "QuotaSettings",
     "Tenant",
+    "TenantData",
+    "TenantPolicy",
     "Tier",
     "Upstream",
+    "UpstreamKey",
     "expand_env",
     "load_config",
     "parse_config",
+    "policy_problem",
 ]
 
 NonNegInt = Annotated[int, Meta(ge=0)]
@@ -117,6 +123,10 @@ class Limits(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
         return msgspec.structs.replace(self, **changes) if changes else self
 
 
+#: A feature flag's name (``beta_tools``, ``ui.dark``).
+FlagName = Annotated[str, Meta(pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")]
+
+
 class Tier(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Defaults shared by every tenant of a tier; a tenant overrides any of them."""
 
@@ -125,6 +135,41 @@ class Tier(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     limits: Limits = field(default_factory=Limits)
     #: Longest time a request of this tier may wait in the fair queue.
     max_queue_wait_s: PositiveFloat = 300.0
+    #: Feature flags of every tenant of the tier (a tenant's own flags override them).
+    flags: dict[FlagName, bool] = field(default_factory=dict)
+
+
+class UpstreamKey(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A tenant's own key for one upstream, sealed (AES-GCM, ``tenantware.backends.sealed``)
+    with the gateway's secrets key: the key itself is never stored, returned or logged."""
+
+    upstream: str
+    sealed: Annotated[str, Meta(pattern=r"^v1:[A-Za-z0-9_=-]+$")]
+    #: The key's last 4 characters, so the tenant can tell which key is registered.
+    hint: Annotated[str, Meta(max_length=4)] = ""
+    created_at: float | None = None
+
+
+class TenantPolicy(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How a tenant shapes its own traffic, within what the gateway offers.
+
+    Every name refers to something that exists (checked by ``policy_problem``)."""
+
+    #: The tenant's own model names: alias -> a model of the catalogue (or a global alias).
+    aliases: dict[str, str] = field(default_factory=dict)
+    #: Upstreams its requests may go to; empty: every upstream.
+    allowed_upstreams: list[str] = field(default_factory=list)
+    #: Fallback chain per model, replacing the gateway's (``breaker.fallbacks``) for it.
+    fallbacks: dict[str, list[str]] = field(default_factory=dict)
+    #: Upper bound of one upstream call of this tenant (below the upstream's own timeout).
+    timeout_s: Annotated[float, Meta(gt=0, le=3600)] | None = None
+    #: Feature flags (over its tier's), read by the app through the request context.
+    flags: dict[FlagName, bool] = field(default_factory=dict)
+    #: Its own upstream keys ("bring your own key"): its requests to that upstream use it.
+    upstream_keys: list[UpstreamKey] = field(default_factory=list)
+    #: The admin lets the tenant change this policy with its own key (all but this field and
+    #: ``allowed_upstreams``).
+    self_service: bool = False
 
 
 class ApiKey(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -142,6 +187,24 @@ class ApiKey(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     expires_at: float | None = None
     #: Unix time the key was issued (admin API), for listings.
     created_at: float | None = None
+
+
+class TenantData(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What the gateway may keep of a tenant's prompts and answers (``[tenants.data]``):
+    nothing unless the tenant opts in. Whatever is kept is encrypted with the tenant's key."""
+
+    #: Models whose answers are cached (``"*"``: every model); empty: no response cache.
+    cache_models: list[str] = field(default_factory=list)
+    #: How long a cached answer is served.
+    cache_ttl_s: Annotated[float, Meta(gt=0, le=30 * 86_400)] = 3600.0
+    #: Most bytes of cached answers kept for this tenant (its oldest entries make room).
+    cache_quota_bytes: NonNegInt = 64 * 1024 * 1024
+    #: Keep every request and its answer, encrypted, for ``log_retention_days``.
+    log_requests: bool = False
+    #: Days a logged request is kept before the retention job purges it.
+    log_retention_days: Annotated[int, Meta(ge=1, le=3650)] = 30
+    #: Most bytes of logged requests kept for this tenant (past it, new ones are not logged).
+    log_quota_bytes: NonNegInt = 256 * 1024 * 1024
 
 
 class Tenant(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -165,8 +228,18 @@ class Tenant(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     #: Price override: markup (positive) or discount (negative) in percent over list price
     #: (over ``metering.markup_percent``).
     markup_percent: Decimal | None = None
+    #: Response cache and request log of this tenant (off by default).
+    data: TenantData = field(default_factory=TenantData)
+    #: ``postpaid`` (budgets per day/month) or ``prepaid``: each request is paid from a
+    #: balance topped up in advance (``tenantware.balances``), refused at zero.
+    billing: Literal["postpaid", "prepaid"] = "postpaid"
+    #: A prepaid balance below this warns (metric, response header, one log line).
+    low_balance_usd: Usd | None = None
+    #: Its routing, feature flags and own upstream keys (changed through the admin API).
+    policy: TenantPolicy = field(default_factory=TenantPolicy)
 
     def __post_init__(self) -> None:
+        _check_money(self)
         percent = self.markup_percent
         if percent is not None and (not percent.is_finite() or not -100 <= percent <= 10_000):
             raise msgspec.ValidationError(
@@ -532,6 +605,35 @@ class MeteringSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 # -- end of metering settings ---------------------------------------------------------------
 
 
+class DataSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Where tenant data keys come from and where cached answers live (``[data]``)."""
+
+    #: Environment variable holding the master key(s): ``base64`` (version 1) or
+    #: ``1:base64,2:base64`` (the highest version encrypts, the others still decrypt).
+    master_key_env: str = "TENANTWARE_MASTER_KEY"
+    #: A file with one ``version:base64`` line per master key (instead of the variable).
+    master_key_file: str | None = None
+    #: Response cache backend: ``memory://`` or a Redis URL; unset: ``gateway.redis_url``
+    #: when set, else memory.
+    cache_url: str | None = None
+    #: Largest answer (bytes as sent to the client) that is cached.
+    max_cached_bytes: PositiveInt = 1024 * 1024
+    #: How often the retention job purges expired request logs.
+    retention_interval_s: PositiveFloat = 3600.0
+
+
+class PaymentWebhook(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A payment provider's webhook at ``/admin/payments/{name}`` (``tenantware.balances``).
+
+    ``hmac-test`` is the built-in test protocol (HMAC-SHA256 signed events); the secret is
+    read from the environment variable ``secret_env``, never from the file."""
+
+    kind: Literal["hmac-test"] = "hmac-test"
+    secret_env: Annotated[str, Meta(min_length=1)]
+    #: Events older than this are refused (a captured event replayed later).
+    tolerance_s: PositiveFloat = 300.0
+
+
 class GatewaySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Process-wide settings."""
 
@@ -585,6 +687,11 @@ class GatewaySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     #: How long the gateway remembers which tenant created a response an upstream stores
     #: (``GET``/``DELETE /v1/responses/{id}``); OpenAI keeps responses 30 days.
     response_owner_ttl_s: Annotated[float, Meta(gt=0)] = 30 * 86_400.0
+    #: Payment providers' webhooks by name (credits to prepaid balances).
+    payment_webhooks: dict[str, PaymentWebhook] = field(default_factory=dict)
+    #: Environment variable holding the key that seals tenants' own upstream keys
+    #: (``tenantware.backends.sealed``; 32 bytes, URL-safe base64).
+    secrets_key_env: str = "TENANTWARE_SECRETS_KEY"
 
     def __post_init__(self) -> None:
         for entry in self.trusted_proxies:
@@ -612,6 +719,7 @@ class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
     metering: MeteringSettings = field(default_factory=MeteringSettings)
     migration: MigrationSettings = field(default_factory=MigrationSettings)
+    data: DataSettings = field(default_factory=DataSettings)
 
     def __post_init__(self) -> None:
         tiers = self.all_tiers()
@@ -694,6 +802,15 @@ def _check_references(
                     f"`tenants[{index}].allowed_models`: unknown model {model!r} "
                     f"({known('models', catalogue)})"
                 )
+        for model in tenant.data.cache_models:
+            if model != "*" and not model_known(model):
+                raise msgspec.ValidationError(
+                    f"`tenants[{index}].data.cache_models`: unknown model {model!r} "
+                    f"({known('models', catalogue)})"
+                )
+        problem = policy_problem(tenant.policy, config, catalogue)
+        if problem is not None:
+            raise msgspec.ValidationError(f"`tenants[{index}].policy.{problem[0]}`: {problem[1]}")
     admission = config.admission
     check("admission.upstream_seats", admission.upstream_seats, upstreams, "upstream")
     check(
@@ -846,3 +963,59 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read: {exc.strerror}") from None
     return parse_config(data, fmt=file.suffix.lower(), source=str(file))
+
+
+def policy_problem(
+    policy: TenantPolicy, config: GatewayConfig, catalogue: dict[str, ModelSpec]
+) -> tuple[str, str] | None:
+    """``(field, what is wrong)`` for the first field of ``policy`` that refers to nothing
+    (a model, an upstream), ``None`` when every reference exists. The configuration loader
+    and the admin API both ask this, so a policy is refused the same way from either."""
+    upstreams = {u.name: u for u in config.upstreams}
+    served = {model for u in config.upstreams for model in u.models}
+
+    def model_of(name: str) -> str | None:
+        if name in catalogue:
+            return name
+        target = config.aliases.get(name)
+        return target if target in catalogue else None
+
+    def listed(names: Iterable[str]) -> str:
+        return ", ".join(sorted(names)) or "none"
+
+    for alias, target in policy.aliases.items():
+        if not alias or len(alias) > 128:
+            return f"aliases.{alias}", "an alias is 1 to 128 characters"
+        if model_of(target) is None:
+            return f"aliases.{alias}", f"unknown model {target!r} (known: {listed(catalogue)})"
+    for name in policy.allowed_upstreams:
+        if name not in upstreams:
+            return "allowed_upstreams", f"unknown upstream {name!r} (known: {listed(upstreams)})"
+    allowed = set(policy.allowed_upstreams) or set(upstreams)
+    reachable = {m for name in allowed for m in upstreams[name].models}
+    for model, chain in policy.fallbacks.items():
+        if model_of(model) is None:
+            return f"fallbacks.{model}", f"unknown model {model!r} (known: {listed(catalogue)})"
+        for fallback in chain:
+            canonical = model_of(fallback)
+            if canonical is None:
+                return (
+                    f"fallbacks.{model}",
+                    f"unknown fallback model {fallback!r} (known: {listed(catalogue)})",
+                )
+            if canonical not in served or canonical not in reachable:
+                return (
+                    f"fallbacks.{model}",
+                    f"no allowed upstream serves the fallback model {fallback!r}",
+                )
+    seen: set[str] = set()
+    for index, key in enumerate(policy.upstream_keys):
+        if key.upstream not in upstreams:
+            return (
+                f"upstream_keys[{index}].upstream",
+                f"unknown upstream {key.upstream!r} (known: {listed(upstreams)})",
+            )
+        if key.upstream in seen:
+            return f"upstream_keys[{index}].upstream", f"a second key for {key.upstream!r}"
+        seen.add(key.upstream)
+    return None

@@ -35,8 +35,8 @@ estimated_prompt_tokens                                         metering
 model                      tenant (aliases resolved)            every layer, proxy, billing
 response_started, status   tenant's ``send`` wrapper (every     every layer, proxy, billing
                            response); ``send_error``
-outcome                    whoever answers: tenant, quota,      metering, quota, admission,
-                           admission, breaker (via              billing
+outcome                    whoever answers: tenant, cache,      metering, quota, admission,
+                           quota, admission, breaker (via       billing
                            ``send_error``), proxy; metering
                            settles it last (``final_outcome``)
 priority, queue_wait_s     admission                            admission, metering
@@ -44,6 +44,9 @@ upstream, model_served,    proxy (or metering's tap for         metering, quota 
 usage, first_byte_at,      another app)                         admission (release), billing
 upstream_latency_s
 cost_nanousd               quota (settled cost)                 metering (billing)
+balance_debit_nanousd      quota (prepaid balance settled)      metering (balance journal)
+own_upstream_key           proxy (the tenant's own key was      quota (settle), metering,
+                           used for the call that answered)     billing (not charged)
 extra                      proxy (``breaker.board.RECORDED``)   breaker
 =========================  ===================================  ===============================
 """
@@ -145,6 +148,7 @@ OutcomeName = Literal[
     "rejected_queue",
     "breaker_open",
     "error",
+    "cached",
 ]
 
 #: Who decided a policy layer's answer: its shared ``store``, the ``local`` fallback limiter
@@ -171,6 +175,8 @@ class Outcome:
     REJECTED_QUEUE: Final = "rejected_queue"
     BREAKER_OPEN: Final = "breaker_open"
     ERROR: Final = "error"
+    #: Answered from the tenant's response cache (no upstream call).
+    CACHED: Final = "cached"
 
 
 class RequestContext:
@@ -179,6 +185,7 @@ class RequestContext:
 
     __slots__ = (
         "api_route",
+        "balance_debit_nanousd",
         "body",
         "cost_nanousd",
         "estimated_prompt_tokens",
@@ -188,6 +195,7 @@ class RequestContext:
         "model",
         "model_served",
         "outcome",
+        "own_upstream_key",
         "priority",
         "queue_wait_s",
         "request_id",
@@ -225,6 +233,10 @@ class RequestContext:
         self.outcome: OutcomeName | None = None
         self.usage: Usage | None = None
         self.cost_nanousd: int | None = None
+        #: What the tenant's prepaid balance paid (``None``: no balance was debited).
+        self.balance_debit_nanousd: int | None = None
+        #: The answering call used the tenant's own upstream key: metered, not charged.
+        self.own_upstream_key = False
         self.queue_wait_s = 0.0
         self.upstream_latency_s: float | None = None
         self.first_byte_at: float | None = None
@@ -238,6 +250,11 @@ class RequestContext:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started_at
+
+    def flag(self, name: str, default: bool = False) -> bool:
+        """The tenant's feature flag ``name`` (its own over its tier's), for the app."""
+        tenant = self.tenant
+        return tenant.flags.get(name, default) if tenant is not None else default
 
 
 def context_of(scope: Any) -> RequestContext | None:

@@ -14,17 +14,27 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import structlog
 from starlette.middleware import Middleware
 
 from tenantware.admin.app import AdminApi
 from tenantware.admission.pools import AdmissionPools
+from tenantware.backends.errors import STORE_UNAVAILABLE
+from tenantware.balances import Balances, HmacTestProvider, PaymentProvider
 from tenantware.breaker.board import BreakerBoard
-from tenantware.config import GatewayConfig, expand_env
+from tenantware.cache import CacheStore, open_cache
+from tenantware.config import ConfigError, GatewayConfig, expand_env
+from tenantware.crypto import KeyRing, key_provider
+from tenantware.dashboard import DashboardApp, LiveSources, is_dashboard_path
 from tenantware.estimate import PromptEstimator, estimate_prompt_tokens
+from tenantware.logbook import LogStore, MemoryLogStore, open_log_store
+from tenantware.logbook.jobs import purge_expired
 from tenantware.metering.ledger import (
     DEFAULT_LEDGER_URL,
     AuditLog,
+    BalanceJournal,
     Ledger,
+    LedgerUnavailable,
     LedgerWriter,
     MemoryLedger,
     RedisStreamPublisher,
@@ -36,8 +46,10 @@ from tenantware.metering.routes import ADMIN_PREFIX, READY_PATH, TENANT_USAGE_PA
 from tenantware.metering.telemetry import log_records, metrics_observer
 from tenantware.middleware.admission import AdmissionMiddleware
 from tenantware.middleware.breaker import BreakerMiddleware, TenantRefusals
+from tenantware.middleware.cache import CacheMiddleware
 from tenantware.middleware.metering import MeteringMiddleware, UsageRecorder
 from tenantware.middleware.quota import QuotaMiddleware
+from tenantware.middleware.requestlog import RequestLogMiddleware
 from tenantware.middleware.tenant import TenantMiddleware
 from tenantware.proxy.app import ProxyApp, send_openapi
 from tenantware.proxy.openapi import OPENAPI_PATH
@@ -47,14 +59,17 @@ from tenantware.quota.store import QuotaStore
 from tenantware.registry.store import RegistryStore
 from tenantware.registry.sync import RegistrySync
 from tenantware.reload import watch_config
-from tenantware.state import LiveConfig
+from tenantware.state import LiveConfig, Snapshot
 from tenantware.stores import Stores, open_stores
+from tenantware.tenantdata import TenantData
 from tenantware.types import ASGIApp, Receive, Scope, Send
 
 if TYPE_CHECKING:
     from tenantware.backends.redis_support import RedisClient
 
 __all__ = ["Gateway"]
+
+_log = structlog.get_logger("tenantware.gateway")
 
 
 class Gateway:
@@ -74,6 +89,8 @@ class Gateway:
         upstream_client: UpstreamClient | None = None,
         estimator: PromptEstimator = estimate_prompt_tokens,
         ledger: Ledger | None = None,
+        log_store: LogStore | None = None,
+        cache_store: CacheStore | None = None,
     ) -> None:
         self.live = LiveConfig(config)
         self.config_path = config_path
@@ -128,6 +145,103 @@ class Gateway:
         self.migration = self.proxy.migration
         self.migration.writer = self.writer
         self.add_service(self.migration.running)
+        self._setup_data(log_store, cache_store)
+        #: Prepaid balances: the quota store holds them, the ledger journals them.
+        self.balances: Balances | None = None
+        if isinstance(self.ledger, BalanceJournal):
+            self.balances = Balances(self.quota_store, self.ledger)
+            self.add_service(self._balances_service)
+
+    def _setup_data(self, logs: LogStore | None, cache: CacheStore | None) -> None:
+        """Tenant keys, request logs and the response cache (nothing is opened yet)."""
+        config = self.config
+        data = config.data
+        if logs is None:
+            memory = isinstance(self.ledger, MemoryLedger) or not config.metering.enabled
+            logs = MemoryLogStore() if memory else open_log_store(ledger_url(config))
+        #: Request logs and tenant salts, beside the ledger.
+        self.log_store: LogStore = logs
+        #: Every tenant's data keys, from the master key and the tenant's salt.
+        self.keyring = KeyRing(key_provider(data.master_key_env, data.master_key_file), logs)
+        if cache is None:
+            redis = self.redis if data.cache_url is None else None
+            if redis is not None:
+                from tenantware.cache.redis import RedisCacheStore
+
+                cache = RedisCacheStore(redis, prefix=self.config.gateway.redis_prefix)
+            else:
+                cache = open_cache(
+                    _expanded(data.cache_url, "data.cache_url"),
+                    prefix=self.config.gateway.redis_prefix,
+                    timeout_s=self.config.gateway.redis_timeout_s,
+                )
+        #: Cached answers of the tenants that opted in.
+        self.cache_store: CacheStore = cache
+        self.tenant_data = TenantData(self.keyring, logs, cache)
+        self.add_service(self._retention_service)
+
+        def drop_gone_keys(snapshot: Snapshot) -> None:
+            # A tenant deleted (here or on another replica) keeps no derived key here.
+            for tenant in self.keyring.derived():
+                if snapshot.registry.by_id(tenant) is None:
+                    self.keyring.forget(tenant)
+
+        self.live.on_change(drop_gone_keys)
+
+    @asynccontextmanager
+    async def _retention_service(self) -> AsyncIterator[None]:
+        """Purges expired request logs every ``data.retention_interval_s``."""
+
+        async def purge_forever() -> None:
+            while True:
+                snapshot = self.live.current
+                tenants = [t.id for t in snapshot.registry.tenants() if t.data.log_requests]
+                try:
+                    await purge_expired(self.log_store, tenants)
+                except STORE_UNAVAILABLE as exc:
+                    _log.warning("retention_purge_failed", error=str(exc))
+                await anyio.sleep(snapshot.config.data.retention_interval_s)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(purge_forever)
+            try:
+                yield
+            finally:
+                group.cancel_scope.cancel()
+
+    @asynccontextmanager
+    async def _balances_service(self) -> AsyncIterator[None]:
+        """At start, give the store each journaled balance it does not hold (always for the
+        memory store: a new process starts empty)."""
+        assert self.balances is not None
+        assert self.ledger is not None
+        try:
+            await self.ledger.open()
+            if self.writer is not None:
+                # Debits a previous run spilled to its file go into the journal first.
+                await self.writer.flush()
+            await self.balances.restore()
+        except LedgerUnavailable as exc:
+            # Not fatal: a balance the store does not hold refuses its requests (never serves
+            # them unpaid); the next start restores it.
+            _log.warning("prepaid balances not restored from the journal", error=str(exc))
+        except STORE_UNAVAILABLE as exc:
+            _log.warning("prepaid balances not restored to the store", error=str(exc))
+        yield
+
+    def payment_providers(self) -> dict[str, PaymentProvider]:
+        """The configured payment webhooks, their secrets read from the environment."""
+        providers: dict[str, PaymentProvider] = {}
+        for name, hook in self.config.gateway.payment_webhooks.items():
+            secret = os.environ.get(hook.secret_env, "")
+            if not secret:
+                raise ConfigError(
+                    f"gateway.payment_webhooks.{name}.secret_env: ${hook.secret_env} is not set"
+                )
+            providers[name] = HmacTestProvider(
+                secret.encode(), name=name, tolerance_s=hook.tolerance_s
+            )
+        return providers
 
     def _setup_metering(self, ledger: Ledger | None) -> None:
         """The ledger (nothing is opened yet), its writer and the writer's lifetime service."""
@@ -220,11 +334,19 @@ class Gateway:
                 estimator=self.estimator,
                 on_rejected=on_rejected,
                 on_refusal=on_refusal,
-            )
+            ),
+            # -- request log (tenants that opted in) -------------------------------------
+            Middleware(RequestLogMiddleware, store=self.log_store, keyring=self.keyring),
         ]
         # -- metering layer -------------------------------------------------------------
         if self.writer is not None:
             stack.append(Middleware(MeteringMiddleware, live=self.live, writer=self.writer))
+        # -- response cache ---------------------------------------------------------------
+        stack.append(
+            Middleware(
+                CacheMiddleware, live=self.live, store=self.cache_store, keyring=self.keyring
+            )
+        )
         # -- quota layer ----------------------------------------------------------------
         stack.append(Middleware(QuotaMiddleware, live=self.live, store=self.quota_store))
         # -- admission layer ------------------------------------------------------------
@@ -265,13 +387,19 @@ class Gateway:
             fallback=reports,
             processes=max(self.processes, self.config.gateway.replicas),
             audit_log=self.ledger if isinstance(self.ledger, AuditLog) else None,
+            tenant_data=self.tenant_data,
+            balances=self.balances,
+            payments=self.payment_providers(),
         )
         reports.authorize = admin.may_read_reports
         tenant_usage = TenantMiddleware(reports, live=self.live, estimator=self.estimator)
+        dashboard = self.dashboard_app()
 
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
             path = scope["path"] if scope["type"] == "http" else ""
-            if path.startswith(ADMIN_PREFIX):
+            if is_dashboard_path(path):
+                await dashboard(scope, receive, send)
+            elif path.startswith(ADMIN_PREFIX):
                 await admin(scope, receive, send)
             elif path in TENANT_USAGE_PATHS:
                 await tenant_usage(scope, receive, send)
@@ -303,11 +431,29 @@ class Gateway:
         await self.proxy.aclose()
         with contextlib.suppress(Exception):
             await self.board.aclose()
+        with contextlib.suppress(Exception):
+            await self.cache_store.aclose()
+        with contextlib.suppress(Exception):
+            await self.log_store.aclose()
         await self.stores.aclose()
 
     def lifespan(self, app: Any) -> AbstractAsyncContextManager[None]:
         """A Starlette/FastAPI ``lifespan=`` callable."""
         return self.running()
+
+    def dashboard_app(self) -> DashboardApp:
+        """The dashboard (``/dashboard`` and its JSON under ``/admin/dashboard/``), to route
+        those paths to in an app of your own; ``admin_app`` (so ``wrap()``, ``middleware()``
+        and ``asgi_app()``) includes it."""
+        sources = LiveSources(
+            live=self.live,
+            board=self.board,
+            pools=self.admission,
+            stores=self.stores,
+            writer=self.writer,
+            registry=self.registry.status,
+        )
+        return DashboardApp(live=self.live, ledger=self.ledger, sources=sources)
 
     def asgi_app(self, *, extra: Callable[[Scope], ASGIApp | None] | None = None) -> ASGIApp:
         """The standalone gateway app: the proxy behind the stack, with lifespan handling.
@@ -353,7 +499,7 @@ def ledger_url(config: GatewayConfig) -> str:
 
 def is_admin_path(path: str) -> bool:
     """Whether ``path`` is one of ``Gateway.admin_app``'s."""
-    return path.startswith(ADMIN_PREFIX) or path in _ADMIN_PATHS
+    return path.startswith(ADMIN_PREFIX) or path in _ADMIN_PATHS or is_dashboard_path(path)
 
 
 _ADMIN_PATHS = frozenset({"/metrics", READY_PATH, *TENANT_USAGE_PATHS})

@@ -9,6 +9,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = [
+    "BALANCE_LOW",
+    "BALANCE_NANOUSD",
     "BREAKER_STATE",
     "COST_NANOUSD",
     "LEDGER_DEAD_LETTERS",
@@ -150,5 +152,17 @@ MIGRATION_ROLLBACKS = Counter(
     "tenantware_migration_rollbacks",
     "Migration candidates rolled back automatically, by trial (rule/upstream/model).",
     ["trial"],
+    registry=REGISTRY,
+)
+BALANCE_NANOUSD = Gauge(
+    "tenantware_balance_nanousd",
+    "Prepaid balance of a tenant as this process last saw it (nano-dollars).",
+    ["tenant"],
+    registry=REGISTRY,
+)
+BALANCE_LOW = Gauge(
+    "tenantware_balance_low",
+    "1 while a prepaid tenant's balance is below its low-balance threshold, else 0.",
+    ["tenant"],
     registry=REGISTRY,
 )

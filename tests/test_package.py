@@ -14,7 +14,15 @@ import tenantware
 ROOT = Path(__file__).resolve().parent.parent
 
 #: What an app pays for only when it uses the part of tenantware that needs it.
-BACKENDS = ("aiohttp", "httpx", "redis", "psycopg", "psycopg_pool", "prometheus_client")
+BACKENDS = (
+    "aiohttp",
+    "httpx",
+    "redis",
+    "psycopg",
+    "psycopg_pool",
+    "prometheus_client",
+    "cryptography",
+)
 
 
 def _loaded_after(code: str) -> list[str]:

@@ -22,6 +22,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from decimal import Decimal
 from typing import Any, Final, TypeVar
 
 import msgspec
@@ -38,30 +39,58 @@ from tenantware.admin.schemas import (
     AdminKeyList,
     AdminKeyOut,
     AuditList,
+    BalanceCheckOut,
+    BalanceOut,
+    BalanceVerify,
+    CodesCreate,
+    CodesCreated,
+    CreditOut,
+    JournalList,
+    JournalOut,
     KeyIssue,
     KeyIssued,
     KeyList,
     KeyRotate,
+    LogList,
+    PaymentAck,
+    PolicyPatch,
+    Redeem,
     TenantCreate,
     TenantList,
     TenantOut,
     TenantPatch,
+    TenantStorage,
     TierList,
     TierOut,
+    TopUp,
+    UpstreamKeyIn,
+    UpstreamKeyOut,
     key_out,
     limits_patched,
+    policy_out,
     tenant_out,
 )
 from tenantware.audit import AuditAction, AuditEntry, public_value
 from tenantware.backends.errors import STORE_UNAVAILABLE
-from tenantware.config import AdminKey, ApiKey, Tenant
+from tenantware.backends.sealed import SealError, seal_key
+from tenantware.balances import (
+    Balances,
+    CodeUnusable,
+    Credit,
+    InvalidPayment,
+    PaymentProvider,
+    ReferenceTaken,
+)
+from tenantware.config import AdminKey, ApiKey, Tenant, UpstreamKey, policy_problem
 from tenantware.errors import error_body
 from tenantware.keys import generate_key
 from tenantware.metering.ledger.auditlog import AuditFilter, AuditLog
 from tenantware.metering.ledger.base import LedgerUnavailable
+from tenantware.metering.pricing import nanousd_to_usd, usd_to_nanousd
 from tenantware.registry.store import RegistryStore, VersionMismatch
 from tenantware.registry.sync import RegistrySync
 from tenantware.state import LiveConfig
+from tenantware.tenantdata import TenantData
 from tenantware.types import ASGIApp, Receive, Scope, Send
 
 __all__ = ["AdminApi"]
@@ -106,7 +135,11 @@ def _param_of(error: msgspec.ValidationError, prefix: str = "") -> str | None:
     text = str(error)
     marker = "- at `$."
     at = text.rfind(marker)
+    if at < 0:  # a mapping's key: "... - at `key` in `$.flags`"
+        marker = "in `$."
+        at = text.rfind(marker)
     path = prefix + text[at + len(marker) : -1] if at >= 0 else prefix.rstrip(".")
+    path = path.replace("[...]", "")  # a mapping's value: msgspec does not name the key
     unknown = _UNKNOWN_FIELD.search(text)
     if unknown is not None:
         path = f"{path}.{unknown.group(1)}" if path else unknown.group(1)
@@ -166,8 +199,14 @@ class AdminApi:
         fallback: ASGIApp,
         processes: int = 1,
         audit_log: AuditLog | None = None,
+        tenant_data: TenantData | None = None,
+        balances: Balances | None = None,
+        payments: dict[str, PaymentProvider] | None = None,
     ) -> None:
         self.live = live
+        #: The tenants' kept data (logs, cache, key material): read through the API and
+        #: destroyed with the tenant.
+        self.tenant_data = tenant_data
         self.store = store
         self.sync = sync
         #: The durable trail (the ledger); without it the registry's own short trail is read.
@@ -175,6 +214,9 @@ class AdminApi:
         #: A change to a registry other processes do not share would reach only this one.
         self._writes_refused = not store.shared and processes > 1
         self._processes = processes
+        #: Prepaid balances (a ledger with a balance journal is needed), payment webhooks.
+        self.balances = balances
+        self.payments = payments or {}
         self.auth = AdminAuth(live)
         on = self._endpoint
         # Each endpoint takes every method and answers an unsupported one itself (405 in the
@@ -184,11 +226,22 @@ class AdminApi:
             "/admin/tenants": on(self._tenants),
             "/admin/tenants/{tenant_id}": on(self._tenant),
             "/admin/tenants/{tenant_id}/keys": on(self._keys),
+            "/admin/tenants/{tenant_id}/logs": on(self._logs),
+            "/admin/tenants/{tenant_id}/storage": on(self._storage),
             "/admin/tenants/{tenant_id}/keys/{key_id}/{action}": on(self._key),
             "/admin/tiers": on(self._list_tiers),
             "/admin/keys": on(self._admin_keys),
             "/admin/keys/{key_id}/revoke": on(self._revoke_admin_key),
             "/admin/audit": on(self._audit),
+            "/admin/tenants/{tenant_id}/policy": on(self._policy),
+            "/admin/tenants/{tenant_id}/upstream-keys/{upstream}": on(self._upstream_key),
+            "/admin/tenants/{tenant_id}/balance": on(self._balance),
+            "/admin/tenants/{tenant_id}/balance/topups": on(self._topup),
+            "/admin/tenants/{tenant_id}/balance/journal": on(self._journal),
+            "/admin/tenants/{tenant_id}/balance/redeem": on(self._redeem),
+            "/admin/redemption-codes": on(self._create_codes),
+            "/admin/balances/verify": on(self._verify),
+            "/admin/payments/{provider}": on(self._payment, auth=False),
         }
         self.router = Router(
             [Route(path, endpoint, methods=_METHODS) for path, endpoint in routes.items()],
@@ -228,6 +281,11 @@ class AdminApi:
                 response = await handler(request, caller or _NOBODY)
             except Refusal as refusal:
                 response = refusal.response()
+            except LedgerUnavailable:
+                response = Refusal(
+                    503, "The ledger cannot be reached; retry shortly.", "ledger_unavailable"
+                ).response()
+                response.headers["retry-after"] = "1"
             except STORE_UNAVAILABLE:
                 response = Refusal(
                     503,
@@ -332,18 +390,26 @@ class AdminApi:
                 param="tier",
             )
         catalogue = config.catalogue()
-        for model in tenant.allowed_models:
-            if (
-                model != "*"
-                and model not in catalogue
-                and config.aliases.get(model) not in catalogue
-            ):
-                raise Refusal(
-                    400,
-                    f"Unknown model {model!r} (known: {', '.join(sorted(catalogue))}).",
-                    "invalid_value",
-                    param="allowed_models",
-                )
+        for param, models in (
+            ("allowed_models", tenant.allowed_models),
+            ("data.cache_models", tenant.data.cache_models),
+        ):
+            for model in models:
+                if (
+                    model != "*"
+                    and model not in catalogue
+                    and config.aliases.get(model) not in catalogue
+                ):
+                    raise Refusal(
+                        400,
+                        f"Unknown model {model!r} (known: {', '.join(sorted(catalogue))}).",
+                        "invalid_value",
+                        param=param,
+                    )
+        problem = policy_problem(tenant.policy, config, catalogue)
+        if problem is not None:
+            field, message = problem
+            raise Refusal(400, f"Invalid {field}: {message}.", "invalid_value", param=field)
 
     async def _modify(
         self,
@@ -485,6 +551,9 @@ class AdminApi:
             wanted = _if_match(request)
             record = await self.store.get(tenant_id)
             if record is None:
+                if self.tenant_data is not None:
+                    # A deletion whose shredding failed is finished by repeating it.
+                    await self.tenant_data.forget(tenant_id)
                 raise _not_found(tenant_id)
             expect = record.version if wanted is None else wanted
             audit = self._audit_entry(request, caller, "tenant.delete", tenant_id, record.version)
@@ -496,6 +565,9 @@ class AdminApi:
                 raise _precondition(exc.current) from None
             await self.sync.refresh()
             await self._record(audit, version, record.tenant, None)
+            if self.tenant_data is not None:
+                # Crypto-shredding: the tenant's key material first, then its rows.
+                await self.tenant_data.forget(tenant_id)
             return _json({"object": "tenant.deleted", "id": tenant_id, "deleted": True})
         raise _method(request)
 
@@ -696,6 +768,51 @@ class AdminApi:
         ]
         return _json(TierList(data=data))
 
+    async def _logs(self, request: Request, caller: Caller) -> Response:
+        """A tenant's request logs, decrypted: for admins and for the tenant itself."""
+        if request.method not in ("GET", "HEAD"):
+            raise _method(request)
+        tenant_id: str = request.path_params["tenant_id"]
+        self._allow(caller, "admin", "tenant", tenant_id=tenant_id)
+        if self.live.current.registry.by_id(tenant_id) is None:
+            raise _not_found(tenant_id)
+        query = request.query_params
+        limit = _int_param(query.get("limit"), "limit", default=100, low=1, high=1000)
+        since = _float_param(query.get("since"), "since")
+        until = _float_param(query.get("until"), "until")
+        logs = (
+            await self.tenant_data.read_logs(
+                tenant_id, since=since or 0.0, until=until, limit=limit
+            )
+            if self.tenant_data is not None
+            else []
+        )
+        return _json(LogList(data=logs))
+
+    async def _storage(self, request: Request, caller: Caller) -> Response:
+        """Bytes a tenant's cached answers and logs take, and its quotas."""
+        if request.method not in ("GET", "HEAD"):
+            raise _method(request)
+        tenant_id: str = request.path_params["tenant_id"]
+        self._allow(caller, "admin", "read-only", "tenant", tenant_id=tenant_id)
+        tenant = self.live.current.registry.by_id(tenant_id)
+        if tenant is None:
+            raise _not_found(tenant_id)
+        used = (
+            await self.tenant_data.storage(tenant_id)
+            if self.tenant_data is not None
+            else {"cache_bytes": 0, "log_bytes": 0}
+        )
+        return _json(
+            TenantStorage(
+                id=tenant_id,
+                cache_bytes=used["cache_bytes"],
+                log_bytes=used["log_bytes"],
+                cache_quota_bytes=tenant.data.cache_quota_bytes,
+                log_quota_bytes=tenant.data.log_quota_bytes,
+            )
+        )
+
     async def _audit(self, request: Request, caller: Caller) -> Response:
         if request.method not in ("GET", "HEAD"):
             raise _method(request)
@@ -730,6 +847,358 @@ class AdminApi:
                 headers={"cache-control": "no-store"},
             )
         return _json(AuditList(data=entries))
+
+    # -- per-tenant policy -----------------------------------------------------------------
+
+    def _allow_policy(self, caller: Caller, tenant: Tenant) -> None:
+        """An admin, or the tenant itself where the admin allowed self-service."""
+        if caller.role == "tenant" and caller.tenant == tenant.id and tenant.policy.self_service:
+            return
+        if caller.role == "tenant" and caller.tenant == tenant.id:
+            raise Refusal(
+                403,
+                "This tenant's policy is changed by the gateway's admin (self-service is off).",
+                "permission_denied",
+            )
+        self._allow(caller, "admin", tenant_id=tenant.id, write=True)
+
+    async def _policy(self, request: Request, caller: Caller) -> Response:
+        tenant_id: str = request.path_params["tenant_id"]
+        tiers = self.live.file_config.all_tiers()
+        if request.method in ("GET", "HEAD"):
+            self._allow(caller, "admin", "read-only", "tenant", tenant_id=tenant_id)
+            record = await self.store.get(tenant_id)
+            if record is None:
+                raise _not_found(tenant_id)
+            return _json(policy_out(record.tenant, record.version, tiers), version=record.version)
+        if request.method != "PATCH":
+            raise _method(request)
+        self._allow(caller, "admin", "tenant", tenant_id=tenant_id)
+        patch = _decode(await request.body(), PolicyPatch)
+        if caller.role == "tenant":
+            for field in ("allowed_upstreams", "self_service"):
+                if getattr(patch, field) is not msgspec.UNSET:
+                    raise Refusal(
+                        403, f"Only the admin sets {field}.", "permission_denied", param=field
+                    )
+        changes = {
+            name: getattr(patch, name)
+            for name in patch.__struct_fields__
+            if getattr(patch, name) is not msgspec.UNSET
+        }
+
+        def change(tenant: Tenant) -> Tenant:
+            self._allow_policy(caller, tenant)
+            policy = msgspec.structs.replace(tenant.policy, **changes)
+            return msgspec.structs.replace(tenant, policy=policy)
+
+        version, tenant = await self._modify(request, caller, tenant_id, "policy.update", change)
+        return _json(policy_out(tenant, version, tiers), version=version)
+
+    async def _upstream_key(self, request: Request, caller: Caller) -> Response:
+        tenant_id: str = request.path_params["tenant_id"]
+        upstream: str = request.path_params["upstream"]
+        if request.method not in ("PUT", "DELETE"):
+            raise _method(request)
+        self._allow(caller, "admin", "tenant", tenant_id=tenant_id)
+        if all(u.name != upstream for u in self.live.file_config.upstreams):
+            known = ", ".join(sorted(u.name for u in self.live.file_config.upstreams))
+            raise Refusal(
+                404,
+                f"No upstream {upstream!r} (known: {known}).",
+                "invalid_value",
+                param="upstream",
+            )
+        now = time.time()
+        if request.method == "DELETE":
+
+            def remove(tenant: Tenant) -> Tenant:
+                self._allow_policy(caller, tenant)
+                keys = [k for k in tenant.policy.upstream_keys if k.upstream != upstream]
+                if len(keys) == len(tenant.policy.upstream_keys):
+                    raise Refusal(
+                        404, f"No own key for {upstream!r}.", "key_not_found", param="upstream"
+                    )
+                policy = msgspec.structs.replace(tenant.policy, upstream_keys=keys)
+                return msgspec.structs.replace(tenant, policy=policy)
+
+            await self._modify(request, caller, tenant_id, "policy.update", remove)
+            return _json({"object": "upstream_key.deleted", "upstream": upstream, "deleted": True})
+        wanted = _decode(await request.body(), UpstreamKeyIn)
+        env = self.live.current.config.gateway.secrets_key_env
+        try:
+            sealed = seal_key(wanted.key, tenant_id, upstream, env=env)
+        except SealError as exc:
+            raise Refusal(
+                409, f"Own upstream keys cannot be stored here: {exc}.", "secrets_key_missing"
+            ) from None
+        entry = UpstreamKey(upstream=upstream, sealed=sealed, hint=wanted.key[-4:], created_at=now)
+
+        def put(tenant: Tenant) -> Tenant:
+            self._allow_policy(caller, tenant)
+            keys = [k for k in tenant.policy.upstream_keys if k.upstream != upstream]
+            policy = msgspec.structs.replace(tenant.policy, upstream_keys=[*keys, entry])
+            return msgspec.structs.replace(tenant, policy=policy)
+
+        version, _ = await self._modify(request, caller, tenant_id, "policy.update", put)
+        answer = UpstreamKeyOut(upstream=upstream, hint=entry.hint, created_at=now)
+        return _json(answer, 201, version=version)
+
+    # -- prepaid balances ------------------------------------------------------------------
+
+    def _balances(self, *, write: bool = False) -> Balances:
+        balances = self.balances
+        if balances is None:
+            raise Refusal(
+                404,
+                "Prepaid balances need a ledger that keeps the balance journal "
+                "(metering.ledger_url: sqlite or postgresql).",
+                "balances_unavailable",
+            )
+        if write and not balances.store.remote and self._processes > 1:
+            raise Refusal(
+                409,
+                f"This gateway runs {self._processes} processes with in-memory quota state: a "
+                "credit would reach one of them. Set gateway.redis_url.",
+                "balances_not_shared",
+            )
+        return balances
+
+    async def _prepaid_tenant(self, tenant_id: str) -> Tenant:
+        record = await self.store.get(tenant_id)
+        if record is None:
+            raise _not_found(tenant_id)
+        return record.tenant
+
+    async def _audit_credit(self, request: Request, caller: Caller, credit: Credit) -> None:
+        if not credit.replayed:
+            audit = self._audit_entry(request, caller, "balance.credit", credit.entry.tenant_id, 0)
+            await self._record(audit, 0, None, credit.entry)
+
+    async def _balance(self, request: Request, caller: Caller) -> Response:
+        tenant_id: str = request.path_params["tenant_id"]
+        if request.method not in ("GET", "HEAD"):
+            raise _method(request)
+        self._allow(caller, "admin", "read-only", "tenant", tenant_id=tenant_id)
+        balances = self._balances()
+        tenant = await self._prepaid_tenant(tenant_id)
+        value = await balances.balance(tenant_id)
+        low = tenant.low_balance_usd
+        metering = self.live.current.config.metering
+        usd = None if value is None else nanousd_to_usd(value)
+        return _json(
+            BalanceOut(
+                tenant=tenant_id,
+                billing=tenant.billing,
+                balance_nanousd=value,
+                balance_usd=usd,
+                low_balance_usd=low,
+                low=low is not None and (value or 0) < usd_to_nanousd(low),
+                currency=metering.currency,
+                balance_in_currency=None
+                if usd is None
+                else (usd * metering.currency_per_usd).quantize(Decimal("0.000001")),
+            )
+        )
+
+    async def _topup(self, request: Request, caller: Caller) -> Response:
+        tenant_id: str = request.path_params["tenant_id"]
+        if request.method != "POST":
+            raise _method(request)
+        self._allow(caller, "admin", tenant_id=tenant_id)
+        balances = self._balances(write=True)
+        key = request.headers.get("idempotency-key")
+        if key is None or not 1 <= len(key) <= 255:
+            raise Refusal(
+                400,
+                "A top-up needs an Idempotency-Key header of 1 to 255 characters (retry with "
+                "the same key: it is credited once).",
+                "invalid_value",
+                param="Idempotency-Key",
+            )
+        body = await request.body()
+        wanted = _decode(body, TopUp)
+        tenant = await self._prepaid_tenant(tenant_id)
+        try:
+            credit = await balances.topup(
+                tenant_id,
+                usd_to_nanousd(wanted.amount_usd),
+                idempotency_key=key,
+                body=body,
+                actor=f"{caller.role}:{caller.id}",
+                note=wanted.note,
+                low_nanousd=_low(tenant),
+            )
+        except STORE_UNAVAILABLE:
+            raise _balance_store_down() from None
+        except ReferenceTaken:
+            raise Refusal(
+                409,
+                "This Idempotency-Key was used with another body.",
+                "idempotency_key_reused",
+                param="Idempotency-Key",
+            ) from None
+        await self._audit_credit(request, caller, credit)
+        response = _json(_credit_out(credit), 201)
+        if credit.replayed:
+            response.headers["idempotent-replayed"] = "true"
+        return response
+
+    async def _journal(self, request: Request, caller: Caller) -> Response:
+        tenant_id: str = request.path_params["tenant_id"]
+        if request.method not in ("GET", "HEAD"):
+            raise _method(request)
+        self._allow(caller, "admin", "read-only", "tenant", tenant_id=tenant_id)
+        balances = self._balances()
+        await self._prepaid_tenant(tenant_id)
+        limit = _int_param(
+            request.query_params.get("limit"), "limit", default=100, low=1, high=1000
+        )
+        entries = await balances.journal.entries(tenant_id, limit=limit)
+        data = [
+            JournalOut(
+                id=e.id,
+                tenant=e.tenant_id,
+                at=e.at,
+                kind=e.kind,
+                amount_nanousd=e.amount_nanousd,
+                actor=e.actor,
+                note=e.note,
+            )
+            for e in entries
+        ]
+        return _json(JournalList(data=data))
+
+    async def _redeem(self, request: Request, caller: Caller) -> Response:
+        tenant_id: str = request.path_params["tenant_id"]
+        if request.method != "POST":
+            raise _method(request)
+        self._allow(caller, "admin", "tenant", tenant_id=tenant_id)
+        balances = self._balances(write=True)
+        wanted = _decode(await request.body(), Redeem)
+        tenant = await self._prepaid_tenant(tenant_id)
+        try:
+            credit = await balances.redeem(
+                tenant_id,
+                wanted.code,
+                actor=f"{caller.role}:{caller.id}",
+                low_nanousd=_low(tenant),
+            )
+        except STORE_UNAVAILABLE:
+            raise _balance_store_down() from None
+        except CodeUnusable as exc:
+            raise Refusal(409, str(exc), "code_unusable", param="code") from None
+        await self._audit_credit(request, caller, credit)
+        response = _json(_credit_out(credit), 201)
+        if credit.replayed:
+            response.headers["idempotent-replayed"] = "true"
+        return response
+
+    async def _create_codes(self, request: Request, caller: Caller) -> Response:
+        if request.method != "POST":
+            raise _method(request)
+        self._allow(caller, "admin")
+        balances = self._balances()
+        wanted = _decode(await request.body(), CodesCreate)
+        if wanted.tenant_id is not None:
+            await self._prepaid_tenant(wanted.tenant_id)
+        batch, codes = await balances.create_codes(
+            wanted.count,
+            usd_to_nanousd(wanted.amount_usd),
+            actor=f"{caller.role}:{caller.id}",
+            tenant_id=wanted.tenant_id,
+            expires_at=wanted.expires_at,
+        )
+        created = CodesCreated(
+            batch_id=batch,
+            amount_usd=wanted.amount_usd,
+            tenant_id=wanted.tenant_id,
+            expires_at=wanted.expires_at,
+            codes=codes,
+        )
+        audit = self._audit_entry(
+            request, caller, "redemption_codes.create", wanted.tenant_id or "", 0
+        )
+        await self._record(audit, 0, None, msgspec.structs.replace(created, codes=[]))
+        return _json(created, 201)
+
+    async def _verify(self, request: Request, caller: Caller) -> Response:
+        if request.method not in ("GET", "HEAD"):
+            raise _method(request)
+        self._allow(caller, "admin", "read-only")
+        balances = self._balances()
+        prepaid = [t.id for t in self.live.current.registry.tenants() if t.prepaid]
+        checks = await balances.verify(prepaid)
+        data = [
+            BalanceCheckOut(
+                tenant=c.tenant_id,
+                journal_nanousd=c.journal_nanousd,
+                store_nanousd=c.store_nanousd,
+                ok=c.ok,
+            )
+            for c in checks
+        ]
+        return _json(BalanceVerify(ok=all(c.ok for c in data), data=data))
+
+    async def _payment(self, request: Request, caller: Caller) -> Response:
+        name: str = request.path_params["provider"]
+        if request.method != "POST":
+            raise _method(request)
+        provider = self.payments.get(name)
+        if provider is None:
+            raise Refusal(404, f"No payment provider {name!r}.", "unknown_provider")
+        balances = self._balances(write=True)
+        body = await request.body()
+        try:
+            event = provider.verify(request.headers, body)
+        except InvalidPayment as exc:
+            raise Refusal(400, f"Invalid payment event: {exc}", "invalid_event") from None
+        if event is None:
+            return _json(PaymentAck(provider=name, credited=False))
+        record = await self.store.get(event.tenant_id)
+        if record is None:
+            raise Refusal(
+                422, f"The event names no known tenant ({event.tenant_id!r}).", "unknown_tenant"
+            )
+        try:
+            credit = await balances.pay(event, low_nanousd=_low(record.tenant))
+        except STORE_UNAVAILABLE:
+            raise _balance_store_down() from None
+        except ReferenceTaken:
+            raise Refusal(
+                409, "This event id was delivered before with other values.", "event_reused"
+            ) from None
+        payer = Caller(role="tenant", id=f"provider:{name}", tenant=event.tenant_id)
+        await self._audit_credit(request, payer, credit)
+        return _json(PaymentAck(provider=name, credited=True, credit=_credit_out(credit)))
+
+
+def _balance_store_down() -> Refusal:
+    # The journal holds the credit already: the same retry completes it, once.
+    return Refusal(
+        503,
+        "The balance store cannot be reached; retry the same request (with the same "
+        "Idempotency-Key or event): it is credited once.",
+        "balance_store_unavailable",
+    )
+
+
+def _low(tenant: Tenant) -> int:
+    low = tenant.low_balance_usd
+    return usd_to_nanousd(low) if low is not None else 0
+
+
+def _credit_out(credit: Credit) -> CreditOut:
+    entry = credit.entry
+    return CreditOut(
+        id=entry.id,
+        tenant=entry.tenant_id,
+        kind=entry.kind,
+        amount_nanousd=entry.amount_nanousd,
+        amount_usd=nanousd_to_usd(entry.amount_nanousd),
+        created_at=entry.at,
+        note=entry.note,
+    )
 
 
 def _method(request: Request) -> Refusal:

@@ -1,4 +1,4 @@
-"""``tenantware tenants ...`` and ``tenantware keys ...``: the admin API from a shell.
+"""``tenantware tenants|keys|balances ...``: the admin API from a shell.
 
 They talk to a running gateway (``--url`` or ``$TENANTWARE_URL``, default
 ``http://127.0.0.1:8080``) with an admin key (``--admin-key`` or ``$TENANTWARE_ADMIN_KEY``),
@@ -37,7 +37,11 @@ def _call(
     path: str,
     body: Any = None,
     headers: dict[str, str] | None = None,
+    *,
+    check: str | None = None,
 ) -> int:
+    """Call the API and print its answer; ``check``: a boolean field of the answer that
+    must be true for exit status 0."""
     import httpx
 
     try:
@@ -56,6 +60,8 @@ def _call(
         print(f"tenantware: {response.status_code}: {error.get('message')}{param}", file=sys.stderr)
         return 1
     print(json.dumps(payload, indent=2))
+    if check is not None and not payload.get(check):
+        return 1
     return 0
 
 
@@ -129,6 +135,44 @@ def _keys_revoke(args: argparse.Namespace) -> int:
     return _call(args, "POST", f"/admin/tenants/{args.tenant}/keys/{args.key_id}/revoke")
 
 
+def _balances_show(args: argparse.Namespace) -> int:
+    return _call(args, "GET", f"/admin/tenants/{args.tenant}/balance")
+
+
+def _balances_topup(args: argparse.Namespace) -> int:
+    import uuid
+
+    key = args.idempotency_key or f"cli-{uuid.uuid4()}"
+    if not args.idempotency_key:
+        # Printed so that the operator can retry this exact top-up without crediting twice.
+        print(f"tenantware: Idempotency-Key {key}", file=sys.stderr)
+    body = {"amount_usd": args.amount_usd, "note": args.note}
+    path = f"/admin/tenants/{args.tenant}/balance/topups"
+    return _call(args, "POST", path, body, {"idempotency-key": key})
+
+
+def _balances_journal(args: argparse.Namespace) -> int:
+    return _call(args, "GET", f"/admin/tenants/{args.tenant}/balance/journal?limit={args.limit}")
+
+
+def _balances_verify(args: argparse.Namespace) -> int:
+    return _call(args, "GET", "/admin/balances/verify", check="ok")
+
+
+def _balances_codes(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"count": args.count, "amount_usd": args.amount_usd}
+    if args.tenant:
+        body["tenant_id"] = args.tenant
+    if args.expires_at is not None:
+        body["expires_at"] = args.expires_at
+    return _call(args, "POST", "/admin/redemption-codes", body)
+
+
+def _balances_redeem(args: argparse.Namespace) -> int:
+    path = f"/admin/tenants/{args.tenant}/balance/redeem"
+    return _call(args, "POST", path, {"code": args.code})
+
+
 def _registry_of(args: argparse.Namespace) -> Any:
     from tenantware.config import expand_env, load_config
     from tenantware.registry import open_registry
@@ -192,6 +236,124 @@ def _registry_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stores_of(args: argparse.Namespace) -> Any:
+    """The registry, ledger and log store a configuration file names."""
+    from tenantware.config import load_config
+    from tenantware.logbook import open_log_store
+    from tenantware.metering.ledger import DEFAULT_LEDGER_URL, open_ledger
+    from tenantware.registry import open_registry
+
+    config = load_config(args.config)
+    settings = config.gateway
+    url = config.metering.ledger_url or settings.ledger_url or DEFAULT_LEDGER_URL
+    registry = open_registry(
+        settings.registry_url, tenants=config.tenants, prefix=settings.redis_prefix
+    )
+    return registry, open_ledger(url), open_log_store(url)
+
+
+def _tenant_export(args: argparse.Namespace) -> int:
+    import anyio
+
+    from tenantware.tenantdata.archive import encode_archive, export_tenant
+
+    async def run() -> bytes:
+        registry, ledger, logs = _stores_of(args)
+        try:
+            await ledger.open()
+            archive = await export_tenant(args.tenant, registry=registry, ledger=ledger, logs=logs)
+            return encode_archive(archive)
+        finally:
+            await logs.aclose()
+            await ledger.aclose()
+            await registry.aclose()
+
+    try:
+        data = anyio.run(run)
+    except LookupError as exc:
+        print(f"tenantware: {exc.args[0]}", file=sys.stderr)
+        return 1
+    if args.output in (None, "-"):
+        sys.stdout.buffer.write(data + b"\n")
+    else:
+        with open(args.output, "wb") as file:
+            file.write(data)
+        print(f"exported {args.tenant} to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _tenant_import(args: argparse.Namespace) -> int:
+    import anyio
+    import msgspec
+
+    from tenantware.tenantdata.archive import ArchiveConflict, decode_archive, import_tenant
+
+    with open(args.archive, "rb") as file:
+        data = file.read()
+
+    async def run() -> Any:
+        registry, ledger, logs = _stores_of(args)
+        try:
+            if not registry.shared:
+                raise ArchiveConflict(
+                    "the tenants of this deployment are its configuration file: set "
+                    "gateway.registry_url to import into a shared registry"
+                )
+            await ledger.open()
+            return await import_tenant(
+                decode_archive(data), registry=registry, ledger=ledger, logs=logs
+            )
+        finally:
+            await logs.aclose()
+            await ledger.aclose()
+            await registry.aclose()
+
+    try:
+        report = anyio.run(run)
+    except ArchiveConflict as exc:
+        print(f"tenantware: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(msgspec.to_builtins(report), indent=2))
+    return 0
+
+
+def _data_rotate(args: argparse.Namespace) -> int:
+    import anyio
+
+    from tenantware.config import load_config
+    from tenantware.crypto import KeyRing, MissingMasterKey, key_provider
+    from tenantware.logbook.jobs import rotate
+
+    settings = load_config(args.config).data
+
+    async def run() -> tuple[int, int]:
+        registry, ledger, logs = _stores_of(args)
+        try:
+            ring = KeyRing(key_provider(settings.master_key_env, settings.master_key_file), logs)
+            current = (await ring.master_keys()).current
+            tenants = sorted((await registry.load()).records)
+            return await rotate(logs, ring, tenants, batch=args.batch), current
+        finally:
+            await logs.aclose()
+            await ledger.aclose()
+            await registry.aclose()
+
+    try:
+        count, version = anyio.run(run)
+    except MissingMasterKey as exc:
+        print(f"tenantware: {exc}", file=sys.stderr)
+        return 1
+    print(f"re-sealed {count} request log rows under master key version {version}")
+    return 0
+
+
+def _data_new_master_key(args: argparse.Namespace) -> int:
+    import base64
+
+    print(base64.b64encode(os.urandom(32)).decode())
+    return 0
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help=f"gateway URL ($TENANTWARE_URL, default {_DEFAULT_URL})")
     parser.add_argument("--admin-key", help="admin API key ($TENANTWARE_ADMIN_KEY)")
@@ -213,7 +375,7 @@ def _fields(parser: argparse.ArgumentParser) -> None:
 
 
 def add_commands(commands: Any) -> None:
-    """Add ``tenants`` and ``keys`` to the ``tenantware`` subcommands."""
+    """Add ``tenants``, ``keys``, ``balances`` and ``registry`` to the subcommands."""
     tenants = commands.add_parser("tenants", help="tenants through a gateway's admin API")
     tenant_commands = tenants.add_subparsers(dest="tenants_command", required=True)
 
@@ -237,6 +399,19 @@ def add_commands(commands: Any) -> None:
     for name, text in (("disable", "refuse its keys"), ("enable", "accept its keys again")):
         command(tenant_commands, name, _tenants_disable, text).add_argument("tenant")
     command(tenant_commands, "delete", _tenants_delete, "delete a tenant").add_argument("tenant")
+    export = tenant_commands.add_parser(
+        "export", help="write everything of one tenant as one archive (from the stores)"
+    )
+    export.add_argument("tenant")
+    export.add_argument("--config", required=True, help="the gateway's configuration file")
+    export.add_argument("--output", "-o", help="archive file (default: standard output)")
+    export.set_defaults(func=_tenant_export)
+    restore = tenant_commands.add_parser(
+        "import", help="restore a tenant archive into this deployment (idempotent)"
+    )
+    restore.add_argument("archive")
+    restore.add_argument("--config", required=True, help="the gateway's configuration file")
+    restore.set_defaults(func=_tenant_import)
     revoke_key = command(tenant_commands, "revoke-key", _keys_revoke, "revoke a key now")
     revoke_key.add_argument("tenant")
     revoke_key.add_argument("key_id")
@@ -254,6 +429,45 @@ def add_commands(commands: Any) -> None:
     revoke = command(key_commands, "revoke", _keys_revoke, "revoke a key now")
     revoke.add_argument("tenant")
     revoke.add_argument("key_id")
+
+    data = commands.add_parser("data", help="tenant data keys: master keys and rotation")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    rotate_parser = data_commands.add_parser(
+        "rotate", help="re-seal every tenant's logs under the newest master key (resumable)"
+    )
+    rotate_parser.add_argument("--config", required=True, help="the gateway's configuration file")
+    rotate_parser.add_argument("--batch", type=int, default=500, help="rows per transaction")
+    rotate_parser.set_defaults(func=_data_rotate)
+    data_commands.add_parser(
+        "new-master-key", help="print a new random master key (base64 of 32 bytes)"
+    ).set_defaults(func=_data_new_master_key)
+    balances = commands.add_parser("balances", help="prepaid balances through the admin API")
+    balance_commands = balances.add_subparsers(dest="balances_command", required=True)
+    command(balance_commands, "show", _balances_show, "a tenant's balance").add_argument("tenant")
+    topup = command(balance_commands, "topup", _balances_topup, "credit a prepaid balance")
+    topup.add_argument("tenant")
+    topup.add_argument("amount_usd", help="amount in USD, e.g. 25 or 12.50")
+    topup.add_argument(
+        "--idempotency-key", help="retry with the same key: credited once (default: new)"
+    )
+    topup.add_argument("--note", default="", help="kept in the journal")
+    journal = command(balance_commands, "journal", _balances_journal, "a balance's journal")
+    journal.add_argument("tenant")
+    journal.add_argument("--limit", type=int, default=100)
+    command(
+        balance_commands,
+        "verify",
+        _balances_verify,
+        "compare every balance with its journal (exit 1 on a difference)",
+    )
+    codes = command(balance_commands, "codes", _balances_codes, "create redemption codes")
+    codes.add_argument("count", type=int)
+    codes.add_argument("amount_usd")
+    codes.add_argument("--tenant", help="only this tenant may redeem them")
+    codes.add_argument("--expires-at", type=float, help="Unix time")
+    redeem = command(balance_commands, "redeem", _balances_redeem, "redeem a code")
+    redeem.add_argument("tenant")
+    redeem.add_argument("code")
 
     registry = commands.add_parser("registry", help="move tenants between a file and Redis")
     registry_commands = registry.add_subparsers(dest="registry_command", required=True)

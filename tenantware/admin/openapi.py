@@ -17,18 +17,34 @@ from tenantware.admin.schemas import (
     AdminKeyIssued,
     AdminKeyList,
     AuditList,
+    BalanceOut,
+    BalanceVerify,
+    CodesCreate,
+    CodesCreated,
+    CreditOut,
     ErrorBody,
+    JournalList,
     KeyIssue,
     KeyIssued,
     KeyList,
     KeyOut,
     KeyRotate,
+    LogList,
+    PaymentAck,
+    PolicyOut,
+    PolicyPatch,
+    Redeem,
     TenantCreate,
     TenantList,
     TenantOut,
     TenantPatch,
+    TenantStorage,
     TierList,
+    TopUp,
+    UpstreamKeyIn,
+    UpstreamKeyOut,
 )
+from tenantware.dashboard.schemas import LiveView, UsageView
 
 __all__ = ["openapi_document"]
 
@@ -102,6 +118,12 @@ class _Deleted(msgspec.Struct, frozen=True, kw_only=True):
     deleted: bool
 
 
+class _UpstreamKeyDeleted(msgspec.Struct, frozen=True, kw_only=True):
+    object: str
+    upstream: str
+    deleted: bool
+
+
 class _AdminRevoked(msgspec.Struct, frozen=True, kw_only=True):
     object: str
     id: str
@@ -123,12 +145,30 @@ def openapi_document() -> bytes:
         KeyList,
         KeyOut,
         KeyRotate,
+        LogList,
         TenantCreate,
         TenantList,
         TenantOut,
         TenantPatch,
+        TenantStorage,
         TierList,
         _Deleted,
+        BalanceOut,
+        BalanceVerify,
+        CodesCreate,
+        CodesCreated,
+        CreditOut,
+        JournalList,
+        PaymentAck,
+        PolicyOut,
+        PolicyPatch,
+        Redeem,
+        TopUp,
+        UpstreamKeyIn,
+        UpstreamKeyOut,
+        _UpstreamKeyDeleted,
+        UsageView,
+        LiveView,
     ]
     _, components = msgspec.json.schema_components(kinds, ref_template=_REF)
     tenant = [_path_param("tenant_id")]
@@ -187,6 +227,29 @@ def openapi_document() -> bytes:
                 body=KeyIssue,
                 params=[*tenant, _IF_MATCH],
                 errors=("400", "401", "403", "404", "409", "412"),
+            ),
+        },
+        "/admin/tenants/{tenant_id}/logs": {
+            "get": _operation(
+                "Read a tenant's request logs, decrypted, newest first (logging is opt-in)",
+                "admin, its own tenant",
+                ("200", LogList, "The logs"),
+                params=[
+                    *tenant,
+                    _LIMIT,
+                    _query("since", {"type": "number"}),
+                    _query("until", {"type": "number"}),
+                ],
+                errors=("400", "401", "403", "404", "503"),
+            ),
+        },
+        "/admin/tenants/{tenant_id}/storage": {
+            "get": _operation(
+                "Bytes of a tenant's cached answers and request logs, and its quotas",
+                "admin, read-only, its own tenant",
+                ("200", TenantStorage, "Storage use"),
+                params=tenant,
+                errors=("401", "403", "404", "503"),
             ),
         },
         "/admin/tenants/{tenant_id}/keys/{key_id}/rotate": {
@@ -257,6 +320,141 @@ def openapi_document() -> bytes:
                 errors=("400", "401", "403", "503"),
             )
         },
+        "/admin/tenants/{tenant_id}/policy": {
+            "get": _operation(
+                "Read a tenant's policy (routing, feature flags, own upstream keys' hints)",
+                "admin, read-only, its own tenant",
+                ("200", PolicyOut, "The policy; its ETag is the tenant's version"),
+                params=tenant,
+            ),
+            "patch": _operation(
+                "Change a tenant's policy (each field named is replaced whole)",
+                "admin; its own tenant where self_service is on",
+                ("200", PolicyOut, "The changed policy"),
+                body=PolicyPatch,
+                params=[*tenant, _IF_MATCH],
+                errors=("400", "401", "403", "404", "409", "412"),
+            ),
+        },
+        "/admin/tenants/{tenant_id}/upstream-keys/{upstream}": {
+            "put": _operation(
+                "Register the tenant's own key for an upstream (stored sealed, never shown)",
+                "admin; its own tenant where self_service is on",
+                ("201", UpstreamKeyOut, "Registered: the upstream and the key's last characters"),
+                body=UpstreamKeyIn,
+                params=[*tenant, _path_param("upstream"), _IF_MATCH],
+                errors=("400", "401", "403", "404", "409", "412"),
+            ),
+            "delete": _operation(
+                "Remove the tenant's own key for an upstream (the gateway's key applies again)",
+                "admin; its own tenant where self_service is on",
+                ("200", _UpstreamKeyDeleted, "Removed"),
+                params=[*tenant, _path_param("upstream"), _IF_MATCH],
+                errors=("400", "401", "403", "404", "409", "412"),
+            ),
+        },
+        "/admin/tenants/{tenant_id}/balance": {
+            "get": _operation(
+                "Read a tenant's prepaid balance",
+                "admin, read-only, its own tenant",
+                ("200", BalanceOut, "The balance (in-flight requests already taken out)"),
+                params=tenant,
+                errors=("401", "403", "404", "503"),
+            )
+        },
+        "/admin/tenants/{tenant_id}/balance/topups": {
+            "post": _operation(
+                "Top up a prepaid balance (credited once per Idempotency-Key)",
+                "admin",
+                ("201", CreditOut, "The credit (the same answer for every retry)"),
+                body=TopUp,
+                params=[
+                    *tenant,
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": True,
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                    },
+                ],
+                errors=("400", "401", "403", "404", "409", "503"),
+            )
+        },
+        "/admin/tenants/{tenant_id}/balance/journal": {
+            "get": _operation(
+                "Read a tenant's balance journal, newest first",
+                "admin, read-only, its own tenant",
+                ("200", JournalList, "Journal entries"),
+                params=[*tenant, _LIMIT],
+                errors=("400", "401", "403", "404", "503"),
+            )
+        },
+        "/admin/tenants/{tenant_id}/balance/redeem": {
+            "post": _operation(
+                "Redeem a single-use code into the balance",
+                "admin, its own tenant",
+                ("201", CreditOut, "The credit (a retry by the same tenant gets it again)"),
+                body=Redeem,
+                params=tenant,
+                errors=("400", "401", "403", "404", "409", "503"),
+            )
+        },
+        "/admin/redemption-codes": {
+            "post": _operation(
+                "Create single-use redemption codes (shown once in the answer)",
+                "admin",
+                ("201", CodesCreated, "The codes"),
+                body=CodesCreate,
+                errors=("400", "401", "403", "404", "503"),
+            )
+        },
+        "/admin/balances/verify": {
+            "get": _operation(
+                "Compare every prepaid balance with its journal's sum",
+                "admin, read-only",
+                ("200", BalanceVerify, "One check per tenant"),
+                errors=("401", "403", "503"),
+            )
+        },
+        "/admin/payments/{provider}": {
+            "post": {
+                **_operation(
+                    "A payment provider's webhook (authenticated by its signature)",
+                    "none (the provider signs the body)",
+                    ("200", PaymentAck, "Acknowledged; credited once per event id"),
+                    params=[_path_param("provider")],
+                    errors=("400", "404", "409", "422", "503"),
+                ),
+                "security": [],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+            }
+        },
+    }
+    paths["/admin/dashboard/usage"] = {
+        "get": _operation(
+            "Usage figures of a time range for the dashboard (aggregated by the ledger)",
+            "admin, read-only (every tenant); tenant (its own tenant only: another tenant's "
+            "id is answered 404)",
+            ("200", UsageView, "Totals, a series and breakdowns by model and cost center"),
+            params=[
+                _query("range", {"type": "string", "enum": ["1h", "24h", "7d", "30d"]}),
+                _query("since", {"type": "string"}),
+                _query("until", {"type": "string"}),
+                _query("tenant", {"type": "string"}),
+            ],
+            errors=("400", "401", "404", "503"),
+        )
+    }
+    paths["/admin/dashboard/live"] = {
+        "get": _operation(
+            "The gateway's state now: circuits, admission queues, store, ledger, registry",
+            "admin, read-only",
+            ("200", LiveView, "Live state of this gateway process"),
+            errors=("401", "403"),
+        )
     }
     audit_answer = paths["/admin/audit"]["get"]["responses"]["200"]
     audit_answer["content"]["text/csv"] = {"schema": {"type": "string"}}  # format=csv

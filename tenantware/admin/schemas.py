@@ -12,27 +12,56 @@ import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType, field
 
 from tenantware.audit import AuditEntry
-from tenantware.config import Limits, Priority, Tenant, Tier, Weight
+from tenantware.config import (
+    FlagName,
+    Limits,
+    Priority,
+    Tenant,
+    TenantData,
+    TenantPolicy,
+    Tier,
+    Weight,
+)
+from tenantware.tenantdata import LogView
 
 __all__ = [
+    "MAX_CREDIT_USD",
     "AdminKeyIssue",
     "AdminKeyIssued",
     "AdminKeyList",
     "AdminKeyOut",
     "AuditList",
+    "BalanceCheckOut",
+    "BalanceOut",
+    "BalanceVerify",
+    "CodesCreate",
+    "CodesCreated",
+    "CreditOut",
     "ErrorBody",
+    "JournalList",
+    "JournalOut",
     "KeyIssue",
     "KeyIssued",
     "KeyList",
     "KeyOut",
     "KeyRotate",
+    "LogList",
+    "PaymentAck",
+    "PolicyOut",
+    "PolicyPatch",
+    "Redeem",
     "TenantCreate",
     "TenantList",
     "TenantOut",
     "TenantPatch",
+    "TenantStorage",
     "TierList",
     "TierOut",
+    "TopUp",
+    "UpstreamKeyIn",
+    "UpstreamKeyOut",
     "key_out",
+    "policy_out",
     "tenant_out",
 ]
 
@@ -57,6 +86,12 @@ class TenantCreate(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     reserved_seats: Seats | None = None
     #: Price override in percent over list price (negative: a discount).
     markup_percent: Decimal | None = None
+    #: Response cache and request log (off by default).
+    data: TenantData = field(default_factory=TenantData)
+    #: ``prepaid``: requests are paid from a balance topped up in advance.
+    billing: Literal["postpaid", "prepaid"] = "postpaid"
+    #: Below this prepaid balance (USD) the tenant is warned.
+    low_balance_usd: Decimal | None = None
 
 
 class TenantPatch(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -73,6 +108,10 @@ class TenantPatch(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True)
     domains: list[str] | UnsetType = UNSET
     disabled: bool | UnsetType = UNSET
     reserved_seats: Seats | UnsetType | None = UNSET
+    #: Replaces the whole data policy (response cache, request log).
+    data: TenantData | UnsetType = UNSET
+    billing: Literal["postpaid", "prepaid"] | UnsetType = UNSET
+    low_balance_usd: Decimal | UnsetType | None = UNSET
 
 
 class KeyOut(Struct, frozen=True, kw_only=True):
@@ -168,7 +207,10 @@ class TenantOut(Struct, frozen=True, kw_only=True):
     disabled: bool
     reserved_seats: int | None
     markup_percent: Decimal | None
+    billing: Literal["postpaid", "prepaid"]
+    low_balance_usd: Decimal | None
     keys: list[KeyOut]
+    data: TenantData
 
 
 class TenantList(Struct, frozen=True, kw_only=True):
@@ -216,6 +258,188 @@ class ErrorBody(Struct, frozen=True, kw_only=True):
     error: ErrorDetail
 
 
+#: Largest single credit (USD): balances stay far below 2**53 nano-dollars, the range the
+#: store's scripts compute exactly.
+MAX_CREDIT_USD = Decimal(1_000_000)
+
+
+class TopUp(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A top-up of a prepaid balance (``Idempotency-Key`` header required)."""
+
+    amount_usd: Decimal
+    note: Annotated[str, Meta(max_length=500)] = ""
+
+    def __post_init__(self) -> None:
+        _check_credit(self.amount_usd)
+
+
+class CodesCreate(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``count`` single-use redemption codes worth ``amount_usd`` each."""
+
+    count: Annotated[int, Meta(ge=1, le=1000)]
+    amount_usd: Decimal
+    #: Only this tenant may redeem them.
+    tenant_id: TenantId | None = None
+    expires_at: Annotated[float, Meta(gt=0)] | None = None
+
+    def __post_init__(self) -> None:
+        _check_credit(self.amount_usd)
+
+
+class Redeem(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    code: Annotated[str, Meta(min_length=1, max_length=200)]
+
+
+def _check_credit(amount: Decimal) -> None:
+    if not amount.is_finite() or not Decimal(0) < amount <= MAX_CREDIT_USD:
+        raise msgspec.ValidationError(
+            f"`amount_usd` must be more than 0 and at most {MAX_CREDIT_USD}, got {amount}"
+        )
+    if amount != amount.quantize(Decimal("1e-9")):
+        raise msgspec.ValidationError("`amount_usd` has more than 9 decimals (nano-dollars)")
+
+
+class CreditOut(Struct, frozen=True, kw_only=True):
+    """A credit as journaled (the same answer for every retry of it)."""
+
+    object: Literal["balance.credit"] = "balance.credit"
+    id: str
+    tenant: str
+    kind: str
+    amount_nanousd: int
+    amount_usd: Decimal
+    created_at: float
+    note: str
+
+
+class BalanceOut(Struct, frozen=True, kw_only=True):
+    object: Literal["balance"] = "balance"
+    tenant: str
+    billing: Literal["postpaid", "prepaid"]
+    #: ``null``: never credited.
+    balance_nanousd: int | None
+    balance_usd: Decimal | None
+    low_balance_usd: Decimal | None
+    low: bool
+    #: The balance in the display currency (``metering.currency``), rounded to 1e-6 as
+    #: reports show charges.
+    currency: str = "USD"
+    balance_in_currency: Decimal | None = None
+
+
+class JournalOut(Struct, frozen=True, kw_only=True):
+    object: Literal["balance.entry"] = "balance.entry"
+    id: str
+    tenant: str
+    at: float
+    kind: str
+    amount_nanousd: int
+    actor: str
+    note: str
+
+
+class JournalList(Struct, frozen=True, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[JournalOut]
+
+
+class CodesCreated(Struct, frozen=True, kw_only=True):
+    """New codes: shown here once (only their hashes are stored)."""
+
+    object: Literal["redemption_codes"] = "redemption_codes"
+    batch_id: str
+    amount_usd: Decimal
+    tenant_id: str | None
+    expires_at: float | None
+    codes: list[str]
+
+
+class BalanceCheckOut(Struct, frozen=True, kw_only=True):
+    tenant: str
+    journal_nanousd: int
+    store_nanousd: int | None
+    ok: bool
+
+
+class BalanceVerify(Struct, frozen=True, kw_only=True):
+    """Every balance against its journal's sum (exact when no request is in flight)."""
+
+    object: Literal["balance.verify"] = "balance.verify"
+    ok: bool
+    data: list[BalanceCheckOut]
+
+
+class PaymentAck(Struct, frozen=True, kw_only=True):
+    object: Literal["payment.event"] = "payment.event"
+    provider: str
+    #: ``false``: an event that is not a payment, acknowledged and ignored.
+    credited: bool
+    credit: CreditOut | None = None
+
+
+class PolicyPatch(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Policy fields to change (absent ones stay); each replaces the field whole. A tenant
+    key (where the admin allowed self-service) may not change ``allowed_upstreams`` nor
+    ``self_service``."""
+
+    aliases: dict[str, str] | UnsetType = UNSET
+    allowed_upstreams: list[str] | UnsetType = UNSET
+    fallbacks: dict[str, list[str]] | UnsetType = UNSET
+    timeout_s: Annotated[float, Meta(gt=0, le=3600)] | UnsetType | None = UNSET
+    flags: dict[FlagName, bool] | UnsetType = UNSET
+    self_service: bool | UnsetType = UNSET
+
+
+class UpstreamKeyIn(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The tenant's own key for an upstream (stored sealed; never shown again)."""
+
+    key: Annotated[str, Meta(min_length=8, max_length=512, pattern=r"^[\x21-\x7e]+$")]
+
+
+class UpstreamKeyOut(Struct, frozen=True, kw_only=True):
+    """A registered own key: which upstream, its last characters; never the key."""
+
+    object: Literal["upstream_key"] = "upstream_key"
+    upstream: str
+    hint: str
+    created_at: float | None
+
+
+class PolicyOut(Struct, frozen=True, kw_only=True):
+    object: Literal["tenant.policy"] = "tenant.policy"
+    tenant: str
+    version: int
+    aliases: dict[str, str]
+    allowed_upstreams: list[str]
+    fallbacks: dict[str, list[str]]
+    timeout_s: float | None
+    flags: dict[str, bool]
+    #: What applies: the tier's flags with the tenant's over them.
+    effective_flags: dict[str, bool]
+    upstream_keys: list[UpstreamKeyOut]
+    self_service: bool
+
+
+def policy_out(tenant: Tenant, version: int, tiers: dict[str, Tier]) -> PolicyOut:
+    policy: TenantPolicy = tenant.policy
+    tier = tiers.get(tenant.tier)
+    return PolicyOut(
+        tenant=tenant.id,
+        version=version,
+        aliases=dict(policy.aliases),
+        allowed_upstreams=list(policy.allowed_upstreams),
+        fallbacks={model: list(chain) for model, chain in policy.fallbacks.items()},
+        timeout_s=policy.timeout_s,
+        flags=dict(policy.flags),
+        effective_flags={**(tier.flags if tier else {}), **policy.flags},
+        upstream_keys=[
+            UpstreamKeyOut(upstream=k.upstream, hint=k.hint, created_at=k.created_at)
+            for k in policy.upstream_keys
+        ],
+        self_service=policy.self_service,
+    )
+
+
 def key_out(tenant_id: str, key: Any) -> KeyOut:
     return KeyOut(
         id=key.id,
@@ -244,7 +468,10 @@ def tenant_out(tenant: Tenant, version: int, tiers: dict[str, Tier]) -> TenantOu
         disabled=tenant.disabled,
         reserved_seats=tenant.reserved_seats,
         markup_percent=tenant.markup_percent,
+        billing=tenant.billing,
+        low_balance_usd=tenant.low_balance_usd,
         keys=[key_out(tenant.id, key) for key in tenant.keys],
+        data=tenant.data,
     )
 
 
@@ -253,3 +480,21 @@ def limits_patched(current: Limits, changes: dict[str, Any]) -> Limits:
     merged = msgspec.to_builtins(current)
     merged.update(changes)
     return msgspec.convert(merged, Limits, strict=False)
+
+
+class LogList(Struct, frozen=True, kw_only=True):
+    """A tenant's request logs, decrypted, newest first."""
+
+    object: Literal["list"] = "list"
+    data: list[LogView]
+
+
+class TenantStorage(Struct, frozen=True, kw_only=True):
+    """Bytes a tenant's cached answers and request logs take, and its quotas."""
+
+    object: Literal["tenant.storage"] = "tenant.storage"
+    id: str
+    cache_bytes: int
+    log_bytes: int
+    cache_quota_bytes: int
+    log_quota_bytes: int

@@ -153,7 +153,21 @@ class BreakerBoard:
         return found
 
     def chain(self, snapshot: Snapshot, model: str, tenant: TenantView | None) -> tuple[str, ...]:
-        """``model`` then its fallbacks that ``tenant`` may use, in order."""
+        """``model`` then its fallbacks that ``tenant`` may use, in order (the tenant's own
+        fallback chain for ``model`` when it set one)."""
+        if tenant is not None and tenant.fallbacks:
+            own = tenant.fallbacks.get(model)
+            if own is not None:
+                # Checked when written; a model the configuration no longer serves is skipped.
+                routes = snapshot.routes
+                return (
+                    model,
+                    *(
+                        name
+                        for name in own
+                        if name != model and tenant.may_use(name) and routes.get(name)
+                    ),
+                )
         chain = self.table(snapshot).chains.get(model)
         if chain is None:
             return (model,)

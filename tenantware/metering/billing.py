@@ -8,10 +8,15 @@ what is billed agree:
 - the upstream failed mid-stream: billed for what was relayed (the proxy counts it);
 - the client disconnected mid-stream: billed for what the upstream produced (its usage chunk
   when it came, else the relayed text counted with the quota layer's estimator);
+- served from the tenant's response cache (``cached``): not billed. No upstream call was made
+  and the tokens of the answer were billed when it was first produced; the record counts the
+  request (outcome ``cached``) with zero tokens and zero cost;
 - otherwise: the upstream's usage.
 
 Cost is ``cost_nanousd`` with the price of the model that actually answered (a fallback may
-serve another model than the one requested).
+serve another model than the one requested). What the tenant is charged (``charge``) is that
+cost with its markup, except for a call made with the tenant's own upstream key: metered
+(tokens and list cost recorded) but charged nothing, against no budget or balance.
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ from tenantware.context import Outcome, OutcomeName, RequestContext, Usage, defa
 from tenantware.metering.pricing import cost_nanousd
 
 __all__ = [
+    "FREE",
     "NOT_BILLED",
     "SHADOW",
     "apply_markup",
     "billable_usage",
+    "charge",
     "final_outcome",
     "request_cost",
 ]
@@ -47,6 +54,9 @@ NOT_BILLED: Final = frozenset(
 #: recorded (``cost_nanousd``) and never charged to the tenant (``charged_nanousd`` 0), and
 #: tenant reports leave it out.
 SHADOW: Final = "shadow"
+#: Outcomes of requests answered without an upstream call, by the gateway itself: not billed
+#: either, but not refusals (metrics count them as answered).
+FREE: Final = frozenset({Outcome.CACHED})
 _FAILED: Final = frozenset({Outcome.UPSTREAM_ERROR, Outcome.UPSTREAM_TIMEOUT, Outcome.ERROR})
 _HUNDRED: Final = Decimal(100)
 
@@ -64,7 +74,7 @@ def final_outcome(ctx: RequestContext) -> OutcomeName:
 
 def billable_usage(outcome: str | None, usage: Usage | None) -> Usage | None:
     """The usage to bill for a request that ended with ``outcome``; ``None``: not billed."""
-    if usage is None or outcome in NOT_BILLED:
+    if usage is None or outcome in NOT_BILLED or outcome in FREE:
         return None
     if outcome in _FAILED and usage.output_tokens == 0:
         return None
@@ -98,3 +108,9 @@ def apply_markup(cost: int, percent: Decimal | None) -> int:
         return cost
     charged = Decimal(cost) * (_HUNDRED + percent) / _HUNDRED
     return int(charged.to_integral_value(rounding=ROUND_HALF_EVEN))
+
+
+def charge(cost: int, percent: Decimal | None, *, own_key: bool) -> int:
+    """What the tenant pays for a request of list ``cost``: with its markup, or nothing when
+    the call used its own upstream key."""
+    return 0 if own_key else apply_markup(cost, percent)

@@ -1,6 +1,8 @@
-"""Usage reports per tenant and period (hour, day, month) and CSV exports for chargeback.
+"""Usage reports per tenant and period (minute, hour, day, month, whole range) and CSV
+exports for chargeback.
 
-Computed from the ledger's records in Python, so every ledger backend gives the same numbers.
+The ledger aggregates (``Ledger.tally``: SQL for SQLite and PostgreSQL, ``tally_records`` in
+Python for the memory ledger); this module turns its figures into rows for people.
 Money is summed in integer nano-dollars and shown as exact decimals; the display currency is
 the configured rate times the charged USD, rounded to 1e-6 only for display.
 """
@@ -9,43 +11,53 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import re
 import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Final, Literal
+from typing import Final
 
 import msgspec
 
-from tenantware.context import Outcome
-from tenantware.metering.billing import NOT_BILLED, SHADOW
 from tenantware.metering.ledger.base import Ledger
 from tenantware.metering.ledger.record import COLUMNS, UsageRecord
+from tenantware.metering.ledger.tally import (
+    DIMENSIONS,
+    PERIODS,
+    Dimension,
+    Period,
+    ReportQuery,
+    Tally,
+    bucket_start,
+    tally_records,
+)
 from tenantware.metering.pricing import nanousd_to_usd
 
 __all__ = [
+    "DIMENSIONS",
+    "PERIODS",
+    "Dimension",
     "Period",
     "ReportRow",
+    "display_amount",
     "parse_time",
+    "period_label",
     "period_start",
     "records_csv",
     "report_csv",
+    "report_rows",
     "summarize",
     "usage_report",
 ]
 
-Period = Literal["hour", "day", "month"]
-PERIODS: Final = ("hour", "day", "month")
-_FAILED: Final = frozenset({Outcome.UPSTREAM_ERROR, Outcome.UPSTREAM_TIMEOUT, Outcome.ERROR})
-_RATE_LIMITED: Final = frozenset({Outcome.REJECTED_QUOTA, Outcome.REJECTED_BUDGET})
 _MICRO: Final = Decimal("0.000001")
 
 
 class ReportRow(msgspec.Struct, kw_only=True):
-    """One tenant over one period. Latency percentiles cover requests that were not
-    rejected by the gateway (rejections are fast and would hide the real figures)."""
+    """One tenant over one period (and one model or cost center when grouped by one).
+    Latency percentiles cover requests that were not rejected by the gateway (rejections are
+    fast and would hide the real figures)."""
 
     tenant: str
     period: str
@@ -65,73 +77,80 @@ class ReportRow(msgspec.Struct, kw_only=True):
     rate_limited: int = 0
     queue_rejections: int = 0
     breaker_rejections: int = 0
+    #: The model requested or the cost center, when the report is grouped by one.
+    group: str = ""
+    ttft_p50_s: float | None = None
+    ttft_p99_s: float | None = None
+    queue_wait_max_s: float | None = None
 
 
 def period_start(ts: float, period: Period) -> datetime:
-    """Start (UTC) of the hour, day or month holding ``ts``."""
-    moment = datetime.fromtimestamp(ts, UTC)
-    if period == "hour":
-        return moment.replace(minute=0, second=0, microsecond=0)
-    if period == "day":
-        return moment.replace(hour=0, minute=0, second=0, microsecond=0)
-    return moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    """Start (UTC) of the period holding ``ts`` (periods start on whole seconds)."""
+    return datetime.fromtimestamp(bucket_start(ts, period), UTC)
 
 
-def _percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile of sorted ``values``."""
-    if not values:
-        return None
-    rank = max(1, math.ceil(q * len(values)))
-    return values[rank - 1]
+def period_label(bucket: int, period: Period) -> str:
+    """``2026-11-03T00:00:00Z``; ``all`` for the one period of a whole range."""
+    if period == "all":
+        return "all"
+    return datetime.fromtimestamp(bucket, UTC).isoformat().replace("+00:00", "Z")
+
+
+def display_amount(nanousd: int, currency_per_usd: Decimal = Decimal(1)) -> str:
+    """``nanousd`` in the display currency, rounded to 1e-6 (for display only)."""
+    return str((nanousd_to_usd(nanousd) * currency_per_usd).quantize(_MICRO))
+
+
+def report_rows(
+    tallies: Iterable[Tally],
+    *,
+    period: Period = "day",
+    currency: str = "USD",
+    currency_per_usd: Decimal = Decimal(1),
+) -> list[ReportRow]:
+    """Rows for people: money as exact decimals in the display currency, error rate."""
+    rows = []
+    for t in tallies:
+        rows.append(
+            ReportRow(
+                tenant=t.tenant,
+                period=period_label(t.bucket, period),
+                group=t.group,
+                requests=t.requests,
+                errors=t.errors,
+                error_rate=t.errors / t.requests if t.requests else 0.0,
+                input_tokens=t.input_tokens,
+                output_tokens=t.output_tokens,
+                cached_tokens=t.cached_tokens,
+                cost_nanousd=t.cost_nanousd,
+                charged_nanousd=t.charged_nanousd,
+                cost_usd=str(nanousd_to_usd(t.cost_nanousd).normalize()),
+                charged=display_amount(t.charged_nanousd, currency_per_usd),
+                currency=currency,
+                latency_p50_s=t.latency_p50_s,
+                latency_p99_s=t.latency_p99_s,
+                rate_limited=t.rate_limited,
+                queue_rejections=t.queue_rejections,
+                breaker_rejections=t.breaker_rejections,
+                ttft_p50_s=t.ttft_p50_s,
+                ttft_p99_s=t.ttft_p99_s,
+                queue_wait_max_s=t.queue_wait_max_s,
+            )
+        )
+    return rows
 
 
 def summarize(
     records: Iterable[UsageRecord],
     *,
     period: Period = "day",
+    by: Dimension = "tenant",
     currency: str = "USD",
     currency_per_usd: Decimal = Decimal(1),
 ) -> list[ReportRow]:
-    """Rows per (tenant, period), sorted by tenant then period."""
-    rows: dict[tuple[str, datetime], ReportRow] = {}
-    latencies: dict[tuple[str, datetime], list[float]] = {}
-    for r in records:
-        if r.outcome == SHADOW:
-            continue  # a migration trial's copy: the operator's cost, not the tenant's
-        key = (r.tenant, period_start(r.ts, period))
-        row = rows.get(key)
-        if row is None:
-            row = rows[key] = ReportRow(
-                tenant=r.tenant, period=key[1].isoformat().replace("+00:00", "Z")
-            )
-            latencies[key] = []
-        row.requests += 1
-        row.input_tokens += r.input_tokens
-        row.output_tokens += r.output_tokens
-        row.cached_tokens += r.cached_tokens
-        row.cost_nanousd += r.cost_nanousd
-        row.charged_nanousd += r.charged_nanousd
-        outcome = r.outcome
-        if outcome in _FAILED:
-            row.errors += 1
-        elif outcome in _RATE_LIMITED:
-            row.rate_limited += 1
-        elif outcome == Outcome.REJECTED_QUEUE:
-            row.queue_rejections += 1
-        elif outcome == Outcome.BREAKER_OPEN:
-            row.breaker_rejections += 1
-        if outcome not in NOT_BILLED:
-            latencies[key].append(r.latency_s)
-    for key, row in rows.items():
-        values = sorted(latencies[key])
-        row.latency_p50_s = _percentile(values, 0.50)
-        row.latency_p99_s = _percentile(values, 0.99)
-        row.error_rate = row.errors / row.requests if row.requests else 0.0
-        row.cost_usd = str(nanousd_to_usd(row.cost_nanousd).normalize())
-        charged = nanousd_to_usd(row.charged_nanousd) * currency_per_usd
-        row.charged = str(charged.quantize(_MICRO))
-        row.currency = currency
-    return [rows[key] for key in sorted(rows)]
+    """Rows per (tenant, period), sorted by tenant then period, aggregated in Python."""
+    tallies = tally_records(records, ReportQuery(period=period, by=by))
+    return report_rows(tallies, period=period, currency=currency, currency_per_usd=currency_per_usd)
 
 
 async def usage_report(
@@ -141,12 +160,15 @@ async def usage_report(
     since: float = 0.0,
     until: float | None = None,
     period: Period = "day",
+    by: Dimension = "tenant",
     currency: str = "USD",
     currency_per_usd: Decimal = Decimal(1),
 ) -> list[ReportRow]:
-    """The report of ``tenant`` (every tenant when ``None``) for ``since <= ts < until``."""
-    records = await ledger.query(tenant=tenant, since=since, until=until)
-    return summarize(records, period=period, currency=currency, currency_per_usd=currency_per_usd)
+    """The report of ``tenant`` (every tenant when ``None``) for ``since <= ts < until``,
+    aggregated by the ledger itself (SQL for the SQL ledgers)."""
+    query = ReportQuery(tenant=tenant, since=since, until=until, period=period, by=by)
+    tallies = await ledger.tally(query)
+    return report_rows(tallies, period=period, currency=currency, currency_per_usd=currency_per_usd)
 
 
 def report_csv(rows: Sequence[ReportRow]) -> str:

@@ -1,10 +1,12 @@
 """Usage endpoints: ``/admin/...`` for operators, ``/v1/usage`` for a tenant's own key,
 ``/metrics`` for Prometheus.
 
-- ``GET /admin/usage?tenant=&since=&until=&period=&format=`` needs the admin key
+- ``GET /admin/usage?tenant=&since=&until=&period=&by=&format=`` needs the admin key
   (``metering.admin_key_hash``); without ``tenant`` it covers every tenant.
 - ``GET /v1/usage?since=&until=&period=&format=`` is served behind ``TenantMiddleware``: the
   tenant comes from the key, never from the query; naming another tenant is refused (403).
+- ``period`` is ``minute``, ``hour``, ``day`` (default), ``month`` or ``all`` (one row for
+  the whole range); ``by`` is ``tenant`` (default), ``model`` or ``cost_center``.
 - ``format`` is ``json`` (report rows), ``csv`` (the same rows) or ``records`` (every record
   as CSV, for chargeback). ``since`` defaults to 30 days ago.
 - ``GET /metrics`` is the Prometheus exposition; it shows every tenant, so it needs the admin
@@ -29,12 +31,14 @@ from tenantware.errors import send_error
 from tenantware.metering.ledger.base import Ledger
 from tenantware.metering.ledger.writer import LedgerWriter
 from tenantware.metering.reports import (
+    DIMENSIONS,
     PERIODS,
+    Dimension,
     Period,
     parse_time,
     records_csv,
     report_csv,
-    summarize,
+    usage_report,
 )
 from tenantware.metrics import REGISTRY
 from tenantware.state import LiveConfig
@@ -153,20 +157,28 @@ class AdminApp:
             period = query.get("period", "day")
             if period not in PERIODS:
                 raise _BadQuery(f"period must be one of {', '.join(PERIODS)}")
+            by = query.get("by", "tenant")
+            if by not in DIMENSIONS:
+                raise _BadQuery(f"by must be one of {', '.join(DIMENSIONS)}")
             fmt = query.get("format", "json")
             if fmt not in ("json", "csv", "records"):
                 raise _BadQuery("format must be json, csv or records")
         except ValueError as exc:
             await _error(send, 400, str(exc), "invalid_query")
             return
-        records = await self.ledger.query(tenant=tenant, since=since, until=until)
         if fmt == "records":
+            records = await self.ledger.query(tenant=tenant, since=since, until=until)
             await _respond(send, 200, b"text/csv; charset=utf-8", records_csv(records).encode())
             return
-        selected: Period = period  # type: ignore[assignment]
-        rows = summarize(
-            records,
+        selected: Period = period
+        grouped: Dimension = by
+        rows = await usage_report(
+            self.ledger,
+            tenant=tenant,
+            since=since,
+            until=until,
             period=selected,
+            by=grouped,
             currency=settings.currency,
             currency_per_usd=settings.currency_per_usd,
         )

@@ -28,7 +28,7 @@ from collections.abc import Awaitable
 from typing import Final
 
 from tenantware.context import Outcome, RequestContext, Usage, get_context
-from tenantware.metering.billing import apply_markup, billable_usage, final_outcome, request_cost
+from tenantware.metering.billing import billable_usage, charge, final_outcome, request_cost
 from tenantware.metering.ledger.record import UsageRecord
 from tenantware.metering.ledger.writer import LedgerWriter
 from tenantware.metering.telemetry import AnomalyReporter
@@ -206,7 +206,7 @@ class UsageRecorder:
         settings = snapshot.config.metering
         usage = billable_usage(ctx.outcome, ctx.usage)
         cost = request_cost(ctx, snapshot.catalogue)
-        charged = apply_markup(cost, settings.markup_percent.get(tenant.id))
+        charged = charge(cost, settings.markup_percent.get(tenant.id), own_key=ctx.own_upstream_key)
         cost_center = tenant.cost_center
         header = settings.cost_center_header.lower().encode()
         for name, value in scope["headers"]:
@@ -254,4 +254,6 @@ class UsageRecorder:
             stream=is_stream,
             estimated=bool(usage and usage.estimated),
             usage_invalid=bool(usage and usage.anomalies),
+            balance_debit_nanousd=ctx.balance_debit_nanousd or 0,
+            own_upstream_key=ctx.own_upstream_key,
         )

@@ -26,13 +26,16 @@ import structlog
 from tenantware import metrics
 from tenantware.context import Outcome, RequestContext, get_context
 from tenantware.errors import GatewayError, send_error
-from tenantware.metering.billing import billable_usage, final_outcome
-from tenantware.metering.pricing import cost_nanousd
+from tenantware.metering.billing import apply_markup, billable_usage, final_outcome
+from tenantware.metering.billing import charge as charge_of
+from tenantware.metering.pricing import cost_nanousd, nanousd_to_usd
 from tenantware.quota.plan import (
+    KIND_BALANCE,
     KIND_MONTHLY_SPEND,
     KIND_SPEND,
     KIND_TOKENS,
     Plan,
+    balance_limit,
     build_plan,
     is_global,
 )
@@ -41,11 +44,14 @@ from tenantware.registry import TenantView
 from tenantware.state import LiveConfig, Snapshot
 from tenantware.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["QuotaMiddleware", "format_reset"]
+__all__ = ["LOW_BALANCE_HEADER", "QuotaMiddleware", "format_reset"]
 
 log = structlog.get_logger("tenantware.quota")
 
 _BUDGET_KINDS: Final = frozenset({KIND_SPEND, KIND_MONTHLY_SPEND})
+#: On every answer of a prepaid tenant whose balance is below its threshold: the balance
+#: left (USD), so the client can warn its user before requests start being refused.
+LOW_BALANCE_HEADER: Final = b"x-tenantware-balance-low"
 _MAX_PLANS: Final = 100_000
 Headers = list[tuple[bytes, bytes]]
 
@@ -123,8 +129,20 @@ class _Plans:
         if plans is None:
             if len(self._plans) >= _MAX_PLANS:
                 self._plans.clear()  # models may be free-form when the catalogue is empty
+            if not snapshot.config.quota.enabled:
+                # Quotas off: only a prepaid tenant's balance (the caller checked it is one).
+                only = balance_limit(self.prefix, tenant.id, tenant.low_balance_nanousd)
+                plans = (Plan([only]), None)
+                self._plans[key] = plans
+                return plans
             plans = build_plan(
-                snapshot.config, tenant.id, tenant.limits, model, self.prefix, merge=self.merge
+                snapshot.config,
+                tenant.id,
+                tenant.limits,
+                model,
+                self.prefix,
+                merge=self.merge,
+                balance_low=tenant.low_balance_nanousd if tenant.prepaid else None,
             )
             self._plans[key] = plans
         return plans
@@ -138,6 +156,50 @@ class _Held:
     def __init__(self, plan: Plan, decision: Decision) -> None:
         self.plan = plan
         self.decision = decision
+
+
+class _BalanceGauges:
+    """Each tenant's last seen balance, read by its two gauges when ``/metrics`` is scraped:
+    a prepaid request writes two list items instead of taking two gauge locks."""
+
+    __slots__ = ("_cells",)
+
+    def __init__(self) -> None:
+        self._cells: dict[str, list[int]] = {}
+
+    def of(self, tenant_id: str) -> list[int]:
+        """``[balance, low]`` of ``tenant_id`` (its gauges read them)."""
+        cell = self._cells.get(tenant_id)
+        if cell is None:
+            cell = self._cells[tenant_id] = [0, 0]
+            metrics.BALANCE_NANOUSD.labels(tenant_id).set_function(lambda: cell[0])
+            metrics.BALANCE_LOW.labels(tenant_id).set_function(lambda: cell[1])
+        return cell
+
+
+_balance_gauges = _BalanceGauges()
+
+
+def _watch_balance(tenant: TenantView, plan: Plan, decision: Decision, headers: Headers) -> None:
+    """The low-balance warning: metrics, the header while below, a log line per crossing."""
+    index = plan.balance_index
+    left = decision.remaining[index]
+    threshold = plan.limits[index].p1
+    cell = _balance_gauges.of(tenant.id)
+    if decision.allowed:
+        cell[0] = left
+    low = left < threshold
+    cell[1] = 1 if low else 0
+    if low:
+        headers.append((LOW_BALANCE_HEADER, str(nanousd_to_usd(left)).encode()))
+    if decision.reset_us[index] == 1:
+        # Once per crossing, across every replica (the store marks it until a credit).
+        log.warning(
+            "prepaid balance below its threshold",
+            tenant_id=tenant.id,
+            balance_nanousd=left,
+            threshold_nanousd=threshold,
+        )
 
 
 class QuotaMiddleware:
@@ -159,7 +221,8 @@ class QuotaMiddleware:
         ctx = get_context(scope)
         snapshot = self.live.current
         tenant = ctx.tenant
-        if tenant is None or not snapshot.config.quota.enabled:
+        if tenant is None or not (snapshot.config.quota.enabled or tenant.prepaid):
+            # A prepaid balance is billing, not a limit: it is checked with quotas off too.
             await self.app(scope, receive, send)
             return
         tenant_plan, global_plan = self._plans.get(snapshot, tenant, ctx.model)
@@ -179,6 +242,9 @@ class QuotaMiddleware:
             cost = cost_nanousd(price, ctx.estimated_prompt_tokens, output) if price else 0
         else:
             cost = 0
+        # What a prepaid balance pays: the cost with the tenant's markup, as the ledger bills.
+        markup = snapshot.config.metering.markup_percent.get(tenant.id) if tenant.prepaid else None
+        charge = apply_markup(cost, markup)
         ticket = _ticket()
         held: list[_Held] = []
         headers: Headers = []
@@ -186,9 +252,14 @@ class QuotaMiddleware:
         refused: tuple[Plan, Decision] | None = None
         try:
             for plan in plans:
-                decision = await self.store.reserve(plan, tokens, cost, ticket)
+                if plan.balance_index < 0:
+                    decision = await self.store.reserve(plan, tokens, cost, ticket)
+                else:
+                    decision = await self.store.reserve(plan, tokens, cost, ticket, charge=charge)
                 if plan is tenant_plan:
                     headers = _headers(plan, decision)
+                    if plan.balance_index >= 0 and decision.source == "store":
+                        _watch_balance(tenant, plan, decision, headers)
                 if not decision.allowed:
                     refused = (plan, decision)
                     break
@@ -198,7 +269,9 @@ class QuotaMiddleware:
                 # Refused by a later scope, or cancelled midway: give back what was granted.
                 with anyio.CancelScope(shield=True):
                     for granted in held:
-                        await self._settle_one(granted, ticket, -tokens, -cost, cancel=True)
+                        await self._settle_one(
+                            granted, ticket, -tokens, -cost, -charge, cancel=True
+                        )
         if refused is not None:
             await self._reject(send, ctx, tenant, refused[0], refused[1], tokens, headers)
             return
@@ -219,9 +292,9 @@ class QuotaMiddleware:
         finally:
             if self._shield_settle:
                 with anyio.CancelScope(shield=True):
-                    await self._settle(ctx, snapshot, held, ticket, tokens, cost)
+                    await self._settle(ctx, snapshot, held, ticket, tokens, cost, charge)
             else:
-                await self._settle(ctx, snapshot, held, ticket, tokens, cost)
+                await self._settle(ctx, snapshot, held, ticket, tokens, cost, charge)
 
     async def _settle(
         self,
@@ -231,6 +304,7 @@ class QuotaMiddleware:
         ticket: str,
         tokens: int,
         cost: int,
+        charge: int,
     ) -> None:
         """Charge the actual usage: refund (or add) the difference to every scope."""
         # The ledger's billing rules: a failure before any output is refunded whole, a
@@ -254,8 +328,26 @@ class QuotaMiddleware:
                 else 0
             )
         ctx.cost_nanousd = actual_cost
+        own_key = ctx.own_upstream_key
+        if own_key:
+            # Metered (the list cost stays on the record), charged to no budget or balance.
+            actual_cost = 0
+        actual_charge = actual_cost
         for granted in held:
-            await self._settle_one(granted, ticket, actual_tokens - tokens, actual_cost - cost)
+            if granted.plan.balance_index >= 0 and granted.decision.source == "store":
+                tenant = ctx.tenant
+                assert tenant is not None
+                markup = snapshot.config.metering.markup_percent.get(tenant.id)
+                actual_charge = charge_of(actual_cost, markup, own_key=own_key)
+                # The ledger journals this debit with the request's usage record.
+                ctx.balance_debit_nanousd = actual_charge
+            await self._settle_one(
+                granted,
+                ticket,
+                actual_tokens - tokens,
+                actual_cost - cost,
+                actual_charge - charge,
+            )
 
     async def _settle_one(
         self,
@@ -263,12 +355,17 @@ class QuotaMiddleware:
         ticket: str,
         tokens_delta: int,
         cost_delta: int,
+        charge_delta: int,
         *,
         cancel: bool = False,
     ) -> None:
         decision = granted.decision
         plan = granted.plan
-        if not (cancel or plan.holds_slots or ((tokens_delta or cost_delta) and plan.counts_usage)):
+        if not (
+            cancel
+            or plan.holds_slots
+            or ((tokens_delta or cost_delta or charge_delta) and plan.counts_usage)
+        ):
             # Nothing to correct (usage matched, or only request-rate limits, which a settle
             # changes on cancel only): spare the store a round trip.
             return
@@ -282,6 +379,7 @@ class QuotaMiddleware:
                 cost_delta,
                 cancel=cancel,
                 local=source == "local",
+                charge_delta=charge_delta,
             )
 
     async def _reject(
@@ -312,6 +410,23 @@ class QuotaMiddleware:
         limit = plan.limits[decision.failed]
         metrics.REJECTIONS.labels(tenant.id, limit.group).inc()
         scope_name = "the gateway's shared " if is_global(limit) else ""
+        if limit.kind == KIND_BALANCE:
+            cell = _balance_gauges.of(tenant.id)
+            cell[0] = decision.remaining[decision.failed]
+            cell[1] = 1
+            await send_error(
+                send,
+                429,
+                "You exceeded your current quota: your prepaid balance does not cover this "
+                "request. Please top up your balance.",
+                type="insufficient_quota",
+                code="insufficient_quota",
+                ctx=ctx,
+                outcome=Outcome.REJECTED_BUDGET,
+                should_retry=False,
+                headers=headers,
+            )
+            return
         if limit.kind in _BUDGET_KINDS:
             await send_error(
                 send,

@@ -292,7 +292,10 @@ class TenantMiddleware:
         tenant = ctx.tenant
         assert tenant is not None
         catalogue = snapshot.catalogue
-        model = catalogue.resolve(view.model)
+        requested = view.model
+        if tenant.aliases:
+            requested = tenant.aliases.get(requested, requested)
+        model = catalogue.resolve(requested)
         if model is None:
             if not catalogue.models:
                 ctx.model = view.model

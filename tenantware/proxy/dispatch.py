@@ -18,6 +18,7 @@ import msgspec
 import structlog
 
 from tenantware.backends.errors import STORE_UNAVAILABLE
+from tenantware.backends.sealed import SealError, open_key
 from tenantware.breaker.board import RECORDED, BreakerBoard, Deployment
 from tenantware.breaker.circuit import FAILURE, LIMITED, PASS, RELEASE, SLOW, SUCCESS, TIMEOUT
 from tenantware.config import Upstream
@@ -38,6 +39,7 @@ from tenantware.proxy.upstream import (
     UpstreamTooLarge,
     UpstreamUnavailable,
 )
+from tenantware.registry import TenantView
 from tenantware.state import LiveConfig, Snapshot
 from tenantware.types import Receive, Send
 
@@ -48,6 +50,8 @@ CLIENT_HEADERS = "anthropic_headers"
 
 log = structlog.get_logger("tenantware.proxy")
 
+#: Opened own keys kept in memory (a sealed value is opened once, not per request).
+_MAX_OPENED = 10_000
 _decode_any = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
 
@@ -108,6 +112,8 @@ class Dispatcher:
         self._targets_version = -1
         #: How a retry waits (its backoff, or a cool-down); tests replace it to hold a retry.
         self.sleep: Callable[[float], Awaitable[None]] = anyio.sleep
+        #: Tenants' own upstream keys opened so far: sealed value -> key (in memory only).
+        self._opened: dict[str, str] = {}
 
     async def _refresh(self, snapshot: Snapshot, chain: tuple[str, ...]) -> None:
         """After a sleep: re-read the shared circuits that went stale meanwhile (Redis)."""
@@ -119,6 +125,37 @@ class Dispatcher:
             self._targets = {u.name: _Target(u) for u in snapshot.config.upstreams}
             self._targets_version = snapshot.version
         return self._targets[upstream.name]
+
+    def _own_key(
+        self, snapshot: Snapshot, tenant: TenantView, target: _Target, headers: dict[str, str]
+    ) -> bool:
+        """Put the tenant's own key for ``target`` in ``headers``; whether it had one."""
+        sealed = tenant.upstream_keys.get(target.upstream.name)
+        if sealed is None:
+            return False
+        plain = self._opened.get(sealed)
+        if plain is None:
+            env = snapshot.config.gateway.secrets_key_env
+            try:
+                plain = open_key(sealed, tenant.id, target.upstream.name, env=env)
+            except SealError as exc:
+                # Never the gateway's key in its place: the tenant pays its own upstream.
+                raise GatewayError(
+                    500,
+                    "Your upstream key for this request cannot be used; ask the gateway's "
+                    "operator.",
+                    type="server_error",
+                    code="upstream_key_unusable",
+                    outcome=Outcome.ERROR,
+                ) from exc
+            if len(self._opened) >= _MAX_OPENED:
+                self._opened.clear()
+            self._opened[sealed] = plain
+        if target.api == "anthropic":
+            headers["x-api-key"] = plain
+        else:
+            headers["authorization"] = f"Bearer {plain}"
+        return True
 
     async def forward(self, ctx: RequestContext, receive: Receive, send: Send, path: str) -> None:
         """Try deployments (and fallback models) until one answers or retries run out."""
@@ -177,7 +214,19 @@ class Dispatcher:
                 code="model_unavailable",
                 outcome=Outcome.UPSTREAM_ERROR,
             )
-        chain = board.chain(snapshot, model, ctx.tenant)
+        tenant = ctx.tenant
+        allowed = tenant.allowed_upstreams if tenant is not None else None
+        if allowed is not None and not any(
+            upstream.name in allowed for name in (model,) for upstream in snapshot.routes[name]
+        ):
+            raise GatewayError(
+                503,
+                f"No upstream this key may use serves the model `{model}`.",
+                type="server_error",
+                code="model_unavailable",
+                outcome=Outcome.UPSTREAM_ERROR,
+            )
+        chain = board.chain(snapshot, model, tenant)
         if board.remote:
             await board.refresh_chain(snapshot, chain)
         ctx.extra[RECORDED] = True
@@ -191,14 +240,14 @@ class Dispatcher:
         backed_off = False
         #: The migration rule's target for this request (a canary, or the rule's primary):
         #: tried first when its circuit lets it; on failure the usual deployments follow.
-        first = self._first(snapshot, primary) if primary is not None else None
+        first = self._first(snapshot, primary, allowed) if primary is not None else None
         pick = Pick(None, False, 0.0)
         deployment: Deployment | None
         while True:
             if first is not None:
                 deployment, probe, first = first, False, None
             else:
-                pick = await router.pick(snapshot, chain, tried)
+                pick = await router.pick(snapshot, chain, tried, allowed)
                 deployment, probe = pick.deployment, pick.probe
             if deployment is None:
                 wait = max(pick.wait_s, 0.01)
@@ -244,8 +293,11 @@ class Dispatcher:
         ctx.usage = Usage()
         await self.relay.send_whole(ctx, send, last.status, last.headers, last.data, last.served)
 
-    def _first(self, snapshot: Snapshot, primary: PrimaryCall) -> Deployment | None:
-        """The deployment a migration plan sends this request to first, if its circuit lets it."""
+    def _first(
+        self, snapshot: Snapshot, primary: PrimaryCall, allowed: frozenset[str] | None
+    ) -> Deployment | None:
+        """The deployment a migration plan sends this request to first, if its circuit lets it
+        (and the tenant's policy allows its upstream)."""
         migration = self.migration
         assert migration is not None
         plan = primary.plan
@@ -256,6 +308,8 @@ class Dispatcher:
         else:
             return None
         if found is None or self.board.gate(found.key) != PASS:
+            return None
+        if allowed is not None and (found.upstream is None or found.upstream.name not in allowed):
             return None
         return found
 
@@ -318,6 +372,25 @@ class Dispatcher:
         streaming = view.stream
         wants_usage = call.wants_usage
         url, headers, body = call.url, call.headers, call.body
+        timeouts = target.stream_timeouts if streaming else target.whole_timeouts
+        tenant = ctx.tenant
+        own = False
+        if tenant is not None and (tenant.upstream_keys or tenant.timeout_s is not None):
+            try:
+                own = self._own_key(snapshot, tenant, target, headers)
+            except GatewayError:
+                if probe:
+                    await board.release(key)
+                raise
+            cap = tenant.timeout_s
+            if cap is not None and cap < timeouts.total_s:
+                timeouts = Timeouts(
+                    min(timeouts.connect_s, cap),
+                    min(timeouts.first_byte_s, cap),
+                    min(timeouts.idle_s, cap),
+                    cap,
+                )
+        ctx.own_upstream_key = own
         ctx.upstream = target.upstream.name
         ctx.model_served = served
         inflight = board.inflight
@@ -333,7 +406,7 @@ class Dispatcher:
                     url,
                     headers=headers,
                     body=body,
-                    timeouts=target.stream_timeouts if streaming else target.whole_timeouts,
+                    timeouts=timeouts,
                 )
             except UpstreamUnavailable as exc:
                 outcome = TIMEOUT if isinstance(exc, UpstreamTimeout) else FAILURE

@@ -44,11 +44,16 @@ class Router:
         return self.board.settings.strategy == "least_busy"
 
     async def pick(
-        self, snapshot: Snapshot, chain: tuple[str, ...], tried: set[str] | None
+        self,
+        snapshot: Snapshot,
+        chain: tuple[str, ...],
+        tried: set[str] | None,
+        allowed: frozenset[str] | None = None,
     ) -> Pick:
+        """``allowed``: the only upstreams the tenant's requests may go to (``None``: all)."""
         board = self.board
         gate = board.gate
-        if tried is None:
+        if tried is None and allowed is None:
             # Usual case: every deployment of the requested model is ready.
             deployments = board.deployments(snapshot, chain[0])
             for deployment in deployments:
@@ -63,6 +68,10 @@ class Router:
         for model in chain:
             ready: list[Deployment] = []
             for deployment in board.deployments(snapshot, model):
+                if allowed is not None and (
+                    deployment.upstream is None or deployment.upstream.name not in allowed
+                ):
+                    continue
                 wait = gate(deployment.key)
                 again = tried is not None and deployment.key in tried
                 if wait == PROBE and not again:

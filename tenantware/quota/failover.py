@@ -85,12 +85,14 @@ class FailoverQuotaStore:
             policies=sorted({limit.group + "=" + limit.policy for limit in plan.limits}),
         )
 
-    async def reserve(self, plan: Plan, tokens: int, cost: int, ticket: str) -> Decision:
+    async def reserve(
+        self, plan: Plan, tokens: int, cost: int, ticket: str, *, charge: int | None = None
+    ) -> Decision:
         failover = self.failover
         if failover.available:
             try:
                 with self._deadline():
-                    decision = await self.primary.reserve(plan, tokens, cost, ticket)
+                    decision = await self.primary.reserve(plan, tokens, cost, ticket, charge=charge)
             except STORE_UNAVAILABLE as exc:
                 self._gave_up(plan, ticket)
                 self._failed(exc, "reserve", plan)
@@ -145,6 +147,7 @@ class FailoverQuotaStore:
         *,
         cancel: bool = False,
         local: bool = False,
+        charge_delta: int | None = None,
     ) -> None:
         if local:
             if plan.local is not None:
@@ -161,7 +164,13 @@ class FailoverQuotaStore:
         try:
             with self._deadline():
                 await self.primary.settle(
-                    plan, now_us, ticket, tokens_delta, cost_delta, cancel=cancel
+                    plan,
+                    now_us,
+                    ticket,
+                    tokens_delta,
+                    cost_delta,
+                    cancel=cancel,
+                    charge_delta=charge_delta,
                 )
         except STORE_UNAVAILABLE as exc:
             self._gave_up(plan, ticket)
@@ -189,3 +198,17 @@ class FailoverQuotaStore:
     async def usage(self, plan: Plan) -> list[int]:
         with anyio.fail_after(self.timeout_s):
             return await self.primary.usage(plan)
+
+    # A balance is money: its calls have no fallback; an outage raises ``StoreUnavailable``.
+
+    async def credit(self, tenant_id: str, entry_id: str, amount: int, low_nanousd: int) -> int:
+        with anyio.fail_after(self.timeout_s * 20):
+            return await self.primary.credit(tenant_id, entry_id, amount, low_nanousd)
+
+    async def balance(self, tenant_id: str) -> int | None:
+        with anyio.fail_after(self.timeout_s * 20):
+            return await self.primary.balance(tenant_id)
+
+    async def restore(self, tenant_id: str, balance: int, credited: list[str]) -> bool:
+        with anyio.fail_after(self.timeout_s * 20):
+            return await self.primary.restore(tenant_id, balance, credited)

@@ -11,11 +11,13 @@ import time
 from collections.abc import Callable
 
 from tenantware.quota.plan import (
+    KIND_BALANCE,
     KIND_CONCURRENCY,
     KIND_MONTHLY_SPEND,
     KIND_REQUESTS,
     KIND_TOKENS,
     Plan,
+    balance_key,
     month_index,
 )
 from tenantware.quota.store import Decision
@@ -45,16 +47,28 @@ class MemoryQuotaStore:
         self._leases: dict[str, dict[str, int]] = {}
         #: The lease of each concurrency key (microseconds), for ``renew``.
         self._lease_us: dict[str, int] = {}
+        #: Prepaid balances per key (nano-USD).
+        self._balances: dict[str, int] = {}
+        #: Balance keys warned of a low balance since their last credit.
+        self._warned: set[str] = set()
+        #: Journal entries credited per balance key (a credit applies once).
+        self._credited: dict[str, set[str]] = {}
 
     def _now(self) -> int:
         return int(self.clock() * 1_000_000)
 
-    async def reserve(self, plan: Plan, tokens: int, cost: int, ticket: str) -> Decision:
-        return self.reserve_now(plan, tokens, cost, ticket)
+    async def reserve(
+        self, plan: Plan, tokens: int, cost: int, ticket: str, *, charge: int | None = None
+    ) -> Decision:
+        return self.reserve_now(plan, tokens, cost, ticket, charge=charge)
 
-    def reserve_now(self, plan: Plan, tokens: int, cost: int, ticket: str) -> Decision:
+    def reserve_now(
+        self, plan: Plan, tokens: int, cost: int, ticket: str, *, charge: int | None = None
+    ) -> Decision:
         """``reserve`` without the coroutine (the local fallback limiter calls it)."""
         now = self._now()
+        if charge is None:
+            charge = cost
         limits = plan.limits
         remaining = [0] * len(limits)
         reset = [0] * len(limits)
@@ -88,6 +102,14 @@ class MemoryQuotaStore:
                     reset[i] = _RETRY_CONCURRENCY_US
                 else:
                     remaining[i] = limit.p2 - held - 1
+            elif kind == KIND_BALANCE:
+                balance = self._balances.get(limit.key, 0)
+                if balance <= 0 or balance < charge:
+                    remaining[i] = max(0, balance)
+                    if budget_failed < 0:
+                        budget_failed = i
+                else:
+                    remaining[i] = balance - charge
             else:
                 if kind == KIND_MONTHLY_SPEND:
                     window = month_index(now)
@@ -118,6 +140,12 @@ class MemoryQuotaStore:
             elif kind == KIND_CONCURRENCY:
                 self._leases.setdefault(limit.key, {})[ticket] = now + limit.p1
                 self._lease_us[limit.key] = limit.p1
+            elif kind == KIND_BALANCE:
+                left = self._balances.get(limit.key, 0) - charge
+                self._balances[limit.key] = left
+                if left < limit.p1 and limit.key not in self._warned:
+                    self._warned.add(limit.key)
+                    reset[i] = 1  # this reservation crossed the low-balance threshold
             else:
                 amount = tokens if kind == KIND_TOKENS else cost
                 state = self._windows.get(limit.key)
@@ -137,9 +165,18 @@ class MemoryQuotaStore:
         *,
         cancel: bool = False,
         local: bool = False,
+        charge_delta: int | None = None,
     ) -> None:
         if not local:  # this store has no fallback limiter of its own
-            self.settle_now(plan, now_us, ticket, tokens_delta, cost_delta, cancel=cancel)
+            self.settle_now(
+                plan,
+                now_us,
+                ticket,
+                tokens_delta,
+                cost_delta,
+                cancel=cancel,
+                charge_delta=charge_delta,
+            )
 
     def settle_now(
         self,
@@ -150,8 +187,11 @@ class MemoryQuotaStore:
         cost_delta: int,
         *,
         cancel: bool = False,
+        charge_delta: int | None = None,
     ) -> None:
         """``settle`` without the coroutine."""
+        if charge_delta is None:
+            charge_delta = cost_delta
         for limit in plan.limits:
             kind = limit.kind
             if kind == KIND_REQUESTS:
@@ -161,6 +201,9 @@ class MemoryQuotaStore:
                 leases = self._leases.get(limit.key)
                 if leases is not None:
                     leases.pop(ticket, None)
+            elif kind == KIND_BALANCE:
+                if charge_delta:
+                    self._balances[limit.key] = self._balances.get(limit.key, 0) - charge_delta
             else:
                 delta = tokens_delta if kind == KIND_TOKENS else cost_delta
                 if not delta:
@@ -200,8 +243,32 @@ class MemoryQuotaStore:
             elif kind == KIND_CONCURRENCY:
                 leases = self._leases.get(limit.key, {})
                 out.append(sum(1 for exp in leases.values() if exp > now))
+            elif kind == KIND_BALANCE:
+                out.append(self._balances.get(limit.key, 0))
             else:
                 window = month_index(now) if kind == KIND_MONTHLY_SPEND else now // limit.p1
                 state = self._windows.get(limit.key)
                 out.append(state[1] if state is not None and state[0] == window else 0)
         return out
+
+    async def credit(self, tenant_id: str, entry_id: str, amount: int, low_nanousd: int) -> int:
+        key = balance_key(self.prefix, tenant_id)
+        credited = self._credited.setdefault(key, set())
+        if entry_id not in credited:
+            credited.add(entry_id)
+            self._balances[key] = self._balances.get(key, 0) + amount
+        balance = self._balances.get(key, 0)
+        if balance >= low_nanousd:
+            self._warned.discard(key)
+        return balance
+
+    async def balance(self, tenant_id: str) -> int | None:
+        return self._balances.get(balance_key(self.prefix, tenant_id))
+
+    async def restore(self, tenant_id: str, balance: int, credited: list[str]) -> bool:
+        key = balance_key(self.prefix, tenant_id)
+        if key in self._balances:
+            return False
+        self._balances[key] = balance
+        self._credited[key] = set(credited)
+        return True

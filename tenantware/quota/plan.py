@@ -24,6 +24,7 @@ from tenantware.metering.pricing import usd_to_nanousd
 __all__ = [
     "DAY_US",
     "GLOBAL_TAG",
+    "KIND_BALANCE",
     "KIND_CONCURRENCY",
     "KIND_MONTHLY_SPEND",
     "KIND_REQUESTS",
@@ -31,6 +32,8 @@ __all__ = [
     "KIND_TOKENS",
     "Limit",
     "Plan",
+    "balance_key",
+    "balance_limit",
     "build_plan",
     "is_global",
     "month_index",
@@ -51,6 +54,10 @@ KIND_SPEND: Final = "c"
 KIND_MONTHLY_SPEND: Final = "m"
 #: Concurrent requests: p1 = lease, p2 = limit.
 KIND_CONCURRENCY: Final = "n"
+#: A prepaid balance (never expires, credited by top-ups): p1 = low-balance threshold in
+#: nano-USD (0: none), p2 unused. A reservation needs a positive balance that covers the
+#: request's estimated charge; the settle corrects it to the actual charge.
+KIND_BALANCE: Final = "b"
 
 _GROUP = {
     KIND_REQUESTS: "requests",
@@ -58,6 +65,7 @@ _GROUP = {
     KIND_SPEND: "budget",
     KIND_MONTHLY_SPEND: "budget",
     KIND_CONCURRENCY: "concurrency",
+    KIND_BALANCE: "balance",
 }
 _WINDOWS = (("second", 1), ("minute", 60), ("hour", 3600), ("day", 86_400))
 _SHORT = {"second": "s", "minute": "m", "hour": "h", "day": "d"}
@@ -101,6 +109,7 @@ class Plan:
 
     __slots__ = (
         "args",
+        "balance_index",
         "closed",
         "counts_usage",
         "header_groups",
@@ -140,6 +149,10 @@ class Plan:
         self.counts_usage = any(
             limit.kind not in (KIND_REQUESTS, KIND_CONCURRENCY) for limit in limits
         )
+        #: Index of the prepaid balance among the limits (-1: none).
+        self.balance_index = next(
+            (i for i, limit in enumerate(limits) if limit.kind == KIND_BALANCE), -1
+        )
         #: ``(header suffix, indexes of its limits)`` for the ``x-ratelimit-*`` headers; a
         #: concurrency limit is a requests limit there, so its refusals carry them too.
         self.header_groups = tuple(
@@ -153,6 +166,18 @@ class Plan:
 
     def __repr__(self) -> str:
         return f"Plan({list(self.limits)!r})"
+
+
+def balance_key(prefix: str, tenant_id: str) -> str:
+    """The key of a tenant's prepaid balance (in the tenant's hash tag, like its limits)."""
+    return tenant_key(prefix, tenant_id, "balance")
+
+
+def balance_limit(prefix: str, tenant_id: str, low_nanousd: int) -> Limit:
+    """The prepaid balance as a limit; a store outage always refuses it (``closed``): an
+    unchecked request would be served unpaid."""
+    key = balance_key(prefix, tenant_id)
+    return Limit(KIND_BALANCE, key, "prepaid balance", 0, low_nanousd, 0, "closed")
 
 
 def is_global(limit: Limit) -> bool:
@@ -269,6 +294,7 @@ def build_plan(
     prefix: str,
     *,
     merge: bool = False,
+    balance_low: int | None = None,
 ) -> tuple[Plan | None, Plan | None]:
     """``(tenant plan, global plan)`` for a request; ``None`` where nothing is limited.
 
@@ -276,7 +302,9 @@ def build_plan(
     one atomic decision); the global plan is its own scope (another slot on a cluster).
     ``merge`` (a store that reaches every key from one script: memory, one Redis server) puts
     the global limits into the tenant plan, so one decision grants both scopes or neither and
-    a request costs one store call instead of two.
+    a request costs one store call instead of two. ``balance_low`` (a prepaid tenant's
+    low-balance threshold, nano-USD) adds its balance to the tenant plan: it is reserved in
+    the same atomic step as every other limit.
     """
     quota = config.quota
     replicas = config.gateway.replicas
@@ -288,6 +316,8 @@ def build_plan(
             per_model = override.merged_over(per_model) if per_model is not None else override
         if per_model is not None:
             found += _limits_of(per_model, tenant_id, prefix, ("model", model), config)
+    if balance_low is not None:
+        found.append(balance_limit(prefix, tenant_id, balance_low))
     global_limits = _limits_of(quota.global_limits, GLOBAL_TAG, prefix, (), config)
     if merge and found and global_limits:
         merged = Plan(found + global_limits, replicas=replicas, tenant_limits=len(found))

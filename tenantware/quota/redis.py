@@ -26,7 +26,7 @@ from tenantware.backends.errors import STORE_UNAVAILABLE
 from tenantware.backends.multiplex import RedisTimeoutError
 from tenantware.backends.redis_clock import RedisClock, budget_of
 from tenantware.backends.redis_support import ScriptHost, register_script, single_node
-from tenantware.quota.plan import KIND_CONCURRENCY, Plan
+from tenantware.quota.plan import KIND_CONCURRENCY, Plan, balance_key
 from tenantware.quota.store import Decision
 
 __all__ = ["RedisQuotaStore", "lua_source"]
@@ -45,6 +45,9 @@ _USAGE = lua_source("usage")
 _RENEW = lua_source("renew")
 #: Slots renewed per script call: bounds how long one renewal holds Redis.
 _RENEW_BATCH = 1000
+_CREDIT = lua_source("credit")
+_RESTORE = lua_source("restore")
+_BALANCE = lua_source("balance")
 
 
 class RedisQuotaStore:
@@ -71,6 +74,9 @@ class RedisQuotaStore:
         self._renew: Any = register_script(client, _RENEW)
         #: ``(plan, ticket)`` of every granted reservation that holds a slot, until settled.
         self._held: set[tuple[Plan, str]] = set()
+        self._credit: Any = register_script(client, _CREDIT)
+        self._restore: Any = register_script(client, _RESTORE)
+        self._balance: Any = register_script(client, _BALANCE)
         #: Redis time as last seen (µs), for the deadline of each reservation.
         self.redis_clock = RedisClock(1_000_000)
         self.budget_s = budget_of(client)
@@ -78,11 +84,22 @@ class RedisQuotaStore:
     def _now(self) -> int:
         return -1 if self.clock is None else int(self.clock() * 1_000_000)
 
-    async def reserve(self, plan: Plan, tokens: int, cost: int, ticket: str) -> Decision:
+    async def reserve(
+        self, plan: Plan, tokens: int, cost: int, ticket: str, *, charge: int | None = None
+    ) -> Decision:
         now = self._now()
         deadline = self.redis_clock.deadline(self.budget_s) if now < 0 else 0
         reply = await self._reserve(
-            keys=plan.keys, args=(now, tokens, cost, ticket, *plan.args, deadline)
+            keys=plan.keys,
+            args=(
+                now,
+                tokens,
+                cost,
+                ticket,
+                *plan.args,
+                deadline,
+                cost if charge is None else charge,
+            ),
         )
         if reply[0] == -1:
             raise RedisTimeoutError("Redis ran the reservation after its deadline")
@@ -110,14 +127,24 @@ class RedisQuotaStore:
         *,
         cancel: bool = False,
         local: bool = False,
+        charge_delta: int | None = None,
     ) -> None:
         if local:
             return  # granted by a fallback limiter, not by this store
         if plan.holds_slots:
             self._held.discard((plan, ticket))
+        balance_delta = -(cost_delta if charge_delta is None else charge_delta)
         await self._settle(
             keys=plan.keys,
-            args=(now_us, tokens_delta, cost_delta, ticket, 1 if cancel else 0, *plan.args),
+            args=(
+                now_us,
+                tokens_delta,
+                cost_delta,
+                ticket,
+                1 if cancel else 0,
+                *plan.args,
+                balance_delta,
+            ),
         )
 
     async def usage(self, plan: Plan) -> list[int]:
@@ -167,3 +194,21 @@ class RedisQuotaStore:
         if failure:
             raise failure[0]
         return renewed
+
+    def _balance_keys(self, tenant_id: str) -> tuple[str, str]:
+        key = balance_key(self.prefix, tenant_id)
+        return key, key + ":credited"
+
+    async def credit(self, tenant_id: str, entry_id: str, amount: int, low_nanousd: int) -> int:
+        reply = await self._credit(
+            keys=self._balance_keys(tenant_id), args=(entry_id, amount, low_nanousd)
+        )
+        return int(reply)
+
+    async def balance(self, tenant_id: str) -> int | None:
+        held, value = await self._balance(keys=self._balance_keys(tenant_id)[:1], args=())
+        return int(value) if int(held) else None
+
+    async def restore(self, tenant_id: str, balance: int, credited: list[str]) -> bool:
+        reply = await self._restore(keys=self._balance_keys(tenant_id), args=(balance, *credited))
+        return int(reply) == 1

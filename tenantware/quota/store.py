@@ -27,6 +27,9 @@ class Decision:
     ``retry_after_us`` how long until every refusing rate limit would grant (exact), and
     ``remaining``/``reset_us`` per limit feed the ``x-ratelimit-*`` headers. ``now_us`` is the
     store's time of the reservation: settling uses it to find the window that was charged.
+    For a prepaid balance, ``remaining`` is the balance left after the reservation and
+    ``reset_us`` is 1 when this reservation took it below its low-balance threshold for the
+    first time since its last credit (the one request that logs the crossing).
     """
 
     __slots__ = ("allowed", "failed", "now_us", "remaining", "reset_us", "retry_after_us", "source")
@@ -75,8 +78,13 @@ class QuotaStore(Protocol):
     #: yields spares the request a cancel scope.
     yields: bool
 
-    async def reserve(self, plan: Plan, tokens: int, cost: int, ticket: str) -> Decision:
-        """Grant every limit of ``plan`` for one request of ``tokens`` and ``cost``, or none."""
+    async def reserve(
+        self, plan: Plan, tokens: int, cost: int, ticket: str, *, charge: int | None = None
+    ) -> Decision:
+        """Grant every limit of ``plan`` for one request of ``tokens`` and ``cost``, or none.
+
+        ``charge`` is what a prepaid balance pays (``cost`` with the tenant's markup; default
+        ``cost``)."""
         ...
 
     async def settle(
@@ -89,12 +97,14 @@ class QuotaStore(Protocol):
         *,
         cancel: bool = False,
         local: bool = False,
+        charge_delta: int | None = None,
     ) -> None:
         """Correct the reservation made at ``now_us`` by the deltas and free its slot.
 
         ``cancel`` also gives back the request itself (used when another scope refused);
         ``local``: the reservation was granted by the failure policy's local limiter
         (``Decision.source == "local"``), not by this store's shared state.
+        ``charge_delta`` corrects a prepaid balance (default ``cost_delta``).
         """
         ...
 
@@ -110,5 +120,22 @@ class QuotaStore(Protocol):
         ...
 
     async def usage(self, plan: Plan) -> list[int]:
-        """Per limit, what is used now: requests' worth of GCRA debt, tokens, nano-USD, slots."""
+        """Per limit, what is used now: requests' worth of GCRA debt, tokens, nano-USD, slots
+        (for a prepaid balance: the balance)."""
+        ...
+
+    async def credit(self, tenant_id: str, entry_id: str, amount: int, low_nanousd: int) -> int:
+        """Add ``amount`` to a tenant's prepaid balance once per journal ``entry_id`` (a
+        credit retried from any replica applies once); the balance after. A balance back at
+        ``low_nanousd`` or above may warn again when it next falls below."""
+        ...
+
+    async def balance(self, tenant_id: str) -> int | None:
+        """A tenant's prepaid balance in nano-USD (``None``: never credited nor restored).
+        Reservations in flight are already taken out of it."""
+        ...
+
+    async def restore(self, tenant_id: str, balance: int, credited: list[str]) -> bool:
+        """Set a balance that the store does not hold (a new process, a flushed Redis) from
+        the journal: its sum and the credit entries it contains; ``False`` if one is held."""
         ...

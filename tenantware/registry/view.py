@@ -11,7 +11,7 @@ from typing import Protocol
 
 import msgspec
 
-from tenantware.config import GatewayConfig, Limits, Priority
+from tenantware.config import GatewayConfig, Limits, Priority, TenantData
 
 __all__ = ["KeyEntry", "MemoryTenantRegistry", "TenantRegistry", "TenantView"]
 
@@ -30,9 +30,41 @@ class TenantView(msgspec.Struct, frozen=True, kw_only=True):
     cost_center: str
     domains: frozenset[str]
     max_queue_wait_s: float
+    #: What may be kept of its prompts and answers.
+    data: TenantData = msgspec.field(default_factory=TenantData)
+    #: Models whose answers are cached (``"*"`` in it: all); ``None``: caching is off, the
+    #: one attribute the cache layer reads for a tenant that did not opt in.
+    cache_models: frozenset[str] | None = None
+
+    def caches(self, model: str) -> bool:
+        """Whether answers of ``model`` are cached for this tenant."""
+        models = self.cache_models
+        return models is not None and (model in models or "*" in models)
+
+    #: Requests are paid from a prepaid balance (``Tenant.billing``).
+    prepaid: bool = False
+    #: Below this balance (nano-USD) the tenant is warned; 0: never.
+    low_balance_nanousd: int = 0
+    #: Feature flags: its tier's, overridden by its own (``RequestContext.flag``).
+    flags: dict[str, bool] = msgspec.field(default_factory=dict)
+    #: Its own model aliases (resolved before the gateway's).
+    aliases: dict[str, str] = msgspec.field(default_factory=dict)
+    #: Upstreams its requests may go to; ``None``: every upstream.
+    allowed_upstreams: frozenset[str] | None = None
+    #: Its fallback chains, per model (replace the gateway's for that model).
+    fallbacks: dict[str, tuple[str, ...]] = msgspec.field(default_factory=dict)
+    #: Upper bound of one upstream call, seconds (``None``: the upstream's own).
+    timeout_s: float | None = None
+    #: Its own upstream keys, sealed: upstream name -> sealed value.
+    upstream_keys: dict[str, str] = msgspec.field(default_factory=dict)
 
     def may_use(self, model: str) -> bool:
         return self.allowed_models is None or model in self.allowed_models
+
+
+def _canonical(config: GatewayConfig, name: str) -> str:
+    """A model name with the gateway's aliases resolved."""
+    return config.aliases.get(name, name)
 
 
 class KeyEntry(msgspec.Struct, frozen=True):
@@ -67,6 +99,7 @@ class MemoryTenantRegistry:
             if tenant.disabled:
                 continue
             tier = tiers[tenant.tier]
+            policy = tenant.policy
             allowed = (
                 None
                 if not tenant.allowed_models or "*" in tenant.allowed_models
@@ -83,6 +116,28 @@ class MemoryTenantRegistry:
                 cost_center=tenant.cost_center or tenant.id,
                 domains=frozenset(d.lower() for d in tenant.domains),
                 max_queue_wait_s=tier.max_queue_wait_s,
+                data=tenant.data,
+                cache_models=frozenset(
+                    config.aliases.get(model, model) for model in tenant.data.cache_models
+                )
+                or None,
+                prepaid=tenant.billing == "prepaid",
+                # usd_to_nanousd's rule (whole nano-dollars, never rounded up); the context
+                # layer may not import metering.
+                low_balance_nanousd=int(tenant.low_balance_usd * 1_000_000_000)
+                if tenant.low_balance_usd is not None
+                else 0,
+                flags={**tier.flags, **policy.flags},
+                aliases=dict(policy.aliases),
+                allowed_upstreams=frozenset(policy.allowed_upstreams)
+                if policy.allowed_upstreams
+                else None,
+                fallbacks={
+                    model: tuple(_canonical(config, name) for name in chain)
+                    for model, chain in policy.fallbacks.items()
+                },
+                timeout_s=policy.timeout_s,
+                upstream_keys={key.upstream: key.sealed for key in policy.upstream_keys},
             )
             self._by_id[tenant.id] = view
             for key in tenant.keys:

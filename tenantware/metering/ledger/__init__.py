@@ -8,6 +8,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from tenantware.metering.ledger.auditlog import AuditFilter, AuditLog
 from tenantware.metering.ledger.base import Ledger, LedgerRejected, LedgerUnavailable, MemoryLedger
 from tenantware.metering.ledger.deadletter import DeadLetter, DeadLetterFile, dead_letter_path
+from tenantware.metering.ledger.journal import BalanceJournal, JournalEntry, RedemptionCode
 from tenantware.metering.ledger.record import COLUMNS, UsageRecord, decode_record, encode_record
 from tenantware.metering.ledger.spill import SpillFile
 from tenantware.metering.ledger.sqlite import SqliteLedger
@@ -19,14 +20,17 @@ __all__ = [
     "DEFAULT_LEDGER_URL",
     "AuditFilter",
     "AuditLog",
+    "BalanceJournal",
     "DeadLetter",
     "DeadLetterFile",
+    "JournalEntry",
     "Ledger",
     "LedgerHealth",
     "LedgerRejected",
     "LedgerUnavailable",
     "LedgerWriter",
     "MemoryLedger",
+    "RedemptionCode",
     "RedisStreamPublisher",
     "SpillFile",
     "SqliteLedger",

@@ -12,7 +12,14 @@ from typing import Protocol, runtime_checkable
 
 from tenantware.audit import AuditEntry
 from tenantware.metering.ledger.auditlog import AuditFilter
+from tenantware.metering.ledger.journal import (
+    CREDIT_KINDS,
+    JournalEntry,
+    RedemptionCode,
+    debit_entries,
+)
 from tenantware.metering.ledger.record import UsageRecord
+from tenantware.metering.ledger.tally import ReportQuery, Tally, tally_records
 
 __all__ = ["Ledger", "LedgerRejected", "LedgerUnavailable", "MemoryLedger"]
 
@@ -45,6 +52,11 @@ class Ledger(Protocol):
         """Records of ``tenant`` (every tenant when ``None``) with ``since <= ts < until``."""
         ...
 
+    async def tally(self, query: ReportQuery) -> list[Tally]:
+        """The report's figures per (tenant, period, group), computed by the ledger (in SQL
+        for the SQL ledgers), equal to ``tally_records`` over the same records."""
+        ...
+
     async def aclose(self) -> None:
         """Release connections."""
 
@@ -56,6 +68,9 @@ class MemoryLedger:
         self.records: dict[str, UsageRecord] = {}
         self.audit: dict[str, AuditEntry] = {}
         self.writes = 0
+        #: The balance journal by reference, in order of writing.
+        self.journal: dict[str, JournalEntry] = {}
+        self.codes: dict[str, RedemptionCode] = {}
 
     async def open(self) -> None:
         return None
@@ -64,6 +79,37 @@ class MemoryLedger:
         self.writes += 1
         for record in records:
             self.records.setdefault(record.record_id, record)
+        for entry in debit_entries(records):
+            self.journal.setdefault(entry.reference, entry)
+
+    async def append(self, entry: JournalEntry) -> JournalEntry:
+        return self.journal.setdefault(entry.reference, entry)
+
+    async def entries(self, tenant_id: str, *, limit: int = 100) -> list[JournalEntry]:
+        found = [e for e in self.journal.values() if e.tenant_id == tenant_id]
+        return found[::-1][:limit]
+
+    async def totals(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for entry in self.journal.values():
+            out[entry.tenant_id] = out.get(entry.tenant_id, 0) + entry.amount_nanousd
+        return out
+
+    async def credit_ids(self, tenant_id: str) -> list[str]:
+        return [
+            e.id
+            for e in self.journal.values()
+            if e.tenant_id == tenant_id and e.kind in CREDIT_KINDS
+        ]
+
+    async def add_codes(self, codes: Sequence[RedemptionCode]) -> None:
+        if any(c.code_hash in self.codes for c in codes):
+            raise LedgerRejected("a redemption code exists already")
+        for code in codes:
+            self.codes[code.code_hash] = code
+
+    async def code(self, code_hash: str) -> RedemptionCode | None:
+        return self.codes.get(code_hash)
 
     async def query(
         self, *, tenant: str | None = None, since: float = 0.0, until: float | None = None
@@ -77,6 +123,9 @@ class MemoryLedger:
             ),
             key=lambda r: r.ts,
         )
+
+    async def tally(self, query: ReportQuery) -> list[Tally]:
+        return tally_records(self.records.values(), query)
 
     async def write_audit(self, entry: AuditEntry) -> None:
         self.audit.setdefault(entry.id, entry)

@@ -25,7 +25,31 @@ from tenantware.metering.ledger.auditlog import (
     entry_from_row,
 )
 from tenantware.metering.ledger.base import LedgerRejected, LedgerUnavailable
+from tenantware.metering.ledger.journal import (
+    CODE_COLUMNS,
+    CREDIT_KINDS,
+    JOURNAL_COLUMNS,
+    JournalEntry,
+    RedemptionCode,
+    code_from_row,
+    code_row,
+    debit_entries,
+    entry_row,
+)
+from tenantware.metering.ledger.journal import entry_from_row as journal_entry
 from tenantware.metering.ledger.record import COLUMNS, UsageRecord
+from tenantware.metering.ledger.rls import bind_tenant, create_function, protect
+from tenantware.metering.ledger.tally import (
+    PERIOD_SECONDS,
+    SQL_REPORTED,
+    SQL_SUMS,
+    SQL_TIMED,
+    ReportQuery,
+    Tally,
+    sorted_tallies,
+    sql_group,
+    tally_from_row,
+)
 
 __all__ = ["PostgresLedger"]
 
@@ -47,13 +71,18 @@ _TYPES: Final = {
     "stream": "boolean",
     "estimated": "boolean",
     "usage_invalid": "boolean",
+    "balance_debit_nanousd": "bigint",
+    "own_upstream_key": "boolean",
 }
 _NULLABLE: Final = frozenset({"upstream_latency_s", "ttft_s"})
 #: Columns a later migration adds (the first one creates the table without them).
-_ADDED_LATER: Final = frozenset({"usage_invalid"})
+_ADDED_LATER: Final = frozenset({"usage_invalid", "balance_debit_nanousd", "own_upstream_key"})
 #: Errors caused by the records themselves (out of range, NUL in text, a constraint):
 #: writing them again cannot succeed.
 _REFUSED: Final = (psycopg.DataError, psycopg.IntegrityError, OverflowError, ValueError, TypeError)
+
+#: The migration that puts the tables under row-level security (marked by identity).
+_PROTECT_TABLES: Final = ("SELECT 'tenantware: row-level security'",)
 
 #: Each migration is a list of statements; ``{t}`` is the qualified table name.
 _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
@@ -81,7 +110,65 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX IF NOT EXISTS audit_log_at ON {a} (at)",
         "CREATE INDEX IF NOT EXISTS audit_log_tenant_at ON {a} (tenant, at)",
     ),
+    (
+        "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS balance_debit_nanousd bigint NOT NULL DEFAULT 0",
+        "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS own_upstream_key boolean NOT NULL DEFAULT false",
+        "CREATE TABLE IF NOT EXISTS {j} ("
+        "id text PRIMARY KEY, tenant_id text NOT NULL, at double precision NOT NULL, "
+        "kind text NOT NULL, amount_nanousd bigint NOT NULL, reference text NOT NULL UNIQUE, "
+        "fingerprint text NOT NULL, actor text NOT NULL, note text NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS balance_journal_tenant_at ON {j} (tenant_id, at)",
+        "CREATE OR REPLACE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE EXCEPTION 'the balance journal is append-only'; END $$",
+        "CREATE TRIGGER balance_journal_append_only BEFORE UPDATE OR DELETE ON {j} "
+        "FOR EACH ROW EXECUTE FUNCTION {f}()",
+        "CREATE TABLE IF NOT EXISTS {c} ("
+        "code_hash text PRIMARY KEY, batch_id text NOT NULL, amount_nanousd bigint NOT NULL, "
+        "created_at double precision NOT NULL, created_by text NOT NULL, tenant_id text, "
+        "expires_at double precision)",
+    ),
+    # Row-level security (``rls``) on the tables above: run by ``_migrate`` (it is code).
+    # Redemption codes stay outside it: a code any tenant may redeem has no tenant.
+    _PROTECT_TABLES,
 )
+
+
+_SECOND: Final = "floor(ts)::bigint"
+#: Memory one report query may sort in (per sort, per worker).
+_REPORT_WORK_MEM: Final = "64MB"
+
+
+def _bucket(query: ReportQuery) -> str:
+    width = PERIOD_SECONDS.get(query.period)
+    if width is not None:
+        return f"({_SECOND} / {width} * {width})"
+    if query.period == "all":
+        return "0::bigint"
+    return (
+        "extract(epoch FROM date_trunc('month', "
+        f"to_timestamp({_SECOND}) AT TIME ZONE 'UTC'))::bigint"
+    )
+
+
+def _tally_statement(query: ReportQuery) -> str:
+    """One grouped scan; ``percentile_disc`` is the nearest-rank percentile (both at once)."""
+    percentiles = "ARRAY[0.5, 0.99]::double precision[]"
+    return f"""
+    SELECT tenant COLLATE "C", {_bucket(query)} AS bucket, {sql_group(query.by)} COLLATE "C" AS grp,
+           {SQL_SUMS},
+           max(queue_wait_s),
+           percentile_disc({percentiles}) WITHIN GROUP (ORDER BY latency_s)
+               FILTER (WHERE {SQL_TIMED}),
+           percentile_disc({percentiles}) WITHIN GROUP (ORDER BY ttft_s)
+               FILTER (WHERE {SQL_TIMED} AND ttft_s IS NOT NULL)
+    FROM {{t}} WHERE ts >= %s AND ts < %s AND {SQL_REPORTED} {{tenant}}
+    GROUP BY 1, 2, 3
+    """
+
+
+def _flatten(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    latency, ttft = row[-2] or (None, None), row[-1] or (None, None)
+    return (*row[:-2], *latency, *ttft)
 
 
 class PostgresLedger:
@@ -101,8 +188,32 @@ class PostgresLedger:
         self.timeout_s = timeout_s
         self._schema = schema
         self._table = sql.Identifier(schema, table)
+        self._table_name = table
         self._audit = sql.Identifier(schema, "audit_log")
         self._versions = sql.Identifier(schema, "tenantware_schema")
+        self._journal = sql.Identifier(schema, "balance_journal")
+        self._codes = sql.Identifier(schema, "redemption_codes")
+        self._append_only = sql.Identifier(schema, "balance_journal_append_only")
+        journal_columns = sql.SQL(", ").join(sql.Identifier(n) for n in JOURNAL_COLUMNS)
+        self._insert_journal = sql.SQL(
+            "INSERT INTO {t} ({c}) VALUES ({v}) ON CONFLICT DO NOTHING"
+        ).format(
+            t=self._journal,
+            c=journal_columns,
+            v=sql.SQL(", ").join(sql.Placeholder() for _ in JOURNAL_COLUMNS),
+        )
+        self._select_journal = sql.SQL("SELECT {c} FROM {t}").format(
+            c=journal_columns, t=self._journal
+        )
+        code_columns = sql.SQL(", ").join(sql.Identifier(n) for n in CODE_COLUMNS)
+        self._insert_code = sql.SQL("INSERT INTO {t} ({c}) VALUES ({v})").format(
+            t=self._codes,
+            c=code_columns,
+            v=sql.SQL(", ").join(sql.Placeholder() for _ in CODE_COLUMNS),
+        )
+        self._select_code = sql.SQL("SELECT {c} FROM {t} WHERE code_hash = %s").format(
+            c=code_columns, t=self._codes
+        )
         self._pool_options: dict[str, Any] = {
             "min_size": min_size,
             "max_size": max_size,
@@ -159,6 +270,8 @@ class PostgresLedger:
             raise LedgerUnavailable(f"postgresql: {exc}") from exc
 
     def _migrate(self, conn: psycopg.Connection[Any]) -> None:
+        if self._up_to_date(conn):
+            return  # nothing to do: the gateway's role (no DDL rights) gets on at once
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
             conn.execute(
@@ -174,21 +287,127 @@ class PostgresLedger:
             version = int(found[0]) if found and found[0] is not None else 0
             for number in range(version, len(_MIGRATIONS)):
                 for statement in _MIGRATIONS[number]:
-                    conn.execute(sql.SQL(statement).format(t=self._table, a=self._audit))
+                    conn.execute(
+                        sql.SQL(statement).format(
+                            t=self._table,
+                            a=self._audit,
+                            j=self._journal,
+                            c=self._codes,
+                            f=self._append_only,
+                        )
+                    )
+                if _MIGRATIONS[number] is _PROTECT_TABLES:
+                    create_function(conn, self._schema)
+                    protect(conn, self._schema, self._table_name)
+                    protect(conn, self._schema, "audit_log")
+                    protect(conn, self._schema, "balance_journal", "tenant_id")
                 conn.execute(
                     sql.SQL("INSERT INTO {} (version) VALUES (%s)").format(self._versions),
                     (number + 1,),
                 )
 
+    def _up_to_date(self, conn: psycopg.Connection[Any]) -> bool:
+        found = conn.execute(
+            "SELECT to_regclass(%s) IS NOT NULL", (self._versions.as_string(conn),)
+        ).fetchone()
+        if not found or not found[0]:
+            return False
+        row = conn.execute(sql.SQL("SELECT max(version) FROM {}").format(self._versions))
+        version = row.fetchone()
+        return bool(version and version[0] is not None and version[0] >= len(_MIGRATIONS))
+
     async def write(self, records: Sequence[UsageRecord]) -> None:
         if not records:
             return
-        arrays = [[getattr(r, name) for r in records] for name in COLUMNS]
-        await anyio.to_thread.run_sync(self._write, arrays)
+        by_tenant: dict[str, list[UsageRecord]] = {}
+        for record in records:
+            by_tenant.setdefault(record.tenant, []).append(record)
+        groups = [
+            (
+                tenant,
+                [[getattr(r, name) for r in group] for name in COLUMNS],
+                [entry_row(e) for e in debit_entries(group)],
+            )
+            for tenant, group in by_tenant.items()
+        ]
+        await anyio.to_thread.run_sync(self._write, groups)
 
-    def _write(self, arrays: list[list[Any]]) -> None:
+    def _write(self, groups: list[tuple[str, list[list[Any]], list[tuple[Any, ...]]]]) -> None:
+        # One transaction; each tenant's rows (usage and balance debits) under its own binding
+        # (row-level security accepts a row only for the bound tenant).
         self._ensure()
-        self._run(lambda conn: conn.execute(self._insert, arrays))
+
+        def work(conn: psycopg.Connection[Any]) -> None:
+            with conn.transaction():
+                for tenant, arrays, debits in groups:
+                    bind_tenant(conn, tenant)
+                    conn.execute(self._insert, arrays)
+                    if debits:
+                        with conn.cursor() as cursor:
+                            cursor.executemany(self._insert_journal, debits)
+
+        self._run(work)
+
+    # -- the balance journal -----------------------------------------------------------
+
+    async def append(self, entry: JournalEntry) -> JournalEntry:
+        return await anyio.to_thread.run_sync(self._append, entry)
+
+    def _append(self, entry: JournalEntry) -> JournalEntry:
+        self._ensure()
+        query = self._select_journal + sql.SQL(" WHERE reference = %s")
+
+        def work(conn: psycopg.Connection[Any]) -> Any:
+            with conn.transaction():
+                bind_tenant(conn, entry.tenant_id)
+                conn.execute(self._insert_journal, entry_row(entry))
+                return conn.execute(query, (entry.reference,)).fetchone()
+
+        return journal_entry(self._run(work))
+
+    async def entries(self, tenant_id: str, *, limit: int = 100) -> list[JournalEntry]:
+        query = self._select_journal + sql.SQL(
+            " WHERE tenant_id = %s ORDER BY at DESC, id DESC LIMIT %s"
+        )
+        rows = await anyio.to_thread.run_sync(self._fetch, query, (tenant_id, limit))
+        return [journal_entry(row) for row in rows]
+
+    async def totals(self) -> dict[str, int]:
+        query = sql.SQL("SELECT tenant_id, SUM(amount_nanousd) FROM {} GROUP BY tenant_id").format(
+            self._journal
+        )
+        rows = await anyio.to_thread.run_sync(self._fetch, query, ())
+        return {str(row[0]): int(row[1]) for row in rows}
+
+    async def credit_ids(self, tenant_id: str) -> list[str]:
+        query = sql.SQL("SELECT id FROM {} WHERE tenant_id = %s AND kind = ANY(%s)").format(
+            self._journal
+        )
+        args = (tenant_id, sorted(CREDIT_KINDS))
+        rows = await anyio.to_thread.run_sync(self._fetch, query, args)
+        return [str(row[0]) for row in rows]
+
+    async def add_codes(self, codes: Sequence[RedemptionCode]) -> None:
+        rows = [code_row(c) for c in codes]
+        await anyio.to_thread.run_sync(self._add_codes, rows)
+
+    def _add_codes(self, rows: list[tuple[Any, ...]]) -> None:
+        self._ensure()
+
+        def work(conn: psycopg.Connection[Any]) -> None:
+            with conn.transaction(), conn.cursor() as cursor:
+                cursor.executemany(self._insert_code, rows)
+
+        self._run(work)
+
+    async def code(self, code_hash: str) -> RedemptionCode | None:
+        rows = await anyio.to_thread.run_sync(self._fetch, self._select_code, (code_hash,))
+        return code_from_row(rows[0]) if rows else None
+
+    def _fetch(self, query: sql.Composable, args: Sequence[Any]) -> list[tuple[Any, ...]]:
+        self._ensure()
+        rows: list[tuple[Any, ...]] = self._run(lambda conn: conn.execute(query, args).fetchall())
+        return rows
 
     async def query(
         self, *, tenant: str | None = None, since: float = 0.0, until: float | None = None
@@ -206,8 +425,34 @@ class PostgresLedger:
             query += sql.SQL(" AND tenant = %s")
             args.append(tenant)
         query += sql.SQL(" ORDER BY ts")
-        rows = self._run(lambda conn: conn.execute(query, args).fetchall())
+        rows = self._run(lambda conn: _bound_fetch(conn, tenant, query, args))
         return [UsageRecord(**dict(zip(COLUMNS, row, strict=True))) for row in rows]
+
+    async def tally(self, query: ReportQuery) -> list[Tally]:
+        """The report's figures, aggregated by PostgreSQL (see ``tally``)."""
+        return await anyio.to_thread.run_sync(self._tally, query)
+
+    def _tally(self, query: ReportQuery) -> list[Tally]:
+        self._ensure()
+        statement = sql.SQL(_tally_statement(query)).format(
+            t=self._table,
+            tenant=sql.SQL("AND tenant = %s" if query.tenant is not None else ""),
+        )
+        until = float("inf") if query.until is None else query.until
+        args: list[Any] = [query.since, until]
+        if query.tenant is not None:
+            args.append(query.tenant)
+        rows = self._run(self._aggregate, statement, args)
+        return sorted_tallies(tally_from_row(_flatten(tuple(row))) for row in rows)
+
+    @staticmethod
+    def _aggregate(conn: psycopg.Connection[Any], statement: sql.Composed, args: list[Any]) -> Any:
+        # The percentiles sort every record of a group: in memory rather than in temporary
+        # files, and without JIT compilation (it costs more than it saves here).
+        with conn.transaction():
+            conn.execute(f"SET LOCAL work_mem = '{_REPORT_WORK_MEM}'")
+            conn.execute("SET LOCAL jit = off")
+            return conn.execute(statement, args).fetchall()
 
     async def write_audit(self, entry: AuditEntry) -> None:
         row = audit_row(entry)
@@ -215,7 +460,14 @@ class PostgresLedger:
 
     def _write_audit(self, row: tuple[Any, ...]) -> None:
         self._ensure()
-        self._run(lambda conn: conn.execute(self._insert_audit, row))
+        tenant = row[AUDIT_COLUMNS.index("tenant")]
+
+        def work(conn: psycopg.Connection[Any]) -> None:
+            with conn.transaction():
+                bind_tenant(conn, tenant)
+                conn.execute(self._insert_audit, row)
+
+        self._run(work)
 
     async def query_audit(self, wanted: AuditFilter) -> list[AuditEntry]:
         return await anyio.to_thread.run_sync(self._query_audit, wanted)
@@ -239,10 +491,22 @@ class PostgresLedger:
             args.append(actors)
         query += sql.SQL(" ORDER BY at DESC, version DESC LIMIT %s")
         args.append(wanted.limit)
-        rows = self._run(lambda conn: conn.execute(query, args).fetchall())
+        rows = self._run(lambda conn: _bound_fetch(conn, wanted.tenant, query, args))
         return [entry_from_row(row) for row in rows]
 
     async def aclose(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
             await anyio.to_thread.run_sync(pool.close)
+
+
+def _bound_fetch(
+    conn: psycopg.Connection[Any], tenant: str | None, query: sql.Composed, args: list[Any]
+) -> list[Any]:
+    """Rows of ``query``, with ``tenant`` bound when it names one (across tenants: only the
+    owner or an admin role, which row-level security does not restrict, sees rows)."""
+    if tenant is None:
+        return conn.execute(query, args).fetchall()
+    with conn.transaction():
+        bind_tenant(conn, tenant)
+        return conn.execute(query, args).fetchall()

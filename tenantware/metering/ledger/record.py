@@ -46,6 +46,10 @@ class UsageRecord(msgspec.Struct, frozen=True, kw_only=True):
     #: The upstream's usage was out of range (negative, more than the request could produce,
     #: not a number) and was clamped or replaced by the estimate.
     usage_invalid: bool = False
+    #: What the tenant's prepaid balance paid for this request (journaled as its debit).
+    balance_debit_nanousd: int = 0
+    #: The call used the tenant's own upstream key: metered, not charged (``charged`` 0).
+    own_upstream_key: bool = False
 
 
 #: Column order shared by the SQL ledgers and the CSV export.

@@ -2,7 +2,8 @@
 -- KEYS: one per limit, all in one hash slot.
 -- ARGV: now_us (negative: use Redis TIME), tokens, cost (nano-USD), ticket,
 --       then kind, p1, p2 per limit (see tenantware/quota/plan.py), then deadline_us
---       (0: none; tenantware/backends/redis_clock.py).
+--       (0: none; tenantware/backends/redis_clock.py), then charge (what a prepaid balance
+--       pays, nano-USD).
 -- Reply: {allowed, failed index (0-based, -1), retry_after_us, now_us, remaining..., reset_us...}
 --        or {-1, -1, 0, now_us} when now is past the deadline: the caller has given up,
 --        nothing is checked or written.
@@ -15,6 +16,8 @@ local deadline = tonumber(ARGV[5 + #KEYS * 3]) or 0
 if deadline > 0 and now > deadline then return {-1, -1, 0, now} end
 local tokens = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
+local charge_arg = ARGV[6 + #KEYS * 3] or ARGV[3]
+local charge = tonumber(charge_arg)
 local ticket = ARGV[4]
 local n = #KEYS
 local remaining, reset, staged = {}, {}, {}
@@ -47,6 +50,14 @@ for i = 1, n do
       reset[i] = 1000000
     else
       remaining[i] = p2 - held - 1
+    end
+  elseif kind == 'b' then
+    local balance = tonumber(redis.call('HGET', key, 'v')) or 0
+    if balance <= 0 or balance < charge then
+      remaining[i] = math.max(0, balance)
+      if budget_failed < 0 then budget_failed = i - 1 end
+    else
+      remaining[i] = balance - charge
     end
   else
     local window = window_of(kind, p1, now)
@@ -86,6 +97,11 @@ else
     elseif kind == 'n' then
       redis.call('ZADD', key, int(now + p1), ticket)
       redis.call('PEXPIRE', key, int(math.ceil(p1 / 1000) + 1000))
+    elseif kind == 'b' then
+      local left = charge
+      if charge > 0 then left = tonumber(redis.call('HINCRBY', key, 'v', '-' .. charge_arg)) end
+      if charge <= 0 then left = tonumber(redis.call('HGET', key, 'v')) or 0 end
+      if left < p1 and redis.call('HSETNX', key, 'warned', '1') == 1 then reset[i] = 1 end
     else
       local amount = cost
       if kind == 't' then amount = tokens end

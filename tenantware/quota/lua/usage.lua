@@ -15,6 +15,8 @@ for i = 1, #KEYS do
     out[i] = math.ceil(math.max(0, tat - now) / p1)
   elseif kind == 'n' then
     out[i] = redis.call('ZCOUNT', key, '(' .. int(now), '+inf')
+  elseif kind == 'b' then
+    out[i] = tonumber(redis.call('HGET', key, 'v')) or 0
   else
     local state = redis.call('HMGET', key, 'w', 'v')
     if tonumber(state[1]) == window_of(kind, p1, now) then

@@ -1,0 +1,167 @@
+"""How long a usage report takes when PostgreSQL aggregates it (``PostgresLedger.tally``).
+
+Fills a throwaway schema with a month of records (one busy tenant with 1,000,000 of them and
+19 quieter ones), then times the reports the dashboard asks for, each several times, and prints
+a markdown table (median and worst). Also times the Python aggregation of the busy tenant's
+records fetched whole, which is what the report did before.
+
+    python benchmarks/bench_reports.py [--url postgresql://postgres@127.0.0.1:5432/test]
+        [--records 1000000] [--repeat 5] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psycopg
+from psycopg import sql
+
+from tenantware.metering.ledger.postgres import (
+    _REPORT_WORK_MEM,
+    PostgresLedger,
+    _tally_statement,
+)
+from tenantware.metering.ledger.tally import ReportQuery, tally_records
+
+#: The schema being measured (set once in main).
+SCHEMA = [""]
+MONTH_S = 30 * 86_400
+END = 1_800_000_000.0
+START = END - MONTH_S
+
+FILL = """
+INSERT INTO {t} (record_id, request_id, ts, tenant, cost_center, key_id, model_requested,
+    model_served, upstream, status, outcome, input_tokens, output_tokens, cached_tokens,
+    reasoning_tokens, cost_nanousd, charged_nanousd, queue_wait_s, upstream_latency_s,
+    latency_s, ttft_s, stream, estimated, usage_invalid)
+SELECT %(tenant)s || '-' || i, 'req-' || i, %(start)s + random() * %(span)s, %(tenant)s,
+    (ARRAY['', 'research', 'sales', 'support'])[1 + i %% 4], 'k' || (i %% 3),
+    (ARRAY['gpt-4.1', 'gpt-4.1-mini', 'claude'])[1 + i %% 3], 'gpt-4.1', 'fake',
+    200, (ARRAY['ok','ok','ok','ok','ok','ok','ok','upstream_error','rejected_quota',
+                'rejected_queue'])[1 + i %% 10],
+    (random() * 4000)::bigint, (random() * 800)::bigint, 0, 0,
+    (random() * 1e7)::bigint, (random() * 1.1e7)::bigint, random() * 0.05, NULL,
+    0.05 + random() * 2, CASE WHEN i %% 2 = 0 THEN random() * 0.4 END, i %% 2 = 0, false,
+    false
+FROM generate_series(1, %(n)s) AS i
+"""
+
+
+def timed(work: Callable[[], Any], repeat: int) -> tuple[float, float, Any]:
+    times = []
+    result = None
+    for _ in range(repeat):
+        began = time.perf_counter()
+        result = work()
+        times.append(time.perf_counter() - began)
+    return statistics.median(times), max(times), result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--url", default="postgresql://postgres@127.0.0.1:5432/test")
+    parser.add_argument("--records", type=int, default=1_000_000)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--keep", action="store_true", help="leave the schema in place")
+    parser.add_argument("--schema", help="a schema a --keep run filled: time it again")
+    args = parser.parse_args()
+    schema = args.schema or f"bench_reports_{uuid.uuid4().hex[:8]}"
+    ledger = PostgresLedger(args.url, schema=schema, timeout_s=120)
+    anyio.run(ledger.open)
+    table = sql.Identifier(schema, "usage_records")
+    began = time.perf_counter()
+    with psycopg.connect(args.url, autocommit=True) as conn:
+        if not args.schema:
+            fill_schema(conn, table, args.records)
+        total = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table)).fetchone()
+    print(f"{total[0] if total else 0:,} records ready in {time.perf_counter() - began:.1f} s\n")
+    SCHEMA[0] = schema
+    report(ledger, args.repeat, args.url)
+    if not args.keep:
+        with psycopg.connect(args.url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+
+
+def fill_schema(conn: psycopg.Connection[Any], table: sql.Identifier, records: int) -> None:
+    fill = sql.SQL(FILL).format(t=table)
+    conn.execute(fill, {"tenant": "busy", "start": START, "span": MONTH_S, "n": records})
+    for number in range(19):
+        tenant = f"tenant-{number:02d}"
+        conn.execute(fill, {"tenant": tenant, "start": START, "span": MONTH_S, "n": 10_000})
+    conn.execute(sql.SQL("VACUUM ANALYZE {}").format(table))
+
+
+def backend_cpu_s(conn: psycopg.Connection[Any], query: ReportQuery) -> float:
+    """CPU seconds the server process spent on ``query`` alone (read from /proc: the server
+    must run on this host; parallel workers off, so one process does all of it). Unlike wall
+    time, this hardly depends on what else the shared machine is running."""
+    pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+
+    def cpu() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    statement = sql.SQL(_tally_statement(query)).format(
+        t=sql.Identifier(SCHEMA[0], "usage_records"),
+        tenant=sql.SQL("AND tenant = %s" if query.tenant is not None else ""),
+    )
+    args = [query.since, query.until, *([query.tenant] if query.tenant is not None else [])]
+    before = cpu()
+    conn.execute(statement, args).fetchall()
+    return cpu() - before
+
+
+def report(ledger: PostgresLedger, repeat: int, url: str) -> None:
+    busy_month = ReportQuery(tenant="busy", since=START, until=END, period="day")
+    cases = [
+        ("busy tenant, 30 days by day (the tenant view's series)", busy_month),
+        (
+            "busy tenant, 30 days by model",
+            ReportQuery(tenant="busy", since=START, until=END, period="all", by="model"),
+        ),
+        (
+            "every tenant, 30 days, one row each (the operator view)",
+            ReportQuery(since=START, until=END, period="all"),
+        ),
+        ("every tenant, 30 days by day", ReportQuery(since=START, until=END, period="day")),
+        (
+            "busy tenant, last hour by minute",
+            ReportQuery(tenant="busy", since=END - 3600, until=END, period="minute"),
+        ),
+    ]
+    print("| report | records | median s | worst s | server CPU s |")
+    print("|---|---:|---:|---:|---:|")
+    try:
+        for name, query in cases:
+            median, worst, rows = timed(lambda q=query: anyio.run(ledger.tally, q), repeat)
+            count = sum(t.requests for t in rows)
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(f"SET work_mem = '{_REPORT_WORK_MEM}'")
+                conn.execute("SET jit = off")
+                conn.execute("SET max_parallel_workers_per_gather = 0")
+                cpu = min(backend_cpu_s(conn, query) for _ in range(2))
+            print(f"| {name} | {count:,} | {median:.3f} | {worst:.3f} | {cpu:.2f} |")
+
+        def python_report() -> Any:
+            async def fetch() -> Any:
+                return await ledger.query(tenant="busy", since=START, until=END)
+
+            return tally_records(anyio.run(fetch), busy_month)
+
+        median, worst, rows = timed(python_report, 1)
+        count = sum(t.requests for t in rows)
+        print(f"| before: every record to Python | {count:,} | {median:.3f} | - | - |")
+    finally:
+        anyio.run(ledger.aclose)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""Report figures per (tenant, period, group), computed where the records are.
+
+The SQL ledgers answer a ``ReportQuery`` with one aggregate query (a month of a busy tenant
+never travels to the gateway); ``tally_records`` is the same arithmetic in Python, for the
+memory ledger and as the reference the SQL is tested against. Every figure is either an exact
+integer sum or one picked record value (nearest-rank percentiles, a maximum), so the SQL and
+Python answers are equal, not merely close.
+
+Periods start on whole UTC seconds (``floor(ts)``), so a record is in the same bucket
+whichever engine computes it (SQLite rounds to milliseconds, Python to microseconds).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Final, Literal
+
+import msgspec
+
+from tenantware.context import Outcome
+from tenantware.metering.billing import SHADOW
+from tenantware.metering.ledger.record import UsageRecord
+
+__all__ = [
+    "BILLED_OUT",
+    "BREAKER_REFUSED",
+    "DIMENSIONS",
+    "FAILED",
+    "PERIODS",
+    "PERIOD_SECONDS",
+    "QUEUE_REFUSED",
+    "RATE_LIMITED",
+    "SHADOW",
+    "Dimension",
+    "Period",
+    "ReportQuery",
+    "Tally",
+    "bucket_start",
+    "nearest_rank",
+    "tally_records",
+]
+
+Period = Literal["minute", "hour", "day", "month", "all"]
+PERIODS: Final[tuple[Period, ...]] = ("minute", "hour", "day", "month", "all")
+#: Fixed-width periods (``month`` follows the calendar, ``all`` is one bucket).
+PERIOD_SECONDS: Final = {"minute": 60, "hour": 3600, "day": 86400}
+#: ``tenant``: one row per tenant and period; ``model`` / ``cost_center``: one per value too.
+Dimension = Literal["tenant", "model", "cost_center"]
+DIMENSIONS: Final[tuple[Dimension, ...]] = ("tenant", "model", "cost_center")
+
+FAILED: Final = (Outcome.UPSTREAM_ERROR, Outcome.UPSTREAM_TIMEOUT, Outcome.ERROR)
+RATE_LIMITED: Final = (Outcome.REJECTED_QUOTA, Outcome.REJECTED_BUDGET)
+QUEUE_REFUSED: Final = (Outcome.REJECTED_QUEUE,)
+BREAKER_REFUSED: Final = (Outcome.BREAKER_OPEN,)
+#: Refused by the gateway (``billing.NOT_BILLED``): fast, so left out of the latency figures.
+BILLED_OUT: Final = (
+    Outcome.REJECTED_AUTH,
+    Outcome.REJECTED_REQUEST,
+    Outcome.REJECTED_QUOTA,
+    Outcome.REJECTED_BUDGET,
+    Outcome.REJECTED_QUEUE,
+    Outcome.BREAKER_OPEN,
+)
+_BILLED_OUT_SET: Final = frozenset(BILLED_OUT)
+#: ``SHADOW`` (a migration trial's copy of a request) is the operator's cost, never the
+#: tenant's, so reports leave it out.
+
+
+class ReportQuery(msgspec.Struct, frozen=True, kw_only=True):
+    """Records of ``tenant`` (every tenant when ``None``) with ``since <= ts < until``."""
+
+    tenant: str | None = None
+    since: float = 0.0
+    until: float | None = None
+    period: Period = "day"
+    by: Dimension = "tenant"
+
+
+class Tally(msgspec.Struct, kw_only=True):
+    """Raw figures of one (tenant, period, group); ``bucket`` is the period's start (Unix
+    seconds; 0 for ``all``), ``group`` the model or cost center (``""`` by tenant)."""
+
+    tenant: str
+    bucket: int
+    group: str = ""
+    requests: int = 0
+    errors: int = 0
+    rate_limited: int = 0
+    queue_rejections: int = 0
+    breaker_rejections: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    cost_nanousd: int = 0
+    charged_nanousd: int = 0
+    #: Over requests the gateway did not refuse.
+    latency_p50_s: float | None = None
+    latency_p99_s: float | None = None
+    #: Over streamed requests the gateway did not refuse.
+    ttft_p50_s: float | None = None
+    ttft_p99_s: float | None = None
+    queue_wait_max_s: float | None = None
+
+
+def bucket_start(ts: float, period: Period) -> int:
+    """Start (Unix seconds, UTC) of the period holding ``ts``."""
+    second = math.floor(ts)
+    width = PERIOD_SECONDS.get(period)
+    if width is not None:
+        return second - second % width
+    if period == "all":
+        return 0
+    moment = datetime.fromtimestamp(second, UTC)
+    return int(moment.replace(day=1, hour=0, minute=0, second=0).timestamp())
+
+
+def nearest_rank(count: int, q: float) -> int:
+    """The 1-based rank of the ``q`` percentile among ``count`` sorted values (the rule
+    PostgreSQL's ``percentile_disc`` follows, in the same float arithmetic)."""
+    return max(1, math.ceil(q * count))
+
+
+def _pick(values: list[float], q: float) -> float | None:
+    return values[nearest_rank(len(values), q) - 1] if values else None
+
+
+def tally_records(records: Iterable[UsageRecord], query: ReportQuery) -> list[Tally]:
+    """The reference aggregation; rows sorted by tenant, bucket, group."""
+    end = math.inf if query.until is None else query.until
+    rows: dict[tuple[str, int, str], Tally] = {}
+    latency: dict[tuple[str, int, str], list[float]] = {}
+    ttft: dict[tuple[str, int, str], list[float]] = {}
+    for r in records:
+        if not query.since <= r.ts < end or (query.tenant is not None and r.tenant != query.tenant):
+            continue
+        if r.outcome == SHADOW:
+            continue
+        group = (
+            r.model_requested
+            if query.by == "model"
+            else r.cost_center
+            if query.by == "cost_center"
+            else ""
+        )
+        key = (r.tenant, bucket_start(r.ts, query.period), group)
+        row = rows.get(key)
+        if row is None:
+            row = rows[key] = Tally(tenant=key[0], bucket=key[1], group=group)
+            latency[key] = []
+            ttft[key] = []
+        row.requests += 1
+        row.input_tokens += r.input_tokens
+        row.output_tokens += r.output_tokens
+        row.cached_tokens += r.cached_tokens
+        row.cost_nanousd += r.cost_nanousd
+        row.charged_nanousd += r.charged_nanousd
+        outcome = r.outcome
+        if outcome in FAILED:
+            row.errors += 1
+        elif outcome in RATE_LIMITED:
+            row.rate_limited += 1
+        elif outcome in QUEUE_REFUSED:
+            row.queue_rejections += 1
+        elif outcome in BREAKER_REFUSED:
+            row.breaker_rejections += 1
+        if row.queue_wait_max_s is None or r.queue_wait_s > row.queue_wait_max_s:
+            row.queue_wait_max_s = r.queue_wait_s
+        if outcome not in _BILLED_OUT_SET:
+            latency[key].append(r.latency_s)
+            if r.ttft_s is not None:
+                ttft[key].append(r.ttft_s)
+    for key, row in rows.items():
+        values = sorted(latency[key])
+        row.latency_p50_s = _pick(values, 0.50)
+        row.latency_p99_s = _pick(values, 0.99)
+        values = sorted(ttft[key])
+        row.ttft_p50_s = _pick(values, 0.50)
+        row.ttft_p99_s = _pick(values, 0.99)
+    return [rows[key] for key in sorted(rows)]
+
+
+# -- SQL shared by the SQL ledgers ------------------------------------------------------------
+
+
+def _in(outcomes: tuple[str, ...]) -> str:
+    """``outcome IN ('a', 'b')`` (the outcome names are constants, never user input)."""
+    return "outcome IN (" + ", ".join(f"'{name}'" for name in outcomes) + ")"
+
+
+def _count_if(outcomes: tuple[str, ...]) -> str:
+    return f"sum(CASE WHEN {_in(outcomes)} THEN 1 ELSE 0 END)"
+
+
+#: The figures every SQL engine computes alike, in ``Tally`` order after the group columns.
+SQL_SUMS: Final = ", ".join(
+    (
+        "count(*)",
+        _count_if(FAILED),
+        _count_if(RATE_LIMITED),
+        _count_if(QUEUE_REFUSED),
+        _count_if(BREAKER_REFUSED),
+        "sum(input_tokens)",
+        "sum(output_tokens)",
+        "sum(cached_tokens)",
+        "sum(cost_nanousd)",
+        "sum(charged_nanousd)",
+    )
+)
+#: Records a report counts (``WHERE`` them in).
+SQL_REPORTED: Final = f"outcome <> '{SHADOW}'"
+#: Records that count for the latency figures.
+SQL_TIMED: Final = "NOT " + _in(BILLED_OUT)
+
+
+def sql_rank(q: float, count: str) -> str:
+    """``nearest_rank(count, q)`` in SQL (``ceil`` spelt with casts: SQLite may lack it)."""
+    product = f"({q!r} * {count})"
+    return f"max(1, CAST({product} AS INTEGER) + ({product} > CAST({product} AS INTEGER)))"
+
+
+def sql_group(by: Dimension) -> str:
+    return {"tenant": "''", "model": "model_requested", "cost_center": "cost_center"}[by]
+
+
+def tally_from_row(row: tuple[object, ...]) -> Tally:
+    """A ``Tally`` from ``tenant, bucket, group, <SQL_SUMS>, queue wait max, latency p50,
+    p99, ttft p50, p99`` (sums may come back as decimals: made integers here)."""
+    tenant, bucket, group, *counts = row[:13]
+    wait, p50, p99, t50, t99 = row[13:18]
+    (
+        requests,
+        errors,
+        rate_limited,
+        queue_rejections,
+        breaker_rejections,
+        input_tokens,
+        output_tokens,
+        cached_tokens,
+        cost,
+        charged,
+    ) = (int(value or 0) for value in counts)  # type: ignore[call-overload]
+    return Tally(
+        tenant=str(tenant),
+        bucket=int(bucket),  # type: ignore[call-overload]
+        group=str(group),
+        requests=requests,
+        errors=errors,
+        rate_limited=rate_limited,
+        queue_rejections=queue_rejections,
+        breaker_rejections=breaker_rejections,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cached_tokens=cached_tokens,
+        cost_nanousd=cost,
+        charged_nanousd=charged,
+        latency_p50_s=_float(p50),
+        latency_p99_s=_float(p99),
+        ttft_p50_s=_float(t50),
+        ttft_p99_s=_float(t99),
+        queue_wait_max_s=_float(wait),
+    )
+
+
+def _float(value: object) -> float | None:
+    return None if value is None else float(value)  # type: ignore[arg-type]
+
+
+def sorted_tallies(rows: Iterable[Tally]) -> list[Tally]:
+    """In Python's string order (a database's collation may differ)."""
+    return sorted(rows, key=lambda t: (t.tenant, t.bucket, t.group))

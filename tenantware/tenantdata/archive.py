@@ -1,0 +1,164 @@
+"""Export and restore everything of one tenant as one versioned archive.
+
+The archive holds the registry entry (policy, limits, data settings and API key *hashes*),
+the usage records, the audit trail, the balance journal (when the ledger keeps one), the
+tenant's key salt and its request logs still sealed. Logs stay encrypted in the archive;
+they open again only in a deployment with the same master key, and the salt travels so they
+do. Keep the archive like a database backup.
+
+Import writes into the same or another deployment and touches nothing of other tenants.
+Every step skips what is already there (records and audit entries by id, logs by id, the
+registry entry when equal, the salt when equal), so importing the same archive twice leaves
+one copy. A tenant that exists with *different* key material is refused (its logs would not
+open), never overwritten.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Final, Literal
+
+import msgspec
+
+from tenantware.audit import AuditEntry
+from tenantware.config import Tenant
+from tenantware.logbook import LogRow, LogStore
+from tenantware.metering.ledger import AuditFilter, AuditLog, Ledger, UsageRecord
+from tenantware.registry.store import RegistryStore
+
+__all__ = [
+    "ARCHIVE_VERSION",
+    "ArchiveConflict",
+    "ImportReport",
+    "TenantArchive",
+    "decode_archive",
+    "encode_archive",
+    "export_tenant",
+    "import_tenant",
+]
+
+ARCHIVE_VERSION: Final = 1
+_ALL: Final = 1 << 62
+_LOG_PAGE: Final = 1000
+
+
+class ArchiveConflict(ValueError):
+    """The archive cannot be restored here without overwriting something (the message says
+    what)."""
+
+
+class TenantArchive(msgspec.Struct, frozen=True, kw_only=True):
+    format: Literal["tenantware.tenant-archive"] = "tenantware.tenant-archive"
+    version: int = ARCHIVE_VERSION
+    exported_at: float
+    tenant: Tenant
+    usage_records: list[UsageRecord] = msgspec.field(default_factory=list)
+    audit: list[AuditEntry] = msgspec.field(default_factory=list)
+    #: Rows of the balance journal (empty when the ledger keeps none).
+    balance_journal: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    #: The salt the tenant's data keys are derived with (``None``: never keyed).
+    key_salt: bytes | None = None
+    request_logs: list[LogRow] = msgspec.field(default_factory=list)
+
+
+class ImportReport(msgspec.Struct, frozen=True, kw_only=True):
+    tenant: str
+    registry_written: bool
+    usage_records: int
+    audit_entries: int
+    request_logs_added: int
+
+
+_encoder: Final = msgspec.json.Encoder()
+
+
+def encode_archive(archive: TenantArchive) -> bytes:
+    return _encoder.encode(archive)
+
+
+def decode_archive(data: bytes) -> TenantArchive:
+    """``ArchiveConflict`` for a file that is not an archive of a version this reads."""
+    try:
+        head = msgspec.json.decode(data, type=dict[str, Any])
+    except msgspec.DecodeError as exc:
+        raise ArchiveConflict(f"not a tenant archive: {exc}") from None
+    if head.get("format") != "tenantware.tenant-archive":
+        raise ArchiveConflict("not a tenant archive (no tenantware.tenant-archive format)")
+    if head.get("version") != ARCHIVE_VERSION:
+        raise ArchiveConflict(f"archive version {head.get('version')!r} is not supported")
+    try:
+        return msgspec.json.decode(data, type=TenantArchive)
+    except msgspec.ValidationError as exc:
+        raise ArchiveConflict(f"invalid tenant archive: {exc}") from None
+
+
+async def export_tenant(
+    tenant_id: str, *, registry: RegistryStore, ledger: Ledger, logs: LogStore
+) -> TenantArchive:
+    """Everything of ``tenant_id``; ``LookupError`` when the registry has no such tenant."""
+    record = await registry.get(tenant_id)
+    if record is None:
+        raise LookupError(f"no tenant {tenant_id!r}")
+    audit: list[AuditEntry] = []
+    if isinstance(ledger, AuditLog):
+        audit = await ledger.query_audit(AuditFilter(tenant=tenant_id, limit=_ALL))
+        audit.reverse()  # oldest first
+    rows: list[LogRow] = []
+    until: float | None = None
+    while True:
+        page = await logs.read(tenant_id, until=until, limit=_LOG_PAGE)
+        rows.extend(row for row in page if row.id not in {r.id for r in rows})
+        if len(page) < _LOG_PAGE or (until is not None and page[-1].ts + 1e-9 >= until):
+            break
+        until = page[-1].ts + 1e-9  # ties are re-read and skipped above
+    return TenantArchive(
+        exported_at=time.time(),
+        tenant=record.tenant,
+        usage_records=await ledger.query(tenant=tenant_id),
+        audit=audit,
+        key_salt=await logs.get_salt(tenant_id),
+        request_logs=sorted(rows, key=lambda row: (row.ts, row.id)),
+    )
+
+
+async def import_tenant(
+    archive: TenantArchive, *, registry: RegistryStore, ledger: Ledger, logs: LogStore
+) -> ImportReport:
+    """Restore ``archive`` (idempotent); ``ArchiveConflict`` instead of overwriting."""
+    tenant = archive.tenant
+    if archive.key_salt is not None:
+        current = await logs.get_salt(tenant.id)
+        if current is not None and current != archive.key_salt:
+            raise ArchiveConflict(
+                f"tenant {tenant.id!r} exists here with other key material: its logs would "
+                "not open; delete it first"
+            )
+    if any(row.tenant != tenant.id for row in archive.request_logs) or any(
+        r.tenant != tenant.id for r in archive.usage_records
+    ):
+        raise ArchiveConflict("the archive holds rows of another tenant")
+    record = await registry.get(tenant.id)
+    written = record is None or record.tenant != tenant
+    if written:
+        audit = AuditEntry(
+            at=time.time(),
+            actor="cli:tenant-import",
+            action="tenant.update" if record else "tenant.create",
+            tenant=tenant.id,
+            before_version=record.version if record else 0,
+        )
+        await registry.put(tenant, expect=record.version if record else 0, audit=audit)
+    if archive.key_salt is not None:
+        await logs.create_salt(tenant.id, archive.key_salt)
+    await ledger.write(archive.usage_records)
+    if isinstance(ledger, AuditLog):
+        for entry in archive.audit:
+            await ledger.write_audit(entry)
+    added = await logs.restore(archive.request_logs)
+    return ImportReport(
+        tenant=tenant.id,
+        registry_written=written,
+        usage_records=len(archive.usage_records),
+        audit_entries=len(archive.audit),
+        request_logs_added=added,
+    )

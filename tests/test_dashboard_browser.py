@@ -1,0 +1,461 @@
+"""The dashboard in headless Chromium (the Debian ``chromium`` package, driven by Playwright
+with the system browser's path: no browser download), against a gateway on a loopback port
+that served a known mix of requests from the fake upstream into a SQLite ledger.
+
+Every view is screenshotted to ``dashboard-screens`` under pytest's temporary directory (the
+path is printed); the committed copies are in ``docs/images/``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import random
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import httpx
+import pytest
+
+from tenantware import Gateway, HttpxUpstreamClient, KeyHasher
+from tenantware.metering.ledger import SqliteLedger, UsageRecord
+from tenantware.testing.serve import serve_in_thread
+from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig
+from tests.support import make_config
+
+T = TypeVar("T")
+CHROMIUM = "/usr/bin/chromium"
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)", allow_module_level=True)
+playwright_api = pytest.importorskip("playwright.sync_api")
+expect = playwright_api.expect
+
+ADMIN = "sk-admin-dashboard"
+READER = "sk-reader-dashboard"
+KEYS = {"acme": "sk-dash-acme", "hobby": "sk-dash-hobby", "beta": "sk-dash-beta"}
+#: Tenant-supplied strings the page must show as text, never run or parse as markup.
+EVIL_NAME = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned=2">Acme'
+EVIL_CENTER = "<b>research</b>"
+OTHER_TENANTS = ("hobby", "beta", "Hobby Ltd", "Beta Labs")
+
+
+def dashboard_config(upstream_url: str, ledger: Path) -> Any:
+    hasher = KeyHasher()
+    tenants = [
+        {
+            "id": "acme",
+            "name": EVIL_NAME,
+            "tier": "enterprise",
+            "cost_center": EVIL_CENTER,
+            "limits": {"monthly_budget_usd": "250"},
+            "keys": [{"id": "acme-1", "hash": hasher.hash(KEYS["acme"]), "prefix": "sk-dash-ac"}],
+        },
+        {
+            "id": "hobby",
+            "name": "Hobby Ltd",
+            "tier": "free",
+            "keys": [{"id": "hobby-1", "hash": hasher.hash(KEYS["hobby"])}],
+        },
+        {
+            "id": "beta",
+            "name": "Beta Labs",
+            "tier": "pro",
+            "limits": {"requests_per_minute": 3, "burst_multiplier": 1},
+            "keys": [{"id": "beta-1", "hash": hasher.hash(KEYS["beta"])}],
+        },
+    ]
+    return make_config(
+        upstream_url,
+        tenants=tenants,
+        gateway={
+            "admin_keys": [
+                {"id": "ops", "hash": hasher.hash(ADMIN)},
+                {"id": "auditor", "hash": hasher.hash(READER), "role": "read-only"},
+            ]
+        },
+        metering={"ledger_url": f"sqlite:///{ledger}", "request_log": False},
+    )
+
+
+def chat(model: str, *, stream: bool = False) -> dict[str, Any]:
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": "Hello there, how are you today?"}],
+        "stream": stream,
+    }
+
+
+def serve_traffic(base: str, fake: FakeUpstream) -> int:
+    """The known mix: successes (streamed and not, two models), upstream errors, a refused
+    model, rate-limited requests. Returns how many requests were sent."""
+    sent = 0
+    with httpx.Client(base_url=base, timeout=30) as client:
+
+        def send(key: str, body: dict[str, Any]) -> None:
+            nonlocal sent
+            sent += 1
+            headers = {"authorization": f"Bearer {key}"}
+            with client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as r:
+                r.read()
+
+        for i in range(8):
+            send(KEYS["acme"], chat("gpt-4.1", stream=i % 2 == 0))
+        for _ in range(3):
+            send(KEYS["acme"], chat("claude-sonnet-4.5"))
+        fake.config.fail_next = [500] * 8  # more than the gateway's retries
+        send(KEYS["acme"], chat("gpt-4.1"))
+        fake.config.fail_next = []
+        for _ in range(4):
+            send(KEYS["hobby"], chat("gemini-2.5-flash"))
+        send(KEYS["hobby"], chat("gpt-4.1"))  # not allowed for hobby: refused
+        for _ in range(5):
+            send(KEYS["beta"], chat("deepseek-v3.2"))  # 3 per minute: 2 rate-limited
+    return sent
+
+
+def history(now: float) -> list[UsageRecord]:
+    """Yesterday's records, written to the ledger before the gateway starts, so the charts
+    have a shape (the served mix all lands in the last minute)."""
+    rng = random.Random(20)
+    records = []
+    for hour in range(2, 24):
+        for tenant, model, per_hour in (
+            ("acme", "gpt-4.1", 6),
+            ("acme", "claude-sonnet-4.5", 2),
+            ("hobby", "gemini-2.5-flash", 3),
+            ("beta", "deepseek-v3.2", 4),
+        ):
+            for i in range(per_hour + rng.randrange(0, 4)):
+                outcome = rng.choice(["ok"] * 12 + ["upstream_error", "rejected_quota"])
+                billed = outcome != "rejected_quota"
+                records.append(
+                    UsageRecord(
+                        record_id=f"history-{tenant}-{model}-{hour}-{i}",
+                        request_id=f"history-{hour}-{i}",
+                        ts=now - hour * 3600 + rng.uniform(0, 3500),
+                        tenant=tenant,
+                        cost_center=EVIL_CENTER if tenant == "acme" else tenant,
+                        model_requested=model,
+                        model_served=model,
+                        outcome=outcome,
+                        status=200 if outcome == "ok" else 429,
+                        input_tokens=rng.randrange(50, 900) if billed else 0,
+                        output_tokens=rng.randrange(10, 400) if billed else 0,
+                        cost_nanousd=rng.randrange(10**5, 10**7) if billed else 0,
+                        charged_nanousd=rng.randrange(10**5, 10**7) if billed else 0,
+                        latency_s=rng.uniform(0.2, 1.5) * (1 + (hour % 7 == 0)),
+                        ttft_s=rng.uniform(0.05, 0.3) if i % 2 else None,
+                        stream=bool(i % 2),
+                    )
+                )
+    return records
+
+
+def write_history(path: Path, records: list[UsageRecord]) -> None:
+    async def write() -> None:
+        ledger = SqliteLedger(path)
+        try:
+            await ledger.write(records)
+        finally:
+            await ledger.aclose()
+
+    in_a_thread(write)
+
+
+def ledger_records(path: Path) -> list[UsageRecord]:
+    async def read() -> list[UsageRecord]:
+        ledger = SqliteLedger(path)
+        try:
+            return await ledger.query()
+        finally:
+            await ledger.aclose()
+
+    return in_a_thread(read)
+
+
+def in_a_thread(work: Callable[[], Awaitable[T]]) -> T:
+    """Playwright's sync API keeps an event loop running in this thread: run in another."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(anyio.run, work).result()
+
+
+class Served:
+    def __init__(self, url: str, records: list[UsageRecord], screens: Path) -> None:
+        self.url = url
+        self.records = records
+        self.screens = screens
+
+    def of(self, tenant: str) -> list[UsageRecord]:
+        return [r for r in self.records if r.tenant == tenant]
+
+    def served_by_gateway(self, tenant: str) -> list[UsageRecord]:
+        return [r for r in self.of(tenant) if not r.record_id.startswith("history-")]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    directory = tmp_path_factory.mktemp("dashboard")
+    screens = tmp_path_factory.mktemp("dashboard-screens")
+    print(f"\ndashboard screenshots: {screens}")
+    ledger = directory / "ledger.db"
+    fake = FakeUpstream(FakeUpstreamConfig(completion_tokens=12))
+    client = HttpxUpstreamClient(transport=httpx.ASGITransport(app=fake))
+    config = dashboard_config("http://upstream.test/v1", ledger)
+    gateway = Gateway(config, upstream_client=client)
+    past = history(time.time())
+    write_history(ledger, past)
+    with serve_in_thread(gateway.asgi_app(), lifespan="on", startup_timeout_s=30) as url:
+        sent = serve_traffic(url, fake) + len(past)
+        records: list[UsageRecord] = []
+        for _ in range(400):  # the writer flushes every 0.1 s; generous on a busy host
+            records = ledger_records(ledger)
+            if len(records) >= sent:
+                break
+            time.sleep(0.05)
+        assert len(records) == sent
+        yield Served(url, records, screens)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with playwright_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM)
+        yield launched
+        launched.close()
+
+
+class PageWatch:
+    """A page with every JSON answer it received and every console error or CSP report."""
+
+    def __init__(self, page: Any) -> None:
+        self.page = page
+        self.bodies: list[tuple[str, str]] = []
+        self.requests: list[Any] = []
+        self.problems: list[str] = []
+        page.on("console", lambda m: m.type == "error" and self.problems.append(m.text))
+        page.on("pageerror", lambda e: self.problems.append(str(e)))
+        page.on("request", lambda r: self.requests.append(r))
+        page.on("response", self._response)
+
+    def _response(self, response: Any) -> None:
+        if "/admin/" in response.url:
+            self.bodies.append((response.url, response.text()))
+
+
+def open_dashboard(browser: Any, served: Served, key: str, **context: Any) -> PageWatch:
+    page = browser.new_page(**context)
+    watch = PageWatch(page)
+    page.goto(served.url + "/dashboard")
+    page.get_by_label("API key", exact=True).fill(key)
+    page.get_by_label("API key", exact=True).press("Enter")  # the keyboard is enough
+    page.wait_for_selector("#kpi-requests")
+    expect(page.locator("#board canvas")).to_have_count(3)
+    page.wait_for_load_state("networkidle")
+    return watch
+
+
+def kpi(page: Any, name: str) -> str:
+    return str(page.locator(f"#kpi-{name}").text_content())
+
+
+def number(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
+def money(records: list[UsageRecord]) -> str:
+    """The ledger's charged total as the page prints it (USD, 6 decimals)."""
+    usd = (Decimal(sum(r.charged_nanousd for r in records)) / 10**9).quantize(Decimal("1e-6"))
+    return f"{usd:,}"
+
+
+def charts_drawn(watch: PageWatch) -> list[int]:
+    """Per chart: its data points and the coloured pixels uPlot painted on its canvas."""
+    points = [
+        int(watch.page.locator(f"#chart-{name}").get_attribute("data-points"))
+        for name in ("spend", "latency", "refusals")
+    ]
+    painted = watch.page.evaluate(
+        """() => [...document.querySelectorAll('.plot canvas')].map((canvas) => {
+            const pixels = canvas.getContext('2d')
+                .getImageData(0, 0, canvas.width, canvas.height).data;
+            let coloured = 0;
+            for (let i = 0; i < pixels.length; i += 4) {
+                const [r, g, b, a] = pixels.slice(i, i + 4);
+                if (a > 0 && Math.max(r, g, b) - Math.min(r, g, b) > 60) coloured++;
+            }
+            return coloured;
+        })"""
+    )
+    return [*points, *painted]
+
+
+def screenshot(watch: PageWatch, served: Served, name: str) -> Path:
+    path = served.screens / f"{name}.png"
+    watch.page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 10_000
+    return path
+
+
+def test_tenant_view_shows_the_ledgers_numbers_and_nothing_of_other_tenants(
+    browser: Any, served: Served
+) -> None:
+    watch = open_dashboard(browser, served, KEYS["acme"])
+    page = watch.page
+    mine = served.of("acme")
+    assert number(kpi(page, "requests")) == len(mine)
+    assert len(served.served_by_gateway("acme")) == 12
+    assert number(kpi(page, "input-tokens")) == sum(r.input_tokens for r in mine)
+    assert number(kpi(page, "output-tokens")) == sum(r.output_tokens for r in mine)
+    assert kpi(page, "spend") == money(mine)
+    errors = sum(r.outcome == "upstream_error" for r in mine)
+    assert sum(r.outcome == "upstream_error" for r in served.served_by_gateway("acme")) == 1
+    assert kpi(page, "error-rate") == f"{100 * errors / len(mine):.1f}%"
+    assert kpi(page, "budget") == "250"
+    # Per model: the ledger's counts.
+    by_model = {
+        m: sum(r.model_requested == m for r in mine) for m in {r.model_requested for r in mine}
+    }
+    for model, count in by_model.items():
+        cells = page.locator("#models-table tbody tr", has_text=model).first.locator("td")
+        assert number(str(cells.nth(1).text_content())) == count
+    # Keys: id and prefix only.
+    keys = page.locator("#keys-table").text_content() or ""
+    assert "acme-1" in keys
+    assert "sk-dash-ac" in keys
+    assert KEYS["acme"] not in page.content()
+    assert all(n > 0 for n in charts_drawn(watch)), charts_drawn(watch)
+    screenshot(watch, served, "tenant")
+    # The tenant's own name and cost center are shown as text, never run as markup.
+    assert EVIL_NAME in (page.locator("#who").text_content() or "")
+    assert EVIL_CENTER in (page.locator("#centers-table").text_content() or "")
+    assert page.evaluate("window.__pwned") is None
+    assert page.locator("#board img, #board b, #who script").count() == 0
+    # No answer this key received names another tenant, or counts them.
+    assert watch.bodies
+    for url, body in watch.bodies:
+        for other in OTHER_TENANTS:
+            assert other not in body, (url, other)
+        data = json.loads(body)
+        tenants = {row["tenant"] for part in ("totals", "series") for row in data.get(part, [])}
+        assert tenants <= {"acme"}, url
+    assert not watch.problems, watch.problems
+    page.close()
+
+
+def test_the_key_travels_only_in_a_header(browser: Any, served: Served) -> None:
+    watch = open_dashboard(browser, served, KEYS["hobby"])
+    page = watch.page
+    assert page.evaluate("document.cookie") == ""
+    assert page.evaluate("sessionStorage.getItem('tenantware.dashboard.key')") == KEYS["hobby"]
+    assert page.evaluate("localStorage.length") == 0
+    api = [r for r in watch.requests if "/admin/" in r.url]
+    assert api
+    for request in watch.requests:
+        assert KEYS["hobby"] not in request.url
+    for request in api:
+        assert request.headers["authorization"] == f"Bearer {KEYS['hobby']}"
+    # A reload keeps the session; signing out forgets the key.
+    page.reload()
+    page.wait_for_selector("#kpi-requests")
+    assert number(kpi(page, "requests")) == len(served.of("hobby"))
+    page.get_by_role("button", name="Sign out").click()
+    assert page.evaluate("sessionStorage.length") == 0
+    assert page.get_by_label("API key", exact=True).is_visible()
+    page.close()
+
+
+def test_operator_view_every_tenant_live_state_and_csv(browser: Any, served: Served) -> None:
+    watch = open_dashboard(browser, served, READER)
+    page = watch.page
+    assert number(kpi(page, "requests")) == len(served.records)
+    assert kpi(page, "spend") == money(served.records)
+    rows = page.locator("#tenants-table tbody tr")
+    assert rows.count() == 3
+    for tenant in ("acme", "hobby", "beta"):
+        cells = rows.filter(has=page.locator("td", has_text=re.compile(f"^{tenant}$"))).locator(
+            "td"
+        )
+        mine = served.of(tenant)
+        assert number(str(cells.nth(2).text_content())) == len(mine)
+        refused = sum(
+            r.outcome in ("rejected_quota", "rejected_budget", "rejected_queue", "breaker_open")
+            for r in mine
+        )
+        assert number(str(cells.nth(8).text_content())) == refused
+    limited = sum(r.outcome == "rejected_quota" for r in served.records)
+    # beta went over 3 requests a minute
+    assert any(r.outcome == "rejected_quota" for r in served.served_by_gateway("beta"))
+    assert number(kpi(page, "rate-limited")) == limited
+    names = page.locator("#tenants-table").text_content() or ""
+    assert EVIL_NAME in names
+    assert "Hobby Ltd" in names
+    assert page.evaluate("window.__pwned") is None
+    circuits = page.locator("#circuits-table tbody tr")
+    assert circuits.count() >= 4
+    assert "closed" in (circuits.first.text_content() or "")
+    health = page.locator("#health").text_content() or ""
+    assert "sqlite" in health
+    assert "writing" in health
+    assert all(n > 0 for n in charts_drawn(watch)), charts_drawn(watch)
+    screenshot(watch, served, "operator")
+    # The CSV holds what is shown: one total row per tenant with the ledger's counts.
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download CSV").click()
+    text = Path(download.value.path()).read_text()
+    totals = [line for line in text.splitlines() if line.startswith("total,")]
+    assert len(totals) == 3
+    assert any(line.startswith(f"total,acme,all,,{len(served.of('acme'))},") for line in totals)
+    assert EVIL_NAME not in text  # the CSV names tenants by id
+    # Changing the range and refreshing keep the page whole.
+    page.get_by_label("Time range", exact=True).select_option("1h")
+    page.wait_for_load_state("networkidle")
+    hour_ago = time.time() - 3600
+    recent = [r for r in served.records if r.ts >= hour_ago]
+    expect(page.locator("#kpi-requests")).to_have_text(f"{len(recent):,}")
+    # One tenant only.
+    page.get_by_label("Tenant", exact=True).select_option("hobby")
+    expect(page.locator("#tenants-table tbody tr")).to_have_count(1)
+    recent_hobby = [r for r in recent if r.tenant == "hobby"]
+    expect(page.locator("#kpi-requests")).to_have_text(f"{len(recent_hobby):,}")
+    page.get_by_label("Tenant", exact=True).select_option("")
+    expect(page.locator("#kpi-requests")).to_have_text(f"{len(recent):,}")
+    # A custom range (UTC, to the minute): the ledger's records in it.
+    start = datetime.fromtimestamp(time.time() - 10 * 3600, UTC).replace(second=0, microsecond=0)
+    end = start + timedelta(hours=5)
+    page.get_by_label("Time range", exact=True).select_option("custom")
+    page.get_by_label("From (UTC)").fill(start.strftime("%Y-%m-%dT%H:%M"))
+    page.get_by_label("To (UTC)").fill(end.strftime("%Y-%m-%dT%H:%M"))
+    page.get_by_role("button", name="Refresh").click()
+    inside = [r for r in served.records if start.timestamp() <= r.ts < end.timestamp()]
+    expect(page.locator("#kpi-requests")).to_have_text(f"{len(inside):,}")
+    assert not watch.problems, watch.problems
+    page.close()
+
+
+def test_phone_width(browser: Any, served: Served) -> None:
+    watch = open_dashboard(
+        browser, served, KEYS["acme"], viewport={"width": 390, "height": 844}, device_scale_factor=2
+    )
+    page = watch.page
+    overflow = page.evaluate(
+        "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+    )
+    assert overflow <= 1
+    drawn = charts_drawn(watch)
+    assert all(n > 0 for n in drawn), drawn
+    screenshot(watch, served, "tenant-phone")
+    assert not watch.problems, watch.problems
+    page.close()
+
+
+def test_committed_screenshots_exist() -> None:
+    """The copies people look at without running anything (refreshed by hand from a run)."""
+    images = Path(__file__).parent.parent / "docs" / "images"
+    for name in ("dashboard-tenant.png", "dashboard-operator.png", "dashboard-phone.png"):
+        assert (images / name).stat().st_size > 10_000
