@@ -343,8 +343,10 @@ class QuotaSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     #: Failure policy per kind of limit when the store is unreachable; unset kinds use
     #: ``gateway.on_store_failure``, else ``DEFAULT_FAILURE_POLICIES``.
     on_store_failure: dict[LimitKind, FailurePolicy] = field(default_factory=dict)
-    #: A concurrency slot whose request never settles (a crashed replica) frees itself after.
-    lease_s: PositiveFloat = 900.0
+    #: A concurrency slot is a lease this long, renewed every third of it while its request
+    #: runs: the slot of a crashed replica, or of a request whose settle never reached the
+    #: store, frees itself after one lease.
+    lease_s: Annotated[float, Meta(ge=1)] = 30.0
     #: Probe interval during an outage, over ``gateway.store_probe_interval_s`` (kept for
     #: configurations written before that setting).
     retry_store_after_s: Annotated[float, Meta(ge=0)] | None = None

@@ -54,8 +54,10 @@ from tenantware.middleware.metering import MeteringMiddleware, UsageRecorder
 from tenantware.middleware.quota import QuotaMiddleware
 from tenantware.middleware.requestlog import RequestLogMiddleware
 from tenantware.middleware.tenant import TenantMiddleware
-from tenantware.proxy.app import ProxyApp
+from tenantware.proxy.app import ProxyApp, send_openapi
+from tenantware.proxy.openapi import OPENAPI_PATH
 from tenantware.proxy.upstream import UpstreamClient
+from tenantware.quota.renewal import renewing
 from tenantware.quota.store import QuotaStore
 from tenantware.registry.store import RegistryStore
 from tenantware.registry.sync import RegistrySync
@@ -134,6 +136,8 @@ class Gateway:
             config.admission, self.stores.seat_store, replicas=settings.replicas
         )
         self.add_service(self.admission.running)
+        # Concurrency slots are short leases, renewed while their requests run.
+        self.add_service(lambda: renewing(self.quota_store, self._lease_s))
         self.live.on_change(lambda snapshot: self.admission.reconfigure(snapshot.config.admission))
         self.ledger: Ledger | None = None
         self.writer: LedgerWriter | None = None
@@ -332,6 +336,9 @@ class Gateway:
         async with writer.running():
             yield
 
+    def _lease_s(self) -> float:
+        return self.config.quota.lease_s
+
     def add_service(self, service: Callable[[], AbstractAsyncContextManager[Any]]) -> None:
         """Run ``service()`` for the gateway's lifetime (entered in order, exited reversed)."""
         self._services.append(service)
@@ -507,9 +514,14 @@ class Gateway:
             if scope["type"] == "lifespan":
                 await _run_lifespan(gateway, receive, send)
                 return
-            if scope["type"] == "http" and is_admin_path(scope["path"]):
-                await admin(scope, receive, send)
-                return
+            if scope["type"] == "http":
+                path = scope["path"]
+                if is_admin_path(path):
+                    await admin(scope, receive, send)
+                    return
+                if path == OPENAPI_PATH and scope["method"] == "GET":
+                    await send_openapi(send)  # public: describes the API, holds no state
+                    return
             if extra is not None:
                 other = extra(scope)
                 if other is not None:

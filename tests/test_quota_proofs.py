@@ -129,6 +129,12 @@ async def test_redis_cluster_of_three_masters_runs_every_script_without_crossslo
                     await store.settle(plan, decision.now_us, f"t{i}", -500, -1_000)
                 assert await store.usage(plan) == [3, 1_500, 0, 12_000, 12_000, 1_500]
             assert len(slots) > 1  # the tenants really are spread over the masters
+            # Slot leases of tenants on every master are renewed (one call per hash slot).
+            for n in range(8):
+                plan, _ = build_plan(config, f"holder-{n}", limits, "gpt-4.1", "c:")
+                assert plan is not None
+                assert (await store.reserve(plan, 1, 1, "held")).allowed
+            assert await store.renew() == 8
         finally:
             await client.aclose()
 

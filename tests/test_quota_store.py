@@ -181,9 +181,32 @@ async def test_concurrency_slots_free_on_settle_and_when_the_lease_ends(
     assert refused.retry_after_us == 1_000_000
     await store.settle(plan, first.now_us, "a", 0, 0)
     assert (await store.reserve(plan, 0, 0, "c")).allowed
-    clock.advance(901)  # the default lease is 900 s: a crashed replica's slots come back
+    clock.advance(31)  # the default lease is 30 s: a crashed replica's slots come back
     assert await store.usage(plan) == [0]
     assert (await store.reserve(plan, 0, 0, "d")).allowed
+
+
+async def test_renewed_slots_outlive_their_lease_and_expired_or_settled_ones_stay_free(
+    store: QuotaStore, clock: Clock
+) -> None:
+    plan = plan_for(store.prefix, concurrent_requests=3)
+    other = plan_for(store.prefix, tenant="other", concurrent_requests=1)
+    long = await store.reserve(plan, 0, 0, "long")
+    done = await store.reserve(plan, 0, 0, "done")
+    assert (await store.reserve(other, 0, 0, "o")).allowed
+    await store.settle(plan, done.now_us, "done", 0, 0)
+    for _ in range(5):  # five leases of 30 s, renewed every 20 s
+        clock.advance(20)
+        assert await store.renew() == 2  # "long" and the other tenant's slot
+    assert await store.usage(plan) == [1]
+    assert await store.usage(other) == [1]
+    assert not (await store.reserve(other, 0, 0, "o2")).allowed
+    # A slot whose lease ran out (its process stopped renewing) is not brought back.
+    clock.advance(31)
+    assert await store.renew() == 0
+    assert await store.usage(plan) == [0]
+    assert (await store.reserve(other, 0, 0, "o3")).allowed
+    await store.settle(plan, long.now_us, "long", 0, 0)
 
 
 async def test_windows_roll_over_and_late_settles_do_not_touch_the_new_window(

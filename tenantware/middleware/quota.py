@@ -8,8 +8,9 @@ global (Redis Cluster: another slot), the tenant's grant given back if the globa
 refuse. When the app returns, raises or the client leaves, the reservation settles to the
 actual usage: the difference is refunded or charged by the ledger's billing rules
 (``tenantware.metering.billing``: a failure before any output is refunded whole), and the
-concurrency slot is always given back. Every response carries the ``x-ratelimit-*`` headers
-the OpenAI SDKs read.
+concurrency slot is always given back (a slot is a lease the store renews while the request
+runs: ``quota.renewal.renewing``, a gateway service). Every response carries the
+``x-ratelimit-*`` headers the OpenAI SDKs read.
 """
 
 from __future__ import annotations

@@ -19,13 +19,14 @@ from tenantware.errors import GatewayError, internal_error
 from tenantware.ownership import OwnerStore
 from tenantware.proxy.dispatch import CLIENT_HEADERS, Dispatcher
 from tenantware.proxy.migration import SESSION, MigrationRunner
+from tenantware.proxy.openapi import OPENAPI_PATH, openapi_document
 from tenantware.proxy.relay import JSON_CONTENT_TYPE, MODEL_SERVED_HEADER, Relay
 from tenantware.proxy.stored import StoredResponses
 from tenantware.proxy.upstream import AiohttpUpstreamClient, UpstreamClient
 from tenantware.state import LiveConfig
 from tenantware.types import Receive, Scope, Send
 
-__all__ = ["MODEL_SERVED_HEADER", "RECORDED", "ProxyApp"]
+__all__ = ["MODEL_SERVED_HEADER", "RECORDED", "ProxyApp", "send_openapi"]
 
 log = structlog.get_logger("tenantware.proxy")
 
@@ -111,6 +112,9 @@ class ProxyApp:
             path = path[len(root) :]
         if path == "/healthz" or path == "/v1/healthz":
             await _send_json(send, 200, b'{"status":"ok"}')
+            return
+        if path == OPENAPI_PATH and scope["method"] == "GET":
+            await send_openapi(send)
             return
         if path.startswith("/v1/"):
             path = path[3:]
@@ -244,6 +248,11 @@ class ProxyApp:
 
 #: Request headers passed on to Anthropic upstreams (the API version and beta features).
 _ANTHROPIC_HEADERS = frozenset({b"anthropic-version", b"anthropic-beta"})
+
+
+async def send_openapi(send: Send) -> None:
+    """The proxy's OpenAPI document (``proxy/openapi.py``)."""
+    await _send_json(send, 200, openapi_document())
 
 
 async def _send_json(send: Send, status: int, body: bytes) -> None:

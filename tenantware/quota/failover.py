@@ -156,7 +156,8 @@ class FailoverQuotaStore:
         failover = self.failover
         if failover.down:
             # The reservation stays charged (the safe side); its slot is freed once the
-            # store answers again.
+            # store answers again, or by its lease (no longer renewed).
+            self.primary.forget(plan, ticket)
             self._gave_up(plan, ticket)
             failover.degraded(_policy(plan))
             return
@@ -175,6 +176,24 @@ class FailoverQuotaStore:
             self._gave_up(plan, ticket)
             self._failed(exc, "settle", plan)
             failover.degraded(_policy(plan))
+
+    async def renew(self) -> int:
+        """Renew the local limiter's slots and the shared store's. During an outage the
+        shared ones are renewed when a probe may go (a slot whose lease runs out first is
+        freed: its request goes on uncounted, never blocked)."""
+        renewed = self.fallback.renew_now()
+        failover = self.failover
+        if not failover.available:
+            return renewed
+        try:
+            with self._deadline():
+                renewed += await self.primary.renew()
+        except STORE_UNAVAILABLE as exc:
+            failover.failed(exc, "renew")
+        return renewed
+
+    def forget(self, plan: Plan, ticket: str) -> None:
+        self.primary.forget(plan, ticket)
 
     async def usage(self, plan: Plan) -> list[int]:
         with anyio.fail_after(self.timeout_s):

@@ -45,6 +45,8 @@ class MemoryQuotaStore:
         self._windows: dict[str, list[int]] = {}
         #: Concurrency leases per key: ticket -> expiry (microseconds).
         self._leases: dict[str, dict[str, int]] = {}
+        #: The lease of each concurrency key (microseconds), for ``renew``.
+        self._lease_us: dict[str, int] = {}
         #: Prepaid balances per key (nano-USD).
         self._balances: dict[str, int] = {}
         #: Balance keys warned of a low balance since their last credit.
@@ -137,6 +139,7 @@ class MemoryQuotaStore:
                 self._tat[limit.key] = staged[i]
             elif kind == KIND_CONCURRENCY:
                 self._leases.setdefault(limit.key, {})[ticket] = now + limit.p1
+                self._lease_us[limit.key] = limit.p1
             elif kind == KIND_BALANCE:
                 left = self._balances.get(limit.key, 0) - charge
                 self._balances[limit.key] = left
@@ -210,6 +213,24 @@ class MemoryQuotaStore:
                 # A window that has already rolled over is not corrected: nobody reads it.
                 if state is not None and state[0] == window:
                     state[1] += delta
+
+    def forget(self, plan: Plan, ticket: str) -> None:
+        pass  # every settle reaches this store
+
+    async def renew(self) -> int:
+        return self.renew_now()
+
+    def renew_now(self) -> int:
+        """``renew`` without the coroutine: every slot held here is this process's."""
+        now = self._now()
+        renewed = 0
+        for key, leases in self._leases.items():
+            lease = self._lease_us[key]
+            for ticket, expiry in leases.items():
+                if expiry > now:  # an expired slot is not brought back
+                    leases[ticket] = now + lease
+                    renewed += 1
+        return renewed
 
     async def usage(self, plan: Plan) -> list[int]:
         now = self._now()

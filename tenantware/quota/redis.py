@@ -7,6 +7,11 @@ Scripts are registered once and run with EVALSHA (reloaded on NOSCRIPT after a r
 A reservation carries a deadline in Redis time (``backends/redis_clock.py``): run after it
 (its caller gave up: Redis was paused or stalled), the script grants and writes nothing and
 the call fails as ``StoreUnavailable``. With an injected ``clock`` there is no deadline.
+
+Concurrency slots are leases (``quota.lease_s``): the store remembers the slots this process
+holds until they are settled, and ``renew`` pushes all their expiries to a full lease from
+now in one script call per hash slot (one call on a single server). A slot whose process
+stopped renewing (it crashed, or Redis never got its settle) comes back after one lease.
 """
 
 from __future__ import annotations
@@ -15,10 +20,13 @@ from collections.abc import Callable
 from importlib.resources import files
 from typing import Any
 
+import anyio
+
+from tenantware.backends.errors import STORE_UNAVAILABLE
 from tenantware.backends.multiplex import RedisTimeoutError
 from tenantware.backends.redis_clock import RedisClock, budget_of
 from tenantware.backends.redis_support import ScriptHost, register_script, single_node
-from tenantware.quota.plan import Plan, balance_key
+from tenantware.quota.plan import KIND_CONCURRENCY, Plan, balance_key
 from tenantware.quota.store import Decision
 
 __all__ = ["RedisQuotaStore", "lua_source"]
@@ -34,6 +42,9 @@ def lua_source(name: str) -> str:
 _RESERVE = lua_source("reserve")
 _SETTLE = lua_source("settle")
 _USAGE = lua_source("usage")
+_RENEW = lua_source("renew")
+#: Slots renewed per script call: bounds how long one renewal holds Redis.
+_RENEW_BATCH = 1000
 _CREDIT = lua_source("credit")
 _RESTORE = lua_source("restore")
 _BALANCE = lua_source("balance")
@@ -60,6 +71,9 @@ class RedisQuotaStore:
         self._reserve: Any = register_script(client, _RESERVE)
         self._settle: Any = register_script(client, _SETTLE)
         self._usage: Any = register_script(client, _USAGE)
+        self._renew: Any = register_script(client, _RENEW)
+        #: ``(plan, ticket)`` of every granted reservation that holds a slot, until settled.
+        self._held: set[tuple[Plan, str]] = set()
         self._credit: Any = register_script(client, _CREDIT)
         self._restore: Any = register_script(client, _RESTORE)
         self._balance: Any = register_script(client, _BALANCE)
@@ -91,6 +105,8 @@ class RedisQuotaStore:
             raise RedisTimeoutError("Redis ran the reservation after its deadline")
         if now < 0:
             self.redis_clock.observe(int(reply[3]))
+        if plan.holds_slots and reply[0] == 1:
+            self._held.add((plan, ticket))
         n = len(plan.keys)
         return Decision(
             reply[0] == 1,
@@ -115,6 +131,8 @@ class RedisQuotaStore:
     ) -> None:
         if local:
             return  # granted by a fallback limiter, not by this store
+        if plan.holds_slots:
+            self._held.discard((plan, ticket))
         balance_delta = -(cost_delta if charge_delta is None else charge_delta)
         await self._settle(
             keys=plan.keys,
@@ -132,6 +150,50 @@ class RedisQuotaStore:
     async def usage(self, plan: Plan) -> list[int]:
         reply = await self._usage(keys=plan.keys, args=(self._now(), 0, 0, "", *plan.args))
         return [int(x) for x in reply]
+
+    def forget(self, plan: Plan, ticket: str) -> None:
+        self._held.discard((plan, ticket))
+
+    async def renew(self) -> int:
+        if not self._held:
+            return 0
+        batches: dict[str, tuple[list[str], list[str | int]]] = {}
+        for plan, ticket in self._held:
+            for limit in plan.limits:
+                if limit.kind == KIND_CONCURRENCY:
+                    key = limit.key
+                    # Keys of one plan share a hash tag; a single server takes every key.
+                    slot = "" if self.single_node else key[key.find("{") : key.find("}") + 1]
+                    keys, args = batches.setdefault(slot, ([], []))
+                    keys.append(key)
+                    args += (ticket, limit.p1)
+        calls = [
+            (keys[i : i + _RENEW_BATCH], args[2 * i : 2 * (i + _RENEW_BATCH)])
+            for keys, args in batches.values()
+            for i in range(0, len(keys), _RENEW_BATCH)
+        ]
+        now = self._now()
+        if len(calls) == 1:
+            reply = await self._renew(keys=calls[0][0], args=(now, *calls[0][1]))
+            return int(reply[0])
+        renewed = 0
+        failure: list[Exception] = []
+
+        async def renew_batch(keys: list[str], args: list[str | int]) -> None:
+            nonlocal renewed
+            try:
+                reply = await self._renew(keys=keys, args=(now, *args))
+            except STORE_UNAVAILABLE as exc:
+                failure.append(exc)  # raised once every call has ended
+            else:
+                renewed += int(reply[0])
+
+        async with anyio.create_task_group() as group:
+            for keys, args in calls:
+                group.start_soon(renew_batch, keys, args)
+        if failure:
+            raise failure[0]
+        return renewed
 
     def _balance_keys(self, tenant_id: str) -> tuple[str, str]:
         key = balance_key(self.prefix, tenant_id)

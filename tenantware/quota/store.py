@@ -3,6 +3,11 @@
 A store answers one ``reserve`` with a ``Decision`` (all limits granted, or none changed) and
 applies one ``settle`` (the difference between reserved and actual, the concurrency slot
 back). Time is the store's own (Redis ``TIME``), so replicas with skewed clocks agree.
+
+A concurrency slot is a lease (``quota.lease_s``): it expires unless the process holding it
+renews it, so the slot of a process that crashed, or of a request whose settle never reached
+the store, comes back after one lease. ``renew`` (run every third of the lease by
+``quota.renewal.renewing``, a gateway service) keeps the slots of long requests.
 """
 
 from __future__ import annotations
@@ -101,6 +106,17 @@ class QuotaStore(Protocol):
         (``Decision.source == "local"``), not by this store's shared state.
         ``charge_delta`` corrects a prepaid balance (default ``cost_delta``).
         """
+        ...
+
+    async def renew(self) -> int:
+        """Push the expiry of every slot this process holds (granted, not yet settled) to a
+        full lease from now, in the store's time; a slot already expired is not brought back.
+        Answers how many were renewed."""
+        ...
+
+    def forget(self, plan: Plan, ticket: str) -> None:
+        """Stop renewing the slot of a request that ended without a settle reaching the
+        store (it was down): the slot expires after its lease unless a release comes first."""
         ...
 
     async def usage(self, plan: Plan) -> list[int]:
