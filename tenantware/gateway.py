@@ -281,6 +281,7 @@ class Gateway:
             fallback=reports,
             processes=max(self.processes, self.config.gateway.replicas),
             audit_log=self.ledger if isinstance(self.ledger, AuditLog) else None,
+            migration=self.migration,
         )
         reports.authorize = admin.may_read_reports
         tenant_usage = TenantMiddleware(reports, live=self.live, estimator=self.estimator)

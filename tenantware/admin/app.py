@@ -31,6 +31,7 @@ from starlette.responses import Response
 from starlette.routing import Route, Router
 
 from tenantware.admin.auth import AdminAuth, Caller
+from tenantware.admin.migration import MigrationRoutes
 from tenantware.admin.openapi import openapi_document
 from tenantware.admin.schemas import (
     AdminKeyIssue,
@@ -59,6 +60,7 @@ from tenantware.errors import error_body
 from tenantware.keys import generate_key
 from tenantware.metering.ledger.auditlog import AuditFilter, AuditLog
 from tenantware.metering.ledger.base import LedgerUnavailable
+from tenantware.proxy.migration import MigrationRunner
 from tenantware.registry.store import RegistryStore, VersionMismatch
 from tenantware.registry.sync import RegistrySync
 from tenantware.state import LiveConfig
@@ -166,6 +168,7 @@ class AdminApi:
         fallback: ASGIApp,
         processes: int = 1,
         audit_log: AuditLog | None = None,
+        migration: MigrationRunner | None = None,
     ) -> None:
         self.live = live
         self.store = store
@@ -190,6 +193,17 @@ class AdminApi:
             "/admin/keys/{key_id}/revoke": on(self._revoke_admin_key),
             "/admin/audit": on(self._audit),
         }
+        if migration is not None:
+            trials = MigrationRoutes(
+                live=live,
+                runner=migration,
+                processes=processes,
+                allow=self._allow,
+                refusal=Refusal,
+            )
+            routes["/admin/migration/report"] = on(trials.report)
+            routes["/admin/migration/rules"] = on(trials.rules)
+            routes["/admin/migration/rules/{rule}/candidates/{upstream}"] = on(trials.candidate)
         self.router = Router(
             [Route(path, endpoint, methods=_METHODS) for path, endpoint in routes.items()],
             default=fallback,
