@@ -246,9 +246,10 @@ def _normal(response: httpx.Response) -> tuple[int, Any]:
 
 
 async def _traffic(
-    gateway: Gateway, client: httpx.AsyncClient
+    gateway: Gateway, client: httpx.AsyncClient, primary: FakeUpstream
 ) -> tuple[list[tuple[int, Any]], list[tuple[str, int, int, int]]]:
-    """Six requests (JSON, stream, an upstream error): what the client saw and was billed."""
+    """Six requests (JSON, stream, an upstream 400): what the client saw and was billed."""
+    primary.config.fail_next = [200, 200, 200, 200, 400]
     seen = []
     for index, body in enumerate([CHAT, STREAM, CHAT, STREAM, {**CHAT, "max_tokens": 2}, CHAT]):
         response = await client.post(
@@ -270,7 +271,7 @@ async def test_shadow_is_invisible_to_clients_and_their_bills(
 ) -> None:
     primary, _, candidate, _ = fakes
     async with _running(_config(fakes)) as (gateway, client):
-        baseline = await _traffic(gateway, client)
+        baseline = await _traffic(gateway, client, primary)
     primary.reset()
     if behaviour == "failing":
         candidate.config.failure_rate = 1.0
@@ -278,12 +279,15 @@ async def test_shadow_is_invisible_to_clients_and_their_bills(
         candidate.config.latency_s = 60.0
     else:
         candidate.config.latency_s = 0.2
-    config = _config(fakes, shadow=100, shadow_timeout_s=1.0)
+    config = _config(
+        fakes, shadow=100, shadow_timeout_s=1.0, rule={"rollback_error_margin_percent": None}
+    )
     async with _running(config) as (gateway, client):
-        shadowed = await _traffic(gateway, client)
+        shadowed = await _traffic(gateway, client, primary)
         await wait_for(lambda: gateway.migration.in_flight == 0, timeout=30)
         records = await records_of(gateway)
     assert shadowed == baseline
+    assert [status for status, _body in shadowed[0]] == [200, 200, 200, 200, 400, 200]
     shadows = [r for r in records if r.outcome == "shadow"]
     assert len(shadows) == 6
     assert {r.upstream for r in shadows} == {"relay"}
@@ -321,6 +325,8 @@ async def test_report_figures_equal_what_the_fakes_counted(
     assert lines[1].startswith("trial,trial/relay/gpt-4.1,10,")
     (row,) = rows
     assert row.shadow_requests == candidate.stats.requests == 10
+    # Streams are shadowed as streams.
+    assert sum(r.stream for r in candidate.stats.by_request_id.values()) == 5
     assert row.shadow_tokens_per_request == (
         (candidate.stats.prompt_tokens + candidate.stats.completion_tokens) / 10
     )
