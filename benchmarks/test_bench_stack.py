@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
@@ -242,9 +243,9 @@ def drive() -> Iterator[Callable[[Gateway, ASGIApp, bytes], Callable[[], None]]]
                 if latencies is None:
                     await one_request()
                 else:
-                    started = loop.time()
+                    started = time.perf_counter()
                     await one_request()
-                    latencies.append(loop.time() - started)
+                    latencies.append(time.perf_counter() - started)
             if settled is not None:
                 # Work the batch started in the background (shadow calls) is part of it.
                 while not settled():
