@@ -279,8 +279,10 @@ async def test_shadow_is_invisible_to_clients_and_their_bills(
         candidate.config.latency_s = 60.0
     else:
         candidate.config.latency_s = 0.2
+    # The hanging candidate meets the shadow's time limit; the slow one stays well inside it.
+    timeout = 1.0 if behaviour == "hanging" else 20.0
     config = _config(
-        fakes, shadow=100, shadow_timeout_s=1.0, rule={"rollback_error_margin_percent": None}
+        fakes, shadow=100, shadow_timeout_s=timeout, rule={"rollback_error_margin_percent": None}
     )
     async with _running(config) as (gateway, client):
         shadowed = await _traffic(gateway, client, primary)
@@ -379,7 +381,7 @@ async def test_rules_change_through_the_admin_api_at_once(
 ) -> None:
     primary, _, candidate, _ = fakes
     admin = {"authorization": f"Bearer {ADMIN}"}
-    async with _running(_config(fakes, canary=100)) as (_gateway, client):
+    async with _running(_config(fakes, canary=100)) as (gateway, client):
         first = await client.post("/v1/chat/completions", json=CHAT)
         assert first.headers["x-tenantware-upstream"] == "relay"
         path = "/admin/migration/rules/trial/candidates/relay"
@@ -399,6 +401,7 @@ async def test_rules_change_through_the_admin_api_at_once(
         rules["rules"][0]["candidates"][0].update(upstream="relay", shadow_percent=100)
         assert (await client.put("/admin/migration/rules", json=rules, headers=admin)).is_success
         await client.post("/v1/chat/completions", json=CHAT)
+        await wait_for(lambda: candidate.stats.requests == 2 and gateway.migration.in_flight == 0)
         missing = await client.patch(
             "/admin/migration/rules/trial/candidates/other", json={}, headers=admin
         )
