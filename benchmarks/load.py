@@ -411,6 +411,16 @@ class Bench:
             self.paths.update(dict.fromkeys(FORMAT_MODES, "/v1/responses"))
         if args.alerts:
             config["alerts"] = ALERTS_EVERY_RULE
+        if getattr(args, "shadow", 0):
+            # Issue 19: a shadow copy of every gpt-4.1 request to a candidate (the same fake
+            # process under another upstream name), as many in flight as the load drives.
+            fake = config["upstreams"][0]
+            config["upstreams"].append({**fake, "name": "fake-shadow", "models": []})
+            candidate = {"upstream": "fake-shadow", "shadow_percent": args.shadow}
+            config["migration"] = {
+                "shadow_concurrency": 64,
+                "rules": [{"name": "bench", "model": "gpt-4.1", "candidates": [candidate]}],
+            }
         config_path = workdir / f"gateway-{latency_ms:g}.json"
         config_path.write_text(json.dumps(config))
         self.gateway = start_gateway(config_path, args)
@@ -855,8 +865,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 process.setdefault("startup_s", bench.gateway.startup_s)
                 bench.warm()
-                if args.formats:
-                    # The formats comparison: closed loop only, every mode.
+                if args.formats or args.closed_only:
+                    # Closed loop only, every mode (with --formats: the Responses API too).
                     for mode in bench.modes:
                         for concurrency in CONCURRENCY:
                             bench.closed(mode, concurrency)
@@ -949,6 +959,13 @@ def main() -> None:
     parser.add_argument("--server", choices=["uvicorn", "granian"], default="uvicorn")
     parser.add_argument("--alerts", action="store_true", help="every alert rule kind on")
     parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() in the gateway")
+    parser.add_argument(
+        "--shadow",
+        type=float,
+        default=0.0,
+        help="percent of gpt-4.1 requests copied in shadow to a candidate upstream (issue 19)",
+    )
+    parser.add_argument("--closed-only", action="store_true", help="closed-loop points only")
     parser.add_argument(
         "--formats",
         action="store_true",

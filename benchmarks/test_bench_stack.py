@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
@@ -197,7 +198,12 @@ def drive() -> Iterator[Callable[[Gateway, ASGIApp, bytes], Callable[[], None]]]
     stops: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
 
     def make(
-        gateway: Gateway, app: ASGIApp, body: bytes, path: str = "/v1/chat/completions"
+        gateway: Gateway,
+        app: ASGIApp,
+        body: bytes,
+        path: str = "/v1/chat/completions",
+        settled: Callable[[], bool] | None = None,
+        latencies: list[float] | None = None,
     ) -> Callable[[], None]:
         ready, stop = asyncio.Event(), asyncio.Event()
 
@@ -234,7 +240,16 @@ def drive() -> Iterator[Callable[[Gateway, ASGIApp, bytes], Callable[[], None]]]
 
         async def batch() -> None:
             for _ in range(BATCH):
-                await one_request()
+                if latencies is None:
+                    await one_request()
+                else:
+                    started = time.perf_counter()
+                    await one_request()
+                    latencies.append(time.perf_counter() - started)
+            if settled is not None:
+                # Work the batch started in the background (shadow calls) is part of it.
+                while not settled():
+                    await asyncio.sleep(0)
 
         def run() -> None:
             loop.run_until_complete(batch())
@@ -370,3 +385,36 @@ def test_whole_stack_formats(benchmark: Any, drive: Any, path: str, body: bytes)
     # The warm-up round reached the fake upstream: it accepted the (translated) request.
     assert [status for status, _, _ in client._cache.values()] == [200]
     _bench(benchmark, run)
+
+
+@pytest.mark.parametrize("shadow", [0, 100], ids=["shadow-off", "shadow-100"])
+@pytest.mark.parametrize("body", [CHAT_BODY, STREAM_BODY], ids=["json", "stream20"])
+def test_whole_stack_proxy_shadow(benchmark: Any, drive: Any, body: bytes, shadow: int) -> None:
+    """Issue 19: the stack + proxy with a shadow copy of every request to a candidate (the
+    same recorded upstream under another name), against no rule at all. Each round waits for
+    its shadow calls, so their CPU is counted; the primary's own latency per request (its
+    answer complete, shadows still running) is in ``extra_info`` (p50/p99, µs)."""
+    config = bench_config(UPSTREAM_URL, workdir=_WORKDIR.name)
+    if shadow:
+        fake = config["upstreams"][0]
+        config["upstreams"].append({**fake, "name": "candidate", "models": []})
+        candidate = {"upstream": "candidate", "shadow_percent": shadow}
+        config["migration"] = {
+            "shadow_concurrency": 1024,
+            "rules": [{"name": "bench", "model": "gpt-4.1", "candidates": [candidate]}],
+        }
+    gateway = Gateway(parse_config(config), upstream_client=_RecordingClient())
+    latencies: list[float] = []
+    run = drive(
+        gateway,
+        gateway.wrap(gateway.proxy),
+        body,
+        settled=lambda: gateway.migration.in_flight == 0,
+        latencies=latencies,
+    )
+    latencies.clear()
+    _bench(benchmark, run)
+    ordered = sorted(latencies)
+    benchmark.extra_info["primary_p50_us"] = ordered[len(ordered) // 2] * 1e6
+    benchmark.extra_info["primary_p99_us"] = ordered[int(len(ordered) * 0.99)] * 1e6
+    benchmark.extra_info["shadow_dropped"] = sum(gateway.migration.book.dropped.values())

@@ -435,6 +435,7 @@ class Gateway:
             balances=self.balances,
             payments=self.payment_providers(),
             alerts=self.alerts,
+            migration=self.migration,
         )
         reports.authorize = admin.may_read_reports
         tenant_usage = TenantMiddleware(reports, live=self.live, estimator=self.estimator)

@@ -16,12 +16,15 @@ import pytest
 
 from tenantware import Gateway, parse_config
 from tenantware.config import MigrationSettings
+from tenantware.keys import KeyHasher
 from tenantware.migration import RuleTable, agreement, answer_of
 from tenantware.migration.rules import sticky_point
 from tenantware.testing.serve import serve_in_thread
 from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig
 from tests.metering_support import records_of, wait_for
 from tests.support import CHAT, KEYS, client_for, tenant_entries
+
+ADMIN = "sk-test-migration-admin"
 
 pytestmark = pytest.mark.anyio
 
@@ -105,6 +108,35 @@ async def test_rules_apply_to_their_tenants_and_tiers_only() -> None:
     assert len(shadowed.shadows) == 1
 
 
+async def test_rollback_judges_the_candidate_against_the_primary_over_the_window() -> None:
+    from tenantware.migration import Rollbacks
+
+    now = [0.0]
+    table = _table(canary=10, rollback_p99_margin_percent=50.0, rollback_minimum_calls=10)
+    (trial,) = table.trials.values()
+    rule = trial.rule
+    rollbacks = Rollbacks(clock=lambda: now[0])
+    for _ in range(20):
+        rollbacks.record_primary(rule, True, 0.100, 10.0)
+    # As fast and as healthy: kept, even with a few errors within the margin.
+    for index in range(20):
+        assert rollbacks.record_candidate(trial, index != 0, 0.120, 10.0) is None
+    assert not rollbacks.rolled_back(trial)
+    # The window moves on: old calls no longer count, slow ones now do.
+    now[0] = 30.0
+    for _ in range(20):
+        rollbacks.record_primary(rule, True, 0.100, 10.0)
+    reasons = [rollbacks.record_candidate(trial, True, 0.400, 10.0) for _ in range(10)]
+    assert reasons[:9] == [None] * 9
+    assert reasons[9] is not None
+    assert reasons[9].startswith("p99 400 ms")
+    assert rollbacks.rolled_back(trial)
+    assert rollbacks.count == 1
+    # Another setting for the candidate (a reload, an API call) re-arms it.
+    (again,) = _table(canary=5, rollback_p99_margin_percent=50.0).trials.values()
+    assert not rollbacks.rolled_back(again)
+
+
 async def test_agreement_reads_text_and_tools_of_every_format() -> None:
     chat = b'{"choices":[{"message":{"content":"a b c","tool_calls":[{"function":{"name":"f"}}]}}]}'
     stream = (
@@ -161,6 +193,7 @@ def _config(
                 # Not listed for the model: it gets only what the rule sends it.
                 {"name": "relay", "base_url": candidate_url + "/v1", "timeout_s": 5},
             ],
+            "gateway": {"admin_keys": [{"id": "ops", "hash": KeyHasher().hash(ADMIN)}]},
             "breaker": {"max_attempts": 2, "retry_base_s": 0.001},
             "metering": {"ledger_url": "memory://", "request_log": False},
             "migration": {"rules": [rule], **migration},
@@ -213,9 +246,10 @@ def _normal(response: httpx.Response) -> tuple[int, Any]:
 
 
 async def _traffic(
-    gateway: Gateway, client: httpx.AsyncClient
+    gateway: Gateway, client: httpx.AsyncClient, primary: FakeUpstream
 ) -> tuple[list[tuple[int, Any]], list[tuple[str, int, int, int]]]:
-    """Six requests (JSON, stream, an upstream error): what the client saw and was billed."""
+    """Six requests (JSON, stream, an upstream 400): what the client saw and was billed."""
+    primary.config.fail_next = [200, 200, 200, 200, 400]
     seen = []
     for index, body in enumerate([CHAT, STREAM, CHAT, STREAM, {**CHAT, "max_tokens": 2}, CHAT]):
         response = await client.post(
@@ -237,7 +271,7 @@ async def test_shadow_is_invisible_to_clients_and_their_bills(
 ) -> None:
     primary, _, candidate, _ = fakes
     async with _running(_config(fakes)) as (gateway, client):
-        baseline = await _traffic(gateway, client)
+        baseline = await _traffic(gateway, client, primary)
     primary.reset()
     if behaviour == "failing":
         candidate.config.failure_rate = 1.0
@@ -245,12 +279,17 @@ async def test_shadow_is_invisible_to_clients_and_their_bills(
         candidate.config.latency_s = 60.0
     else:
         candidate.config.latency_s = 0.2
-    config = _config(fakes, shadow=100, shadow_timeout_s=1.0)
+    # The hanging candidate meets the shadow's time limit; the slow one stays well inside it.
+    timeout = 1.0 if behaviour == "hanging" else 20.0
+    config = _config(
+        fakes, shadow=100, shadow_timeout_s=timeout, rule={"rollback_error_margin_percent": None}
+    )
     async with _running(config) as (gateway, client):
-        shadowed = await _traffic(gateway, client)
+        shadowed = await _traffic(gateway, client, primary)
         await wait_for(lambda: gateway.migration.in_flight == 0, timeout=30)
         records = await records_of(gateway)
     assert shadowed == baseline
+    assert [status for status, _body in shadowed[0]] == [200, 200, 200, 200, 400, 200]
     shadows = [r for r in records if r.outcome == "shadow"]
     assert len(shadows) == 6
     assert {r.upstream for r in shadows} == {"relay"}
@@ -276,11 +315,20 @@ async def test_report_figures_equal_what_the_fakes_counted(
         await wait_for(lambda: gateway.migration.in_flight == 0, timeout=30)
         records = await records_of(gateway)
         rows = gateway.migration.book.report()
-        api = await client.get(
-            "/admin/migration/report", headers={"authorization": "Bearer admin-test-key"}
-        )
+        admin = {"authorization": f"Bearer {ADMIN}"}
+        api = await client.get("/admin/migration/report", headers=admin)
+        csv_answer = await client.get("/admin/migration/report?format=csv", headers=admin)
+        refused = await client.get("/admin/migration/report")  # a tenant key
+    assert refused.status_code == 403
+    assert api.status_code == 200
+    assert api.json()["data"] == [msgspec.to_builtins(r) for r in rows]
+    lines = csv_answer.text.splitlines()
+    assert lines[0].startswith("rule,trial,shadow_requests,")
+    assert lines[1].startswith("trial,trial/relay/gpt-4.1,10,")
     (row,) = rows
     assert row.shadow_requests == candidate.stats.requests == 10
+    # Streams are shadowed as streams.
+    assert sum(r.stream for r in candidate.stats.by_request_id.values()) == 5
     assert row.shadow_tokens_per_request == (
         (candidate.stats.prompt_tokens + candidate.stats.completion_tokens) / 10
     )
@@ -297,7 +345,6 @@ async def test_report_figures_equal_what_the_fakes_counted(
     assert row.shadow_error_rate == row.primary_error_rate == 0.0
     assert row.shadow_ttft_p50_s is not None
     assert row.primary_ttft_p50_s is not None
-    del api
 
 
 async def test_a_failing_canary_rolls_back_without_failing_a_client(
@@ -327,6 +374,40 @@ async def test_a_failing_canary_rolls_back_without_failing_a_client(
         assert candidate.stats.requests == tried
         assert gateway.migration.report_rolled_back() == []
     assert primary.stats.by_status[200] == 81
+
+
+async def test_rules_change_through_the_admin_api_at_once(
+    fakes: tuple[FakeUpstream, str, FakeUpstream, str],
+) -> None:
+    primary, _, candidate, _ = fakes
+    admin = {"authorization": f"Bearer {ADMIN}"}
+    async with _running(_config(fakes, canary=100)) as (gateway, client):
+        first = await client.post("/v1/chat/completions", json=CHAT)
+        assert first.headers["x-tenantware-upstream"] == "relay"
+        path = "/admin/migration/rules/trial/candidates/relay"
+        bad = await client.patch(path, json={"canary_percent": 101}, headers=admin)
+        assert bad.status_code == 400
+        assert (await client.patch(path, json={"canary_percent": 0})).status_code == 403
+        changed = await client.patch(path, json={"canary_percent": 0}, headers=admin)
+        assert changed.status_code == 200
+        assert changed.json()["rules"][0]["candidates"][0]["canary_percent"] == 0
+        after = await client.post("/v1/chat/completions", json=CHAT)
+        assert after.headers["x-tenantware-upstream"] == "main"
+        rules = (await client.get("/admin/migration/rules", headers=admin)).json()
+        rules["rules"][0]["candidates"][0]["upstream"] = "nowhere"
+        unknown = await client.put("/admin/migration/rules", json=rules, headers=admin)
+        assert unknown.status_code == 400
+        assert "nowhere" in unknown.json()["error"]["message"]
+        rules["rules"][0]["candidates"][0].update(upstream="relay", shadow_percent=100)
+        assert (await client.put("/admin/migration/rules", json=rules, headers=admin)).is_success
+        await client.post("/v1/chat/completions", json=CHAT)
+        await wait_for(lambda: candidate.stats.requests == 2 and gateway.migration.in_flight == 0)
+        missing = await client.patch(
+            "/admin/migration/rules/trial/candidates/other", json={}, headers=admin
+        )
+        assert missing.status_code == 404
+    assert candidate.stats.requests == 2  # the first canary call and one shadow copy
+    assert primary.stats.requests == 2
 
 
 async def test_shadows_are_bounded_dropped_and_cancelled_at_shutdown(
@@ -359,3 +440,44 @@ async def test_excluded_tenants_are_never_shadowed(
             assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
     assert candidate.stats.requests == 0
     assert gateway.migration.book.report() == []
+
+
+def test_cli_shadow_report_and_rollback(
+    fakes: tuple[FakeUpstream, str, FakeUpstream, str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import json
+    import time
+
+    from tenantware.cli import main
+
+    _primary, _, candidate, _ = fakes
+    gateway = Gateway(_config(fakes, shadow=100))
+    with serve_in_thread(gateway.asgi_app(), lifespan="on", startup_timeout_s=30) as url:
+        with httpx.Client(base_url=url, timeout=10) as client:
+            for _ in range(3):
+                answer = client.post(
+                    "/v1/chat/completions",
+                    json=CHAT,
+                    headers={"authorization": f"Bearer {KEYS['acme']}"},
+                )
+                assert answer.status_code == 200
+        deadline = time.monotonic() + 20
+        while candidate.stats.requests < 3 or gateway.migration.in_flight:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        monkeypatch.setenv("TENANTWARE_URL", url)
+        monkeypatch.setenv("TENANTWARE_ADMIN_KEY", ADMIN)
+        assert main(["shadow", "report"]) == 0
+        (row,) = json.loads(capsys.readouterr().out)["data"]
+        assert (row["trial"], row["shadow_requests"]) == ("trial/relay/gpt-4.1", 3)
+        assert main(["shadow", "report", "--format", "csv", "--since", "1h"]) == 0
+        assert capsys.readouterr().out.splitlines()[1].startswith("trial,trial/relay/gpt-4.1,3,")
+        assert main(["shadow", "rollback", "trial", "relay"]) == 0
+        out = capsys.readouterr().out  # the server thread's log line of the change comes first
+        shares = json.loads(out[out.index("{\n") :])["rules"][0]["candidates"][0]
+        assert (shares["canary_percent"], shares["shadow_percent"]) == (0, 0)
+        monkeypatch.setenv("TENANTWARE_ADMIN_KEY", "sk-wrong")
+        assert main(["shadow", "report"]) == 1
+        assert "401" in capsys.readouterr().err

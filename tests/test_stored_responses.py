@@ -220,3 +220,21 @@ def test_stored_response_routes_need_a_key_and_a_known_shape(
             answer = http.request(method, path, headers=auth)
             assert answer.status_code == 404, (method, path)
             assert answer.json()["error"]["code"] == "unknown_url"
+
+
+def test_an_unreachable_owner_store_costs_the_lookup_not_the_answer(
+    clients: list[openai.OpenAI],
+) -> None:
+    fake = FakeUpstream(FakeUpstreamConfig())
+    with serve_in_thread(fake, startup_timeout_s=30) as upstream:
+        # Nothing listens on port 1: every Redis call is refused at once (the other layers
+        # fall back to their local policies).
+        gateway = _config(upstream, native=True, redis=("redis://127.0.0.1:1/0", "tw:"))
+        with serve_in_thread(gateway.asgi_app(), lifespan="on", startup_timeout_s=30) as url:
+            acme = _client(clients, url, "acme")
+            created = acme.responses.create(model="gpt-4.1", input="Hello there")
+            assert created.output_text == TOKEN_TEXT * 5
+            with pytest.raises(openai.InternalServerError) as caught:
+                acme.responses.retrieve(created.id)
+            assert caught.value.status_code == 503
+            assert caught.value.code == "store_unavailable"

@@ -32,6 +32,7 @@ from starlette.responses import Response
 from starlette.routing import Route, Router
 
 from tenantware.admin.auth import AdminAuth, Caller
+from tenantware.admin.migration import MigrationRoutes
 from tenantware.admin.openapi import openapi_document
 from tenantware.admin.schemas import (
     AdminKeyIssue,
@@ -99,6 +100,7 @@ from tenantware.keys import generate_key
 from tenantware.metering.ledger.auditlog import AuditFilter, AuditLog
 from tenantware.metering.ledger.base import LedgerUnavailable
 from tenantware.metering.pricing import nanousd_to_usd, usd_to_nanousd
+from tenantware.proxy.migration import MigrationRunner
 from tenantware.registry.store import RegistryStore, VersionMismatch
 from tenantware.registry.sync import RegistrySync
 from tenantware.state import LiveConfig
@@ -215,6 +217,7 @@ class AdminApi:
         balances: Balances | None = None,
         payments: dict[str, PaymentProvider] | None = None,
         alerts: AlertEngine | None = None,
+        migration: MigrationRunner | None = None,
     ) -> None:
         self.live = live
         #: The tenants' kept data (logs, cache, key material): read through the API and
@@ -263,6 +266,17 @@ class AdminApi:
             "/admin/tenants/{tenant_id}/webhooks": on(self._webhooks),
             "/admin/tenants/{tenant_id}/webhooks/{webhook_id}": on(self._webhook),
         }
+        if migration is not None:
+            trials = MigrationRoutes(
+                live=live,
+                runner=migration,
+                processes=processes,
+                allow=self._allow,
+                refusal=Refusal,
+            )
+            routes["/admin/migration/report"] = on(trials.report)
+            routes["/admin/migration/rules"] = on(trials.rules)
+            routes["/admin/migration/rules/{rule}/candidates/{upstream}"] = on(trials.candidate)
         self.router = Router(
             [Route(path, endpoint, methods=_METHODS) for path, endpoint in routes.items()],
             default=fallback,

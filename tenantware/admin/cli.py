@@ -1,4 +1,4 @@
-"""``tenantware tenants|keys|balances ...``: the admin API from a shell.
+"""``tenantware tenants|keys|balances|shadow ...``: the admin API from a shell.
 
 They talk to a running gateway (``--url`` or ``$TENANTWARE_URL``, default
 ``http://127.0.0.1:8080``) with an admin key (``--admin-key`` or ``$TENANTWARE_ADMIN_KEY``),
@@ -63,6 +63,39 @@ def _call(
     if check is not None and not payload.get(check):
         return 1
     return 0
+
+
+def _shadow_report(args: argparse.Namespace) -> int:
+    """``tenantware shadow report``: the migration comparison report (JSON or CSV)."""
+    import httpx
+
+    params = {"format": args.format}
+    for name in ("since", "until", "rule"):
+        value = getattr(args, name)
+        if value:
+            params[name] = value
+    if args.format == "json":
+        query = "&".join(f"{k}={v}" for k, v in params.items())
+        return _call(args, "GET", f"/admin/migration/report?{query}")
+    try:
+        with _client(args) as client:
+            response = client.get("/admin/migration/report", params=params)
+    except httpx.HTTPError as exc:
+        print(f"tenantware: cannot reach the gateway: {exc}", file=sys.stderr)
+        return 1
+    if response.status_code >= 300:
+        print(f"tenantware: {response.status_code}: {response.text[:500]}", file=sys.stderr)
+        return 1
+    sys.stdout.write(response.text)
+    return 0
+
+
+def _shadow_rollback(args: argparse.Namespace) -> int:
+    """``tenantware shadow rollback RULE UPSTREAM``: the candidate's shares to 0, at once."""
+    body = {"canary_percent": 0, "shadow_percent": 0}
+    return _call(
+        args, "PATCH", f"/admin/migration/rules/{args.rule}/candidates/{args.upstream}", body
+    )
 
 
 def _limits(pairs: list[str] | None) -> dict[str, Any]:
@@ -468,6 +501,16 @@ def add_commands(commands: Any) -> None:
     redeem = command(balance_commands, "redeem", _balances_redeem, "redeem a code")
     redeem.add_argument("tenant")
     redeem.add_argument("code")
+    shadow = commands.add_parser("shadow", help="migration trials through the admin API")
+    shadow_commands = shadow.add_subparsers(dest="shadow_command", required=True)
+    report = command(shadow_commands, "report", _shadow_report, "the comparison report")
+    report.add_argument("--since", help="2026-11-01, 24h, 7d (default: everything kept)")
+    report.add_argument("--until", help="end (exclusive), same forms as --since")
+    report.add_argument("--rule", help="one rule (default: every rule)")
+    report.add_argument("--format", choices=["json", "csv"], default="json")
+    rollback = command(shadow_commands, "rollback", _shadow_rollback, "a candidate's shares to 0")
+    rollback.add_argument("rule")
+    rollback.add_argument("upstream")
 
     registry = commands.add_parser("registry", help="move tenants between a file and Redis")
     registry_commands = registry.add_subparsers(dest="registry_command", required=True)

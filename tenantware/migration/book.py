@@ -41,6 +41,8 @@ class Comparison(msgspec.Struct, frozen=True, kw_only=True):
     output_tokens: int = 0
     cost_nanousd: int = 0
     primary_status: int = 0
+    #: ``ok`` or ``error`` (no answer, 429, 5xx, a stream cut), as for the candidate.
+    primary_outcome: str = "ok"
     primary_latency_s: float = 0.0
     primary_ttft_s: float | None = None
     primary_input_tokens: int = 0
@@ -142,7 +144,7 @@ def _row(rule: str, trial: str, entries: list[Comparison], dropped: int, rolled:
     row.shadow_requests = n
     if n:
         row.shadow_error_rate = _rate(sum(e.outcome != "ok" for e in shadows), n)
-        row.primary_error_rate = _rate(sum(not 0 < e.primary_status < 400 for e in shadows), n)
+        row.primary_error_rate = _rate(sum(e.primary_outcome != "ok" for e in shadows), n)
         row.shadow_latency_p50_s = _pct([e.latency_s for e in shadows], 0.50)
         row.shadow_latency_p99_s = _pct([e.latency_s for e in shadows], 0.99)
         row.primary_latency_p50_s = _pct([e.primary_latency_s for e in shadows], 0.50)

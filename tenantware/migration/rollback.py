@@ -27,12 +27,19 @@ log = structlog.get_logger("tenantware.migration")
 BUCKETS = 10
 #: Latencies kept per bucket for the p99 (the first ones; enough for a rate comparison).
 _LATENCIES_PER_BUCKET = 2_000
+#: Calls between two p99 computations of one window.
+_P99_EVERY = 64
 
 
 class Window:
-    """Calls, errors and latencies over the last ``window_s``, in ``BUCKETS`` buckets."""
+    """Calls, errors and latencies over the last ``window_s``, in ``BUCKETS`` buckets.
 
-    __slots__ = ("_buckets", "_clock", "bucket_s")
+    The counts are summed on every judgement (ten buckets); the p99 sorts up to
+    ``BUCKETS * _LATENCIES_PER_BUCKET`` latencies, so it is recomputed only every
+    ``_P99_EVERY`` calls or when the window moves on a bucket.
+    """
+
+    __slots__ = ("_buckets", "_clock", "_p99", "bucket_s")
 
     def __init__(self, window_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.bucket_s = window_s / BUCKETS
@@ -41,9 +48,14 @@ class Window:
         self._buckets: list[tuple[int, int, int, list[float]]] = [
             (-1, 0, 0, []) for _ in range(BUCKETS)
         ]
+        #: (bucket number, calls counted, p99) of the last p99 computed.
+        self._p99 = (-1, 0, 0.0)
+
+    def _now(self) -> int:
+        return int(self._clock() / self.bucket_s)
 
     def add(self, ok: bool, latency_s: float) -> None:
-        number = int(self._clock() / self.bucket_s)
+        number = self._now()
         slot = number % BUCKETS
         held, calls, errors, latencies = self._buckets[slot]
         if held != number:
@@ -52,22 +64,32 @@ class Window:
             latencies.append(latency_s)
         self._buckets[slot] = (number, calls + 1, errors + (not ok), latencies)
 
-    def totals(self) -> tuple[int, int, list[float]]:
-        """(calls, errors, sorted latencies) of the buckets still in the window."""
-        now = int(self._clock() / self.bucket_s)
+    def counts(self) -> tuple[int, int]:
+        """(calls, errors) of the buckets still in the window."""
+        now = self._now()
         calls = errors = 0
-        latencies: list[float] = []
-        for number, c, e, values in self._buckets:
+        for number, c, e, _values in self._buckets:
             if now - BUCKETS < number <= now:
                 calls += c
                 errors += e
-                latencies.extend(values)
-        latencies.sort()
-        return calls, errors, latencies
+        return calls, errors
 
-
-def _p99(values: list[float]) -> float:
-    return values[max(0, math.ceil(0.99 * len(values)) - 1)] if values else 0.0
+    def p99(self) -> float:
+        """The p99 latency of the window (0 when empty), recomputed now and then."""
+        now = self._now()
+        calls, _errors = self.counts()
+        held, counted, value = self._p99
+        if held == now and calls - counted < _P99_EVERY:
+            return value
+        latencies = sorted(
+            x
+            for number, _c, _e, values in self._buckets
+            if now - BUCKETS < number <= now
+            for x in values
+        )
+        value = latencies[max(0, math.ceil(0.99 * len(latencies)) - 1)] if latencies else 0.0
+        self._p99 = (now, calls, value)
+        return value
 
 
 class Rollbacks:
@@ -116,8 +138,9 @@ class Rollbacks:
         primary = self._windows.get(f"{rule.name}/primary")
         if primary is None:
             return None
-        calls, errors, latencies = self._window(trial.key, window_s).totals()
-        base_calls, base_errors, base_latencies = primary.totals()
+        window = self._window(trial.key, window_s)
+        calls, errors = window.counts()
+        base_calls, base_errors = primary.counts()
         if min(calls, base_calls) < rule.rollback_minimum_calls:
             return None
         margin = rule.rollback_error_margin_percent
@@ -125,7 +148,9 @@ class Rollbacks:
         if margin is not None and rate > base_rate + margin:
             return f"error rate {rate:.1f} % against the primary's {base_rate:.1f} %"
         p99_margin = rule.rollback_p99_margin_percent
-        p99, base_p99 = _p99(latencies), _p99(base_latencies)
-        if p99_margin is not None and p99 > base_p99 * (1 + p99_margin / 100):
+        if p99_margin is None:
+            return None
+        p99, base_p99 = window.p99(), primary.p99()
+        if p99 > base_p99 * (1 + p99_margin / 100):
             return f"p99 {p99 * 1000:.0f} ms against the primary's {base_p99 * 1000:.0f} ms"
         return None

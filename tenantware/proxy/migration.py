@@ -16,6 +16,8 @@ the primary's and discarded.
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -129,6 +131,12 @@ class MigrationRunner:
         self._group: anyio.abc.TaskGroup | None = None
         #: Shadow calls running now (for tests and shutdown checks).
         self.in_flight = 0
+        #: Ledger record ids unique across processes (a client may reuse its request id).
+        self._record_prefix = f"{os.urandom(6).hex()}-shadow-"
+        self._records = itertools.count(1)
+
+    def _record_id(self) -> str:
+        return f"{self._record_prefix}{next(self._records)}"
 
     # -- lifetime ------------------------------------------------------------------------------
 
@@ -183,7 +191,7 @@ class MigrationRunner:
     def served(self, primary: PrimaryCall, canary_served: bool) -> None:
         """The request is over: count it for its target's window and let its shadows compare."""
         ctx, plan = primary.ctx, primary.plan
-        ok = ctx.outcome not in _FAILED and not primary.status >= 500
+        ok = not _failed(primary.status, ctx.outcome)
         latency = ctx.upstream_latency_s if ctx.upstream_latency_s is not None else ctx.elapsed()
         if canary_served and plan.canary is not None:
             self._canary(plan.canary, ctx, ok=ok, status=primary.status, latency_s=latency)
@@ -329,7 +337,7 @@ class MigrationRunner:
                     if closing is not None:
                         with anyio.CancelScope(shield=True):
                             await closing
-            outcome = "ok" if status < 400 else "error"
+            outcome = "error" if _failed(status, None) else "ok"
         except TimeoutError:
             outcome = "timeout"
         except (UpstreamUnavailable, UpstreamTooLarge, GatewayError):
@@ -353,7 +361,7 @@ class MigrationRunner:
         if self.writer is not None:
             self.writer.submit(
                 UsageRecord(
-                    record_id=f"{ctx.request_id}:shadow:{trial.key}",
+                    record_id=self._record_id(),
                     request_id=ctx.request_id,
                     ts=ctx.unix_time,
                     tenant=ctx.tenant_id or "",
@@ -400,8 +408,9 @@ class MigrationRunner:
         stream = bool(ctx.view and ctx.view.stream)
         primary_usage = ctx.usage or Usage()
         primary_ok = 0 < primary.status < 400 and ctx.outcome not in _FAILED
+        answered = outcome == "ok" and 0 < status < 400
         exact = similarity = same_tools = None
-        if outcome == "ok" and primary_ok:
+        if answered and primary_ok:
             exact, similarity, same_tools = agreement(
                 answer_of(bytes(primary.captured), stream=_is_stream(primary.captured)),
                 answer_of(bytes(captured), stream=_is_stream(captured)),
@@ -439,6 +448,7 @@ class MigrationRunner:
                 output_tokens=usage.output_tokens if usage else 0,
                 cost_nanousd=cost,
                 primary_status=primary.status,
+                primary_outcome="error" if _failed(primary.status, ctx.outcome) else "ok",
                 primary_latency_s=(
                     ctx.upstream_latency_s if ctx.upstream_latency_s is not None else 0.0
                 ),
@@ -456,6 +466,16 @@ class MigrationRunner:
         """Keys of the trials rolled back under their current settings."""
         table = self.table(self.live.current)
         return [key for key, trial in table.trials.items() if self.rollbacks.rolled_back(trial)]
+
+
+def _failed(status: int, outcome: str | None) -> bool:
+    """Whether a call counts as the target's failure: no answer, 429, 5xx, or a stream cut
+    after a 2xx. A 4xx refusal is the request's fault, not the target's."""
+    if status == 0 or status == 429 or status >= 500:
+        return True
+    if status >= 400:
+        return False
+    return outcome in _FAILED
 
 
 def _is_stream(captured: bytearray) -> bool:
