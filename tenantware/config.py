@@ -33,6 +33,7 @@ __all__ = [
     "QuotaSettings",
     "Tenant",
     "Tier",
+    "TracingSettings",
     "Upstream",
     "load_config",
     "parse_config",
@@ -498,6 +499,24 @@ class GatewaySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
                 ) from None
 
 
+class TracingSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """OpenTelemetry tracing (the ``otel`` extra): off unless enabled; read at start-up only.
+
+    Spans go to an OTLP collector; the exporter's own ``OTEL_EXPORTER_OTLP_*`` variables
+    (endpoint, headers, certificates) apply where a field here is unset.
+    """
+
+    enabled: bool = False
+    #: The collector's traces URL (``http://collector:4318/v1/traces``, or ``host:4317`` for
+    #: grpc); unset: the exporter's default or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``.
+    endpoint: str | None = None
+    protocol: Literal["http/protobuf", "grpc"] = "http/protobuf"
+    service_name: Annotated[str, Meta(min_length=1)] = "tenantware"
+    #: Share of new traces recorded; a request that arrives with a ``traceparent`` follows
+    #: its caller's sampling decision.
+    sample_ratio: Annotated[float, Meta(ge=0, le=1)] = 1.0
+
+
 class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The whole configuration of one gateway."""
 
@@ -513,6 +532,7 @@ class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
     metering: MeteringSettings = field(default_factory=MeteringSettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
 
     def __post_init__(self) -> None:
         tiers = self.all_tiers()

@@ -38,6 +38,7 @@ from tenantware.middleware.breaker import BreakerMiddleware, TenantRefusals
 from tenantware.middleware.metering import MeteringMiddleware, UsageRecorder
 from tenantware.middleware.quota import QuotaMiddleware
 from tenantware.middleware.tenant import TenantMiddleware
+from tenantware.middleware.tracing import TracingMiddleware
 from tenantware.proxy.app import ProxyApp
 from tenantware.proxy.upstream import UpstreamClient
 from tenantware.quota.store import QuotaStore
@@ -46,9 +47,12 @@ from tenantware.registry.sync import RegistrySync
 from tenantware.reload import watch_config
 from tenantware.state import LiveConfig
 from tenantware.stores import Stores, open_stores
+from tenantware.tracing import Tracing, open_tracing
 from tenantware.types import ASGIApp, Receive, Scope, Send
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
+
     from tenantware.backends.redis_support import RedisClient
 
 __all__ = ["Gateway"]
@@ -70,6 +74,7 @@ class Gateway:
         upstream_client: UpstreamClient | None = None,
         estimator: PromptEstimator = estimate_prompt_tokens,
         ledger: Ledger | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.live = LiveConfig(config)
         self.config_path = config_path
@@ -103,6 +108,15 @@ class Gateway:
             self.stores.breaker_store(sync_interval_s=config.breaker.sync_interval_s),
         )
         self.proxy = ProxyApp(live=self.live, client=upstream_client, board=self.board)
+        #: OpenTelemetry spans (``tracing.enabled``, or an app's own ``tracer_provider``).
+        self.tracing: Tracing | None = (
+            Tracing(tracer_provider)
+            if tracer_provider is not None
+            else open_tracing(config.tracing)
+        )
+        if self.tracing is not None:
+            self.proxy.dispatcher.tracing = self.tracing
+            self._services.insert(0, self._tracing_service)  # entered first, left last
         #: Fair-share seat pools (memory, or Redis when ``gateway.redis_url`` is set).
         self.admission = AdmissionPools(
             config.admission, self.stores.seat_store, replicas=settings.replicas
@@ -165,6 +179,17 @@ class Gateway:
         async with writer.running():
             yield
 
+    @asynccontextmanager
+    async def _tracing_service(self) -> AsyncIterator[None]:
+        tracing = self.tracing
+        assert tracing is not None
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                # The exporter sends what is still batched: a blocking call, off the loop.
+                await anyio.to_thread.run_sync(tracing.shutdown)
+
     def add_service(self, service: Callable[[], AbstractAsyncContextManager[Any]]) -> None:
         """Run ``service()`` for the gateway's lifetime (entered in order, exited reversed)."""
         self._services.append(service)
@@ -194,7 +219,12 @@ class Gateway:
         on_refusal = (
             TenantRefusals(live=self.live, board=self.board) if self.board.enabled else None
         )
-        stack = [
+        stack = (
+            []
+            if self.tracing is None
+            else [Middleware(TracingMiddleware, live=self.live, tracing=self.tracing)]
+        )
+        stack += [
             Middleware(
                 TenantMiddleware,
                 live=self.live,

@@ -35,6 +35,7 @@ from tenantware.proxy.upstream import (
     UpstreamUnavailable,
 )
 from tenantware.state import LiveConfig, Snapshot
+from tenantware.tracing import Tracing
 from tenantware.types import Receive, Send
 
 __all__ = ["CLIENT_HEADERS", "Dispatcher"]
@@ -93,6 +94,8 @@ class Dispatcher:
         self._targets_version = -1
         #: How a retry waits (its backoff, or a cool-down); tests replace it to hold a retry.
         self.sleep: Callable[[float], Awaitable[None]] = anyio.sleep
+        #: Set when tracing is on: each attempt is a client span, its ``traceparent`` sent on.
+        self.tracing: Tracing | None = None
 
     async def _refresh(self, snapshot: Snapshot, chain: tuple[str, ...]) -> None:
         """After a sleep: re-read the shared circuits that went stale meanwhile (Redis)."""
@@ -160,9 +163,14 @@ class Dispatcher:
                 continue
             backed_off = False
             attempts += 1
-            last = await self._attempt(
-                ctx, receive, send, path, snapshot, deployment, pick.probe, started
-            )
+            if self.tracing is None:
+                last = await self._attempt(
+                    ctx, receive, send, path, snapshot, deployment, pick.probe, started
+                )
+            else:
+                last = await self._traced_attempt(
+                    ctx, receive, send, path, snapshot, deployment, pick.probe, started, attempts
+                )
             if last is None:
                 return
             if tried is None:
@@ -176,6 +184,52 @@ class Dispatcher:
             raise _unavailable(last.error, last.target)
         ctx.usage = Usage()
         await self.relay.send_whole(ctx, send, last.status, last.headers, last.data, last.served)
+
+    async def _traced_attempt(
+        self,
+        ctx: RequestContext,
+        receive: Receive,
+        send: Send,
+        path: str,
+        snapshot: Snapshot,
+        deployment: Deployment,
+        probe: bool,
+        started: float,
+        number: int,
+    ) -> _Failed | None:
+        """``_attempt`` inside a client span of its own: retries and fallbacks are siblings
+        under the request's server span."""
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+
+        tracing = self.tracing
+        assert tracing is not None
+        assert deployment.upstream is not None
+        with tracing.tracer.start_as_current_span(
+            "upstream attempt",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "tenantware.attempt": number,
+                "tenantware.upstream": deployment.upstream.name,
+                "tenantware.deployment": deployment.key,
+                "tenantware.model_served": deployment.model,
+                "tenantware.probe": probe,
+            },
+        ) as span:
+            failed = await self._attempt(
+                ctx, receive, send, path, snapshot, deployment, probe, started
+            )
+            if failed is None:
+                span.set_attribute("http.response.status_code", ctx.status)
+                if ctx.outcome == Outcome.UPSTREAM_ERROR:
+                    span.set_status(Status(StatusCode.ERROR, "stream broke"))
+            elif failed.error is not None:
+                span.set_attribute("error.type", type(failed.error).__name__)
+                span.set_status(Status(StatusCode.ERROR, type(failed.error).__name__))
+            else:
+                span.set_attribute("http.response.status_code", failed.status)
+                span.set_attribute("error.type", str(failed.status))
+                span.set_status(Status(StatusCode.ERROR, f"upstream answered {failed.status}"))
+            return failed
 
     async def _attempt(
         self,
@@ -225,6 +279,8 @@ class Dispatcher:
                     await board.release(key)
                 raise
         headers = {**target.headers, "x-request-id": ctx.request_id}
+        if self.tracing is not None:
+            self.tracing.inject(headers)
         if target.api == "anthropic" and ctx.wire_format == "anthropic":
             headers.update(ctx.extra.get(CLIENT_HEADERS, ()))
         ctx.upstream = target.upstream.name
