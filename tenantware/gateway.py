@@ -42,6 +42,7 @@ from tenantware.middleware.tracing import TracingMiddleware
 from tenantware.proxy.app import ProxyApp
 from tenantware.proxy.upstream import UpstreamClient
 from tenantware.quota.store import QuotaStore
+from tenantware.readiness import gateway_checks
 from tenantware.registry.store import RegistryStore
 from tenantware.registry.sync import RegistrySync
 from tenantware.reload import watch_config
@@ -99,6 +100,10 @@ class Gateway:
         #: Processes serving this configuration (``tenantware serve --workers``): with more
         #: than one, the file registry refuses admin writes (they would reach one process).
         self.processes = settings.replicas
+        #: Lifecycle for ``/readyz``: serving once ``running()`` has started every service,
+        #: draining from the moment it begins to stop.
+        self.started = False
+        self.draining = False
         #: Async context managers entered for the gateway's lifetime (writers, pools).
         self._services: list[Callable[[], AbstractAsyncContextManager[Any]]] = []
         self.add_service(self._registry_service)
@@ -264,7 +269,11 @@ class Gateway:
                         await stack.enter_async_context(service())
                     if self.config_path is not None:
                         group.start_soon(watch_config, self.live, self.config_path)
-                    yield
+                    self.started = True
+                    try:
+                        yield
+                    finally:
+                        self.draining = True
             finally:
                 group.cancel_scope.cancel()
                 with anyio.CancelScope(shield=True):
@@ -294,6 +303,7 @@ class Gateway:
             ledger=self.ledger,
             writer=self.writer,
             health={"registry": self.registry.status},
+            checks=gateway_checks(self),
         )
         admin = AdminApi(
             live=self.live,
@@ -312,6 +322,9 @@ class Gateway:
                 return
             if scope["type"] == "http":
                 path = scope["path"]
+                if path == HEALTH_PATH:  # alive: answered before any layer, even draining
+                    await _alive(send)
+                    return
                 if path.startswith(ADMIN_PREFIX):
                     await admin(scope, receive, send)
                     return
@@ -329,6 +342,26 @@ class Gateway:
             await wrapped(scope, receive, send)
 
         return app
+
+
+#: Liveness: the process answers (``/readyz`` says whether it should get traffic).
+HEALTH_PATH = "/healthz"
+_ALIVE_BODY = b'{"status":"ok"}'
+
+
+async def _alive(send: Send) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(_ALIVE_BODY)).encode()),
+                (b"cache-control", b"no-store"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": _ALIVE_BODY})
 
 
 async def _run_lifespan(gateway: Gateway, receive: Receive, send: Send) -> None:
