@@ -25,7 +25,6 @@ from typing import Any, Final
 from urllib.parse import parse_qsl
 
 import msgspec
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tenantware.context import context_of
 from tenantware.errors import send_error
@@ -39,7 +38,7 @@ from tenantware.metering.reports import (
     report_csv,
     summarize,
 )
-from tenantware.metrics import REGISTRY
+from tenantware.metrics import exposition
 from tenantware.state import LiveConfig
 from tenantware.types import Receive, Scope, Send
 
@@ -130,7 +129,8 @@ class AdminApp:
             if settings.metrics_require_admin and not self._is_admin(scope):
                 await _unauthorized(send)
                 return
-            await _respond(send, 200, CONTENT_TYPE_LATEST.encode(), generate_latest(REGISTRY))
+            content_type, body = exposition()
+            await _respond(send, 200, content_type.encode(), body)
             return
         if self.ledger is None:  # metering disabled: only /metrics
             await _error(send, 404, f"Unknown request URL: GET {path}.", "unknown_url")
