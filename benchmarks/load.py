@@ -156,7 +156,9 @@ def _healthy(port: int) -> bool:
 class Server:
     """A pinned server process; ``startup_s`` is the time from spawn to a 200 on /healthz."""
 
-    def __init__(self, name: str, core: str, argv: list[str], port: int) -> None:
+    def __init__(
+        self, name: str, core: str, argv: list[str], port: int, *, quiet: bool = False
+    ) -> None:
         self.name = name
         self.port = port
         started = time.perf_counter()
@@ -164,6 +166,8 @@ class Server:
             ["taskset", "-c", core, sys.executable, *argv],
             cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
+            # `tenantware serve` writes its request log to stdout: rendered, then dropped.
+            stdout=subprocess.DEVNULL if quiet else None,
         )
         deadline = started + 30
         while not _healthy(port):
@@ -199,6 +203,12 @@ def start_upstream(latency_ms: float) -> Server:
 
 def start_gateway(config_path: Path, args: argparse.Namespace) -> Server:
     port = _free_port()
+    if args.serve_workers:
+        # The real command with N worker processes, allowed on every core (with 2 cores,
+        # the second worker shares core 1 with wrk and the upstream: the whole machine).
+        argv = ["-m", "tenantware.cli", "serve", "--config", str(config_path)]
+        argv += ["--port", str(port), "--workers", str(args.serve_workers)]
+        return Server("gateway", "0-1", argv, port, quiet=True)
     argv = [str(HERE / "serve_gateway.py"), "--config", str(config_path), "--port", str(port)]
     argv += ["--client", args.client, "--server", args.server]
     if args.gc_freeze:
@@ -903,6 +913,13 @@ def main() -> None:
     parser.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp")
     parser.add_argument("--server", choices=["uvicorn", "granian"], default="uvicorn")
     parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() in the gateway")
+    parser.add_argument(
+        "--serve-workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run `tenantware serve --workers N` on both cores instead of serve_gateway.py",
+    )
     parser.add_argument("--soak", type=float, default=0, help="soak for this many seconds")
     parser.add_argument("--soak-rate", type=float, default=300.0)
     parser.add_argument("--soak-stream-every", type=int, default=5, help="1 in k is a stream")
@@ -917,7 +934,16 @@ def main() -> None:
         sys.exit("needs taskset and at least 2 cores")
     args.out.mkdir(parents=True, exist_ok=True)
     name = "-".join(
-        filter(None, ["load", args.backend, args.ledger if args.ledger != "none" else "", args.tag])
+        filter(
+            None,
+            [
+                "load",
+                args.backend,
+                args.ledger if args.ledger != "none" else "",
+                f"workers{args.serve_workers}" if args.serve_workers else "",
+                args.tag,
+            ],
+        )
     )
     meta = {
         **_machine(),
@@ -928,6 +954,7 @@ def main() -> None:
         "client": args.client,
         "server": args.server,
         "gc_freeze": args.gc_freeze,
+        "serve_workers": args.serve_workers,
         "reps": args.reps,
         "seconds": args.seconds,
         "latencies_ms": args.latencies,

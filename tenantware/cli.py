@@ -225,6 +225,9 @@ def _run_server(args: argparse.Namespace, limits: Any) -> None:
         # uvicorn's httptools protocol with the connection limits (tenantware.server_limits).
         http=PROTOCOL_PATH,
         timeout_keep_alive=limits.keep_alive_timeout_s,
+        # On SIGTERM: stop accepting, let requests and streams finish up to this deadline
+        # (then they are cut), then the lifespan ends: the ledger writer flushes.
+        timeout_graceful_shutdown=args.graceful_timeout,
         log_level=args.log_level,
         access_log=False,
     )
@@ -337,6 +340,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument(
+        "--graceful-timeout",
+        type=_positive(float),
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM, seconds open requests and streams get to finish (default 30)",
+    )
     serve.add_argument("--log-level", default="warning", help="uvicorn's own log level")
     serve.add_argument(
         "--log-format",
