@@ -269,7 +269,7 @@ class Gateway:
                         await stack.enter_async_context(service())
                     if self.config_path is not None:
                         group.start_soon(watch_config, self.live, self.config_path)
-                    self.started = True
+                    self.started, self.draining = True, False
                     try:
                         yield
                     finally:
