@@ -178,7 +178,9 @@ def _healthy(port: int) -> bool:
 class Server:
     """A pinned server process; ``startup_s`` is the time from spawn to a 200 on /healthz."""
 
-    def __init__(self, name: str, core: str, argv: list[str], port: int) -> None:
+    def __init__(
+        self, name: str, core: str, argv: list[str], port: int, *, quiet: bool = False
+    ) -> None:
         self.name = name
         self.port = port
         started = time.perf_counter()
@@ -186,6 +188,8 @@ class Server:
             ["taskset", "-c", core, sys.executable, *argv],
             cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
+            # `tenantware serve` writes its request log to stdout: rendered, then dropped.
+            stdout=subprocess.DEVNULL if quiet else None,
         )
         deadline = started + 30
         while not _healthy(port):
@@ -221,6 +225,12 @@ def start_upstream(latency_ms: float) -> Server:
 
 def start_gateway(config_path: Path, args: argparse.Namespace) -> Server:
     port = _free_port()
+    if args.serve_workers:
+        # The real command with N worker processes, allowed on every core (with 2 cores,
+        # the second worker shares core 1 with wrk and the upstream: the whole machine).
+        argv = ["-m", "tenantware.cli", "serve", "--config", str(config_path)]
+        argv += ["--port", str(port), "--workers", str(args.serve_workers)]
+        return Server("gateway", "0-1", argv, port, quiet=True)
     argv = [str(HERE / "serve_gateway.py"), "--config", str(config_path), "--port", str(port)]
     argv += ["--client", args.client, "--server", args.server]
     if args.gc_freeze:
@@ -971,6 +981,13 @@ def main() -> None:
         action="store_true",
         help="closed loop only: chat completions and /v1/responses (translated and native)",
     )
+    parser.add_argument(
+        "--serve-workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run `tenantware serve --workers N` on both cores instead of serve_gateway.py",
+    )
     parser.add_argument("--soak", type=float, default=0, help="soak for this many seconds")
     parser.add_argument("--soak-rate", type=float, default=300.0)
     parser.add_argument("--soak-stream-every", type=int, default=5, help="1 in k is a stream")
@@ -1002,6 +1019,7 @@ def main() -> None:
                 args.backend,
                 args.ledger if args.ledger != "none" else "",
                 f"cache-{args.cache}" if args.cache != "none" else "",
+                f"workers{args.serve_workers}" if args.serve_workers else "",
                 args.tag,
             ],
         )
@@ -1016,6 +1034,7 @@ def main() -> None:
         "client": args.client,
         "server": args.server,
         "gc_freeze": args.gc_freeze,
+        "serve_workers": args.serve_workers,
         "reps": args.reps,
         "seconds": args.seconds,
         "latencies_ms": args.latencies,

@@ -418,3 +418,35 @@ def test_whole_stack_proxy_shadow(benchmark: Any, drive: Any, body: bytes, shado
     benchmark.extra_info["primary_p50_us"] = ordered[len(ordered) // 2] * 1e6
     benchmark.extra_info["primary_p99_us"] = ordered[int(len(ordered) * 0.99)] * 1e6
     benchmark.extra_info["shadow_dropped"] = sum(gateway.migration.book.dropped.values())
+
+
+def _traced_gateway(client: Any, mode: str) -> Gateway:
+    """The benchmark gateway with tracing ``off`` (the default), ``on`` (every request
+    recorded, batched to an exporter that drops them: the export itself runs on the SDK's
+    thread, off the request path) or ``unsampled`` (on, ``sample_ratio`` 0)."""
+    if mode == "off":
+        return _gateway(client)
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
+
+    class Dropping(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider(sampler=ALWAYS_ON if mode == "on" else ALWAYS_OFF)
+    provider.add_span_processor(BatchSpanProcessor(Dropping()))
+    config = bench_config(UPSTREAM_URL, workdir=_WORKDIR.name)
+    return Gateway(parse_config(config), upstream_client=client, tracer_provider=provider)
+
+
+@pytest.mark.parametrize("mode", ["off", "on", "unsampled"])
+@pytest.mark.parametrize("body", [CHAT_BODY, STREAM_BODY], ids=["json", "stream20"])
+def test_whole_stack_proxy_tracing(benchmark: Any, drive: Any, body: bytes, mode: str) -> None:
+    """``test_whole_stack_proxy`` with tracing off, on, and on but not sampled."""
+    gateway = _traced_gateway(_RecordingClient(), mode)
+    _bench(benchmark, drive(gateway, gateway.wrap(gateway.proxy), body))

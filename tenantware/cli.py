@@ -8,6 +8,7 @@ import argparse
 import gc
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Sequence
@@ -52,7 +53,12 @@ async def process_tuning() -> AsyncIterator[None]:
     gc.collect()
     gc.freeze()
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-    yield
+    try:
+        yield
+    finally:
+        from tenantware.metrics import forget_this_process
+
+        forget_this_process()
 
 
 def _demo_secrets() -> tuple[str, str]:
@@ -112,9 +118,7 @@ def build_app() -> ASGIApp:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from tenantware.server_limits import PROTOCOL_PATH, ServeLimits
+    from tenantware.server_limits import ServeLimits
 
     os.environ[_ENV_LOG_FORMAT] = args.log_format
     os.environ[_ENV_WORKERS] = str(args.workers)
@@ -137,6 +141,7 @@ def _serve(args: argparse.Namespace) -> int:
         if args.registry:
             os.environ[_ENV_DEMO_REGISTRY] = args.registry
         _, ledger_url = _demo_secrets()
+        redis_url = None  # the demo keeps its stores in memory
         print(f"tenantware demo gateway on {url}/v1", flush=True)
         for tenant, key in DEMO_KEYS.items():
             print(f"  tenant {tenant:<6} key: {key}", flush=True)
@@ -159,7 +164,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     elif args.config:
         try:
-            load_config(args.config)
+            redis_url = load_config(args.config).gateway.redis_url
         except ConfigError as exc:
             print(f"tenantware: {exc}", file=sys.stderr)
             return 2
@@ -167,6 +172,50 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         print("tenantware serve: give --config FILE or --demo", file=sys.stderr)
         return 2
+    if args.workers > 1:
+        if redis_url is None or redis_url.startswith("memory://"):
+            _warn_memory_stores(args.workers)
+        metrics_dir = _shared_metrics_dir()
+    else:
+        metrics_dir = None
+    try:
+        _run_server(args, limits)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
+
+
+def _warn_memory_stores(workers: int) -> None:
+    """Said loudly at start: memory stores under several workers keep every limit per worker."""
+    print(
+        f"tenantware serve: WARNING: --workers {workers} with in-memory stores "
+        "(gateway.redis_url is not set): each worker keeps its own rate limits, budgets, "
+        f"concurrency slots, seats and circuits, so every limit is multiplied by {workers} "
+        "(a tenant allowed 100 requests a minute gets up to "
+        f"{100 * workers}). Set gateway.redis_url to share them, or run one worker.",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _shared_metrics_dir() -> str | None:
+    """A fresh ``PROMETHEUS_MULTIPROC_DIR`` for the workers (so ``/metrics`` sums them all),
+    unless the operator set one; the new one is returned to be removed after the server."""
+    from tenantware.metrics import MULTIPROC_ENV
+
+    if os.environ.get(MULTIPROC_ENV):
+        return None
+    directory = tempfile.mkdtemp(prefix="tenantware-metrics-")
+    os.environ[MULTIPROC_ENV] = directory
+    return directory
+
+
+def _run_server(args: argparse.Namespace, limits: Any) -> None:
+    import uvicorn
+
+    from tenantware.server_limits import PROTOCOL_PATH
+
     uvicorn.run(
         "tenantware.cli:build_app",
         factory=True,
@@ -177,10 +226,12 @@ def _serve(args: argparse.Namespace) -> int:
         # uvicorn's httptools protocol with the connection limits (tenantware.server_limits).
         http=PROTOCOL_PATH,
         timeout_keep_alive=limits.keep_alive_timeout_s,
+        # On SIGTERM: stop accepting, let requests and streams finish up to this deadline
+        # (then they are cut), then the lifespan ends: the ledger writer flushes.
+        timeout_graceful_shutdown=args.graceful_timeout,
         log_level=args.log_level,
         access_log=False,
     )
-    return 0
 
 
 def _hash_key(args: argparse.Namespace) -> int:
@@ -343,6 +394,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument(
+        "--graceful-timeout",
+        type=_positive(float),
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM, seconds open requests and streams get to finish (default 30)",
+    )
     serve.add_argument("--log-level", default="warning", help="uvicorn's own log level")
     serve.add_argument(
         "--log-format",

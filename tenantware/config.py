@@ -44,6 +44,7 @@ __all__ = [
     "TenantData",
     "TenantPolicy",
     "Tier",
+    "TracingSettings",
     "Upstream",
     "UpstreamKey",
     "expand_env",
@@ -836,6 +837,24 @@ class GatewaySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
                 ) from None
 
 
+class TracingSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """OpenTelemetry tracing (the ``otel`` extra): off unless enabled; read at start-up only.
+
+    Spans go to an OTLP collector; the exporter's own ``OTEL_EXPORTER_OTLP_*`` variables
+    (endpoint, headers, certificates) apply where a field here is unset.
+    """
+
+    enabled: bool = False
+    #: The collector's traces URL (``http://collector:4318/v1/traces``, or ``host:4317`` for
+    #: grpc); unset: the exporter's default or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``.
+    endpoint: str | None = None
+    protocol: Literal["http/protobuf", "grpc"] = "http/protobuf"
+    service_name: Annotated[str, Meta(min_length=1)] = "tenantware"
+    #: Share of new traces recorded; a request that arrives with a ``traceparent`` follows
+    #: its caller's sampling decision.
+    sample_ratio: Annotated[float, Meta(ge=0, le=1)] = 1.0
+
+
 class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The whole configuration of one gateway."""
 
@@ -854,6 +873,7 @@ class GatewayConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     migration: MigrationSettings = field(default_factory=MigrationSettings)
     data: DataSettings = field(default_factory=DataSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
 
     def __post_init__(self) -> None:
         tiers = self.all_tiers()

@@ -54,20 +54,25 @@ from tenantware.middleware.metering import MeteringMiddleware, UsageRecorder
 from tenantware.middleware.quota import QuotaMiddleware
 from tenantware.middleware.requestlog import RequestLogMiddleware
 from tenantware.middleware.tenant import TenantMiddleware
+from tenantware.middleware.tracing import TracingMiddleware
 from tenantware.proxy.app import ProxyApp, send_openapi
 from tenantware.proxy.openapi import OPENAPI_PATH
 from tenantware.proxy.upstream import UpstreamClient
 from tenantware.quota.renewal import renewing
 from tenantware.quota.store import QuotaStore
+from tenantware.readiness import gateway_checks
 from tenantware.registry.store import RegistryStore
 from tenantware.registry.sync import RegistrySync
 from tenantware.reload import watch_config
 from tenantware.state import LiveConfig, Snapshot
 from tenantware.stores import Stores, open_stores
 from tenantware.tenantdata import TenantData
+from tenantware.tracing import Tracing, open_tracing
 from tenantware.types import ASGIApp, Receive, Scope, Send
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
+
     from tenantware.backends.redis_support import RedisClient
 
 __all__ = ["Gateway"]
@@ -94,6 +99,7 @@ class Gateway:
         ledger: Ledger | None = None,
         log_store: LogStore | None = None,
         cache_store: CacheStore | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.live = LiveConfig(config)
         self.config_path = config_path
@@ -118,6 +124,10 @@ class Gateway:
         #: Processes serving this configuration (``tenantware serve --workers``): with more
         #: than one, the file registry refuses admin writes (they would reach one process).
         self.processes = settings.replicas
+        #: Lifecycle for ``/readyz``: serving once ``running()`` has started every service,
+        #: draining from the moment it begins to stop.
+        self.started = False
+        self.draining = False
         #: Async context managers entered for the gateway's lifetime (writers, pools).
         self._services: list[Callable[[], AbstractAsyncContextManager[Any]]] = []
         self.add_service(self._registry_service)
@@ -131,6 +141,15 @@ class Gateway:
         self.proxy = ProxyApp(
             live=self.live, client=upstream_client, board=self.board, owners=self.owners
         )
+        #: OpenTelemetry spans (``tracing.enabled``, or an app's own ``tracer_provider``).
+        self.tracing: Tracing | None = (
+            Tracing(tracer_provider)
+            if tracer_provider is not None
+            else open_tracing(config.tracing)
+        )
+        if self.tracing is not None:
+            self.proxy.dispatcher.tracing = self.tracing
+            self._services.insert(0, self._tracing_service)  # entered first, left last
         #: Fair-share seat pools (memory, or Redis when ``gateway.redis_url`` is set).
         self.admission = AdmissionPools(
             config.admission, self.stores.seat_store, replicas=settings.replicas
@@ -339,6 +358,17 @@ class Gateway:
     def _lease_s(self) -> float:
         return self.config.quota.lease_s
 
+    @asynccontextmanager
+    async def _tracing_service(self) -> AsyncIterator[None]:
+        tracing = self.tracing
+        assert tracing is not None
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                # The exporter sends what is still batched: a blocking call, off the loop.
+                await anyio.to_thread.run_sync(tracing.shutdown)
+
     def add_service(self, service: Callable[[], AbstractAsyncContextManager[Any]]) -> None:
         """Run ``service()`` for the gateway's lifetime (entered in order, exited reversed)."""
         self._services.append(service)
@@ -371,6 +401,8 @@ class Gateway:
             TenantRefusals(live=self.live, board=self.board) if self.board.enabled else None
         )
         stack = [Middleware(AdminRoutes, admin_app=self.admin_app)] if admin else []
+        if self.tracing is not None:
+            stack.append(Middleware(TracingMiddleware, live=self.live, tracing=self.tracing))
         stack += [
             Middleware(
                 TenantMiddleware,
@@ -423,6 +455,7 @@ class Gateway:
             ledger=self.ledger,
             writer=self.writer,
             health={"registry": self.registry.status},
+            checks=gateway_checks(self),
         )
         admin = AdminApi(
             live=self.live,
@@ -443,7 +476,9 @@ class Gateway:
 
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
             path = scope["path"] if scope["type"] == "http" else ""
-            if is_dashboard_path(path):
+            if path == HEALTH_PATH:
+                await _alive(send)
+            elif is_dashboard_path(path):
                 await dashboard(scope, receive, send)
             elif path.startswith(ADMIN_PREFIX):
                 await admin(scope, receive, send)
@@ -466,7 +501,11 @@ class Gateway:
                         await stack.enter_async_context(service())
                     if self.config_path is not None:
                         group.start_soon(watch_config, self.live, self.config_path)
-                    yield
+                    self.started, self.draining = True, False
+                    try:
+                        yield
+                    finally:
+                        self.draining = True
             finally:
                 group.cancel_scope.cancel()
                 with anyio.CancelScope(shield=True):
@@ -517,6 +556,9 @@ class Gateway:
                 return
             if scope["type"] == "http":
                 path = scope["path"]
+                if path == HEALTH_PATH:  # alive: answered before any layer, even draining
+                    await _alive(send)
+                    return
                 if is_admin_path(path):
                     await admin(scope, receive, send)
                     return
@@ -548,7 +590,9 @@ def is_admin_path(path: str) -> bool:
     return path.startswith(ADMIN_PREFIX) or path in _ADMIN_PATHS or is_dashboard_path(path)
 
 
-_ADMIN_PATHS = frozenset({"/metrics", READY_PATH, *TENANT_USAGE_PATHS})
+#: Liveness: the process answers (``/readyz`` says whether it should get traffic).
+HEALTH_PATH = "/healthz"
+_ADMIN_PATHS = frozenset({"/metrics", READY_PATH, HEALTH_PATH, *TENANT_USAGE_PATHS})
 
 
 class AdminRoutes:
@@ -564,6 +608,24 @@ class AdminRoutes:
             await self.admin_app(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+_ALIVE_BODY = b'{"status":"ok"}'
+
+
+async def _alive(send: Send) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(_ALIVE_BODY)).encode()),
+                (b"cache-control", b"no-store"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": _ALIVE_BODY})
 
 
 async def _run_lifespan(gateway: Gateway, receive: Receive, send: Send) -> None:

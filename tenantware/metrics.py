@@ -6,7 +6,16 @@ rejected before any metric is touched), reasons and outcomes are fixed vocabular
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 __all__ = [
     "ADDED_LATENCY_SECONDS",
@@ -32,6 +41,8 @@ __all__ = [
     "TOKENS",
     "TTFT_SECONDS",
     "USAGE_ANOMALIES",
+    "exposition",
+    "forget_this_process",
 ]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -88,6 +99,7 @@ QUEUE_DEPTH = Gauge(
     "tenantware_queue_depth",
     "Requests waiting in the fair queue, by tenant.",
     ["tenant"],
+    multiprocess_mode="livesum",
     registry=REGISTRY,
 )
 QUEUE_WAIT_SECONDS = Histogram(
@@ -101,12 +113,14 @@ SEATS_IN_USE = Gauge(
     "tenantware_seats_in_use",
     "Upstream seats held, by tenant.",
     ["tenant"],
+    multiprocess_mode="livesum",
     registry=REGISTRY,
 )
 BREAKER_STATE = Gauge(
     "tenantware_breaker_state",
     "Circuit state per upstream deployment: 0 closed, 1 half-open, 2 open.",
     ["upstream", "model"],
+    multiprocess_mode="livemax",
     registry=REGISTRY,
 )
 STORE_FAILURES = Counter(
@@ -126,11 +140,13 @@ LEDGER_STUCK = Gauge(
     "tenantware_ledger_stuck",
     "1 while the usage ledger has failed writes for longer than its stuck threshold with "
     "records waiting, else 0.",
+    multiprocess_mode="livemax",
     registry=REGISTRY,
 )
 LEDGER_FAILING_SECONDS = Gauge(
     "tenantware_ledger_failing_seconds",
     "Seconds the usage ledger has been failing writes while records wait (0 when healthy).",
+    multiprocess_mode="livemax",
     registry=REGISTRY,
 )
 LEDGER_DEAD_LETTERS = Counter(
@@ -142,11 +158,13 @@ LEDGER_DEAD_LETTERS = Counter(
 REGISTRY_VERSION = Gauge(
     "tenantware_registry_version",
     "Version of the tenant registry this process serves from.",
+    multiprocess_mode="livemin",
     registry=REGISTRY,
 )
 REGISTRY_STALE = Gauge(
     "tenantware_registry_stale",
     "1 while the shared tenant registry is unreachable and the last copy serves, else 0.",
+    multiprocess_mode="livemax",
     registry=REGISTRY,
 )
 
@@ -167,11 +185,35 @@ BALANCE_NANOUSD = Gauge(
     "tenantware_balance_nanousd",
     "Prepaid balance of a tenant as this process last saw it (nano-dollars).",
     ["tenant"],
+    multiprocess_mode="livemostrecent",
     registry=REGISTRY,
 )
 BALANCE_LOW = Gauge(
     "tenantware_balance_low",
     "1 while a prepaid tenant's balance is below its low-balance threshold, else 0.",
     ["tenant"],
+    multiprocess_mode="livemostrecent",
     registry=REGISTRY,
 )
+
+#: Set (by ``tenantware serve --workers N``) when several processes share the metrics.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def exposition() -> tuple[str, bytes]:
+    """``/metrics``' content type and body: this process's registry, or every worker's."""
+    if not os.environ.get(MULTIPROC_ENV):
+        return CONTENT_TYPE_LATEST, generate_latest(REGISTRY)
+    from prometheus_client import multiprocess
+
+    merged = CollectorRegistry()
+    multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+    return CONTENT_TYPE_LATEST, generate_latest(merged)
+
+
+def forget_this_process() -> None:
+    """Drop this worker's live gauges from the shared files (a worker that stops)."""
+    if os.environ.get(MULTIPROC_ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]

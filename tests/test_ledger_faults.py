@@ -183,7 +183,7 @@ async def test_a_stuck_ledger_is_logged_at_a_bounded_rate_until_it_recovers() ->
     assert len(ledger.records) == 50 + 120
 
 
-async def test_readyz_is_503_naming_the_stuck_ledger_and_200_when_healthy(
+async def test_readyz_names_the_stuck_ledger_and_is_503_when_it_cannot_spill(
     tmp_path: Path,
 ) -> None:
     healthy, _ = in_process_gateway()
@@ -194,8 +194,12 @@ async def test_readyz_is_503_naming_the_stuck_ledger_and_200_when_healthy(
     assert ready.json()["ledger"]["stuck"] is False
 
     dead = f"postgresql://tw:secret-password@127.0.0.1:{find_free_port()}/none"
+    # Stuck with nowhere to spill (the spill file's directory is a file): records would be
+    # lost, so the replica is not ready (with a spill file it is: tests/test_health.py).
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
     config = make_config(
-        metering={"spill_path": str(tmp_path / "spill.jsonl"), "request_log": False}
+        metering={"spill_path": str(blocker / "spill.jsonl"), "request_log": False}
     )
     gateway = Gateway(
         config,
@@ -210,6 +214,7 @@ async def test_readyz_is_503_naming_the_stuck_ledger_and_200_when_healthy(
         gateway.writer.watch_health()
         stuck = await client.get("/readyz", headers={"authorization": ""})
         metrics = _stuck_gauge()
+        gateway.writer.spill = None  # leaving running() would spill into the blocked path
     assert stuck.status_code == 503
     body = stuck.json()
     assert body["status"] == "not_ready"

@@ -57,6 +57,7 @@ SECTIONS: list[tuple[type[msgspec.Struct], list[str]]] = [
     (schema.AlertSettings, ["[alerts]"]),
     (schema.AlertRule, ["[[alerts.rules]]"]),
     (schema.AlertDestination, ["[[alerts.destinations]]"]),
+    (schema.TracingSettings, ["[tracing]"]),
     (schema.MigrationSettings, ["[migration]"]),
     (schema.MigrationRule, ["[[migration.rules]]"]),
     (schema.MigrationCandidate, ["[[migration.rules.candidates]]"]),

@@ -11,20 +11,22 @@
   as CSV, for chargeback). ``since`` defaults to 30 days ago.
 - ``GET /metrics`` is the Prometheus exposition; it shows every tenant, so it needs the admin
   key unless ``metering.metrics_require_admin`` is false.
-- ``GET /readyz`` (no key: load balancers and orchestrators probe it) is 200 while the usage
-  ledger takes writes and 503 when it is stuck, with a JSON body naming the ledger and what
-  waits for it (never its URL).
+- ``GET /readyz`` (no key: load balancers and orchestrators probe it) is 200 while every
+  check passes and 503 with the reasons when one does not. The usage ledger passes while it
+  takes writes or, when it is stuck, while its spill file can take the records instead; the
+  gateway adds its own checks (started and not draining, configuration, stores). The JSON
+  body names each part and its state, never a URL.
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+import os
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 from urllib.parse import parse_qsl
 
 import msgspec
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tenantware.context import context_of
 from tenantware.errors import send_error
@@ -40,11 +42,18 @@ from tenantware.metering.reports import (
     report_csv,
     usage_report,
 )
-from tenantware.metrics import REGISTRY
+from tenantware.metrics import exposition
 from tenantware.state import LiveConfig
 from tenantware.types import Receive, Scope, Send
 
-__all__ = ["ADMIN_PREFIX", "READY_PATH", "TENANT_USAGE_PATHS", "AdminApp"]
+__all__ = [
+    "ADMIN_PREFIX",
+    "READY_PATH",
+    "TENANT_USAGE_PATHS",
+    "AdminApp",
+    "ReadinessCheck",
+    "ledger_readiness",
+]
 
 ADMIN_PREFIX: Final = "/admin/"
 READY_PATH: Final = "/readyz"
@@ -54,6 +63,36 @@ _encode = msgspec.json.Encoder().encode
 
 class _BadQuery(ValueError):
     pass
+
+
+#: One part of ``/readyz``: whether it passes, and what the body says about it (a ``status``
+#: and details, never a secret).
+ReadinessCheck = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
+
+
+def ledger_readiness(writer: LedgerWriter) -> tuple[bool, dict[str, Any]]:
+    """The ledger passes while it takes writes (``ok``) or, stuck, while the spill file can
+    hold what it refuses (``spilling``: no record is lost, they are replayed later); it fails
+    when stuck with nowhere to put them (``stuck``)."""
+    health = writer.health()
+    detail: dict[str, Any] = msgspec.to_builtins(health)
+    if not health.stuck:
+        detail["status"] = "ok"
+        return True, detail
+    spill = writer.spill
+    if spill is not None and _writable(spill.path):
+        detail["status"] = "spilling"
+        return True, detail
+    detail["status"] = "stuck"
+    return False, detail
+
+
+def _writable(path: str | os.PathLike[str]) -> bool:
+    """Whether a file can be appended to at ``path`` (it, or its directory to create it)."""
+    if os.path.exists(path):
+        return os.access(path, os.W_OK)
+    directory = os.path.dirname(os.path.abspath(path))
+    return os.path.isdir(directory) and os.access(directory, os.W_OK | os.X_OK)
 
 
 class AdminApp:
@@ -67,6 +106,7 @@ class AdminApp:
         writer: LedgerWriter | None = None,
         authorize: Callable[[Scope], bool] | None = None,
         health: dict[str, Callable[[], Any]] | None = None,
+        checks: dict[str, ReadinessCheck] | None = None,
     ) -> None:
         self.live = live
         self.ledger = ledger
@@ -75,6 +115,8 @@ class AdminApp:
         self.authorize = authorize
         #: More parts of ``/readyz``'s body (informative: they do not make it 503).
         self.health = health or {}
+        #: Parts of ``/readyz`` that decide it: each says whether it passes, and its state.
+        self.checks = checks or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -91,7 +133,8 @@ class AdminApp:
             if settings.metrics_require_admin and not self._is_admin(scope):
                 await _unauthorized(send)
                 return
-            await _respond(send, 200, CONTENT_TYPE_LATEST.encode(), generate_latest(REGISTRY))
+            content_type, body = exposition()
+            await _respond(send, 200, content_type.encode(), body)
             return
         if self.ledger is None:  # metering disabled: only /metrics
             await _error(send, 404, f"Unknown request URL: GET {path}.", "unknown_url")
@@ -137,16 +180,23 @@ class AdminApp:
         return False
 
     async def _ready(self, send: Send) -> None:
-        extra = {name: part() for name, part in self.health.items()}
-        if self.writer is None:  # metering disabled: no ledger to wait for
-            body = _encode({"status": "ready", **extra})
-            await _respond(send, 200, b"application/json", body)
-            return
-        health = self.writer.health()
-        body = _encode(
-            {"status": "not_ready" if health.stuck else "ready", "ledger": health, **extra}
-        )
-        await _respond(send, 503 if health.stuck else 200, b"application/json", body)
+        body: dict[str, Any] = {"status": "ready"}
+        reasons: list[str] = []
+        for name, check in self.checks.items():
+            passed, detail = await check()
+            body[name] = detail
+            if not passed:
+                reasons.append(f"{name}: {detail.get('status', 'failing')}")
+        if self.writer is not None:  # metering enabled: the ledger must take the records
+            passed, detail = ledger_readiness(self.writer)
+            body["ledger"] = detail
+            if not passed:
+                reasons.append(f"ledger: {detail['status']}")
+        body.update((name, part()) for name, part in self.health.items())
+        if reasons:
+            body["status"] = "not_ready"
+            body["reasons"] = reasons
+        await _respond(send, 503 if reasons else 200, b"application/json", _encode(body))
 
     async def _usage(self, send: Send, query: dict[str, str], *, tenant: str | None) -> None:
         assert self.ledger is not None

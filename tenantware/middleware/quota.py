@@ -42,6 +42,7 @@ from tenantware.quota.plan import (
 from tenantware.quota.store import Decision, QuotaStore
 from tenantware.registry import TenantView
 from tenantware.state import LiveConfig, Snapshot
+from tenantware.tracing import QUOTA_DECISION
 from tenantware.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["LOW_BALANCE_HEADER", "QuotaMiddleware", "format_reset"]
@@ -273,8 +274,17 @@ class QuotaMiddleware:
                             granted, ticket, -tokens, -cost, -charge, cancel=True
                         )
         if refused is not None:
-            await self._reject(send, ctx, tenant, refused[0], refused[1], tokens, headers)
+            plan, decision = refused
+            limit = plan.limits[decision.failed].name if decision.source != "closed" else ""
+            ctx.extra[QUOTA_DECISION] = (False, decision.source, limit)
+            await self._reject(send, ctx, tenant, plan, decision, tokens, headers)
             return
+        if held:
+            source = held[0].decision.source
+            for granted in held[1:]:
+                if granted.decision.source != "store":
+                    source = granted.decision.source
+            ctx.extra[QUOTA_DECISION] = (True, source, "")
 
         def send_with_headers(message: Message) -> Awaitable[None]:
             # A plain function returning ``send``'s awaitable: no coroutine per message.

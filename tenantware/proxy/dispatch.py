@@ -41,6 +41,7 @@ from tenantware.proxy.upstream import (
 )
 from tenantware.registry import TenantView
 from tenantware.state import LiveConfig, Snapshot
+from tenantware.tracing import Tracing
 from tenantware.types import Receive, Send
 
 __all__ = ["CLIENT_HEADERS", "Dispatcher", "UpstreamCall", "upstream_unavailable"]
@@ -114,6 +115,8 @@ class Dispatcher:
         self.sleep: Callable[[float], Awaitable[None]] = anyio.sleep
         #: Tenants' own upstream keys opened so far: sealed value -> key (in memory only).
         self._opened: dict[str, str] = {}
+        #: Set when tracing is on: each attempt is a client span, its ``traceparent`` sent on.
+        self.tracing: Tracing | None = None
 
     async def _refresh(self, snapshot: Snapshot, chain: tuple[str, ...]) -> None:
         """After a sleep: re-read the shared circuits that went stale meanwhile (Redis)."""
@@ -274,9 +277,23 @@ class Dispatcher:
                 continue
             backed_off = False
             attempts += 1
-            last = await self._attempt(
-                ctx, receive, send, path, snapshot, deployment, probe, started, primary
-            )
+            if self.tracing is None:
+                last = await self._attempt(
+                    ctx, receive, send, path, snapshot, deployment, probe, started, primary
+                )
+            else:
+                last = await self._traced_attempt(
+                    ctx,
+                    receive,
+                    send,
+                    path,
+                    snapshot,
+                    deployment,
+                    probe,
+                    started,
+                    attempts,
+                    primary,
+                )
             if last is None:
                 return
             if primary is not None:
@@ -345,6 +362,53 @@ class Dispatcher:
             headers.update(ctx.extra.get(CLIENT_HEADERS, ()))
         return UpstreamCall(target, served, url, headers, body, adapter, wants_usage)
 
+    async def _traced_attempt(
+        self,
+        ctx: RequestContext,
+        receive: Receive,
+        send: Send,
+        path: str,
+        snapshot: Snapshot,
+        deployment: Deployment,
+        probe: bool,
+        started: float,
+        number: int,
+        primary: PrimaryCall | None = None,
+    ) -> _Failed | None:
+        """``_attempt`` inside a client span of its own: retries and fallbacks are siblings
+        under the request's server span."""
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+
+        tracing = self.tracing
+        assert tracing is not None
+        assert deployment.upstream is not None
+        with tracing.tracer.start_as_current_span(
+            "upstream attempt",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "tenantware.attempt": number,
+                "tenantware.upstream": deployment.upstream.name,
+                "tenantware.deployment": deployment.key,
+                "tenantware.model_served": deployment.model,
+                "tenantware.probe": probe,
+            },
+        ) as span:
+            failed = await self._attempt(
+                ctx, receive, send, path, snapshot, deployment, probe, started, primary
+            )
+            if failed is None:
+                span.set_attribute("http.response.status_code", ctx.status)
+                if ctx.outcome == Outcome.UPSTREAM_ERROR:
+                    span.set_status(Status(StatusCode.ERROR, "stream broke"))
+            elif failed.error is not None:
+                span.set_attribute("error.type", type(failed.error).__name__)
+                span.set_status(Status(StatusCode.ERROR, type(failed.error).__name__))
+            else:
+                span.set_attribute("http.response.status_code", failed.status)
+                span.set_attribute("error.type", str(failed.status))
+                span.set_status(Status(StatusCode.ERROR, f"upstream answered {failed.status}"))
+            return failed
+
     async def _attempt(
         self,
         ctx: RequestContext,
@@ -391,6 +455,8 @@ class Dispatcher:
                     cap,
                 )
         ctx.own_upstream_key = own
+        if self.tracing is not None:
+            self.tracing.inject(headers)
         ctx.upstream = target.upstream.name
         ctx.model_served = served
         inflight = board.inflight

@@ -128,6 +128,8 @@ class RequestRecord:
     completion_tokens: int = 0
     has_authorization: bool = False
     outcome: RecordOutcome = "pending"
+    #: The W3C ``traceparent`` the request carried (the gateway's attempt span when tracing).
+    traceparent: str | None = None
 
 
 @dataclass(slots=True)
@@ -541,6 +543,7 @@ class FakeUpstream:
         authorization: bytes | None = None
         x_api_key: bytes | None = None
         request_id: bytes | None = None
+        traceparent: str | None = None
         headers: dict[str, str] = {}
         for raw_name, raw_value in scope["headers"]:
             name = raw_name.decode("latin-1").lower()
@@ -554,6 +557,8 @@ class FakeUpstream:
                 value = raw_value.decode("latin-1")
                 if name == "x-request-id" and request_id is None:
                     request_id = raw_value
+                elif name == "traceparent":
+                    traceparent = value
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
 
         stats = self.stats  # a reset() mid-request must not unbalance the new counters
@@ -562,7 +567,9 @@ class FakeUpstream:
         if route is not None and route[1] == "messages" and x_api_key is not None:
             # Anthropic's clients send the key as ``x-api-key``: checked like a bearer key.
             authorization = b"Bearer " + x_api_key
-        record = RequestRecord(path=path, has_authorization=authorization is not None)
+        record = RequestRecord(
+            path=path, has_authorization=authorization is not None, traceparent=traceparent
+        )
         if request_id is not None and self.config.record_requests:
             stats.by_request_id[request_id.decode("latin-1")] = record
         echo = [(b"x-request-id", request_id)] if request_id is not None else []

@@ -1,0 +1,183 @@
+#!/usr/bin/env python
+"""Redis round trips and Redis CPU per gateway request, by script and operation.
+
+    python benchmarks/bench_redis_calls.py [--requests 2000] [--concurrency 1 16]
+
+The whole stack (``benchconfig.bench_config(backend="redis")``: quota, admission, breaker,
+metering) runs in process against a private ``redis-server``; the upstream is the recorded
+fake of ``test_bench_stack.py`` (no network), so every Redis command comes from the gateway.
+Redis's own CPU (``INFO cpu``) and script time (``INFO commandstats``) are read over one pass;
+a second pass runs under ``MONITOR``, which names every command a client sent (each
+``EVALSHA`` by its script: quota reserve/settle, admission op, breaker) apart from those a
+script ran inside Redis. Prints a markdown table per mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+
+from benchconfig import CHAT_BODY, STREAM_BODY, bench_config  # noqa: E402
+from test_bench_stack import _RecordingClient, _scope  # noqa: E402
+
+from tenantware import Gateway, parse_config  # noqa: E402
+from tests.servers import throwaway_redis  # noqa: E402
+
+
+def _script_names() -> dict[str, str]:
+    from tenantware.admission import redis as admission
+    from tenantware.breaker import redis as breaker
+    from tenantware.quota import redis as quota
+
+    sources = {
+        "quota reserve": quota._RESERVE,
+        "quota settle": quota._SETTLE,
+        "quota usage": quota._USAGE,
+        "admission": admission._SCRIPT,
+        "breaker": breaker._SCRIPT,
+    }
+    return {hashlib.sha1(src.encode()).hexdigest(): name for name, src in sources.items()}
+
+
+def _label(args: list[bytes], names: dict[str, str]) -> str:
+    command = args[0].decode().lower()
+    if command not in ("evalsha", "eval"):
+        return command
+    name = names.get(args[1].decode(), "other script") if command == "evalsha" else "eval"
+    if name == "admission":
+        keys = int(args[2])
+        name += " " + args[3 + keys].decode()
+    return name
+
+
+async def _drive(app: Any, body: bytes, total: int, concurrency: int) -> None:
+    scope = _scope("/v1/chat/completions", body)
+    message = {"type": "http.request", "body": body, "more_body": False}
+
+    async def one() -> None:
+        received = False
+        complete = asyncio.Event()
+
+        async def recv() -> dict[str, Any]:
+            nonlocal received
+            if received:
+                await complete.wait()
+                return {"type": "http.disconnect"}
+            received = True
+            return message
+
+        async def send(event: dict[str, Any]) -> None:
+            if event["type"] == "http.response.body" and not event.get("more_body", False):
+                complete.set()
+            if event["type"] == "http.response.start":
+                assert event["status"] == 200, event
+
+        await app(dict(scope), recv, send)
+
+    queue = iter(range(total))
+
+    async def worker() -> None:
+        for _ in queue:
+            await one()
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+async def measure(url: str, body: bytes, total: int, concurrency: int) -> dict[str, Any]:
+    """Two passes of ``total`` requests: Redis's CPU and command statistics, then (under
+    ``MONITOR``, which slows Redis) every command a client sent, named."""
+    import redis.asyncio as aioredis
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = bench_config(
+            "http://upstream.bench/v1",
+            backend="redis",
+            redis_url=url,
+            redis_prefix=f"bench{concurrency}:",
+            workdir=tmp,
+        )
+        gateway = Gateway(parse_config(config), upstream_client=_RecordingClient())
+        app = gateway.wrap(gateway.proxy)
+        admin = aioredis.Redis.from_url(url)
+        async with gateway.running():
+            await _drive(app, body, 200, concurrency)  # warm: scripts loaded, plans built
+            await admin.config_resetstat()
+            cpu0 = await admin.info("cpu")
+            await _drive(app, body, total, concurrency)
+            cpu1 = await admin.info("cpu")
+            stats = await admin.info("commandstats")
+            calls: Counter[str] = Counter()
+            async with admin.monitor() as monitor:
+                names = _script_names()
+                counting = asyncio.create_task(_count(monitor, names, calls))
+                await asyncio.sleep(0.2)
+                await _drive(app, body, total, concurrency)
+                await asyncio.sleep(0.5)
+                counting.cancel()
+        await admin.aclose()
+    cpu = sum(cpu1[k] - cpu0[k] for k in ("used_cpu_sys", "used_cpu_user"))
+    scripts = {k: v for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval")}
+    return {
+        "calls": calls,
+        "cpu_us": cpu * 1e6,
+        "script_calls": sum(v.get("calls", 0) for v in scripts.values()),
+        "script_us": sum(v.get("usec", 0) for v in scripts.values()),
+    }
+
+
+async def _count(monitor: Any, names: dict[str, str], calls: Counter[str]) -> None:
+    async for event in monitor.listen():
+        command = event.get("command", "")
+        if event.get("client_type") == "lua" or "[0 lua]" in str(event.get("client_address")):
+            calls["(inside scripts) " + command.split(" ")[0].lower()] += 1
+            continue
+        args = [part.strip('"').encode() for part in command.split(" ")]
+        if args and args[0].lower() not in (b"monitor", b"info", b"config"):
+            calls[_label(args, names)] += 1
+
+
+def report(mode: str, concurrency: int, total: int, result: dict[str, Any]) -> str:
+    calls = result["calls"]
+    client = {k: v for k, v in calls.items() if not k.startswith("(inside")}
+    inner = sum(v for k, v in calls.items() if k.startswith("(inside"))
+    lines = [
+        f"\n{mode}, c={concurrency}, {total} requests",
+        "",
+        "| command sent by the gateway | per request |",
+        "|---|---|",
+    ]
+    for label in sorted(client, key=lambda name: -client[name]):
+        lines.append(f"| {label} | {client[label] / total:.2f} |")
+    lines.append(f"| **round trips** | **{sum(client.values()) / total:.2f}** |")
+    lines.append(f"| (commands run inside those scripts) | {inner / total:.1f} |")
+    lines.append(
+        f"\nRedis CPU (INFO cpu, user + sys): **{result['cpu_us'] / total:.0f} µs per request**;"
+        f" scripts (INFO commandstats): {result['script_calls'] / total:.2f} calls, "
+        f"{result['script_us'] / total:.0f} µs per request"
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    args = parser.parse_args()
+    with throwaway_redis() as server:
+        for mode, body in (("json", CHAT_BODY), ("stream20", STREAM_BODY)):
+            for concurrency in args.concurrency:
+                result = asyncio.run(measure(server.url, body, args.requests, concurrency))
+                print(report(mode, concurrency, args.requests, result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
