@@ -257,7 +257,8 @@ async def test_the_admin_usage_and_metrics_routes_serve_a_users_own_app(wrap: bo
     gateway, ledger = _admin_gateway()
     app = _own_starlette_app(gateway, wrap=wrap)
     admin_headers = {"authorization": f"Bearer {ADMIN_KEY}"}
-    async with client_for(app, KEYS["acme"]) as acme:
+    # Within the gateway's lifespan, as the app's server runs it (/readyz: not before).
+    async with gateway.running(), client_for(app, KEYS["acme"]) as acme:
         assert (await acme.get("/", headers={"authorization": ""})).text == "home"
         assert (await acme.post("/v1/chat/completions", json=CHAT)).status_code == 200
         assert gateway.writer is not None
