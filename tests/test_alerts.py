@@ -488,6 +488,47 @@ async def test_alert_history_through_the_admin_api() -> None:
     assert tenant_rules.status_code == 403
 
 
+async def test_alert_rules_replaced_through_the_admin_api_take_effect() -> None:
+    from tenantware import KeyHasher
+
+    admin_key = "sk-test-alert-admin"
+    quiet = {**FAST_ERRORS, "threshold": 1.0}  # an error rate can never be over 100 %
+    with receiver() as (hooks, url):
+        config = alert_config(
+            url,
+            [quiet],
+            breaker={"enabled": False},
+            gateway={"admin_keys": [{"id": "ops", "hash": KeyHasher().hash(admin_key)}]},
+        )
+        gateway, fake = in_process_gateway(config=config)
+        fake.config.failure_rate = 1.0
+        app = gateway.asgi_app()
+        async with (
+            gateway.running(),
+            client_for(app, KEYS["acme"]) as acme,
+            client_for(app, admin_key) as admin,
+        ):
+            await _send(acme, 5)
+            await anyio.sleep(0.3)  # judged several times: nothing fires at 100 %
+            assert hooks.delivered("/acme", "firing") == []
+            by_tenant = await acme.put("/admin/alerts/rules", json={"data": [FAST_ERRORS]})
+            unknown = await admin.put(
+                "/admin/alerts/rules",
+                json={"data": [{**FAST_ERRORS, "scope": "tenant", "match": ["nobody"]}]},
+            )
+            malformed = await admin.put("/admin/alerts/rules", json={"data": [{"id": "x"}]})
+            changed = await admin.put("/admin/alerts/rules", json={"data": [FAST_ERRORS]})
+            await repeat_until(lambda: hooks.delivered("/acme", "firing"), lambda: _send(acme, 1))
+            rules = (await admin.get("/admin/alerts/rules")).json()["data"]
+    assert by_tenant.status_code == 403
+    assert unknown.status_code == 400
+    assert "nobody" in unknown.json()["error"]["message"]
+    assert malformed.status_code == 400
+    assert changed.status_code == 200, changed.text
+    assert [(r["id"], r["threshold"]) for r in rules] == [("errors", 0.5)]
+    assert hooks.delivered("/acme", "firing")[0]["alert"]["rule"] == "errors"
+
+
 async def test_a_tenant_registers_its_own_webhook_for_its_own_alerts() -> None:
     with receiver() as (hooks, url):
         config = alert_config(

@@ -1250,11 +1250,40 @@ class AdminApi:
         return _json(AlertHistory(data=entries))
 
     async def _alert_rules(self, request: Request, caller: Caller) -> Response:
+        if request.method == "PUT":
+            return await self._replace_alert_rules(request, caller)
         if request.method not in ("GET", "HEAD"):
             raise _method(request)
         self._allow(caller, "admin", "read-only")
         rules = list(rules_in_force(self.live.current.config.alerts))
         return _json(AlertRuleList(data=rules))
+
+    async def _replace_alert_rules(self, request: Request, caller: Caller) -> Response:
+        """New rules for the next evaluation, checked like the file's. Like the migration
+        rules, a change reaches this process only: it lasts until the file is reloaded, and is
+        refused when several processes serve (change the file and reload them instead)."""
+        self._allow(caller, "admin", write=True)
+        if self._processes > 1:
+            raise Refusal(
+                409,
+                "Alert rules changed here would reach only this process: change them in the "
+                "configuration file and reload every process.",
+                "alert_rules_not_shared",
+            )
+        try:
+            body = msgspec.json.decode(await request.body(), type=AlertRuleList)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise Refusal(400, f"Invalid body: {exc}", "invalid_value") from None
+        file_config = self.live.file_config
+        try:
+            # ``replace`` runs the configuration's own checks (the names rules refer to).
+            alerts = msgspec.structs.replace(file_config.alerts, rules=list(body.data))
+            config = msgspec.structs.replace(file_config, alerts=alerts)
+        except msgspec.ValidationError as exc:
+            raise Refusal(400, f"Invalid rules: {exc}", "invalid_value") from None
+        self.live.replace(config)
+        log.info("alert rules changed", actor=f"{caller.role}:{caller.id}", rules=len(body.data))
+        return _json(AlertRuleList(data=list(rules_in_force(self.live.current.config.alerts))))
 
     async def _active_alerts(self, request: Request, caller: Caller) -> Response:
         tenant = self._alert_tenant(request, caller)

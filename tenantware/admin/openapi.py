@@ -496,7 +496,14 @@ def openapi_document() -> bytes:
                 "admin, read-only",
                 ("200", AlertRuleList, "The rules"),
                 errors=("401", "403"),
-            )
+            ),
+            "put": _operation(
+                "Replace the alert rules (this process, until the file is reloaded)",
+                "admin",
+                ("200", AlertRuleList, "The rules now in force"),
+                body=AlertRuleList,
+                errors=("400", "401", "403", "409"),
+            ),
         },
         "/admin/alerts/active": {
             "get": _operation(
