@@ -243,25 +243,27 @@ return 1
 
 
 async def test_a_deep_pipeline_that_drains_is_not_an_outage() -> None:
-    # 100 scripts of 5 ms each (0.5 s of work) queued at once on a 0.25 s bound: Redis answers
-    # batch after batch (each read of ~16 KB of commands), so the connection keeps making
-    # progress and every call is answered; the bound is for silence, not for queueing.
+    # 200 scripts of 10 ms each (2 s of work) queued at once on a 1 s bound: Redis answers
+    # batch after batch (each read of ~16 KB of commands, about 50 ms of work), so the
+    # connection keeps making progress and every call is answered; the bound is for silence,
+    # not for queueing. (The bound is 20 batches long, so a host that pauses Redis for a
+    # moment does not make a real silence of it.)
     from tests.servers import ServiceUnavailable, throwaway_redis
 
     try:
         with throwaway_redis() as server:
-            client = MultiplexedRedis(server.url, timeout_s=0.25)
+            client = MultiplexedRedis(server.url, timeout_s=1.0)
             try:
                 script = client.register_script(BUSY)
                 padding = "x" * 3000  # five commands per read: several batches
                 started = time.monotonic()
                 results = await asyncio.gather(
-                    *(script(keys=[f"k{i}"], args=[5000, padding]) for i in range(100))
+                    *(script(keys=[f"k{i}"], args=[10_000, padding]) for i in range(200))
                 )
                 elapsed = time.monotonic() - started
             finally:
                 await client.aclose()
     except ServiceUnavailable as exc:
         pytest.skip(f"no throwaway Redis: {exc.reason}")
-    assert results == [1] * 100
-    assert elapsed > 0.25  # the queue really outlasted the bound
+    assert results == [1] * 200
+    assert elapsed > 1.0  # the queue really outlasted the bound
