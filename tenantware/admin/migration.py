@@ -26,21 +26,23 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tenantware.admin.auth import Caller
-from tenantware.config import MigrationCandidate, MigrationSettings
+from tenantware.config import MigrationCandidate, MigrationSettings, Share
 from tenantware.metering.reports import parse_time
 from tenantware.migration import report_csv
 from tenantware.proxy.migration import MigrationRunner
 from tenantware.state import LiveConfig
 
-__all__ = ["MigrationRoutes"]
+__all__ = ["CandidateShares", "MigrationRoutes"]
 
 log = structlog.get_logger("tenantware.admin")
 _encode = msgspec.json.Encoder().encode
 
 
-class _Shares(msgspec.Struct, forbid_unknown_fields=True):
-    canary_percent: float | None = None
-    shadow_percent: float | None = None
+class CandidateShares(msgspec.Struct, forbid_unknown_fields=True):
+    """The body of ``PATCH .../candidates/{upstream}``: the shares to change (unset: kept)."""
+
+    canary_percent: Share | None = None
+    shadow_percent: Share | None = None
 
 
 class MigrationRoutes:
@@ -120,7 +122,7 @@ class MigrationRoutes:
         name = request.path_params["rule"]
         upstream = request.path_params["upstream"]
         try:
-            shares = msgspec.json.decode(await request.body(), type=_Shares)
+            shares = msgspec.json.decode(await request.body(), type=CandidateShares)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise self._refusal(400, f"Invalid body: {exc}", "invalid_value") from None
         current = self.live.current.config.migration
