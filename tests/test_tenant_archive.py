@@ -24,6 +24,7 @@ from tenantware.metering.ledger import (
     UsageRecord,
 )
 from tenantware.metering.reports import usage_report
+from tenantware.stores import open_stores
 from tenantware.tenantdata.archive import (
     ArchiveConflict,
     decode_archive,
@@ -217,12 +218,19 @@ async def test_an_archive_is_refused_where_the_tenant_has_other_key_material() -
         decode_archive(b'{"format": "zip"}')
 
 
-def _deployment(tmp_path: Path, name: str, redis_url: str, prefix: str) -> Path:
-    """A configuration file: a shared Redis registry and a SQLite ledger of its own."""
+def _deployment(
+    tmp_path: Path, name: str, redis_url: str, prefix: str, *, shared_store: bool = False
+) -> Path:
+    """A configuration file: a shared Redis registry and a SQLite ledger of its own (and,
+    ``shared_store``, its quota store in Redis)."""
     hasher = KeyHasher()
     path = tmp_path / f"{name}.json"
     config = {
-        "gateway": {"registry_url": redis_url, "redis_prefix": f"{prefix}{name}:"},
+        "gateway": {
+            "registry_url": redis_url,
+            "redis_prefix": f"{prefix}{name}:",
+            **({"redis_url": redis_url} if shared_store else {}),
+        },
         "metering": {"ledger_url": f"sqlite:///{tmp_path / name}.db"},
         "tenants": [
             {"id": t, "keys": [{"id": f"{t}-1", "hash": hasher.hash(KEYS[t])}]}
@@ -237,7 +245,7 @@ def test_cli_exports_a_tenant_and_imports_it_into_another_deployment(
     tmp_path: Path, redis_url: str, redis_prefix: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     source = _deployment(tmp_path, "one", redis_url, redis_prefix)
-    target = _deployment(tmp_path, "two", redis_url, redis_prefix)
+    target = _deployment(tmp_path, "two", redis_url, redis_prefix, shared_store=True)
     assert main(["registry", "import", "--config", str(source), str(source)]) == 0
     ledger = SqliteLedger(tmp_path / "one.db")
     records = [
@@ -264,6 +272,17 @@ def test_cli_exports_a_tenant_and_imports_it_into_another_deployment(
     assert reports[0]["registry_written"]
     assert reports[0]["usage_records"] == 4
     assert not reports[1]["registry_written"]
+    # The balance went into the target's shared quota store, once.
+    assert (reports[0]["balance_restored"], reports[1]["balance_restored"]) == (True, False)
+
+    async def balance() -> int | None:
+        stores = open_stores(redis_url, prefix=f"{redis_prefix}two:")
+        try:
+            return await stores.quota_store().balance("acme")
+        finally:
+            await stores.aclose()
+
+    assert anyio.run(balance) == 7
     imported = anyio.run(lambda: SqliteLedger(tmp_path / "two.db").query())
     assert imported == [r for r in records if r.tenant == "acme"]
     journal = anyio.run(lambda: SqliteLedger(tmp_path / "two.db").totals())
