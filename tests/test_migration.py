@@ -4,6 +4,7 @@ rollback, against two fake upstreams (the primary and the candidate)."""
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -333,6 +334,9 @@ async def test_report_figures_equal_what_the_fakes_counted(
     assert refused.status_code == 403
     assert api.status_code == 200
     assert api.json()["data"] == [msgspec.to_builtins(r) for r in rows]
+    # What it covers: this process, from its oldest comparison kept.
+    assert api.json()["process"].endswith(f":{os.getpid()}")
+    assert api.json()["oldest_kept"] == min(e.ts for e in gateway.migration.book.entries)
     lines = csv_answer.text.splitlines()
     assert lines[0].startswith("rule,trial,shadow_requests,")
     assert lines[1].startswith("trial,trial/relay/gpt-4.1,10,")

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from tenantware.admin.migration import CandidateShares
+from tenantware.admin.migration import CandidateShares, MigrationReport
 from tenantware.admin.schemas import (
     AdminKeyIssue,
     AdminKeyIssued,
@@ -54,7 +54,6 @@ from tenantware.admin.schemas import (
 )
 from tenantware.config import MigrationSettings
 from tenantware.dashboard.schemas import LiveView, UsageView
-from tenantware.migration import ReportRow
 
 __all__ = ["openapi_document"]
 
@@ -138,14 +137,6 @@ class _AdminRevoked(msgspec.Struct, frozen=True, kw_only=True):
     object: str
     id: str
     revoked: bool
-
-
-class MigrationReport(msgspec.Struct, frozen=True, kw_only=True):
-    """``GET /admin/migration/report`` (JSON): one row per rule and candidate."""
-
-    object: str
-    generated_at: float
-    data: list[ReportRow]
 
 
 @functools.cache
