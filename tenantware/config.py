@@ -209,6 +209,10 @@ class TenantData(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     log_retention_days: Annotated[int, Meta(ge=1, le=3650)] = 30
     #: Most bytes of logged requests kept for this tenant (past it, new ones are not logged).
     log_quota_bytes: NonNegInt = 256 * 1024 * 1024
+    #: Data-residency flag: the region its prompts must stay in (a label such as ``eu``).
+    #: Such a tenant is never canaried nor shadowed to a migration candidate unless the rule
+    #: lists the label in ``allow_residency``.
+    residency: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
 
 
 class Tenant(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -523,6 +527,10 @@ class MigrationRule(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     tiers: list[str] = field(default_factory=list)
     #: Tenants never canaried nor shadowed by this rule (their data stays where it goes now).
     exclude_tenants: list[str] = field(default_factory=list)
+    #: Data-residency labels (``tenants.data.residency``) whose tenants this rule may canary
+    #: and shadow (its candidates keep data in those regions); a tenant with another label is
+    #: left out of it, as if excluded.
+    allow_residency: list[str] = field(default_factory=list)
     #: The upstream that serves the rest (default: the model's usual deployments).
     primary: str | None = None
     candidates: list[MigrationCandidate] = field(default_factory=list)

@@ -4,6 +4,7 @@ rollback, against two fake upstreams (the primary and the candidate)."""
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -106,6 +107,17 @@ async def test_rules_apply_to_their_tenants_and_tiers_only() -> None:
     shadowed = tiered.plan("gpt-4.1", "acme", "enterprise", None, _never)
     assert shadowed is not None
     assert len(shadowed.shadows) == 1
+
+
+async def test_tenants_with_a_data_residency_flag_stay_out_unless_the_rule_allows_it() -> None:
+    table = _table(canary=100, shadow=100)
+    assert table.plan("gpt-4.1", "acme", "enterprise", None, _never, residency="eu") is None
+    assert table.plan("gpt-4.1", "acme", "enterprise", None, _never) is not None
+    allowing = _table(canary=0, shadow=100, allow_residency=["eu"])
+    plan = allowing.plan("gpt-4.1", "acme", "enterprise", None, _never, residency="eu")
+    assert plan is not None
+    assert len(plan.shadows) == 1
+    assert allowing.plan("gpt-4.1", "acme", "enterprise", None, _never, residency="us") is None
 
 
 async def test_rollback_judges_the_candidate_against_the_primary_over_the_window() -> None:
@@ -322,6 +334,9 @@ async def test_report_figures_equal_what_the_fakes_counted(
     assert refused.status_code == 403
     assert api.status_code == 200
     assert api.json()["data"] == [msgspec.to_builtins(r) for r in rows]
+    # What it covers: this process, from its oldest comparison kept.
+    assert api.json()["process"].endswith(f":{os.getpid()}")
+    assert api.json()["oldest_kept"] == min(e.ts for e in gateway.migration.book.entries)
     lines = csv_answer.text.splitlines()
     assert lines[0].startswith("rule,trial,shadow_requests,")
     assert lines[1].startswith("trial,trial/relay/gpt-4.1,10,")
@@ -440,6 +455,31 @@ async def test_excluded_tenants_are_never_shadowed(
             assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
     assert candidate.stats.requests == 0
     assert gateway.migration.book.report() == []
+
+
+async def test_a_tenant_flagged_for_data_residency_is_never_sent_to_a_candidate(
+    fakes: tuple[FakeUpstream, str, FakeUpstream, str],
+) -> None:
+    primary, _, candidate, _ = fakes
+    config = _config(fakes, canary=100, shadow=100)
+    (acme, *others) = config.tenants
+    flagged = msgspec.structs.replace(acme, data=msgspec.structs.replace(acme.data, residency="eu"))
+    config = msgspec.structs.replace(config, tenants=[flagged, *others])
+    async with _running(config) as (gateway, client):
+        for _ in range(3):
+            response = await client.post("/v1/chat/completions", json=CHAT)
+            assert response.status_code == 200
+            assert response.headers["x-tenantware-upstream"] == "main"
+        # The rule opting the region in (through the admin API) lets the trial have it.
+        admin = {"authorization": f"Bearer {ADMIN}"}
+        rules = (await client.get("/admin/migration/rules", headers=admin)).json()
+        rules["rules"][0]["allow_residency"] = ["eu"]
+        assert (await client.put("/admin/migration/rules", json=rules, headers=admin)).is_success
+        response = await client.post("/v1/chat/completions", json=CHAT)
+        assert response.headers["x-tenantware-upstream"] == "relay"
+        await wait_for(lambda: gateway.migration.in_flight == 0)
+    assert primary.stats.requests == 3
+    assert candidate.stats.requests == 1
 
 
 def test_cli_shadow_report_and_rollback(

@@ -16,8 +16,15 @@ import pytest
 
 from tenantware import KeyHasher
 from tenantware.cli import main
-from tenantware.metering.ledger import AuditFilter, MemoryLedger, SqliteLedger, UsageRecord
+from tenantware.metering.ledger import (
+    AuditFilter,
+    JournalEntry,
+    MemoryLedger,
+    SqliteLedger,
+    UsageRecord,
+)
 from tenantware.metering.reports import usage_report
+from tenantware.stores import open_stores
 from tenantware.tenantdata.archive import (
     ArchiveConflict,
     decode_archive,
@@ -111,6 +118,88 @@ async def test_export_delete_import_gives_back_the_tenant_and_leaves_others_unch
     assert works.status_code == 200  # the same API key works again (its hash came back)
 
 
+def _prepaid(config: Any) -> Any:
+    """``config`` with acme and globex paying from prepaid balances."""
+    tenants = [
+        msgspec.structs.replace(t, billing="prepaid") if t.id in ("acme", "globex") else t
+        for t in config.tenants
+    ]
+    return msgspec.structs.replace(config, tenants=tenants)
+
+
+async def _balance_of(gateway: Any, tenant: str) -> tuple[int | None, list[Any]]:
+    """The balance in the quota store and the journal, oldest first."""
+    entries = await gateway.ledger.entries(tenant, limit=10**6)
+    return await gateway.balances.balance(tenant), entries[::-1]
+
+
+async def test_export_delete_import_gives_back_the_balance_and_its_journal() -> None:
+    gateway, _ = in_process_gateway(config=_prepaid(data_config(**LOGGED)))
+    app = gateway.asgi_app()
+    stores = {
+        "registry": gateway.registry_store,
+        "ledger": gateway.ledger,
+        "logs": gateway.log_store,
+    }
+    async with gateway.running():
+        async with client_for(app, ADMIN) as admin:
+            for tenant in ("acme", "globex"):
+                topped = await admin.post(
+                    f"/admin/tenants/{tenant}/balance/topups",
+                    json={"amount_usd": "0.05"},
+                    headers={"idempotency-key": f"first-{tenant}"},
+                )
+                assert topped.status_code == 201, topped.text
+        await _traffic(gateway)
+        await records_of(gateway)  # flushed: the debits are journaled
+        balance, journal = await _balance_of(gateway, "acme")
+        assert [e.kind for e in journal][:2] == ["topup", "debit"]
+        assert balance == sum(e.amount_nanousd for e in journal) < 50_000_000
+        other = (await _digest(gateway, "globex"), await _balance_of(gateway, "globex"))
+
+        archive = decode_archive(encode_archive(await export_tenant("acme", **stores)))
+        assert archive.balance_journal == journal
+        async with client_for(app, ADMIN) as admin:
+            assert (await admin.delete("/admin/tenants/acme")).status_code == 200
+        for _ in range(2):  # the journal is append-only: nothing is added, nothing twice
+            again = await import_tenant(archive, **stores, balances=gateway.balances)
+            assert again.balance_entries_added == 0
+        assert await _balance_of(gateway, "acme") == (balance, journal)
+        assert (await _digest(gateway, "globex"), await _balance_of(gateway, "globex")) == other
+
+    # Into another deployment (its own ledger and quota store): the journal comes whole and
+    # the store is given its sum, once however often the archive is imported.
+    target, _ = in_process_gateway(config=_prepaid(data_config(**LOGGED)))
+    stores = {"registry": target.registry_store, "ledger": target.ledger, "logs": target.log_store}
+    async with target.running():
+        first = await import_tenant(archive, **stores, balances=target.balances)
+        second = await import_tenant(archive, **stores, balances=target.balances)
+        assert (first.balance_entries_added, first.balance_restored) == (len(journal), True)
+        assert (second.balance_entries_added, second.balance_restored) == (0, False)
+        restored = await _balance_of(target, "acme")
+        assert restored == (balance, journal)
+        assert all(check.ok for check in await target.balances.verify(["acme"]))
+
+    # Where the tenant already holds a balance the journal would not match: refused.
+    busy, _ = in_process_gateway(config=_prepaid(data_config(**LOGGED)))
+    async with busy.running(), client_for(busy.asgi_app(), ADMIN) as admin:
+        topped = await admin.post(
+            "/admin/tenants/acme/balance/topups",
+            json={"amount_usd": "1"},
+            headers={"idempotency-key": "elsewhere"},
+        )
+        assert topped.status_code == 201
+        with pytest.raises(ArchiveConflict, match="prepaid balance here"):
+            await import_tenant(
+                archive,
+                registry=busy.registry_store,
+                ledger=busy.ledger,
+                logs=busy.log_store,
+                balances=busy.balances,
+            )
+        assert await busy.balances.balance("acme") == 1_000_000_000
+
+
 async def test_an_archive_is_refused_where_the_tenant_has_other_key_material() -> None:
     gateway, _ = in_process_gateway(config=data_config(**LOGGED))
     stores = {
@@ -129,12 +218,19 @@ async def test_an_archive_is_refused_where_the_tenant_has_other_key_material() -
         decode_archive(b'{"format": "zip"}')
 
 
-def _deployment(tmp_path: Path, name: str, redis_url: str, prefix: str) -> Path:
-    """A configuration file: a shared Redis registry and a SQLite ledger of its own."""
+def _deployment(
+    tmp_path: Path, name: str, redis_url: str, prefix: str, *, shared_store: bool = False
+) -> Path:
+    """A configuration file: a shared Redis registry and a SQLite ledger of its own (and,
+    ``shared_store``, its quota store in Redis)."""
     hasher = KeyHasher()
     path = tmp_path / f"{name}.json"
     config = {
-        "gateway": {"registry_url": redis_url, "redis_prefix": f"{prefix}{name}:"},
+        "gateway": {
+            "registry_url": redis_url,
+            "redis_prefix": f"{prefix}{name}:",
+            **({"redis_url": redis_url} if shared_store else {}),
+        },
         "metering": {"ledger_url": f"sqlite:///{tmp_path / name}.db"},
         "tenants": [
             {"id": t, "keys": [{"id": f"{t}-1", "hash": hasher.hash(KEYS[t])}]}
@@ -149,7 +245,7 @@ def test_cli_exports_a_tenant_and_imports_it_into_another_deployment(
     tmp_path: Path, redis_url: str, redis_prefix: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     source = _deployment(tmp_path, "one", redis_url, redis_prefix)
-    target = _deployment(tmp_path, "two", redis_url, redis_prefix)
+    target = _deployment(tmp_path, "two", redis_url, redis_prefix, shared_store=True)
     assert main(["registry", "import", "--config", str(source), str(source)]) == 0
     ledger = SqliteLedger(tmp_path / "one.db")
     records = [
@@ -158,6 +254,14 @@ def test_cli_exports_a_tenant_and_imports_it_into_another_deployment(
         for n in range(4)
     ]
     anyio.run(ledger.write, records)
+    credits = [
+        JournalEntry(
+            id=f"bal-{t}", tenant_id=t, at=1.0, kind="topup", amount_nanousd=7, reference=f"x:{t}"
+        )
+        for t in ("acme", "globex")
+    ]
+    for credit in credits:
+        anyio.run(ledger.append, credit)
     archive = tmp_path / "acme.tw.json"
     assert main(["tenants", "export", "acme", "--config", str(source), "-o", str(archive)]) == 0
     capsys.readouterr()
@@ -168,6 +272,19 @@ def test_cli_exports_a_tenant_and_imports_it_into_another_deployment(
     assert reports[0]["registry_written"]
     assert reports[0]["usage_records"] == 4
     assert not reports[1]["registry_written"]
+    # The balance went into the target's shared quota store, once.
+    assert (reports[0]["balance_restored"], reports[1]["balance_restored"]) == (True, False)
+
+    async def balance() -> int | None:
+        stores = open_stores(redis_url, prefix=f"{redis_prefix}two:")
+        try:
+            return await stores.quota_store().balance("acme")
+        finally:
+            await stores.aclose()
+
+    assert anyio.run(balance) == 7
     imported = anyio.run(lambda: SqliteLedger(tmp_path / "two.db").query())
     assert imported == [r for r in records if r.tenant == "acme"]
+    journal = anyio.run(lambda: SqliteLedger(tmp_path / "two.db").totals())
+    assert journal == {"acme": 7}
     assert main(["tenants", "export", "nobody", "--config", str(source)]) == 1

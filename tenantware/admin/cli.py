@@ -285,6 +285,27 @@ def _stores_of(args: argparse.Namespace) -> Any:
     return registry, open_ledger(url), open_log_store(url)
 
 
+def _balances_of(args: argparse.Namespace, ledger: Any) -> tuple[Any, Any]:
+    """(stores, balances) of a deployment whose quota store is shared (``gateway.redis_url``):
+    an import gives it the restored balance. ``(None, None)`` otherwise: each gateway process
+    restores balances from the journal at its start."""
+    from tenantware.balances import Balances
+    from tenantware.config import expand_env, load_config
+    from tenantware.metering.ledger import BalanceJournal
+    from tenantware.stores import open_stores
+
+    settings = load_config(args.config).gateway
+    if settings.redis_url is None or not isinstance(ledger, BalanceJournal):
+        return None, None
+    stores = open_stores(
+        expand_env(settings.redis_url, "gateway.redis_url"),
+        prefix=settings.redis_prefix,
+        timeout_s=max(settings.redis_timeout_s, 5.0),
+        on_failure="closed",
+    )
+    return stores, Balances(stores.quota_store(), ledger)
+
+
 def _tenant_export(args: argparse.Namespace) -> int:
     import anyio
 
@@ -333,9 +354,18 @@ def _tenant_import(args: argparse.Namespace) -> int:
                     "gateway.registry_url to import into a shared registry"
                 )
             await ledger.open()
-            return await import_tenant(
-                decode_archive(data), registry=registry, ledger=ledger, logs=logs
-            )
+            stores, balances = _balances_of(args, ledger)
+            try:
+                return await import_tenant(
+                    decode_archive(data),
+                    registry=registry,
+                    ledger=ledger,
+                    logs=logs,
+                    balances=balances,
+                )
+            finally:
+                if stores is not None:
+                    await stores.aclose()
         finally:
             await logs.aclose()
             await ledger.aclose()

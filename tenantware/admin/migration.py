@@ -16,6 +16,8 @@ and reload every process instead). Changes are logged with the caller's key id.
 from __future__ import annotations
 
 import math
+import os
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,21 +28,37 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tenantware.admin.auth import Caller
-from tenantware.config import MigrationCandidate, MigrationSettings
+from tenantware.config import MigrationCandidate, MigrationSettings, Share
 from tenantware.metering.reports import parse_time
-from tenantware.migration import report_csv
+from tenantware.migration import ReportRow, report_csv
 from tenantware.proxy.migration import MigrationRunner
 from tenantware.state import LiveConfig
 
-__all__ = ["MigrationRoutes"]
+__all__ = ["CandidateShares", "MigrationReport", "MigrationRoutes"]
 
 log = structlog.get_logger("tenantware.admin")
 _encode = msgspec.json.Encoder().encode
 
 
-class _Shares(msgspec.Struct, forbid_unknown_fields=True):
-    canary_percent: float | None = None
-    shadow_percent: float | None = None
+class MigrationReport(msgspec.Struct, frozen=True, kw_only=True):
+    """``GET /admin/migration/report`` (JSON): one row per rule and candidate, over what the
+    answering process compared (each replica keeps its own; docs/migration.md)."""
+
+    object: str = "migration_report"
+    generated_at: float
+    #: ``host:pid`` of the process that answered: tells replicas' reports apart.
+    process: str
+    #: Time of the oldest comparison it still keeps (``None``: none): a ``since`` before it
+    #: means the period is cut short by ``report_size`` or by the process's start.
+    oldest_kept: float | None
+    data: list[ReportRow]
+
+
+class CandidateShares(msgspec.Struct, forbid_unknown_fields=True):
+    """The body of ``PATCH .../candidates/{upstream}``: the shares to change (unset: kept)."""
+
+    canary_percent: Share | None = None
+    shadow_percent: Share | None = None
 
 
 class MigrationRoutes:
@@ -94,7 +112,15 @@ class MigrationRoutes:
                 media_type="text/csv; charset=utf-8",
                 headers={"cache-control": "no-store"},
             )
-        return self._json({"object": "migration_report", "generated_at": time.time(), "data": rows})
+        book = self.runner.book
+        return self._json(
+            MigrationReport(
+                generated_at=time.time(),
+                process=f"{socket.gethostname()}:{os.getpid()}",
+                oldest_kept=min((entry.ts for entry in book.entries), default=None),
+                data=rows,
+            )
+        )
 
     async def rules(self, request: Request, caller: Caller) -> Response:
         if request.method in ("GET", "HEAD"):
@@ -120,7 +146,7 @@ class MigrationRoutes:
         name = request.path_params["rule"]
         upstream = request.path_params["upstream"]
         try:
-            shares = msgspec.json.decode(await request.body(), type=_Shares)
+            shares = msgspec.json.decode(await request.body(), type=CandidateShares)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise self._refusal(400, f"Invalid body: {exc}", "invalid_value") from None
         current = self.live.current.config.migration

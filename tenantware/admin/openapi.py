@@ -12,6 +12,7 @@ from typing import Any
 
 import msgspec
 
+from tenantware.admin.migration import CandidateShares, MigrationReport
 from tenantware.admin.schemas import (
     AdminKeyIssue,
     AdminKeyIssued,
@@ -51,6 +52,7 @@ from tenantware.admin.schemas import (
     WebhookDeleted,
     WebhookList,
 )
+from tenantware.config import MigrationSettings
 from tenantware.dashboard.schemas import LiveView, UsageView
 
 __all__ = ["openapi_document"]
@@ -183,6 +185,9 @@ def openapi_document() -> bytes:
         _UpstreamKeyDeleted,
         UsageView,
         LiveView,
+        MigrationReport,
+        MigrationSettings,
+        CandidateShares,
     ]
     _, components = msgspec.json.schema_components(kinds, ref_template=_REF)
     tenant = [_path_param("tenant_id")]
@@ -538,6 +543,48 @@ def openapi_document() -> bytes:
             errors=("401", "403"),
         )
     }
+    paths["/admin/migration/report"] = {
+        "get": _operation(
+            "The migration comparison report: per rule and candidate, shadow calls next to "
+            "their primaries, canary calls, rollbacks",
+            "admin, read-only",
+            ("200", MigrationReport, "One row per rule and candidate"),
+            params=[
+                _query("since", {"type": "string"}),
+                _query("until", {"type": "string"}),
+                _query("rule", {"type": "string"}),
+                _query("format", {"type": "string", "enum": ["json", "csv"]}),
+            ],
+            errors=("400", "401", "403"),
+        )
+    }
+    paths["/admin/migration/rules"] = {
+        "get": _operation(
+            "The migration settings in force",
+            "admin, read-only",
+            ("200", MigrationSettings, "The [migration] settings"),
+            errors=("401", "403"),
+        ),
+        "put": _operation(
+            "Replace the migration settings (checked like the file's; for the next request)",
+            "admin",
+            ("200", MigrationSettings, "The settings now in force"),
+            body=MigrationSettings,
+            errors=("400", "401", "403", "409"),
+        ),
+    }
+    paths["/admin/migration/rules/{rule}/candidates/{upstream}"] = {
+        "patch": _operation(
+            "Change one candidate's canary and shadow shares (0 is the rollback)",
+            "admin",
+            ("200", MigrationSettings, "The settings now in force"),
+            body=CandidateShares,
+            params=[_path_param("rule"), _path_param("upstream")],
+            errors=("400", "401", "403", "404", "409"),
+        )
+    }
+    report_answer = paths["/admin/migration/report"]["get"]["responses"]["200"]
+    report_answer["content"]["text/csv"] = {"schema": {"type": "string"}}  # format=csv
     audit_answer = paths["/admin/audit"]["get"]["responses"]["200"]
     audit_answer["content"]["text/csv"] = {"schema": {"type": "string"}}  # format=csv
     document = {

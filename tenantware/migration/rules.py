@@ -64,10 +64,11 @@ def sticky_point(rule: str, key: str) -> int:
 
 
 class _Compiled:
-    __slots__ = ("ranges", "rule", "shadowing", "tenants", "tiers")
+    __slots__ = ("allow_residency", "ranges", "rule", "shadowing", "tenants", "tiers")
 
     def __init__(self, rule: MigrationRule) -> None:
         self.rule = rule
+        self.allow_residency = frozenset(rule.allow_residency)
         self.tenants = frozenset(rule.tenants)
         self.tiers = frozenset(rule.tiers)
         trials = [Trial(rule, c) for c in rule.candidates]
@@ -111,9 +112,12 @@ class RuleTable:
         tier: str,
         session: str | None,
         rolled_back: Callable[[Trial], bool],
+        *,
+        residency: str | None = None,
     ) -> Plan | None:
         """The plan of a request for ``model`` (``None``: no rule applies). The first rule of
-        the model that names this tenant (or its tier, or nobody) applies."""
+        the model that names this tenant (or its tier, or nobody) applies; a tenant with a
+        data-residency label the rule does not allow is left out of it (``None``)."""
         for compiled in self._by_model.get(model, ()):
             rule = compiled.rule
             if compiled.tenants and tenant not in compiled.tenants:
@@ -121,6 +125,8 @@ class RuleTable:
             if compiled.tiers and tier not in compiled.tiers:
                 continue
             if tenant in rule.exclude_tenants:
+                return None
+            if residency is not None and residency not in compiled.allow_residency:
                 return None
             canary = None
             if compiled.ranges:

@@ -168,7 +168,14 @@ class MigrationRunner:
         if not table or tenant is None or ctx.model is None:
             return None
         session = ctx.extra.get(SESSION)
-        return table.plan(ctx.model, tenant.id, tenant.tier, session, self.rollbacks.rolled_back)
+        return table.plan(
+            ctx.model,
+            tenant.id,
+            tenant.tier,
+            session,
+            self.rollbacks.rolled_back,
+            residency=tenant.data.residency,
+        )
 
     def deployment(self, snapshot: Snapshot, upstream_name: str, model: str) -> Deployment | None:
         """The deployment of ``model`` on that upstream (one of the model's own when it
