@@ -1,6 +1,6 @@
 """The reports' SQL (SQLite, PostgreSQL) gives exactly the Python aggregation's figures on the
 same records: every period, every grouping, a tenant filter and a time window; on PostgreSQL
-also through the hourly roll-ups (written in batches, retried, backfilled by the migration),
+also through the roll-ups (written in batches, retried, backfilled by the migration),
 whose percentiles follow the same bucketed rule as the Python reference."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from tenantware.metering.ledger.histogram import (
     sql_bucket_index,
 )
 from tenantware.metering.ledger.postgres import _MIGRATIONS, PostgresLedger
-from tenantware.metering.ledger.rollup import HOURLY, HOURLY_LATENCY
+from tenantware.metering.ledger.rollup import DAILY_LATENCY, HOURLY
 from tenantware.metering.ledger.tally import (
     DIMENSIONS,
     PERIODS,
@@ -133,6 +133,7 @@ EDGE_QUERIES = [
     ReportQuery(tenant="<script>x</script>", period="hour", by="model"),
     ReportQuery(since=START + 86_400 + 1234.5, period="all", by="cost_center"),
     ReportQuery(since=START + 1800.5, until=START + 5400.5, period="month", by="model"),
+    ReportQuery(since=START + 5 * 3600 + 10, until=START + 12 * 3600, period="day"),
     ReportQuery(since=START + 7 * 86_400 - 5, until=START + 7 * 86_400 + 3595, period="minute"),
     ReportQuery(since=DENSE, until=DENSE + 3599, period="minute", by="model"),
     ReportQuery(tenant="zeta", since=DENSE - 60, until=DENSE + 1800, by="cost_center"),
@@ -237,7 +238,7 @@ async def test_the_roll_up_migration_counts_the_records_already_stored(
     await ledger.aclose()
     # As if the records had been stored before the roll-ups existed.
     with psycopg.connect(postgres_url, autocommit=True) as conn:
-        for table in (HOURLY, HOURLY_LATENCY):
+        for table in (HOURLY, DAILY_LATENCY):
             conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(postgres_schema, table)))
         versions = sql.Identifier(postgres_schema, "tenantware_schema")
         conn.execute(
@@ -253,7 +254,7 @@ async def test_the_roll_up_migration_counts_the_records_already_stored(
     finally:
         await ledger.aclose()
     with psycopg.connect(postgres_url) as conn:
-        for table in (HOURLY, HOURLY_LATENCY):
+        for table in (HOURLY, DAILY_LATENCY):
             protected = conn.execute(
                 "SELECT relrowsecurity FROM pg_class WHERE oid = %s::regclass",
                 (sql.Identifier(postgres_schema, table).as_string(conn),),

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.anyio
 PROTECTED = (
     "usage_records",
     "usage_hourly",
-    "usage_hourly_latency",
+    "usage_daily_latency",
     "audit_log",
     "tenant_keys",
     "request_logs",

@@ -1,7 +1,7 @@
-"""The fixed logarithmic latency buckets that hourly roll-ups count seconds into.
+"""The fixed logarithmic latency buckets that the roll-ups count seconds into.
 
 A month of a busy tenant is too many records to sort for a percentile in well under a second,
-so the PostgreSQL ledger keeps, per hour, how many latencies fell into each bucket and reads a
+so the PostgreSQL ledger keeps, per day, how many latencies fell into each bucket and reads a
 report's p50/p99 from those counts. Bucket 0 holds ``[0, FLOOR_S)``; bucket ``i >= 1`` holds
 ``[FLOOR_S * RATIO**(i-1), FLOOR_S * RATIO**i)``. A percentile is reported as its bucket's
 geometric middle, so it is within ``RELATIVE_ERROR`` of the nearest-rank value (above

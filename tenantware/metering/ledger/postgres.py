@@ -42,12 +42,12 @@ from tenantware.metering.ledger.rls import bind_tenant, create_function, protect
 from tenantware.metering.ledger.rollup import (
     BACKFILL,
     CREATE_TABLES,
+    DAILY_LATENCY,
     HOURLY,
-    HOURLY_LATENCY,
     add_to_rollups,
     combine,
     statements,
-    whole_hours,
+    whole_periods,
 )
 from tenantware.metering.ledger.tally import (
     PERIOD_SECONDS,
@@ -95,7 +95,7 @@ _REFUSED: Final = (psycopg.DataError, psycopg.IntegrityError, OverflowError, Val
 #: The migration that puts the tables under row-level security (marked by identity).
 _PROTECT_TABLES: Final = ("SELECT 'tenantware: row-level security'",)
 
-#: The hourly roll-ups (``rollup``), filled from the records already stored; protected by
+#: The roll-ups (``rollup``), filled from the records already stored; protected by
 #: ``_migrate`` like the tables above (marked by identity).
 _ROLL_UP: Final = (*CREATE_TABLES, *BACKFILL)
 
@@ -212,7 +212,7 @@ class PostgresLedger:
         self._table = sql.Identifier(schema, table)
         self._table_name = table
         self._hourly = sql.Identifier(schema, HOURLY)
-        self._hourly_latency = sql.Identifier(schema, HOURLY_LATENCY)
+        self._daily_latency = sql.Identifier(schema, DAILY_LATENCY)
         self._audit = sql.Identifier(schema, "audit_log")
         self._versions = sql.Identifier(schema, "tenantware_schema")
         self._journal = sql.Identifier(schema, "balance_journal")
@@ -254,7 +254,7 @@ class PostgresLedger:
             add_to_rollups(
                 "INSERT INTO {t} ({c}) SELECT * FROM unnest({a}) ON CONFLICT (record_id) DO NOTHING"
             )
-        ).format(t=self._table, c=columns, a=arrays, h=self._hourly, l=self._hourly_latency)
+        ).format(t=self._table, c=columns, a=arrays, h=self._hourly, l=self._daily_latency)
         self._select = sql.SQL("SELECT {c} FROM {t}").format(c=columns, t=self._table)
         audit_columns = sql.SQL(", ").join(sql.Identifier(name) for name in AUDIT_COLUMNS)
         self._insert_audit = sql.SQL(
@@ -321,7 +321,7 @@ class PostgresLedger:
                             c=self._codes,
                             f=self._append_only,
                             h=self._hourly,
-                            l=self._hourly_latency,
+                            l=self._daily_latency,
                         )
                     )
                 if _MIGRATIONS[number] is _PROTECT_TABLES:
@@ -331,7 +331,7 @@ class PostgresLedger:
                     protect(conn, self._schema, "balance_journal", "tenant_id")
                 if _MIGRATIONS[number] is _ROLL_UP:
                     protect(conn, self._schema, HOURLY)
-                    protect(conn, self._schema, HOURLY_LATENCY)
+                    protect(conn, self._schema, DAILY_LATENCY)
                 conn.execute(
                     sql.SQL("INSERT INTO {} (version) VALUES (%s)").format(self._versions),
                     (number + 1,),
@@ -466,19 +466,19 @@ class PostgresLedger:
     def _tally(self, query: ReportQuery) -> list[Tally]:
         self._ensure()
         tenant = sql.SQL("AND tenant = %(tenant)s" if query.tenant is not None else "")
-        hours = whole_hours(query)
-        if hours is None:
+        periods = whole_periods(query)
+        if periods is None:
             statement = sql.SQL(_tally_statement(query)).format(t=self._table, tenant=tenant)
             rows = self._run(self._aggregate, statement, _arguments(query))
             tallies = (tally_from_row(_flatten(tuple(row))) for row in rows)
             return coarsen(sorted_tallies(tallies), query)
         totals, histograms = (
             sql.SQL(text).format(
-                t=self._table, h=self._hourly, l=self._hourly_latency, tenant=tenant
+                t=self._table, h=self._hourly, l=self._daily_latency, tenant=tenant
             )
             for text in statements(_bucket(query, "hour"), sql_group(query.by), tenant="{tenant}")
         )
-        args = {**_arguments(query), "dim": query.by, "first": hours[0], "end": hours[1]}
+        args = {**_arguments(query), "dim": query.by, **periods}
         return sorted_tallies(self._run(self._roll_up, totals, histograms, args))
 
     @staticmethod
@@ -494,9 +494,11 @@ class PostgresLedger:
     def _roll_up(
         conn: psycopg.Connection[Any], totals: sql.Composed, histograms: sql.Composed, args: Any
     ) -> list[Tally]:
-        # Both statements see the same records (one snapshot), without JIT compilation.
+        # Both statements see the same records (one snapshot); grouped in memory, without
+        # JIT compilation.
         with conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            conn.execute(f"SET LOCAL work_mem = '{_REPORT_WORK_MEM}'")
             conn.execute("SET LOCAL jit = off")
             sums = conn.execute(totals, args).fetchall()
             counts = conn.execute(histograms, args).fetchall()

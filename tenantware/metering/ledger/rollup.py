@@ -3,7 +3,7 @@
 Every batch the ledger stores also adds, in the same statement, to two tables: per tenant,
 UTC hour and grouping (``dim``: the tenant as a whole, each model, each cost center), the
 report's exact sums (``usage_hourly``), and how many latencies and times to first token fell
-into each ``histogram`` bucket (``usage_hourly_latency``). Only the records the batch really
+into each ``histogram`` bucket (``usage_daily_latency``). Only the records the batch really
 inserted count (``RETURNING`` of ``ON CONFLICT DO NOTHING``), so a retried batch is not
 counted twice. A report over whole hours reads these; the part of its range that is not a
 whole hour is read from the records, bucketed alike. Rows are upserted in key order, so two
@@ -31,17 +31,18 @@ from tenantware.metering.ledger.tally import (
 __all__ = [
     "BACKFILL",
     "CREATE_TABLES",
+    "DAILY_LATENCY",
     "HOURLY",
-    "HOURLY_LATENCY",
     "add_to_rollups",
     "combine",
     "statements",
-    "whole_hours",
+    "whole_periods",
 ]
 
 HOURLY: Final = "usage_hourly"
-HOURLY_LATENCY: Final = "usage_hourly_latency"
+DAILY_LATENCY: Final = "usage_daily_latency"
 HOUR: Final = 3600
+DAY: Final = 86_400
 #: An hour after every real one (an open-ended range).
 _NO_END: Final = 2**62
 
@@ -57,22 +58,23 @@ _SUM_COLUMNS: Final = (
     "cost_nanousd",
     "charged_nanousd",
 )
-_KEY: Final = "tenant text NOT NULL, dim text NOT NULL, hour bigint NOT NULL, grp text NOT NULL"
+_KEY: Final = "tenant text NOT NULL, dim text NOT NULL, {} bigint NOT NULL, grp text NOT NULL"
 
 #: ``{h}``, ``{l}``: the two tables. Sums are ``numeric``: an hour's total can never overflow.
 CREATE_TABLES: Final = (
     "CREATE TABLE IF NOT EXISTS {h} ("
-    + _KEY
+    + _KEY.format("hour")
     + ", "
     + ", ".join(f"{name} numeric NOT NULL" for name in _SUM_COLUMNS)
     + ", queue_wait_max double precision NOT NULL, PRIMARY KEY (tenant, dim, hour, grp))",
     "CREATE TABLE IF NOT EXISTS {l} ("
-    + _KEY
+    + _KEY.format("day")
     + ", kind smallint NOT NULL, bucket smallint NOT NULL, n bigint NOT NULL, "
-    "PRIMARY KEY (tenant, dim, hour, grp, kind, bucket))",
+    "PRIMARY KEY (tenant, dim, day, grp, kind, bucket))",
 )
 
 _HOUR_OF_TS: Final = "floor(r.ts)::bigint / 3600 * 3600"
+_DAY_OF_TS: Final = "floor(r.ts)::bigint / 86400 * 86400"
 _DIMS: Final = (
     "CROSS JOIN LATERAL (VALUES ('tenant', ''), ('model', r.model_requested), "
     "('cost_center', r.cost_center)) AS d(dim, grp)"
@@ -101,13 +103,13 @@ def _add_sums(source: str) -> str:
 
 def _add_latencies(source: str) -> str:
     return f"""
-    INSERT INTO {{l}} AS l (tenant, dim, hour, grp, kind, bucket, n)
-    SELECT r.tenant, d.dim, {_HOUR_OF_TS}, d.grp, v.kind, {sql_bucket_index("v.seconds")},
+    INSERT INTO {{l}} AS l (tenant, dim, day, grp, kind, bucket, n)
+    SELECT r.tenant, d.dim, {_DAY_OF_TS}, d.grp, v.kind, {sql_bucket_index("v.seconds")},
            count(*)
     FROM {source} AS r {_DIMS} {_KINDS}
     WHERE {_TIMED}
     GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3, 4, 5, 6
-    ON CONFLICT (tenant, dim, hour, grp, kind, bucket) DO UPDATE SET n = l.n + excluded.n
+    ON CONFLICT (tenant, dim, day, grp, kind, bucket) DO UPDATE SET n = l.n + excluded.n
     """
 
 
@@ -120,28 +122,41 @@ def add_to_rollups(insert: str) -> str:
     )
 
 
-#: The migration's statements: the tables, then the records already stored (``{t}``).
-BACKFILL: Final = (_add_sums("{t}"), _add_latencies("{t}"))
+#: The migration's statements: the records already stored (``{t}``), then fresh statistics
+#: (the planner would otherwise take the filled tables for empty ones).
+BACKFILL: Final = (_add_sums("{t}"), _add_latencies("{t}"), "ANALYZE {h}", "ANALYZE {l}")
 
 
-def whole_hours(query: ReportQuery) -> tuple[int, int] | None:
-    """The whole hours ``[first, end)`` of the range that the roll-ups answer for, or
-    ``None`` when the records must answer (a short range, minutes, no whole hour)."""
-    if query.period == "minute" or not coarse_percentiles(query):
+def whole_periods(query: ReportQuery) -> dict[str, int] | None:
+    """The whole hours ``[first, end)`` and whole days ``[first_day, end_day)`` of the range
+    the roll-ups answer for, or ``None`` when the records must answer (a short range, a
+    report by minute or hour, no whole hour)."""
+    if query.period in ("minute", "hour") or not coarse_percentiles(query):
         return None
-    first = -(-math.ceil(query.since) // HOUR) * HOUR
-    end = _NO_END if query.until is None else math.floor(query.until) // HOUR * HOUR
-    return (first, end) if end > first else None
+    since = math.ceil(query.since)
+    until = _NO_END if query.until is None else math.floor(query.until)
+    first, end = -(-since // HOUR) * HOUR, until // HOUR * HOUR
+    if end <= first:
+        return None
+    first_day, end_day = -(-since // DAY) * DAY, until // DAY * DAY
+    if end_day <= first_day:
+        first_day = end_day = first
+    return {"first": first, "end": end, "first_day": first_day, "end_day": end_day}
 
 
 def statements(bucket_of_hour: str, group: str, tenant: str) -> tuple[str, str]:
     """The sums and the histograms of a report, each per (tenant, period, group): roll-up
-    rows of the whole hours plus records of the rest of the range (``%(...)s`` parameters:
-    ``dim``, ``first``, ``end``, ``since``, ``until``, ``tenant``)."""
+    rows of the whole hours (days) plus records of the rest of the range (``%(...)s``
+    parameters: ``dim``, ``since``, ``until``, ``tenant`` and those of ``whole_periods``)."""
     rolled = "dim = %(dim)s AND hour >= %(first)s AND hour < %(end)s " + tenant
     edges = (
         "((r.ts >= %(since)s AND r.ts < %(first)s) OR (r.ts >= %(end)s AND r.ts < %(until)s)) "
         + tenant
+    )
+    days = "dim = %(dim)s AND day >= %(first_day)s AND day < %(end_day)s " + tenant
+    day_edges = (
+        "((r.ts >= %(since)s AND r.ts < %(first_day)s) "
+        "OR (r.ts >= %(end_day)s AND r.ts < %(until)s)) " + tenant
     )
     sums = ", ".join(f"sum({name})" for name in _SUM_COLUMNS)
     totals = f"""
@@ -160,13 +175,13 @@ def statements(bucket_of_hour: str, group: str, tenant: str) -> tuple[str, str]:
     SELECT tenant COLLATE "C", {bucket_of_hour} AS bucket, grp COLLATE "C", kind, bucket_index,
            sum(n)
     FROM (
-        SELECT tenant, hour, grp, kind, bucket AS bucket_index, n FROM {{l}} WHERE {rolled}
+        SELECT tenant, day AS hour, grp, kind, bucket AS bucket_index, n FROM {{l}} WHERE {days}
         UNION ALL
         SELECT r.tenant, {_HOUR_OF_TS}, {group}, v.kind, {sql_bucket_index("v.seconds")},
                count(*)
-        FROM {{t}} AS r {_KINDS} WHERE {edges} AND {_TIMED} GROUP BY 1, 2, 3, 4, 5
+        FROM {{t}} AS r {_KINDS} WHERE {day_edges} AND {_TIMED} GROUP BY 1, 2, 3, 4, 5
     ) AS part
-    GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5
+    GROUP BY 1, 2, 3, 4, 5
     """
     return totals, histograms
 

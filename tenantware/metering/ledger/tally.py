@@ -7,8 +7,8 @@ integer sum or one picked record value (nearest-rank percentiles, a maximum), so
 Python answers are equal, not merely close.
 
 Over a range of an hour or more (or open-ended), p50/p99 are reported to the latency bucket
-(``histogram``: within 5 %) on every ledger, because PostgreSQL reads them from hourly
-roll-ups there; shorter ranges get the exact nearest-rank values.
+(``histogram``: within 5 %) on every ledger, because PostgreSQL reads them from roll-ups
+there; shorter ranges get the exact nearest-rank values.
 
 Periods start on whole UTC seconds (``floor(ts)``), so a record is in the same bucket
 whichever engine computes it (SQLite rounds to milliseconds, Python to microseconds).
