@@ -12,7 +12,6 @@ geometric middle, so it is within ``RELATIVE_ERROR`` of the nearest-rank value (
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Final
 
 __all__ = [
@@ -22,7 +21,6 @@ __all__ = [
     "RELATIVE_ERROR",
     "bucket_index",
     "bucketed",
-    "pick",
     "representative",
     "sql_bucket_index",
 ]
@@ -63,14 +61,3 @@ def sql_bucket_index(column: str) -> str:
         f"floor(ln({column} / {FLOOR_S!r}) / ln({RATIO!r}::double precision))::integer) "
         "ELSE 0 END"
     )
-
-
-def pick(counts: Iterable[tuple[int, int]], rank: int) -> int:
-    """The bucket of the ``rank``-th smallest value, from ``(bucket, count)`` in bucket order."""
-    seen = 0
-    index = 0
-    for index, count in counts:
-        seen += count
-        if seen >= rank:
-            return index
-    return index

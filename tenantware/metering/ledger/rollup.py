@@ -16,7 +16,7 @@ import math
 from collections.abc import Iterable
 from typing import Any, Final
 
-from tenantware.metering.ledger.histogram import pick, representative, sql_bucket_index
+from tenantware.metering.ledger.histogram import representative, sql_bucket_index
 from tenantware.metering.ledger.tally import (
     SQL_REPORTED,
     SQL_SUMS,
@@ -24,7 +24,6 @@ from tenantware.metering.ledger.tally import (
     ReportQuery,
     Tally,
     coarse_percentiles,
-    nearest_rank,
     tally_from_row,
 )
 
@@ -144,6 +143,10 @@ def whole_periods(query: ReportQuery) -> dict[str, int] | None:
     return {"first": first, "end": end, "first_day": first_day, "end_day": end_day}
 
 
+def _rank(q: float) -> str:
+    return f"greatest(1, ceil({q!r}::double precision * total::double precision))"
+
+
 def statements(bucket_of_hour: str, group: str, tenant: str) -> tuple[str, str]:
     """The sums and the histograms of a report, each per (tenant, period, group): roll-up
     rows of the whole hours (days) plus records of the rest of the range (``%(...)s``
@@ -171,44 +174,49 @@ def statements(bucket_of_hour: str, group: str, tenant: str) -> tuple[str, str]:
     ) AS part
     GROUP BY 1, 2, 3
     """
+    # The histogram per (tenant, period, group, kind), then the buckets the nearest ranks
+    # fall in (``nearest_rank`` in the same float arithmetic): one row per figure.
     histograms = f"""
-    SELECT tenant COLLATE "C", {bucket_of_hour} AS bucket, grp COLLATE "C", kind, bucket_index,
-           sum(n)
-    FROM (
-        SELECT tenant, day AS hour, grp, kind, bucket AS bucket_index, n FROM {{l}} WHERE {days}
-        UNION ALL
-        SELECT r.tenant, {_HOUR_OF_TS}, {group}, v.kind, {sql_bucket_index("v.seconds")},
-               count(*)
-        FROM {{t}} AS r {_KINDS} WHERE {day_edges} AND {_TIMED} GROUP BY 1, 2, 3, 4, 5
-    ) AS part
-    GROUP BY 1, 2, 3, 4, 5
+    WITH counts AS (
+        SELECT tenant COLLATE "C" AS tenant, {bucket_of_hour} AS bucket, grp COLLATE "C" AS grp,
+               kind, bucket_index, sum(n) AS n
+        FROM (
+            SELECT tenant, day AS hour, grp, kind, bucket AS bucket_index, n
+            FROM {{l}} WHERE {days}
+            UNION ALL
+            SELECT r.tenant, {_HOUR_OF_TS}, {group}, v.kind, {sql_bucket_index("v.seconds")},
+                   count(*)
+            FROM {{t}} AS r {_KINDS} WHERE {day_edges} AND {_TIMED} GROUP BY 1, 2, 3, 4, 5
+        ) AS part
+        GROUP BY 1, 2, 3, 4, 5
+    ), ranked AS (
+        SELECT *, sum(n) OVER (w ORDER BY bucket_index) AS seen, sum(n) OVER w AS total
+        FROM counts WINDOW w AS (PARTITION BY tenant, bucket, grp, kind)
+    )
+    SELECT tenant, bucket, grp, kind,
+           min(bucket_index) FILTER (WHERE seen >= {_rank(0.5)}),
+           min(bucket_index) FILTER (WHERE seen >= {_rank(0.99)})
+    FROM ranked GROUP BY 1, 2, 3, 4
     """
     return totals, histograms
 
 
 def combine(
-    totals: Iterable[tuple[Any, ...]], histograms: Iterable[tuple[Any, ...]]
+    totals: Iterable[tuple[Any, ...]], percentiles: Iterable[tuple[Any, ...]]
 ) -> list[Tally]:
-    """Tallies from the rows of ``statements``: the percentiles are the representatives of
-    the buckets the nearest ranks fall in."""
-    counts: dict[tuple[str, int, str, int], list[tuple[int, int]]] = {}
-    for tenant, bucket, group, kind, index, n in histograms:
-        key = (str(tenant), int(bucket), str(group), int(kind))
-        counts.setdefault(key, []).append((int(index), int(n)))
+    """Tallies from the rows of ``statements``: a percentile is reported as the
+    representative of the bucket its nearest rank falls in."""
+    found = {
+        (str(tenant), int(bucket), str(group), int(kind)): (p50, p99)
+        for tenant, bucket, group, kind, p50, p99 in percentiles
+    }
     rows = []
     for row in totals:
         tally = tally_from_row((*row, None, None, None, None))
-        for kind in (0, 1):
-            found = counts.get((tally.tenant, tally.bucket, tally.group, kind))
-            if not found:
-                continue
-            found.sort()
-            total = sum(n for _, n in found)
-            p50 = representative(pick(found, nearest_rank(total, 0.50)))
-            p99 = representative(pick(found, nearest_rank(total, 0.99)))
-            if kind == 0:
-                tally.latency_p50_s, tally.latency_p99_s = p50, p99
-            else:
-                tally.ttft_p50_s, tally.ttft_p99_s = p50, p99
+        key = (tally.tenant, tally.bucket, tally.group)
+        if (latency := found.get((*key, 0))) is not None:
+            tally.latency_p50_s, tally.latency_p99_s = (representative(i) for i in latency)
+        if (ttft := found.get((*key, 1))) is not None:
+            tally.ttft_p50_s, tally.ttft_p99_s = (representative(i) for i in ttft)
         rows.append(tally)
     return rows

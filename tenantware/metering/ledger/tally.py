@@ -155,7 +155,8 @@ def _pick(values: list[float], q: float) -> float | None:
 
 
 def tally_records(records: Iterable[UsageRecord], query: ReportQuery) -> list[Tally]:
-    """The reference aggregation; rows sorted by tenant, bucket, group."""
+    """The reference aggregation, exact (a ledger answers ``coarsen`` of it); rows sorted by
+    tenant, bucket, group."""
     end = math.inf if query.until is None else query.until
     rows: dict[tuple[str, int, str], Tally] = {}
     latency: dict[tuple[str, int, str], list[float]] = {}
@@ -206,7 +207,7 @@ def tally_records(records: Iterable[UsageRecord], query: ReportQuery) -> list[Ta
         values = sorted(ttft[key])
         row.ttft_p50_s = _pick(values, 0.50)
         row.ttft_p99_s = _pick(values, 0.99)
-    return coarsen([rows[key] for key in sorted(rows)], query)
+    return [rows[key] for key in sorted(rows)]
 
 
 # -- SQL shared by the SQL ledgers ------------------------------------------------------------
