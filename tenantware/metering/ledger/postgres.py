@@ -95,9 +95,10 @@ _REFUSED: Final = (psycopg.DataError, psycopg.IntegrityError, OverflowError, Val
 #: The migration that puts the tables under row-level security (marked by identity).
 _PROTECT_TABLES: Final = ("SELECT 'tenantware: row-level security'",)
 
-#: The roll-ups (``rollup``), filled from the records already stored; protected by
-#: ``_migrate`` like the tables above (marked by identity).
-_ROLL_UP: Final = (*CREATE_TABLES, *BACKFILL)
+#: The roll-ups (``rollup``), filled from the records already stored (writers wait until the
+#: migration commits, so none is missed); protected by ``_migrate`` like the tables above
+#: (marked by identity).
+_ROLL_UP: Final = ("LOCK TABLE {t} IN SHARE MODE", *CREATE_TABLES, *BACKFILL)
 
 #: Each migration is a list of statements; ``{t}`` is the qualified table name.
 _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
