@@ -1,9 +1,11 @@
 """How long a usage report takes when PostgreSQL aggregates it (``PostgresLedger.tally``).
 
 Fills a throwaway schema with a month of records (one busy tenant with 1,000,000 of them and
-19 quieter ones), then times the reports the dashboard asks for, each several times, and prints
-a markdown table (median and worst). Also times the Python aggregation of the busy tenant's
-records fetched whole, which is what the report did before.
+19 quieter ones; straight into the table, then into the hourly roll-ups by the migration's own
+backfill statements), then times the reports the dashboard asks for, each several times, and
+prints a markdown table (median and worst wall time, and the server's CPU time). Also times
+the same reports read from the records alone (exact percentiles, what ``tally`` did before the
+roll-ups) and the Python aggregation of the busy tenant's records fetched whole.
 
     python benchmarks/bench_reports.py [--url postgresql://postgres@127.0.0.1:5432/test]
         [--records 1000000] [--repeat 5] [--keep]
@@ -27,8 +29,10 @@ from psycopg import sql
 from tenantware.metering.ledger.postgres import (
     _REPORT_WORK_MEM,
     PostgresLedger,
+    _arguments,
     _tally_statement,
 )
+from tenantware.metering.ledger.rollup import BACKFILL, DAILY_LATENCY, HOURLY
 from tenantware.metering.ledger.tally import ReportQuery, tally_records
 
 #: The schema being measured (set once in main).
@@ -96,27 +100,53 @@ def fill_schema(conn: psycopg.Connection[Any], table: sql.Identifier, records: i
     for number in range(19):
         tenant = f"tenant-{number:02d}"
         conn.execute(fill, {"tenant": tenant, "start": START, "span": MONTH_S, "n": 10_000})
-    conn.execute(sql.SQL("VACUUM ANALYZE {}").format(table))
+    schema = table.as_string(conn).split(".")[0].strip('"')
+    for statement in BACKFILL:
+        conn.execute(
+            sql.SQL(statement).format(
+                t=table,
+                h=sql.Identifier(schema, HOURLY),
+                l=sql.Identifier(schema, DAILY_LATENCY),
+            )
+        )
+    for name in ("usage_records", HOURLY, DAILY_LATENCY):
+        conn.execute(sql.SQL("VACUUM ANALYZE {}").format(sql.Identifier(schema, name)))
 
 
-def backend_cpu_s(conn: psycopg.Connection[Any], query: ReportQuery) -> float:
-    """CPU seconds the server process spent on ``query`` alone (read from /proc: the server
-    must run on this host; parallel workers off, so one process does all of it). Unlike wall
-    time, this hardly depends on what else the shared machine is running."""
-    pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+def backend_cpu_s(pid: int) -> float:
+    """CPU seconds the server process ``pid`` has used (read from /proc: the server must run
+    on this host). Unlike wall time, this hardly depends on what else the machine runs."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def cpu() -> float:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+def one_process(url: str) -> str:
+    """``url`` with parallel workers off, so one server process does all of a query."""
+    return url + ("&" if "?" in url else "?") + "options=-c%20max_parallel_workers_per_gather%3D0"
+
+
+def ledger_cpu_s(ledger: PostgresLedger, query: ReportQuery) -> float:
+    """Server CPU of ``ledger.tally(query)`` (a ledger with one connection, no workers)."""
+    pid = ledger._run(lambda conn: conn.execute("SELECT pg_backend_pid()").fetchone()[0])
+    before = backend_cpu_s(pid)
+    anyio.run(ledger.tally, query)
+    return backend_cpu_s(pid) - before
+
+
+def records_only_s(url: str, query: ReportQuery) -> tuple[float, float]:
+    """Wall and server CPU seconds of the report read from the records alone (exact
+    percentiles: the statement ``tally`` runs for short ranges, and ran for all before)."""
     statement = sql.SQL(_tally_statement(query)).format(
         t=sql.Identifier(SCHEMA[0], "usage_records"),
-        tenant=sql.SQL("AND tenant = %s" if query.tenant is not None else ""),
+        tenant=sql.SQL("AND tenant = %(tenant)s" if query.tenant is not None else ""),
     )
-    args = [query.since, query.until, *([query.tenant] if query.tenant is not None else [])]
-    before = cpu()
-    conn.execute(statement, args).fetchall()
-    return cpu() - before
+    with psycopg.connect(one_process(url), autocommit=True) as conn:
+        conn.execute(f"SET work_mem = '{_REPORT_WORK_MEM}'")
+        conn.execute("SET jit = off")
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+        before, began = backend_cpu_s(pid), time.perf_counter()
+        conn.execute(statement, _arguments(query)).fetchall()
+        return time.perf_counter() - began, backend_cpu_s(pid) - before
 
 
 def report(ledger: PostgresLedger, repeat: int, url: str) -> None:
@@ -128,6 +158,16 @@ def report(ledger: PostgresLedger, repeat: int, url: str) -> None:
             ReportQuery(tenant="busy", since=START, until=END, period="all", by="model"),
         ),
         (
+            "busy tenant, 30 days by cost center, ends not on whole hours",
+            ReportQuery(
+                tenant="busy",
+                since=START + 1234.5,
+                until=END - 77.7,
+                period="day",
+                by="cost_center",
+            ),
+        ),
+        (
             "every tenant, 30 days, one row each (the operator view)",
             ReportQuery(since=START, until=END, period="all"),
         ),
@@ -136,19 +176,25 @@ def report(ledger: PostgresLedger, repeat: int, url: str) -> None:
             "busy tenant, last hour by minute",
             ReportQuery(tenant="busy", since=END - 3600, until=END, period="minute"),
         ),
+        (
+            "busy tenant, last 30 minutes by minute (exact)",
+            ReportQuery(tenant="busy", since=END - 1800, until=END, period="minute"),
+        ),
     ]
-    print("| report | records | median s | worst s | server CPU s |")
-    print("|---|---:|---:|---:|---:|")
+    print("| report | records | median s | worst s | server CPU s | records only: s, CPU s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    single = PostgresLedger(one_process(url), schema=SCHEMA[0], max_size=1, timeout_s=120)
+    anyio.run(single.open)
     try:
         for name, query in cases:
             median, worst, rows = timed(lambda q=query: anyio.run(ledger.tally, q), repeat)
             count = sum(t.requests for t in rows)
-            with psycopg.connect(url, autocommit=True) as conn:
-                conn.execute(f"SET work_mem = '{_REPORT_WORK_MEM}'")
-                conn.execute("SET jit = off")
-                conn.execute("SET max_parallel_workers_per_gather = 0")
-                cpu = min(backend_cpu_s(conn, query) for _ in range(2))
-            print(f"| {name} | {count:,} | {median:.3f} | {worst:.3f} | {cpu:.2f} |")
+            cpu = min(ledger_cpu_s(single, query) for _ in range(2))
+            wall, raw_cpu = records_only_s(url, query)
+            print(
+                f"| {name} | {count:,} | {median:.3f} | {worst:.3f} | {cpu:.2f} "
+                f"| {wall:.2f}, {raw_cpu:.2f} |"
+            )
 
         def python_report() -> Any:
             async def fetch() -> Any:
@@ -158,9 +204,10 @@ def report(ledger: PostgresLedger, repeat: int, url: str) -> None:
 
         median, worst, rows = timed(python_report, 1)
         count = sum(t.requests for t in rows)
-        print(f"| before: every record to Python | {count:,} | {median:.3f} | - | - |")
+        print(f"| before: every record to Python | {count:,} | {median:.3f} | - | - | - |")
     finally:
         anyio.run(ledger.aclose)
+        anyio.run(single.aclose)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,14 @@ from tests.data_support import new_master
 
 pytestmark = pytest.mark.anyio
 
-PROTECTED = ("usage_records", "audit_log", "tenant_keys", "request_logs")
+PROTECTED = (
+    "usage_records",
+    "usage_hourly",
+    "usage_daily_latency",
+    "audit_log",
+    "tenant_keys",
+    "request_logs",
+)
 _COPIED_KEYS = ("record_id", "id")
 
 

@@ -19,7 +19,7 @@ from tenantware.metering.ledger.journal import (
     debit_entries,
 )
 from tenantware.metering.ledger.record import UsageRecord
-from tenantware.metering.ledger.tally import ReportQuery, Tally, tally_records
+from tenantware.metering.ledger.tally import ReportQuery, Tally, coarsen, tally_records
 
 __all__ = ["Ledger", "LedgerRejected", "LedgerUnavailable", "MemoryLedger"]
 
@@ -54,7 +54,8 @@ class Ledger(Protocol):
 
     async def tally(self, query: ReportQuery) -> list[Tally]:
         """The report's figures per (tenant, period, group), computed by the ledger (in SQL
-        for the SQL ledgers), equal to ``tally_records`` over the same records."""
+        for the SQL ledgers), equal to ``coarsen(tally_records(records, query), query)`` over
+        the same records (percentiles bucketed over an hour or more, see ``tally``)."""
         ...
 
     async def aclose(self) -> None:
@@ -125,7 +126,7 @@ class MemoryLedger:
         )
 
     async def tally(self, query: ReportQuery) -> list[Tally]:
-        return tally_records(self.records.values(), query)
+        return coarsen(tally_records(self.records.values(), query), query)
 
     async def write_audit(self, entry: AuditEntry) -> None:
         self.audit.setdefault(entry.id, entry)

@@ -39,6 +39,16 @@ from tenantware.metering.ledger.journal import (
 from tenantware.metering.ledger.journal import entry_from_row as journal_entry
 from tenantware.metering.ledger.record import COLUMNS, UsageRecord
 from tenantware.metering.ledger.rls import bind_tenant, create_function, protect
+from tenantware.metering.ledger.rollup import (
+    BACKFILL,
+    CREATE_TABLES,
+    DAILY_LATENCY,
+    HOURLY,
+    add_to_rollups,
+    combine,
+    statements,
+    whole_periods,
+)
 from tenantware.metering.ledger.tally import (
     PERIOD_SECONDS,
     SQL_REPORTED,
@@ -46,6 +56,7 @@ from tenantware.metering.ledger.tally import (
     SQL_TIMED,
     ReportQuery,
     Tally,
+    coarsen,
     sorted_tallies,
     sql_group,
     tally_from_row,
@@ -83,6 +94,11 @@ _REFUSED: Final = (psycopg.DataError, psycopg.IntegrityError, OverflowError, Val
 
 #: The migration that puts the tables under row-level security (marked by identity).
 _PROTECT_TABLES: Final = ("SELECT 'tenantware: row-level security'",)
+
+#: The roll-ups (``rollup``), filled from the records already stored (writers wait until the
+#: migration commits, so none is missed); protected by ``_migrate`` like the tables above
+#: (marked by identity).
+_ROLL_UP: Final = ("LOCK TABLE {t} IN SHARE MODE", *CREATE_TABLES, *BACKFILL)
 
 #: Each migration is a list of statements; ``{t}`` is the qualified table name.
 _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
@@ -130,6 +146,7 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     # Row-level security (``rls``) on the tables above: run by ``_migrate`` (it is code).
     # Redemption codes stay outside it: a code any tenant may redeem has no tenant.
     _PROTECT_TABLES,
+    _ROLL_UP,
 )
 
 
@@ -138,15 +155,16 @@ _SECOND: Final = "floor(ts)::bigint"
 _REPORT_WORK_MEM: Final = "64MB"
 
 
-def _bucket(query: ReportQuery) -> str:
+def _bucket(query: ReportQuery, second: str = _SECOND) -> str:
+    """The start of the period holding ``second`` (whole Unix seconds)."""
     width = PERIOD_SECONDS.get(query.period)
     if width is not None:
-        return f"({_SECOND} / {width} * {width})"
+        return f"({second} / {width} * {width})"
     if query.period == "all":
         return "0::bigint"
     return (
         "extract(epoch FROM date_trunc('month', "
-        f"to_timestamp({_SECOND}) AT TIME ZONE 'UTC'))::bigint"
+        f"to_timestamp({second}) AT TIME ZONE 'UTC'))::bigint"
     )
 
 
@@ -161,9 +179,14 @@ def _tally_statement(query: ReportQuery) -> str:
                FILTER (WHERE {SQL_TIMED}),
            percentile_disc({percentiles}) WITHIN GROUP (ORDER BY ttft_s)
                FILTER (WHERE {SQL_TIMED} AND ttft_s IS NOT NULL)
-    FROM {{t}} WHERE ts >= %s AND ts < %s AND {SQL_REPORTED} {{tenant}}
+    FROM {{t}} WHERE ts >= %(since)s AND ts < %(until)s AND {SQL_REPORTED} {{tenant}}
     GROUP BY 1, 2, 3
     """
+
+
+def _arguments(query: ReportQuery) -> dict[str, Any]:
+    until = float("inf") if query.until is None else query.until
+    return {"since": query.since, "until": until, "tenant": query.tenant}
 
 
 def _flatten(row: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -189,6 +212,8 @@ class PostgresLedger:
         self._schema = schema
         self._table = sql.Identifier(schema, table)
         self._table_name = table
+        self._hourly = sql.Identifier(schema, HOURLY)
+        self._daily_latency = sql.Identifier(schema, DAILY_LATENCY)
         self._audit = sql.Identifier(schema, "audit_log")
         self._versions = sql.Identifier(schema, "tenantware_schema")
         self._journal = sql.Identifier(schema, "balance_journal")
@@ -227,8 +252,10 @@ class PostgresLedger:
             sql.SQL("%s::{}[]").format(sql.SQL(_TYPES.get(name, "text"))) for name in COLUMNS
         )
         self._insert = sql.SQL(
-            "INSERT INTO {t} ({c}) SELECT * FROM unnest({a}) ON CONFLICT (record_id) DO NOTHING"
-        ).format(t=self._table, c=columns, a=arrays)
+            add_to_rollups(
+                "INSERT INTO {t} ({c}) SELECT * FROM unnest({a}) ON CONFLICT (record_id) DO NOTHING"
+            )
+        ).format(t=self._table, c=columns, a=arrays, h=self._hourly, l=self._daily_latency)
         self._select = sql.SQL("SELECT {c} FROM {t}").format(c=columns, t=self._table)
         audit_columns = sql.SQL(", ").join(sql.Identifier(name) for name in AUDIT_COLUMNS)
         self._insert_audit = sql.SQL(
@@ -294,6 +321,8 @@ class PostgresLedger:
                             j=self._journal,
                             c=self._codes,
                             f=self._append_only,
+                            h=self._hourly,
+                            l=self._daily_latency,
                         )
                     )
                 if _MIGRATIONS[number] is _PROTECT_TABLES:
@@ -301,6 +330,9 @@ class PostgresLedger:
                     protect(conn, self._schema, self._table_name)
                     protect(conn, self._schema, "audit_log")
                     protect(conn, self._schema, "balance_journal", "tenant_id")
+                if _MIGRATIONS[number] is _ROLL_UP:
+                    protect(conn, self._schema, HOURLY)
+                    protect(conn, self._schema, DAILY_LATENCY)
                 conn.execute(
                     sql.SQL("INSERT INTO {} (version) VALUES (%s)").format(self._versions),
                     (number + 1,),
@@ -434,25 +466,44 @@ class PostgresLedger:
 
     def _tally(self, query: ReportQuery) -> list[Tally]:
         self._ensure()
-        statement = sql.SQL(_tally_statement(query)).format(
-            t=self._table,
-            tenant=sql.SQL("AND tenant = %s" if query.tenant is not None else ""),
+        tenant = sql.SQL("AND tenant = %(tenant)s" if query.tenant is not None else "")
+        periods = whole_periods(query)
+        if periods is None:
+            statement = sql.SQL(_tally_statement(query)).format(t=self._table, tenant=tenant)
+            rows = self._run(self._aggregate, statement, _arguments(query))
+            tallies = (tally_from_row(_flatten(tuple(row))) for row in rows)
+            return coarsen(sorted_tallies(tallies), query)
+        totals, histograms = (
+            sql.SQL(text).format(
+                t=self._table, h=self._hourly, l=self._daily_latency, tenant=tenant
+            )
+            for text in statements(_bucket(query, "hour"), sql_group(query.by), tenant="{tenant}")
         )
-        until = float("inf") if query.until is None else query.until
-        args: list[Any] = [query.since, until]
-        if query.tenant is not None:
-            args.append(query.tenant)
-        rows = self._run(self._aggregate, statement, args)
-        return sorted_tallies(tally_from_row(_flatten(tuple(row))) for row in rows)
+        args = {**_arguments(query), "dim": query.by, **periods}
+        return sorted_tallies(self._run(self._roll_up, totals, histograms, args))
 
     @staticmethod
-    def _aggregate(conn: psycopg.Connection[Any], statement: sql.Composed, args: list[Any]) -> Any:
+    def _aggregate(conn: psycopg.Connection[Any], statement: sql.Composed, args: Any) -> Any:
         # The percentiles sort every record of a group: in memory rather than in temporary
         # files, and without JIT compilation (it costs more than it saves here).
         with conn.transaction():
             conn.execute(f"SET LOCAL work_mem = '{_REPORT_WORK_MEM}'")
             conn.execute("SET LOCAL jit = off")
             return conn.execute(statement, args).fetchall()
+
+    @staticmethod
+    def _roll_up(
+        conn: psycopg.Connection[Any], totals: sql.Composed, histograms: sql.Composed, args: Any
+    ) -> list[Tally]:
+        # Both statements see the same records (one snapshot); grouped in memory, without
+        # JIT compilation.
+        with conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            conn.execute(f"SET LOCAL work_mem = '{_REPORT_WORK_MEM}'")
+            conn.execute("SET LOCAL jit = off")
+            sums = conn.execute(totals, args).fetchall()
+            counts = conn.execute(histograms, args).fetchall()
+        return combine(sums, counts)
 
     async def write_audit(self, entry: AuditEntry) -> None:
         row = audit_row(entry)

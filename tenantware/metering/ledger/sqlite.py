@@ -43,6 +43,7 @@ from tenantware.metering.ledger.tally import (
     SQL_TIMED,
     ReportQuery,
     Tally,
+    coarsen,
     sorted_tallies,
     sql_group,
     sql_rank,
@@ -412,7 +413,7 @@ class SqliteLedger:
                 rows = self._connection().execute(statement, args).fetchall()
             except sqlite3.Error as exc:
                 raise LedgerUnavailable(f"sqlite {self.path}: {exc}") from exc
-        return sorted_tallies(tally_from_row(row) for row in rows)
+        return coarsen(sorted_tallies(tally_from_row(row) for row in rows), query)
 
     async def aclose(self) -> None:
         await anyio.to_thread.run_sync(self._close)

@@ -6,6 +6,10 @@ memory ledger and as the reference the SQL is tested against. Every figure is ei
 integer sum or one picked record value (nearest-rank percentiles, a maximum), so the SQL and
 Python answers are equal, not merely close.
 
+Over a range of an hour or more (or open-ended), p50/p99 are reported to the latency bucket
+(``histogram``: within 5 %) on every ledger, because PostgreSQL reads them from roll-ups
+there; shorter ranges get the exact nearest-rank values.
+
 Periods start on whole UTC seconds (``floor(ts)``), so a record is in the same bucket
 whichever engine computes it (SQLite rounds to milliseconds, Python to microseconds).
 """
@@ -21,6 +25,7 @@ import msgspec
 
 from tenantware.context import Outcome
 from tenantware.metering.billing import SHADOW
+from tenantware.metering.ledger.histogram import bucketed
 from tenantware.metering.ledger.record import UsageRecord
 
 __all__ = [
@@ -38,6 +43,8 @@ __all__ = [
     "ReportQuery",
     "Tally",
     "bucket_start",
+    "coarse_percentiles",
+    "coarsen",
     "nearest_rank",
     "tally_records",
 ]
@@ -104,6 +111,27 @@ class Tally(msgspec.Struct, kw_only=True):
     queue_wait_max_s: float | None = None
 
 
+#: A report over at least this many seconds gets its percentiles to the latency bucket.
+COARSE_FROM_S: Final = 3600.0
+
+
+def coarse_percentiles(query: ReportQuery) -> bool:
+    """Whether ``query``'s p50/p99 are bucketed (see the module docstring)."""
+    return query.until is None or query.until - query.since >= COARSE_FROM_S
+
+
+def coarsen(rows: list[Tally], query: ReportQuery) -> list[Tally]:
+    """``rows`` with their percentiles bucketed when ``query`` asks for coarse ones (the
+    exact nearest-rank value's bucket is the bucket a histogram's nearest rank falls in)."""
+    if coarse_percentiles(query):
+        for row in rows:
+            row.latency_p50_s = bucketed(row.latency_p50_s)
+            row.latency_p99_s = bucketed(row.latency_p99_s)
+            row.ttft_p50_s = bucketed(row.ttft_p50_s)
+            row.ttft_p99_s = bucketed(row.ttft_p99_s)
+    return rows
+
+
 def bucket_start(ts: float, period: Period) -> int:
     """Start (Unix seconds, UTC) of the period holding ``ts``."""
     second = math.floor(ts)
@@ -127,7 +155,8 @@ def _pick(values: list[float], q: float) -> float | None:
 
 
 def tally_records(records: Iterable[UsageRecord], query: ReportQuery) -> list[Tally]:
-    """The reference aggregation; rows sorted by tenant, bucket, group."""
+    """The reference aggregation, exact (a ledger answers ``coarsen`` of it); rows sorted by
+    tenant, bucket, group."""
     end = math.inf if query.until is None else query.until
     rows: dict[tuple[str, int, str], Tally] = {}
     latency: dict[tuple[str, int, str], list[float]] = {}
