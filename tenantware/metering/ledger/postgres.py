@@ -360,13 +360,14 @@ class PostgresLedger:
                 [[getattr(r, name) for r in group] for name in COLUMNS],
                 [entry_row(e) for e in debit_entries(group)],
             )
-            for tenant, group in by_tenant.items()
+            for tenant, group in sorted(by_tenant.items())
         ]
         await anyio.to_thread.run_sync(self._write, groups)
 
     def _write(self, groups: list[tuple[str, list[list[Any]], list[tuple[Any, ...]]]]) -> None:
         # One transaction; each tenant's rows (usage and balance debits) under its own binding
-        # (row-level security accepts a row only for the bound tenant).
+        # (row-level security accepts a row only for the bound tenant). Tenants go in sorted
+        # order, so writers in several processes lock the roll-up rows in one order.
         self._ensure()
 
         def work(conn: psycopg.Connection[Any]) -> None:
