@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable
+from functools import partial
 from typing import Any, Final
 
 import anyio
@@ -195,11 +196,15 @@ class AdmissionMiddleware:
                         first = (ctx.first_byte_at or done) - granted_at
                         self.holds.observe(pool, first, done - granted_at, usage.output_tokens)
             gauges[1].dec()
-            if store.yields:
+            joined = ctx.after_response
+            if not store.yields:
+                await store.release(ticket, actual, tokens)
+            elif joined is not None:
+                # The quota layer sends it with its settle: one write, one wait, not two.
+                joined.append(partial(store.release, ticket, actual, tokens))
+            else:
                 with anyio.CancelScope(shield=True):
                     await store.release(ticket, actual, tokens)
-            else:
-                await store.release(ticket, actual, tokens)
 
     def _charging(
         self, send: Send, store: SeatStore, ticket: Ticket, prompt: int, output_weight: float

@@ -16,7 +16,7 @@ runs: ``quota.renewal.renewing``, a gateway service). Every response carries the
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from random import getrandbits as _getrandbits
 from typing import Final
 
@@ -292,6 +292,9 @@ class QuotaMiddleware:
                 message["headers"] = [*message.get("headers", ()), *headers]
             return send(message)
 
+        if self._shield_settle:
+            # Inner layers' after-response calls (the admission release) join the settle.
+            ctx.after_response = []
         try:
             await self.app(scope, receive, send_with_headers)
         except GatewayError as error:
@@ -301,9 +304,41 @@ class QuotaMiddleware:
             await error.send(send_with_headers, ctx)
         finally:
             if self._shield_settle:
+                joined = ctx.after_response
+                ctx.after_response = None
                 with anyio.CancelScope(shield=True):
-                    await self._settle(ctx, snapshot, held, ticket, tokens, cost, charge)
+                    if joined:
+                        await self._settle_with(
+                            joined, ctx, snapshot, held, ticket, tokens, cost, charge
+                        )
+                    else:
+                        await self._settle(ctx, snapshot, held, ticket, tokens, cost, charge)
             else:
+                await self._settle(ctx, snapshot, held, ticket, tokens, cost, charge)
+
+    async def _settle_with(
+        self,
+        joined: list[Callable[[], Awaitable[None]]],
+        ctx: RequestContext,
+        snapshot: Snapshot,
+        held: list[_Held],
+        ticket: str,
+        tokens: int,
+        cost: int,
+        charge: int,
+    ) -> None:
+        """The settle and the inner layers' calls at once: made in the same event-loop turn,
+        they leave in one write on a pipelined connection and are waited for together. Each
+        is shielded, so one that fails does not cancel the others."""
+
+        async def shielded(call: Callable[[], Awaitable[None]]) -> None:
+            with anyio.CancelScope(shield=True):
+                await call()
+
+        async with anyio.create_task_group() as group:
+            for call in joined:
+                group.start_soon(shielded, call)
+            with anyio.CancelScope(shield=True):
                 await self._settle(ctx, snapshot, held, ticket, tokens, cost, charge)
 
     async def _settle(
