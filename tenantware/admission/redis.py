@@ -431,6 +431,9 @@ class RedisSeatStore:
         while True:
             try:
                 with redis_errors():
+                    # A cluster client learns its slot map here, not in ``pubsub()``, which
+                    # fails on an empty map when no call has been made yet.
+                    await self.redis.initialize()
                     pubsub = self.redis.pubsub()
                     try:
                         await pubsub.subscribe(self._channel)
