@@ -57,7 +57,7 @@ after_response             quota (opens it: its settle goes     admission (adds 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any, Final, Literal
 
 import msgspec
@@ -248,9 +248,9 @@ class RequestContext:
         self.response_started = False
         #: Room for later layers (admin, shadow traffic) without changing this class.
         self.extra: dict[str, Any] = {}
-        #: Store calls of inner layers to make together with the quota settle once the app
-        #: has returned (``None``: no outer layer will, each layer makes its own).
-        self.after_response: list[Callable[[], Awaitable[None]]] | None = None
+        #: Store calls inner layers sent as they ended, for the quota layer to await after
+        #: its settle (``None``: no outer layer will, each layer awaits its own).
+        self.after_response: list[Awaitable[None]] | None = None
 
     @property
     def tenant_id(self) -> str | None:

@@ -9,6 +9,7 @@ once: every counter and seat is back after each request (JSON, stream, refused u
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Any
 
 import pytest
@@ -40,6 +41,17 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> list[list[bytes]]:
     return seen
 
 
+def _joined_writes(writes: list[list[bytes]], expected: int) -> list[set[str]]:
+    """What each write carried, once ``expected`` settle + release writes went out (they
+    follow the response; bounded wait)."""
+    deadline = time.monotonic() + 10.0
+    while True:
+        after = [_kinds(batch) for batch in list(writes)]
+        if after.count({"settle", "release"}) >= expected or time.monotonic() > deadline:
+            return after
+        time.sleep(0.01)
+
+
 def _kinds(batch: list[bytes]) -> set[str]:
     settle, admission = _sha(quota_redis._SETTLE), _sha(admission_redis._SCRIPT)
     kinds = set()
@@ -62,7 +74,7 @@ def test_settle_and_release_go_out_in_one_write_and_every_book_agrees(
                 response = client.post("/v1/chat/completions", json=body)
             assert response.status_code == 200, response.text
         stack.wait_upstream_idle()
-        after = [_kinds(batch) for batch in writes]
+        after = _joined_writes(writes, 3)
         assert after.count({"settle", "release"}) == 3, after
         assert not [kinds for kinds in after if kinds in ({"settle"}, {"release"})]
         assert stack.quota("acme")["slots"] == 0
@@ -78,7 +90,7 @@ def test_a_failed_upstream_releases_and_refunds_once(
             response = client.post("/v1/chat/completions", json=CHAT)
         assert response.status_code == 400, response.text
         stack.wait_upstream_idle()
-        after = [_kinds(batch) for batch in writes]
+        after = _joined_writes(writes, 1)
         assert after.count({"settle", "release"}) == 1, after
         assert stack.quota("acme") == {"tokens": 0, "spend": 0, "slots": 0}
         assert stack.seats() == {"*": (0, 0)}

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable
-from functools import partial
 from typing import Any, Final
 
 import anyio
@@ -200,8 +199,8 @@ class AdmissionMiddleware:
             if not store.yields:
                 await store.release(ticket, actual, tokens)
             elif joined is not None:
-                # The quota layer sends it with its settle: one write, one wait, not two.
-                joined.append(partial(store.release, ticket, actual, tokens))
+                # Sent now; the quota layer's settle joins it in the same write and awaits it.
+                joined.append(store.start_release(ticket, actual, tokens))
             else:
                 with anyio.CancelScope(shield=True):
                     await store.release(ticket, actual, tokens)

@@ -16,7 +16,7 @@ runs: ``quota.renewal.renewing``, a gateway service). Every response carries the
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from random import getrandbits as _getrandbits
 from typing import Final
 
@@ -318,7 +318,7 @@ class QuotaMiddleware:
 
     async def _settle_with(
         self,
-        joined: list[Callable[[], Awaitable[None]]],
+        joined: list[Awaitable[None]],
         ctx: RequestContext,
         snapshot: Snapshot,
         held: list[_Held],
@@ -327,19 +327,20 @@ class QuotaMiddleware:
         cost: int,
         charge: int,
     ) -> None:
-        """The settle and the inner layers' calls at once: made in the same event-loop turn,
-        they leave in one write on a pipelined connection and are waited for together. Each
-        is shielded, so one that fails does not cancel the others."""
-
-        async def shielded(call: Callable[[], Awaitable[None]]) -> None:
-            with anyio.CancelScope(shield=True):
-                await call()
-
-        async with anyio.create_task_group() as group:
-            for call in joined:
-                group.start_soon(shielded, call)
-            with anyio.CancelScope(shield=True):
-                await self._settle(ctx, snapshot, held, ticket, tokens, cost, charge)
+        """The settle, then the answers of the inner layers' calls: those were sent when the
+        inner layers ended, in this event-loop turn, so the settle leaves in the same write
+        on a pipelined connection and one wait covers them all."""
+        try:
+            await self._settle(ctx, snapshot, held, ticket, tokens, cost, charge)
+        finally:
+            failure: BaseException | None = None
+            for answer in joined:
+                try:
+                    await answer  # each exactly once, whatever the others did
+                except Exception as exc:
+                    failure = failure or exc
+            if failure is not None:
+                raise failure
 
     async def _settle(
         self,
