@@ -42,6 +42,8 @@ def _config(url: str, tenants: int, workdir: str) -> tuple[dict[str, Any], list[
         redis_prefix=PREFIX,
         workdir=workdir,
     )
+    # A loaded host stalls the clients for longer than the default outage rule.
+    config["gateway"]["redis_timeout_s"] = 2.0
     hasher = KeyHasher()
     keys = [f"sk-cluster-tenant-{i:03d}-0123456789" for i in range(tenants)]
     config["tenants"] = [
