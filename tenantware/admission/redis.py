@@ -65,9 +65,6 @@ async def _done() -> None:
     """Nothing to wait for."""
 
 
-_DONE = _done
-
-
 class RedisSeatStore:
     """One seat pool in Redis; see the module docstring for leases, wake-up and failures."""
 
@@ -364,7 +361,7 @@ class RedisSeatStore:
     ) -> Awaitable[None]:
         self._waiting.pop(ticket.id, None)
         if ticket.lease == _UNACCOUNTED:
-            return _DONE()
+            return _done()
         if ticket.lease == _LOCAL:
             return self._local_pool().release(ticket, actual_cost, actual_tokens)
         self._held.discard(ticket.id)
@@ -384,7 +381,7 @@ class RedisSeatStore:
             # Sent once Redis answers again (the seat stays taken until then).
             self._given_up.add(args)
             self.failover.degraded(self.on_failure)
-            return _DONE()
+            return _done()
         return self._released(
             self._script.send(keys=self._keys, args=["release", *self._head, *args]), args
         )
