@@ -9,7 +9,10 @@ fake of ``test_bench_stack.py`` (no network), so every Redis command comes from 
 Redis's own CPU (``INFO cpu``) and script time (``INFO commandstats``) are read over one pass;
 a second pass runs under ``MONITOR``, which names every command a client sent (each
 ``EVALSHA`` by its script: quota reserve/settle, admission op, breaker) apart from those a
-script ran inside Redis. Prints a markdown table per mode.
+script ran inside Redis. The first pass also counts the writes of the pipelined connection
+(``backends/multiplex.py``: every call made in one event-loop turn goes out in one write) and
+the gateway's own CPU: at c=1 a write is one round trip the request waits for. Prints a
+markdown table per mode.
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ import asyncio
 import hashlib
 import sys
 import tempfile
+import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +118,10 @@ async def measure(url: str, body: bytes, total: int, concurrency: int) -> dict[s
             await _drive(app, body, 200, concurrency)  # warm: scripts loaded, plans built
             await admin.config_resetstat()
             cpu0 = await admin.info("cpu")
-            await _drive(app, body, total, concurrency)
+            with _counting_writes() as writes:
+                gateway_cpu = time.process_time()
+                await _drive(app, body, total, concurrency)
+                gateway_cpu = time.process_time() - gateway_cpu
             cpu1 = await admin.info("cpu")
             stats = await admin.info("commandstats")
             calls: Counter[str] = Counter()
@@ -129,9 +138,33 @@ async def measure(url: str, body: bytes, total: int, concurrency: int) -> dict[s
     return {
         "calls": calls,
         "cpu_us": cpu * 1e6,
+        "writes": writes[0],
+        "written_calls": writes[1],
+        "gateway_cpu_us": gateway_cpu * 1e6,
         "script_calls": sum(v.get("calls", 0) for v in scripts.values()),
         "script_us": sum(v.get("usec", 0) for v in scripts.values()),
     }
+
+
+@contextmanager
+def _counting_writes() -> Iterator[list[int]]:
+    """``[writes, calls written]`` of every pipelined connection while the block runs."""
+    from tenantware.backends.multiplex import _Connection
+
+    counts = [0, 0]
+    flush = _Connection._flush
+
+    def counted(self: Any) -> None:
+        if self._outgoing and not self.closed and self.transport is not None:
+            counts[0] += 1
+            counts[1] += len(self._outgoing)
+        flush(self)
+
+    _Connection._flush = counted  # type: ignore[method-assign]
+    try:
+        yield counts
+    finally:
+        _Connection._flush = flush  # type: ignore[method-assign]
 
 
 async def _count(monitor: Any, names: dict[str, str], calls: Counter[str]) -> None:
@@ -157,12 +190,17 @@ def report(mode: str, concurrency: int, total: int, result: dict[str, Any]) -> s
     ]
     for label in sorted(client, key=lambda name: -client[name]):
         lines.append(f"| {label} | {client[label] / total:.2f} |")
-    lines.append(f"| **round trips** | **{sum(client.values()) / total:.2f}** |")
+    lines.append(f"| **commands sent** | **{sum(client.values()) / total:.2f}** |")
+    lines.append(
+        f"| **socket writes** (round trips at c=1) | **{result['writes'] / total:.2f}**"
+        f" ({result['written_calls'] / total:.2f} calls) |"
+    )
     lines.append(f"| (commands run inside those scripts) | {inner / total:.1f} |")
     lines.append(
         f"\nRedis CPU (INFO cpu, user + sys): **{result['cpu_us'] / total:.0f} µs per request**;"
         f" scripts (INFO commandstats): {result['script_calls'] / total:.2f} calls, "
-        f"{result['script_us'] / total:.0f} µs per request"
+        f"{result['script_us'] / total:.0f} µs per request; gateway CPU (process_time): "
+        f"{result['gateway_cpu_us'] / total:.0f} µs per request"
     )
     return "\n".join(lines)
 

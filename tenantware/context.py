@@ -48,12 +48,16 @@ balance_debit_nanousd      quota (prepaid balance settled)      metering (balanc
 own_upstream_key           proxy (the tenant's own key was      quota (settle), metering,
                            used for the call that answered)     billing (not charged)
 extra                      proxy (``breaker.board.RECORDED``)   breaker
+after_response             quota (opens it: its settle goes     admission (adds its release),
+                           out after the response); admission   quota (sends them with its
+                                                                settle, in one write)
 =========================  ===================================  ===============================
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable
 from typing import Any, Final, Literal
 
 import msgspec
@@ -184,6 +188,7 @@ class RequestContext:
     field and who reads it: the table at the top of this module."""
 
     __slots__ = (
+        "after_response",
         "api_route",
         "balance_debit_nanousd",
         "body",
@@ -243,6 +248,9 @@ class RequestContext:
         self.response_started = False
         #: Room for later layers (admin, shadow traffic) without changing this class.
         self.extra: dict[str, Any] = {}
+        #: Store calls inner layers sent as they ended, for the quota layer to await after
+        #: its settle (``None``: no outer layer will, each layer awaits its own).
+        self.after_response: list[Awaitable[None]] | None = None
 
     @property
     def tenant_id(self) -> str | None:

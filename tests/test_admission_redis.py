@@ -222,3 +222,33 @@ async def test_the_script_runs_on_a_redis_cluster() -> None:
         await client.aclose()
     finally:
         cluster.__exit__(None, None, None)
+
+
+@pytest.mark.slow
+async def test_the_grant_listener_starts_on_a_fresh_cluster_client() -> None:
+    # The listener is the first user of a new cluster client (a gateway starting): it must
+    # learn the slot map before subscribing, not die on an empty one.
+    try:
+        cluster = redis_cluster(3)
+        urls = cluster.__enter__()
+    except ServiceUnavailable as exc:
+        pytest.skip(f"no Redis Cluster: {exc.reason}")
+    try:
+        listening = connect_redis(urls[0], timeout_s=2.0, cluster=True)
+        other = connect_redis(urls[0], timeout_s=2.0, cluster=True)
+        waiter = RedisSeatStore(listening, seats=1, prefix="twlisten:", poll_min_s=30.0)
+        holder = RedisSeatStore(other, seats=1, prefix="twlisten:")
+        async with waiter.running():
+            first, second = Ticket("a", 1.0, 10.0), Ticket("b", 1.0, 10.0)
+            assert await holder.acquire(first) == GRANTED
+            assert await waiter.acquire(second) == QUEUED
+            await anyio.sleep(0.5)  # the listener subscribes
+            await holder.release(first, 10.0)
+            with anyio.fail_after(20):  # woken by the notice: its first poll is 30 s away
+                await waiter.wait(second)
+            assert second.granted
+            await waiter.release(second, 10.0)
+        await listening.aclose()
+        await other.aclose()
+    finally:
+        cluster.__exit__(None, None, None)

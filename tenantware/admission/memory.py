@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -108,6 +108,11 @@ class MemorySeatStore:
         granted = self.core.release(ticket, actual_cost, actual_tokens, self.clock())
         if granted:
             _wake(granted)
+
+    def start_release(
+        self, ticket: Ticket, actual_cost: float, actual_tokens: float | None = None
+    ) -> Awaitable[None]:
+        return self.release(ticket, actual_cost, actual_tokens)
 
     async def charge(self, ticket: Ticket, extra_cost: float) -> None:
         self.core.charge(ticket, extra_cost)

@@ -28,7 +28,7 @@ is the release of a request that ended while Redis was down.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
@@ -59,6 +59,10 @@ _UNACCOUNTED = "-"
 _LOCAL = "~"
 #: ``acquire``'s status when Redis ran it after its deadline (nothing was done).
 _EXPIRED = 4
+
+
+async def _done() -> None:
+    """Nothing to wait for."""
 
 
 class RedisSeatStore:
@@ -350,12 +354,16 @@ class RedisSeatStore:
     async def release(
         self, ticket: Ticket, actual_cost: float, actual_tokens: float | None = None
     ) -> None:
+        await self.start_release(ticket, actual_cost, actual_tokens)
+
+    def start_release(
+        self, ticket: Ticket, actual_cost: float, actual_tokens: float | None = None
+    ) -> Awaitable[None]:
         self._waiting.pop(ticket.id, None)
         if ticket.lease == _UNACCOUNTED:
-            return
+            return _done()
         if ticket.lease == _LOCAL:
-            await self._local_pool().release(ticket, actual_cost, actual_tokens)
-            return
+            return self._local_pool().release(ticket, actual_cost, actual_tokens)
         self._held.discard(ticket.id)
         ticket.granted = False
         args = (
@@ -373,9 +381,14 @@ class RedisSeatStore:
             # Sent once Redis answers again (the seat stays taken until then).
             self._given_up.add(args)
             self.failover.degraded(self.on_failure)
-            return
+            return _done()
+        return self._released(
+            self._script.send(keys=self._keys, args=["release", *self._head, *args]), args
+        )
+
+    async def _released(self, reply: Awaitable[Any], args: tuple[Any, ...]) -> None:
         try:
-            granted = await self._call("release", *args)
+            granted = await reply
         except STORE_UNAVAILABLE as exc:
             self._given_up.add(args)
             self._failed(exc, "release")
@@ -431,6 +444,9 @@ class RedisSeatStore:
         while True:
             try:
                 with redis_errors():
+                    # A cluster client learns its slot map here, not in ``pubsub()``, which
+                    # fails on an empty map when no call has been made yet.
+                    await self.redis.initialize()
                     pubsub = self.redis.pubsub()
                     try:
                         await pubsub.subscribe(self._channel)

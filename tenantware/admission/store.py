@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -41,6 +41,14 @@ class SeatStore(Protocol):
     async def release(
         self, ticket: Ticket, actual_cost: float, actual_tokens: float | None = None
     ) -> None: ...
+
+    def start_release(
+        self, ticket: Ticket, actual_cost: float, actual_tokens: float | None = None
+    ) -> Awaitable[None]:
+        """``release``, sent now: on a pipelined connection its call leaves in the same
+        write as every other call made in this event-loop turn (the quota settle); await
+        the answer exactly once."""
+        ...
 
     async def charge(self, ticket: Ticket, extra_cost: float) -> None:
         """A granted request costs more than charged so far (a long stream): charge it now."""

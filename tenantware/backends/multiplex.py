@@ -29,7 +29,7 @@ import hashlib
 import struct
 import sys
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, cast
 
 import hiredis
@@ -341,3 +341,30 @@ class MultiplexedScript:
             if not str(error).startswith("NOSCRIPT"):
                 raise
             return await self._owner.execute(count + self._eval + body)
+
+    def send(self, keys: Sequence[Arg] = (), args: Sequence[Arg] = ()) -> Awaitable[Any]:
+        """The call queued now, in this event-loop turn, with every other call made in it
+        (one write); await the answer (exactly once) like ``__call__``'s. Without an open
+        connection it is made when awaited."""
+        owner = self._owner
+        connection = owner._connection
+        if connection is None or connection.closed:
+            return self(keys, args)
+        try:
+            if connection.loop is not asyncio.get_running_loop():
+                return self(keys, args)
+        except RuntimeError:
+            return self(keys, args)
+        body = b"".join(map(_bulk, (len(keys), *keys, *args)))
+        count = b"*%d\r\n" % (3 + len(keys) + len(args))
+        return self._answer(
+            connection.call(count + self._evalsha + body), count + self._eval + body
+        )
+
+    async def _answer(self, reply: asyncio.Future[Any], fallback: bytes) -> Any:
+        try:
+            return await reply
+        except ResponseError as error:
+            if not str(error).startswith("NOSCRIPT"):
+                raise
+            return await self._owner.execute(fallback)

@@ -16,7 +16,7 @@ above.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -119,6 +119,10 @@ class _TranslatedScript:
 
     async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
         return await self._watch.run(self._script(keys=keys, args=args))
+
+    def send(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Awaitable[Any]:
+        """Like ``MultiplexedScript.send``; redis-py makes the call when it is awaited."""
+        return self(keys, args)
 
 
 def register_script(host: ScriptHost, source: str) -> MultiplexedScript | _TranslatedScript:

@@ -195,11 +195,15 @@ class AdmissionMiddleware:
                         first = (ctx.first_byte_at or done) - granted_at
                         self.holds.observe(pool, first, done - granted_at, usage.output_tokens)
             gauges[1].dec()
-            if store.yields:
+            joined = ctx.after_response
+            if not store.yields:
+                await store.release(ticket, actual, tokens)
+            elif joined is not None:
+                # Sent now; the quota layer's settle joins it in the same write and awaits it.
+                joined.append(store.start_release(ticket, actual, tokens))
+            else:
                 with anyio.CancelScope(shield=True):
                     await store.release(ticket, actual, tokens)
-            else:
-                await store.release(ticket, actual, tokens)
 
     def _charging(
         self, send: Send, store: SeatStore, ticket: Ticket, prompt: int, output_weight: float

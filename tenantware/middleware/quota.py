@@ -292,6 +292,9 @@ class QuotaMiddleware:
                 message["headers"] = [*message.get("headers", ()), *headers]
             return send(message)
 
+        if self._shield_settle:
+            # Inner layers' after-response calls (the admission release) join the settle.
+            ctx.after_response = []
         try:
             await self.app(scope, receive, send_with_headers)
         except GatewayError as error:
@@ -301,10 +304,43 @@ class QuotaMiddleware:
             await error.send(send_with_headers, ctx)
         finally:
             if self._shield_settle:
+                joined = ctx.after_response
+                ctx.after_response = None
                 with anyio.CancelScope(shield=True):
-                    await self._settle(ctx, snapshot, held, ticket, tokens, cost, charge)
+                    if joined:
+                        await self._settle_with(
+                            joined, ctx, snapshot, held, ticket, tokens, cost, charge
+                        )
+                    else:
+                        await self._settle(ctx, snapshot, held, ticket, tokens, cost, charge)
             else:
                 await self._settle(ctx, snapshot, held, ticket, tokens, cost, charge)
+
+    async def _settle_with(
+        self,
+        joined: list[Awaitable[None]],
+        ctx: RequestContext,
+        snapshot: Snapshot,
+        held: list[_Held],
+        ticket: str,
+        tokens: int,
+        cost: int,
+        charge: int,
+    ) -> None:
+        """The settle, then the answers of the inner layers' calls: those were sent when the
+        inner layers ended, in this event-loop turn, so the settle leaves in the same write
+        on a pipelined connection and one wait covers them all."""
+        try:
+            await self._settle(ctx, snapshot, held, ticket, tokens, cost, charge)
+        finally:
+            failure: BaseException | None = None
+            for answer in joined:
+                try:
+                    await answer  # each exactly once, whatever the others did
+                except Exception as exc:
+                    failure = failure or exc
+            if failure is not None:
+                raise failure
 
     async def _settle(
         self,

@@ -1,0 +1,96 @@
+"""After the response, the quota settle and the admission release leave in one write.
+
+The quota layer opens ``ctx.after_response``; the admission layer adds its release there
+instead of awaiting it; the quota layer makes it together with its settle, so on the
+pipelined connection both calls go out in one write and one wait. Both still happen exactly
+once: every counter and seat is back after each request (JSON, stream, refused upstream).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import pytest
+
+from tenantware.admission import redis as admission_redis
+from tenantware.backends import multiplex
+from tenantware.quota import redis as quota_redis
+from tenantware.testing.upstream import FakeUpstreamConfig
+from tests.support import CHAT
+from tests.test_stack import backend_settings, running_stack
+
+
+def _sha(source: str) -> bytes:
+    return hashlib.sha1(source.encode()).hexdigest().encode()
+
+
+@pytest.fixture
+def writes(monkeypatch: pytest.MonkeyPatch) -> list[list[bytes]]:
+    """Every write of the pipelined connections: the commands it carried."""
+    seen: list[list[bytes]] = []
+    flush = multiplex._Connection._flush
+
+    def recorded(self: Any) -> None:
+        if self._outgoing and not self.closed and self.transport is not None:
+            seen.append(list(self._outgoing))
+        flush(self)
+
+    monkeypatch.setattr(multiplex._Connection, "_flush", recorded)
+    return seen
+
+
+def _joined_writes(writes: list[list[bytes]], expected: int) -> list[set[str]]:
+    """What each write carried, once ``expected`` settle + release writes went out (they
+    follow the response; bounded wait)."""
+    deadline = time.monotonic() + 10.0
+    while True:
+        after = [_kinds(batch) for batch in list(writes)]
+        if after.count({"settle", "release"}) >= expected or time.monotonic() > deadline:
+            return after
+        time.sleep(0.01)
+
+
+def _kinds(batch: list[bytes]) -> set[str]:
+    settle, admission = _sha(quota_redis._SETTLE), _sha(admission_redis._SCRIPT)
+    kinds = set()
+    for command in batch:
+        if settle in command:
+            kinds.add("settle")
+        elif admission in command and b"$7\r\nrelease\r\n" in command:
+            kinds.add("release")
+    return kinds
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_settle_and_release_go_out_in_one_write_and_every_book_agrees(
+    request: pytest.FixtureRequest, writes: list[list[bytes]], stream: bool
+) -> None:
+    with running_stack(gateway=backend_settings("redis", request)) as stack:
+        for _ in range(3):
+            with stack.http() as client:
+                body = {**CHAT, "stream": stream}
+                response = client.post("/v1/chat/completions", json=body)
+            assert response.status_code == 200, response.text
+        stack.wait_upstream_idle()
+        after = _joined_writes(writes, 3)
+        assert after.count({"settle", "release"}) == 3, after
+        assert not [kinds for kinds in after if kinds in ({"settle"}, {"release"})]
+        assert stack.quota("acme")["slots"] == 0
+        assert stack.seats() == {"*": (0, 0)}
+
+
+def test_a_failed_upstream_releases_and_refunds_once(
+    request: pytest.FixtureRequest, writes: list[list[bytes]]
+) -> None:
+    fake = FakeUpstreamConfig(failure_status=400, failure_rate=1.0)
+    with running_stack(fake, gateway=backend_settings("redis", request)) as stack:
+        with stack.http() as client:
+            response = client.post("/v1/chat/completions", json=CHAT)
+        assert response.status_code == 400, response.text
+        stack.wait_upstream_idle()
+        after = _joined_writes(writes, 1)
+        assert after.count({"settle", "release"}) == 1, after
+        assert stack.quota("acme") == {"tokens": 0, "spend": 0, "slots": 0}
+        assert stack.seats() == {"*": (0, 0)}
