@@ -46,6 +46,19 @@ class AuditFilter(msgspec.Struct, frozen=True, kw_only=True):
     until: float | None = None
     limit: int = 100
 
+    def conditions(self) -> list[tuple[str, str, Any]]:
+        """``(column, operator, value)`` for each field set, for a SQL ``WHERE``."""
+        return [
+            (column, op, value)
+            for column, op, value in (
+                ("action", "=", self.action),
+                ("tenant", "=", self.tenant),
+                ("at", ">=", self.since),
+                ("at", "<", self.until),
+            )
+            if value is not None
+        ]
+
     def actors(self) -> list[str]:
         """The stored ``actor`` values this filter matches."""
         if self.actor is None:

@@ -528,15 +528,9 @@ class PostgresLedger:
         self._ensure()
         query = self._select_audit
         args: list[Any] = []
-        for column, op, value in (
-            ("action", "=", wanted.action),
-            ("tenant", "=", wanted.tenant),
-            ("at", ">=", wanted.since),
-            ("at", "<", wanted.until),
-        ):
-            if value is not None:
-                query += sql.SQL(" AND {} {} %s").format(sql.Identifier(column), sql.SQL(op))
-                args.append(value)
+        for column, op, value in wanted.conditions():
+            query += sql.SQL(" AND {} {} %s").format(sql.Identifier(column), sql.SQL(op))
+            args.append(value)
         actors = wanted.actors()
         if actors:
             query += sql.SQL(" AND actor = ANY(%s)")

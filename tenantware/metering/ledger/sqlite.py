@@ -337,27 +337,16 @@ class SqliteLedger:
     def _query_audit(self, wanted: AuditFilter) -> list[AuditEntry]:
         sql = _SELECT_AUDIT
         args: list[object] = []
-        for column, op, value in (
-            ("action", "=", wanted.action),
-            ("tenant", "=", wanted.tenant),
-            ("at", ">=", wanted.since),
-            ("at", "<", wanted.until),
-        ):
-            if value is not None:
-                sql += f" AND {column} {op} ?"
-                args.append(value)
+        for column, op, value in wanted.conditions():
+            sql += f" AND {column} {op} ?"
+            args.append(value)
         actors = wanted.actors()
         if actors:
             sql += f" AND actor IN ({', '.join('?' for _ in actors)})"
             args.extend(actors)
         sql += " ORDER BY at DESC, version DESC LIMIT ?"
         args.append(wanted.limit)
-        with self._lock:
-            try:
-                rows = self._connection().execute(sql, args).fetchall()
-            except sqlite3.Error as exc:
-                raise LedgerUnavailable(f"sqlite {self.path}: {exc}") from exc
-        return [entry_from_row(row) for row in rows]
+        return [entry_from_row(row) for row in self._select(sql, args)]
 
     def _write(
         self,
@@ -407,12 +396,7 @@ class SqliteLedger:
         return await anyio.to_thread.run_sync(self._tally, query)
 
     def _tally(self, query: ReportQuery) -> list[Tally]:
-        statement, args = _tally_sql(query)
-        with self._lock:
-            try:
-                rows = self._connection().execute(statement, args).fetchall()
-            except sqlite3.Error as exc:
-                raise LedgerUnavailable(f"sqlite {self.path}: {exc}") from exc
+        rows = self._select(*_tally_sql(query))
         return coarsen(sorted_tallies(tally_from_row(row) for row in rows), query)
 
     async def aclose(self) -> None:
