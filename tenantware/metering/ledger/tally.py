@@ -24,7 +24,7 @@ from typing import Final, Literal
 import msgspec
 
 from tenantware.context import Outcome
-from tenantware.metering.billing import SHADOW
+from tenantware.metering.billing import NOT_BILLED, SHADOW
 from tenantware.metering.ledger.histogram import bucketed
 from tenantware.metering.ledger.record import UsageRecord
 
@@ -62,15 +62,7 @@ RATE_LIMITED: Final = (Outcome.REJECTED_QUOTA, Outcome.REJECTED_BUDGET)
 QUEUE_REFUSED: Final = (Outcome.REJECTED_QUEUE,)
 BREAKER_REFUSED: Final = (Outcome.BREAKER_OPEN,)
 #: Refused by the gateway (``billing.NOT_BILLED``): fast, so left out of the latency figures.
-BILLED_OUT: Final = (
-    Outcome.REJECTED_AUTH,
-    Outcome.REJECTED_REQUEST,
-    Outcome.REJECTED_QUOTA,
-    Outcome.REJECTED_BUDGET,
-    Outcome.REJECTED_QUEUE,
-    Outcome.BREAKER_OPEN,
-)
-_BILLED_OUT_SET: Final = frozenset(BILLED_OUT)
+BILLED_OUT: Final = tuple(sorted(NOT_BILLED))
 #: ``SHADOW`` (a migration trial's copy of a request) is the operator's cost, never the
 #: tenant's, so reports leave it out.
 
@@ -196,7 +188,7 @@ def tally_records(records: Iterable[UsageRecord], query: ReportQuery) -> list[Ta
             row.breaker_rejections += 1
         if row.queue_wait_max_s is None or r.queue_wait_s > row.queue_wait_max_s:
             row.queue_wait_max_s = r.queue_wait_s
-        if outcome not in _BILLED_OUT_SET:
+        if outcome not in NOT_BILLED:
             latency[key].append(r.latency_s)
             if r.ttft_s is not None:
                 ttft[key].append(r.ttft_s)
