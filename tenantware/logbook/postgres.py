@@ -18,11 +18,15 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from tenantware.backends.errors import StoreUnavailable
 from tenantware.logbook.sql import SqlLogStore, Work
-from tenantware.metering.ledger.rls import bind_tenant, create_function, protect
+from tenantware.metering.ledger.rls import (
+    MIGRATION_LOCK,
+    bind_tenant,
+    create_function,
+    protect,
+)
 
 __all__ = ["PostgresLogStore"]
 
-_LOCK_ID: Final = 0x7477_6C65_6467  # the ledger's migration lock
 _SCHEMA: Final = (
     "CREATE TABLE IF NOT EXISTS {s}.tenant_keys ("
     "tenant text PRIMARY KEY, salt bytea NOT NULL, created_at double precision NOT NULL)",
@@ -73,7 +77,7 @@ class PostgresLogStore(SqlLogStore):
             pool.open(wait=False)
             self._pool = pool
         if not self._ready:
-            with self._errors(), self._pool.connection(timeout=self.timeout_s) as conn:
+            with _translated(), self._pool.connection(timeout=self.timeout_s) as conn:
                 self._migrate(conn)
             self._ready = True
         return self._pool
@@ -82,7 +86,7 @@ class PostgresLogStore(SqlLogStore):
         if self._protected(conn):
             return  # done by the owner; the gateway's role may not run DDL
         with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
             schema = sql.Identifier(self.schema)
             conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
             for statement in _SCHEMA:
@@ -103,12 +107,9 @@ class PostgresLogStore(SqlLogStore):
         ).fetchone()
         return bool(found and found[0] == 2)
 
-    def _errors(self) -> contextlib.AbstractContextManager[None]:
-        return _translated()
-
     def _transaction(self, tenant: str, work: Work) -> Any:
         pool = self._ensure()
-        with self._errors(), pool.connection(timeout=self.timeout_s) as conn, conn.transaction():
+        with _translated(), pool.connection(timeout=self.timeout_s) as conn, conn.transaction():
             bind_tenant(conn, tenant)
             return work(conn)
 

@@ -38,7 +38,7 @@ from tenantware.metering.ledger.journal import (
 )
 from tenantware.metering.ledger.journal import entry_from_row as journal_entry
 from tenantware.metering.ledger.record import COLUMNS, UsageRecord
-from tenantware.metering.ledger.rls import bind_tenant, create_function, protect
+from tenantware.metering.ledger.rls import MIGRATION_LOCK, bind_tenant, create_function, protect
 from tenantware.metering.ledger.rollup import (
     BACKFILL,
     CREATE_TABLES,
@@ -63,8 +63,6 @@ from tenantware.metering.ledger.tally import (
 )
 
 __all__ = ["PostgresLedger"]
-
-_LOCK_ID: Final = 0x7477_6C65_6467  # "twledg": serialises migrations across replicas
 
 _TYPES: Final = {
     "ts": "double precision",
@@ -300,7 +298,7 @@ class PostgresLedger:
         if self._up_to_date(conn):
             return  # nothing to do: the gateway's role (no DDL rights) gets on at once
         with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
             conn.execute(
                 sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self._schema))
             )

@@ -17,6 +17,7 @@ from psycopg import sql
 
 __all__ = [
     "BIND_TENANT",
+    "MIGRATION_LOCK",
     "PROTECT_FUNCTION",
     "TENANT_SETTING",
     "bind_tenant",
@@ -24,6 +25,10 @@ __all__ = [
     "function_name",
     "protect",
 ]
+
+#: Advisory lock ("twledg") every migration of the ledger database takes (the ledger's and the
+#: logbook's tables), so replicas starting together create and protect them once.
+MIGRATION_LOCK: Final = 0x7477_6C65_6467
 
 #: The setting a transaction binds its tenant with.
 TENANT_SETTING: Final = "tenantware.tenant"
