@@ -122,10 +122,14 @@ async def export_tenant(
         audit = await ledger.query_audit(AuditFilter(tenant=tenant_id, limit=_ALL))
         audit.reverse()  # oldest first
     rows: list[LogRow] = []
+    seen: set[str] = set()
     until: float | None = None
     while True:
         page = await logs.read(tenant_id, until=until, limit=_LOG_PAGE)
-        rows.extend(row for row in page if row.id not in {r.id for r in rows})
+        for row in page:
+            if row.id not in seen:
+                seen.add(row.id)
+                rows.append(row)
         if len(page) < _LOG_PAGE or (until is not None and page[-1].ts + 1e-9 >= until):
             break
         until = page[-1].ts + 1e-9  # ties are re-read and skipped above
