@@ -282,7 +282,7 @@ class QuotaMiddleware:
             return
         if held:
             source = held[0].decision.source
-            for granted in held[1:]:
+            for granted in held:  # a scope's fallback answer names the decision
                 if granted.decision.source != "store":
                     source = granted.decision.source
             ctx.extra[QUOTA_DECISION] = (True, source, "")
