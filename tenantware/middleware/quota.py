@@ -49,7 +49,8 @@ __all__ = ["LOW_BALANCE_HEADER", "QuotaMiddleware", "format_reset"]
 
 log = structlog.get_logger("tenantware.quota")
 
-_BUDGET_KINDS: Final = frozenset({KIND_SPEND, KIND_MONTHLY_SPEND})
+#: Refused as ``insufficient_quota`` (money used up), not as a rate limit.
+_QUOTA_KINDS: Final = frozenset({KIND_SPEND, KIND_MONTHLY_SPEND, KIND_BALANCE})
 #: On every answer of a prepaid tenant whose balance is below its threshold: the balance
 #: left (USD), so the client can warn its user before requests start being refused.
 LOW_BALANCE_HEADER: Final = b"x-tenantware-balance-low"
@@ -281,7 +282,7 @@ class QuotaMiddleware:
             return
         if held:
             source = held[0].decision.source
-            for granted in held[1:]:
+            for granted in held:  # a scope's fallback answer names the decision
                 if granted.decision.source != "store":
                     source = granted.decision.source
             ctx.extra[QUOTA_DECISION] = (True, source, "")
@@ -456,29 +457,23 @@ class QuotaMiddleware:
         limit = plan.limits[decision.failed]
         metrics.REJECTIONS.labels(tenant.id, limit.group).inc()
         scope_name = "the gateway's shared " if is_global(limit) else ""
-        if limit.kind == KIND_BALANCE:
-            cell = _balance_gauges.of(tenant.id)
-            cell[0] = decision.remaining[decision.failed]
-            cell[1] = 1
+        if limit.kind in _QUOTA_KINDS:
+            if limit.kind == KIND_BALANCE:
+                cell = _balance_gauges.of(tenant.id)
+                cell[0] = decision.remaining[decision.failed]
+                cell[1] = 1
+                used_up = (
+                    "your prepaid balance does not cover this request. Please top up your balance."
+                )
+            else:
+                used_up = (
+                    f"{scope_name}{limit.name} is used up. "
+                    "Please check your plan and billing details."
+                )
             await send_error(
                 send,
                 429,
-                "You exceeded your current quota: your prepaid balance does not cover this "
-                "request. Please top up your balance.",
-                type="insufficient_quota",
-                code="insufficient_quota",
-                ctx=ctx,
-                outcome=Outcome.REJECTED_BUDGET,
-                should_retry=False,
-                headers=headers,
-            )
-            return
-        if limit.kind in _BUDGET_KINDS:
-            await send_error(
-                send,
-                429,
-                f"You exceeded your current quota: {scope_name}{limit.name} is used up. "
-                "Please check your plan and billing details.",
+                f"You exceeded your current quota: {used_up}",
                 type="insufficient_quota",
                 code="insufficient_quota",
                 ctx=ctx,
