@@ -11,7 +11,7 @@ import secrets
 import shutil
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import Any
@@ -107,14 +107,14 @@ def build_app() -> ASGIApp:
             )
             config = msgspec.structs.replace(config, gateway=settings)
         gateway = Gateway(config)
-        gateway.add_service(process_tuning)
-        gateway.processes = int(os.environ.get(_ENV_WORKERS, "1"))
-        return gateway.asgi_app(extra=route_demo)
-    path = os.environ[_ENV_CONFIG]
-    gateway = Gateway(load_config(path), config_path=path)
+        extra: Callable[[Scope], ASGIApp | None] | None = route_demo
+    else:
+        path = os.environ[_ENV_CONFIG]
+        gateway = Gateway(load_config(path), config_path=path)
+        extra = None
     gateway.add_service(process_tuning)
     gateway.processes = int(os.environ.get(_ENV_WORKERS, "1"))
-    return gateway.asgi_app()
+    return gateway.asgi_app(extra=extra)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -194,12 +194,12 @@ class Gateway:
             if redis is not None:
                 from tenantware.cache.redis import RedisCacheStore
 
-                cache = RedisCacheStore(redis, prefix=self.config.gateway.redis_prefix)
+                cache = RedisCacheStore(redis, prefix=config.gateway.redis_prefix)
             else:
                 cache = open_cache(
                     _expanded(data.cache_url, "data.cache_url"),
-                    prefix=self.config.gateway.redis_prefix,
-                    timeout_s=self.config.gateway.redis_timeout_s,
+                    prefix=config.gateway.redis_prefix,
+                    timeout_s=config.gateway.redis_timeout_s,
                 )
         #: Cached answers of the tenants that opted in.
         self.cache_store: CacheStore = cache
@@ -322,7 +322,7 @@ class Gateway:
     async def _alerts_service(self) -> AsyncIterator[None]:
         engine = self.alerts
         assert engine is not None
-        processes = max(self.processes, self.config.gateway.replicas)
+        processes = self.serving_processes()
         if self.redis is None and processes > 1:
             structlog.get_logger("tenantware.alerts").warning(
                 "alerts without a shared store: each process judges its own traffic and "
@@ -354,6 +354,10 @@ class Gateway:
             )
         async with writer.running():
             yield
+
+    def serving_processes(self) -> int:
+        """Processes or replicas sharing this configuration, whichever is more."""
+        return max(self.processes, self.config.gateway.replicas)
 
     def _lease_s(self) -> float:
         return self.config.quota.lease_s
@@ -462,7 +466,7 @@ class Gateway:
             store=self.registry_store,
             sync=self.registry,
             fallback=reports,
-            processes=max(self.processes, self.config.gateway.replicas),
+            processes=self.serving_processes(),
             audit_log=self.ledger if isinstance(self.ledger, AuditLog) else None,
             tenant_data=self.tenant_data,
             balances=self.balances,
@@ -556,10 +560,7 @@ class Gateway:
                 return
             if scope["type"] == "http":
                 path = scope["path"]
-                if path == HEALTH_PATH:  # alive: answered before any layer, even draining
-                    await _alive(send)
-                    return
-                if is_admin_path(path):
+                if is_admin_path(path):  # /healthz too: before any layer, even draining
                     await admin(scope, receive, send)
                     return
                 if path == OPENAPI_PATH and scope["method"] == "GET":

@@ -12,9 +12,11 @@ which the API never shows) between a file and the shared registry of ``gateway.r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 __all__ = ["add_commands"]
@@ -269,8 +271,9 @@ def _registry_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stores_of(args: argparse.Namespace) -> Any:
-    """The registry, ledger and log store a configuration file names."""
+@contextlib.asynccontextmanager
+async def _stores_of(args: argparse.Namespace) -> AsyncIterator[tuple[Any, Any, Any]]:
+    """The registry, ledger and log store a configuration file names, closed after."""
     from tenantware.config import load_config
     from tenantware.logbook import open_log_store
     from tenantware.metering.ledger import DEFAULT_LEDGER_URL, open_ledger
@@ -282,7 +285,13 @@ def _stores_of(args: argparse.Namespace) -> Any:
     registry = open_registry(
         settings.registry_url, tenants=config.tenants, prefix=settings.redis_prefix
     )
-    return registry, open_ledger(url), open_log_store(url)
+    ledger, logs = open_ledger(url), open_log_store(url)
+    try:
+        yield registry, ledger, logs
+    finally:
+        await logs.aclose()
+        await ledger.aclose()
+        await registry.aclose()
 
 
 def _balances_of(args: argparse.Namespace, ledger: Any) -> tuple[Any, Any]:
@@ -312,15 +321,10 @@ def _tenant_export(args: argparse.Namespace) -> int:
     from tenantware.tenantdata.archive import encode_archive, export_tenant
 
     async def run() -> bytes:
-        registry, ledger, logs = _stores_of(args)
-        try:
+        async with _stores_of(args) as (registry, ledger, logs):
             await ledger.open()
             archive = await export_tenant(args.tenant, registry=registry, ledger=ledger, logs=logs)
             return encode_archive(archive)
-        finally:
-            await logs.aclose()
-            await ledger.aclose()
-            await registry.aclose()
 
     try:
         data = anyio.run(run)
@@ -346,8 +350,7 @@ def _tenant_import(args: argparse.Namespace) -> int:
         data = file.read()
 
     async def run() -> Any:
-        registry, ledger, logs = _stores_of(args)
-        try:
+        async with _stores_of(args) as (registry, ledger, logs):
             if not registry.shared:
                 raise ArchiveConflict(
                     "the tenants of this deployment are its configuration file: set "
@@ -366,10 +369,6 @@ def _tenant_import(args: argparse.Namespace) -> int:
             finally:
                 if stores is not None:
                     await stores.aclose()
-        finally:
-            await logs.aclose()
-            await ledger.aclose()
-            await registry.aclose()
 
     try:
         report = anyio.run(run)
@@ -390,16 +389,11 @@ def _data_rotate(args: argparse.Namespace) -> int:
     settings = load_config(args.config).data
 
     async def run() -> tuple[int, int]:
-        registry, ledger, logs = _stores_of(args)
-        try:
+        async with _stores_of(args) as (registry, _ledger, logs):
             ring = KeyRing(key_provider(settings.master_key_env, settings.master_key_file), logs)
             current = (await ring.master_keys()).current
             tenants = sorted((await registry.load()).records)
             return await rotate(logs, ring, tenants, batch=args.batch), current
-        finally:
-            await logs.aclose()
-            await ledger.aclose()
-            await registry.aclose()
 
     try:
         count, version = anyio.run(run)

@@ -87,9 +87,7 @@ class MigrationRoutes:
 
     async def report(self, request: Request, caller: Caller) -> Response:
         if request.method not in ("GET", "HEAD"):
-            raise self._refusal(
-                405, f"{request.method} is not supported here.", "method_not_allowed"
-            )
+            raise self._method_not_allowed(request)
         self._allow(caller, "admin", "read-only")
         query = request.query_params
         fmt = query.get("format", "json")
@@ -127,9 +125,7 @@ class MigrationRoutes:
             self._allow(caller, "admin", "read-only")
             return self._json(self.live.current.config.migration)
         if request.method != "PUT":
-            raise self._refusal(
-                405, f"{request.method} is not supported here.", "method_not_allowed"
-            )
+            raise self._method_not_allowed(request)
         self._write_allowed(caller)
         try:
             settings = msgspec.json.decode(await request.body(), type=MigrationSettings)
@@ -139,9 +135,7 @@ class MigrationRoutes:
 
     async def candidate(self, request: Request, caller: Caller) -> Response:
         if request.method != "PATCH":
-            raise self._refusal(
-                405, f"{request.method} is not supported here.", "method_not_allowed"
-            )
+            raise self._method_not_allowed(request)
         self._write_allowed(caller)
         name = request.path_params["rule"]
         upstream = request.path_params["upstream"]
@@ -177,6 +171,9 @@ class MigrationRoutes:
         raise self._refusal(
             404, f"No candidate {upstream!r} in a rule {name!r}.", "migration_candidate_not_found"
         )
+
+    def _method_not_allowed(self, request: Request) -> Exception:
+        return self._refusal(405, f"{request.method} is not supported here.", "method_not_allowed")
 
     def _write_allowed(self, caller: Caller) -> None:
         self._allow(caller, "admin", write=True)
