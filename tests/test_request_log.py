@@ -221,3 +221,19 @@ def test_cli_rotates_every_tenants_logs_to_the_newest_master_key(
             await store.aclose()
 
     assert anyio.run(versions) == {2}
+
+
+async def test_reading_logs_without_a_master_key_is_a_503_and_a_never_keyed_tenant_has_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(MASTER_ENV, raising=False)
+    gateway, _ = in_process_gateway(config=data_config(**LOGGED))
+    app = gateway.asgi_app()
+    async with gateway.running(), client_for(app, ADMIN) as admin:
+        never_keyed = await admin.get("/admin/tenants/acme/logs")
+        await gateway.log_store.create_salt("acme", os.urandom(32))
+        keyed = await admin.get("/admin/tenants/acme/logs")
+    assert never_keyed.status_code == 200
+    assert never_keyed.json()["data"] == []
+    assert keyed.status_code == 503
+    assert keyed.json()["error"]["code"] == "master_key_missing"

@@ -95,6 +95,7 @@ from tenantware.balances import (
     ReferenceTaken,
 )
 from tenantware.config import AdminKey, ApiKey, Tenant, UpstreamKey, policy_problem
+from tenantware.crypto import MissingMasterKey
 from tenantware.errors import error_body
 from tenantware.keys import generate_key
 from tenantware.metering.ledger.auditlog import AuditFilter, AuditLog
@@ -814,13 +815,21 @@ class AdminApi:
         limit = _int_param(query.get("limit"), "limit", default=100, low=1, high=1000)
         since = _float_param(query.get("since"), "since")
         until = _float_param(query.get("until"), "until")
-        logs = (
-            await self.tenant_data.read_logs(
-                tenant_id, since=since or 0.0, until=until, limit=limit
+        try:
+            logs = (
+                await self.tenant_data.read_logs(
+                    tenant_id, since=since or 0.0, until=until, limit=limit
+                )
+                if self.tenant_data is not None
+                else []
             )
-            if self.tenant_data is not None
-            else []
-        )
+        except MissingMasterKey:
+            raise Refusal(
+                503,
+                "Request logs cannot be opened: the gateway has no master key (data.master_key_env"
+                " or data.master_key_file).",
+                "master_key_missing",
+            ) from None
         return _json(LogList(data=logs))
 
     async def _storage(self, request: Request, caller: Caller) -> Response:

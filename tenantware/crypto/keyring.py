@@ -142,11 +142,11 @@ class KeyRing:
             found = self._tenants.get(tenant)
             if found is not None:
                 return found
-            master = await self.master_keys()
             salt = await self.store.get_salt(tenant)
+            if salt is None and not create:
+                return None  # never keyed (or shredded): no master key needed to say so
+            master = await self.master_keys()
             if salt is None:
-                if not create:
-                    return None
                 salt = await self.store.create_salt(tenant, os.urandom(32))
             found = self._tenants[tenant] = TenantKeys(tenant, salt, master)
             return found
