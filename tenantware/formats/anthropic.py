@@ -500,11 +500,8 @@ def checked_anthropic_usage(
 
 def parse_json_usage(body: bytes, bounds: UsageBounds | None = None) -> Usage | None:
     """The checked usage of an Anthropic JSON message; ``None`` when it reports none."""
-    try:
-        data = _decode(body)
-    except msgspec.DecodeError:
-        return None
-    if not isinstance(data, dict) or "usage" not in data:
+    data = json_object(body)
+    if data is None or "usage" not in data:
         return None
 
     def output() -> int:
@@ -642,25 +639,19 @@ def _arguments(raw: Any) -> Any:
 
 def error_to_anthropic(status: int, body: bytes, request_id: str | None = None) -> bytes:
     """An OpenAI-shaped error body in Anthropic's shape; other bodies unchanged."""
-    try:
-        data = _decode(body)
-    except msgspec.DecodeError:
+    data = json_object(body)
+    if data is None or not isinstance(data.get("error"), dict) or data.get("type") == "error":
         return body
-    error = data.get("error") if isinstance(data, dict) else None
-    if not isinstance(error, dict) or data.get("type") == "error":
-        return body
+    error = data["error"]
     return anthropic_error_body(status, str(error.get("message", "")), request_id)
 
 
 def error_to_openai(status: int, body: bytes) -> bytes:
     """An Anthropic-shaped error body in OpenAI's shape; other bodies unchanged."""
-    try:
-        data = _decode(body)
-    except msgspec.DecodeError:
+    data = json_object(body)
+    if data is None or not isinstance(data.get("error"), dict) or data.get("type") != "error":
         return body
-    error = data.get("error") if isinstance(data, dict) else None
-    if not isinstance(error, dict) or data.get("type") != "error":
-        return body
+    error = data["error"]
     kind = str(error.get("type") or anthropic_error_type(status))
     detail = {"message": str(error.get("message", "")), "type": kind, "param": None, "code": kind}
     return _encode({"error": detail})

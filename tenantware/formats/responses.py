@@ -36,7 +36,6 @@ __all__ = [
 ]
 
 _encode = msgspec.json.Encoder().encode
-_decode = msgspec.json.Decoder().decode
 
 _PARAMS: Final = frozenset(
     {
