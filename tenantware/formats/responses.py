@@ -376,6 +376,8 @@ class ToResponsesStream(FromChatStream):
         #: Output items so far (as they will be in the final response).
         self._items: list[dict[str, Any]] = []
         self._text: str | None = None
+        #: The message item's position in ``_items`` (once text came).
+        self._text_at = 0
         #: Chat tool call index -> position in ``_items``.
         self._calls: dict[int, int] = {}
         self._open: int | None = None
@@ -420,7 +422,7 @@ class ToResponsesStream(FromChatStream):
             item = _message_item(f"msg_{self._suffix}", "", "in_progress")
             item["content"] = []
             self._items.append(item)
-            self._open = len(self._items) - 1
+            self._open = self._text_at = len(self._items) - 1
             out += self._event(
                 "response.output_item.added", {"output_index": self._open, "item": item}
             )
@@ -438,14 +440,11 @@ class ToResponsesStream(FromChatStream):
             "response.output_text.delta",
             {
                 "item_id": f"msg_{self._suffix}",
-                "output_index": self._items.index(self._message()),
+                "output_index": self._text_at,
                 "content_index": 0,
                 "delta": text,
             },
         )
-
-    def _message(self) -> dict[str, Any]:
-        return next(item for item in self._items if item["type"] == "message")
 
     def _call_delta(self, call: dict[str, Any]) -> bytes:
         out = b""
