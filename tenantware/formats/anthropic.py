@@ -23,7 +23,13 @@ import msgspec
 from tenantware.context import Outcome, Usage
 from tenantware.errors import GatewayError, anthropic_error_body, anthropic_error_type
 from tenantware.estimate import estimate_text_tokens
-from tenantware.formats.sse import TranslatingStream, json_object, parse_event, sse_event
+from tenantware.formats.sse import (
+    FromChatStream,
+    TranslatingStream,
+    json_object,
+    parse_event,
+    sse_event,
+)
 from tenantware.metering.usage import USAGE_BOUNDS, UsageBounds, checked_usage
 
 __all__ = [
@@ -494,11 +500,8 @@ def checked_anthropic_usage(
 
 def parse_json_usage(body: bytes, bounds: UsageBounds | None = None) -> Usage | None:
     """The checked usage of an Anthropic JSON message; ``None`` when it reports none."""
-    try:
-        data = _decode(body)
-    except msgspec.DecodeError:
-        return None
-    if not isinstance(data, dict) or "usage" not in data:
+    data = json_object(body)
+    if data is None or "usage" not in data:
         return None
 
     def output() -> int:
@@ -636,25 +639,19 @@ def _arguments(raw: Any) -> Any:
 
 def error_to_anthropic(status: int, body: bytes, request_id: str | None = None) -> bytes:
     """An OpenAI-shaped error body in Anthropic's shape; other bodies unchanged."""
-    try:
-        data = _decode(body)
-    except msgspec.DecodeError:
+    data = json_object(body)
+    if data is None or not isinstance(data.get("error"), dict) or data.get("type") == "error":
         return body
-    error = data.get("error") if isinstance(data, dict) else None
-    if not isinstance(error, dict) or data.get("type") == "error":
-        return body
+    error = data["error"]
     return anthropic_error_body(status, str(error.get("message", "")), request_id)
 
 
 def error_to_openai(status: int, body: bytes) -> bytes:
     """An Anthropic-shaped error body in OpenAI's shape; other bodies unchanged."""
-    try:
-        data = _decode(body)
-    except msgspec.DecodeError:
+    data = json_object(body)
+    if data is None or not isinstance(data.get("error"), dict) or data.get("type") != "error":
         return body
-    error = data.get("error") if isinstance(data, dict) else None
-    if not isinstance(error, dict) or data.get("type") != "error":
-        return body
+    error = data["error"]
     kind = str(error.get("type") or anthropic_error_type(status))
     detail = {"message": str(error.get("message", "")), "type": kind, "param": None, "code": kind}
     return _encode({"error": detail})
@@ -707,61 +704,38 @@ class AnthropicStreamTap(TranslatingStream):
         return event + b"\n\n"
 
 
-class ToAnthropicStream(TranslatingStream):
+class ToAnthropicStream(FromChatStream):
     """An OpenAI chat completion stream written as Anthropic's event sequence."""
 
     def __init__(self, message_id: str, model: str) -> None:
         super().__init__()
         self.message_id = message_id
         self.model_name = model
-        self._started = self._ended = False
         self._block = -1
         self._block_kind: str | None = None
         #: OpenAI tool call index -> Anthropic content block index.
         self._tools: dict[int, int] = {}
-        self._finish_reason: str | None = None
 
-    def _on_event(self, event: bytes) -> bytes:
-        _name, data = parse_event(event)
-        if data == b"[DONE]":
-            return self._end()
-        chunk = json_object(data)
-        if chunk is None or self._ended:
-            return b""
-        if "error" in chunk:
-            self._ended = True
-            error = chunk["error"] if isinstance(chunk["error"], dict) else {}
-            body = anthropic_error_body(500, str(error.get("message", "upstream error")))
-            return sse_event("error", body)
+    def _on_error(self, error: dict[str, Any]) -> bytes:
+        body = anthropic_error_body(500, str(error.get("message", "upstream error")))
+        return sse_event("error", body)
+
+    def _on_delta(self, delta: dict[str, Any]) -> list[bytes]:
         out: list[bytes] = []
-        if isinstance(chunk.get("model"), str) and self.model is None:
-            self.model = chunk["model"]
-        if not self._started:
-            out.append(self._start())
-        for choice in chunk.get("choices") or ():
-            if not isinstance(choice, dict):
-                continue
-            delta = choice.get("delta") or {}
-            if delta.get("reasoning_content"):
-                self.content_chars += len(delta["reasoning_content"])
-            text = delta.get("content")
-            if text:
-                self.content_chars += len(text)
-                if self._block_kind != "text":
-                    out.append(self._open("text", {"type": "text", "text": ""}))
-                delta_event = {"type": "text_delta", "text": text}
-                out.append(self._delta(delta_event))
-            for call in delta.get("tool_calls") or ():
-                out.append(self._tool_call(call))
-            if choice.get("finish_reason"):
-                self._finish_reason = choice["finish_reason"]
-        usage = chunk.get("usage")
-        if isinstance(usage, dict):
-            self.usage = checked_usage(usage, self.bounds, self.estimated_output_tokens)
-        return b"".join(out)
+        if delta.get("reasoning_content"):
+            self.content_chars += len(delta["reasoning_content"])
+        text = delta.get("content")
+        if text:
+            self.content_chars += len(text)
+            if self._block_kind != "text":
+                out.append(self._open("text", {"type": "text", "text": ""}))
+            delta_event = {"type": "text_delta", "text": text}
+            out.append(self._delta(delta_event))
+        for call in delta.get("tool_calls") or ():
+            out.append(self._tool_call(call))
+        return out
 
     def _start(self) -> bytes:
-        self._started = True
         message: dict[str, Any] = {
             "id": self.message_id,
             "type": "message",
@@ -833,9 +807,6 @@ class ToAnthropicStream(TranslatingStream):
             + sse_event("message_delta", _encode(body))
             + sse_event("message_stop", b'{"type":"message_stop"}')
         )
-
-    def _finish(self) -> bytes:
-        return self._end()
 
 
 class ToOpenAIStream(TranslatingStream):

@@ -16,7 +16,13 @@ import msgspec
 
 from tenantware.context import Outcome, Usage
 from tenantware.errors import GatewayError
-from tenantware.formats.sse import TranslatingStream, json_object, parse_event, sse_event
+from tenantware.formats.sse import (
+    FromChatStream,
+    TranslatingStream,
+    json_object,
+    parse_event,
+    sse_event,
+)
 from tenantware.metering.usage import USAGE_BOUNDS, UsageBounds, checked_usage
 
 __all__ = [
@@ -30,7 +36,6 @@ __all__ = [
 ]
 
 _encode = msgspec.json.Encoder().encode
-_decode = msgspec.json.Decoder().decode
 
 _PARAMS: Final = frozenset(
     {
@@ -358,7 +363,7 @@ def response_from_chat(
 # -- streams ----------------------------------------------------------------------------------
 
 
-class ToResponsesStream(TranslatingStream):
+class ToResponsesStream(FromChatStream):
     """A chat completion stream written as the Responses API's event sequence."""
 
     def __init__(self, response_id: str, model: str) -> None:
@@ -368,14 +373,14 @@ class ToResponsesStream(TranslatingStream):
         self._suffix = response_id.removeprefix("resp_")
         self._created = int(time.time())
         self._sequence = 0
-        self._started = self._ended = False
         #: Output items so far (as they will be in the final response).
         self._items: list[dict[str, Any]] = []
         self._text: str | None = None
+        #: The message item's position in ``_items`` (once text came).
+        self._text_at = 0
         #: Chat tool call index -> position in ``_items``.
         self._calls: dict[int, int] = {}
         self._open: int | None = None
-        self._finish_reason: str | None = None
 
     def _event(self, name: str, body: dict[str, Any]) -> bytes:
         body = {"type": name, "sequence_number": self._sequence, **body}
@@ -385,50 +390,29 @@ class ToResponsesStream(TranslatingStream):
     def _response(self, status: str) -> dict[str, Any]:
         return _shell(self.response_id, self.model or self.model_name, self._created, status)
 
-    def _on_event(self, event: bytes) -> bytes:
-        _name, data = parse_event(event)
-        if data == b"[DONE]":
-            return self._end()
-        chunk = json_object(data)
-        if chunk is None or self._ended:
-            return b""
-        if "error" in chunk:
-            self._ended = True
-            error = chunk["error"] if isinstance(chunk["error"], dict) else {}
-            return self._event(
-                "error",
-                {
-                    "code": error.get("code"),
-                    "message": str(error.get("message", "upstream error")),
-                    "param": None,
-                },
-            )
+    def _on_error(self, error: dict[str, Any]) -> bytes:
+        body = {
+            "code": error.get("code"),
+            "message": str(error.get("message", "upstream error")),
+            "param": None,
+        }
+        return self._event("error", body)
+
+    def _start(self) -> bytes:
+        created = self._event("response.created", {"response": self._response("in_progress")})
+        progress = self._event("response.in_progress", {"response": self._response("in_progress")})
+        return created + progress
+
+    def _on_delta(self, delta: dict[str, Any]) -> list[bytes]:
         out: list[bytes] = []
-        if isinstance(chunk.get("model"), str) and self.model is None:
-            self.model = chunk["model"]
-        if not self._started:
-            self._started = True
-            out.append(self._event("response.created", {"response": self._response("in_progress")}))
-            out.append(
-                self._event("response.in_progress", {"response": self._response("in_progress")})
-            )
-        for choice in chunk.get("choices") or ():
-            if not isinstance(choice, dict):
-                continue
-            delta = choice.get("delta") or {}
-            text = delta.get("content")
-            if text:
-                self.content_chars += len(text)
-                out.append(self._text_delta(text))
-            for call in delta.get("tool_calls") or ():
-                if isinstance(call, dict):
-                    out.append(self._call_delta(call))
-            if choice.get("finish_reason"):
-                self._finish_reason = choice["finish_reason"]
-        usage = chunk.get("usage")
-        if isinstance(usage, dict):
-            self.usage = checked_usage(usage, self.bounds, self.estimated_output_tokens)
-        return b"".join(out)
+        text = delta.get("content")
+        if text:
+            self.content_chars += len(text)
+            out.append(self._text_delta(text))
+        for call in delta.get("tool_calls") or ():
+            if isinstance(call, dict):
+                out.append(self._call_delta(call))
+        return out
 
     def _text_delta(self, text: str) -> bytes:
         out = b""
@@ -438,7 +422,7 @@ class ToResponsesStream(TranslatingStream):
             item = _message_item(f"msg_{self._suffix}", "", "in_progress")
             item["content"] = []
             self._items.append(item)
-            self._open = len(self._items) - 1
+            self._open = self._text_at = len(self._items) - 1
             out += self._event(
                 "response.output_item.added", {"output_index": self._open, "item": item}
             )
@@ -456,14 +440,11 @@ class ToResponsesStream(TranslatingStream):
             "response.output_text.delta",
             {
                 "item_id": f"msg_{self._suffix}",
-                "output_index": self._items.index(self._message()),
+                "output_index": self._text_at,
                 "content_index": 0,
                 "delta": text,
             },
         )
-
-    def _message(self) -> dict[str, Any]:
-        return next(item for item in self._items if item["type"] == "message")
 
     def _call_delta(self, call: dict[str, Any]) -> bytes:
         out = b""
@@ -532,6 +513,3 @@ class ToResponsesStream(TranslatingStream):
         response["usage"] = usage_json_responses(self.usage or Usage())
         name = "response.completed" if response["status"] == "completed" else "response.incomplete"
         return out + self._event(name, {"response": response})
-
-    def _finish(self) -> bytes:
-        return self._end()

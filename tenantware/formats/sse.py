@@ -12,9 +12,16 @@ import msgspec
 
 from tenantware.context import Usage
 from tenantware.estimate import estimate_text_tokens
-from tenantware.metering.usage import USAGE_BOUNDS
+from tenantware.metering.usage import USAGE_BOUNDS, checked_usage
 
-__all__ = ["EventSplitter", "TranslatingStream", "json_object", "parse_event", "sse_event"]
+__all__ = [
+    "EventSplitter",
+    "FromChatStream",
+    "TranslatingStream",
+    "json_object",
+    "parse_event",
+    "sse_event",
+]
 
 _decode = msgspec.json.Decoder().decode
 
@@ -90,6 +97,60 @@ class TranslatingStream:
 
     def _finish(self) -> bytes:
         return b""
+
+
+class FromChatStream(TranslatingStream):
+    """A chat completion chunk stream written as another format: ``[DONE]``, the upstream's
+    error chunk, the model, each choice's delta and the usage chunk are read here once; the
+    subclass writes its own events (``_start``, ``_on_delta``, ``_on_error``, ``_end``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._started = self._ended = False
+        self._finish_reason: str | None = None
+
+    def _on_event(self, event: bytes) -> bytes:
+        _name, data = parse_event(event)
+        if data == b"[DONE]":
+            return self._end()
+        chunk = json_object(data)
+        if chunk is None or self._ended:
+            return b""
+        if "error" in chunk:
+            self._ended = True
+            error = chunk["error"] if isinstance(chunk["error"], dict) else {}
+            return self._on_error(error)
+        out: list[bytes] = []
+        if isinstance(chunk.get("model"), str) and self.model is None:
+            self.model = chunk["model"]
+        if not self._started:
+            self._started = True
+            out.append(self._start())
+        for choice in chunk.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            out.extend(self._on_delta(choice.get("delta") or {}))
+            if choice.get("finish_reason"):
+                self._finish_reason = choice["finish_reason"]
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self.usage = checked_usage(usage, self.bounds, self.estimated_output_tokens)
+        return b"".join(out)
+
+    def _start(self) -> bytes:
+        raise NotImplementedError
+
+    def _on_delta(self, delta: dict[str, Any]) -> list[bytes]:
+        raise NotImplementedError
+
+    def _on_error(self, error: dict[str, Any]) -> bytes:
+        raise NotImplementedError
+
+    def _end(self) -> bytes:
+        raise NotImplementedError
+
+    def _finish(self) -> bytes:
+        return self._end()
 
 
 def json_object(data: bytes) -> dict[str, Any] | None:

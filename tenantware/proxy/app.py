@@ -14,7 +14,7 @@ import msgspec
 import structlog
 
 from tenantware.breaker.board import RECORDED, BreakerBoard
-from tenantware.context import Outcome, RequestContext, get_context
+from tenantware.context import Outcome, RequestContext, RequestView, get_context
 from tenantware.errors import GatewayError, internal_error
 from tenantware.ownership import OwnerStore
 from tenantware.proxy.dispatch import CLIENT_HEADERS, Dispatcher
@@ -59,6 +59,15 @@ def _model_required() -> GatewayError:
     return GatewayError(
         400, "you must provide a model parameter", param="model", outcome=Outcome.REJECTED_REQUEST
     )
+
+
+def _require(view: RequestView | None, field: str) -> None:
+    """The model and a JSON field the endpoint needs (present and not ``null``)."""
+    if view is None or view.model is None:
+        raise _model_required()
+    raw: msgspec.Raw = getattr(view, field)
+    if not raw or bytes(raw) == b"null":
+        raise GatewayError(400, f"'{field}' is a required property.", param=field)
 
 
 class ProxyApp:
@@ -198,19 +207,11 @@ class ProxyApp:
         await self._forward(ctx, receive, send, "/chat/completions")
 
     async def _completions(self, ctx: RequestContext, receive: Receive, send: Send) -> None:
-        view = ctx.view
-        if view is None or view.model is None:
-            raise _model_required()
-        if not view.prompt or bytes(view.prompt) == b"null":
-            raise GatewayError(400, "'prompt' is a required property.", param="prompt")
+        _require(ctx.view, "prompt")
         await self._forward(ctx, receive, send, "/completions")
 
     async def _embeddings(self, ctx: RequestContext, receive: Receive, send: Send) -> None:
-        view = ctx.view
-        if view is None or view.model is None:
-            raise _model_required()
-        if not view.input or bytes(view.input) == b"null":
-            raise GatewayError(400, "'input' is a required property.", param="input")
+        _require(ctx.view, "input")
         await self._forward(ctx, receive, send, "/embeddings")
 
     async def _messages(self, ctx: RequestContext, receive: Receive, send: Send) -> None:
@@ -228,11 +229,7 @@ class ProxyApp:
 
     async def _responses(self, ctx: RequestContext, receive: Receive, send: Send) -> None:
         """OpenAI's Responses API: translated to chat completions for the upstream."""
-        view = ctx.view
-        if view is None or view.model is None:
-            raise _model_required()
-        if not view.input or bytes(view.input) == b"null":
-            raise GatewayError(400, "'input' is a required property.", param="input")
+        _require(ctx.view, "input")
         await self._forward(ctx, receive, send, "/responses")
 
     async def _count_tokens(self, ctx: RequestContext, receive: Receive, send: Send) -> None:

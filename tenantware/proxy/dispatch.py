@@ -163,10 +163,11 @@ class Dispatcher:
     async def forward(self, ctx: RequestContext, receive: Receive, send: Send, path: str) -> None:
         """Try deployments (and fallback models) until one answers or retries run out."""
         migration = self.migration
-        if migration is None or not snapshot_has_rules(self.live.current):
+        snapshot = self.live.current
+        if migration is None or not snapshot_has_rules(snapshot):
             await self._forward(ctx, receive, send, path, None)
             return
-        plan = migration.plan(self.live.current, ctx)
+        plan = migration.plan(snapshot, ctx)
         if plan is None:
             await self._forward(ctx, receive, send, path, None)
             return
@@ -220,7 +221,7 @@ class Dispatcher:
         tenant = ctx.tenant
         allowed = tenant.allowed_upstreams if tenant is not None else None
         if allowed is not None and not any(
-            upstream.name in allowed for name in (model,) for upstream in snapshot.routes[name]
+            upstream.name in allowed for upstream in snapshot.routes[model]
         ):
             raise GatewayError(
                 503,

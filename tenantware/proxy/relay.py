@@ -20,6 +20,7 @@ import structlog
 from tenantware.context import Outcome, RequestContext, Usage, WireFormat
 from tenantware.errors import anthropic_error_body, send_error
 from tenantware.formats.adapter import StreamTranslator
+from tenantware.formats.sse import sse_event
 from tenantware.metering.usage import StreamTap
 from tenantware.proxy.upstream import (
     UpstreamResponse,
@@ -285,12 +286,12 @@ def _stream_error_event(exc: UpstreamUnavailable | UpstreamTooLarge, wire: WireF
     else:
         message = "The upstream stream was interrupted."
     if wire == "anthropic":
-        return b"event: error\ndata: " + anthropic_error_body(502, message) + b"\n\n"
+        return sse_event("error", anthropic_error_body(502, message))
     if wire == "responses":
         # The Responses API's own ``error`` event (its SDKs yield it as ``ResponseErrorEvent``).
         event = {"type": "error", "code": code, "message": message, "param": None}
-        return b"event: error\ndata: " + _encode(event) + b"\n\n"
+        return sse_event("error", _encode(event))
     body = _encode(
         {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
     )
-    return b"data: " + body + b"\n\n"
+    return sse_event(None, body)
