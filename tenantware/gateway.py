@@ -28,7 +28,7 @@ from tenantware.breaker.board import BreakerBoard
 from tenantware.cache import CacheStore, open_cache
 from tenantware.config import ConfigError, GatewayConfig, expand_env
 from tenantware.crypto import KeyRing, key_provider
-from tenantware.dashboard import DashboardApp, LiveSources, is_dashboard_path
+from tenantware.dashboard import DashboardApp, LiveSources, MigrationSource, is_dashboard_path
 from tenantware.estimate import PromptEstimator, estimate_prompt_tokens
 from tenantware.logbook import LogStore, MemoryLogStore, open_log_store
 from tenantware.logbook.jobs import purge_expired
@@ -541,6 +541,7 @@ class Gateway:
             stores=self.stores,
             writer=self.writer,
             registry=self.registry.status,
+            migration=MigrationSource(self.migration.book, self.migration.report_rolled_back),
         )
         return DashboardApp(live=self.live, ledger=self.ledger, sources=sources)
 

@@ -43,6 +43,25 @@ KEYS = {"acme": "sk-dash-acme", "hobby": "sk-dash-hobby", "beta": "sk-dash-beta"
 EVIL_NAME = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned=2">Acme'
 EVIL_CENTER = "<b>research</b>"
 OTHER_TENANTS = ("hobby", "beta", "Hobby Ltd", "Beta Labs")
+#: Migration trials: acme's claude requests are copied to ``relay`` (shadow); hobby's gemini
+#: requests are served by ``relay-canary`` (canary, every one); ``relay-old`` has shares 0.
+CANDIDATES = ("relay", "relay-canary", "relay-old")
+TRIALS = [
+    {
+        "name": "claude-shadow",
+        "model": "claude-sonnet-4.5",
+        "candidates": [
+            {"upstream": "relay", "shadow_percent": 100},
+            {"upstream": "relay-old"},
+        ],
+    },
+    {
+        "name": "gemini-canary",
+        "model": "gemini-2.5-flash",
+        "candidates": [{"upstream": "relay-canary", "canary_percent": 100}],
+    },
+]
+SHADOWS = 3  # acme's claude requests
 
 
 def dashboard_config(upstream_url: str, ledger: Path) -> Any:
@@ -70,9 +89,21 @@ def dashboard_config(upstream_url: str, ledger: Path) -> Any:
             "keys": [{"id": "beta-1", "hash": hasher.hash(KEYS["beta"])}],
         },
     ]
+    relay = upstream_url.replace("upstream.test", "relay.test")
     return make_config(
         upstream_url,
         tenants=tenants,
+        upstreams=[
+            {
+                "name": "fake",
+                "base_url": upstream_url,
+                "models": ["gpt-4.1", "claude-sonnet-4.5", "gemini-2.5-flash", "deepseek-v3.2"],
+                "timeout_s": 5,
+            },
+            # Candidates of the migration trials: only what the rules send them.
+            *({"name": name, "base_url": relay, "timeout_s": 5} for name in CANDIDATES),
+        ],
+        migration={"rules": TRIALS},
         gateway={
             "admin_keys": [
                 {"id": "ops", "hash": hasher.hash(ADMIN)},
@@ -179,6 +210,19 @@ def ledger_records(path: Path) -> list[UsageRecord]:
     return in_a_thread(read)
 
 
+def wait_for_comparisons(url: str) -> None:
+    """Until the gateway's comparison book holds every shadow call (they finish after the
+    client's answer)."""
+    headers = {"authorization": f"Bearer {ADMIN}"}
+    rows: list[dict[str, Any]] = []
+    for _ in range(1200):
+        rows = httpx.get(f"{url}/admin/migration/report", headers=headers, timeout=30).json()["data"]
+        if sum(row["shadow_requests"] for row in rows) >= SHADOWS:
+            return
+        time.sleep(0.05)
+    raise AssertionError(rows)
+
+
 def in_a_thread(work: Callable[[], Awaitable[T]]) -> T:
     """Playwright's sync API keeps an event loop running in this thread: run in another."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -186,9 +230,11 @@ def in_a_thread(work: Callable[[], Awaitable[T]]) -> T:
 
 
 class Served:
-    def __init__(self, url: str, records: list[UsageRecord], screens: Path) -> None:
+    def __init__(self, url: str, ledger: list[UsageRecord], screens: Path) -> None:
         self.url = url
-        self.records = records
+        #: Every record but the shadow calls (the operator's cost, left out of usage).
+        self.records = [r for r in ledger if r.outcome != "shadow"]
+        self.shadows = [r for r in ledger if r.outcome == "shadow"]
         self.screens = screens
 
     def of(self, tenant: str) -> list[UsageRecord]:
@@ -211,14 +257,15 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     past = history(time.time())
     write_history(ledger, past)
     with serve_in_thread(gateway.asgi_app(), lifespan="on", startup_timeout_s=30) as url:
-        sent = serve_traffic(url, fake) + len(past)
+        sent = serve_traffic(url, fake) + len(past) + SHADOWS
         records: list[UsageRecord] = []
-        for _ in range(400):  # the writer flushes every 0.1 s; generous on a busy host
+        for _ in range(1200):  # the writer flushes every 0.1 s; generous on a busy host
             records = ledger_records(ledger)
             if len(records) >= sent:
                 break
             time.sleep(0.05)
         assert len(records) == sent
+        wait_for_comparisons(url)
         yield Served(url, records, screens)
 
 
@@ -255,7 +302,7 @@ def open_dashboard(browser: Any, served: Served, key: str, **context: Any) -> Pa
     page.get_by_label("API key", exact=True).fill(key)
     page.get_by_label("API key", exact=True).press("Enter")  # the keyboard is enough
     page.wait_for_selector("#kpi-requests")
-    expect(page.locator("#board canvas")).to_have_count(3)
+    expect(page.locator(".charts canvas")).to_have_count(3)
     page.wait_for_load_state("networkidle")
     return watch
 

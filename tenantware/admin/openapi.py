@@ -53,7 +53,7 @@ from tenantware.admin.schemas import (
     WebhookList,
 )
 from tenantware.config import MigrationSettings
-from tenantware.dashboard.schemas import LiveView, UsageView
+from tenantware.dashboard.schemas import LiveView, MigrationView, UsageView
 
 __all__ = ["openapi_document"]
 
@@ -541,6 +541,20 @@ def openapi_document() -> bytes:
             "admin, read-only",
             ("200", LiveView, "Live state of this gateway process"),
             errors=("401", "403"),
+        )
+    }
+    paths["/admin/dashboard/migration"] = {
+        "get": _operation(
+            "The shadow/canary comparison of a time range: every candidate's shares, state, "
+            "report figures and a series (this process's comparisons)",
+            "admin, read-only",
+            ("200", MigrationView, "One entry per rule and candidate, and their series"),
+            params=[
+                _query("range", {"type": "string", "enum": ["1h", "24h", "7d", "30d"]}),
+                _query("since", {"type": "string"}),
+                _query("until", {"type": "string"}),
+            ],
+            errors=("400", "401", "403"),
         )
     }
     paths["/admin/migration/report"] = {

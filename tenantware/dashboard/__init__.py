@@ -1,5 +1,6 @@
 """The dashboard: a web page served by the gateway (``/dashboard``) and the JSON it reads
-(``/admin/dashboard/usage``, ``/admin/dashboard/live``), for tenants and operators."""
+(``/admin/dashboard/usage``, ``/admin/dashboard/live``, ``/admin/dashboard/migration``), for
+tenants and operators."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from tenantware.dashboard.app import (
     is_dashboard_path,
 )
 from tenantware.dashboard.live import LiveSources
-from tenantware.dashboard.schemas import LiveView, UsageView
+from tenantware.dashboard.migration import MigrationSource
+from tenantware.dashboard.schemas import LiveView, MigrationView, UsageView
 
 __all__ = [
     "DASHBOARD_API_PREFIX",
@@ -18,6 +20,8 @@ __all__ = [
     "DashboardApp",
     "LiveSources",
     "LiveView",
+    "MigrationSource",
+    "MigrationView",
     "UsageView",
     "is_dashboard_path",
 ]

@@ -9,6 +9,8 @@
   not learn which tenants exist); an admin or read-only key sees every tenant.
 - ``GET /admin/dashboard/live``: breakers, admission queues, store and ledger health
   (``LiveView``); admin and read-only keys only.
+- ``GET /admin/dashboard/migration?range=&since=&until=``: the shadow/canary comparison of
+  the migration rules (``MigrationView``); admin and read-only keys only.
 
 Every answer carries a strict Content-Security-Policy (scripts and styles from this origin
 only, nothing inline, no framing) and is never cached. Nothing here changes state, so a
@@ -36,6 +38,7 @@ import msgspec
 from tenantware.admin.auth import AdminAuth, Caller
 from tenantware.backends.errors import STORE_UNAVAILABLE
 from tenantware.dashboard.live import LiveSources
+from tenantware.dashboard.migration import migration_view
 from tenantware.dashboard.schemas import UsageView
 from tenantware.errors import send_error
 from tenantware.metering.ledger.base import Ledger, LedgerUnavailable
@@ -174,7 +177,7 @@ class DashboardApp:
         await _error(send, 404, f"Unknown request URL: GET {path}.", "unknown_url")
 
     async def _api(self, scope: Scope, name: str, send: Send) -> None:
-        if name not in ("usage", "live"):
+        if name not in ("usage", "live", "migration"):
             await _error(send, 404, f"Unknown request URL: GET {scope['path']}.", "unknown_url")
             return
         caller = self.auth.identify(scope)
@@ -190,6 +193,8 @@ class DashboardApp:
         try:
             if name == "live":
                 await self._live(caller, send)
+            elif name == "migration":
+                await self._migration(caller, query, send)
             else:
                 await self._usage(caller, query, send)
         except _BadQuery as exc:
@@ -212,6 +217,25 @@ class DashboardApp:
             )
             return
         view = await self.sources.view()
+        await _respond(send, 200, b"application/json", _encode(view))
+
+    async def _migration(self, caller: Caller, query: dict[str, str], send: Send) -> None:
+        source = self.sources.migration if self.sources is not None else None
+        if caller.role == "tenant" or source is None:
+            await _error(
+                send, 403, "This key may not read the migration trials.", "permission_denied"
+            )
+            return
+        since, until = time_range(query, now=time.time())
+        period, width = pick_period(until - since)
+        view = migration_view(
+            source,
+            self.live.current.config.migration,
+            since=since,
+            until=until,
+            period=period,
+            width=width,
+        )
         await _respond(send, 200, b"application/json", _encode(view))
 
     async def _usage(self, caller: Caller, query: dict[str, str], send: Send) -> None:

@@ -10,6 +10,7 @@ from tenantware.admission.pools import AdmissionPools
 from tenantware.backends.errors import STORE_UNAVAILABLE
 from tenantware.breaker.board import BreakerBoard
 from tenantware.breaker.circuit import STATE_NAMES
+from tenantware.dashboard.migration import MigrationSource
 from tenantware.dashboard.schemas import CircuitStatus, LiveView, PoolStatus, StoreStatus
 from tenantware.metering.ledger.writer import LedgerWriter
 from tenantware.state import LiveConfig
@@ -30,6 +31,7 @@ class LiveSources:
         stores: Stores,
         writer: LedgerWriter | None,
         registry: Callable[[], dict[str, Any]],
+        migration: MigrationSource | None = None,
     ) -> None:
         self.live = live
         self.board = board
@@ -37,6 +39,8 @@ class LiveSources:
         self.stores = stores
         self.writer = writer
         self.registry = registry
+        #: The shadow/canary comparisons (``None``: a gateway without a proxy's runner).
+        self.migration = migration
 
     def circuits(self) -> list[CircuitStatus]:
         snapshot = self.live.current

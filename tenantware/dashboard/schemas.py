@@ -8,10 +8,22 @@ from msgspec import Struct
 
 from tenantware.metering.ledger.writer import LedgerHealth
 from tenantware.metering.reports import ReportRow
+from tenantware.migration import ReportRow as TrialFigures
 
-__all__ = ["CircuitStatus", "LiveView", "PoolStatus", "StoreStatus", "UsageView"]
+__all__ = [
+    "CircuitStatus",
+    "LiveView",
+    "MigrationView",
+    "PoolStatus",
+    "StoreStatus",
+    "TrialPoint",
+    "TrialState",
+    "TrialStatus",
+    "UsageView",
+]
 
 Scope = Literal["tenant", "operator"]
+TrialState = Literal["active", "rolled_back", "off", "removed"]
 
 
 class UsageView(Struct, frozen=True, kw_only=True):
@@ -82,3 +94,60 @@ class LiveView(Struct, frozen=True, kw_only=True):
     #: Null when metering is off.
     ledger: LedgerHealth | None
     registry: dict[str, Any]
+
+
+class TrialStatus(Struct, frozen=True, kw_only=True):
+    """One candidate of one migration rule: its shares, its state and the comparison report's
+    figures over the range (``figures``: ``GET /admin/migration/report``'s row)."""
+
+    #: ``rule/upstream/model``, as the report names it.
+    trial: str
+    rule: str
+    #: The model the rule applies to (null: a removed rule), and the upstream serving the
+    #: rest (null: the usual deployments).
+    model: str | None
+    primary: str | None
+    #: The candidate: its upstream and the catalogue model it serves.
+    upstream: str
+    candidate_model: str
+    canary_percent: float
+    shadow_percent: float
+    #: ``active``; ``rolled_back`` (by this process, automatically); ``off`` (both shares 0:
+    #: rolled back by hand or not started); ``removed`` (no longer in the rules, figures kept).
+    state: TrialState
+    figures: TrialFigures
+
+
+class TrialPoint(Struct, frozen=True, kw_only=True):
+    """One trial over one period of the series (periods without calls are absent)."""
+
+    trial: str
+    period: str
+    shadow_requests: int
+    canary_requests: int
+    #: The candidate's failed calls (shadow and canary) and the primaries' on the shadowed
+    #: requests.
+    errors: int
+    primary_errors: int
+    #: Nearest-rank p99 of the candidate's calls (shadow and canary), and of the primary's on
+    #: the shadowed requests (null: no such call in the period).
+    latency_p99_s: float | None
+    primary_latency_p99_s: float | None
+
+
+class MigrationView(Struct, frozen=True, kw_only=True):
+    """The shadow/canary comparison for a time range (operators only). Like the migration
+    report it covers what the answering process compared (``process``), from
+    ``oldest_kept`` on (docs/migration.md)."""
+
+    object: Literal["dashboard.migration"] = "dashboard.migration"
+    since: float
+    until: float
+    period: Literal["minute", "hour", "day"]
+    bucket_s: int
+    #: ``host:pid`` of the answering process; the time of its oldest comparison kept.
+    process: str
+    oldest_kept: float | None
+    #: Every candidate of the rules in force, then those only the comparisons still name.
+    trials: list[TrialStatus]
+    series: list[TrialPoint]

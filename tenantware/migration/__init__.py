@@ -6,7 +6,13 @@ answers compare (``compare``) and the report over the comparisons (``book``). Th
 on them (``proxy/shadow.py`` sends the shadow copies).
 """
 
-from tenantware.migration.book import Comparison, ComparisonBook, ReportRow, report_csv
+from tenantware.migration.book import (
+    Comparison,
+    ComparisonBook,
+    ReportRow,
+    percentile,
+    report_csv,
+)
 from tenantware.migration.compare import Answer, agreement, answer_of
 from tenantware.migration.rollback import Rollbacks
 from tenantware.migration.rules import Plan, RuleTable, Trial
@@ -22,5 +28,6 @@ __all__ = [
     "Trial",
     "agreement",
     "answer_of",
+    "percentile",
     "report_csv",
 ]

@@ -17,7 +17,7 @@ from typing import Literal
 
 import msgspec
 
-__all__ = ["Comparison", "ComparisonBook", "ReportRow", "report_csv"]
+__all__ = ["Comparison", "ComparisonBook", "ReportRow", "percentile", "report_csv"]
 
 Kind = Literal["shadow", "canary"]
 
@@ -87,7 +87,8 @@ class ReportRow(msgspec.Struct, kw_only=True):
     rolled_back: bool = False
 
 
-def _pct(values: Sequence[float], q: float) -> float | None:
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The nearest-rank ``q`` quantile of ``values`` (``None`` when empty)."""
     if not values:
         return None
     ordered = sorted(values)
@@ -145,15 +146,15 @@ def _row(rule: str, trial: str, entries: list[Comparison], dropped: int, rolled:
     if n:
         row.shadow_error_rate = _rate(sum(e.outcome != "ok" for e in shadows), n)
         row.primary_error_rate = _rate(sum(e.primary_outcome != "ok" for e in shadows), n)
-        row.shadow_latency_p50_s = _pct([e.latency_s for e in shadows], 0.50)
-        row.shadow_latency_p99_s = _pct([e.latency_s for e in shadows], 0.99)
-        row.primary_latency_p50_s = _pct([e.primary_latency_s for e in shadows], 0.50)
-        row.primary_latency_p99_s = _pct([e.primary_latency_s for e in shadows], 0.99)
+        row.shadow_latency_p50_s = percentile([e.latency_s for e in shadows], 0.50)
+        row.shadow_latency_p99_s = percentile([e.latency_s for e in shadows], 0.99)
+        row.primary_latency_p50_s = percentile([e.primary_latency_s for e in shadows], 0.50)
+        row.primary_latency_p99_s = percentile([e.primary_latency_s for e in shadows], 0.99)
         ttft = [e.ttft_s for e in shadows if e.ttft_s is not None]
         primary_ttft = [e.primary_ttft_s for e in shadows if e.primary_ttft_s is not None]
-        row.shadow_ttft_p50_s, row.shadow_ttft_p99_s = _pct(ttft, 0.5), _pct(ttft, 0.99)
-        row.primary_ttft_p50_s = _pct(primary_ttft, 0.5)
-        row.primary_ttft_p99_s = _pct(primary_ttft, 0.99)
+        row.shadow_ttft_p50_s, row.shadow_ttft_p99_s = percentile(ttft, 0.5), percentile(ttft, 0.99)
+        row.primary_ttft_p50_s = percentile(primary_ttft, 0.5)
+        row.primary_ttft_p99_s = percentile(primary_ttft, 0.99)
         row.shadow_tokens_per_request = sum(e.input_tokens + e.output_tokens for e in shadows) / n
         row.primary_tokens_per_request = (
             sum(e.primary_input_tokens + e.primary_output_tokens for e in shadows) / n
@@ -170,8 +171,8 @@ def _row(rule: str, trial: str, entries: list[Comparison], dropped: int, rolled:
     if canaries:
         row.canary_requests = len(canaries)
         row.canary_error_rate = _rate(sum(e.outcome != "ok" for e in canaries), len(canaries))
-        row.canary_latency_p50_s = _pct([e.latency_s for e in canaries], 0.5)
-        row.canary_latency_p99_s = _pct([e.latency_s for e in canaries], 0.99)
+        row.canary_latency_p50_s = percentile([e.latency_s for e in canaries], 0.5)
+        row.canary_latency_p99_s = percentile([e.latency_s for e in canaries], 0.99)
     return row
 
 

@@ -6,7 +6,7 @@
   const REFRESH_MS = 30000;
   const COLORS = ["#0b57d0", "#146c2e", "#b3261e", "#8a4b00", "#6d28d9", "#00677f", "#a0116b", "#444"];
   const $ = (id) => document.getElementById(id);
-  const state = { view: null, live: null, tenants: null, tiers: null, account: null, timer: null, plots: [] };
+  const state = { view: null, live: null, tenants: null, tiers: null, migration: null, account: null, balance: null, month: null, day: null, timer: null, plots: [] };
 
   function el(tag, text, cls) {
     const node = document.createElement(tag);
@@ -15,8 +15,12 @@
     return node;
   }
   const int = (n) => Number(n || 0).toLocaleString("en-US");
+  const num1 = (n) => (n === null || n === undefined ? "–" : Number(n).toFixed(1));
   const secs = (s) => (s === null || s === undefined ? "–" : Number(s).toFixed(3));
-  const pct = (x) => (100 * x).toFixed(1) + "%";
+  const pct = (x) => (x === null || x === undefined ? "–" : (100 * x).toFixed(1) + "%");
+  const share = (p) => Number(p).toLocaleString("en-US", { maximumFractionDigits: 2 }) + "%";
+  // Nano-USD (an integer) to USD with 6 decimals, rounded half up like the ledger's reports.
+  const usd = (nano) => money((BigInt(Math.round(Number(nano || 0))) + 500n) / 1000n);
 
   // Money: the server's exact decimals, summed as integer millionths (no float drift).
   function micros(text) {
@@ -54,7 +58,7 @@
     box.hidden = !message;
   }
 
-  function rangeQuery() {
+  function rangeQuery(withTenant = true) {
     const params = new URLSearchParams();
     const range = $("range").value;
     if (range === "custom") {
@@ -63,7 +67,7 @@
     } else {
       params.set("range", range);
     }
-    if ($("only").value) params.set("tenant", $("only").value);
+    if (withTenant && $("only").value) params.set("tenant", $("only").value);
     return params.toString();
   }
 
@@ -73,15 +77,27 @@
       const view = await api("/admin/dashboard/usage?" + rangeQuery());
       state.view = view;
       if (view.scope === "operator") {
-        [state.live, state.tenants, state.tiers] = await Promise.all([
+        [state.live, state.tenants, state.tiers, state.migration] = await Promise.all([
           api("/admin/dashboard/live"),
           api("/admin/tenants?limit=1000"),
           api("/admin/tiers"),
+          api("/admin/dashboard/migration?" + rangeQuery(false)),
         ]);
-        state.account = null;
+        state.account = state.balance = state.month = state.day = null;
       } else {
-        state.account = await api("/admin/tenants/" + encodeURIComponent(view.tenant));
-        state.live = state.tenants = state.tiers = null;
+        const path = "/admin/tenants/" + encodeURIComponent(view.tenant);
+        state.account = await api(path);
+        state.live = state.tenants = state.tiers = state.migration = null;
+        // Spend against the budget counts from the start of the calendar month / day (UTC).
+        const limits = state.account.effective_limits || {};
+        const now = new Date();
+        const month = new Date(Date.UTC(now.getUTCFullYear(), now.getUTCMonth(), 1)).toISOString();
+        const day = now.toISOString().slice(0, 10) + "T00:00:00Z";
+        [state.month, state.day, state.balance] = await Promise.all([
+          limits.monthly_budget_usd ? api("/admin/dashboard/usage?since=" + month).catch(() => null) : null,
+          limits.daily_budget_usd ? api("/admin/dashboard/usage?since=" + day).catch(() => null) : null,
+          state.account.billing === "prepaid" ? api(path + "/balance").catch(() => null) : null,
+        ]);
       }
       render();
       $("updated").textContent = "Updated " + new Date().toISOString().slice(11, 19) + " UTC";
@@ -110,6 +126,17 @@
     return box;
   }
 
+  // Spend (USD, charged to the tenant) since the start of the budget's period, against it.
+  function budgetKpi(id, label, usage, budget) {
+    const spent = usage ? usd(sum(usage.totals, "charged_nanousd")) : "–";
+    const box = kpi(id, label, spent);
+    if (usage) {
+      const used = Number(sum(usage.totals, "charged_nanousd")) / 1e9 / Number(budget);
+      box.append(meter(used, label + " against the budget of " + budget + " USD"));
+    }
+    return box;
+  }
+
   function renderKpis() {
     const view = state.view;
     const rows = view.totals;
@@ -129,8 +156,20 @@
     if (view.scope === "tenant") {
       const row = rows[0] || {};
       const limits = (state.account && state.account.effective_limits) || {};
-      if (limits.monthly_budget_usd) boxes.push(kpi("budget", "Monthly budget (USD)", limits.monthly_budget_usd));
-      if (limits.daily_budget_usd) boxes.push(kpi("daily-budget", "Daily budget (USD)", limits.daily_budget_usd));
+      if (limits.monthly_budget_usd) {
+        boxes.push(kpi("budget", "Monthly budget (USD)", limits.monthly_budget_usd));
+        boxes.push(budgetKpi("month-spend", "Spent this month (USD)", state.month, limits.monthly_budget_usd));
+      }
+      if (limits.daily_budget_usd) {
+        boxes.push(kpi("daily-budget", "Daily budget (USD)", limits.daily_budget_usd));
+        boxes.push(budgetKpi("day-spend", "Spent today (USD)", state.day, limits.daily_budget_usd));
+      }
+      const balance = state.balance;
+      if (balance) {
+        const box = kpi("balance", "Prepaid balance (" + balance.currency + ")", balance.balance_in_currency === null ? "never credited" : balance.balance_in_currency);
+        if (balance.low) box.append(el("span", "Below the warning threshold", "low"));
+        boxes.push(box);
+      }
       boxes.push(
         kpi("p50", "Latency p50 (s)", secs(row.latency_p50_s)),
         kpi("p99", "Latency p99 (s)", secs(row.latency_p99_s)),
@@ -321,6 +360,27 @@
     return names;
   }
 
+  function renderOutcomes() {
+    const rows = state.view.totals;
+    const requests = sum(rows, "requests");
+    const failed = sum(rows, "errors");
+    const limited = sum(rows, "rate_limited");
+    const queued = sum(rows, "queue_rejections");
+    const broken = sum(rows, "breaker_rejections");
+    const outcomes = [
+      ["Answered, cancelled or refused as invalid", requests - failed - limited - queued - broken],
+      ["Failed (upstream error or timeout, gateway error)", failed],
+      ["Refused: rate limit or budget", limited],
+      ["Refused: admission queue full or wait too long", queued],
+      ["Refused: circuit open", broken],
+    ];
+    table(
+      "outcomes-table",
+      [["Outcome", false, "name"], ["Requests", true], ["Rate", true]],
+      requests ? outcomes.map(([label, n]) => [label, int(n), pct(n / requests)]) : [],
+    );
+  }
+
   function renderGroups() {
     const view = state.view;
     const operator = view.scope === "operator";
@@ -402,6 +462,89 @@
     $("health").replaceChildren(...health.flatMap(([k, v]) => [el("dt", k), el("dd", v)]));
   }
 
+  // -- migration trials (shadow / canary) ------------------------------------------------------
+
+  const STATES = { active: "active", rolled_back: "rolled back", off: "off (shares 0)", removed: "no longer in the rules" };
+
+  function trialName(t) {
+    return t.rule + ": " + t.upstream + " / " + t.candidate_model + (t.model && t.model !== t.candidate_model ? " (for " + t.model + ")" : "");
+  }
+
+  function trialTable(t) {
+    const f = t.figures;
+    const node = el("table", null, "trial");
+    const caption = el("caption");
+    caption.append(el("span", trialName(t)), el("span", " — "), el("span", STATES[t.state] || t.state, "state-" + t.state));
+    caption.append(el("span", " — canary " + share(t.canary_percent) + ", shadow " + share(t.shadow_percent)));
+    node.append(caption);
+    const head = el("thead");
+    const tr = el("tr");
+    for (const [label, cls] of [["Figure", ""], ["Primary" + (t.primary ? " (" + t.primary + ")" : ""), "num"], ["Candidate", "num"]]) {
+      const th = el("th", label, cls);
+      th.scope = "col";
+      tr.append(th);
+    }
+    head.append(tr);
+    const body = el("tbody");
+    const rows = [
+      ["Shadowed requests", int(f.shadow_requests), int(f.shadow_requests)],
+      ["Shadow copies dropped", null, int(f.shadow_dropped)],
+      ["Error rate (shadowed)", pct(f.primary_error_rate), pct(f.shadow_error_rate)],
+      ["Latency p50 (s)", secs(f.primary_latency_p50_s), secs(f.shadow_latency_p50_s)],
+      ["Latency p99 (s)", secs(f.primary_latency_p99_s), secs(f.shadow_latency_p99_s)],
+      ["First token p50 (s)", secs(f.primary_ttft_p50_s), secs(f.shadow_ttft_p50_s)],
+      ["First token p99 (s)", secs(f.primary_ttft_p99_s), secs(f.shadow_ttft_p99_s)],
+      ["Tokens per request", num1(f.primary_tokens_per_request), num1(f.shadow_tokens_per_request)],
+      ["Cost (USD)", usd(f.primary_cost_nanousd), usd(f.shadow_cost_nanousd)],
+      ["Exact same text", null, pct(f.exact_match_rate)],
+      ["Word similarity (mean)", null, f.similarity_mean === null ? "–" : f.similarity_mean.toFixed(3)],
+      ["Same tools called", null, pct(f.same_tools_rate)],
+      ["Canary requests", null, int(f.canary_requests)],
+      ["Canary error rate", null, pct(f.canary_error_rate)],
+      ["Canary latency p50 (s)", null, secs(f.canary_latency_p50_s)],
+      ["Canary latency p99 (s)", null, secs(f.canary_latency_p99_s)],
+    ];
+    for (const [label, primary, candidate] of rows) {
+      const row = el("tr");
+      const th = el("th", label);
+      th.scope = "row";
+      row.append(th, el("td", primary === null ? "" : primary, "num"), el("td", candidate, "num"));
+      body.append(row);
+    }
+    node.append(head, body);
+    return node;
+  }
+
+  function renderMigration() {
+    const m = state.migration;
+    const trials = (m && m.trials) || [];
+    $("migration-note").textContent = !m
+      ? "Not available."
+      : !trials.length
+        ? "No migration rules in force."
+        : "What gateway process " + m.process + " compared in the range (every tenant)" +
+          (m.oldest_kept && m.oldest_kept > m.since ? ", from " + new Date(m.oldest_kept * 1000).toISOString().slice(0, 16).replace("T", " ") + " UTC on (its oldest kept)" : "") + ".";
+    $("trials").replaceChildren(...trials.map(trialTable));
+    const busy = trials
+      .filter((t) => t.figures.shadow_requests + t.figures.canary_requests > 0)
+      .sort((a, b) => b.figures.shadow_requests + b.figures.canary_requests - (a.figures.shadow_requests + a.figures.canary_requests))
+      .slice(0, COLORS.length / 2);
+    $("trials-chart").hidden = !busy.length;
+    if (!busy.length) return;
+    const xs = buckets(m);
+    const series = [];
+    const data = [xs];
+    busy.forEach((t, i) => {
+      const own = { ...m, series: m.series.filter((p) => p.trial === t.trial) };
+      series.push(
+        { label: "p99 " + t.upstream + "/" + t.candidate_model, stroke: COLORS[i], width: 2, scale: "left", spanGaps: true },
+        { label: "p99 primary of " + t.rule, stroke: COLORS[i], width: 2, scale: "left", spanGaps: true, dash: [6, 4] },
+      );
+      data.push(seriesBy(own, (p) => p.latency_p99_s, Math.max), seriesBy(own, (p) => p.primary_latency_p99_s, Math.max));
+    });
+    plot("chart-trials", "p99 latency of each candidate against its primary per " + m.period, series, data);
+  }
+
   function renderTenant() {
     const account = state.account;
     const info = [
@@ -447,8 +590,12 @@
     $("tenant").hidden = operator;
     renderKpis();
     renderCharts();
+    renderOutcomes();
     renderGroups();
-    if (operator) renderOperator();
+    if (operator) {
+      renderOperator();
+      renderMigration();
+    }
     else renderTenant();
   }
 
@@ -460,6 +607,31 @@
     return /[",\n\r]/.test(text) ? '"' + text.replaceAll('"', '""') + '"' : text;
   }
 
+  function saveCsv(name, lines) {
+    const blob = new Blob([lines.join("\n") + "\n"], { type: "text/csv" });
+    const link = document.createElement("a");
+    link.href = URL.createObjectURL(blob);
+    link.download = name;
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(link.href), 1000);
+  }
+
+  function rowsCsv(name, fields, rows) {
+    const lines = [fields.map(csvCell).join(",")];
+    for (const row of rows) lines.push(fields.map((f) => row[f]).map(csvCell).join(","));
+    saveCsv("tenantware-" + name + "-" + new Date().toISOString().slice(0, 19).replaceAll(":", "") + "Z.csv", lines);
+  }
+
+  function downloadTrials() {
+    const m = state.migration;
+    if (!m) return;
+    const own = ["trial", "rule", "model", "primary", "upstream", "candidate_model", "canary_percent", "shadow_percent", "state"];
+    const figures = m.trials.length ? Object.keys(m.trials[0].figures).filter((f) => f !== "rule" && f !== "trial" && f !== "rolled_back") : [];
+    rowsCsv("migration", [...own, ...figures], m.trials.map((t) => ({ ...t.figures, ...t, figures: undefined })));
+  }
+
   function downloadCsv() {
     const view = state.view;
     if (!view) return;
@@ -468,14 +640,7 @@
     for (const [section, rows] of [["total", view.totals], ["series", view.series], ["model", view.by_model], ["cost_center", view.by_cost_center]]) {
       for (const row of rows) lines.push([section, ...fields.map((f) => row[f])].map(csvCell).join(","));
     }
-    const blob = new Blob([lines.join("\n") + "\n"], { type: "text/csv" });
-    const link = document.createElement("a");
-    link.href = URL.createObjectURL(blob);
-    link.download = "tenantware-usage-" + new Date(view.since * 1000).toISOString().slice(0, 10) + ".csv";
-    document.body.append(link);
-    link.click();
-    link.remove();
-    setTimeout(() => URL.revokeObjectURL(link.href), 1000);
+    saveCsv("tenantware-usage-" + new Date(view.since * 1000).toISOString().slice(0, 10) + ".csv", lines);
   }
 
   // -- session -----------------------------------------------------------------------------------
@@ -524,6 +689,9 @@
       state.timer = $("auto").checked ? setInterval(load, REFRESH_MS) : null;
     });
     $("csv").addEventListener("click", downloadCsv);
+    $("trials-csv").addEventListener("click", downloadTrials);
+    $("circuits-csv").addEventListener("click", () => state.live && rowsCsv("upstreams", ["key", "upstream", "model", "state", "wait_s", "inflight"], state.live.circuits));
+    $("pools-csv").addEventListener("click", () => state.live && rowsCsv("queues", ["pool", "seats", "in_use", "waiting"], state.live.pools));
     let resizing = null;
     window.addEventListener("resize", () => {
       clearTimeout(resizing);
