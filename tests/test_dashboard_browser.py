@@ -15,7 +15,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -62,6 +62,8 @@ TRIALS = [
     },
 ]
 SHADOWS = 3  # acme's claude requests
+#: beta pays from a prepaid balance, topped up once before the traffic.
+TOPUP_USD = Decimal(20)
 
 
 def dashboard_config(upstream_url: str, ledger: Path) -> Any:
@@ -85,6 +87,8 @@ def dashboard_config(upstream_url: str, ledger: Path) -> Any:
             "id": "beta",
             "name": "Beta Labs",
             "tier": "pro",
+            "billing": "prepaid",
+            "low_balance_usd": "50",
             "limits": {"requests_per_minute": 3, "burst_multiplier": 1},
             "keys": [{"id": "beta-1", "hash": hasher.hash(KEYS["beta"])}],
         },
@@ -257,6 +261,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     past = history(time.time())
     write_history(ledger, past)
     with serve_in_thread(gateway.asgi_app(), lifespan="on", startup_timeout_s=30) as url:
+        topup = httpx.post(
+            f"{url}/admin/tenants/beta/balance/topups",
+            json={"amount_usd": str(TOPUP_USD)},
+            headers={"authorization": f"Bearer {ADMIN}", "idempotency-key": "dashboard-topup"},
+            timeout=30,
+        )
+        assert topup.status_code in (200, 201), topup.text
         sent = serve_traffic(url, fake) + len(past) + SHADOWS
         records: list[UsageRecord] = []
         for _ in range(1200):  # the writer flushes every 0.1 s; generous on a busy host
@@ -292,11 +303,18 @@ class PageWatch:
 
     def _response(self, response: Any) -> None:
         if "/admin/" in response.url:
-            self.bodies.append((response.url, response.text()))
+            try:
+                self.bodies.append((response.url, response.text()))
+            except playwright_api.Error:  # the page closed first: the test is over
+                pass
 
 
-def open_dashboard(browser: Any, served: Served, key: str, **context: Any) -> PageWatch:
+def open_dashboard(
+    browser: Any, served: Served, key: str, *, clock: bool = False, **context: Any
+) -> PageWatch:
     page = browser.new_page(**context)
+    if clock:  # the page's timers and Date under the test's control (auto-refresh)
+        page.clock.install()
     watch = PageWatch(page)
     page.goto(served.url + "/dashboard")
     page.get_by_label("API key", exact=True).fill(key)
@@ -319,6 +337,41 @@ def money(records: list[UsageRecord]) -> str:
     """The ledger's charged total as the page prints it (USD, 6 decimals)."""
     usd = (Decimal(sum(r.charged_nanousd for r in records)) / 10**9).quantize(Decimal("1e-6"))
     return f"{usd:,}"
+
+
+def usd(nanousd: int) -> str:
+    """Nano-USD as the page prints it (6 decimals, rounded half up)."""
+    value = (Decimal(nanousd) / 10**9).quantize(Decimal("1e-6"), ROUND_HALF_UP)
+    return f"{value:,}"
+
+
+def painted(watch: PageWatch, selector: str) -> int:
+    """Coloured pixels uPlot painted on the canvas under ``selector``."""
+    return int(
+        watch.page.evaluate(
+            """(selector) => {
+            const canvas = document.querySelector(selector + ' canvas');
+            const pixels = canvas.getContext('2d')
+                .getImageData(0, 0, canvas.width, canvas.height).data;
+            let coloured = 0;
+            for (let i = 0; i < pixels.length; i += 4) {
+                const [r, g, b, a] = pixels.slice(i, i + 4);
+                if (a > 0 && Math.max(r, g, b) - Math.min(r, g, b) > 60) coloured++;
+            }
+            return coloured;
+        }""",
+            selector,
+        )
+    )
+
+
+def figure(table: Any, label: str) -> tuple[str, str]:
+    """A trial table's row: (primary, candidate) as shown."""
+    row = table.locator("tbody tr").filter(
+        has=table.page.locator("th", has_text=re.compile(f"^{re.escape(label)}$"))
+    )
+    cells = row.locator("td")
+    return str(cells.nth(0).text_content()), str(cells.nth(1).text_content())
 
 
 def charts_drawn(watch: PageWatch) -> list[int]:
@@ -383,10 +436,32 @@ def test_tenant_view_shows_the_ledgers_numbers_and_nothing_of_other_tenants(
     assert EVIL_CENTER in (page.locator("#centers-table").text_content() or "")
     assert page.evaluate("window.__pwned") is None
     assert page.locator("#board img, #board b, #who script").count() == 0
+    # The outcomes: the ledger's counts, by outcome.
+    outcomes = page.locator("#outcomes-table tbody tr")
+    failed = sum(r.outcome in ("upstream_error", "upstream_timeout", "error") for r in mine)
+    limited = sum(r.outcome in ("rejected_quota", "rejected_budget") for r in mine)
+    assert figure_of(outcomes, "Failed") == f"{failed:,}"
+    assert figure_of(outcomes, "Refused: rate limit or budget") == f"{limited:,}"
+    # Spend this month against the monthly budget: the ledger's charged since the 1st (UTC).
+    now = datetime.now(UTC)
+    month = datetime(now.year, now.month, 1, tzinfo=UTC).timestamp()
+    assert kpi(page, "month-spend") == usd(sum(r.charged_nanousd for r in mine if r.ts >= month))
+    assert page.locator(".kpi meter").count() == 1
+    # No migration trial reaches a tenant key: not asked for, and refused when asked.
+    assert not [r for r in watch.requests if "/admin/dashboard/migration" in r.url]
+    logged = len(watch.problems)
+    refused = page.evaluate(
+        """async (key) => (await fetch('/admin/dashboard/migration',
+            {headers: {Authorization: 'Bearer ' + key}})).status""",
+        KEYS["acme"],
+    )
+    assert refused == 403
+    assert [p for p in watch.problems[logged:] if "403" in p] == watch.problems[logged:]
+    del watch.problems[logged:]  # the browser logs the refusal asked for above
     # No answer this key received names another tenant, or counts them.
     assert watch.bodies
     for url, body in watch.bodies:
-        for other in OTHER_TENANTS:
+        for other in (*OTHER_TENANTS, "claude-shadow", "gemini-canary", "relay"):
             assert other not in body, (url, other)
         data = json.loads(body)
         tenants = {row["tenant"] for part in ("totals", "series") for row in data.get(part, [])}
@@ -497,6 +572,142 @@ def test_phone_width(browser: Any, served: Served) -> None:
     drawn = charts_drawn(watch)
     assert all(n > 0 for n in drawn), drawn
     screenshot(watch, served, "tenant-phone")
+    assert not watch.problems, watch.problems
+    page.close()
+
+
+def figure_of(rows: Any, label: str) -> str:
+    """The number in the row of a two-column label / number table that starts with label."""
+    row = rows.filter(has=rows.page.locator("td", has_text=re.compile(f"^{re.escape(label)}")))
+    return str(row.locator("td").nth(1).text_content())
+
+
+def test_operator_sees_the_migration_trials(browser: Any, served: Served) -> None:
+    watch = open_dashboard(browser, served, READER)
+    page = watch.page
+    trials = page.locator("#trials table.trial")
+    expect(trials).to_have_count(3)
+    # The shadow trial: its calls and cost are the ledger's shadow records.
+    shadow = trials.filter(has_text="claude-shadow: relay / claude-sonnet-4.5")
+    assert len(served.shadows) == SHADOWS
+    assert {r.upstream for r in served.shadows} == {"relay"}
+    assert figure(shadow, "Shadowed requests") == (f"{SHADOWS:,}", f"{SHADOWS:,}")
+    cost = usd(sum(r.cost_nanousd for r in served.shadows))
+    shadowed = {r.request_id for r in served.shadows}
+    primaries = [r for r in served.records if r.request_id in shadowed]
+    assert len(primaries) == SHADOWS
+    assert figure(shadow, "Cost (USD)") == (usd(sum(r.cost_nanousd for r in primaries)), cost)
+    assert figure(shadow, "Error rate (shadowed)") == ("0.0%", "0.0%")
+    assert figure(shadow, "Exact same text")[1] == "100.0%"  # the same fake answered both
+    assert "active" in (shadow.locator("caption").text_content() or "")
+    # The canary trial: every gemini request of hobby was served by the candidate.
+    canary = trials.filter(has_text="gemini-canary: relay-canary / gemini-2.5-flash")
+    by_candidate = [r for r in served.records if r.upstream == "relay-canary"]
+    assert len(by_candidate) == 4
+    assert figure(canary, "Canary requests")[1] == "4"
+    assert "canary 100%" in (canary.locator("caption").text_content() or "")
+    off = trials.filter(has_text="claude-shadow: relay-old")
+    assert "off (shares 0)" in (off.locator("caption").text_content() or "")
+    # A chart of the candidates' p99 against their primaries'.
+    assert int(page.locator("#chart-trials").get_attribute("data-points")) > 0
+    assert painted(watch, "#chart-trials") > 0
+    page.locator("#migration").screenshot(path=str(served.screens / "migration.png"))
+    assert (served.screens / "migration.png").stat().st_size > 10_000
+    # Its CSV: one line per trial, the report's figures.
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download migration trials as CSV").click()
+    lines = Path(download.value.path()).read_text().splitlines()
+    header = lines[0].split(",")
+    assert header[:3] == ["trial", "rule", "model"]
+    assert len(lines) == 4
+    row = dict(zip(header, next(x for x in lines if x.startswith("claude-shadow/relay/")).split(",")))
+    assert (row["state"], row["shadow_requests"], row["shadow_percent"]) == ("active", "3", "100")
+    assert row["shadow_cost_nanousd"] == str(sum(r.cost_nanousd for r in served.shadows))
+    # The live panels download as CSV too.
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download upstream deployments as CSV").click()
+    circuits = Path(download.value.path()).read_text().splitlines()
+    assert circuits[0] == "key,upstream,model,state,wait_s,inflight"
+    assert len(circuits) - 1 == page.locator("#circuits-table tbody tr").count()
+    assert not watch.problems, watch.problems
+    page.close()
+
+
+def test_prepaid_balance(browser: Any, served: Served) -> None:
+    watch = open_dashboard(browser, served, KEYS["beta"])
+    page = watch.page
+    charged = sum(r.charged_nanousd for r in served.served_by_gateway("beta"))
+    left = TOPUP_USD - Decimal(charged) / 10**9
+    assert kpi(page, "balance") == str(left.quantize(Decimal("1e-6")))
+    # Under the tenant's warning threshold (50 USD).
+    assert "Below the warning threshold" in (page.locator("#kpis").text_content() or "")
+    assert not watch.problems, watch.problems
+    page.close()
+
+
+def test_auto_refresh(browser: Any, served: Served) -> None:
+    watch = open_dashboard(browser, served, KEYS["acme"], clock=True)
+    page = watch.page
+
+    def usage_calls() -> int:
+        return sum("/admin/dashboard/usage" in r.url for r in watch.requests)
+
+    before = usage_calls()
+    page.get_by_label("Auto-refresh (30 s)").focus()
+    page.keyboard.press("Space")  # the keyboard is enough
+    expect(page.get_by_label("Auto-refresh (30 s)")).to_be_checked()
+    with page.expect_request(lambda r: "/admin/dashboard/usage" in r.url, timeout=60_000):
+        page.clock.fast_forward(31_000)
+    page.wait_for_load_state("networkidle")
+    assert usage_calls() > before
+    expect(page.locator("#kpi-requests")).to_have_text(f"{len(served.of('acme')):,}")
+    # Off again: no more loads, however long the page stays open.
+    page.get_by_label("Auto-refresh (30 s)").press("Space")
+    expect(page.get_by_label("Auto-refresh (30 s)")).not_to_be_checked()
+    page.wait_for_load_state("networkidle")
+    settled = usage_calls()
+    page.clock.fast_forward(120_000)
+    page.wait_for_load_state("networkidle")
+    assert usage_calls() == settled
+    assert not watch.problems, watch.problems
+    page.close()
+
+
+@pytest.mark.parametrize("key", [KEYS["acme"], READER], ids=["tenant", "operator"])
+def test_accessible(browser: Any, served: Served, key: str) -> None:
+    """axe-core's WCAG 2.1 A/AA rules (labels, names, contrast, structure) on each view, and
+    every control reachable with the keyboard."""
+    axe = pytest.importorskip("axe_playwright_python.sync_playwright")
+    watch = open_dashboard(browser, served, key)
+    page = watch.page
+    options = {"runOnly": {"type": "tag", "values": ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]}}
+    results = axe.Axe().run(page, options=options)
+    assert results.violations_count == 0, results.generate_report()
+    reached = set()
+    page.locator("#range").focus()
+    for _ in range(40):
+        page.keyboard.press("Tab")
+        reached.add(page.evaluate("document.activeElement.id"))
+    wanted = {"auto", "refresh", "csv"}
+    if key == READER:
+        wanted |= {"only", "circuits-csv", "pools-csv", "trials-csv"}
+    assert wanted <= reached, reached
+    assert not watch.problems, watch.problems
+    page.close()
+
+
+def test_operator_at_phone_width(browser: Any, served: Served) -> None:
+    watch = open_dashboard(
+        browser, served, READER, viewport={"width": 390, "height": 844}, device_scale_factor=2
+    )
+    page = watch.page
+    expect(page.locator("#trials table.trial")).to_have_count(3)
+    overflow = page.evaluate(
+        "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+    )
+    assert overflow <= 1
+    assert painted(watch, "#chart-trials") > 0
+    screenshot(watch, served, "operator-phone")
     assert not watch.problems, watch.problems
     page.close()
 

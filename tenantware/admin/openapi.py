@@ -185,6 +185,7 @@ def openapi_document() -> bytes:
         _UpstreamKeyDeleted,
         UsageView,
         LiveView,
+        MigrationView,
         MigrationReport,
         MigrationSettings,
         CandidateShares,

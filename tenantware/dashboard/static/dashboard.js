@@ -486,7 +486,9 @@
     }
     head.append(tr);
     const body = el("tbody");
-    const rows = [
+    const shadowing = t.shadow_percent > 0 || f.shadow_requests > 0 || f.shadow_dropped > 0;
+    const canarying = t.canary_percent > 0 || f.canary_requests > 0;
+    const shadowRows = [
       ["Shadowed requests", int(f.shadow_requests), int(f.shadow_requests)],
       ["Shadow copies dropped", null, int(f.shadow_dropped)],
       ["Error rate (shadowed)", pct(f.primary_error_rate), pct(f.shadow_error_rate)],
@@ -499,10 +501,17 @@
       ["Exact same text", null, pct(f.exact_match_rate)],
       ["Word similarity (mean)", null, f.similarity_mean === null ? "–" : f.similarity_mean.toFixed(3)],
       ["Same tools called", null, pct(f.same_tools_rate)],
+    ];
+    const canaryRows = [
       ["Canary requests", null, int(f.canary_requests)],
       ["Canary error rate", null, pct(f.canary_error_rate)],
       ["Canary latency p50 (s)", null, secs(f.canary_latency_p50_s)],
       ["Canary latency p99 (s)", null, secs(f.canary_latency_p99_s)],
+    ];
+    // A trial shows the figures of what it does (both while it does neither).
+    const rows = [
+      ...(shadowing || !canarying ? shadowRows : shadowRows.slice(0, 1)),
+      ...(canarying || !shadowing ? canaryRows : canaryRows.slice(0, 1)),
     ];
     for (const [label, primary, candidate] of rows) {
       const row = el("tr");
@@ -512,7 +521,9 @@
       body.append(row);
     }
     node.append(head, body);
-    return node;
+    const wrap = el("div", null, "scroll");
+    wrap.append(node);
+    return wrap;
   }
 
   function renderMigration() {
