@@ -30,6 +30,7 @@ from tenantware import Gateway, HttpxUpstreamClient, KeyHasher
 from tenantware.metering.ledger import SqliteLedger, UsageRecord
 from tenantware.testing.serve import serve_in_thread
 from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig
+from tests.support import KEYS as SUPPORT_KEYS
 from tests.support import make_config
 
 T = TypeVar("T")
@@ -715,6 +716,53 @@ def test_operator_at_phone_width(browser: Any, served: Served) -> None:
     screenshot(watch, served, "operator-phone")
     assert not watch.problems, watch.problems
     page.close()
+
+
+def test_operator_sees_open_circuits_queues_and_redis(
+    browser: Any, redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    """Live state on a gateway of its own: a circuit opened by failing calls (its cool-down
+    left), an admission pool, the Redis store up."""
+    fake = FakeUpstream(FakeUpstreamConfig(failure_rate=1.0))
+    client = HttpxUpstreamClient(transport=httpx.ASGITransport(app=fake))
+    hasher = KeyHasher()
+    config = make_config(
+        "http://upstream.test/v1",
+        gateway={
+            "admin_keys": [{"id": "auditor", "hash": hasher.hash(READER), "role": "read-only"}],
+            "redis_url": redis_url,
+            "redis_prefix": redis_prefix,
+            "redis_timeout_s": 2.0,
+        },
+        admission={"enabled": True, "seats": 4},
+        breaker={"deployment": {"open_wait_s": 600, "max_open_wait_s": 600}},
+        metering={"ledger_url": f"sqlite:///{tmp_path / 'ledger.db'}", "request_log": False},
+    )
+    gateway = Gateway(config, upstream_client=client)
+    with serve_in_thread(gateway.asgi_app(), lifespan="on", startup_timeout_s=30) as url:
+        reader = {"authorization": f"Bearer {READER}"}
+        acme = {"authorization": f"Bearer {SUPPORT_KEYS['acme']}"}
+        state = ""
+        for _ in range(40):  # five failures in a row open it; bounded
+            httpx.post(f"{url}/v1/chat/completions", json=chat("gpt-4.1"), headers=acme, timeout=30)
+            live = httpx.get(f"{url}/admin/dashboard/live", headers=reader, timeout=30).json()
+            state = next(c["state"] for c in live["circuits"] if c["key"] == "fake/gpt-4.1")
+            if state == "open":
+                break
+        assert state == "open"
+        watch = open_dashboard(browser, Served(url, [], tmp_path), READER)
+        page = watch.page
+        row = page.locator("#circuits-table tbody tr", has_text="gpt-4.1").first
+        cells = row.locator("td")
+        expect(cells.nth(2)).to_have_text("open")
+        assert 0 < float(str(cells.nth(3).text_content())) <= 600
+        expect(page.locator("#health")).to_contain_text("redis — up")
+        pools = page.locator("#pools-table tbody tr")
+        assert pools.count() >= 1
+        assert pools.first.locator("td").nth(1).text_content() == "4"
+        assert number(kpi(page, "open-circuits")) >= 1
+        assert not watch.problems, watch.problems
+        page.close()
 
 
 def test_committed_screenshots_exist() -> None:
