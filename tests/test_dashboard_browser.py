@@ -13,6 +13,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import random
 import re
 import time
@@ -27,6 +28,7 @@ import httpx
 import pytest
 
 from tenantware import Gateway, HttpxUpstreamClient, KeyHasher
+from tenantware.metering.billing import NOT_BILLED
 from tenantware.metering.ledger import SqliteLedger, UsageRecord
 from tenantware.testing.serve import serve_in_thread
 from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig
@@ -343,6 +345,11 @@ def money(records: list[UsageRecord]) -> str:
     return f"{usd:,}"
 
 
+def nearest_rank(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
 def usd(nanousd: int) -> str:
     """Nano-USD as the page prints it (6 decimals, rounded half up)."""
     value = (Decimal(nanousd) / 10**9).quantize(Decimal("1e-6"), ROUND_HALF_UP)
@@ -440,6 +447,23 @@ def test_tenant_view_shows_the_ledgers_numbers_and_nothing_of_other_tenants(
     assert EVIL_CENTER in (page.locator("#centers-table").text_content() or "")
     assert page.evaluate("window.__pwned") is None
     assert page.locator("#board img, #board b, #who script").count() == 0
+    # Latency and first token: the ledger's nearest-rank percentiles over the calls that were
+    # not refused, to their latency bucket (within 5 %, docs/metering.md) and the display's
+    # millisecond; the longest queue wait.
+    timed = [r for r in mine if r.outcome not in NOT_BILLED]
+    for name, values in (
+        ("p50", [r.latency_s for r in timed]),
+        ("p99", [r.latency_s for r in timed]),
+        ("ttft-p50", [r.ttft_s for r in timed if r.ttft_s is not None]),
+        ("ttft-p99", [r.ttft_s for r in timed if r.ttft_s is not None]),
+    ):
+        exact = nearest_rank(values, 0.99 if name.endswith("p99") else 0.50)
+        shown = float(kpi(page, name))
+        assert abs(shown - exact) <= 0.05 * exact + 0.0005, (name, shown, exact)
+    assert float(kpi(page, "queue-wait")) == round(max(r.queue_wait_s for r in mine), 3)
+    # Per cost center: the ledger's counts.
+    centers = page.locator("#centers-table tbody tr", has_text=EVIL_CENTER).locator("td")
+    assert number(str(centers.nth(1).text_content())) == len(mine)
     # The outcomes: the ledger's counts, by outcome.
     outcomes = page.locator("#outcomes-table tbody tr")
     failed = sum(r.outcome in ("upstream_error", "upstream_timeout", "error") for r in mine)
@@ -503,6 +527,12 @@ def test_operator_view_every_tenant_live_state_and_csv(browser: Any, served: Ser
     assert kpi(page, "spend") == money(served.records)
     rows = page.locator("#tenants-table tbody tr")
     assert rows.count() == 3
+    all_tokens = sum(r.input_tokens + r.output_tokens for r in served.records)
+    tier_of = {"acme": "enterprise", "hobby": "free", "beta": "pro"}
+    tiers = httpx.get(
+        f"{served.url}/admin/tiers", headers={"authorization": f"Bearer {READER}"}, timeout=30
+    ).json()["data"]
+    tier_weights = {t["id"]: t["weight"] for t in tiers}
     for tenant in ("acme", "hobby", "beta"):
         cells = rows.filter(has=page.locator("td", has_text=re.compile(f"^{tenant}$"))).locator(
             "td"
@@ -514,6 +544,12 @@ def test_operator_view_every_tenant_live_state_and_csv(browser: Any, served: Ser
             for r in mine
         )
         assert number(str(cells.nth(8).text_content())) == refused
+        # Share of the upstream's capacity used (tokens) against the share by weight.
+        tokens = sum(r.input_tokens + r.output_tokens for r in mine)
+        assert str(cells.nth(4).text_content()).strip() == f"{100 * tokens / all_tokens:.1f}%"
+        weight = tier_weights[tier_of[tenant]]
+        expected = 100 * weight / sum(tier_weights[t] for t in tier_of.values())
+        assert str(cells.nth(5).text_content()).strip() == f"{expected:.1f}%"
     limited = sum(r.outcome == "rejected_quota" for r in served.records)
     # beta went over 3 requests a minute
     assert any(r.outcome == "rejected_quota" for r in served.served_by_gateway("beta"))
