@@ -48,7 +48,7 @@ KEYS = {"acme": "sk-dash-acme", "hobby": "sk-dash-hobby", "beta": "sk-dash-beta"
 #: Tenant-supplied strings the page must show as text, never run or parse as markup.
 EVIL_NAME = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned=2">Acme'
 EVIL_CENTER = "<b>research</b>"
-OTHER_TENANTS = ("hobby", "beta", "Hobby Ltd", "Beta Labs")
+OTHER_TENANTS = ("hobby", "beta", "Hobby Ltd", "Beta Labs", "idle", "Idle Inc")
 #: Migration trials: acme's claude requests are copied to ``relay`` (shadow); hobby's gemini
 #: requests are served by ``relay-canary`` (canary, every one); ``relay-old`` has shares 0.
 CANDIDATES = ("relay", "relay-canary", "relay-old")
@@ -98,6 +98,7 @@ def dashboard_config(upstream_url: str, ledger: Path) -> Any:
             "limits": {"requests_per_minute": 3, "burst_multiplier": 1},
             "keys": [{"id": "beta-1", "hash": hasher.hash(KEYS["beta"])}],
         },
+        {"id": "idle", "name": "Idle Inc", "tier": "free", "keys": []},  # no traffic
     ]
     relay = upstream_url.replace("upstream.test", "relay.test")
     return make_config(
@@ -526,7 +527,9 @@ def test_operator_view_every_tenant_live_state_and_csv(browser: Any, served: Ser
     assert number(kpi(page, "requests")) == len(served.records)
     assert kpi(page, "spend") == money(served.records)
     rows = page.locator("#tenants-table tbody tr")
-    assert rows.count() == 3
+    assert rows.count() == 4  # every tenant, the one without traffic too
+    idle = rows.filter(has=page.locator("td", has_text=re.compile("^idle$"))).locator("td")
+    assert (idle.nth(0).text_content(), idle.nth(2).text_content()) == ("Idle Inc", "0")
     all_tokens = sum(r.input_tokens + r.output_tokens for r in served.records)
     tier_of = {"acme": "enterprise", "hobby": "free", "beta": "pro"}
     tiers = httpx.get(

@@ -424,23 +424,30 @@
     };
     const tokens = view.totals.reduce((n, r) => n + r.input_tokens + r.output_tokens, 0) || 1;
     const weights = view.totals.reduce((n, r) => n + weightOf(r.tenant), 0) || 1;
+    // Every tenant, those without traffic in the range too (they compete for nothing, so
+    // they have no share by weight).
+    const active = new Set(view.totals.map((r) => r.tenant));
+    const idle = listed.filter((t) => !active.has(t.id) && (!view.tenant || t.id === view.tenant));
     table(
       "tenants-table",
       [["Tenant", false, "name"], ["Id", false, "name"], ["Requests", true], ["Spend", true], ["Share of tokens", false], ["Share by weight", false], ["p99 s", true], ["Error rate", true], ["Refusals", true]],
-      view.totals.map((r) => {
-        const t = byId.get(r.tenant) || {};
-        return [
-          t.name || r.tenant,
-          r.tenant,
-          int(r.requests),
-          r.charged,
-          meter((r.input_tokens + r.output_tokens) / tokens, "Share of tokens"),
-          meter(weightOf(r.tenant) / weights, "Share by weight"),
-          secs(r.latency_p99_s),
-          pct(r.error_rate),
-          int(r.rate_limited + r.queue_rejections + r.breaker_rejections),
-        ];
-      }),
+      [
+        ...view.totals.map((r) => {
+          const t = byId.get(r.tenant) || {};
+          return [
+            t.name || r.tenant,
+            r.tenant,
+            int(r.requests),
+            r.charged,
+            meter((r.input_tokens + r.output_tokens) / tokens, "Share of tokens"),
+            meter(weightOf(r.tenant) / weights, "Share by weight"),
+            secs(r.latency_p99_s),
+            pct(r.error_rate),
+            int(r.rate_limited + r.queue_rejections + r.breaker_rejections),
+          ];
+        }),
+        ...idle.map((t) => [t.name || t.id, t.id, "0", money(0n), meter(0, "Share of tokens"), "–", "–", "–", "0"]),
+      ],
     );
     table(
       "circuits-table",
