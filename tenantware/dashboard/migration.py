@@ -29,31 +29,63 @@ class MigrationSource:
         self.book = book
         self.rolled_back = rolled_back
 
+    def snapshot(self) -> MigrationSource:
+        """A copy of the book and the rollbacks as they are now (a quick copy, in the event
+        loop), so the view can be computed in a worker thread while the runner goes on
+        adding to the book."""
+        entries = list(self.book.entries)
+        book = ComparisonBook(max(1, len(entries)))
+        book.entries.extend(entries)
+        book.dropped.update(self.book.dropped)
+        rolled = tuple(self.rolled_back())
+        return MigrationSource(book, lambda: rolled)
+
+
+class _Bucket:
+    """Sums of one trial over one period, filled in one pass over the comparisons."""
+
+    __slots__ = ("canaries", "errors", "latencies", "primary_errors", "primary_latencies")
+
+    def __init__(self) -> None:
+        self.canaries = self.errors = self.primary_errors = 0
+        self.latencies: list[float] = []
+        self.primary_latencies: list[float] = []
+
 
 def _series(
     entries: Iterable[Comparison], since: float, until: float, period: Period, width: int
 ) -> list[TrialPoint]:
-    groups: dict[tuple[str, int], list[Comparison]] = {}
+    buckets: dict[tuple[str, int], _Bucket] = {}
     for entry in entries:
-        if since <= entry.ts < until:
-            bucket = int(entry.ts // width) * width
-            groups.setdefault((entry.trial, bucket), []).append(entry)
-    points = []
-    for (trial, bucket), calls in sorted(groups.items()):
-        shadows = [c for c in calls if c.kind == "shadow"]
-        points.append(
-            TrialPoint(
-                trial=trial,
-                period=period_label(bucket, period),
-                shadow_requests=len(shadows),
-                canary_requests=len(calls) - len(shadows),
-                errors=sum(c.outcome != "ok" for c in calls),
-                primary_errors=sum(c.primary_outcome != "ok" for c in shadows),
-                latency_p99_s=percentile([c.latency_s for c in calls], 0.99),
-                primary_latency_p99_s=percentile([c.primary_latency_s for c in shadows], 0.99),
-            )
+        ts = entry.ts
+        if not since <= ts < until:
+            continue
+        key = (entry.trial, int(ts // width) * width)
+        bucket = buckets.get(key)
+        if bucket is None:
+            bucket = buckets[key] = _Bucket()
+        bucket.latencies.append(entry.latency_s)
+        if entry.outcome != "ok":
+            bucket.errors += 1
+        if entry.kind == "shadow":
+            bucket.primary_latencies.append(entry.primary_latency_s)
+            if entry.primary_outcome != "ok":
+                bucket.primary_errors += 1
+        else:
+            bucket.canaries += 1
+    return [
+        TrialPoint(
+            trial=trial,
+            period=period_label(start, period),
+            shadow_requests=len(bucket.primary_latencies),
+            canary_requests=bucket.canaries,
+            errors=bucket.errors,
+            primary_errors=bucket.primary_errors,
+            latency_p99_s=percentile(bucket.latencies, 0.99),
+            primary_latency_p99_s=percentile(bucket.primary_latencies, 0.99),
         )
-    return points
+        for (trial, start), bucket in sorted(buckets.items())
+    ]
 
 
 def migration_view(
