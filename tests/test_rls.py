@@ -28,6 +28,7 @@ PROTECTED = (
     "usage_records",
     "usage_hourly",
     "usage_daily_latency",
+    "usage_hourly_latency",
     "audit_log",
     "tenant_keys",
     "request_logs",

@@ -41,9 +41,12 @@ from tenantware.metering.ledger.record import COLUMNS, UsageRecord
 from tenantware.metering.ledger.rls import MIGRATION_LOCK, bind_tenant, create_function, protect
 from tenantware.metering.ledger.rollup import (
     BACKFILL,
+    BACKFILL_HOURLY_LATENCY,
+    CREATE_HOURLY_LATENCY,
     CREATE_TABLES,
     DAILY_LATENCY,
     HOURLY,
+    HOURLY_LATENCY,
     add_to_rollups,
     combine,
     statements,
@@ -98,6 +101,14 @@ _PROTECT_TABLES: Final = ("SELECT 'tenantware: row-level security'",)
 #: (marked by identity).
 _ROLL_UP: Final = ("LOCK TABLE {t} IN SHARE MODE", *CREATE_TABLES, *BACKFILL)
 
+#: The hourly latency histograms (reports by hour, and the whole hours of partial days),
+#: filled and protected like the roll-ups above.
+_HOURLY_HISTOGRAMS: Final = (
+    "LOCK TABLE {t} IN SHARE MODE",
+    CREATE_HOURLY_LATENCY,
+    *BACKFILL_HOURLY_LATENCY,
+)
+
 #: Each migration is a list of statements; ``{t}`` is the qualified table name.
 _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     (
@@ -145,6 +156,7 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     # Redemption codes stay outside it: a code any tenant may redeem has no tenant.
     _PROTECT_TABLES,
     _ROLL_UP,
+    _HOURLY_HISTOGRAMS,
 )
 
 
@@ -212,6 +224,7 @@ class PostgresLedger:
         self._table_name = table
         self._hourly = sql.Identifier(schema, HOURLY)
         self._daily_latency = sql.Identifier(schema, DAILY_LATENCY)
+        self._hourly_latency = sql.Identifier(schema, HOURLY_LATENCY)
         self._audit = sql.Identifier(schema, "audit_log")
         self._versions = sql.Identifier(schema, "tenantware_schema")
         self._journal = sql.Identifier(schema, "balance_journal")
@@ -253,7 +266,14 @@ class PostgresLedger:
             add_to_rollups(
                 "INSERT INTO {t} ({c}) SELECT * FROM unnest({a}) ON CONFLICT (record_id) DO NOTHING"
             )
-        ).format(t=self._table, c=columns, a=arrays, h=self._hourly, l=self._daily_latency)
+        ).format(
+            t=self._table,
+            c=columns,
+            a=arrays,
+            h=self._hourly,
+            l=self._daily_latency,
+            hl=self._hourly_latency,
+        )
         self._select = sql.SQL("SELECT {c} FROM {t}").format(c=columns, t=self._table)
         audit_columns = sql.SQL(", ").join(sql.Identifier(name) for name in AUDIT_COLUMNS)
         self._insert_audit = sql.SQL(
@@ -321,6 +341,7 @@ class PostgresLedger:
                             f=self._append_only,
                             h=self._hourly,
                             l=self._daily_latency,
+                            hl=self._hourly_latency,
                         )
                     )
                 if _MIGRATIONS[number] is _PROTECT_TABLES:
@@ -331,6 +352,8 @@ class PostgresLedger:
                 if _MIGRATIONS[number] is _ROLL_UP:
                     protect(conn, self._schema, HOURLY)
                     protect(conn, self._schema, DAILY_LATENCY)
+                if _MIGRATIONS[number] is _HOURLY_HISTOGRAMS:
+                    protect(conn, self._schema, HOURLY_LATENCY)
                 conn.execute(
                     sql.SQL("INSERT INTO {} (version) VALUES (%s)").format(self._versions),
                     (number + 1,),
@@ -472,11 +495,18 @@ class PostgresLedger:
             rows = self._run(self._aggregate, statement, _arguments(query))
             tallies = (tally_from_row(_flatten(tuple(row))) for row in rows)
             return coarsen(sorted_tallies(tallies), query)
+        days = periods["first_day"] < periods["end_day"]
         totals, histograms = (
             sql.SQL(text).format(
-                t=self._table, h=self._hourly, l=self._daily_latency, tenant=tenant
+                t=self._table,
+                h=self._hourly,
+                l=self._daily_latency,
+                hl=self._hourly_latency,
+                tenant=tenant,
             )
-            for text in statements(_bucket(query, "hour"), sql_group(query.by), tenant="{tenant}")
+            for text in statements(
+                _bucket(query, "hour"), sql_group(query.by), tenant="{tenant}", days=days
+            )
         )
         args = {**_arguments(query), "dim": query.by, **periods}
         return sorted_tallies(self._run(self._roll_up, totals, histograms, args))

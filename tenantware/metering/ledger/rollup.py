@@ -1,22 +1,30 @@
 """Hourly roll-ups of the PostgreSQL ledger, so a month's report reads thousands of rows.
 
-Every batch the ledger stores also adds, in the same statement, to two tables: per tenant,
+Every batch the ledger stores also adds, in the same statement, to three tables: per tenant,
 UTC hour and grouping (``dim``: the tenant as a whole, each model, each cost center), the
-report's exact sums (``usage_hourly``), and how many latencies and times to first token fell
-into each ``histogram`` bucket (``usage_daily_latency``). Only the records the batch really
-inserted count (``RETURNING`` of ``ON CONFLICT DO NOTHING``), so a retried batch is not
-counted twice. A report over whole hours reads these; the part of its range that is not a
-whole hour is read from the records, bucketed alike. Rows are upserted in key order, so two
-writers lock them in the same order.
+report's exact sums (``usage_hourly``) and how many latencies and times to first token fell
+into each ``histogram`` bucket, per hour as one row of two sparse arrays (bucket numbers and
+their counts: ``usage_hourly_latency``) and per day as one row per bucket
+(``usage_daily_latency``). Only the records the batch really inserted count (``RETURNING``
+of ``ON CONFLICT DO NOTHING``), so a retried batch is not counted twice. Rows are upserted
+in key order, so two writers lock them in the same order.
+
+A report reads the sums of its whole hours, the histograms of its whole days and of the whole
+hours outside them, and only the partial hours at its ends from the records, bucketed alike.
+The nearest-rank walk over the histograms is done here, in Python: the database returns one
+row per (tenant, period, group, kind) with its counts, which is cheaper than ranking the
+buckets with window functions (``benchmarks/README.md``, "Third pass").
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from bisect import bisect_left
+from collections.abc import Iterable, Sequence
+from itertools import accumulate
 from typing import Any, Final
 
-from tenantware.metering.ledger.histogram import representative, sql_bucket_index
+from tenantware.metering.ledger.histogram import BUCKETS, representative, sql_bucket_index
 from tenantware.metering.ledger.tally import (
     SQL_REPORTED,
     SQL_SUMS,
@@ -24,14 +32,18 @@ from tenantware.metering.ledger.tally import (
     ReportQuery,
     Tally,
     coarse_percentiles,
+    nearest_rank,
     tally_from_row,
 )
 
 __all__ = [
     "BACKFILL",
+    "BACKFILL_HOURLY_LATENCY",
+    "CREATE_HOURLY_LATENCY",
     "CREATE_TABLES",
     "DAILY_LATENCY",
     "HOURLY",
+    "HOURLY_LATENCY",
     "add_to_rollups",
     "combine",
     "statements",
@@ -40,6 +52,7 @@ __all__ = [
 
 HOURLY: Final = "usage_hourly"
 DAILY_LATENCY: Final = "usage_daily_latency"
+HOURLY_LATENCY: Final = "usage_hourly_latency"
 HOUR: Final = 3600
 DAY: Final = 86_400
 #: An hour after every real one (an open-ended range).
@@ -70,6 +83,14 @@ CREATE_TABLES: Final = (
     + _KEY.format("day")
     + ", kind smallint NOT NULL, bucket smallint NOT NULL, n bigint NOT NULL, "
     "PRIMARY KEY (tenant, dim, day, grp, kind, bucket))",
+)
+#: ``{hl}``: per hour and grouping, the latency and time-to-first-token histograms as sparse
+#: arrays (bucket numbers ascending, their counts; ``NULL`` when the hour had none).
+CREATE_HOURLY_LATENCY: Final = (
+    "CREATE TABLE IF NOT EXISTS {hl} ("
+    + _KEY.format("hour")
+    + ", latency_buckets smallint[], latency_counts bigint[], "
+    "ttft_buckets smallint[], ttft_counts bigint[], PRIMARY KEY (tenant, dim, hour, grp))"
 )
 
 _HOUR_OF_TS: Final = "floor(r.ts)::bigint / 3600 * 3600"
@@ -112,25 +133,64 @@ def _add_latencies(source: str) -> str:
     """
 
 
+def _merged(kind: str) -> str:
+    """The stored and the new sparse histogram of ``kind`` added (an upsert's new value)."""
+    return (
+        "SELECT array_agg(b ORDER BY b), array_agg(n ORDER BY b) FROM ("
+        "SELECT b, sum(n)::bigint AS n FROM unnest("
+        f"l.{kind}_buckets || excluded.{kind}_buckets, l.{kind}_counts || excluded.{kind}_counts"
+        ") AS u(b, n) GROUP BY b) AS m"
+    )
+
+
+def _add_hourly_latencies(source: str) -> str:
+    arrays = ", ".join(
+        f"array_agg(bucket ORDER BY bucket) FILTER (WHERE kind = {kind}), "
+        f"array_agg(n ORDER BY bucket) FILTER (WHERE kind = {kind})"
+        for kind in (0, 1)
+    )
+    return f"""
+    INSERT INTO {{hl}} AS l (tenant, dim, hour, grp, latency_buckets, latency_counts,
+                             ttft_buckets, ttft_counts)
+    SELECT tenant, dim, hour, grp, {arrays}
+    FROM (
+        SELECT r.tenant, d.dim, {_HOUR_OF_TS} AS hour, d.grp, v.kind,
+               ({sql_bucket_index("v.seconds")})::smallint AS bucket, count(*) AS n
+        FROM {source} AS r {_DIMS} {_KINDS}
+        WHERE {_TIMED}
+        GROUP BY 1, 2, 3, 4, 5, 6
+    ) AS c
+    GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
+    ON CONFLICT (tenant, dim, hour, grp) DO UPDATE SET
+        (latency_buckets, latency_counts) = ({_merged("latency")}),
+        (ttft_buckets, ttft_counts) = ({_merged("ttft")})
+    """
+
+
 def add_to_rollups(insert: str) -> str:
     """``insert`` (an ``INSERT ... ON CONFLICT DO NOTHING``) with what it inserted added to
     the roll-ups, as one statement."""
     return (
         f"WITH inserted AS ({insert} RETURNING *), "
-        f"sums AS ({_add_sums('inserted')}) {_add_latencies('inserted')}"
+        f"sums AS ({_add_sums('inserted')}), "
+        f"hourly_latency AS ({_add_hourly_latencies('inserted')}) "
+        f"{_add_latencies('inserted')}"
     )
 
 
 #: The migration's statements: the records already stored (``{t}``), then fresh statistics
 #: (the planner would otherwise take the filled tables for empty ones).
 BACKFILL: Final = (_add_sums("{t}"), _add_latencies("{t}"), "ANALYZE {h}", "ANALYZE {l}")
+#: The same for the hourly histograms (a later migration than the other two roll-ups).
+BACKFILL_HOURLY_LATENCY: Final = (_add_hourly_latencies("{t}"), "ANALYZE {hl}")
 
 
 def whole_periods(query: ReportQuery) -> dict[str, int] | None:
-    """The whole hours ``[first, end)`` and whole days ``[first_day, end_day)`` of the range
-    the roll-ups answer for, or ``None`` when the records must answer (a short range, a
-    report by minute or hour, no whole hour)."""
-    if query.period in ("minute", "hour") or not coarse_percentiles(query):
+    """The whole hours ``[first, end)`` and, within them, the whole days ``[first_day,
+    end_day)`` of the range the roll-ups answer for (no days by hour, or when the range holds
+    none: ``first_day == end_day``), or ``None`` when the records must answer (a short range,
+    a report by minute, no whole hour)."""
+    if query.period == "minute" or not coarse_percentiles(query):
         return None
     since = math.ceil(query.since)
     until = _NO_END if query.until is None else math.floor(query.until)
@@ -138,28 +198,23 @@ def whole_periods(query: ReportQuery) -> dict[str, int] | None:
     if end <= first:
         return None
     first_day, end_day = -(-since // DAY) * DAY, until // DAY * DAY
-    if end_day <= first_day:
+    if query.period == "hour" or end_day <= first_day:
         first_day = end_day = first
     return {"first": first, "end": end, "first_day": first_day, "end_day": end_day}
 
 
-def _rank(q: float) -> str:
-    return f"greatest(1, ceil({q!r}::double precision * total::double precision))"
-
-
-def statements(bucket_of_hour: str, group: str, tenant: str) -> tuple[str, str]:
-    """The sums and the histograms of a report, each per (tenant, period, group): roll-up
-    rows of the whole hours (days) plus records of the rest of the range (``%(...)s``
-    parameters: ``dim``, ``since``, ``until``, ``tenant`` and those of ``whole_periods``)."""
+def statements(bucket_of_hour: str, group: str, tenant: str, *, days: bool) -> tuple[str, str]:
+    """The sums and the histograms of a report (``%(...)s`` parameters: ``dim``, ``since``,
+    ``until``, ``tenant`` and those of ``whole_periods``; ``days``: whether it has whole
+    days). Sums: one row per (tenant, period, group), from the roll-up rows of the whole hours
+    plus the records of the partial ones. Histograms: rows of (tenant, period, group, kind,
+    bucket numbers, counts), from the daily rows of the whole days and the records of the
+    partial hours (summed per bucket here), and from each whole hour outside the whole days
+    as stored; ``combine`` adds the rows of one key."""
     rolled = "dim = %(dim)s AND hour >= %(first)s AND hour < %(end)s " + tenant
     edges = (
         "((r.ts >= %(since)s AND r.ts < %(first)s) OR (r.ts >= %(end)s AND r.ts < %(until)s)) "
         + tenant
-    )
-    days = "dim = %(dim)s AND day >= %(first_day)s AND day < %(end_day)s " + tenant
-    day_edges = (
-        "((r.ts >= %(since)s AND r.ts < %(first_day)s) "
-        "OR (r.ts >= %(end_day)s AND r.ts < %(until)s)) " + tenant
     )
     sums = ", ".join(f"sum({name})" for name in _SUM_COLUMNS)
     totals = f"""
@@ -174,49 +229,76 @@ def statements(bucket_of_hour: str, group: str, tenant: str) -> tuple[str, str]:
     ) AS part
     GROUP BY 1, 2, 3
     """
-    # The histogram per (tenant, period, group, kind), then the buckets the nearest ranks
-    # fall in (``nearest_rank`` in the same float arithmetic): one row per figure.
+    whole_days = (
+        "SELECT tenant, day AS hour, grp, kind, bucket AS b, n FROM {l} "
+        "WHERE dim = %(dim)s AND day >= %(first_day)s AND day < %(end_day)s "
+        + tenant
+        + " UNION ALL"
+        if days
+        else ""
+    )
+    hours = (
+        "dim = %(dim)s AND ((hour >= %(first)s AND hour < %(first_day)s) "
+        "OR (hour >= %(end_day)s AND hour < %(end)s)) " + tenant
+    )
     histograms = f"""
-    WITH counts AS (
+    SELECT tenant, bucket, grp, kind, array_agg(b ORDER BY b), array_agg(n ORDER BY b)
+    FROM (
         SELECT tenant COLLATE "C" AS tenant, {bucket_of_hour} AS bucket, grp COLLATE "C" AS grp,
-               kind, bucket_index, sum(n) AS n
+               kind, b, sum(n)::bigint AS n
         FROM (
-            SELECT tenant, day AS hour, grp, kind, bucket AS bucket_index, n
-            FROM {{l}} WHERE {days}
-            UNION ALL
-            SELECT r.tenant, {_HOUR_OF_TS}, {group}, v.kind, {sql_bucket_index("v.seconds")},
-                   count(*)
-            FROM {{t}} AS r {_KINDS} WHERE {day_edges} AND {_TIMED} GROUP BY 1, 2, 3, 4, 5
+            {whole_days}
+            SELECT r.tenant, {_HOUR_OF_TS} AS hour, {group} AS grp, v.kind,
+                   ({sql_bucket_index("v.seconds")})::smallint AS b, count(*) AS n
+            FROM {{t}} AS r {_KINDS} WHERE {edges} AND {_TIMED} GROUP BY 1, 2, 3, 4, 5
         ) AS part
         GROUP BY 1, 2, 3, 4, 5
-    ), ranked AS (
-        SELECT *, sum(n) OVER (w ORDER BY bucket_index) AS seen, sum(n) OVER w AS total
-        FROM counts WINDOW w AS (PARTITION BY tenant, bucket, grp, kind)
-    )
-    SELECT tenant, bucket, grp, kind,
-           min(bucket_index) FILTER (WHERE seen >= {_rank(0.5)}),
-           min(bucket_index) FILTER (WHERE seen >= {_rank(0.99)})
-    FROM ranked GROUP BY 1, 2, 3, 4
+    ) AS counts
+    GROUP BY 1, 2, 3, 4
+    UNION ALL
+    SELECT tenant, {bucket_of_hour}, grp, v.kind, v.buckets, v.counts
+    FROM {{hl}} CROSS JOIN LATERAL (VALUES (0::smallint, latency_buckets, latency_counts),
+        (1::smallint, ttft_buckets, ttft_counts)) AS v(kind, buckets, counts)
+    WHERE {hours} AND v.buckets IS NOT NULL
     """
     return totals, histograms
 
 
+Histogram = tuple[Sequence[int], Sequence[int]]
+
+
+def ranked_buckets(pieces: Sequence[Histogram]) -> tuple[int, int]:
+    """The buckets the p50 and p99 nearest ranks fall in, over the sum of ``pieces`` (each
+    bucket numbers ascending and their counts, at least one count)."""
+    if len(pieces) == 1:
+        buckets, counts = pieces[0]
+    else:
+        dense = [0] * BUCKETS
+        for numbers, found in pieces:
+            for number, n in zip(numbers, found, strict=True):
+                dense[number] += n
+        buckets, counts = range(BUCKETS), dense
+    seen = list(accumulate(counts))
+    p50, p99 = (bisect_left(seen, nearest_rank(seen[-1], q)) for q in (0.5, 0.99))
+    return buckets[p50], buckets[p99]
+
+
 def combine(
-    totals: Iterable[tuple[Any, ...]], percentiles: Iterable[tuple[Any, ...]]
+    totals: Iterable[tuple[Any, ...]], histograms: Iterable[tuple[Any, ...]]
 ) -> list[Tally]:
     """Tallies from the rows of ``statements``: a percentile is reported as the
     representative of the bucket its nearest rank falls in."""
-    found = {
-        (str(tenant), int(bucket), str(group), int(kind)): (p50, p99)
-        for tenant, bucket, group, kind, p50, p99 in percentiles
-    }
+    found: dict[tuple[str, int, str, int], list[Histogram]] = {}
+    for tenant, bucket, group, kind, buckets, counts in histograms:
+        key = (str(tenant), int(bucket), str(group), int(kind))
+        found.setdefault(key, []).append((buckets, counts))
     rows = []
     for row in totals:
         tally = tally_from_row((*row, None, None, None, None))
         key = (tally.tenant, tally.bucket, tally.group)
         if (latency := found.get((*key, 0))) is not None:
-            tally.latency_p50_s, tally.latency_p99_s = (representative(i) for i in latency)
+            tally.latency_p50_s, tally.latency_p99_s = map(representative, ranked_buckets(latency))
         if (ttft := found.get((*key, 1))) is not None:
-            tally.ttft_p50_s, tally.ttft_p99_s = (representative(i) for i in ttft)
+            tally.ttft_p50_s, tally.ttft_p99_s = map(representative, ranked_buckets(ttft))
         rows.append(tally)
     return rows
