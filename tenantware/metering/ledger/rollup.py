@@ -290,8 +290,8 @@ def combine(
     representative of the bucket its nearest rank falls in."""
     found: dict[tuple[str, int, str, int], list[Histogram]] = {}
     for tenant, bucket, group, kind, buckets, counts in histograms:
-        key = (str(tenant), int(bucket), str(group), int(kind))
-        found.setdefault(key, []).append((buckets, counts))
+        piece = (str(tenant), int(bucket), str(group), int(kind))
+        found.setdefault(piece, []).append((buckets, counts))
     rows = []
     for row in totals:
         tally = tally_from_row((*row, None, None, None, None))
