@@ -137,7 +137,7 @@ EDGE_QUERIES = [
     ReportQuery(tenant="beta", since=START + 7200.5, until=START + 20 * 86_400 - 60, period="hour"),
     ReportQuery(
         since=START + 5 * 86_400 - 1, until=START + 26 * 86_400 + 1, period="hour", by="cost_center"
-    ),  # fmt: skip
+    ),
     ReportQuery(since=START + 0.5, until=START + 7200.5, period="hour", by="model"),
     ReportQuery(tenant="<script>x</script>", period="hour", by="model"),
     ReportQuery(since=START + 86_400 + 1234.5, period="all", by="cost_center"),
