@@ -203,32 +203,40 @@ def whole_periods(query: ReportQuery) -> dict[str, int] | None:
     return {"first": first, "end": end, "first_day": first_day, "end_day": end_day}
 
 
-def statements(bucket_of_hour: str, group: str, tenant: str, *, days: bool) -> tuple[str, str]:
+def statements(
+    bucket_of_hour: str, group: str, tenant: str, *, days: bool, by_hour: bool
+) -> tuple[str, str]:
     """The sums and the histograms of a report (``%(...)s`` parameters: ``dim``, ``since``,
     ``until``, ``tenant`` and those of ``whole_periods``; ``days``: whether it has whole
-    days). Sums: one row per (tenant, period, group), from the roll-up rows of the whole hours
-    plus the records of the partial ones. Histograms: rows of (tenant, period, group, kind,
-    bucket numbers, counts), from the daily rows of the whole days and the records of the
-    partial hours (summed per bucket here), and from each whole hour outside the whole days
-    as stored; ``combine`` adds the rows of one key."""
+    days; ``by_hour``: whether its periods are hours). Sums: one row per (tenant, period,
+    group), from the roll-up rows of the whole hours plus the records of the partial ones
+    (by hour, the rows as stored: no two of them share a period). Histograms: rows of
+    (tenant, period, group, kind, bucket numbers, counts), from the daily rows of the whole
+    days and the records of the partial hours (summed per bucket here), and from each whole
+    hour outside the whole days as stored; ``combine`` adds the rows of one key."""
     rolled = "dim = %(dim)s AND hour >= %(first)s AND hour < %(end)s " + tenant
     edges = (
         "((r.ts >= %(since)s AND r.ts < %(first)s) OR (r.ts >= %(end)s AND r.ts < %(until)s)) "
         + tenant
     )
-    sums = ", ".join(f"sum({name})" for name in _SUM_COLUMNS)
-    totals = f"""
-    SELECT tenant COLLATE "C", {bucket_of_hour} AS bucket, grp COLLATE "C", {sums},
-           max(queue_wait_max)
-    FROM (
+    parts = f"""
         SELECT tenant, hour, grp, {", ".join(_SUM_COLUMNS)}, queue_wait_max
         FROM {{h}} WHERE {rolled}
         UNION ALL
         SELECT r.tenant, {_HOUR_OF_TS}, {group}, {SQL_SUMS}, max(r.queue_wait_s)
         FROM {{t}} AS r WHERE {edges} AND {SQL_REPORTED} GROUP BY 1, 2, 3
-    ) AS part
+    """
+    sums = ", ".join(f"sum({name})" for name in _SUM_COLUMNS)
+    totals = (
+        parts
+        if by_hour
+        else f"""
+    SELECT tenant COLLATE "C", {bucket_of_hour} AS bucket, grp COLLATE "C", {sums},
+           max(queue_wait_max)
+    FROM ({parts}) AS part
     GROUP BY 1, 2, 3
     """
+    )
     whole_days = (
         "SELECT tenant, day AS hour, grp, kind, bucket AS b, n FROM {l} "
         "WHERE dim = %(dim)s AND day >= %(first_day)s AND day < %(end_day)s "
@@ -265,6 +273,8 @@ def statements(bucket_of_hour: str, group: str, tenant: str, *, days: bool) -> t
 
 
 Histogram = tuple[Sequence[int], Sequence[int]]
+#: ``representative`` of every bucket, computed once.
+_REPORTED: Final = tuple(representative(i) for i in range(BUCKETS))
 
 
 def ranked_buckets(pieces: Sequence[Histogram]) -> tuple[int, int]:
@@ -279,8 +289,18 @@ def ranked_buckets(pieces: Sequence[Histogram]) -> tuple[int, int]:
                 dense[number] += n
         buckets, counts = range(BUCKETS), dense
     seen = list(accumulate(counts))
-    p50, p99 = (bisect_left(seen, nearest_rank(seen[-1], q)) for q in (0.5, 0.99))
-    return buckets[p50], buckets[p99]
+    total = seen[-1]
+    return (
+        buckets[bisect_left(seen, nearest_rank(total, 0.5))],
+        buckets[bisect_left(seen, nearest_rank(total, 0.99))],
+    )
+
+
+def _percentiles(pieces: Sequence[Histogram] | None) -> tuple[float | None, float | None]:
+    if pieces is None:
+        return None, None
+    p50, p99 = ranked_buckets(pieces)
+    return _REPORTED[p50], _REPORTED[p99]
 
 
 def combine(
@@ -288,17 +308,20 @@ def combine(
 ) -> list[Tally]:
     """Tallies from the rows of ``statements``: a percentile is reported as the
     representative of the bucket its nearest rank falls in."""
-    found: dict[tuple[str, int, str, int], list[Histogram]] = {}
+    found: dict[tuple[Any, ...], list[Histogram]] = {}
     for tenant, bucket, group, kind, buckets, counts in histograms:
-        piece = (str(tenant), int(bucket), str(group), int(kind))
-        found.setdefault(piece, []).append((buckets, counts))
-    rows = []
-    for row in totals:
-        tally = tally_from_row((*row, None, None, None, None))
-        key = (tally.tenant, tally.bucket, tally.group)
-        if (latency := found.get((*key, 0))) is not None:
-            tally.latency_p50_s, tally.latency_p99_s = map(representative, ranked_buckets(latency))
-        if (ttft := found.get((*key, 1))) is not None:
-            tally.ttft_p50_s, tally.ttft_p99_s = map(representative, ranked_buckets(ttft))
-        rows.append(tally)
-    return rows
+        key = (tenant, bucket, group, kind)
+        if (pieces := found.get(key)) is None:
+            found[key] = [(buckets, counts)]
+        else:
+            pieces.append((buckets, counts))
+    return [
+        tally_from_row(
+            (
+                *row,
+                *_percentiles(found.get((row[0], row[1], row[2], 0))),
+                *_percentiles(found.get((row[0], row[1], row[2], 1))),
+            )
+        )
+        for row in totals
+    ]
