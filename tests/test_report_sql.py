@@ -28,7 +28,7 @@ from tenantware.metering.ledger.histogram import (
     sql_bucket_index,
 )
 from tenantware.metering.ledger.postgres import _MIGRATIONS, _ROLL_UP, PostgresLedger
-from tenantware.metering.ledger.rollup import DAILY_LATENCY, HOURLY, HOURLY_LATENCY
+from tenantware.metering.ledger.rollup import DAILY_HISTOGRAMS, HOURLY, HOURLY_HISTOGRAMS
 from tenantware.metering.ledger.tally import (
     DIMENSIONS,
     PERIODS,
@@ -238,7 +238,7 @@ def test_postgresql_and_python_put_a_value_in_the_same_bucket(postgres_url: str)
     assert found == [bucket_index(v) for v in values]
 
 
-ROLL_UPS = (HOURLY, DAILY_LATENCY, HOURLY_LATENCY)
+ROLL_UPS = (HOURLY, HOURLY_HISTOGRAMS, DAILY_HISTOGRAMS)
 
 
 async def test_the_roll_up_migration_counts_the_records_already_stored(
@@ -248,8 +248,9 @@ async def test_the_roll_up_migration_counts_the_records_already_stored(
     ledger = PostgresLedger(postgres_url, schema=postgres_schema)
     await ledger.write(records)
     await ledger.aclose()
-    # As if the records had been stored before the roll-ups existed (both migrations that
-    # add them run again, each filling its tables from the records).
+    # As if the records had been stored before the roll-ups existed: both migrations that
+    # add them run again (the first fills its tables from the records, the second its hourly
+    # histograms from the records and its daily ones from the first's per-bucket rows).
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         for table in ROLL_UPS:
             conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(postgres_schema, table)))

@@ -27,8 +27,8 @@ pytestmark = pytest.mark.anyio
 PROTECTED = (
     "usage_records",
     "usage_hourly",
-    "usage_daily_latency",
-    "usage_hourly_latency",
+    "usage_hourly_histograms",
+    "usage_daily_histograms",
     "audit_log",
     "tenant_keys",
     "request_logs",

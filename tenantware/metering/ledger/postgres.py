@@ -42,12 +42,12 @@ from tenantware.metering.ledger.record import COLUMNS, UsageRecord
 from tenantware.metering.ledger.rls import MIGRATION_LOCK, bind_tenant, create_function, protect
 from tenantware.metering.ledger.rollup import (
     BACKFILL,
-    BACKFILL_HOURLY_LATENCY,
-    CREATE_HOURLY_LATENCY,
     CREATE_TABLES,
+    DAILY_HISTOGRAMS,
     DAILY_LATENCY,
+    HISTOGRAMS,
     HOURLY,
-    HOURLY_LATENCY,
+    HOURLY_HISTOGRAMS,
     add_to_rollups,
     combine,
     statements,
@@ -102,13 +102,10 @@ _PROTECT_TABLES: Final = ("SELECT 'tenantware: row-level security'",)
 #: (marked by identity).
 _ROLL_UP: Final = ("LOCK TABLE {t} IN SHARE MODE", *CREATE_TABLES, *BACKFILL)
 
-#: The hourly latency histograms (reports by hour, and the whole hours of partial days),
-#: filled and protected like the roll-ups above.
-_HOURLY_HISTOGRAMS: Final = (
-    "LOCK TABLE {t} IN SHARE MODE",
-    CREATE_HOURLY_LATENCY,
-    *BACKFILL_HOURLY_LATENCY,
-)
+#: The latency histograms as arrays, one row per hour and per day (reports by hour, and the
+#: whole hours of partial days; a day's counts in one row instead of one per bucket), filled
+#: (the daily ones from the rows they replace) and protected like the roll-ups above.
+_HISTOGRAMS: Final = ("LOCK TABLE {t} IN SHARE MODE", *HISTOGRAMS)
 
 #: Each migration is a list of statements; ``{t}`` is the qualified table name.
 _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
@@ -157,7 +154,7 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     # Redemption codes stay outside it: a code any tenant may redeem has no tenant.
     _PROTECT_TABLES,
     _ROLL_UP,
-    _HOURLY_HISTOGRAMS,
+    _HISTOGRAMS,
 )
 
 
@@ -225,7 +222,8 @@ class PostgresLedger:
         self._table_name = table
         self._hourly = sql.Identifier(schema, HOURLY)
         self._daily_latency = sql.Identifier(schema, DAILY_LATENCY)
-        self._hourly_latency = sql.Identifier(schema, HOURLY_LATENCY)
+        self._hourly_histograms = sql.Identifier(schema, HOURLY_HISTOGRAMS)
+        self._daily_histograms = sql.Identifier(schema, DAILY_HISTOGRAMS)
         self._audit = sql.Identifier(schema, "audit_log")
         self._versions = sql.Identifier(schema, "tenantware_schema")
         self._journal = sql.Identifier(schema, "balance_journal")
@@ -272,8 +270,8 @@ class PostgresLedger:
             c=columns,
             a=arrays,
             h=self._hourly,
-            l=self._daily_latency,
-            hl=self._hourly_latency,
+            hh=self._hourly_histograms,
+            dh=self._daily_histograms,
         )
         self._select = sql.SQL("SELECT {c} FROM {t}").format(c=columns, t=self._table)
         audit_columns = sql.SQL(", ").join(sql.Identifier(name) for name in AUDIT_COLUMNS)
@@ -342,7 +340,8 @@ class PostgresLedger:
                             f=self._append_only,
                             h=self._hourly,
                             l=self._daily_latency,
-                            hl=self._hourly_latency,
+                            hh=self._hourly_histograms,
+                            dh=self._daily_histograms,
                         )
                     )
                 if _MIGRATIONS[number] is _PROTECT_TABLES:
@@ -353,8 +352,9 @@ class PostgresLedger:
                 if _MIGRATIONS[number] is _ROLL_UP:
                     protect(conn, self._schema, HOURLY)
                     protect(conn, self._schema, DAILY_LATENCY)
-                if _MIGRATIONS[number] is _HOURLY_HISTOGRAMS:
-                    protect(conn, self._schema, HOURLY_LATENCY)
+                if _MIGRATIONS[number] is _HISTOGRAMS:
+                    protect(conn, self._schema, HOURLY_HISTOGRAMS)
+                    protect(conn, self._schema, DAILY_HISTOGRAMS)
                 conn.execute(
                     sql.SQL("INSERT INTO {} (version) VALUES (%s)").format(self._versions),
                     (number + 1,),
@@ -501,12 +501,12 @@ class PostgresLedger:
             sql.SQL(text).format(
                 t=self._table,
                 h=self._hourly,
-                l=self._daily_latency,
-                hl=self._hourly_latency,
+                hh=self._hourly_histograms,
+                dh=self._daily_histograms,
                 tenant=tenant,
             )
             for text in statements(
-                _bucket(query, "hour"),
+                lambda column: _bucket(query, column),
                 sql_group(query.by),
                 tenant="{tenant}",
                 days=days,

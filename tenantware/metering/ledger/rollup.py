@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import accumulate
 from typing import Any, Final
 
@@ -38,12 +38,12 @@ from tenantware.metering.ledger.tally import (
 
 __all__ = [
     "BACKFILL",
-    "BACKFILL_HOURLY_LATENCY",
-    "CREATE_HOURLY_LATENCY",
     "CREATE_TABLES",
+    "DAILY_HISTOGRAMS",
     "DAILY_LATENCY",
+    "HISTOGRAMS",
     "HOURLY",
-    "HOURLY_LATENCY",
+    "HOURLY_HISTOGRAMS",
     "add_to_rollups",
     "combine",
     "statements",
@@ -52,7 +52,8 @@ __all__ = [
 
 HOURLY: Final = "usage_hourly"
 DAILY_LATENCY: Final = "usage_daily_latency"
-HOURLY_LATENCY: Final = "usage_hourly_latency"
+HOURLY_HISTOGRAMS: Final = "usage_hourly_histograms"
+DAILY_HISTOGRAMS: Final = "usage_daily_histograms"
 HOUR: Final = 3600
 DAY: Final = 86_400
 #: An hour after every real one (an open-ended range).
@@ -72,7 +73,8 @@ _SUM_COLUMNS: Final = (
 )
 _KEY: Final = "tenant text NOT NULL, dim text NOT NULL, {} bigint NOT NULL, grp text NOT NULL"
 
-#: ``{h}``, ``{l}``: the two tables. Sums are ``numeric``: an hour's total can never overflow.
+#: ``{h}``, ``{l}``: the first two tables (``{l}``, one row per bucket, is replaced by
+#: ``{dh}`` in a later migration). Sums are ``numeric``: an hour's total can never overflow.
 CREATE_TABLES: Final = (
     "CREATE TABLE IF NOT EXISTS {h} ("
     + _KEY.format("hour")
@@ -84,15 +86,6 @@ CREATE_TABLES: Final = (
     + ", kind smallint NOT NULL, bucket smallint NOT NULL, n bigint NOT NULL, "
     "PRIMARY KEY (tenant, dim, day, grp, kind, bucket))",
 )
-#: ``{hl}``: per hour and grouping, the latency and time-to-first-token histograms as sparse
-#: arrays (bucket numbers ascending, their counts; ``NULL`` when the hour had none).
-CREATE_HOURLY_LATENCY: Final = (
-    "CREATE TABLE IF NOT EXISTS {hl} ("
-    + _KEY.format("hour")
-    + ", latency_buckets smallint[], latency_counts bigint[], "
-    "ttft_buckets smallint[], ttft_counts bigint[], PRIMARY KEY (tenant, dim, hour, grp))"
-)
-
 _HOUR_OF_TS: Final = "floor(r.ts)::bigint / 3600 * 3600"
 _DAY_OF_TS: Final = "floor(r.ts)::bigint / 86400 * 86400"
 _DIMS: Final = (
@@ -133,37 +126,55 @@ def _add_latencies(source: str) -> str:
     """
 
 
-def _merged(kind: str) -> str:
-    """The stored and the new sparse histogram of ``kind`` added (an upsert's new value)."""
+#: The two kinds of histogram: latency (0) and time to first token (1).
+_HISTOGRAM_KINDS: Final = ((0, "latency"), (1, "ttft"))
+#: A histogram row's arrays (bucket numbers ascending, their counts; ``NULL`` when none).
+_ARRAYS: Final = ", ".join(f"{name}_buckets, {name}_counts" for _, name in _HISTOGRAM_KINDS)
+#: The arrays of each kind from rows of ``kind``, ``bucket``, ``n`` (a ``GROUP BY``'s).
+_AGGREGATED: Final = ", ".join(
+    f"array_agg(bucket ORDER BY bucket) FILTER (WHERE kind = {kind}), "
+    f"array_agg(n ORDER BY bucket) FILTER (WHERE kind = {kind})"
+    for kind, _ in _HISTOGRAM_KINDS
+)
+
+
+def _create_histograms(table: str, period: str) -> str:
+    return (
+        f"CREATE TABLE IF NOT EXISTS {{{table}}} ("
+        + _KEY.format(period)
+        + ", latency_buckets smallint[], latency_counts bigint[], "
+        f"ttft_buckets smallint[], ttft_counts bigint[], PRIMARY KEY (tenant, dim, {period}, grp))"
+    )
+
+
+def _merged(name: str) -> str:
+    """The stored and the new sparse histogram added (an upsert's new value)."""
     return (
         "SELECT array_agg(b ORDER BY b), array_agg(n ORDER BY b) FROM ("
         "SELECT b, sum(n)::bigint AS n FROM unnest("
-        f"l.{kind}_buckets || excluded.{kind}_buckets, l.{kind}_counts || excluded.{kind}_counts"
+        f"l.{name}_buckets || excluded.{name}_buckets, l.{name}_counts || excluded.{name}_counts"
         ") AS u(b, n) GROUP BY b) AS m"
     )
 
 
-def _add_hourly_latencies(source: str) -> str:
-    arrays = ", ".join(
-        f"array_agg(bucket ORDER BY bucket) FILTER (WHERE kind = {kind}), "
-        f"array_agg(n ORDER BY bucket) FILTER (WHERE kind = {kind})"
-        for kind in (0, 1)
+def _add_histograms(source: str, table: str, period: str, start: str) -> str:
+    """Upsert into ``{table}`` (keyed by ``period``, whose start is ``start``) the
+    histograms of the records of ``source``."""
+    merged = ", ".join(
+        f"({name}_buckets, {name}_counts) = ({_merged(name)})" for _, name in _HISTOGRAM_KINDS
     )
     return f"""
-    INSERT INTO {{hl}} AS l (tenant, dim, hour, grp, latency_buckets, latency_counts,
-                             ttft_buckets, ttft_counts)
-    SELECT tenant, dim, hour, grp, {arrays}
+    INSERT INTO {{{table}}} AS l (tenant, dim, {period}, grp, {_ARRAYS})
+    SELECT tenant, dim, start, grp, {_AGGREGATED}
     FROM (
-        SELECT r.tenant, d.dim, {_HOUR_OF_TS} AS hour, d.grp, v.kind,
+        SELECT r.tenant, d.dim, {start} AS start, d.grp, v.kind,
                ({sql_bucket_index("v.seconds")})::smallint AS bucket, count(*) AS n
         FROM {source} AS r {_DIMS} {_KINDS}
         WHERE {_TIMED}
         GROUP BY 1, 2, 3, 4, 5, 6
     ) AS c
     GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
-    ON CONFLICT (tenant, dim, hour, grp) DO UPDATE SET
-        (latency_buckets, latency_counts) = ({_merged("latency")}),
-        (ttft_buckets, ttft_counts) = ({_merged("ttft")})
+    ON CONFLICT (tenant, dim, {period}, grp) DO UPDATE SET {merged}
     """
 
 
@@ -173,16 +184,26 @@ def add_to_rollups(insert: str) -> str:
     return (
         f"WITH inserted AS ({insert} RETURNING *), "
         f"sums AS ({_add_sums('inserted')}), "
-        f"hourly_latency AS ({_add_hourly_latencies('inserted')}) "
-        f"{_add_latencies('inserted')}"
+        f"hourly AS ({_add_histograms('inserted', 'hh', 'hour', _HOUR_OF_TS)}) "
+        f"{_add_histograms('inserted', 'dh', 'day', _DAY_OF_TS)}"
     )
 
 
-#: The migration's statements: the records already stored (``{t}``), then fresh statistics
-#: (the planner would otherwise take the filled tables for empty ones).
+#: The first roll-up migration's statements: the records already stored (``{t}``), then fresh
+#: statistics (the planner would otherwise take the filled tables for empty ones).
 BACKFILL: Final = (_add_sums("{t}"), _add_latencies("{t}"), "ANALYZE {h}", "ANALYZE {l}")
-#: The same for the hourly histograms (a later migration than the other two roll-ups).
-BACKFILL_HOURLY_LATENCY: Final = (_add_hourly_latencies("{t}"), "ANALYZE {hl}")
+#: The second's: histograms as arrays, per hour from the records, per day from the rows of
+#: ``{l}`` (the same counts, one row per bucket), which it replaces.
+HISTOGRAMS: Final = (
+    _create_histograms("hh", "hour"),
+    _create_histograms("dh", "day"),
+    _add_histograms("{t}", "hh", "hour", _HOUR_OF_TS),
+    f"INSERT INTO {{dh}} (tenant, dim, day, grp, {_ARRAYS}) "
+    f"SELECT tenant, dim, day, grp, {_AGGREGATED} FROM {{l}} GROUP BY 1, 2, 3, 4",
+    "DROP TABLE {l}",
+    "ANALYZE {hh}",
+    "ANALYZE {dh}",
+)
 
 
 def whole_periods(query: ReportQuery) -> dict[str, int] | None:
@@ -203,17 +224,29 @@ def whole_periods(query: ReportQuery) -> dict[str, int] | None:
     return {"first": first, "end": end, "first_day": first_day, "end_day": end_day}
 
 
+def _stored(table: str, period: str, bucket_of: str, where: str) -> str:
+    """The histograms of ``{table}``'s rows ``where``, one row per kind."""
+    return f"""
+    SELECT tenant, {bucket_of}, grp, v.kind, v.buckets, v.counts
+    FROM {{{table}}} CROSS JOIN LATERAL (VALUES (0::smallint, latency_buckets, latency_counts),
+        (1::smallint, ttft_buckets, ttft_counts)) AS v(kind, buckets, counts)
+    WHERE {where} AND v.buckets IS NOT NULL
+    """
+
+
 def statements(
-    bucket_of_hour: str, group: str, tenant: str, *, days: bool, by_hour: bool
+    bucket_of: Callable[[str], str], group: str, tenant: str, *, days: bool, by_hour: bool
 ) -> tuple[str, str]:
     """The sums and the histograms of a report (``%(...)s`` parameters: ``dim``, ``since``,
-    ``until``, ``tenant`` and those of ``whole_periods``; ``days``: whether it has whole
-    days; ``by_hour``: whether its periods are hours). Sums: one row per (tenant, period,
-    group), from the roll-up rows of the whole hours plus the records of the partial ones
-    (by hour, the rows as stored: no two of them share a period). Histograms: rows of
-    (tenant, period, group, kind, bucket numbers, counts), from the daily rows of the whole
-    days and the records of the partial hours (summed per bucket here), and from each whole
-    hour outside the whole days as stored; ``combine`` adds the rows of one key."""
+    ``until``, ``tenant`` and those of ``whole_periods``; ``bucket_of(column)``: the start
+    of the period holding the hour or day in ``column``; ``days``: whether the range has
+    whole days; ``by_hour``: whether its periods are hours).
+
+    Sums: one row per (tenant, period, group), from the roll-up rows of the whole hours plus
+    the records of the partial ones (by hour, the rows as they are: no two share a period).
+    Histograms: rows of (tenant, period, group, kind, bucket numbers, counts): those stored
+    for each whole day and each whole hour outside them, and those of the records of the
+    partial hours; ``combine`` adds the rows of one key."""
     rolled = "dim = %(dim)s AND hour >= %(first)s AND hour < %(end)s " + tenant
     edges = (
         "((r.ts >= %(since)s AND r.ts < %(first)s) OR (r.ts >= %(end)s AND r.ts < %(until)s)) "
@@ -231,44 +264,29 @@ def statements(
         parts
         if by_hour
         else f"""
-    SELECT tenant COLLATE "C", {bucket_of_hour} AS bucket, grp COLLATE "C", {sums},
+    SELECT tenant COLLATE "C", {bucket_of("hour")} AS bucket, grp COLLATE "C", {sums},
            max(queue_wait_max)
     FROM ({parts}) AS part
     GROUP BY 1, 2, 3
     """
     )
-    whole_days = (
-        "SELECT tenant, day AS hour, grp, kind, bucket AS b, n FROM {l} "
-        "WHERE dim = %(dim)s AND day >= %(first_day)s AND day < %(end_day)s "
-        + tenant
-        + " UNION ALL"
-        if days
-        else ""
-    )
     hours = (
         "dim = %(dim)s AND ((hour >= %(first)s AND hour < %(first_day)s) "
         "OR (hour >= %(end_day)s AND hour < %(end)s)) " + tenant
     )
+    whole_days = "dim = %(dim)s AND day >= %(first_day)s AND day < %(end_day)s " + tenant
     histograms = f"""
     SELECT tenant, bucket, grp, kind, array_agg(b ORDER BY b), array_agg(n ORDER BY b)
     FROM (
-        SELECT tenant COLLATE "C" AS tenant, {bucket_of_hour} AS bucket, grp COLLATE "C" AS grp,
-               kind, b, sum(n)::bigint AS n
-        FROM (
-            {whole_days}
-            SELECT r.tenant, {_HOUR_OF_TS} AS hour, {group} AS grp, v.kind,
-                   ({sql_bucket_index("v.seconds")})::smallint AS b, count(*) AS n
-            FROM {{t}} AS r {_KINDS} WHERE {edges} AND {_TIMED} GROUP BY 1, 2, 3, 4, 5
-        ) AS part
-        GROUP BY 1, 2, 3, 4, 5
+        SELECT r.tenant, {bucket_of(_HOUR_OF_TS)} AS bucket, {group} AS grp, v.kind,
+               ({sql_bucket_index("v.seconds")})::smallint AS b, count(*) AS n
+        FROM {{t}} AS r {_KINDS} WHERE {edges} AND {_TIMED} GROUP BY 1, 2, 3, 4, 5
     ) AS counts
     GROUP BY 1, 2, 3, 4
-    UNION ALL
-    SELECT tenant, {bucket_of_hour}, grp, v.kind, v.buckets, v.counts
-    FROM {{hl}} CROSS JOIN LATERAL (VALUES (0::smallint, latency_buckets, latency_counts),
-        (1::smallint, ttft_buckets, ttft_counts)) AS v(kind, buckets, counts)
-    WHERE {hours} AND v.buckets IS NOT NULL
+    UNION ALL {_stored("hh", "hour", bucket_of("hour"), hours)}
     """
+    if days:
+        histograms += f"UNION ALL {_stored('dh', 'day', bucket_of('day'), whole_days)}"
     return totals, histograms
 
 
