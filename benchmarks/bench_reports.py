@@ -1,8 +1,8 @@
 """How long a usage report takes when PostgreSQL aggregates it (``PostgresLedger.tally``).
 
 Fills a throwaway schema with a month of records (one busy tenant with 1,000,000 of them and
-19 quieter ones; straight into the table, then into the hourly roll-ups by the migration's own
-backfill statements), then times the reports the dashboard asks for, each several times, and
+19 quieter ones; straight into the table, then into the roll-ups by ``rollup.FILL``), then
+times the reports the dashboard asks for, each several times, and
 prints a markdown table (median and worst wall time, and the server's CPU time). Also times
 the same reports read from the records alone (exact percentiles, what ``tally`` did before the
 roll-ups) and the Python aggregation of the busy tenant's records fetched whole.
@@ -35,13 +35,7 @@ from tenantware.metering.ledger.postgres import (
     _arguments,
     _tally_statement,
 )
-from tenantware.metering.ledger.rollup import (
-    BACKFILL,
-    BACKFILL_HOURLY_LATENCY,
-    DAILY_LATENCY,
-    HOURLY,
-    HOURLY_LATENCY,
-)
+from tenantware.metering.ledger.rollup import DAILY_HISTOGRAMS, FILL, HOURLY, HOURLY_HISTOGRAMS
 from tenantware.metering.ledger.tally import ReportQuery, tally_records
 
 #: The schema being measured (set once in main).
@@ -50,7 +44,7 @@ MONTH_S = 30 * 86_400
 END = 1_800_000_000.0
 START = END - MONTH_S
 
-FILL = """
+RECORDS = """
 INSERT INTO {t} (record_id, request_id, ts, tenant, cost_center, key_id, model_requested,
     model_served, upstream, status, outcome, input_tokens, output_tokens, cached_tokens,
     reasoning_tokens, cost_nanousd, charged_nanousd, queue_wait_s, upstream_latency_s,
@@ -108,22 +102,22 @@ def main() -> None:
 
 
 def fill_schema(conn: psycopg.Connection[Any], table: sql.Identifier, records: int) -> None:
-    fill = sql.SQL(FILL).format(t=table)
+    fill = sql.SQL(RECORDS).format(t=table)
     conn.execute(fill, {"tenant": "busy", "start": START, "span": MONTH_S, "n": records})
     for number in range(19):
         tenant = f"tenant-{number:02d}"
         conn.execute(fill, {"tenant": tenant, "start": START, "span": MONTH_S, "n": 10_000})
     schema = table.as_string(conn).split(".")[0].strip('"')
-    for statement in (*BACKFILL, *BACKFILL_HOURLY_LATENCY):
+    for statement in FILL:
         conn.execute(
             sql.SQL(statement).format(
                 t=table,
                 h=sql.Identifier(schema, HOURLY),
-                l=sql.Identifier(schema, DAILY_LATENCY),
-                hl=sql.Identifier(schema, HOURLY_LATENCY),
+                hh=sql.Identifier(schema, HOURLY_HISTOGRAMS),
+                dh=sql.Identifier(schema, DAILY_HISTOGRAMS),
             )
         )
-    for name in ("usage_records", HOURLY, DAILY_LATENCY, HOURLY_LATENCY):
+    for name in ("usage_records", HOURLY, HOURLY_HISTOGRAMS, DAILY_HISTOGRAMS):
         conn.execute(sql.SQL("VACUUM ANALYZE {}").format(sql.Identifier(schema, name)))
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "CREATE_TABLES",
     "DAILY_HISTOGRAMS",
     "DAILY_LATENCY",
+    "FILL",
     "HISTOGRAMS",
     "HOURLY",
     "HOURLY_HISTOGRAMS",
@@ -203,6 +204,13 @@ HISTOGRAMS: Final = (
     "DROP TABLE {l}",
     "ANALYZE {hh}",
     "ANALYZE {dh}",
+)
+#: Every roll-up of the current schema filled from the records ``{t}`` (into empty tables:
+#: the benchmark fills its records directly, then these).
+FILL: Final = (
+    _add_sums("{t}"),
+    _add_histograms("{t}", "hh", "hour", _HOUR_OF_TS),
+    _add_histograms("{t}", "dh", "day", _DAY_OF_TS),
 )
 
 
