@@ -158,9 +158,21 @@ def _merged(name: str) -> str:
     )
 
 
-def _add_histograms(source: str, table: str, period: str, start: str) -> str:
-    """Upsert into ``{table}`` (keyed by ``period``, whose start is ``start``) the
-    histograms of the records of ``source``."""
+def _counts(source: str) -> str:
+    """How many latencies (times to first token) of the records of ``source`` fell into each
+    bucket, per tenant, grouping and hour: ``tenant, dim, hour, grp, kind, bucket, n``."""
+    return f"""
+    SELECT r.tenant, d.dim, {_HOUR_OF_TS} AS hour, d.grp, v.kind,
+           ({sql_bucket_index("v.seconds")})::smallint AS bucket, count(*) AS n
+    FROM {source} AS r {_DIMS} {_KINDS}
+    WHERE {_TIMED}
+    GROUP BY 1, 2, 3, 4, 5, 6
+    """
+
+
+def _add_histograms(counts: str, table: str, period: str, width: int) -> str:
+    """Upsert into ``{table}`` (keyed by ``period``, ``width`` seconds long) the histograms
+    of ``counts`` (rows of ``_counts``)."""
     merged = ", ".join(
         f"({name}_buckets, {name}_counts) = ({_merged(name)})" for _, name in _HISTOGRAM_KINDS
     )
@@ -168,11 +180,9 @@ def _add_histograms(source: str, table: str, period: str, start: str) -> str:
     INSERT INTO {{{table}}} AS l (tenant, dim, {period}, grp, {_ARRAYS})
     SELECT tenant, dim, start, grp, {_AGGREGATED}
     FROM (
-        SELECT r.tenant, d.dim, {start} AS start, d.grp, v.kind,
-               ({sql_bucket_index("v.seconds")})::smallint AS bucket, count(*) AS n
-        FROM {source} AS r {_DIMS} {_KINDS}
-        WHERE {_TIMED}
-        GROUP BY 1, 2, 3, 4, 5, 6
+        SELECT tenant, dim, hour / {width} * {width} AS start, grp, kind, bucket,
+               sum(n)::bigint AS n
+        FROM {counts} AS c GROUP BY 1, 2, 3, 4, 5, 6
     ) AS c
     GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
     ON CONFLICT (tenant, dim, {period}, grp) DO UPDATE SET {merged}
@@ -181,12 +191,13 @@ def _add_histograms(source: str, table: str, period: str, start: str) -> str:
 
 def add_to_rollups(insert: str) -> str:
     """``insert`` (an ``INSERT ... ON CONFLICT DO NOTHING``) with what it inserted added to
-    the roll-ups, as one statement."""
+    the roll-ups, as one statement (the records are bucketed once, for both histograms)."""
     return (
         f"WITH inserted AS ({insert} RETURNING *), "
         f"sums AS ({_add_sums('inserted')}), "
-        f"hourly AS ({_add_histograms('inserted', 'hh', 'hour', _HOUR_OF_TS)}) "
-        f"{_add_histograms('inserted', 'dh', 'day', _DAY_OF_TS)}"
+        f"counts AS ({_counts('inserted')}), "
+        f"hourly AS ({_add_histograms('counts', 'hh', 'hour', HOUR)}) "
+        f"{_add_histograms('counts', 'dh', 'day', DAY)}"
     )
 
 
@@ -198,7 +209,7 @@ BACKFILL: Final = (_add_sums("{t}"), _add_latencies("{t}"), "ANALYZE {h}", "ANAL
 HISTOGRAMS: Final = (
     _create_histograms("hh", "hour"),
     _create_histograms("dh", "day"),
-    _add_histograms("{t}", "hh", "hour", _HOUR_OF_TS),
+    _add_histograms(f"({_counts('{t}')})", "hh", "hour", HOUR),
     f"INSERT INTO {{dh}} (tenant, dim, day, grp, {_ARRAYS}) "
     f"SELECT tenant, dim, day, grp, {_AGGREGATED} FROM {{l}} GROUP BY 1, 2, 3, 4",
     "DROP TABLE {l}",
@@ -209,8 +220,8 @@ HISTOGRAMS: Final = (
 #: the benchmark fills its records directly, then these).
 FILL: Final = (
     _add_sums("{t}"),
-    _add_histograms("{t}", "hh", "hour", _HOUR_OF_TS),
-    _add_histograms("{t}", "dh", "day", _DAY_OF_TS),
+    _add_histograms(f"({_counts('{t}')})", "hh", "hour", HOUR),
+    _add_histograms(f"({_counts('{t}')})", "dh", "day", DAY),
 )
 
 
