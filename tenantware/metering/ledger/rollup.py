@@ -335,8 +335,8 @@ def ranked_buckets(pieces: Sequence[Histogram]) -> tuple[int, int]:
     )
 
 
-def _percentiles(pieces: Sequence[Histogram] | None) -> tuple[float | None, float | None]:
-    if pieces is None:
+def _percentiles(pieces: Sequence[Histogram]) -> tuple[float | None, float | None]:
+    if not pieces:
         return None, None
     p50, p99 = ranked_buckets(pieces)
     return _REPORTED[p50], _REPORTED[p99]
@@ -347,20 +347,15 @@ def combine(
 ) -> list[Tally]:
     """Tallies from the rows of ``statements``: a percentile is reported as the
     representative of the bucket its nearest rank falls in."""
-    found: dict[tuple[Any, ...], list[Histogram]] = {}
+    # Per (tenant, period, group): the pieces of each kind (a report by hour has thousands).
+    found: dict[tuple[Any, ...], tuple[list[Histogram], list[Histogram]]] = {}
     for tenant, bucket, group, kind, buckets, counts in histograms:
-        key = (tenant, bucket, group, kind)
-        if (pieces := found.get(key)) is None:
-            found[key] = [(buckets, counts)]
-        else:
-            pieces.append((buckets, counts))
-    return [
-        tally_from_row(
-            (
-                *row,
-                *_percentiles(found.get((row[0], row[1], row[2], 0))),
-                *_percentiles(found.get((row[0], row[1], row[2], 1))),
-            )
-        )
-        for row in totals
-    ]
+        if (kinds := found.get((tenant, bucket, group))) is None:
+            kinds = found[tenant, bucket, group] = ([], [])
+        kinds[kind].append((buckets, counts))
+    nothing: tuple[list[Histogram], list[Histogram]] = ([], [])
+    rows = []
+    for row in totals:
+        latency, ttft = found.get(row[:3], nothing)
+        rows.append(tally_from_row((*row, *_percentiles(latency), *_percentiles(ttft))))
+    return rows
