@@ -521,8 +521,7 @@ class PostgresLedger:
         # The percentiles sort every record of a group: in memory rather than in temporary
         # files, and without JIT compilation (it costs more than it saves here).
         with conn.transaction(), _integer_sums(conn) as cursor:
-            conn.execute(f"SET LOCAL work_mem = '{_REPORT_WORK_MEM}'")
-            conn.execute("SET LOCAL jit = off")
+            _prepare_report(conn, args["tenant"])
             return cursor.execute(statement, args).fetchall()
 
     @staticmethod
@@ -533,8 +532,7 @@ class PostgresLedger:
         # JIT compilation.
         with conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            conn.execute(f"SET LOCAL work_mem = '{_REPORT_WORK_MEM}'")
-            conn.execute("SET LOCAL jit = off")
+            _prepare_report(conn, args["tenant"])
             with _integer_sums(conn) as cursor:
                 sums = cursor.execute(totals, args).fetchall()
                 counts = cursor.execute(histograms, args).fetchall()
@@ -578,6 +576,16 @@ class PostgresLedger:
         pool, self._pool = self._pool, None
         if pool is not None:
             await anyio.to_thread.run_sync(pool.close)
+
+
+def _prepare_report(conn: psycopg.Connection[Any], tenant: str | None) -> None:
+    """Settings of a report's transaction, and its tenant bound when it names one (so the
+    gateway's role, under row-level security, reads that tenant's rows; across tenants only
+    the owner or an admin role sees rows)."""
+    conn.execute(f"SET LOCAL work_mem = '{_REPORT_WORK_MEM}'")
+    conn.execute("SET LOCAL jit = off")
+    if tenant is not None:
+        bind_tenant(conn, tenant)
 
 
 def _integer_sums(conn: psycopg.Connection[Any]) -> psycopg.Cursor[Any]:
