@@ -2,18 +2,18 @@
 
 Every batch the ledger stores also adds, in the same statement, to three tables: per tenant,
 UTC hour and grouping (``dim``: the tenant as a whole, each model, each cost center), the
-report's exact sums (``usage_hourly``) and how many latencies and times to first token fell
-into each ``histogram`` bucket, per hour as one row of two sparse arrays (bucket numbers and
-their counts: ``usage_hourly_latency``) and per day as one row per bucket
-(``usage_daily_latency``). Only the records the batch really inserted count (``RETURNING``
-of ``ON CONFLICT DO NOTHING``), so a retried batch is not counted twice. Rows are upserted
-in key order, so two writers lock them in the same order.
+report's exact sums (``usage_hourly``), and how many latencies and times to first token fell
+into each ``histogram`` bucket, per hour (``usage_hourly_histograms``) and per day
+(``usage_daily_histograms``), one row per period and grouping holding two sparse arrays per
+kind (bucket numbers ascending, their counts). Only the records the batch really inserted
+count (``RETURNING`` of ``ON CONFLICT DO NOTHING``), so a retried batch is not counted twice.
+Rows are upserted in key order, so two writers lock them in the same order.
 
 A report reads the sums of its whole hours, the histograms of its whole days and of the whole
 hours outside them, and only the partial hours at its ends from the records, bucketed alike.
-The nearest-rank walk over the histograms is done here, in Python: the database returns one
-row per (tenant, period, group, kind) with its counts, which is cheaper than ranking the
-buckets with window functions (``benchmarks/README.md``, "Third pass").
+The nearest-rank walk over the histograms is done here, in Python, on one row per (tenant,
+period, group, kind): cheaper than having the database rank (group, bucket) rows with
+window functions (``benchmarks/README.md``, "Third pass").
 """
 
 from __future__ import annotations
