@@ -1,14 +1,17 @@
 """How long a usage report takes when PostgreSQL aggregates it (``PostgresLedger.tally``).
 
 Fills a throwaway schema with a month of records (one busy tenant with 1,000,000 of them and
-19 quieter ones; straight into the table, then into the hourly roll-ups by the migration's own
-backfill statements), then times the reports the dashboard asks for, each several times, and
+19 quieter ones; straight into the table, then into the roll-ups by ``rollup.FILL``), then
+times the reports the dashboard asks for, each several times, and
 prints a markdown table (median and worst wall time, and the server's CPU time). Also times
 the same reports read from the records alone (exact percentiles, what ``tally`` did before the
 roll-ups) and the Python aggregation of the busy tenant's records fetched whole.
 
     python benchmarks/bench_reports.py [--url postgresql://postgres@127.0.0.1:5432/test]
-        [--records 1000000] [--repeat 5] [--keep]
+        [--records 1000000] [--repeat 5] [--keep] [--schema NAME] [--quick] [--only TEXT]
+
+``--quick`` leaves out the slow comparisons (records only, Python); ``--only`` times the
+reports whose name contains TEXT. The load average is printed before and after.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from tenantware.metering.ledger.postgres import (
     _arguments,
     _tally_statement,
 )
-from tenantware.metering.ledger.rollup import BACKFILL, DAILY_LATENCY, HOURLY
+from tenantware.metering.ledger.rollup import DAILY_HISTOGRAMS, FILL, HOURLY, HOURLY_HISTOGRAMS
 from tenantware.metering.ledger.tally import ReportQuery, tally_records
 
 #: The schema being measured (set once in main).
@@ -41,7 +44,7 @@ MONTH_S = 30 * 86_400
 END = 1_800_000_000.0
 START = END - MONTH_S
 
-FILL = """
+RECORDS = """
 INSERT INTO {t} (record_id, request_id, ts, tenant, cost_center, key_id, model_requested,
     model_served, upstream, status, outcome, input_tokens, output_tokens, cached_tokens,
     reasoning_tokens, cost_nanousd, charged_nanousd, queue_wait_s, upstream_latency_s,
@@ -76,6 +79,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--keep", action="store_true", help="leave the schema in place")
     parser.add_argument("--schema", help="a schema a --keep run filled: time it again")
+    parser.add_argument("--quick", action="store_true", help="no records-only / Python runs")
+    parser.add_argument("--only", default="", help="only reports whose name contains this")
     args = parser.parse_args()
     schema = args.schema or f"bench_reports_{uuid.uuid4().hex[:8]}"
     ledger = PostgresLedger(args.url, schema=schema, timeout_s=120)
@@ -88,28 +93,31 @@ def main() -> None:
         total = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table)).fetchone()
     print(f"{total[0] if total else 0:,} records ready in {time.perf_counter() - began:.1f} s\n")
     SCHEMA[0] = schema
-    report(ledger, args.repeat, args.url)
+    print("load average before: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+    report(ledger, args.repeat, args.url, quick=args.quick, only=args.only)
+    print("load average after: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     if not args.keep:
         with psycopg.connect(args.url, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
 
 
 def fill_schema(conn: psycopg.Connection[Any], table: sql.Identifier, records: int) -> None:
-    fill = sql.SQL(FILL).format(t=table)
+    fill = sql.SQL(RECORDS).format(t=table)
     conn.execute(fill, {"tenant": "busy", "start": START, "span": MONTH_S, "n": records})
     for number in range(19):
         tenant = f"tenant-{number:02d}"
         conn.execute(fill, {"tenant": tenant, "start": START, "span": MONTH_S, "n": 10_000})
     schema = table.as_string(conn).split(".")[0].strip('"')
-    for statement in BACKFILL:
+    for statement in FILL:
         conn.execute(
             sql.SQL(statement).format(
                 t=table,
                 h=sql.Identifier(schema, HOURLY),
-                l=sql.Identifier(schema, DAILY_LATENCY),
+                hh=sql.Identifier(schema, HOURLY_HISTOGRAMS),
+                dh=sql.Identifier(schema, DAILY_HISTOGRAMS),
             )
         )
-    for name in ("usage_records", HOURLY, DAILY_LATENCY):
+    for name in ("usage_records", HOURLY, HOURLY_HISTOGRAMS, DAILY_HISTOGRAMS):
         conn.execute(sql.SQL("VACUUM ANALYZE {}").format(sql.Identifier(schema, name)))
 
 
@@ -149,7 +157,19 @@ def records_only_s(url: str, query: ReportQuery) -> tuple[float, float]:
         return time.perf_counter() - began, backend_cpu_s(pid) - before
 
 
-def report(ledger: PostgresLedger, repeat: int, url: str) -> None:
+def dashboard_page(tenant: str | None, since: float, until: float) -> list[ReportQuery]:
+    """The four reports the dashboard asks for one view (``dashboard/app.py``): the totals,
+    the series (by hour up to 33 days), by model and by cost center."""
+    period = "hour" if until - since <= 800 * 3600 else "day"
+    return [
+        ReportQuery(tenant=tenant, since=since, until=until, period="all"),
+        ReportQuery(tenant=tenant, since=since, until=until, period=period),
+        ReportQuery(tenant=tenant, since=since, until=until, period="all", by="model"),
+        ReportQuery(tenant=tenant, since=since, until=until, period="all", by="cost_center"),
+    ]
+
+
+def report(ledger: PostgresLedger, repeat: int, url: str, *, quick: bool, only: str) -> None:
     busy_month = ReportQuery(tenant="busy", since=START, until=END, period="day")
     cases = [
         ("busy tenant, 30 days by day (the tenant view's series)", busy_month),
@@ -173,6 +193,22 @@ def report(ledger: PostgresLedger, repeat: int, url: str) -> None:
         ),
         ("every tenant, 30 days by day", ReportQuery(since=START, until=END, period="day")),
         (
+            "every tenant, 30 days by day, ends not on whole hours",
+            ReportQuery(since=START + 1234.5, until=END - 77.7, period="day"),
+        ),
+        (
+            "busy tenant, 30 days by hour (the dashboard's 30-day series)",
+            ReportQuery(tenant="busy", since=START + 1234.5, until=END - 77.7, period="hour"),
+        ),
+        (
+            "every tenant, 30 days by hour (the operator view's 30-day series)",
+            ReportQuery(since=START + 1234.5, until=END - 77.7, period="hour"),
+        ),
+        (
+            "every tenant, 7 days by hour, by model",
+            ReportQuery(since=END - 7 * 86_400 - 99.5, until=END - 99.5, period="hour", by="model"),
+        ),
+        (
             "busy tenant, last hour by minute",
             ReportQuery(tenant="busy", since=END - 3600, until=END, period="minute"),
         ),
@@ -181,20 +217,42 @@ def report(ledger: PostgresLedger, repeat: int, url: str) -> None:
             ReportQuery(tenant="busy", since=END - 1800, until=END, period="minute"),
         ),
     ]
+    pages = [
+        (
+            "busy tenant's dashboard, 30 days (its 4 reports, ends mid-hour)",
+            dashboard_page("busy", START + 1234.5, END - 77.7),
+        ),
+        (
+            "operator dashboard, 30 days (its 4 reports, ends mid-hour)",
+            dashboard_page(None, START + 1234.5, END - 77.7),
+        ),
+        (
+            "operator dashboard, custom 40 days (by day; 30 of them hold records)",
+            dashboard_page(None, END - 40 * 86_400 + 0.5, END - 0.5),
+        ),
+    ]
     print("| report | records | median s | worst s | server CPU s | records only: s, CPU s |")
     print("|---|---:|---:|---:|---:|---:|")
     single = PostgresLedger(one_process(url), schema=SCHEMA[0], max_size=1, timeout_s=120)
     anyio.run(single.open)
+
+    def all_of(queries: list[ReportQuery]) -> Any:
+        return [anyio.run(ledger.tally, q) for q in queries]
+
     try:
-        for name, query in cases:
-            median, worst, rows = timed(lambda q=query: anyio.run(ledger.tally, q), repeat)
-            count = sum(t.requests for t in rows)
-            cpu = min(ledger_cpu_s(single, query) for _ in range(2))
-            wall, raw_cpu = records_only_s(url, query)
-            print(
-                f"| {name} | {count:,} | {median:.3f} | {worst:.3f} | {cpu:.2f} "
-                f"| {wall:.2f}, {raw_cpu:.2f} |"
-            )
+        for name, queries in [(name, [query]) for name, query in cases] + pages:
+            if only not in name:
+                continue
+            median, worst, results = timed(lambda q=queries: all_of(q), repeat)
+            count = sum(t.requests for t in results[0])
+            cpu = sum(min(ledger_cpu_s(single, q) for _ in range(2)) for q in queries)
+            compared = "-"
+            if not quick:
+                raw = [records_only_s(url, q) for q in queries]
+                compared = f"{sum(w for w, _ in raw):.2f}, {sum(c for _, c in raw):.2f}"
+            print(f"| {name} | {count:,} | {median:.3f} | {worst:.3f} | {cpu:.2f} | {compared} |")
+        if quick:
+            return
 
         def python_report() -> Any:
             async def fetch() -> Any:

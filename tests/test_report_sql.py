@@ -27,8 +27,8 @@ from tenantware.metering.ledger.histogram import (
     bucketed,
     sql_bucket_index,
 )
-from tenantware.metering.ledger.postgres import _MIGRATIONS, PostgresLedger
-from tenantware.metering.ledger.rollup import DAILY_LATENCY, HOURLY
+from tenantware.metering.ledger.postgres import _MIGRATIONS, _ROLL_UP, PostgresLedger
+from tenantware.metering.ledger.rollup import DAILY_HISTOGRAMS, HOURLY, HOURLY_HISTOGRAMS
 from tenantware.metering.ledger.tally import (
     DIMENSIONS,
     PERIODS,
@@ -126,11 +126,19 @@ async def sql_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
     await backend.aclose()
 
 
-#: Long ranges whose ends are not on whole hours (the roll-ups answer for the middle, the
-#: records for the ends), a range of exactly an hour holding no whole hour, short ranges
-#: (exact percentiles) and a record-free tenant.
+#: Long ranges whose ends are not on whole hours (the roll-ups answer for the middle: whole
+#: days from the daily histograms, the other whole hours from the hourly ones; the records
+#: for the partial hours at the ends), by hour over weeks, a range of exactly an hour holding
+#: no whole hour, short ranges (exact percentiles) and a record-free tenant.
 EDGE_QUERIES = [
     ReportQuery(tenant="acme", since=START + 3 * 86_400 + 0.25, until=START + 9.5 * 86_400),
+    ReportQuery(since=START + 3 * 3600 + 5, until=START + 10 * 86_400 + 1800.5, period="day"),
+    ReportQuery(since=START + 86_400 + 1234.5, until=START + 33 * 86_400 + 77.7, period="month"),
+    ReportQuery(tenant="beta", since=START + 7200.5, until=START + 20 * 86_400 - 60, period="hour"),
+    ReportQuery(
+        since=START + 5 * 86_400 - 1, until=START + 26 * 86_400 + 1, period="hour", by="cost_center"
+    ),
+    ReportQuery(since=START + 0.5, until=START + 7200.5, period="hour", by="model"),
     ReportQuery(tenant="<script>x</script>", period="hour", by="model"),
     ReportQuery(since=START + 86_400 + 1234.5, period="all", by="cost_center"),
     ReportQuery(since=START + 1800.5, until=START + 5400.5, period="month", by="model"),
@@ -230,6 +238,9 @@ def test_postgresql_and_python_put_a_value_in_the_same_bucket(postgres_url: str)
     assert found == [bucket_index(v) for v in values]
 
 
+ROLL_UPS = (HOURLY, HOURLY_HISTOGRAMS, DAILY_HISTOGRAMS)
+
+
 async def test_the_roll_up_migration_counts_the_records_already_stored(
     postgres_url: str, postgres_schema: str
 ) -> None:
@@ -237,25 +248,29 @@ async def test_the_roll_up_migration_counts_the_records_already_stored(
     ledger = PostgresLedger(postgres_url, schema=postgres_schema)
     await ledger.write(records)
     await ledger.aclose()
-    # As if the records had been stored before the roll-ups existed.
+    # As if the records had been stored before the roll-ups existed: both migrations that
+    # add them run again (the first fills its tables from the records, the second its hourly
+    # histograms from the records and its daily ones from the first's per-bucket rows).
     with psycopg.connect(postgres_url, autocommit=True) as conn:
-        for table in (HOURLY, DAILY_LATENCY):
+        for table in ROLL_UPS:
             conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(postgres_schema, table)))
         versions = sql.Identifier(postgres_schema, "tenantware_schema")
         conn.execute(
-            sql.SQL("DELETE FROM {} WHERE version = %s").format(versions), (len(_MIGRATIONS),)
+            sql.SQL("DELETE FROM {} WHERE version > %s").format(versions),
+            (_MIGRATIONS.index(_ROLL_UP),),
         )
     ledger = PostgresLedger(postgres_url, schema=postgres_schema)
     try:
         await ledger.open()
         shadows = sum(r.outcome == SHADOW for r in records)
         assert rolled_up_requests(postgres_url, postgres_schema) == len(records) - shadows
-        for query in [ReportQuery(period="day", by=by) for by in DIMENSIONS] + EDGE_QUERIES:
+        queries = [ReportQuery(period=p, by=by) for p in ("hour", "day") for by in DIMENSIONS]
+        for query in queries + EDGE_QUERIES:
             assert await ledger.tally(query) == coarsen(tally_records(records, query), query), query
     finally:
         await ledger.aclose()
     with psycopg.connect(postgres_url) as conn:
-        for table in (HOURLY, DAILY_LATENCY):
+        for table in ROLL_UPS:
             protected = conn.execute(
                 "SELECT relrowsecurity FROM pg_class WHERE oid = %s::regclass",
                 (sql.Identifier(postgres_schema, table).as_string(conn),),

@@ -20,6 +20,7 @@ from tenantware.logbook.postgres import PostgresLogStore
 from tenantware.metering.ledger import UsageRecord
 from tenantware.metering.ledger.postgres import PostgresLedger
 from tenantware.metering.ledger.rls import BIND_TENANT, protect
+from tenantware.metering.ledger.tally import ReportQuery
 from tests.data_support import new_master
 
 pytestmark = pytest.mark.anyio
@@ -27,7 +28,8 @@ pytestmark = pytest.mark.anyio
 PROTECTED = (
     "usage_records",
     "usage_hourly",
-    "usage_daily_latency",
+    "usage_hourly_histograms",
+    "usage_daily_histograms",
     "audit_log",
     "tenant_keys",
     "request_logs",
@@ -184,6 +186,11 @@ async def test_the_library_under_the_gateway_role_works_one_tenant_at_a_time(
         await ledger.write([_record("a", 9), _record("b", 9)])  # one batch, two tenants
         assert {r.record_id for r in await ledger.query(tenant="a")} == {"a-0", "a-1", "a-2", "a-9"}
         assert await ledger.query() == []  # across tenants: the admin role's business
+        # A tenant's report, from the records and from the roll-ups (a range of hours).
+        for until in (1500.0, 20_000.0):
+            report = await ledger.tally(ReportQuery(tenant="a", until=until, period="all"))
+            assert [(t.tenant, t.requests) for t in report] == [("a", 4)], until
+            assert await ledger.tally(ReportQuery(until=until)) == [], until
         assert [r.id for r in await logs.read("a")] == ["log-a"]
         assert await logs.used_bytes("b") > 0
     finally:

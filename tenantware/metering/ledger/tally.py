@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import msgspec
 
@@ -245,42 +245,29 @@ def sql_group(by: Dimension) -> str:
     return {"tenant": "''", "model": "model_requested", "cost_center": "cost_center"}[by]
 
 
-def tally_from_row(row: tuple[object, ...]) -> Tally:
+def tally_from_row(row: tuple[Any, ...]) -> Tally:
     """A ``Tally`` from ``tenant, bucket, group, <SQL_SUMS>, queue wait max, latency p50,
-    p99, ttft p50, p99`` (sums may come back as decimals: made integers here)."""
-    tenant, bucket, group, *counts = row[:13]
-    wait, p50, p99, t50, t99 = row[13:18]
-    (
-        requests,
-        errors,
-        rate_limited,
-        queue_rejections,
-        breaker_rejections,
-        input_tokens,
-        output_tokens,
-        cached_tokens,
-        cost,
-        charged,
-    ) = (int(value or 0) for value in counts)  # type: ignore[call-overload]
+    p99, ttft p50, p99`` (sums may come back as decimals: made integers here; a report by
+    hour makes thousands of these, hence the plain indexing)."""
     return Tally(
-        tenant=str(tenant),
-        bucket=int(bucket),  # type: ignore[call-overload]
-        group=str(group),
-        requests=requests,
-        errors=errors,
-        rate_limited=rate_limited,
-        queue_rejections=queue_rejections,
-        breaker_rejections=breaker_rejections,
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        cached_tokens=cached_tokens,
-        cost_nanousd=cost,
-        charged_nanousd=charged,
-        latency_p50_s=_float(p50),
-        latency_p99_s=_float(p99),
-        ttft_p50_s=_float(t50),
-        ttft_p99_s=_float(t99),
-        queue_wait_max_s=_float(wait),
+        tenant=str(row[0]),
+        bucket=int(row[1]),
+        group=str(row[2]),
+        requests=int(row[3] or 0),
+        errors=int(row[4] or 0),
+        rate_limited=int(row[5] or 0),
+        queue_rejections=int(row[6] or 0),
+        breaker_rejections=int(row[7] or 0),
+        input_tokens=int(row[8] or 0),
+        output_tokens=int(row[9] or 0),
+        cached_tokens=int(row[10] or 0),
+        cost_nanousd=int(row[11] or 0),
+        charged_nanousd=int(row[12] or 0),
+        queue_wait_max_s=_float(row[13]),
+        latency_p50_s=_float(row[14]),
+        latency_p99_s=_float(row[15]),
+        ttft_p50_s=_float(row[16]),
+        ttft_p99_s=_float(row[17]),
     )
 
 
