@@ -112,6 +112,10 @@ def test_series_never_has_too_many_points() -> None:
     assert pick_period(86400) == ("hour", 3600)
     assert pick_period(30 * 86400) == ("hour", 3600)
     assert pick_period(90 * 86400) == ("day", 86400)
+    # Every tenant's series together stay under 4,000 rows: a month of 20 tenants by day.
+    assert pick_period(30 * 86400, series=20) == ("day", 86400)
+    assert pick_period(7 * 86400, series=20) == ("hour", 3600)
+    assert pick_period(30 * 86400, series=3) == ("hour", 3600)
 
 
 class _Unreadable(MemoryLedger):

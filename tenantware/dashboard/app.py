@@ -75,6 +75,9 @@ RANGES: Final = {"1h": 3600, "24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400}
 MAX_RANGE_S: Final = 366 * 86400
 _WIDTHS: Final[tuple[tuple[Period, int], ...]] = (("minute", 60), ("hour", 3600), ("day", 86400))
 _MAX_POINTS: Final = 800
+#: The most rows of an every-tenant series (tenants x points): a month by hour of every
+#: tenant is built row by row in Python, so the operator's view widens its period instead.
+_MAX_OPERATOR_ROWS: Final = 4000
 _FILES: Final = {
     "dashboard.js": "text/javascript; charset=utf-8",
     "dashboard.css": "text/css; charset=utf-8",
@@ -108,10 +111,12 @@ def _load(name: str) -> bytes:
     return resources.files("tenantware.dashboard").joinpath("static", name).read_bytes()
 
 
-def pick_period(span_s: float) -> tuple[Period, int]:
-    """The narrowest period that keeps a series under ``_MAX_POINTS`` points."""
+def pick_period(span_s: float, series: int = 1) -> tuple[Period, int]:
+    """The narrowest period that keeps ``series`` series under ``_MAX_POINTS`` points each
+    and under ``_MAX_OPERATOR_ROWS`` points together."""
+    points = min(_MAX_POINTS, _MAX_OPERATOR_ROWS // max(1, series))
     for period, width in _WIDTHS:
-        if span_s / width <= _MAX_POINTS:
+        if span_s / width <= points:
             return period, width
     return _WIDTHS[-1]
 
@@ -252,7 +257,8 @@ class DashboardApp:
                 await _error(send, 404, f"No tenant {tenant!r}.", "tenant_not_found")
                 return
             tenant = caller.tenant
-        period, width = pick_period(until - since)
+        series = 1 if tenant is not None else len(self.live.current.config.tenants) or 1
+        period, width = pick_period(until - since, series)
         settings = self.live.current.config.metering
         ledger = self.ledger
 
