@@ -21,12 +21,6 @@ the guard is a subclass of uvicorn's protocol (``uvicorn.Config(http=...)``):
 
 Every refusal is an OpenAI-shaped JSON error; malformed requests get one too (400) instead of
 uvicorn's plain text. The limits reach every worker process through one environment variable.
-
-The same subclass writes a response of known length in one piece: uvicorn writes the status
-line and headers when the app sends ``http.response.start`` and the body at the next message,
-two writes (two ``send`` syscalls, two TCP segments) for every JSON answer. ``_OneWriteHead``
-holds the head until the body's first bytes and writes both together; streamed (chunked)
-answers and HEAD responses are written as before.
 """
 
 from __future__ import annotations
@@ -42,10 +36,6 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from tenantware.errors import error_body
 
 __all__ = ["PROTOCOL_PATH", "GuardedHttpToolsProtocol", "ServeLimits"]
-
-#: Bodies up to this size are joined to the held head (one copy, one write); a larger one is
-#: written after the head (a second write costs little next to its size).
-_JOIN_LIMIT = 64 * 1024
 
 #: What ``tenantware serve`` gives uvicorn as its ``http`` protocol.
 PROTOCOL_PATH = "tenantware.server_limits:GuardedHttpToolsProtocol"
@@ -157,12 +147,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if self._over_limit():
                 self._refuse(503, "the server is at its connection limit", "server_busy")
                 return
-        previous = self.cycle
         super().on_headers_complete()
-        cycle = self.cycle
-        if cycle is not None and cycle is not previous:
-            # The cycle's task has not run yet: it writes through the holder from the start.
-            cycle.transport = _OneWriteHead(cycle, self.transport)  # type: ignore[assignment]
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a request the parser rejects, as an OpenAI-shaped error."""
@@ -241,53 +226,3 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         head.append(b"connection: close\r\n\r\n")
         self.transport.write(b"".join(head) + body)
         self.transport.close()
-
-
-class _OneWriteHead:
-    """A response cycle's view of the client transport that holds a response head.
-
-    When the cycle writes the head of a response with ``content-length`` (not HEAD), the head
-    is kept and written with the first body bytes. After that first body write, or at once
-    for a streamed answer, the cycle is pointed back at the real transport, so the holder
-    costs nothing per SSE event. If the app fails before its body, uvicorn closes the
-    connection: the held head is dropped with it (the client sees a closed connection
-    instead of a head without its body; both are a failed request to it).
-    """
-
-    __slots__ = ("_cycle", "_head", "_transport")
-
-    def __init__(self, cycle: Any, transport: asyncio.Transport) -> None:
-        self._cycle = cycle
-        self._transport = transport
-        self._head: bytes | None = None
-
-    def write(self, data: bytes) -> None:
-        cycle = self._cycle
-        head = self._head
-        if head is not None:
-            self._head = None
-            cycle.transport = self._transport
-            if len(data) <= _JOIN_LIMIT:
-                self._transport.write(head + data)
-            else:
-                self._transport.write(head)
-                self._transport.write(data)
-            return
-        if not cycle.response_started:  # "100 Continue", before the response
-            self._transport.write(data)
-            return
-        if cycle.chunked_encoding is False and cycle.scope["method"] != "HEAD":
-            self._head = data  # the head of a response with a known length
-            return
-        cycle.transport = self._transport
-        self._transport.write(data)
-
-    def is_closing(self) -> bool:
-        return self._transport.is_closing()
-
-    def close(self) -> None:
-        self._head = None
-        self._transport.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
