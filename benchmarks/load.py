@@ -223,8 +223,13 @@ def start_upstream(latency_ms: float) -> Server:
     return Server("upstream", LOAD_CORE, argv, port)
 
 
-def start_gateway(config_path: Path, args: argparse.Namespace) -> Server:
+def start_gateway(config_path: Path, args: argparse.Namespace, upstream_port: int) -> Server:
     port = _free_port()
+    if getattr(args, "bare", False):
+        # The featureless relay (same server, same client): the floor, in the gateway's place.
+        argv = [str(HERE / "bare_relay.py"), "--port", str(port)]
+        argv += ["--upstream", f"http://127.0.0.1:{upstream_port}"]
+        return Server("gateway", GATEWAY_CORE, argv, port)
     if args.serve_workers:
         # The real command with N worker processes, allowed on every core (with 2 cores,
         # the second worker shares core 1 with wrk and the upstream: the whole machine).
@@ -433,7 +438,7 @@ class Bench:
             }
         config_path = workdir / f"gateway-{latency_ms:g}.json"
         config_path.write_text(json.dumps(config))
-        self.gateway = start_gateway(config_path, args)
+        self.gateway = start_gateway(config_path, args, self.upstream.port)
         self.scripts = {}
         for mode, body in self.modes.items():
             script = workdir / f"{mode}.lua"
@@ -878,7 +883,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if args.formats or args.closed_only:
                     # Closed loop only, every mode (with --formats: the Responses API too).
                     for mode in bench.modes:
-                        for concurrency in CONCURRENCY:
+                        for concurrency in args.concurrency:
                             bench.closed(mode, concurrency)
                         for target in ("direct", "gateway"):
                             key = f"{latency_ms:g}/{mode}/{target}"
@@ -977,6 +982,19 @@ def main() -> None:
     )
     parser.add_argument("--closed-only", action="store_true", help="closed-loop points only")
     parser.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        default=list(CONCURRENCY),
+        help="with --closed-only: the closed-loop concurrencies to run (default 1 16 64)",
+    )
+    parser.add_argument(
+        "--bare",
+        action="store_true",
+        help="measure benchmarks/bare_relay.py (uvicorn + aiohttp, no features) in the "
+        "gateway's place: the floor",
+    )
+    parser.add_argument(
         "--formats",
         action="store_true",
         help="closed loop only: chat completions and /v1/responses (translated and native)",
@@ -1020,6 +1038,7 @@ def main() -> None:
                 args.ledger if args.ledger != "none" else "",
                 f"cache-{args.cache}" if args.cache != "none" else "",
                 f"workers{args.serve_workers}" if args.serve_workers else "",
+                "bare" if args.bare else "",
                 args.tag,
             ],
         )
@@ -1032,6 +1051,7 @@ def main() -> None:
         "ledger": args.ledger,
         "cache": args.cache,
         "client": args.client,
+        "bare": args.bare,
         "server": args.server,
         "gc_freeze": args.gc_freeze,
         "serve_workers": args.serve_workers,

@@ -403,6 +403,59 @@ async def test_metrics_count_requests_and_need_the_admin_key() -> None:
     assert tokens == tokens_before + 2
 
 
+def test_metrics_of_one_batch_are_the_sums_of_its_records() -> None:
+    """The observer sums counters per label set within a batch: the totals are those of
+    counting record by record, and a kind with nothing to count gets no series."""
+    from tenantware.metering.ledger.record import UsageRecord
+    from tenantware.metering.telemetry import metrics_observer
+
+    gateway, _ = in_process_gateway()
+    observe = metrics_observer(gateway.live)
+
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    def record(n: int, **fields: Any) -> UsageRecord:
+        base: dict[str, Any] = {"record_id": f"m{n}", "request_id": f"q{n}", "ts": 1.0}
+        return UsageRecord(**{"tenant": "acme", "model_requested": "gpt-4.1", **base, **fields})
+
+    ok = {"tenant": "acme", "model": "gpt-4.1", "outcome": "ok"}
+    before = {
+        "requests": sample("tenantware_requests_total", **ok),
+        "hobby": sample("tenantware_requests_total", tenant="hobby", model="gpt-4.1", outcome="ok"),
+        "input": sample("tenantware_tokens_total", tenant="acme", model="gpt-4.1", kind="input"),
+        "output": sample("tenantware_tokens_total", tenant="acme", model="gpt-4.1", kind="output"),
+        "cost": sample("tenantware_cost_nanousd_total", tenant="acme", model="gpt-4.1"),
+        "errors": sample("tenantware_rejections_total", tenant="acme", reason="rejected_auth"),
+    }
+    batch = [
+        record(1, outcome="ok", input_tokens=10, output_tokens=3, cost_nanousd=100),
+        record(2, outcome="ok", input_tokens=5, output_tokens=0, cost_nanousd=50),
+        record(3, tenant="hobby", outcome="ok", input_tokens=7),
+        record(4, outcome="rejected_auth", input_tokens=99, cost_nanousd=999),
+        record(5, outcome="rejected_auth"),
+    ]
+    observe(batch)
+    assert sample("tenantware_requests_total", **ok) == before["requests"] + 2
+    hobby = sample("tenantware_requests_total", tenant="hobby", model="gpt-4.1", outcome="ok")
+    assert hobby == before["hobby"] + 1
+    acme_input = sample("tenantware_tokens_total", tenant="acme", model="gpt-4.1", kind="input")
+    assert acme_input == before["input"] + 15  # not the refused record's 99
+    acme_output = sample("tenantware_tokens_total", tenant="acme", model="gpt-4.1", kind="output")
+    assert acme_output == before["output"] + 3
+    cost = sample("tenantware_cost_nanousd_total", tenant="acme", model="gpt-4.1")
+    assert cost == before["cost"] + 150
+    errors = sample("tenantware_rejections_total", tenant="acme", reason="rejected_auth")
+    assert errors == before["errors"] + 2
+    seconds = sample("tenantware_request_seconds_count", tenant="acme", model="gpt-4.1")
+    assert seconds >= 4  # every acme record observed (histograms stay per record)
+    # Nothing was cached for hobby: no zero-valued series appears.
+    cached = REGISTRY.get_sample_value(
+        "tenantware_tokens_total", {"tenant": "hobby", "model": "gpt-4.1", "kind": "cached"}
+    )
+    assert cached is None
+
+
 def test_metering_settings_are_validated() -> None:
     from tenantware import ConfigError, parse_config
 

@@ -89,6 +89,17 @@ _COUNTED_BY_THEIR_LAYER: Final = frozenset(
 _MAX_CHILDREN: Final = 10_000
 
 
+#: Positions of the per-batch sums in ``metrics_observer`` and the children they go to.
+_REQUESTS, _INPUT, _OUTPUT, _CACHED, _COST, _REJECTIONS = range(6)
+_SUMMED: Final = (
+    (_INPUT, "input"),
+    (_OUTPUT, "output"),
+    (_CACHED, "cached"),
+    (_COST, "cost"),
+    (_REJECTIONS, "rejections"),
+)
+
+
 class _Children:
     """The metric children one (tenant, model, outcome) updates, each looked up once.
 
@@ -136,6 +147,9 @@ def metrics_observer(live: LiveConfig) -> Callable[[Sequence[UsageRecord]], None
         snapshot = live.current
         models = snapshot.catalogue.models
         tenants = {t.id for t in snapshot.config.tenants}
+        # Counters are summed per label set and incremented once per batch (each ``inc``
+        # takes a lock); histograms need every value and are observed per record.
+        sums: dict[_Children, list[int]] = {}
         for r in records:
             tenant = r.tenant if r.tenant in tenants else "other"
             model = r.model_served or r.model_requested
@@ -146,7 +160,10 @@ def metrics_observer(live: LiveConfig) -> Callable[[Sequence[UsageRecord]], None
                 if len(children) >= _MAX_CHILDREN:
                     children.clear()
                 c = children[key] = _Children(tenant, model, r.outcome)
-            c.requests.inc()
+            counts = sums.get(c)
+            if counts is None:
+                counts = sums[c] = [0, 0, 0, 0, 0, 0]
+            counts[_REQUESTS] += 1
             c.seconds.observe(r.latency_s)
             if r.outcome == SHADOW:
                 continue  # a migration trial's copy: counted, its cost is not the tenant's
@@ -154,18 +171,20 @@ def metrics_observer(live: LiveConfig) -> Callable[[Sequence[UsageRecord]], None
                 c.child("added").observe(max(0.0, r.latency_s - r.upstream_latency_s))
             if r.outcome in NOT_BILLED:
                 if r.outcome not in _COUNTED_BY_THEIR_LAYER:
-                    c.child("rejections").inc()
+                    counts[_REJECTIONS] += 1
                 continue
-            if r.input_tokens:
-                c.child("input").inc(r.input_tokens)
-            if r.output_tokens:
-                c.child("output").inc(r.output_tokens)
-            if r.cached_tokens:
-                c.child("cached").inc(r.cached_tokens)
-            if r.cost_nanousd:
-                c.child("cost").inc(r.cost_nanousd)
+            counts[_INPUT] += r.input_tokens
+            counts[_OUTPUT] += r.output_tokens
+            counts[_CACHED] += r.cached_tokens
+            counts[_COST] += r.cost_nanousd
             if r.ttft_s is not None:
                 c.child("ttft").observe(r.ttft_s)
+        for c, counts in sums.items():
+            c.requests.inc(counts[_REQUESTS])
+            # A series appears with its first value, never as a zero.
+            for index, name in _SUMMED:
+                if counts[index]:
+                    c.child(name).inc(counts[index])
 
     return observe
 
