@@ -48,6 +48,7 @@ __all__ = [
     "Upstream",
     "UpstreamKey",
     "expand_env",
+    "expanded_url",
     "load_config",
     "parse_config",
     "policy_problem",
@@ -87,6 +88,13 @@ def expand_env(value: str, setting: str) -> str:
         return found
 
     return _ENV_REFERENCE.sub(lookup, value)
+
+
+def expanded_url(url: str | None, setting: str) -> str | None:
+    """A store or ledger URL setting as it is opened: ``${NAME}`` expanded (``expand_env``),
+    ``None`` (or empty) when unset. Every path that opens a configured URL goes through here,
+    the gateway and the command line alike."""
+    return expand_env(url, setting) if url else None
 
 
 def _check_money(obj: Struct) -> None:
