@@ -49,6 +49,7 @@ __all__ = [
     "UpstreamKey",
     "expand_env",
     "expanded_url",
+    "failure_policy",
     "load_config",
     "parse_config",
     "policy_problem",
@@ -375,6 +376,17 @@ DEFAULT_FAILURE_POLICIES: dict[LimitKind, FailurePolicy] = {
     "concurrency": "local",
     "budget": "closed",
 }
+
+
+def failure_policy(config: GatewayConfig, kind: LimitKind | Literal["admission"]) -> FailurePolicy:
+    """What stands in for the shared store for ``kind`` while it is unreachable: the kind's
+    own ``quota.on_store_failure``, else ``gateway.on_store_failure``, else the default (for
+    admission: ``local``, each process keeps its share of the seats). The one rule the quota
+    plans, the admission store and ``/readyz`` all read."""
+    default = config.gateway.on_store_failure
+    if kind == "admission":
+        return default or "local"
+    return config.quota.on_store_failure.get(kind) or default or DEFAULT_FAILURE_POLICIES[kind]
 
 
 # -- end of quota settings ------------------------------------------------------------------

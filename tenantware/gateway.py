@@ -26,7 +26,7 @@ from tenantware.backends.errors import STORE_UNAVAILABLE
 from tenantware.balances import Balances, HmacTestProvider, PaymentProvider
 from tenantware.breaker.board import BreakerBoard
 from tenantware.cache import CacheStore, open_cache
-from tenantware.config import ConfigError, GatewayConfig, expanded_url
+from tenantware.config import ConfigError, GatewayConfig, expanded_url, failure_policy
 from tenantware.crypto import KeyRing, key_provider
 from tenantware.dashboard import DashboardApp, LiveSources, is_dashboard_path
 from tenantware.estimate import PromptEstimator, estimate_prompt_tokens
@@ -111,7 +111,7 @@ class Gateway:
             prefix=settings.redis_prefix,
             timeout_s=settings.redis_timeout_s,
             replicas=settings.replicas,
-            on_failure=settings.on_store_failure or "local",
+            on_failure=failure_policy(config, "admission"),
             probe_interval_s=config.quota.retry_store_after_s or settings.store_probe_interval_s,
         )
         #: Tenants and keys: the file's (in this process), or ``gateway.registry_url``'s.
