@@ -194,6 +194,11 @@ def _balances_verify(args: argparse.Namespace) -> int:
     return _call(args, "GET", "/admin/balances/verify", check="ok")
 
 
+def _balances_reconcile(args: argparse.Namespace) -> int:
+    path = f"/admin/tenants/{args.tenant}/balance/reconcile"
+    return _call(args, "POST", path, check="ok")
+
+
 def _balances_codes(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"count": args.count, "amount_usd": args.amount_usd}
     if args.tenant:
@@ -521,6 +526,12 @@ def add_commands(commands: Any) -> None:
         _balances_verify,
         "compare every balance with its journal (exit 1 on a difference)",
     )
+    command(
+        balance_commands,
+        "reconcile",
+        _balances_reconcile,
+        "set a balance back to its journal's sum (when no request of it is in flight)",
+    ).add_argument("tenant")
     codes = command(balance_commands, "codes", _balances_codes, "create redemption codes")
     codes.add_argument("count", type=int)
     codes.add_argument("amount_usd")
