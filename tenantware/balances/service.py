@@ -302,15 +302,19 @@ class Balances:
         """
         credited = await self.journal.credit_ids(tenant_id)
         journal = (await self.journal.totals()).get(tenant_id, 0)
-        if await self.store.balance(tenant_id) is None and (journal or credited):
-            if await self.store.restore(tenant_id, journal, credited):
-                return Reconciled(
-                    tenant_id=tenant_id,
-                    journal_nanousd=journal,
-                    before_nanousd=None,
-                    after_nanousd=await self.store.balance(tenant_id),
-                    correction_nanousd=journal,
-                )
+        missing = await self.store.balance(tenant_id) is None
+        if (
+            missing
+            and (journal or credited)
+            and await self.store.restore(tenant_id, journal, credited)
+        ):
+            return Reconciled(
+                tenant_id=tenant_id,
+                journal_nanousd=journal,
+                before_nanousd=None,
+                after_nanousd=await self.store.balance(tenant_id),
+                correction_nanousd=journal,
+            )
         for entry_id in credited:
             await self.store.credit(tenant_id, entry_id, 0, low_nanousd)
         before = await self.store.balance(tenant_id)
