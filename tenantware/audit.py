@@ -24,6 +24,7 @@ AuditAction = Literal[
     "admin_key.revoke",
     "registry.seed",
     "balance.credit",
+    "balance.reconcile",
     "redemption_codes.create",
     "policy.update",
 ]

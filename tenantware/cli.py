@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import Any
 
-from tenantware.config import ConfigError, load_config
+from tenantware.config import ConfigError, expanded_url, load_config
 from tenantware.keys import KeyHasher, generate_key
 from tenantware.types import ASGIApp, Scope
 
@@ -257,8 +257,10 @@ def _usage(args: argparse.Namespace) -> int:
     from tenantware.metering.reports import parse_time, records_csv, report_csv, usage_report
 
     settings = None
-    url = args.ledger
     try:
+        # Expanded like the configuration's URL: a quoted ``${NAME}`` keeps a password out of
+        # the process list.
+        url = expanded_url(args.ledger, "--ledger")
         if args.config:
             config = load_config(args.config)
             settings = config.metering
@@ -461,7 +463,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     usage = commands.add_parser("usage", help="usage report from the ledger")
     usage.add_argument("--config", help="configuration file (its ledger and currency)")
-    usage.add_argument("--ledger", help="ledger URL (overrides the configuration)")
+    usage.add_argument(
+        "--ledger", help="ledger URL (overrides the configuration; ${NAME} is expanded)"
+    )
     usage.add_argument("--tenant", help="one tenant (default: every tenant)")
     usage.add_argument("--since", default="30d", help="2026-11-01, 2026-11-01T12:00Z, 24h, 7d")
     usage.add_argument("--until", help="end (exclusive), same forms as --since")
@@ -483,7 +487,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_commands(commands)
 
     args = parser.parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except ConfigError as exc:  # e.g. a ``${NAME}`` in a URL whose variable is not set
+        print(f"tenantware: {exc}", file=sys.stderr)
+        return 2
     return result
 
 

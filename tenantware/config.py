@@ -48,6 +48,8 @@ __all__ = [
     "Upstream",
     "UpstreamKey",
     "expand_env",
+    "expanded_url",
+    "failure_policy",
     "load_config",
     "parse_config",
     "policy_problem",
@@ -87,6 +89,13 @@ def expand_env(value: str, setting: str) -> str:
         return found
 
     return _ENV_REFERENCE.sub(lookup, value)
+
+
+def expanded_url(url: str | None, setting: str) -> str | None:
+    """A store or ledger URL setting as it is opened: ``${NAME}`` expanded (``expand_env``),
+    ``None`` (or empty) when unset. Every path that opens a configured URL goes through here,
+    the gateway and the command line alike."""
+    return expand_env(url, setting) if url else None
 
 
 def _check_money(obj: Struct) -> None:
@@ -367,6 +376,17 @@ DEFAULT_FAILURE_POLICIES: dict[LimitKind, FailurePolicy] = {
     "concurrency": "local",
     "budget": "closed",
 }
+
+
+def failure_policy(config: GatewayConfig, kind: LimitKind | Literal["admission"]) -> FailurePolicy:
+    """What stands in for the shared store for ``kind`` while it is unreachable: the kind's
+    own ``quota.on_store_failure``, else ``gateway.on_store_failure``, else the default (for
+    admission: ``local``, each process keeps its share of the seats). The one rule the quota
+    plans, the admission store and ``/readyz`` all read."""
+    default = config.gateway.on_store_failure
+    if kind == "admission":
+        return default or "local"
+    return config.quota.on_store_failure.get(kind) or default or DEFAULT_FAILURE_POLICIES[kind]
 
 
 # -- end of quota settings ------------------------------------------------------------------

@@ -26,7 +26,7 @@ from tenantware.backends.errors import STORE_UNAVAILABLE
 from tenantware.balances import Balances, HmacTestProvider, PaymentProvider
 from tenantware.breaker.board import BreakerBoard
 from tenantware.cache import CacheStore, open_cache
-from tenantware.config import ConfigError, GatewayConfig, expand_env
+from tenantware.config import ConfigError, GatewayConfig, expanded_url, failure_policy
 from tenantware.crypto import KeyRing, key_provider
 from tenantware.dashboard import DashboardApp, LiveSources, MigrationSource, is_dashboard_path
 from tenantware.estimate import PromptEstimator, estimate_prompt_tokens
@@ -107,16 +107,16 @@ class Gateway:
         settings = config.gateway
         #: Where every layer keeps its state: memory, or ``gateway.redis_url``.
         self.stores: Stores = open_stores(
-            _expanded(settings.redis_url, "gateway.redis_url"),
+            expanded_url(settings.redis_url, "gateway.redis_url"),
             prefix=settings.redis_prefix,
             timeout_s=settings.redis_timeout_s,
             replicas=settings.replicas,
-            on_failure=settings.on_store_failure or "local",
+            on_failure=failure_policy(config, "admission"),
             probe_interval_s=config.quota.retry_store_after_s or settings.store_probe_interval_s,
         )
         #: Tenants and keys: the file's (in this process), or ``gateway.registry_url``'s.
         self.registry_store: RegistryStore = self.stores.registry_store(
-            _expanded(settings.registry_url, "gateway.registry_url"), tenants=config.tenants
+            expanded_url(settings.registry_url, "gateway.registry_url"), tenants=config.tenants
         )
         self.registry = RegistrySync(
             self.live, self.registry_store, check_s=settings.registry_check_s
@@ -197,7 +197,7 @@ class Gateway:
                 cache = RedisCacheStore(redis, prefix=config.gateway.redis_prefix)
             else:
                 cache = open_cache(
-                    _expanded(data.cache_url, "data.cache_url"),
+                    expanded_url(data.cache_url, "data.cache_url"),
                     prefix=config.gateway.redis_prefix,
                     timeout_s=config.gateway.redis_timeout_s,
                 )
@@ -577,14 +577,10 @@ class Gateway:
         return app
 
 
-def _expanded(url: str | None, setting: str) -> str | None:
-    return expand_env(url, setting) if url else url
-
-
 def ledger_url(config: GatewayConfig) -> str:
     """The ledger URL ``config`` names (``${NAME}`` expanded), or the default SQLite file."""
     url = config.metering.ledger_url or config.gateway.ledger_url
-    return expand_env(url, "metering.ledger_url") if url else DEFAULT_LEDGER_URL
+    return expanded_url(url, "metering.ledger_url") or DEFAULT_LEDGER_URL
 
 
 def is_admin_path(path: str) -> bool:

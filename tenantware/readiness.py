@@ -12,11 +12,17 @@ none.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
-from tenantware.config import DEFAULT_FAILURE_POLICIES, FailurePolicy, GatewayConfig
+from tenantware.config import (
+    DEFAULT_FAILURE_POLICIES,
+    FailurePolicy,
+    GatewayConfig,
+    LimitKind,
+    failure_policy,
+)
 
 if TYPE_CHECKING:
     from tenantware.gateway import Gateway
@@ -30,13 +36,8 @@ _MIN_PING_S = 0.5
 
 def failure_policies(config: GatewayConfig) -> dict[str, FailurePolicy]:
     """What stands in for the shared store, per kind of limit and for admission."""
-    default = config.gateway.on_store_failure
-    policies: dict[str, FailurePolicy] = {
-        kind: config.quota.on_store_failure.get(kind) or default or fallback
-        for kind, fallback in DEFAULT_FAILURE_POLICIES.items()
-    }
-    policies["admission"] = default or "local"
-    return policies
+    kinds: tuple[LimitKind | Literal["admission"], ...] = (*DEFAULT_FAILURE_POLICIES, "admission")
+    return {kind: failure_policy(config, kind) for kind in kinds}
 
 
 def gateway_checks(gateway: Gateway) -> dict[str, ReadinessCheck]:

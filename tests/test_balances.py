@@ -567,3 +567,120 @@ async def test_a_credit_cut_between_journal_and_store_completes_once_on_retry(
         shown = await admin.get("/admin/tenants/acme/balance")
         assert shown.json()["balance_nanousd"] == 4_000_000_000
         assert (await admin.get("/admin/balances/verify")).json()["ok"] is True
+
+
+# -- repair: the store set back to the journal --------------------------------------------------
+
+
+async def test_reconcile_sets_a_redis_balance_back_to_its_journal_once_and_audits_it(
+    redis_url: str, redis_prefix: str
+) -> None:
+    import redis.asyncio as aioredis
+
+    config = prepaid_config(gateway={"redis_url": redis_url, "redis_prefix": redis_prefix})
+    gateway, _ = in_process_gateway(config=config)
+    app = gateway.asgi_app()
+    raw = aioredis.from_url(redis_url)
+    try:
+        await _repairs(gateway, app, config, raw, redis_prefix)
+    finally:
+        await raw.aclose()
+
+
+async def _repairs(gateway: Any, app: Any, config: Any, raw: Any, redis_prefix: str) -> None:
+    from tenantware.quota.plan import balance_key
+
+    async with gateway.running(), client_for(app, ADMIN) as admin:
+        balances = gateway.balances
+        assert balances is not None
+        store, journal = balances.store, balances.journal
+        headers = {"Idempotency-Key": "repair-1"}
+        path = "/admin/tenants/acme/balance/topups"
+        assert (await admin.post(path, json={"amount_usd": "1"}, headers=headers)).is_success
+        reconcile = "/admin/tenants/acme/balance/reconcile"
+        agreed = await admin.post(reconcile)
+        assert (agreed.status_code, agreed.json()["correction_nanousd"]) == (200, 0)
+
+        # 1. A credit the journal took whose store write never happened.
+        lost = JournalEntry(
+            id="bal_lost", tenant_id="acme", at=time.time(), kind="topup",
+            amount_nanousd=500, reference="topup:acme:lost", actor="admin:ops",
+        )  # fmt: skip
+        await journal.append(lost)
+        assert (await admin.get("/admin/balances/verify")).json()["ok"] is False
+        repaired = await admin.post(reconcile)
+        assert repaired.status_code == 200
+        assert repaired.json() == {
+            "object": "balance.reconcile",
+            "tenant": "acme",
+            "journal_nanousd": 1_000_000_500,
+            "before_nanousd": 1_000_000_000,
+            "after_nanousd": 1_000_000_500,
+            "correction_nanousd": 500,
+            "ok": True,
+        }
+        again = await admin.post(reconcile)  # idempotent: nothing left to repair
+        assert (again.json()["correction_nanousd"], again.json()["ok"]) == (0, True)
+        assert (await admin.get("/admin/balances/verify")).json()["ok"] is True
+        # The same difference repaired twice at once (two operators, two replicas): once.
+        await journal.append(msgspec.structs.replace(lost, id="bal_lost2", reference="r2"))
+        twice = [await balances.reconcile("acme"), await _stale_reconcile(balances, "acme")]
+        assert [r.correction_nanousd for r in twice] == [500, 500]
+        assert twice[0].entry_id == twice[1].entry_id
+        assert await store.balance("acme") == 1_000_001_000
+
+        # 2. Redis lost the balance while a request was in flight; its settle (a refund)
+        # wrote a fresh balance, so the start-up restore no longer applies.
+        plan, _ = build_plan(config, "acme", Limits(), None, redis_prefix, balance_low=0)
+        assert plan is not None
+        held = await store.reserve(plan, 10, 1000, "t-flush", charge=1000)
+        assert held.allowed
+        key = balance_key(redis_prefix, "acme")
+        await raw.delete(key, key + ":credited")
+        await store.settle(plan, held.now_us, "t-flush", 0, -400, charge_delta=-400)
+        debit = JournalEntry(
+            id="bal_debit", tenant_id="acme", at=time.time(), kind="debit",
+            amount_nanousd=-600, reference="debit:t-flush",
+        )  # fmt: skip
+        await journal.append(debit)
+        assert await balances.restore() == []
+        assert await store.balance("acme") == 400
+        restored = await admin.post(reconcile)
+        assert restored.json()["before_nanousd"] == 400
+        assert restored.json()["after_nanousd"] == 1_000_000_400 == await store.balance("acme")
+        assert (await admin.get("/admin/balances/verify")).json()["ok"] is True
+        # A later credit of an entry the journal held before the flush still applies once.
+        assert await store.credit("acme", "bal_lost", 500, 0) == 1_000_000_400
+
+        # 3. A balance the store lost entirely is restored whole (with its credited ids).
+        await raw.delete(key, key + ":credited")
+        whole = await admin.post(reconcile)
+        assert (whole.json()["before_nanousd"], whole.json()["ok"]) == (None, True)
+        assert await store.credit("acme", "bal_lost", 500, 0) == 1_000_000_400
+
+        audit = (await admin.get("/admin/audit?action=balance.reconcile")).json()["data"]
+        assert len(audit) == 3
+        assert {entry["actor"] for entry in audit} == {"admin:ops"}
+        acme = client_for(app, KEYS["acme"])
+        async with acme:
+            assert (await acme.post(reconcile)).status_code == 403
+
+
+async def _stale_reconcile(balances: Balances, tenant_id: str) -> Any:
+    """A second repair that read the store before the first one credited it."""
+    from tenantware.balances import Reconciled
+
+    store = balances.store
+    real = store.balance
+    stale = await real(tenant_id)
+    assert stale is not None
+
+    async def before(_tenant: str) -> int | None:
+        return stale - 500
+
+    store.balance = before  # type: ignore[method-assign]
+    try:
+        done: Reconciled = await balances.reconcile(tenant_id)
+    finally:
+        del store.balance
+    return done

@@ -534,3 +534,62 @@ async def test_a_complete_stream_is_a_success_not_a_client_disconnect() -> None:
     assert response.status_code == 200
     assert response.headers[SERVED] == "gpt-4.1"
     assert seen[-1].outcome == "ok"
+
+
+class Recording:
+    """An upstream app that keeps every request body it is sent."""
+
+    def __init__(self, app: FakeUpstream) -> None:
+        self.app = app
+        self.bodies: list[bytes] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        parts = []
+        while True:
+            message = await receive()
+            parts.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body = b"".join(parts)
+        self.bodies.append(body)
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+async def test_a_retried_translated_request_is_translated_once_and_sent_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tenantware.formats import responses
+
+    translations = []
+    translate = responses.request_to_chat
+
+    def counted(body: dict[str, Any], model: str) -> dict[str, Any]:
+        translations.append(model)
+        return translate(body, model)
+
+    monkeypatch.setattr(responses, "request_to_chat", counted)
+    fake = FakeUpstream(FakeUpstreamConfig(fail_next=[502, 503, 200]))
+    recording = Recording(fake)
+    gateway, _ = gateway_for(
+        Hosts(primary=recording),  # type: ignore[arg-type]
+        [upstream("primary", "gpt-4.1")],
+        {"max_attempts": 3, "retry_base_s": 0.01, "deployment": deployment()},
+    )
+    request = {"model": "gpt-4.1", "input": "Hello there", "max_output_tokens": 5}
+    async with client_for(gateway.asgi_app(), KEYS["acme"]) as client:
+        answered = await client.post("/v1/responses", json=request)
+    assert answered.status_code == 200
+    assert answered.json()["object"] == "response"
+    assert len(recording.bodies) == 3
+    assert len(set(recording.bodies)) == 1
+    assert json.loads(recording.bodies[0])["max_tokens"] == 5
+    assert translations == ["gpt-4.1"]

@@ -243,6 +243,55 @@ def test_chat_stream_becomes_the_responses_event_sequence() -> None:
     assert tap.usage == Usage(9, 3)
 
 
+def _checked_output(bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The output items of a Responses event sequence, checked as OpenAI's stream keeps them:
+    each item is added at the next ``output_index``, its deltas and parts name it while it is
+    open, only one item is open at a time, and ``response.completed`` lists the finished items
+    in order."""
+    done: list[dict[str, Any]] = []
+    open_at: int | None = None
+    for body in bodies:
+        kind = body["type"]
+        if kind == "response.output_item.added":
+            assert open_at is None, "an item was added while another was open"
+            assert body["output_index"] == len(done)
+            open_at = body["output_index"]
+            open_item = body["item"]
+        elif kind == "response.output_item.done":
+            assert body["output_index"] == open_at
+            assert body["item"]["id"] == open_item["id"]
+            done.append(body["item"])
+            open_at = None
+        elif kind.startswith(("response.output_text.", "response.content_part.")):
+            assert (body["output_index"], body["item_id"]) == (open_at, open_item["id"])
+            assert open_item["type"] == "message"
+        elif kind.startswith("response.function_call_arguments."):
+            assert (body["output_index"], body["item_id"]) == (open_at, open_item["id"])
+            assert open_item["type"] == "function_call"
+        elif kind == "response.completed":
+            assert open_at is None
+            assert body["response"]["output"] == done
+    assert len({item["id"] for item in done}) == len(done)
+    return done
+
+
+def test_text_after_a_tool_call_opens_a_new_message_item() -> None:
+    head = {"id": "c", "model": "gpt"}
+    call = {"index": 0, "id": "c1", "function": {"name": "f", "arguments": "{}"}}
+    deltas = [{"content": "He"}, {"tool_calls": [call]}, {"content": "y"}, {"content": "!"}]
+    chunks = [{**head, "choices": [{"index": 0, "delta": delta}]} for delta in deltas]
+    chunks.append({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    raw = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks)
+    tap = fmt.ToResponsesStream("resp_1", "gpt-4.1")
+    out = tap.feed(raw + b"data: [DONE]\n\n") + tap.flush()
+    splitter = EventSplitter()
+    bodies = [json.loads(parse_event(e)[1]) for e in [*splitter.feed(out), *splitter.flush()]]
+    output = _checked_output(bodies)
+    assert [item["type"] for item in output] == ["message", "function_call", "message"]
+    assert [item["content"][0]["text"] for item in (output[0], output[2])] == ["He", "y!"]
+    assert [b["sequence_number"] for b in bodies] == list(range(len(bodies)))
+
+
 # -- end to end: the openai SDK's responses calls ---------------------------------------------
 
 
@@ -357,6 +406,38 @@ def test_sdk_responses_stream(served: tuple[Gateway, str, FakeUpstream]) -> None
     record = _billed_as_reported(gateway, fake, "responses-stream-1")
     assert record.stream
     assert not record.estimated
+
+
+def test_sdk_responses_stream_with_text_after_the_tool_call(
+    served: tuple[Gateway, str, FakeUpstream],
+) -> None:
+    gateway, url, fake = served
+    fake.config.tool_use = fake.config.tool_call_mid_text = True
+    tools = [{"type": "function", "name": "lookup", "parameters": {"type": "object"}}]
+    # The events as they are on the wire, then as the SDK assembles them.
+    raw = httpx.post(
+        url + "/v1/responses",
+        json={"model": "gpt-4.1", "input": "Hello there", "tools": tools, "stream": True},
+        headers={"authorization": f"Bearer {KEYS['acme']}", "x-request-id": "responses-stream-2"},
+        timeout=10,
+    )
+    assert raw.status_code == 200
+    splitter = EventSplitter()
+    events = [*splitter.feed(raw.content), *splitter.flush()]
+    output = _checked_output([json.loads(parse_event(event)[1]) for event in events])
+    assert [item["type"] for item in output] == ["message", "function_call", "message"]
+    assert "".join(item["content"][0]["text"] for item in (output[0], output[2])) == TOKEN_TEXT * 5
+    _billed_as_reported(gateway, fake, "responses-stream-2")
+    with _client(url).responses.stream(
+        model="gpt-4.1",
+        input="Hello there",
+        tools=tools,  # type: ignore[arg-type]
+        extra_headers={"x-request-id": "responses-stream-3"},
+    ) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text == TOKEN_TEXT * 5
+    assert [item.type for item in final.output] == ["message", "function_call", "message"]
 
 
 @pytest.mark.parametrize("kind", ["translated", "native"])

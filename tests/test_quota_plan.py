@@ -72,3 +72,38 @@ def test_the_local_fallback_divides_limits_among_replicas() -> None:
     assert requests.p2 // requests.p1 == 15  # burst shared too
     assert requests.p1 == 4 * 1_000_000  # one every 4 s: 15 per minute
     assert tokens.p2 == 10_000
+
+
+def test_one_failure_policy_rule_for_plans_admission_and_readiness() -> None:
+    """The kind's own policy wins over the gateway's, which wins over the defaults; the plans,
+    the admission store and ``/readyz`` all read ``failure_policy``."""
+    from tenantware import Gateway
+    from tenantware.config import failure_policy
+    from tenantware.readiness import failure_policies
+
+    kinds = ("requests", "tokens", "concurrency", "budget")
+    defaults = {"requests": "local", "tokens": "local", "concurrency": "local", "budget": "closed"}
+    limits = {"requests_per_minute": 60, "tokens_per_minute": 600, "concurrent_requests": 2}
+    limits |= {"daily_budget_usd": "5", "monthly_budget_usd": "50"}
+    for gateway_policy in (None, "open", "closed", "local"):
+        for own in ({}, {"tokens": "open", "budget": "local"}):
+            config = make_config(
+                gateway={"on_store_failure": gateway_policy},
+                quota={"on_store_failure": own, "global_limits": limits},
+            )
+            expected = {kind: own.get(kind) or gateway_policy or defaults[kind] for kind in kinds}
+            expected["admission"] = gateway_policy or "local"
+            assert {k: failure_policy(config, k) for k in expected} == expected  # type: ignore[arg-type]
+            assert failure_policies(config) == expected
+            _, plan = build_plan(config, "acme", config.quota.global_limits, None, "")
+            assert plan is not None
+            by_kind = {limit.name: limit.policy for limit in plan.limits}
+            assert by_kind == {
+                "requests per minute": expected["requests"],
+                "tokens per minute": expected["tokens"],
+                "concurrent requests": expected["concurrency"],
+                "daily budget": expected["budget"],
+                "monthly budget": expected["budget"],
+            }
+            gateway = Gateway(config)
+            assert gateway.stores.on_failure == expected["admission"]

@@ -288,3 +288,45 @@ def test_cli_exports_a_tenant_and_imports_it_into_another_deployment(
     journal = anyio.run(lambda: SqliteLedger(tmp_path / "two.db").totals())
     assert journal == {"acme": 7}
     assert main(["tenants", "export", "nobody", "--config", str(source)]) == 1
+
+
+def test_cli_expands_environment_references_in_every_url_it_opens(
+    tmp_path: Path,
+    redis_url: str,
+    redis_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``${NAME}`` in the ledger, registry and store URLs is expanded by the command line as
+    by the gateway: ``tenants export``/``import`` and ``usage`` open the ledger the gateway
+    writes to."""
+    monkeypatch.setenv("TW_TEST_LEDGER_DIR", str(tmp_path))
+    monkeypatch.setenv("TW_TEST_REDIS_URL", redis_url)
+    source = _deployment(tmp_path, "one", "${TW_TEST_REDIS_URL}", redis_prefix)
+    target = _deployment(tmp_path, "two", "${TW_TEST_REDIS_URL}", redis_prefix, shared_store=True)
+    for path in (source, target):
+        path.write_text(path.read_text().replace(str(tmp_path), "${TW_TEST_LEDGER_DIR}"))
+    assert "${TW_TEST_LEDGER_DIR}/one.db" in source.read_text()
+    assert main(["registry", "import", "--config", str(source), str(source)]) == 0
+    record = UsageRecord(record_id="acme-1", request_id="r", ts=1.0, tenant="acme", cost_nanousd=9)
+    anyio.run(SqliteLedger(tmp_path / "one.db").write, [record])
+    credit = JournalEntry(
+        id="bal-acme", tenant_id="acme", at=1.0, kind="topup", amount_nanousd=7, reference="x"
+    )
+    anyio.run(SqliteLedger(tmp_path / "one.db").append, credit)
+    archive = tmp_path / "acme.tw.json"
+    assert main(["tenants", "export", "acme", "--config", str(source), "-o", str(archive)]) == 0
+    assert decode_archive(archive.read_bytes()).usage_records == [record]
+    capsys.readouterr()
+    assert main(["tenants", "import", str(archive), "--config", str(target)]) == 0
+    assert json.loads(capsys.readouterr().out)["balance_restored"]
+    assert anyio.run(lambda: SqliteLedger(tmp_path / "two.db").query()) == [record]
+    for where in (
+        ["--config", str(target)],
+        ["--ledger", "sqlite:///${TW_TEST_LEDGER_DIR}/two.db"],
+    ):
+        assert main(["usage", *where, "--since", "1970-01-01", "--format", "records"]) == 0
+        assert "acme-1" in capsys.readouterr().out
+    monkeypatch.delenv("TW_TEST_LEDGER_DIR")
+    assert main(["tenants", "export", "acme", "--config", str(source)]) == 2
+    assert "TW_TEST_LEDGER_DIR is not set" in capsys.readouterr().err

@@ -45,6 +45,7 @@ from tenantware.admin.schemas import (
     AuditList,
     BalanceCheckOut,
     BalanceOut,
+    BalanceReconciled,
     BalanceVerify,
     CodesCreate,
     CodesCreated,
@@ -258,6 +259,7 @@ class AdminApi:
             "/admin/tenants/{tenant_id}/balance/topups": on(self._topup),
             "/admin/tenants/{tenant_id}/balance/journal": on(self._journal),
             "/admin/tenants/{tenant_id}/balance/redeem": on(self._redeem),
+            "/admin/tenants/{tenant_id}/balance/reconcile": on(self._reconcile),
             "/admin/redemption-codes": on(self._create_codes),
             "/admin/balances/verify": on(self._verify),
             "/admin/payments/{provider}": on(self._payment, auth=False),
@@ -1182,6 +1184,34 @@ class AdminApi:
             for c in checks
         ]
         return _json(BalanceVerify(ok=all(c.ok for c in data), data=data))
+
+    async def _reconcile(self, request: Request, caller: Caller) -> Response:
+        tenant_id: str = request.path_params["tenant_id"]
+        if request.method != "POST":
+            raise _method(request)
+        self._allow(caller, "admin")
+        balances = self._balances(write=True)
+        tenant = await self._prepaid_tenant(tenant_id)
+        try:
+            done = await balances.reconcile(tenant_id, low_nanousd=_low(tenant))
+        except STORE_UNAVAILABLE:
+            raise Refusal(
+                503,
+                "The balance store cannot be reached; retry: the repair applies once.",
+                "balance_store_unavailable",
+            ) from None
+        answer = BalanceReconciled(
+            tenant=tenant_id,
+            journal_nanousd=done.journal_nanousd,
+            before_nanousd=done.before_nanousd,
+            after_nanousd=done.after_nanousd,
+            correction_nanousd=done.correction_nanousd,
+            ok=(done.after_nanousd or 0) == done.journal_nanousd,
+        )
+        if done.correction_nanousd:
+            audit = self._audit_entry(request, caller, "balance.reconcile", tenant_id, 0)
+            await self._record(audit, 0, None, answer)
+        return _json(answer)
 
     async def _payment(self, request: Request, caller: Caller) -> Response:
         name: str = request.path_params["provider"]

@@ -194,6 +194,11 @@ def _balances_verify(args: argparse.Namespace) -> int:
     return _call(args, "GET", "/admin/balances/verify", check="ok")
 
 
+def _balances_reconcile(args: argparse.Namespace) -> int:
+    path = f"/admin/tenants/{args.tenant}/balance/reconcile"
+    return _call(args, "POST", path, check="ok")
+
+
 def _balances_codes(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"count": args.count, "amount_usd": args.amount_usd}
     if args.tenant:
@@ -209,14 +214,14 @@ def _balances_redeem(args: argparse.Namespace) -> int:
 
 
 def _registry_of(args: argparse.Namespace) -> Any:
-    from tenantware.config import expand_env, load_config
+    from tenantware.config import expanded_url, load_config
     from tenantware.registry import open_registry
 
     settings = load_config(args.config).gateway
-    url = args.registry_url or settings.registry_url
+    url = expanded_url(args.registry_url or settings.registry_url, "gateway.registry_url")
     if not url:
         raise SystemExit("tenantware: no shared registry: set gateway.registry_url")
-    return open_registry(expand_env(url, "gateway.registry_url"), prefix=settings.redis_prefix)
+    return open_registry(url, prefix=settings.redis_prefix)
 
 
 def _registry_export(args: argparse.Namespace) -> int:
@@ -274,16 +279,19 @@ def _registry_import(args: argparse.Namespace) -> int:
 @contextlib.asynccontextmanager
 async def _stores_of(args: argparse.Namespace) -> AsyncIterator[tuple[Any, Any, Any]]:
     """The registry, ledger and log store a configuration file names, closed after."""
-    from tenantware.config import load_config
+    from tenantware.config import expanded_url, load_config
+    from tenantware.gateway import ledger_url
     from tenantware.logbook import open_log_store
-    from tenantware.metering.ledger import DEFAULT_LEDGER_URL, open_ledger
+    from tenantware.metering.ledger import open_ledger
     from tenantware.registry import open_registry
 
     config = load_config(args.config)
     settings = config.gateway
-    url = config.metering.ledger_url or settings.ledger_url or DEFAULT_LEDGER_URL
+    url = ledger_url(config)
     registry = open_registry(
-        settings.registry_url, tenants=config.tenants, prefix=settings.redis_prefix
+        expanded_url(settings.registry_url, "gateway.registry_url"),
+        tenants=config.tenants,
+        prefix=settings.redis_prefix,
     )
     ledger, logs = open_ledger(url), open_log_store(url)
     try:
@@ -299,15 +307,16 @@ def _balances_of(args: argparse.Namespace, ledger: Any) -> tuple[Any, Any]:
     an import gives it the restored balance. ``(None, None)`` otherwise: each gateway process
     restores balances from the journal at its start."""
     from tenantware.balances import Balances
-    from tenantware.config import expand_env, load_config
+    from tenantware.config import expanded_url, load_config
     from tenantware.metering.ledger import BalanceJournal
     from tenantware.stores import open_stores
 
     settings = load_config(args.config).gateway
-    if settings.redis_url is None or not isinstance(ledger, BalanceJournal):
+    redis_url = expanded_url(settings.redis_url, "gateway.redis_url")
+    if redis_url is None or not isinstance(ledger, BalanceJournal):
         return None, None
     stores = open_stores(
-        expand_env(settings.redis_url, "gateway.redis_url"),
+        redis_url,
         prefix=settings.redis_prefix,
         timeout_s=max(settings.redis_timeout_s, 5.0),
         on_failure="closed",
@@ -517,6 +526,12 @@ def add_commands(commands: Any) -> None:
         _balances_verify,
         "compare every balance with its journal (exit 1 on a difference)",
     )
+    command(
+        balance_commands,
+        "reconcile",
+        _balances_reconcile,
+        "set a balance back to its journal's sum (when no request of it is in flight)",
+    ).add_argument("tenant")
     codes = command(balance_commands, "codes", _balances_codes, "create redemption codes")
     codes.add_argument("count", type=int)
     codes.add_argument("amount_usd")

@@ -22,6 +22,7 @@ from tenantware.admin.schemas import (
     AlertRuleList,
     AuditList,
     BalanceOut,
+    BalanceReconciled,
     BalanceVerify,
     CodesCreate,
     CodesCreated,
@@ -170,6 +171,7 @@ def openapi_document() -> bytes:
         WebhookList,
         _Deleted,
         BalanceOut,
+        BalanceReconciled,
         BalanceVerify,
         CodesCreate,
         CodesCreated,
@@ -417,6 +419,15 @@ def openapi_document() -> bytes:
                 body=Redeem,
                 params=tenant,
                 errors=("400", "401", "403", "404", "409", "503"),
+            )
+        },
+        "/admin/tenants/{tenant_id}/balance/reconcile": {
+            "post": _operation(
+                "Set the store's balance back to its journal's sum (a repair, applied once)",
+                "admin",
+                ("200", BalanceReconciled, "The balance before and after"),
+                params=tenant,
+                errors=("401", "403", "404", "409", "503"),
             )
         },
         "/admin/redemption-codes": {

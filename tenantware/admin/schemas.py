@@ -38,6 +38,7 @@ __all__ = [
     "AuditList",
     "BalanceCheckOut",
     "BalanceOut",
+    "BalanceReconciled",
     "BalanceVerify",
     "CodesCreate",
     "CodesCreated",
@@ -436,6 +437,20 @@ class BalanceVerify(Struct, frozen=True, kw_only=True):
     object: Literal["balance.verify"] = "balance.verify"
     ok: bool
     data: list[BalanceCheckOut]
+
+
+class BalanceReconciled(Struct, frozen=True, kw_only=True):
+    """A balance set back to its journal's sum (``correction_nanousd`` 0: they agreed)."""
+
+    object: Literal["balance.reconcile"] = "balance.reconcile"
+    tenant: str
+    journal_nanousd: int
+    #: The store's balance before and after (``null``: it held none).
+    before_nanousd: int | None
+    after_nanousd: int | None
+    #: Added to the store (negative: taken out).
+    correction_nanousd: int
+    ok: bool
 
 
 class PaymentAck(Struct, frozen=True, kw_only=True):

@@ -16,6 +16,7 @@ from tenantware.balances.service import (
     Balances,
     CodeUnusable,
     Credit,
+    Reconciled,
     ReferenceTaken,
     Standing,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "InvalidPayment",
     "PaymentEvent",
     "PaymentProvider",
+    "Reconciled",
     "ReferenceTaken",
     "Standing",
 ]

@@ -26,7 +26,15 @@ from tenantware.metering.ledger.journal import (
 )
 from tenantware.quota.store import QuotaStore
 
-__all__ = ["BalanceCheck", "Balances", "CodeUnusable", "Credit", "ReferenceTaken", "Standing"]
+__all__ = [
+    "BalanceCheck",
+    "Balances",
+    "CodeUnusable",
+    "Credit",
+    "Reconciled",
+    "ReferenceTaken",
+    "Standing",
+]
 
 #: Redemption codes start with this (the rest is random, URL-safe).
 CODE_PREFIX = "twc-"
@@ -66,6 +74,20 @@ class BalanceCheck(msgspec.Struct, frozen=True, kw_only=True):
     def ok(self) -> bool:
         """Equal (a balance never credited is 0 on both sides)."""
         return (self.store_nanousd or 0) == self.journal_nanousd
+
+
+class Reconciled(msgspec.Struct, frozen=True, kw_only=True):
+    """One tenant's store balance set back to its journal's sum (``Balances.reconcile``)."""
+
+    tenant_id: str
+    journal_nanousd: int
+    #: The store's balance before and after (``None``: it held none).
+    before_nanousd: int | None
+    after_nanousd: int | None
+    #: What the repair added to the store (negative: took out); 0 when they agreed.
+    correction_nanousd: int
+    #: The store's credit id of the correction (``None``: a restore, or nothing to do).
+    entry_id: str | None = None
 
 
 class Standing(msgspec.Struct, frozen=True, kw_only=True):
@@ -262,3 +284,58 @@ class Balances:
             if await self.store.restore(tenant_id, totals[tenant_id], credited):
                 restored.append(tenant_id)
         return restored
+
+    async def reconcile(self, tenant_id: str, *, low_nanousd: int = 0) -> Reconciled:
+        """Set the store's balance of ``tenant_id`` to its journal's sum, the operator's
+        repair when ``verify`` shows a difference (a credit journaled whose store write
+        failed, a reservation given up on that Redis still ran, a settle that recreated a
+        flushed balance so that ``restore`` no longer applies).
+
+        A store holding no balance gets it restored whole. Otherwise every journaled credit
+        is first marked applied in the store (a zero credit: a store that lost them with a
+        flush would apply a retried credit twice), then the difference goes in as one store
+        credit (negative when the store is above) whose id is derived from the values
+        compared: concurrent or retried repairs of the same difference apply once, and one
+        finding them equal changes nothing. Exact only while no request or credit of the
+        tenant is in flight and the ledger writer has flushed, as ``verify`` is: a
+        reservation or a debit not yet journaled would be "repaired" too.
+        """
+        credited = await self.journal.credit_ids(tenant_id)
+        journal = (await self.journal.totals()).get(tenant_id, 0)
+        missing = await self.store.balance(tenant_id) is None
+        if (
+            missing
+            and (journal or credited)
+            and await self.store.restore(tenant_id, journal, credited)
+        ):
+            return Reconciled(
+                tenant_id=tenant_id,
+                journal_nanousd=journal,
+                before_nanousd=None,
+                after_nanousd=await self.store.balance(tenant_id),
+                correction_nanousd=journal,
+            )
+        for entry_id in credited:
+            await self.store.credit(tenant_id, entry_id, 0, low_nanousd)
+        before = await self.store.balance(tenant_id)
+        correction = journal - (before or 0)
+        if correction == 0:
+            return Reconciled(
+                tenant_id=tenant_id,
+                journal_nanousd=journal,
+                before_nanousd=before,
+                after_nanousd=before,
+                correction_nanousd=0,
+            )
+        newest = await self.journal.entries(tenant_id, limit=1)
+        basis = f"{tenant_id}:{journal}:{before}:{newest[0].id if newest else ''}"
+        entry_id = "reconcile_" + hashlib.sha256(basis.encode()).hexdigest()[:24]
+        after = await self.store.credit(tenant_id, entry_id, correction, low_nanousd)
+        return Reconciled(
+            tenant_id=tenant_id,
+            journal_nanousd=journal,
+            before_nanousd=before,
+            after_nanousd=after,
+            correction_nanousd=correction,
+            entry_id=entry_id,
+        )

@@ -375,9 +375,11 @@ class ToResponsesStream(FromChatStream):
         self._sequence = 0
         #: Output items so far (as they will be in the final response).
         self._items: list[dict[str, Any]] = []
-        self._text: str | None = None
-        #: The message item's position in ``_items`` (once text came).
-        self._text_at = 0
+        #: The text of the open message item.
+        self._text = ""
+        #: The open message item's position in ``_items``; None while the open item (if any)
+        #: is a function call, so that text after a call opens a new message item.
+        self._text_at: int | None = None
         #: Chat tool call index -> position in ``_items``.
         self._calls: dict[int, int] = {}
         self._open: int | None = None
@@ -416,21 +418,24 @@ class ToResponsesStream(FromChatStream):
 
     def _text_delta(self, text: str) -> bytes:
         out = b""
-        if self._text is None:
+        if self._text_at is None:
             out += self._close()
             self._text = ""
-            item = _message_item(f"msg_{self._suffix}", "", "in_progress")
+            position = len(self._items)
+            # The first message keeps the plain id; text after a function call is another item.
+            item_id = f"msg_{self._suffix}" if position == 0 else f"msg_{self._suffix}_{position}"
+            item = _message_item(item_id, "", "in_progress")
             item["content"] = []
             self._items.append(item)
-            self._open = self._text_at = len(self._items) - 1
+            self._open = self._text_at = position
             out += self._event(
-                "response.output_item.added", {"output_index": self._open, "item": item}
+                "response.output_item.added", {"output_index": position, "item": item}
             )
             out += self._event(
                 "response.content_part.added",
                 {
-                    "item_id": item["id"],
-                    "output_index": self._open,
+                    "item_id": item_id,
+                    "output_index": position,
                     "content_index": 0,
                     "part": {"type": "output_text", "text": "", "annotations": []},
                 },
@@ -439,7 +444,7 @@ class ToResponsesStream(FromChatStream):
         return out + self._event(
             "response.output_text.delta",
             {
-                "item_id": f"msg_{self._suffix}",
+                "item_id": self._items[self._text_at]["id"],
                 "output_index": self._text_at,
                 "content_index": 0,
                 "delta": text,
@@ -478,14 +483,14 @@ class ToResponsesStream(FromChatStream):
 
     def _close(self) -> bytes:
         """Finish the open output item (the text, or a function call)."""
-        position, self._open = self._open, None
+        position, self._open, self._text_at = self._open, None, None
         if position is None:
             return b""
         item = self._items[position]
         item["status"] = "completed"
         out = b""
         if item["type"] == "message":
-            text = self._text or ""
+            text = self._text
             part = {"type": "output_text", "text": text, "annotations": []}
             item["content"] = [part]
             common = {"item_id": item["id"], "output_index": position, "content_index": 0}

@@ -48,6 +48,8 @@ __all__ = ["CLIENT_HEADERS", "Dispatcher", "UpstreamCall", "upstream_unavailable
 
 #: ``ctx.extra`` key: the client's ``anthropic-*`` headers, passed on to Anthropic upstreams.
 CLIENT_HEADERS = "anthropic_headers"
+#: ``ctx.extra`` key: upstream bodies made for this request, by (adapter, upstream model).
+_BODIES = "upstream_bodies"
 
 log = structlog.get_logger("tenantware.proxy")
 
@@ -354,10 +356,20 @@ class Dispatcher:
             adapter = adapter_for(
                 ctx.wire_format, target.api, path, native_responses=target.upstream.responses
             )
-            body = adapter.body(ctx, upstream_model)
             url = target.base_url + adapter.upstream_path
-        elif upstream_model != view.model or (streaming and not wants_usage):
-            body = _rewrite(body, upstream_model, add_stream_usage=streaming and not wants_usage)
+        if adapter is not None or upstream_model != view.model or (streaming and not wants_usage):
+            # Translated (or re-encoded) once per target format and model: retries and
+            # fallbacks to the same pair send the bytes the first attempt sent.
+            bodies: dict[tuple[Adapter | None, str], bytes] = ctx.extra.setdefault(_BODIES, {})
+            made = bodies.get((adapter, upstream_model))
+            if made is None:
+                if adapter is not None:
+                    made = adapter.body(ctx, upstream_model)
+                else:
+                    add_usage = streaming and not wants_usage
+                    made = _rewrite(body, upstream_model, add_stream_usage=add_usage)
+                bodies[adapter, upstream_model] = made
+            body = made
         headers = {**target.headers, "x-request-id": ctx.request_id}
         if target.api == "anthropic" and ctx.wire_format == "anthropic":
             headers.update(ctx.extra.get(CLIENT_HEADERS, ()))

@@ -13,11 +13,10 @@ from typing import Final
 
 from tenantware.backends.keys import tenant_key
 from tenantware.config import (
-    DEFAULT_FAILURE_POLICIES,
     FailurePolicy,
     GatewayConfig,
-    LimitKind,
     Limits,
+    failure_policy,
 )
 from tenantware.metering.pricing import usd_to_nanousd
 
@@ -218,14 +217,9 @@ def _limits_of(
     limits: Limits, tag: str, prefix: str, parts: tuple[str, ...], config: GatewayConfig
 ) -> list[Limit]:
     quota = config.quota
-    default = config.gateway.on_store_failure
-    policies = quota.on_store_failure
 
     def key(name: str) -> str:
         return tenant_key(prefix, tag, *parts, name)
-
-    def policy(group: LimitKind) -> FailurePolicy:
-        return policies.get(group) or default or DEFAULT_FAILURE_POLICIES[group]
 
     out: list[Limit] = []
     burst = limits.burst_multiplier or 1.0
@@ -242,7 +236,7 @@ def _limits_of(
                     count,
                     interval,
                     allowance * interval,
-                    policy("requests"),
+                    failure_policy(config, "requests"),
                 )
             )
     for window, seconds in _WINDOWS:
@@ -256,7 +250,7 @@ def _limits_of(
                     count,
                     seconds * SECOND_US,
                     count,
-                    policy("tokens"),
+                    failure_policy(config, "tokens"),
                 )
             )
     if limits.concurrent_requests is not None:
@@ -270,18 +264,34 @@ def _limits_of(
                 n,
                 lease,
                 n,
-                policy("concurrency"),
+                failure_policy(config, "concurrency"),
             )
         )
     if limits.daily_budget_usd is not None:
         cap = usd_to_nanousd(limits.daily_budget_usd)
         out.append(
-            Limit(KIND_SPEND, key("usd:d"), "daily budget", cap, DAY_US, cap, policy("budget"))
+            Limit(
+                KIND_SPEND,
+                key("usd:d"),
+                "daily budget",
+                cap,
+                DAY_US,
+                cap,
+                failure_policy(config, "budget"),
+            )
         )
     if limits.monthly_budget_usd is not None:
         cap = usd_to_nanousd(limits.monthly_budget_usd)
         out.append(
-            Limit(KIND_MONTHLY_SPEND, key("usd:m"), "monthly budget", cap, 0, cap, policy("budget"))
+            Limit(
+                KIND_MONTHLY_SPEND,
+                key("usd:m"),
+                "monthly budget",
+                cap,
+                0,
+                cap,
+                failure_policy(config, "budget"),
+            )
         )
     return out
 

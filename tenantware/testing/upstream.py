@@ -102,6 +102,9 @@ class FakeUpstreamConfig(msgspec.Struct, kw_only=True):
     #: A request with ``tools`` is answered with a call of its first tool (after the text),
     #: arguments ``TOOL_INPUT``; chat completions and Anthropic messages alike.
     tool_use: bool = False
+    #: With ``tool_use``, a chat completion stream sends the tool call halfway through the text
+    #: (as a model that calls a tool and then goes on writing does).
+    tool_call_mid_text: bool = False
     #: Prompt tokens an Anthropic answer reports as read from / written to the prompt cache,
     #: on top of ``input_tokens`` (OpenAI answers report the read part as ``cached_tokens``).
     cache_read_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
@@ -431,6 +434,8 @@ class _StreamPlan:
     usage: bytes
     #: The stream's last bytes (Anthropic's streams end with ``message_stop`` instead).
     done: bytes = _DONE
+    #: Sent once after the first half of the content chunks (empty: nothing).
+    interlude: bytes = b""
 
 
 _CHAT_OPENING = (
@@ -995,7 +1000,11 @@ class FakeUpstream:
             if call is not None:
                 tool_delta = {"tool_calls": [{"index": 0, **call}]}
                 tool_choice = {"index": 0, "delta": tool_delta, "finish_reason": None}
-                plan.finish = head + _encode(tool_choice) + b"]}\n\n" + plan.finish
+                tool_chunk = head + _encode(tool_choice) + b"]}\n\n"
+                if self.config.tool_call_mid_text:
+                    plan.interlude = tool_chunk
+                else:
+                    plan.finish = tool_chunk + plan.finish
             return await self._stream(plan, tokens, exchange)
         record.completion_tokens = tokens
         message: dict[str, Any] = {
@@ -1084,7 +1093,9 @@ class FakeUpstream:
         try:
             if plan.opening:
                 await send(_body_part(plan.opening))
-            for _ in range(tokens if break_after is None else min(tokens, break_after)):
+            for sent in range(tokens if break_after is None else min(tokens, break_after)):
+                if plan.interlude and sent == tokens // 2:
+                    await send(_body_part(plan.interlude))
                 if delay > 0:
                     await anyio.sleep(delay)
                 await send(_body_part(plan.content))
