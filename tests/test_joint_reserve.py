@@ -27,6 +27,7 @@ from tenantware.backends.redis_support import connect_redis
 from tenantware.joint import redis as joint_redis
 from tenantware.joint.redis import RedisReserveAcquire, compose
 from tenantware.middleware.quota import QuotaMiddleware
+from tenantware.middleware.tenant import TenantMiddleware
 from tenantware.quota import redis as quota_redis
 from tenantware.quota.failover import FailoverQuotaStore
 from tenantware.quota.plan import Plan
@@ -269,3 +270,36 @@ def test_a_cluster_keeps_two_calls() -> None:
             assert stack.seats() == {"*": (0, 0)}
     finally:
         cluster.__exit__(None, None, None)
+
+
+@pytest.mark.anyio
+async def test_a_seat_the_admission_layer_never_took_is_given_back(
+    redis_url: str, redis_prefix: str
+) -> None:
+    # An app that mounts the quota layer with the pools but no admission layer inside: the
+    # seat its reservation call took is given back when the request ends.
+    from tests.test_redis_pause import BODY, gateway_for, inner
+
+    gateway = gateway_for(redis_url, redis_prefix)
+    joint = gateway.stores.joint()
+    assert joint is not None
+    quota = QuotaMiddleware(
+        inner,
+        live=gateway.live,
+        store=gateway.quota_store,
+        admission=gateway.admission,
+        joint=joint,
+    )
+    app = TenantMiddleware(quota, live=gateway.live)
+    transport = httpx.ASGITransport(app=app)
+    headers = {"authorization": "Bearer sk-steady"}
+    async with (
+        gateway.running(),
+        httpx.AsyncClient(transport=transport, base_url="http://gw", headers=headers) as http,
+    ):
+        for _ in range(3):
+            response = await http.post("/v1/chat/completions", json=BODY)
+            assert response.status_code == 200, response.text
+        state = (await gateway.admission.state())["*"]
+        assert (state["in_use"], state["waiting"]) == (0, 0)
+        assert state["tenants"]["steady"]["held"] == 0

@@ -9,6 +9,8 @@ does not leave its tenant's counter stale until it ends. A client that disconnec
 queued leaves at once and is charged nothing. The output estimate is the tenant's recent
 average output, capped by ``max_tokens``; the expected seat hold time (which decides whether
 the request may borrow protected seats) comes from ``max_tokens`` and the pool's speed.
+The seat request (``middleware.seats``) may come from the quota layer already asked, with
+the pool's answer: on one Redis server the quota reservation carries it (one round trip).
 """
 
 from __future__ import annotations

@@ -11,6 +11,11 @@ actual usage: the difference is refunded or charged by the ledger's billing rule
 concurrency slot is always given back (a slot is a lease the store renews while the request
 runs: ``quota.renewal.renewing``, a gateway service). Every response carries the
 ``x-ratelimit-*`` headers the OpenAI SDKs read.
+
+On one Redis server, with the admission layer inside this one, the reservation also asks
+the request's seat pool for a seat in the same script call (``tenantware.joint``), only when
+every limit granted: one round trip before the upstream instead of two. The seat request and
+the pool's answer go down in ``ctx.seat_request``; the admission layer takes it from there.
 """
 
 from __future__ import annotations
