@@ -57,6 +57,9 @@ class AdmissionMiddleware:
         self.app = app
         self.live = live
         self.pools = pools or AdmissionPools(settings or live.current.config.admission)
+        # The pools' settings stand for the configuration as it is now (settings given here
+        # win over it); a reload that changes them is applied by the first request to see it.
+        self.pools.follow(live.current.version, self.pools.settings)
         self._gauges: dict[str, tuple[Gauge, Gauge, Histogram]] = {}
 
     async def state(self) -> dict[str, Any]:
