@@ -51,6 +51,12 @@ def _script_names() -> dict[str, str]:
         "admission": admission._SCRIPT,
         "breaker": breaker._SCRIPT,
     }
+    try:
+        from tenantware.joint import redis as joint
+    except ImportError:  # a base from before the joint call (A/B with this script)
+        pass
+    else:
+        sources["quota reserve + admission acquire (one script)"] = joint._SCRIPT
     return {hashlib.sha1(src.encode()).hexdigest(): name for name, src in sources.items()}
 
 

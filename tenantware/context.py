@@ -51,6 +51,9 @@ extra                      proxy (``breaker.board.RECORDED``)   breaker
 after_response             quota (opens it: its settle goes     admission (adds its release),
                            out after the response); admission   quota (sends them with its
                                                                 settle, in one write)
+seat_request               quota (the seat request its          admission (takes it: clears
+                           reservation call carried, with the   it, answers and releases it);
+                           pool's answer; single Redis)         quota (releases one not taken)
 =========================  ===================================  ===============================
 """
 
@@ -205,6 +208,7 @@ class RequestContext:
         "queue_wait_s",
         "request_id",
         "response_started",
+        "seat_request",
         "started_at",
         "status",
         "tenant",
@@ -251,6 +255,9 @@ class RequestContext:
         #: Store calls inner layers sent as they ended, for the quota layer to await after
         #: its settle (``None``: no outer layer will, each layer awaits its own).
         self.after_response: list[Awaitable[None]] | None = None
+        #: A ``middleware.seats.SeatRequest`` the quota layer already asked the pool for
+        #: (typed loosely: this module sits below the admission package).
+        self.seat_request: object | None = None
 
     @property
     def tenant_id(self) -> str | None:

@@ -428,9 +428,20 @@ class Gateway:
             )
         )
         # -- quota layer ----------------------------------------------------------------
-        stack.append(Middleware(QuotaMiddleware, live=self.live, store=self.quota_store))
+        admission = self.config.admission.enabled
+        stack.append(
+            Middleware(
+                QuotaMiddleware,
+                live=self.live,
+                store=self.quota_store,
+                # On one Redis server the reservation also asks the admission layer's pool
+                # for the seat: one round trip before the upstream instead of two.
+                admission=self.admission if admission else None,
+                joint=self.stores.joint() if admission else None,
+            )
+        )
         # -- admission layer ------------------------------------------------------------
-        if self.config.admission.enabled:
+        if admission:
             stack.append(Middleware(AdmissionMiddleware, live=self.live, pools=self.admission))
         # -- breaker layer --------------------------------------------------------------
         if self.board.enabled:

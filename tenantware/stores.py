@@ -25,9 +25,14 @@ from tenantware.quota.store import QuotaStore
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from tenantware.admission.redis import RedisSeatStore
     from tenantware.backends.redis_support import RedisClient, ScriptHost
     from tenantware.config import Tenant
+    from tenantware.joint.redis import RedisReserveAcquire
+    from tenantware.joint.store import ReserveAcquire
     from tenantware.ownership.store import OwnerStore
+    from tenantware.quota.failover import FailoverQuotaStore
+    from tenantware.quota.redis import RedisQuotaStore
     from tenantware.registry.store import RegistryStore
 
 __all__ = ["SCHEMES", "Stores", "open_stores"]
@@ -66,6 +71,11 @@ class Stores:
         self._redis: RedisClient | None = None
         self._scripts: ScriptHost | None = None
         self._quota: QuotaStore | None = None
+        #: The Redis quota store inside its failure policies (set with ``_quota``).
+        self._quota_redis: tuple[FailoverQuotaStore, RedisQuotaStore]
+        self._joint: RedisReserveAcquire | None = None
+        #: Seat pools on the per-request connection, for the joint call (single server).
+        self._pools: list[RedisSeatStore] = []
         #: The health of the connection the per-request scripts use (quota, admission), one
         #: for both layers of this process; the breaker's redis-py client shares it only when
         #: it is that connection (Redis Cluster, TLS), since each client has its own evidence.
@@ -108,11 +118,10 @@ class Stores:
                 from tenantware.quota.failover import FailoverQuotaStore
                 from tenantware.quota.redis import RedisQuotaStore
 
-                self._quota = FailoverQuotaStore(
-                    RedisQuotaStore(scripts, prefix=self.prefix),
-                    timeout_s=self.timeout_s,
-                    health=self.health,
-                )
+                primary = RedisQuotaStore(scripts, prefix=self.prefix)
+                shared = FailoverQuotaStore(primary, timeout_s=self.timeout_s, health=self.health)
+                self._quota = shared
+                self._quota_redis = (shared, primary)
         return self._quota
 
     def seat_store(self, spec: PoolSpec) -> SeatStore:
@@ -122,7 +131,7 @@ class Stores:
             return MemorySeatStore.from_spec(spec, replicas=self.replicas)
         from tenantware.admission.redis import RedisSeatStore
 
-        return RedisSeatStore.from_spec(
+        store = RedisSeatStore.from_spec(
             spec,
             redis,
             prefix=self.prefix,
@@ -131,6 +140,29 @@ class Stores:
             replicas=self.replicas,
             failover=self._admission_failover,
         )
+        self._pools.append(store)
+        if self._joint is not None:
+            self._joint.add(store)
+        return store
+
+    def joint(self) -> ReserveAcquire | None:
+        """The quota reservation and the seat request in one script call, where one call
+        reaches both (a single Redis server); ``None`` in memory and on a cluster."""
+        scripts = self.scripts
+        if scripts is None:
+            return None
+        if self._joint is None:
+            from tenantware.backends.redis_support import single_node
+
+            if not single_node(scripts):
+                return None
+            from tenantware.joint.redis import RedisReserveAcquire
+
+            self.quota_store()
+            self._joint = RedisReserveAcquire(*self._quota_redis)
+            for pool in self._pools:
+                self._joint.add(pool)
+        return self._joint
 
     def breaker_store(self, *, sync_interval_s: float = 0.5) -> BreakerStore:
         """Circuits: this process's, or shared through Redis (local ones while it fails)."""

@@ -14,6 +14,7 @@ from functools import partial
 from typing import Any
 
 from tenantware.admission.core import BAND_INDEX, BANDS
+from tenantware.admission.holdtime import HoldTimes
 from tenantware.admission.memory import MemorySeatStore
 from tenantware.admission.store import PoolSpec, SeatStore, SeatStoreFactory
 from tenantware.config import AdmissionSettings
@@ -87,6 +88,18 @@ class AdmissionPools:
         self._terms: dict[str, TenantTerms] = {}
         #: Per tenant: moving average of the output tokens its requests actually produced.
         self._output_avg: dict[str, float] = {}
+        #: Expected seat hold times per pool, learned from answered requests.
+        self.holds = HoldTimes()
+        #: The configuration version whose settings these pools follow (``follow``).
+        self._version = -1
+
+    def follow(self, version: int, settings: AdmissionSettings) -> None:
+        """Apply the settings of configuration ``version`` if they changed: the first
+        request that sees a reload applies it (whichever layer builds its seat request)."""
+        if version != self._version:
+            self._version = version
+            if settings != self.settings:
+                self.reconfigure(settings)
 
     def reconfigure(self, settings: AdmissionSettings) -> None:
         """Apply a reloaded configuration: seat counts of existing pools, reservations, caps,

@@ -54,6 +54,13 @@ from tenantware.config import FailurePolicy
 __all__ = ["RedisSeatStore"]
 
 _SCRIPT = resources.files("tenantware.admission").joinpath("lua/admission.lua").read_text()
+
+
+def lua_source() -> str:
+    """The pool's script (every decision of ``lua/admission.lua``)."""
+    return _SCRIPT
+
+
 #: ``Ticket.lease`` of a ticket admitted unchecked (``open``) or by the local pool (``local``).
 _UNACCOUNTED = "-"
 _LOCAL = "~"
@@ -221,39 +228,64 @@ class RedisSeatStore:
                 self._failed(exc, "publish")  # their owners find the grant by polling
 
     async def acquire(self, ticket: Ticket) -> int:
-        self._seq += 1
-        ticket.id = ticket.lease = f"{self._prefix}{self._seq}"
         failover = self.failover
         if not failover.available:
+            self._name(ticket)
             return await self._degraded(ticket)
         try:
-            reply = await self._call(
-                "acquire",
-                ticket.id,
-                ticket.tenant,
-                ticket.band + 1,
-                repr(ticket.cost),
-                repr(ticket.weight),
-                ticket.reserved,
-                ticket.cap,
-                self.max_queue,
-                self.lease_ms,
-                self.heartbeat_ms,
-                repr(float(ticket.tokens)),
-                repr(float(ticket.hold)),
-                self.redis_clock.deadline(self.budget_s),
+            reply = await self._script(
+                keys=self._keys,
+                args=self.acquire_args(ticket, self.redis_clock.deadline(self.budget_s)),
             )
             if int(reply[0]) == _EXPIRED:
                 raise RedisTimeoutError("Redis ran the seat request after its deadline")
         except STORE_UNAVAILABLE as exc:
-            self._gave_up(ticket)
+            self.given_up(ticket)
             failover.failed(exc, "acquire", policy=self.on_failure)
             return await self._degraded(ticket)
         except anyio.get_cancelled_exc_class():
-            self._gave_up(ticket)
+            self.given_up(ticket)
             raise
-        if failover.down:
-            failover.succeeded()
+        return await self.acquired(ticket, reply)
+
+    @property
+    def keys(self) -> list[str]:
+        """``KEYS`` of every call of this pool's script."""
+        return self._keys
+
+    def acquire_args(self, ticket: Ticket, deadline_ms: int) -> list[Any]:
+        """``ARGV`` of an ``acquire`` of ``ticket`` (which gets a new id here) that Redis runs
+        only until ``deadline_ms`` in its time (0: no deadline); ``acquired`` reads the reply.
+        Apart so that another script can run the acquire (``tenantware.joint``)."""
+        self._name(ticket)
+        return [
+            "acquire",
+            *self._head,
+            ticket.id,
+            ticket.tenant,
+            ticket.band + 1,
+            repr(ticket.cost),
+            repr(ticket.weight),
+            ticket.reserved,
+            ticket.cap,
+            self.max_queue,
+            self.lease_ms,
+            self.heartbeat_ms,
+            repr(float(ticket.tokens)),
+            repr(float(ticket.hold)),
+            deadline_ms,
+        ]
+
+    def _name(self, ticket: Ticket) -> None:
+        """A new id for each acquire of a ticket (a re-queued one is another request)."""
+        self._seq += 1
+        ticket.id = ticket.lease = f"{self._prefix}{self._seq}"
+
+    async def acquired(self, ticket: Ticket, reply: Any) -> int:
+        """The status of an ``acquire`` Redis ran (its reply), with its bookkeeping: the
+        ticket held or waiting, other tickets it granted woken, given-up calls released."""
+        if self.failover.down:
+            self.failover.succeeded()
         self.redis_clock.observe(int(reply[1]))
         if self._given_up:
             await self._release_given_up()
@@ -267,7 +299,7 @@ class RedisSeatStore:
             self._waiting[ticket.id] = ticket
         return status
 
-    def _gave_up(self, ticket: Ticket) -> None:
+    def given_up(self, ticket: Ticket) -> None:
         """Queue the release of an acquire whose outcome this process will never know."""
         self._given_up.add(
             (

@@ -9,6 +9,8 @@ does not leave its tenant's counter stale until it ends. A client that disconnec
 queued leaves at once and is charged nothing. The output estimate is the tenant's recent
 average output, capped by ``max_tokens``; the expected seat hold time (which decides whether
 the request may borrow protected seats) comes from ``max_tokens`` and the pool's speed.
+The seat request (``middleware.seats``) may come from the quota layer already asked, with
+the pool's answer: on one Redis server the quota reservation carries it (one round trip).
 """
 
 from __future__ import annotations
@@ -21,24 +23,20 @@ import anyio
 from prometheus_client import Gauge, Histogram
 
 from tenantware import metrics
-from tenantware.admission.core import BAND_INDEX, BANDS, QUEUE_FULL, QUEUED, Ticket
-from tenantware.admission.holdtime import HoldTimes
+from tenantware.admission.core import QUEUE_FULL, QUEUED, Ticket
 from tenantware.admission.pools import AdmissionPools
 from tenantware.admission.store import UNAVAILABLE, SeatStore
 from tenantware.config import AdmissionSettings
 from tenantware.context import Outcome, RequestContext, get_context
 from tenantware.errors import GatewayError
 from tenantware.metering.billing import final_outcome
+from tenantware.middleware.seats import SeatRequest, seat_request
 from tenantware.state import LiveConfig
 from tenantware.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["AdmissionMiddleware"]
 
-_PRIORITY_HEADER: Final = b"x-request-priority"
-_BAND_OF_HEADER: Final = {name.encode(): i for i, name in enumerate(BANDS)}
 _WAIT_HEADER: Final = b"x-tenantware-queue-wait-ms"
-#: The one queue of the ``fifo`` scheduler.
-_FIFO: Final = "*"
 #: A stream's tenant counter is brought up to what it has streamed at most this often.
 _CHARGE_EVERY_S: Final = 0.5
 #: One SSE event of a streamed completion carries about one output token.
@@ -59,11 +57,9 @@ class AdmissionMiddleware:
         self.app = app
         self.live = live
         self.pools = pools or AdmissionPools(settings or live.current.config.admission)
-        #: The configuration version whose admission settings the pools have (a reload that
-        #: changes them is applied by the first request that sees it).
-        self._version = live.current.version
-        #: Expected seat hold times per pool, learned from answered requests.
-        self.holds = HoldTimes()
+        # The pools' settings stand for the configuration as it is now (settings given here
+        # win over it); a reload that changes them is applied by the first request to see it.
+        self.pools.follow(live.current.version, self.pools.settings)
         self._gauges: dict[str, tuple[Gauge, Gauge, Histogram]] = {}
 
     async def state(self) -> dict[str, Any]:
@@ -75,51 +71,25 @@ class AdmissionMiddleware:
             await self.app(scope, receive, send)
             return
         ctx = get_context(scope)
-        if ctx.tenant is None or ctx.view is None:
-            await self.app(scope, receive, send)
-            return
-        snapshot = self.live.current
-        pools = self.pools
-        if snapshot.version != self._version:
-            self._version = snapshot.version
-            if snapshot.config.admission != pools.settings:
-                pools.reconfigure(snapshot.config.admission)
-        settings = pools.settings
-        routes = snapshot.routes.get(ctx.model or "")
-        found = pools.store_for(routes[0].name if routes else None)
-        if found is None:
-            await self.app(scope, receive, send)
-            return
-        pool, store = found
+        request = ctx.seat_request
+        if isinstance(request, SeatRequest):
+            ctx.seat_request = None  # taken: this layer releases it
+        else:
+            request = seat_request(self.pools, self.live.current, ctx, scope)
+            if request is None:
+                await self.app(scope, receive, send)
+                return
         tenant = ctx.tenant
-        terms = pools.terms(tenant)
-        band = BAND_INDEX[settings.default_priority]
-        for name, value in scope["headers"]:
-            if name == _PRIORITY_HEADER:
-                band = _BAND_OF_HEADER.get(value.strip().lower(), band)
-                break
-        if band < terms.max_band:
-            band = terms.max_band
-        ctx.priority = BANDS[band]
+        view = ctx.view
+        assert tenant is not None  # a seat request needs a tenant and a decoded request
+        assert view is not None
+        pools = self.pools
+        pool, store, ticket = request.pool, request.store, request.ticket
+        settings = request.settings
         output_weight = settings.output_weight
-        max_output = ctx.view.output_cap or snapshot.config.gateway.default_max_tokens
-        output = pools.output_estimate(tenant.id, max_output)
         short_s = settings.short_request_s
         prompt = ctx.estimated_prompt_tokens
-        cost = prompt + output_weight * output
-        if settings.scheduler == "fifo":
-            ticket = Ticket(_FIFO, 1.0, cost, tokens=prompt + output)
-        else:
-            ticket = Ticket(
-                tenant.id,
-                tenant.weight,
-                cost,
-                band=band,
-                reserved=terms.reserved,
-                cap=terms.cap,
-                tokens=prompt + output,
-                hold=self.holds.estimate(pool, max_output) if short_s else 0.0,
-            )
+        ctx.priority = request.priority
         gauges = self._gauges.get(tenant.id)
         if gauges is None:
             gauges = self._gauges[tenant.id] = (
@@ -127,7 +97,10 @@ class AdmissionMiddleware:
                 metrics.SEATS_IN_USE.labels(tenant.id),
                 metrics.QUEUE_WAIT_SECONDS.labels(tenant.id),
             )
-        status = await store.acquire(ticket)
+        # Asked already when the quota layer's reservation call carried the seat request.
+        status = request.status
+        if status is None:
+            status = await store.acquire(ticket)
         if status == UNAVAILABLE:  # the shared store is down and its policy is ``closed``
             metrics.REJECTIONS.labels(tenant.id, "store_unavailable").inc()
             await GatewayError(
@@ -176,7 +149,7 @@ class AdmissionMiddleware:
             gauges[2].observe(0.0)
         gauges[1].inc()
         granted_at = time.perf_counter() if short_s else 0.0
-        if ctx.view.stream:
+        if view.stream:
             send = self._charging(send, store, ticket, prompt, output_weight)
         try:
             await self.app(scope, receive, send)
@@ -193,7 +166,7 @@ class AdmissionMiddleware:
                     if short_s:
                         done = time.perf_counter()
                         first = (ctx.first_byte_at or done) - granted_at
-                        self.holds.observe(pool, first, done - granted_at, usage.output_tokens)
+                        pools.holds.observe(pool, first, done - granted_at, usage.output_tokens)
             gauges[1].dec()
             joined = ctx.after_response
             if not store.yields:

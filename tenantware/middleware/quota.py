@@ -11,6 +11,11 @@ actual usage: the difference is refunded or charged by the ledger's billing rule
 concurrency slot is always given back (a slot is a lease the store renews while the request
 runs: ``quota.renewal.renewing``, a gateway service). Every response carries the
 ``x-ratelimit-*`` headers the OpenAI SDKs read.
+
+On one Redis server, with the admission layer inside this one, the reservation also asks
+the request's seat pool for a seat in the same script call (``tenantware.joint``), only when
+every limit granted: one round trip before the upstream instead of two. The seat request and
+the pool's answer go down in ``ctx.seat_request``; the admission layer takes it from there.
 """
 
 from __future__ import annotations
@@ -24,11 +29,15 @@ import anyio
 import structlog
 
 from tenantware import metrics
+from tenantware.admission.core import GRANTED, QUEUED
+from tenantware.admission.pools import AdmissionPools
 from tenantware.context import Outcome, RequestContext, get_context
 from tenantware.errors import GatewayError, send_error
+from tenantware.joint.store import ReserveAcquire
 from tenantware.metering.billing import apply_markup, billable_usage, final_outcome
 from tenantware.metering.billing import charge as charge_of
 from tenantware.metering.pricing import cost_nanousd, nanousd_to_usd
+from tenantware.middleware.seats import SeatRequest, seat_request
 from tenantware.quota.plan import (
     KIND_BALANCE,
     KIND_MONTHLY_SPEND,
@@ -204,13 +213,33 @@ def _watch_balance(tenant: TenantView, plan: Plan, decision: Decision, headers: 
         )
 
 
+async def _withdraw(ctx: RequestContext, request: SeatRequest) -> None:
+    """A seat request the admission layer never took (it did not run): give its seat or
+    queue place back."""
+    ctx.seat_request = None
+    if request.status == GRANTED or request.status == QUEUED:
+        await request.store.cancel(request.ticket)
+
+
 class QuotaMiddleware:
     """Pure ASGI: ``QuotaMiddleware(app, live=live, store=MemoryQuotaStore())``."""
 
-    def __init__(self, app: ASGIApp, *, live: LiveConfig, store: QuotaStore) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        live: LiveConfig,
+        store: QuotaStore,
+        admission: AdmissionPools | None = None,
+        joint: ReserveAcquire | None = None,
+    ) -> None:
         self.app = app
         self.live = live
         self.store = store
+        #: The admission layer's pools (the layer inside this one) and the store call that
+        #: reserves and asks them for a seat at once (a single Redis): one round trip.
+        self._pools = admission
+        self._joint = joint if admission is not None else None
         self._plans = _Plans(store.prefix, merge=store.single_node)
         #: A store that never yields (memory) needs no shield around its settle (a cancel
         #: scope per request saved); any other store's settle is shielded from cancellation.
@@ -252,9 +281,27 @@ class QuotaMiddleware:
         headers: Headers = []
         plans = [plan for plan in (tenant_plan, global_plan) if plan is not None]
         refused: tuple[Plan, Decision] | None = None
+        joint = self._joint
+        request: SeatRequest | None = None
+        if joint is not None and self._pools is not None and len(plans) == 1:
+            # The admission layer's seat request, asked in the reservation's call when that
+            # call reaches the pool; handed down either way (built once).
+            request = seat_request(self._pools, snapshot, ctx, scope)
+            if request is not None and not joint.serves(request.store):
+                joint = None
         try:
             for plan in plans:
-                if plan.balance_index < 0:
+                if joint is not None and request is not None:
+                    decision, request.status = await joint.reserve_acquire(
+                        plan,
+                        tokens,
+                        cost,
+                        ticket,
+                        None if plan.balance_index < 0 else charge,
+                        request.store,
+                        request.ticket,
+                    )
+                elif plan.balance_index < 0:
                     decision = await self.store.reserve(plan, tokens, cost, ticket)
                 else:
                     decision = await self.store.reserve(plan, tokens, cost, ticket, charge=charge)
@@ -296,6 +343,8 @@ class QuotaMiddleware:
         if self._shield_settle:
             # Inner layers' after-response calls (the admission release) join the settle.
             ctx.after_response = []
+        if request is not None:
+            ctx.seat_request = request
         try:
             await self.app(scope, receive, send_with_headers)
         except GatewayError as error:
@@ -308,6 +357,8 @@ class QuotaMiddleware:
                 joined = ctx.after_response
                 ctx.after_response = None
                 with anyio.CancelScope(shield=True):
+                    if request is not None and ctx.seat_request is request:
+                        await _withdraw(ctx, request)
                     if joined:
                         await self._settle_with(
                             joined, ctx, snapshot, held, ticket, tokens, cost, charge

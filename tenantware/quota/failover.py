@@ -17,6 +17,7 @@ the slot of a request that ended while the store was down (its settle could not 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
 
 import anyio
@@ -88,11 +89,28 @@ class FailoverQuotaStore:
     async def reserve(
         self, plan: Plan, tokens: int, cost: int, ticket: str, *, charge: int | None = None
     ) -> Decision:
+        primary = self.primary
+
+        def call() -> Awaitable[Decision]:
+            return primary.reserve(plan, tokens, cost, ticket, charge=charge)
+
+        return await self.reserve_by(plan, tokens, cost, ticket, call)
+
+    async def reserve_by(
+        self,
+        plan: Plan,
+        tokens: int,
+        cost: int,
+        ticket: str,
+        call: Callable[[], Awaitable[Decision]],
+    ) -> Decision:
+        """``reserve`` with the primary's reservation made by ``call`` (a script that also
+        decides something else: ``tenantware.joint``), under the same failure policies."""
         failover = self.failover
         if failover.available:
             try:
                 with self._deadline():
-                    decision = await self.primary.reserve(plan, tokens, cost, ticket, charge=charge)
+                    decision = await call()
             except STORE_UNAVAILABLE as exc:
                 self._gave_up(plan, ticket)
                 self._failed(exc, "reserve", plan)

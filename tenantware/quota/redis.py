@@ -87,20 +87,30 @@ class RedisQuotaStore:
     async def reserve(
         self, plan: Plan, tokens: int, cost: int, ticket: str, *, charge: int | None = None
     ) -> Decision:
+        now, args = self.reserve_args(plan, tokens, cost, ticket, charge)
+        return self.reserved(plan, ticket, now, await self._reserve(keys=plan.keys, args=args))
+
+    def reserve_args(
+        self, plan: Plan, tokens: int, cost: int, ticket: str, charge: int | None = None
+    ) -> tuple[int, tuple[int | str, ...]]:
+        """The time argument and ``ARGV`` of one reservation (``KEYS``: ``plan.keys``);
+        ``reserved`` reads its reply. Apart so that another script can run the reservation
+        (``tenantware.joint``) with the same layout."""
         now = self._now()
         deadline = self.redis_clock.deadline(self.budget_s) if now < 0 else 0
-        reply = await self._reserve(
-            keys=plan.keys,
-            args=(
-                now,
-                tokens,
-                cost,
-                ticket,
-                *plan.args,
-                deadline,
-                cost if charge is None else charge,
-            ),
+        return now, (
+            now,
+            tokens,
+            cost,
+            ticket,
+            *plan.args,
+            deadline,
+            cost if charge is None else charge,
         )
+
+    def reserved(self, plan: Plan, ticket: str, now: int, reply: Any) -> Decision:
+        """The decision of a reservation's reply; raises ``StoreUnavailable`` when Redis ran
+        it after its deadline (nothing was written)."""
         if reply[0] == -1:
             raise RedisTimeoutError("Redis ran the reservation after its deadline")
         if now < 0:

@@ -1,0 +1,35 @@
+"""What the quota layer asks of a joint reservation and seat request (``ReserveAcquire``)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from tenantware.admission.core import Ticket
+from tenantware.admission.store import SeatStore
+from tenantware.quota.plan import Plan
+from tenantware.quota.store import Decision
+
+__all__ = ["ReserveAcquire"]
+
+
+class ReserveAcquire(Protocol):
+    """Reserves a plan and acquires a seat in one call, for the seat stores it ``serves``."""
+
+    def serves(self, seats: SeatStore) -> bool:
+        """Whether one call reaches this seat pool and the quota store (same server)."""
+        ...
+
+    async def reserve_acquire(
+        self,
+        plan: Plan,
+        tokens: int,
+        cost: int,
+        ticket: str,
+        charge: int | None,
+        seats: SeatStore,
+        seat_ticket: Ticket,
+    ) -> tuple[Decision, int | None]:
+        """The quota store's ``reserve`` and, when it granted from the store, the seat
+        store's ``acquire`` status; ``None`` when no seat was asked for (refused, or the
+        store failed and its failure policy answered): the caller then acquires as usual."""
+        ...
