@@ -1,7 +1,10 @@
 """The Redis quota store: one Lua script per decision, for many replicas and Redis Cluster.
 
 Every key of a plan shares the tenant's hash tag, so each script touches one slot. Time comes
-from Redis ``TIME`` (a ``clock`` may be injected for tests); keys expire with their windows.
+from Redis ``TIME`` (a ``clock`` may be injected for tests). The rate and window counters of a
+hash tag are fields of one hash (``plan.py``), read with one command and written with one per
+decision, which is most of what a decision costs Redis; the hash lives as long as its longest
+window needs. Keys expire with their windows.
 Scripts are registered once and run with EVALSHA (reloaded on NOSCRIPT after a restart).
 
 A reservation carries a deadline in Redis time (``backends/redis_clock.py``): run after it
@@ -29,7 +32,7 @@ from tenantware.backends.redis_support import ScriptHost, register_script, singl
 from tenantware.quota.plan import KIND_CONCURRENCY, Plan, balance_key
 from tenantware.quota.store import Decision
 
-__all__ = ["RedisQuotaStore", "lua_source"]
+__all__ = ["RedisQuotaStore", "lua_source", "reserve_args", "settle_args"]
 
 
 def lua_source(name: str) -> str:
@@ -37,6 +40,34 @@ def lua_source(name: str) -> str:
     folder = files("tenantware.quota") / "lua"
     common = (folder / "common.lua").read_text()
     return common + "\n" + (folder / f"{name}.lua").read_text()
+
+
+def reserve_args(
+    plan: Plan, now_us: int, tokens: int, cost: int, ticket: str, deadline_us: int, charge: int
+) -> tuple[str | int, ...]:
+    """ARGV of ``reserve.lua`` (its KEYS are ``plan.keys``)."""
+    return (now_us, tokens, cost, ticket, deadline_us, charge, *plan.args)
+
+
+def settle_args(
+    plan: Plan,
+    reserved_at_us: int,
+    ticket: str,
+    tokens_delta: int,
+    cost_delta: int,
+    cancel: bool,
+    balance_delta: int,
+) -> tuple[str | int, ...]:
+    """ARGV of ``settle.lua`` (its KEYS are ``plan.keys``)."""
+    return (
+        reserved_at_us,
+        tokens_delta,
+        cost_delta,
+        ticket,
+        1 if cancel else 0,
+        balance_delta,
+        *plan.args,
+    )
 
 
 _RESERVE = lua_source("reserve")
@@ -91,14 +122,8 @@ class RedisQuotaStore:
         deadline = self.redis_clock.deadline(self.budget_s) if now < 0 else 0
         reply = await self._reserve(
             keys=plan.keys,
-            args=(
-                now,
-                tokens,
-                cost,
-                ticket,
-                *plan.args,
-                deadline,
-                cost if charge is None else charge,
+            args=reserve_args(
+                plan, now, tokens, cost, ticket, deadline, cost if charge is None else charge
             ),
         )
         if reply[0] == -1:
@@ -107,7 +132,7 @@ class RedisQuotaStore:
             self.redis_clock.observe(int(reply[3]))
         if plan.holds_slots and reply[0] == 1:
             self._held.add((plan, ticket))
-        n = len(plan.keys)
+        n = len(plan.limits)
         return Decision(
             reply[0] == 1,
             int(reply[1]),
@@ -136,19 +161,11 @@ class RedisQuotaStore:
         balance_delta = -(cost_delta if charge_delta is None else charge_delta)
         await self._settle(
             keys=plan.keys,
-            args=(
-                now_us,
-                tokens_delta,
-                cost_delta,
-                ticket,
-                1 if cancel else 0,
-                *plan.args,
-                balance_delta,
-            ),
+            args=settle_args(plan, now_us, ticket, tokens_delta, cost_delta, cancel, balance_delta),
         )
 
     async def usage(self, plan: Plan) -> list[int]:
-        reply = await self._usage(keys=plan.keys, args=(self._now(), 0, 0, "", *plan.args))
+        reply = await self._usage(keys=plan.keys, args=(self._now(), *plan.args))
         return [int(x) for x in reply]
 
     def forget(self, plan: Plan, ticket: str) -> None:

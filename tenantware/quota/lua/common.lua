@@ -26,3 +26,65 @@ local function window_of(kind, p1, now)
   if kind == 'm' then return month_index(now) end
   return math.floor(now / p1)
 end
+
+-- Counters live as fields of one hash per hash tag (tenantware/quota/plan.py): a script
+-- collects the fields it needs per key with want(), reads each hash once with fetch() and
+-- writes each once with put() and store().
+
+-- Ask for field f of KEYS[k]; returns its position in fetch()'s reply for that key.
+local function want(fields, order, k, f)
+  local list = fields[k]
+  if not list then
+    list = {}
+    fields[k] = list
+    order[#order + 1] = k
+  end
+  list[#list + 1] = f
+  return #list
+end
+
+-- One HMGET per hash: key index -> values (false where a field is absent).
+local function fetch(fields, order)
+  local got = {}
+  for j = 1, #order do
+    local k = order[j]
+    got[k] = redis.call('HMGET', KEYS[k], unpack(fields[k]))
+  end
+  return got
+end
+
+-- Stage field f = v of KEYS[k], whose hash must then live at least ttl ms.
+local function put(writes, order, k, f, v, ttl)
+  local list = writes[k]
+  if not list then
+    list = {0}
+    writes[k] = list
+    order[#order + 1] = k
+  end
+  list[#list + 1] = f
+  list[#list + 1] = v
+  if ttl > list[1] then list[1] = ttl end
+end
+
+-- One HSET per hash; its expiry only ever grows (other plans' fields may need it longer).
+local function store(writes, order)
+  for j = 1, #order do
+    local k = order[j]
+    local list = writes[k]
+    redis.call('HSET', KEYS[k], unpack(list, 2))
+    if list[1] > 0 and redis.call('PTTL', KEYS[k]) < list[1] then
+      redis.call('PEXPIRE', KEYS[k], int(list[1]))
+    end
+  end
+end
+
+-- The amount a window counter ("window:used") holds for window w (nil: none, or another
+-- window: a stale window is recognised by its id, not deleted).
+local function used_in(value, w)
+  if not value then return nil end
+  local at = string.find(value, ':', 1, true)
+  if at and tonumber(string.sub(value, 1, at - 1)) == w then
+    return tonumber(string.sub(value, at + 1))
+  end
+  return nil
+end
