@@ -17,7 +17,9 @@
 local base = KEYS[1] .. ':2'
 local K_P = base .. ':p'            -- hash: vt, bvt, w (waiting), b1..bn, lvl/lts (bucket),
                                     -- aw (weight sum of the active tenants), nw (tenants in
-                                    -- aw), nr (tenants with a reservation); per tenant t:
+                                    -- aw), nr (tenants with a reservation), n (seats in
+                                    -- use), se (no seat expires before: ms), ld (no tenant
+                                    -- went idle before: ms); per tenant t:
                                     -- c:t virtual counter, h:t seats held, q:t queued tickets,
                                     -- r:t reserved seats, w:t weight counted in aw; per
                                     -- granted ticket k: l:k its tenant
@@ -99,14 +101,21 @@ local function flush()
   if #dels > 0 then redis.call('HDEL', K_P, unpack(dels)) end
 end
 
--- Seats in use (ZCARD once per call, then kept up to date here).
-local used_n = nil
-local function in_use()
-  if used_n == nil then used_n = redis.call('ZCARD', K_SEATS) end
-  return used_n
+-- Seats in use: field n, counted by every ZADD and ZREM of K_SEATS below (their replies).
+local function in_use() return num(get('n')) end
+
+-- The earliest time (ms) recorded in a sorted set may be later than the bound kept in K_P
+-- (a renewal or a new entry moved it), never earlier: a scan for expired entries runs only
+-- once the bound has passed, and leaves the set's true earliest time as the next bound.
+local function lower_bound(f, at)
+  local bound = get(f)
+  if not bound or at < tonumber(bound) then set(f, at) end
 end
-local function seat_added() if used_n then used_n = used_n + 1 end end
-local function seat_removed() if used_n then used_n = used_n - 1 end end
+
+local function rebound(f, key)
+  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if first[2] then set(f, first[2]) else del(f) end
+end
 
 local function split(s)
   local out = {}
@@ -157,12 +166,14 @@ local function maybe_idle(tenant)
   -- Holding and waiting for nothing: the weight leaves after linger_s.
   if num(get('h:' .. tenant)) <= 0 and num(get('q:' .. tenant)) <= 0 then
     redis.call('ZADD', K_LEFT, now, tenant)
+    lower_bound('ld', now)
   end
 end
 
 local function expire()
-  -- Only tenants counted in aw linger (nw = 0: K_LEFT is empty).
-  if num(get('nw')) > 0 then
+  -- Nobody can have lingered linger_s yet while the earliest idle time (ld) is recent.
+  local ld = get('ld')
+  if ld and tonumber(ld) <= now - linger_ms then
     for _, name in ipairs(redis.call('ZRANGEBYSCORE', K_LEFT, '-inf', now - linger_ms)) do
       local cw = num(get('w:' .. name))
       set('aw', string.format('%.17g', num(get('aw')) - cw))
@@ -172,6 +183,7 @@ local function expire()
       end
       redis.call('ZREM', K_LEFT, name)
     end
+    rebound('ld', K_LEFT)
   end
   if num(get('nw')) <= 0 and get('aw') ~= '0' then
     set('aw', '0') -- no float drift survives an idle pool
@@ -232,8 +244,8 @@ local function grant(ticket, tenant, cost, weight, lease_ms, tokens)
   if c > vt then set('vt', tostring(c)) end
   set('c:' .. tenant, tostring(c + cost / weight))
   incr('h:' .. tenant, 1)
-  redis.call('ZADD', K_SEATS, now + lease_ms, ticket)
-  seat_added()
+  incr('n', redis.call('ZADD', K_SEATS, now + lease_ms, ticket))
+  lower_bound('se', now + lease_ms)
   set('l:' .. ticket, tenant)
   take_tokens(tokens)
 end
@@ -249,15 +261,18 @@ local function unqueue(ticket, tenant, band)
 end
 
 local function purge()
-  for _, ticket in ipairs(redis.call('ZRANGEBYSCORE', K_SEATS, '-inf', now)) do
-    local tenant = get('l:' .. ticket)
-    del('l:' .. ticket)
-    redis.call('ZREM', K_SEATS, ticket)
-    seat_removed()
-    if tenant then
-      incr('h:' .. tenant, -1)
-      maybe_idle(tenant)
+  local se = get('se')
+  if se and tonumber(se) <= now then
+    for _, ticket in ipairs(redis.call('ZRANGEBYSCORE', K_SEATS, '-inf', now)) do
+      local tenant = get('l:' .. ticket)
+      del('l:' .. ticket)
+      incr('n', -redis.call('ZREM', K_SEATS, ticket))
+      if tenant then
+        incr('h:' .. tenant, -1)
+        maybe_idle(tenant)
+      end
     end
+    rebound('se', K_SEATS)
   end
   -- Queued tickets only exist while something waits (w counts them).
   if num(get('w')) <= 0 then return end
@@ -358,8 +373,8 @@ local function acquire()
   local tokens, hold = tonumber(ARGV[a + 10]), tonumber(ARGV[a + 11])
   local deadline = tonumber(ARGV[a + 12]) or 0
   if deadline > 0 and now > deadline then return {4, now} end
-  load({'w', 'vt', 'aw', 'nw', 'nr', 'c:' .. tenant, 'h:' .. tenant, 'q:' .. tenant,
-    'r:' .. tenant, 'w:' .. tenant})
+  load({'w', 'vt', 'aw', 'nw', 'nr', 'n', 'se', 'ld', 'c:' .. tenant, 'h:' .. tenant,
+    'q:' .. tenant, 'r:' .. tenant, 'w:' .. tenant})
   purge()
   expire()
   activate(tenant, weight)
@@ -421,6 +436,7 @@ end
 local function poll()
   -- ticket, lease_ms, heartbeat_ms: 0 granted, 1 still queued, 3 unknown (expired)
   local ticket, lease_ms, hb_ms = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  load({'w', 'vt', 'bvt', 'aw', 'nw', 'nr', 'n', 'se', 'ld'})
   purge()
   expire()
   local granted = dispatch(lease_ms)
@@ -438,10 +454,10 @@ local function release()
   local cost, weight, actual = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
   local lease_ms = tonumber(ARGV[a + 6])
   local tokens, actual_tokens = tonumber(ARGV[a + 7]), tonumber(ARGV[a + 8])
-  load({'w', 'aw', 'nw', 'c:' .. tenant, 'h:' .. tenant, 'q:' .. tenant})
+  load({'w', 'aw', 'nw', 'n', 'se', 'ld', 'c:' .. tenant, 'h:' .. tenant, 'q:' .. tenant})
   purge()
   if redis.call('ZREM', K_SEATS, ticket) == 1 then
-    seat_removed()
+    incr('n', -1)
     incr('h:' .. tenant, -1)
     del('l:' .. ticket)
     local c = num(get('c:' .. tenant))
@@ -492,7 +508,7 @@ local function state()
   end
   flush() -- the purge's changes, so the hash read below has them
   dirty = {}
-  local out = {in_use(), num(get('w'))}
+  local out = {redis.call('ZCARD', K_SEATS), num(get('w'))}
   local all = redis.call('HGETALL', K_P)
   for i = 1, #all, 2 do
     cache[all[i]] = all[i + 1]

@@ -29,13 +29,15 @@ end
 
 -- Counters live as fields of one hash per hash tag (tenantware/quota/plan.py): a script
 -- collects the fields it needs per key with want(), reads each hash once with fetch() and
--- writes each once with put() and store().
+-- writes each once with put() and store(). Field 'x' of a hash is the time (ms) it expires:
+-- read with the others, it tells store() whether the hash needs a longer expiry without a
+-- PTTL, so the expiry is set about once per window, not at every decision.
 
 -- Ask for field f of KEYS[k]; returns its position in fetch()'s reply for that key.
 local function want(fields, order, k, f)
   local list = fields[k]
   if not list then
-    list = {}
+    list = {'x'}
     fields[k] = list
     order[#order + 1] = k
   end
@@ -43,7 +45,7 @@ local function want(fields, order, k, f)
   return #list
 end
 
--- One HMGET per hash: key index -> values (false where a field is absent).
+-- One HMGET per hash: key index -> values (false where a field is absent; [1] is 'x').
 local function fetch(fields, order)
   local got = {}
   for j = 1, #order do
@@ -53,28 +55,34 @@ local function fetch(fields, order)
   return got
 end
 
--- Stage field f = v of KEYS[k], whose hash must then live at least ttl ms.
-local function put(writes, order, k, f, v, ttl)
+-- Stage field f = v of KEYS[k], whose hash must live at least need ms from now; when it
+-- must be extended, it is given keep ms (the longest this limit can need: its window).
+local function put(writes, order, k, f, v, need, keep)
   local list = writes[k]
   if not list then
-    list = {0}
+    list = {0, 0}
     writes[k] = list
     order[#order + 1] = k
   end
   list[#list + 1] = f
   list[#list + 1] = v
-  if ttl > list[1] then list[1] = ttl end
+  if need > list[1] then list[1] = need end
+  if keep > list[2] then list[2] = keep end
 end
 
--- One HSET per hash; its expiry only ever grows (other plans' fields may need it longer).
-local function store(writes, order)
+-- One HSET per hash (state: fetch()'s reply, now_ms: Redis time); its expiry only ever grows
+-- (other plans' fields in the same hash may need it longer).
+local function store(writes, order, state, now_ms)
   for j = 1, #order do
     local k = order[j]
     local list = writes[k]
-    redis.call('HSET', KEYS[k], unpack(list, 2))
-    if list[1] > 0 and redis.call('PTTL', KEYS[k]) < list[1] then
-      redis.call('PEXPIRE', KEYS[k], int(list[1]))
+    local extend = list[1] > 0 and (tonumber(state[k][1]) or 0) < now_ms + list[1]
+    if extend then
+      list[#list + 1] = 'x'
+      list[#list + 1] = int(now_ms + list[2])
     end
+    redis.call('HSET', KEYS[k], unpack(list, 3))
+    if extend then redis.call('PEXPIRE', KEYS[k], int(list[2])) end
   end
 end
 

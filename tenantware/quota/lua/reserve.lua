@@ -7,7 +7,7 @@
 --       index, field per limit; see tenantware/quota/plan.py).
 -- State: a rate limit's field holds its theoretical arrival time (µs), a window limit's
 --       field "window:used"; each counters hash is read once (HMGET) and, on a grant,
---       written once (HSET) and kept alive for its longest window.
+--       written once (HSET), its expiry extended when a field needs it longer (common.lua).
 -- Reply: {allowed, failed index (0-based, -1), retry_after_us, now_us, remaining..., reset_us...}
 --        or {-1, -1, 0, now_us} when now is past the deadline: the caller has given up,
 --        nothing is checked or written.
@@ -102,7 +102,8 @@ else
     local k = kind[i]
     local key = KEYS[ki[i]]
     if k == 'r' then
-      put(writes, worder, ki[i], field[i], int(staged[i]), math.ceil((staged[i] - now) / 1000) + 1)
+      local need = math.ceil((staged[i] - now) / 1000) + 1
+      put(writes, worder, ki[i], field[i], int(staged[i]), need, math.ceil(p2[i] / 1000) + 1)
     elseif k == 'n' then
       redis.call('ZADD', key, int(now + p1[i]), ticket)
       redis.call('PEXPIRE', key, int(math.ceil(p1[i] / 1000) + 1000))
@@ -114,12 +115,16 @@ else
     else
       local amount = cost
       if k == 't' then amount = tokens end
-      local ttl
-      if k == 'm' then ttl = 32 * 86400000 else ttl = math.ceil(reset[i] / 1000) + 1000 end
-      put(writes, worder, ki[i], field[i], int(staged[i]) .. ':' .. int(used[i] + amount), ttl)
+      local need, keep
+      if k == 'm' then
+        need, keep = 32 * 86400000, 32 * 86400000
+      else
+        need, keep = math.ceil(reset[i] / 1000) + 1000, math.ceil(p1[i] / 1000) + 1000
+      end
+      put(writes, worder, ki[i], field[i], int(staged[i]) .. ':' .. int(used[i] + amount), need, keep)
     end
   end
-  store(writes, worder)
+  store(writes, worder, state, math.floor(now / 1000))
 end
 
 local reply = {allowed, failed, retry, now}

@@ -36,15 +36,15 @@ for i = 1, n do
   if at[i] then
     local value = state[ki[i]][at[i]]
     if kind[i] == 'r' then
-      if value then put(writes, worder, ki[i], field[i], int(tonumber(value) - p1[i]), 0) end
+      if value then put(writes, worder, ki[i], field[i], int(tonumber(value) - p1[i]), 0, 0) end
     else
       local window = window_of(kind[i], p1[i], reserved_at)
       local used = used_in(value, window)
       if used then
-        put(writes, worder, ki[i], field[i], int(window) .. ':' .. int(used + tonumber(delta[i])), 0)
+        put(writes, worder, ki[i], field[i], int(window) .. ':' .. int(used + tonumber(delta[i])), 0, 0)
       end
     end
   end
 end
-store(writes, worder)
+store(writes, worder, state, 0)
 return 1
