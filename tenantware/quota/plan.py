@@ -142,6 +142,7 @@ class Plan:
         "counts_usage",
         "header_groups",
         "holds_slots",
+        "key_index",
         "keys",
         "limits",
         "local",
@@ -159,9 +160,11 @@ class Plan:
         #: The Redis keys of the plan, each once (limits of one hash share it).
         self.keys = tuple(dict.fromkeys(limit.key for limit in limits))
         position = {key: i + 1 for i, key in enumerate(self.keys)}
+        #: Per limit, the 1-based index of its key in ``keys`` (Lua's ``KEYS``).
+        self.key_index = tuple(position[limit.key] for limit in limits)
         args: list[str | int] = [len(limits)]
-        for limit in limits:
-            args.extend((limit.kind, limit.p1, limit.p2, position[limit.key], limit.field))
+        for limit, index in zip(limits, self.key_index, strict=True):
+            args.extend((limit.kind, limit.p1, limit.p2, index, limit.field))
         #: The number of limits, then ``kind, p1, p2, key index (1-based), field`` per limit,
         #: as the Lua scripts read them.
         self.args = tuple(args)

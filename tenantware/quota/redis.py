@@ -29,7 +29,16 @@ from tenantware.backends.errors import STORE_UNAVAILABLE
 from tenantware.backends.multiplex import RedisTimeoutError
 from tenantware.backends.redis_clock import RedisClock, budget_of
 from tenantware.backends.redis_support import ScriptHost, register_script, single_node
-from tenantware.quota.plan import KIND_CONCURRENCY, Plan, balance_key
+from tenantware.quota.plan import (
+    KIND_BALANCE,
+    KIND_CONCURRENCY,
+    KIND_MONTHLY_SPEND,
+    KIND_REQUESTS,
+    KIND_TOKENS,
+    Plan,
+    balance_key,
+    month_index,
+)
 from tenantware.quota.store import Decision
 
 __all__ = ["RedisQuotaStore", "lua_source", "reserve_args", "settle_args"]
@@ -58,16 +67,31 @@ def settle_args(
     cancel: bool,
     balance_delta: int,
 ) -> tuple[str | int, ...]:
-    """ARGV of ``settle.lua`` (its KEYS are ``plan.keys``)."""
-    return (
-        reserved_at_us,
-        tokens_delta,
-        cost_delta,
-        ticket,
-        1 if cancel else 0,
-        balance_delta,
-        *plan.args,
-    )
+    """ARGV of ``settle.lua`` (its KEYS are ``plan.keys``): the ticket, then only the work
+    there is, five values per step (kind, key index, field, a, b): the window of a counter is
+    computed here, so Redis compares it and adds the delta without any arithmetic of its own.
+    """
+    args: list[str | int] = [ticket]
+    for limit, index in zip(plan.limits, plan.key_index, strict=True):
+        kind = limit.kind
+        if kind == KIND_CONCURRENCY:
+            args += ("n", index, "", 0, 0)
+        elif kind == KIND_BALANCE:
+            if balance_delta:
+                args += ("b", index, "", 0, balance_delta)
+        elif kind == KIND_REQUESTS:
+            if cancel:  # a cancelled request gives its place back to each rate
+                args += ("r", index, limit.field, limit.p1, 0)
+        else:
+            delta = tokens_delta if kind == KIND_TOKENS else cost_delta
+            if delta:
+                window = (
+                    month_index(reserved_at_us)
+                    if kind == KIND_MONTHLY_SPEND
+                    else reserved_at_us // limit.p1
+                )
+                args += ("w", index, limit.field, window, delta)
+    return tuple(args)
 
 
 _RESERVE = lua_source("reserve")

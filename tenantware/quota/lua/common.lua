@@ -29,9 +29,12 @@ end
 
 -- Counters live as fields of one hash per hash tag (tenantware/quota/plan.py): a script
 -- collects the fields it needs per key with want(), reads each hash once with fetch() and
--- writes each once with put() and store(). Field 'x' of a hash is the time (ms) it expires:
--- read with the others, it tells store() whether the hash needs a longer expiry without a
--- PTTL, so the expiry is set about once per window, not at every decision.
+-- writes each once with put() and store(). A rate limit's field holds its theoretical
+-- arrival time (µs); a window limit's field f holds its window id and f .. '+' what the
+-- window used. Field 'x' of a hash is the time (ms) it expires: read with the others, it
+-- tells store() whether the hash needs a longer expiry without a PTTL, so the expiry is set
+-- about once per window, not at every decision. Numbers go to redis.call as numbers (Redis
+-- writes integers exactly); conversions in Lua cost more here than the commands.
 
 -- Ask for field f of KEYS[k]; returns its position in fetch()'s reply for that key.
 local function want(fields, order, k, f)
@@ -76,23 +79,12 @@ local function store(writes, order, state, now_ms)
   for j = 1, #order do
     local k = order[j]
     local list = writes[k]
-    local extend = list[1] > 0 and (tonumber(state[k][1]) or 0) < now_ms + list[1]
+    local extend = (tonumber(state[k][1]) or 0) < now_ms + list[1]
     if extend then
       list[#list + 1] = 'x'
-      list[#list + 1] = int(now_ms + list[2])
+      list[#list + 1] = now_ms + list[2]
     end
     redis.call('HSET', KEYS[k], unpack(list, 3))
-    if extend then redis.call('PEXPIRE', KEYS[k], int(list[2])) end
+    if extend then redis.call('PEXPIRE', KEYS[k], list[2]) end
   end
-end
-
--- The amount a window counter ("window:used") holds for window w (nil: none, or another
--- window: a stale window is recognised by its id, not deleted).
-local function used_in(value, w)
-  if not value then return nil end
-  local at = string.find(value, ':', 1, true)
-  if at and tonumber(string.sub(value, 1, at - 1)) == w then
-    return tonumber(string.sub(value, at + 1))
-  end
-  return nil
 end

@@ -5,9 +5,8 @@
 --       (0: none; tenantware/backends/redis_clock.py), charge (what a prepaid balance pays,
 --       nano-USD), then the plan (Plan.args: the number of limits, then kind, p1, p2, key
 --       index, field per limit; see tenantware/quota/plan.py).
--- State: a rate limit's field holds its theoretical arrival time (µs), a window limit's
---       field "window:used"; each counters hash is read once (HMGET) and, on a grant,
---       written once (HSET), its expiry extended when a field needs it longer (common.lua).
+-- State (common.lua): each counters hash is read once (HMGET) and, on a grant, written once
+--       (HSET), its expiry extended when a field needs it longer.
 -- Reply: {allowed, failed index (0-based, -1), retry_after_us, now_us, remaining..., reset_us...}
 --        or {-1, -1, 0, now_us} when now is past the deadline: the caller has given up,
 --        nothing is checked or written.
@@ -28,9 +27,15 @@ local kind, p1, p2, ki, field, at = {}, {}, {}, {}, {}, {}
 local fields, order = {}, {}
 for i = 1, n do
   local b = 7 + (i - 1) * 5
-  kind[i], p1[i], p2[i] = ARGV[b + 1], tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+  local k = ARGV[b + 1]
+  kind[i], p1[i], p2[i] = k, tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
   ki[i], field[i] = tonumber(ARGV[b + 4]), ARGV[b + 5]
-  if kind[i] ~= 'n' and kind[i] ~= 'b' then at[i] = want(fields, order, ki[i], field[i]) end
+  if k == 'r' then
+    at[i] = want(fields, order, ki[i], field[i])
+  elseif k ~= 'n' and k ~= 'b' then
+    at[i] = want(fields, order, ki[i], field[i])
+    want(fields, order, ki[i], field[i] .. '+') -- at[i] + 1
+  end
 end
 local state = fetch(fields, order)
 
@@ -54,7 +59,7 @@ for i = 1, n do
     end
   elseif k == 'n' then
     -- Live slots only (expired ones are swept by renew.lua and by the set's own expiry).
-    local held = redis.call('ZCOUNT', KEYS[ki[i]], '(' .. int(now), '+inf')
+    local held = redis.call('ZCOUNT', KEYS[ki[i]], now + 1, '+inf') -- expiry > now
     if held >= p2[i] then
       if failed < 0 then failed = i - 1 end
       if 1000000 > retry then retry = 1000000 end
@@ -75,7 +80,9 @@ for i = 1, n do
     if k ~= 'm' then reset[i] = (window + 1) * p1[i] - now end
     local amount = cost
     if k == 't' then amount = tokens end
-    used[i] = used_in(state[ki[i]][at[i]], window) or 0
+    local got = state[ki[i]]
+    used[i] = 0
+    if tonumber(got[at[i]]) == window then used[i] = tonumber(got[at[i] + 1]) or 0 end
     if used[i] + amount > p2[i] then
       remaining[i] = math.max(0, p2[i] - used[i])
       if k == 't' then
@@ -103,10 +110,10 @@ else
     local key = KEYS[ki[i]]
     if k == 'r' then
       local need = math.ceil((staged[i] - now) / 1000) + 1
-      put(writes, worder, ki[i], field[i], int(staged[i]), need, math.ceil(p2[i] / 1000) + 1)
+      put(writes, worder, ki[i], field[i], staged[i], need, math.ceil(p2[i] / 1000) + 1)
     elseif k == 'n' then
-      redis.call('ZADD', key, int(now + p1[i]), ticket)
-      redis.call('PEXPIRE', key, int(math.ceil(p1[i] / 1000) + 1000))
+      redis.call('ZADD', key, now + p1[i], ticket)
+      redis.call('PEXPIRE', key, math.ceil(p1[i] / 1000) + 1000)
     elseif k == 'b' then
       local left = charge
       if charge > 0 then left = tonumber(redis.call('HINCRBY', key, 'v', '-' .. charge_arg)) end
@@ -121,7 +128,8 @@ else
       else
         need, keep = math.ceil(reset[i] / 1000) + 1000, math.ceil(p1[i] / 1000) + 1000
       end
-      put(writes, worder, ki[i], field[i], int(staged[i]) .. ':' .. int(used[i] + amount), need, keep)
+      put(writes, worder, ki[i], field[i], staged[i], need, keep)
+      put(writes, worder, ki[i], field[i] .. '+', used[i] + amount, need, keep)
     end
   end
   store(writes, worder, state, math.floor(now / 1000))
