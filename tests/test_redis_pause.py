@@ -135,19 +135,23 @@ async def test_a_paused_redis_gives_back_every_seat_and_slot_after_sigcont(
         state: dict[str, Any] = {}
         taken = -1
         admitted = 0
+        # What a failure needs to tell: how late the check began (the workers' last requests
+        # end first) and what the state calls raised.
+        checks: dict[str, Any] = {"began_s": time.monotonic() - resumed_at, "errors": []}
         while time.monotonic() < resumed_at + 1.0 + PROBE_S:
             response = await http.post("/v1/chat/completions", json=BODY)
             admitted += response.status_code == 200
             try:
                 state = (await gateway.admission.state())["*"]
-            except STORE_UNAVAILABLE:
+            except STORE_UNAVAILABLE as exc:
+                checks["errors"].append(repr(exc))
                 continue
             taken = await slots_taken(direct, prefix)
             if state["in_use"] == 0 and state["waiting"] == 0 and taken == 0 and admitted:
                 break
             await anyio.sleep(0.05)
-        assert state.get("in_use") == 0, state
-        assert state.get("waiting") == 0, state
+        assert state.get("in_use") == 0, (state, checks)
+        assert state.get("waiting") == 0, (state, checks)
         assert taken == 0
         assert admitted > 0
         assert not gateway.stores.health.down  # decided by Redis again, not by a policy

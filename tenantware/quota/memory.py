@@ -79,7 +79,7 @@ class MemoryQuotaStore:
         for i, limit in enumerate(limits):
             kind = limit.kind
             if kind == KIND_REQUESTS:
-                tat = max(self._tat.get(limit.ident, now), now)
+                tat = max(self._tat.get(limit.key, now), now)
                 new = tat + limit.p1
                 if new - now > limit.p2:
                     failed = i if failed < 0 else failed
@@ -90,7 +90,7 @@ class MemoryQuotaStore:
                     reset[i] = new - now
                     staged[i] = new
             elif kind == KIND_CONCURRENCY:
-                leases = self._leases.get(limit.ident)
+                leases = self._leases.get(limit.key)
                 held = 0
                 if leases:
                     for held_ticket in [t for t, exp in leases.items() if exp <= now]:
@@ -103,7 +103,7 @@ class MemoryQuotaStore:
                 else:
                     remaining[i] = limit.p2 - held - 1
             elif kind == KIND_BALANCE:
-                balance = self._balances.get(limit.ident, 0)
+                balance = self._balances.get(limit.key, 0)
                 if balance <= 0 or balance < charge:
                     remaining[i] = max(0, balance)
                     if budget_failed < 0:
@@ -117,7 +117,7 @@ class MemoryQuotaStore:
                     window = now // limit.p1
                     reset[i] = (window + 1) * limit.p1 - now
                 amount = tokens if kind == KIND_TOKENS else cost
-                state = self._windows.get(limit.ident)
+                state = self._windows.get(limit.key)
                 used = state[1] if state is not None and state[0] == window else 0
                 if used + amount > limit.p2:
                     remaining[i] = max(0, limit.p2 - used)
@@ -136,23 +136,23 @@ class MemoryQuotaStore:
         for i, limit in enumerate(limits):
             kind = limit.kind
             if kind == KIND_REQUESTS:
-                self._tat[limit.ident] = staged[i]
+                self._tat[limit.key] = staged[i]
             elif kind == KIND_CONCURRENCY:
-                self._leases.setdefault(limit.ident, {})[ticket] = now + limit.p1
-                self._lease_us[limit.ident] = limit.p1
+                self._leases.setdefault(limit.key, {})[ticket] = now + limit.p1
+                self._lease_us[limit.key] = limit.p1
             elif kind == KIND_BALANCE:
-                left = self._balances.get(limit.ident, 0) - charge
-                self._balances[limit.ident] = left
-                if left < limit.p1 and limit.ident not in self._warned:
-                    self._warned.add(limit.ident)
+                left = self._balances.get(limit.key, 0) - charge
+                self._balances[limit.key] = left
+                if left < limit.p1 and limit.key not in self._warned:
+                    self._warned.add(limit.key)
                     reset[i] = 1  # this reservation crossed the low-balance threshold
             else:
                 amount = tokens if kind == KIND_TOKENS else cost
-                state = self._windows.get(limit.ident)
+                state = self._windows.get(limit.key)
                 if state is not None and state[0] == staged[i]:
                     state[1] += amount
                 else:
-                    self._windows[limit.ident] = [staged[i], amount]
+                    self._windows[limit.key] = [staged[i], amount]
         return Decision(True, -1, 0, now, remaining, reset)
 
     async def settle(
@@ -195,21 +195,21 @@ class MemoryQuotaStore:
         for limit in plan.limits:
             kind = limit.kind
             if kind == KIND_REQUESTS:
-                if cancel and limit.ident in self._tat:
-                    self._tat[limit.ident] -= limit.p1
+                if cancel and limit.key in self._tat:
+                    self._tat[limit.key] -= limit.p1
             elif kind == KIND_CONCURRENCY:
-                leases = self._leases.get(limit.ident)
+                leases = self._leases.get(limit.key)
                 if leases is not None:
                     leases.pop(ticket, None)
             elif kind == KIND_BALANCE:
                 if charge_delta:
-                    self._balances[limit.ident] = self._balances.get(limit.ident, 0) - charge_delta
+                    self._balances[limit.key] = self._balances.get(limit.key, 0) - charge_delta
             else:
                 delta = tokens_delta if kind == KIND_TOKENS else cost_delta
                 if not delta:
                     continue
                 window = month_index(now_us) if kind == KIND_MONTHLY_SPEND else now_us // limit.p1
-                state = self._windows.get(limit.ident)
+                state = self._windows.get(limit.key)
                 # A window that has already rolled over is not corrected: nobody reads it.
                 if state is not None and state[0] == window:
                     state[1] += delta
@@ -238,16 +238,16 @@ class MemoryQuotaStore:
         for limit in plan.limits:
             kind = limit.kind
             if kind == KIND_REQUESTS:
-                debt = max(0, self._tat.get(limit.ident, now) - now)
+                debt = max(0, self._tat.get(limit.key, now) - now)
                 out.append(-(-debt // limit.p1))
             elif kind == KIND_CONCURRENCY:
-                leases = self._leases.get(limit.ident, {})
+                leases = self._leases.get(limit.key, {})
                 out.append(sum(1 for exp in leases.values() if exp > now))
             elif kind == KIND_BALANCE:
-                out.append(self._balances.get(limit.ident, 0))
+                out.append(self._balances.get(limit.key, 0))
             else:
                 window = month_index(now) if kind == KIND_MONTHLY_SPEND else now // limit.p1
-                state = self._windows.get(limit.ident)
+                state = self._windows.get(limit.key)
                 out.append(state[1] if state is not None and state[0] == window else 0)
         return out
 

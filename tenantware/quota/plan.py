@@ -4,11 +4,6 @@ A tenant's ``Limits`` (tier defaults merged), its per-model limits and the globa
 ``Plan``s: lists of ``Limit``s with their store keys and integer parameters (microseconds,
 tokens, nano-dollars). Plans are built once per configuration version and tenant/model, so a
 request only looks one up. Every key of a plan shares one hash tag (one Redis Cluster slot).
-
-On Redis the rate and window limits of one hash tag are fields of one hash (``counters_key``:
-``tw:{acme}:q``, field ``rpm``, ``model:gpt-4.1:tpm``, ...), so a decision reads and writes
-all of them with one command each; a concurrency limit keeps a sorted set of its own (each
-slot expires on its own) and a prepaid balance its own hash (credited by other scripts).
 """
 
 from __future__ import annotations
@@ -40,7 +35,6 @@ __all__ = [
     "balance_key",
     "balance_limit",
     "build_plan",
-    "counters_key",
     "is_global",
     "month_index",
 ]
@@ -78,29 +72,15 @@ _SHORT = {"second": "s", "minute": "m", "hour": "h", "day": "d"}
 
 
 class Limit:
-    """One limit of a plan; ``name`` is what error messages call it.
+    """One limit of a plan; ``name`` is what error messages call it."""
 
-    ``key`` is the Redis key holding its state and ``field`` its field there (``""``: the key
-    is the limit's own); ``ident`` names the limit's state uniquely (the memory store's key).
-    """
-
-    __slots__ = ("field", "group", "ident", "key", "kind", "limit", "name", "p1", "p2", "policy")
+    __slots__ = ("group", "key", "kind", "limit", "name", "p1", "p2", "policy")
 
     def __init__(
-        self,
-        kind: str,
-        key: str,
-        name: str,
-        limit: int,
-        p1: int,
-        p2: int,
-        policy: FailurePolicy,
-        field: str = "",
+        self, kind: str, key: str, name: str, limit: int, p1: int, p2: int, policy: FailurePolicy
     ) -> None:
         self.kind = kind
         self.key = key
-        self.field = field
-        self.ident = f"{key}/{field}" if field else key
         self.name = name
         self.limit = limit
         self.p1 = p1
@@ -116,20 +96,12 @@ class Limit:
         if self.kind == KIND_REQUESTS:
             burst = max(1, (self.p2 // self.p1) // replicas)
             interval = self.p1 * replicas
-            return Limit(
-                self.kind,
-                self.key,
-                self.name,
-                share,
-                interval,
-                burst * interval,
-                "local",
-                self.field,
-            )
-        return Limit(self.kind, self.key, self.name, share, self.p1, share, "local", self.field)
+            return Limit(self.kind, self.key, self.name, share, interval, burst * interval, "local")
+        p2 = share
+        return Limit(self.kind, self.key, self.name, share, self.p1, p2, "local")
 
     def __repr__(self) -> str:
-        return f"Limit({self.kind!r}, {self.ident!r}, limit={self.limit})"
+        return f"Limit({self.kind!r}, {self.key!r}, limit={self.limit})"
 
 
 class Plan:
@@ -142,7 +114,6 @@ class Plan:
         "counts_usage",
         "header_groups",
         "holds_slots",
-        "key_index",
         "keys",
         "limits",
         "local",
@@ -157,16 +128,11 @@ class Plan:
         tenant_limits: int | None = None,
     ) -> None:
         self.limits = tuple(limits)
-        #: The Redis keys of the plan, each once (limits of one hash share it).
-        self.keys = tuple(dict.fromkeys(limit.key for limit in limits))
-        position = {key: i + 1 for i, key in enumerate(self.keys)}
-        #: Per limit, the 1-based index of its key in ``keys`` (Lua's ``KEYS``).
-        self.key_index = tuple(position[limit.key] for limit in limits)
-        args: list[str | int] = [len(limits)]
-        for limit, index in zip(limits, self.key_index, strict=True):
-            args.extend((limit.kind, limit.p1, limit.p2, index, limit.field))
-        #: The number of limits, then ``kind, p1, p2, key index (1-based), field`` per limit,
-        #: as the Lua scripts read them.
+        self.keys = tuple(limit.key for limit in limits)
+        args: list[str | int] = []
+        for limit in limits:
+            args.extend((limit.kind, limit.p1, limit.p2))
+        #: ``kind, p1, p2`` per limit, as the Lua scripts read them.
         self.args = tuple(args)
         #: A store outage rejects the request (some limit's policy is ``closed``).
         self.closed = any(limit.policy == "closed" for limit in limits)
@@ -214,11 +180,6 @@ def balance_limit(prefix: str, tenant_id: str, low_nanousd: int) -> Limit:
     return Limit(KIND_BALANCE, key, "prepaid balance", 0, low_nanousd, 0, "closed")
 
 
-def counters_key(prefix: str, tag: str) -> str:
-    """The hash holding every rate and window counter of hash tag ``tag``."""
-    return tenant_key(prefix, tag, "q")
-
-
 def is_global(limit: Limit) -> bool:
     """Whether ``limit`` is one of the gateway's shared (global) limits."""
     return "{" + GLOBAL_TAG + "}" in limit.key
@@ -260,9 +221,6 @@ def _limits_of(
     default = config.gateway.on_store_failure
     policies = quota.on_store_failure
 
-    counters = counters_key(prefix, tag)
-    scope = "".join(part + ":" for part in parts)
-
     def key(name: str) -> str:
         return tenant_key(prefix, tag, *parts, name)
 
@@ -279,13 +237,12 @@ def _limits_of(
             out.append(
                 Limit(
                     KIND_REQUESTS,
-                    counters,
+                    key(f"rp{_SHORT[window]}"),
                     f"requests per {window}",
                     count,
                     interval,
                     allowance * interval,
                     policy("requests"),
-                    f"{scope}rp{_SHORT[window]}",
                 )
             )
     for window, seconds in _WINDOWS:
@@ -294,13 +251,12 @@ def _limits_of(
             out.append(
                 Limit(
                     KIND_TOKENS,
-                    counters,
+                    key(f"tp{_SHORT[window]}"),
                     f"tokens per {window}",
                     count,
                     seconds * SECOND_US,
                     count,
                     policy("tokens"),
-                    f"{scope}tp{_SHORT[window]}",
                 )
             )
     if limits.concurrent_requests is not None:
@@ -320,30 +276,12 @@ def _limits_of(
     if limits.daily_budget_usd is not None:
         cap = usd_to_nanousd(limits.daily_budget_usd)
         out.append(
-            Limit(
-                KIND_SPEND,
-                counters,
-                "daily budget",
-                cap,
-                DAY_US,
-                cap,
-                policy("budget"),
-                f"{scope}usd:d",
-            )
+            Limit(KIND_SPEND, key("usd:d"), "daily budget", cap, DAY_US, cap, policy("budget"))
         )
     if limits.monthly_budget_usd is not None:
         cap = usd_to_nanousd(limits.monthly_budget_usd)
         out.append(
-            Limit(
-                KIND_MONTHLY_SPEND,
-                counters,
-                "monthly budget",
-                cap,
-                0,
-                cap,
-                policy("budget"),
-                f"{scope}usd:m",
-            )
+            Limit(KIND_MONTHLY_SPEND, key("usd:m"), "monthly budget", cap, 0, cap, policy("budget"))
         )
     return out
 

@@ -1,10 +1,7 @@
 """The Redis quota store: one Lua script per decision, for many replicas and Redis Cluster.
 
 Every key of a plan shares the tenant's hash tag, so each script touches one slot. Time comes
-from Redis ``TIME`` (a ``clock`` may be injected for tests). The rate and window counters of a
-hash tag are fields of one hash (``plan.py``), read with one command and written with one per
-decision, which is most of what a decision costs Redis; the hash lives as long as its longest
-window needs. Keys expire with their windows.
+from Redis ``TIME`` (a ``clock`` may be injected for tests); keys expire with their windows.
 Scripts are registered once and run with EVALSHA (reloaded on NOSCRIPT after a restart).
 
 A reservation carries a deadline in Redis time (``backends/redis_clock.py``): run after it
@@ -29,19 +26,10 @@ from tenantware.backends.errors import STORE_UNAVAILABLE
 from tenantware.backends.multiplex import RedisTimeoutError
 from tenantware.backends.redis_clock import RedisClock, budget_of
 from tenantware.backends.redis_support import ScriptHost, register_script, single_node
-from tenantware.quota.plan import (
-    KIND_BALANCE,
-    KIND_CONCURRENCY,
-    KIND_MONTHLY_SPEND,
-    KIND_REQUESTS,
-    KIND_TOKENS,
-    Plan,
-    balance_key,
-    month_index,
-)
+from tenantware.quota.plan import KIND_CONCURRENCY, Plan, balance_key
 from tenantware.quota.store import Decision
 
-__all__ = ["RedisQuotaStore", "lua_source", "reserve_args", "settle_args"]
+__all__ = ["RedisQuotaStore", "lua_source"]
 
 
 def lua_source(name: str) -> str:
@@ -49,49 +37,6 @@ def lua_source(name: str) -> str:
     folder = files("tenantware.quota") / "lua"
     common = (folder / "common.lua").read_text()
     return common + "\n" + (folder / f"{name}.lua").read_text()
-
-
-def reserve_args(
-    plan: Plan, now_us: int, tokens: int, cost: int, ticket: str, deadline_us: int, charge: int
-) -> tuple[str | int, ...]:
-    """ARGV of ``reserve.lua`` (its KEYS are ``plan.keys``)."""
-    return (now_us, tokens, cost, ticket, deadline_us, charge, *plan.args)
-
-
-def settle_args(
-    plan: Plan,
-    reserved_at_us: int,
-    ticket: str,
-    tokens_delta: int,
-    cost_delta: int,
-    cancel: bool,
-    balance_delta: int,
-) -> tuple[str | int, ...]:
-    """ARGV of ``settle.lua`` (its KEYS are ``plan.keys``): the ticket, then only the work
-    there is, five values per step (kind, key index, field, a, b): the window of a counter is
-    computed here, so Redis compares it and adds the delta without any arithmetic of its own.
-    """
-    args: list[str | int] = [ticket]
-    for limit, index in zip(plan.limits, plan.key_index, strict=True):
-        kind = limit.kind
-        if kind == KIND_CONCURRENCY:
-            args += ("n", index, "", 0, 0)
-        elif kind == KIND_BALANCE:
-            if balance_delta:
-                args += ("b", index, "", 0, balance_delta)
-        elif kind == KIND_REQUESTS:
-            if cancel:  # a cancelled request gives its place back to each rate
-                args += ("r", index, limit.field, limit.p1, 0)
-        else:
-            delta = tokens_delta if kind == KIND_TOKENS else cost_delta
-            if delta:
-                window = (
-                    month_index(reserved_at_us)
-                    if kind == KIND_MONTHLY_SPEND
-                    else reserved_at_us // limit.p1
-                )
-                args += ("w", index, limit.field, window, delta)
-    return tuple(args)
 
 
 _RESERVE = lua_source("reserve")
@@ -146,8 +91,14 @@ class RedisQuotaStore:
         deadline = self.redis_clock.deadline(self.budget_s) if now < 0 else 0
         reply = await self._reserve(
             keys=plan.keys,
-            args=reserve_args(
-                plan, now, tokens, cost, ticket, deadline, cost if charge is None else charge
+            args=(
+                now,
+                tokens,
+                cost,
+                ticket,
+                *plan.args,
+                deadline,
+                cost if charge is None else charge,
             ),
         )
         if reply[0] == -1:
@@ -156,7 +107,7 @@ class RedisQuotaStore:
             self.redis_clock.observe(int(reply[3]))
         if plan.holds_slots and reply[0] == 1:
             self._held.add((plan, ticket))
-        n = len(plan.limits)
+        n = len(plan.keys)
         return Decision(
             reply[0] == 1,
             int(reply[1]),
@@ -185,11 +136,19 @@ class RedisQuotaStore:
         balance_delta = -(cost_delta if charge_delta is None else charge_delta)
         await self._settle(
             keys=plan.keys,
-            args=settle_args(plan, now_us, ticket, tokens_delta, cost_delta, cancel, balance_delta),
+            args=(
+                now_us,
+                tokens_delta,
+                cost_delta,
+                ticket,
+                1 if cancel else 0,
+                *plan.args,
+                balance_delta,
+            ),
         )
 
     async def usage(self, plan: Plan) -> list[int]:
-        reply = await self._usage(keys=plan.keys, args=(self._now(), *plan.args))
+        reply = await self._usage(keys=plan.keys, args=(self._now(), 0, 0, "", *plan.args))
         return [int(x) for x in reply]
 
     def forget(self, plan: Plan, ticket: str) -> None:

@@ -4,22 +4,15 @@
 --       one hash slot on a cluster.
 -- ARGV: now_us (negative: use Redis TIME), then ticket, lease_us per key.
 -- A slot already released, or expired (another request may have its place), is not brought
--- back; it is removed here (reserve.lua only counts the live slots, so a slot whose process
--- died is swept by whichever process renews next, or goes with the set's own expiry).
--- Reply: {slots renewed, now_us}.
+-- back. Reply: {slots renewed, now_us}.
 local now = tonumber(ARGV[1])
 if now < 0 then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 local renewed = 0
-local swept = {}
 for i = 1, #KEYS do
   local key = KEYS[i]
-  if not swept[key] then
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now))
-    swept[key] = true
-  end
   local ticket, lease = ARGV[2 * i], tonumber(ARGV[2 * i + 1])
   local expiry = tonumber(redis.call('ZSCORE', key, ticket))
   if expiry and expiry > now then
