@@ -11,8 +11,13 @@ a second pass runs under ``MONITOR``, which names every command a client sent (e
 ``EVALSHA`` by its script: quota reserve/settle, admission op, breaker) apart from those a
 script ran inside Redis. The first pass also counts the writes of the pipelined connection
 (``backends/multiplex.py``: every call made in one event-loop turn goes out in one write) and
-the gateway's own CPU: at c=1 a write is one round trip the request waits for. Prints a
-markdown table per mode.
+the gateway's own CPU: at c=1 a write is one round trip the request waits for. The commands a
+script ran inside Redis are counted per script (``MONITOR`` lists them right after the call
+that ran them), and a third pass with every command in ``SLOWLOG`` times each script call
+(the logging slows Redis a little; the figures compare scripts, and one layout with another;
+the median is the robust one on a shared host, where a call the kernel preempted counts its
+wait in the mean).
+Prints a markdown table per mode.
 """
 
 from __future__ import annotations
@@ -20,11 +25,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import statistics
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -119,7 +125,7 @@ async def measure(url: str, body: bytes, total: int, concurrency: int) -> dict[s
         )
         gateway = Gateway(parse_config(config), upstream_client=_RecordingClient())
         app = gateway.wrap(gateway.proxy)
-        admin = aioredis.Redis.from_url(url)
+        admin = aioredis.Redis.from_url(url, socket_timeout=60)
         async with gateway.running():
             await _drive(app, body, 200, concurrency)  # warm: scripts loaded, plans built
             await admin.config_resetstat()
@@ -131,13 +137,17 @@ async def measure(url: str, body: bytes, total: int, concurrency: int) -> dict[s
             cpu1 = await admin.info("cpu")
             stats = await admin.info("commandstats")
             calls: Counter[str] = Counter()
+            names = _script_names()
             async with admin.monitor() as monitor:
-                names = _script_names()
                 counting = asyncio.create_task(_count(monitor, names, calls))
                 await asyncio.sleep(0.2)
                 await _drive(app, body, total, concurrency)
                 await asyncio.sleep(0.5)
                 counting.cancel()
+            chunk = min(total, 250)  # SLOWLOG read and reset every chunk: short replies
+            timed = await _timed(
+                admin, names, lambda: _drive(app, body, chunk, concurrency), total // chunk
+            )
         await admin.aclose()
     cpu = sum(cpu1[k] - cpu0[k] for k in ("used_cpu_sys", "used_cpu_user"))
     scripts = {k: v for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval")}
@@ -149,7 +159,32 @@ async def measure(url: str, body: bytes, total: int, concurrency: int) -> dict[s
         "gateway_cpu_us": gateway_cpu * 1e6,
         "script_calls": sum(v.get("calls", 0) for v in scripts.values()),
         "script_us": sum(v.get("usec", 0) for v in scripts.values()),
+        "timed": timed,
     }
+
+
+async def _timed(
+    admin: Any, names: dict[str, str], drive: Callable[[], Awaitable[None]], rounds: int
+) -> dict[str, list[int]]:
+    """``label -> µs of each call`` of every script call while ``drive`` runs ``rounds``
+    times, from ``SLOWLOG``."""
+    await admin.config_set("slowlog-max-len", 100_000)
+    await admin.config_set("slowlog-log-slower-than", 0)
+    await admin.slowlog_reset()
+    out: dict[str, list[int]] = {}
+    try:
+        for _ in range(rounds):
+            await drive()
+            entries = await admin.execute_command("SLOWLOG", "GET", -1)
+            await admin.slowlog_reset()
+            for entry in entries:
+                args = [p if isinstance(p, bytes) else str(p).encode() for p in entry[3]]
+                if args and args[0].lower() in (b"evalsha", b"eval"):
+                    out.setdefault(_label(args, names), []).append(int(entry[2]))
+    finally:
+        await admin.config_set("slowlog-log-slower-than", 10_000)
+        await admin.slowlog_reset()
+    return out
 
 
 @contextmanager
@@ -174,19 +209,23 @@ def _counting_writes() -> Iterator[list[int]]:
 
 
 async def _count(monitor: Any, names: dict[str, str], calls: Counter[str]) -> None:
+    script = "?"  # the script whose commands follow (MONITOR lists a call before them)
     async for event in monitor.listen():
         command = event.get("command", "")
         if event.get("client_type") == "lua" or "[0 lua]" in str(event.get("client_address")):
             calls["(inside scripts) " + command.split(" ")[0].lower()] += 1
+            calls["[in] " + script] += 1
             continue
         args = [part.strip('"').encode() for part in command.split(" ")]
         if args and args[0].lower() not in (b"monitor", b"info", b"config"):
-            calls[_label(args, names)] += 1
+            script = _label(args, names)
+            calls[script] += 1
 
 
 def report(mode: str, concurrency: int, total: int, result: dict[str, Any]) -> str:
     calls = result["calls"]
-    client = {k: v for k, v in calls.items() if not k.startswith("(inside")}
+    client = {k: v for k, v in calls.items() if not k.startswith(("(inside", "[in] "))}
+    timed = result["timed"]
     inner = sum(v for k, v in calls.items() if k.startswith("(inside"))
     lines = [
         f"\n{mode}, c={concurrency}, {total} requests",
@@ -194,8 +233,18 @@ def report(mode: str, concurrency: int, total: int, result: dict[str, Any]) -> s
         "| command sent by the gateway | per request |",
         "|---|---|",
     ]
+    lines[-2:] = [
+        "| command sent by the gateway | per request | commands inside, per call |"
+        " µs in Redis per call (`SLOWLOG`), median / mean |",
+        "|---|---|---|---|",
+    ]
     for label in sorted(client, key=lambda name: -client[name]):
-        lines.append(f"| {label} | {client[label] / total:.2f} |")
+        inside = calls.get("[in] " + label, 0) / client[label]
+        times = timed.get(label)
+        per_call = "-"
+        if times:
+            per_call = f"{statistics.median(times):.0f} / {statistics.mean(times):.0f}"
+        lines.append(f"| {label} | {client[label] / total:.2f} | {inside:.1f} | {per_call} |")
     lines.append(f"| **commands sent** | **{sum(client.values()) / total:.2f}** |")
     lines.append(
         f"| **socket writes** (round trips at c=1) | **{result['writes'] / total:.2f}**"

@@ -131,6 +131,7 @@ async def test_a_paused_redis_gives_back_every_seat_and_slot_after_sigcont(
                 await anyio.sleep(2.5)
             finally:
                 server.resume()
+                resumed_at = time.monotonic()
             await anyio.sleep(0.3)
             stop = True  # the workers finish their requests in flight and end
         assert statuses.get(200, 0) > 0, statuses
@@ -144,20 +145,25 @@ async def test_a_paused_redis_gives_back_every_seat_and_slot_after_sigcont(
         state: dict[str, Any] = {}
         taken = -1
         admitted = 0
-        deadline = time.monotonic() + RECOVERY_S
+        # What a failure needs to tell: how late the check began (the workers' last requests
+        # end first) and what the state calls raised.
+        began = time.monotonic()
+        checks: dict[str, Any] = {"began_s": began - resumed_at, "errors": []}
+        deadline = began + RECOVERY_S
         while time.monotonic() < deadline:
             response = await http.post("/v1/chat/completions", json=BODY)
             admitted += response.status_code == 200
             try:
                 state = (await gateway.admission.state())["*"]
-            except STORE_UNAVAILABLE:
+            except STORE_UNAVAILABLE as exc:
+                checks["errors"].append(repr(exc))
                 continue
             taken = await slots_taken(direct, prefix)
             if state["in_use"] == 0 and state["waiting"] == 0 and taken == 0 and admitted:
                 break
             await anyio.sleep(0.05)
-        assert state.get("in_use") == 0, state
-        assert state.get("waiting") == 0, state
+        assert state.get("in_use") == 0, (state, checks)
+        assert state.get("waiting") == 0, (state, checks)
         assert taken == 0
         assert admitted > 0
         assert not gateway.stores.health.down  # decided by Redis again, not by a policy
