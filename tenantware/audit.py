@@ -26,6 +26,10 @@ AuditAction = Literal[
     "balance.credit",
     "redemption_codes.create",
     "policy.update",
+    "migration_rules.update",
+    "migration_rules.delete",
+    "alert_rules.update",
+    "alert_rules.delete",
 ]
 
 

@@ -6,7 +6,9 @@ Keys (one hash tag, so every script runs on Redis Cluster too):
 - ``{prefix}tw:{registry}:versions``: hash, tenant id -> version of its last change;
 - ``{prefix}tw:{registry}:version``: the registry version, bumped by every change;
 - ``{prefix}tw:{registry}:audit``: list of audit entries (JSON), oldest first, capped;
-- ``{prefix}tw:{registry}:admins`` / ``:admin_versions``: admin keys issued through the API.
+- ``{prefix}tw:{registry}:admins`` / ``:admin_versions``: admin keys issued through the API;
+- ``{prefix}tw:{registry}:rules`` / ``:rule_versions``: rules changed through the API
+  (``registry.rules``: ``migration``, ``alerts``), one JSON document each.
 
 A write is one Lua script: check the record's version (``If-Match``), bump the registry
 version, write the record and its audit entry, and publish the new version on
@@ -24,6 +26,7 @@ import msgspec
 
 from tenantware.backends.redis_support import connect_redis, redis_errors
 from tenantware.config import AdminKey, Tenant
+from tenantware.registry.rules import RuleDocument, RuleName
 from tenantware.registry.store import AuditEntry, RegistryState, TenantRecord, VersionMismatch
 
 __all__ = ["RedisRegistryStore"]
@@ -62,7 +65,8 @@ return version
 
 _LOAD: Final = """
 return {redis.call('GET', KEYS[3]) or '', redis.call('HGETALL', KEYS[1]),
-        redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[5])}
+        redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[5]),
+        redis.call('HGETALL', KEYS[7]), redis.call('HGETALL', KEYS[8])}
 """
 
 _encode = msgspec.json.Encoder().encode
@@ -93,9 +97,13 @@ class RedisRegistryStore:
             f"{base}:audit",
             f"{base}:admins",
             f"{base}:admin_versions",
+            f"{base}:rules",
+            f"{base}:rule_versions",
         ]
         #: What a write of an admin key touches (the same script, other hashes).
         self._admin_keys = [self._keys[4], self._keys[5], self._keys[2], self._keys[3]]
+        #: What a write of a rules document touches.
+        self._rule_keys = [self._keys[6], self._keys[7], self._keys[2], self._keys[3]]
         #: The pub/sub channel every write announces its version on.
         self.channel = f"{prefix}tw:registry:changes"
         #: Records decoded by the last ``load``: a tenant whose version did not move is not
@@ -108,7 +116,9 @@ class RedisRegistryStore:
 
     async def load(self) -> RegistryState:
         with redis_errors():
-            raw_version, tenants, versions, admins = await self._load(keys=self._keys)
+            raw_version, tenants, versions, admins, rules, rule_versions = await self._load(
+                keys=self._keys
+            )
         documents = _pairs(tenants)
         numbers = _pairs(versions)
         registry_version = int(raw_version or 0)
@@ -128,6 +138,7 @@ class RedisRegistryStore:
             version=registry_version,
             records=records,
             admins={k.decode(): _decode_admin(v) for k, v in _pairs(admins).items()},
+            rules=_rule_documents(rules, rule_versions),
             initialized=bool(raw_version),
         )
 
@@ -183,6 +194,21 @@ class RedisRegistryStore:
 
     async def delete_admin(self, key_id: str, *, expect: int | None, audit: AuditEntry) -> int:
         return await self._write(key_id, b"", expect, audit, self._admin_keys)
+
+    async def get_rules(self, name: RuleName) -> RuleDocument | None:
+        with redis_errors():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hget(self._keys[6], name)
+                pipe.hget(self._keys[7], name)
+                document, version = await pipe.execute()
+        if document is None:
+            return None
+        return RuleDocument(version=int(version or 0), document=document)
+
+    async def put_rules(
+        self, name: RuleName, document: bytes | None, *, expect: int | None, audit: AuditEntry
+    ) -> int:
+        return await self._write(name, document or b"", expect, audit, self._rule_keys)
 
     async def seed(self, tenants: list[Tenant]) -> bool:
         args: list[Any] = [self.channel]
@@ -241,6 +267,14 @@ class RedisRegistryStore:
 
     async def aclose(self) -> None:
         await self._redis.aclose()
+
+
+def _rule_documents(documents: list[bytes], versions: list[bytes]) -> dict[str, RuleDocument]:
+    numbers = _pairs(versions)
+    return {
+        name.decode(): RuleDocument(version=int(numbers.get(name, b"0")), document=document)
+        for name, document in _pairs(documents).items()
+    }
 
 
 def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
