@@ -157,11 +157,12 @@ class LiveConfig:
         version: int,
         registry_version: int,
     ) -> Snapshot:
+        merged = with_tenants(config, config.tenants if tenants is None else tenants, admin_keys)
         try:
-            config = rules.over(config)
+            # Over the table in force: the rules may name a tenant the registry added.
+            merged = rules.over(merged)
         except msgspec.ValidationError as exc:
             raise ConfigError(f"the rules changed through the admin API: {exc}") from None
-        merged = with_tenants(config, config.tenants if tenants is None else tenants, admin_keys)
         return Snapshot(
             merged, self._registry_factory(merged), version, registry_version=registry_version
         )

@@ -1295,11 +1295,16 @@ class AdminApi:
             body = msgspec.json.decode(await request.body(), type=AlertRuleList)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise Refusal(400, f"Invalid body: {exc}", "invalid_value") from None
-        file_config = self.live.file_config
+        # Checked over what they will apply to: the file's settings, or with a shared
+        # registry the configuration in force (its tenants are the registry's, brought up to
+        # date first: another replica may have just added the tenant named).
+        if shared:
+            await self.rules_writer.sync.refresh()
+        base = self.live.current.config if shared else self.live.file_config
         try:
             # ``replace`` runs the configuration's own checks (the names rules refer to).
-            alerts = msgspec.structs.replace(file_config.alerts, rules=list(body.data))
-            config = msgspec.structs.replace(file_config, alerts=alerts)
+            alerts = msgspec.structs.replace(base.alerts, rules=list(body.data))
+            config = msgspec.structs.replace(base, alerts=alerts)
         except msgspec.ValidationError as exc:
             raise Refusal(400, f"Invalid rules: {exc}", "invalid_value") from None
         if shared:

@@ -33,6 +33,7 @@ from starlette.responses import Response
 
 from tenantware.admin.auth import Caller
 from tenantware.admin.rules import RulesWriter
+from tenantware.backends.errors import STORE_UNAVAILABLE
 from tenantware.config import MigrationCandidate, MigrationSettings, Share
 from tenantware.metering.reports import parse_time
 from tenantware.migration import ReportRow, report_csv
@@ -111,9 +112,16 @@ class MigrationRoutes:
                 raise ValueError("format must be json or csv")
         except ValueError as exc:
             raise self._refusal(400, str(exc), "invalid_value") from None
-        rows, shared = await self.runner.report(
-            since=since, until=until, rule=query.get("rule") or None
-        )
+        try:
+            rows, shared = await self.runner.report(
+                since=since, until=until, rule=query.get("rule") or None
+            )
+        except STORE_UNAVAILABLE:
+            raise self._refusal(
+                503,
+                "The shared report (gateway.redis_url) cannot be reached; retry shortly.",
+                "report_unavailable",
+            ) from None
         if fmt == "csv":
             return Response(
                 report_csv(rows),
@@ -229,9 +237,15 @@ class MigrationRoutes:
         *,
         expect: int | None = None,
     ) -> Response:
+        # Checked over what they will apply to: the file's settings, or with a shared
+        # registry the configuration in force (its tenants are the registry's, brought up to
+        # date first: another replica may have just added the tenant named).
+        if self.writer.shared:
+            await self.writer.sync.refresh()
+        base = self.live.current.config if self.writer.shared else self.live.file_config
         try:
             # ``replace`` runs the configuration's own checks (the names it refers to).
-            config = msgspec.structs.replace(self.live.file_config, migration=settings)
+            config = msgspec.structs.replace(base, migration=settings)
         except msgspec.ValidationError as exc:
             raise self._refusal(400, f"Invalid rules: {exc}", "invalid_value") from None
         if self.writer.shared:

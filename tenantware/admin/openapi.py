@@ -563,7 +563,7 @@ def openapi_document() -> bytes:
                 _query("rule", {"type": "string"}),
                 _query("format", {"type": "string", "enum": ["json", "csv"]}),
             ],
-            errors=("400", "401", "403"),
+            errors=("400", "401", "403", "503"),
         )
     }
     paths["/admin/migration/rules"] = {

@@ -178,7 +178,10 @@ class MigrationRunner:
     async def _flush_forever(self) -> None:
         while True:
             await anyio.sleep(FLUSH_S)
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:  # a bug here must not end the gateway's task group
+                log.exception("migration report flush failed")
 
     async def flush(self) -> None:
         """Send the counters and rollbacks of this process, take up the others' rollbacks.
