@@ -156,7 +156,7 @@ async def test_shared_rules_are_checked_against_the_registry_and_outlive_a_bad_r
     fakes: Fakes, redis_url: str, redis_prefix: str
 ) -> None:
     config = _config(fakes, gateway=_shared(redis_url, redis_prefix))
-    async with _replicas(config) as [(one, first), (two, second)]:
+    async with _replicas(config) as [(one, first), (_two, second)]:
         created = await first.post(
             "/admin/tenants", json={"id": "globex", "tier": "free"}, headers=HEADERS
         )
