@@ -375,3 +375,25 @@ async def test_counters_give_the_books_figures(seed: int) -> None:
             assert shared[field] == pytest.approx(value, abs=1e-6)
         else:
             assert shared[field] == pytest.approx(value), field
+
+
+async def test_a_registry_that_lost_its_data_is_seeded_with_the_rules_too(
+    fakes: Fakes, redis_url: str, redis_prefix: str
+) -> None:
+    import redis as redis_sync
+
+    config = _config(fakes, gateway=_shared(redis_url, redis_prefix))
+    async with _replicas(config) as [(one, first), (two, _second)]:
+        patched = await first.patch(
+            f"{RULES}/trial/candidates/relay", json={"canary_percent": 7}, headers=HEADERS
+        )
+        assert patched.status_code == 200
+        await wait_for(lambda: _shares(two) == (7, 0), timeout=5)
+        with redis_sync.Redis.from_url(redis_url) as client:  # a Redis restarted empty
+            client.delete(*client.scan_iter(match=f"{redis_prefix}tw:{{registry}}:*"))
+        await two.registry.refresh()  # its version check would do it within registry_check_s
+        stored = await one.registry_store.get_rules("migration")
+        await one.registry.refresh()
+        assert _shares(one) == _shares(two) == (7, 0)
+    assert stored is not None
+    assert b'"canary_percent":7' in stored.document

@@ -9,7 +9,7 @@ back. ``shared = False`` says so, and the admin API's answers carry a warning he
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 
 import anyio
 import msgspec
@@ -124,10 +124,12 @@ class MemoryRegistryStore:
         self._audit.append(msgspec.structs.replace(audit, version=self._version))
         del self._audit[:-AUDIT_KEPT]
 
-    async def seed(self, tenants: list[Tenant]) -> bool:
+    async def seed(self, tenants: list[Tenant], rules: Mapping[str, bytes] | None = None) -> bool:
         if self._initialized:
             return False
         self.reset(tenants)
+        for name, document in (rules or {}).items():
+            self._rules[name] = RuleDocument(version=self._version, document=document)
         return True
 
     async def remember(self, key: str, value: bytes, ttl_s: float) -> bytes | None:

@@ -19,7 +19,7 @@ of a newer version, by that message or by their periodic ``version()`` check.
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any, Final
 
 import msgspec
@@ -55,9 +55,14 @@ return {1, version}
 _SEED: Final = """
 if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
 local version = redis.call('INCR', KEYS[3])
-for i = 2, #ARGV, 2 do
+local last_tenant = 2 + 2 * tonumber(ARGV[2])
+for i = 3, last_tenant, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   redis.call('HSET', KEYS[2], ARGV[i], version)
+end
+for i = last_tenant + 1, #ARGV, 2 do
+  redis.call('HSET', KEYS[5], ARGV[i], ARGV[i + 1])
+  redis.call('HSET', KEYS[6], ARGV[i], version)
 end
 redis.call('PUBLISH', ARGV[1], version)
 return version
@@ -210,12 +215,14 @@ class RedisRegistryStore:
     ) -> int:
         return await self._write(name, document or b"", expect, audit, self._rule_keys)
 
-    async def seed(self, tenants: list[Tenant]) -> bool:
-        args: list[Any] = [self.channel]
+    async def seed(self, tenants: list[Tenant], rules: Mapping[str, bytes] | None = None) -> bool:
+        args: list[Any] = [self.channel, str(len(tenants))]
         for tenant in tenants:
             args += [tenant.id, _encode(tenant)]
+        for name, document in (rules or {}).items():
+            args += [name, document]
         with redis_errors():
-            version = await self._seed(keys=self._keys[:4], args=args)
+            version = await self._seed(keys=[*self._keys[:4], *self._keys[6:8]], args=args)
         return bool(version)
 
     async def remember(self, key: str, value: bytes, ttl_s: float) -> bytes | None:

@@ -24,6 +24,7 @@ __all__ = [
     "RuleName",
     "RuntimeRules",
     "decode_rules",
+    "encode_rules",
 ]
 
 RuleName = Literal["migration", "alerts"]
@@ -64,6 +65,16 @@ class RuntimeRules(msgspec.Struct, frozen=True, kw_only=True):
         if self.alerts is not None:
             changes["alerts"] = msgspec.structs.replace(config.alerts, rules=list(self.alerts))
         return msgspec.structs.replace(config, **changes)
+
+
+def encode_rules(rules: RuntimeRules) -> dict[str, bytes]:
+    """The documents of ``rules`` by name (what a registry that lost its data is seeded with)."""
+    documents: dict[str, bytes] = {}
+    if rules.migration is not None:
+        documents[MIGRATION_RULES] = msgspec.json.encode(rules.migration)
+    if rules.alerts is not None:
+        documents[ALERT_RULES] = msgspec.json.encode(rules.alerts)
+    return documents
 
 
 def decode_rules(documents: Mapping[str, RuleDocument]) -> RuntimeRules:

@@ -8,7 +8,7 @@ The request path never calls a store: it reads the snapshot built from the last 
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from typing import Protocol
 
 import msgspec
@@ -104,8 +104,9 @@ class RegistryStore(Protocol):
         ``expect`` as for ``put``; the new registry version."""
         ...
 
-    async def seed(self, tenants: list[Tenant]) -> bool:
-        """Fill an empty, never-written registry with ``tenants``; ``False`` if not empty."""
+    async def seed(self, tenants: list[Tenant], rules: Mapping[str, bytes] | None = None) -> bool:
+        """Fill an empty, never-written registry with ``tenants`` (and rules documents by
+        name); ``False`` if not empty."""
         ...
 
     async def remember(self, key: str, value: bytes, ttl_s: float) -> bytes | None:

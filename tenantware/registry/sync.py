@@ -23,7 +23,7 @@ from tenantware.backends.errors import STORE_UNAVAILABLE
 from tenantware.config import AdminKey, ConfigError, GatewayConfig, Tenant
 from tenantware.metrics import REGISTRY_STALE, REGISTRY_VERSION
 from tenantware.registry.memory import MemoryRegistryStore
-from tenantware.registry.rules import RuntimeRules, decode_rules
+from tenantware.registry.rules import RuntimeRules, decode_rules, encode_rules
 from tenantware.registry.store import RegistryStore
 from tenantware.state import LiveConfig
 
@@ -75,12 +75,15 @@ class RegistrySync:
 
         A shared registry that was never written (or lost its data: a Redis restarted
         without persistence) is seeded with this process's tenants: the file's at first
-        start, else its last copy (``seed`` is atomic: of many replicas, one seeds).
+        start, else its last copy, with the rules changed through the admin API it holds
+        (``seed`` is atomic: of many replicas, one seeds).
         """
         async with self._lock:
             state = await self.store.load()
             if not state.initialized:
-                await self.store.seed(list(self.live.current.config.tenants))
+                await self.store.seed(
+                    list(self.live.current.config.tenants), encode_rules(self.live.rules)
+                )
                 state = await self.store.load()
             self._answered()
             current = self.live.current.registry_version
