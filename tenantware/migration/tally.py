@@ -3,9 +3,10 @@
 A shared report cannot keep each comparison (every replica would have to send them all to one
 place); it keeps, per trial and hour, what the report is made of: counts, sums, and for each
 latency a histogram in the ledger's logarithmic buckets (``metering.ledger.histogram``), so a
-p50/p99 is within ``RELATIVE_ERROR`` of the exact one. ``Tally`` folds a process's
-comparisons into such counters until they are sent (``take``); ``row_of`` turns the counters
-of a period, summed over every process, into the same ``ReportRow`` the in-process book gives.
+p50/p99 is within ``RELATIVE_ERROR`` of the exact one. ``Tally`` keeps a process's
+comparisons and folds them into such counters when they are sent (``take``); ``row_of``
+turns the counters of a period, summed over every process, into the same ``ReportRow`` the
+in-process book gives.
 """
 
 from __future__ import annotations
@@ -30,63 +31,81 @@ TallyKey = tuple[str, str, int]
 
 
 class Tally:
-    """Counters of the comparisons made since the last ``take`` (one process's share)."""
+    """The comparisons made since the last ``take``, as counters (one process's share).
 
-    __slots__ = ("_pending",)
+    ``add`` only keeps the comparison (it runs on a request's path for a canary); ``take``
+    folds what was kept into counters, in the task that sends them.
+    """
+
+    __slots__ = ("_drops", "_entries", "_pending")
 
     def __init__(self) -> None:
+        self._entries: list[Comparison] = []
+        self._drops: list[tuple[str, str, float]] = []
         self._pending: dict[TallyKey, Counter[str]] = {}
 
     def __bool__(self) -> bool:
-        return bool(self._pending)
-
-    def _counter(self, rule: str, trial: str, ts: float) -> Counter[str]:
-        key = (rule, trial, int(ts // HOUR_S))
-        counter = self._pending.get(key)
-        if counter is None:
-            counter = self._pending[key] = Counter()
-        return counter
+        return bool(self._entries or self._drops or self._pending)
 
     def add(self, entry: Comparison) -> None:
-        fields = self._counter(entry.rule, entry.trial, entry.ts)
-        if entry.kind == "canary":
-            fields["c.n"] += 1
-            fields["c.err"] += entry.outcome != "ok"
-            fields[f"c.lat.{bucket_index(entry.latency_s)}"] += 1
-            return
-        fields["s.n"] += 1
-        fields["s.err"] += entry.outcome != "ok"
-        fields["p.err"] += entry.primary_outcome != "ok"
-        fields[f"s.lat.{bucket_index(entry.latency_s)}"] += 1
-        fields[f"p.lat.{bucket_index(entry.primary_latency_s)}"] += 1
-        if entry.ttft_s is not None:
-            fields[f"s.ttft.{bucket_index(entry.ttft_s)}"] += 1
-        if entry.primary_ttft_s is not None:
-            fields[f"p.ttft.{bucket_index(entry.primary_ttft_s)}"] += 1
-        fields["s.tok"] += entry.input_tokens + entry.output_tokens
-        fields["p.tok"] += entry.primary_input_tokens + entry.primary_output_tokens
-        fields["s.cost"] += entry.cost_nanousd
-        fields["p.cost"] += entry.primary_cost_nanousd
-        if entry.exact is not None:
-            fields["cmp"] += 1
-            fields["exact"] += bool(entry.exact)
-            fields["sim"] += round((entry.similarity or 0.0) * SIMILARITY_SCALE)
-            fields["tools"] += bool(entry.same_tools)
+        self._entries.append(entry)
 
     def dropped(self, rule: str, trial: str, ts: float) -> None:
         """A shadow copy dropped for want of a free slot."""
-        self._counter(rule, trial, ts)["drop"] += 1
+        self._drops.append((rule, trial, ts))
 
     def take(self) -> dict[TallyKey, Counter[str]]:
         """The counters so far, and start again (what the caller failed to send it may
         ``restore``)."""
+        entries, self._entries = self._entries, []
+        drops, self._drops = self._drops, []
         pending, self._pending = self._pending, {}
+        for entry in entries:
+            _fold(_counter(pending, entry.rule, entry.trial, entry.ts), entry)
+        for rule, trial, ts in drops:
+            _counter(pending, rule, trial, ts)["drop"] += 1
         return pending
 
     def restore(self, pending: Mapping[TallyKey, Counter[str]]) -> None:
         """Put back counters that could not be sent (they go with the next batch)."""
         for key, fields in pending.items():
             self._pending.setdefault(key, Counter()).update(fields)
+
+
+def _counter(
+    pending: dict[TallyKey, Counter[str]], rule: str, trial: str, ts: float
+) -> Counter[str]:
+    key = (rule, trial, int(ts // HOUR_S))
+    counter = pending.get(key)
+    if counter is None:
+        counter = pending[key] = Counter()
+    return counter
+
+
+def _fold(fields: Counter[str], entry: Comparison) -> None:
+    if entry.kind == "canary":
+        fields["c.n"] += 1
+        fields["c.err"] += entry.outcome != "ok"
+        fields[f"c.lat.{bucket_index(entry.latency_s)}"] += 1
+        return
+    fields["s.n"] += 1
+    fields["s.err"] += entry.outcome != "ok"
+    fields["p.err"] += entry.primary_outcome != "ok"
+    fields[f"s.lat.{bucket_index(entry.latency_s)}"] += 1
+    fields[f"p.lat.{bucket_index(entry.primary_latency_s)}"] += 1
+    if entry.ttft_s is not None:
+        fields[f"s.ttft.{bucket_index(entry.ttft_s)}"] += 1
+    if entry.primary_ttft_s is not None:
+        fields[f"p.ttft.{bucket_index(entry.primary_ttft_s)}"] += 1
+    fields["s.tok"] += entry.input_tokens + entry.output_tokens
+    fields["p.tok"] += entry.primary_input_tokens + entry.primary_output_tokens
+    fields["s.cost"] += entry.cost_nanousd
+    fields["p.cost"] += entry.primary_cost_nanousd
+    if entry.exact is not None:
+        fields["cmp"] += 1
+        fields["exact"] += bool(entry.exact)
+        fields["sim"] += round((entry.similarity or 0.0) * SIMILARITY_SCALE)
+        fields["tools"] += bool(entry.same_tools)
 
 
 def _pct(fields: Mapping[str, int], name: str, q: float) -> float | None:

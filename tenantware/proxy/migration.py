@@ -216,11 +216,12 @@ class MigrationRunner:
         self, *, since: float, until: float, rule: str | None
     ) -> tuple[list[ReportRow], bool]:
         """The report's rows, and whether they are the fleet's (else this process's)."""
-        rolled = set(self.report_rolled_back())
         if self.shared is None:
+            rolled = self.report_rolled_back()
             rows = self.book.report(since=since, until=until, rule=rule, rolled_back=rolled)
             return rows, False
-        await self.flush()
+        await self.flush()  # this process's last counters, and the others' rollbacks
+        rolled = set(self.report_rolled_back())
         totals = await self.shared.read(since=since, until=until, rule=rule)
         rows = [
             row_of(name, trial, fields, trial in rolled)
