@@ -217,9 +217,10 @@ class MigrationRunner:
     ) -> tuple[list[ReportRow], bool]:
         """The report's rows, and whether they are the fleet's (else this process's)."""
         if self.shared is None:
-            rolled = self.report_rolled_back()
-            rows = self.book.report(since=since, until=until, rule=rule, rolled_back=rolled)
-            return rows, False
+            kept = self.book.report(
+                since=since, until=until, rule=rule, rolled_back=self.report_rolled_back()
+            )
+            return kept, False
         await self.flush()  # this process's last counters, and the others' rollbacks
         rolled = set(self.report_rolled_back())
         totals = await self.shared.read(since=since, until=until, rule=rule)
