@@ -13,6 +13,7 @@ import asyncio
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -444,6 +445,15 @@ def test_whole_stack_proxy_migration_report(
 
         redis = connect_redis(redis_url, timeout_s=1.0, client_name="tw-bench-report")
         gateway.migration.shared = RedisReportStore(redis, prefix=redis_prefix)
+
+        @asynccontextmanager
+        async def closing() -> AsyncIterator[None]:
+            try:
+                yield
+            finally:  # before the harness closes its loop
+                await redis.aclose()
+
+        gateway.add_service(closing)
     run = drive(
         gateway,
         gateway.wrap(gateway.proxy),
