@@ -450,10 +450,10 @@ def test_whole_stack_proxy_migration_report(
         async def closing() -> AsyncIterator[None]:
             try:
                 yield
-            finally:  # before the harness closes its loop
+            finally:  # after the runner's last flush, before the harness closes its loop
                 await redis.aclose()
 
-        gateway.add_service(closing)
+        gateway._services.insert(0, closing)  # entered first, left last (as the stores)
     run = drive(
         gateway,
         gateway.wrap(gateway.proxy),
