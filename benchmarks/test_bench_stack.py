@@ -13,6 +13,7 @@ import asyncio
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -418,6 +419,50 @@ def test_whole_stack_proxy_shadow(benchmark: Any, drive: Any, body: bytes, shado
     benchmark.extra_info["primary_p50_us"] = ordered[len(ordered) // 2] * 1e6
     benchmark.extra_info["primary_p99_us"] = ordered[int(len(ordered) * 0.99)] * 1e6
     benchmark.extra_info["shadow_dropped"] = sum(gateway.migration.book.dropped.values())
+
+
+@pytest.mark.parametrize("report", ["process", "shared"])
+@pytest.mark.parametrize("kind", ["canary", "shadow"])
+def test_whole_stack_proxy_migration_report(
+    benchmark: Any, drive: Any, kind: str, report: str, redis_url: str, redis_prefix: str
+) -> None:
+    """Every JSON request canaried (the comparison counted on the request's path) or
+    shadowed (counted in the shadow's task), its comparison kept in this process's book
+    (``process``) or folded into counters sent to Redis once a second (``shared``, with the
+    flush task running: its CPU falls inside the rounds)."""
+    config = bench_config(UPSTREAM_URL, workdir=_WORKDIR.name)
+    fake = config["upstreams"][0]
+    config["upstreams"].append({**fake, "name": "candidate", "models": []})
+    candidate = {"upstream": "candidate", f"{kind}_percent": 100}
+    config["migration"] = {
+        "shadow_concurrency": 1024,
+        "rules": [{"name": "bench", "model": "gpt-4.1", "candidates": [candidate]}],
+    }
+    gateway = Gateway(parse_config(config), upstream_client=_RecordingClient())
+    if report == "shared":
+        from tenantware.backends.redis_support import connect_redis
+        from tenantware.migration.redis import RedisReportStore
+
+        redis = connect_redis(redis_url, timeout_s=1.0, client_name="tw-bench-report")
+        gateway.migration.shared = RedisReportStore(redis, prefix=redis_prefix)
+
+        @asynccontextmanager
+        async def closing() -> AsyncIterator[None]:
+            try:
+                yield
+            finally:  # after the runner's last flush, before the harness closes its loop
+                await redis.aclose()
+
+        gateway._services.insert(0, closing)  # entered first, left last (as the stores)
+    run = drive(
+        gateway,
+        gateway.wrap(gateway.proxy),
+        CHAT_BODY,
+        settled=lambda: gateway.migration.in_flight == 0,
+    )
+    _bench(benchmark, run)
+    if report == "shared":
+        benchmark.extra_info["counters_waiting"] = bool(gateway.migration.tally)
 
 
 def _traced_gateway(client: Any, mode: str) -> Gateway:

@@ -27,6 +27,10 @@ AuditAction = Literal[
     "balance.reconcile",
     "redemption_codes.create",
     "policy.update",
+    "migration_rules.update",
+    "migration_rules.delete",
+    "alert_rules.update",
+    "alert_rules.delete",
 ]
 
 

@@ -166,6 +166,11 @@ class Gateway:
         #: gateway (after the ledger writer's service, so it ends first and its records land).
         self.migration = self.proxy.migration
         self.migration.writer = self.writer
+        if self.redis is not None:
+            # One report and one set of rollbacks for every process on this Redis.
+            from tenantware.migration.redis import RedisReportStore
+
+            self.migration.shared = RedisReportStore(self.redis, prefix=settings.redis_prefix)
         self.add_service(self.migration.running)
         self._setup_data(log_store, cache_store)
         #: Prepaid balances: the quota store holds them, the ledger journals them.

@@ -2,8 +2,9 @@
 
 Each request reads ``live.current`` once, so it sees one consistent version even while a
 reload happens; readers take no lock. Two sources feed it: the configuration file, and the
-tenant registry when it is shared (its tenants replace the file's). A change of either builds
-a new snapshot, so every layer sees one tenant table with the settings it was checked with.
+tenant registry when it is shared (its tenants replace the file's, and rules changed through
+the admin API replace the file's rules). A change of either builds a new snapshot, so every
+layer sees one tenant table with the settings it was checked with.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import msgspec
 from tenantware.catalogue import Catalogue
 from tenantware.config import AdminKey, ConfigError, GatewayConfig, Tenant, Upstream
 from tenantware.keys import KeyHasher
+from tenantware.registry.rules import RuntimeRules
 from tenantware.registry.view import MemoryTenantRegistry, TenantRegistry
 
 __all__ = ["LiveConfig", "PendingTenants", "Snapshot", "with_tenants"]
@@ -84,6 +86,7 @@ class PendingTenants(NamedTuple):
     snapshot: Snapshot
     tenants: list[Tenant]
     admin_keys: list[AdminKey]
+    rules: RuntimeRules
 
 
 def with_tenants(
@@ -138,20 +141,28 @@ class LiveConfig:
         self._tenants: list[Tenant] | None = None
         #: Admin keys issued through the admin API.
         self._admin_keys: list[AdminKey] = []
+        #: Rules changed through the admin API, kept in a shared registry (over the file's).
+        self.rules = RuntimeRules()
         #: A file reload puts the file's tenants back (the registry is the file's copy).
         self.tenants_follow_file = True
-        self.current = self._build(config, None, (), version=1, registry_version=0)
+        self.current = self._build(config, None, (), RuntimeRules(), version=1, registry_version=0)
 
     def _build(
         self,
         config: GatewayConfig,
         tenants: list[Tenant] | None,
         admin_keys: Sequence[AdminKey],
+        rules: RuntimeRules,
         *,
         version: int,
         registry_version: int,
     ) -> Snapshot:
         merged = with_tenants(config, config.tenants if tenants is None else tenants, admin_keys)
+        try:
+            # Over the table in force: the rules may name a tenant the registry added.
+            merged = rules.over(merged)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"the rules changed through the admin API: {exc}") from None
         return Snapshot(
             merged, self._registry_factory(merged), version, registry_version=registry_version
         )
@@ -164,6 +175,7 @@ class LiveConfig:
             config,
             tenants,
             self._admin_keys,
+            self.rules,
             version=self.current.version + 1,
             registry_version=registry_version,
         )
@@ -180,11 +192,12 @@ class LiveConfig:
         *,
         registry_version: int,
         admin_keys: Sequence[AdminKey] = (),
+        rules: RuntimeRules | None = None,
     ) -> Snapshot:
-        """Swap in the registry's tenants and admin keys (at ``registry_version``) over the
-        file's settings."""
+        """Swap in the registry's tenants, admin keys and rules (at ``registry_version``)
+        over the file's settings (``rules``: ``None`` keeps those in force)."""
         pending = self.build_tenants(
-            tenants, registry_version=registry_version, admin_keys=admin_keys
+            tenants, registry_version=registry_version, admin_keys=admin_keys, rules=rules
         )
         snapshot = self.install(pending)
         assert snapshot is not None  # nothing ran between build and install
@@ -196,20 +209,23 @@ class LiveConfig:
         *,
         registry_version: int,
         admin_keys: Sequence[AdminKey] = (),
+        rules: RuntimeRules | None = None,
     ) -> PendingTenants:
         """The snapshot of a new tenant table, built but not in force: safe to run in a
         worker thread (a large registry takes a while to index) while requests go on."""
         base = self.current
         table = list(tenants)
         admins = list(admin_keys)
+        held = self.rules if rules is None else rules
         snapshot = self._build(
             self.file_config,
             table,
             admins,
+            held,
             version=base.version + 1,
             registry_version=registry_version,
         )
-        return PendingTenants(base, snapshot, table, admins)
+        return PendingTenants(base, snapshot, table, admins, held)
 
     def install(self, pending: PendingTenants) -> Snapshot | None:
         """Put a built table in force; ``None`` if another snapshot came in meanwhile (a file
@@ -218,6 +234,7 @@ class LiveConfig:
             return None
         self._tenants = pending.tenants
         self._admin_keys = pending.admin_keys
+        self.rules = pending.rules
         self._swap(pending.snapshot)
         return pending.snapshot
 

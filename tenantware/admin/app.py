@@ -34,6 +34,7 @@ from starlette.routing import Route, Router
 from tenantware.admin.auth import AdminAuth, Caller
 from tenantware.admin.migration import MigrationRoutes
 from tenantware.admin.openapi import openapi_document
+from tenantware.admin.rules import RulesWriter
 from tenantware.admin.schemas import (
     AdminKeyIssue,
     AdminKeyIssued,
@@ -103,6 +104,7 @@ from tenantware.metering.ledger.auditlog import AuditFilter, AuditLog
 from tenantware.metering.ledger.base import LedgerUnavailable
 from tenantware.metering.pricing import nanousd_to_usd, usd_to_nanousd
 from tenantware.proxy.migration import MigrationRunner
+from tenantware.registry.rules import ALERT_RULES
 from tenantware.registry.store import RegistryStore, VersionMismatch
 from tenantware.registry.sync import RegistrySync
 from tenantware.state import LiveConfig
@@ -238,6 +240,8 @@ class AdminApi:
         self.balances = balances
         self.payments = payments or {}
         self.auth = AdminAuth(live)
+        #: Rules changed at run time: into the shared registry, when there is one.
+        self.rules_writer = RulesWriter(store, sync, audit_log=audit_log, refusal=Refusal)
         on = self._endpoint
         # Each endpoint takes every method and answers an unsupported one itself (405 in the
         # OpenAI shape, which Starlette's own 405 is not).
@@ -276,6 +280,7 @@ class AdminApi:
                 processes=processes,
                 allow=self._allow,
                 refusal=Refusal,
+                writer=self.rules_writer,
             )
             routes["/admin/migration/report"] = on(trials.report)
             routes["/admin/migration/rules"] = on(trials.rules)
@@ -1291,6 +1296,8 @@ class AdminApi:
     async def _alert_rules(self, request: Request, caller: Caller) -> Response:
         if request.method == "PUT":
             return await self._replace_alert_rules(request, caller)
+        if request.method == "DELETE":
+            return await self._drop_alert_rules(request, caller)
         if request.method not in ("GET", "HEAD"):
             raise _method(request)
         self._allow(caller, "admin", "read-only")
@@ -1299,29 +1306,59 @@ class AdminApi:
 
     async def _replace_alert_rules(self, request: Request, caller: Caller) -> Response:
         """New rules for the next evaluation, checked like the file's. Like the migration
-        rules, a change reaches this process only: it lasts until the file is reloaded, and is
-        refused when several processes serve (change the file and reload them instead)."""
-        self._allow(caller, "admin", write=True)
-        if self._processes > 1:
+        rules, with a shared registry a change is kept there and reaches every replica (it
+        wins over the file's until deleted); without one it reaches this process only: it
+        lasts until the file is reloaded, and is refused when several processes serve
+        (change the file and reload them instead)."""
+        shared = self.rules_writer.shared
+        if caller.role == "admin" and self._processes > 1 and not shared:
+            # Before the registry's own refusal, which speaks of tenants.
             raise Refusal(
                 409,
                 "Alert rules changed here would reach only this process: change them in the "
-                "configuration file and reload every process.",
+                "configuration file and reload every process (or set gateway.registry_url to "
+                "keep them in a shared registry).",
                 "alert_rules_not_shared",
             )
+        self._allow(caller, "admin", write=True)
         try:
             body = msgspec.json.decode(await request.body(), type=AlertRuleList)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise Refusal(400, f"Invalid body: {exc}", "invalid_value") from None
-        file_config = self.live.file_config
+        # Checked over what they will apply to: the file's settings, or with a shared
+        # registry the configuration in force (its tenants are the registry's, brought up to
+        # date first: another replica may have just added the tenant named).
+        if shared:
+            await self.rules_writer.sync.refresh()
+        base = self.live.current.config if shared else self.live.file_config
         try:
             # ``replace`` runs the configuration's own checks (the names rules refer to).
-            alerts = msgspec.structs.replace(file_config.alerts, rules=list(body.data))
-            config = msgspec.structs.replace(file_config, alerts=alerts)
+            alerts = msgspec.structs.replace(base.alerts, rules=list(body.data))
+            config = msgspec.structs.replace(base, alerts=alerts)
         except msgspec.ValidationError as exc:
             raise Refusal(400, f"Invalid rules: {exc}", "invalid_value") from None
-        self.live.replace(config)
+        if shared:
+            document = msgspec.json.encode(list(body.data))
+            await self.rules_writer.write(
+                request, caller, ALERT_RULES, document, "alert_rules.update"
+            )
+        else:
+            self.live.replace(config)
         log.info("alert rules changed", actor=f"{caller.role}:{caller.id}", rules=len(body.data))
+        return _json(AlertRuleList(data=list(rules_in_force(self.live.current.config.alerts))))
+
+    async def _drop_alert_rules(self, request: Request, caller: Caller) -> Response:
+        """Back to the file's alert rules on every replica (a shared registry only)."""
+        if caller.role == "admin" and not self.rules_writer.shared:
+            raise Refusal(
+                409,
+                "This gateway keeps no alert rules of its own: reload the file to put its "
+                "rules back.",
+                "alert_rules_not_shared",
+            )
+        self._allow(caller, "admin", write=True)
+        await self.rules_writer.remove(request, caller, ALERT_RULES, "alert_rules.delete")
+        log.info("alert rules back to the file's", actor=f"{caller.role}:{caller.id}")
         return _json(AlertRuleList(data=list(rules_in_force(self.live.current.config.alerts))))
 
     async def _active_alerts(self, request: Request, caller: Caller) -> Response:

@@ -7,10 +7,14 @@
   and in force for the next request (a share of 0 is the rollback).
 - ``PATCH /admin/migration/rules/{rule}/candidates/{upstream}`` (admin): one candidate's
   ``canary_percent`` / ``shadow_percent``.
+- ``DELETE /admin/migration/rules`` (admin): drop the rules changed here; the file's apply.
 
-A change applies to this process's configuration: it lasts until the file is reloaded (the
-file has the last word), and with several processes it is refused (put the rules in the file
-and reload every process instead). Changes are logged with the caller's key id.
+With a shared registry (``gateway.registry_url``) a change is kept in it and reaches every
+process and replica the way a tenant's does (``RulesWriter``); it wins over the file's rules
+until it is deleted. Without one, a change applies to this process's configuration: it lasts
+until the file is reloaded (the file has the last word), and with several processes it is
+refused (put the rules in the file and reload every process instead). Changes are logged
+with the caller's key id (and audited, when shared).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import structlog
@@ -28,10 +32,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tenantware.admin.auth import Caller
+from tenantware.admin.rules import RulesWriter
+from tenantware.backends.errors import STORE_UNAVAILABLE
 from tenantware.config import MigrationCandidate, MigrationSettings, Share
 from tenantware.metering.reports import parse_time
 from tenantware.migration import ReportRow, report_csv
 from tenantware.proxy.migration import MigrationRunner
+from tenantware.registry.rules import MIGRATION_RULES
 from tenantware.state import LiveConfig
 
 __all__ = ["CandidateShares", "MigrationReport", "MigrationRoutes"]
@@ -41,15 +48,20 @@ _encode = msgspec.json.Encoder().encode
 
 
 class MigrationReport(msgspec.Struct, frozen=True, kw_only=True):
-    """``GET /admin/migration/report`` (JSON): one row per rule and candidate, over what the
-    answering process compared (each replica keeps its own; docs/migration.md)."""
+    """``GET /admin/migration/report`` (JSON): one row per rule and candidate, over what every
+    process sharing ``gateway.redis_url`` compared (``scope`` ``shared``), or without Redis
+    over what the answering process compared (``process``; docs/migration.md)."""
 
     object: str = "migration_report"
     generated_at: float
     #: ``host:pid`` of the process that answered: tells replicas' reports apart.
     process: str
-    #: Time of the oldest comparison it still keeps (``None``: none): a ``since`` before it
-    #: means the period is cut short by ``report_size`` or by the process's start.
+    #: ``shared``: the fleet's counters in Redis (periods in whole hours, percentiles within
+    #: 4.9 %); ``process``: this process's own comparisons, exact.
+    scope: Literal["shared", "process"] = "process"
+    #: Time of the oldest comparison it still keeps (``None``: none, or a shared report): a
+    #: ``since`` before it means the period is cut short by ``report_size`` or by the
+    #: process's start.
     oldest_kept: float | None
     data: list[ReportRow]
 
@@ -73,10 +85,12 @@ class MigrationRoutes:
         processes: int,
         allow: Callable[..., None],
         refusal: Callable[..., Exception],
+        writer: RulesWriter,
     ) -> None:
         self.live = live
         self.runner = runner
         self.processes = processes
+        self.writer = writer
         self._allow = allow
         self._refusal = refusal
 
@@ -98,12 +112,16 @@ class MigrationRoutes:
                 raise ValueError("format must be json or csv")
         except ValueError as exc:
             raise self._refusal(400, str(exc), "invalid_value") from None
-        rows = self.runner.book.report(
-            since=since,
-            until=until,
-            rule=query.get("rule") or None,
-            rolled_back=self.runner.report_rolled_back(),
-        )
+        try:
+            rows, shared = await self.runner.report(
+                since=since, until=until, rule=query.get("rule") or None
+            )
+        except STORE_UNAVAILABLE:
+            raise self._refusal(
+                503,
+                "The shared report (gateway.redis_url) cannot be reached; retry shortly.",
+                "report_unavailable",
+            ) from None
         if fmt == "csv":
             return Response(
                 report_csv(rows),
@@ -115,7 +133,8 @@ class MigrationRoutes:
             MigrationReport(
                 generated_at=time.time(),
                 process=f"{socket.gethostname()}:{os.getpid()}",
-                oldest_kept=min((entry.ts for entry in book.entries), default=None),
+                scope="shared" if shared else "process",
+                oldest_kept=None if shared else min((e.ts for e in book.entries), default=None),
                 data=rows,
             )
         )
@@ -124,6 +143,18 @@ class MigrationRoutes:
         if request.method in ("GET", "HEAD"):
             self._allow(caller, "admin", "read-only")
             return self._json(self.live.current.config.migration)
+        if request.method == "DELETE":
+            self._write_allowed(caller)
+            if not self.writer.shared:
+                raise self._refusal(
+                    409,
+                    "This gateway keeps no rules of its own: reload the file to put its rules "
+                    "back.",
+                    "migration_rules_not_shared",
+                )
+            await self.writer.remove(request, caller, MIGRATION_RULES, "migration_rules.delete")
+            log.info("migration rules back to the file's", actor=f"{caller.role}:{caller.id}")
+            return self._json(self.live.current.config.migration)
         if request.method != "PUT":
             raise self._method_not_allowed(request)
         self._write_allowed(caller)
@@ -131,7 +162,7 @@ class MigrationRoutes:
             settings = msgspec.json.decode(await request.body(), type=MigrationSettings)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise self._refusal(400, f"Invalid body: {exc}", "invalid_value") from None
-        return self._apply(settings, caller)
+        return await self._apply(request, settings, caller)
 
     async def candidate(self, request: Request, caller: Caller) -> Response:
         if request.method != "PATCH":
@@ -143,7 +174,7 @@ class MigrationRoutes:
             shares = msgspec.json.decode(await request.body(), type=CandidateShares)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise self._refusal(400, f"Invalid body: {exc}", "invalid_value") from None
-        current = self.live.current.config.migration
+        current, expect = await self._current()
         rules = list(current.rules)
         for index, rule in enumerate(rules):
             if rule.name != name:
@@ -167,7 +198,8 @@ class MigrationRoutes:
                         )
                     except msgspec.ValidationError as exc:
                         raise self._refusal(400, f"Invalid body: {exc}", "invalid_value") from None
-                    return self._apply(msgspec.structs.replace(current, rules=rules), caller)
+                    changed = msgspec.structs.replace(current, rules=rules)
+                    return await self._apply(request, changed, caller, expect=expect)
         raise self._refusal(
             404, f"No candidate {upstream!r} in a rule {name!r}.", "migration_candidate_not_found"
         )
@@ -175,23 +207,58 @@ class MigrationRoutes:
     def _method_not_allowed(self, request: Request) -> Exception:
         return self._refusal(405, f"{request.method} is not supported here.", "method_not_allowed")
 
+    async def _current(self) -> tuple[MigrationSettings, int | None]:
+        """The settings a change starts from, and the version to write over (``None``: this
+        process's own configuration, not shared)."""
+        if not self.writer.shared:
+            return self.live.current.config.migration, None
+        held = await self.writer.get(MIGRATION_RULES)
+        if held is None:
+            return self.live.file_config.migration, 0
+        return msgspec.json.decode(held.document, type=MigrationSettings), held.version
+
     def _write_allowed(self, caller: Caller) -> None:
-        self._allow(caller, "admin", write=True)
-        if self.processes > 1:
+        if caller.role == "admin" and self.processes > 1 and not self.writer.shared:
+            # Before the registry's own refusal, which speaks of tenants.
             raise self._refusal(
                 409,
                 "Migration rules changed here would reach only this process: change them in the "
-                "configuration file and reload every process.",
+                "configuration file and reload every process (or set gateway.registry_url to "
+                "keep them in a shared registry).",
                 "migration_rules_not_shared",
             )
+        self._allow(caller, "admin", write=True)
 
-    def _apply(self, settings: MigrationSettings, caller: Caller) -> Response:
+    async def _apply(
+        self,
+        request: Request,
+        settings: MigrationSettings,
+        caller: Caller,
+        *,
+        expect: int | None = None,
+    ) -> Response:
+        # Checked over what they will apply to: the file's settings, or with a shared
+        # registry the configuration in force (its tenants are the registry's, brought up to
+        # date first: another replica may have just added the tenant named).
+        if self.writer.shared:
+            await self.writer.sync.refresh()
+        base = self.live.current.config if self.writer.shared else self.live.file_config
         try:
             # ``replace`` runs the configuration's own checks (the names it refers to).
-            config = msgspec.structs.replace(self.live.file_config, migration=settings)
+            config = msgspec.structs.replace(base, migration=settings)
         except msgspec.ValidationError as exc:
             raise self._refusal(400, f"Invalid rules: {exc}", "invalid_value") from None
-        self.live.replace(config)
+        if self.writer.shared:
+            await self.writer.write(
+                request,
+                caller,
+                MIGRATION_RULES,
+                _encode(settings),
+                "migration_rules.update",
+                expect=expect,
+            )
+        else:
+            self.live.replace(config)
         log.info(
             "migration rules changed", actor=f"{caller.role}:{caller.id}", rules=len(settings.rules)
         )

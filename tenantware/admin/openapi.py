@@ -515,11 +515,19 @@ def openapi_document() -> bytes:
                 errors=("401", "403"),
             ),
             "put": _operation(
-                "Replace the alert rules (this process, until the file is reloaded)",
+                "Replace the alert rules (with a shared registry on every replica until "
+                "deleted; else this process, until the file is reloaded)",
                 "admin",
                 ("200", AlertRuleList, "The rules now in force"),
                 body=AlertRuleList,
                 errors=("400", "401", "403", "409"),
+            ),
+            "delete": _operation(
+                "Drop the alert rules set through the API: the file's apply on every replica "
+                "(a shared registry only)",
+                "admin",
+                ("200", AlertRuleList, "The rules now in force"),
+                errors=("401", "403", "404", "409"),
             ),
         },
         "/admin/alerts/active": {
@@ -581,7 +589,7 @@ def openapi_document() -> bytes:
                 _query("rule", {"type": "string"}),
                 _query("format", {"type": "string", "enum": ["json", "csv"]}),
             ],
-            errors=("400", "401", "403"),
+            errors=("400", "401", "403", "503"),
         )
     }
     paths["/admin/migration/rules"] = {
@@ -592,11 +600,19 @@ def openapi_document() -> bytes:
             errors=("401", "403"),
         ),
         "put": _operation(
-            "Replace the migration settings (checked like the file's; for the next request)",
+            "Replace the migration settings (checked like the file's; for the next request; "
+            "with a shared registry on every replica until deleted)",
             "admin",
             ("200", MigrationSettings, "The settings now in force"),
             body=MigrationSettings,
             errors=("400", "401", "403", "409"),
+        ),
+        "delete": _operation(
+            "Drop the migration settings set through the API: the file's apply on every "
+            "replica (a shared registry only)",
+            "admin",
+            ("200", MigrationSettings, "The settings now in force"),
+            errors=("401", "403", "404", "409"),
         ),
     }
     paths["/admin/migration/rules/{rule}/candidates/{upstream}"] = {

@@ -6,7 +6,8 @@ errors and latencies. Once both sides hold ``rollback_minimum_calls``, a candida
 rate exceeds the primary's by ``rollback_error_margin_percent`` points, or whose p99 exceeds
 the primary's by ``rollback_p99_margin_percent`` %, is rolled back: no more canary or shadow
 traffic until its settings change (a reload or an admin API call re-arms it). Windows are
-kept per process: each replica judges what it sent.
+kept per process: each replica judges what it sent. With Redis a rollback judged by one
+process is shared (``adopt``): a candidate that fails on any replica is rolled back on all.
 """
 
 from __future__ import annotations
@@ -107,6 +108,14 @@ class Rollbacks:
         """Whether this trial is rolled back (under its current settings)."""
         held = self._rolled.get(trial.key)
         return held is not None and held == trial.candidate
+
+    def adopt(self, key: str, candidate: MigrationCandidate) -> bool:
+        """Take up a rollback another process judged; ``True`` if it is news here."""
+        if self._rolled.get(key) == candidate:
+            return False
+        self._rolled[key] = candidate
+        log.warning("migration candidate rolled back by another process", trial=key)
+        return True
 
     def _window(self, key: str, window_s: float) -> Window:
         window = self._windows.get(key)

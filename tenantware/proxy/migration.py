@@ -12,6 +12,11 @@ none free is dropped and counted, never queued. A copy has its own time limit, n
 quota, and is metered in the ledger with outcome ``shadow`` and its own cost (never charged
 to the tenant). Its answer is read to the end (streams as streams), measured, compared with
 the primary's and discarded.
+
+With Redis (``gateway.redis_url``) the report and the rollbacks are the fleet's: comparisons
+are folded into counters (``migration.tally``) and sent every ``FLUSH_S`` by a task of the
+same group, one pipeline per batch, never on a request's path; rollbacks judged here are
+published and those judged elsewhere taken up in the same round.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 import structlog
 
+from tenantware.backends.errors import STORE_UNAVAILABLE
 from tenantware.breaker.board import Deployment
 from tenantware.config import MigrationSettings
 from tenantware.context import Outcome, RequestContext, Usage
@@ -44,17 +50,21 @@ from tenantware.migration import (
     Comparison,
     ComparisonBook,
     Plan,
+    ReportRow,
     Rollbacks,
     RuleTable,
     Trial,
     agreement,
     answer_of,
 )
+from tenantware.migration.tally import Tally, row_of
 from tenantware.proxy.upstream import UpstreamTooLarge, UpstreamUnavailable
 from tenantware.state import LiveConfig, Snapshot
 
 if TYPE_CHECKING:
+    from tenantware.config import MigrationCandidate
     from tenantware.metering.ledger.writer import LedgerWriter
+    from tenantware.migration.redis import RedisReportStore
     from tenantware.proxy.dispatch import Dispatcher
     from tenantware.types import Message, Send
 
@@ -69,6 +79,8 @@ SHADOW_OUTCOME: Final = SHADOW
 #: Bytes of each answer kept for the comparison (the rest is measured, not compared).
 _CAPTURE_BYTES: Final = 256 * 1024
 _FAILED: Final = frozenset({Outcome.UPSTREAM_ERROR, Outcome.UPSTREAM_TIMEOUT, Outcome.ERROR})
+#: Seconds between two batches of counters (and rollbacks) sent to Redis.
+FLUSH_S: Final = 1.0
 
 
 class PrimaryCall:
@@ -134,6 +146,13 @@ class MigrationRunner:
         #: Ledger record ids unique across processes (a client may reuse its request id).
         self._record_prefix = f"{os.urandom(6).hex()}-shadow-"
         self._records = itertools.count(1)
+        #: The fleet's report and rollbacks (Redis), or ``None``: this process's book.
+        self.shared: RedisReportStore | None = None
+        #: Counters not yet sent to ``shared``.
+        self.tally = Tally()
+        #: Rollbacks judged here, not yet published.
+        self._rolled_here: list[tuple[str, MigrationCandidate]] = []
+        self._flush_lock = anyio.Lock()
 
     def _record_id(self) -> str:
         return f"{self._record_prefix}{next(self._records)}"
@@ -145,11 +164,71 @@ class MigrationRunner:
         """The task group shadow calls run in; leaving it cancels those still running."""
         async with anyio.create_task_group() as group:
             self._group = group
+            if self.shared is not None:
+                group.start_soon(self._flush_forever)
             try:
                 yield
             finally:
                 self._group = None
                 group.cancel_scope.cancel()
+        if self.shared is not None:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(FLUSH_S):
+                await self.flush()  # what the last second counted
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await anyio.sleep(FLUSH_S)
+            try:
+                await self.flush()
+            except Exception:  # a bug here must not end the gateway's task group
+                log.exception("migration report flush failed")
+
+    async def flush(self) -> None:
+        """Send the counters and rollbacks of this process, take up the others' rollbacks.
+        While Redis cannot be reached the counters wait here for the next round."""
+        shared = self.shared
+        if shared is None:
+            return
+        async with self._flush_lock:
+            batch = self.tally.take()
+            rolled, self._rolled_here = self._rolled_here, []
+            try:
+                await shared.add(batch)
+                batch = {}
+                while rolled:
+                    key, candidate = rolled[0]
+                    await shared.roll_back(key, candidate)
+                    rolled.pop(0)
+                elsewhere = await shared.rolled()
+            except STORE_UNAVAILABLE as exc:
+                self.tally.restore(batch)
+                self._rolled_here[:0] = rolled
+                log.debug("migration report not sent", error=type(exc).__name__)
+                return
+        trials = self.table(self.live.current).trials
+        for key, candidate in elsewhere.items():
+            trial = trials.get(key)
+            # Only under the settings in force: an old rollback does not hold on new ones.
+            if trial is not None and trial.candidate == candidate:
+                self.rollbacks.adopt(key, candidate)
+
+    async def report(
+        self, *, since: float, until: float, rule: str | None
+    ) -> tuple[list[ReportRow], bool]:
+        """The report's rows, and whether they are the fleet's (else this process's)."""
+        if self.shared is None:
+            kept = self.book.report(
+                since=since, until=until, rule=rule, rolled_back=self.report_rolled_back()
+            )
+            return kept, False
+        await self.flush()  # this process's last counters, and the others' rollbacks
+        rolled = set(self.report_rolled_back())
+        totals = await self.shared.read(since=since, until=until, rule=rule)
+        rows = [
+            row_of(name, trial, fields, trial in rolled)
+            for (name, trial), fields in sorted(totals.items())
+        ]
+        return rows, True
 
     # -- plans ---------------------------------------------------------------------------------
 
@@ -213,7 +292,7 @@ class MigrationRunner:
         window_s = self.live.current.config.breaker.deployment.window_s
         self._judge(trial, ok, latency_s, window_s)
         usage = ctx.usage or Usage()
-        self.book.add(
+        self._add(
             Comparison(
                 kind="canary",
                 ts=ctx.unix_time,
@@ -234,6 +313,14 @@ class MigrationRunner:
         reason = self.rollbacks.record_candidate(trial, ok, latency_s, window_s)
         if reason is not None:
             MIGRATION_ROLLBACKS.labels(trial.key).inc()
+            if self.shared is not None:
+                self._rolled_here.append((trial.key, trial.candidate))
+
+    def _add(self, comparison: Comparison) -> None:
+        if self.shared is not None:
+            self.tally.add(comparison)
+        else:
+            self.book.add(comparison)
 
     # -- shadows -------------------------------------------------------------------------------
 
@@ -256,7 +343,10 @@ class MigrationRunner:
                     raise anyio.WouldBlock  # not running (no lifespan): nothing may outlive
                 limiter.acquire_on_behalf_of_nowait(token)
             except anyio.WouldBlock:
-                self.book.dropped[trial.key] += 1
+                if self.shared is not None:
+                    self.tally.dropped(trial.rule.name, trial.key, time.time())
+                else:
+                    self.book.dropped[trial.key] += 1
                 SHADOW_CALLS.labels(trial.key, "dropped").inc()
                 continue
             self.in_flight += 1
@@ -438,7 +528,7 @@ class MigrationRunner:
                 else 0
             )
         first = ctx.first_byte_at
-        self.book.add(
+        self._add(
             Comparison(
                 kind="shadow",
                 ts=ctx.unix_time,

@@ -9,12 +9,13 @@ back. ``shared = False`` says so, and the admin API's answers carry a warning he
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 
 import anyio
 import msgspec
 
 from tenantware.config import AdminKey, Tenant
+from tenantware.registry.rules import RuleDocument, RuleName
 from tenantware.registry.store import AuditEntry, RegistryState, TenantRecord, VersionMismatch
 
 __all__ = ["MemoryRegistryStore"]
@@ -32,6 +33,7 @@ class MemoryRegistryStore:
         self._version = 0
         self._records: dict[str, TenantRecord] = {}
         self._admins: dict[str, tuple[int, AdminKey]] = {}
+        self._rules: dict[str, RuleDocument] = {}
         self._initialized = False
         self._remembered: dict[str, tuple[float, bytes]] = {}
         self._audit: list[AuditEntry] = []
@@ -49,6 +51,7 @@ class MemoryRegistryStore:
             version=self._version,
             records=dict(self._records),
             admins={k: key for k, (_, key) in self._admins.items()},
+            rules=dict(self._rules),
             initialized=self._initialized,
         )
 
@@ -99,14 +102,34 @@ class MemoryRegistryStore:
         self._append(audit)
         return self._version
 
+    async def get_rules(self, name: RuleName) -> RuleDocument | None:
+        return self._rules.get(name)
+
+    async def put_rules(
+        self, name: RuleName, document: bytes | None, *, expect: int | None, audit: AuditEntry
+    ) -> int:
+        held = self._rules.get(name)
+        current = held.version if held is not None else 0
+        if (expect is not None and expect != current) or (document is None and current == 0):
+            raise VersionMismatch(current)
+        self._version += 1
+        if document is None:
+            del self._rules[name]
+        else:
+            self._rules[name] = RuleDocument(version=self._version, document=document)
+        self._append(audit)
+        return self._version
+
     def _append(self, audit: AuditEntry) -> None:
         self._audit.append(msgspec.structs.replace(audit, version=self._version))
         del self._audit[:-AUDIT_KEPT]
 
-    async def seed(self, tenants: list[Tenant]) -> bool:
+    async def seed(self, tenants: list[Tenant], rules: Mapping[str, bytes] | None = None) -> bool:
         if self._initialized:
             return False
         self.reset(tenants)
+        for name, document in (rules or {}).items():
+            self._rules[name] = RuleDocument(version=self._version, document=document)
         return True
 
     async def remember(self, key: str, value: bytes, ttl_s: float) -> bytes | None:

@@ -6,7 +6,9 @@ Keys (one hash tag, so every script runs on Redis Cluster too):
 - ``{prefix}tw:{registry}:versions``: hash, tenant id -> version of its last change;
 - ``{prefix}tw:{registry}:version``: the registry version, bumped by every change;
 - ``{prefix}tw:{registry}:audit``: list of audit entries (JSON), oldest first, capped;
-- ``{prefix}tw:{registry}:admins`` / ``:admin_versions``: admin keys issued through the API.
+- ``{prefix}tw:{registry}:admins`` / ``:admin_versions``: admin keys issued through the API;
+- ``{prefix}tw:{registry}:rules`` / ``:rule_versions``: rules changed through the API
+  (``registry.rules``: ``migration``, ``alerts``), one JSON document each.
 
 A write is one Lua script: check the record's version (``If-Match``), bump the registry
 version, write the record and its audit entry, and publish the new version on
@@ -17,13 +19,14 @@ of a newer version, by that message or by their periodic ``version()`` check.
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any, Final
 
 import msgspec
 
 from tenantware.backends.redis_support import connect_redis, redis_errors
 from tenantware.config import AdminKey, Tenant
+from tenantware.registry.rules import RuleDocument, RuleName
 from tenantware.registry.store import AuditEntry, RegistryState, TenantRecord, VersionMismatch
 
 __all__ = ["RedisRegistryStore"]
@@ -52,9 +55,14 @@ return {1, version}
 _SEED: Final = """
 if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
 local version = redis.call('INCR', KEYS[3])
-for i = 2, #ARGV, 2 do
+local last_tenant = 2 + 2 * tonumber(ARGV[2])
+for i = 3, last_tenant, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   redis.call('HSET', KEYS[2], ARGV[i], version)
+end
+for i = last_tenant + 1, #ARGV, 2 do
+  redis.call('HSET', KEYS[5], ARGV[i], ARGV[i + 1])
+  redis.call('HSET', KEYS[6], ARGV[i], version)
 end
 redis.call('PUBLISH', ARGV[1], version)
 return version
@@ -62,7 +70,8 @@ return version
 
 _LOAD: Final = """
 return {redis.call('GET', KEYS[3]) or '', redis.call('HGETALL', KEYS[1]),
-        redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[5])}
+        redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[5]),
+        redis.call('HGETALL', KEYS[7]), redis.call('HGETALL', KEYS[8])}
 """
 
 _encode = msgspec.json.Encoder().encode
@@ -93,9 +102,13 @@ class RedisRegistryStore:
             f"{base}:audit",
             f"{base}:admins",
             f"{base}:admin_versions",
+            f"{base}:rules",
+            f"{base}:rule_versions",
         ]
         #: What a write of an admin key touches (the same script, other hashes).
         self._admin_keys = [self._keys[4], self._keys[5], self._keys[2], self._keys[3]]
+        #: What a write of a rules document touches.
+        self._rule_keys = [self._keys[6], self._keys[7], self._keys[2], self._keys[3]]
         #: The pub/sub channel every write announces its version on.
         self.channel = f"{prefix}tw:registry:changes"
         #: Records decoded by the last ``load``: a tenant whose version did not move is not
@@ -108,7 +121,9 @@ class RedisRegistryStore:
 
     async def load(self) -> RegistryState:
         with redis_errors():
-            raw_version, tenants, versions, admins = await self._load(keys=self._keys)
+            raw_version, tenants, versions, admins, rules, rule_versions = await self._load(
+                keys=self._keys
+            )
         documents = _pairs(tenants)
         numbers = _pairs(versions)
         registry_version = int(raw_version or 0)
@@ -128,6 +143,7 @@ class RedisRegistryStore:
             version=registry_version,
             records=records,
             admins={k.decode(): _decode_admin(v) for k, v in _pairs(admins).items()},
+            rules=_rule_documents(rules, rule_versions),
             initialized=bool(raw_version),
         )
 
@@ -184,12 +200,29 @@ class RedisRegistryStore:
     async def delete_admin(self, key_id: str, *, expect: int | None, audit: AuditEntry) -> int:
         return await self._write(key_id, b"", expect, audit, self._admin_keys)
 
-    async def seed(self, tenants: list[Tenant]) -> bool:
-        args: list[Any] = [self.channel]
+    async def get_rules(self, name: RuleName) -> RuleDocument | None:
+        with redis_errors():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hget(self._keys[6], name)
+                pipe.hget(self._keys[7], name)
+                document, version = await pipe.execute()
+        if document is None:
+            return None
+        return RuleDocument(version=int(version or 0), document=document)
+
+    async def put_rules(
+        self, name: RuleName, document: bytes | None, *, expect: int | None, audit: AuditEntry
+    ) -> int:
+        return await self._write(name, document or b"", expect, audit, self._rule_keys)
+
+    async def seed(self, tenants: list[Tenant], rules: Mapping[str, bytes] | None = None) -> bool:
+        args: list[Any] = [self.channel, str(len(tenants))]
         for tenant in tenants:
             args += [tenant.id, _encode(tenant)]
+        for name, document in (rules or {}).items():
+            args += [name, document]
         with redis_errors():
-            version = await self._seed(keys=self._keys[:4], args=args)
+            version = await self._seed(keys=[*self._keys[:4], *self._keys[6:8]], args=args)
         return bool(version)
 
     async def remember(self, key: str, value: bytes, ttl_s: float) -> bytes | None:
@@ -241,6 +274,14 @@ class RedisRegistryStore:
 
     async def aclose(self) -> None:
         await self._redis.aclose()
+
+
+def _rule_documents(documents: list[bytes], versions: list[bytes]) -> dict[str, RuleDocument]:
+    numbers = _pairs(versions)
+    return {
+        name.decode(): RuleDocument(version=int(numbers.get(name, b"0")), document=document)
+        for name, document in _pairs(documents).items()
+    }
 
 
 def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:

@@ -8,19 +8,21 @@ The request path never calls a store: it reads the snapshot built from the last 
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from typing import Protocol
 
 import msgspec
 
 from tenantware.audit import AuditAction, AuditEntry
 from tenantware.config import AdminKey, Tenant
+from tenantware.registry.rules import RuleDocument, RuleName
 
 __all__ = [
     "AuditAction",
     "AuditEntry",
     "RegistryState",
     "RegistryStore",
+    "RuleDocument",
     "TenantRecord",
     "VersionMismatch",
 ]
@@ -40,6 +42,8 @@ class RegistryState(msgspec.Struct, frozen=True, kw_only=True):
     records: dict[str, TenantRecord]
     #: Admin keys issued through the admin API (the file's are not here).
     admins: dict[str, AdminKey] = msgspec.field(default_factory=dict)
+    #: Rules changed through the admin API, by name (``registry.rules``); absent: the file's.
+    rules: dict[str, RuleDocument] = msgspec.field(default_factory=dict)
     #: False until the registry was first written (a new Redis registry is seeded then).
     initialized: bool = True
 
@@ -89,8 +93,20 @@ class RegistryStore(Protocol):
         """Remove an admin key (``VersionMismatch(0)`` if there is none); the new version."""
         ...
 
-    async def seed(self, tenants: list[Tenant]) -> bool:
-        """Fill an empty, never-written registry with ``tenants``; ``False`` if not empty."""
+    async def get_rules(self, name: RuleName) -> RuleDocument | None:
+        """The rules document ``name`` as stored (``None``: the file's rules apply)."""
+        ...
+
+    async def put_rules(
+        self, name: RuleName, document: bytes | None, *, expect: int | None, audit: AuditEntry
+    ) -> int:
+        """Write the rules document ``name`` (``None``: remove it, the file's apply again);
+        ``expect`` as for ``put``; the new registry version."""
+        ...
+
+    async def seed(self, tenants: list[Tenant], rules: Mapping[str, bytes] | None = None) -> bool:
+        """Fill an empty, never-written registry with ``tenants`` (and rules documents by
+        name); ``False`` if not empty."""
         ...
 
     async def remember(self, key: str, value: bytes, ttl_s: float) -> bytes | None:

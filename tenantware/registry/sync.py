@@ -16,12 +16,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import msgspec
 import structlog
 
 from tenantware.backends.errors import STORE_UNAVAILABLE
 from tenantware.config import AdminKey, ConfigError, GatewayConfig, Tenant
 from tenantware.metrics import REGISTRY_STALE, REGISTRY_VERSION
 from tenantware.registry.memory import MemoryRegistryStore
+from tenantware.registry.rules import RuntimeRules, decode_rules, encode_rules
 from tenantware.registry.store import RegistryStore
 from tenantware.state import LiveConfig
 
@@ -73,12 +75,15 @@ class RegistrySync:
 
         A shared registry that was never written (or lost its data: a Redis restarted
         without persistence) is seeded with this process's tenants: the file's at first
-        start, else its last copy (``seed`` is atomic: of many replicas, one seeds).
+        start, else its last copy, with the rules changed through the admin API it holds
+        (``seed`` is atomic: of many replicas, one seeds).
         """
         async with self._lock:
             state = await self.store.load()
             if not state.initialized:
-                await self.store.seed(list(self.live.current.config.tenants))
+                await self.store.seed(
+                    list(self.live.current.config.tenants), encode_rules(self.live.rules)
+                )
                 state = await self.store.load()
             self._answered()
             current = self.live.current.registry_version
@@ -86,17 +91,22 @@ class RegistrySync:
                 tenants = [state.records[k].tenant for k in sorted(state.records)]
                 admins = [state.admins[k] for k in sorted(state.admins)]
                 try:
-                    await self._install(tenants, admins, state.version)
-                except ConfigError as exc:
-                    # A tenant the file's settings cannot take (a tier the file dropped):
-                    # keep the last good table rather than refuse every tenant.
+                    rules = decode_rules(state.rules)
+                    await self._install(tenants, admins, rules, state.version)
+                except (ConfigError, msgspec.ValidationError, msgspec.DecodeError) as exc:
+                    # A tenant or rule the file's settings cannot take (a tier or an upstream
+                    # the file dropped): keep the last good table rather than refuse them all.
                     log.error("registry version rejected; keeping the last", error=str(exc))
                     return current
                 REGISTRY_VERSION.set(state.version)
             return self.live.current.registry_version
 
     async def _install(
-        self, tenants: list[Tenant], admins: list[AdminKey], registry_version: int
+        self,
+        tenants: list[Tenant],
+        admins: list[AdminKey],
+        rules: RuntimeRules,
+        registry_version: int,
     ) -> None:
         """Index the table in a worker thread (requests go on meanwhile), then swap it in on
         the event loop; built again if a file reload came in between."""
@@ -107,11 +117,14 @@ class RegistrySync:
                     tenants,
                     registry_version=registry_version,
                     admin_keys=admins,
+                    rules=rules,
                 )
             )
             if self.live.install(pending) is not None:
                 return
-        self.live.set_tenants(tenants, registry_version=registry_version, admin_keys=admins)
+        self.live.set_tenants(
+            tenants, registry_version=registry_version, admin_keys=admins, rules=rules
+        )
 
     def _answered(self) -> None:
         if self.failing_since is not None:
