@@ -557,7 +557,9 @@ class Gateway:
             stores=self.stores,
             writer=self.writer,
             registry=self.registry.status,
-            migration=MigrationSource(self.migration.book, self.migration.report_rolled_back),
+            migration=MigrationSource(
+                self.migration.book, self.migration.report_rolled_back, self.migration.report
+            ),
         )
         return DashboardApp(live=self.live, ledger=self.ledger, sources=sources)
 

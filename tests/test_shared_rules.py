@@ -217,6 +217,7 @@ async def test_the_report_sums_every_replica(
         answer = await first.get("/admin/migration/report", headers=HEADERS)
         csv_answer = await second.get("/admin/migration/report?format=csv", headers=HEADERS)
         later = await first.get("/admin/migration/report?since=4102444800", headers=HEADERS)
+        dashboard = await first.get("/admin/dashboard/migration?range=1h", headers=HEADERS)
     assert answer.status_code == 200, answer.text
     body = answer.json()
     assert body["scope"] == "shared"
@@ -235,6 +236,12 @@ async def test_the_report_sums_every_replica(
     assert row["shadow_latency_p99_s"] is not None
     assert csv_answer.text.splitlines()[1].startswith(f"trial,{TRIAL},7,")
     assert later.json()["data"] == []
+    # The operator page's trial table is the fleet's too (its chart is the process's).
+    assert dashboard.status_code == 200, dashboard.text
+    view = dashboard.json()
+    assert view["scope"] == "shared"
+    (trial,) = [t for t in view["trials"] if t["trial"] == TRIAL]
+    assert trial["figures"]["shadow_requests"] == 7
 
 
 async def test_a_rollback_judged_on_one_replica_holds_on_every_one(

@@ -235,6 +235,19 @@ class DashboardApp:
             return
         since, until = time_range(query, now=time.time())
         period, width = pick_period(until - since)
+        shared_rows = None
+        if source.report is not None:
+            try:
+                rows, shared = await source.report(since=since, until=until, rule=None)
+            except _UNAVAILABLE:
+                await _error(
+                    send,
+                    503,
+                    "The shared migration report cannot be reached; retry shortly.",
+                    "report_unavailable",
+                )
+                return
+            shared_rows = rows if shared else None
         # A full book takes a while to sum: off the event loop, over a copy of it.
         view = await anyio.to_thread.run_sync(
             functools.partial(
@@ -245,6 +258,7 @@ class DashboardApp:
                 until=until,
                 period=period,
                 width=width,
+                shared_rows=shared_rows,
             )
         )
         await _respond(send, 200, b"application/json", _encode(view))

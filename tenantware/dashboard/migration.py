@@ -1,16 +1,17 @@
-"""The operator view's shadow/canary comparison: the migration report of this process over a
-time range, each candidate's shares and rollback state, and a series per trial.
+"""The operator view's shadow/canary comparison: the migration report over a time range, each
+candidate's shares and rollback state, and a series per trial.
 
-The figures are the comparison book's (``ComparisonBook.report``, the same rows as
-``GET /admin/migration/report``); the series buckets the same comparisons by period in one
-pass, so a trial's p99 can be followed over time next to its primary's.
+The figures are the rows of ``GET /admin/migration/report``: the fleet's counters when the
+report is shared through Redis, else this process's comparison book. The series buckets this
+process's comparisons by period in one pass, so a trial's p99 can be followed over time next
+to its primary's.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from tenantware.config import MigrationSettings
 from tenantware.dashboard.schemas import MigrationView, TrialPoint, TrialState, TrialStatus
@@ -22,12 +23,19 @@ __all__ = ["MigrationSource", "migration_view"]
 
 
 class MigrationSource:
-    """What the dashboard reads of the gateway's migration runner: its comparison book and
-    the trials it rolled back (``runner.report_rolled_back``)."""
+    """What the dashboard reads of the gateway's migration runner: its comparison book, the
+    trials it rolled back (``runner.report_rolled_back``) and its report (``runner.report``:
+    the rows and whether they are the fleet's)."""
 
-    def __init__(self, book: ComparisonBook, rolled_back: Callable[[], Iterable[str]]) -> None:
+    def __init__(
+        self,
+        book: ComparisonBook,
+        rolled_back: Callable[[], Iterable[str]],
+        report: Callable[..., Awaitable[tuple[list[ReportRow], bool]]] | None = None,
+    ) -> None:
         self.book = book
         self.rolled_back = rolled_back
+        self.report = report
 
     def snapshot(self) -> MigrationSource:
         """A copy of the book and the rollbacks as they are now (a quick copy, in the event
@@ -96,11 +104,17 @@ def migration_view(
     until: float,
     period: Period,
     width: int,
+    shared_rows: list[ReportRow] | None = None,
 ) -> MigrationView:
-    """The view over ``since <= ts < until``: trials of ``settings`` first, in their order."""
+    """The view over ``since <= ts < until``: trials of ``settings`` first, in their order.
+    ``shared_rows``: the fleet's report rows (else the book's)."""
     rolled = set(source.rolled_back())
     book = source.book
-    rows = {row.trial: row for row in book.report(since=since, until=until, rolled_back=rolled)}
+    if shared_rows is None:
+        found = book.report(since=since, until=until, rolled_back=rolled)
+    else:
+        found = shared_rows
+    rows = {row.trial: row for row in found}
     trials = []
     for rule in settings.rules:
         for candidate in rule.candidates:
@@ -151,6 +165,7 @@ def migration_view(
         period=period,  # type: ignore[arg-type]
         bucket_s=width,
         process=f"{socket.gethostname()}:{os.getpid()}",
+        scope="process" if shared_rows is None else "shared",
         oldest_kept=min((entry.ts for entry in entries), default=None),
         trials=trials,
         series=_series(entries, since, until, period, width),

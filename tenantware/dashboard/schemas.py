@@ -147,6 +147,9 @@ class MigrationView(Struct, frozen=True, kw_only=True):
     bucket_s: int
     #: ``host:pid`` of the answering process; the time of its oldest comparison kept.
     process: str
+    #: ``shared``: the trials' figures are the fleet's (the report shared through Redis); the
+    #: series is always the answering process's.
+    scope: Literal["shared", "process"] = "process"
     oldest_kept: float | None
     #: Every candidate of the rules in force, then those only the comparisons still name.
     trials: list[TrialStatus]

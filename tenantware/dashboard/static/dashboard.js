@@ -540,7 +540,9 @@
       ? "Not available."
       : !trials.length
         ? "No migration rules in force."
-        : "What gateway process " + m.process + " compared in the range (every tenant)" +
+        : m.scope === "shared"
+          ? "What every gateway process compared in the range (every tenant, the shared report in whole hours); the chart shows process " + m.process + "."
+          : "What gateway process " + m.process + " compared in the range (every tenant)" +
           (m.oldest_kept && m.oldest_kept > m.since ? ", from " + new Date(m.oldest_kept * 1000).toISOString().slice(0, 16).replace("T", " ") + " UTC on (its oldest kept)" : "") + ".";
     $("trials").replaceChildren(...trials.map(trialTable));
     const busy = trials
