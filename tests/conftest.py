@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -71,3 +72,21 @@ def postgres_schema(postgres_url: str) -> Iterator[str]:
     yield schema
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+@pytest.fixture
+def writes(monkeypatch: pytest.MonkeyPatch) -> list[list[bytes]]:
+    """Every write of the pipelined Redis connections (``backends/multiplex.py``): the
+    commands it carried, for tests that count round trips."""
+    from tenantware.backends import multiplex
+
+    seen: list[list[bytes]] = []
+    flush = multiplex._Connection._flush
+
+    def recorded(self: Any) -> None:
+        if self._outgoing and not self.closed and self.transport is not None:
+            seen.append(list(self._outgoing))
+        flush(self)
+
+    monkeypatch.setattr(multiplex._Connection, "_flush", recorded)
+    return seen

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import httpx
@@ -69,3 +70,8 @@ def client_for(app: Any, key: str | None = None) -> httpx.AsyncClient:
 
 
 CHAT = {"model": "gpt-4.1", "messages": [{"role": "user", "content": "Hello there"}]}
+
+
+def script_sha(source: str) -> bytes:
+    """The SHA1 a Lua script is called by (``EVALSHA``)."""
+    return hashlib.sha1(source.encode()).hexdigest().encode()

@@ -8,37 +8,16 @@ once: every counter and seat is back after each request (JSON, stream, refused u
 
 from __future__ import annotations
 
-import hashlib
 import time
-from typing import Any
 
 import pytest
 
 from tenantware.admission import redis as admission_redis
-from tenantware.backends import multiplex
 from tenantware.quota import redis as quota_redis
 from tenantware.testing.upstream import FakeUpstreamConfig
 from tests.support import CHAT
+from tests.support import script_sha as _sha
 from tests.test_stack import backend_settings, running_stack
-
-
-def _sha(source: str) -> bytes:
-    return hashlib.sha1(source.encode()).hexdigest().encode()
-
-
-@pytest.fixture
-def writes(monkeypatch: pytest.MonkeyPatch) -> list[list[bytes]]:
-    """Every write of the pipelined connections: the commands it carried."""
-    seen: list[list[bytes]] = []
-    flush = multiplex._Connection._flush
-
-    def recorded(self: Any) -> None:
-        if self._outgoing and not self.closed and self.transport is not None:
-            seen.append(list(self._outgoing))
-        flush(self)
-
-    monkeypatch.setattr(multiplex._Connection, "_flush", recorded)
-    return seen
 
 
 def _joined_writes(writes: list[list[bytes]], expected: int) -> list[set[str]]:

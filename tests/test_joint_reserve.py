@@ -8,7 +8,6 @@ each layer still makes its own call.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,7 +19,6 @@ import pytest
 from tenantware.admission import redis as admission_redis
 from tenantware.admission.core import GRANTED, QUEUED, Ticket
 from tenantware.admission.redis import RedisSeatStore
-from tenantware.backends import multiplex
 from tenantware.backends.multiplex import MultiplexedRedis
 from tenantware.backends.redis_clock import RedisClock
 from tenantware.backends.redis_support import connect_redis
@@ -37,26 +35,8 @@ from tenantware.testing.upstream import FakeUpstreamConfig
 from tests.quota_support import plan_for
 from tests.servers import ServiceUnavailable, redis_cluster
 from tests.support import CHAT, KEYS, tenant_entries
+from tests.support import script_sha as _sha
 from tests.test_stack import backend_settings, running_stack
-
-
-def _sha(source: str) -> bytes:
-    return hashlib.sha1(source.encode()).hexdigest().encode()
-
-
-@pytest.fixture
-def writes(monkeypatch: pytest.MonkeyPatch) -> list[list[bytes]]:
-    """Every write of the pipelined connections: the commands it carried."""
-    seen: list[list[bytes]] = []
-    flush = multiplex._Connection._flush
-
-    def recorded(self: Any) -> None:
-        if self._outgoing and not self.closed and self.transport is not None:
-            seen.append(list(self._outgoing))
-        flush(self)
-
-    monkeypatch.setattr(multiplex._Connection, "_flush", recorded)
-    return seen
 
 
 def _kinds(batch: list[bytes]) -> list[str]:
