@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from benchconfig import BENCH_LIMITS, CHAT_BODY, bench_config  # noqa: E402
-from test_bench_stack import _RecordingClient, _scope  # noqa: E402
+from test_bench_stack import _RecordingClient, _scope, call_app  # noqa: E402
 
 from tenantware import Gateway, KeyHasher, parse_config  # noqa: E402
 from tests.servers import redis_cluster  # noqa: E402
@@ -60,33 +60,18 @@ def _config(url: str, tenants: int, workdir: str) -> tuple[dict[str, Any], list[
 
 async def _drive(app: Any, auths: list[bytes], total: int, concurrency: int, max_s: float) -> int:
     base = _scope("/v1/chat/completions", CHAT_BODY)
-    message = {"type": "http.request", "body": CHAT_BODY, "more_body": False}
     deadline = time.monotonic() + max_s
     sent = 0
 
+    def ok(status: int) -> None:
+        assert status == 200, status
+
     async def one(auth: bytes) -> None:
-        received = False
-        complete = asyncio.Event()
-
-        async def recv() -> dict[str, Any]:
-            nonlocal received
-            if received:
-                await complete.wait()
-                return {"type": "http.disconnect"}
-            received = True
-            return message
-
-        async def send(event: dict[str, Any]) -> None:
-            if event["type"] == "http.response.body" and not event.get("more_body", False):
-                complete.set()
-            if event["type"] == "http.response.start":
-                assert event["status"] == 200, event
-
         scope = dict(base)
         scope["headers"] = [
             (name, auth if name == b"authorization" else value) for name, value in base["headers"]
         ]
-        await app(scope, recv, send)
+        await call_app(app, scope, CHAT_BODY, ok)
 
     queue = iter(range(total))
 

@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from benchconfig import CHAT_BODY, STREAM_BODY, bench_config  # noqa: E402
-from test_bench_stack import _RecordingClient, _scope  # noqa: E402
+from test_bench_stack import _RecordingClient, _scope, call_app  # noqa: E402
 
 from tenantware import Gateway, parse_config  # noqa: E402
 from tests.servers import throwaway_redis  # noqa: E402
@@ -84,30 +84,15 @@ async def _drive(
     passes under ``MONITOR``/``SLOWLOG`` slow Redis enough that the gateway may declare an
     outage and a failure policy answer)."""
     scope = _scope("/v1/chat/completions", body)
-    message = {"type": "http.request", "body": body, "more_body": False}
+
+    def status_seen(status: int) -> None:
+        if statuses is None:
+            assert status == 200, status
+        else:
+            statuses[status] += 1
 
     async def one() -> None:
-        received = False
-        complete = asyncio.Event()
-
-        async def recv() -> dict[str, Any]:
-            nonlocal received
-            if received:
-                await complete.wait()
-                return {"type": "http.disconnect"}
-            received = True
-            return message
-
-        async def send(event: dict[str, Any]) -> None:
-            if event["type"] == "http.response.body" and not event.get("more_body", False):
-                complete.set()
-            if event["type"] == "http.response.start":
-                if statuses is None:
-                    assert event["status"] == 200, event
-                else:
-                    statuses[event["status"]] += 1
-
-        await app(dict(scope), recv, send)
+        await call_app(app, scope, body, status_seen)
 
     queue = iter(range(total))
 

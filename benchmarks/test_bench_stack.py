@@ -78,6 +78,33 @@ def _receiver(body: bytes) -> Receive:
     return receive
 
 
+async def call_app(
+    app: ASGIApp, scope: Scope, body: bytes, on_status: Callable[[int], None] | None = None
+) -> None:
+    """One request through ``app`` as uvicorn makes it: the body once, then ``receive()``
+    blocks until the response is complete (or the client leaves) and answers
+    ``http.disconnect``. ``on_status`` sees the response's status."""
+    received = False
+    complete = asyncio.Event()
+    message: Message = {"type": "http.request", "body": body, "more_body": False}
+
+    async def recv() -> Message:
+        nonlocal received
+        if received:
+            await complete.wait()
+            return {"type": "http.disconnect"}
+        received = True
+        return message
+
+    async def send(event: Message) -> None:
+        if event["type"] == "http.response.body" and not event.get("more_body", False):
+            complete.set()
+        elif event["type"] == "http.response.start" and on_status is not None:
+            on_status(event["status"])
+
+    await app(dict(scope), recv, send)
+
+
 async def noop_app(scope: Scope, receive: Receive, send: Send) -> None:
     """The cheapest real app: reads its body and answers a fixed JSON."""
     await receive()
@@ -217,27 +244,9 @@ def drive() -> Iterator[Callable[[Gateway, ASGIApp, bytes], Callable[[], None]]]
         loop.run_until_complete(ready.wait())
         stops.append((stop, holder))
         scope = _scope(path, body)
-        message: Message = {"type": "http.request", "body": body, "more_body": False}
 
         async def one_request() -> None:
-            # As uvicorn does: the body once, then receive() blocks until the response is
-            # complete (or the client leaves) and answers http.disconnect.
-            received = False
-            complete = asyncio.Event()
-
-            async def recv() -> Message:
-                nonlocal received
-                if received:
-                    await complete.wait()
-                    return {"type": "http.disconnect"}
-                received = True
-                return message
-
-            async def send(event: Message) -> None:
-                if event["type"] == "http.response.body" and not event.get("more_body", False):
-                    complete.set()
-
-            await app(dict(scope), recv, send)
+            await call_app(app, scope, body)
 
         async def batch() -> None:
             for _ in range(BATCH):
