@@ -692,8 +692,11 @@ def test_openai_sdk_against_a_real_port(served: tuple[FakeUpstream, str]) -> Non
         assert len(embedding.data[0].embedding) == EMBEDDING_DIMENSIONS
         assert [m.id for m in client.models.list()] == list(DEFAULT_MODELS)
 
-    with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"{base_url}/v1", api_key="wrong", max_retries=0).models.list()
+    with (
+        pytest.raises(openai.AuthenticationError),
+        openai.OpenAI(base_url=f"{base_url}/v1", api_key="wrong", max_retries=0) as wrong,
+    ):
+        wrong.models.list()
 
     stats = upstream.stats
     assert stats.by_status == {429: 2, 200: 4, 401: 1}

@@ -97,8 +97,10 @@ def test_sdk_stream_never_sees_the_usage_chunk_and_the_ledger_has_it() -> None:
     ledger = MemoryLedger()
     with serve_in_thread(fake) as upstream_url:
         gateway = Gateway(make_config(upstream_url + "/v1"), ledger=ledger)
-        with serve_in_thread(gateway.asgi_app(), lifespan="on") as gateway_url:
-            client = openai.OpenAI(base_url=gateway_url + "/v1", api_key=KEYS["acme"])
+        with (
+            serve_in_thread(gateway.asgi_app(), lifespan="on") as gateway_url,
+            openai.OpenAI(base_url=gateway_url + "/v1", api_key=KEYS["acme"]) as client,
+        ):
             chunks = list(
                 client.chat.completions.create(
                     model="gpt-4.1", messages=CHAT["messages"], stream=True

@@ -232,10 +232,13 @@ def test_official_sdk_completion_stream_models_and_auth_error() -> None:
     fake = FakeUpstream(FakeUpstreamConfig(stream_chunks=6))
     with serve_in_thread(fake) as upstream_url:
         gateway = Gateway(make_config(upstream_url + "/v1"))
-        with serve_in_thread(gateway.asgi_app(), lifespan="on") as gateway_url:
-            client = openai.OpenAI(
+        with (
+            serve_in_thread(gateway.asgi_app(), lifespan="on") as gateway_url,
+            openai.OpenAI(
                 base_url=gateway_url + "/v1", api_key=KEYS["acme"], max_retries=0
-            )
+            ) as client,
+            openai.OpenAI(base_url=gateway_url + "/v1", api_key="sk-wrong", max_retries=0) as bad,
+        ):
             completion = client.chat.completions.create(
                 model="gpt-4.1", messages=[{"role": "user", "content": "Say hi"}]
             )
@@ -255,7 +258,6 @@ def test_official_sdk_completion_stream_models_and_auth_error() -> None:
             models = [m.id for m in client.models.list()]
             assert "gpt-4.1" in models
 
-            bad = openai.OpenAI(base_url=gateway_url + "/v1", api_key="sk-wrong", max_retries=0)
             with pytest.raises(openai.AuthenticationError):
                 bad.chat.completions.create(
                     model="gpt-4.1", messages=[{"role": "user", "content": "x"}]

@@ -330,16 +330,18 @@ def test_the_official_sdk_raises_rate_limit_error_and_honours_retry_after() -> N
     fake = FakeUpstream()
     with serve_in_thread(fake) as upstream_url:
         gateway = Gateway(quota_config(upstream_url + "/v1", acme={"requests_per_second": 1}))
-        with serve_in_thread(gateway.asgi_app(), lifespan="on") as url:
+        with (
+            serve_in_thread(gateway.asgi_app(), lifespan="on") as url,
+            openai.OpenAI(base_url=url + "/v1", api_key=KEYS["acme"], max_retries=0) as no_retry,
+            openai.OpenAI(base_url=url + "/v1", api_key=KEYS["acme"], max_retries=1) as retrying,
+        ):
             chat = {"model": "gpt-4.1", "messages": [{"role": "user", "content": "hi"}]}
-            no_retry = openai.OpenAI(base_url=url + "/v1", api_key=KEYS["acme"], max_retries=0)
             no_retry.chat.completions.create(**chat)  # type: ignore[call-overload]
             with pytest.raises(openai.RateLimitError) as caught:
                 no_retry.chat.completions.create(**chat)  # type: ignore[call-overload]
             assert caught.value.code == "rate_limit_exceeded"
             assert caught.value.response.headers["x-ratelimit-limit-requests"] == "1"
 
-            retrying = openai.OpenAI(base_url=url + "/v1", api_key=KEYS["acme"], max_retries=1)
             time.sleep(1.0)
             retrying.chat.completions.create(**chat)  # type: ignore[call-overload]
             started = time.monotonic()

@@ -13,7 +13,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,9 @@ class Stack:
     url: str
     fake: FakeUpstream
     upstream: str
+    #: SDK clients made by the test, closed when the stack stops (an unclosed connection
+    #: pool warns whenever it is collected, in whichever test that happens).
+    clients: list[openai.OpenAI] = field(default_factory=list)
 
     @property
     def ledger(self) -> MemoryLedger:
@@ -108,7 +111,9 @@ class Stack:
         return httpx.Client(base_url=self.url, headers=headers, timeout=10)
 
     def sdk(self, key: str = KEYS["acme"]) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=10)
+        client = openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=10)
+        self.clients.append(client)
+        return client
 
     def records(self, count: int, *, timeout_s: float = 5.0) -> list[UsageRecord]:
         """The ledger's records once ``count`` of them are written (settled and flushed)."""
@@ -190,7 +195,12 @@ def running_stack(
         gateway = Gateway(stack_config(upstream, **overrides))
         served = app(gateway) if app is not None else gateway.asgi_app()
         with serve_in_thread(served, lifespan="on") as url:
-            yield Stack(gateway, url, fake, upstream)
+            stack = Stack(gateway, url, fake, upstream)
+            try:
+                yield stack
+            finally:
+                for client in stack.clients:
+                    client.close()
 
 
 def backend_settings(backend: str, request: pytest.FixtureRequest) -> dict[str, Any]:
