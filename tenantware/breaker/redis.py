@@ -118,6 +118,7 @@ class RedisBreakerStore:
         #: ends it), while this client's own failures do not declare it (its evidence, answered
         #: calls, is not that connection's).
         self._follows = follows
+        self._health = self.failover.health
         #: Names this store's run of consecutive failures in each circuit's hash.
         self.process_id = secrets.token_hex(8)
         self._listener: TransitionListener = self.local._listener
@@ -128,20 +129,18 @@ class RedisBreakerStore:
 
     # -- reads from the local copy -----------------------------------------------------------
 
-    @property
-    def _down(self) -> bool:
-        """Redis is out: this store's calls failed, or the connection it follows declared it."""
-        follows = self._follows
-        return self.failover.down or (follows is not None and follows.down)
-
     def gate(self, key: str) -> float:
+        # Redis is out: this store's calls failed, or the connection it follows declared it
+        # (the health objects read directly: this runs for every request).
+        follows = self._follows
+        down = self._health.down or (follows is not None and follows.down)
         copy = self._copies.get(key)
         if copy is None or (copy.state == CLOSED and copy.cool_until == 0.0):
-            if self._down:
+            if down:
                 return self.local.gate(key)
             return PASS
         now = self._now()
-        if self._down:
+        if down:
             return self.local.gate(key)
         cool = copy.cool_until - now if copy.cool_until > now else 0.0
         if copy.state == CLOSED:
