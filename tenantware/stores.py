@@ -78,7 +78,9 @@ class Stores:
         self._pools: list[RedisSeatStore] = []
         #: The health of the connection the per-request scripts use (quota, admission), one
         #: for both layers of this process; the breaker's redis-py client shares it only when
-        #: it is that connection (Redis Cluster, TLS), since each client has its own evidence.
+        #: it is that connection (Redis Cluster, TLS), since each client has its own evidence,
+        #: and otherwise follows it (an outage declared there holds for the breaker too, so a
+        #: request waits for a stopped Redis in one layer, not in two).
         self.health = StoreHealth(probe_interval_s=probe_interval_s, bound_s=timeout_s)
         #: The admission layer's view of it, shared by every seat pool.
         self._admission_failover = Failover("admission", self.health)
@@ -171,9 +173,13 @@ class Stores:
             return MemoryBreakerStore()
         from tenantware.breaker.redis import RedisBreakerStore
 
-        health = self.health if self.scripts is redis else None
+        shared = self.scripts is redis
         return RedisBreakerStore(
-            redis, prefix=self.prefix, sync_interval_s=sync_interval_s, health=health
+            redis,
+            prefix=self.prefix,
+            sync_interval_s=sync_interval_s,
+            health=self.health if shared else None,
+            follows=None if shared else self.health,
         )
 
     def owner_store(self) -> OwnerStore:

@@ -13,11 +13,12 @@ import httpx
 import pytest
 import redis.asyncio as redis_asyncio
 
-from tenantware import Gateway, KeyHasher, parse_config
+from tenantware import Gateway, KeyHasher, metrics, parse_config
 from tenantware.admission.core import GRANTED, Ticket
 from tenantware.admission.redis import RedisSeatStore
 from tenantware.admission.store import UNAVAILABLE
 from tenantware.backends.errors import STORE_UNAVAILABLE, StoreUnavailable
+from tenantware.backends.progress import watch_of
 from tenantware.backends.redis_clock import RedisClock
 from tenantware.backends.redis_support import connect_redis
 from tenantware.quota.redis import RedisQuotaStore
@@ -40,7 +41,9 @@ RECOVERY_S = SEAT_LEASE_S / 3
 BODY = {"model": "gpt-4.1", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
 
 
-def gateway_for(url: str, prefix: str, lease_s: float = 30.0) -> Gateway:
+def gateway_for(
+    url: str, prefix: str, lease_s: float = 30.0, breaker: dict[str, Any] | None = None
+) -> Gateway:
     return Gateway(
         parse_config(
             {
@@ -52,6 +55,7 @@ def gateway_for(url: str, prefix: str, lease_s: float = 30.0) -> Gateway:
                 },
                 "admission": {"seats": SEATS},
                 "quota": {"lease_s": lease_s},
+                "breaker": breaker or {},
                 "metering": {"enabled": False},
                 "tiers": {"plain": {}},
                 "tenants": [
@@ -192,3 +196,47 @@ async def test_a_call_run_after_its_deadline_grants_nothing(
         seats = RedisSeatStore(client, seats=1, prefix=redis_prefix, on_failure="closed")
         assert await seats.acquire(Ticket("late", 1.0, 1.0)) == GRANTED
         assert seats.redis_clock.deadline(0.0) > 0
+
+
+def _failures(layer: str) -> float:
+    labels = {"layer": layer, "policy": "local"}
+    return metrics.REGISTRY.get_sample_value("tenantware_store_failures_total", labels) or 0.0
+
+
+async def test_a_request_waits_for_a_stopped_redis_once_not_once_per_layer(
+    server: RedisServer,
+) -> None:
+    # The quota layer's call waits the bound and declares the outage; the breaker layer, whose
+    # redis-py client reaches the same Redis, then decides locally at once instead of sending
+    # its own call and waiting its own bound (or probing on its own schedule) for the same
+    # request. Its circuit copies go stale in far less than the bound, so without that rule
+    # each request below would send the breaker's re-read to the stopped Redis.
+    gateway = gateway_for(
+        server.url, f"twonce:{uuid.uuid4().hex[:8]}:", breaker={"sync_interval_s": BOUND_S / 5}
+    )
+    app = gateway.wrap(inner)
+    headers = {"authorization": "Bearer sk-steady"}
+    async with (
+        gateway.running(),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gw", headers=headers
+        ) as http,
+    ):
+        # Answered by Redis: every store is connected and the breaker's client has been answered
+        # (from now on its calls are bounded by its progress watch).
+        assert (await http.post("/v1/chat/completions", json=BODY)).status_code == 200
+        breaker_stalls = watch_of(gateway.redis).stalls
+        before = {layer: _failures(layer) for layer in ("quota", "breaker")}
+        server.pause()
+        try:
+            first = await http.post("/v1/chat/completions", json=BODY)  # declares the outage
+            await anyio.sleep(PROBE_S * 2)
+            second = await http.post("/v1/chat/completions", json=BODY)  # the quota probe
+        finally:
+            server.resume()
+        assert (first.status_code, second.status_code) == (200, 200)
+        # Both answered by the local policies, counted by both layers...
+        assert _failures("quota") - before["quota"] == 2
+        assert _failures("breaker") - before["breaker"] >= 2
+        # ...and the breaker's client never waited for the stopped Redis.
+        assert watch_of(gateway.redis).stalls == breaker_stalls

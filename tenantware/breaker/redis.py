@@ -18,7 +18,9 @@ in batches, would reset the count of another that keeps failing.
 
 When Redis fails, decisions fall back to circuits kept in process (every outcome is also
 recorded there), so a Redis outage costs protection sharing, never traffic: the breaker's
-failure policy is always ``local`` (``backends/failover.py``).
+failure policy is always ``local`` (``backends/failover.py``). They do so too while the
+connection of the quota and admission layers (``follows``) has declared an outage of the same
+Redis: a request that waited the bound there does not wait for that Redis again here.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class RedisBreakerStore:
         sync_interval_s: float = 0.5,
         clock: Clock | None = None,
         health: StoreHealth | None = None,
+        follows: StoreHealth | None = None,
     ) -> None:
         self.redis = redis
         self.prefix = prefix
@@ -110,6 +113,12 @@ class RedisBreakerStore:
         self.failover = Failover(
             "breaker", health, probe_interval_s=sync_interval_s, clock=self._now
         )
+        #: The health of the outer layers' connection to the same Redis, when this client is
+        #: another one: its outage holds here too (no call, no probe: the outer layers' probe
+        #: ends it), while this client's own failures do not declare it (its evidence, answered
+        #: calls, is not that connection's).
+        self._follows = follows
+        self._health = self.failover.health
         #: Names this store's run of consecutive failures in each circuit's hash.
         self.process_id = secrets.token_hex(8)
         self._listener: TransitionListener = self.local._listener
@@ -121,13 +130,17 @@ class RedisBreakerStore:
     # -- reads from the local copy -----------------------------------------------------------
 
     def gate(self, key: str) -> float:
+        # Redis is out: this store's calls failed, or the connection it follows declared it
+        # (the health objects read directly: this runs for every request).
+        follows = self._follows
+        down = self._health.down or (follows is not None and follows.down)
         copy = self._copies.get(key)
         if copy is None or (copy.state == CLOSED and copy.cool_until == 0.0):
-            if self.failover.down:
+            if down:
                 return self.local.gate(key)
             return PASS
         now = self._now()
-        if self.failover.down:
+        if down:
             return self.local.gate(key)
         cool = copy.cool_until - now if copy.cool_until > now else 0.0
         if copy.state == CLOSED:
@@ -217,8 +230,10 @@ class RedisBreakerStore:
         slow_fail: int = 0,
     ) -> list[int] | None:
         failover = self.failover
-        if not failover.available:
-            # Redis failed a moment ago: decide locally, try it again after the interval.
+        follows = self._follows
+        if (follows is not None and follows.down) or not failover.available:
+            # Redis failed a moment ago: decide locally, try it again after the interval (the
+            # followed connection's outage: once one of its probes is answered).
             failover.degraded("local")
             return None
         pending = self._pending.pop(key, None)
