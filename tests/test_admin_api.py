@@ -141,6 +141,10 @@ async def test_if_match_and_idempotent_create() -> None:
         assert len(as_csv.text.splitlines()) == 3  # header, the update, the create
         bad = await admin.get("/admin/audit", params={"since": "yesterday"})
         assert bad.json()["error"]["param"] == "since"
+        # A digit outside ASCII ("³" passes str.isdigit) is refused, not a 500.
+        superscript = await admin.get("/admin/audit", params={"limit": "\u00b3"})
+        assert superscript.status_code == 400
+        assert superscript.json()["error"]["param"] == "limit"
 
 
 async def test_pagination_walks_every_tenant_once() -> None:

@@ -198,7 +198,7 @@ def _if_match(request: Request) -> int | None:
     if raw is None:
         return None
     value = raw.strip().removeprefix("W/").strip('"')
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise Refusal(
             400, "If-Match must be a version number (the ETag).", "invalid_value", param="If-Match"
         )
@@ -1486,7 +1486,7 @@ def _precondition(current: int) -> Refusal:
 def _int_param(raw: str | None, name: str, *, default: int, low: int, high: int) -> int:
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
         raise Refusal(
             400, f"{name} must be a whole number from {low} to {high}.", "invalid_value", param=name
         )
