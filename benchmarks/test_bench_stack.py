@@ -62,13 +62,14 @@ def _scope(path: str = "/v1/chat/completions", body: bytes = CHAT_BODY) -> Scope
     }
 
 
-def _receiver(body: bytes) -> Receive:
+def _receiver(body: bytes, done: asyncio.Event | None = None) -> Receive:
+    """The body once, then, as a real server does, block until ``done`` (the response is
+    complete; never, when None) and answer ``http.disconnect``."""
     sent = False
-    disconnect = asyncio.Event()
+    disconnect = done or asyncio.Event()
 
     async def receive() -> Message:
         nonlocal sent
-        # After the body, a real server blocks until the client leaves.
         if sent:
             await disconnect.wait()
             return {"type": "http.disconnect"}
@@ -84,17 +85,7 @@ async def call_app(
     """One request through ``app`` as uvicorn makes it: the body once, then ``receive()``
     blocks until the response is complete (or the client leaves) and answers
     ``http.disconnect``. ``on_status`` sees the response's status."""
-    received = False
     complete = asyncio.Event()
-    message: Message = {"type": "http.request", "body": body, "more_body": False}
-
-    async def recv() -> Message:
-        nonlocal received
-        if received:
-            await complete.wait()
-            return {"type": "http.disconnect"}
-        received = True
-        return message
 
     async def send(event: Message) -> None:
         if event["type"] == "http.response.body" and not event.get("more_body", False):
@@ -102,7 +93,7 @@ async def call_app(
         elif event["type"] == "http.response.start" and on_status is not None:
             on_status(event["status"])
 
-    await app(dict(scope), recv, send)
+    await app(dict(scope), _receiver(body, complete), send)
 
 
 async def noop_app(scope: Scope, receive: Receive, send: Send) -> None:
