@@ -854,6 +854,9 @@ class GatewaySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     #: Environment variable holding the key that seals tenants' own upstream keys
     #: (``tenantware.backends.sealed``; 32 bytes, URL-safe base64).
     secrets_key_env: str = "TENANTWARE_SECRETS_KEY"
+    #: Plain ``http://`` upstreams through the HTTP/1.1 fast path (``proxy/http11.py``);
+    #: ``false``: every upstream call through aiohttp. Read at start-up.
+    upstream_fast_path: bool = True
 
     def __post_init__(self) -> None:
         for entry in self.trusted_proxies:

@@ -18,6 +18,7 @@ from tenantware.context import Outcome, RequestContext, RequestView, get_context
 from tenantware.errors import GatewayError, internal_error
 from tenantware.ownership import OwnerStore
 from tenantware.proxy.dispatch import CLIENT_HEADERS, Dispatcher
+from tenantware.proxy.fast_path import FastPathUpstreamClient
 from tenantware.proxy.migration import SESSION, MigrationRunner
 from tenantware.proxy.openapi import OPENAPI_PATH, openapi_document
 from tenantware.proxy.relay import JSON_CONTENT_TYPE, MODEL_SERVED_HEADER, Relay
@@ -71,7 +72,9 @@ def _require(view: RequestView | None, field: str) -> None:
 
 
 class ProxyApp:
-    """``ProxyApp(live=..., client=AiohttpUpstreamClient())``: mount it under the API prefix."""
+    """``ProxyApp(live=..., client=...)``: mount it under the API prefix. Without a client:
+    the fast path for plain ``http://`` upstreams, or aiohttp for all when
+    ``gateway.upstream_fast_path`` is off."""
 
     def __init__(
         self,
@@ -83,7 +86,10 @@ class ProxyApp:
         migration: MigrationRunner | None = None,
     ) -> None:
         self.live = live
-        self.client: UpstreamClient = client or AiohttpUpstreamClient()
+        if client is None:
+            fast = live.current.config.gateway.upstream_fast_path
+            client = FastPathUpstreamClient() if fast else AiohttpUpstreamClient()
+        self.client: UpstreamClient = client
         #: Circuits, shared with ``BreakerMiddleware`` when the gateway builds both.
         self.board = board or BreakerBoard(live.current.config.breaker)
         self.dispatcher = Dispatcher(live, self.client, self.board, Relay(), owners)

@@ -32,6 +32,7 @@ __all__ = [
     "UpstreamTimeout",
     "UpstreamTooLarge",
     "UpstreamUnavailable",
+    "relayable_headers",
 ]
 
 #: Response headers worth relaying to the client; the rest describe the upstream account.
@@ -118,7 +119,7 @@ class UpstreamClient(Protocol):
     async def aclose(self) -> None: ...
 
 
-def _relayable(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+def relayable_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """The relayable headers of the raw byte pairs as received: no str round trip."""
     return [(lower, value) for name, value in raw if (lower := name.lower()) in _RELAYED_RAW]
 
@@ -138,7 +139,7 @@ class _AiohttpResponse:
     def __init__(self, response: aiohttp.ClientResponse, idle_s: float, deadline: float) -> None:
         self._response = response
         self.status = response.status
-        self.headers = _relayable(response.raw_headers)
+        self.headers = relayable_headers(response.raw_headers)
         #: The longest wait for the body's next bytes.
         self._idle_s = idle_s
         #: The loop time by which the whole call must be over.
@@ -335,7 +336,7 @@ class _HttpxResponse:
     def __init__(self, response: httpx.Response, idle_s: float, deadline: float) -> None:
         self._response = response
         self.status = response.status_code
-        self.headers = _relayable(response.headers.raw)
+        self.headers = relayable_headers(response.headers.raw)
         self._idle_s = idle_s
         #: ``anyio.current_time()`` by which the whole call must be over.
         self._deadline = deadline
