@@ -4,13 +4,15 @@
     python benchmarks/bench_floor.py --rounds 9 --mode json base=/tmp/base bare=.:bare new=.
 
 Each ``NAME=TREE[:KIND]`` starts one server on core 0 from that checkout: the gateway
-(``serve_gateway.py``, the benchmark configuration, SQLite ledger) or, with ``:bare``,
-``bare_relay.py``. One fake upstream serves them all from core 1. Every round runs wrk (c=16,
-2 s, core 1) against each server in turn, the order rotated each round so that none always
-follows the same neighbour, and reads the server's CPU time from ``/proc``. On a shared host
-the figures of one run move by tens of percent: compare the servers' minimum and median over
-the rounds, which saw the same host conditions. ``load.py --bare`` gives the whole table
-(c=1/16/64) for the relay alone.
+(``serve_gateway.py``, the benchmark configuration, SQLite ledger), with ``:aiohttp`` the
+gateway with ``gateway.upstream_fast_path = false`` (every upstream call through aiohttp), or,
+with ``:bare``, ``bare_relay.py``. One fake upstream serves them all from core 1. Every round
+runs wrk (c=16, 2 s, core 1) against each server in turn, the order rotated each round so that
+none always follows the same neighbour, and reads the server's CPU time from ``/proc``. On a
+shared host the figures of one run move by tens of percent: compare the servers' minimum and
+median over the rounds, which saw the same host conditions. CPU is divided by the 2xx answers
+only, and non-2xx answers are reported: a fast but failing server must not look cheap.
+``load.py --bare`` gives the whole table (c=1/16/64) for the relay alone.
 """
 
 from __future__ import annotations
@@ -68,12 +70,15 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def _wrk(script: Path, port: int, seconds: float) -> int:
+def _wrk(script: Path, port: int, seconds: float) -> tuple[int, int]:
+    """Requests answered, and how many of them were not 2xx/3xx."""
     argv = ["taskset", "-c", "1", "wrk", "-t1", "-c16", f"-d{seconds:g}s", "-s", str(script)]
     argv.append(f"http://127.0.0.1:{port}/v1/chat/completions")
     out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=seconds + 30)
-    line = next(line for line in out.stdout.splitlines() if "requests in" in line)
-    return int(line.split()[0])
+    lines = out.stdout.splitlines()
+    line = next(line for line in lines if "requests in" in line)
+    failed = next((line for line in lines if "Non-2xx or 3xx responses" in line), None)
+    return int(line.split()[0]), int(failed.split(":")[1]) if failed else 0
 
 
 def main() -> None:
@@ -101,11 +106,15 @@ def main() -> None:
             tree, _, kind = where.partition(":")
             root = Path(tree).resolve()
             port = _free_port()
+            if kind not in ("", "bare", "aiohttp"):
+                sys.exit(f"unknown server kind {kind!r} in {spec!r}")
             if kind == "bare":
                 argv = [str(root / "benchmarks" / "bare_relay.py"), "--port", str(port)]
                 argv += ["--upstream", f"http://127.0.0.1:{upstream}"]
             else:
                 config = bench_config(f"http://127.0.0.1:{upstream}/v1", workdir=str(work / name))
+                if kind == "aiohttp":
+                    config["gateway"]["upstream_fast_path"] = False
                 (work / name).mkdir(exist_ok=True)
                 path = work / f"{name}.json"
                 path.write_text(json.dumps(config))
@@ -126,6 +135,7 @@ def main() -> None:
         for _, port in servers.values():
             _wrk(script, port, 1)  # warm
         results: dict[str, list[float]] = {name: [] for name in servers}
+        failures: dict[str, int] = dict.fromkeys(servers, 0)
         names = list(servers)
         for round_ in range(args.rounds):
             shift = round_ % len(names)
@@ -133,8 +143,9 @@ def main() -> None:
                 pid, port = servers[name]
                 time.sleep(0.3)
                 before = _cpu_s(pid)
-                done = _wrk(script, port, args.seconds)
-                results[name].append(1000 * (_cpu_s(pid) - before) / max(1, done))
+                done, failed = _wrk(script, port, args.seconds)
+                failures[name] += failed
+                results[name].append(1000 * (_cpu_s(pid) - before) / max(1, done - failed))
             print(
                 f"{time.strftime('%H:%M:%S')} round {round_} load {os.getloadavg()[0]:.1f} "
                 + " ".join(f"{n} {v[-1]:.3f}" for n, v in results.items()),
@@ -143,7 +154,8 @@ def main() -> None:
         for name, values in results.items():
             print(
                 f"{name}: CPU per {args.mode} request min {min(values):.3f} ms, "
-                f"median {statistics.median(values):.3f} ms ({len(values)} rounds)"
+                f"median {statistics.median(values):.3f} ms ({len(values)} rounds, "
+                f"{failures[name]} non-2xx answers)"
             )
     finally:
         for process in processes:

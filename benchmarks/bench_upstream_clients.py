@@ -5,12 +5,14 @@
 
 Each client sends 16 concurrent streams of POSTs (the benchmark chat body) to a running fake
 upstream (``python -m tenantware.testing.upstream --port PORT`` on the other core) and reads
-the whole answer; the figure is this process's CPU time per call (``time.process_time``),
-the clients measured in rotated order, four rounds. ``aiohttp`` is called as
-``AiohttpUpstreamClient`` calls it. ``floor`` is not a client: a keep-alive HTTP/1.1 exchange
-on an asyncio protocol with httptools and nothing else (no timeouts, no chunked bodies, no
-TLS, no error handling), the least any client could cost on this loop — what a narrow fast
-path could save at most. ``aiosonic`` and ``httpx`` are optional (installed separately).
+the whole answer; the figure is this process's CPU time per call (``time.process_time``), the
+clients measured in rotated order, four rounds. ``aiohttp`` is called as
+``AiohttpUpstreamClient`` calls it, ``http11`` is the gateway's fast path
+(``Http11UpstreamClient``, with its timeouts and pooling). ``floor`` is not a client: a keep-
+alive HTTP/1.1 exchange on an asyncio protocol with httptools and nothing else (no timeouts, no
+chunked bodies, no TLS, no error handling), the least any client could cost on this loop — what
+a narrow fast path could save at most. ``aiosonic`` and ``httpx`` are optional (installed
+separately).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import aiohttp
 import httptools
 import uvloop
 
-sys.path[:0] = [str(Path(__file__).resolve().parent)]
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
 from benchconfig import CHAT_BODY  # noqa: E402
 
@@ -109,6 +111,21 @@ async def _client(kind: str, port: int) -> tuple[Callable[[], Awaitable[None]], 
             response.release()
 
         return call, session.close
+    if kind == "http11":
+        from tenantware.proxy.http11 import Http11UpstreamClient
+        from tenantware.proxy.upstream import Timeouts
+
+        http11 = Http11UpstreamClient()
+        timeouts = Timeouts(10.0, 30.0, 30.0, 60.0)
+
+        async def call() -> None:
+            response = await http11.request(
+                "POST", url, headers=HEADERS, body=CHAT_BODY, timeouts=timeouts
+            )
+            await response.read(1 << 24)
+            response.close_now()
+
+        return call, http11.aclose
     if kind == "aiosonic":
         import aiosonic  # type: ignore[import-not-found, unused-ignore]
 
@@ -152,7 +169,9 @@ async def _measure(kind: str, port: int, calls: int, concurrency: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("kinds", nargs="+", choices=["aiohttp", "floor", "aiosonic", "httpx"])
+    parser.add_argument(
+        "kinds", nargs="+", choices=["aiohttp", "http11", "floor", "aiosonic", "httpx"]
+    )
     parser.add_argument("--port", type=int, required=True, help="a running fake upstream")
     parser.add_argument("--calls", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=4)

@@ -1,8 +1,9 @@
 """Bench entry point: the gateway of ``--config`` on one server, with a chosen upstream client.
 
 ``tenantware serve`` runs the same app (``Gateway(...).asgi_app()``) on uvicorn; this script
-only adds the knobs the benchmark compares (``--client aiohttp|httpx``, ``--server
-uvicorn|granian``).
+only adds the knobs the benchmark compares (``--client default|aiohttp|httpx``, ``--server
+uvicorn|granian``). ``default`` is the client the gateway builds itself (the HTTP/1.1 fast path
+for ``http://`` upstreams unless ``gateway.upstream_fast_path`` is off).
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ def build_app() -> Any:
 
     configure_logging()
     path = os.environ["TW_BENCH_CONFIG"]
-    client_name = os.environ.get("TW_BENCH_CLIENT", "aiohttp")
-    client: Any
-    client = HttpxUpstreamClient() if client_name == "httpx" else AiohttpUpstreamClient()
+    client_name = os.environ.get("TW_BENCH_CLIENT", "default")
+    client: Any = None
+    if client_name == "httpx":
+        client = HttpxUpstreamClient()
+    elif client_name == "aiohttp":
+        client = AiohttpUpstreamClient()
     gateway = Gateway(load_config(path), upstream_client=client)
     gateway.add_service(process_tuning)  # as `tenantware serve` does
     return gateway.asgi_app()
@@ -78,7 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True)
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp")
+    parser.add_argument("--client", choices=["default", "aiohttp", "httpx"], default="default")
     parser.add_argument("--server", choices=["uvicorn", "granian"], default="uvicorn")
     parser.add_argument(
         "--gc-freeze", action="store_true", help="gc.freeze() after building the app"
