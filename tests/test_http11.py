@@ -538,6 +538,19 @@ async def test_an_answer_with_connection_close_is_not_pooled() -> None:
         assert client.idle_connections("127.0.0.1", server.port) == 0
 
 
+async def test_bytes_after_the_answer_keep_it_but_the_connection_is_not_reused() -> None:
+    reply = answer(b'{"n":1}') + answer(b'{"n":2}')
+    async with raw(keep_answering(reply)) as (server, client):
+        response = await post(client, server.url)
+        assert await response.read(100) == b'{"n":1}'
+        response.close_now()
+        assert client.idle_connections("127.0.0.1", server.port) == 0
+        response = await post(client, server.url)
+        assert await response.read(100) == b'{"n":1}'
+        response.close_now()
+    assert server.connections == 2
+
+
 async def test_concurrent_calls_use_separate_connections() -> None:
     gate = asyncio.Event()
 

@@ -99,6 +99,10 @@ class _Stale(Exception):
     """A reused connection ended before any byte of its answer (maybe never read)."""
 
 
+class _Extra(Exception):
+    """The upstream sent more than one answer to one request."""
+
+
 class _Connection(asyncio.Protocol):
     """One keep-alive connection and the answer being read on it (at most one at a time)."""
 
@@ -151,13 +155,16 @@ class _Connection(asyncio.Protocol):
             self._close()
             return
         self.got_bytes = True
-        if self.done:
-            self.keep_alive = False  # bytes after the answer: not reusable
-            return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(UpstreamConnectError(f"malformed upstream answer: {exc}"))
+        except (_Extra, httptools.HttpParserError) as exc:
+            if self.done:
+                # Bytes after the answer (httptools may wrap ``_Extra``): the answer stands,
+                # the connection is not reused.
+                self.keep_alive = False
+                self._close()
+            else:
+                self._fail(UpstreamConnectError(f"malformed upstream answer: {exc}"))
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamConnectError("the upstream switched protocols"))
 
@@ -180,7 +187,11 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.done:
+            raise _Extra  # a second answer to one request: stop parsing it
         self.raw = []
+        self.length = -1
+        self.encoding = b""
 
     def on_header(self, name: bytes, value: bytes) -> None:
         lower = name.lower()
@@ -236,7 +247,7 @@ class _Connection(asyncio.Protocol):
             return
         if not self.got_bytes and self.answered:
             self.error = _Stale()
-        elif self.headers_done and self.length < 0 and not self._chunked():
+        elif exc is None and self.headers_done and self.length < 0 and not self._chunked():
             self.done = True  # a body framed by the end of the connection
             self.keep_alive = False
         else:
@@ -321,7 +332,7 @@ class _Connection(asyncio.Protocol):
         data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         self.buffered = 0
-        if self.paused and not self.closed and self.transport is not None:
+        if self.paused and self.buffered < LOW_WATER and self.transport is not None:
             self.paused = False
             self.transport.resume_reading()
         return data
