@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from tenantware.middleware.quota import QuotaMiddleware
     from tenantware.middleware.tenant import TenantMiddleware
     from tenantware.proxy.app import ProxyApp
+    from tenantware.proxy.fast_path import FastPathUpstreamClient
     from tenantware.proxy.upstream import AiohttpUpstreamClient, HttpxUpstreamClient, UpstreamClient
     from tenantware.quota import MemoryQuotaStore, QuotaStore, RedisQuotaStore
     from tenantware.registry import TenantView
@@ -66,6 +67,7 @@ __all__ = [
     "BreakerBoard",
     "BreakerMiddleware",
     "ConfigError",
+    "FastPathUpstreamClient",
     "Gateway",
     "GatewayConfig",
     "GatewayError",
@@ -116,6 +118,7 @@ _HOMES: dict[str, str] = {
     "BreakerMiddleware": "tenantware.middleware.breaker",
     "ConfigError": "tenantware.config",
     "context_of": "tenantware.context",
+    "FastPathUpstreamClient": "tenantware.proxy.fast_path",
     "Gateway": "tenantware.gateway",
     "GatewayConfig": "tenantware.config",
     "GatewayError": "tenantware.errors",

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tenantware.proxy.fast_path import FastPathUpstreamClient, takes_fast_path
-from tenantware.proxy.http11 import HIGH_WATER, Http11UpstreamClient
+from tenantware.proxy.http11 import DECODED_CHUNK, HIGH_WATER, Http11UpstreamClient
 from tenantware.proxy.upstream import (
     AiohttpUpstreamClient,
     Timeouts,
@@ -345,6 +345,20 @@ async def test_a_compressed_stream_is_decoded_chunk_by_chunk() -> None:
             got += chunk
         response.close_now()
     assert got == text
+
+
+async def test_a_highly_compressed_body_is_decoded_in_bounded_pieces() -> None:
+    packed = zlib.compress(b"\0" * (64 * 1024 * 1024), wbits=16 + zlib.MAX_WBITS)
+    reply = answer(packed, "content-encoding: gzip")
+    async with raw(keep_answering(reply)) as (server, client):
+        response = await post(client, server.url)
+        sizes = [len(await response.read_chunk()) for _ in range(3)]
+        response.close_now()
+        response = await post(client, server.url)
+        with pytest.raises(UpstreamTooLarge):
+            await response.read(1024 * 1024)
+        response.close_now()
+    assert max(sizes) <= DECODED_CHUNK
 
 
 async def test_headers_keep_every_value_in_lower_case_and_header_finds_the_first() -> None:

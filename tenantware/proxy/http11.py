@@ -39,6 +39,8 @@ __all__ = ["Http11UpstreamClient"]
 #: and below which it is read again.
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
+#: The most decoded bytes one compressed chunk yields at a time.
+DECODED_CHUNK = 256 * 1024
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
 #: Request headers this client writes itself (the body is framed by its ``content-length``).
@@ -363,7 +365,16 @@ def _decoder(encoding: bytes) -> zlib._Decompress | None:
 
 
 class _Http11Response:
-    __slots__ = ("_conn", "_decoder", "_deflate", "_finished", "_raw", "headers", "status")
+    __slots__ = (
+        "_conn",
+        "_decoder",
+        "_deflate",
+        "_finished",
+        "_raw",
+        "_tail",
+        "headers",
+        "status",
+    )
 
     def __init__(self, conn: _Connection) -> None:
         self._conn = conn
@@ -375,6 +386,8 @@ class _Http11Response:
         #: A ``deflate`` body may be raw deflate (no zlib header): decided at its first bytes.
         self._deflate = conn.encoding == b"deflate"
         self._finished = False
+        #: Compressed bytes not decoded yet (``DECODED_CHUNK`` reached).
+        self._tail = b""
 
     def header(self, name: str) -> str | None:
         wanted = name.lower().encode("latin-1")
@@ -399,26 +412,38 @@ class _Http11Response:
     async def read_chunk(self) -> bytes:
         if self._finished:
             return b""
-        conn = self._conn
-        decoder = self._decoder
+        if self._decoder is None:
+            data = await self._conn.next_bytes()
+            if not data:
+                self._finish()
+            return data
+        return await self._decoded_chunk(self._decoder)
+
+    async def _decoded_chunk(self, decoder: zlib._Decompress) -> bytes:
+        """The next decoded bytes, at most ``DECODED_CHUNK`` at a time: a small compressed
+        chunk cannot expand into memory beyond that before ``read`` counts it."""
         while True:
-            data = await conn.next_bytes()
-            if decoder is None:
+            data = self._tail
+            if data:
+                self._tail = b""
+            else:
+                data = await self._conn.next_bytes()
                 if not data:
-                    self._finish()
-                return data
-            try:
-                if not data:
-                    rest = decoder.flush()
+                    try:
+                        rest = decoder.flush()
+                    except zlib.error as exc:
+                        raise UpstreamConnectError(f"undecodable upstream body: {exc}") from exc
                     self._finish()
                     return rest
                 if self._deflate:
                     self._deflate = False
                     if data[0] & 0x0F != 8:  # no zlib header: raw deflate
                         decoder = self._decoder = zlib.decompressobj(-zlib.MAX_WBITS)
-                out = decoder.decompress(data)
+            try:
+                out = decoder.decompress(data, DECODED_CHUNK)
             except zlib.error as exc:
                 raise UpstreamConnectError(f"undecodable upstream body: {exc}") from exc
+            self._tail = decoder.unconsumed_tail
             if out:
                 return out
 
