@@ -649,6 +649,7 @@ async def test_aclose_closes_the_pooled_connections() -> None:
         response.close_now()
         await client.aclose()
         await settle(lambda: server.ended == 1)
+        assert not client._all  # every connection closed is forgotten
 
 
 # -- the re-send rule --------------------------------------------------------------------------

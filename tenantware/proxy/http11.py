@@ -55,7 +55,7 @@ class _Target(NamedTuple):
 
     host: str
     port: int
-    path: bytes
+    path: str
     authority: str
 
 
@@ -69,9 +69,7 @@ def _target(url: str) -> _Target:
     authority = parts.netloc
     if parts.port == 80:
         authority = authority.rpartition(":")[0]
-    return _Target(
-        parts.hostname, parts.port or 80, quote(path, safe=_TARGET_SAFE).encode(), authority
-    )
+    return _Target(parts.hostname, parts.port or 80, quote(path, safe=_TARGET_SAFE), authority)
 
 
 def _unsafe(text: str) -> bool:
@@ -93,7 +91,7 @@ def _request_head(method: str, target: _Target, headers: Mapping[str, str], body
         lines.append(f"{name}: {value}\r\n")
     if body or method not in _IDEMPOTENT:
         lines.append(f"content-length: {len(body)}\r\n")
-    text = f"{method} {target.path.decode()} HTTP/1.1\r\nhost: {host}\r\n{''.join(lines)}\r\n"
+    text = f"{method} {target.path} HTTP/1.1\r\nhost: {host}\r\n{''.join(lines)}\r\n"
     return text.encode("utf-8")
 
 
@@ -154,7 +152,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if not self.busy:
             # Bytes nobody asked for: the connection's framing can no longer be trusted.
-            self._close()
+            self.close()
             return
         self.got_bytes = True
         try:
@@ -164,7 +162,7 @@ class _Connection(asyncio.Protocol):
                 # Bytes after the answer (httptools may wrap ``_Extra``): the answer stands,
                 # the connection is not reused.
                 self.keep_alive = False
-                self._close()
+                self.close()
             else:
                 self._fail(UpstreamConnectError(f"malformed upstream answer: {exc}"))
         except httptools.HttpParserUpgrade:
@@ -176,9 +174,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._ended(exc)
-        if not self.closed:
-            self.closed = True
-            self.client._closed(self)
+        self.client.forget(self)
 
     def pause_writing(self) -> None:  # the request is written whole: nothing to pause
         pass
@@ -266,10 +262,10 @@ class _Connection(asyncio.Protocol):
     def _fail(self, error: Exception) -> None:
         if self.error is None:
             self.error = error
-        self._close()
+        self.close()
         self._wake()
 
-    def _close(self) -> None:
+    def close(self) -> None:
         self.closed = True
         if self.transport is not None:
             self.transport.close()
@@ -348,11 +344,11 @@ class _Connection(asyncio.Protocol):
             self.answered += 1
             self.busy = False
             self._reset()
-            self.client._release(self)
+            self.client.release(self)
             return
         self.busy = False
-        self._close()
-        self.client._done_with(self)
+        self.close()
+        self.client.discard(self)
 
 
 def _decoder(encoding: bytes) -> zlib._Decompress | None:
@@ -370,6 +366,7 @@ class _Http11Response:
         "_decoder",
         "_deflate",
         "_finished",
+        "_length",
         "_raw",
         "_tail",
         "headers",
@@ -381,6 +378,8 @@ class _Http11Response:
         self.status = conn.status
         #: Every header, names in lower case (the connection starts a new list per answer).
         self._raw = conn.raw
+        #: The declared ``content-length`` (of the encoded body), -1 when none.
+        self._length = conn.length
         self.headers = relayable_headers(conn.raw)
         self._decoder = _decoder(conn.encoding) if conn.encoding else None
         #: A ``deflate`` body may be raw deflate (no zlib header): decided at its first bytes.
@@ -397,8 +396,7 @@ class _Http11Response:
         return None
 
     async def read(self, max_bytes: int) -> bytes:
-        conn = self._conn
-        if conn.length > max_bytes:
+        if self._length > max_bytes:
             raise UpstreamTooLarge(max_bytes)
         chunks: list[bytes] = []
         size = 0
@@ -469,15 +467,6 @@ def _expire(waiter: asyncio.Future[None]) -> None:
         waiter.set_exception(UpstreamTimeout("no upstream connection was free in time"))
 
 
-class _Pool:
-    """The idle connections to one (host, port), the most recently used last."""
-
-    __slots__ = ("idle",)
-
-    def __init__(self) -> None:
-        self.idle: list[_Connection] = []
-
-
 class Http11UpstreamClient:
     """Keep-alive HTTP/1.1 over asyncio protocols, for ``http://`` URLs without credentials.
 
@@ -487,7 +476,8 @@ class Http11UpstreamClient:
     def __init__(self, *, pool_size: int = 0, keepalive_s: float = 30.0) -> None:
         self._pool_size = pool_size
         self._keepalive_s = keepalive_s
-        self._pools: dict[tuple[str, int], _Pool] = {}
+        #: The idle connections to each (host, port), the most recently used last.
+        self._pools: dict[tuple[str, int], list[_Connection]] = {}
         self._targets: dict[str, _Target] = {}
         #: Connections handed to a call and not yet finished with.
         self._in_use = 0
@@ -541,14 +531,13 @@ class Http11UpstreamClient:
         loop = asyncio.get_running_loop()
         if self._pool_size and self._in_use >= self._pool_size:
             await self._wait_for_room(loop, deadline)
-        pool = self._pools.get(key)
-        if pool is not None:
-            idle = pool.idle
+        idle = self._pools.get(key)
+        if idle:
             now = loop.time()
             while idle:
                 conn = idle.pop()
                 if conn.closed or now - conn.idle_since > self._keepalive_s:
-                    conn._close()
+                    conn.close()
                     continue
                 self._in_use += 1
                 return conn
@@ -600,26 +589,26 @@ class Http11UpstreamClient:
         self._all.add(conn)
         return conn
 
-    def _release(self, conn: _Connection) -> None:
+    def release(self, conn: _Connection) -> None:
         """An answered connection goes back to its pool."""
         self._in_use -= 1
         conn.idle_since = conn.loop.time()
-        pool = self._pools.get(conn.key)
-        if pool is None:
-            pool = self._pools[conn.key] = _Pool()
-        pool.idle.append(conn)
+        idle = self._pools.get(conn.key)
+        if idle is None:
+            idle = self._pools[conn.key] = []
+        idle.append(conn)
         if self._sweeper is None:
             self._sweeper = conn.loop.call_at(
                 conn.idle_since + self._keepalive_s, self._sweep, conn.loop
             )
         self._wake_waiter()
 
-    def _done_with(self, conn: _Connection) -> None:
+    def discard(self, conn: _Connection) -> None:
         """A connection that cannot be reused (it is closing)."""
         self._in_use -= 1
         self._wake_waiter()
 
-    def _closed(self, conn: _Connection) -> None:
+    def forget(self, conn: _Connection) -> None:
         self._all.discard(conn)
 
     def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -627,32 +616,29 @@ class Http11UpstreamClient:
         self._sweeper = None
         now = loop.time()
         oldest = now
-        for pool in self._pools.values():
+        for idle in self._pools.values():
             keep = []
-            for conn in pool.idle:
+            for conn in idle:
                 if conn.closed or now - conn.idle_since >= self._keepalive_s:
-                    conn._close()
+                    conn.close()
                 else:
                     keep.append(conn)
                     oldest = min(oldest, conn.idle_since)
-            pool.idle[:] = keep
-        if any(pool.idle for pool in self._pools.values()):
+            idle[:] = keep
+        if any(self._pools.values()):
             self._sweeper = loop.call_at(oldest + self._keepalive_s, self._sweep, loop)
 
     def idle_connections(self, host: str, port: int) -> int:
         """How many pooled connections to ``host:port`` wait for a request (for tests)."""
-        pool = self._pools.get((host, port))
-        return sum(not conn.closed for conn in pool.idle) if pool is not None else 0
+        return sum(not conn.closed for conn in self._pools.get((host, port), ()))
 
     async def aclose(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        for pool in self._pools.values():
-            pool.idle.clear()
         self._pools.clear()
         for conn in list(self._all):
-            conn._close()
+            conn.close()
         # Let the transports finish closing (their sockets are released on the next turns).
         for _ in range(2):
             await asyncio.sleep(0)
