@@ -3,7 +3,7 @@
 the gateway, on loopback, the gateway pinned to core 0 and everything else to core 1.
 
     python benchmarks/load.py [--quick] [--backend memory|redis] [--ledger postgres]
-                              [--client aiohttp|httpx] [--server uvicorn|granian]
+                              [--client default|aiohttp|httpx] [--server uvicorn|granian]
     python benchmarks/load.py --soak 600
 
 Closed loop (wrk, one thread, c = 1, 16, 64) gives latency to the last byte, saturated
@@ -970,7 +970,7 @@ def main() -> None:
     parser.add_argument("--redis-url", default=None, help="default: as the tests find one")
     parser.add_argument("--ledger", choices=["none", "postgres"], default="none")
     parser.add_argument("--ledger-url", default=None)
-    parser.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp")
+    parser.add_argument("--client", choices=["default", "aiohttp", "httpx"], default="default")
     parser.add_argument("--server", choices=["uvicorn", "granian"], default="uvicorn")
     parser.add_argument("--alerts", action="store_true", help="every alert rule kind on")
     parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() in the gateway")
