@@ -166,54 +166,63 @@ def fake() -> Any:
         yield upstream, url
 
 
-async def test_a_json_answer_from_the_fake_upstream_is_read_whole(fake: Any) -> None:
-    upstream, url = fake
+@pytest.fixture
+async def client() -> AsyncIterator[Http11UpstreamClient]:
     client = Http11UpstreamClient()
     try:
-        response = await post(client, url + "/v1/chat/completions")
-        data = json.loads(await response.read(1 << 20))
-        response.close_now()
+        yield client
     finally:
         await client.aclose()
+
+
+async def read_whole(response: Any) -> bytes:
+    try:
+        data: bytes = await response.read(1 << 20)
+    finally:
+        response.close_now()
+    return data
+
+
+async def test_a_json_answer_from_the_fake_upstream_is_read_whole(
+    fake: Any, client: Http11UpstreamClient
+) -> None:
+    upstream, url = fake
+    response = await post(client, url + "/v1/chat/completions")
+    data = json.loads(await read_whole(response))
     assert response.status == 200
     assert (b"content-type", b"application/json") in response.headers
     assert data["object"] == "chat.completion"
     assert upstream.last_request.json() == CHAT
 
 
-async def test_a_stream_from_the_fake_upstream_arrives_chunk_by_chunk(fake: Any) -> None:
+async def test_a_stream_from_the_fake_upstream_arrives_chunk_by_chunk(
+    fake: Any, client: Http11UpstreamClient
+) -> None:
     upstream, url = fake
     upstream.config.chunk_delay_s = 0.001
-    client = Http11UpstreamClient()
-    try:
-        response = await client.request(
-            "POST",
-            url + "/v1/chat/completions",
-            headers=JSON,
-            body=json.dumps({**CHAT, "stream": True}).encode(),
-            timeouts=TIMEOUTS,
-        )
-        pieces = [chunk async for chunk in response.chunks()]
-        response.close_now()
-    finally:
-        await client.aclose()
+    response = await client.request(
+        "POST",
+        url + "/v1/chat/completions",
+        headers=JSON,
+        body=json.dumps({**CHAT, "stream": True}).encode(),
+        timeouts=TIMEOUTS,
+    )
+    pieces = [chunk async for chunk in response.chunks()]
+    response.close_now()
     assert response.header("content-type").startswith("text/event-stream")
     assert len(pieces) > 1
     assert b"".join(pieces).endswith(b"data: [DONE]\n\n")
 
 
-async def test_traceparent_and_the_other_request_headers_reach_the_upstream(fake: Any) -> None:
+async def test_traceparent_and_the_other_request_headers_reach_the_upstream(
+    fake: Any, client: Http11UpstreamClient
+) -> None:
     upstream, url = fake
     traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-    client = Http11UpstreamClient()
-    try:
-        response = await post(
-            client, url + "/v1/chat/completions", traceparent=traceparent, x_custom="v"
-        )
-        await response.read(1 << 20)
-        response.close_now()
-    finally:
-        await client.aclose()
+    response = await post(
+        client, url + "/v1/chat/completions", traceparent=traceparent, x_custom="v"
+    )
+    await read_whole(response)
     headers = upstream.last_request.headers
     assert headers["traceparent"] == traceparent
     assert headers["x_custom"] == "v"
@@ -222,17 +231,14 @@ async def test_traceparent_and_the_other_request_headers_reach_the_upstream(fake
 
 
 @pytest.mark.parametrize("status", [429, 500, 503])
-async def test_an_upstream_error_status_is_relayed_with_its_headers(fake: Any, status: int) -> None:
+async def test_an_upstream_error_status_is_relayed_with_its_headers(
+    fake: Any, client: Http11UpstreamClient, status: int
+) -> None:
     upstream, url = fake
     upstream.config.fail_next = [status]
     upstream.config.retry_after_s = 7
-    client = Http11UpstreamClient()
-    try:
-        response = await post(client, url + "/v1/chat/completions")
-        data = json.loads(await response.read(1 << 20))
-        response.close_now()
-    finally:
-        await client.aclose()
+    response = await post(client, url + "/v1/chat/completions")
+    data = json.loads(await read_whole(response))
     assert response.status == status
     assert "error" in data
     if status == 429:
@@ -240,34 +246,28 @@ async def test_an_upstream_error_status_is_relayed_with_its_headers(fake: Any, s
 
 
 @pytest.mark.parametrize("method", ["GET", "DELETE"])
-async def test_get_and_delete_reach_the_upstream_without_a_body(fake: Any, method: str) -> None:
+async def test_get_and_delete_reach_the_upstream_without_a_body(
+    fake: Any, client: Http11UpstreamClient, method: str
+) -> None:
     upstream, url = fake
-    client = Http11UpstreamClient()
-    try:
-        response = await client.request(
-            method, url + "/v1/responses/resp_missing", headers=JSON, body=b"", timeouts=TIMEOUTS
-        )
-        await response.read(1 << 20)
-        response.close_now()
-    finally:
-        await client.aclose()
+    response = await client.request(
+        method, url + "/v1/responses/resp_missing", headers=JSON, body=b"", timeouts=TIMEOUTS
+    )
+    await read_whole(response)
     assert response.status == 404
     assert upstream.last_request.method == method
     assert "content-length" not in upstream.last_request.headers
 
 
-async def test_calls_in_turn_reuse_one_pooled_connection(fake: Any) -> None:
+async def test_calls_in_turn_reuse_one_pooled_connection(
+    fake: Any, client: Http11UpstreamClient
+) -> None:
     _, url = fake
-    client = Http11UpstreamClient()
-    try:
-        for _ in range(3):
-            response = await post(client, url + "/v1/chat/completions")
-            await response.read(1 << 20)
-            response.close_now()
-        port = int(url.rpartition(":")[2])
-        assert client.idle_connections("127.0.0.1", port) == 1
-    finally:
-        await client.aclose()
+    for _ in range(3):
+        response = await post(client, url + "/v1/chat/completions")
+        await read_whole(response)
+    port = int(url.rpartition(":")[2])
+    assert client.idle_connections("127.0.0.1", port) == 1
 
 
 # -- framing -----------------------------------------------------------------------------------
@@ -456,33 +456,33 @@ async def test_a_newline_in_a_header_is_refused_before_anything_is_sent() -> Non
 # -- sizes -------------------------------------------------------------------------------------
 
 
-async def test_a_declared_length_over_the_limit_is_too_large_before_reading() -> None:
+def writes_then_waits(data: bytes) -> Handler:
+    """Reads one request, writes ``data`` and waits until the client closes."""
+
     async def handler(server: RawServer, reader: Any, writer: asyncio.StreamWriter) -> None:
         await server.request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 50000000\r\n\r\n")
-        await server.request(reader)  # no body ever comes; until the client closes
-
-    async with raw(handler) as (server, client):
-        response = await post(client, server.url)
-        with pytest.raises(UpstreamTooLarge):
-            await response.read(1000)
-        response.close_now()
-        assert client.idle_connections("127.0.0.1", server.port) == 0
-        await settle(lambda: server.ended == 1)
-
-
-async def test_a_chunked_body_over_the_limit_is_too_large_and_the_connection_closed() -> None:
-    async def handler(server: RawServer, reader: Any, writer: asyncio.StreamWriter) -> None:
-        await server.request(reader)
-        writer.write(chunked(*[b"z" * 1000] * 20)[: -len(b"0\r\n\r\n")])
+        writer.write(data)
         await server.request(reader)
 
-    async with raw(handler) as (server, client):
+    return handler
+
+
+@pytest.mark.parametrize(
+    "start",
+    [
+        b"HTTP/1.1 200 OK\r\ncontent-length: 50000000\r\n\r\n",
+        chunked(*[b"z" * 1000] * 20)[: -len(b"0\r\n\r\n")],
+    ],
+    ids=["declared-length", "chunked"],
+)
+async def test_a_body_over_the_limit_is_too_large_and_its_connection_closed(start: bytes) -> None:
+    async with raw(writes_then_waits(start)) as (server, client):
         response = await post(client, server.url)
         with pytest.raises(UpstreamTooLarge):
             await response.read(5000)
         response.close_now()
         assert client.idle_connections("127.0.0.1", server.port) == 0
+        await settle(lambda: server.ended == 1)
 
 
 async def test_a_slow_reader_does_not_buffer_the_whole_answer() -> None:
@@ -519,12 +519,8 @@ async def test_a_slow_reader_does_not_buffer_the_whole_answer() -> None:
 
 
 async def test_closing_mid_body_closes_the_connection_and_pools_nothing() -> None:
-    async def handler(server: RawServer, reader: Any, writer: asyncio.StreamWriter) -> None:
-        await server.request(reader)
-        writer.write(chunked(b"first")[: -len(b"0\r\n\r\n")])
-        await server.request(reader)  # until the client closes
-
-    async with raw(handler) as (server, client):
+    unfinished = chunked(b"first")[: -len(b"0\r\n\r\n")]
+    async with raw(writes_then_waits(unfinished)) as (server, client):
         response = await post(client, server.url)
         assert await response.read_chunk() == b"first"
         assert response.close_now() is None
@@ -565,15 +561,20 @@ async def test_bytes_after_the_answer_keep_it_but_the_connection_is_not_reused()
     assert server.connections == 2
 
 
-async def test_concurrent_calls_use_separate_connections() -> None:
-    gate = asyncio.Event()
+def answering_once_open(gate: asyncio.Event) -> Handler:
+    """Reads each request at once, answers it once ``gate`` is set."""
 
     async def handler(server: RawServer, reader: Any, writer: asyncio.StreamWriter) -> None:
         while await server.request(reader) is not None:
             await gate.wait()
             writer.write(answer())
 
-    async with raw(handler) as (server, client):
+    return handler
+
+
+async def test_concurrent_calls_use_separate_connections() -> None:
+    gate = asyncio.Event()
+    async with raw(answering_once_open(gate)) as (server, client):
         calls = [asyncio.ensure_future(post(client, server.url)) for _ in range(3)]
         await settle(lambda: len(server.requests) == 3)
         gate.set()
@@ -586,13 +587,7 @@ async def test_concurrent_calls_use_separate_connections() -> None:
 
 async def test_the_pool_size_bounds_the_connections_in_use() -> None:
     gate = asyncio.Event()
-
-    async def handler(server: RawServer, reader: Any, writer: asyncio.StreamWriter) -> None:
-        while await server.request(reader) is not None:
-            await gate.wait()
-            writer.write(answer())
-
-    async with RawServer(handler) as server:
+    async with RawServer(answering_once_open(gate)) as server:
         client = Http11UpstreamClient(pool_size=2)
         try:
 
@@ -847,8 +842,7 @@ async def test_the_routing_client_sends_http_calls_to_the_fast_path(fake: Any) -
     client = FastPathUpstreamClient()
     try:
         response = await post(client, url + "/v1/chat/completions")
-        await response.read(1 << 20)
-        response.close_now()
+        await read_whole(response)
         port = int(url.rpartition(":")[2])
         assert client.fast.idle_connections("127.0.0.1", port) == 1
         assert client.general._session is None  # aiohttp never started

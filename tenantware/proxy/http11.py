@@ -29,7 +29,7 @@ from tenantware.proxy.upstream import (
     UpstreamConnectError,
     UpstreamResponse,
     UpstreamTimeout,
-    UpstreamTooLarge,
+    read_within,
     relayable_headers,
 )
 
@@ -396,16 +396,7 @@ class _Http11Response:
         return None
 
     async def read(self, max_bytes: int) -> bytes:
-        if self._length > max_bytes:
-            raise UpstreamTooLarge(max_bytes)
-        chunks: list[bytes] = []
-        size = 0
-        while chunk := await self.read_chunk():
-            size += len(chunk)
-            if size > max_bytes:
-                raise UpstreamTooLarge(max_bytes)
-            chunks.append(chunk)
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return await read_within(self.read_chunk, self._length, max_bytes)
 
     async def read_chunk(self) -> bytes:
         if self._finished:

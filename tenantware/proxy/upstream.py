@@ -15,7 +15,7 @@ and only the total may be as long as the longest generation.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import NamedTuple, Protocol
 
 import aiohttp
@@ -32,6 +32,7 @@ __all__ = [
     "UpstreamTimeout",
     "UpstreamTooLarge",
     "UpstreamUnavailable",
+    "read_within",
     "relayable_headers",
 ]
 
@@ -117,6 +118,23 @@ class UpstreamClient(Protocol):
     ) -> UpstreamResponse: ...
 
     async def aclose(self) -> None: ...
+
+
+async def read_within(
+    read_chunk: Callable[[], Awaitable[bytes]], declared: int, max_bytes: int
+) -> bytes:
+    """A whole body read chunk by chunk; ``UpstreamTooLarge`` as soon as its declared length
+    (-1: none) or the bytes read exceed ``max_bytes``."""
+    if declared > max_bytes:
+        raise UpstreamTooLarge(max_bytes)
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await read_chunk():
+        size += len(chunk)
+        if size > max_bytes:
+            raise UpstreamTooLarge(max_bytes)
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def relayable_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -348,16 +366,8 @@ class _HttpxResponse:
 
     async def read(self, max_bytes: int) -> bytes:
         length = self._response.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_bytes:
-            raise UpstreamTooLarge(max_bytes)
-        chunks: list[bytes] = []
-        size = 0
-        while chunk := await self.read_chunk():
-            size += len(chunk)
-            if size > max_bytes:
-                raise UpstreamTooLarge(max_bytes)
-            chunks.append(chunk)
-        return b"".join(chunks)
+        declared = int(length) if length is not None and length.isdigit() else -1
+        return await read_within(self.read_chunk, declared, max_bytes)
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         try:
