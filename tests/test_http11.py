@@ -831,6 +831,7 @@ async def test_a_body_still_flowing_at_the_total_timeout_times_out() -> None:
         ("http://user:secret@127.0.0.1:9000/v1", False),
         ("HTTP://127.0.0.1:9000/v1", True),
         ("http://127.0.0.1:notaport/v1", False),
+        ("http://bücher.example/v1", False),
     ],
 )
 def test_only_plain_http_urls_without_credentials_take_the_fast_path(url: str, fast: bool) -> None:

@@ -17,7 +17,10 @@ __all__ = ["FastPathUpstreamClient", "takes_fast_path"]
 
 
 def takes_fast_path(url: str) -> bool:
-    """A plain ``http://`` URL without user information (``user:password@``)."""
+    """A plain ``http://`` URL without user information (``user:password@``), in ASCII (aiohttp
+    encodes international host names and paths)."""
+    if not url.isascii():
+        return False
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018  # raises for a port that is no number

@@ -352,7 +352,9 @@ class _Connection(asyncio.Protocol):
 
 
 def _decoder(encoding: bytes) -> zlib._Decompress | None:
-    """gzip and deflate are decoded, as aiohttp does (the dispatcher asks for ``identity``)."""
+    """gzip and deflate are decoded, as aiohttp does. The caller's ``accept-encoding`` is sent
+    as given (the dispatcher asks for ``identity``); without one aiohttp would ask for gzip and
+    deflate, this client asks for nothing: either way the caller reads the decoded body."""
     if encoding in (b"gzip", b"x-gzip"):
         return zlib.decompressobj(16 + zlib.MAX_WBITS)
     if encoding == b"deflate":
