@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tenantware import Gateway
 from tenantware.proxy.fast_path import FastPathUpstreamClient, takes_fast_path
 from tenantware.proxy.http11 import DECODED_CHUNK, HIGH_WATER, Http11UpstreamClient
 from tenantware.proxy.upstream import (
@@ -23,7 +24,7 @@ from tenantware.proxy.upstream import (
 )
 from tenantware.testing.serve import serve_in_thread
 from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig
-from tests.support import CHAT
+from tests.support import CHAT, KEYS, client_for, make_config
 
 pytestmark = pytest.mark.anyio
 
@@ -852,12 +853,28 @@ async def test_the_routing_client_sends_http_calls_to_the_fast_path(fake: Any) -
 
 
 def test_the_gateway_uses_the_fast_path_unless_configured_off() -> None:
-    from tenantware import Gateway
-    from tests.support import make_config
-
     assert isinstance(Gateway(make_config()).proxy.client, FastPathUpstreamClient)
     off = make_config(gateway={"upstream_fast_path": False})
     assert isinstance(Gateway(off).proxy.client, AiohttpUpstreamClient)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "aiohttp"])
+async def test_the_gateway_answers_alike_with_the_fast_path_on_and_off(
+    fake: Any, fast: bool
+) -> None:
+    _, url = fake
+    gateway = Gateway(make_config(url + "/v1", gateway={"upstream_fast_path": fast}))
+    try:
+        async with client_for(gateway.asgi_app(), KEYS["acme"]) as http:
+            whole = await http.post("/v1/chat/completions", json=CHAT)
+            stream = await http.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    finally:
+        await gateway.proxy.aclose()
+    assert whole.status_code == 200
+    assert whole.json()["choices"][0]["message"]["content"]
+    assert whole.headers["content-type"] == "application/json"
+    assert stream.status_code == 200
+    assert stream.text.endswith("data: [DONE]\n\n")
 
 
 def test_the_fast_path_refuses_a_url_it_does_not_serve() -> None:

@@ -330,7 +330,7 @@ class _Connection(asyncio.Protocol):
         data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         self.buffered = 0
-        if self.paused and self.buffered < LOW_WATER and self.transport is not None:
+        if self.paused and self.buffered < LOW_WATER and not self.closed and self.transport:
             self.paused = False
             self.transport.resume_reading()
         return data
