@@ -10,7 +10,7 @@ Re-send rule: a request is sent again (once, on a new connection) only when no b
 have been processed: the pooled connection was seen closed before writing, or, for an
 idempotent method (GET, HEAD, PUT, DELETE, OPTIONS), a reused connection ended before any byte
 of the answer. A POST written to a connection is never written again: the server may have read
-it (the dispatcher's retries and fallbacks decide what happens next).
+it (the dispatcher's retries and fallbacks decide what happens next). aiohttp's rule too.
 """
 
 from __future__ import annotations
