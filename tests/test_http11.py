@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
+import struct
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -27,6 +29,13 @@ from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig
 from tests.support import CHAT, KEYS, client_for, make_config
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=[False, True], ids=["asyncio", "uvloop"])
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
+    """On asyncio's own loop and on uvloop's (the loop ``tenantware serve`` runs)."""
+    return "asyncio", {"use_uvloop": request.param}
+
 
 TIMEOUTS = Timeouts(5.0, 5.0, 5.0, 10.0)
 JSON = {"content-type": "application/json", "accept-encoding": "identity"}
@@ -637,6 +646,36 @@ async def test_an_idle_connection_older_than_keepalive_is_not_reused() -> None:
     assert server.connections == 2
 
 
+async def test_idle_connections_are_closed_once_their_keepalive_is_over() -> None:
+    async with RawServer(keep_answering()) as server:
+        client = Http11UpstreamClient(keepalive_s=0.02)
+        try:
+            response = await post(client, server.url)
+            await read_whole(response)
+            await settle(lambda: server.ended == 1)  # closed by the client, unasked
+            assert client.idle_connections("127.0.0.1", server.port) == 0
+        finally:
+            await client.aclose()
+
+
+async def test_a_call_cancelled_before_its_answer_frees_its_connection() -> None:
+    gate = asyncio.Event()
+    async with RawServer(answering_once_open(gate)) as server:
+        client = Http11UpstreamClient(pool_size=1)
+        try:
+            waiting = asyncio.ensure_future(post(client, server.url))
+            await settle(lambda: len(server.requests) == 1)
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            gate.set()
+            response = await post(client, server.url)  # the pool's one place is free again
+            assert await read_whole(response) == b"{}"
+        finally:
+            await client.aclose()
+    assert server.connections == 2
+
+
 async def test_aclose_closes_the_pooled_connections() -> None:
     async with RawServer(keep_answering()) as server:
         client = Http11UpstreamClient()
@@ -715,6 +754,25 @@ async def test_a_new_connection_closed_before_answering_is_an_error_not_a_resend
         with pytest.raises(UpstreamConnectError):
             await client.request("GET", server.url, headers={}, body=b"", timeouts=TIMEOUTS)
     assert len(server.requests) == 1
+
+
+async def test_a_body_framed_by_the_connection_cut_by_a_reset_is_an_error() -> None:
+    headers_read = asyncio.Event()
+
+    async def handler(server: RawServer, reader: Any, writer: asyncio.StreamWriter) -> None:
+        await server.request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\npart")
+        await headers_read.wait()
+        # SO_LINGER 0: the close sends a reset, not the end of the stream.
+        linger = struct.pack("ii", 1, 0)
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        writer.transport.abort()
+
+    async with raw(handler) as (server, client):
+        response = await post(client, server.url)
+        headers_read.set()
+        with pytest.raises(UpstreamConnectError, match="before its answer ended"):
+            await read_whole(response)
 
 
 async def test_a_connection_closed_mid_body_is_an_error() -> None:

@@ -529,7 +529,7 @@ class Http11UpstreamClient:
             now = loop.time()
             while idle:
                 conn = idle.pop()
-                if conn.closed or now - conn.idle_since > self._keepalive_s:
+                if conn.closed or now - conn.idle_since >= self._keepalive_s:
                     conn.close()
                     continue
                 self._in_use += 1
