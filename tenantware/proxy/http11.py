@@ -285,11 +285,14 @@ class _Connection(asyncio.Protocol):
                 return
             wake = self.headers_by
         else:
-            since = self.since
-            if since >= 0 and now - since >= self.idle_s:
+            since, idle_s = self.since, self.idle_s
+            if idle_s <= 0:  # no idle limit (as aiohttp reads 0): only the total
+                wake = self.deadline
+            elif since >= 0 and now - since >= idle_s:
                 self._fail(UpstreamTimeout("the upstream sent nothing for its idle timeout"))
                 return
-            wake = (now if since < 0 else since) + self.idle_s
+            else:
+                wake = (now if since < 0 else since) + idle_s
         self.watchdog = self.loop.call_at(min(wake, self.deadline), self._check_time)
 
     # -- the calling side ---------------------------------------------------------------------
