@@ -745,6 +745,22 @@ async def test_an_idempotent_call_on_a_stale_connection_is_sent_again_once(metho
     assert server.connections == 2
 
 
+async def test_the_second_sending_takes_a_new_connection_not_another_pooled_one() -> None:
+    async with raw(_drops_second_request()) as (server, client):
+
+        async def get() -> None:
+            response = await client.request(
+                "GET", server.url, headers={}, body=b"", timeouts=TIMEOUTS
+            )
+            assert await read_whole(response) == b"{}"
+
+        await asyncio.gather(get(), get())  # two pooled connections, both about to drop
+        assert client.idle_connections("127.0.0.1", server.port) == 2
+        await get()
+    assert len(server.requests) == 4
+    assert server.connections == 3
+
+
 async def test_a_new_connection_closed_before_answering_is_an_error_not_a_resend() -> None:
     async def handler(server: RawServer, reader: Any, writer: asyncio.StreamWriter) -> None:
         await server.request(reader)

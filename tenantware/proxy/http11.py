@@ -507,7 +507,7 @@ class Http11UpstreamClient:
         key = (target.host, target.port)
         resent = False
         while True:
-            conn = await self._acquire(key, timeouts, deadline)
+            conn = await self._acquire(key, timeouts, deadline, pooled=not resent)
             try:
                 await conn.exchange(request, method == "HEAD", timeouts, deadline)
             except _Stale:
@@ -522,12 +522,13 @@ class Http11UpstreamClient:
             return _Http11Response(conn)
 
     async def _acquire(
-        self, key: tuple[str, int], timeouts: Timeouts, deadline: float
+        self, key: tuple[str, int], timeouts: Timeouts, deadline: float, *, pooled: bool
     ) -> _Connection:
+        """A pooled connection to ``key`` if one is idle (and ``pooled``), else a new one."""
         loop = asyncio.get_running_loop()
         if self._pool_size and self._in_use >= self._pool_size:
             await self._wait_for_room(loop, deadline)
-        idle = self._pools.get(key)
+        idle = self._pools.get(key) if pooled else None
         if idle:
             now = loop.time()
             while idle:
