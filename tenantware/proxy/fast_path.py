@@ -1,8 +1,8 @@
 """The gateway's default upstream client: plain ``http://`` upstreams on the HTTP/1.1 fast
-path (``proxy/http11.py``), everything else (TLS, proxies, credentials in the URL) on aiohttp.
+path (``proxy/http11.py``), everything else (TLS, credentials in the URL) on aiohttp.
 
-The fast path costs about a third of aiohttp's CPU per call (figures in benchmarks/README.md);
-``[gateway] upstream_fast_path = false`` sends every call through aiohttp.
+The fast path spends a fraction of aiohttp's CPU per call (benchmarks/README.md, "The upstream
+fast path"); ``[gateway] upstream_fast_path = false`` sends every call through aiohttp.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 aiohttp spends most of the gateway's upstream hop in its own machinery (request and response
 objects, multidicts, stream readers, timers per read). This client does only what the hop
 needs: one request written whole, the answer parsed by httptools (the parser uvicorn uses),
-kept-alive connections pooled per (host, port). TLS, proxies and credentials in the URL stay
-with aiohttp (``proxy/fast_path.py`` routes).
+kept-alive connections pooled per (host, port). TLS, credentials in the URL and international
+names stay with aiohttp (``proxy/fast_path.py`` routes).
 
 Re-send rule: a request is sent again (once, on a new connection) only when no byte of it can
 have been processed: the pooled connection was seen closed before writing, or, for an
