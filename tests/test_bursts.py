@@ -127,9 +127,9 @@ def test_a_rate_limit_is_exact_on_a_redis_cluster() -> None:
         pytest.skip(f"no Redis Cluster: {exc.reason}")
     try:
         url = "redis+cluster://" + urls[0].split("://", 1)[1]
-        # A cluster client's evidence is its answered calls, not reply bytes (docs/quotas.md: "Redis
-        # Cluster"): on a host this starved, a 0.25 s silence of three CPU-starved nodes is
-        # no outage, so the bound is the one docs/quotas.md advises for a cluster.
+        # A cluster client's evidence is every reply it reads (docs/quotas.md: "Redis Cluster"),
+        # but on a host this starved a 0.25 s silence of three CPU-starved nodes is no outage,
+        # so the bound is the one docs/quotas.md advises for a cluster.
         check_rate(burst(url, {"rate": RATE}, gateway={"redis_timeout_s": 1.0}), "rate")
     finally:
         cluster.__exit__(None, None, None)

@@ -1,9 +1,13 @@
 """Outage evidence for redis-py clients: silence while calls are outstanding, not slowness.
 
-The pipelined connection (``multiplex.py``) sees reply bytes; a redis-py client hides them
-inside its pooled connections, so here the evidence is a client's answered calls: a call
-fails once no call of the same client has been answered for the bound while calls were
-outstanding, however long one call waited behind other clients' scripts.
+The pipelined connection (``multiplex.py``) sees reply bytes; a redis-py client reads its
+replies inside its pooled connections, so ``connect_redis`` gives those connections a
+``read_response`` that reports every reply to the client's watch (``heard``): a call fails
+once no reply at all reached the client for the bound while calls were outstanding, however
+long one call waited behind other clients' scripts. Every reply counts, not only a finished
+call's: one call may be several round trips (a new connection's handshake, a script
+reloaded after NOSCRIPT, a cluster redirect), and on a CPU-starved host those alone can
+outlast the bound while Redis answers each of them.
 """
 
 from __future__ import annotations
@@ -31,9 +35,9 @@ _LATE = 0.25
 class ProgressWatch:
     """When a redis-py client last got an answer, and the bound on its calls' silence.
 
-    ``run(call)`` lets ``call`` wait as long as the client's calls keep being answered (the
-    store is busy, not dead) and fails it with ``StoreUnavailable`` once none has been
-    answered for ``bound_s`` while calls were outstanding. Before failing, the silence must
+    ``run(call)`` lets ``call`` wait as long as the client keeps getting replies (the store
+    is busy, not dead) and fails it with ``StoreUnavailable`` once none has come for
+    ``bound_s`` while calls were outstanding. Before failing, the silence must
     last a few more turns of this event loop, so that its own lag (replies received but not
     yet read, connects not yet made) is not taken for Redis's. With ``max_in_flight``, calls
     past that many wait for a turn (not sent, so not counted); a stall declared meanwhile
@@ -60,6 +64,10 @@ class ProgressWatch:
         #: Stalls declared so far (a waiting call that sees it change gives up).
         self.stalls = 0
         self._turns: asyncio.Semaphore | None = None
+
+    def heard(self) -> None:
+        """A reply reached one of the client's connections (any reply: Redis is answering)."""
+        self.last_reply = asyncio.get_running_loop().time()
 
     async def run(self, call: Coroutine[Any, Any, T]) -> T:
         if self.max_in_flight is None:
