@@ -16,6 +16,7 @@ from tests import early_checks
 from tests.servers import (
     ServiceUnavailable,
     postgres_url_for_tests,
+    redis_cluster,
     redis_url_for_tests,
 )
 
@@ -56,6 +57,20 @@ def redis_url() -> Iterator[str]:
         except ServiceUnavailable as exc:
             pytest.skip(f"Redis unavailable: {exc.reason}")
         yield url
+
+
+@pytest.fixture
+def cluster_urls() -> Iterator[list[str]]:
+    """The node URLs of a fresh 3-master Redis Cluster; skip (with the reason) if none starts."""
+    try:
+        cluster = redis_cluster(3)
+        urls = cluster.__enter__()
+    except ServiceUnavailable as exc:
+        pytest.skip(f"no Redis Cluster: {exc.reason}")
+    try:
+        yield urls
+    finally:
+        cluster.__exit__(None, None, None)
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ from redis.exceptions import ResponseError
 
 from tenantware.backends.progress import watch_of
 from tenantware.backends.redis_support import connect_redis, register_script
-from tests.servers import ServiceUnavailable, redis_cluster
 
 pytestmark = pytest.mark.anyio
 
@@ -90,27 +89,19 @@ async def test_every_reply_a_client_reads_is_evidence(redis_url: str) -> None:
 
 
 @pytest.mark.slow
-async def test_every_reply_a_cluster_client_reads_is_evidence() -> None:
+async def test_every_reply_a_cluster_client_reads_is_evidence(cluster_urls: list[str]) -> None:
+    client = connect_redis(cluster_urls[0], timeout_s=BOUND_S, cluster=True)
+    progress = watch_of(client)
     try:
-        cluster = redis_cluster(3)
-        urls = cluster.__enter__()
-    except ServiceUnavailable as exc:
-        pytest.skip(f"no Redis Cluster: {exc.reason}")
-    try:
-        client = connect_redis(urls[0], timeout_s=BOUND_S, cluster=True)
-        progress = watch_of(client)
-        try:
-            await client.execute_command("PING")  # discovers the nodes, then asks one
-            answered = progress.last_reply
-            assert answered > 0
-            # A node learnt from the slot map, not a startup node, reports its replies too.
-            key = f"twprogress:{uuid.uuid4().hex}"
-            await client.execute_command("SET", key, "1", "PX", 10_000)
-            assert progress.last_reply > answered
-        finally:
-            await client.aclose()
+        await client.execute_command("PING")  # discovers the nodes, then asks one
+        answered = progress.last_reply
+        assert answered > 0
+        # A node learnt from the slot map, not a startup node, reports its replies too.
+        key = f"twprogress:{uuid.uuid4().hex}"
+        await client.execute_command("SET", key, "1", "PX", 10_000)
+        assert progress.last_reply > answered
     finally:
-        cluster.__exit__(None, None, None)
+        await client.aclose()
 
 
 async def test_a_call_of_several_round_trips_each_answered_in_time_is_no_outage(
