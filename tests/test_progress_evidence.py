@@ -1,4 +1,5 @@
-"""A redis-py client's outage evidence is every reply it reads, not only its finished calls.
+"""A redis-py client's outage evidence is every reply it reads, not only its finished calls;
+a silence past the bound ends the call however it treats a cancellation.
 
 One call can be several round trips (a new connection's handshake, a script reloaded after
 NOSCRIPT, a cluster redirect); when each is answered within the bound, Redis is answering,
@@ -14,10 +15,12 @@ import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
 
+import anyio
 import pytest
 from redis.exceptions import ResponseError
 
-from tenantware.backends.progress import watch_of
+from tenantware.backends.errors import StoreUnavailable
+from tenantware.backends.progress import ProgressWatch, watch_of
 from tenantware.backends.redis_support import connect_redis, register_script
 
 pytestmark = pytest.mark.anyio
@@ -125,3 +128,19 @@ async def test_a_call_of_several_round_trips_each_answered_in_time_is_no_outage(
             assert waited > BOUND_S
         finally:
             await client.aclose()
+
+
+async def test_a_silence_ends_a_call_that_lost_one_cancellation() -> None:
+    # Python 3.11's ``asyncio.wait_for`` (redis-py sends every command with it) returns a
+    # result that came in the same turn as a cancellation and drops the cancellation; the
+    # call then waits for a reply a stopped Redis never sends. The watch still ends it.
+    progress = ProgressWatch(0.2)
+    progress.answered = True  # past the first call: the bound applies
+
+    async def losing_one_cancellation() -> None:
+        with contextlib.suppress(asyncio.CancelledError):  # lost, as ``wait_for`` loses it
+            await asyncio.sleep(30)
+        await asyncio.sleep(30)  # the reply that never comes
+
+    with anyio.fail_after(10), pytest.raises(StoreUnavailable):
+        await progress.run(losing_one_cancellation())

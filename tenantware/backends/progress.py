@@ -18,6 +18,7 @@ import weakref
 from collections.abc import Awaitable, Coroutine
 from typing import Any, TypeVar
 
+import anyio
 from redis import exceptions as redis_exceptions
 from redis.exceptions import RedisError
 
@@ -98,7 +99,11 @@ class ProgressWatch:
             self.last_reply = loop.time()  # silence counts from the first outstanding call
         self.in_flight += 1
         try:
-            async with asyncio.timeout(None) as scope:
+            # An anyio scope, not ``asyncio.timeout``: it cancels the call again at every turn
+            # until the call has left, where one cancellation can be lost (Python 3.11's
+            # ``asyncio.wait_for``, which redis-py sends with, returns a result that came in
+            # the same turn as the cancellation, and the call then waits for its reply).
+            with anyio.CancelScope() as scope:
                 watched = _Watched(scope)
                 due = self.last_reply + self.bound_s
                 watched.handle = loop.call_at(due, self._check, watched, due)
@@ -111,11 +116,11 @@ class ProgressWatch:
                 finally:
                     watched.done = True
                     watched.handle.cancel()
-        except TimeoutError:
-            raise StoreUnavailable(
-                f"Redis answered nothing for {self.bound_s:g} s with {self.in_flight} calls"
-                " outstanding"
-            ) from None
+            if scope.cancelled_caught:
+                raise StoreUnavailable(
+                    f"Redis answered nothing for {self.bound_s:g} s with {self.in_flight} calls"
+                    " outstanding"
+                )
         finally:
             self.in_flight -= 1
         self.last_reply = loop.time()
@@ -140,15 +145,15 @@ class ProgressWatch:
             watched.handle = loop.call_soon(self._check, watched, due, hops + 1)
         else:
             self.stalls += 1
-            watched.scope.reschedule(now)
+            watched.scope.cancel()
 
 
 class _Watched:
-    """One call under watch: its timeout scope and the handle of its next check."""
+    """One call under watch: its cancel scope and the handle of its next check."""
 
     __slots__ = ("done", "extended", "handle", "scope")
 
-    def __init__(self, scope: asyncio.Timeout) -> None:
+    def __init__(self, scope: anyio.CancelScope) -> None:
         self.scope = scope
         self.done = False
         self.extended = False
