@@ -12,11 +12,34 @@ import pytest
 import redis
 from psycopg import sql
 
+from tests import early_checks
 from tests.servers import (
     ServiceUnavailable,
     postgres_url_for_tests,
+    redis_cluster,
     redis_url_for_tests,
 )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Start the tool runs the selected tests check, in the background (``early_checks``)."""
+    for item in items:
+        for marker in item.iter_markers("early_check"):
+            early_checks.start(marker.args[0])
+
+
+def pytest_sessionfinish() -> None:
+    early_checks.stop_all()
+
+
+@pytest.fixture
+def early_check(request: pytest.FixtureRequest) -> early_checks.Finished:
+    """The finished run of the tool named by the test's ``early_check`` marker."""
+    (marker,) = request.node.iter_markers("early_check")
+    try:
+        return early_checks.finish(marker.args[0])
+    except LookupError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture
@@ -34,6 +57,20 @@ def redis_url() -> Iterator[str]:
         except ServiceUnavailable as exc:
             pytest.skip(f"Redis unavailable: {exc.reason}")
         yield url
+
+
+@pytest.fixture
+def cluster_urls() -> Iterator[list[str]]:
+    """The node URLs of a fresh 3-master Redis Cluster; skip (with the reason) if none starts."""
+    try:
+        cluster = redis_cluster(3)
+        urls = cluster.__enter__()
+    except ServiceUnavailable as exc:
+        pytest.skip(f"no Redis Cluster: {exc.reason}")
+    try:
+        yield urls
+    finally:
+        cluster.__exit__(None, None, None)
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ from tests.admission_worker import WEIGHTS
 from tests.servers import (
     ServiceUnavailable,
     find_free_port,
-    redis_cluster,
     throwaway_redis,
 )
 from tests.support import CHAT, KEYS, client_for, in_process_gateway, make_config
@@ -201,54 +200,38 @@ async def test_redis_down_follows_the_failure_policy(policy: str, status: int) -
 
 
 @pytest.mark.slow
-async def test_the_script_runs_on_a_redis_cluster() -> None:
+async def test_the_script_runs_on_a_redis_cluster(cluster_urls: list[str]) -> None:
     # Every key of a pool shares the pool's hash tag, so the script's keys live in one slot.
-    try:
-        cluster = redis_cluster(3)
-        urls = cluster.__enter__()
-    except ServiceUnavailable as exc:
-        pytest.skip(f"no Redis Cluster: {exc.reason}")
-    try:
-        client = connect_redis(urls[0], timeout_s=2.0, cluster=True)
-        store = RedisSeatStore(client, seats=1, prefix="twcluster:")
-        first, second = Ticket("a", 1.0, 10.0), Ticket("b", 1.0, 10.0)
-        assert await store.acquire(first) == GRANTED
-        assert await store.acquire(second) == QUEUED
-        await store.release(first, 10.0)
-        assert second.granted
-        state = await store.state()
-        assert state["tenants"]["b"]["held"] == 1
-        await store.release(second, 10.0)
-        await client.aclose()
-    finally:
-        cluster.__exit__(None, None, None)
+    client = connect_redis(cluster_urls[0], timeout_s=2.0, cluster=True)
+    store = RedisSeatStore(client, seats=1, prefix="twcluster:")
+    first, second = Ticket("a", 1.0, 10.0), Ticket("b", 1.0, 10.0)
+    assert await store.acquire(first) == GRANTED
+    assert await store.acquire(second) == QUEUED
+    await store.release(first, 10.0)
+    assert second.granted
+    state = await store.state()
+    assert state["tenants"]["b"]["held"] == 1
+    await store.release(second, 10.0)
+    await client.aclose()
 
 
 @pytest.mark.slow
-async def test_the_grant_listener_starts_on_a_fresh_cluster_client() -> None:
+async def test_the_grant_listener_starts_on_a_fresh_cluster_client(cluster_urls: list[str]) -> None:
     # The listener is the first user of a new cluster client (a gateway starting): it must
     # learn the slot map before subscribing, not die on an empty one.
-    try:
-        cluster = redis_cluster(3)
-        urls = cluster.__enter__()
-    except ServiceUnavailable as exc:
-        pytest.skip(f"no Redis Cluster: {exc.reason}")
-    try:
-        listening = connect_redis(urls[0], timeout_s=2.0, cluster=True)
-        other = connect_redis(urls[0], timeout_s=2.0, cluster=True)
-        waiter = RedisSeatStore(listening, seats=1, prefix="twlisten:", poll_min_s=30.0)
-        holder = RedisSeatStore(other, seats=1, prefix="twlisten:")
-        async with waiter.running():
-            first, second = Ticket("a", 1.0, 10.0), Ticket("b", 1.0, 10.0)
-            assert await holder.acquire(first) == GRANTED
-            assert await waiter.acquire(second) == QUEUED
-            await anyio.sleep(0.5)  # the listener subscribes
-            await holder.release(first, 10.0)
-            with anyio.fail_after(20):  # woken by the notice: its first poll is 30 s away
-                await waiter.wait(second)
-            assert second.granted
-            await waiter.release(second, 10.0)
-        await listening.aclose()
-        await other.aclose()
-    finally:
-        cluster.__exit__(None, None, None)
+    listening = connect_redis(cluster_urls[0], timeout_s=2.0, cluster=True)
+    other = connect_redis(cluster_urls[0], timeout_s=2.0, cluster=True)
+    waiter = RedisSeatStore(listening, seats=1, prefix="twlisten:", poll_min_s=30.0)
+    holder = RedisSeatStore(other, seats=1, prefix="twlisten:")
+    async with waiter.running():
+        first, second = Ticket("a", 1.0, 10.0), Ticket("b", 1.0, 10.0)
+        assert await holder.acquire(first) == GRANTED
+        assert await waiter.acquire(second) == QUEUED
+        await anyio.sleep(0.5)  # the listener subscribes
+        await holder.release(first, 10.0)
+        with anyio.fail_after(20):  # woken by the notice: its first poll is 30 s away
+            await waiter.wait(second)
+        assert second.granted
+        await waiter.release(second, 10.0)
+    await listening.aclose()
+    await other.aclose()

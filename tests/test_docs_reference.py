@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import msgspec
 import msgspec.inspect as mi
+import pytest
 
 from tenantware.config import DEFAULT_TIERS, GatewayConfig
+from tests.early_checks import Finished
 from tools.config_reference import SECTIONS, render
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,19 +54,13 @@ def test_the_reference_lists_the_built_in_tiers_as_they_are() -> None:
         assert row in page, row
 
 
-def test_the_guide_builds_strictly(tmp_path: Path) -> None:
+@pytest.mark.early_check("mkdocs")
+def test_the_guide_builds_strictly(early_check: Finished) -> None:
     """``mkdocs build --strict``: a broken link, a missing page in the nav or an API
-    reference to a name that does not exist fails it."""
-    done = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-5000:]
+    reference to a name that does not exist fails it (the build runs from the session's
+    start, ``tests/early_checks.py``)."""
+    assert early_check.returncode == 0, early_check.stderr[-5000:]
     # The configuration reference is rendered from the schema by the build (tools/mkdocs_hooks.py).
-    built = (tmp_path / "reference" / "configuration" / "index.html").read_text()
+    built = (early_check.output_dir / "reference" / "configuration" / "index.html").read_text()
     assert "max_queue_wait_s" in built
     assert "<code>replicas</code>" in built

@@ -33,7 +33,6 @@ from tenantware.quota.redis import RedisQuotaStore
 from tenantware.stores import Stores
 from tenantware.testing.upstream import FakeUpstreamConfig
 from tests.quota_support import plan_for
-from tests.servers import ServiceUnavailable, redis_cluster
 from tests.support import CHAT, KEYS, tenant_entries
 from tests.support import script_sha as _sha
 from tests.test_stack import backend_settings, running_stack
@@ -225,31 +224,23 @@ def test_memory_stores_make_no_joint_call() -> None:
     assert Stores("memory://").joint() is None
 
 
-def test_a_cluster_keeps_two_calls() -> None:
+def test_a_cluster_keeps_two_calls(cluster_urls: list[str]) -> None:
     # On a cluster the pool's keys and the tenant's live in different slots: no joint call;
     # the quota layer reserves alone and the admission layer acquires, as before.
-    try:
-        cluster = redis_cluster(3)
-        urls = cluster.__enter__()
-    except ServiceUnavailable as exc:
-        pytest.skip(f"no Redis Cluster: {exc.reason}")
-    try:
-        url = "redis+cluster://" + urls[0].split("://", 1)[1]
-        gateway = {"redis_url": url, "redis_prefix": "twjoint:", "redis_timeout_s": 1.0}
-        with running_stack(gateway=gateway) as stack:
-            assert stack.gateway.stores.joint() is None
-            quota = [m for m in stack.gateway.middleware() if m.cls is QuotaMiddleware]
-            assert quota[0].kwargs["joint"] is None
-            with stack.http() as client:
-                response = client.post("/v1/chat/completions", json=CHAT)
-            assert response.status_code == 200, response.text
-            stack.wait_upstream_idle()
-            deadline = time.monotonic() + 5.0
-            while stack.seats() != {"*": (0, 0)} and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert stack.seats() == {"*": (0, 0)}
-    finally:
-        cluster.__exit__(None, None, None)
+    url = "redis+cluster://" + cluster_urls[0].split("://", 1)[1]
+    gateway = {"redis_url": url, "redis_prefix": "twjoint:", "redis_timeout_s": 1.0}
+    with running_stack(gateway=gateway) as stack:
+        assert stack.gateway.stores.joint() is None
+        quota = [m for m in stack.gateway.middleware() if m.cls is QuotaMiddleware]
+        assert quota[0].kwargs["joint"] is None
+        with stack.http() as client:
+            response = client.post("/v1/chat/completions", json=CHAT)
+        assert response.status_code == 200, response.text
+        stack.wait_upstream_idle()
+        deadline = time.monotonic() + 5.0
+        while stack.seats() != {"*": (0, 0)} and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert stack.seats() == {"*": (0, 0)}
 
 
 @pytest.mark.anyio

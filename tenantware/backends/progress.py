@@ -1,9 +1,13 @@
 """Outage evidence for redis-py clients: silence while calls are outstanding, not slowness.
 
-The pipelined connection (``multiplex.py``) sees reply bytes; a redis-py client hides them
-inside its pooled connections, so here the evidence is a client's answered calls: a call
-fails once no call of the same client has been answered for the bound while calls were
-outstanding, however long one call waited behind other clients' scripts.
+The pipelined connection (``multiplex.py``) sees reply bytes; a redis-py client reads its
+replies inside its pooled connections, so ``connect_redis`` gives those connections a
+``read_response`` that reports every reply to the client's watch (``heard``): a call fails
+once no reply at all reached the client for the bound while calls were outstanding, however
+long one call waited behind other clients' scripts. Every reply counts, not only a finished
+call's: one call may be several round trips (a new connection's handshake, a script
+reloaded after NOSCRIPT, a cluster redirect), and on a CPU-starved host those alone can
+outlast the bound while Redis answers each of them.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import weakref
 from collections.abc import Awaitable, Coroutine
 from typing import Any, TypeVar
 
+import anyio
 from redis import exceptions as redis_exceptions
 from redis.exceptions import RedisError
 
@@ -31,9 +36,9 @@ _LATE = 0.25
 class ProgressWatch:
     """When a redis-py client last got an answer, and the bound on its calls' silence.
 
-    ``run(call)`` lets ``call`` wait as long as the client's calls keep being answered (the
-    store is busy, not dead) and fails it with ``StoreUnavailable`` once none has been
-    answered for ``bound_s`` while calls were outstanding. Before failing, the silence must
+    ``run(call)`` lets ``call`` wait as long as the client keeps getting replies (the store
+    is busy, not dead) and fails it with ``StoreUnavailable`` once none has come for
+    ``bound_s`` while calls were outstanding. Before failing, the silence must
     last a few more turns of this event loop, so that its own lag (replies received but not
     yet read, connects not yet made) is not taken for Redis's. With ``max_in_flight``, calls
     past that many wait for a turn (not sent, so not counted); a stall declared meanwhile
@@ -60,6 +65,10 @@ class ProgressWatch:
         #: Stalls declared so far (a waiting call that sees it change gives up).
         self.stalls = 0
         self._turns: asyncio.Semaphore | None = None
+
+    def heard(self) -> None:
+        """A reply reached one of the client's connections (any reply: Redis is answering)."""
+        self.last_reply = asyncio.get_running_loop().time()
 
     async def run(self, call: Coroutine[Any, Any, T]) -> T:
         if self.max_in_flight is None:
@@ -90,7 +99,11 @@ class ProgressWatch:
             self.last_reply = loop.time()  # silence counts from the first outstanding call
         self.in_flight += 1
         try:
-            async with asyncio.timeout(None) as scope:
+            # An anyio scope, not ``asyncio.timeout``: it cancels the call again at every turn
+            # until the call has left, where one cancellation can be lost (Python 3.11's
+            # ``asyncio.wait_for``, which redis-py sends with, returns a result that came in
+            # the same turn as the cancellation, and the call then waits for its reply).
+            with anyio.CancelScope() as scope:
                 watched = _Watched(scope)
                 due = self.last_reply + self.bound_s
                 watched.handle = loop.call_at(due, self._check, watched, due)
@@ -103,11 +116,11 @@ class ProgressWatch:
                 finally:
                     watched.done = True
                     watched.handle.cancel()
-        except TimeoutError:
-            raise StoreUnavailable(
-                f"Redis answered nothing for {self.bound_s:g} s with {self.in_flight} calls"
-                " outstanding"
-            ) from None
+            if scope.cancelled_caught:
+                raise StoreUnavailable(
+                    f"Redis answered nothing for {self.bound_s:g} s with {self.in_flight} calls"
+                    " outstanding"
+                )
         finally:
             self.in_flight -= 1
         self.last_reply = loop.time()
@@ -132,15 +145,15 @@ class ProgressWatch:
             watched.handle = loop.call_soon(self._check, watched, due, hops + 1)
         else:
             self.stalls += 1
-            watched.scope.reschedule(now)
+            watched.scope.cancel()
 
 
 class _Watched:
-    """One call under watch: its timeout scope and the handle of its next check."""
+    """One call under watch: its cancel scope and the handle of its next check."""
 
     __slots__ = ("done", "extended", "handle", "scope")
 
-    def __init__(self, scope: asyncio.Timeout) -> None:
+    def __init__(self, scope: anyio.CancelScope) -> None:
         self.scope = scope
         self.done = False
         self.extended = False

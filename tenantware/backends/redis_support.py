@@ -7,10 +7,10 @@ Scripts are registered with ``register_script``: EVALSHA, reloaded on NOSCRIPT (
 restart or a SCRIPT FLUSH).
 
 Outage evidence for redis-py clients (Redis Cluster, TLS) follows the pipelined connection's
-rule (``backends/progress.py``): a call fails when no call of the same client has been
-answered for ``timeout_s`` while calls are outstanding, never because it alone waited long
-behind other clients' scripts. redis-py's own socket timeout stays as a last resort, well
-above.
+rule (``backends/progress.py``): a call fails when no reply at all reached the same client
+for ``timeout_s`` while calls are outstanding, never because it alone waited long behind
+other clients' scripts or needed several round trips. redis-py's own socket timeout stays as
+a last resort, well above.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from tenantware.backends.errors import StoreUnavailable
 from tenantware.backends.keys import tenant_key
@@ -78,8 +78,44 @@ def connect_redis(
         client = aioredis.Redis.from_url(url, **common)
     # A burst waits for a turn here rather than opening a connection per call: Redis runs
     # one script at a time anyway, and a cluster's pools refuse calls past their size.
-    watch(client, ProgressWatch(timeout_s, max_in_flight=_SCRIPTS_IN_FLIGHT))
+    progress = ProgressWatch(timeout_s, max_in_flight=_SCRIPTS_IN_FLIGHT)
+    watch(client, progress)
+    _report_replies(client, progress)
     return client
+
+
+def _report_replies(client: RedisClient, progress: ProgressWatch) -> None:
+    """Make every connection ``client`` opens report each reply it reads to ``progress``.
+
+    The connection class is swapped where the client makes connections (its pool; for a
+    cluster, the node template and the nodes known so far), so the class redis-py chose for
+    the URL (TCP, TLS, Unix socket) stays the base.
+    """
+    if isinstance(client, RedisCluster):
+        template = client.nodes_manager.connection_kwargs
+        template["connection_class"] = _reporting(template["connection_class"], progress)
+        known = client.nodes_manager.startup_nodes | client.nodes_manager.nodes_cache
+        for node in known.values():
+            node.connection_class = template["connection_class"]
+    else:
+        pool = client.connection_pool
+        pool.connection_class = _reporting(pool.connection_class, progress)
+
+
+def _reporting(base: type[Any], progress: ProgressWatch) -> type[Any]:
+    """``base`` whose ``read_response`` tells ``progress`` of every reply, errors included
+    (a NOSCRIPT, a MOVED, a refused command are answers too)."""
+
+    async def read_response(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            reply = await base.read_response(self, *args, **kwargs)
+        except ResponseError:
+            progress.heard()
+            raise
+        progress.heard()
+        return reply
+
+    return type(f"Reporting{base.__name__}", (base,), {"read_response": read_response})
 
 
 def connect_scripts(

@@ -7,6 +7,7 @@ the test's process, so the test can still inspect and reconfigure it while it se
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
@@ -34,7 +35,8 @@ def serve_in_thread(
 
     ``port=0`` lets the kernel pick a free port. ``uvicorn_options`` go to ``uvicorn.Config``
     and override the defaults here (asyncio loop, lifespan off, warnings only, no access log).
-    On exit the server stops accepting, closes idle connections and the thread is joined.
+    On exit the server stops accepting, closes idle connections at once, gives a response
+    still running up to ``timeout_graceful_shutdown`` seconds, and the thread is joined.
     """
     options: dict[str, Any] = {
         "loop": "asyncio",
@@ -45,7 +47,7 @@ def serve_in_thread(
         "timeout_graceful_shutdown": 5,
     }
     options.update(uvicorn_options)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **options))
+    server = _PromptServer(uvicorn.Config(app, host=host, port=port, **options))
     thread = threading.Thread(target=server.run, name=f"uvicorn-{host}:{port}", daemon=True)
     thread.start()
     try:
@@ -53,8 +55,64 @@ def serve_in_thread(
         shown_host = f"[{host}]" if ":" in host else host
         yield f"http://{shown_host}:{bound_port}"
     finally:
-        server.should_exit = True
+        server.stop()
         thread.join((options["timeout_graceful_shutdown"] or 0) + 5.0)
+
+
+class _PromptServer(uvicorn.Server):
+    """uvicorn's server, stopped as soon as it is asked rather than on its schedule.
+
+    uvicorn notices ``should_exit`` on its next tick (0.1 s) and pauses 0.1 s after asking
+    its connections to close, then checks them every 0.1 s: a test suite that stops a server
+    after each test spent most of that time waiting. Here ``stop`` wakes the loop, and
+    shutdown checks every few milliseconds; what it waits for is unchanged (responses still
+    running, up to the graceful timeout, then the app's lifespan shutdown).
+    """
+
+    _POLL_S = 0.005
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self._woken: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
+
+    def stop(self) -> None:
+        """Ask the server to stop (from any thread)."""
+        self.should_exit = True
+        woken = self._woken
+        if woken is not None:
+            loop, wake = woken
+            with contextlib.suppress(RuntimeError):  # its loop has already ended
+                loop.call_soon_threadsafe(wake.set)
+
+    async def main_loop(self) -> None:
+        wake = asyncio.Event()
+        self._woken = (asyncio.get_running_loop(), wake)
+        counter = 0
+        while not await self.on_tick(counter):  # the date header, ``should_exit``
+            counter = (counter + 1) % 864_000
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    await wake.wait()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        state = self.server_state
+        for connection in list(state.connections):
+            connection.shutdown()  # an idle one closes now, a busy one after its response
+        try:
+            async with asyncio.timeout(self.config.timeout_graceful_shutdown):
+                # uvicorn signals no "last connection closed": polled, as uvicorn does.
+                while state.connections or state.tasks:  # noqa: ASYNC110
+                    await asyncio.sleep(self._POLL_S)
+                for server in self.servers:
+                    await server.wait_closed()
+        except TimeoutError:
+            for task in state.tasks:
+                task.cancel(msg="Task cancelled, timeout graceful shutdown exceeded")
+        await self.lifespan.shutdown()
 
 
 def _wait_until_listening(server: uvicorn.Server, thread: threading.Thread, timeout: float) -> int:

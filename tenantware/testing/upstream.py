@@ -70,7 +70,8 @@ class FakeUpstreamConfig(msgspec.Struct, kw_only=True):
     The ``Meta`` limits are checked by ``msgspec.convert``, not on assignment.
     """
 
-    #: Seconds to wait before the response starts (every ``/v1`` route, errors included).
+    #: Seconds to wait before the response starts (every ``/v1`` route, errors included); a
+    #: client that disconnects meanwhile ends the request (``client_disconnected``).
     latency_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     #: Output tokens per completion when ``completion_tokens`` is None.
     stream_chunks: Annotated[int, msgspec.Meta(ge=0)] = 5
@@ -408,6 +409,16 @@ async def _read_body(receive: Receive) -> bytes | None:
         message = await receive()
 
 
+async def _left_within(receive: Receive, seconds: float) -> bool:
+    """Wait ``seconds``; True as soon as the client disconnects meanwhile (a request nobody
+    waits for ends then, rather than keeping the server's shutdown waiting for it)."""
+    with anyio.move_on_after(seconds):
+        while (await receive())["type"] != "http.disconnect":
+            await anyio.lowlevel.checkpoint()  # never starve others on a receive that won't block
+        return True
+    return False
+
+
 async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
     while (await receive())["type"] != "http.disconnect":
         await anyio.lowlevel.checkpoint()  # never starve the stream on a receive that won't block
@@ -597,8 +608,8 @@ class FakeUpstream:
         body: bytes,
     ) -> None:
         config = self.config
-        if config.latency_s > 0:
-            await anyio.sleep(config.latency_s)
+        if config.latency_s > 0 and await _left_within(exchange.receive, config.latency_s):
+            return exchange.settle("client_disconnected")
         path = exchange.record.path
         if route is None:
             error = _error_body(f"Invalid URL ({method} {path})", "invalid_request_error")
