@@ -12,6 +12,7 @@ import math
 from typing import Final
 
 from tenantware.backends.keys import tenant_key
+from tenantware.backends.lua_args import pack_list
 from tenantware.config import (
     FailurePolicy,
     GatewayConfig,
@@ -116,6 +117,7 @@ class Plan:
         "keys",
         "limits",
         "local",
+        "packed",
     )
 
     def __init__(
@@ -133,6 +135,8 @@ class Plan:
             args.extend((limit.kind, limit.p1, limit.p2))
         #: ``kind, p1, p2`` per limit, as the Lua scripts read them.
         self.args = tuple(args)
+        #: The same as one MessagePack array, packed once (the reserve and settle scripts).
+        self.packed = pack_list(args)
         #: A store outage rejects the request (some limit's policy is ``closed``).
         self.closed = any(limit.policy == "closed" for limit in limits)
         local = [limit.scaled(replicas) for limit in limits if limit.policy == "local"]

@@ -5,8 +5,11 @@
 -- Time comes from Redis TIME (ms). Seats are leases with an expiry: a dead process's seats
 -- come back by themselves; queued tickets carry a heartbeat the waiting process refreshes.
 --
--- ARGV: op, seats, rate (tokens/s, 0: none), burst (tokens), nbands, share_1..share_n,
--- headroom (seats), short_s, linger_s, then the op's own arguments.
+-- ARGV: op, then MessagePack (tenantware/backends/lua_args.py): the pool's terms (seats,
+-- rate in tokens/s (0: none), burst in tokens, the bands' steps (1 / share) as one array,
+-- headroom in seats, short_s, linger_s), then the op's own arguments as a third string.
+-- Numbers go to redis.call as Lua numbers where they are integers (no conversion in Lua);
+-- counters stay written with tostring, as before.
 
 local base = KEYS[1]
 local K_SEATS = base .. ':seats'    -- zset lease(ticket id) -> expiry ms
@@ -24,16 +27,9 @@ local K_TK = base .. ':tk'          -- hash ticket -> tenant|band|cost|weight|ca
 local K_TKX = base .. ':tkx'        -- zset ticket -> heartbeat expiry ms (queued)
 
 local op = ARGV[1]
-local seats = tonumber(ARGV[2])
-local rate = tonumber(ARGV[3])
-local burst = tonumber(ARGV[4])
-local nbands = tonumber(ARGV[5])
-local steps = {}
-for b = 1, nbands do steps[b] = 1 / tonumber(ARGV[5 + b]) end
-local headroom = tonumber(ARGV[6 + nbands])
-local short_s = tonumber(ARGV[7 + nbands])
-local linger_ms = tonumber(ARGV[8 + nbands]) * 1000
-local a = 9 + nbands -- first op argument
+local seats, rate, burst, steps, headroom, short_s, linger_s = cmsgpack.unpack(ARGV[2])
+local nbands = #steps
+local linger_ms = linger_s * 1000
 if headroom > seats - 1 then headroom = seats - 1 end -- one seat stays open to everyone
 
 local t = redis.call('TIME')
@@ -80,15 +76,20 @@ local function activate(tenant, weight)
   redis.call('ZREM', K_LEFT, tenant)
 end
 
-local function maybe_idle(tenant)
-  -- Holding and waiting for nothing: the weight leaves after linger_s.
-  if num(redis.call('HGET', K_HELD, tenant)) <= 0 and num(redis.call('HGET', K_QN, tenant)) <= 0 then
+local function maybe_idle(tenant, held, waiting)
+  -- Holding and waiting for nothing: the weight leaves after linger_s. ``held`` and the
+  -- pool's ``waiting`` may be given when known (nobody waiting: neither does the tenant).
+  if held == nil then held = num(redis.call('HGET', K_HELD, tenant)) end
+  if held > 0 then return end
+  if waiting == 0 or num(redis.call('HGET', K_QN, tenant)) <= 0 then
     redis.call('ZADD', K_LEFT, now, tenant)
   end
 end
 
 local function expire()
-  for _, name in ipairs(redis.call('ZRANGEBYSCORE', K_LEFT, '-inf', now - linger_ms)) do
+  local gone = redis.call('ZRANGEBYSCORE', K_LEFT, '-inf', now - linger_ms)
+  if #gone == 0 then return end
+  for _, name in ipairs(gone) do
     local cw = num(redis.call('HGET', K_W, name))
     redis.call('HINCRBYFLOAT', K_SYS, 'aw', -cw)
     redis.call('HDEL', K_W, name)
@@ -99,13 +100,14 @@ local function expire()
   end
 end
 
-local function fits(tenant, hold, held)
+local function fits(tenant, hold, held, reserving, weight, in_use)
   -- Protected seats: others' unused reserved seats, plus the headroom unless the tenant is
   -- below its seat share; a request within its own reservation, or expected
-  -- to end within short_s, may take any free seat.
-  local reserving = redis.call('SMEMBERS', K_RES)
+  -- to end within short_s, may take any free seat. The reserving tenants, the tenant's
+  -- weight and the seats in use may be given when the caller has just read them.
+  reserving = reserving or redis.call('SMEMBERS', K_RES)
   if headroom <= 0 and #reserving == 0 then return true end
-  if held < num(redis.call('HGET', K_RESV, tenant)) then return true end
+  if #reserving > 0 and held < num(redis.call('HGET', K_RESV, tenant)) then return true end
   if hold > 0 and hold <= short_s then return true end
   local protected = 0
   for _, other in ipairs(reserving) do
@@ -116,10 +118,10 @@ local function fits(tenant, hold, held)
   end
   if headroom > 0 then
     local aw = num(redis.call('HGET', K_SYS, 'aw'))
-    local w = num(redis.call('HGET', K_W, tenant))
+    local w = weight or num(redis.call('HGET', K_W, tenant))
     if not (held * aw < seats * w * (1 - 1e-9)) then protected = protected + headroom end
   end
-  return seats - redis.call('ZCARD', K_SEATS) > protected
+  return seats - (in_use or redis.call('ZCARD', K_SEATS)) > protected
 end
 
 local function room()
@@ -141,9 +143,10 @@ local function take_tokens(tokens)
   end
 end
 
-local function grant(ticket, tenant, cost, weight, lease_ms, tokens)
-  local c = counter_of(tenant)
-  local vt = num(redis.call('HGET', K_SYS, 'vt'))
+local function grant(ticket, tenant, cost, weight, lease_ms, tokens, c, vt)
+  -- c, vt: the tenant's counter and the virtual time, when the caller has read them.
+  if c == nil then c = counter_of(tenant) end
+  if vt == nil then vt = num(redis.call('HGET', K_SYS, 'vt')) end
   if c > vt then redis.call('HSET', K_SYS, 'vt', tostring(c)) end
   redis.call('HSET', K_CTR, tenant, tostring(c + cost / weight))
   redis.call('HINCRBY', K_HELD, tenant, 1)
@@ -162,7 +165,7 @@ local function unqueue(ticket, tenant, band)
   redis.call('ZREM', K_TKX, ticket)
 end
 
-local function purge()
+local function purge_seats()
   for _, ticket in ipairs(redis.call('ZRANGEBYSCORE', K_SEATS, '-inf', now)) do
     local tenant = redis.call('HGET', K_LEASE, ticket)
     redis.call('HDEL', K_LEASE, ticket)
@@ -172,6 +175,9 @@ local function purge()
       maybe_idle(tenant)
     end
   end
+end
+
+local function purge_tickets()
   for _, ticket in ipairs(redis.call('ZRANGEBYSCORE', K_TKX, '-inf', now)) do
     local info = redis.call('HGET', K_TK, ticket)
     if info then
@@ -183,6 +189,16 @@ local function purge()
       redis.call('ZREM', K_TKX, ticket)
     end
   end
+end
+
+local function purge()
+  purge_seats()
+  purge_tickets()
+end
+
+local function waiting_now()
+  -- Queued tickets in the pool (each has a heartbeat entry: none queued, none to purge).
+  return num(redis.call('HGET', K_SYS, 'w'))
 end
 
 local function take(tenant, band, charge_band, lease_ms)
@@ -263,30 +279,40 @@ if op == 'acquire' then
   -- tokens, hold (expected seconds, 0: unknown), deadline (Redis ms, 0: none).
   -- Reply: {status, now, granted tickets...}; status 4: past the deadline (the caller has
   -- given up, tenantware/backends/redis_clock.py), nothing done.
-  local ticket, tenant, band = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
-  local cost, weight = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
-  local reserved, cap = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
-  local max_queue, lease_ms, hb_ms = tonumber(ARGV[a + 7]), tonumber(ARGV[a + 8]), tonumber(ARGV[a + 9])
-  local tokens, hold = tonumber(ARGV[a + 10]), tonumber(ARGV[a + 11])
-  local deadline = tonumber(ARGV[a + 12]) or 0
+  local ticket, tenant, band, cost, weight, reserved, cap, max_queue, lease_ms, hb_ms, tokens,
+    hold, deadline = cmsgpack.unpack(ARGV[3])
   if deadline > 0 and now > deadline then return {4, now} end
-  purge()
+  purge_seats()
+  local waiting = waiting_now()
+  if waiting > 0 then
+    purge_tickets()
+    waiting = waiting_now()
+  end
   expire()
   activate(tenant, weight)
+  local reserving = redis.call('SMEMBERS', K_RES)
   if reserved > 0 then
     redis.call('HSET', K_RESV, tenant, reserved)
-    redis.call('SADD', K_RES, tenant)
-  elseif redis.call('SREM', K_RES, tenant) == 1 then
-    redis.call('HDEL', K_RESV, tenant)
+    if redis.call('SADD', K_RES, tenant) == 1 then reserving[#reserving + 1] = tenant end
+  else
+    for i, name in ipairs(reserving) do
+      if name == tenant then
+        redis.call('SREM', K_RES, tenant)
+        redis.call('HDEL', K_RESV, tenant)
+        table.remove(reserving, i)
+        break
+      end
+    end
   end
   local held = num(redis.call('HGET', K_HELD, tenant))
-  local waiting = num(redis.call('HGET', K_SYS, 'w'))
-  if waiting == 0 and redis.call('ZCARD', K_SEATS) < seats and (cap == 0 or held < cap)
-    and fits(tenant, hold, held) and room() then
+  local in_use = 0
+  if waiting == 0 then in_use = redis.call('ZCARD', K_SEATS) end
+  if waiting == 0 and in_use < seats and (cap == 0 or held < cap)
+    and fits(tenant, hold, held, reserving, weight, in_use) and room() then
     local c = counter_of(tenant)
     local vt = num(redis.call('HGET', K_SYS, 'vt'))
-    if c < vt then redis.call('HSET', K_CTR, tenant, tostring(vt)) end
-    grant(ticket, tenant, cost, weight, lease_ms, tokens)
+    if c < vt then c = vt end
+    grant(ticket, tenant, cost, weight, lease_ms, tokens, c, vt)
     return {0, now}
   end
   local queued = num(redis.call('HGET', K_QN, tenant))
@@ -322,7 +348,7 @@ if op == 'acquire' then
   return {status, now, unpack(granted)}
 elseif op == 'poll' then
   -- ticket, lease_ms, heartbeat_ms: 0 granted, 1 still queued, 3 unknown (expired)
-  local ticket, lease_ms, hb_ms = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local ticket, lease_ms, hb_ms = cmsgpack.unpack(ARGV[3])
   purge()
   expire()
   local granted = dispatch(lease_ms)
@@ -333,39 +359,41 @@ elseif op == 'poll' then
   end
   return {3, unpack(granted)}
 elseif op == 'release' then
-  -- ticket, tenant, band, cost, weight, actual_cost, lease_ms, tokens, actual_tokens
-  local ticket, tenant, band = ARGV[a], ARGV[a + 1], ARGV[a + 2]
-  local cost, weight, actual = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
-  local lease_ms = tonumber(ARGV[a + 6])
-  local tokens, actual_tokens = tonumber(ARGV[a + 7]), tonumber(ARGV[a + 8])
-  purge()
+  -- ticket, tenant, band, cost, weight, actual_cost, lease_ms, tokens, actual_tokens.
+  -- With nobody waiting, expired seats and idle tenants are left to the next acquire (which
+  -- sweeps them before it decides): nothing is dispatched here that they could change.
+  local ticket, tenant, band, cost, weight, actual, lease_ms, tokens, actual_tokens =
+    cmsgpack.unpack(ARGV[3])
+  local waiting = waiting_now()
+  if waiting > 0 then purge() end
   if redis.call('ZREM', K_SEATS, ticket) == 1 then
-    redis.call('HINCRBY', K_HELD, tenant, -1)
+    local held = redis.call('HINCRBY', K_HELD, tenant, -1)
     redis.call('HDEL', K_LEASE, ticket)
     local c = num(redis.call('HGET', K_CTR, tenant))
     redis.call('HSET', K_CTR, tenant, tostring(c + (actual - cost) / weight))
     take_tokens(actual_tokens - tokens)
-    maybe_idle(tenant)
-  elseif redis.call('HEXISTS', K_TK, ticket) == 1 then
+    maybe_idle(tenant, held, waiting)
+  elseif waiting > 0 and redis.call('HEXISTS', K_TK, ticket) == 1 then
     -- Still queued (a cancel): leave the queue, nothing charged.
     redis.call('LREM', qkey(band, tenant), 1, ticket)
     unqueue(ticket, tenant, band)
     maybe_idle(tenant)
   end
+  if waiting == 0 then return {} end
   expire()
   return dispatch(lease_ms)
 elseif op == 'charge' then
   -- ticket, tenant, weight, extra: a long stream is charged as it goes (lease still held)
-  local ticket, tenant, weight, extra = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local ticket, tenant, weight, extra = cmsgpack.unpack(ARGV[3])
   if extra > 0 and redis.call('ZSCORE', K_SEATS, ticket) then
     local c = num(redis.call('HGET', K_CTR, tenant))
     redis.call('HSET', K_CTR, tenant, tostring(c + extra / weight))
   end
   return {}
 elseif op == 'renew' then
-  -- lease_ms, tickets...: push the expiry of leases still held
-  local lease_ms = tonumber(ARGV[a])
-  for i = a + 1, #ARGV do redis.call('ZADD', K_SEATS, 'XX', now + lease_ms, ARGV[i]) end
+  -- lease_ms, then the tickets as ARGV[4...]: push the expiry of leases still held
+  local lease_ms = cmsgpack.unpack(ARGV[3])
+  for i = 4, #ARGV do redis.call('ZADD', K_SEATS, 'XX', now + lease_ms, ARGV[i]) end
   return {}
 elseif op == 'state' then
   -- seats in use, waiting, then per tenant: name, counter, held, queued, oldest wait (ms)

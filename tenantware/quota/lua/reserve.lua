@@ -1,31 +1,28 @@
 -- Reserve one request against every limit of a plan: all granted, or nothing written.
--- KEYS: one per limit, all in one hash slot.
--- ARGV: now_us (negative: use Redis TIME), tokens, cost (nano-USD), ticket,
---       then kind, p1, p2 per limit (see tenantware/quota/plan.py), then deadline_us
---       (0: none; tenantware/backends/redis_clock.py), then charge (what a prepaid balance
---       pays, nano-USD).
+-- KEYS: one per limit, all in one hash slot (a caller may add keys after them).
+-- ARGV[1]: MessagePack (tenantware/backends/lua_args.py): the plan's limits as one array of
+--       kind, p1, p2 per limit (see tenantware/quota/plan.py, Plan.packed), then now_us
+--       (negative: use Redis TIME), tokens, cost (nano-USD), ticket, deadline_us (0: none;
+--       tenantware/backends/redis_clock.py), charge (what a prepaid balance pays, nano-USD).
 -- Reply: {allowed, failed index (0-based, -1), retry_after_us, now_us, remaining..., reset_us...}
 --        or {-1, -1, 0, now_us} when now is past the deadline: the caller has given up,
 --        nothing is checked or written.
-local now = tonumber(ARGV[1])
+-- Numbers go to redis.call as Lua numbers (Redis writes integers exactly, "%.17g"): no
+-- conversion in Lua. Only what changes is written: a window counter gets its expiry when its
+-- window starts (the expiry is the window's end either way); concurrency counts live slots
+-- and sweeps the expired ones on about one call in 64 (the renewal never brings one back).
+local plan, now, tokens, cost, ticket, deadline, charge = cmsgpack.unpack(ARGV[1])
 if now < 0 then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
-local deadline = tonumber(ARGV[5 + #KEYS * 3]) or 0
 if deadline > 0 and now > deadline then return {-1, -1, 0, now} end
-local tokens = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
-local charge_arg = ARGV[6 + #KEYS * 3] or ARGV[3]
-local charge = tonumber(charge_arg)
-local ticket = ARGV[4]
-local n = #KEYS
-local remaining, reset, staged = {}, {}, {}
+local n = #plan / 3
+local remaining, reset, staged, fresh = {}, {}, {}, {}
 local failed, budget_failed, retry = -1, -1, 0
 
 for i = 1, n do
-  local base = 4 + (i - 1) * 3
-  local kind, p1, p2 = ARGV[base + 1], tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
+  local kind, p1, p2 = plan[3 * i - 2], plan[3 * i - 1], plan[3 * i]
   local key = KEYS[i]
   remaining[i], reset[i], staged[i] = 0, 0, 0
   if kind == 'r' then
@@ -42,8 +39,9 @@ for i = 1, n do
       staged[i] = new
     end
   elseif kind == 'n' then
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now))
-    local held = redis.call('ZCARD', key)
+    -- Live slots only (scores are whole µs); the expired ones are swept now and then.
+    local held = redis.call('ZCOUNT', key, now + 1, '+inf')
+    if now % 64 == 0 then redis.call('ZREMRANGEBYSCORE', key, '-inf', now) end
     if held >= p2 then
       if failed < 0 then failed = i - 1 end
       if 1000000 > retry then retry = 1000000 end
@@ -66,7 +64,11 @@ for i = 1, n do
     if kind == 't' then amount = tokens end
     local state = redis.call('HMGET', key, 'w', 'v')
     local used = 0
-    if tonumber(state[1]) == window then used = tonumber(state[2]) or 0 end
+    if tonumber(state[1]) == window then
+      used = tonumber(state[2]) or 0
+    else
+      fresh[i] = true
+    end
     if used + amount > p2 then
       remaining[i] = math.max(0, p2 - used)
       if kind == 't' then
@@ -89,30 +91,32 @@ elseif failed >= 0 then
   allowed = 0
 else
   for i = 1, n do
-    local base = 4 + (i - 1) * 3
-    local kind, p1 = ARGV[base + 1], tonumber(ARGV[base + 2])
+    local kind, p1 = plan[3 * i - 2], plan[3 * i - 1]
     local key = KEYS[i]
     if kind == 'r' then
-      redis.call('SET', key, int(staged[i]), 'PX', int(math.ceil((staged[i] - now) / 1000) + 1))
+      redis.call('SET', key, staged[i], 'PX', math.ceil((staged[i] - now) / 1000) + 1)
     elseif kind == 'n' then
-      redis.call('ZADD', key, int(now + p1), ticket)
-      redis.call('PEXPIRE', key, int(math.ceil(p1 / 1000) + 1000))
+      redis.call('ZADD', key, now + p1, ticket)
+      redis.call('PEXPIRE', key, math.ceil(p1 / 1000) + 1000)
     elseif kind == 'b' then
-      local left = charge
-      if charge > 0 then left = tonumber(redis.call('HINCRBY', key, 'v', '-' .. charge_arg)) end
-      if charge <= 0 then left = tonumber(redis.call('HGET', key, 'v')) or 0 end
+      local left
+      if charge > 0 then
+        left = redis.call('HINCRBY', key, 'v', -charge)
+      else
+        left = tonumber(redis.call('HGET', key, 'v')) or 0
+      end
       if left < p1 and redis.call('HSETNX', key, 'warned', '1') == 1 then reset[i] = 1 end
     else
       local amount = cost
       if kind == 't' then amount = tokens end
-      if tonumber(redis.call('HGET', key, 'w')) == staged[i] then
-        redis.call('HINCRBY', key, 'v', int(amount))
+      if fresh[i] then
+        redis.call('HSET', key, 'w', staged[i], 'v', amount)
+        local ttl
+        if kind == 'm' then ttl = 32 * 86400000 else ttl = math.ceil(reset[i] / 1000) + 1000 end
+        redis.call('PEXPIRE', key, ttl)
       else
-        redis.call('HSET', key, 'w', int(staged[i]), 'v', int(amount))
+        redis.call('HINCRBY', key, 'v', amount)
       end
-      local ttl
-      if kind == 'm' then ttl = 32 * 86400000 else ttl = math.ceil(reset[i] / 1000) + 1000 end
-      redis.call('PEXPIRE', key, int(ttl))
     end
   end
 end
