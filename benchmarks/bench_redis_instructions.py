@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
@@ -53,7 +52,8 @@ async def _requests(url: str, count: int) -> dict[str, int]:
     tenant = config.tenants[0]
     prefix = "bench:"
     plan, separate = build_plan(config, tenant.id, tenant.limits, None, prefix, merge=True)
-    assert plan is not None and separate is None
+    assert plan is not None
+    assert separate is None
     scripts = MultiplexedRedis(url, timeout_s=120.0)
     async with connect_redis(url, timeout_s=120.0) as redis:
         primary = RedisQuotaStore(scripts, prefix=prefix)
@@ -68,7 +68,8 @@ async def _requests(url: str, count: int) -> dict[str, int]:
             decision, status = await joint.reserve_acquire(
                 plan, 94, 600_000, ticket, None, pool, seat
             )
-            assert decision.allowed and status == 0, (decision, status)
+            assert decision.allowed, decision
+            assert status == 0, status
             release = pool.start_release(seat, 80.0, 80.0)
             await quota.settle(plan, decision.now_us, ticket, -14, -90_000)
             await release

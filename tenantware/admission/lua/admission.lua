@@ -8,23 +8,17 @@
 -- ARGV: op, then MessagePack (tenantware/backends/lua_args.py): the pool's terms (seats,
 -- rate in tokens/s (0: none), burst in tokens, the bands' steps (1 / share) as one array,
 -- headroom in seats, short_s, linger_s), then the op's own arguments as a third string.
--- Numbers go to redis.call as Lua numbers where they are integers (no conversion in Lua);
--- counters stay written with tostring, as before.
+-- Times in ms are written with string.format('%d') (half the cost of handing the number to
+-- redis.call, which formats it with '%.17g'); counters stay written with tostring, as before.
 
 local base = KEYS[1]
 local K_SEATS = base .. ':seats'    -- zset lease(ticket id) -> expiry ms
 local K_LEASE = base .. ':lease'    -- hash ticket -> tenant (granted tickets)
 local K_HELD = base .. ':held'      -- hash tenant -> seats held
 local K_CTR = base .. ':ctr'        -- hash tenant -> virtual counter
-local K_RESV = base .. ':resv'      -- hash tenant -> reserved seats
-local K_RES = base .. ':res'        -- set of tenants with a reservation
 local K_SYS = base .. ':sys'        -- hash: vt, bvt, w (waiting), b1..bn, lvl/lts (bucket),
                                     -- aw (weight sum of the active tenants)
-local K_QN = base .. ':qn'          -- hash tenant -> queued tickets
-local K_W = base .. ':w'            -- hash tenant -> weight counted in aw (active tenants)
 local K_LEFT = base .. ':left'      -- zset tenant -> ms it went idle (lingering, still active)
-local K_TK = base .. ':tk'          -- hash ticket -> tenant|band|cost|weight|cap|tokens|since|hold
-local K_TKX = base .. ':tkx'        -- zset ticket -> heartbeat expiry ms (queued)
 
 local op = ARGV[1]
 local seats, rate, burst, steps, headroom, short_s, linger_s = cmsgpack.unpack(ARGV[2])
@@ -36,6 +30,43 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 local function num(v) return tonumber(v) or 0 end
+local function take_tokens(tokens)
+  if rate > 0 and tokens ~= 0 then
+    local lvl = redis.call('HGET', K_SYS, 'lvl')
+    if lvl then lvl = tonumber(lvl) else lvl = burst end
+    redis.call('HSET', K_SYS, 'lvl', tostring(math.min(burst, lvl - tokens)))
+  end
+end
+
+-- A release frees its seat here, before the helpers below are made: with nobody waiting
+-- (the usual case) that is all it does; expired seats and idle tenants are left to the next
+-- acquire, which sweeps them before it decides.
+local released, released_held, waiting
+if op == 'release' then
+  -- ticket, tenant, band, cost, weight, actual_cost, lease_ms, tokens, actual_tokens
+  local ticket, tenant, _, cost, weight, actual, _, tokens, actual_tokens =
+    cmsgpack.unpack(ARGV[3])
+  waiting = num(redis.call('HGET', K_SYS, 'w'))
+  released = redis.call('ZREM', K_SEATS, ticket) == 1
+  if released then
+    released_held = redis.call('HINCRBY', K_HELD, tenant, '-1')
+    redis.call('HDEL', K_LEASE, ticket)
+    local c = num(redis.call('HGET', K_CTR, tenant))
+    redis.call('HSET', K_CTR, tenant, tostring(c + (actual - cost) / weight))
+    take_tokens(actual_tokens - tokens)
+    if waiting == 0 and released_held <= 0 then redis.call('ZADD', K_LEFT, string.format('%d', now), tenant) end
+  end
+  if waiting == 0 then return {} end
+end
+
+-- The pool's other keys (the release above needs none of them).
+local K_RESV = base .. ':resv'      -- hash tenant -> reserved seats
+local K_RES = base .. ':res'        -- set of tenants with a reservation
+local K_QN = base .. ':qn'          -- hash tenant -> queued tickets
+local K_W = base .. ':w'            -- hash tenant -> weight counted in aw (active tenants)
+local K_TK = base .. ':tk'          -- hash ticket -> tenant|band|cost|weight|cap|tokens|since|hold
+local K_TKX = base .. ':tkx'        -- zset ticket -> heartbeat expiry ms (queued)
+
 local function qkey(band, tenant) return base .. ':q:' .. band .. ':' .. tenant end
 local function blkey(band) return base .. ':bl:' .. band end
 
@@ -67,13 +98,16 @@ local function counter_of(tenant)
 end
 
 local function activate(tenant, weight)
-  -- The tenant holds or waits for a seat: its weight counts in the active sum.
+  -- The tenant holds or waits for a seat: its weight counts in the active sum. Returns the
+  -- new sum when it changed it.
   local cw = num(redis.call('HGET', K_W, tenant))
+  local aw
   if cw ~= weight then
-    redis.call('HINCRBYFLOAT', K_SYS, 'aw', weight - cw)
+    aw = redis.call('HINCRBYFLOAT', K_SYS, 'aw', weight - cw)
     redis.call('HSET', K_W, tenant, tostring(weight))
   end
   redis.call('ZREM', K_LEFT, tenant)
+  return aw
 end
 
 local function maybe_idle(tenant, held, waiting)
@@ -87,8 +121,9 @@ local function maybe_idle(tenant, held, waiting)
 end
 
 local function expire()
-  local gone = redis.call('ZRANGEBYSCORE', K_LEFT, '-inf', now - linger_ms)
-  if #gone == 0 then return end
+  -- Returns whether a tenant left (the active sum changed).
+  local gone = redis.call('ZRANGEBYSCORE', K_LEFT, '-inf', string.format('%d', now - linger_ms))
+  if #gone == 0 then return false end
   for _, name in ipairs(gone) do
     local cw = num(redis.call('HGET', K_W, name))
     redis.call('HINCRBYFLOAT', K_SYS, 'aw', -cw)
@@ -98,13 +133,15 @@ local function expire()
   if redis.call('HLEN', K_W) == 0 then
     redis.call('HSET', K_SYS, 'aw', '0') -- no float drift survives an idle pool
   end
+  return true
 end
 
-local function fits(tenant, hold, held, reserving, weight, in_use)
+local function fits(tenant, hold, held, reserving, weight, in_use, aw)
   -- Protected seats: others' unused reserved seats, plus the headroom unless the tenant is
   -- below its seat share; a request within its own reservation, or expected
   -- to end within short_s, may take any free seat. The reserving tenants, the tenant's
-  -- weight and the seats in use may be given when the caller has just read them.
+  -- weight, the seats in use and the active sum (aw, false: none) may be given when the
+  -- caller has just read them.
   reserving = reserving or redis.call('SMEMBERS', K_RES)
   if headroom <= 0 and #reserving == 0 then return true end
   if #reserving > 0 and held < num(redis.call('HGET', K_RESV, tenant)) then return true end
@@ -117,7 +154,8 @@ local function fits(tenant, hold, held, reserving, weight, in_use)
     end
   end
   if headroom > 0 then
-    local aw = num(redis.call('HGET', K_SYS, 'aw'))
+    if aw == nil then aw = redis.call('HGET', K_SYS, 'aw') end
+    aw = num(aw)
     local w = weight or num(redis.call('HGET', K_W, tenant))
     if not (held * aw < seats * w * (1 - 1e-9)) then protected = protected + headroom end
   end
@@ -135,22 +173,14 @@ local function room()
   return lvl > 0
 end
 
-local function take_tokens(tokens)
-  if rate > 0 and tokens ~= 0 then
-    local lvl = redis.call('HGET', K_SYS, 'lvl')
-    if lvl then lvl = tonumber(lvl) else lvl = burst end
-    redis.call('HSET', K_SYS, 'lvl', tostring(math.min(burst, lvl - tokens)))
-  end
-end
-
 local function grant(ticket, tenant, cost, weight, lease_ms, tokens, c, vt)
   -- c, vt: the tenant's counter and the virtual time, when the caller has read them.
   if c == nil then c = counter_of(tenant) end
   if vt == nil then vt = num(redis.call('HGET', K_SYS, 'vt')) end
   if c > vt then redis.call('HSET', K_SYS, 'vt', tostring(c)) end
   redis.call('HSET', K_CTR, tenant, tostring(c + cost / weight))
-  redis.call('HINCRBY', K_HELD, tenant, 1)
-  redis.call('ZADD', K_SEATS, now + lease_ms, ticket)
+  redis.call('HINCRBY', K_HELD, tenant, '1')
+  redis.call('ZADD', K_SEATS, string.format('%d', now + lease_ms), ticket)
   redis.call('HSET', K_LEASE, ticket, tenant)
   take_tokens(tokens)
 end
@@ -166,7 +196,7 @@ local function unqueue(ticket, tenant, band)
 end
 
 local function purge_seats()
-  for _, ticket in ipairs(redis.call('ZRANGEBYSCORE', K_SEATS, '-inf', now)) do
+  for _, ticket in ipairs(redis.call('ZRANGEBYSCORE', K_SEATS, '-inf', string.format('%d', now))) do
     local tenant = redis.call('HGET', K_LEASE, ticket)
     redis.call('HDEL', K_LEASE, ticket)
     redis.call('ZREM', K_SEATS, ticket)
@@ -283,13 +313,14 @@ if op == 'acquire' then
     hold, deadline = cmsgpack.unpack(ARGV[3])
   if deadline > 0 and now > deadline then return {4, now} end
   purge_seats()
-  local waiting = waiting_now()
+  local sys = redis.call('HMGET', K_SYS, 'w', 'aw', 'vt')
+  local waiting, aw, vt = num(sys[1]), sys[2], num(sys[3])
   if waiting > 0 then
     purge_tickets()
     waiting = waiting_now()
   end
-  expire()
-  activate(tenant, weight)
+  if expire() then aw = nil end
+  aw = activate(tenant, weight) or aw
   local reserving = redis.call('SMEMBERS', K_RES)
   if reserved > 0 then
     redis.call('HSET', K_RESV, tenant, reserved)
@@ -308,9 +339,8 @@ if op == 'acquire' then
   local in_use = 0
   if waiting == 0 then in_use = redis.call('ZCARD', K_SEATS) end
   if waiting == 0 and in_use < seats and (cap == 0 or held < cap)
-    and fits(tenant, hold, held, reserving, weight, in_use) and room() then
+    and fits(tenant, hold, held, reserving, weight, in_use, aw) and room() then
     local c = counter_of(tenant)
-    local vt = num(redis.call('HGET', K_SYS, 'vt'))
     if c < vt then c = vt end
     grant(ticket, tenant, cost, weight, lease_ms, tokens, c, vt)
     return {0, now}
@@ -359,27 +389,17 @@ elseif op == 'poll' then
   end
   return {3, unpack(granted)}
 elseif op == 'release' then
-  -- ticket, tenant, band, cost, weight, actual_cost, lease_ms, tokens, actual_tokens.
-  -- With nobody waiting, expired seats and idle tenants are left to the next acquire (which
-  -- sweeps them before it decides): nothing is dispatched here that they could change.
-  local ticket, tenant, band, cost, weight, actual, lease_ms, tokens, actual_tokens =
-    cmsgpack.unpack(ARGV[3])
-  local waiting = waiting_now()
-  if waiting > 0 then purge() end
-  if redis.call('ZREM', K_SEATS, ticket) == 1 then
-    local held = redis.call('HINCRBY', K_HELD, tenant, -1)
-    redis.call('HDEL', K_LEASE, ticket)
-    local c = num(redis.call('HGET', K_CTR, tenant))
-    redis.call('HSET', K_CTR, tenant, tostring(c + (actual - cost) / weight))
-    take_tokens(actual_tokens - tokens)
-    maybe_idle(tenant, held, waiting)
-  elseif waiting > 0 and redis.call('HEXISTS', K_TK, ticket) == 1 then
+  -- Someone waits (the seat, if any, was freed above): sweep, dispatch.
+  local ticket, tenant, band, _, _, _, lease_ms = cmsgpack.unpack(ARGV[3])
+  purge()
+  if released then
+    maybe_idle(tenant, released_held, waiting)
+  elseif redis.call('HEXISTS', K_TK, ticket) == 1 then
     -- Still queued (a cancel): leave the queue, nothing charged.
     redis.call('LREM', qkey(band, tenant), 1, ticket)
     unqueue(ticket, tenant, band)
     maybe_idle(tenant)
   end
-  if waiting == 0 then return {} end
   expire()
   return dispatch(lease_ms)
 elseif op == 'charge' then
