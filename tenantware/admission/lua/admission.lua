@@ -67,31 +67,15 @@ local K_W = base .. ':w'            -- hash tenant -> weight counted in aw (acti
 local K_TK = base .. ':tk'          -- hash ticket -> tenant|band|cost|weight|cap|tokens|since|hold
 local K_TKX = base .. ':tkx'        -- zset ticket -> heartbeat expiry ms (queued)
 
-local function qkey(band, tenant) return base .. ':q:' .. band .. ':' .. tenant end
-local function blkey(band) return base .. ':bl:' .. band end
-
-local function split(s)
-  local out = {}
-  for part in string.gmatch(s, '([^|]+)') do out[#out + 1] = part end
-  return out
-end
-
-local function floor_counter()
-  -- Where a newly backlogged tenant starts: min counter of the backlogged, else vt.
-  local best = nil
-  for b = 1, nbands do
-    for _, name in ipairs(redis.call('SMEMBERS', blkey(b))) do
-      local c = num(redis.call('HGET', K_CTR, name))
-      if best == nil or c < best then best = c end
-    end
-  end
-  if best == nil then best = num(redis.call('HGET', K_SYS, 'vt')) end
-  return best
-end
+-- Helpers only a queue needs (queued tickets, bands, dispatch), made on first use by
+-- queue_helpers(): a closure costs 1-2 k instructions, and a seat granted at once needs none.
+local qkey, blkey, split, floor_counter, unqueue, purge_tickets, purge, waiting_now, take, pick,
+  dispatch, queue_helpers
 
 local function counter_of(tenant)
   local c = redis.call('HGET', K_CTR, tenant)
   if c then return tonumber(c) end
+  queue_helpers()
   local f = floor_counter()
   redis.call('HSET', K_CTR, tenant, tostring(f))
   return f
@@ -185,16 +169,6 @@ local function grant(ticket, tenant, cost, weight, lease_ms, tokens, c, vt)
   take_tokens(tokens)
 end
 
-local function unqueue(ticket, tenant, band)
-  redis.call('HINCRBY', K_QN, tenant, -1)
-  redis.call('HINCRBY', K_SYS, 'w', -1)
-  if redis.call('LLEN', qkey(band, tenant)) == 0 then
-    redis.call('SREM', blkey(band), tenant)
-  end
-  redis.call('HDEL', K_TK, ticket)
-  redis.call('ZREM', K_TKX, ticket)
-end
-
 local function purge_seats()
   for _, ticket in ipairs(redis.call('ZRANGEBYSCORE', K_SEATS, '-inf', string.format('%d', now))) do
     local tenant = redis.call('HGET', K_LEASE, ticket)
@@ -207,101 +181,137 @@ local function purge_seats()
   end
 end
 
-local function purge_tickets()
-  for _, ticket in ipairs(redis.call('ZRANGEBYSCORE', K_TKX, '-inf', now)) do
-    local info = redis.call('HGET', K_TK, ticket)
-    if info then
-      local f = split(info)
-      redis.call('LREM', qkey(f[2], f[1]), 1, ticket)
-      unqueue(ticket, f[1], f[2])
-      maybe_idle(f[1])
-    else
-      redis.call('ZREM', K_TKX, ticket)
-    end
+queue_helpers = function()
+  if dispatch then return end
+  qkey = function(band, tenant) return base .. ':q:' .. band .. ':' .. tenant end
+
+  blkey = function(band) return base .. ':bl:' .. band end
+
+  split = function(s)
+    local out = {}
+    for part in string.gmatch(s, '([^|]+)') do out[#out + 1] = part end
+    return out
   end
-end
 
-local function purge()
-  purge_seats()
-  purge_tickets()
-end
-
-local function waiting_now()
-  -- Queued tickets in the pool (each has a heartbeat entry: none queued, none to purge).
-  return num(redis.call('HGET', K_SYS, 'w'))
-end
-
-local function take(tenant, band, charge_band, lease_ms)
-  local ticket = redis.call('LPOP', qkey(band, tenant))
-  local f = split(redis.call('HGET', K_TK, ticket))
-  unqueue(ticket, tenant, band)
-  if charge_band then
-    local field = 'b' .. band
-    local bc = num(redis.call('HGET', K_SYS, field))
-    local bvt = num(redis.call('HGET', K_SYS, 'bvt'))
-    if bc > bvt then redis.call('HSET', K_SYS, 'bvt', tostring(bc)) end
-    redis.call('HSET', K_SYS, field, tostring(bc + steps[band]))
-  end
-  grant(ticket, tenant, tonumber(f[3]), tonumber(f[4]), lease_ms, tonumber(f[6]))
-  return ticket
-end
-
-local function pick(lease_ms)
-  -- Guaranteed seats first.
-  local best, best_c = nil, 0
-  for _, name in ipairs(redis.call('SMEMBERS', K_RES)) do
-    if num(redis.call('HGET', K_QN, name)) > 0
-      and num(redis.call('HGET', K_HELD, name)) < num(redis.call('HGET', K_RESV, name)) then
-      local c = num(redis.call('HGET', K_CTR, name))
-      if best == nil or c < best_c then best, best_c = name, c end
-    end
-  end
-  if best ~= nil then
+  floor_counter = function()
+    -- Where a newly backlogged tenant starts: min counter of the backlogged, else vt.
+    local best = nil
     for b = 1, nbands do
-      if redis.call('LLEN', qkey(b, best)) > 0 then return take(best, b, false, lease_ms) end
-    end
-  end
-  -- Then bands by counter, tenants inside a band by counter.
-  local order = {}
-  for b = 1, nbands do
-    if redis.call('SCARD', blkey(b)) > 0 then
-      order[#order + 1] = {num(redis.call('HGET', K_SYS, 'b' .. b)), b}
-    end
-  end
-  table.sort(order, function(x, y) return x[1] < y[1] or (x[1] == y[1] and x[2] < y[2]) end)
-  for _, entry in ipairs(order) do
-    local b = entry[2]
-    best = nil
-    for _, name in ipairs(redis.call('SMEMBERS', blkey(b))) do
-      local head = redis.call('LINDEX', qkey(b, name), 0)
-      local cap, hold = 0, 0
-      if head then
-        local info = redis.call('HGET', K_TK, head)
-        if info then
-          local f = split(info)
-          cap, hold = tonumber(f[5]), tonumber(f[8]) or 0
-        end
+      for _, name in ipairs(redis.call('SMEMBERS', blkey(b))) do
+        local c = num(redis.call('HGET', K_CTR, name))
+        if best == nil or c < best then best = c end
       end
-      local held = num(redis.call('HGET', K_HELD, name))
-      if (cap == 0 or held < cap) and fits(name, hold, held) then
+    end
+    if best == nil then best = num(redis.call('HGET', K_SYS, 'vt')) end
+    return best
+  end
+
+  unqueue = function(ticket, tenant, band)
+    redis.call('HINCRBY', K_QN, tenant, -1)
+    redis.call('HINCRBY', K_SYS, 'w', -1)
+    if redis.call('LLEN', qkey(band, tenant)) == 0 then
+      redis.call('SREM', blkey(band), tenant)
+    end
+    redis.call('HDEL', K_TK, ticket)
+    redis.call('ZREM', K_TKX, ticket)
+  end
+
+  purge_tickets = function()
+    for _, ticket in ipairs(redis.call('ZRANGEBYSCORE', K_TKX, '-inf', now)) do
+      local info = redis.call('HGET', K_TK, ticket)
+      if info then
+        local f = split(info)
+        redis.call('LREM', qkey(f[2], f[1]), 1, ticket)
+        unqueue(ticket, f[1], f[2])
+        maybe_idle(f[1])
+      else
+        redis.call('ZREM', K_TKX, ticket)
+      end
+    end
+  end
+
+  purge = function()
+    purge_seats()
+    purge_tickets()
+  end
+
+  waiting_now = function()
+    -- Queued tickets in the pool (each has a heartbeat entry: none queued, none to purge).
+    return num(redis.call('HGET', K_SYS, 'w'))
+  end
+
+  take = function(tenant, band, charge_band, lease_ms)
+    local ticket = redis.call('LPOP', qkey(band, tenant))
+    local f = split(redis.call('HGET', K_TK, ticket))
+    unqueue(ticket, tenant, band)
+    if charge_band then
+      local field = 'b' .. band
+      local bc = num(redis.call('HGET', K_SYS, field))
+      local bvt = num(redis.call('HGET', K_SYS, 'bvt'))
+      if bc > bvt then redis.call('HSET', K_SYS, 'bvt', tostring(bc)) end
+      redis.call('HSET', K_SYS, field, tostring(bc + steps[band]))
+    end
+    grant(ticket, tenant, tonumber(f[3]), tonumber(f[4]), lease_ms, tonumber(f[6]))
+    return ticket
+  end
+
+  pick = function(lease_ms)
+    -- Guaranteed seats first.
+    local best, best_c = nil, 0
+    for _, name in ipairs(redis.call('SMEMBERS', K_RES)) do
+      if num(redis.call('HGET', K_QN, name)) > 0
+        and num(redis.call('HGET', K_HELD, name)) < num(redis.call('HGET', K_RESV, name)) then
         local c = num(redis.call('HGET', K_CTR, name))
         if best == nil or c < best_c then best, best_c = name, c end
       end
     end
-    if best ~= nil then return take(best, b, true, lease_ms) end
+    if best ~= nil then
+      for b = 1, nbands do
+        if redis.call('LLEN', qkey(b, best)) > 0 then return take(best, b, false, lease_ms) end
+      end
+    end
+    -- Then bands by counter, tenants inside a band by counter.
+    local order = {}
+    for b = 1, nbands do
+      if redis.call('SCARD', blkey(b)) > 0 then
+        order[#order + 1] = {num(redis.call('HGET', K_SYS, 'b' .. b)), b}
+      end
+    end
+    table.sort(order, function(x, y) return x[1] < y[1] or (x[1] == y[1] and x[2] < y[2]) end)
+    for _, entry in ipairs(order) do
+      local b = entry[2]
+      best = nil
+      for _, name in ipairs(redis.call('SMEMBERS', blkey(b))) do
+        local head = redis.call('LINDEX', qkey(b, name), 0)
+        local cap, hold = 0, 0
+        if head then
+          local info = redis.call('HGET', K_TK, head)
+          if info then
+            local f = split(info)
+            cap, hold = tonumber(f[5]), tonumber(f[8]) or 0
+          end
+        end
+        local held = num(redis.call('HGET', K_HELD, name))
+        if (cap == 0 or held < cap) and fits(name, hold, held) then
+          local c = num(redis.call('HGET', K_CTR, name))
+          if best == nil or c < best_c then best, best_c = name, c end
+        end
+      end
+      if best ~= nil then return take(best, b, true, lease_ms) end
+    end
+    return nil
   end
-  return nil
-end
 
-local function dispatch(lease_ms)
-  local granted = {}
-  while num(redis.call('HGET', K_SYS, 'w')) > 0 and redis.call('ZCARD', K_SEATS) < seats
-    and room() do
-    local ticket = pick(lease_ms)
-    if ticket == nil then break end
-    granted[#granted + 1] = ticket
+  dispatch = function(lease_ms)
+    local granted = {}
+    while num(redis.call('HGET', K_SYS, 'w')) > 0 and redis.call('ZCARD', K_SEATS) < seats
+      and room() do
+      local ticket = pick(lease_ms)
+      if ticket == nil then break end
+      granted[#granted + 1] = ticket
+    end
+    return granted
   end
-  return granted
 end
 
 if op == 'acquire' then
@@ -316,6 +326,7 @@ if op == 'acquire' then
   local sys = redis.call('HMGET', K_SYS, 'w', 'aw', 'vt')
   local waiting, aw, vt = num(sys[1]), sys[2], num(sys[3])
   if waiting > 0 then
+    queue_helpers()
     purge_tickets()
     waiting = waiting_now()
   end
@@ -345,6 +356,7 @@ if op == 'acquire' then
     grant(ticket, tenant, cost, weight, lease_ms, tokens, c, vt)
     return {0, now}
   end
+  queue_helpers()
   local queued = num(redis.call('HGET', K_QN, tenant))
   if queued >= max_queue then return {2, now} end
   if queued == 0 then
@@ -379,6 +391,7 @@ if op == 'acquire' then
 elseif op == 'poll' then
   -- ticket, lease_ms, heartbeat_ms: 0 granted, 1 still queued, 3 unknown (expired)
   local ticket, lease_ms, hb_ms = cmsgpack.unpack(ARGV[3])
+  queue_helpers()
   purge()
   expire()
   local granted = dispatch(lease_ms)
@@ -391,6 +404,7 @@ elseif op == 'poll' then
 elseif op == 'release' then
   -- Someone waits (the seat, if any, was freed above): sweep, dispatch.
   local ticket, tenant, band, _, _, _, lease_ms = cmsgpack.unpack(ARGV[3])
+  queue_helpers()
   purge()
   if released then
     maybe_idle(tenant, released_held, waiting)
@@ -417,6 +431,7 @@ elseif op == 'renew' then
   return {}
 elseif op == 'state' then
   -- seats in use, waiting, then per tenant: name, counter, held, queued, oldest wait (ms)
+  queue_helpers()
   purge()
   local oldest = {}
   local tk = redis.call('HGETALL', K_TK)
