@@ -41,6 +41,7 @@ from tenantware.admission.store import UNAVAILABLE, PoolSpec
 from tenantware.backends.errors import STORE_UNAVAILABLE
 from tenantware.backends.failover import Failover
 from tenantware.backends.keys import tenant_key
+from tenantware.backends.lua_args import pack_values
 from tenantware.backends.multiplex import RedisTimeoutError
 from tenantware.backends.redis_clock import GivenUp, RedisClock, budget_of
 from tenantware.backends.redis_support import (
@@ -110,17 +111,7 @@ class RedisSeatStore:
         self._short_s = short_s
         self._keys = [tenant_key(prefix, f"adm:{pool}")]
         self._channel = self._keys[0] + ":wake"
-        rate = tokens_per_s or 0.0
-        self._head = [
-            str(seats),
-            repr(float(rate)),
-            repr(rate * burst_s),
-            str(len(band_shares)),
-            *map(repr, map(float, band_shares)),
-            str(headroom),
-            repr(float(short_s)),
-            repr(LINGER_S),
-        ]
+        self._head = self._terms(seats)
         #: Decisions run on ``scripts`` when given (the pipelined connection); pub/sub on redis.
         self._script: Any = register_script(scripts or redis, _SCRIPT)
         self.max_queue = max_queue
@@ -179,6 +170,20 @@ class RedisSeatStore:
             failover=failover,
         )
 
+    def _terms(self, seats: int) -> bytes:
+        """The pool's terms as every call of the script takes them (packed once)."""
+        rate = float(self._tokens_per_s or 0.0)
+        steps = [1 / float(share) for share in self._band_shares]
+        return pack_values(
+            seats,
+            rate,
+            rate * self._burst_s,
+            steps,
+            self._headroom,
+            float(self._short_s),
+            float(LINGER_S),
+        )
+
     def _local_pool(self) -> MemorySeatStore:
         """This process's share of the pool, for the ``local`` policy."""
         if self._local is None:
@@ -199,7 +204,7 @@ class RedisSeatStore:
         self.failover.degraded(self.on_failure)
 
     async def _call(self, op: str, *args: Any) -> Any:
-        return await self._script(keys=self._keys, args=[op, *self._head, *args])
+        return await self._script(keys=self._keys, args=[op, self._head, pack_values(*args)])
 
     def _wake(self, granted: Sequence[Any]) -> list[bytes]:
         """Wake this process's waiters among ``granted``; the other processes' ticket ids."""
@@ -260,20 +265,22 @@ class RedisSeatStore:
         self._name(ticket)
         return [
             "acquire",
-            *self._head,
-            ticket.id,
-            ticket.tenant,
-            ticket.band + 1,
-            repr(ticket.cost),
-            repr(ticket.weight),
-            ticket.reserved,
-            ticket.cap,
-            self.max_queue,
-            self.lease_ms,
-            self.heartbeat_ms,
-            repr(float(ticket.tokens)),
-            repr(float(ticket.hold)),
-            deadline_ms,
+            self._head,
+            pack_values(
+                ticket.id,
+                ticket.tenant,
+                ticket.band + 1,
+                float(ticket.cost),
+                float(ticket.weight),
+                ticket.reserved,
+                ticket.cap,
+                self.max_queue,
+                self.lease_ms,
+                self.heartbeat_ms,
+                float(ticket.tokens),
+                float(ticket.hold),
+                deadline_ms,
+            ),
         ]
 
     def _name(self, ticket: Ticket) -> None:
@@ -306,12 +313,12 @@ class RedisSeatStore:
                 ticket.id,
                 ticket.tenant,
                 ticket.band + 1,
-                repr(ticket.cost),
-                repr(ticket.weight),
-                repr(0.0),
+                float(ticket.cost),
+                float(ticket.weight),
+                0.0,
                 self.lease_ms,
-                repr(float(ticket.tokens)),
-                repr(0.0),
+                float(ticket.tokens),
+                0.0,
             )
         )
 
@@ -402,12 +409,12 @@ class RedisSeatStore:
             ticket.id,
             ticket.tenant,
             ticket.band + 1,
-            repr(ticket.cost),
-            repr(ticket.weight),
-            repr(float(actual_cost)),
+            float(ticket.cost),
+            float(ticket.weight),
+            float(actual_cost),
             self.lease_ms,
-            repr(float(ticket.tokens)),
-            repr(float(ticket.tokens if actual_tokens is None else actual_tokens)),
+            float(ticket.tokens),
+            float(ticket.tokens if actual_tokens is None else actual_tokens),
         )
         if self.failover.down:
             # Sent once Redis answers again (the seat stays taken until then).
@@ -415,7 +422,8 @@ class RedisSeatStore:
             self.failover.degraded(self.on_failure)
             return _done()
         return self._released(
-            self._script.send(keys=self._keys, args=["release", *self._head, *args]), args
+            self._script.send(keys=self._keys, args=["release", self._head, pack_values(*args)]),
+            args,
         )
 
     async def _released(self, reply: Awaitable[Any], args: tuple[Any, ...]) -> None:
@@ -448,7 +456,7 @@ class RedisSeatStore:
         ticket.cost += extra_cost  # the release corrects from the charge so far
         try:
             await self._call(
-                "charge", ticket.id, ticket.tenant, repr(ticket.weight), repr(float(extra_cost))
+                "charge", ticket.id, ticket.tenant, float(ticket.weight), float(extra_cost)
             )
         except STORE_UNAVAILABLE as exc:
             # Only this early correction is lost; the release still corrects from the estimate.
@@ -467,7 +475,10 @@ class RedisSeatStore:
             await anyio.sleep(self.lease_s / 3)
             if self._held:
                 try:
-                    await self._call("renew", self.lease_ms, *self._held)
+                    await self._script(
+                        keys=self._keys,
+                        args=["renew", self._head, pack_values(self.lease_ms), *self._held],
+                    )
                 except STORE_UNAVAILABLE as exc:
                     self._failed(exc, "renew")
 
@@ -498,7 +509,7 @@ class RedisSeatStore:
     def resize(self, seats: int) -> None:
         # Every call passes the seat count; the next decision (or waiter's poll) applies it.
         self.seats = seats
-        self._head[0] = str(seats)
+        self._head = self._terms(seats)
         if self._local is not None:
             self._local.resize(max(1, seats // self.replicas))
 

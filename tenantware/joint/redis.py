@@ -84,12 +84,11 @@ class RedisReserveAcquire:
         acquired: list[Any] = []
 
         async def call() -> Decision:
-            now, args = primary.reserve_args(plan, tokens, cost, ticket, charge)
-            keys = plan.keys
+            now, arg = primary.reserve_args(plan, tokens, cost, ticket, charge)
             try:
                 reply = await self._script(
-                    keys=[*keys, *pool.keys],
-                    args=[len(keys), len(args), *args, *pool.acquire_args(seat_ticket, 0)],
+                    keys=[*plan.keys, *pool.keys],
+                    args=[arg, *pool.acquire_args(seat_ticket, 0)],
                 )
             except (*STORE_UNAVAILABLE, anyio.get_cancelled_exc_class()):
                 pool.given_up(seat_ticket)  # Redis may run it yet, before its deadline

@@ -12,6 +12,7 @@ import math
 from typing import Final
 
 from tenantware.backends.keys import tenant_key
+from tenantware.backends.lua_args import pack_values
 from tenantware.config import (
     FailurePolicy,
     GatewayConfig,
@@ -36,6 +37,7 @@ __all__ = [
     "build_plan",
     "is_global",
     "month_index",
+    "windows_at",
 ]
 
 SECOND_US: Final = 1_000_000
@@ -66,6 +68,8 @@ _GROUP = {
     KIND_CONCURRENCY: "concurrency",
     KIND_BALANCE: "balance",
 }
+#: Kinds counted per window (the window's number is stored with the counter).
+_WINDOWED = (KIND_TOKENS, KIND_SPEND, KIND_MONTHLY_SPEND)
 _WINDOWS = (("second", 1), ("minute", 60), ("hour", 3600), ("day", 86_400))
 _SHORT = {"second": "s", "minute": "m", "hour": "h", "day": "d"}
 
@@ -116,6 +120,8 @@ class Plan:
         "keys",
         "limits",
         "local",
+        "packed",
+        "windowed",
     )
 
     def __init__(
@@ -133,6 +139,20 @@ class Plan:
             args.extend((limit.kind, limit.p1, limit.p2))
         #: ``kind, p1, p2`` per limit, as the Lua scripts read them.
         self.args = tuple(args)
+        #: ``kind, p1, p2, key ttl`` per limit as MessagePack, packed once: what the reserve
+        #: and settle scripts take (``_key_ttl_ms``).
+        self.packed = pack_values(
+            *(
+                value
+                for limit in limits
+                for value in (limit.kind, limit.p1, limit.p2, _key_ttl_ms(limit))
+            )
+        )
+        #: ``(kind, p1)`` of each limit whose counter is per window (``None`` for the others):
+        #: what ``windows_at`` computes a window for.
+        self.windowed = tuple(
+            (limit.kind, limit.p1) if limit.kind in _WINDOWED else None for limit in limits
+        )
         #: A store outage rejects the request (some limit's policy is ``closed``).
         self.closed = any(limit.policy == "closed" for limit in limits)
         local = [limit.scaled(replicas) for limit in limits if limit.policy == "local"]
@@ -165,6 +185,29 @@ class Plan:
 
     def __repr__(self) -> str:
         return f"Plan({list(self.limits)!r})"
+
+
+def _key_ttl_ms(limit: Limit) -> str:
+    """The expiry (ms, as a string) the reserve script gives a key it writes: a concurrency
+    key outlives a slot taken now by a second; a request rate's theoretical arrival time is
+    at most its tolerance ahead of now (past it the key means nothing). "" otherwise."""
+    if limit.kind == KIND_CONCURRENCY:
+        return str(-(-limit.p1 // 1000) + 1000)
+    if limit.kind == KIND_REQUESTS:
+        return str(-(-limit.p2 // 1000) + 1)
+    return ""
+
+
+def windows_at(plan: Plan, now_us: int) -> list[str]:
+    """The window of each limit of ``plan`` at ``now_us`` as the Lua scripts number it ("" for
+    a limit without windows), as strings: the settle script compares them with the window a
+    counter holds, as Redis stores it."""
+    return [
+        ""
+        if window is None
+        else str(month_index(now_us) if window[0] == KIND_MONTHLY_SPEND else now_us // window[1])
+        for window in plan.windowed
+    ]
 
 
 def balance_key(prefix: str, tenant_id: str) -> str:

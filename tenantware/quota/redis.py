@@ -23,10 +23,11 @@ from typing import Any
 import anyio
 
 from tenantware.backends.errors import STORE_UNAVAILABLE
+from tenantware.backends.lua_args import pack_values
 from tenantware.backends.multiplex import RedisTimeoutError
 from tenantware.backends.redis_clock import RedisClock, budget_of
 from tenantware.backends.redis_support import ScriptHost, register_script, single_node
-from tenantware.quota.plan import KIND_CONCURRENCY, Plan, balance_key
+from tenantware.quota.plan import KIND_CONCURRENCY, Plan, balance_key, windows_at
 from tenantware.quota.store import Decision
 
 __all__ = ["RedisQuotaStore", "lua_source"]
@@ -40,7 +41,8 @@ def lua_source(name: str) -> str:
 
 
 _RESERVE = lua_source("reserve")
-_SETTLE = lua_source("settle")
+#: Settle needs none of the shared helpers (its windows come from Python: ``windows_at``).
+_SETTLE = (files("tenantware.quota") / "lua" / "settle.lua").read_text()
 _USAGE = lua_source("usage")
 _RENEW = lua_source("renew")
 #: Slots renewed per script call: bounds how long one renewal holds Redis.
@@ -87,26 +89,27 @@ class RedisQuotaStore:
     async def reserve(
         self, plan: Plan, tokens: int, cost: int, ticket: str, *, charge: int | None = None
     ) -> Decision:
-        now, args = self.reserve_args(plan, tokens, cost, ticket, charge)
-        return self.reserved(plan, ticket, now, await self._reserve(keys=plan.keys, args=args))
+        now, arg = self.reserve_args(plan, tokens, cost, ticket, charge)
+        return self.reserved(plan, ticket, now, await self._reserve(keys=plan.keys, args=(arg,)))
 
     def reserve_args(
         self, plan: Plan, tokens: int, cost: int, ticket: str, charge: int | None = None
-    ) -> tuple[int, tuple[int | str, ...]]:
-        """The time argument and ``ARGV`` of one reservation (``KEYS``: ``plan.keys``);
-        ``reserved`` reads its reply. Apart so that another script can run the reservation
-        (``tenantware.joint``) with the same layout."""
+    ) -> tuple[int, bytes]:
+        """The time argument and the one ``ARGV`` string of a reservation (``KEYS``:
+        ``plan.keys``); ``reserved`` reads its reply. Apart so that another script can run
+        the reservation (``tenantware.joint``) with the same layout."""
         now = self._now()
         deadline = self.redis_clock.deadline(self.budget_s) if now < 0 else 0
-        return now, (
+        return now, pack_values(
             now,
             tokens,
             cost,
             ticket,
-            *plan.args,
             deadline,
             cost if charge is None else charge,
-        )
+            str(tokens),
+            str(cost),
+        ) + plan.packed
 
     def reserved(self, plan: Plan, ticket: str, now: int, reply: Any) -> Decision:
         """The decision of a reservation's reply; raises ``StoreUnavailable`` when Redis ran
@@ -144,18 +147,18 @@ class RedisQuotaStore:
         if plan.holds_slots:
             self._held.discard((plan, ticket))
         balance_delta = -(cost_delta if charge_delta is None else charge_delta)
-        await self._settle(
-            keys=plan.keys,
-            args=(
-                now_us,
-                tokens_delta,
-                cost_delta,
+        arg = (
+            pack_values(
+                str(tokens_delta),
+                str(cost_delta),
                 ticket,
                 1 if cancel else 0,
-                *plan.args,
-                balance_delta,
-            ),
+                str(balance_delta),
+                *windows_at(plan, now_us),
+            )
+            + plan.packed
         )
+        await self._settle(keys=plan.keys, args=(arg,))
 
     async def usage(self, plan: Plan) -> list[int]:
         reply = await self._usage(keys=plan.keys, args=(self._now(), 0, 0, "", *plan.args))

@@ -1,4 +1,4 @@
--- Shared by reserve.lua and settle.lua (concatenated in front of each when loaded).
+-- Shared by the quota scripts but settle.lua (concatenated in front of each when loaded).
 local DAY = 86400000000
 
 -- Integers are written as "%.0f": tostring() would round them to 14 digits.

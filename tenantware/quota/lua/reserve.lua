@@ -1,33 +1,37 @@
 -- Reserve one request against every limit of a plan: all granted, or nothing written.
--- KEYS: one per limit, all in one hash slot.
--- ARGV: now_us (negative: use Redis TIME), tokens, cost (nano-USD), ticket,
---       then kind, p1, p2 per limit (see tenantware/quota/plan.py), then deadline_us
---       (0: none; tenantware/backends/redis_clock.py), then charge (what a prepaid balance
---       pays, nano-USD).
+-- KEYS: one per limit, all in one hash slot (a caller may add keys after them).
+-- ARGV[1]: MessagePack values (tenantware/backends/lua_args.py): now_us (negative: use Redis
+--       TIME), tokens, cost (nano-USD), ticket, deadline_us (0: none;
+--       tenantware/backends/redis_clock.py), charge (what a prepaid balance pays, nano-USD),
+--       tokens and cost again as strings (written as they are), then kind, p1, p2, key ttl
+--       per limit (tenantware/quota/plan.py, Plan.packed).
 -- Reply: {allowed, failed index (0-based, -1), retry_after_us, now_us, remaining..., reset_us...}
 --        or {-1, -1, 0, now_us} when now is past the deadline: the caller has given up,
 --        nothing is checked or written.
-local now = tonumber(ARGV[1])
+-- A time written as a string is formatted with '%d' (an integer: half the cost of handing
+-- the number to redis.call, which formats it with '%.17g'); other numbers go as they are. Only what changes is written: a window counter gets its expiry when its
+-- window starts (the expiry is the window's end either way), a request rate's key expires
+-- after its tolerance (its arrival time is never further ahead); concurrency counts live slots
+-- and sweeps the expired ones on about one call in 64 (the renewal never brings one back).
+local v = {cmsgpack.unpack(ARGV[1])}
+local now, tokens, cost, ticket, deadline, charge = v[1], v[2], v[3], v[4], v[5], v[6]
+local tokens_s, cost_s = v[7], v[8]
 if now < 0 then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
-local deadline = tonumber(ARGV[5 + #KEYS * 3]) or 0
 if deadline > 0 and now > deadline then return {-1, -1, 0, now} end
-local tokens = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
-local charge_arg = ARGV[6 + #KEYS * 3] or ARGV[3]
-local charge = tonumber(charge_arg)
-local ticket = ARGV[4]
-local n = #KEYS
-local remaining, reset, staged = {}, {}, {}
+local n = (#v - 8) / 4
+-- The reply: {allowed, failed, retry, now, remaining (n), reset (n)}; staged: what a grant
+-- writes per limit (a window counter's window: false when the window starts now).
+local reply, staged = {0, -1, 0, now}, {}
 local failed, budget_failed, retry = -1, -1, 0
 
 for i = 1, n do
-  local base = 4 + (i - 1) * 3
-  local kind, p1, p2 = ARGV[base + 1], tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
+  local j = 4 * i + 5
+  local kind, p1, p2 = v[j], v[j + 1], v[j + 2]
   local key = KEYS[i]
-  remaining[i], reset[i], staged[i] = 0, 0, 0
+  local remaining, reset = 0, 0
   if kind == 'r' then
     local tat = tonumber(redis.call('GET', key)) or now
     if tat < now then tat = now end
@@ -35,89 +39,93 @@ for i = 1, n do
     if new - now > p2 then
       if failed < 0 then failed = i - 1 end
       if new - p2 - now > retry then retry = new - p2 - now end
-      reset[i] = tat - now
+      reset = tat - now
     else
-      remaining[i] = math.floor((p2 - (new - now)) / p1)
-      reset[i] = new - now
+      remaining = math.floor((p2 - (new - now)) / p1)
+      reset = new - now
       staged[i] = new
     end
   elseif kind == 'n' then
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now))
-    local held = redis.call('ZCARD', key)
+    -- Live slots only (scores are whole µs); the expired ones are swept now and then.
+    local held = redis.call('ZCOUNT', key, string.format('%d', now + 1), '+inf')
+    if now % 64 == 0 then redis.call('ZREMRANGEBYSCORE', key, '-inf', now) end
     if held >= p2 then
       if failed < 0 then failed = i - 1 end
       if 1000000 > retry then retry = 1000000 end
-      reset[i] = 1000000
+      reset = 1000000
     else
-      remaining[i] = p2 - held - 1
+      remaining = p2 - held - 1
     end
   elseif kind == 'b' then
     local balance = tonumber(redis.call('HGET', key, 'v')) or 0
     if balance <= 0 or balance < charge then
-      remaining[i] = math.max(0, balance)
+      remaining = math.max(0, balance)
       if budget_failed < 0 then budget_failed = i - 1 end
     else
-      remaining[i] = balance - charge
+      remaining = balance - charge
     end
   else
     local window = window_of(kind, p1, now)
-    if kind ~= 'm' then reset[i] = (window + 1) * p1 - now end
+    if kind ~= 'm' then reset = (window + 1) * p1 - now end
     local amount = cost
     if kind == 't' then amount = tokens end
     local state = redis.call('HMGET', key, 'w', 'v')
     local used = 0
-    if tonumber(state[1]) == window then used = tonumber(state[2]) or 0 end
+    local same = tonumber(state[1]) == window
+    if same then used = tonumber(state[2]) or 0 end
     if used + amount > p2 then
-      remaining[i] = math.max(0, p2 - used)
+      remaining = math.max(0, p2 - used)
       if kind == 't' then
         if failed < 0 then failed = i - 1 end
-        if reset[i] > retry then retry = reset[i] end
+        if reset > retry then retry = reset end
       elseif budget_failed < 0 then
         budget_failed = i - 1
       end
     else
-      remaining[i] = p2 - used - amount
-      staged[i] = window
+      remaining = p2 - used - amount
+      staged[i] = same and window
     end
   end
+  reply[4 + i], reply[4 + n + i] = remaining, reset
 end
 
-local allowed = 1
 if budget_failed >= 0 then
-  allowed, failed, retry = 0, budget_failed, 0
+  reply[2], reply[3] = budget_failed, 0
+  return reply
 elseif failed >= 0 then
-  allowed = 0
+  reply[2], reply[3] = failed, retry
+  return reply
 else
+  reply[1] = 1
   for i = 1, n do
-    local base = 4 + (i - 1) * 3
-    local kind, p1 = ARGV[base + 1], tonumber(ARGV[base + 2])
+    local j = 4 * i + 5
+    local kind, p1 = v[j], v[j + 1]
     local key = KEYS[i]
     if kind == 'r' then
-      redis.call('SET', key, int(staged[i]), 'PX', int(math.ceil((staged[i] - now) / 1000) + 1))
+      redis.call('SET', key, string.format('%d', staged[i]), 'PX', v[j + 3])
     elseif kind == 'n' then
-      redis.call('ZADD', key, int(now + p1), ticket)
-      redis.call('PEXPIRE', key, int(math.ceil(p1 / 1000) + 1000))
+      redis.call('ZADD', key, string.format('%d', now + p1), ticket)
+      redis.call('PEXPIRE', key, v[j + 3])
     elseif kind == 'b' then
-      local left = charge
-      if charge > 0 then left = tonumber(redis.call('HINCRBY', key, 'v', '-' .. charge_arg)) end
-      if charge <= 0 then left = tonumber(redis.call('HGET', key, 'v')) or 0 end
-      if left < p1 and redis.call('HSETNX', key, 'warned', '1') == 1 then reset[i] = 1 end
-    else
-      local amount = cost
-      if kind == 't' then amount = tokens end
-      if tonumber(redis.call('HGET', key, 'w')) == staged[i] then
-        redis.call('HINCRBY', key, 'v', int(amount))
+      local left
+      if charge > 0 then
+        left = redis.call('HINCRBY', key, 'v', -charge)
       else
-        redis.call('HSET', key, 'w', int(staged[i]), 'v', int(amount))
+        left = tonumber(redis.call('HGET', key, 'v')) or 0
       end
-      local ttl
-      if kind == 'm' then ttl = 32 * 86400000 else ttl = math.ceil(reset[i] / 1000) + 1000 end
-      redis.call('PEXPIRE', key, int(ttl))
+      if left < p1 and redis.call('HSETNX', key, 'warned', '1') == 1 then reply[4 + n + i] = 1 end
+    else
+      local amount = cost_s
+      if kind == 't' then amount = tokens_s end
+      if staged[i] then
+        redis.call('HINCRBY', key, 'v', amount)
+      else
+        redis.call('HSET', key, 'w', window_of(kind, p1, now), 'v', amount)
+        local ttl
+        if kind == 'm' then ttl = 32 * 86400000 else ttl = math.ceil(reply[4 + n + i] / 1000) + 1000 end
+        redis.call('PEXPIRE', key, ttl)
+      end
     end
   end
 end
-
-local reply = {allowed, failed, retry, now}
-for i = 1, n do reply[4 + i] = remaining[i] end
-for i = 1, n do reply[4 + n + i] = reset[i] end
 return reply

@@ -1,22 +1,22 @@
 -- Settle one reservation: correct its window counters by the deltas, free its slot.
 -- KEYS: as for reserve.lua.
--- ARGV: reserved_at_us, tokens_delta, cost_delta, ticket, cancel (0/1), then kind, p1, p2
---       per limit, then balance_delta (what to add to a prepaid balance: minus the charge
---       delta). A window that has rolled over since the reservation is left alone.
-local at = tonumber(ARGV[1])
-local tokens_delta = ARGV[2]
-local cost_delta = ARGV[3]
-local ticket = ARGV[4]
-local cancel = ARGV[5] == '1'
-local balance_delta = ARGV[6 + #KEYS * 3] or '0'
-for i = 1, #KEYS do
-  local base = 5 + (i - 1) * 3
-  local kind, p1 = ARGV[base + 1], tonumber(ARGV[base + 2])
+-- ARGV[1]: MessagePack values (tenantware/backends/lua_args.py): as strings tokens_delta and
+--       cost_delta, ticket, cancel (0/1), balance_delta (a string: what to add to a prepaid
+--       balance, minus the charge delta), the window of each limit at the reservation (a
+--       string, "" for a limit without windows: tenantware/quota/plan.py, windows_at), then
+--       the plan's limits (as for reserve.lua). A window that has rolled over since the
+--       reservation is left alone.
+local v = {cmsgpack.unpack(ARGV[1])}
+local tokens_delta, cost_delta, ticket, cancel, balance_delta = v[1], v[2], v[3], v[4], v[5]
+local n = (#v - 5) / 5
+for i = 1, n do
+  local j = 4 * i + 2 + n
+  local kind, p1 = v[j], v[j + 1]
   local key = KEYS[i]
   if kind == 'r' then
-    if cancel then
+    if cancel == 1 then
       local tat = tonumber(redis.call('GET', key))
-      if tat then redis.call('SET', key, int(tat - p1), 'KEEPTTL') end
+      if tat then redis.call('SET', key, tat - p1, 'KEEPTTL') end
     end
   elseif kind == 'n' then
     redis.call('ZREM', key, ticket)
@@ -25,7 +25,7 @@ for i = 1, #KEYS do
   else
     local delta = cost_delta
     if kind == 't' then delta = tokens_delta end
-    if delta ~= '0' and tonumber(redis.call('HGET', key, 'w')) == window_of(kind, p1, at) then
+    if delta ~= '0' and redis.call('HGET', key, 'w') == v[5 + i] then
       redis.call('HINCRBY', key, 'v', delta)
     end
   end
