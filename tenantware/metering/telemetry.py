@@ -194,35 +194,10 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
 
 
-def _request_fields(r: UsageRecord) -> dict[str, Any]:
-    return {
-        "request_id": r.request_id,
-        "tenant_id": r.tenant,
-        "cost_center": r.cost_center,
-        "key_id": r.key_id,
-        "model": r.model_requested,
-        "model_served": r.model_served,
-        "upstream": r.upstream,
-        "status": r.status,
-        "outcome": r.outcome,
-        "stream": r.stream,
-        "input_tokens": r.input_tokens,
-        "output_tokens": r.output_tokens,
-        "cached_tokens": r.cached_tokens,
-        "estimated": r.estimated,
-        "usage_invalid": r.usage_invalid,
-        "cost_nanousd": r.cost_nanousd,
-        "charged_nanousd": r.charged_nanousd,
-        "latency_ms": _ms(r.latency_s),
-        "upstream_latency_ms": _ms(r.upstream_latency_s),
-        "ttft_ms": _ms(r.ttft_s),
-        "queue_wait_ms": _ms(r.queue_wait_s),
-    }
-
-
 class _RequestLine(msgspec.Struct):
-    """``_request_fields`` and the sink's own fields, in the same order: msgspec encodes a
-    struct built positionally faster than a dict built key by key."""
+    """The fields of the request log line, then the ones structlog's chain adds (``event``,
+    ``level``, ``timestamp``): msgspec encodes a struct built positionally faster than a dict
+    built key by key."""
 
     request_id: str
     tenant_id: str
@@ -278,6 +253,19 @@ def _request_lines(records: Sequence[UsageRecord], stamp: str) -> Iterator[_Requ
             "info",
             stamp,
         )
+
+
+#: What structlog's chain adds to an event itself.
+_ADDED_BY_STRUCTLOG: Final = ("event", "level", "timestamp")
+
+
+def _request_fields(r: UsageRecord) -> dict[str, Any]:
+    """The line's fields as ``request_log.info`` takes them (the path without the bulk sink)."""
+    (line,) = _request_lines((r,), "")
+    fields = msgspec.structs.asdict(line)
+    for name in _ADDED_BY_STRUCTLOG:
+        del fields[name]
+    return fields
 
 
 def log_records(records: Sequence[UsageRecord]) -> None:
