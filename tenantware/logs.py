@@ -20,7 +20,9 @@ import structlog
 
 __all__ = ["BulkJsonSink", "bulk_sink", "configure_json_logging"]
 
-_encode = msgspec.json.Encoder(enc_hook=str).encode
+_encoder = msgspec.json.Encoder(enc_hook=str)
+_encode = _encoder.encode
+_encode_lines = _encoder.encode_lines
 
 
 def _dumps(event: Any, **_: Any) -> bytes:
@@ -34,19 +36,17 @@ class BulkJsonSink:
         self.sink = sink
         self.level = level
 
-    def write_info(self, event: str, events: Iterable[dict[str, Any]]) -> None:
-        """One line per dict (which it takes over): its fields, then ``event``, ``level`` and
-        ``timestamp`` (the time of the write), as the chain of ``configure_json_logging``."""
+    def info_stamp(self) -> str | None:
+        """The ``timestamp`` of an info line written now (``None``: info lines are not
+        wanted), as the chain of ``configure_json_logging`` writes it."""
         if self.level > logging.INFO:
-            return
-        stamp = dt.datetime.now(tz=dt.UTC).isoformat().replace("+00:00", "Z")
-        lines = bytearray()
-        for line in events:
-            line["event"] = event
-            line["level"] = "info"
-            line["timestamp"] = stamp
-            lines += _encode(line)
-            lines += b"\n"
+            return None
+        return dt.datetime.now(tz=dt.UTC).isoformat().replace("+00:00", "Z")
+
+    def write_lines(self, events: Iterable[Any]) -> None:
+        """One JSON line per event (a struct or dict holding its ``event``, ``level`` and
+        ``timestamp`` last, as structlog's chain adds them), in one write."""
+        lines = _encode_lines(events)
         if lines:
             self.sink.write(lines)
             self.sink.flush()

@@ -344,3 +344,36 @@ async def test_observers_see_a_big_batch_in_slices_with_the_event_loop_running_b
     assert max(size for size, _ in seen) <= 16
     # Other tasks ran between every two slices.
     assert all(later > earlier for (_, earlier), (_, later) in itertools.pairwise(seen))
+
+
+async def test_a_spill_file_another_process_left_is_looked_for_once_a_second(
+    tmp_path: Path,
+) -> None:
+    """The flush looks on disk for a spill file it did not write at most once a second (not
+    one thread hop per flush), and replays what it finds there."""
+    now = [0.0]
+    spill = SpillFile(tmp_path / "spill.jsonl")
+    looks = 0
+    has_records = spill.has_records
+
+    def counted() -> bool:
+        nonlocal looks
+        looks += 1
+        return has_records()
+
+    spill.has_records = counted  # type: ignore[method-assign]
+    ledger = MemoryLedger()
+    writer = LedgerWriter(ledger, spill=spill, clock=lambda: now[0])
+    for _ in range(5):
+        await writer.flush()
+    assert looks == 1
+    SpillFile(spill.path).append(make_records(3))  # another process spills meanwhile
+    now[0] = 0.5
+    await writer.flush()
+    assert looks == 1
+    assert await ledger.query() == []
+    now[0] = 1.0
+    await writer.flush()
+    assert looks == 2
+    assert len(await ledger.query()) == 3
+    assert not spill.has_records()

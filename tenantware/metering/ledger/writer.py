@@ -42,6 +42,9 @@ log = structlog.get_logger("tenantware.metering.ledger")
 Observer = Callable[[Sequence[UsageRecord]], None]
 #: Records handed to the observers at a time: small enough that a request waits little.
 _OBSERVE_SLICE = 16
+#: How often a flush looks for a spill file it does not know of (another process's, or one
+#: left by a previous run): a thread hop per flush would cost the loop more than the look.
+_SPILL_LOOK_S = 1.0
 
 
 class WriterStats:
@@ -132,6 +135,7 @@ class LedgerWriter:
         self._failing_since: float | None = None
         self._last_error: str | None = None
         self._spill_waiting = False
+        self._spill_looked_at: float | None = None
         self._stuck_logged_at: float | None = None
         self._flushing = anyio.Lock()
 
@@ -247,8 +251,7 @@ class LedgerWriter:
         if not self._healthy and self._clock() < self._retry_at:
             await self._spill_overflow()
             return
-        spilled = self.spill is not None and await anyio.to_thread.run_sync(self.spill.has_records)
-        self._spill_waiting = spilled
+        spilled = await self._spill_has_records()
         if spilled and not await self._replay_spill():
             await self._spill_overflow()
             return
@@ -259,10 +262,25 @@ class LedgerWriter:
             del self._unwritten[: len(batch)]
         await self._spill_overflow()
 
+    async def _spill_has_records(self) -> bool:
+        """Whether the spill file holds records: known when this writer spilled them, looked
+        up on disk at most every ``_SPILL_LOOK_S`` (and at the first flush) otherwise."""
+        if self.spill is None:
+            return False
+        if not self._spill_waiting:
+            now = self._clock()
+            looked = self._spill_looked_at
+            if looked is not None and now - looked < _SPILL_LOOK_S:
+                return False
+            self._spill_looked_at = now
+        self._spill_waiting = await anyio.to_thread.run_sync(self.spill.has_records)
+        return self._spill_waiting
+
     async def drain(self) -> None:
         """Write everything pending; what the ledger refuses goes to the spill file."""
         async with self._flushing:
             self._healthy = True
+            self._spill_looked_at = None  # look on disk: a drain leaves nothing behind
             await self._flush()
             if self._unwritten and self.spill is not None:
                 await self._spill(self._unwritten)
