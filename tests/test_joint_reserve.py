@@ -42,10 +42,13 @@ def _kinds(batch: list[bytes]) -> list[str]:
     """What each command of one write was."""
     joint, reserve = _sha(joint_redis._SCRIPT), _sha(quota_redis._RESERVE)
     settle, admission = _sha(quota_redis._SETTLE), _sha(admission_redis._SCRIPT)
+    both = _sha(joint_redis._SETTLE_RELEASE)
     kinds = []
     for command in batch:
         if joint in command:
             kinds.append("joint")
+        elif both in command:
+            kinds.append("settle+release")
         elif reserve in command:
             kinds.append("reserve")
         elif settle in command:
@@ -61,7 +64,7 @@ def _kinds(batch: list[bytes]) -> list[str]:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_one_write_before_the_upstream_and_one_after(
+def test_one_call_before_the_upstream_and_one_after(
     request: pytest.FixtureRequest, writes: list[list[bytes]], stream: bool
 ) -> None:
     with running_stack(gateway=backend_settings("redis", request)) as stack:
@@ -73,14 +76,15 @@ def test_one_write_before_the_upstream_and_one_after(
         deadline = time.monotonic() + 10.0
         while True:  # settle + release follow the response (bounded wait)
             after = [_kinds(batch) for batch in list(writes)]
-            if after.count(["release", "settle"]) >= 3 or time.monotonic() > deadline:
+            if after.count(["settle+release"]) >= 3 or time.monotonic() > deadline:
                 break
             time.sleep(0.01)
         # One request at a time: its reservation and seat request are one command in one
-        # write; its settle and release another write. No reserve or acquire of their own.
+        # write; its settle and release another. No call of either layer's own.
         assert after.count(["joint"]) == 3, after
-        assert after.count(["release", "settle"]) == 3, after
-        assert not [kinds for kinds in after if "reserve" in kinds or "acquire" in kinds]
+        assert after.count(["settle+release"]) == 3, after
+        alone = {"reserve", "acquire", "settle", "release"}
+        assert not [kinds for kinds in after if alone & set(kinds)]
         assert stack.quota("acme")["slots"] == 0
         assert stack.seats() == {"*": (0, 0)}
 
@@ -215,6 +219,9 @@ async def test_composed_from_the_layers_own_scripts() -> None:
     assert quota_redis.lua_source("reserve") in script
     assert admission_redis.lua_source() in script
     assert script == compose(quota_redis.lua_source("reserve"), admission_redis.lua_source())
+    after = joint_redis._SETTLE_RELEASE
+    assert quota_redis.lua_source("settle") in after
+    assert admission_redis.lua_source() in after
 
 
 # -- where nothing changes ---------------------------------------------------------------

@@ -72,8 +72,9 @@ class AdmissionMiddleware:
             return
         ctx = get_context(scope)
         request = ctx.seat_request
+        handed = isinstance(request, SeatRequest)
         if isinstance(request, SeatRequest):
-            ctx.seat_request = None  # taken: this layer releases it
+            ctx.seat_request = None  # taken: this layer uses it, the quota layer releases it
         else:
             request = seat_request(self.pools, self.live.current, ctx, scope)
             if request is None:
@@ -171,6 +172,9 @@ class AdmissionMiddleware:
             joined = ctx.after_response
             if not store.yields:
                 await store.release(ticket, actual, tokens)
+            elif joined is not None and handed:
+                # The quota layer asked for this seat: it releases it with its settle.
+                request.usage = (actual, tokens)
             elif joined is not None:
                 # Sent now; the quota layer's settle joins it in the same write and awaits it.
                 joined.append(store.start_release(ticket, actual, tokens))
