@@ -19,7 +19,7 @@ import pytest
 from tenantware.admission import redis as admission_redis
 from tenantware.admission.core import GRANTED, QUEUED, Ticket
 from tenantware.admission.redis import RedisSeatStore
-from tenantware.backends.multiplex import MultiplexedRedis
+from tenantware.backends.multiplex import MultiplexedRedis, RedisConnectionError
 from tenantware.backends.redis_clock import RedisClock
 from tenantware.backends.redis_support import connect_redis
 from tenantware.joint import redis as joint_redis
@@ -164,6 +164,17 @@ async def joint(redis_url: str, redis_prefix: str) -> AsyncIterator[Joint]:
             await scripts.aclose()
 
 
+@pytest.fixture
+async def roomy(redis_url: str, redis_prefix: str) -> AsyncIterator[Joint]:
+    """A joint call on a pool of 4 seats."""
+    scripts = MultiplexedRedis(redis_url, timeout_s=2.0)
+    async with connect_redis(redis_url, timeout_s=2.0) as redis:
+        try:
+            yield Joint(scripts, redis, redis_prefix, seats=4)
+        finally:
+            await scripts.aclose()
+
+
 @pytest.mark.anyio
 async def test_a_burst_over_the_quota_takes_no_seat_and_no_queue_place(
     joint: Joint, redis_prefix: str
@@ -222,6 +233,81 @@ async def test_composed_from_the_layers_own_scripts() -> None:
     after = joint_redis._SETTLE_RELEASE
     assert quota_redis.lua_source("settle") in after
     assert admission_redis.lua_source() in after
+
+
+# -- settle and release in one call ------------------------------------------------------
+
+
+async def _reserve_settle_release(joint: Joint, plan: Plan, ticket: str) -> Ticket:
+    """One request: reserve 100 tokens and a seat, settle to 60 and release in one call."""
+    seat = Ticket("acme", 1.0, 10.0)
+    decision, status = await joint.joint.reserve_acquire(
+        plan, 100, 0, ticket, None, joint.pool, seat
+    )
+    assert (decision.allowed, status) == (True, GRANTED)
+    await joint.joint.settle_release(
+        plan, decision.now_us, ticket, -40, 0, 0, joint.pool, seat, 6.0, 60.0
+    )
+    return seat
+
+
+@pytest.mark.anyio
+async def test_settle_and_release_in_one_call_apply_once(roomy: Joint, redis_prefix: str) -> None:
+    joint = roomy
+    plan = plan_for(redis_prefix, "acme", tokens_per_minute=10_000, concurrent_requests=5)
+    for i in range(3):
+        await _reserve_settle_release(joint, plan, f"t{i}")
+    assert await joint.primary.usage(plan) == [3 * 60, 0]  # tokens corrected once each
+    assert joint.primary._held == set()  # no slot left to renew
+    state = await joint.pool.state()
+    assert (state["in_use"], state["waiting"]) == (0, 0)
+    assert state["tenants"]["acme"]["held"] == 0
+
+
+class _Fails:
+    """The joint settle + release script failing as on an outage: before Redis ran it, or
+    after (the answer lost)."""
+
+    def __init__(self, script: Any, *, ran: bool) -> None:
+        self.script = script
+        self.ran = ran
+        self.calls = 0
+
+    async def __call__(self, keys: Any, args: Any) -> Any:
+        self.calls += 1
+        if self.ran:
+            await self.script(keys=keys, args=args)
+        raise RedisConnectionError("Redis stopped answering")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("ran", [False, True])
+async def test_a_failed_settle_and_release_is_applied_at_most_once_and_frees_both(
+    roomy: Joint, redis_prefix: str, ran: bool
+) -> None:
+    joint = roomy
+    # The call fails (Redis stopped before running it, or ran it and the answer was lost):
+    # the settle is not sent again (the reservation stays charged at its estimate, the safe
+    # side, or was corrected once); the slot and the seat come back as soon as Redis answers
+    # again (the next call), never twice.
+    plan = plan_for(redis_prefix, "acme", tokens_per_minute=10_000, concurrent_requests=5)
+    real = joint.joint._settle_release
+    failing = _Fails(real, ran=ran)
+    joint.joint._settle_release = failing
+    await _reserve_settle_release(joint, plan, "lost")
+    assert failing.calls == 1
+    assert joint.quota.failover.down
+    # Redis answers again: the next request's joint call is the probe; it frees what the
+    # failed call may have left, then this request settles and releases normally.
+    joint.joint._settle_release = real
+    joint.quota.failover.health._probe_at = 0.0
+    await _reserve_settle_release(joint, plan, "next")
+    tokens, slots = await joint.primary.usage(plan)
+    assert tokens == (60 if ran else 100) + 60
+    assert slots == 0
+    state = await joint.pool.state()
+    assert (state["in_use"], state["waiting"]) == (0, 0)
+    assert state["tenants"]["acme"]["held"] == 0
 
 
 # -- where nothing changes ---------------------------------------------------------------
