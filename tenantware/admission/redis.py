@@ -54,12 +54,15 @@ from tenantware.config import FailurePolicy
 
 __all__ = ["RedisSeatStore"]
 
-_SCRIPT = resources.files("tenantware.admission").joinpath("lua/admission.lua").read_text()
+_BODY = resources.files("tenantware.admission").joinpath("lua/admission.lua").read_text()
+#: Alone, the script reads Redis time itself (``now_ms``: none handed over).
+_SCRIPT = "local now_ms\n" + _BODY
 
 
 def lua_source() -> str:
-    """The pool's script (every decision of ``lua/admission.lua``)."""
-    return _SCRIPT
+    """The pool's script (every decision of ``lua/admission.lua``) as the body of a function
+    with ``KEYS``, ``ARGV`` and ``now_ms`` (Redis time in ms, or ``nil``: TIME) in scope."""
+    return _BODY
 
 
 #: ``Ticket.lease`` of a ticket admitted unchecked (``open``) or by the local pool (``local``).

@@ -52,13 +52,13 @@ __all__ = ["RedisReserveAcquire", "compose"]
 
 def compose(quota: str, admission: str, *, settle: bool = False) -> str:
     """A joint script: the quota layer's reservation (or, with ``settle``, its settle) and
-    the admission layer's script (whole scripts of ``KEYS`` and ``ARGV``) as local
-    functions, then the dispatcher."""
+    the admission layer's script (whole scripts of ``KEYS`` and ``ARGV``; the admission one
+    may be handed Redis time, ``now_ms``) as local functions, then the dispatcher."""
     name, dispatcher = ("quota_settle", "settle_release") if settle else ("quota_reserve", "joint")
     dispatch = (files("tenantware.joint") / "lua" / f"{dispatcher}.lua").read_text()
     return (
         f"local function {name}(KEYS, ARGV)\n{quota}\nend\n"
-        f"local function admission(KEYS, ARGV)\n{admission}\nend\n{dispatch}"
+        f"local function admission(KEYS, ARGV, now_ms)\n{admission}\nend\n{dispatch}"
     )
 
 
