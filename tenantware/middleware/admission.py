@@ -10,7 +10,9 @@ queued leaves at once and is charged nothing. The output estimate is the tenant'
 average output, capped by ``max_tokens``; the expected seat hold time (which decides whether
 the request may borrow protected seats) comes from ``max_tokens`` and the pool's speed.
 The seat request (``middleware.seats``) may come from the quota layer already asked, with
-the pool's answer: on one Redis server the quota reservation carries it (one round trip).
+the pool's answer: on one Redis server the quota reservation carries it (one round trip),
+and the quota layer's settle carries its release (this layer leaves the usage to release
+with on the seat request).
 """
 
 from __future__ import annotations

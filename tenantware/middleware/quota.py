@@ -15,7 +15,9 @@ runs: ``quota.renewal.renewing``, a gateway service). Every response carries the
 On one Redis server, with the admission layer inside this one, the reservation also asks
 the request's seat pool for a seat in the same script call (``tenantware.joint``), only when
 every limit granted: one round trip before the upstream instead of two. The seat request and
-the pool's answer go down in ``ctx.seat_request``; the admission layer takes it from there.
+the pool's answer go down in ``ctx.seat_request``; the admission layer takes it from there and
+leaves on it what the seat's release charges, and this layer's settle releases the seat in the
+same script call (one call after the response instead of two).
 """
 
 from __future__ import annotations
