@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -154,25 +155,28 @@ class Joint:
         return decision, status
 
 
-@pytest.fixture
-async def joint(redis_url: str, redis_prefix: str) -> AsyncIterator[Joint]:
+@asynccontextmanager
+async def _joint_on(redis_url: str, prefix: str, seats: int) -> AsyncIterator[Joint]:
     scripts = MultiplexedRedis(redis_url, timeout_s=2.0)
     async with connect_redis(redis_url, timeout_s=2.0) as redis:
         try:
-            yield Joint(scripts, redis, redis_prefix, seats=1)
+            yield Joint(scripts, redis, prefix, seats=seats)
         finally:
             await scripts.aclose()
+
+
+@pytest.fixture
+async def joint(redis_url: str, redis_prefix: str) -> AsyncIterator[Joint]:
+    """A joint call on a pool of one seat."""
+    async with _joint_on(redis_url, redis_prefix, 1) as made:
+        yield made
 
 
 @pytest.fixture
 async def roomy(redis_url: str, redis_prefix: str) -> AsyncIterator[Joint]:
     """A joint call on a pool of 4 seats."""
-    scripts = MultiplexedRedis(redis_url, timeout_s=2.0)
-    async with connect_redis(redis_url, timeout_s=2.0) as redis:
-        try:
-            yield Joint(scripts, redis, redis_prefix, seats=4)
-        finally:
-            await scripts.aclose()
+    async with _joint_on(redis_url, redis_prefix, 4) as made:
+        yield made
 
 
 @pytest.mark.anyio
