@@ -28,12 +28,14 @@ if headroom > seats - 1 then headroom = seats - 1 end -- one seat stays open to 
 
 -- Redis time in ms: TIME, or now_ms when a script that runs this one as a function read it
 -- in the same run (tenantware/joint: the reservation's); alone, now_ms is declared nil in
--- front of this script (tenantware/admission/redis.py).
-local now = now_ms
-if not now then
+-- front of this script (tenantware/admission/redis.py). A release reads it only if it needs
+-- it (a TIME costs about as much as a command).
+local function redis_ms()
   local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+local now = now_ms
+if not now and op ~= 'release' then now = redis_ms() end
 
 local function num(v) return tonumber(v) or 0 end
 local function take_tokens(tokens)
@@ -60,10 +62,14 @@ if op == 'release' then
     local c = num(redis.call('HGET', K_CTR, tenant))
     redis.call('HSET', K_CTR, tenant, tostring(c + (actual - cost) / weight))
     take_tokens(actual_tokens - tokens)
-    if waiting == 0 and released_held <= 0 then redis.call('ZADD', K_LEFT, string.format('%d', now), tenant) end
+    if waiting == 0 and released_held <= 0 then
+      now = now or redis_ms()
+      redis.call('ZADD', K_LEFT, string.format('%d', now), tenant)
+    end
   end
   if waiting == 0 then return {} end
 end
+now = now or redis_ms()
 
 -- The pool's other keys (the release above needs none of them).
 local K_RESV = base .. ':resv'      -- hash tenant -> reserved seats
