@@ -2,8 +2,9 @@
 -- One script, one decision per call (ARGV[1] = op). Every key of the pool shares the hash tag
 -- of KEYS[1] (the pool, not a tenant: a decision compares all tenants of the pool), so the
 -- per-tenant queue keys built below live in the same slot and the script runs on a cluster.
--- Time comes from Redis TIME (ms; see now below). Seats are leases with an expiry: a dead process's seats
--- come back by themselves; queued tickets carry a heartbeat the waiting process refreshes.
+-- Time comes from Redis TIME (ms; see now below). Seats are leases with an expiry: a dead
+-- process's seats come back by themselves; queued tickets carry a heartbeat the waiting
+-- process refreshes.
 --
 -- ARGV: op, then MessagePack (tenantware/backends/lua_args.py): the pool's terms (seats,
 -- rate in tokens/s (0: none), burst in tokens, the bands' steps (1 / share) as one array,

@@ -13,4 +13,5 @@
 -- reservation its time.
 local reserved, timed = quota_reserve(KEYS, ARGV)
 if reserved[1] ~= 1 then return {reserved} end
-return {reserved, admission({KEYS[#KEYS]}, {ARGV[2], ARGV[3], ARGV[4]}, timed and math.floor(timed / 1000))}
+local now_ms = timed and math.floor(timed / 1000)
+return {reserved, admission({KEYS[#KEYS]}, {ARGV[2], ARGV[3], ARGV[4]}, now_ms)}
