@@ -63,6 +63,9 @@ def _script_names() -> dict[str, str]:
         pass
     else:
         sources["quota reserve + admission acquire (one script)"] = joint._SCRIPT
+        settle_release = getattr(joint, "_SETTLE_RELEASE", None)  # a base from before it
+        if settle_release is not None:
+            sources["quota settle + admission release (one script)"] = settle_release
     return {hashlib.sha1(src.encode()).hexdigest(): name for name, src in sources.items()}
 
 

@@ -6,7 +6,9 @@
 A private ``redis-server`` runs under ``valgrind --tool=callgrind`` (deterministic: the host's
 load does not move the count). One request's Redis work is driven through the stores
 directly, on the pipelined connection the gateway uses: the joint reserve + acquire script,
-then the seat release and the quota settle sent together, for the benchmark plan
+then the joint settle + release script (``--separate``: the seat release and the quota settle
+as two calls sent together, as before), one request at a time (``--held N``: with N other
+requests holding a slot and a seat throughout), for the benchmark plan
 (``benchconfig.bench_config``: the tenant's seven limits and the global rate, merged into
 one plan; the global pool of 256 seats with its default headroom). A run of ``--startup``
 requests and a run of ``--requests`` are subtracted, so start-up, script loading and
@@ -46,7 +48,7 @@ from tests.servers import find_free_port  # noqa: E402
 _OWN = {"info", "ping", "config", "shutdown", "script", "client", "hello", "select"}
 
 
-async def _requests(url: str, count: int) -> dict[str, int]:
+async def _requests(url: str, count: int, separate_calls: bool, held: int) -> dict[str, int]:
     """``count`` requests' store calls, one at a time; the server's ``commandstats`` after."""
     config = parse_config(bench_config("http://upstream.bench/v1", backend="redis", redis_url=url))
     tenant = config.tenants[0]
@@ -62,6 +64,13 @@ async def _requests(url: str, count: int) -> dict[str, int]:
         pool = RedisSeatStore.from_spec(spec, redis, prefix=prefix, scripts=scripts)
         joint = RedisReserveAcquire(quota, primary)
         joint.add(pool)
+        for i in range(held):  # other requests in flight: the pool and slot keys stay
+            seat = Ticket(tenant.id, 1.0, 94.0, tokens=94.0, hold=1.5)
+            decision, status = await joint.reserve_acquire(
+                plan, 94, 600_000, f"held{i}", None, pool, seat
+            )
+            assert decision.allowed, decision
+            assert status == 0, status
         for i in range(count):
             ticket = f"t{i}"
             seat = Ticket(tenant.id, 1.0, 94.0, tokens=94.0, hold=1.5)
@@ -70,9 +79,14 @@ async def _requests(url: str, count: int) -> dict[str, int]:
             )
             assert decision.allowed, decision
             assert status == 0, status
-            release = pool.start_release(seat, 80.0, 80.0)
-            await quota.settle(plan, decision.now_us, ticket, -14, -90_000)
-            await release
+            if separate_calls:
+                release = pool.start_release(seat, 80.0, 80.0)
+                await quota.settle(plan, decision.now_us, ticket, -14, -90_000)
+                await release
+            else:
+                await joint.settle_release(
+                    plan, decision.now_us, ticket, -14, -90_000, -90_000, pool, seat, 80.0, 80.0
+                )
         stats = await redis.info("commandstats")
     await scripts.aclose()
     return {
@@ -82,7 +96,7 @@ async def _requests(url: str, count: int) -> dict[str, int]:
     }
 
 
-def _run(count: int, workdir: Path) -> tuple[int, dict[str, int]]:
+def _run(count: int, workdir: Path, separate_calls: bool, held: int) -> tuple[int, dict[str, int]]:
     """Instructions of a server that served ``count`` requests, and its command counts."""
     port = find_free_port()
     out = workdir / f"callgrind.{count}.out"
@@ -117,7 +131,7 @@ def _run(count: int, workdir: Path) -> tuple[int, dict[str, int]]:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
-        commands = asyncio.run(_requests(url, count))
+        commands = asyncio.run(_requests(url, count, separate_calls, held))
         subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"], capture_output=True)
         proc.wait(timeout=120)
     finally:
@@ -135,14 +149,26 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--startup", type=int, default=100)
     parser.add_argument(
+        "--separate",
+        action="store_true",
+        help="settle and release as two script calls (sent together), as before the joint one",
+    )
+    parser.add_argument(
+        "--held",
+        type=int,
+        default=0,
+        help="requests kept in flight throughout (at 0 the pool empties between requests, "
+        "so its keys are deleted and made again every request)",
+    )
+    parser.add_argument(
         "--keep", metavar="DIR", help="keep the callgrind files here (for callgrind_annotate)"
     )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tw-callgrind-") as tmp:
         workdir = Path(args.keep or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        small, small_commands = _run(args.startup, workdir)
-        large, large_commands = _run(args.requests, workdir)
+        small, small_commands = _run(args.startup, workdir, args.separate, args.held)
+        large, large_commands = _run(args.requests, workdir, args.separate, args.held)
     n = args.requests - args.startup
     print(f"instructions per request: {(large - small) / n / 1000:.0f} k")
     per_command = {

@@ -52,8 +52,10 @@ after_response             quota (opens it: its settle goes     admission (adds 
                            out after the response); admission   quota (sends them with its
                                                                 settle, in one write)
 seat_request               quota (the seat request its          admission (takes it: clears
-                           reservation call carried, with the   it, answers and releases it);
-                           pool's answer; single Redis)         quota (releases one not taken)
+                           reservation call carried, with the   it, answers it, leaves its
+                           pool's answer; single Redis)         release's usage on it); quota
+                                                                (releases it with its settle,
+                                                                or one not taken)
 =========================  ===================================  ===============================
 """
 

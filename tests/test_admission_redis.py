@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
@@ -235,3 +236,71 @@ async def test_the_grant_listener_starts_on_a_fresh_cluster_client(cluster_urls:
         await waiter.release(second, 10.0)
     await listening.aclose()
     await other.aclose()
+
+
+def _without_fast_path(script: str) -> str:
+    """The pool's script with its usual-seat-request block taken out: every acquire takes
+    the general path."""
+    start = script.index("-- The usual seat request")
+    end = script.index("\ncounter_of = function")
+    return script[:start] + script[end:]
+
+
+async def _pool_state(client: Any, base: str) -> dict[str, Any]:
+    """Every book of a pool but the times (lease expiries, idle times) and ticket prefixes."""
+    sys_ = await client.hgetall(base + ":sys")
+    return {
+        "ctr": await client.hgetall(base + ":ctr"),
+        "held": await client.hgetall(base + ":held"),
+        "w": await client.hgetall(base + ":w"),
+        # Ticket ids carry each store's own random prefix: by sequence number.
+        "lease": {
+            k.rsplit(b":", 1)[1]: v for k, v in (await client.hgetall(base + ":lease")).items()
+        },
+        "sys": {k: v for k, v in sys_.items() if k not in (b"lts", b"lvl")},
+        "seats": sorted(t.rsplit(b":", 1)[1] for t in await client.zrange(base + ":seats", 0, -1)),
+        "left": sorted(await client.zrange(base + ":left", 0, -1)),
+        "qn": await client.hgetall(base + ":qn"),
+    }
+
+
+async def test_the_usual_seat_request_writes_what_the_general_path_writes(
+    redis_url: str, redis_prefix: str
+) -> None:
+    # The same requests against two pools, one running the script as it is, one without its
+    # fast path: three tenants of different weights on three seats with headroom, 1 to 4
+    # requests at once (most granted at once, some queued), then released; every book ends
+    # the same, and so do the answers.
+    from tenantware.admission import redis as admission_redis
+    from tenantware.backends.redis_support import register_script
+
+    async with connect_redis(redis_url, timeout_s=5.0) as client:
+        fast = RedisSeatStore(client, seats=3, prefix=redis_prefix + "fast:", headroom=1)
+        general = RedisSeatStore(client, seats=3, prefix=redis_prefix + "general:", headroom=1)
+        general._script = register_script(client, _without_fast_path(admission_redis._SCRIPT))
+        answers: dict[str, list[int]] = {"fast": [], "general": []}
+        books: dict[str, list[dict[str, Any]]] = {"fast": [], "general": []}
+        names = [("acme", 1.0), ("beta", 2.0), ("gamma", 0.5)]
+        for name, pool in (("fast", fast), ("general", general)):
+            step = 0
+            for round_ in range(12):  # 1 to 4 requests at once, then every one released
+                tickets: list[Ticket] = []
+                for k in range(1 + round_ % 4):
+                    tenant, weight = names[(round_ + k) % 3]
+                    ticket = Ticket(tenant, weight, 10.0 + step, tokens=20.0)
+                    step += 1
+                    answers[name].append(await pool.acquire(ticket))
+                    tickets.append(ticket)
+                books[name].append(await _pool_state(client, pool.keys[0]))
+                while tickets:  # a release grants the next queued ticket
+                    done = next(t for t in tickets if t.granted)
+                    tickets.remove(done)
+                    await pool.release(done, 8.0 + step, 16.0)
+        assert answers["fast"] == answers["general"]
+        assert GRANTED in answers["fast"]
+        assert QUEUED in answers["fast"]
+        fast_books = await _pool_state(client, fast.keys[0])
+        general_books = await _pool_state(client, general.keys[0])
+        assert fast_books["ctr"], fast_books
+        assert fast_books == general_books
+        assert books["fast"] == books["general"]  # after each round's requests too

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -19,7 +20,7 @@ import pytest
 from tenantware.admission import redis as admission_redis
 from tenantware.admission.core import GRANTED, QUEUED, Ticket
 from tenantware.admission.redis import RedisSeatStore
-from tenantware.backends.multiplex import MultiplexedRedis
+from tenantware.backends.multiplex import MultiplexedRedis, RedisConnectionError
 from tenantware.backends.redis_clock import RedisClock
 from tenantware.backends.redis_support import connect_redis
 from tenantware.joint import redis as joint_redis
@@ -42,10 +43,13 @@ def _kinds(batch: list[bytes]) -> list[str]:
     """What each command of one write was."""
     joint, reserve = _sha(joint_redis._SCRIPT), _sha(quota_redis._RESERVE)
     settle, admission = _sha(quota_redis._SETTLE), _sha(admission_redis._SCRIPT)
+    both = _sha(joint_redis._SETTLE_RELEASE)
     kinds = []
     for command in batch:
         if joint in command:
             kinds.append("joint")
+        elif both in command:
+            kinds.append("settle+release")
         elif reserve in command:
             kinds.append("reserve")
         elif settle in command:
@@ -61,7 +65,7 @@ def _kinds(batch: list[bytes]) -> list[str]:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_one_write_before_the_upstream_and_one_after(
+def test_one_call_before_the_upstream_and_one_after(
     request: pytest.FixtureRequest, writes: list[list[bytes]], stream: bool
 ) -> None:
     with running_stack(gateway=backend_settings("redis", request)) as stack:
@@ -73,14 +77,15 @@ def test_one_write_before_the_upstream_and_one_after(
         deadline = time.monotonic() + 10.0
         while True:  # settle + release follow the response (bounded wait)
             after = [_kinds(batch) for batch in list(writes)]
-            if after.count(["release", "settle"]) >= 3 or time.monotonic() > deadline:
+            if after.count(["settle+release"]) >= 3 or time.monotonic() > deadline:
                 break
             time.sleep(0.01)
         # One request at a time: its reservation and seat request are one command in one
-        # write; its settle and release another write. No reserve or acquire of their own.
+        # write; its settle and release another. No call of either layer's own.
         assert after.count(["joint"]) == 3, after
-        assert after.count(["release", "settle"]) == 3, after
-        assert not [kinds for kinds in after if "reserve" in kinds or "acquire" in kinds]
+        assert after.count(["settle+release"]) == 3, after
+        alone = {"reserve", "acquire", "settle", "release"}
+        assert not [kinds for kinds in after if alone & set(kinds)]
         assert stack.quota("acme")["slots"] == 0
         assert stack.seats() == {"*": (0, 0)}
 
@@ -150,14 +155,28 @@ class Joint:
         return decision, status
 
 
-@pytest.fixture
-async def joint(redis_url: str, redis_prefix: str) -> AsyncIterator[Joint]:
+@asynccontextmanager
+async def _joint_on(redis_url: str, prefix: str, seats: int) -> AsyncIterator[Joint]:
     scripts = MultiplexedRedis(redis_url, timeout_s=2.0)
     async with connect_redis(redis_url, timeout_s=2.0) as redis:
         try:
-            yield Joint(scripts, redis, redis_prefix, seats=1)
+            yield Joint(scripts, redis, prefix, seats=seats)
         finally:
             await scripts.aclose()
+
+
+@pytest.fixture
+async def joint(redis_url: str, redis_prefix: str) -> AsyncIterator[Joint]:
+    """A joint call on a pool of one seat."""
+    async with _joint_on(redis_url, redis_prefix, 1) as made:
+        yield made
+
+
+@pytest.fixture
+async def roomy(redis_url: str, redis_prefix: str) -> AsyncIterator[Joint]:
+    """A joint call on a pool of 4 seats."""
+    async with _joint_on(redis_url, redis_prefix, 4) as made:
+        yield made
 
 
 @pytest.mark.anyio
@@ -215,6 +234,84 @@ async def test_composed_from_the_layers_own_scripts() -> None:
     assert quota_redis.lua_source("reserve") in script
     assert admission_redis.lua_source() in script
     assert script == compose(quota_redis.lua_source("reserve"), admission_redis.lua_source())
+    after = joint_redis._SETTLE_RELEASE
+    assert quota_redis.lua_source("settle") in after
+    assert admission_redis.lua_source() in after
+
+
+# -- settle and release in one call ------------------------------------------------------
+
+
+async def _reserve_settle_release(joint: Joint, plan: Plan, ticket: str) -> Ticket:
+    """One request: reserve 100 tokens and a seat, settle to 60 and release in one call."""
+    seat = Ticket("acme", 1.0, 10.0)
+    decision, status = await joint.joint.reserve_acquire(
+        plan, 100, 0, ticket, None, joint.pool, seat
+    )
+    assert (decision.allowed, status) == (True, GRANTED)
+    await joint.joint.settle_release(
+        plan, decision.now_us, ticket, -40, 0, 0, joint.pool, seat, 6.0, 60.0
+    )
+    return seat
+
+
+@pytest.mark.anyio
+async def test_settle_and_release_in_one_call_apply_once(roomy: Joint, redis_prefix: str) -> None:
+    joint = roomy
+    plan = plan_for(redis_prefix, "acme", tokens_per_minute=10_000, concurrent_requests=5)
+    for i in range(3):
+        await _reserve_settle_release(joint, plan, f"t{i}")
+    assert await joint.primary.usage(plan) == [3 * 60, 0]  # tokens corrected once each
+    assert joint.primary._held == set()  # no slot left to renew
+    state = await joint.pool.state()
+    assert (state["in_use"], state["waiting"]) == (0, 0)
+    assert state["tenants"]["acme"]["held"] == 0
+
+
+class _Fails:
+    """The joint settle + release script failing as on an outage: before Redis ran it, or
+    after (the answer lost)."""
+
+    def __init__(self, script: Any, *, ran: bool) -> None:
+        self.script = script
+        self.ran = ran
+        self.calls = 0
+
+    async def __call__(self, keys: Any, args: Any) -> Any:
+        self.calls += 1
+        if self.ran:
+            await self.script(keys=keys, args=args)
+        raise RedisConnectionError("Redis stopped answering")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("ran", [False, True])
+async def test_a_failed_settle_and_release_is_applied_at_most_once_and_frees_both(
+    roomy: Joint, redis_prefix: str, ran: bool
+) -> None:
+    joint = roomy
+    # The call fails (Redis stopped before running it, or ran it and the answer was lost):
+    # the settle is not sent again (the reservation stays charged at its estimate, the safe
+    # side, or was corrected once); the slot and the seat come back as soon as Redis answers
+    # again (the next call), never twice.
+    plan = plan_for(redis_prefix, "acme", tokens_per_minute=10_000, concurrent_requests=5)
+    real = joint.joint._settle_release
+    failing = _Fails(real, ran=ran)
+    joint.joint._settle_release = failing
+    await _reserve_settle_release(joint, plan, "lost")
+    assert failing.calls == 1
+    assert joint.quota.failover.down
+    # Redis answers again: the next request's joint call is the probe; it frees what the
+    # failed call may have left, then this request settles and releases normally.
+    joint.joint._settle_release = real
+    joint.quota.failover.health._probe_at = 0.0
+    await _reserve_settle_release(joint, plan, "next")
+    tokens, slots = await joint.primary.usage(plan)
+    assert tokens == (60 if ran else 100) + 60
+    assert slots == 0
+    state = await joint.pool.state()
+    assert (state["in_use"], state["waiting"]) == (0, 0)
+    assert state["tenants"]["acme"]["held"] == 0
 
 
 # -- where nothing changes ---------------------------------------------------------------

@@ -54,12 +54,15 @@ from tenantware.config import FailurePolicy
 
 __all__ = ["RedisSeatStore"]
 
-_SCRIPT = resources.files("tenantware.admission").joinpath("lua/admission.lua").read_text()
+_BODY = resources.files("tenantware.admission").joinpath("lua/admission.lua").read_text()
+#: Alone, the script reads Redis time itself (``now_ms``: none handed over).
+_SCRIPT = "local now_ms\n" + _BODY
 
 
 def lua_source() -> str:
-    """The pool's script (every decision of ``lua/admission.lua``)."""
-    return _SCRIPT
+    """The pool's script (every decision of ``lua/admission.lua``) as the body of a function
+    with ``KEYS``, ``ARGV`` and ``now_ms`` (Redis time in ms, or ``nil``: TIME) in scope."""
+    return _BODY
 
 
 #: ``Ticket.lease`` of a ticket admitted unchecked (``open``) or by the local pool (``local``).
@@ -403,9 +406,31 @@ class RedisSeatStore:
             return _done()
         if ticket.lease == _LOCAL:
             return self._local_pool().release(ticket, actual_cost, actual_tokens)
+        args = self.release_args(ticket, actual_cost, actual_tokens)
+        if self.failover.down:
+            # Sent once Redis answers again (the seat stays taken until then).
+            self._given_up.add(args)
+            self.failover.degraded(self.on_failure)
+            return _done()
+        return self._released(
+            self._script.send(keys=self._keys, args=self.release_argv(args)), args
+        )
+
+    def sends_release(self, ticket: Ticket) -> bool:
+        """Whether the release of ``ticket`` is a call of the pool's script now (not when
+        it was admitted unchecked or by the local pool, nor while Redis is down)."""
+        return ticket.lease != _UNACCOUNTED and ticket.lease != _LOCAL and not self.failover.down
+
+    def release_args(
+        self, ticket: Ticket, actual_cost: float, actual_tokens: float | None = None
+    ) -> tuple[Any, ...]:
+        """The values of the release of ``ticket``, which this process no longer holds from
+        here on; ``release_argv`` makes the call's ``ARGV`` of them and ``released`` reads
+        its answer. Apart so that another script can run the release (``tenantware.joint``)."""
+        self._waiting.pop(ticket.id, None)
         self._held.discard(ticket.id)
         ticket.granted = False
-        args = (
+        return (
             ticket.id,
             ticket.tenant,
             ticket.band + 1,
@@ -416,23 +441,28 @@ class RedisSeatStore:
             float(ticket.tokens),
             float(ticket.tokens if actual_tokens is None else actual_tokens),
         )
-        if self.failover.down:
-            # Sent once Redis answers again (the seat stays taken until then).
-            self._given_up.add(args)
-            self.failover.degraded(self.on_failure)
-            return _done()
-        return self._released(
-            self._script.send(keys=self._keys, args=["release", self._head, pack_values(*args)]),
-            args,
-        )
+
+    def release_argv(self, args: tuple[Any, ...]) -> list[Any]:
+        """``ARGV`` of a release of ``args`` (``release_args``)."""
+        return ["release", self._head, pack_values(*args)]
 
     async def _released(self, reply: Awaitable[Any], args: tuple[Any, ...]) -> None:
         try:
             granted = await reply
         except STORE_UNAVAILABLE as exc:
-            self._given_up.add(args)
-            self._failed(exc, "release")
+            self.release_failed(args, exc)
             return
+        await self.released(granted)
+
+    def release_failed(self, args: tuple[Any, ...], exc: BaseException) -> None:
+        """A release Redis could not take: sent again once Redis answers (a release of a
+        ticket already released changes nothing)."""
+        self._given_up.add(args)
+        self._failed(exc, "release")
+
+    async def released(self, granted: Sequence[Any]) -> None:
+        """After a release Redis ran (its answer: the tickets it granted): their owners
+        are woken."""
         await self._granted(granted)
 
     @asynccontextmanager

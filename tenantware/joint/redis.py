@@ -1,12 +1,19 @@
-"""The joint reservation and seat request as one Lua script on a single Redis server.
+"""The joint calls of the quota and admission layers as Lua scripts on a single Redis server.
 
-The script is composed when this module is loaded from the quota layer's reservation
-(``quota.redis.lua_source("reserve")``) and the admission layer's pool script
-(``admission.redis.lua_source()``), each body wrapped as a local function of ``(KEYS, ARGV)``,
-followed by ``lua/joint.lua``, which splits the keys and arguments and runs the second only
-when the first granted. Each script stays its layer's own, and so do the layout of its
-arguments (``RedisQuotaStore.reserve_args``, ``RedisSeatStore.acquire_args``) and the reading
-of its reply (``reserved``, ``acquired``).
+Two scripts, each composed when this module is loaded from the layers' own scripts, each body
+wrapped as a local function of ``(KEYS, ARGV)`` and followed by a dispatcher that splits the
+keys and arguments:
+
+- before the upstream, the quota layer's reservation (``quota.redis.lua_source("reserve")``)
+  and the admission layer's pool script (``admission.redis.lua_source()``) asking for a seat,
+  the second run only when the first granted (``lua/joint.lua``);
+- after the response, the quota layer's settle (``lua_source("settle")``) and the pool's
+  release of the seat (``lua/settle_release.lua``): one script call instead of two, both
+  halves or neither.
+
+Each script stays its layer's own, and so do the layout of its arguments
+(``RedisQuotaStore.reserve_args``/``settle_args``, ``RedisSeatStore.acquire_args``/
+``release_args``) and the reading of its reply (``reserved``, ``acquired``, ``released``).
 
 Failures: the quota failure policy answers for the reservation as for a reservation alone
 (``FailoverQuotaStore.reserve_by``); no seat status is returned then, and the admission
@@ -14,6 +21,11 @@ layer's own ``acquire`` applies the admission failure policy (during an outage, 
 call). A seat request whose call was given up on is released once Redis answers again, as an
 acquire's is. The deadline is the reservation's, in Redis time: run later, the script writes
 nothing for either half (the seat request, run in the same script, needs none of its own).
+A joint settle and release that failed is handled by each store as its own call would be
+(``FailoverQuotaStore.settle_by``: not sent again, the reservation stays charged and its slot
+is freed once Redis answers; the release is sent again then, which changes nothing if the
+first one ran). While Redis is down, or for a seat the pool did not grant in Redis (failure
+policies), each layer makes its own call, as before.
 """
 
 from __future__ import annotations
@@ -38,17 +50,20 @@ from tenantware.quota.store import Decision
 __all__ = ["RedisReserveAcquire", "compose"]
 
 
-def compose(reserve: str, acquire: str) -> str:
-    """The joint script: ``reserve`` and ``acquire`` (whole scripts of ``KEYS`` and ``ARGV``)
-    as local functions, then the dispatcher."""
-    dispatch = (files("tenantware.joint") / "lua" / "joint.lua").read_text()
+def compose(quota: str, admission: str, *, settle: bool = False) -> str:
+    """A joint script: the quota layer's reservation (or, with ``settle``, its settle) and
+    the admission layer's script (whole scripts of ``KEYS`` and ``ARGV``; the admission one
+    may be handed Redis time, ``now_ms``) as local functions, then the dispatcher."""
+    name, dispatcher = ("quota_settle", "settle_release") if settle else ("quota_reserve", "joint")
+    dispatch = (files("tenantware.joint") / "lua" / f"{dispatcher}.lua").read_text()
     return (
-        f"local function quota_reserve(KEYS, ARGV)\n{reserve}\nend\n"
-        f"local function admission(KEYS, ARGV)\n{acquire}\nend\n{dispatch}"
+        f"local function {name}(KEYS, ARGV)\n{quota}\nend\n"
+        f"local function admission(KEYS, ARGV, now_ms)\n{admission}\nend\n{dispatch}"
     )
 
 
 _SCRIPT = compose(quota_source("reserve"), admission_source())
+_SETTLE_RELEASE = compose(quota_source("settle"), admission_source(), settle=True)
 
 
 class RedisReserveAcquire:
@@ -59,6 +74,7 @@ class RedisReserveAcquire:
         self.quota = quota
         self.primary = primary
         self._script: Any = register_script(primary.client, _SCRIPT)
+        self._settle_release: Any = register_script(primary.client, _SETTLE_RELEASE)
         #: The seat stores one call reaches (by identity).
         self._pools: dict[object, RedisSeatStore] = {}
 
@@ -102,3 +118,52 @@ class RedisReserveAcquire:
         if not acquired:
             return decision, None
         return decision, await pool.acquired(seat_ticket, acquired[0])
+
+    async def settle_release(
+        self,
+        plan: Plan,
+        now_us: int,
+        ticket: str,
+        tokens_delta: int,
+        cost_delta: int,
+        charge_delta: int,
+        seats: SeatStore,
+        seat_ticket: Ticket,
+        actual_cost: float,
+        actual_tokens: float,
+    ) -> None:
+        pool = self._pools[seats]
+        quota = self.quota
+        if not pool.sends_release(seat_ticket):
+            # The seat is not the pool's in Redis now (failure policies): each store as
+            # alone, the release sent first (one write on a pipelined connection).
+            answer = pool.start_release(seat_ticket, actual_cost, actual_tokens)
+            try:
+                await quota.settle(
+                    plan, now_us, ticket, tokens_delta, cost_delta, charge_delta=charge_delta
+                )
+            finally:
+                await answer
+            return
+        primary = self.primary
+        made = False
+
+        async def call() -> None:
+            nonlocal made
+            made = True
+            arg = primary.settle_args(
+                plan, now_us, ticket, tokens_delta, cost_delta, charge_delta=charge_delta
+            )
+            args = pool.release_args(seat_ticket, actual_cost, actual_tokens)
+            try:
+                granted = await self._settle_release(
+                    keys=[*plan.keys, *pool.keys], args=[arg, *pool.release_argv(args)]
+                )
+            except STORE_UNAVAILABLE as exc:
+                pool.release_failed(args, exc)
+                raise
+            await pool.released(granted)
+
+        await quota.settle_by(plan, ticket, call)
+        if not made:  # the quota store is down: the pool's own rules for its release
+            await pool.start_release(seat_ticket, actual_cost, actual_tokens)

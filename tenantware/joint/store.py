@@ -1,4 +1,5 @@
-"""What the quota layer asks of a joint reservation and seat request (``ReserveAcquire``)."""
+"""What the quota layer asks of the joint calls to its store and a seat pool (``ReserveAcquire``):
+the reservation with the seat request, and the settle with the seat's release."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ __all__ = ["ReserveAcquire"]
 
 
 class ReserveAcquire(Protocol):
-    """Reserves a plan and acquires a seat in one call, for the seat stores it ``serves``."""
+    """Reserves a plan and acquires a seat in one call, and settles it and releases the seat
+    in one call, for the seat stores it ``serves``."""
 
     def serves(self, seats: SeatStore) -> bool:
         """Whether one call reaches this seat pool and the quota store (same server)."""
@@ -32,4 +34,22 @@ class ReserveAcquire(Protocol):
         """The quota store's ``reserve`` and, when it granted from the store, the seat
         store's ``acquire`` status; ``None`` when no seat was asked for (refused, or the
         store failed and its failure policy answered): the caller then acquires as usual."""
+        ...
+
+    async def settle_release(
+        self,
+        plan: Plan,
+        now_us: int,
+        ticket: str,
+        tokens_delta: int,
+        cost_delta: int,
+        charge_delta: int,
+        seats: SeatStore,
+        seat_ticket: Ticket,
+        actual_cost: float,
+        actual_tokens: float,
+    ) -> None:
+        """The quota store's ``settle`` of a reservation it granted and the seat store's
+        ``release`` of ``seat_ticket``, each exactly once: in one call where both are calls
+        to the same server now, else each as alone (both sent in one write)."""
         ...

@@ -10,7 +10,9 @@ queued leaves at once and is charged nothing. The output estimate is the tenant'
 average output, capped by ``max_tokens``; the expected seat hold time (which decides whether
 the request may borrow protected seats) comes from ``max_tokens`` and the pool's speed.
 The seat request (``middleware.seats``) may come from the quota layer already asked, with
-the pool's answer: on one Redis server the quota reservation carries it (one round trip).
+the pool's answer: on one Redis server the quota reservation carries it (one round trip),
+and the quota layer's settle carries its release (this layer leaves the usage to release
+with on the seat request).
 """
 
 from __future__ import annotations
@@ -72,8 +74,9 @@ class AdmissionMiddleware:
             return
         ctx = get_context(scope)
         request = ctx.seat_request
+        handed = isinstance(request, SeatRequest)
         if isinstance(request, SeatRequest):
-            ctx.seat_request = None  # taken: this layer releases it
+            ctx.seat_request = None  # taken: this layer uses it, the quota layer releases it
         else:
             request = seat_request(self.pools, self.live.current, ctx, scope)
             if request is None:
@@ -171,6 +174,9 @@ class AdmissionMiddleware:
             joined = ctx.after_response
             if not store.yields:
                 await store.release(ticket, actual, tokens)
+            elif joined is not None and handed:
+                # The quota layer asked for this seat: it releases it with its settle.
+                request.usage = (actual, tokens)
             elif joined is not None:
                 # Sent now; the quota layer's settle joins it in the same write and awaits it.
                 joined.append(store.start_release(ticket, actual, tokens))

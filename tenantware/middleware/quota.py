@@ -15,7 +15,9 @@ runs: ``quota.renewal.renewing``, a gateway service). Every response carries the
 On one Redis server, with the admission layer inside this one, the reservation also asks
 the request's seat pool for a seat in the same script call (``tenantware.joint``), only when
 every limit granted: one round trip before the upstream instead of two. The seat request and
-the pool's answer go down in ``ctx.seat_request``; the admission layer takes it from there.
+the pool's answer go down in ``ctx.seat_request``; the admission layer takes it from there and
+leaves on it what the seat's release charges, and this layer's settle releases the seat in the
+same script call (one call after the response instead of two).
 """
 
 from __future__ import annotations
@@ -213,6 +215,14 @@ def _watch_balance(tenant: TenantView, plan: Plan, decision: Decision, headers: 
         )
 
 
+def _settles(plan: Plan, tokens_delta: int, cost_delta: int, charge_delta: int) -> bool:
+    """Whether a settle (not a cancel) has anything to correct in the store: a slot to
+    free, or usage that differs from the reservation on a limit that counts it."""
+    return plan.holds_slots or bool(
+        (tokens_delta or cost_delta or charge_delta) and plan.counts_usage
+    )
+
+
 async def _withdraw(ctx: RequestContext, request: SeatRequest) -> None:
     """A seat request the admission layer never took (it did not run): give its seat or
     queue place back."""
@@ -359,12 +369,17 @@ class QuotaMiddleware:
                 with anyio.CancelScope(shield=True):
                     if request is not None and ctx.seat_request is request:
                         await _withdraw(ctx, request)
+                    # The seat this layer asked for and the admission layer used: given back
+                    # here, with the settle.
+                    release = request if request is not None and request.usage else None
                     if joined:
                         await self._settle_with(
-                            joined, ctx, snapshot, held, ticket, tokens, cost, charge
+                            joined, ctx, snapshot, held, ticket, tokens, cost, charge, release
                         )
                     else:
-                        await self._settle(ctx, snapshot, held, ticket, tokens, cost, charge)
+                        await self._settle(
+                            ctx, snapshot, held, ticket, tokens, cost, charge, release
+                        )
             else:
                 await self._settle(ctx, snapshot, held, ticket, tokens, cost, charge)
 
@@ -378,12 +393,14 @@ class QuotaMiddleware:
         tokens: int,
         cost: int,
         charge: int,
+        release: SeatRequest | None = None,
     ) -> None:
-        """The settle, then the answers of the inner layers' calls: those were sent when the
-        inner layers ended, in this event-loop turn, so the settle leaves in the same write
-        on a pipelined connection and one wait covers them all."""
+        """The settle, with the release of the seat this layer asked for (``release``), then
+        the answers of the inner layers' calls: those were sent when the inner layers ended,
+        in this event-loop turn, so the settle leaves in the same write on a pipelined
+        connection and one wait covers them all."""
         try:
-            await self._settle(ctx, snapshot, held, ticket, tokens, cost, charge)
+            await self._settle(ctx, snapshot, held, ticket, tokens, cost, charge, release)
         finally:
             failure: BaseException | None = None
             for answer in joined:
@@ -403,8 +420,55 @@ class QuotaMiddleware:
         tokens: int,
         cost: int,
         charge: int,
+        release: SeatRequest | None = None,
     ) -> None:
-        """Charge the actual usage: refund (or add) the difference to every scope."""
+        """Charge the actual usage: refund (or add) the difference to every scope; give
+        back the seat of ``release`` (with the settle in one call where one reaches both)."""
+        corrections: list[tuple[_Held, int, int, int]] | None = None
+        try:
+            corrections = self._corrections(ctx, snapshot, held, tokens, cost, charge)
+        finally:
+            if corrections is None and release is not None and release.usage is not None:
+                await release.store.release(release.ticket, *release.usage)  # all the same
+        answer: Awaitable[None] | None = None
+        if release is not None and release.usage is not None:
+            joint = self._joint
+            if joint is not None and len(corrections) == 1 and joint.serves(release.store):
+                granted, tokens_delta, cost_delta, charge_delta = corrections[0]
+                if granted.decision.source == "store" and _settles(
+                    granted.plan, tokens_delta, cost_delta, charge_delta
+                ):
+                    await joint.settle_release(
+                        granted.plan,
+                        granted.decision.now_us,
+                        ticket,
+                        tokens_delta,
+                        cost_delta,
+                        charge_delta,
+                        release.store,
+                        release.ticket,
+                        *release.usage,
+                    )
+                    return
+            # Sent first, so that the settle leaves in the same write; awaited after it.
+            answer = release.store.start_release(release.ticket, *release.usage)
+        try:
+            for granted, tokens_delta, cost_delta, charge_delta in corrections:
+                await self._settle_one(granted, ticket, tokens_delta, cost_delta, charge_delta)
+        finally:
+            if answer is not None:
+                await answer
+
+    def _corrections(
+        self,
+        ctx: RequestContext,
+        snapshot: Snapshot,
+        held: list[_Held],
+        tokens: int,
+        cost: int,
+        charge: int,
+    ) -> list[tuple[_Held, int, int, int]]:
+        """Each scope with its tokens, cost and charge deltas (actual minus reserved)."""
         # The ledger's billing rules: a failure before any output is refunded whole, a
         # client gone mid-stream pays for what the upstream produced.
         usage = billable_usage(final_outcome(ctx), ctx.usage)
@@ -431,6 +495,7 @@ class QuotaMiddleware:
             # Metered (the list cost stays on the record), charged to no budget or balance.
             actual_cost = 0
         actual_charge = actual_cost
+        corrections = []
         for granted in held:
             if granted.plan.balance_index >= 0 and granted.decision.source == "store":
                 tenant = ctx.tenant
@@ -439,13 +504,10 @@ class QuotaMiddleware:
                 actual_charge = charge_of(actual_cost, markup, own_key=own_key)
                 # The ledger journals this debit with the request's usage record.
                 ctx.balance_debit_nanousd = actual_charge
-            await self._settle_one(
-                granted,
-                ticket,
-                actual_tokens - tokens,
-                actual_cost - cost,
-                actual_charge - charge,
+            corrections.append(
+                (granted, actual_tokens - tokens, actual_cost - cost, actual_charge - charge)
             )
+        return corrections
 
     async def _settle_one(
         self,
@@ -459,11 +521,7 @@ class QuotaMiddleware:
     ) -> None:
         decision = granted.decision
         plan = granted.plan
-        if not (
-            cancel
-            or plan.holds_slots
-            or ((tokens_delta or cost_delta or charge_delta) and plan.counts_usage)
-        ):
+        if not (cancel or _settles(plan, tokens_delta, cost_delta, charge_delta)):
             # Nothing to correct (usage matched, or only request-rate limits, which a settle
             # changes on cancel only): spare the store a round trip.
             return

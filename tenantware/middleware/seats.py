@@ -2,7 +2,9 @@
 
 The admission layer builds it, unless the quota layer already did: on a single Redis server
 the quota layer asks for the seat in its own reservation call (``tenantware.joint``) and hands
-the request, with the pool's answer, down in ``ctx.seat_request``.
+the request, with the pool's answer, down in ``ctx.seat_request``, and then gives the seat
+back too: the admission layer leaves what the release charges in ``SeatRequest.usage`` and the
+quota layer sends the release with its settle (one script call, ``tenantware.joint``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class SeatRequest:
     """One request's ticket for one pool; ``status`` is the pool's answer once asked
     (``None``: not asked yet)."""
 
-    __slots__ = ("pool", "priority", "settings", "status", "store", "ticket")
+    __slots__ = ("pool", "priority", "settings", "status", "store", "ticket", "usage")
 
     def __init__(
         self,
@@ -47,6 +49,9 @@ class SeatRequest:
         self.status: int | None = None
         #: The band's name (``ctx.priority`` once the admission layer takes the request).
         self.priority = priority
+        #: What the seat's release charges (actual cost, tokens), left by the admission
+        #: layer for the quota layer, which asked for the seat, to release it with its settle.
+        self.usage: tuple[float, float] | None = None
 
 
 def seat_request(

@@ -171,6 +171,26 @@ class FailoverQuotaStore:
             if plan.local is not None:
                 self.fallback.settle_now(plan.local, now_us, ticket, tokens_delta, cost_delta)
             return
+        primary = self.primary
+
+        def call() -> Awaitable[None]:
+            return primary.settle(
+                plan,
+                now_us,
+                ticket,
+                tokens_delta,
+                cost_delta,
+                cancel=cancel,
+                charge_delta=charge_delta,
+            )
+
+        await self.settle_by(plan, ticket, call)
+
+    async def settle_by(self, plan: Plan, ticket: str, call: Callable[[], Awaitable[None]]) -> None:
+        """``settle`` of a reservation the store granted, made by ``call`` (a script that
+        also does something else: ``tenantware.joint``), under the same failure rules: not
+        made while the store is down, and a failed one is not sent again (the reservation
+        stays charged, the safe side; its slot is freed once the store answers)."""
         failover = self.failover
         if failover.down:
             # The reservation stays charged (the safe side); its slot is freed once the
@@ -181,15 +201,7 @@ class FailoverQuotaStore:
             return
         try:
             with self._deadline():
-                await self.primary.settle(
-                    plan,
-                    now_us,
-                    ticket,
-                    tokens_delta,
-                    cost_delta,
-                    cancel=cancel,
-                    charge_delta=charge_delta,
-                )
+                await call()
         except STORE_UNAVAILABLE as exc:
             self._gave_up(plan, ticket)
             self._failed(exc, "settle", plan)

@@ -34,15 +34,17 @@ __all__ = ["RedisQuotaStore", "lua_source"]
 
 
 def lua_source(name: str) -> str:
-    """A script of ``tenantware/quota/lua`` with the shared helpers in front."""
+    """A script of ``tenantware/quota/lua`` with the shared helpers in front (but settle,
+    which needs none of them: its windows come from Python, ``windows_at``)."""
     folder = files("tenantware.quota") / "lua"
-    common = (folder / "common.lua").read_text()
-    return common + "\n" + (folder / f"{name}.lua").read_text()
+    script = (folder / f"{name}.lua").read_text()
+    if name == "settle":
+        return script
+    return (folder / "common.lua").read_text() + "\n" + script
 
 
 _RESERVE = lua_source("reserve")
-#: Settle needs none of the shared helpers (its windows come from Python: ``windows_at``).
-_SETTLE = (files("tenantware.quota") / "lua" / "settle.lua").read_text()
+_SETTLE = lua_source("settle")
 _USAGE = lua_source("usage")
 _RENEW = lua_source("renew")
 #: Slots renewed per script call: bounds how long one renewal holds Redis.
@@ -144,10 +146,35 @@ class RedisQuotaStore:
     ) -> None:
         if local:
             return  # granted by a fallback limiter, not by this store
+        arg = self.settle_args(
+            plan,
+            now_us,
+            ticket,
+            tokens_delta,
+            cost_delta,
+            cancel=cancel,
+            charge_delta=charge_delta,
+        )
+        await self._settle(keys=plan.keys, args=(arg,))
+
+    def settle_args(
+        self,
+        plan: Plan,
+        now_us: int,
+        ticket: str,
+        tokens_delta: int,
+        cost_delta: int,
+        *,
+        cancel: bool = False,
+        charge_delta: int | None = None,
+    ) -> bytes:
+        """The one ``ARGV`` string of a settle (``KEYS``: ``plan.keys``); the slot is no
+        longer this process's to renew from here on. Apart so that another script can run
+        the settle (``tenantware.joint``) with the same layout."""
         if plan.holds_slots:
             self._held.discard((plan, ticket))
         balance_delta = -(cost_delta if charge_delta is None else charge_delta)
-        arg = (
+        return (
             pack_values(
                 str(tokens_delta),
                 str(cost_delta),
@@ -158,7 +185,6 @@ class RedisQuotaStore:
             )
             + plan.packed
         )
-        await self._settle(keys=plan.keys, args=(arg,))
 
     async def usage(self, plan: Plan) -> list[int]:
         reply = await self._usage(keys=plan.keys, args=(self._now(), 0, 0, "", *plan.args))

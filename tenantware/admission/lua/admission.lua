@@ -2,8 +2,9 @@
 -- One script, one decision per call (ARGV[1] = op). Every key of the pool shares the hash tag
 -- of KEYS[1] (the pool, not a tenant: a decision compares all tenants of the pool), so the
 -- per-tenant queue keys built below live in the same slot and the script runs on a cluster.
--- Time comes from Redis TIME (ms). Seats are leases with an expiry: a dead process's seats
--- come back by themselves; queued tickets carry a heartbeat the waiting process refreshes.
+-- Time comes from Redis TIME (ms; see now below). Seats are leases with an expiry: a dead
+-- process's seats come back by themselves; queued tickets carry a heartbeat the waiting
+-- process refreshes.
 --
 -- ARGV: op, then MessagePack (tenantware/backends/lua_args.py): the pool's terms (seats,
 -- rate in tokens/s (0: none), burst in tokens, the bands' steps (1 / share) as one array,
@@ -26,8 +27,16 @@ local nbands = #steps
 local linger_ms = linger_s * 1000
 if headroom > seats - 1 then headroom = seats - 1 end -- one seat stays open to everyone
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- Redis time in ms: TIME, or now_ms when a script that runs this one as a function read it
+-- in the same run (tenantware/joint: the reservation's); alone, now_ms is declared nil in
+-- front of this script (tenantware/admission/redis.py). A release reads it only if it needs
+-- it (a TIME costs about as much as a command).
+local function redis_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local now = now_ms
+if not now and op ~= 'release' then now = redis_ms() end
 
 local function num(v) return tonumber(v) or 0 end
 local function take_tokens(tokens)
@@ -54,10 +63,14 @@ if op == 'release' then
     local c = num(redis.call('HGET', K_CTR, tenant))
     redis.call('HSET', K_CTR, tenant, tostring(c + (actual - cost) / weight))
     take_tokens(actual_tokens - tokens)
-    if waiting == 0 and released_held <= 0 then redis.call('ZADD', K_LEFT, string.format('%d', now), tenant) end
+    if waiting == 0 and released_held <= 0 then
+      now = now or redis_ms()
+      redis.call('ZADD', K_LEFT, string.format('%d', now), tenant)
+    end
   end
   if waiting == 0 then return {} end
 end
+now = now or redis_ms()
 
 -- The pool's other keys (the release above needs none of them).
 local K_RESV = base .. ':resv'      -- hash tenant -> reserved seats
@@ -72,7 +85,82 @@ local K_TKX = base .. ':tkx'        -- zset ticket -> heartbeat expiry ms (queue
 local qkey, blkey, split, floor_counter, unqueue, purge_tickets, purge, waiting_now, take, pick,
   dispatch, queue_helpers
 
-local function counter_of(tenant)
+local counter_of -- made after the usual seat request below (grant calls it when not given c)
+
+local function fits(tenant, hold, held, reserving, weight, in_use, aw)
+  -- Protected seats: others' unused reserved seats, plus the headroom unless the tenant is
+  -- below its seat share; a request within its own reservation, or expected
+  -- to end within short_s, may take any free seat. The reserving tenants, the tenant's
+  -- weight, the seats in use and the active sum (aw, false: none) may be given when the
+  -- caller has just read them.
+  reserving = reserving or redis.call('SMEMBERS', K_RES)
+  if headroom <= 0 and #reserving == 0 then return true end
+  if #reserving > 0 and held < num(redis.call('HGET', K_RESV, tenant)) then return true end
+  if hold > 0 and hold <= short_s then return true end
+  local protected = 0
+  for _, other in ipairs(reserving) do
+    if other ~= tenant then
+      local unused = num(redis.call('HGET', K_RESV, other)) - num(redis.call('HGET', K_HELD, other))
+      if unused > 0 then protected = protected + unused end
+    end
+  end
+  if headroom > 0 then
+    if aw == nil then aw = redis.call('HGET', K_SYS, 'aw') end
+    aw = num(aw)
+    local w = weight or num(redis.call('HGET', K_W, tenant))
+    if not (held * aw < seats * w * (1 - 1e-9)) then protected = protected + headroom end
+  end
+  return seats - (in_use or redis.call('ZCARD', K_SEATS)) > protected
+end
+
+local function grant(ticket, tenant, cost, weight, lease_ms, tokens, c, vt, stored)
+  -- c, vt: the tenant's counter and the virtual time, when the caller has read them;
+  -- stored: c as read (a string), written as it is when it becomes the virtual time.
+  if c == nil then c = counter_of(tenant) end
+  if vt == nil then vt = num(redis.call('HGET', K_SYS, 'vt')) end
+  if c > vt then redis.call('HSET', K_SYS, 'vt', stored or tostring(c)) end
+  redis.call('HSET', K_CTR, tenant, tostring(c + cost / weight))
+  redis.call('HINCRBY', K_HELD, tenant, '1')
+  redis.call('ZADD', K_SEATS, string.format('%d', now + lease_ms), ticket)
+  redis.call('HSET', K_LEASE, ticket, tenant)
+  take_tokens(tokens)
+end
+
+-- The usual seat request, decided before the helpers below are made (a closure costs 1-2 k
+-- instructions, the queue's maker about 11 k): nobody queued, no seat expired, no tenant to
+-- expire, the tenant active with this weight and known to the pool (it has a counter), no
+-- reservation in the pool, no rate, and a seat that fits. It then writes what the general
+-- path (op == 'acquire' below) writes in that case; otherwise it writes nothing and the
+-- general path decides.
+if op == 'acquire' then
+  local ticket, tenant, _, cost, weight, reserved, cap, _, lease_ms, _, tokens, hold, deadline =
+    cmsgpack.unpack(ARGV[3])
+  if deadline > 0 and now > deadline then return {4, now} end
+  if rate <= 0 and reserved == 0 then
+    local sys = redis.call('HMGET', K_SYS, 'w', 'aw', 'vt')
+    if num(sys[1]) == 0
+      and #redis.call('ZRANGEBYSCORE', K_SEATS, '-inf', string.format('%d', now)) == 0
+      and #redis.call('ZRANGEBYSCORE', K_LEFT, '-inf', string.format('%d', now - linger_ms)) == 0
+      and num(redis.call('HGET', K_W, tenant)) == weight then
+      local reserving = redis.call('SMEMBERS', K_RES)
+      local c = redis.call('HGET', K_CTR, tenant)
+      if #reserving == 0 and c then
+        local held = num(redis.call('HGET', K_HELD, tenant))
+        local in_use = redis.call('ZCARD', K_SEATS)
+        if in_use < seats and (cap == 0 or held < cap)
+          and fits(tenant, hold, held, reserving, weight, in_use, sys[2]) then
+          local vt, counter = num(sys[3]), tonumber(c)
+          redis.call('ZREM', K_LEFT, tenant)
+          if counter < vt then counter = vt end
+          grant(ticket, tenant, cost, weight, lease_ms, tokens, counter, vt, c)
+          return {0, now}
+        end
+      end
+    end
+  end
+end
+
+counter_of = function(tenant)
   local c = redis.call('HGET', K_CTR, tenant)
   if c then return tonumber(c) end
   queue_helpers()
@@ -120,32 +208,6 @@ local function expire()
   return true
 end
 
-local function fits(tenant, hold, held, reserving, weight, in_use, aw)
-  -- Protected seats: others' unused reserved seats, plus the headroom unless the tenant is
-  -- below its seat share; a request within its own reservation, or expected
-  -- to end within short_s, may take any free seat. The reserving tenants, the tenant's
-  -- weight, the seats in use and the active sum (aw, false: none) may be given when the
-  -- caller has just read them.
-  reserving = reserving or redis.call('SMEMBERS', K_RES)
-  if headroom <= 0 and #reserving == 0 then return true end
-  if #reserving > 0 and held < num(redis.call('HGET', K_RESV, tenant)) then return true end
-  if hold > 0 and hold <= short_s then return true end
-  local protected = 0
-  for _, other in ipairs(reserving) do
-    if other ~= tenant then
-      local unused = num(redis.call('HGET', K_RESV, other)) - num(redis.call('HGET', K_HELD, other))
-      if unused > 0 then protected = protected + unused end
-    end
-  end
-  if headroom > 0 then
-    if aw == nil then aw = redis.call('HGET', K_SYS, 'aw') end
-    aw = num(aw)
-    local w = weight or num(redis.call('HGET', K_W, tenant))
-    if not (held * aw < seats * w * (1 - 1e-9)) then protected = protected + headroom end
-  end
-  return seats - (in_use or redis.call('ZCARD', K_SEATS)) > protected
-end
-
 local function room()
   -- The optional token bucket: refill to now; a dispatch needs a positive level.
   if rate <= 0 then return true end
@@ -155,18 +217,6 @@ local function room()
   if lts > 0 and now > lts then lvl = math.min(burst, lvl + (now - lts) * rate / 1000) end
   redis.call('HSET', K_SYS, 'lvl', tostring(lvl), 'lts', now)
   return lvl > 0
-end
-
-local function grant(ticket, tenant, cost, weight, lease_ms, tokens, c, vt)
-  -- c, vt: the tenant's counter and the virtual time, when the caller has read them.
-  if c == nil then c = counter_of(tenant) end
-  if vt == nil then vt = num(redis.call('HGET', K_SYS, 'vt')) end
-  if c > vt then redis.call('HSET', K_SYS, 'vt', tostring(c)) end
-  redis.call('HSET', K_CTR, tenant, tostring(c + cost / weight))
-  redis.call('HINCRBY', K_HELD, tenant, '1')
-  redis.call('ZADD', K_SEATS, string.format('%d', now + lease_ms), ticket)
-  redis.call('HSET', K_LEASE, ticket, tenant)
-  take_tokens(tokens)
 end
 
 local function purge_seats()

@@ -8,6 +8,10 @@
 -- Reply: {reservation reply} when it did not grant (nothing asked of the pool: a refused
 -- request takes no seat and no queue place), else {reservation reply, acquire reply}.
 -- A reservation past its deadline writes nothing and answers -1, so neither half runs late.
-local reserved = quota_reserve(KEYS, ARGV)
+-- The seat request takes the time the reservation read from TIME (in ms, as it reads it; a
+-- TIME of its own costs about as much as a command), or reads TIME when the caller gave the
+-- reservation its time.
+local reserved, timed = quota_reserve(KEYS, ARGV)
 if reserved[1] ~= 1 then return {reserved} end
-return {reserved, admission({KEYS[#KEYS]}, {ARGV[2], ARGV[3], ARGV[4]})}
+local now_ms = timed and math.floor(timed / 1000)
+return {reserved, admission({KEYS[#KEYS]}, {ARGV[2], ARGV[3], ARGV[4]}, now_ms)}

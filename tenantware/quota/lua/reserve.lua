@@ -7,7 +7,9 @@
 --       per limit (tenantware/quota/plan.py, Plan.packed).
 -- Reply: {allowed, failed index (0-based, -1), retry_after_us, now_us, remaining..., reset_us...}
 --        or {-1, -1, 0, now_us} when now is past the deadline: the caller has given up,
---        nothing is checked or written.
+--        nothing is checked or written. A grant also returns, as a second value, the time it
+--        read from TIME (false when the caller gave it): a script that runs this one as a
+--        function (tenantware/joint) hands it on; Redis replies with the first value only.
 -- A time written as a string is formatted with '%d' (an integer: half the cost of handing
 -- the number to redis.call, which formats it with '%.17g'); other numbers go as they are. Only what changes is written: a window counter gets its expiry when its
 -- window starts (the expiry is the window's end either way), a request rate's key expires
@@ -16,9 +18,11 @@
 local v = {cmsgpack.unpack(ARGV[1])}
 local now, tokens, cost, ticket, deadline, charge = v[1], v[2], v[3], v[4], v[5], v[6]
 local tokens_s, cost_s = v[7], v[8]
+local timed = false
 if now < 0 then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  timed = now
 end
 if deadline > 0 and now > deadline then return {-1, -1, 0, now} end
 local n = (#v - 8) / 4
@@ -128,4 +132,4 @@ else
     end
   end
 end
-return reply
+return reply, timed
