@@ -146,6 +146,7 @@ class Relay:
             read = response.read_chunk
             feed = tap.feed
             left = max_bytes
+            last = b""
             try:
                 while chunk := await read():
                     if ctx.first_byte_at is None:
@@ -154,24 +155,21 @@ class Relay:
                     if left < 0:
                         raise UpstreamTooLarge(max_bytes)
                     out = feed(chunk)
+                    if response.ended:
+                        # The last event and the end go out as one message (one write).
+                        last = out + tap.flush()
+                        break
                     if out:
                         await send({"type": "http.response.body", "body": out, "more_body": True})
-                rest = tap.flush()
-                if rest:
-                    await send({"type": "http.response.body", "body": rest, "more_body": True})
+                else:
+                    last = tap.flush()
             except (UpstreamUnavailable, UpstreamTooLarge) as exc:
                 failed = exc
-                await send(
-                    {
-                        "type": "http.response.body",
-                        "body": _stream_error_event(exc, ctx.wire_format),
-                        "more_body": True,
-                    }
-                )
+                last = _stream_error_event(exc, ctx.wire_format)
             # A disconnect reported after the last byte is the normal end, not a client
             # gone mid-stream (in-process transports report it during this last send).
             watch.finished = True
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await send({"type": "http.response.body", "body": last, "more_body": False})
 
         try:
             disconnected = await _while_watching(receive, relay)
