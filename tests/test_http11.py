@@ -955,3 +955,28 @@ def test_the_fast_path_refuses_a_url_it_does_not_serve() -> None:
     client = Http11UpstreamClient()
     with pytest.raises(ValueError, match="plain http"):
         client._target("https://api.openai.com/v1")
+
+
+async def test_ended_tells_when_the_bytes_read_complete_the_body() -> None:
+    """The relay sends the last event with the response's end when ``ended`` says so; a body
+    that ended that way is pooled on close without a read of ``b""``."""
+    go_on = asyncio.Event()
+    first, last = b"data: 1\n\n", b"data: [DONE]\n\n"
+
+    async def handler(server: RawServer, reader: Any, writer: asyncio.StreamWriter) -> None:
+        while await server.request(reader) is not None:
+            whole = chunked(first, last)
+            cut = whole.index(b"%x\r\n%s" % (len(last), last))
+            writer.write(whole[:cut])
+            await go_on.wait()
+            writer.write(whole[cut:])
+
+    async with raw(handler) as (server, client):
+        response = await post(client, server.url)
+        assert await response.read_chunk() == first
+        assert not response.ended
+        go_on.set()
+        assert await response.read_chunk() == last
+        await settle(lambda: response.ended)
+        response.close_now()
+        assert client.idle_connections("127.0.0.1", server.port) == 1

@@ -455,3 +455,42 @@ async def test_a_steady_stream_longer_than_the_read_timeout_completes(
     assert ctx.outcome == Outcome.OK
     assert not ctx.usage.estimated
     assert ctx.usage.output_tokens == 8
+
+
+async def test_the_last_event_and_the_end_of_a_stream_leave_in_one_message(
+    served_fake: tuple[FakeUpstream, str],
+) -> None:
+    """The fake upstream writes its finish, usage and ``[DONE]`` with the end of its body:
+    the relay sends them as the response's last message (one write), not followed by an
+    empty one."""
+    fake, url = served_fake
+    fake.config.stream_chunks = 3
+    gateway = Gateway(make_config(url + "/v1"))
+    seen: dict[str, Any] = {}
+    app = gateway.wrap(_capturing(gateway, seen))
+    body = json.dumps({**CHAT, "stream": True}).encode()
+    done = anyio.Event()
+    bodies: list[tuple[bytes, bool]] = []
+
+    async def disconnected() -> Message:
+        await done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            bodies.append((message.get("body", b""), message.get("more_body", False)))
+            if not message.get("more_body", False):
+                done.set()
+
+    try:
+        with anyio.fail_after(5):
+            await app(_stream_scope(), _receive_body_then(body, disconnected), send)
+    finally:
+        await gateway.proxy.aclose()
+    last, more = bodies[-1]
+    assert not more
+    assert last.endswith(b"data: [DONE]\n\n")
+    assert all(more for _, more in bodies[:-1])
+    assert b"".join(part for part, _ in bodies).count(b'"content":"tok "') == 3
+    assert seen["ctx"].outcome == Outcome.OK
+    assert seen["ctx"].usage.output_tokens == 3
