@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import json
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -494,3 +496,41 @@ async def test_the_last_event_and_the_end_of_a_stream_leave_in_one_message(
     assert b"".join(part for part, _ in bodies).count(b'"content":"tok "') == 3
     assert seen["ctx"].outcome == Outcome.OK
     assert seen["ctx"].usage.output_tokens == 3
+
+
+async def test_a_stream_is_relayed_from_a_task_of_its_own_that_sees_the_request_context(
+    served_fake: tuple[FakeUpstream, str],
+) -> None:
+    """Events resume the relay's own task, not the whole ASGI stack's chain of coroutines;
+    that task runs in a copy of the request's context (bound log fields, usage bounds)."""
+    marker: contextvars.ContextVar[str] = contextvars.ContextVar("marker", default="")
+    fake, url = served_fake
+    fake.config.stream_chunks = 3
+    gateway = Gateway(make_config(url + "/v1"))
+    body = json.dumps({**CHAT, "stream": True}).encode()
+    done = anyio.Event()
+    seen: list[tuple[bool, str]] = []
+    app_task: list[asyncio.Task[Any] | None] = []
+
+    async def app(scope: Scope, receive: Receive, send: Any) -> None:
+        marker.set("request")
+        app_task.append(asyncio.current_task())
+        await gateway.proxy(scope, receive, send)
+
+    async def disconnected() -> Message:
+        await done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            seen.append((asyncio.current_task() is app_task[0], marker.get()))
+            if not message.get("more_body", False):
+                done.set()
+
+    try:
+        with anyio.fail_after(5):
+            await gateway.wrap(app)(_stream_scope(), _receive_body_then(body, disconnected), send)
+    finally:
+        await gateway.proxy.aclose()
+    assert seen
+    assert all(not same_task and value == "request" for same_task, value in seen)
