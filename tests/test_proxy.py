@@ -459,15 +459,16 @@ async def test_a_steady_stream_longer_than_the_read_timeout_completes(
     assert ctx.usage.output_tokens == 8
 
 
+@pytest.mark.parametrize("fast_path", [True, False], ids=["http11", "aiohttp"])
 async def test_the_last_event_and_the_end_of_a_stream_leave_in_one_message(
-    served_fake: tuple[FakeUpstream, str],
+    served_fake: tuple[FakeUpstream, str], fast_path: bool
 ) -> None:
     """The fake upstream writes its finish, usage and ``[DONE]`` with the end of its body:
     the relay sends them as the response's last message (one write), not followed by an
-    empty one."""
+    empty one, whichever client read them."""
     fake, url = served_fake
     fake.config.stream_chunks = 3
-    gateway = Gateway(make_config(url + "/v1"))
+    gateway = Gateway(make_config(url + "/v1", gateway={"upstream_fast_path": fast_path}))
     seen: dict[str, Any] = {}
     app = gateway.wrap(_capturing(gateway, seen))
     body = json.dumps({**CHAT, "stream": True}).encode()
