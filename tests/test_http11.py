@@ -980,3 +980,71 @@ async def test_ended_tells_when_the_bytes_read_complete_the_body() -> None:
         await settle(lambda: response.ended)
         response.close_now()
         assert client.idle_connections("127.0.0.1", server.port) == 1
+
+
+async def test_a_slow_client_holds_the_upstream_back_through_the_relay() -> None:
+    """The relay reads the next event only once the client took the last: while the client
+    does not read, the upstream is held back (nothing piles up in the gateway)."""
+    total = 256 * 1024 * 1024
+    sent = [0]
+    event = b"data: " + json.dumps({"choices": [{"delta": {"content": "x" * 60000}}]}).encode()
+    event += b"\n\n"
+
+    async def handler(server: RawServer, reader: Any, writer: asyncio.StreamWriter) -> None:
+        await server.request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
+        while sent[0] < total:
+            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            sent[0] += len(event)
+            await writer.drain()
+
+    async with RawServer(handler) as server:
+        gateway = Gateway(make_config(f"http://127.0.0.1:{server.port}/v1"))
+        released, gone = asyncio.Event(), asyncio.Event()
+        bodies: list[int] = []
+        body = json.dumps({**CHAT, "stream": True}).encode()
+        requested = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal requested
+            if not requested:
+                requested = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body":
+                bodies.append(len(message.get("body", b"")))
+                await released.wait()  # a client that does not read
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/v1/chat/completions",
+            "headers": [
+                (b"authorization", f"Bearer {KEYS['acme']}".encode()),
+                (b"content-type", b"application/json"),
+            ],
+            "query_string": b"",
+        }
+        task = asyncio.create_task(gateway.asgi_app()(scope, receive, send))
+        try:
+            await settle(lambda: bool(bodies))
+            last = -1
+            for _ in range(500):  # until the upstream's writes stop
+                if sent[0] == last:
+                    break
+                last = sent[0]
+                await asyncio.sleep(0.02)
+            assert sent[0] == last < total
+            assert len(bodies) == 1
+            gone.set()
+            released.set()
+            await asyncio.wait_for(task, 5)
+        finally:
+            task.cancel()
+            await gateway.proxy.aclose()
