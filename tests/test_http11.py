@@ -26,7 +26,14 @@ from tenantware.proxy.upstream import (
 )
 from tenantware.testing.serve import serve_in_thread
 from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig
-from tests.support import CHAT, KEYS, client_for, make_config
+from tests.support import (
+    CHAT,
+    KEYS,
+    client_for,
+    make_config,
+    receive_body_then,
+    stream_scope,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -1006,13 +1013,8 @@ async def test_a_slow_client_holds_the_upstream_back_through_the_relay() -> None
         released, gone = asyncio.Event(), asyncio.Event()
         bodies: list[int] = []
         body = json.dumps({**CHAT, "stream": True}).encode()
-        requested = False
 
-        async def receive() -> dict[str, Any]:
-            nonlocal requested
-            if not requested:
-                requested = True
-                return {"type": "http.request", "body": body, "more_body": False}
+        async def disconnected() -> dict[str, Any]:
             await gone.wait()
             return {"type": "http.disconnect"}
 
@@ -1021,17 +1023,8 @@ async def test_a_slow_client_holds_the_upstream_back_through_the_relay() -> None
                 bodies.append(len(message.get("body", b"")))
                 await released.wait()  # a client that does not read
 
-        scope = {
-            "type": "http",
-            "method": "POST",
-            "path": "/v1/chat/completions",
-            "headers": [
-                (b"authorization", f"Bearer {KEYS['acme']}".encode()),
-                (b"content-type", b"application/json"),
-            ],
-            "query_string": b"",
-        }
-        task = asyncio.create_task(gateway.asgi_app()(scope, receive, send))
+        receive = receive_body_then(body, disconnected)
+        task = asyncio.create_task(gateway.asgi_app()(stream_scope(), receive, send))
         try:
             await settle(lambda: bool(bodies))
             last = -1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -18,7 +18,15 @@ from tenantware.proxy import relay as proxy_relay
 from tenantware.testing.serve import serve_in_thread
 from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig, count_prompt_tokens
 from tenantware.types import Message, Receive, Scope
-from tests.support import CHAT, KEYS, client_for, in_process_gateway, make_config
+from tests.support import (
+    CHAT,
+    KEYS,
+    client_for,
+    in_process_gateway,
+    make_config,
+    receive_body_then,
+    stream_scope,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -187,7 +195,7 @@ async def test_client_disconnect_mid_stream_closes_the_upstream(
         await disconnect.wait()
         return {"type": "http.disconnect"}
 
-    receive = _receive_body_then(body, disconnected)
+    receive = receive_body_then(body, disconnected)
 
     async def send(message: Message) -> None:
         if message["type"] == "http.response.body" and message.get("body"):
@@ -197,7 +205,7 @@ async def test_client_disconnect_mid_stream_closes_the_upstream(
 
     try:
         with anyio.fail_after(5):
-            await app(_stream_scope(), receive, send)
+            await app(stream_scope(), receive, send)
             while fake.stats.in_flight:
                 await anyio.sleep(0.01)
     finally:
@@ -293,33 +301,6 @@ async def test_embeddings_and_legacy_completions_are_relayed() -> None:
     assert fake.stats.requests == 2
 
 
-def _stream_scope() -> Scope:
-    return {
-        "type": "http",
-        "method": "POST",
-        "path": "/v1/chat/completions",
-        "headers": [
-            (b"authorization", f"Bearer {KEYS['acme']}".encode()),
-            (b"content-type", b"application/json"),
-        ],
-        "query_string": b"",
-    }
-
-
-def _receive_body_then(body: bytes, then: Callable[[], Awaitable[Message]]) -> Receive:
-    """An ASGI ``receive``: the request body once, then whatever ``then`` gives."""
-    sent = False
-
-    async def receive() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await then()
-
-    return receive
-
-
 def _with_timeout(url: str, idle_s: float, total_s: float = 60.0) -> Any:
     return make_config(
         url + "/v1",
@@ -349,7 +330,7 @@ async def test_outer_cancellation_of_a_stream_is_not_taken_for_a_disconnect(
         await anyio.sleep_forever()
         raise AssertionError("unreachable")
 
-    receive = _receive_body_then(body, never)
+    receive = receive_body_then(body, never)
 
     async def send(message: Message) -> None:
         if message["type"] == "http.response.body" and message.get("body"):
@@ -360,7 +341,7 @@ async def test_outer_cancellation_of_a_stream_is_not_taken_for_a_disconnect(
         async with anyio.create_task_group() as group:
 
             async def run() -> None:
-                await gateway.wrap(gateway.proxy)(_stream_scope(), receive, send)
+                await gateway.wrap(gateway.proxy)(stream_scope(), receive, send)
                 received.append(b"returned")  # only if the cancellation was swallowed
 
             group.start_soon(run)
@@ -388,7 +369,7 @@ async def test_a_failing_receive_cuts_the_stream_and_is_raised(
         await anyio.sleep(0.05)
         raise RuntimeError("receive broke")
 
-    receive = _receive_body_then(body, broken)
+    receive = receive_body_then(body, broken)
 
     async def send(message: Message) -> None:
         if message["type"] == "http.response.body" and message.get("body"):
@@ -397,7 +378,7 @@ async def test_a_failing_receive_cuts_the_stream_and_is_raised(
     raised = ""
     try:
         with anyio.fail_after(5):
-            await gateway.wrap(gateway.proxy)(_stream_scope(), receive, send)
+            await gateway.wrap(gateway.proxy)(stream_scope(), receive, send)
     except* RuntimeError as group:  # naked on asyncio, in a group from an anyio task group
         raised = repr(group.exceptions)
     finally:
@@ -487,7 +468,7 @@ async def test_the_last_event_and_the_end_of_a_stream_leave_in_one_message(
 
     try:
         with anyio.fail_after(5):
-            await app(_stream_scope(), _receive_body_then(body, disconnected), send)
+            await app(stream_scope(), receive_body_then(body, disconnected), send)
     finally:
         await gateway.proxy.aclose()
     last, more = bodies[-1]
@@ -530,7 +511,7 @@ async def test_a_stream_is_relayed_from_a_task_of_its_own_that_sees_the_request_
 
     try:
         with anyio.fail_after(5):
-            await gateway.wrap(app)(_stream_scope(), _receive_body_then(body, disconnected), send)
+            await gateway.wrap(app)(stream_scope(), receive_body_then(body, disconnected), send)
     finally:
         await gateway.proxy.aclose()
     assert seen
