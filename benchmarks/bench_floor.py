@@ -12,6 +12,9 @@ none always follows the same neighbour, and reads the server's CPU time from ``/
 shared host the figures of one run move by tens of percent: compare the servers' minimum and
 median over the rounds, which saw the same host conditions. CPU is divided by the 2xx answers
 only, and non-2xx answers are reported: a fast but failing server must not look cheap.
+``--chunk-delay-ms`` paces the fake upstream's stream events (default 1 ms: each event is its
+own read, as an LLM's tokens 10-50 ms apart are; 0 writes them back to back, so a gateway
+that lags behind reads several at once).
 ``load.py --bare`` gives the whole table (c=1/16/64) for the relay alone.
 """
 
@@ -87,6 +90,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--mode", choices=["json", "stream"], default="json")
+    parser.add_argument(
+        "--chunk-delay-ms",
+        type=float,
+        default=1.0,
+        help="the fake upstream's pause before each stream event (0: all events back to back)",
+    )
     args = parser.parse_args()
     python = sys.executable
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-floor-{os.getpid()}"
@@ -94,7 +103,7 @@ def main() -> None:
     upstream = _free_port()
     argv = [python, "-W", "ignore::RuntimeWarning", "-m", "tenantware.testing.upstream"]
     argv += ["--port", str(upstream), "--latency-ms", "0", "--chunks", "20"]
-    argv += ["--chunk-delay-ms", "1"]
+    argv += ["--chunk-delay-ms", f"{args.chunk_delay_ms:g}"]
     processes = [
         subprocess.Popen(["taskset", "-c", "1", *argv], cwd=HERE.parent, stdout=subprocess.DEVNULL)
     ]

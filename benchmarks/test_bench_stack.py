@@ -181,6 +181,8 @@ class _Canned:
             return chunk
         return b""
 
+    ended = False
+
     def close_now(self) -> Awaitable[None]:
         return self.aclose()
 

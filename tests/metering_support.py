@@ -11,7 +11,7 @@ import anyio
 from tenantware import Gateway
 from tenantware.metering.ledger import MemoryLedger, UsageRecord
 from tenantware.types import Message
-from tests.support import CHAT, KEYS
+from tests.support import CHAT, KEYS, receive_body_then
 
 
 def scope_for(
@@ -45,13 +45,8 @@ async def call_streaming(
     raw = json.dumps(body).encode()
     gone = anyio.Event()
     received: list[bytes] = []
-    sent = False
 
-    async def receive() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": raw, "more_body": False}
+    async def disconnected() -> Message:
         await gone.wait()
         return {"type": "http.disconnect"}
 
@@ -62,7 +57,7 @@ async def call_streaming(
                 gone.set()
 
     with anyio.fail_after(10):
-        await app(scope_for(headers=headers), receive, send)
+        await app(scope_for(headers=headers), receive_body_then(raw, disconnected), send)
     return received
 
 

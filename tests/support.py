@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
 
 from tenantware import Gateway, GatewayConfig, HttpxUpstreamClient, KeyHasher, parse_config
 from tenantware.testing.upstream import FakeUpstream
+from tenantware.types import Message, Receive, Scope
 
 KEYS = {"acme": "sk-test-acme", "hobby": "sk-test-hobby", "revoked": "sk-test-revoked"}
 
@@ -75,3 +77,32 @@ CHAT = {"model": "gpt-4.1", "messages": [{"role": "user", "content": "Hello ther
 def script_sha(source: str) -> bytes:
     """The SHA1 a Lua script is called by (``EVALSHA``)."""
     return hashlib.sha1(source.encode()).hexdigest().encode()
+
+
+def stream_scope() -> Scope:
+    """The scope of tenant acme's ``POST /v1/chat/completions``, for calling an app directly
+    (streaming and disconnect tests: test clients buffer bodies)."""
+    return {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "headers": [
+            (b"authorization", f"Bearer {KEYS['acme']}".encode()),
+            (b"content-type", b"application/json"),
+        ],
+        "query_string": b"",
+    }
+
+
+def receive_body_then(body: bytes, then: Callable[[], Awaitable[Message]]) -> Receive:
+    """An ASGI ``receive``: the request body once, then whatever ``then`` gives."""
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await then()
+
+    return receive

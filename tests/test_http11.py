@@ -26,7 +26,14 @@ from tenantware.proxy.upstream import (
 )
 from tenantware.testing.serve import serve_in_thread
 from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig
-from tests.support import CHAT, KEYS, client_for, make_config
+from tests.support import (
+    CHAT,
+    KEYS,
+    client_for,
+    make_config,
+    receive_body_then,
+    stream_scope,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -955,3 +962,82 @@ def test_the_fast_path_refuses_a_url_it_does_not_serve() -> None:
     client = Http11UpstreamClient()
     with pytest.raises(ValueError, match="plain http"):
         client._target("https://api.openai.com/v1")
+
+
+async def test_ended_tells_when_the_bytes_read_complete_the_body() -> None:
+    """The relay sends the last event with the response's end when ``ended`` says so; a body
+    that ended that way is pooled on close without a read of ``b""``."""
+    go_on = asyncio.Event()
+    first, last = b"data: 1\n\n", b"data: [DONE]\n\n"
+
+    async def handler(server: RawServer, reader: Any, writer: asyncio.StreamWriter) -> None:
+        while await server.request(reader) is not None:
+            whole = chunked(first, last)
+            cut = whole.index(b"%x\r\n%s" % (len(last), last))
+            writer.write(whole[:cut])
+            await go_on.wait()
+            writer.write(whole[cut:])
+
+    async with raw(handler) as (server, client):
+        response = await post(client, server.url)
+        assert await response.read_chunk() == first
+        assert not response.ended
+        go_on.set()
+        assert await response.read_chunk() == last
+        await settle(lambda: response.ended)
+        response.close_now()
+        assert client.idle_connections("127.0.0.1", server.port) == 1
+
+
+async def test_a_slow_client_holds_the_upstream_back_through_the_relay() -> None:
+    """The relay reads the next event only once the client took the last: while the client
+    does not read, the upstream is held back (nothing piles up in the gateway)."""
+    total = 256 * 1024 * 1024
+    sent = [0]
+    event = b"data: " + json.dumps({"choices": [{"delta": {"content": "x" * 60000}}]}).encode()
+    event += b"\n\n"
+
+    async def handler(server: RawServer, reader: Any, writer: asyncio.StreamWriter) -> None:
+        await server.request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
+        while sent[0] < total:
+            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            sent[0] += len(event)
+            await writer.drain()
+
+    async with RawServer(handler) as server:
+        gateway = Gateway(make_config(f"http://127.0.0.1:{server.port}/v1"))
+        released, gone = asyncio.Event(), asyncio.Event()
+        bodies: list[int] = []
+        body = json.dumps({**CHAT, "stream": True}).encode()
+
+        async def disconnected() -> dict[str, Any]:
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body":
+                bodies.append(len(message.get("body", b"")))
+                await released.wait()  # a client that does not read
+
+        receive = receive_body_then(body, disconnected)
+        task = asyncio.create_task(gateway.asgi_app()(stream_scope(), receive, send))
+        try:
+            await settle(lambda: bool(bodies))
+            last = -1
+            for _ in range(500):  # until the upstream's writes stop
+                if sent[0] == last:
+                    break
+                last = sent[0]
+                await asyncio.sleep(0.02)
+            assert sent[0] == last < total
+            assert len(bodies) == 1
+            gone.set()
+            released.set()
+            await asyncio.wait_for(task, 5)
+        finally:
+            task.cancel()
+            await gateway.proxy.aclose()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import json
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -16,7 +18,15 @@ from tenantware.proxy import relay as proxy_relay
 from tenantware.testing.serve import serve_in_thread
 from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig, count_prompt_tokens
 from tenantware.types import Message, Receive, Scope
-from tests.support import CHAT, KEYS, client_for, in_process_gateway, make_config
+from tests.support import (
+    CHAT,
+    KEYS,
+    client_for,
+    in_process_gateway,
+    make_config,
+    receive_body_then,
+    stream_scope,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -185,7 +195,7 @@ async def test_client_disconnect_mid_stream_closes_the_upstream(
         await disconnect.wait()
         return {"type": "http.disconnect"}
 
-    receive = _receive_body_then(body, disconnected)
+    receive = receive_body_then(body, disconnected)
 
     async def send(message: Message) -> None:
         if message["type"] == "http.response.body" and message.get("body"):
@@ -195,7 +205,7 @@ async def test_client_disconnect_mid_stream_closes_the_upstream(
 
     try:
         with anyio.fail_after(5):
-            await app(_stream_scope(), receive, send)
+            await app(stream_scope(), receive, send)
             while fake.stats.in_flight:
                 await anyio.sleep(0.01)
     finally:
@@ -291,33 +301,6 @@ async def test_embeddings_and_legacy_completions_are_relayed() -> None:
     assert fake.stats.requests == 2
 
 
-def _stream_scope() -> Scope:
-    return {
-        "type": "http",
-        "method": "POST",
-        "path": "/v1/chat/completions",
-        "headers": [
-            (b"authorization", f"Bearer {KEYS['acme']}".encode()),
-            (b"content-type", b"application/json"),
-        ],
-        "query_string": b"",
-    }
-
-
-def _receive_body_then(body: bytes, then: Callable[[], Awaitable[Message]]) -> Receive:
-    """An ASGI ``receive``: the request body once, then whatever ``then`` gives."""
-    sent = False
-
-    async def receive() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await then()
-
-    return receive
-
-
 def _with_timeout(url: str, idle_s: float, total_s: float = 60.0) -> Any:
     return make_config(
         url + "/v1",
@@ -347,7 +330,7 @@ async def test_outer_cancellation_of_a_stream_is_not_taken_for_a_disconnect(
         await anyio.sleep_forever()
         raise AssertionError("unreachable")
 
-    receive = _receive_body_then(body, never)
+    receive = receive_body_then(body, never)
 
     async def send(message: Message) -> None:
         if message["type"] == "http.response.body" and message.get("body"):
@@ -358,7 +341,7 @@ async def test_outer_cancellation_of_a_stream_is_not_taken_for_a_disconnect(
         async with anyio.create_task_group() as group:
 
             async def run() -> None:
-                await gateway.wrap(gateway.proxy)(_stream_scope(), receive, send)
+                await gateway.wrap(gateway.proxy)(stream_scope(), receive, send)
                 received.append(b"returned")  # only if the cancellation was swallowed
 
             group.start_soon(run)
@@ -386,7 +369,7 @@ async def test_a_failing_receive_cuts_the_stream_and_is_raised(
         await anyio.sleep(0.05)
         raise RuntimeError("receive broke")
 
-    receive = _receive_body_then(body, broken)
+    receive = receive_body_then(body, broken)
 
     async def send(message: Message) -> None:
         if message["type"] == "http.response.body" and message.get("body"):
@@ -395,7 +378,7 @@ async def test_a_failing_receive_cuts_the_stream_and_is_raised(
     raised = ""
     try:
         with anyio.fail_after(5):
-            await gateway.wrap(gateway.proxy)(_stream_scope(), receive, send)
+            await gateway.wrap(gateway.proxy)(stream_scope(), receive, send)
     except* RuntimeError as group:  # naked on asyncio, in a group from an anyio task group
         raised = repr(group.exceptions)
     finally:
@@ -455,3 +438,81 @@ async def test_a_steady_stream_longer_than_the_read_timeout_completes(
     assert ctx.outcome == Outcome.OK
     assert not ctx.usage.estimated
     assert ctx.usage.output_tokens == 8
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["http11", "aiohttp"])
+async def test_the_last_event_and_the_end_of_a_stream_leave_in_one_message(
+    served_fake: tuple[FakeUpstream, str], fast_path: bool
+) -> None:
+    """The fake upstream writes its finish, usage and ``[DONE]`` with the end of its body:
+    the relay sends them as the response's last message (one write), not followed by an
+    empty one, whichever client read them."""
+    fake, url = served_fake
+    fake.config.stream_chunks = 3
+    gateway = Gateway(make_config(url + "/v1", gateway={"upstream_fast_path": fast_path}))
+    seen: dict[str, Any] = {}
+    app = gateway.wrap(_capturing(gateway, seen))
+    body = json.dumps({**CHAT, "stream": True}).encode()
+    done = anyio.Event()
+    bodies: list[tuple[bytes, bool]] = []
+
+    async def disconnected() -> Message:
+        await done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            bodies.append((message.get("body", b""), message.get("more_body", False)))
+            if not message.get("more_body", False):
+                done.set()
+
+    try:
+        with anyio.fail_after(5):
+            await app(stream_scope(), receive_body_then(body, disconnected), send)
+    finally:
+        await gateway.proxy.aclose()
+    last, more = bodies[-1]
+    assert not more
+    assert last.endswith(b"data: [DONE]\n\n")
+    assert all(more for _, more in bodies[:-1])
+    assert b"".join(part for part, _ in bodies).count(b'"content":"tok "') == 3
+    assert seen["ctx"].outcome == Outcome.OK
+    assert seen["ctx"].usage.output_tokens == 3
+
+
+async def test_a_stream_is_relayed_from_a_task_of_its_own_that_sees_the_request_context(
+    served_fake: tuple[FakeUpstream, str],
+) -> None:
+    """Events resume the relay's own task, not the whole ASGI stack's chain of coroutines;
+    that task runs in a copy of the request's context (bound log fields, usage bounds)."""
+    marker: contextvars.ContextVar[str] = contextvars.ContextVar("marker", default="")
+    fake, url = served_fake
+    fake.config.stream_chunks = 3
+    gateway = Gateway(make_config(url + "/v1"))
+    body = json.dumps({**CHAT, "stream": True}).encode()
+    done = anyio.Event()
+    seen: list[tuple[bool, str]] = []
+    app_task: list[asyncio.Task[Any] | None] = []
+
+    async def app(scope: Scope, receive: Receive, send: Any) -> None:
+        marker.set("request")
+        app_task.append(asyncio.current_task())
+        await gateway.proxy(scope, receive, send)
+
+    async def disconnected() -> Message:
+        await done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            seen.append((asyncio.current_task() is app_task[0], marker.get()))
+            if not message.get("more_body", False):
+                done.set()
+
+    try:
+        with anyio.fail_after(5):
+            await gateway.wrap(app)(stream_scope(), receive_body_then(body, disconnected), send)
+    finally:
+        await gateway.proxy.aclose()
+    assert seen
+    assert all(not same_task and value == "request" for same_task, value in seen)

@@ -19,7 +19,15 @@ from tenantware.quota import Plan, build_plan
 from tenantware.testing.serve import serve_in_thread
 from tenantware.testing.upstream import FakeUpstream, FakeUpstreamConfig
 from tenantware.types import Message, Receive, Scope, Send
-from tests.support import CHAT, KEYS, client_for, in_process_gateway, make_config, tenant_entries
+from tests.support import (
+    CHAT,
+    KEYS,
+    client_for,
+    in_process_gateway,
+    make_config,
+    receive_body_then,
+    tenant_entries,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -286,15 +294,12 @@ async def test_a_stream_cut_by_the_client_settles_to_what_was_produced(
     body = json.dumps({**CHAT, "stream": True, "max_tokens": 50}).encode()
     disconnect = anyio.Event()
     chunks: list[bytes] = []
-    sent = False
 
-    async def receive() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
+    async def disconnected() -> Message:
         await disconnect.wait()
         return {"type": "http.disconnect"}
+
+    receive = receive_body_then(body, disconnected)
 
     async def send(message: Message) -> None:
         if message["type"] == "http.response.body" and message.get("body"):

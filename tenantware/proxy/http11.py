@@ -445,6 +445,13 @@ class _Http11Response:
         while chunk := await self.read_chunk():
             yield chunk
 
+    @property
+    def ended(self) -> bool:
+        if self._finished:
+            return True
+        conn = self._conn
+        return conn.done and not conn.chunks and conn.error is None and self._decoder is None
+
     def _finish(self) -> None:
         if not self._finished:
             self._finished = True

@@ -97,6 +97,12 @@ class UpstreamResponse(Protocol):
 
     def chunks(self) -> AsyncIterator[bytes]: ...
 
+    @property
+    def ended(self) -> bool:
+        """Whether the bytes read so far are known to be the whole body (``False`` when not
+        known yet): the relay then sends the last event and the response's end together."""
+        ...
+
     def close_now(self) -> Awaitable[None] | None:
         """Close the response: at once when it can (``None``: nothing left to wait for, so no
         cancellation can cut it short and no shield is needed), else the awaitable that
@@ -260,6 +266,10 @@ class _AiohttpResponse:
             connection.protocol.set_exception(exc)
         self._response.content.set_exception(exc)
 
+    @property
+    def ended(self) -> bool:
+        return self._response.content.at_eof()
+
     def close_now(self) -> None:
         """Synchronous close (aiohttp's release/close never wait): callers need no shield."""
         watchdog, self._watchdog = self._watchdog, None
@@ -390,6 +400,10 @@ class _HttpxResponse:
         except TimeoutError:
             raise UpstreamTimeout("the upstream sent nothing in time") from None
         return b""
+
+    @property
+    def ended(self) -> bool:
+        return False  # known only when the iterator stops
 
     def close_now(self) -> Awaitable[None]:
         """httpx closes asynchronously: the caller awaits this, shielded."""
