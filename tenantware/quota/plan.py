@@ -122,6 +122,7 @@ class Plan:
         "limits",
         "local",
         "packed",
+        "settle_packed",
         "windowed",
     )
 
@@ -148,6 +149,11 @@ class Plan:
                 for limit in limits
                 for value in (limit.kind, limit.p1, limit.p2, _key_ttl_ms(limit))
             )
+        )
+        #: ``kind, p1`` per limit as MessagePack, packed once: all the settle script needs
+        #: of the plan (fewer values to unpack than ``packed``).
+        self.settle_packed = pack_values(
+            *(value for limit in limits for value in (limit.kind, limit.p1))
         )
         #: ``(kind, p1)`` of each limit whose counter is per window (``None`` for the others):
         #: what ``windows_at`` computes a window for.

@@ -191,7 +191,7 @@ class RedisQuotaStore:
                 str(balance_delta),
                 *windows_at(plan, now_us),
             )
-            + plan.packed
+            + plan.settle_packed
         )
 
     async def usage(self, plan: Plan) -> list[int]:
