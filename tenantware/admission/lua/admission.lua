@@ -32,11 +32,14 @@ if headroom > seats - 1 then headroom = seats - 1 end -- one seat stays open to 
 -- front of this script (tenantware/admission/redis.py). A release reads it only if it needs
 -- it (a TIME costs about as much as a command). Helpers are made only where a call needs
 -- them (a closure costs 1-2 k instructions).
+-- A number Redis stores is read with arithmetic (s + 0: one conversion; tonumber(s) makes
+-- two); num: the same, 0 for a missing value.
+local function num(v) if v then return v + 0 end return 0 end
 local now, redis_ms, take_tokens = now_ms, nil, nil
 if not now then
   redis_ms = function()
     local t = redis.call('TIME')
-    return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    return t[1] * 1000 + math.floor(t[2] / 1000)
   end
   if op ~= 'release' then now = redis_ms() end
 end
@@ -58,12 +61,12 @@ if op == 'release' then
   -- ticket, tenant, band, cost, weight, actual_cost, lease_ms, tokens, actual_tokens
   local ticket, tenant, _, cost, weight, actual, _, tokens, actual_tokens =
     cmsgpack.unpack(ARGV[3])
-  waiting = tonumber(redis.call('HGET', K_SYS, 'w')) or 0
+  waiting = num(redis.call('HGET', K_SYS, 'w'))
   released = redis.call('ZREM', K_SEATS, ticket) == 1
   if released then
     released_held = redis.call('HINCRBY', K_HELD, tenant, '-1')
     redis.call('HDEL', K_LEASE, ticket)
-    local c = tonumber(redis.call('HGET', K_CTR, tenant)) or 0
+    local c = num(redis.call('HGET', K_CTR, tenant))
     redis.call('HSET', K_CTR, tenant, tostring(c + (actual - cost) / weight))
     if take_tokens then take_tokens(actual_tokens - tokens) end
     if waiting == 0 and released_held <= 0 then
@@ -88,22 +91,22 @@ if op == 'acquire' then
   if deadline > 0 and now > deadline then return {4, now} end
   if rate <= 0 and reserved == 0 then
     local sys = redis.call('HMGET', K_SYS, 'w', 'aw', 'vt')
-    if (tonumber(sys[1]) or 0) == 0
+    if num(sys[1]) == 0
       and #redis.call('ZRANGEBYSCORE', K_SEATS, '-inf', string.format('%d', now)) == 0
       and #redis.call('ZRANGEBYSCORE', K_LEFT, '-inf', string.format('%d', now - linger_ms)) == 0
-      and (tonumber(redis.call('HGET', base .. ':w', tenant)) or 0) == weight
+      and num(redis.call('HGET', base .. ':w', tenant)) == weight
       and redis.call('SCARD', base .. ':res') == 0 then
       local c = redis.call('HGET', K_CTR, tenant)
       if c then
-        local held = tonumber(redis.call('HGET', K_HELD, tenant)) or 0
+        local held = num(redis.call('HGET', K_HELD, tenant))
         local in_use = redis.call('ZCARD', K_SEATS)
         local fit = in_use < seats and (cap == 0 or held < cap)
         if fit and headroom > 0 and not (hold > 0 and hold <= short_s)
-          and not (held * (tonumber(sys[2]) or 0) < seats * weight * (1 - 1e-9)) then
+          and not (held * num(sys[2]) < seats * weight * (1 - 1e-9)) then
           fit = seats - in_use > headroom
         end
         if fit then
-          local vt, counter = tonumber(sys[3]) or 0, tonumber(c)
+          local vt, counter = num(sys[3]), c + 0
           redis.call('ZREM', K_LEFT, tenant)
           if counter > vt then
             redis.call('HSET', K_SYS, 'vt', c)
@@ -120,8 +123,6 @@ if op == 'acquire' then
     end
   end
 end
-
-local function num(v) return tonumber(v) or 0 end
 
 -- The pool's other keys (the release above needs none of them).
 local K_RESV = base .. ':resv'      -- hash tenant -> reserved seats

@@ -12,6 +12,7 @@
 --        nothing is checked or written. A grant also returns, as a second value, the time it
 --        read from TIME (false when the caller gave it): a script that runs this one as a
 --        function (tenantware/joint) hands it on; Redis replies with the first value only.
+-- A number Redis stores is read with arithmetic (s + 0: one conversion; tonumber(s) makes two).
 -- A time written as a string is formatted with '%d' (an integer: half the cost of handing
 -- the number to redis.call, which formats it with '%.17g'); other numbers go as they are. Only what changes is written: a window counter gets its expiry when its
 -- window starts (the expiry is the window's end either way), a request rate's key expires
@@ -23,7 +24,7 @@ local tokens_s, cost_s, month_day, month = v[7], v[8], v[9], v[10]
 local timed = false
 if now < 0 then
   local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  now = t[1] * 1000000 + t[2]
   timed = now
 end
 if deadline > 0 and now > deadline then return {-1, -1, 0, now} end
@@ -39,7 +40,8 @@ for i = 1, n do
   local key = KEYS[i]
   local remaining, reset = 0, 0
   if kind == 'r' then
-    local tat = tonumber(redis.call('GET', key)) or now
+    local tat = redis.call('GET', key)
+    if tat then tat = tat + 0 else tat = now end
     if tat < now then tat = now end
     local new = tat + p1
     if new - now > p2 then
@@ -96,8 +98,8 @@ for i = 1, n do
     if kind == 't' then amount = tokens end
     local state = redis.call('HMGET', key, 'w', 'v')
     local used = 0
-    local same = tonumber(state[1]) == window
-    if same then used = tonumber(state[2]) or 0 end
+    local same = state[1] and state[1] + 0 == window
+    if same and state[2] then used = state[2] + 0 end
     if used + amount > p2 then
       remaining = math.max(0, p2 - used)
       if kind == 't' then
