@@ -41,11 +41,11 @@ __all__ = ["RedisQuotaStore", "lua_source"]
 
 
 def lua_source(name: str) -> str:
-    """A script of ``tenantware/quota/lua`` with the shared helpers in front (but settle and
-    reserve, which need none of them: their windows and months come from Python)."""
+    """A script of ``tenantware/quota/lua`` with the shared helpers in front (but settle,
+    which needs none of them: its windows come from Python, ``windows_at``)."""
     folder = files("tenantware.quota") / "lua"
     script = (folder / f"{name}.lua").read_text()
-    if name in ("settle", "reserve"):
+    if name == "settle":
         return script
     return (folder / "common.lua").read_text() + "\n" + script
 

@@ -6,7 +6,8 @@
 --       tokens and cost again as strings (written as they are), a day (days since 1970-01-01
 --       UTC) and its month (months since 1970-01: tenantware/quota/plan.py, month_index), then
 --       kind, p1, p2, key ttl per limit (Plan.packed). A monthly window is the month given when
---       now falls on the day given (the usual case: no calendar arithmetic here), else computed.
+--       now falls on the day given (the usual case: no calendar arithmetic here), else computed
+--       (common.lua, month_index).
 -- Reply: {allowed, failed index (0-based, -1), retry_after_us, now_us, remaining..., reset_us...}
 --        or {-1, -1, 0, now_us} when now is past the deadline: the caller has given up,
 --        nothing is checked or written. A grant also returns, as a second value, the time it
@@ -80,19 +81,7 @@ for i = 1, n do
     elseif math.floor(now / 86400000000) == month_day then
       window = month
     else
-      -- Months since 1970-01 (UTC) of now (days-to-civil arithmetic), as plan.month_index.
-      local z = math.floor(now / 86400000000) + 719468
-      local era = math.floor(z / 146097)
-      local doe = z - era * 146097
-      local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
-        - math.floor(doe / 146096)) / 365)
-      local year = yoe + era * 400
-      local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
-      local mp = math.floor((5 * doy + 2) / 153)
-      local m
-      if mp < 10 then m = mp + 3 else m = mp - 9 end
-      if m <= 2 then year = year + 1 end
-      window = year * 12 + m - 1
+      window = month_index(now)
     end
     local amount = cost
     if kind == 't' then amount = tokens end
