@@ -242,7 +242,7 @@ def _without_fast_path(script: str) -> str:
     """The pool's script with its usual-seat-request block taken out: every acquire takes
     the general path."""
     start = script.index("-- The usual seat request")
-    end = script.index("\ncounter_of = function")
+    end = script.index("\nlocal function num(v)")
     return script[:start] + script[end:]
 
 
@@ -304,3 +304,37 @@ async def test_the_usual_seat_request_writes_what_the_general_path_writes(
         assert fast_books["ctr"], fast_books
         assert fast_books == general_books
         assert books["fast"] == books["general"]  # after each round's requests too
+
+
+@pytest.mark.parametrize("hold", [0.0, 60.0, 1.0])
+async def test_the_usual_seat_request_keeps_the_headroom_as_the_general_path(
+    redis_url: str, redis_prefix: str, hold: float
+) -> None:
+    # Two tenants active (beta lingering after its release), acme at its seat share asks for
+    # the pool's last seat, the headroom: refused (queued) on both paths, unless its request
+    # is expected to end within short_s (2 s here: hold 1 s), which may take any free seat.
+    from tenantware.admission import redis as admission_redis
+    from tenantware.backends.redis_support import register_script
+
+    async with connect_redis(redis_url, timeout_s=5.0) as client:
+        fast = RedisSeatStore(
+            client, seats=3, prefix=redis_prefix + "fast:", headroom=1, short_s=2.0
+        )
+        general = RedisSeatStore(
+            client, seats=3, prefix=redis_prefix + "general:", headroom=1, short_s=2.0
+        )
+        general._script = register_script(client, _without_fast_path(admission_redis._SCRIPT))
+        answers: dict[str, list[int]] = {}
+        for name, pool in (("fast", fast), ("general", general)):
+            beta = Ticket("beta", 1.0, 10.0, tokens=20.0)
+            assert await pool.acquire(beta) == GRANTED
+            await pool.release(beta, 10.0, 20.0)
+            answers[name] = [
+                await pool.acquire(Ticket("acme", 1.0, 10.0, tokens=20.0, hold=hold))
+                for _ in range(3)
+            ]
+            assert await _pool_state(client, pool.keys[0]) == await _pool_state(
+                client, fast.keys[0]
+            )
+        expected = GRANTED if hold == 1.0 else QUEUED
+        assert answers["fast"] == answers["general"] == [GRANTED, GRANTED, expected]

@@ -311,3 +311,40 @@ async def test_redis_gcra_on_real_time_waits_exactly_the_retry_after(
         assert (await store.reserve(plan, 0, 0, "t")).allowed
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize("given", ["the same day", "another day"])
+async def test_the_reservation_counts_in_the_month_of_redis_time(
+    redis_url: str, redis_prefix: str, monkeypatch: pytest.MonkeyPatch, given: str
+) -> None:
+    """The reserve script takes the month Python gives for a day when Redis's time falls on
+    that day, and computes it (the calendar arithmetic in Lua) when it falls on another: the
+    monthly counter holds the month of the reservation's time either way."""
+    import tenantware.quota.redis as quota_redis
+    from tenantware.quota.plan import DAY_US, day_and_month
+
+    if given == "another day":  # as when the gateway's clock and Redis's disagree on the day
+
+        def wrong(now_us: int) -> tuple[int, int]:
+            day, month = day_and_month(now_us)
+            return day + 1, month + 1
+
+        monkeypatch.setattr(quota_redis, "day_and_month", wrong)
+    clock = Clock()
+    store, client = make_store("redis", clock, redis_url=redis_url, prefix=redis_prefix)
+    assert client is not None
+    plan = plan_for(redis_prefix, monthly_budget_usd=Decimal("1"))
+    rng = random.Random(11)
+    stamps: list[float] = [rng.randrange(0, 4_102_444_800) for _ in range(40)]
+    stamps += [dt.datetime(2028, 2, 29, 23, 59, 59, tzinfo=dt.UTC).timestamp(), 0.0]
+    try:
+        for i, stamp in enumerate(stamps):
+            clock.now = stamp
+            await client.delete(plan.keys[0])
+            assert (await store.reserve(plan, 0, 1_000, f"t{i}")).allowed
+            day = dt.datetime.fromtimestamp(stamp, dt.UTC)
+            window = await client.hget(plan.keys[0], "w")
+            assert int(window) == day.year * 12 + day.month - 1, (day, window)
+            assert int(stamp * 1_000_000) // DAY_US == day_and_month(int(stamp * 1e6))[0]
+    finally:
+        await client.aclose()

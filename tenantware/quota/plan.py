@@ -35,6 +35,7 @@ __all__ = [
     "balance_key",
     "balance_limit",
     "build_plan",
+    "day_and_month",
     "is_global",
     "month_index",
     "windows_at",
@@ -121,6 +122,7 @@ class Plan:
         "limits",
         "local",
         "packed",
+        "settle_packed",
         "windowed",
     )
 
@@ -147,6 +149,11 @@ class Plan:
                 for limit in limits
                 for value in (limit.kind, limit.p1, limit.p2, _key_ttl_ms(limit))
             )
+        )
+        #: ``kind, p1`` per limit as MessagePack, packed once: all the settle script needs
+        #: of the plan (fewer values to unpack than ``packed``).
+        self.settle_packed = pack_values(
+            *(value for limit in limits for value in (limit.kind, limit.p1))
         )
         #: ``(kind, p1)`` of each limit whose counter is per window (``None`` for the others):
         #: what ``windows_at`` computes a window for.
@@ -236,6 +243,14 @@ def month_index(now_us: int) -> int:
     month = _month_of_day(day)
     _last_month[0], _last_month[1] = day, month
     return month
+
+
+def day_and_month(now_us: int) -> tuple[int, int]:
+    """The day (since 1970-01-01 UTC) of a time in microseconds and its month
+    (``month_index``): the reserve script takes the month as given on that day instead of
+    computing it in Lua on every request, and computes it when Redis's day is another."""
+    day = now_us // DAY_US
+    return day, month_index(now_us)
 
 
 #: (day, month) of the last ``month_index`` call.

@@ -16,6 +16,7 @@ stopped renewing (it crashed, or Redis never got its settle) comes back after on
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from importlib.resources import files
 from typing import Any
@@ -27,7 +28,13 @@ from tenantware.backends.lua_args import pack_values
 from tenantware.backends.multiplex import RedisTimeoutError
 from tenantware.backends.redis_clock import RedisClock, budget_of
 from tenantware.backends.redis_support import ScriptHost, register_script, single_node
-from tenantware.quota.plan import KIND_CONCURRENCY, Plan, balance_key, windows_at
+from tenantware.quota.plan import (
+    KIND_CONCURRENCY,
+    Plan,
+    balance_key,
+    day_and_month,
+    windows_at,
+)
 from tenantware.quota.store import Decision
 
 __all__ = ["RedisQuotaStore", "lua_source"]
@@ -111,6 +118,7 @@ class RedisQuotaStore:
             cost if charge is None else charge,
             str(tokens),
             str(cost),
+            *day_and_month(now if now >= 0 else time.time_ns() // 1000),
         ) + plan.packed
 
     def reserved(self, plan: Plan, ticket: str, now: int, reply: Any) -> Decision:
@@ -183,7 +191,7 @@ class RedisQuotaStore:
                 str(balance_delta),
                 *windows_at(plan, now_us),
             )
-            + plan.packed
+            + plan.settle_packed
         )
 
     async def usage(self, plan: Plan) -> list[int]:

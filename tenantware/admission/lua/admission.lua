@@ -30,20 +30,26 @@ if headroom > seats - 1 then headroom = seats - 1 end -- one seat stays open to 
 -- Redis time in ms: TIME, or now_ms when a script that runs this one as a function read it
 -- in the same run (tenantware/joint: the reservation's); alone, now_ms is declared nil in
 -- front of this script (tenantware/admission/redis.py). A release reads it only if it needs
--- it (a TIME costs about as much as a command).
-local function redis_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- it (a TIME costs about as much as a command). Helpers are made only where a call needs
+-- them (a closure costs 1-2 k instructions).
+-- A number Redis stores is read with arithmetic (s + 0: one conversion; tonumber(s) makes
+-- two); num: the same, 0 for a missing value.
+local function num(v) if v then return v + 0 end return 0 end
+local now, redis_ms, take_tokens = now_ms, nil, nil
+if not now then
+  redis_ms = function()
+    local t = redis.call('TIME')
+    return t[1] * 1000 + math.floor(t[2] / 1000)
+  end
+  if op ~= 'release' then now = redis_ms() end
 end
-local now = now_ms
-if not now and op ~= 'release' then now = redis_ms() end
-
-local function num(v) return tonumber(v) or 0 end
-local function take_tokens(tokens)
-  if rate > 0 and tokens ~= 0 then
-    local lvl = redis.call('HGET', K_SYS, 'lvl')
-    if lvl then lvl = tonumber(lvl) else lvl = burst end
-    redis.call('HSET', K_SYS, 'lvl', tostring(math.min(burst, lvl - tokens)))
+if rate > 0 then
+  take_tokens = function(tokens)
+    if tokens ~= 0 then
+      local lvl = redis.call('HGET', K_SYS, 'lvl')
+      if lvl then lvl = tonumber(lvl) else lvl = burst end
+      redis.call('HSET', K_SYS, 'lvl', tostring(math.min(burst, lvl - tokens)))
+    end
   end
 end
 
@@ -62,7 +68,7 @@ if op == 'release' then
     redis.call('HDEL', K_LEASE, ticket)
     local c = num(redis.call('HGET', K_CTR, tenant))
     redis.call('HSET', K_CTR, tenant, tostring(c + (actual - cost) / weight))
-    take_tokens(actual_tokens - tokens)
+    if take_tokens then take_tokens(actual_tokens - tokens) end
     if waiting == 0 and released_held <= 0 then
       now = now or redis_ms()
       redis.call('ZADD', K_LEFT, string.format('%d', now), tenant)
@@ -71,6 +77,52 @@ if op == 'release' then
   if waiting == 0 then return {} end
 end
 now = now or redis_ms()
+
+-- The usual seat request, decided before the helpers below are made (a closure costs 1-2 k
+-- instructions, the queue's maker about 11 k): nobody queued, no seat expired, no tenant to
+-- expire, the tenant active with this weight and known to the pool (it has a counter), no
+-- reservation in the pool, no rate, and a seat that fits (fits below, with nobody
+-- reserving). It then writes what the general path (op == 'acquire' below) writes in that
+-- case (grant below, without the token bucket); otherwise it writes nothing and the general
+-- path decides.
+if op == 'acquire' then
+  local ticket, tenant, _, cost, weight, reserved, cap, _, lease_ms, _, _, hold, deadline =
+    cmsgpack.unpack(ARGV[3])
+  if deadline > 0 and now > deadline then return {4, now} end
+  if rate <= 0 and reserved == 0 then
+    local sys = redis.call('HMGET', K_SYS, 'w', 'aw', 'vt')
+    if num(sys[1]) == 0
+      and #redis.call('ZRANGEBYSCORE', K_SEATS, '-inf', string.format('%d', now)) == 0
+      and #redis.call('ZRANGEBYSCORE', K_LEFT, '-inf', string.format('%d', now - linger_ms)) == 0
+      and num(redis.call('HGET', base .. ':w', tenant)) == weight
+      and redis.call('SCARD', base .. ':res') == 0 then
+      local c = redis.call('HGET', K_CTR, tenant)
+      if c then
+        local held = num(redis.call('HGET', K_HELD, tenant))
+        local in_use = redis.call('ZCARD', K_SEATS)
+        local fit = in_use < seats and (cap == 0 or held < cap)
+        if fit and headroom > 0 and not (hold > 0 and hold <= short_s)
+          and not (held * num(sys[2]) < seats * weight * (1 - 1e-9)) then
+          fit = seats - in_use > headroom
+        end
+        if fit then
+          local vt, counter = num(sys[3]), c + 0
+          redis.call('ZREM', K_LEFT, tenant)
+          if counter > vt then
+            redis.call('HSET', K_SYS, 'vt', c)
+          else
+            counter = vt
+          end
+          redis.call('HSET', K_CTR, tenant, tostring(counter + cost / weight))
+          redis.call('HINCRBY', K_HELD, tenant, '1')
+          redis.call('ZADD', K_SEATS, string.format('%d', now + lease_ms), ticket)
+          redis.call('HSET', K_LEASE, ticket, tenant)
+          return {0, now}
+        end
+      end
+    end
+  end
+end
 
 -- The pool's other keys (the release above needs none of them).
 local K_RESV = base .. ':resv'      -- hash tenant -> reserved seats
@@ -123,41 +175,7 @@ local function grant(ticket, tenant, cost, weight, lease_ms, tokens, c, vt, stor
   redis.call('HINCRBY', K_HELD, tenant, '1')
   redis.call('ZADD', K_SEATS, string.format('%d', now + lease_ms), ticket)
   redis.call('HSET', K_LEASE, ticket, tenant)
-  take_tokens(tokens)
-end
-
--- The usual seat request, decided before the helpers below are made (a closure costs 1-2 k
--- instructions, the queue's maker about 11 k): nobody queued, no seat expired, no tenant to
--- expire, the tenant active with this weight and known to the pool (it has a counter), no
--- reservation in the pool, no rate, and a seat that fits. It then writes what the general
--- path (op == 'acquire' below) writes in that case; otherwise it writes nothing and the
--- general path decides.
-if op == 'acquire' then
-  local ticket, tenant, _, cost, weight, reserved, cap, _, lease_ms, _, tokens, hold, deadline =
-    cmsgpack.unpack(ARGV[3])
-  if deadline > 0 and now > deadline then return {4, now} end
-  if rate <= 0 and reserved == 0 then
-    local sys = redis.call('HMGET', K_SYS, 'w', 'aw', 'vt')
-    if num(sys[1]) == 0
-      and #redis.call('ZRANGEBYSCORE', K_SEATS, '-inf', string.format('%d', now)) == 0
-      and #redis.call('ZRANGEBYSCORE', K_LEFT, '-inf', string.format('%d', now - linger_ms)) == 0
-      and num(redis.call('HGET', K_W, tenant)) == weight then
-      local reserving = redis.call('SMEMBERS', K_RES)
-      local c = redis.call('HGET', K_CTR, tenant)
-      if #reserving == 0 and c then
-        local held = num(redis.call('HGET', K_HELD, tenant))
-        local in_use = redis.call('ZCARD', K_SEATS)
-        if in_use < seats and (cap == 0 or held < cap)
-          and fits(tenant, hold, held, reserving, weight, in_use, sys[2]) then
-          local vt, counter = num(sys[3]), tonumber(c)
-          redis.call('ZREM', K_LEFT, tenant)
-          if counter < vt then counter = vt end
-          grant(ticket, tenant, cost, weight, lease_ms, tokens, counter, vt, c)
-          return {0, now}
-        end
-      end
-    end
-  end
+  if take_tokens then take_tokens(tokens) end
 end
 
 counter_of = function(tenant)

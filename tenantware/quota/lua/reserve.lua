@@ -3,13 +3,17 @@
 -- ARGV[1]: MessagePack values (tenantware/backends/lua_args.py): now_us (negative: use Redis
 --       TIME), tokens, cost (nano-USD), ticket, deadline_us (0: none;
 --       tenantware/backends/redis_clock.py), charge (what a prepaid balance pays, nano-USD),
---       tokens and cost again as strings (written as they are), then kind, p1, p2, key ttl
---       per limit (tenantware/quota/plan.py, Plan.packed).
+--       tokens and cost again as strings (written as they are), a day (days since 1970-01-01
+--       UTC) and its month (months since 1970-01: tenantware/quota/plan.py, month_index), then
+--       kind, p1, p2, key ttl per limit (Plan.packed). A monthly window is the month given when
+--       now falls on the day given (the usual case: no calendar arithmetic here), else computed
+--       (common.lua, month_index).
 -- Reply: {allowed, failed index (0-based, -1), retry_after_us, now_us, remaining..., reset_us...}
 --        or {-1, -1, 0, now_us} when now is past the deadline: the caller has given up,
 --        nothing is checked or written. A grant also returns, as a second value, the time it
 --        read from TIME (false when the caller gave it): a script that runs this one as a
 --        function (tenantware/joint) hands it on; Redis replies with the first value only.
+-- A number Redis stores is read with arithmetic (s + 0: one conversion; tonumber(s) makes two).
 -- A time written as a string is formatted with '%d' (an integer: half the cost of handing
 -- the number to redis.call, which formats it with '%.17g'); other numbers go as they are. Only what changes is written: a window counter gets its expiry when its
 -- window starts (the expiry is the window's end either way), a request rate's key expires
@@ -17,27 +21,28 @@
 -- and sweeps the expired ones on about one call in 64 (the renewal never brings one back).
 local v = {cmsgpack.unpack(ARGV[1])}
 local now, tokens, cost, ticket, deadline, charge = v[1], v[2], v[3], v[4], v[5], v[6]
-local tokens_s, cost_s = v[7], v[8]
+local tokens_s, cost_s, month_day, month = v[7], v[8], v[9], v[10]
 local timed = false
 if now < 0 then
   local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  now = t[1] * 1000000 + t[2]
   timed = now
 end
 if deadline > 0 and now > deadline then return {-1, -1, 0, now} end
-local n = (#v - 8) / 4
+local n = (#v - 10) / 4
 -- The reply: {allowed, failed, retry, now, remaining (n), reset (n)}; staged: what a grant
 -- writes per limit (a window counter's window: false when the window starts now).
 local reply, staged = {0, -1, 0, now}, {}
 local failed, budget_failed, retry = -1, -1, 0
 
 for i = 1, n do
-  local j = 4 * i + 5
+  local j = 4 * i + 7
   local kind, p1, p2 = v[j], v[j + 1], v[j + 2]
   local key = KEYS[i]
   local remaining, reset = 0, 0
   if kind == 'r' then
-    local tat = tonumber(redis.call('GET', key)) or now
+    local tat = redis.call('GET', key)
+    if tat then tat = tat + 0 else tat = now end
     if tat < now then tat = now end
     local new = tat + p1
     if new - now > p2 then
@@ -69,14 +74,21 @@ for i = 1, n do
       remaining = balance - charge
     end
   else
-    local window = window_of(kind, p1, now)
-    if kind ~= 'm' then reset = (window + 1) * p1 - now end
+    local window
+    if kind ~= 'm' then
+      window = math.floor(now / p1)
+      reset = (window + 1) * p1 - now
+    elseif math.floor(now / 86400000000) == month_day then
+      window = month
+    else
+      window = month_index(now)
+    end
     local amount = cost
     if kind == 't' then amount = tokens end
     local state = redis.call('HMGET', key, 'w', 'v')
     local used = 0
-    local same = tonumber(state[1]) == window
-    if same then used = tonumber(state[2]) or 0 end
+    local same = state[1] and state[1] + 0 == window
+    if same and state[2] then used = state[2] + 0 end
     if used + amount > p2 then
       remaining = math.max(0, p2 - used)
       if kind == 't' then
@@ -87,7 +99,8 @@ for i = 1, n do
       end
     else
       remaining = p2 - used - amount
-      staged[i] = same and window
+      -- true: add to the counter; a number: the window starting now
+      if same then staged[i] = true else staged[i] = window end
     end
   end
   reply[4 + i], reply[4 + n + i] = remaining, reset
@@ -102,7 +115,7 @@ elseif failed >= 0 then
 else
   reply[1] = 1
   for i = 1, n do
-    local j = 4 * i + 5
+    local j = 4 * i + 7
     local kind, p1 = v[j], v[j + 1]
     local key = KEYS[i]
     if kind == 'r' then
@@ -121,10 +134,10 @@ else
     else
       local amount = cost_s
       if kind == 't' then amount = tokens_s end
-      if staged[i] then
+      if staged[i] == true then
         redis.call('HINCRBY', key, 'v', amount)
       else
-        redis.call('HSET', key, 'w', window_of(kind, p1, now), 'v', amount)
+        redis.call('HSET', key, 'w', staged[i], 'v', amount)
         local ttl
         if kind == 'm' then ttl = 32 * 86400000 else ttl = math.ceil(reply[4 + n + i] / 1000) + 1000 end
         redis.call('PEXPIRE', key, ttl)

@@ -4,13 +4,13 @@
 --       cost_delta, ticket, cancel (0/1), balance_delta (a string: what to add to a prepaid
 --       balance, minus the charge delta), the window of each limit at the reservation (a
 --       string, "" for a limit without windows: tenantware/quota/plan.py, windows_at), then
---       the plan's limits (as for reserve.lua). A window that has rolled over since the
+--       kind and p1 per limit (Plan.settle_packed). A window that has rolled over since the
 --       reservation is left alone.
 local v = {cmsgpack.unpack(ARGV[1])}
 local tokens_delta, cost_delta, ticket, cancel, balance_delta = v[1], v[2], v[3], v[4], v[5]
-local n = (#v - 5) / 5
+local n = (#v - 5) / 3
 for i = 1, n do
-  local j = 4 * i + 2 + n
+  local j = 2 * i + 4 + n
   local kind, p1 = v[j], v[j + 1]
   local key = KEYS[i]
   if kind == 'r' then
