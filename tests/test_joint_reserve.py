@@ -268,6 +268,29 @@ async def test_settle_and_release_in_one_call_apply_once(roomy: Joint, redis_pre
     assert state["tenants"]["acme"]["held"] == 0
 
 
+@pytest.mark.anyio
+async def test_settle_and_release_declines_a_seat_that_is_not_the_pools_in_redis(
+    roomy: Joint, redis_prefix: str
+) -> None:
+    # A seat the local pool granted (the admission failure policy) is released by that pool,
+    # not by a script on Redis: the joint call sends nothing and says so, and the quota
+    # layer then settles and releases each as alone.
+    joint = roomy
+    plan = plan_for(redis_prefix, "acme", tokens_per_minute=10_000, concurrent_requests=5)
+    seat = Ticket("acme", 1.0, 10.0)
+    decision, status = await joint.joint.reserve_acquire(
+        plan, 100, 0, "local", None, joint.pool, seat
+    )
+    assert (decision.allowed, status) == (True, GRANTED)
+    seat.lease = admission_redis._LOCAL
+    sent = await joint.joint.settle_release(
+        plan, decision.now_us, "local", -40, 0, 0, joint.pool, seat, 6.0, 60.0
+    )
+    assert sent is False
+    assert await joint.primary.usage(plan) == [100, 1]  # not settled: reserved, slot held
+    assert (await joint.pool.state())["in_use"] == 1  # the Redis seat untouched
+
+
 class _Fails:
     """The joint settle + release script failing as on an outage: before Redis ran it, or
     after (the answer lost)."""

@@ -24,8 +24,8 @@ nothing for either half (the seat request, run in the same script, needs none of
 A joint settle and release that failed is handled by each store as its own call would be
 (``FailoverQuotaStore.settle_by``: not sent again, the reservation stays charged and its slot
 is freed once Redis answers; the release is sent again then, which changes nothing if the
-first one ran). While Redis is down, or for a seat the pool did not grant in Redis (failure
-policies), each layer makes its own call, as before.
+first one ran). For a seat the pool did not grant in Redis (failure policies), or while Redis
+is down, ``settle_release`` declines and the quota layer settles and releases each as alone.
 """
 
 from __future__ import annotations
@@ -131,20 +131,10 @@ class RedisReserveAcquire:
         seat_ticket: Ticket,
         actual_cost: float,
         actual_tokens: float,
-    ) -> None:
+    ) -> bool:
         pool = self._pools[seats]
-        quota = self.quota
         if not pool.sends_release(seat_ticket):
-            # The seat is not the pool's in Redis now (failure policies): each store as
-            # alone, the release sent first (one write on a pipelined connection).
-            answer = pool.start_release(seat_ticket, actual_cost, actual_tokens)
-            try:
-                await quota.settle(
-                    plan, now_us, ticket, tokens_delta, cost_delta, charge_delta=charge_delta
-                )
-            finally:
-                await answer
-            return
+            return False  # the seat is not the pool's in Redis now (failure policies)
         primary = self.primary
         made = False
 
@@ -164,6 +154,7 @@ class RedisReserveAcquire:
                 raise
             await pool.released(granted)
 
-        await quota.settle_by(plan, ticket, call)
+        await self.quota.settle_by(plan, ticket, call)
         if not made:  # the quota store is down: the pool's own rules for its release
             await pool.start_release(seat_ticket, actual_cost, actual_tokens)
+        return True

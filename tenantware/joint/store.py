@@ -48,8 +48,9 @@ class ReserveAcquire(Protocol):
         seat_ticket: Ticket,
         actual_cost: float,
         actual_tokens: float,
-    ) -> None:
+    ) -> bool:
         """The quota store's ``settle`` of a reservation it granted and the seat store's
-        ``release`` of ``seat_ticket``, each exactly once: in one call where both are calls
-        to the same server now, else each as alone (both sent in one write)."""
+        ``release`` of ``seat_ticket``, each exactly once, in one call; ``False``, having sent
+        nothing, when the release is not a call to the pool's server now (the caller then
+        settles and releases each as alone)."""
         ...

@@ -435,10 +435,10 @@ class QuotaMiddleware:
             joint = self._joint
             if joint is not None and len(corrections) == 1 and joint.serves(release.store):
                 granted, tokens_delta, cost_delta, charge_delta = corrections[0]
-                if granted.decision.source == "store" and _settles(
-                    granted.plan, tokens_delta, cost_delta, charge_delta
-                ):
-                    await joint.settle_release(
+                if (
+                    granted.decision.source == "store"
+                    and _settles(granted.plan, tokens_delta, cost_delta, charge_delta)
+                    and await joint.settle_release(
                         granted.plan,
                         granted.decision.now_us,
                         ticket,
@@ -449,6 +449,7 @@ class QuotaMiddleware:
                         release.ticket,
                         *release.usage,
                     )
+                ):
                     return
             # Sent first, so that the settle leaves in the same write; awaited after it.
             answer = release.store.start_release(release.ticket, *release.usage)
